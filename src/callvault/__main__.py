@@ -1,0 +1,3 @@
+from callvault.cli import main
+
+main()
