@@ -1,0 +1,797 @@
+"""The `Index`: every call and recording the archiver knows about, in one database.
+
+All methods are synchronous SQLAlchemy Core, safe to call from several threads (one
+connection per call from the engine's pool) and from several processes on the same
+database. On SQLite every write transaction starts with ``BEGIN IMMEDIATE``, so writers
+queue on the database lock (``busy_timeout``) instead of failing half-way; on PostgreSQL
+workers claim jobs with ``SELECT ... FOR UPDATE SKIP LOCKED``.
+
+Datetimes given to the index must be timezone-aware; they are stored as UTC and come back
+as aware UTC datetimes on every engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    Select,
+    Table,
+    and_,
+    case,
+    create_engine,
+    event,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from callvault.index import schema
+from callvault.index._models import Job, RecordingRow, RecordResult, SearchFilters
+from callvault.pbx._types import CallDetail
+
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_BUSY_TIMEOUT_MS = 30_000
+_TIMESTART_FORMAT = "%Y-%m-%d %H:%M:%S"
+_LIKE_SPECIALS = re.compile(r"([\\%_])")
+
+# Columns of `calls` that a later report may fill in but never blank out.
+_CALL_TEXT_COLUMNS = (
+    "pbx_serial",
+    "timestart_local",
+    "call_from",
+    "call_to",
+    "direction",
+    "status",
+    "src_trunk",
+    "dst_trunk",
+    "did",
+    "pincode",
+)
+_CALL_NULLABLE_COLUMNS = ("start_at", "duration_s", "talk_s", "agent_ring_s")
+
+
+class IndexOpenError(Exception):
+    """The index database cannot be opened: bad URL, missing file, unreadable, or too new."""
+
+
+class IndexMissingError(IndexOpenError):
+    """The SQLite file of the index does not exist (and was not asked to be created)."""
+
+
+def to_utc(value: datetime) -> datetime:
+    """Return an aware datetime converted to UTC; naive datetimes are refused."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("the index needs timezone-aware datetimes")
+    return value.astimezone(UTC)
+
+
+def from_db(value: datetime | None) -> datetime | None:
+    """Make a datetime read from the database aware UTC (SQLite returns it naive)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def parse_timestart(timestart: str, tz: ZoneInfo) -> datetime | None:
+    """Turn the PBX's local "YYYY-MM-DD hh:mm:ss" into aware UTC; None if it is not that."""
+    try:
+        local = datetime.strptime(timestart.strip(), _TIMESTART_FORMAT)
+    except ValueError:
+        return None
+    return local.replace(tzinfo=tz).astimezone(UTC)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL, or None for other engines and in-memory databases."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def open_index(url: str, *, create: bool = True) -> Index:
+    """Open the index at `url`, creating it and migrating it to the newest schema.
+
+    `url` is an SQLAlchemy URL such as ``sqlite:////srv/archive/callvault.db``. With
+    `create` False a missing SQLite file raises `IndexMissingError` instead of being made
+    (for read-only commands such as ``callvault list``). Close the result with `close()`.
+    """
+    try:
+        path = sqlite_path(url)
+    except ArgumentError as exc:
+        raise IndexOpenError(f"not a database URL: {_redact(url)}") from exc
+    if path is not None and not path.exists():
+        if not create:
+            raise IndexMissingError(f"no index database at {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IndexOpenError(f"cannot create {path.parent}: {exc.strerror}") from exc
+    try:
+        engine = _make_engine(url)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise IndexOpenError(f"unsupported database URL: {_redact(url)}") from exc
+    index = Index(engine)
+    try:
+        index.migrate()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        reason = exc.orig if isinstance(exc, OperationalError) else type(exc).__name__
+        raise IndexOpenError(f"cannot open the index at {_redact(url)}: {reason}") from exc
+    except Exception:
+        engine.dispose()
+        raise
+    return index
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(
+        url,
+        connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+        # We issue BEGIN ourselves (see _on_begin), so pysqlite must not.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed event survives a power cut, which is what the 200 promises.
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("callvault_begin", "")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "immediate" else "BEGIN")
+
+    return engine
+
+
+def _like_pattern(text: str) -> str:
+    return "%" + _LIKE_SPECIALS.sub(r"\\\1", text) + "%"
+
+
+class Index:
+    """The archive's database. Build it with `open_index`; see the module docstring."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for modules that keep their own tables in this database."""
+        return self._engine
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (done by `open_index`)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        # Holding the write lock while migrating keeps two processes from racing on it.
+        with self._write() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    def _write(self) -> Any:
+        """A connection in a write transaction (BEGIN IMMEDIATE on SQLite)."""
+        return _WriteTransaction(self._engine)
+
+    # -- recording calls ----------------------------------------------------------------
+
+    def record_calls(
+        self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
+    ) -> list[RecordResult]:
+        """Store a batch of call detail records in ONE transaction; queue their recordings.
+
+        Calls are upserted by `callid` (a later report fills in fields, never blanks them;
+        `raw` and `source` stay those of the first report).
+        A call's non-empty recording name gets a `pending` recordings row due at `now`
+        unless one with that name exists, which is left untouched: re-sent events and
+        backfills never duplicate or reset a recording. `source` is "event" or "cdr";
+        `tz` is the PBX's zone, used to read `timestart`. Raises ValueError on a record
+        without a callid (nothing of the batch is stored then).
+        """
+        now = to_utc(now)
+        if any(not cdr.callid for cdr in cdrs):
+            raise ValueError("a call detail record has no callid")
+        results: list[RecordResult] = []
+        with self._write() as conn:
+            for cdr in cdrs:
+                call_id = self._upsert_call(conn, cdr, source=source, tz=tz, now=now)
+                recording_id: int | None = None
+                created = False
+                if cdr.recording:
+                    recording_id, created = self._insert_recording(
+                        conn, cdr.recording, call_id, now
+                    )
+                results.append(RecordResult(call_id, recording_id, created))
+        return results
+
+    def _upsert_call(
+        self, conn: Connection, cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime
+    ) -> int:
+        table = schema.calls
+        values: dict[str, Any] = {
+            "callid": cdr.callid,
+            "pbx_serial": cdr.sn,
+            "start_at": parse_timestart(cdr.timestart, tz),
+            "timestart_local": cdr.timestart,
+            "call_from": cdr.callfrom,
+            "call_to": cdr.callto,
+            "duration_s": cdr.callduration,
+            "talk_s": cdr.talkduration,
+            "direction": cdr.type,
+            "status": cdr.status,
+            "src_trunk": cdr.srctrunkname,
+            "dst_trunk": cdr.dsttrunkname,
+            "did": cdr.didnumber,
+            "pincode": cdr.pincode,
+            "agent_ring_s": cdr.agentringtime,
+            "source": source,
+            "first_seen_at": now,
+            "raw": json.dumps(asdict(cdr), sort_keys=True),
+        }
+        insert = self._insert(table).values(**values)
+        excluded = insert.excluded
+        updates: dict[str, Any] = {}
+        for name in _CALL_TEXT_COLUMNS:
+            updates[name] = case(
+                (excluded[name] != literal(""), excluded[name]), else_=table.c[name]
+            )
+        for name in _CALL_NULLABLE_COLUMNS:
+            updates[name] = func.coalesce(excluded[name], table.c[name])
+        statement = insert.on_conflict_do_update(
+            index_elements=[table.c.callid], set_=updates
+        ).returning(table.c.id)
+        return int(conn.execute(statement).scalar_one())
+
+    def _insert_recording(
+        self, conn: Connection, name: str, call_id: int, now: datetime
+    ) -> tuple[int, bool]:
+        table = schema.recordings
+        statement = (
+            self._insert(table)
+            .values(
+                name=name,
+                call_id=call_id,
+                state=schema.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=[table.c.name])
+            .returning(table.c.id)
+        )
+        new_id = conn.execute(statement).scalar_one_or_none()
+        if new_id is not None:
+            return int(new_id), True
+        existing = conn.execute(select(table.c.id).where(table.c.name == name)).scalar_one()
+        return int(existing), False
+
+    def _insert(self, table: Table) -> Any:
+        """The dialect's INSERT that supports ON CONFLICT (SQLite and PostgreSQL)."""
+        if self._dialect == "sqlite":
+            return sqlite_dialect.insert(table)
+        if self._dialect == "postgresql":
+            return pg_dialect.insert(table)
+        raise NotImplementedError(f"upsert is not implemented for {self._dialect}")
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def claim_jobs(
+        self, worker_id: str, limit: int, *, now: datetime, lease: timedelta
+    ) -> list[Job]:
+        """Atomically take up to `limit` due jobs for `worker_id`, oldest due first.
+
+        Due means `pending` with `next_attempt_at <= now`, or `downloading` whose claim ran
+        out (a crashed or stuck worker). Claimed rows become `downloading` with
+        `claimed_by=worker_id`, `claimed_until=now+lease` and one more attempt. No job is
+        ever handed to two workers whose leases overlap.
+        """
+        now = to_utc(now)
+        if limit <= 0:
+            return []
+        r, c = schema.recordings, schema.calls
+        due = or_(
+            and_(
+                r.c.state == schema.PENDING,
+                or_(r.c.next_attempt_at.is_(None), r.c.next_attempt_at <= now),
+            ),
+            and_(
+                r.c.state == schema.DOWNLOADING,
+                or_(r.c.claimed_until.is_(None), r.c.claimed_until <= now),
+            ),
+        )
+        pick = (
+            select(r.c.id)
+            .where(due)
+            .order_by(r.c.next_attempt_at, r.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._write() as conn:
+            ids = list(conn.execute(pick).scalars())
+            if not ids:
+                return []
+            conn.execute(
+                update(r)
+                .where(r.c.id.in_(ids))
+                .values(
+                    state=schema.DOWNLOADING,
+                    claimed_by=worker_id,
+                    claimed_until=now + lease,
+                    attempts=r.c.attempts + 1,
+                    updated_at=now,
+                )
+            )
+            rows = conn.execute(
+                select(
+                    r.c.id,
+                    r.c.name,
+                    r.c.call_id,
+                    c.c.callid,
+                    c.c.pbx_serial,
+                    c.c.start_at,
+                    r.c.attempts,
+                    r.c.missing_since,
+                    c.c.timestart_local,
+                    r.c.next_attempt_at,
+                )
+                .join(c, c.c.id == r.c.call_id)
+                .where(r.c.id.in_(ids))
+            ).all()
+        rows.sort(key=lambda row: (from_db(row.next_attempt_at) or now, row.id))
+        return [
+            Job(
+                recording_id=row.id,
+                name=row.name,
+                call_id=row.call_id,
+                callid=row.callid,
+                pbx_serial=row.pbx_serial,
+                start_at=from_db(row.start_at),
+                attempts=row.attempts,
+                missing_since=from_db(row.missing_since),
+                timestart_local=row.timestart_local,
+            )
+            for row in rows
+        ]
+
+    def _finish(self, recording_id: int, worker_id: str, values: Mapping[str, Any]) -> bool:
+        r = schema.recordings
+        statement = (
+            update(r)
+            .where(
+                r.c.id == recording_id,
+                r.c.state == schema.DOWNLOADING,
+                r.c.claimed_by == worker_id,
+            )
+            .values(claimed_by=None, claimed_until=None, **values)
+        )
+        with self._write() as conn:
+            return bool(conn.execute(statement).rowcount == 1)
+
+    def mark_archived(
+        self,
+        recording_id: int,
+        *,
+        worker_id: str,
+        size: int,
+        sha256: str,
+        storage_key: str,
+        content_type: str,
+        now: datetime,
+    ) -> bool:
+        """Record a durable copy. Only if `worker_id` still holds the claim (returns False
+        otherwise, and changes nothing); clears the claim, the error and `missing_since`."""
+        now = to_utc(now)
+        return self._finish(
+            recording_id,
+            worker_id,
+            {
+                "state": schema.ARCHIVED,
+                "size": size,
+                "sha256": sha256,
+                "storage_key": storage_key,
+                "content_type": content_type,
+                "archived_at": now,
+                "last_error": None,
+                "next_attempt_at": None,
+                "missing_since": None,
+                "updated_at": now,
+            },
+        )
+
+    def mark_retry(
+        self,
+        recording_id: int,
+        *,
+        worker_id: str,
+        error: str,
+        next_attempt_at: datetime,
+        now: datetime,
+        not_found: bool,
+    ) -> bool:
+        """Put a claimed job back to `pending`, due at `next_attempt_at`, with the error.
+
+        `not_found` says the PBX answered "does not exist": `missing_since` is set on the
+        first such answer of a run and kept after; any other error clears it.
+        """
+        now = to_utc(now)
+        r = schema.recordings
+        missing_since: Any = func.coalesce(r.c.missing_since, now) if not_found else None
+        return self._finish(
+            recording_id,
+            worker_id,
+            {
+                "state": schema.PENDING,
+                "last_error": error,
+                "next_attempt_at": to_utc(next_attempt_at),
+                "missing_since": missing_since,
+                "updated_at": now,
+            },
+        )
+
+    def mark_missing(
+        self, recording_id: int, *, worker_id: str, reason: str, now: datetime
+    ) -> bool:
+        """Give up on a claimed job: the PBX says the file does not exist; `reason` says how
+        long and what it answered. Only if `worker_id` still holds the claim."""
+        return self._give_up(recording_id, schema.MISSING, worker_id, reason, now)
+
+    def mark_failed(self, recording_id: int, *, worker_id: str, reason: str, now: datetime) -> bool:
+        """Give up on a claimed job after transient errors (reconcile may `requeue` it)."""
+        return self._give_up(recording_id, schema.FAILED, worker_id, reason, now)
+
+    def _give_up(
+        self, recording_id: int, state: str, worker_id: str, reason: str, now: datetime
+    ) -> bool:
+        now = to_utc(now)
+        return self._finish(
+            recording_id,
+            worker_id,
+            {"state": state, "last_error": reason, "next_attempt_at": None, "updated_at": now},
+        )
+
+    def requeue(self, states: Sequence[str], *, now: datetime, reset_attempts: bool = True) -> int:
+        """Make every recording in `states` (only `failed` and/or `missing`) pending again,
+        due at `now`; returns how many. The last error is kept until the next attempt."""
+        now = to_utc(now)
+        allowed = {schema.FAILED, schema.MISSING}
+        if not set(states) <= allowed:
+            raise ValueError(f"requeue takes only {sorted(allowed)}, not {sorted(states)}")
+        if not states:
+            return 0
+        r = schema.recordings
+        values: dict[str, Any] = {
+            "state": schema.PENDING,
+            "next_attempt_at": now,
+            "missing_since": None,
+            "claimed_by": None,
+            "claimed_until": None,
+            "updated_at": now,
+        }
+        if reset_attempts:
+            values["attempts"] = 0
+        with self._write() as conn:
+            return int(
+                conn.execute(update(r).where(r.c.state.in_(list(states))).values(**values)).rowcount
+            )
+
+    def next_due(self) -> datetime | None:
+        """When the earliest pending job is due (None if there is none): a worker's nap."""
+        r = schema.recordings
+        with self._engine.connect() as conn:
+            value = conn.execute(
+                select(func.min(r.c.next_attempt_at)).where(r.c.state == schema.PENDING)
+            ).scalar_one_or_none()
+        return from_db(value)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def counts_by_state(self) -> dict[str, int]:
+        """How many recordings are in each state; every state is present, zeros included."""
+        r = schema.recordings
+        counts = dict.fromkeys(schema.RECORDING_STATES, 0)
+        with self._engine.connect() as conn:
+            for state, count in conn.execute(select(r.c.state, func.count()).group_by(r.c.state)):
+                counts[state] = int(count)
+        return counts
+
+    def recent_failures(self, limit: int = 20) -> list[RecordingRow]:
+        """The latest recordings given up on (`failed` or `missing`), newest first."""
+        r = schema.recordings
+        query = (
+            self._joined()
+            .where(r.c.state.in_([schema.FAILED, schema.MISSING]))
+            .order_by(r.c.updated_at.desc(), r.c.id.desc())
+            .limit(limit)
+        )
+        return self._rows(query)
+
+    def retrying(self, limit: int = 20) -> list[RecordingRow]:
+        """Pending recordings whose last attempt failed (they will be tried again)."""
+        r = schema.recordings
+        query = (
+            self._joined()
+            .where(r.c.state == schema.PENDING, r.c.last_error.is_not(None))
+            .order_by(r.c.updated_at.desc(), r.c.id.desc())
+            .limit(limit)
+        )
+        return self._rows(query)
+
+    # -- settings -------------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        """A small fact kept in the `settings` table, or None."""
+        s = schema.settings
+        with self._engine.connect() as conn:
+            value = conn.execute(select(s.c.value).where(s.c.key == key)).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def set_setting(self, key: str, value: str, now: datetime) -> None:
+        """Create or replace a setting (e.g. ``last_event_at``, ``pbx_health`` as JSON)."""
+        now = to_utc(now)
+        s = schema.settings
+        insert = self._insert(s).values(key=key, value=value, updated_at=now)
+        statement = insert.on_conflict_do_update(
+            index_elements=[s.c.key],
+            set_={"value": insert.excluded.value, "updated_at": insert.excluded.updated_at},
+        )
+        with self._write() as conn:
+            conn.execute(statement)
+
+    def setdefault_setting(self, key: str, value: str, now: datetime) -> str:
+        """Store `value` under `key` unless a value exists; return the value now stored.
+
+        Atomic across processes, e.g. for the receiver's secret path generated once.
+        """
+        now = to_utc(now)
+        s = schema.settings
+        statement = (
+            self._insert(s)
+            .values(key=key, value=value, updated_at=now)
+            .on_conflict_do_nothing(index_elements=[s.c.key])
+        )
+        with self._write() as conn:
+            conn.execute(statement)
+            return str(conn.execute(select(s.c.value).where(s.c.key == key)).scalar_one())
+
+    # -- search ---------------------------------------------------------------------------
+
+    def search(
+        self, filters: SearchFilters, *, limit: int = 100, offset: int = 0
+    ) -> list[RecordingRow]:
+        """Recordings with their calls matching `filters`, newest call first."""
+        r, c = schema.recordings, schema.calls
+        query = (
+            self._joined()
+            .where(*self._conditions(filters))
+            .order_by(c.c.start_at.desc(), r.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        return self._rows(query)
+
+    def count(self, filters: SearchFilters) -> int:
+        """How many recordings `search` would find without a limit."""
+        r, c = schema.recordings, schema.calls
+        query = (
+            select(func.count())
+            .select_from(r.join(c, c.c.id == r.c.call_id))
+            .where(*self._conditions(filters))
+        )
+        with self._engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def recording_by_name(self, name: str) -> RecordingRow | None:
+        """The recording with exactly this PBX name, or None."""
+        rows = self._rows(self._joined().where(schema.recordings.c.name == name))
+        return rows[0] if rows else None
+
+    def recording_by_id(self, recording_id: int) -> RecordingRow | None:
+        """The recording with this id, or None."""
+        rows = self._rows(self._joined().where(schema.recordings.c.id == recording_id))
+        return rows[0] if rows else None
+
+    def archived_recordings(self, batch: int = 500) -> Iterator[RecordingRow]:
+        """Every archived recording, by id, read in batches (no long-held transaction)."""
+        r = schema.recordings
+        last_id = 0
+        while True:
+            rows = self._rows(
+                self._joined()
+                .where(r.c.state == schema.ARCHIVED, r.c.id > last_id)
+                .order_by(r.c.id)
+                .limit(batch)
+            )
+            if not rows:
+                return
+            yield from rows
+            last_id = rows[-1].id
+
+    def mark_verified(self, recording_id: int, now: datetime) -> None:
+        """Note that the archived file was re-hashed and matched at `now`."""
+        now = to_utc(now)
+        r = schema.recordings
+        with self._write() as conn:
+            conn.execute(update(r).where(r.c.id == recording_id).values(verified_at=now))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _joined(self) -> Select[Any]:
+        r, c = schema.recordings, schema.calls
+        columns = [col for col in r.c] + [col for col in c.c if col.name != "id"]
+        return select(*columns).select_from(r.join(c, c.c.id == r.c.call_id))
+
+    def _rows(self, query: Select[Any]) -> list[RecordingRow]:
+        with self._engine.connect() as conn:
+            return [_recording_row(row) for row in conn.execute(query)]
+
+    def _conditions(self, filters: SearchFilters) -> list[ColumnElement[bool]]:
+        r, c = schema.recordings, schema.calls
+        conditions: list[ColumnElement[bool]] = []
+        if filters.since is not None:
+            conditions.append(c.c.start_at >= to_utc(filters.since))
+        if filters.until is not None:
+            conditions.append(c.c.start_at < to_utc(filters.until))
+        if filters.number:
+            pattern = _like_pattern(filters.number)
+            conditions.append(
+                or_(
+                    c.c.call_from.like(pattern, escape="\\"),
+                    c.c.call_to.like(pattern, escape="\\"),
+                    c.c.did.like(pattern, escape="\\"),
+                )
+            )
+        if filters.extension:
+            conditions.append(
+                or_(c.c.call_from == filters.extension, c.c.call_to == filters.extension)
+            )
+        if filters.direction:
+            conditions.append(c.c.direction == filters.direction)
+        if filters.status:
+            conditions.append(c.c.status == filters.status)
+        if filters.min_talk_s is not None:
+            conditions.append(c.c.talk_s >= filters.min_talk_s)
+        if filters.state:
+            conditions.append(r.c.state == filters.state)
+        if filters.scope is not None:
+            conditions.append(
+                or_(
+                    self._in_scope(c.c.call_from, filters.scope),
+                    self._in_scope(c.c.call_to, filters.scope),
+                )
+            )
+        return conditions
+
+    def _in_scope(self, column: Any, scope: Sequence[tuple[int, int]]) -> ColumnElement[bool]:
+        """`column` is an all-digit number within one of the inclusive ranges.
+
+        Compared as text of equal length, so it works without casts on every engine: a range
+        is split into sub-ranges with a fixed number of digits.
+        """
+        if self._dialect == "sqlite":
+            all_digits: ColumnElement[bool] = column.op("NOT GLOB")("*[^0-9]*")
+        else:
+            all_digits = column.op("~")("^[0-9]+$")
+        parts: list[ColumnElement[bool]] = []
+        for lo_given, hi in scope:
+            if hi < 0 or lo_given > hi:
+                continue
+            lo = max(lo_given, 0)
+            for digits in range(len(str(lo)), len(str(hi)) + 1):
+                sub_lo = max(lo, 10 ** (digits - 1) if digits > 1 else 0)
+                sub_hi = min(hi, 10**digits - 1)
+                if sub_lo > sub_hi:
+                    continue
+                parts.append(
+                    and_(
+                        func.length(column) == digits,
+                        column >= str(sub_lo),
+                        column <= str(sub_hi),
+                    )
+                )
+        if not parts:
+            return false()
+        return and_(column != "", all_digits, or_(*parts))
+
+
+class _WriteTransaction:
+    """Context manager: a connection inside a write transaction, committed on success."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        conn = self._engine.connect()
+        if self._engine.dialect.name == "sqlite":
+            conn.execution_options(callvault_begin="immediate")
+        self._conn = conn
+        conn.begin()
+        return conn
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_rest: object) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            if exc_type is None:
+                conn.commit()
+            else:
+                conn.rollback()
+        finally:
+            conn.close()
+
+
+def _recording_row(row: Row[Any]) -> RecordingRow:
+    data = dict(row._mapping)
+    for key in (
+        "next_attempt_at",
+        "claimed_until",
+        "missing_since",
+        "archived_at",
+        "verified_at",
+        "created_at",
+        "updated_at",
+        "start_at",
+        "first_seen_at",
+    ):
+        data[key] = from_db(data[key])
+    return RecordingRow(**data)
