@@ -1,0 +1,74 @@
+"""The storage interface every backend implements, and its shared types."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+_CHUNK = 1 << 20
+
+
+class StorageError(Exception):
+    """Base class of storage failures."""
+
+
+class ConflictError(StorageError):
+    """A key already holds different bytes; nothing was overwritten."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """An object in storage. `sha256` is None when `stat` did not read the bytes."""
+
+    key: str
+    size: int
+    sha256: str | None
+    modified_at: datetime
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Bytes by key (``serial/YYYY/MM/DD/name``); a later S3 backend implements the same.
+
+    Writes are atomic and durable: an object is either absent or complete, never partial.
+    A key never silently changes content: writing different bytes to it raises
+    `ConflictError`, writing the same bytes again is a no-op.
+    """
+
+    def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+        """Move the finished file `src` into place under `key` (consumes `src`)."""
+        ...
+
+    def put(self, key: str, stream: BinaryIO) -> StoredObject:
+        """Store the bytes of `stream` under `key`."""
+        ...
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the object for reading (raises FileNotFoundError if absent)."""
+        ...
+
+    def stat(self, key: str) -> StoredObject | None:
+        """Size and time of the object, or None if absent; `sha256` is None."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key starting with `prefix`, sorted."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Remove the object; False if it was absent."""
+        ...
+
+
+def sha256_of(stream: BinaryIO) -> tuple[str, int]:
+    """SHA-256 (hex) and size of everything left in `stream`."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size

@@ -1,0 +1,249 @@
+"""`LocalStorage`: recordings as plain files under one root directory.
+
+Layout: ``ROOT/<serial>/<YYYY>/<MM>/<DD>/<name>``, plus ``ROOT/.callvault-incoming/`` for
+downloads in progress (hidden, on the same filesystem so finishing one is a rename) and
+top-level names starting with ``callvault.`` for callvault's own files (the index).
+
+Durability: a file is fsynced, then hard-linked into place (which also refuses to replace
+an existing file, atomically), then its directory is fsynced; new directories are fsynced
+into their parents. After a crash a key holds either nothing or the complete file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat as stat_module
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from callvault.storage._base import _CHUNK, ConflictError, StoredObject, sha256_of
+from callvault.storage._names import RESERVED_PREFIX, UnsafeNameError, check_key
+
+STAGING_NAME = ".callvault-incoming"
+_FILE_MODE = 0o640
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStorage:
+    """A `Storage` in a local directory; see the module docstring for layout and guarantees.
+
+    Every key is validated (`check_key`) and every path is checked, after resolving
+    symbolic links, to be inside `root`: nothing is ever read or written outside it.
+    """
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self._root = root.resolve()
+
+    @property
+    def root(self) -> Path:
+        """The resolved root directory."""
+        return self._root
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self._root)!r})"
+
+    # -- paths ----------------------------------------------------------------------------
+
+    def local_path(self, key: str) -> Path:
+        """The absolute file path of `key` (validated; the file may not exist)."""
+        parts = check_key(key)
+        path = self._root.joinpath(*parts)
+        self._check_inside(path)
+        return path
+
+    def _check_inside(self, path: Path) -> None:
+        resolved = path.resolve(strict=False)
+        if resolved != self._root and not resolved.is_relative_to(self._root):
+            raise UnsafeNameError("storage key resolves outside the storage root")
+        if resolved.is_relative_to(self._root / STAGING_NAME):
+            raise UnsafeNameError("storage key resolves into the staging directory")
+
+    def staging_dir(self) -> Path:
+        """The hidden directory for files being downloaded (same filesystem as the root)."""
+        staging = self._root / STAGING_NAME
+        if not staging.is_dir():
+            staging.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(self._root)
+        return staging
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create `directory` and its missing parents, each made durable in its parent."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(path.parent)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+        """Move the complete file `src` into place under `key`, durably; `src` is consumed.
+
+        `src` should be in `staging_dir()`; from another filesystem it is copied there
+        first. `sha256` is trusted when given (the caller hashed while writing), else
+        computed. If `key` exists with the same bytes this is a no-op (and `src` is removed);
+        with different bytes `ConflictError` is raised and both files are left alone.
+        """
+        dest = self.local_path(key)
+        with src.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if sha256 is None:
+                sha256, size = sha256_of(handle)
+            os.fsync(handle.fileno())
+        os.chmod(src, _FILE_MODE)
+        self._make_dirs(dest.parent)
+        self._check_inside(dest)
+        try:
+            os.link(src, dest)
+        except FileExistsError:
+            existing = self._existing(key, dest)
+            if existing.size == size and existing.sha256 == sha256:
+                src.unlink()
+                return existing
+            raise ConflictError(f"{key} already holds different bytes") from None
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return self._put_from_elsewhere(key, src, sha256)
+            raise
+        _fsync_dir(dest.parent)
+        src.unlink()
+        modified = datetime.fromtimestamp(dest.stat().st_mtime, UTC)
+        return StoredObject(key=key, size=size, sha256=sha256, modified_at=modified)
+
+    def _existing(self, key: str, dest: Path) -> StoredObject:
+        with dest.open("rb") as handle:
+            digest, size = sha256_of(handle)
+        modified = datetime.fromtimestamp(dest.stat().st_mtime, UTC)
+        return StoredObject(key=key, size=size, sha256=digest, modified_at=modified)
+
+    def _put_from_elsewhere(self, key: str, src: Path, sha256: str | None) -> StoredObject:
+        fd, temp_name = tempfile.mkstemp(dir=self.staging_dir(), prefix="copy-", suffix=".part")
+        temp = Path(temp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, src.open("rb") as handle:
+                shutil.copyfileobj(handle, out, _CHUNK)
+            stored = self.put_file(key, temp, sha256=sha256)
+        finally:
+            temp.unlink(missing_ok=True)
+        src.unlink()
+        return stored
+
+    def put(self, key: str, stream: BinaryIO) -> StoredObject:
+        """Store everything read from `stream` under `key` (same rules as `put_file`)."""
+        check_key(key)
+        fd, temp_name = tempfile.mkstemp(dir=self.staging_dir(), prefix="put-", suffix=".part")
+        temp = Path(temp_name)
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            return self.put_file(key, temp, sha256=digest.hexdigest())
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def delete(self, key: str) -> bool:
+        """Remove the file of `key`; False if there was none."""
+        path = self.local_path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def clean_staging(self, older_than: timedelta, *, now: datetime | None = None) -> int:
+        """Delete leftovers of crashed downloads last modified before `now - older_than`."""
+        cutoff = (now or datetime.now(UTC)).timestamp() - older_than.total_seconds()
+        removed = 0
+        staging = self.staging_dir()
+        for entry in os.scandir(staging):
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if stat_module.S_ISDIR(info.st_mode) or info.st_mtime >= cutoff:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
+
+    # -- reading --------------------------------------------------------------------------
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the file of `key` for reading."""
+        return self.local_path(key).open("rb")
+
+    def stat(self, key: str) -> StoredObject | None:
+        """Size and modification time of `key`, or None if there is no such file."""
+        path = self.local_path(key)
+        try:
+            info = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat_module.S_ISREG(info.st_mode):
+            return None
+        return StoredObject(
+            key=key,
+            size=info.st_size,
+            sha256=None,
+            modified_at=datetime.fromtimestamp(info.st_mtime, UTC),
+        )
+
+    def checksum(self, key: str) -> StoredObject:
+        """Read the whole file of `key` and return its size and SHA-256."""
+        return self._existing(key, self.local_path(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every stored key starting with `prefix`, sorted; skips staging and callvault's own
+        files, hidden entries and anything whose path is not a valid key."""
+        for directory, dirnames, filenames in os.walk(self._root):
+            relative = Path(directory).relative_to(self._root)
+            at_root = relative == Path(".")
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if not d.startswith(".") and not (at_root and d.startswith(RESERVED_PREFIX))
+            )
+            for filename in sorted(filenames):
+                if filename.startswith(".") or (at_root and filename.startswith(RESERVED_PREFIX)):
+                    continue
+                key = filename if at_root else f"{relative.as_posix()}/{filename}"
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    check_key(key)
+                except UnsafeNameError:
+                    continue
+                yield key
