@@ -2,6 +2,7 @@
 
     PbxError                      anything the PBX or the way to it did wrong
     ├── PbxTransportError         could not talk to the PBX (refused, reset, timeout, 5xx, HTML)
+    │   ├── PbxUnreachable        no connection at all (refused, no route, DNS, connect timeout)
     │   └── PbxTlsError           certificate not trusted, pin mismatch, TLS handshake failed
     ├── PbxProtocolError          the PBX answered something that is not the API (bad JSON,...)
     │   └── InvalidRecording      download body is not audio / shorter than announced
@@ -47,6 +48,10 @@ class PbxError(Exception):
 
 class PbxTransportError(PbxError):
     """The PBX could not be reached or the connection failed (retryable)."""
+
+
+class PbxUnreachable(PbxTransportError):
+    """No connection to the PBX could be made (refused, no route, name unknown, timed out)."""
 
 
 class PbxTlsError(PbxTransportError):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-class ApiVersion(str, enum.Enum):
+class ApiVersion(enum.StrEnum):
     """The `{version}` path segment of every API URL."""
 
     V1_0_1 = "v1.0.1"
@@ -33,7 +33,7 @@ class ApiVersion(str, enum.Enum):
         return "number" if self.is_v2 else "extid"
 
 
-class EventFormat(str, enum.Enum):
+class EventFormat(enum.StrEnum):
     """The push-report format an app server asked for with the login `version` field."""
 
     LEGACY = "legacy"  # no version: v1 JSON with repeated keys (v2 calls it 1.0.0)

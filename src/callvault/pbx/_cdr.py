@@ -1,0 +1,180 @@
+"""Call detail records: from NewCdr event fields or the CDR CSV export into `CallDetail`.
+
+Both sources use the same key names (with the PBX's own spellings: ``callduraction``,
+``talkduraction`` and three spellings of the destination trunk), so one function maps a
+mapping of fields to a record and the CSV parser only has to find the header row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping
+from typing import Any
+
+from callvault.pbx._errors import PbxProtocolError
+from callvault.pbx._types import CallDetail, normalise_status
+
+# Every spelling seen in documents or clients -> the CallDetail field it fills.
+FIELD_ALIASES: dict[str, str] = {
+    "callid": "callid",
+    "timestart": "timestart",
+    "callfrom": "callfrom",
+    "callto": "callto",
+    "callduraction": "callduration",
+    "callduration": "callduration",
+    "talkduraction": "talkduration",
+    "talkduration": "talkduration",
+    "srctrunkname": "srctrunkname",
+    "desttrunkname": "dsttrunkname",
+    "dstrunkname": "dsttrunkname",
+    "dsttrcunkname": "dsttrunkname",
+    "dsttrunkname": "dsttrunkname",
+    "status": "status",
+    "type": "type",
+    "pincode": "pincode",
+    "recording": "recording",
+    "didnumber": "didnumber",
+    "agentringtime": "agentringtime",
+    "sn": "sn",
+}
+
+_INT_FIELDS = frozenset({"callduration", "talkduration", "agentringtime"})
+
+
+def _text(value: Any) -> str:
+    """A field value as text: the PBX sends strings, but numbers and lists occur."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        # A repeated key in a legacy report: the first occurrence is the call's own.
+        return _text(value[0]) if value else ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, dict):
+        return ""
+    return str(value).strip()
+
+
+def parse_seconds(value: Any) -> int | None:
+    """Seconds from "29", 29, "29.0" or "00:10:00"; None when absent or not a duration."""
+    text = _text(value)
+    if not text:
+        return None
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) > 3 or not all(p.strip().isdigit() for p in parts):
+            return None
+        total = 0
+        for part in parts:
+            total = total * 60 + int(part)
+        return total
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if number != number or number < 0 or number > 10**9:  # NaN, negative, absurd
+        return None
+    return int(number)
+
+
+def normalise_key(key: str) -> str:
+    """A header or JSON key in the form FIELD_ALIASES uses: lowercase, no spaces/underscores."""
+    return "".join(ch for ch in key.strip().lower() if ch not in " _-")
+
+
+def call_detail_from_fields(fields: Mapping[str, Any]) -> CallDetail:
+    """Build a CallDetail from NewCdr/CSV fields; unknown keys are ignored, missing ones empty."""
+    values: dict[str, Any] = {}
+    for key, value in fields.items():
+        target = FIELD_ALIASES.get(normalise_key(key))
+        if target is None:
+            continue
+        if target in values and _text(values[target]) and not _text(value):
+            continue  # an empty alias never hides a filled one
+        values[target] = value
+    kwargs: dict[str, Any] = {}
+    for target, value in values.items():
+        if target in _INT_FIELDS:
+            kwargs[target] = parse_seconds(value)
+        elif target == "status":
+            kwargs[target] = normalise_status(_text(value))
+        elif target == "recording":
+            kwargs[target] = _text(value) or None
+        else:
+            kwargs[target] = _text(value)
+    kwargs.setdefault("callid", "")
+    return CallDetail(**kwargs)
+
+
+def parse_cdr_csv(text: str) -> list[CallDetail]:
+    """Parse the body of ``cdr/download`` into records, by header name.
+
+    Tolerates a byte-order mark, CRLF line ends, blank lines, unknown columns, any of the
+    three destination-trunk spellings and short rows. Raises PbxProtocolError when there is
+    no header row with a ``callid`` column.
+    """
+    text = text.lstrip("\ufeff")
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    records: list[CallDetail] = []
+    for row in rows:
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [normalise_key(cell.lstrip("\ufeff")) for cell in row]
+            if "callid" not in header:
+                raise PbxProtocolError(
+                    "the CDR export has no header row with a callid column; "
+                    "it is not the CSV the API documents"
+                )
+            continue
+        fields = {name: row[i] for i, name in enumerate(header) if i < len(row) and name}
+        if not fields.get("callid", "").strip():
+            continue
+        records.append(call_detail_from_fields(fields))
+    return records
+
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "callid",
+    "timestart",
+    "callfrom",
+    "callto",
+    "callduraction",
+    "talkduraction",
+    "srctrunkname",
+    "desttrunkname",
+    "status",
+    "type",
+    "pincode",
+    "recording",
+    "didnumber",
+    "agentringtime",
+    "sn",
+)
+
+
+def call_detail_row(detail: CallDetail) -> dict[str, str]:
+    """A record as the CSV export spells it (for printing and for writing CSV back)."""
+
+    def num(value: int | None) -> str:
+        return "" if value is None else str(value)
+
+    return {
+        "callid": detail.callid,
+        "timestart": detail.timestart,
+        "callfrom": detail.callfrom,
+        "callto": detail.callto,
+        "callduraction": num(detail.callduration),
+        "talkduraction": num(detail.talkduration),
+        "srctrunkname": detail.srctrunkname,
+        "desttrunkname": detail.dsttrunkname,
+        "status": detail.status,
+        "type": detail.type,
+        "pincode": detail.pincode,
+        "recording": detail.recording or "",
+        "didnumber": detail.didnumber,
+        "agentringtime": num(detail.agentringtime),
+        "sn": detail.sn,
+    }

@@ -1,0 +1,814 @@
+"""The asynchronous S-Series API client.
+
+One `PbxClient` holds one API session (one token) with one PBX. The rules it keeps (spec
+section 9): the password is sent as its MD5; a token error (20004/20005/20006) causes one new
+login and one repeat of the call; a wrong password (20003) or a lockout (20002) is raised at
+once and remembered, so no sequence of calls can add up to the five failed logins that lock
+the client's IP out; a download random is fetched immediately before its GET, under a lock
+that a re-login also takes, and never reused; every response is answered with its own TCP
+connection (the PBX closes it anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from callvault.pbx._cdr import parse_cdr_csv
+from callvault.pbx._errors import (
+    CdrError,
+    InvalidRecording,
+    LoginFailed,
+    LoginLockedOut,
+    PbxApiError,
+    PbxError,
+    PbxProtocolError,
+    PbxTlsError,
+    PbxTransportError,
+    PbxUnreachable,
+    RandomInvalid,
+    RecordingNotFound,
+    TokenError,
+    error_for_errno,
+)
+from callvault.pbx._tls import TlsOptions, build_ssl_context, describe_tls_failure, find_ssl_error
+from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult
+
+log = logging.getLogger("callvault.pbx")
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 64 * 1024
+LOCKOUT_SECONDS = 600.0
+MAX_JSON_ERROR_BYTES = 64 * 1024
+MIN_WAV_BYTES = 44  # a RIFF/WAVE header alone
+CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+ProgressCallback = Callable[[int, int | None], None]
+"""Called with (bytes received so far, Content-Length or None) while a download streams."""
+
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+def password_md5(password: str) -> str:
+    """What the login sends instead of the password: its MD5, 32 lowercase hex digits."""
+    return hashlib.md5(password.encode("utf-8")).hexdigest()
+
+
+def check_recording_name(name: str, *, what: str = "recording name") -> str:
+    """Refuse a name that cannot safely be a file name in a directory.
+
+    Recording names come from the PBX and are untrusted: no path separators, no NUL, not
+    "." or "..", not empty. Returns the name unchanged.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} is empty")
+    if name in (".", ".."):
+        raise ValueError(f"{what} {name!r} is not a file name")
+    for bad, words in (("/", "a '/'"), ("\\", "a '\\'"), ("\x00", "a NUL character")):
+        if bad in name:
+            raise ValueError(f"{what} {name!r} contains {words}; refusing to use it as a file name")
+    if len(name.encode("utf-8")) > 255:
+        raise ValueError(f"{what} is longer than 255 bytes")
+    return name
+
+
+def _strip_query(text: str) -> str:
+    """Remove query strings (they hold tokens and randoms) from text meant for humans."""
+    return _QUERY.sub("", text)
+
+
+class _TokenRejected(Exception):
+    """Internal: a call was refused with a token error; `generation` is the session it used."""
+
+    def __init__(self, generation: int, error: TokenError) -> None:
+        super().__init__(str(error))
+        self.generation = generation
+        self.error = error
+
+
+class _TempFile:
+    """A temporary file in the destination directory, renamed into place only when complete."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        fd, name = tempfile.mkstemp(prefix=".callvault-", suffix=".part", dir=directory)
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            view = view[written or 0 :]
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, target: Path) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.path, target)
+        with contextlib.suppress(OSError):  # not every file system can fsync a directory
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _retryable(error: PbxError) -> bool:
+    if isinstance(error, PbxTlsError):
+        return False  # a certificate does not fix itself
+    return isinstance(error, PbxTransportError | RandomInvalid)
+
+
+class PbxClient:
+    """An API session with one Yeastar S-Series PBX.
+
+    Use as ``async with PbxClient(...) as client:``; it logs in on the first call that needs
+    a token and logs out on exit. `transport` replaces the network (httpx.MockTransport in
+    tests). `events_*` ask the PBX to push reports to this host; `report_format` is the login
+    ``version`` (by default the well-formed JSON format of the API version when events are
+    asked for). `sleep` and `clock` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        username: str,
+        password: str,
+        *,
+        api_version: ApiVersion | str = ApiVersion.V1_1_0,
+        tls: TlsOptions | None = None,
+        events_port: int | None = None,
+        events_url: str | None = None,
+        events_urltag: bool = False,
+        report_format: str | None = None,
+        allowedip: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        max_attempts: int = 4,
+        backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
+        events_ip: str | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._base = _parse_base_url(base_url)
+        self._base_str = str(self._base).rstrip("/")
+        self.username = username
+        self._password_md5 = password_md5(password)
+        self.api_version = ApiVersion(api_version)
+        self.tls = tls if tls is not None else TlsOptions()
+        if events_port is not None and not 0 < events_port < 65536:
+            raise ValueError(f"events port {events_port} is not a TCP port")
+        self.events_port = events_port
+        self.events_url = events_url
+        self.events_urltag = events_urltag
+        if report_format is None and events_port is not None:
+            report_format = self.api_version.report_format
+        self.report_format = report_format
+        self.allowedip = allowedip.strip() if allowedip and allowedip.strip() else None
+        self.events_ip = events_ip
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._sleep = sleep if sleep is not None else asyncio.sleep
+        self._clock = clock if clock is not None else time.monotonic
+
+        verify: Any = True
+        if self._base.scheme == "https":
+            verify = build_ssl_context(self.tls)
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            verify=verify,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_keepalive_connections=0),
+            headers={"Connection": "close", "User-Agent": "callvault"},
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self._lock = asyncio.Lock()
+        self._token: str | None = None
+        self._generation = 0
+        self._auth_failure: PbxApiError | None = None
+        self._locked_until: float | None = None
+        self.last_success_at: float | None = None
+        self.login_count = 0
+
+    # ----------------------------------------------------------------- basics
+
+    def __repr__(self) -> str:
+        return (
+            f"PbxClient(base_url={self._base_str!r}, username={self.username!r}, "
+            f"api_version={self.api_version.value!r}, logged_in={self.logged_in})"
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self._base_str
+
+    @property
+    def logged_in(self) -> bool:
+        return self._token is not None
+
+    async def __aenter__(self) -> PbxClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Log out (errors ignored) and close the connections."""
+        if self._token is not None:
+            try:
+                await self.logout()
+            except (PbxError, httpx.HTTPError, OSError) as exc:
+                log.debug("logout on close failed: %s", exc)
+        await self._http.aclose()
+
+    def _url(self, endpoint: str, query: dict[str, str] | None = None) -> httpx.URL:
+        url = f"{self._base_str}/api/{self.api_version.value}/{endpoint}"
+        if query:
+            url += "?" + urlencode(query, quote_via=quote, safe="")
+        return httpx.URL(url)
+
+    # ----------------------------------------------------------- one exchange
+
+    def _transport_error(self, exc: Exception, context: str) -> PbxError:
+        ssl_error = find_ssl_error(exc)
+        default_port = 443 if self._base.scheme == "https" else 80
+        origin = f"{self._base.host}:{self._base.port or default_port}"
+        if ssl_error is not None:
+            return PbxTlsError(f"{describe_tls_failure(ssl_error, self.tls)} ({origin})")
+        if isinstance(exc, httpx.ConnectTimeout):
+            return PbxUnreachable(f"cannot reach the PBX at {origin}: connection timed out")
+        if isinstance(exc, httpx.ConnectError):
+            reason = _strip_query(str(exc)) or type(exc).__name__
+            return PbxUnreachable(f"cannot reach the PBX at {origin}: {reason}")
+        if isinstance(exc, httpx.TimeoutException):
+            return PbxTransportError(f"{context}: the PBX did not answer in time")
+        if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+            return PbxTransportError(f"{context}: the connection to the PBX broke off")
+        return PbxTransportError(f"{context}: talking to the PBX failed ({type(exc).__name__})")
+
+    async def _post(
+        self, endpoint: str, body: dict[str, str] | None, token: str | None, context: str
+    ) -> dict[str, Any]:
+        """POST one API request; return the JSON of a Success answer or raise its error."""
+        url = self._url(endpoint, {"token": token} if token is not None else None)
+        content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        try:
+            response = await self._http.post(
+                url,
+                content=content,
+                headers={"Content-Type": "application/json; charset=utf-8"},
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, context) from None
+        return self._api_answer(response.status_code, response.headers, response.content, context)
+
+    def _api_answer(
+        self, status_code: int, headers: httpx.Headers, content: bytes, context: str
+    ) -> dict[str, Any]:
+        stripped = content.lstrip()
+        if stripped.startswith(b"{"):
+            try:
+                document = json.loads(stripped.decode("utf-8", errors="replace"))
+            except json.JSONDecodeError:
+                document = None
+            if isinstance(document, dict):
+                status = str(document.get("status", ""))
+                if status == "Success":
+                    self.last_success_at = time.time()
+                    return document
+                errno = document.get("errno")
+                if errno is not None and str(errno).strip():
+                    raise error_for_errno(str(errno).strip(), context)
+                raise PbxProtocolError(
+                    f"{context}: the PBX answered status {status[:40]!r} without an errno"
+                )
+        if status_code >= 500 or _looks_like_html(headers, stripped):
+            raise PbxTransportError(
+                f"{context}: the PBX answered HTTP {status_code} "
+                f"{'with an HTML page ' if _looks_like_html(headers, stripped) else ''}"
+                "instead of an API response"
+            )
+        raise PbxProtocolError(
+            f"{context}: the PBX answered HTTP {status_code} with something that is not an "
+            "API response"
+        )
+
+    # ---------------------------------------------------------------- session
+
+    async def _login_locked(self) -> None:
+        """Log in; the caller holds self._lock."""
+        if self._auth_failure is not None:
+            failure = self._auth_failure
+            raise type(failure)(
+                f"{failure.message} (not tried again: fix the credentials and restart)",
+                errno=failure.errno,
+            )
+        if self._locked_until is not None and self._clock() < self._locked_until:
+            remaining = int(self._locked_until - self._clock()) + 1
+            raise LoginLockedOut(
+                f"login: the PBX locked this IP out after five failed logins; not trying again "
+                f"for {remaining} s, errno 20002",
+                errno="20002",
+            )
+        body: dict[str, str] = {"username": self.username, "password": self._password_md5}
+        if self.events_port is not None:
+            body["port"] = str(self.events_port)
+            if self.events_url is not None:
+                body["url"] = self.events_url
+            if self.api_version is not ApiVersion.V1_0_1:
+                body["urltag"] = "1" if self.events_urltag else "0"
+        if self.report_format is not None:
+            body["version"] = self.report_format
+        self._token = None
+        self.login_count += 1
+        try:
+            document = await self._post("login", body, None, "login")
+        except LoginLockedOut:
+            self._locked_until = self._clock() + LOCKOUT_SECONDS
+            log.error("login to %s refused: this IP is locked out for ten minutes", self._base_str)
+            raise
+        except LoginFailed as exc:
+            self._auth_failure = exc
+            log.error(
+                "login to %s as %r refused: wrong username or password",
+                self._base_str,
+                self.username,
+            )
+            raise
+        token = document.get("token")
+        if not isinstance(token, str) or not token.strip():
+            raise PbxProtocolError("login: the PBX answered Success without a token")
+        self._token = token.strip()
+        self._generation += 1
+        self._locked_until = None
+        log.info(
+            "logged in to %s as %r (API %s)", self._base_str, self.username, self.api_version.value
+        )
+
+    async def _session_locked(self) -> tuple[str, int]:
+        if self._token is None:
+            await self._login_locked()
+        assert self._token is not None
+        return self._token, self._generation
+
+    async def _session(self) -> tuple[str, int]:
+        async with self._lock:
+            return await self._session_locked()
+
+    async def _relogin(self, generation: int) -> None:
+        """Log in again unless another call already replaced the rejected session."""
+        async with self._lock:
+            if self._generation == generation or self._token is None:
+                log.info("token rejected by %s; logging in again", self._base_str)
+                await self._login_locked()
+
+    async def _authed(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run an operation; on a token error log in again once and repeat it once."""
+        relogged = False
+        while True:
+            try:
+                return await operation()
+            except _TokenRejected as rejected:
+                if relogged:
+                    raise rejected.error from None
+                relogged = True
+                await self._relogin(rejected.generation)
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], context: str) -> T:
+        """Run an authenticated operation, retrying transient failures with backoff."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._authed(operation)
+            except PbxError as exc:
+                if not _retryable(exc) or attempt >= self.max_attempts:
+                    if attempt > 1 and _retryable(exc):
+                        exc.message = f"{exc.message} (gave up after {attempt} attempts)"
+                    raise
+                delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)
+                log.warning(
+                    "%s: attempt %d of %d failed (%s); retrying in %.1f s",
+                    context,
+                    attempt,
+                    self.max_attempts,
+                    exc,
+                    delay,
+                )
+                await self._sleep(delay)
+
+    async def _authed_post(
+        self, endpoint: str, body: dict[str, str] | None, context: str
+    ) -> dict[str, Any]:
+        async def once() -> dict[str, Any]:
+            token, generation = await self._session()
+            try:
+                return await self._post(endpoint, body, token, context)
+            except TokenError as exc:
+                raise _TokenRejected(generation, exc) from None
+
+        return await self._authed(once)
+
+    async def login(self) -> None:
+        """Log in now (a fresh token), instead of lazily on the first call."""
+        async with self._lock:
+            await self._login_locked()
+
+    async def heartbeat(self) -> None:
+        """Keep the token (and event delivery) alive for another 30 minutes."""
+        body: dict[str, str] = {}
+        ip = self.events_ip or await self._local_ip()
+        if ip:
+            body["ipaddr"] = ip
+        if self.events_port is not None:
+            body["port"] = str(self.events_port)
+            if self.events_url is not None:
+                body["url"] = self.events_url
+                flag = "1" if self.events_urltag else "0"
+                body["urltag"] = flag
+                if not self.api_version.is_v2:
+                    body["urlflag"] = flag  # the v1 page spells it so
+        if self.report_format is not None and self.api_version.is_v2:
+            body["version"] = self.report_format
+        await self._authed_post("heartbeat", body, "heartbeat")
+        log.debug("heartbeat to %s ok", self._base_str)
+
+    async def logout(self) -> None:
+        """End the session. The token is forgotten even if the PBX does not answer."""
+        async with self._lock:
+            token, self._token = self._token, None
+            self._generation += 1
+        if token is not None:
+            with contextlib.suppress(TokenError):  # already gone: logged out either way
+                await self._post("logout", None, token, "logout")
+
+    async def run_keepalive(self, interval: float = 600.0) -> None:
+        """Heartbeat every `interval` seconds forever; run it as a task and cancel it to stop.
+
+        Failures are logged and tried again at the next tick; a token error logs in again
+        (once per tick); a wrong password or lockout is never retried in a loop.
+        """
+        while True:
+            await self._sleep(interval)
+            try:
+                await self.heartbeat()
+            except (LoginFailed, LoginLockedOut) as exc:
+                log.error("keepalive: %s", exc)
+            except PbxError as exc:
+                log.warning("keepalive: heartbeat failed: %s", exc)
+
+    async def _local_ip(self) -> str | None:
+        """The address this host uses towards the PBX (the heartbeat's ``ipaddr``)."""
+        host = self._base.host
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            address = host
+        except ValueError:
+            try:
+                infos = await asyncio.to_thread(
+                    socket.getaddrinfo, host, None, type=socket.SOCK_DGRAM
+                )
+            except OSError:
+                return None
+            if not infos:
+                return None
+            family, address = infos[0][0], str(infos[0][4][0])
+        try:
+            # A UDP "connect" sends nothing; it only picks the route and the local address.
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((address, 9))
+                return str(probe.getsockname()[0])
+        except OSError:
+            return None
+
+    # --------------------------------------------------------------- download
+
+    async def download_recording(
+        self,
+        name: str,
+        dest_dir: Path,
+        *,
+        filename: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> DownloadResult:
+        """Download one recording into ``dest_dir/(filename or name)``, verified and durable.
+
+        Every attempt asks for a fresh random and uses it at once; the body streams to a
+        temporary file in ``dest_dir`` (constant memory), is checked (JSON error, RIFF/WAVE,
+        Content-Length) and renamed into place after fsync. Nothing is left behind on failure.
+        """
+        check_recording_name(name)
+        target_name = check_recording_name(filename, what="file name") if filename else name
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        target = dest_dir / target_name
+        context = f"recording {name}"
+
+        async def once() -> DownloadResult:
+            return await self._download_once(name, target, context, progress)
+
+        try:
+            return await self._retrying(once, context)
+        except RandomInvalid as exc:
+            if exc.errno == "20012":
+                # 2017 firmware answers 20012 for "file does not exist"; a fresh random every
+                # time did not help, so believe it.
+                raise RecordingNotFound(
+                    f"{context}: the PBX answered errno 20012 to {self.max_attempts} fresh "
+                    "randoms (on older firmware: recording not found on the PBX)",
+                    errno="20012",
+                ) from None
+            raise
+
+    async def _download_once(
+        self, name: str, target: Path, context: str, progress: ProgressCallback | None
+    ) -> DownloadResult:
+        body = {"recording": name}
+        if self.allowedip is not None:
+            body["allowedip"] = self.allowedip
+        # The critical section: nothing (no re-login, no other download) can come between a
+        # random and the request that uses it.
+        async with self._lock:
+            token, generation = await self._session_locked()
+            try:
+                answer = await self._post("recording/get_random", body, token, context)
+            except TokenError as exc:
+                raise _TokenRejected(generation, exc) from None
+            secret = answer.get("random")
+            if not isinstance(secret, str) or not secret.strip():
+                raise PbxProtocolError(f"{context}: get_random answered without a random")
+            url = self._url(
+                "recording/download",
+                {"recording": name, "random": secret.strip(), "token": token},
+            )
+            request = self._http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
+            del secret, url
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc, context) from None
+        try:
+            return await self._receive_recording(response, name, target, context, progress)
+        except TokenError as exc:
+            raise _TokenRejected(generation, exc) from None
+        finally:
+            await response.aclose()
+
+    async def _receive_recording(
+        self,
+        response: httpx.Response,
+        name: str,
+        target: Path,
+        context: str,
+        progress: ProgressCallback | None,
+    ) -> DownloadResult:
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise PbxProtocolError(f"{context}: the PBX sent the recording {encoding}-encoded")
+        expected = _content_length(response.headers)
+        chunks = response.aiter_raw(CHUNK_SIZE)
+        head = b""
+        ended = False
+        try:
+            while len(head) < 12:
+                try:
+                    head += await anext(chunks)
+                except StopAsyncIteration:
+                    ended = True
+                    break
+        except httpx.HTTPError as exc:
+            if not head:
+                raise self._transport_error(exc, context) from None
+            ended = True
+        stripped = head.lstrip()
+        if stripped.startswith(b"{"):
+            rest = bytearray(head)
+            if not ended:
+                try:
+                    async for chunk in chunks:
+                        rest += chunk
+                        if len(rest) > MAX_JSON_ERROR_BYTES:
+                            break
+                except httpx.HTTPError:
+                    pass
+            self._api_answer(response.status_code, response.headers, bytes(rest), context)
+            raise PbxProtocolError(f"{context}: the PBX answered Success instead of the file")
+        if response.status_code >= 400 or _looks_like_html(response.headers, stripped):
+            kind = "an HTML page" if _looks_like_html(response.headers, stripped) else "an error"
+            raise PbxTransportError(
+                f"{context}: the PBX answered HTTP {response.status_code} with {kind} "
+                "instead of the recording"
+            )
+        is_riff = head.startswith(b"RIFF") and head[8:12] == b"WAVE"
+        if not is_riff and _wants_riff(target.name, head):
+            if len(head) < 12 and ended:
+                raise PbxTransportError(f"{context}: the download ended after {len(head)} bytes")
+            raise InvalidRecording(
+                f"{context}: the PBX sent something that is not a WAV file "
+                f"(starts with {head[:4]!r})"
+            )
+
+        temp = _TempFile(target.parent)
+        try:
+            temp.write(head)
+            if progress is not None:
+                progress(temp.size, expected)
+            if not ended:
+                try:
+                    async for chunk in chunks:
+                        temp.write(chunk)
+                        if progress is not None:
+                            progress(temp.size, expected)
+                except httpx.HTTPError as exc:
+                    raise PbxTransportError(
+                        f"{context}: the connection broke off after {temp.size} bytes"
+                        + (f" of {expected}" if expected is not None else "")
+                        + f" ({type(exc).__name__})"
+                    ) from None
+            if expected is not None and temp.size != expected:
+                raise PbxTransportError(
+                    f"{context}: received {temp.size} bytes but the PBX announced {expected}"
+                )
+            if is_riff:
+                riff_size = int.from_bytes(head[4:8], "little")
+                if 0 < riff_size < 0xFFFFFFF0 and temp.size < riff_size + 8:
+                    raise PbxTransportError(
+                        f"{context}: the download ended after {temp.size} of {riff_size + 8} bytes"
+                    )
+                if temp.size < MIN_WAV_BYTES:
+                    raise InvalidRecording(f"{context}: {temp.size} bytes is not a WAV file")
+            content_type = response.headers.get("content-type", "").split(";")[0].strip()
+            if not content_type or content_type == "application/octet-stream":
+                content_type = "audio/x-wav" if is_riff else "application/octet-stream"
+            temp.commit(target)
+        except BaseException:
+            temp.discard()
+            raise
+        self.last_success_at = time.time()
+        log.info("%s: saved %d bytes", context, temp.size)
+        return DownloadResult(
+            name=name,
+            path=target,
+            size=temp.size,
+            sha256=temp.sha256,
+            content_type=content_type,
+        )
+
+    # -------------------------------------------------------------------- CDR
+
+    async def export_cdr(
+        self, start: datetime, end: datetime, *, extensions: str = "all"
+    ) -> list[CallDetail]:
+        """The CDR rows of calls between `start` and `end` (PBX local wall-clock time).
+
+        Keep ranges to a day or less: old firmware times out on large exports. An empty
+        range (errno 20021) gives an empty list.
+        """
+        if end < start:
+            raise ValueError("the CDR range ends before it starts")
+        starttime = start.strftime(CDR_TIME_FORMAT)
+        endtime = end.strftime(CDR_TIME_FORMAT)
+        field = self.api_version.cdr_extensions_field
+        context = f"CDR export {starttime} to {endtime}"
+        body = {field: extensions, "starttime": starttime, "endtime": endtime}
+        if self.allowedip is not None:
+            body["allowedip"] = self.allowedip
+
+        async def once() -> list[CallDetail]:
+            async with self._lock:
+                token, generation = await self._session_locked()
+                try:
+                    answer = await self._post("cdr/get_random", body, token, context)
+                except TokenError as exc:
+                    raise _TokenRejected(generation, exc) from None
+                secret = answer.get("random")
+                if not isinstance(secret, str) or not secret.strip():
+                    raise PbxProtocolError(f"{context}: cdr/get_random answered without a random")
+                query = {
+                    field: extensions,
+                    "starttime": starttime,
+                    "endtime": endtime,
+                    "token": token,
+                    "random": secret.strip(),
+                }
+                request = self._http.build_request("GET", self._url("cdr/download", query))
+                del secret, query
+                try:
+                    response = await self._http.send(request, stream=True)
+                except httpx.HTTPError as exc:
+                    raise self._transport_error(exc, context) from None
+            try:
+                content = await response.aread()
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc, context) from None
+            finally:
+                await response.aclose()
+            stripped = content.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if (
+                stripped.startswith(b"{")
+                or response.status_code >= 400
+                or _looks_like_html(response.headers, stripped)
+            ):
+                try:
+                    self._api_answer(response.status_code, response.headers, stripped, context)
+                except TokenError as exc:
+                    raise _TokenRejected(generation, exc) from None
+                raise PbxProtocolError(f"{context}: the PBX answered Success instead of a CSV")
+            self.last_success_at = time.time()
+            return parse_cdr_csv(content.decode("utf-8", errors="replace"))
+
+        try:
+            return await self._retrying(once, context)
+        except CdrError as exc:
+            if exc.errno == "20021":
+                return []
+            raise
+
+
+def _content_length(headers: httpx.Headers) -> int | None:
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        length = int(value.strip())
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def _looks_like_html(headers: httpx.Headers, head: bytes) -> bool:
+    content_type = headers.get("content-type", "").lower()
+    return "html" in content_type or head[:1] == b"<"
+
+
+def _wants_riff(filename: str, head: bytes) -> bool:
+    """Whether a body must be RIFF/WAVE: for .wav names, and whenever it claims to be RIFF."""
+    return filename.lower().endswith(".wav") or head.startswith(b"RIFF")
+
+
+def _parse_base_url(base_url: str) -> httpx.URL:
+    text = base_url.strip()
+    if "://" not in text:
+        raise ValueError(
+            f"PBX URL {_strip_query(text)!r} has no scheme: use https://HOST:PORT "
+            "(the PBX web port, 8088 by default)"
+        )
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(f"PBX URL {_strip_query(text)!r} is not a URL ({exc})") from None
+    if url.userinfo:
+        raise ValueError("the PBX URL must not contain a user name or password")
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"PBX URL scheme {url.scheme!r} is not http or https")
+    if not url.host:
+        raise ValueError(f"PBX URL {_strip_query(text)!r} has no host")
+    path = url.path.rstrip("/")
+    if path.endswith("/api") or "/api/" in path + "/":
+        path = path[: path.find("/api")]
+    return url.copy_with(path=path or "", query=None, fragment=None)
