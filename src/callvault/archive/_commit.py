@@ -1,0 +1,185 @@
+"""Group commit: many concurrent events, one writer thread, one transaction per batch.
+
+Each request hands its call record to `GroupCommitter.commit` and awaits it. A single
+writer thread takes everything queued so far (up to `max_batch`), records it in the
+index in ONE transaction, and only then wakes every waiting request, which may answer
+200 to the PBX. Under load this turns thousands of tiny commits (each an fsync) into a
+few large ones; when idle a lone event is committed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+from zoneinfo import ZoneInfo
+
+from callvault.pbx._types import CallDetail
+
+if TYPE_CHECKING:
+    from callvault.index import RecordResult
+
+log = logging.getLogger("callvault.archive")
+
+
+class CallRecorder(Protocol):
+    """The part of the index the committer needs."""
+
+    def record_calls(
+        self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
+    ) -> list[RecordResult]: ...
+
+    def set_setting(self, key: str, value: str, now: datetime) -> None: ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    cdr: CallDetail
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[RecordResult]
+
+
+_STOP = object()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class GroupCommitter:
+    """Commits call records in batches from one thread; see the module docstring."""
+
+    def __init__(
+        self,
+        index: CallRecorder,
+        *,
+        tz: ZoneInfo,
+        source: str = "event",
+        max_batch: int = 500,
+        on_committed: Callable[[list[RecordResult]], None] | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+        last_event_interval_s: float = 1.0,
+    ) -> None:
+        self._index = index
+        self._tz = tz
+        self._source = source
+        self._max_batch = max_batch
+        self._on_committed = on_committed
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._last_event_written = 0.0
+        self._last_event_interval_s = last_event_interval_s
+        self.batches = 0
+        self.committed = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="callvault-group-commit", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, then stop the writer thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def commit(self, cdr: CallDetail) -> RecordResult:
+        """Queue one record and wait until the transaction holding it has committed."""
+        if self._thread is None:
+            raise RuntimeError("the group committer is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RecordResult] = loop.create_future()
+        self._queue.put(_Pending(cdr, loop, future))
+        return await future
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch: list[_Pending] = [first]  # type: ignore[list-item]
+            stop_after = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop_after = True
+                    break
+                batch.append(item)  # type: ignore[arg-type]
+            self._commit_batch(batch)
+            if stop_after:
+                return
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        # The same call may be re-sent while its first copy waits: record it once.
+        unique: dict[tuple[str, str | None], CallDetail] = {}
+        for item in batch:
+            unique.setdefault((item.cdr.callid, item.cdr.recording), item.cdr)
+        keys = list(unique)
+        now = self._clock()
+        try:
+            results = self._index.record_calls(
+                [unique[k] for k in keys], source=self._source, tz=self._tz, now=now
+            )
+            by_key: dict[tuple[str, str | None], RecordResult | BaseException] = dict(
+                zip(keys, results, strict=True)
+            )
+        except Exception as exc:  # a bad record must not sink the whole batch
+            log.warning("batch of %d events failed (%s); committing one by one", len(keys), exc)
+            by_key = {}
+            for key in keys:
+                try:
+                    by_key[key] = self._index.record_calls(
+                        [unique[key]], source=self._source, tz=self._tz, now=now
+                    )[0]
+                except Exception as one_exc:
+                    log.error("event for call %s not stored: %s", key[0], one_exc)
+                    by_key[key] = one_exc
+        committed = [r for r in by_key.values() if not isinstance(r, BaseException)]
+        self.batches += 1
+        self.committed += len(batch)
+        if committed:
+            self._note_last_event(now)
+            if self._on_committed is not None:
+                try:
+                    self._on_committed(committed)
+                except Exception:
+                    log.exception("on_committed callback failed")
+        for item in batch:
+            outcome = by_key[(item.cdr.callid, item.cdr.recording)]
+            # RuntimeError: the request's loop is gone (shutdown).
+            with contextlib.suppress(RuntimeError):
+                item.loop.call_soon_threadsafe(_resolve, item.future, outcome)
+
+    def _note_last_event(self, now: datetime) -> None:
+        # Written at most once a second: status pages need it, throughput does not.
+        mono = time.monotonic()
+        if mono - self._last_event_written < self._last_event_interval_s:
+            return
+        self._last_event_written = mono
+        try:
+            self._index.set_setting("last_event_at", now.isoformat(), now)
+        except Exception as exc:
+            log.warning("could not note the last event time: %s", exc)
+
+
+def _resolve(future: asyncio.Future[RecordResult], outcome: RecordResult | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

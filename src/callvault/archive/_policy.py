@@ -1,0 +1,115 @@
+"""When to try a recording again, and when to stop: pure functions, no I/O.
+
+Two kinds of failure are told apart:
+
+* "does not exist" (errno 20014, or 20012 which 2017 firmware uses for a missing file)
+  is normal right after hang-up, while the PBX is still writing the file. It is retried
+  on a fixed, growing schedule; after a long enough run of such answers the recording
+  is declared ``missing`` with the reason.
+* transient faults (connection dropped, 5xx, timeouts, a body that is not audio...) are
+  retried with exponential backoff and jitter; after a bounded number of attempts the
+  recording is ``failed`` with the reason, and reconciliation queues it again later.
+
+Nothing gives up silently: every outcome carries the error text that led to it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """The knobs of the retry decisions (seconds unless said otherwise)."""
+
+    # Delay before the n-th retry of a "does not exist" answer; the last value repeats.
+    not_found_schedule_s: Sequence[float] = field(
+        default_factory=lambda: (2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+    )
+    # A recent call's recording is missing once the PBX has said "does not exist" for
+    # this long AND at least `missing_min_attempts` times.
+    missing_after_s: float = 1800.0
+    missing_min_attempts: int = 8
+    # A call that ended longer than `missing_after_s` ago (backfill, reconcile) cannot be
+    # "not written yet": a few answers suffice.
+    old_call_min_attempts: int = 3
+    transient_base_s: float = 5.0
+    transient_max_s: float = 900.0
+    transient_max_attempts: int = 12
+    # Random part of a transient delay, as a fraction of it (spreads a burst of retries).
+    jitter: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a job after a failed attempt."""
+
+    action: str  # "retry" | "missing" | "failed"
+    reason: str
+    next_attempt_at: datetime | None = None
+
+
+RETRY = "retry"
+GIVE_UP_MISSING = "missing"
+GIVE_UP_FAILED = "failed"
+
+
+def after_not_found(
+    policy: RetryPolicy,
+    *,
+    error: str,
+    attempts: int,
+    missing_since: datetime | None,
+    call_ended_at: datetime | None,
+    now: datetime,
+) -> Decision:
+    """Decide after the PBX said the recording does not exist.
+
+    `attempts` counts this attempt; `missing_since` is when the current run of "does not
+    exist" answers began (None if this is its first); `call_ended_at` when the call ended
+    (None if unknown).
+    """
+    since = missing_since or now
+    old_call = (
+        call_ended_at is not None
+        and (since - call_ended_at).total_seconds() >= policy.missing_after_s
+    )
+    long_run = (now - since).total_seconds() >= policy.missing_after_s
+    if (old_call and attempts >= policy.old_call_min_attempts) or (
+        long_run and attempts >= policy.missing_min_attempts
+    ):
+        minutes = max(0, round((now - since).total_seconds() / 60))
+        return Decision(
+            GIVE_UP_MISSING,
+            f"the PBX says the recording does not exist ({error}); "
+            f"{attempts} attempts over {minutes} min",
+        )
+    schedule = policy.not_found_schedule_s or (60.0,)
+    delay = schedule[min(max(attempts, 1), len(schedule)) - 1]
+    return Decision(RETRY, error, now + timedelta(seconds=delay))
+
+
+def after_transient(
+    policy: RetryPolicy,
+    *,
+    error: str,
+    attempts: int,
+    now: datetime,
+    rng: random.Random | None = None,
+) -> Decision:
+    """Decide after a fault that may go away (network, 5xx, bad body, disk...)."""
+    if attempts >= policy.transient_max_attempts:
+        return Decision(GIVE_UP_FAILED, f"{error} (gave up after {attempts} attempts)")
+    return Decision(RETRY, error, now + timedelta(seconds=transient_delay(policy, attempts, rng)))
+
+
+def transient_delay(policy: RetryPolicy, attempts: int, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: base * 2**(attempts-1), capped, +- jitter."""
+    exponent = min(max(attempts, 1) - 1, 30)
+    delay = min(policy.transient_max_s, policy.transient_base_s * (2**exponent))
+    spread = delay * policy.jitter
+    draw = (rng or random).uniform(-spread, spread)
+    return float(max(0.0, min(policy.transient_max_s, delay + draw)))

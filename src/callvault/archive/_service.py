@@ -1,0 +1,403 @@
+"""The archiver service assembled: receiver + session + workers + reconciliation.
+
+`Archiver(config).run(stop)` is the whole of `callvault serve` as a coroutine; the
+`start()`/`stop()` pair (or `with Archiver(config) as archiver:`) runs it in a
+background thread for the demo and for tests.
+
+Shutdown order (SIGTERM/SIGINT in the CLI, `stop()` in process): stop accepting events,
+commit what was received, let in-flight downloads finish (or release them), log out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+import httpx
+import uvicorn
+
+from callvault.archive._backfill import reconcile
+from callvault.archive._commit import GroupCommitter
+from callvault.archive._policy import RetryPolicy
+from callvault.archive._receiver import (
+    DEFAULT_MAX_BODY,
+    SECRET_SETTING,
+    allow_list_for,
+    create_receiver_app,
+    new_secret_path,
+)
+from callvault.archive._session import HEALTH_SETTING, PbxSession
+from callvault.archive._workers import Archived, WorkerPool
+from callvault.index import Index, RecordResult, open_index
+from callvault.pbx import ApiVersion, PbxClient, TlsOptions
+from callvault.pbx._types import Event
+from callvault.storage import LocalStorage
+
+log = logging.getLogger("callvault.archive")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class ArchiverConfig:
+    """Everything the service needs; the CLI builds it from `ArchiveSettings`."""
+
+    pbx_url: str
+    username: str
+    password: str = field(repr=False)
+    archive: Path
+    db_url: str | None = None  # default: sqlite file ARCHIVE/callvault.db
+    api_version: ApiVersion = ApiVersion.V1_1_0
+    tls: TlsOptions | None = None
+    events_host: str = "0.0.0.0"  # noqa: S104 - the PBX must reach it; guarded by path+source
+    events_port: int = 8260
+    events_allow: Sequence[str] | None = None  # default: the PBX host's addresses
+    workers: int = 2
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    reconcile_hours: float = 48.0
+    reconcile_interval_s: float = 3600.0
+    reconcile_at_start: bool = True
+    heartbeat_interval_s: float = 600.0
+    job_lease_s: float = 300.0
+    poll_interval_s: float = 5.0
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    max_event_body: int = DEFAULT_MAX_BODY
+    shutdown_grace_s: float = 20.0
+    web_host: str | None = None
+    web_port: int | None = None
+    # Client tuning (tests shrink these): per-call attempts and backoff inside the client.
+    client_max_attempts: int = 4
+    client_backoff_base: float = 0.5
+    client_backoff_max: float = 8.0
+    client_timeout: float = 30.0
+
+    def resolved_db_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{(self.archive / 'callvault.db').resolve()}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _server_for(app: Any) -> _Server:
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,  # request lines would show the secret path
+        lifespan="off",
+        timeout_keep_alive=2,
+        server_header=False,
+    )
+    return _Server(config)
+
+
+class Archiver:
+    """The running service. See the module docstring."""
+
+    def __init__(
+        self,
+        config: ArchiverConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_archived: Callable[[Archived], None] | None = None,
+        web_app_factory: Callable[[Index, LocalStorage], Any] | None = None,
+    ) -> None:
+        self.config = config
+        # The web layer sits below the archiver (DESIGN.md, layers): the CLI hands it in.
+        self._web_app_factory = web_app_factory
+        self._transport = transport
+        self._on_archived = on_archived
+        self.index: Index | None = None
+        self.storage = LocalStorage(config.archive)
+        self.events_port: int | None = None
+        self.web_port: int | None = None
+        self.secret_path: str | None = None
+        self.session: PbxSession | None = None
+        self.pool: WorkerPool | None = None
+        self.committer: GroupCommitter | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    # -- in-process use (demo, tests) ----------------------------------------------------
+
+    @property
+    def events_url(self) -> str:
+        """Where the receiver listens, with the secret path (tests post events here)."""
+        if self.events_port is None or self.secret_path is None:
+            raise RuntimeError("the archiver is not running")
+        host = self.config.events_host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104
+            host = "127.0.0.1"
+        return f"http://{host}:{self.events_port}/{self.secret_path}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Run the service in a background thread; return once events are accepted."""
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        self._thread = threading.Thread(target=self._thread_main, name="callvault-archiver")
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise TimeoutError("the archiver did not start in time")
+        if self._error is not None:
+            self.stop()
+            raise self._error
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Shut down gracefully and wait for the background thread."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Archiver:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _thread_main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await self.run(self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            log.exception("the archiver stopped on an error")
+        finally:
+            self._ready.set()
+
+    # -- the service -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, ready: Callable[[], None] | None = None) -> None:
+        """Run until `stop` is set, then shut down gracefully."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        index = await asyncio.to_thread(open_index, config.resolved_db_url())
+        self.index = index
+        sockets: list[socket.socket] = []
+        try:
+            await self._run(stop, index, loop, sockets, ready)
+        finally:
+            for sock in sockets:
+                sock.close()
+            await asyncio.to_thread(index.close)
+
+    async def _run(
+        self,
+        stop: asyncio.Event,
+        index: Index,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        ready: Callable[[], None] | None,
+    ) -> None:
+        config = self.config
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.storage.clean_staging, older_than=_hours(1))
+        self.secret_path = await asyncio.to_thread(
+            index.setdefault_setting, SECRET_SETTING, new_secret_path(), _utcnow()
+        )
+        pbx_host = urlsplit(config.pbx_url).hostname or ""
+        allowed = await asyncio.to_thread(allow_list_for, pbx_host, config.events_allow)
+
+        events_sock = bind_socket(config.events_host, config.events_port)
+        sockets.append(events_sock)
+        self.events_port = int(events_sock.getsockname()[1])
+
+        client = PbxClient(
+            config.pbx_url,
+            config.username,
+            config.password,
+            api_version=config.api_version,
+            tls=config.tls,
+            events_port=self.events_port,
+            events_url=self.secret_path,
+            transport=self._transport,
+            timeout=config.client_timeout,
+            max_attempts=config.client_max_attempts,
+            backoff_base=config.client_backoff_base,
+            backoff_max=config.client_backoff_max,
+        )
+
+        def write_health(value: str) -> None:
+            loop.run_in_executor(None, index.set_setting, HEALTH_SETTING, value, _utcnow())
+
+        session = PbxSession(
+            client, write_health=write_health, heartbeat_interval_s=config.heartbeat_interval_s
+        )
+        self.session = session
+        pool = WorkerPool(
+            index=index,
+            storage=self.storage,
+            client=client,
+            session=session,
+            tz=config.timezone,
+            policy=config.policy,
+            workers=config.workers,
+            lease_s=config.job_lease_s,
+            poll_interval_s=config.poll_interval_s,
+            on_archived=self._on_archived,
+        )
+        self.pool = pool
+
+        def committed(results: list[RecordResult]) -> None:
+            if any(r.new_recording for r in results):
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(pool.wake)
+
+        committer = GroupCommitter(index, tz=config.timezone, on_committed=committed)
+        self.committer = committer
+        committer.start()
+
+        def bootup(_event: Event) -> None:
+            session.request_relogin()
+
+        receiver = create_receiver_app(
+            secret_path=self.secret_path,
+            allowed=allowed,
+            commit=committer.commit,
+            on_bootup=bootup,
+            max_body=config.max_event_body,
+        )
+        events_server = _server_for(receiver)
+        servers: list[tuple[_Server, asyncio.Task[None]]] = [
+            (events_server, asyncio.create_task(events_server.serve(sockets=[events_sock])))
+        ]
+        web_server = self._web_server(index, sockets)
+        if web_server is not None:
+            servers.append(
+                (web_server[0], asyncio.create_task(web_server[0].serve(sockets=[web_server[1]])))
+            )
+        log.info(
+            "receiving PBX events on %s:%d (secret path, sources %s)",
+            config.events_host,
+            self.events_port,
+            allowed,
+        )
+        work_stop = asyncio.Event()
+        session_task = asyncio.create_task(session.run(work_stop))
+        pool_task = asyncio.create_task(pool.run(work_stop, grace_s=config.shutdown_grace_s))
+        reconcile_task = asyncio.create_task(
+            self._reconcile_loop(client, index, pool, session, work_stop)
+        )
+        while not events_server.started and not stop.is_set():
+            if servers[0][1].done():
+                servers[0][1].result()
+            await asyncio.sleep(0.01)
+        self._ready.set()
+        if ready is not None:
+            ready()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: no new events; finishing the jobs in progress")
+            for server, _task in servers:
+                server.should_exit = True
+            for _server, task in servers:
+                with contextlib.suppress(Exception):
+                    await task
+            await asyncio.to_thread(committer.stop)
+            work_stop.set()
+            reconcile_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reconcile_task
+            with contextlib.suppress(asyncio.CancelledError):
+                await pool_task
+            with contextlib.suppress(asyncio.CancelledError):
+                await session_task
+            await session.close()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            log.info("stopped")
+
+    def _web_server(
+        self, index: Index, sockets: list[socket.socket]
+    ) -> tuple[_Server, socket.socket] | None:
+        config = self.config
+        if config.web_host is None or config.web_port is None:
+            return None
+        if self._web_app_factory is None:
+            raise RuntimeError("web_host/web_port are set but no web app was given")
+        app = self._web_app_factory(index, self.storage)
+        sock = bind_socket(config.web_host, config.web_port)
+        sockets.append(sock)
+        self.web_port = int(sock.getsockname()[1])
+        log.info("web app on http://%s:%d/", config.web_host, self.web_port)
+        return _server_for(app), sock
+
+    async def _reconcile_loop(
+        self,
+        client: PbxClient,
+        index: Index,
+        pool: WorkerPool,
+        session: PbxSession,
+        stop: asyncio.Event,
+    ) -> None:
+        config = self.config
+        first = True
+        while not stop.is_set():
+            if not first or config.reconcile_at_start:
+                await session.ready.wait()
+                try:
+                    await reconcile(
+                        client,
+                        index,
+                        hours=config.reconcile_hours,
+                        tz=config.timezone,
+                        on_queued=pool.wake,
+                    )
+                except Exception as exc:
+                    log.warning(
+                        "reconcile failed (next try in %.0f s): %s",
+                        config.reconcile_interval_s,
+                        exc,
+                    )
+            first = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=config.reconcile_interval_s)
+
+
+def _hours(n: float) -> timedelta:
+    return timedelta(hours=n)

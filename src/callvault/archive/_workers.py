@@ -1,0 +1,367 @@
+"""The worker pool: claim a job, download the recording, store it, mark it archived.
+
+Concurrency is bounded (default 2: the PBX is a small embedded box that closes every
+connection). Jobs are claimed from the index with a lease, so a crashed process leaves
+them claimable again once the lease runs out. A worker sleeps until it is woken (a new
+recording was queued), until the next retry is due, or for `poll_interval_s` at most.
+
+For each job:
+
+1. `client.download_recording` into the storage's hidden staging directory (the client
+   checks RIFF/WAVE, size, fsyncs and renames; no partial file is ever left);
+2. `storage.put_file` moves it into place atomically under `recording_key(...)`;
+3. `index.mark_archived` with size and SHA-256, only then is it archived.
+
+Failures go through `callvault.archive._policy`: retry later, or `missing` / `failed`
+with the reason. LoginFailed / LoginLockedOut pause every worker (see `PbxSession`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from callvault.archive._policy import (
+    GIVE_UP_FAILED,
+    GIVE_UP_MISSING,
+    Decision,
+    RetryPolicy,
+    after_not_found,
+    after_transient,
+)
+from callvault.archive._session import PbxSession
+from callvault.index import Index, Job
+from callvault.pbx import (
+    DownloadResult,
+    LoginFailed,
+    LoginLockedOut,
+    PbxError,
+    RandomInvalid,
+    RecordingNotFound,
+)
+from callvault.storage import LocalStorage, recording_key
+
+log = logging.getLogger("callvault.archive")
+
+# 20012 means "file does not exist" on 2017 firmware and "random invalid" later; the
+# client retries it with fresh randoms, so one surviving that is treated as not found.
+_NOT_FOUND_ERRNOS = {"20012", "20014", "20018"}
+
+
+class Downloader(Protocol):
+    """The part of `PbxClient` the workers use."""
+
+    async def download_recording(
+        self, name: str, dest_dir: Path, *, filename: str | None = None
+    ) -> DownloadResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Archived:
+    """One recording the pool archived (for logs, tests, benchmarks)."""
+
+    recording_id: int
+    name: str
+    storage_key: str
+    size: int
+    sha256: str
+    at: datetime
+
+
+def default_worker_prefix() -> str:
+    """Unique per process: a restarted process never mistakes an old claim for its own."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class WorkerPool:
+    """`workers` concurrent download loops over the index's job queue."""
+
+    def __init__(
+        self,
+        *,
+        index: Index,
+        storage: LocalStorage,
+        client: Downloader,
+        session: PbxSession | None,
+        tz: ZoneInfo,
+        policy: RetryPolicy | None = None,
+        workers: int = 2,
+        lease_s: float = 300.0,
+        poll_interval_s: float = 5.0,
+        worker_prefix: str | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+        on_archived: Callable[[Archived], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("at least one worker is needed")
+        self._index = index
+        self._storage = storage
+        self._client = client
+        self._session = session
+        self._tz = tz
+        self._policy = policy or RetryPolicy()
+        self._workers = workers
+        self._lease = timedelta(seconds=lease_s)
+        self._poll_interval_s = poll_interval_s
+        self._prefix = worker_prefix or default_worker_prefix()
+        self._clock = clock
+        self._on_archived = on_archived
+        self._rng = rng or random.Random()
+        self._wakes = [asyncio.Event() for _ in range(workers)]
+        self._busy = [False] * workers
+        self.archived = 0
+
+    def wake(self) -> None:
+        """New work may be due: every idle worker looks at once (call from the loop)."""
+        for event in self._wakes:
+            event.set()
+
+    @property
+    def busy(self) -> bool:
+        return any(self._busy)
+
+    async def run(self, stop: asyncio.Event, *, grace_s: float = 20.0) -> None:
+        """Run the workers until `stop` is set; then let in-flight jobs finish for up to
+        `grace_s` seconds and release the rest (they are due again at once)."""
+        tasks = [
+            asyncio.create_task(self._worker(n, stop), name=f"callvault-worker-{n}")
+            for n in range(self._workers)
+        ]
+        await stop.wait()
+        self.wake()
+        _done, still = await asyncio.wait(tasks, timeout=grace_s)
+        for task in still:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _worker(self, number: int, stop: asyncio.Event) -> None:
+        worker_id = f"{self._prefix}:{number}"
+        wake = self._wakes[number]
+        while not stop.is_set():
+            if self._session is not None and not self._session.ready.is_set():
+                await _first_of(stop, self._session.ready, seconds=self._poll_interval_s)
+                continue
+            wake.clear()
+            try:
+                jobs = await asyncio.to_thread(
+                    self._index.claim_jobs, worker_id, 1, now=self._clock(), lease=self._lease
+                )
+            except Exception as exc:
+                log.error("cannot claim jobs from the index: %s", exc)
+                await _first_of(stop, wake, seconds=self._poll_interval_s)
+                continue
+            if not jobs:
+                await _first_of(stop, wake, seconds=await self._nap())
+                continue
+            self._busy[number] = True
+            try:
+                await self._process(jobs[0], worker_id)
+            finally:
+                self._busy[number] = False
+
+    async def _nap(self) -> float:
+        """Seconds until the next retry is due, at most `poll_interval_s`."""
+        try:
+            due = await asyncio.to_thread(self._index.next_due)
+        except Exception:
+            return self._poll_interval_s
+        if due is None:
+            return self._poll_interval_s
+        seconds = (due - self._clock()).total_seconds()
+        return min(self._poll_interval_s, max(0.05, seconds))
+
+    async def _process(self, job: Job, worker_id: str) -> None:
+        staging = self._storage.staging_dir()
+        # Keep the extension: the client insists on RIFF/WAVE for a .wav target.
+        filename = f"{job.recording_id}-{uuid.uuid4().hex[:12]}{_extension(job.name)}"
+        staged = staging / filename
+        try:
+            result = await self._client.download_recording(job.name, staging, filename=filename)
+            key = recording_key(job.pbx_serial, self._start_local(job), job.name)
+            stored = await asyncio.to_thread(
+                self._storage.put_file, key, result.path, sha256=result.sha256
+            )
+            now = self._clock()
+            still_ours = await asyncio.to_thread(
+                self._index.mark_archived,
+                job.recording_id,
+                worker_id=worker_id,
+                size=stored.size,
+                sha256=stored.sha256 or result.sha256,
+                storage_key=key,
+                content_type=result.content_type,
+                now=now,
+            )
+        except asyncio.CancelledError:
+            await self._release(job, worker_id, "interrupted by shutdown")
+            raise
+        except (LoginFailed, LoginLockedOut) as exc:
+            if self._session is not None:
+                self._session.report_auth_failure(exc)
+            await self._retry_now(job, worker_id, f"paused: {exc}")
+            return
+        except Exception as exc:
+            await self._failed_attempt(job, worker_id, exc)
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                staged.unlink(missing_ok=True)
+        if self._session is not None:
+            self._session.report_success()
+        if not still_ours:
+            log.warning("%s: archived, but its claim had run out meanwhile", job.name)
+            return
+        self.archived += 1
+        digest = stored.sha256 or result.sha256
+        log.info("archived %s (%d bytes, sha256 %s) as %s", job.name, stored.size, digest, key)
+        if self._on_archived is not None:
+            self._on_archived(Archived(job.recording_id, job.name, key, stored.size, digest, now))
+
+    def _start_local(self, job: Job) -> datetime:
+        start = job.start_at or self._clock()
+        return start.astimezone(self._tz)
+
+    async def _failed_attempt(self, job: Job, worker_id: str, exc: Exception) -> None:
+        now = self._clock()
+        error = _describe(exc)
+        if _is_not_found(exc):
+            call_end = await self._call_end(job)
+            decision = after_not_found(
+                self._policy,
+                error=error,
+                attempts=job.attempts,
+                missing_since=job.missing_since,
+                call_ended_at=call_end,
+                now=now,
+            )
+        else:
+            if isinstance(exc, PbxError) and self._session is not None:
+                self._session.report_error(error)
+            decision = after_transient(
+                self._policy, error=error, attempts=job.attempts, now=now, rng=self._rng
+            )
+        await self._apply(job, worker_id, decision, not_found=_is_not_found(exc), now=now)
+
+    async def _apply(
+        self, job: Job, worker_id: str, decision: Decision, *, not_found: bool, now: datetime
+    ) -> None:
+        try:
+            if decision.action == GIVE_UP_MISSING:
+                log.error("%s: missing: %s", job.name, decision.reason)
+                await asyncio.to_thread(
+                    self._index.mark_missing,
+                    job.recording_id,
+                    worker_id=worker_id,
+                    reason=decision.reason,
+                    now=now,
+                )
+            elif decision.action == GIVE_UP_FAILED:
+                log.error("%s: failed: %s", job.name, decision.reason)
+                await asyncio.to_thread(
+                    self._index.mark_failed,
+                    job.recording_id,
+                    worker_id=worker_id,
+                    reason=decision.reason,
+                    now=now,
+                )
+            else:
+                assert decision.next_attempt_at is not None
+                wait = (decision.next_attempt_at - now).total_seconds()
+                log.info(
+                    "%s: attempt %d: %s; next attempt in %.0f s",
+                    job.name,
+                    job.attempts,
+                    decision.reason,
+                    wait,
+                )
+                await asyncio.to_thread(
+                    self._index.mark_retry,
+                    job.recording_id,
+                    worker_id=worker_id,
+                    error=decision.reason,
+                    next_attempt_at=decision.next_attempt_at,
+                    now=now,
+                    not_found=not_found,
+                )
+        except Exception as exc:  # the lease runs out and the job is claimable again
+            log.error("%s: cannot record the outcome in the index: %s", job.name, exc)
+
+    async def _call_end(self, job: Job) -> datetime | None:
+        if job.start_at is None:
+            return None
+        try:
+            row = await asyncio.to_thread(self._index.recording_by_id, job.recording_id)
+        except Exception:
+            return None
+        duration = row.duration_s if row is not None else None
+        return job.start_at + timedelta(seconds=duration or 0)
+
+    async def _retry_now(self, job: Job, worker_id: str, error: str) -> None:
+        now = self._clock()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(
+                self._index.mark_retry,
+                job.recording_id,
+                worker_id=worker_id,
+                error=error,
+                next_attempt_at=now,
+                now=now,
+                not_found=False,
+            )
+
+    async def _release(self, job: Job, worker_id: str, error: str) -> None:
+        # Shielded: the release must reach the index even while we are being cancelled.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(self._retry_now(job, worker_id, error))
+
+
+def _extension(name: str) -> str:
+    match = re.search(r"\.[A-Za-z0-9]{1,8}$", name)
+    return match.group(0).lower() if match else ""
+
+
+def _is_not_found(exc: Exception) -> bool:
+    if isinstance(exc, RecordingNotFound):
+        return True
+    return isinstance(exc, RandomInvalid) and exc.errno in _NOT_FOUND_ERRNOS
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, PbxError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _first_of(stop: asyncio.Event, other: asyncio.Event, *, seconds: float) -> None:
+    """Wait until `stop` or `other` is set, or `seconds` pass."""
+    if stop.is_set() or other.is_set():
+        return
+    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(other.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
