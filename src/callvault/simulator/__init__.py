@@ -1,0 +1,31 @@
+"""A faithful Yeastar S-Series PBX, for demos, tests and benchmarks (``callvault simulate``).
+
+It speaks the API of ``yeastar-s-series-api.md`` over HTTPS on 127.0.0.1: login and
+sliding tokens, lockout, one-time randoms bound to token and IP, recording and CDR
+downloads, NewCdr and BootUp reports in all three formats, and switchable faults. It
+shares only data types with the client (``callvault.pbx._types``), never its logic.
+
+    from callvault.simulator import Simulator, SimulatorConfig
+
+    with Simulator(SimulatorConfig(password="secret")) as sim:
+        cdr = sim.place_call(callfrom="1001", callto="1003", talk_seconds=3)
+        ...  # sim.url, sim.cert_sha256, cdr.recording
+"""
+
+from callvault.simulator._clock import Clock
+from callvault.simulator._config import SimulatorConfig
+from callvault.simulator._faults import Faults, apply_fault, fault_names, parse_faults
+from callvault.simulator._simulator import Simulator
+from callvault.simulator._state import ApiFailure, PbxState
+
+__all__ = [
+    "ApiFailure",
+    "Clock",
+    "Faults",
+    "PbxState",
+    "Simulator",
+    "SimulatorConfig",
+    "apply_fault",
+    "fault_names",
+    "parse_faults",
+]

@@ -1,0 +1,371 @@
+"""The HTTP face of the simulated PBX: thin Starlette handlers over :class:`PbxState`.
+
+Every API answer is HTTP 200 with JSON, errors included; every response carries Boa's
+``Server`` header, ``Connection: close`` and the CORS headers of firmware 30.11.0.7+.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import html
+import io
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio import AsyncFile
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from callvault.simulator._events import cdr_columns, cdr_values
+from callvault.simulator._state import (
+    DEFAULT_EVENT_PORT,
+    ApiFailure,
+    CdrQuery,
+    PbxState,
+    Recording,
+    Session,
+)
+
+API_VERSIONS = ("v1.0.1", "v1.1.0", "v2.0.0")
+SERVER = "Boa/0.94.14rc21"
+BASE_HEADERS: dict[str, str] = {
+    "Server": SERVER,
+    "Connection": "close",
+    "Access-control-allow-origin": "*",
+    "Access-control-allow-methods": "GET, POST, OPTIONS, PUT, DELETE",
+}
+CHUNK_SIZE = 1 << 20
+_ALL_METHODS = ["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "HEAD"]
+_5XX_TITLES = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+Outcome = tuple[Response, str]
+Handler = Callable[[Request, str], Awaitable[Outcome]]
+
+
+def json_response(payload: Mapping[str, str]) -> Response:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Response(body, headers={**BASE_HEADERS, "Accept-Ranges": "bytes",
+                                   "Content-Type": "application/json"})
+
+
+def failed(errno: str) -> Response:
+    return json_response({"status": "Failed", "errno": errno})
+
+
+def boa_html(status: int, title: str, text: str) -> Response:
+    page = (f"<HTML><HEAD><TITLE>{status} {title}</TITLE></HEAD>\n"
+            f"<BODY><H1>{status} {title}</H1>\n{text}\n</BODY></HTML>\n")
+    return Response(page.encode(), status_code=status,
+                    headers={**BASE_HEADERS, "Content-Type": "text/html"})
+
+
+def not_found_page(path: str) -> Response:
+    # Only the path: the query string holds the token and the random.
+    return boa_html(404, "Not Found",
+                    f"The requested URL {html.escape(path)} was not found on this server.")
+
+
+class FileDownload(Response):
+    """Streams an open file from disk in chunks; optionally drops the connection mid-body."""
+
+    def __init__(self, file: AsyncFile[bytes], *, name: str, start: int, length: int,
+                 total: int, status_code: int, drop_after: int | None,
+                 advertise_ranges: bool) -> None:
+        safe_name = name.replace('"', "").encode("latin-1", "replace").decode("latin-1")
+        headers = {
+            **BASE_HEADERS,
+            "Content-Type": "audio/x-wav",
+            "Content-Length": str(length),
+            "Content-Disposition": f'attachment; filename="{safe_name}"',
+        }
+        if advertise_ranges:
+            headers["Accept-Ranges"] = "bytes"
+        if status_code == 206:
+            headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{total}"
+        super().__init__(None, status_code=status_code, headers=headers)
+        self._file = file
+        self._start = start
+        self._length = length
+        self._drop_after = drop_after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            await self._file.seek(self._start)
+            remaining = self._length
+            sent = 0
+            while remaining > 0:
+                chunk = await self._file.read(min(CHUNK_SIZE, remaining))
+                if not chunk:
+                    break
+                if self._drop_after is not None and sent + len(chunk) >= self._drop_after:
+                    part = chunk[: self._drop_after - sent]
+                    if part:
+                        await send({"type": "http.response.body", "body": part, "more_body": True})
+                    # Returning without finishing the body makes the server close the socket.
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
+                remaining -= len(chunk)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self._file.aclose()
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiFailure("20007")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiFailure("20000") from None
+    if not isinstance(data, dict):
+        raise ApiFailure("20000")
+    return data
+
+
+def _param(data: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
+    """A parameter as text (numbers accepted); 10004 when a required one is missing or blank."""
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        value = None
+    text = None if value is None else str(value)
+    if required and (text is None or not text.strip()):
+        raise ApiFailure("10004")
+    return text
+
+
+def _port(value: str | None, *, default: int | None) -> int | None:
+    if value is None or not value.strip():
+        return default
+    try:
+        port = int(value.strip())
+    except ValueError:
+        raise ApiFailure("20008") from None
+    if not 0 <= port <= 65535:
+        raise ApiFailure("20008")
+    return port
+
+
+def _flag(value: str | None) -> bool | None:
+    if value is None or not value.strip():
+        return None
+    return value.strip() == "1"
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client is not None else ""
+
+
+@dataclass
+class PbxHttp:
+    """The request handlers, bound to one PBX state."""
+
+    state: PbxState
+
+    def _require_post(self, request: Request) -> None:
+        if request.method != "POST":
+            raise ApiFailure("20001")
+
+    def _session(self, request: Request) -> Session:
+        return self.state.authenticate(request.query_params.get("token"))
+
+    async def login(self, request: Request, version: str) -> Outcome:
+        self._require_post(request)
+        data = await _json_body(request)
+        username = _param(data, "username") or ""
+        password = _param(data, "password") or ""
+        v2 = version == "v2.0.0"
+        port = _port(_param(data, "port", required=not v2), default=DEFAULT_EVENT_PORT)
+        session = self.state.login(
+            ip=_client_ip(request), username=username, password_md5=password,
+            api_version=version, port=port if port is not None else DEFAULT_EVENT_PORT,
+            url=_param(data, "url", required=False) or "",
+            urltag=bool(_flag(_param(data, "urltag", required=False))),
+            version=_param(data, "version", required=False),
+        )
+        payload = {"status": "Success", "token": session.token}
+        if v2:
+            payload["transport"] = "HTTP"
+        return json_response(payload), "Success"
+
+    async def heartbeat(self, request: Request, version: str) -> Outcome:
+        self._require_post(request)
+        session = self._session(request)
+        data = await _json_body(request)
+        ipaddr = (_param(data, "ipaddr") or "").strip()
+        port = _port(_param(data, "port", required=version != "v2.0.0"), default=None)
+        urltag = _flag(_param(data, "urltag", required=False))
+        if urltag is None:
+            urltag = _flag(_param(data, "urlflag", required=False))
+        self.state.heartbeat(session, ipaddr=ipaddr, port=port,
+                             url=_param(data, "url", required=False), urltag=urltag,
+                             version=_param(data, "version", required=False))
+        return json_response({"status": "Success"}), "Success"
+
+    async def logout(self, request: Request, version: str) -> Outcome:
+        self._require_post(request)
+        self.state.logout(self._session(request))
+        return json_response({"status": "Success"}), "Success"
+
+    async def recording_get_random(self, request: Request, version: str) -> Outcome:
+        self._require_post(request)
+        session = self._session(request)
+        data = await _json_body(request)
+        name = _param(data, "recording") or ""
+        value = self.state.recording_random(session, ip=_client_ip(request), name=name,
+                                            allowedip=_param(data, "allowedip", required=False))
+        return json_response({"status": "Success", "recording": name, "random": value}), "Success"
+
+    async def recording_download(self, request: Request, version: str) -> Outcome:
+        if request.method not in {"GET", "POST"}:
+            raise ApiFailure("20001")
+        session = self._session(request)
+        query = request.query_params
+        name = _param(query, "recording") or ""
+        value = _param(query, "random") or ""
+        recording = self.state.redeem_recording_random(session, ip=_client_ip(request),
+                                                       name=name, value=value)
+        return await self._stream(request, recording)
+
+    async def _stream(self, request: Request, recording: Recording) -> Outcome:
+        faults = self.state.faults
+        try:
+            file = await anyio.open_file(recording.path, "rb")
+        except FileNotFoundError:
+            raise ApiFailure("20014") from None
+        total = recording.size
+        start, length, status = 0, total, 200
+        wanted = request.headers.get("range", "")
+        match = _RANGE.match(wanted.strip()) if faults.honour_range else None
+        if match is not None and (match.group(1) or match.group(2)):
+            first, last = match.group(1), match.group(2)
+            if first:
+                start = int(first)
+                end = min(int(last), total - 1) if last else total - 1
+            else:
+                start = max(total - int(last), 0)
+                end = total - 1
+            if start <= end:
+                length, status = end - start + 1, 206
+            else:
+                start = 0
+        drop = self.state.take("drop_next_downloads") or self.state.chance(faults.drop_rate)
+        response = FileDownload(
+            file, name=recording.name, start=start, length=length, total=total,
+            status_code=status, drop_after=max(length // 2, 1) if drop else None,
+            advertise_ranges=faults.honour_range,
+        )
+        return response, "dropped" if drop else "Success"
+
+    def _cdr_query(self, data: Mapping[str, Any], version: str) -> CdrQuery:
+        field = "number" if version == "v2.0.0" else "extid"
+        return CdrQuery(
+            extensions=(_param(data, field) or "").strip(),
+            starttime=(_param(data, "starttime") or "").strip(),
+            endtime=(_param(data, "endtime") or "").strip(),
+        )
+
+    async def cdr_get_random(self, request: Request, version: str) -> Outcome:
+        self._require_post(request)
+        session = self._session(request)
+        data = await _json_body(request)
+        query = self._cdr_query(data, version)
+        value = self.state.cdr_random(session, ip=_client_ip(request), query=query,
+                                      allowedip=_param(data, "allowedip", required=False))
+        field = "number" if version == "v2.0.0" else "extid"
+        return json_response({"status": "Success", field: query.extensions,
+                              "starttime": query.starttime, "endtime": query.endtime,
+                              "random": value}), "Success"
+
+    async def cdr_download(self, request: Request, version: str) -> Outcome:
+        if request.method not in {"GET", "POST"}:
+            raise ApiFailure("20001")
+        session = self._session(request)
+        query_params = request.query_params
+        query = self._cdr_query(query_params, version)
+        value = _param(query_params, "random") or ""
+        rows = self.state.redeem_cdr_random(session, ip=_client_ip(request), query=query,
+                                            value=value)
+        v2 = version == "v2.0.0"
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=cdr_columns(v2))
+        writer.writeheader()
+        for cdr in rows:
+            writer.writerow(cdr_values(cdr, v2))
+        body = out.getvalue().encode()
+        return Response(body, headers={
+            **BASE_HEADERS,
+            "Content-Type": "text/csv",
+            "Content-Disposition": 'attachment; filename="cdr.csv"',
+        }), "Success"
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "login": self.login,
+            "heartbeat": self.heartbeat,
+            "logout": self.logout,
+            "recording/get_random": self.recording_get_random,
+            "recording/download": self.recording_download,
+            "cdr/get_random": self.cdr_get_random,
+            "cdr/download": self.cdr_download,
+        }
+
+    def _injected_failure(self, path: str) -> Outcome | None:
+        state, faults = self.state, self.state.faults
+        if state.take("error_5xx_next") or state.chance(faults.error_5xx_rate):
+            with state.lock:
+                status = state.rng.choice([500, 502, 503])
+            title = _5XX_TITLES[status]
+            return boa_html(status, title, "The server failed to answer."), f"HTTP {status}"
+        if state.take("html_error_next") or state.chance(faults.html_error_rate):
+            return not_found_page(path), "HTTP 404"
+        return None
+
+    async def api(self, request: Request) -> Response:
+        version = request.path_params["version"]
+        endpoint = request.path_params["endpoint"]
+        if self.state.faults.slow_seconds > 0:
+            await asyncio.sleep(self.state.faults.slow_seconds)
+        if request.method == "OPTIONS":  # CORS preflight
+            return Response(b"", headers=BASE_HEADERS)
+        injected = self._injected_failure(request.url.path)
+        if injected is not None:
+            self.state.log(endpoint, injected[1])
+            return injected[0]
+        handler = self.handlers().get(endpoint) if version in API_VERSIONS else None
+        if handler is None:
+            self.state.log(endpoint, "10003")
+            return failed("10003")
+        try:
+            response, outcome = await handler(request, version)
+        except ApiFailure as failure:
+            self.state.log(endpoint, failure.errno)
+            return failed(failure.errno)
+        self.state.log(endpoint, outcome)
+        return response
+
+    async def elsewhere(self, request: Request) -> Response:
+        if self.state.faults.slow_seconds > 0:
+            await asyncio.sleep(self.state.faults.slow_seconds)
+        return not_found_page(request.url.path)
+
+
+def build_app(state: PbxState) -> Starlette:
+    """The PBX's web server: the API under /api/{version}/, Boa's 404 page elsewhere."""
+    http = PbxHttp(state)
+    return Starlette(routes=[
+        Route("/api/{version}/{endpoint:path}", http.api, methods=_ALL_METHODS),
+        Route("/{path:path}", http.elsewhere, methods=_ALL_METHODS),
+    ])

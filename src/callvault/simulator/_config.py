@@ -1,0 +1,39 @@
+"""The settings of one simulated PBX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from callvault.simulator._faults import Faults
+
+
+@dataclass
+class SimulatorConfig:
+    """How the simulated S-Series PBX is reached and behaves.
+
+    `password` None means a random one is generated at start (read it from
+    ``Simulator.password``). `port` 0 picks a free port. `timezone` is the PBX's zone: CDR
+    times and recording names are local times in it. `data_dir` None means a temporary
+    directory removed when the simulator stops.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    tls: bool = True
+    username: str = "api"
+    password: str | None = field(default=None, repr=False)
+    serial: str = "369351034049"
+    timezone: str = "Europe/Berlin"
+    data_dir: Path | None = None
+    invalidate_previous_tokens_on_login: bool = False
+    event_retry_interval: float = 2.0
+    event_max_retries: int = 10
+    calls_per_minute: float = 0.0
+    seed: int | None = None
+    faults: Faults = field(default_factory=Faults)
+    legacy_tls: bool = False
+    """False: TLS 1.2 only (the PBX's default "High" security level). True: also TLS 1.0/1.1
+    as far as the local OpenSSL allows ("Low" level)."""
+    log_level: str = "warning"
+    """uvicorn's log level for the simulator's server."""

@@ -1,0 +1,159 @@
+"""Push reports: their JSON in each format, and the delivery loop that re-sends until 200."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import Future
+
+import httpx
+
+from callvault.pbx._types import CallDetail, EventFormat
+from callvault.simulator._state import EventTarget, PbxState
+
+USER_AGENT = "WebAPI"
+
+
+def _text(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def cdr_columns(v2: bool) -> list[str]:
+    """The NewCdr keys in the PBX's order; also the CDR CSV header (v2 spells the trunk oddly)."""
+    return [
+        "callid", "timestart", "callfrom", "callto", "callduraction", "talkduraction",
+        "srctrunkname", "dsttrcunkname" if v2 else "desttrunkname", "pincode", "status", "type",
+        "recording", "didnumber", "agentringtime", "sn",
+    ]
+
+
+def cdr_values(cdr: CallDetail, v2: bool) -> dict[str, str]:
+    """Every NewCdr field of `cdr` as the string the PBX sends."""
+    values = [
+        cdr.callid, cdr.timestart, cdr.callfrom, cdr.callto, _text(cdr.callduration),
+        _text(cdr.talkduration), cdr.srctrunkname, cdr.dsttrunkname, cdr.pincode, cdr.status,
+        cdr.type, cdr.recording or "", cdr.didnumber, _text(cdr.agentringtime), cdr.sn,
+    ]
+    return dict(zip(cdr_columns(v2), values, strict=True))
+
+
+# Fields the legacy format leaves out when empty (v1 examples omit them; desttrunkname stays).
+_LEGACY_OMITTED_WHEN_EMPTY = {"srctrunkname", "pincode", "recording", "didnumber", "agentringtime"}
+
+
+def _dump(pairs: list[tuple[str, str]]) -> bytes:
+    """JSON object from ordered pairs; written by hand so legacy reports may repeat keys."""
+    body = ",".join(f"{json.dumps(k)}:{json.dumps(v, ensure_ascii=False)}" for k, v in pairs)
+    return ("{" + body + "}").encode()
+
+
+def newcdr_body(cdr: CallDetail, fmt: EventFormat) -> bytes:
+    """The NewCdr report of `cdr` in the format an app server asked for at login."""
+    if fmt is EventFormat.V2_0_0:
+        return _dump([("event", "NewCdr"), *cdr_values(cdr, v2=True).items()])
+    pairs = [("action", "NewCdr"), *cdr_values(cdr, v2=False).items()]
+    if fmt is EventFormat.LEGACY:
+        pairs = [(k, v) for k, v in pairs if v or k not in _LEGACY_OMITTED_WHEN_EMPTY]
+    return _dump(pairs)
+
+
+def bootup_body(serial: str, fmt: EventFormat) -> bytes:
+    """The BootUp report: the PBX restarted and every token is gone."""
+    key = "event" if fmt is EventFormat.V2_0_0 else "action"
+    return _dump([(key, "BootUp"), ("sn", serial)])
+
+
+class EventPusher:
+    """Delivers reports on the simulator's event loop, re-sending until the app server says 200.
+
+    A report bound to a token stops when the token dies (reports need a live token); each
+    delivery counts as interaction and refreshes the token. Thread-safe: :meth:`push` may be
+    called from any thread.
+    """
+
+    def __init__(self, state: PbxState, loop: asyncio.AbstractEventLoop, *,
+                 retry_interval: float, max_retries: int) -> None:
+        self._state = state
+        self._loop = loop
+        self._retry_interval = retry_interval
+        self._max_retries = max_retries
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(5.0),
+            trust_env=False,  # reports go straight to the app server, never via a proxy
+            headers={
+                "User-Agent": USER_AGENT,
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "Connection": "close",
+            },
+        )
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._futures: set[Future[None]] = set()
+
+    def push(self, target: EventTarget, body: bytes, token: str | None) -> None:
+        """Queue one report for `target`; `token` None sends it without a live token (BootUp)."""
+        with self._idle:
+            self._pending += 1
+        try:
+            delivery = self._deliver(target, body, token)
+            future = asyncio.run_coroutine_threadsafe(delivery, self._loop)
+        except RuntimeError:  # loop already closed: the simulator is stopping
+            delivery.close()
+            self._done()
+            return
+        with self._idle:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future[None]) -> None:
+        with self._idle:
+            self._futures.discard(future)
+
+    def _done(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            self._idle.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._idle:
+            return self._pending
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued report was delivered or given up; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    async def _deliver(self, target: EventTarget, body: bytes, token: str | None) -> None:
+        try:
+            for attempt in range(self._max_retries + 1):
+                if token is not None and not self._state.session_alive(token):
+                    return
+                try:
+                    response = await self._client.post(target.url, content=body)
+                    if response.status_code == 200:
+                        with self._state.lock:
+                            self._state.events_delivered += 1
+                        if token is not None:
+                            self._state.touch(token)
+                        return
+                except httpx.HTTPError:
+                    pass
+                if attempt < self._max_retries:
+                    await asyncio.sleep(self._retry_interval)
+        finally:
+            self._done()
+
+    async def aclose(self) -> None:
+        """Cancel undelivered reports and close the HTTP client (on the loop)."""
+        with self._idle:
+            futures = list(self._futures)
+        for future in futures:
+            future.cancel()
+        await asyncio.sleep(0)
+        await self._client.aclose()
+        with self._idle:
+            self._pending = 0
+            self._idle.notify_all()

@@ -1,0 +1,346 @@
+"""The running simulator: a PbxState, its HTTP app on uvicorn in a background thread, events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import uvicorn
+
+from callvault.pbx._types import CallDetail
+from callvault.simulator._app import build_app
+from callvault.simulator._clock import Clock
+from callvault.simulator._config import SimulatorConfig
+from callvault.simulator._events import EventPusher, bootup_body, newcdr_body
+from callvault.simulator._faults import Faults
+from callvault.simulator._state import PbxState, Recording
+from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
+from callvault.simulator._wav import write_wav
+
+_SAFE_FILE_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$")
+_TICK_SECONDS = 0.05
+CallListener = Callable[[CallDetail], None]
+
+
+class Simulator:
+    """A Yeastar S-Series PBX on 127.0.0.1, for demos, tests and benchmarks.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. The server runs on its
+    own event loop in a background thread; every method here may be called from any thread.
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None, *,
+                 clock: Clock | None = None) -> None:
+        self.config = config if config is not None else SimulatorConfig()
+        self.clock = clock if clock is not None else Clock()
+        self.password = self.config.password or secrets.token_urlsafe(12)
+        self._tz = ZoneInfo(self.config.timezone)
+        self._own_data_dir = self.config.data_dir is None
+        self.data_dir = (Path(tempfile.mkdtemp(prefix="callvault-sim-"))
+                         if self.config.data_dir is None else Path(self.config.data_dir))
+        self.recordings_dir = self.data_dir / "recordings"
+        self.recordings_dir.mkdir(parents=True, exist_ok=True)
+        self.state = PbxState(
+            username=self.config.username, password=self.password, serial=self.config.serial,
+            clock=self.clock, faults=self.config.faults, recordings_dir=self.recordings_dir,
+            seed=self.config.seed,
+            invalidate_previous_tokens_on_login=self.config.invalidate_previous_tokens_on_login,
+        )
+        self._certificate: ServerCertificate | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pusher: EventPusher | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._port = 0
+        self._listeners: list[CallListener] = []
+
+    def __repr__(self) -> str:
+        return f"Simulator(url={self.url!r}, serial={self.serial!r})"
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> Simulator:
+        """Bind the port, generate the certificate, serve in the background; returns self."""
+        if self._thread is not None:
+            raise RuntimeError("the simulator is already running")
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.create_server((cfg.host, cfg.port), family=family)
+        self._port = sock.getsockname()[1]
+        ssl_factory = None
+        if cfg.tls:
+            self._certificate = generate_certificate(self.data_dir / "tls", cfg.host, cfg.serial)
+            context = server_ssl_context(self._certificate, legacy_tls=cfg.legacy_tls)
+
+            def ssl_factory(_config: uvicorn.Config, _default: Callable[[], Any]) -> Any:
+                return context
+
+        uv_config = uvicorn.Config(
+            build_app(self.state), log_level=cfg.log_level, access_log=False,
+            server_header=False, lifespan="off", timeout_graceful_shutdown=1,
+            ssl_context_factory=ssl_factory,
+        )
+        self._server = uvicorn.Server(uv_config)
+        self._thread = threading.Thread(target=self._run, args=(sock,), name="callvault-simulator",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(15) or self._startup_error is not None:
+            self.stop()
+            raise RuntimeError(f"the simulator did not start: {self._startup_error!r}")
+        return self
+
+    def _run(self, sock: socket.socket) -> None:
+        try:
+            asyncio.run(self._main(sock))
+        except BaseException as exc:  # reported to start(); the thread must not die silently
+            self._startup_error = exc
+            self._ready.set()
+
+    async def _main(self, sock: socket.socket) -> None:
+        assert self._server is not None
+        self._loop = asyncio.get_running_loop()
+        self._pusher = EventPusher(self.state, self._loop,
+                                   retry_interval=self.config.event_retry_interval,
+                                   max_retries=self.config.event_max_retries)
+        serve = asyncio.create_task(self._server.serve(sockets=[sock]))
+        # uvicorn offers no startup event to wait on, only the `started` flag.
+        while not self._server.started and not serve.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if serve.done():
+            await serve  # raises the startup error
+        self._ready.set()
+        ticker = asyncio.create_task(self._tick())
+        try:
+            await serve
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await self._pusher.aclose()
+
+    def stop(self) -> None:
+        """Stop serving, cancel undelivered reports, remove the temporary data directory."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+        self._thread = None
+        self._server = None
+        if self._own_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- what a client needs to know ------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls else "http"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{scheme}://{host}:{self._port}"
+
+    @property
+    def username(self) -> str:
+        return self.config.username
+
+    @property
+    def serial(self) -> str:
+        return self.config.serial
+
+    @property
+    def cert_sha256(self) -> str | None:
+        """Hex SHA-256 of the server certificate (DER); None for plain HTTP."""
+        return self._certificate.sha256 if self._certificate is not None else None
+
+    @property
+    def ca_file(self) -> Path | None:
+        """PEM file of the self-signed certificate (it is its own CA); None for plain HTTP."""
+        return self._certificate.cert_file if self._certificate is not None else None
+
+    @property
+    def faults(self) -> Faults:
+        return self.state.faults
+
+    @property
+    def events_delivered(self) -> int:
+        with self.state.lock:
+            return self.state.events_delivered
+
+    @property
+    def login_count(self) -> int:
+        with self.state.lock:
+            return self.state.login_count
+
+    @property
+    def request_log(self) -> list[tuple[str, str]]:
+        """(endpoint, errno or "Success" or "dropped" or "HTTP 5xx/404") per API request."""
+        with self.state.lock:
+            return list(self.state.request_log)
+
+    def failed_login_count(self, ip: str = "127.0.0.1") -> int:
+        return self.state.failed_login_count(ip)
+
+    # -- calls and recordings -------------------------------------------------------------------
+
+    def add_call_listener(self, listener: CallListener) -> None:
+        """Call `listener(cdr)` after every placed call (from the thread that placed it)."""
+        self._listeners.append(listener)
+
+    def _local(self, epoch: float) -> datetime:
+        return datetime.fromtimestamp(epoch, self._tz)
+
+    def place_call(self, callfrom: str = "1001", callto: str = "1003", type: str = "Internal",
+                   talk_seconds: float = 3, ring_seconds: float = 2, status: str = "ANSWERED",
+                   recorded: bool = True, didnumber: str = "", srctrunkname: str = "",
+                   dsttrunkname: str = "", size_bytes: int | None = None) -> CallDetail:
+        """A call that has just ended: WAV on disk, CDR stored, NewCdr pushed to app servers."""
+        answered = status == "ANSWERED"
+        talk = int(talk_seconds) if answered else 0
+        ring = int(ring_seconds)
+        hangup = self.clock.now()
+        start = hangup - ring - talk
+        callid = self.state.next_callid(start)
+        name: str | None = None
+        if recorded and answered:
+            stamp = self._local(start + ring).strftime("%Y%m%d%H%M%S")
+            name = f"{stamp}-{callid}-{callfrom}-{callto}-{type}.wav"
+            file_name = name if _SAFE_FILE_NAME.match(name) else f"{callid}.wav"
+            path = self.recordings_dir / file_name
+            with self.state.lock:
+                frequency = 300.0 + 20 * self.state.rng.randrange(20)
+            size, sha256 = write_wav(path, seconds=talk, total_size=size_bytes,
+                                     frequency=frequency)
+            self.state.add_recording(Recording(name=name, path=path, size=size, sha256=sha256,
+                                               created_at=hangup))
+        cdr = CallDetail(
+            callid=callid, timestart=self._local(start).strftime("%Y-%m-%d %H:%M:%S"),
+            callfrom=callfrom, callto=callto, callduration=ring + talk, talkduration=talk,
+            srctrunkname=srctrunkname, dsttrunkname=dsttrunkname, status=status, type=type,
+            pincode="", recording=name, didnumber=didnumber, agentringtime=0,
+            sn=self.config.serial,
+        )
+        self.state.add_cdr(cdr)
+        if self._pusher is not None:
+            for token, target in self.state.live_targets():
+                self._pusher.push(target, newcdr_body(cdr, target.format), token)
+        if name is not None and self.state.chance(self.faults.delete_rate):
+            self.state.delete_recording(name)
+        for listener in list(self._listeners):
+            listener(cdr)
+        return cdr
+
+    def place_random_call(self) -> CallDetail:
+        """A plausible call: internal, inbound from a mobile, or outbound; some unanswered."""
+        with self.state.lock:
+            rng = self.state.rng
+            kind = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
+            ext = str(rng.randint(1000, 1020))
+            mobile = f"+4915{rng.randint(10_000_000, 99_999_999)}"
+            status = rng.choices(["ANSWERED", "NO ANSWER", "BUSY"], weights=[8, 1, 1])[0]
+            talk = rng.randint(2, 40)
+            ring = rng.randint(1, 15)
+            other = str(rng.randint(1000, 1020))
+        if kind == "Internal":
+            return self.place_call(callfrom=ext, callto=other, type=kind, talk_seconds=talk,
+                                   ring_seconds=ring, status=status)
+        if kind == "Inbound":
+            return self.place_call(callfrom=mobile, callto=ext, type=kind, talk_seconds=talk,
+                                   ring_seconds=ring, status=status, didnumber="+49301234567",
+                                   srctrunkname="SIP-Provider")
+        return self.place_call(callfrom=ext, callto=mobile, type=kind, talk_seconds=talk,
+                               ring_seconds=ring, status=status, dsttrunkname="SIP-Provider")
+
+    def _recording(self, name: str) -> Recording:
+        recording = self.state.recording(name)
+        if recording is None:
+            raise KeyError(name)
+        return recording
+
+    def recording_path(self, name: str) -> Path:
+        return self._recording(name).path
+
+    def recording_sha256(self, name: str) -> str:
+        return self._recording(name).sha256
+
+    def recording_names(self) -> list[str]:
+        """Names of the recordings present (not deleted), oldest first."""
+        return self.state.recording_names()
+
+    def delete_recording(self, name: str) -> None:
+        self.state.delete_recording(name)
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def revoke_tokens(self) -> None:
+        """The PBX forgets every token (20004 afterwards); no report is sent."""
+        self.state.revoke_tokens()
+
+    def reboot(self) -> None:
+        """All tokens and randoms lost; BootUp pushed to every app server that was logged in."""
+        targets = self.state.reboot()
+        if self._pusher is not None:
+            for target in targets:
+                self._pusher.push(target, bootup_body(self.serial, target.format), None)
+
+    def wait_events_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued report was delivered (or given up); False on timeout."""
+        return self._pusher.wait_idle(timeout) if self._pusher is not None else True
+
+    async def _tick(self) -> None:
+        """Background duties on the simulator clock: periodic faults and random calls."""
+        last_revoke = last_reboot = self.clock.now()
+        next_call: float | None = None
+        while True:
+            await asyncio.sleep(_TICK_SECONDS)
+            now = self.clock.now()
+            faults = self.faults
+            if faults.revoke_every_seconds > 0 and now - last_revoke >= faults.revoke_every_seconds:
+                last_revoke = now
+                self.revoke_tokens()
+            if faults.reboot_every_seconds > 0 and now - last_reboot >= faults.reboot_every_seconds:
+                last_reboot = now
+                self.reboot()
+            rate = self.config.calls_per_minute
+            if rate <= 0:
+                next_call = None
+                continue
+            if next_call is None:
+                with self.state.lock:
+                    next_call = now + self.state.rng.expovariate(rate / 60.0)
+            if now >= next_call:
+                with self.state.lock:
+                    next_call = now + self.state.rng.expovariate(rate / 60.0)
+                await asyncio.to_thread(self.place_random_call)
+
+
+def replace_config(config: SimulatorConfig, **changes: Any) -> SimulatorConfig:
+    """A copy of `config` with some fields changed (faults copied too)."""
+    return dataclasses.replace(config, faults=dataclasses.replace(config.faults), **changes)
