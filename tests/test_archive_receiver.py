@@ -1,0 +1,205 @@
+"""The events receiver over real HTTP on 127.0.0.1: what it stores and what it refuses.
+
+The archiver here points at a PBX address where nothing listens (port 1 on loopback), so
+no download happens: these tests are about the receiver alone. Every refusal is checked
+to have stored nothing in the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from callvault.archive import SECRET_SETTING, Archiver, ArchiverConfig
+from callvault.index import open_index
+
+
+def _config(tmp_path: Path, **overrides: object) -> ArchiverConfig:
+    values: dict[str, object] = {
+        "pbx_url": "http://127.0.0.1:1",  # nothing listens: sessions fail, the receiver works
+        "username": "api",
+        "password": "not-used-here",
+        "archive": tmp_path / "archive",
+        "events_host": "127.0.0.1",
+        "events_port": 0,
+        "timezone": ZoneInfo("Europe/Berlin"),
+        "reconcile_at_start": False,
+    }
+    values.update(overrides)
+    return ArchiverConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def archiver(tmp_path: Path) -> Iterator[Archiver]:
+    with Archiver(_config(tmp_path)) as running:
+        yield running
+
+
+def _newcdr(callid: str, recording: str | None, *, key: str = "action") -> dict[str, str]:
+    body = {
+        key: "NewCdr",
+        "callid": callid,
+        "timestart": "2024-05-01 10:00:00",
+        "callfrom": "1001",
+        "callto": "+4915112345678",
+        "callduraction": "20",
+        "talkduraction": "15",
+        "status": "ANSWERED",
+        "type": "Outbound",
+        "sn": "369351034049",
+    }
+    if recording is not None:
+        body["recording"] = recording
+    return body
+
+
+def _recordings(archiver: Archiver) -> int:
+    with open_index(archiver.config.resolved_db_url()) as index:
+        return sum(index.counts_by_state().values())
+
+
+def test_newcdr_in_each_format_is_committed_before_200(archiver: Archiver) -> None:
+    legacy = _newcdr("1714550400.1", "20240501100005-1714550400.1-1001-1003-Internal.wav")
+    legacy["desttrunkname"] = "SIP1"
+    v102 = _newcdr("1714550400.2", "20240501100005-1714550400.2-1001-+4915112345678-Outbound.wav")
+    v2 = _newcdr("1714550400.3", "20240501100005-1714550400.3-1001-1003-Internal.wav", key="event")
+    v2["dsttrcunkname"] = "SIP2"
+    no_recording = _newcdr("1714550400.4", "")
+    for body in (legacy, v102, v2, no_recording):
+        answer = httpx.post(archiver.events_url, json=body, headers={"User-Agent": "WebAPI"})
+        assert answer.status_code == 200, answer.text
+        # 200 means committed: a fresh connection to the database already sees it.
+        with open_index(archiver.config.resolved_db_url()) as index:
+            name = body.get("recording")
+            if name:
+                row = index.recording_by_name(name)
+                assert row is not None and row.state == "pending" and row.callid == body["callid"]
+    with open_index(archiver.config.resolved_db_url()) as index:
+        assert index.counts_by_state()["pending"] == 3
+        row = index.recording_by_name(v2["recording"])
+        assert row is not None and row.dst_trunk == "SIP2" and row.pbx_serial == "369351034049"
+        assert index.get_setting("last_event_at") is not None
+
+
+def test_resent_event_is_harmless(archiver: Archiver) -> None:
+    body = _newcdr("1714550400.9", "20240501100005-1714550400.9-1001-1003-Internal.wav")
+    for _ in range(5):
+        assert httpx.post(archiver.events_url, json=body).status_code == 200
+    assert _recordings(archiver) == 1
+
+
+def test_concurrent_events_are_all_committed(archiver: Archiver) -> None:
+    async def send_all() -> list[int]:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as client:
+            bodies = [
+                _newcdr(f"1714551000.{n}", f"20240501101000-1714551000.{n}-1001-1003-Internal.wav")
+                for n in range(200)
+            ]
+            answers = await asyncio.gather(
+                *(client.post(archiver.events_url, json=body) for body in bodies)
+            )
+            return [answer.status_code for answer in answers]
+
+    statuses = asyncio.run(send_all())
+    assert statuses == [200] * 200
+    assert _recordings(archiver) == 200
+    assert archiver.committer is not None and archiver.committer.batches < 200
+
+
+def test_wrong_path_is_404_and_stores_nothing(archiver: Archiver) -> None:
+    body = _newcdr("1714550401.1", "20240501100005-1714550401.1-1001-1003-Internal.wav")
+    base = archiver.events_url.rsplit("/", 1)[0]
+    for path in ("/", "/events", "/" + (archiver.secret_path or "") + "x", "/callvault-events-"):
+        answer = httpx.post(base + path, json=body)
+        assert answer.status_code == 404, path
+        assert archiver.secret_path not in answer.text
+    assert _recordings(archiver) == 0
+
+
+def test_source_not_allowed_is_403_and_stores_nothing(tmp_path: Path) -> None:
+    body = _newcdr("1714550402.1", "20240501100005-1714550402.1-1001-1003-Internal.wav")
+    with Archiver(_config(tmp_path, events_allow=["10.11.12.13", "192.0.2.0/24"])) as archiver:
+        answer = httpx.post(archiver.events_url, json=body)
+        assert answer.status_code == 403
+        assert _recordings(archiver) == 0
+
+
+def test_source_address_is_checked_not_just_the_allow_list(tmp_path: Path) -> None:
+    """The default allow-list is the PBX's address (127.0.0.1 here); 127.0.0.2 is refused."""
+    body = _newcdr("1714550403.1", "20240501100005-1714550403.1-1001-1003-Internal.wav")
+    with Archiver(_config(tmp_path)) as archiver:
+        other = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(transport=other) as client:
+            assert client.post(archiver.events_url, json=body).status_code == 403
+        assert _recordings(archiver) == 0
+        assert httpx.post(archiver.events_url, json=body).status_code == 200
+        assert _recordings(archiver) == 1
+
+
+def test_oversize_body_is_413_and_stores_nothing(archiver: Archiver) -> None:
+    body = _newcdr("1714550404.1", "20240501100005-1714550404.1-1001-1003-Internal.wav")
+    body["padding"] = "x" * (70 * 1024)
+    answer = httpx.post(archiver.events_url, json=body)
+    assert answer.status_code == 413
+    assert "larger than" in answer.json()["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while streaming
+        yield json.dumps(body).encode()
+
+    assert httpx.post(archiver.events_url, content=chunks()).status_code == 413
+    assert _recordings(archiver) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"action":"NewCdr","callid":', "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"callid":"1.1"}', "no action or event"),
+        (b'{"action":"NewCdr","recording":"a.wav"}', "callid"),
+        (
+            b'{"action":"NewCdr","callid":"1.2","timestart":"yesterday","recording":"a.wav"}',
+            "timestart",
+        ),
+        (
+            b'{"action":"NewCdr","callid":"1.3","recording":"' + b"a" * 300 + b'.wav"}',
+            "longer than 255",
+        ),
+    ],
+)
+def test_malformed_report_is_400_with_the_reason(
+    archiver: Archiver, content: bytes, reason: str
+) -> None:
+    answer = httpx.post(
+        archiver.events_url, content=content, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400
+    assert reason in answer.json()["message"]
+    assert _recordings(archiver) == 0
+
+
+def test_get_is_405_and_unknown_events_are_acknowledged(archiver: Archiver) -> None:
+    assert httpx.get(archiver.events_url).status_code == 405
+    answer = httpx.post(archiver.events_url, json={"action": "ExtensionStatus", "extension": "1"})
+    assert answer.status_code == 200
+    assert _recordings(archiver) == 0
+
+
+def test_secret_path_is_kept_across_restarts(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    with Archiver(config) as first:
+        path = first.secret_path
+    assert path is not None and len(path) > 30
+    with Archiver(_config(tmp_path)) as second:
+        assert second.secret_path == path
+    with open_index(config.resolved_db_url()) as index:
+        assert index.get_setting(SECRET_SETTING) == path
+    other = tmp_path / "other"
+    with Archiver(_config(other)) as third:
+        assert third.secret_path != path
