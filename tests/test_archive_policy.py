@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -113,6 +114,6 @@ def test_windows_cover_the_range_in_pieces_of_at_most_a_day(start: datetime, min
     end = start + timedelta(minutes=minutes)
     parts = list(windows(start, end))
     assert parts[0][0] == start and parts[-1][1] == end
-    for (a, b), (c, _d) in zip(parts, parts[1:], strict=False):
+    for (_a, b), (c, _d) in itertools.pairwise(parts):
         assert b == c
     assert all(timedelta(0) < b - a <= timedelta(days=1) for a, b in parts)
