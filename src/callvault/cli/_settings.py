@@ -371,3 +371,13 @@ TimezoneOption = Annotated[
         "--timezone", help="The PBX's time zone [default: the host's].", show_default=False
     ),
 ]
+
+
+def settings_or_fail(config_file: Path | None = None, **cli_overrides: Any) -> ArchiveSettings:
+    """`load_settings`, turning a `SettingsError` into one line on stderr and exit code 2."""
+    from callvault.cli._common import fail
+
+    try:
+        return load_settings(config_file, **cli_overrides)
+    except SettingsError as exc:
+        fail(str(exc), code=2)
