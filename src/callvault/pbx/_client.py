@@ -96,6 +96,36 @@ def _strip_query(text: str) -> str:
     return _QUERY.sub("", text)
 
 
+class _RedactQueries(logging.Filter):
+    """Strip query strings from httpx's own log lines: its INFO line names the full URL,
+    token and random included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(arg) for arg in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _strip_query(record.msg)
+        return True
+
+
+def _redact(value: object) -> object:
+    if isinstance(value, httpx.URL):
+        return value.copy_with(query=None) if value.query else value
+    if isinstance(value, str):
+        return _strip_query(value)
+    return value
+
+
+_REDACTION = _RedactQueries()
+
+
+def _install_log_redaction() -> None:
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if _REDACTION not in logger.filters:
+            logger.addFilter(_REDACTION)
+
+
 class _TokenRejected(Exception):
     """Internal: a call was refused with a token error; `generation` is the session it used."""
 
@@ -221,6 +251,7 @@ class PbxClient:
             follow_redirects=False,
             trust_env=False,
         )
+        _install_log_redaction()
         self._lock = asyncio.Lock()
         self._token: str | None = None
         self._generation = 0
@@ -611,7 +642,7 @@ class PbxClient:
         if encoding not in ("", "identity"):
             raise PbxProtocolError(f"{context}: the PBX sent the recording {encoding}-encoded")
         expected = _content_length(response.headers)
-        chunks = response.aiter_raw(CHUNK_SIZE)
+        chunks = response.aiter_bytes()
         head = b""
         ended = False
         try:

@@ -1,0 +1,666 @@
+"""Exact request flows of PbxClient, against an in-process fake PBX (httpx.MockTransport).
+
+These pin down the order of requests: one login per failing call, a fresh random for every
+attempt, a random always used by the very next request, and the lock released once the
+download's headers arrived. The same rules are tested over real HTTPS against the simulator
+in test_pbx_integration.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import struct
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from callvault.pbx import (
+    ApiVersion,
+    CdrError,
+    InvalidRecording,
+    LoginFailed,
+    LoginLockedOut,
+    PbxClient,
+    PbxTransportError,
+    PbxUnreachable,
+    RecordingNotFound,
+    SyncPbxClient,
+    TokenExpired,
+    TokenInvalid,
+    password_md5,
+)
+
+PASSWORD = "s3cret-Passw0rd"
+BASE = "https://127.0.0.1:8088"
+
+
+def make_wav(n_samples: int = 800) -> bytes:
+    data = b"\x01\x00" * n_samples
+    fmt = struct.pack("<HHIIHH", 1, 1, 8000, 16000, 2, 16)
+    body = (
+        b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+WAV = make_wav()
+
+
+@dataclass
+class Call:
+    endpoint: str
+    query: dict[str, str]
+    body: dict[str, Any]
+    version: str = ""
+
+
+@dataclass
+class FakePbx:
+    """A scripted PBX: records every request; answers per endpoint from overridable hooks."""
+
+    username: str = "api"
+    password_md5: str = field(default_factory=lambda: password_md5(PASSWORD))
+    recordings: dict[str, bytes] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    tokens: set[str] = field(default_factory=set)
+    issued_randoms: list[str] = field(default_factory=list)
+    live_randoms: set[str] = field(default_factory=set)
+    # Queues of canned answers; when empty, normal behaviour.
+    get_random_errors: list[str] = field(default_factory=list)
+    download_faults: list[str] = field(default_factory=list)
+    login_errno: str | None = None
+    cdr_csv: str = "callid,recording\n1.1,a.wav\n"
+    cdr_errno: str | None = None
+    hold_download_body: asyncio.Event | None = None
+    on_get_random: Callable[[str], None] | None = None
+
+    def endpoints(self) -> list[str]:
+        return [c.endpoint for c in self.calls]
+
+    def count(self, endpoint: str) -> int:
+        return sum(1 for c in self.calls if c.endpoint == endpoint)
+
+    @staticmethod
+    def _json(document: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(200, json=document, headers={"Connection": "close"})
+
+    def _failed(self, errno: str) -> httpx.Response:
+        return self._json({"status": "Failed", "errno": errno})
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        assert path.startswith("/api/")
+        endpoint = path.split("/", 3)[3]
+        query = dict(request.url.params)
+        body = json.loads(request.content) if request.content else {}
+        self.calls.append(Call(endpoint, query, body, path.split("/")[2]))
+        if endpoint == "login":
+            if self.login_errno is not None:
+                return self._failed(self.login_errno)
+            if body.get("username") != self.username or body.get("password") != self.password_md5:
+                return self._failed("20003")
+            token = secrets.token_hex(16)
+            self.tokens.add(token)
+            return self._json({"status": "Success", "token": token})
+        token = query.get("token")
+        if not token:
+            return self._failed("20005")
+        if token not in self.tokens:
+            return self._failed("20004")
+        if endpoint in ("heartbeat", "logout"):
+            if endpoint == "logout":
+                self.tokens.discard(token)
+            return self._json({"status": "Success"})
+        if endpoint in ("recording/get_random", "cdr/get_random"):
+            if self.on_get_random is not None:
+                self.on_get_random(body.get("recording", ""))
+            if self.get_random_errors:
+                return self._failed(self.get_random_errors.pop(0))
+            value = secrets.token_hex(16)
+            self.issued_randoms.append(value)
+            self.live_randoms.add(value)
+            return self._json({"status": "Success", "random": value, **body})
+        if endpoint in ("recording/download", "cdr/download"):
+            if query.get("random") not in self.live_randoms:
+                return self._failed("20012" if endpoint.startswith("rec") else "20020")
+            self.live_randoms.discard(query["random"])
+            if endpoint == "cdr/download":
+                if self.cdr_errno:
+                    return self._failed(self.cdr_errno)
+                return httpx.Response(
+                    200, content=self.cdr_csv.encode(), headers={"Content-Type": "text/csv"}
+                )
+            return await self._download(query["recording"])
+        return self._failed("10003")
+
+    async def _download(self, name: str) -> httpx.Response:
+        fault = self.download_faults.pop(0) if self.download_faults else None
+        if name not in self.recordings:
+            return self._failed("20014")
+        data = self.recordings[name]
+        headers = {"Content-Type": "audio/x-wav", "Connection": "close"}
+        if fault == "503":
+            return httpx.Response(503, text="Service Unavailable")
+        if fault == "html":
+            return httpx.Response(
+                200, text="<html><body>Error</body></html>", headers={"Content-Type": "text/html"}
+            )
+        if fault == "notwav":
+            return httpx.Response(200, content=b"ID3\x03" + b"\x00" * 200, headers=headers)
+        if fault == "truncate":
+            # Announces the full length, delivers half: the client must notice.
+            headers["Content-Length"] = str(len(data))
+            return httpx.Response(200, content=data[: len(data) // 2], headers=headers)
+        if fault == "truncate-nolength":
+            return httpx.Response(200, content=data[: len(data) // 2], headers=headers)
+        if fault == "json20014":
+            return self._failed("20014")
+        if fault == "token20006":
+            return self._failed("20006")
+        hold = self.hold_download_body
+
+        async def stream() -> AsyncIterator[bytes]:
+            if hold is not None:
+                await asyncio.wait_for(hold.wait(), 5)
+            for i in range(0, len(data), 1000):
+                yield data[i : i + 1000]
+
+        headers["Content-Length"] = str(len(data))
+        return httpx.Response(200, content=stream(), headers=headers)
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+def client_for(pbx: FakePbx, **kwargs: Any) -> PbxClient:
+    kwargs.setdefault("sleep", Sleeps())
+    return PbxClient(BASE, "api", PASSWORD, transport=httpx.MockTransport(pbx.handler), **kwargs)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+# ------------------------------------------------------------------ login
+
+
+async def test_login_sends_md5_and_event_settings(tmp_path: Path) -> None:
+    pbx = FakePbx()
+    async with client_for(pbx, events_port=8260, events_url="cdr", api_version="v2.0.0") as client:
+        await client.login()
+        assert client.logged_in
+    login = pbx.calls[0]
+    assert login.endpoint == "login"
+    assert login.body == {
+        "username": "api",
+        "password": hashlib.md5(PASSWORD.encode()).hexdigest(),
+        "port": "8260",
+        "url": "cdr",
+        "urltag": "0",
+        "version": "2.0.0",
+    }
+    assert "token" not in login.query
+    assert pbx.endpoints() == ["login", "logout"]
+
+
+async def test_login_without_events_sends_only_credentials() -> None:
+    pbx = FakePbx()
+    async with client_for(pbx) as client:
+        await client.login()
+    assert set(pbx.calls[0].body) == {"username", "password"}
+
+
+async def test_wrong_password_raises_at_once_and_is_never_retried(tmp_path: Path) -> None:
+    pbx = FakePbx(password_md5=password_md5("other"))
+    async with client_for(pbx) as client:
+        with pytest.raises(LoginFailed) as info:
+            await client.download_recording("a.wav", tmp_path)
+        assert info.value.errno == "20003"
+        for _ in range(6):  # even many later calls never reach the PBX's login again
+            with pytest.raises(LoginFailed):
+                await client.download_recording("a.wav", tmp_path)
+            with pytest.raises(LoginFailed):
+                await client.heartbeat()
+    assert pbx.count("login") == 1
+    assert leftovers(tmp_path) == []
+
+
+async def test_lockout_blocks_logins_for_ten_minutes_of_injected_clock(tmp_path: Path) -> None:
+    now = [1000.0]
+    pbx = FakePbx(login_errno="20002")
+    async with client_for(pbx, clock=lambda: now[0]) as client:
+        with pytest.raises(LoginLockedOut):
+            await client.login()
+        now[0] += 599
+        with pytest.raises(LoginLockedOut):
+            await client.download_recording("a.wav", tmp_path)
+        assert pbx.count("login") == 1
+        now[0] += 2
+        pbx.login_errno = None
+        pbx.recordings["a.wav"] = WAV
+        result = await client.download_recording("a.wav", tmp_path)
+        assert result.size == len(WAV)
+    assert pbx.count("login") == 2
+
+
+# --------------------------------------------------------------- download
+
+
+async def test_download_saves_verified_file_and_uses_fresh_random(tmp_path: Path) -> None:
+    name = "20240101120000-1704110400.1-+4915112345678-1000-Inbound.wav"
+    pbx = FakePbx(recordings={name: WAV})
+    async with client_for(pbx) as client:
+        result = await client.download_recording(name, tmp_path)
+        assert client.last_success_at is not None
+    assert result.path == tmp_path / name
+    assert result.path.read_bytes() == WAV
+    assert result.size == len(WAV)
+    assert result.sha256 == hashlib.sha256(WAV).hexdigest()
+    assert result.name == name
+    assert result.content_type == "audio/x-wav"
+    assert pbx.endpoints() == ["login", "recording/get_random", "recording/download", "logout"]
+    get_random, download = pbx.calls[1], pbx.calls[2]
+    assert get_random.body == {"recording": name}
+    assert download.query["recording"] == name  # "+" arrived intact
+    assert download.query["random"] == pbx.issued_randoms[0]
+    assert leftovers(tmp_path) == [name]
+
+
+async def test_download_to_another_filename_and_allowedip(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV})
+    async with client_for(pbx, allowedip="127.0.0.5") as client:
+        result = await client.download_recording("a.wav", tmp_path / "sub", filename="b.wav")
+    assert result.path == tmp_path / "sub" / "b.wav"
+    assert result.path.read_bytes() == WAV
+    assert pbx.calls[1].body == {"recording": "a.wav", "allowedip": "127.0.0.5"}
+
+
+@pytest.mark.parametrize("fault", ["503", "html", "truncate", "truncate-nolength"])
+async def test_transient_failure_is_retried_with_a_fresh_random(fault: str, tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=[fault])
+    sleeps = Sleeps()
+    async with client_for(pbx, sleep=sleeps) as client:
+        result = await client.download_recording("a.wav", tmp_path)
+    assert result.path.read_bytes() == WAV
+    assert pbx.count("login") == 1
+    assert pbx.count("recording/get_random") == 2
+    assert len(set(pbx.issued_randoms)) == 2
+    downloads = [c for c in pbx.calls if c.endpoint == "recording/download"]
+    assert [d.query["random"] for d in downloads] == pbx.issued_randoms
+    assert len(sleeps.delays) == 1
+    assert leftovers(tmp_path) == ["a.wav"]
+
+
+async def test_retries_are_bounded_and_back_off(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["truncate"] * 10)
+    sleeps = Sleeps()
+    async with client_for(
+        pbx, sleep=sleeps, max_attempts=5, backoff_base=1.0, backoff_max=4.0
+    ) as c:
+        with pytest.raises(PbxTransportError) as info:
+            await c.download_recording("a.wav", tmp_path)
+    assert "recording a.wav" in str(info.value)
+    assert "5 attempts" in str(info.value)
+    assert pbx.count("recording/get_random") == 5
+    assert pbx.count("login") == 1
+    assert len(sleeps.delays) == 4
+    caps = [1.0, 2.0, 4.0, 4.0]
+    assert all(cap / 2 <= d <= cap for d, cap in zip(sleeps.delays, caps, strict=True))
+    assert leftovers(tmp_path) == []
+
+
+async def test_json_error_with_http_200_is_not_retried(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["json20014"])
+    async with client_for(pbx) as client:
+        with pytest.raises(RecordingNotFound) as info:
+            await client.download_recording("a.wav", tmp_path)
+    assert str(info.value) == "recording a.wav: recording not found on the PBX, errno 20014"
+    assert info.value.errno == "20014"
+    assert pbx.count("recording/get_random") == 1
+    assert leftovers(tmp_path) == []
+
+
+async def test_missing_recording_at_get_random(tmp_path: Path) -> None:
+    pbx = FakePbx(get_random_errors=["20014"])
+    async with client_for(pbx) as client:
+        with pytest.raises(RecordingNotFound):
+            await client.download_recording("gone.wav", tmp_path)
+    assert pbx.count("recording/download") == 0
+
+
+async def test_body_that_is_not_wav_is_refused_without_retry(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["notwav"])
+    async with client_for(pbx) as client:
+        with pytest.raises(InvalidRecording):
+            await client.download_recording("a.wav", tmp_path)
+    assert pbx.count("recording/get_random") == 1
+    assert leftovers(tmp_path) == []
+
+
+async def test_random_invalid_every_time_means_not_found(tmp_path: Path) -> None:
+    pbx = FakePbx(get_random_errors=["20012"] * 10)
+    async with client_for(pbx, max_attempts=3) as client:
+        with pytest.raises(RecordingNotFound) as info:
+            await client.download_recording("a.wav", tmp_path)
+    assert info.value.errno == "20012"
+    assert pbx.count("recording/get_random") == 3
+    assert pbx.count("login") == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["../etc/passwd", "a/b.wav", "a\\b.wav", ".", "..", "", "a\x00.wav"]
+)
+async def test_unsafe_names_are_refused_before_any_request(name: str, tmp_path: Path) -> None:
+    pbx = FakePbx()
+    async with client_for(pbx) as client:
+        with pytest.raises(ValueError, match="name"):
+            await client.download_recording(name, tmp_path)
+    assert pbx.calls == []
+
+
+# ------------------------------------------------------------------ tokens
+
+
+async def test_token_error_logs_in_once_and_repeats_once(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV})
+    async with client_for(pbx) as client:
+        await client.login()
+        pbx.tokens.clear()  # PBX forgot the token (expiry, reboot)
+        result = await client.download_recording("a.wav", tmp_path)
+    assert result.size == len(WAV)
+    assert pbx.endpoints()[:5] == [
+        "login",
+        "recording/get_random",
+        "login",
+        "recording/get_random",
+        "recording/download",
+    ]
+
+
+class ForgetfulTokens(set[str]):
+    """A PBX that forgets every token at once (e.g. a clock far ahead)."""
+
+    def add(self, element: str) -> None:
+        pass
+
+
+async def test_persistent_token_error_gives_exactly_one_relogin(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, get_random_errors=["20006"] * 10)
+    async with client_for(pbx) as client:
+        with pytest.raises(TokenExpired):
+            await client.download_recording("a.wav", tmp_path)
+        assert pbx.count("login") == 2
+        assert pbx.count("recording/get_random") == 2
+        pbx.tokens = ForgetfulTokens()
+        with pytest.raises(TokenInvalid):
+            await client.heartbeat()
+        # One re-login per failing call, never a loop.
+        assert pbx.count("login") == 3
+    assert pbx.count("logout") == 1
+
+
+async def test_token_error_in_download_body_relogs_and_fetches_new_random(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["token20006"])
+    async with client_for(pbx) as client:
+        result = await client.download_recording("a.wav", tmp_path)
+    assert result.path.read_bytes() == WAV
+    assert pbx.count("login") == 2
+    assert pbx.count("recording/get_random") == 2
+
+
+async def test_concurrent_token_errors_share_one_relogin(tmp_path: Path) -> None:
+    names = [f"r{i}.wav" for i in range(5)]
+    pbx = FakePbx(recordings=dict.fromkeys(names, WAV))
+    async with client_for(pbx) as client:
+        await client.login()
+        pbx.tokens.clear()
+        results = await asyncio.gather(*(client.download_recording(n, tmp_path) for n in names))
+    assert [r.size for r in results] == [len(WAV)] * 5
+    assert pbx.count("login") == 2
+
+
+async def test_random_is_always_used_by_the_next_request_and_body_streams_unlocked(
+    tmp_path: Path,
+) -> None:
+    """Downloads run concurrently; the lock covers get_random..headers, not the body."""
+    names = [f"r{i}.wav" for i in range(4)]
+    pbx = FakePbx(recordings=dict.fromkeys(names, WAV))
+    release = asyncio.Event()
+    pbx.hold_download_body = release
+    seen: list[str] = []
+
+    def on_get_random(name: str) -> None:
+        seen.append(name)
+        if len(seen) == len(names):
+            release.set()  # only reachable if earlier bodies did not hold the lock
+
+    pbx.on_get_random = on_get_random
+    async with client_for(pbx) as client:
+        await client.login()
+        pbx.tokens.clear()  # forces a re-login in the middle of everything
+        results = await asyncio.wait_for(
+            asyncio.gather(*(client.download_recording(n, tmp_path) for n in names)), 10
+        )
+    assert sorted(r.name for r in results) == names
+    for index, call in enumerate(pbx.calls):
+        if call.endpoint == "recording/download":
+            previous = pbx.calls[index - 1]
+            assert previous.endpoint == "recording/get_random"
+            assert previous.body["recording"] == call.query["recording"]
+            assert call.query["random"] in pbx.issued_randoms
+    randoms = [c.query["random"] for c in pbx.calls if c.endpoint == "recording/download"]
+    assert len(randoms) == len(set(randoms))
+
+
+async def test_cancelled_download_leaves_no_temp_file(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": make_wav(200_000)})
+    hold = asyncio.Event()
+    pbx.hold_download_body = hold
+    async with client_for(pbx) as client:
+        task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- transport
+
+
+async def test_unreachable_pbx_is_retried_then_reported(tmp_path: Path) -> None:
+    attempts: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    sleeps = Sleeps()
+    client = PbxClient(BASE, "api", PASSWORD, transport=httpx.MockTransport(refuse), sleep=sleeps)
+    async with client:
+        with pytest.raises(PbxUnreachable) as info:
+            await client.download_recording("a.wav", tmp_path)
+    assert "127.0.0.1:8088" in str(info.value)
+    assert "Connection refused" in str(info.value)
+    assert len(attempts) == 4
+    assert leftovers(tmp_path) == []
+
+
+def test_bad_urls_are_refused() -> None:
+    for url in ("127.0.0.1:8088", "ftp://127.0.0.1", "https://", "https://u:p@127.0.0.1"):
+        with pytest.raises(ValueError) as info:
+            PbxClient(url, "api", PASSWORD)
+        assert PASSWORD not in str(info.value)
+
+
+# ---------------------------------------------------------------- CDR
+
+
+@pytest.mark.parametrize(("version", "field"), [("v1.1.0", "extid"), ("v2.0.0", "number")])
+async def test_export_cdr_flow_per_version(version: str, field: str) -> None:
+    pbx = FakePbx()
+    async with client_for(pbx, api_version=version, allowedip="127.0.0.9") as client:
+        rows = await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 2, 23, 59, 59))
+    assert [(r.callid, r.recording) for r in rows] == [("1.1", "a.wav")]
+    get_random, download = pbx.calls[1], pbx.calls[2]
+    assert get_random.endpoint == "cdr/get_random"
+    assert get_random.body == {
+        field: "all",
+        "starttime": "2024-01-02 00:00:00",
+        "endtime": "2024-01-02 23:59:59",
+        "allowedip": "127.0.0.9",
+    }
+    assert download.endpoint == "cdr/download"
+    assert download.query[field] == "all"
+    assert download.query["starttime"] == "2024-01-02 00:00:00"
+    assert download.query["random"] == pbx.issued_randoms[0]
+
+
+async def test_export_cdr_url_encodes_space_as_percent_20() -> None:
+    raw_paths: list[bytes] = []
+    pbx = FakePbx()
+
+    async def spy(request: httpx.Request) -> httpx.Response:
+        raw_paths.append(request.url.raw_path)
+        return await pbx.handler(request)
+
+    client = PbxClient(BASE, "api", PASSWORD, transport=httpx.MockTransport(spy))
+    async with client:
+        await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 2, 1))
+    download = next(p for p in raw_paths if p.startswith(b"/api/v1.1.0/cdr/download"))
+    assert b"starttime=2024-01-02%2000%3A00%3A00" in download
+
+
+async def test_export_cdr_errors() -> None:
+    pbx = FakePbx(cdr_errno="20021")
+    async with client_for(pbx) as client:
+        assert await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 3)) == []
+        pbx.cdr_errno = "20019"
+        with pytest.raises(CdrError):
+            await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 3))
+        with pytest.raises(ValueError):
+            await client.export_cdr(datetime(2024, 1, 3), datetime(2024, 1, 2))
+
+
+# -------------------------------------------------------- keepalive & logout
+
+
+async def test_keepalive_heartbeats_and_relogs_after_expiry() -> None:
+    pbx = FakePbx()
+    ticks: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        ticks.append(delay)
+        if len(ticks) == 2:
+            pbx.tokens.clear()  # token expired between two heartbeats
+        if len(ticks) > 4:
+            raise asyncio.CancelledError
+
+    client = PbxClient(
+        BASE,
+        "api",
+        PASSWORD,
+        transport=httpx.MockTransport(pbx.handler),
+        sleep=sleep,
+        events_port=8260,
+        events_ip="127.0.0.1",
+    )
+    async with client:
+        await client.login()
+        with pytest.raises(asyncio.CancelledError):
+            await client.run_keepalive(interval=300)
+    assert ticks == [300] * 5
+    assert pbx.count("heartbeat") == 5
+    assert pbx.count("login") == 2
+    beat = next(c for c in pbx.calls if c.endpoint == "heartbeat")
+    assert beat.body["ipaddr"] == "127.0.0.1"
+    assert beat.body["port"] == "8260"
+
+
+async def test_logout_on_exit_ignores_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/login"):
+            return httpx.Response(200, json={"status": "Success", "token": "t" * 32})
+        raise httpx.ReadError("connection reset")
+
+    async with PbxClient(BASE, "api", PASSWORD, transport=httpx.MockTransport(handler)) as client:
+        await client.login()
+        assert client.logged_in
+    assert not client.logged_in
+
+
+# ------------------------------------------------------------------ secrets
+
+
+async def test_secrets_never_in_logs_reprs_or_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    pbx = FakePbx(
+        recordings={"a.wav": WAV},
+        download_faults=["truncate", "html", "token20006"],
+        get_random_errors=["20006"],
+    )
+    errors: list[str] = []
+    async with client_for(pbx) as client:
+        await client.download_recording("a.wav", tmp_path)
+        pbx.download_faults = ["truncate"] * 5
+        try:
+            await client.download_recording("a.wav", tmp_path, filename="b.wav")
+        except PbxTransportError as exc:
+            errors.append(str(exc))
+            errors.append(repr(exc))
+        errors.append(repr(client))
+    secrets_seen = [PASSWORD, password_md5(PASSWORD), *pbx.issued_randoms, *pbx.tokens]
+    secrets_seen += [c.query["token"] for c in pbx.calls if "token" in c.query]
+    text = "\n".join([*errors, *(r.getMessage() for r in caplog.records)])
+    assert errors and any(r.name == "httpx" for r in caplog.records)
+    for secret in secrets_seen:
+        assert secret not in text
+
+
+def test_sync_facade_downloads(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV})
+    with SyncPbxClient(BASE, "api", PASSWORD, transport=httpx.MockTransport(pbx.handler)) as c:
+        result = c.download_recording("a.wav", tmp_path)
+        assert c.logged_in
+        rows = c.export_cdr(datetime(2024, 1, 1), datetime(2024, 1, 1, 12))
+    assert result.path.read_bytes() == WAV
+    assert rows[0].recording == "a.wav"
+    assert pbx.endpoints()[-1] == "logout"
+    assert "s3cret" not in repr(c)
+
+
+def test_api_version_in_every_path() -> None:
+    pbx = FakePbx()
+    with SyncPbxClient(
+        BASE,
+        "api",
+        PASSWORD,
+        api_version=ApiVersion.V1_0_1,
+        transport=httpx.MockTransport(pbx.handler),
+    ) as c:
+        c.heartbeat()
+    assert pbx.endpoints() == ["login", "heartbeat", "logout"]
+    assert {c.version for c in pbx.calls} == {"v1.0.1"}
