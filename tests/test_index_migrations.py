@@ -1,0 +1,78 @@
+"""The index's migrations build exactly the schema of schema.py, on a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from callvault.index import IndexMissingError, IndexOpenError, open_index
+from callvault.index.schema import metadata
+
+
+def test_upgrade_head_yields_exactly_the_metadata(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'archive' / 'callvault.db'}"
+    open_index(url).close()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(
+                MigrationContext.configure(conn, opts={"compare_type": True}), metadata
+            )
+            assert diff == []
+            inspector = inspect(conn)
+            tables = set(inspector.get_table_names()) - {"alembic_version"}
+            assert tables == set(metadata.tables)
+            for name, table in metadata.tables.items():
+                columns = {c["name"]: c for c in inspector.get_columns(name)}
+                assert set(columns) == {c.name for c in table.columns}
+                for column in table.columns:
+                    assert columns[column.name]["nullable"] == column.nullable, (name, column.name)
+                indexes = {i["name"] for i in inspector.get_indexes(name)}
+                assert indexes == {i.name for i in table.indexes}
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+            assert version == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_reopen_is_idempotent_and_pragmas_are_set(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'callvault.db'}"
+    open_index(url).close()
+    index = open_index(url)
+    try:
+        with index.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() >= 1000
+            count = conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one()
+            assert count == 1
+    finally:
+        index.close()
+
+
+def test_missing_file_without_create_is_refused_and_not_made(tmp_path: Path) -> None:
+    path = tmp_path / "nothing" / "callvault.db"
+    with pytest.raises(IndexMissingError):
+        open_index(f"sqlite:///{path}", create=False)
+    assert not path.exists()
+    assert not path.parent.exists()
+
+
+def test_bad_urls_give_one_clear_error_without_password(tmp_path: Path) -> None:
+    with pytest.raises(IndexOpenError):
+        open_index("not a url at all")
+    with pytest.raises(IndexOpenError) as info:
+        open_index("nosuchdb://user:s3cret-pw@127.0.0.1/x")
+    assert "s3cret-pw" not in str(info.value)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "callvault.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(IndexOpenError) as info:
+        open_index(f"sqlite:///{path}")
+    assert str(path) in str(info.value)
