@@ -257,8 +257,11 @@ class Simulator:
             listener(cdr)
         return cdr
 
-    def place_random_call(self) -> CallDetail:
-        """A plausible call: internal, inbound from a mobile, or outbound; some unanswered."""
+    def place_random_call(self, *, answered: bool | None = None) -> CallDetail:
+        """A plausible call: internal, inbound from a mobile, or outbound; some unanswered.
+
+        `answered` True forces an answered (recorded) call, False an unanswered one.
+        """
         with self.state.lock:
             rng = self.state.rng
             kind = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
@@ -268,6 +271,8 @@ class Simulator:
             talk = rng.randint(2, 40)
             ring = rng.randint(1, 15)
             other = str(rng.randint(1000, 1020))
+        if answered is not None:
+            status = "ANSWERED" if answered else "NO ANSWER"
         if kind == "Internal":
             return self.place_call(callfrom=ext, callto=other, type=kind, talk_seconds=talk,
                                    ring_seconds=ring, status=status)

@@ -1,0 +1,141 @@
+"""`callvault simulate`: run the PBX simulator until Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from callvault.cli import app
+from callvault.cli._common import fail
+from callvault.pbx._types import CallDetail
+from callvault.simulator import Simulator, SimulatorConfig, fault_names, parse_faults
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _describe_call(cdr: CallDetail) -> str:
+    what = f"recording {cdr.recording}" if cdr.recording else "no recording"
+    return (f"call {cdr.callid} {cdr.type} {cdr.callfrom} -> {cdr.callto} {cdr.status}, "
+            f"{cdr.talkduration}s talk, {what}")
+
+
+def _banner(sim: Simulator, password_given: bool) -> None:
+    _print(f"callvault simulator: Yeastar S-Series PBX, serial {sim.serial}")
+    _print(f"  URL          {sim.url}   (API under /api/v1.0.1, /api/v1.1.0, /api/v2.0.0)")
+    _print(f"  username     {sim.username}")
+    _print(f"  password     {'(as given)' if password_given else sim.password}")
+    if sim.cert_sha256 is not None:
+        _print(f"  certificate  SHA-256 {sim.cert_sha256}")
+        _print(f"  CA file      {sim.ca_file}")
+    else:
+        _print("  certificate  none (plain HTTP)")
+    _print(f"  recordings   {sim.recordings_dir}")
+    names = sim.recording_names()
+    if names:
+        trust = f" --pin-sha256 {sim.cert_sha256}" if sim.cert_sha256 else ""
+        secret = "'…'" if password_given else shlex.quote(sim.password)
+        _print("Fetch a recording from another terminal:")
+        _print(f"  CALLVAULT_PASSWORD={secret} callvault fetch --pbx {sim.url} "
+               f"--username {shlex.quote(sim.username)} --password-env CALLVAULT_PASSWORD"
+               f"{trust} --out ./recordings {shlex.quote(names[-1])}")
+    _print("Serving until Ctrl-C.")
+
+
+@app.command("simulate")
+def simulate(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8088,
+    http: Annotated[bool, typer.Option("--http", help="Plain HTTP instead of HTTPS.")] = False,
+    username: Annotated[str, typer.Option(help="API username.")] = "api",
+    password: Annotated[str | None, typer.Option(
+        envvar="CALLVAULT_SIM_PASSWORD",
+        help="API password (default: a random one, printed at start).")] = None,
+    calls_per_minute: Annotated[float, typer.Option(
+        help="Place random calls in the background at this average rate.")] = 0.0,
+    initial_calls: Annotated[int, typer.Option(
+        help="Recorded calls placed at start, so there is something to fetch.")] = 3,
+    fault: Annotated[list[str] | None, typer.Option(
+        "--fault", metavar="KEY[=VALUE]",
+        help=f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed for reproducible calls and faults.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Keep recordings and the certificate here (default: a temporary directory).")] = None,
+    timezone: Annotated[str, typer.Option(help="The PBX's time zone.")] = "Europe/Berlin",
+    serial: Annotated[str, typer.Option(help="The PBX serial number (sn).")] = "369351034049",
+    legacy_tls: Annotated[bool, typer.Option(
+        help="Also accept TLS 1.0/1.1 (the PBX's 'Low' security level).")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the connection details as one JSON line.")] = False,
+) -> None:
+    """Run a simulated Yeastar S-Series PBX until Ctrl-C: the API, recordings, events, faults."""
+    try:
+        faults = parse_faults(fault or [])
+    except ValueError as exc:
+        fail(str(exc))
+    if initial_calls < 0:
+        fail("--initial-calls must not be negative")
+    try:
+        config = SimulatorConfig(
+            host=host, port=port, tls=not http, username=username, password=password,
+            serial=serial, timezone=timezone, data_dir=data_dir,
+            calls_per_minute=max(calls_per_minute, 0.0), seed=seed, faults=faults,
+            legacy_tls=legacy_tls,
+        )
+        sim = Simulator(config)
+    except Exception as exc:  # bad time zone, unwritable data directory
+        fail(f"cannot set up the simulator: {exc}")
+    try:
+        sim.start()
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port")
+    except RuntimeError as exc:
+        fail(str(exc))
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for _ in range(initial_calls):
+            sim.place_random_call(answered=True)
+        if as_json:
+            _print(json.dumps({
+                "url": sim.url, "username": sim.username,
+                "password": None if password else sim.password,
+                "cert_sha256": sim.cert_sha256,
+                "ca_file": str(sim.ca_file) if sim.ca_file else None,
+                "recordings": sim.recording_names(), "serial": sim.serial,
+            }))
+        else:
+            _banner(sim, password_given=password is not None)
+            for cdr in sim.state.cdrs():
+                _print(_describe_call(cdr))
+
+        def announce(cdr: CallDetail) -> None:
+            if as_json:
+                _print(json.dumps({"call": cdr.callid, "recording": cdr.recording}))
+            else:
+                _print(_describe_call(cdr))
+
+        sim.add_call_listener(announce)
+        while not stop.wait(0.5):
+            if not sim.running:
+                fail("the simulator stopped unexpectedly")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sim.stop()
+    print("simulator stopped", file=sys.stderr, flush=True)
