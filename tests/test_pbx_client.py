@@ -223,11 +223,14 @@ async def test_login_sends_md5_and_event_settings(tmp_path: Path) -> None:
     assert pbx.endpoints() == ["login", "logout"]
 
 
-async def test_login_without_events_sends_only_credentials() -> None:
+@pytest.mark.parametrize(("version", "extra"), [("v1.1.0", {"port": "0"}), ("v2.0.0", {})])
+async def test_login_without_events_asks_for_no_reports(
+    version: str, extra: dict[str, str]
+) -> None:
     pbx = FakePbx()
-    async with client_for(pbx) as client:
+    async with client_for(pbx, api_version=version) as client:
         await client.login()
-    assert set(pbx.calls[0].body) == {"username", "password"}
+    assert pbx.calls[0].body == {"username": "api", "password": password_md5(PASSWORD), **extra}
 
 
 async def test_wrong_password_raises_at_once_and_is_never_retried(tmp_path: Path) -> None:

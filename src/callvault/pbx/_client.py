@@ -61,6 +61,7 @@ LOCKOUT_SECONDS = 600.0
 MAX_JSON_ERROR_BYTES = 64 * 1024
 MIN_WAV_BYTES = 44  # a RIFF/WAVE header alone
 CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+NO_EVENTS_PORT = "0"  # v1 requires a report port; 0 is what clients send to ask for none
 
 ProgressCallback = Callable[[int, int | None], None]
 """Called with (bytes received so far, Content-Length or None) while a download streams."""
@@ -392,6 +393,8 @@ class PbxClient:
                 body["url"] = self.events_url
             if self.api_version is not ApiVersion.V1_0_1:
                 body["urltag"] = "1" if self.events_urltag else "0"
+        elif not self.api_version.is_v2:
+            body["port"] = NO_EVENTS_PORT  # required in v1; 0 asks for no reports
         if self.report_format is not None:
             body["version"] = self.report_format
         self._token = None
@@ -504,6 +507,8 @@ class PbxClient:
                 body["urltag"] = flag
                 if not self.api_version.is_v2:
                     body["urlflag"] = flag  # the v1 page spells it so
+        elif not self.api_version.is_v2:
+            body["port"] = NO_EVENTS_PORT
         if self.report_format is not None and self.api_version.is_v2:
             body["version"] = self.report_format
         await self._authed_post("heartbeat", body, "heartbeat")
