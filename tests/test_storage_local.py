@@ -1,0 +1,134 @@
+"""LocalStorage on a real directory: atomic durable puts, conflicts, listing, staging."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from callvault.storage import (
+    STAGING_NAME,
+    ConflictError,
+    LocalStorage,
+    Storage,
+    UnsafeNameError,
+)
+
+KEY = "SN1/2024/05/01/20240501120000-1714564800.1-1001-1002-Internal.wav"
+AUDIO = b"RIFF" + bytes(range(256)) * 40
+
+
+def staged(storage: LocalStorage, data: bytes, name: str = "dl.part") -> Path:
+    path = storage.staging_dir() / name
+    path.write_bytes(data)
+    return path
+
+
+def test_is_a_storage(tmp_path: Path) -> None:
+    assert isinstance(LocalStorage(tmp_path), Storage)
+
+
+def test_put_file_moves_bytes_into_place(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    src = staged(storage, AUDIO)
+    stored = storage.put_file(KEY, src)
+    assert stored.sha256 == hashlib.sha256(AUDIO).hexdigest()
+    assert stored.size == len(AUDIO)
+    final = tmp_path / KEY
+    assert final.read_bytes() == AUDIO
+    assert not src.exists()
+    assert os.stat(final).st_nlink == 1
+    assert list(storage.staging_dir().iterdir()) == []
+    with storage.open(KEY) as handle:
+        assert handle.read() == AUDIO
+    info = storage.stat(KEY)
+    assert info is not None and info.size == len(AUDIO) and info.sha256 is None
+    assert storage.checksum(KEY).sha256 == stored.sha256
+
+
+def test_same_bytes_again_is_a_noop_different_bytes_conflict(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    first = storage.put(KEY, io.BytesIO(AUDIO))
+    again = storage.put_file(KEY, staged(storage, AUDIO))
+    assert again.sha256 == first.sha256
+    other = staged(storage, AUDIO + b"x", "other.part")
+    with pytest.raises(ConflictError):
+        storage.put_file(KEY, other)
+    assert (tmp_path / KEY).read_bytes() == AUDIO
+    assert other.read_bytes() == AUDIO + b"x"  # left for the caller to inspect
+    with pytest.raises(ConflictError):
+        storage.put(KEY, io.BytesIO(b"RIFFdifferent"))
+    assert (tmp_path / KEY).read_bytes() == AUDIO
+    assert sorted(p.name for p in storage.staging_dir().iterdir()) == ["other.part"]
+
+
+def test_put_file_from_another_directory(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "root")
+    src = tmp_path / "elsewhere.wav"
+    src.write_bytes(AUDIO)
+    stored = storage.put_file(KEY, src, sha256=hashlib.sha256(AUDIO).hexdigest())
+    assert stored.size == len(AUDIO)
+    assert (tmp_path / "root" / KEY).read_bytes() == AUDIO
+    assert not src.exists()
+
+
+def test_list_skips_staging_own_files_hidden_and_odd_names(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    keys = [KEY, "SN1/2024/05/02/b.wav", "SN2/2023/01/01/c.wav"]
+    for key in keys:
+        storage.put(key, io.BytesIO(key.encode()))
+    staged(storage, b"partial")
+    (tmp_path / "callvault.db").write_bytes(b"db")
+    (tmp_path / "callvault.db-wal").write_bytes(b"wal")
+    (tmp_path / "SN1" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "SN1" / "has space.wav").write_bytes(b"")
+    assert list(storage.list()) == sorted(keys)
+    assert list(storage.list("SN1/")) == sorted(keys[:2])
+    assert storage.delete(keys[1])
+    assert not storage.delete(keys[1])
+    assert list(storage.list("SN1/")) == [KEY]
+    assert storage.stat(keys[1]) is None
+
+
+def test_symlink_escaping_the_root_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    storage = LocalStorage(root)
+    (root / "SN1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafeNameError):
+        storage.put(KEY, io.BytesIO(AUDIO))
+    with pytest.raises(UnsafeNameError):
+        storage.open(KEY)
+    assert list(outside.iterdir()) == []
+
+
+def test_staging_key_cannot_be_written_and_is_hidden(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    assert storage.staging_dir() == tmp_path.resolve() / STAGING_NAME
+    assert storage.staging_dir().stat().st_mode & 0o777 == 0o700
+    with pytest.raises(UnsafeNameError):
+        storage.put(f"{STAGING_NAME}/x.wav", io.BytesIO(AUDIO))
+
+
+def test_clean_staging_removes_only_old_leftovers(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    old = staged(storage, b"old", "old.part")
+    fresh = staged(storage, b"new", "new.part")
+    now = datetime.now(UTC)
+    old_time = (now - timedelta(hours=2)).timestamp()
+    os.utime(old, (old_time, old_time))
+    assert storage.clean_staging(timedelta(hours=1), now=now) == 1
+    assert not old.exists() and fresh.exists()
+    assert storage.clean_staging(timedelta(hours=1), now=now + timedelta(hours=2)) == 1
+    assert list(storage.staging_dir().iterdir()) == []
+
+
+def test_files_are_readable_by_the_owner_group_only(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put(KEY, io.BytesIO(AUDIO))
+    assert (tmp_path / KEY).stat().st_mode & 0o777 == 0o640
