@@ -234,8 +234,9 @@ async def test_login_without_events_asks_for_no_reports(
 
 
 async def test_wrong_password_raises_at_once_and_is_never_retried(tmp_path: Path) -> None:
+    now = [0.0]
     pbx = FakePbx(password_md5=password_md5("other"))
-    async with client_for(pbx) as client:
+    async with client_for(pbx, clock=lambda: now[0]) as client:
         with pytest.raises(LoginFailed) as info:
             await client.download_recording("a.wav", tmp_path)
         assert info.value.errno == "20003"
@@ -244,8 +245,13 @@ async def test_wrong_password_raises_at_once_and_is_never_retried(tmp_path: Path
                 await client.download_recording("a.wav", tmp_path)
             with pytest.raises(LoginFailed):
                 await client.heartbeat()
-    assert pbx.count("login") == 1
-    assert leftovers(tmp_path) == []
+        assert pbx.count("login") == 1
+        now[0] += 601  # after the pause, one more try is allowed (an operator may fix it)
+        pbx.password_md5 = password_md5(PASSWORD)
+        pbx.recordings["a.wav"] = WAV
+        result = await client.download_recording("a.wav", tmp_path)
+    assert pbx.count("login") == 2
+    assert leftovers(tmp_path) == [result.path.name]
 
 
 async def test_lockout_blocks_logins_for_ten_minutes_of_injected_clock(tmp_path: Path) -> None:

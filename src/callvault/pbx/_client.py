@@ -189,9 +189,12 @@ class PbxClient:
 
     Use as ``async with PbxClient(...) as client:``; it logs in on the first call that needs
     a token and logs out on exit. `transport` replaces the network (httpx.MockTransport in
-    tests). `events_*` ask the PBX to push reports to this host; `report_format` is the login
-    ``version`` (by default the well-formed JSON format of the API version when events are
-    asked for). `sleep` and `clock` are injectable for tests.
+    tests). `events_*` ask the PBX to push reports to this host (without them a v1 login
+    sends port "0": no reports); `events_ip` is the heartbeat's ``ipaddr`` (default: the local
+    address of the route to the PBX); `report_format` is the login ``version`` (by default the
+    well-formed JSON format of the API version when events are asked for). After a wrong password (20003) no login is sent for `login_failure_pause`
+    seconds, whoever asks: calls fail at once instead. `sleep` and `clock` (monotonic seconds)
+    are injectable for tests.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class PbxClient:
         backoff_base: float = 0.5,
         backoff_max: float = 8.0,
         events_ip: str | None = None,
+        login_failure_pause: float = 600.0,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -256,7 +260,8 @@ class PbxClient:
         self._lock = asyncio.Lock()
         self._token: str | None = None
         self._generation = 0
-        self._auth_failure: PbxApiError | None = None
+        self._auth_failure: tuple[float, PbxApiError] | None = None
+        self.login_failure_pause = login_failure_pause
         self._locked_until: float | None = None
         self.last_success_at: float | None = None
         self.login_count = 0
@@ -373,14 +378,18 @@ class PbxClient:
 
     async def _login_locked(self) -> None:
         """Log in; the caller holds self._lock."""
+        now = self._clock()
         if self._auth_failure is not None:
-            failure = self._auth_failure
-            raise type(failure)(
-                f"{failure.message} (not tried again: fix the credentials and restart)",
-                errno=failure.errno,
-            )
-        if self._locked_until is not None and self._clock() < self._locked_until:
-            remaining = int(self._locked_until - self._clock()) + 1
+            failed_at, failure = self._auth_failure
+            if now - failed_at < self.login_failure_pause:
+                remaining = int(self.login_failure_pause - (now - failed_at)) + 1
+                raise type(failure)(
+                    f"{failure.message} (not trying again for {remaining} s: five failed "
+                    "logins would lock this IP out)",
+                    errno=failure.errno,
+                )
+        if self._locked_until is not None and now < self._locked_until:
+            remaining = int(self._locked_until - now) + 1
             raise LoginLockedOut(
                 f"login: the PBX locked this IP out after five failed logins; not trying again "
                 f"for {remaining} s, errno 20002",
@@ -406,7 +415,7 @@ class PbxClient:
             log.error("login to %s refused: this IP is locked out for ten minutes", self._base_str)
             raise
         except LoginFailed as exc:
-            self._auth_failure = exc
+            self._auth_failure = (self._clock(), exc)
             log.error(
                 "login to %s as %r refused: wrong username or password",
                 self._base_str,
@@ -419,6 +428,7 @@ class PbxClient:
         self._token = token.strip()
         self._generation += 1
         self._locked_until = None
+        self._auth_failure = None
         log.info(
             "logged in to %s as %r (API %s)", self._base_str, self.username, self.api_version.value
         )
