@@ -70,6 +70,8 @@ class ArchiverConfig:
     reconcile_interval_s: float = 3600.0
     reconcile_at_start: bool = True
     heartbeat_interval_s: float = 600.0
+    # Delays between login attempts while the PBX cannot be reached (not for bad passwords).
+    login_retry_s: tuple[float, ...] = (2.0, 5.0, 15.0, 30.0, 60.0)
     job_lease_s: float = 300.0
     poll_interval_s: float = 5.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
@@ -265,7 +267,10 @@ class Archiver:
             loop.run_in_executor(None, index.set_setting, HEALTH_SETTING, value, _utcnow())
 
         session = PbxSession(
-            client, write_health=write_health, heartbeat_interval_s=config.heartbeat_interval_s
+            client,
+            write_health=write_health,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            transport_retry_s=config.login_retry_s,
         )
         self.session = session
         pool = WorkerPool(
