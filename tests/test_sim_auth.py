@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from test_sim_helpers import PASSWORD, Pbx, make_config, md5, running_pbx, trusting_context
 
 from callvault.simulator import Simulator
+from test_sim_helpers import PASSWORD, Pbx, make_config, md5, running_pbx, trusting_context
 
 
 @pytest.fixture
