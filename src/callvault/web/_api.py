@@ -1,0 +1,716 @@
+"""The JSON API under /api: search, recordings and their audio, export, stats, admin."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from callvault.index import _web_queries, audit, users
+from callvault.index._models import RecordingRow
+from callvault.index.schema import ARCHIVED
+from callvault.web import _media
+from callvault.web._context import (
+    Principal,
+    SearchParams,
+    authenticate,
+    check_csrf,
+    context,
+    parse_when,
+    record_audit,
+    visible_recording,
+)
+
+MAX_ID = 2**62
+StateName = Literal["pending", "downloading", "archived", "failed", "missing"]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="An API token made by an admin (`callvault token create`, or the admin page).",
+)
+
+
+def api_user(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
+) -> Principal:
+    principal = authenticate(request)
+    if principal is None:
+        raise HTTPException(
+            401,
+            "log in, or send Authorization: Bearer <API token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+def api_admin(principal: Annotated[Principal, Depends(api_user)]) -> Principal:
+    if not principal.user.is_admin:
+        raise HTTPException(403, "admins only")
+    return principal
+
+
+def search_params(
+    since: Annotated[
+        str | None,
+        Query(max_length=40, description="Call start from: YYYY-MM-DD or ISO date-time (UTC)"),
+    ] = None,
+    until: Annotated[
+        str | None,
+        Query(max_length=40, description="Call start before (a date counts through that day)"),
+    ] = None,
+    number: Annotated[
+        str | None, Query(max_length=64, description="Part of the caller, callee or DID")
+    ] = None,
+    extension: Annotated[
+        str | None, Query(max_length=64, description="Exactly the caller or the callee")
+    ] = None,
+    direction: Annotated[
+        str | None, Query(max_length=16, description="Inbound, Outbound, Internal, ...")
+    ] = None,
+    status: Annotated[
+        str | None, Query(max_length=16, description="ANSWERED, NO ANSWER, BUSY, ...")
+    ] = None,
+    min_talk_s: Annotated[
+        int | None, Query(ge=0, le=10_000_000, description="Talk time at least (seconds)")
+    ] = None,
+    state: Annotated[StateName | None, Query(description="Archive state")] = None,
+) -> SearchParams:
+    params = SearchParams(since, until, number, extension, direction, status, min_talk_s, state)
+    for name, value in params.query_items():
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise HTTPException(422, f"{name}: control characters are not allowed")
+    return params
+
+
+class RecordingOut(BaseModel):
+    id: int
+    name: str
+    state: str
+    call_id: int
+    callid: str
+    pbx_serial: str
+    start_at: datetime | None
+    timestart_local: str
+    call_from: str
+    call_to: str
+    did: str
+    direction: str
+    status: str
+    duration_s: int | None
+    talk_s: int | None
+    src_trunk: str
+    dst_trunk: str
+    size: int | None
+    sha256: str | None
+    content_type: str | None
+    archived_at: datetime | None
+    verified_at: datetime | None
+    attempts: int
+    last_error: str | None
+    audio_url: str | None = Field(description="Streams the audio (HTTP Range supported)")
+    download_url: str | None
+
+    @classmethod
+    def of(cls, row: RecordingRow) -> RecordingOut:
+        archived = row.state == ARCHIVED and row.storage_key is not None
+        return cls(
+            id=row.id,
+            name=row.name,
+            state=row.state,
+            call_id=row.call_id,
+            callid=row.callid,
+            pbx_serial=row.pbx_serial,
+            start_at=row.start_at,
+            timestart_local=row.timestart_local,
+            call_from=row.call_from,
+            call_to=row.call_to,
+            did=row.did,
+            direction=row.direction,
+            status=row.status,
+            duration_s=row.duration_s,
+            talk_s=row.talk_s,
+            src_trunk=row.src_trunk,
+            dst_trunk=row.dst_trunk,
+            size=row.size,
+            sha256=row.sha256,
+            content_type=row.content_type,
+            archived_at=row.archived_at,
+            verified_at=row.verified_at,
+            attempts=row.attempts,
+            last_error=row.last_error,
+            audio_url=f"/api/recordings/{row.id}/audio" if archived else None,
+            download_url=f"/api/recordings/{row.id}/download" if archived else None,
+        )
+
+
+class SearchOut(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[RecordingOut]
+
+
+class VerifyOut(BaseModel):
+    ok: bool
+    expected_sha256: str | None
+    actual_sha256: str | None
+    expected_size: int | None
+    actual_size: int | None
+    error: str | None
+
+
+class DayCountOut(BaseModel):
+    day: str
+    calls: int
+
+
+class StatsOut(BaseModel):
+    counts_by_state: dict[str, int]
+    recordings: int
+    bytes_stored: int
+    calls_per_day: list[DayCountOut]
+
+
+class FailureOut(BaseModel):
+    id: int
+    name: str
+    state: str
+    attempts: int
+    last_error: str | None
+    updated_at: datetime
+
+
+class DiskOut(BaseModel):
+    total: int
+    used: int
+    free: int
+
+
+class StatusOut(BaseModel):
+    counts_by_state: dict[str, int]
+    bytes_stored: int
+    recent_failures: list[FailureOut]
+    retrying: list[FailureOut]
+    last_event_at: str | None
+    pbx_health: Any = Field(description="What the archiver last noted of its PBX session")
+    disk: DiskOut | None
+
+
+class UserOut(BaseModel):
+    id: int
+    name: str
+    role: str
+    scope: str
+    created_at: datetime
+
+
+class UserIn(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["admin", "listener"]
+    password: str | None = Field(
+        default=None, min_length=8, max_length=256, description="Generated when absent"
+    )
+    scope: str = Field(default="", max_length=1000, description='e.g. "1000-1099,2001"')
+
+
+class UserCreated(BaseModel):
+    user: UserOut
+    password: str | None = Field(description="The generated password, shown this once")
+
+
+class TokenOut(BaseModel):
+    id: int
+    user: str
+    label: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class TokenIn(BaseModel):
+    user: str = Field(min_length=1, max_length=64)
+    label: str = Field(default="", max_length=128)
+
+
+class TokenCreated(BaseModel):
+    token: TokenOut
+    secret: str = Field(description="The token itself, shown this once")
+
+
+class MeOut(BaseModel):
+    name: str
+    role: str
+    scope: str
+    csrf_token: str = Field(description="Send as X-CSRF-Token with cookie-authenticated writes")
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: str
+    remote_addr: str
+
+
+class AuditPage(BaseModel):
+    total: int
+    items: list[AuditOut]
+
+
+def user_out(user: users.User) -> UserOut:
+    return UserOut(
+        id=user.id, name=user.name, role=user.role, scope=user.scope, created_at=user.created_at
+    )
+
+
+def token_out(token: users.ApiToken) -> TokenOut:
+    return TokenOut(
+        id=token.id,
+        user=token.user_name,
+        label=token.label,
+        created_at=token.created_at,
+        created_by=token.created_by,
+        revoked_at=token.revoked_at,
+        last_used_at=token.last_used_at,
+    )
+
+
+def describe_filters(params: SearchParams) -> str:
+    return urlencode(params.query_items()) or "(all)"
+
+
+router = APIRouter(prefix="/api")
+AnyUser = Annotated[Principal, Depends(api_user)]
+Admin = Annotated[Principal, Depends(api_admin)]
+RecordingId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+@router.get("/me", tags=["session"])
+def me(principal: AnyUser) -> MeOut:
+    """Who the caller is (and the CSRF token of a browser session)."""
+    user = principal.user
+    return MeOut(name=user.name, role=user.role, scope=user.scope, csrf_token=principal.csrf)
+
+
+@router.get("/recordings", tags=["recordings"])
+def search(
+    request: Request,
+    principal: AnyUser,
+    params: Annotated[SearchParams, Depends(search_params)],
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> SearchOut:
+    """Recordings with their calls matching the filters, newest first, within your scope."""
+    index = context(request).index
+    filters = params.filters(principal.user)
+    rows = index.search(filters, limit=limit, offset=offset)
+    total = index.count(filters)
+    return SearchOut(
+        total=total, limit=limit, offset=offset, items=[RecordingOut.of(r) for r in rows]
+    )
+
+
+@router.get("/recordings/{recording_id}", tags=["recordings"], responses={404: {}})
+def recording(request: Request, principal: AnyUser, recording_id: RecordingId) -> RecordingOut:
+    """One recording's call fields, archive state and checksum."""
+    return RecordingOut.of(visible_recording(request, principal, recording_id))
+
+
+def audio_response(
+    request: Request, principal: Principal, row: RecordingRow, *, download: bool
+) -> Response:
+    """The recording's bytes: the whole file, or one byte range (206) for seeking."""
+    ctx = context(request)
+    if row.state != ARCHIVED or row.storage_key is None:
+        raise HTTPException(404, "this recording is not archived")
+    stored = ctx.storage.stat(row.storage_key)
+    if stored is None:
+        raise HTTPException(404, "the archived file is missing from storage")
+    size = stored.size
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+    }
+    if row.sha256:
+        headers["ETag"] = f'"{row.sha256}"'
+    filename = _media.readable_filename(row)
+    headers["Content-Disposition"] = _media.content_disposition(filename, inline=not download)
+    try:
+        byte_range = _media.parse_range(request.headers.get("range"), size)
+    except _media.RangeNotSatisfiable:
+        return Response(
+            status_code=416, headers={"Content-Range": f"bytes */{size}", **headers}
+        )
+    if download:
+        byte_range = None if byte_range is None or byte_range.length == size else byte_range
+    content_type = _media.content_type_of(row, ctx.storage)
+    if download:
+        record_audit(request, principal.name, audit.DOWNLOAD, row.name, f"id={row.id}")
+    elif (byte_range is None or byte_range.start == 0) and ctx.first_play(
+        principal.user.id, row.id
+    ):
+        record_audit(request, principal.name, audit.PLAY, row.name, f"id={row.id}")
+    stream = ctx.storage.open(row.storage_key)
+    if byte_range is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(
+            _media.iter_file(stream, 0, size), media_type=content_type, headers=headers
+        )
+    headers["Content-Length"] = str(byte_range.length)
+    headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{size}"
+    return StreamingResponse(
+        _media.iter_file(stream, byte_range.start, byte_range.length),
+        status_code=206,
+        media_type=content_type,
+        headers=headers,
+    )
+
+
+_AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"audio/wav": {}}, "description": "The whole file"},
+    206: {"content": {"audio/wav": {}}, "description": "The requested byte range"},
+    404: {"description": "No such recording, out of scope, or not archived"},
+    416: {"description": "The Range names no byte of the file"},
+}
+
+
+@router.get(
+    "/recordings/{recording_id}/audio",
+    tags=["recordings"],
+    response_class=Response,
+    responses=_AUDIO_RESPONSES,
+)
+def audio(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
+    """Stream the audio for a player; honours `Range: bytes=...` (one range)."""
+    row = visible_recording(request, principal, recording_id)
+    return audio_response(request, principal, row, download=False)
+
+
+@router.get(
+    "/recordings/{recording_id}/download",
+    tags=["recordings"],
+    response_class=Response,
+    responses=_AUDIO_RESPONSES,
+)
+def download(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
+    """The audio as an attachment named after the call's time, caller and callee."""
+    row = visible_recording(request, principal, recording_id)
+    return audio_response(request, principal, row, download=True)
+
+
+def run_verify(request: Request, principal: Principal, row: RecordingRow) -> _media.VerifyResult:
+    """Re-hash the archived file, note a match in the index, and audit the check."""
+    ctx = context(request)
+    result = _media.verify_recording(row, ctx.storage)
+    if result.ok:
+        ctx.index.mark_verified(row.id, ctx.clock())
+    outcome = "ok" if result.ok else str(result.error)
+    record_audit(request, principal.name, audit.VERIFY, row.name, outcome)
+    return result
+
+
+@router.post("/recordings/{recording_id}/verify", tags=["recordings"], responses={404: {}})
+def verify(request: Request, principal: AnyUser, recording_id: RecordingId) -> VerifyOut:
+    """Re-read the archived file now and compare it with its recorded SHA-256 and size."""
+    check_csrf(request, principal)
+    row = visible_recording(request, principal, recording_id)
+    result = run_verify(request, principal, row)
+    return VerifyOut(
+        ok=result.ok,
+        expected_sha256=result.expected_sha256,
+        actual_sha256=result.actual_sha256,
+        expected_size=result.expected_size,
+        actual_size=result.actual_size,
+        error=result.error,
+    )
+
+
+def export_response(
+    request: Request, principal: Principal, params: SearchParams, max_files: int
+) -> Response:
+    ctx = context(request)
+    filters = params.filters(principal.user)
+    if filters.state is None or filters.state == ARCHIVED:
+        rows = ctx.index.search(replace(filters, state=ARCHIVED), limit=max_files)
+    else:
+        rows = []
+    record_audit(
+        request,
+        principal.name,
+        audit.EXPORT,
+        f"{len(rows)} recordings",
+        describe_filters(params),
+    )
+    stamp = ctx.clock().strftime("%Y%m%d-%H%M%S")
+    return StreamingResponse(
+        _media.stream_zip(rows, ctx.storage),
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": _media.content_disposition(f"callvault-export-{stamp}.zip"),
+            "Cache-Control": "private, no-store",
+        },
+    )
+
+
+@router.get(
+    "/export",
+    tags=["recordings"],
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def export(
+    request: Request,
+    principal: AnyUser,
+    params: Annotated[SearchParams, Depends(search_params)],
+    max_files: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Response:
+    """A ZIP of the archived recordings matching the filters (newest first, at most
+    `max_files`) with `manifest.csv` giving each file's SHA-256; streamed as it is made."""
+    return export_response(request, principal, params, max_files)
+
+
+@router.get("/stats", tags=["archive"])
+def stats(
+    request: Request,
+    _admin: Admin,
+    days: Annotated[int, Query(ge=1, le=366)] = 30,
+) -> StatsOut:
+    """Recordings by state, bytes stored, and calls per day (UTC) over the last `days`."""
+    ctx = context(request)
+    counts = ctx.index.counts_by_state()
+    per_day = _web_queries.calls_per_day(ctx.engine, days=days, today=ctx.clock().date())
+    return StatsOut(
+        counts_by_state=counts,
+        recordings=sum(counts.values()),
+        bytes_stored=_web_queries.bytes_stored(ctx.engine),
+        calls_per_day=[DayCountOut(day=d.day.isoformat(), calls=d.calls) for d in per_day],
+    )
+
+
+def _failure(row: RecordingRow) -> FailureOut:
+    return FailureOut(
+        id=row.id,
+        name=row.name,
+        state=row.state,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        updated_at=row.updated_at,
+    )
+
+
+def disk_usage(request: Request) -> DiskOut | None:
+    root = getattr(context(request).storage, "root", None)
+    if root is None:
+        return None
+    try:
+        usage = shutil.disk_usage(root)
+    except OSError:
+        return None
+    return DiskOut(total=usage.total, used=usage.used, free=usage.free)
+
+
+def archive_status(request: Request) -> StatusOut:
+    ctx = context(request)
+    health_text = ctx.index.get_setting("pbx_health")
+    health: Any = None
+    if health_text is not None:
+        try:
+            health = json.loads(health_text)
+        except ValueError:
+            health = health_text
+    return StatusOut(
+        counts_by_state=ctx.index.counts_by_state(),
+        bytes_stored=_web_queries.bytes_stored(ctx.engine),
+        recent_failures=[_failure(r) for r in ctx.index.recent_failures(20)],
+        retrying=[_failure(r) for r in ctx.index.retrying(20)],
+        last_event_at=ctx.index.get_setting("last_event_at"),
+        pbx_health=health,
+        disk=disk_usage(request),
+    )
+
+
+@router.get("/status", tags=["archive"])
+def status(request: Request, _admin: Admin) -> StatusOut:
+    """The archiver's queue, recent failures with reasons, last event, PBX health, disk."""
+    return archive_status(request)
+
+
+@router.get("/users", tags=["admin"])
+def list_users(request: Request, _admin: Admin) -> list[UserOut]:
+    return [user_out(u) for u in users.list_users(context(request).engine)]
+
+
+def add_user(request: Request, principal: Principal, body: UserIn) -> UserCreated:
+    """Shared by the API and the admin page: add a user, audit it."""
+    engine = context(request).engine
+    generated = body.password is None
+    password = body.password or users.generate_password()
+    if users.get_user(engine, body.name) is not None:
+        raise HTTPException(409, f"user {body.name!r} already exists")
+    try:
+        user = users.add_user(engine, body.name, body.role, password, body.scope)
+    except users.UserError as exc:
+        raise HTTPException(422, str(exc)) from None
+    record_audit(
+        request,
+        principal.name,
+        audit.USER_ADD,
+        user.name,
+        f"role={user.role} scope={user.scope or '(all)'}",
+    )
+    return UserCreated(user=user_out(user), password=password if generated else None)
+
+
+def remove_user(request: Request, principal: Principal, name: str) -> None:
+    engine = context(request).engine
+    target = users.get_user(engine, name)
+    if target is None:
+        raise HTTPException(404, "no such user")
+    if target.id == principal.user.id:
+        raise HTTPException(409, "you cannot remove yourself")
+    if target.is_admin and users.count_admins(engine) <= 1:
+        raise HTTPException(409, "cannot remove the last admin")
+    users.remove_user(engine, name)
+    record_audit(request, principal.name, audit.USER_REMOVE, name, f"role={target.role}")
+
+
+def create_token(request: Request, principal: Principal, body: TokenIn) -> TokenCreated:
+    ctx = context(request)
+    try:
+        token, secret = users.create_token(
+            ctx.engine, body.user, label=body.label, created_by=principal.name, now=ctx.clock()
+        )
+    except users.UserError as exc:
+        raise HTTPException(404, str(exc)) from None
+    record_audit(
+        request,
+        principal.name,
+        audit.TOKEN_CREATE,
+        token.user_name,
+        f"token id={token.id} label={token.label!r}",
+    )
+    return TokenCreated(token=token_out(token), secret=secret)
+
+
+def revoke_token(request: Request, principal: Principal, token_id: int) -> None:
+    ctx = context(request)
+    token = users.get_token(ctx.engine, token_id)
+    if token is None or not users.revoke_token(ctx.engine, token_id, now=ctx.clock()):
+        raise HTTPException(404, "no such live token")
+    record_audit(
+        request, principal.name, audit.TOKEN_REVOKE, token.user_name, f"token id={token_id}"
+    )
+
+
+@router.post("/users", tags=["admin"], status_code=201, responses={409: {}})
+def create_user(request: Request, principal: Admin, body: UserIn) -> UserCreated:
+    """Add a user; with no password one is generated and returned this once."""
+    check_csrf(request, principal)
+    return add_user(request, principal, body)
+
+
+@router.delete("/users/{name}", tags=["admin"], status_code=204, responses={404: {}, 409: {}})
+def delete_user(
+    request: Request, principal: Admin, name: Annotated[str, Path(max_length=64)]
+) -> Response:
+    """Remove a user and their API tokens."""
+    check_csrf(request, principal)
+    remove_user(request, principal, name)
+    return Response(status_code=204)
+
+
+@router.get("/tokens", tags=["admin"])
+def list_tokens(request: Request, _admin: Admin) -> list[TokenOut]:
+    return [token_out(t) for t in users.list_tokens(context(request).engine)]
+
+
+@router.post("/tokens", tags=["admin"], status_code=201, responses={404: {}})
+def new_token(request: Request, principal: Admin, body: TokenIn) -> TokenCreated:
+    """Make an API token for a user; the secret is in this answer only (stored hashed)."""
+    check_csrf(request, principal)
+    return create_token(request, principal, body)
+
+
+@router.delete("/tokens/{token_id}", tags=["admin"], status_code=204, responses={404: {}})
+def delete_token(
+    request: Request, principal: Admin, token_id: Annotated[int, Path(ge=1, le=MAX_ID)]
+) -> Response:
+    """Revoke an API token."""
+    check_csrf(request, principal)
+    revoke_token(request, principal, token_id)
+    return Response(status_code=204)
+
+
+def audit_filter(
+    actor: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=32)] = None,
+    target: Annotated[str | None, Query(max_length=255)] = None,
+    since: Annotated[str | None, Query(max_length=40)] = None,
+    until: Annotated[str | None, Query(max_length=40)] = None,
+) -> audit.AuditFilter:
+    return audit.AuditFilter(
+        actor=actor or None,
+        action=action or None,
+        target=target or None,
+        since=parse_when(since, end=False, field_name="since"),
+        until=parse_when(until, end=True, field_name="until"),
+    )
+
+
+AuditWhere = Annotated[audit.AuditFilter, Depends(audit_filter)]
+
+
+@router.get("/audit", tags=["admin"])
+def audit_log(
+    request: Request,
+    _admin: Admin,
+    where: AuditWhere,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> AuditPage:
+    """Audit entries, newest first, filtered by actor, action, target (part) and time."""
+    engine = context(request).engine
+    entries = audit.query(engine, where, limit=limit, offset=offset)
+    return AuditPage(
+        total=audit.count(engine, where),
+        items=[AuditOut(**_asdict(e)) for e in entries],
+    )
+
+
+def _asdict(entry: audit.AuditEntry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in audit.CSV_HEADER}
+
+
+def audit_csv_response(request: Request, where: audit.AuditFilter) -> Response:
+    stamp = context(request).clock().strftime("%Y%m%d-%H%M%S")
+    return StreamingResponse(
+        audit.iter_csv(context(request).engine, where),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": _media.content_disposition(f"callvault-audit-{stamp}.csv")
+        },
+    )
+
+
+@router.get(
+    "/audit.csv",
+    tags=["admin"],
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+)
+def audit_csv(request: Request, _admin: Admin, where: AuditWhere) -> Response:
+    """The filtered audit log as CSV, oldest first."""
+    return audit_csv_response(request, where)

@@ -1,0 +1,191 @@
+"""What every route needs: the app's context, who is asking, and the shared checks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+from fastapi import HTTPException, Request
+from sqlalchemy import Engine
+
+from callvault.index import audit, users
+from callvault.index._index import Index
+from callvault.index._models import RecordingRow, SearchFilters
+from callvault.index.schema import RECORDING_STATES
+from callvault.index.users import User
+from callvault.storage._base import Storage
+from callvault.web._security import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    LoginLimiter,
+    Session,
+    SessionSigner,
+)
+
+Clock = Callable[[], datetime]
+# Several range requests from one player make one play in the audit log.
+PLAY_DEDUPE_WINDOW = timedelta(seconds=30)
+
+
+@dataclass
+class WebContext:
+    index: Index
+    storage: Storage
+    signer: SessionSigner
+    limiter: LoginLimiter
+    clock: Clock
+    secure_cookies: bool
+    _recent_plays: dict[tuple[int, int], datetime] = field(default_factory=dict)
+    _plays_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __repr__(self) -> str:
+        return "WebContext(...)"
+
+    @property
+    def engine(self) -> Engine:
+        return self.index.engine
+
+    def first_play(self, user_id: int, recording_id: int) -> bool:
+        """True unless this user started playing this recording moments ago."""
+        now = self.clock()
+        with self._plays_lock:
+            cutoff = now - PLAY_DEDUPE_WINDOW
+            self._recent_plays = {k: t for k, t in self._recent_plays.items() if t > cutoff}
+            if (user_id, recording_id) in self._recent_plays:
+                return False
+            self._recent_plays[(user_id, recording_id)] = now
+            return True
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: a user, by session cookie (with its CSRF token) or by API token."""
+
+    user: User
+    session: Session | None
+    csrf: str
+
+    @property
+    def name(self) -> str:
+        return self.user.name
+
+
+def context(request: Request) -> WebContext:
+    ctx: WebContext = request.app.state.callvault
+    return ctx
+
+
+def remote_addr(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def authenticate(request: Request) -> Principal | None:
+    """The user behind a request's Bearer token or session cookie, or None."""
+    ctx = context(request)
+    authorization = request.headers.get("authorization")
+    if authorization is not None:
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            return None
+        user = users.user_for_token(ctx.engine, secret.strip(), now=ctx.clock())
+        return None if user is None else Principal(user, None, "")
+    session = ctx.signer.read(request.cookies.get(SESSION_COOKIE))
+    if session is None:
+        return None
+    user = users.get_user_by_id(ctx.engine, session.user_id)
+    if user is None or user.disabled_at is not None:
+        return None
+    return Principal(user, session, ctx.signer.csrf_token(session))
+
+
+def check_csrf(request: Request, principal: Principal, form_token: str | None = None) -> None:
+    """Refuse a state-changing request made with a session cookie but no valid CSRF token."""
+    if principal.session is None:
+        return  # API tokens are not sent by browsers on their own: no CSRF to fear
+    token = form_token if form_token is not None else request.headers.get(CSRF_HEADER)
+    if not context(request).signer.check_csrf(principal.session, token):
+        raise HTTPException(403, f"missing or wrong CSRF token (field {CSRF_FIELD!r})")
+
+
+def record_audit(
+    request: Request, actor: str, action: str, target: str = "", detail: str = ""
+) -> None:
+    ctx = context(request)
+    audit.record(
+        ctx.engine, actor, action, target, detail, remote_addr(request), at=ctx.clock()
+    )
+
+
+def parse_when(text: str | None, *, end: bool, field_name: str) -> datetime | None:
+    """A filter time: ``YYYY-MM-DD`` (a whole day; as an end, through that day) or an ISO
+    date-time; without a zone it is UTC. Raises HTTPException 422 on anything else."""
+    if text is None or not text.strip():
+        return None
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return start + timedelta(days=1) if end else start
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
+        raise HTTPException(
+            422, f"{field_name}: use YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][+hh:mm]"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise HTTPException(422, f"{field_name}: out of range") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchParams:
+    """The search filters as given in a query string (API and search page alike)."""
+
+    since: str | None = None
+    until: str | None = None
+    number: str | None = None
+    extension: str | None = None
+    direction: str | None = None
+    status: str | None = None
+    min_talk_s: int | None = None
+    state: str | None = None
+
+    def filters(self, user: User) -> SearchFilters:
+        if self.state and self.state not in RECORDING_STATES:
+            raise HTTPException(422, f"state: use one of {', '.join(RECORDING_STATES)}")
+        return SearchFilters(
+            since=parse_when(self.since, end=False, field_name="since"),
+            until=parse_when(self.until, end=True, field_name="until"),
+            number=(self.number or "").strip() or None,
+            extension=(self.extension or "").strip() or None,
+            direction=(self.direction or "").strip() or None,
+            status=(self.status or "").strip() or None,
+            min_talk_s=self.min_talk_s,
+            state=self.state or None,
+            scope=list(user.scope_ranges) if user.scope_ranges else None,
+        )
+
+    def query_items(self) -> list[tuple[str, str]]:
+        items: list[tuple[str, str]] = []
+        for name in (
+            "since", "until", "number", "extension", "direction", "status", "min_talk_s", "state"
+        ):
+            value = getattr(self, name)
+            if value is not None and str(value) != "":
+                items.append((name, str(value)))
+        return items
+
+
+def visible_recording(request: Request, principal: Principal, recording_id: int) -> RecordingRow:
+    """The recording if it exists and is within the user's scope; else 404 (same answer for
+    both, so a listener cannot tell an out-of-scope recording from a missing one)."""
+    row = context(request).index.recording_by_id(recording_id)
+    if row is None or not principal.user.may_see(row.call_from, row.call_to):
+        raise HTTPException(404, "no such recording")
+    return row

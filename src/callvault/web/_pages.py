@@ -1,0 +1,473 @@
+"""The HTML pages: login, search, call, status and admin. Plain forms, a little JS."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+
+from callvault.index import audit, users
+from callvault.index.schema import ARCHIVED, RECORDING_STATES
+from callvault.web import _api, _media
+from callvault.web._context import (
+    Principal,
+    SearchParams,
+    authenticate,
+    check_csrf,
+    context,
+    record_audit,
+    remote_addr,
+    visible_recording,
+)
+from callvault.web._security import CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, SESSION_LIFETIME
+
+PAGE_SIZE = 50
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
+
+
+class LoginRequired(Exception):
+    """Raised by page dependencies; the app answers with a redirect to the login page."""
+
+    def __init__(self, next_url: str) -> None:
+        super().__init__("login required")
+        self.next_url = next_url
+
+
+def page_user(request: Request) -> Principal:
+    principal = authenticate(request)
+    if principal is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise LoginRequired(target)
+    return principal
+
+
+def page_admin(principal: Annotated[Principal, Depends(page_user)]) -> Principal:
+    if not principal.user.is_admin:
+        raise HTTPException(403, "this page is for admins")
+    return principal
+
+
+PageUser = Annotated[Principal, Depends(page_user)]
+PageAdmin = Annotated[Principal, Depends(page_admin)]
+
+
+def human_size(value: int | None) -> str:
+    if value is None:
+        return ""
+    size = float(value)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{value} B"
+
+
+def human_time(value: Any) -> str:
+    if value is None:
+        return ""
+    return str(value.strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+
+templates.env.filters["size"] = human_size
+templates.env.filters["utc"] = human_time
+
+
+def render(
+    request: Request,
+    template: str,
+    principal: Principal | None,
+    status_code: int = 200,
+    **values: Any,
+) -> HTMLResponse:
+    values.setdefault("error", None)
+    values.setdefault("message", None)
+    return templates.TemplateResponse(
+        request,
+        template,
+        {"me": principal.user if principal else None, "csrf": principal.csrf if principal else "",
+         "csrf_field": CSRF_FIELD, **values},
+        status_code=status_code,
+    )
+
+
+def _cookie_secure(request: Request) -> bool:
+    return context(request).secure_cookies or request.url.scheme == "https"
+
+
+def _safe_next(target: str | None) -> str:
+    # Only a path on this site: never "//host" or "https://host" (open redirect).
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/search"
+    return target
+
+
+async def _form(request: Request) -> dict[str, str]:
+    form = await request.form()
+    return {key: value for key, value in form.items() if isinstance(value, str)}
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/search", status_code=303)
+
+
+def _login_page(
+    request: Request, *, error: str | None, status_code: int, next_url: str, name: str = ""
+) -> HTMLResponse:
+    nonce = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(16)
+    if len(nonce) > 64:
+        nonce = secrets.token_urlsafe(16)
+    response = render(
+        request,
+        "login.html",
+        None,
+        status_code=status_code,
+        error=error,
+        login_csrf=context(request).signer.login_csrf_token(nonce),
+        next_url=_safe_next(next_url),
+        name=name,
+    )
+    response.set_cookie(
+        LOGIN_COOKIE,
+        nonce,
+        max_age=3600,
+        httponly=True,
+        samesite="lax",
+        secure=_cookie_secure(request),
+    )
+    return response
+
+
+@router.get("/login", response_model=None)
+def login_form(request: Request, next: str = "/search") -> Response:
+    if authenticate(request) is not None:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return _login_page(request, error=None, status_code=200, next_url=next)
+
+
+@router.post("/login", response_model=None)
+async def login(request: Request) -> Response:
+    ctx = context(request)
+    form = await _form(request)
+    name = form.get("username", "").strip()[:64]
+    password = form.get("password", "")
+    next_url = form.get("next", "/search")
+    if not ctx.signer.check_login_csrf(request.cookies.get(LOGIN_COOKIE), form.get(CSRF_FIELD)):
+        return _login_page(
+            request,
+            error="The login form expired. Please try again.",
+            status_code=403,
+            next_url=next_url,
+            name=name,
+        )
+    address = remote_addr(request)
+    wait = ctx.limiter.retry_after(address, name)
+    if wait is not None:
+        record_audit(request, name, audit.LOGIN_THROTTLED, name, f"retry after {wait} s")
+        response = _login_page(
+            request,
+            error=f"Too many failed logins. Try again in {(wait + 59) // 60} minute(s).",
+            status_code=429,
+            next_url=next_url,
+            name=name,
+        )
+        response.headers["Retry-After"] = str(wait)
+        return response
+    user = users.verify_password(ctx.engine, name, password) if name and password else None
+    if user is None:
+        ctx.limiter.failed(address, name)
+        record_audit(request, name, audit.LOGIN_FAILED, name, "wrong name or password")
+        return _login_page(
+            request,
+            error="Wrong user name or password.",
+            status_code=401,
+            next_url=next_url,
+            name=name,
+        )
+    ctx.limiter.succeeded(address, name)
+    _session, cookie = ctx.signer.issue(user.id)
+    record_audit(request, user.name, audit.LOGIN, user.name, "session")
+    redirect = RedirectResponse(_safe_next(next_url), status_code=303)
+    redirect.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(SESSION_LIFETIME.total_seconds()),
+        httponly=True,
+        samesite="lax",
+        secure=_cookie_secure(request),
+    )
+    redirect.delete_cookie(LOGIN_COOKIE)
+    return redirect
+
+
+@router.post("/logout")
+async def logout(request: Request, principal: PageUser) -> RedirectResponse:
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    if principal.session is not None:
+        context(request).signer.revoke(principal.session)
+    record_audit(request, principal.name, audit.LOGOUT, principal.name)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax")
+    return response
+
+
+def _search_params(request: Request) -> tuple[SearchParams, list[str]]:
+    query = request.query_params
+    errors: list[str] = []
+    min_talk: int | None = None
+    raw_min = query.get("min_talk_s", "").strip()
+    if raw_min:
+        if raw_min.isdigit() and len(raw_min) < 9:
+            min_talk = int(raw_min)
+        else:
+            errors.append("Minimum talk time must be a number of seconds.")
+    state = query.get("state", "").strip()
+    if state and state not in RECORDING_STATES:
+        errors.append("Unknown archive state.")
+        state = ""
+
+    def text(name: str, limit: int = 64) -> str | None:
+        value = query.get(name, "").strip()[:limit]
+        return "".join(ch for ch in value if ch.isprintable()) or None
+
+    params = SearchParams(
+        since=text("since", 40),
+        until=text("until", 40),
+        number=text("number"),
+        extension=text("extension"),
+        direction=text("direction", 16),
+        status=text("status", 16),
+        min_talk_s=min_talk,
+        state=state or None,
+    )
+    return params, errors
+
+
+@router.get("/search")
+def search_page(request: Request, principal: PageUser) -> HTMLResponse:
+    ctx = context(request)
+    params, errors = _search_params(request)
+    raw_page = request.query_params.get("page", "1")
+    page = int(raw_page) if raw_page.isdigit() and 0 < len(raw_page) < 7 else 1
+    page = max(page, 1)
+    rows: list[Any] = []
+    total = 0
+    try:
+        filters = params.filters(principal.user)
+    except HTTPException as exc:
+        errors.append(str(exc.detail))
+    else:
+        if not errors:
+            rows = ctx.index.search(filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+            total = ctx.index.count(filters)
+    query_items = params.query_items()
+    base_query = urlencode(query_items)
+    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+    return render(
+        request,
+        "search.html",
+        principal,
+        params=params,
+        rows=rows,
+        total=total,
+        page=page,
+        pages=pages,
+        base_query=base_query,
+        export_url="/api/export" + (f"?{base_query}" if base_query else ""),
+        error=" ".join(errors) or None,
+        states=RECORDING_STATES,
+        archived=ARCHIVED,
+        filename=_media.readable_filename,
+    )
+
+
+def _call_page(
+    request: Request, principal: Principal, recording_id: int, **extra: Any
+) -> HTMLResponse:
+    row = visible_recording(request, principal, recording_id)
+    return render(
+        request,
+        "call.html",
+        principal,
+        row=row,
+        archived=row.state == ARCHIVED and row.storage_key is not None,
+        filename=_media.readable_filename(row),
+        **extra,
+    )
+
+
+RecordingPathId = Annotated[int, PathParam(ge=1, le=_api.MAX_ID)]
+
+
+@router.get("/recordings/{recording_id}")
+def call_page(request: Request, principal: PageUser, recording_id: RecordingPathId) -> Response:
+    return _call_page(request, principal, recording_id)
+
+
+@router.post("/recordings/{recording_id}/verify")
+async def verify_page(
+    request: Request, principal: PageUser, recording_id: RecordingPathId
+) -> Response:
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    row = visible_recording(request, principal, recording_id)
+    outcome = _api.run_verify(request, principal, row)
+    return _call_page(request, principal, recording_id, verify=outcome)
+
+
+@router.get("/status")
+def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
+    status = _api.archive_status(request)
+    return render(request, "status.html", principal, status=status, states=RECORDING_STATES)
+
+
+def _admin_page(
+    request: Request, principal: Principal, status_code: int = 200, **extra: Any
+) -> HTMLResponse:
+    engine = context(request).engine
+    return render(
+        request,
+        "admin.html",
+        principal,
+        status_code=status_code,
+        users=users.list_users(engine),
+        tokens=users.list_tokens(engine),
+        roles=users.ROLES,
+        **extra,
+    )
+
+
+@router.get("/admin")
+def admin_page(request: Request, principal: PageAdmin) -> HTMLResponse:
+    message = request.query_params.get("done")
+    messages = {
+        "user_removed": "User removed.",
+        "token_revoked": "Token revoked.",
+    }
+    return _admin_page(request, principal, message=messages.get(message or ""))
+
+
+@router.post("/admin/users")
+async def admin_add_user(request: Request, principal: PageAdmin) -> HTMLResponse:
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    try:
+        body = _api.UserIn(
+            name=form.get("name", "").strip(),
+            role=form.get("role", ""),
+            password=form.get("password") or None,
+            scope=form.get("scope", ""),
+        )
+        created = _api.add_user(request, principal, body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _admin_page(request, principal, 422, error=problems)
+    except HTTPException as exc:
+        return _admin_page(request, principal, exc.status_code, error=str(exc.detail))
+    return _admin_page(
+        request,
+        principal,
+        message=f"User {created.user.name} added.",
+        new_password=created.password,
+        new_password_user=created.user.name,
+    )
+
+
+@router.post("/admin/users/{name}/remove")
+async def admin_remove_user(request: Request, principal: PageAdmin, name: str) -> Response:
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    try:
+        _api.remove_user(request, principal, name[:64])
+    except HTTPException as exc:
+        return _admin_page(request, principal, exc.status_code, error=str(exc.detail))
+    return RedirectResponse("/admin?done=user_removed", status_code=303)
+
+
+@router.post("/admin/tokens")
+async def admin_new_token(request: Request, principal: PageAdmin) -> HTMLResponse:
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    try:
+        body = _api.TokenIn(user=form.get("user", ""), label=form.get("label", ""))
+        created = _api.create_token(request, principal, body)
+    except ValidationError:
+        return _admin_page(request, principal, 422, error="Choose a user for the token.")
+    except HTTPException as exc:
+        return _admin_page(request, principal, exc.status_code, error=str(exc.detail))
+    return _admin_page(
+        request,
+        principal,
+        message=f"Token {created.token.id} created for {created.token.user}.",
+        new_token=created.secret,
+    )
+
+
+@router.post("/admin/tokens/{token_id}/revoke")
+async def admin_revoke_token(
+    request: Request,
+    principal: PageAdmin,
+    token_id: Annotated[int, PathParam(ge=1, le=_api.MAX_ID)],
+) -> Response:
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    try:
+        _api.revoke_token(request, principal, token_id)
+    except HTTPException as exc:
+        return _admin_page(request, principal, exc.status_code, error=str(exc.detail))
+    return RedirectResponse("/admin?done=token_revoked", status_code=303)
+
+
+AUDIT_PAGE_SIZE = 100
+
+
+@router.get("/admin/audit")
+def audit_page(request: Request, principal: PageAdmin) -> HTMLResponse:
+    query = request.query_params
+    fields = ("actor", "action", "target", "since", "until")
+    values = {k: query.get(k, "").strip()[:64] for k in fields}
+    raw_page = query.get("page", "1")
+    page = max(int(raw_page), 1) if raw_page.isdigit() and len(raw_page) < 7 else 1
+    error = None
+    entries: list[audit.AuditEntry] = []
+    total = 0
+    try:
+        where = _api.audit_filter(**{k: v or None for k, v in values.items()})
+    except HTTPException as exc:
+        error = str(exc.detail)
+    else:
+        engine = context(request).engine
+        entries = audit.query(
+            engine, where, limit=AUDIT_PAGE_SIZE, offset=(page - 1) * AUDIT_PAGE_SIZE
+        )
+        total = audit.count(engine, where)
+    base_query = urlencode([(k, v) for k, v in values.items() if v])
+    return render(
+        request,
+        "audit.html",
+        principal,
+        entries=entries,
+        total=total,
+        page=page,
+        pages=max(1, (total + AUDIT_PAGE_SIZE - 1) // AUDIT_PAGE_SIZE),
+        values=values,
+        actions=audit.ACTIONS,
+        base_query=base_query,
+        csv_url="/api/audit.csv" + (f"?{base_query}" if base_query else ""),
+        error=error,
+    )
+
+
+def login_redirect(next_url: str) -> RedirectResponse:
+    return RedirectResponse(f"/login?next={quote(next_url, safe='/')}", status_code=303)

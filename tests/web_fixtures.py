@@ -1,0 +1,266 @@
+"""Helpers for the web tests: a real archive (WAV files through LocalStorage, rows through the
+index API), a controllable clock, a real uvicorn server on 127.0.0.1, and logging in."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+import socket
+import struct
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from callvault.index import Index, RecordingRow, open_index
+from callvault.index import users as users_mod
+from callvault.pbx._types import CallDetail
+from callvault.storage import LocalStorage, recording_key
+from callvault.web import create_app
+
+T0 = datetime(2024, 5, 1, 9, 0, 0, tzinfo=UTC)
+ADMIN = ("alice", "alice-password-1")
+LISTENER_2000 = ("bob", "bob-password-1")  # scope 2000-2099
+LISTENER_1000 = ("carol", "carol-password-1")  # scope 1000-1099
+
+
+class FakeClock:
+    def __init__(self, start: datetime) -> None:
+        self.value = start
+
+    def __call__(self) -> datetime:
+        return self.value
+
+    def advance(self, delta: timedelta) -> None:
+        self.value += delta
+
+
+def make_wav(seconds: float, freq: float = 440.0, rate: int = 8000) -> bytes:
+    """A real 8 kHz 16-bit mono PCM WAV with a sine tone, as an S-Series PBX records."""
+    frames = int(seconds * rate)
+    samples = b"".join(
+        struct.pack("<h", int(12000 * math.sin(2 * math.pi * freq * n / rate)))
+        for n in range(frames)
+    )
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples)
+    return buffer.getvalue()
+
+
+@dataclass
+class WebArchive:
+    root: Path
+    index: Index
+    storage: LocalStorage
+    audio: dict[int, bytes] = field(default_factory=dict)  # recording id -> archived bytes
+    _seq: int = 0
+
+    def add(
+        self,
+        *,
+        start: datetime,
+        call_from: str,
+        call_to: str,
+        direction: str = "Internal",
+        status: str = "ANSWERED",
+        talk_s: int = 10,
+        did: str = "",
+        seconds: float = 1.0,
+        state: str = "archived",
+        freq: float = 440.0,
+    ) -> RecordingRow:
+        """One call with a recording; `state` archived (WAV stored), pending or failed.
+
+        Add pending ones last: a pending job is due, and the next add claims the oldest."""
+        self._seq += 1
+        callid = f"{int(start.timestamp())}.{self._seq}"
+        name = f"{start:%Y%m%d%H%M%S}-{callid}-{call_from}-{call_to}-{direction}.wav"
+        cdr = CallDetail(
+            callid=callid,
+            timestart=start.strftime("%Y-%m-%d %H:%M:%S"),
+            callfrom=call_from,
+            callto=call_to,
+            callduration=talk_s + 5,
+            talkduration=talk_s,
+            status=status,
+            type=direction,
+            recording=name,
+            didnumber=did,
+            sn="369451090405",
+        )
+        now = start + timedelta(minutes=1)
+        result = self.index.record_calls([cdr], source="event", tz=UTC, now=now)[0]
+        assert result.recording_id is not None
+        if state != "pending":
+            jobs = self.index.claim_jobs("test", 1, now=now, lease=timedelta(minutes=5))
+            assert [j.recording_id for j in jobs] == [result.recording_id]
+            if state == "archived":
+                data = make_wav(seconds, freq)
+                key = recording_key(cdr.sn, start, name)
+                stored = self.storage.put(key, io.BytesIO(data))
+                assert self.index.mark_archived(
+                    result.recording_id,
+                    worker_id="test",
+                    size=stored.size,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    storage_key=key,
+                    content_type="audio/wav",
+                    now=now,
+                )
+                self.audio[result.recording_id] = data
+            else:
+                assert self.index.mark_failed(
+                    result.recording_id, worker_id="test", reason="PBX said 20014", now=now
+                )
+        row = self.index.recording_by_id(result.recording_id)
+        assert row is not None
+        return row
+
+
+def build_archive(root: Path) -> WebArchive:
+    """The standard test archive: six calls across extensions 1000s and 2000s, three users."""
+    index = open_index(f"sqlite:///{root / 'callvault.db'}")
+    archive = WebArchive(root, index, LocalStorage(root))
+    archive.add(start=T0, call_from="1001", call_to="1003", talk_s=30, seconds=2.0)
+    archive.add(
+        start=T0 + timedelta(days=1, hours=1),
+        call_from="0612345678",
+        call_to="1000",
+        direction="Inbound",
+        talk_s=45,
+        did="0215550100",
+        seconds=3.0,
+        freq=330.0,
+    )
+    archive.add(
+        start=T0 + timedelta(days=2, hours=2),
+        call_from="1000",
+        call_to="0799887766",
+        direction="Outbound",
+        talk_s=5,
+    )
+    archive.add(
+        start=T0 + timedelta(days=2, hours=3),
+        call_from="2001",
+        call_to="2002",
+        talk_s=60,
+        seconds=1.5,
+        freq=550.0,
+    )
+    archive.add(
+        start=T0 + timedelta(days=2, hours=5),
+        call_from="1003",
+        call_to="1002",
+        talk_s=12,
+        state="failed",
+    )
+    archive.add(
+        start=T0 + timedelta(days=2, hours=6),
+        call_from="1002",
+        call_to="1001",
+        status="NO ANSWER",
+        talk_s=0,
+        state="pending",
+    )
+    engine = index.engine
+    users_mod.add_user(engine, ADMIN[0], "admin", ADMIN[1])
+    users_mod.add_user(engine, LISTENER_2000[0], "listener", LISTENER_2000[1], "2000-2099")
+    users_mod.add_user(engine, LISTENER_1000[0], "listener", LISTENER_1000[1], "1000-1099")
+    return archive
+
+
+def rows_by_from(archive: WebArchive) -> dict[str, RecordingRow]:
+    from callvault.index import SearchFilters
+
+    return {row.call_from: row for row in archive.index.search(SearchFilters(), limit=100)}
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run the app under a real uvicorn on 127.0.0.1 (a free port); yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@dataclass
+class LiveWeb:
+    base: str
+    archive: WebArchive
+    clock: FakeClock
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, timeout=10, follow_redirects=False)
+
+    def login(self, name: str, password: str) -> httpx.Client:
+        client = self.client()
+        response = login(client, name, password)
+        assert response.status_code == 303, response.text
+        return client
+
+    def bearer(self, name: str) -> tuple[httpx.Client, str]:
+        _token, secret = users_mod.create_token(self.archive.index.engine, name, label="tests")
+        client = httpx.Client(
+            base_url=self.base, timeout=10, headers={"Authorization": f"Bearer {secret}"}
+        )
+        return client, secret
+
+
+_CSRF_RE = re.compile(r'name="csrf" value="([^"]*)"')
+
+
+def csrf_of(html: str) -> str:
+    match = _CSRF_RE.search(html)
+    assert match is not None, "no CSRF field in the page"
+    return match.group(1)
+
+
+def login(client: httpx.Client, name: str, password: str) -> httpx.Response:
+    page = client.get("/login")
+    assert page.status_code == 200
+    return client.post(
+        "/login",
+        data={"username": name, "password": password, "csrf": csrf_of(page.text), "next": "/search"},
+    )
+
+
+@contextmanager
+def live_web(root: Path, *, secure_cookies: bool = False) -> Iterator[LiveWeb]:
+    archive = build_archive(root)
+    clock = FakeClock(T0 + timedelta(days=10))
+    app = create_app(archive.index, archive.storage, secure_cookies=secure_cookies, clock=clock)
+    try:
+        with serve(app) as base:
+            yield LiveWeb(base, archive, clock)
+    finally:
+        archive.index.close()
