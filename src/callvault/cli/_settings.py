@@ -117,6 +117,16 @@ class ArchiveSettings(BaseSettings):
     web_listen: str = "127.0.0.1:8080"
     reconcile_hours: int = Field(default=48, ge=1, le=24 * 366)
     reconcile_interval_s: int = Field(default=3600, ge=10)
+    # Archiver tuning (rarely changed; tests and demos shrink them). See callvault.archive.
+    job_lease_s: float = Field(default=300.0, gt=0)
+    heartbeat_interval_s: float = Field(default=600.0, gt=0, le=1500)
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    retry_schedule_s: list[float] = Field(default=[2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0])
+    missing_after_s: float = Field(default=1800.0, ge=0)
+    missing_min_attempts: int = Field(default=8, ge=1)
+    transient_backoff_s: float = Field(default=5.0, gt=0)
+    transient_backoff_max_s: float = Field(default=900.0, gt=0)
+    transient_max_attempts: int = Field(default=12, ge=1)
 
     @classmethod
     def settings_customise_sources(
@@ -272,10 +282,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if name == "password":
+            raise SettingsError(
+                f"config file {path}: the password goes in an environment variable "
+                "(see password_env), never in a file"
+            )
         if name not in ArchiveSettings.model_fields:
             raise SettingsError(f"config file {path}: unknown option {key!r}")
-        if name == "password":
-            raise SettingsError(f"config file {path}: put the password in an environment variable")
         values[name] = value
     return values
 
