@@ -44,6 +44,7 @@ from callvault.archive._policy import (
 from callvault.archive._session import PbxSession
 from callvault.index import Index, Job
 from callvault.pbx import (
+    AuthError,
     DownloadResult,
     LoginFailed,
     LoginLockedOut,
@@ -107,6 +108,7 @@ class WorkerPool:
         worker_prefix: str | None = None,
         clock: Callable[[], datetime] = _utcnow,
         on_archived: Callable[[Archived], None] | None = None,
+        on_auth_failure: Callable[[AuthError], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if workers < 1:
@@ -123,6 +125,7 @@ class WorkerPool:
         self._prefix = worker_prefix or default_worker_prefix()
         self._clock = clock
         self._on_archived = on_archived
+        self._on_auth_failure = on_auth_failure
         self._rng = rng or random.Random()
         self._wakes = [asyncio.Event() for _ in range(workers)]
         self._busy = [False] * workers
@@ -215,6 +218,8 @@ class WorkerPool:
             await self._release(job, worker_id, "interrupted by shutdown")
             raise
         except (LoginFailed, LoginLockedOut) as exc:
+            if self._on_auth_failure is not None:
+                self._on_auth_failure(exc)
             if self._session is not None:
                 self._session.report_auth_failure(exc)
             await self._retry_now(job, worker_id, f"paused: {exc}")

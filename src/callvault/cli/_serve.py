@@ -1,0 +1,485 @@
+"""``callvault serve`` and ``callvault backfill``: wiring of `callvault.archive`.
+
+serve     runs the archiver until SIGTERM/SIGINT (then: stop accepting events, finish or
+          release the downloads in progress, log out, exit 0).
+backfill  walks the CDR export over a date range in windows of at most a day, queues every
+          recording not yet archived, and (unless --queue-only) downloads them before it
+          exits. Resumable and idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from callvault.archive import (
+    Archiver,
+    ArchiverConfig,
+    RetryPolicy,
+    WorkerPool,
+    backfill,
+    queued_counts,
+)
+from callvault.cli import app
+from callvault.cli._common import fail
+from callvault.cli._settings import (
+    ApiVersionOption,
+    ArchiveOption,
+    ArchiveSettings,
+    CaFileOption,
+    ConfigOption,
+    DbOption,
+    InsecureOption,
+    PasswordEnvOption,
+    PbxOption,
+    PinOption,
+    SettingsError,
+    TimezoneOption,
+    UsernameOption,
+    settings_or_fail,
+)
+from callvault.index import Index, IndexOpenError, open_index
+from callvault.pbx import AuthError, PbxClient, PbxError, TlsOptions
+from callvault.storage import LocalStorage
+
+log = logging.getLogger("callvault.archive")
+
+EventsListenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--events-listen",
+        help="HOST:PORT for the PBX's event reports (plain HTTP) (default 0.0.0.0:8260).",
+        show_default=False,
+    ),
+]
+EventsAllowOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--events-allow",
+        help="Address or network allowed to post events (repeatable) (default the PBX's).",
+        show_default=False,
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option("--workers", help="Concurrent downloads (default 2).", show_default=False),
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("callvault")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    # One line per archived recording comes from the archiver; the client's own per-file
+    # line would double it.
+    logging.getLogger("callvault.pbx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _password(settings: ArchiveSettings) -> str:
+    password = os.environ.get(settings.password_env)
+    if not password:
+        fail(f"no PBX password: set the environment variable {settings.password_env}", code=2)
+    return password
+
+
+def _require(settings: ArchiveSettings) -> tuple[str, str, Path]:
+    if not settings.pbx:
+        fail("no PBX: give --pbx https://HOST:PORT or set CALLVAULT_PBX", code=2)
+    if not settings.username:
+        fail("no API username: give --username or set CALLVAULT_USERNAME", code=2)
+    try:
+        archive = settings.archive_dir()
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+    return settings.pbx, settings.username, archive
+
+
+def _tls(settings: ArchiveSettings) -> TlsOptions:
+    return TlsOptions(
+        ca_file=settings.ca_file, pin_sha256=settings.pin_sha256, insecure=settings.insecure
+    )
+
+
+def _policy(settings: ArchiveSettings) -> RetryPolicy:
+    return RetryPolicy(
+        not_found_schedule_s=tuple(settings.retry_schedule_s) or (60.0,),
+        missing_after_s=settings.missing_after_s,
+        missing_min_attempts=settings.missing_min_attempts,
+        transient_base_s=settings.transient_backoff_s,
+        transient_max_s=settings.transient_backoff_max_s,
+        transient_max_attempts=settings.transient_max_attempts,
+    )
+
+
+def archiver_config(settings: ArchiveSettings, *, web: bool) -> ArchiverConfig:
+    """The service configuration from the settings (exits with one line on bad ones)."""
+    pbx, username, archive = _require(settings)
+    events_host, events_port = settings.events_address()
+    web_host, web_port = settings.web_address()
+    try:
+        allowed = settings.allowed_event_sources()
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+    return ArchiverConfig(
+        pbx_url=pbx,
+        username=username,
+        password=_password(settings),
+        archive=archive,
+        db_url=settings.db_url(),
+        api_version=settings.api_version,
+        tls=_tls(settings),
+        events_host=events_host,
+        events_port=events_port,
+        events_allow=allowed or None,
+        workers=settings.workers,
+        timezone=settings.tz,
+        reconcile_hours=float(settings.reconcile_hours),
+        reconcile_interval_s=float(settings.reconcile_interval_s),
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        job_lease_s=settings.job_lease_s,
+        poll_interval_s=settings.poll_interval_s,
+        policy=_policy(settings),
+        web_host=web_host if web else None,
+        web_port=web_port if web else None,
+    )
+
+
+def _web_factory() -> Callable[..., Any] | None:
+    try:
+        from callvault.web import create_app
+    except ImportError:
+        return None
+    return create_app
+
+
+@app.command("serve")
+def serve_command(
+    config: ConfigOption = None,
+    pbx: PbxOption = None,
+    username: UsernameOption = None,
+    password_env: PasswordEnvOption = None,
+    api_version: ApiVersionOption = None,
+    ca_file: CaFileOption = None,
+    pin_sha256: PinOption = None,
+    insecure: InsecureOption = None,
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    events_listen: EventsListenOption = None,
+    events_allow: EventsAllowOption = None,
+    workers: WorkersOption = None,
+    timezone: TimezoneOption = None,
+    web_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--web-listen",
+            help="HOST:PORT of the web app (default 127.0.0.1:8080).",
+            show_default=False,
+        ),
+    ] = None,
+    no_web: Annotated[bool, typer.Option("--no-web", help="Do not serve the web app.")] = False,
+    reconcile_hours: Annotated[
+        int | None,
+        typer.Option(
+            "--reconcile-hours",
+            help="Hours of CDR history reconciled (default 48).",
+            show_default=False,
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Archive every recording as calls end: receive events, download, store, index."""
+    settings = settings_or_fail(
+        config,
+        pbx=pbx,
+        username=username,
+        password_env=password_env,
+        api_version=api_version,
+        ca_file=ca_file,
+        pin_sha256=pin_sha256,
+        insecure=insecure,
+        archive=archive,
+        db=db,
+        events_listen=events_listen,
+        events_allow=events_allow or None,
+        workers=workers,
+        timezone=timezone,
+        web_listen=web_listen,
+        reconcile_hours=reconcile_hours,
+    )
+    factory = None if no_web else _web_factory()
+    service_config = archiver_config(settings, web=factory is not None)
+    _setup_logging(verbose)
+    archiver = Archiver(service_config, web_app_factory=factory)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+
+        def ready() -> None:
+            web = (
+                f"; web app on http://{service_config.web_host}:{archiver.web_port}/"
+                if (archiver.web_port)
+                else ""
+            )
+            log.info(
+                "callvault serve: archiving %s into %s; events on %s:%s%s",
+                service_config.pbx_url,
+                service_config.archive,
+                service_config.events_host,
+                archiver.events_port,
+                web,
+            )
+
+        await archiver.run(stop, ready=ready)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        fail(f"cannot start: {exc.strerror or exc} (is another callvault serve running?)")
+    except IndexOpenError as exc:
+        fail(str(exc))
+
+
+# -- backfill ------------------------------------------------------------------------------
+
+
+def _parse_day(value: str, tz: ZoneInfo, what: str) -> datetime:
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), time(), tzinfo=tz)
+        moment = datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        fail(f"bad {what} {value!r}: use YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss'", code=2)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=tz)
+
+
+@app.command("backfill")
+def backfill_command(
+    since: Annotated[
+        str, typer.Option("--since", help="Start: YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss' (PBX time).")
+    ],
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            help="End, exclusive; a date means the end of that day (default now).",
+            show_default=False,
+        ),
+    ] = None,
+    queue_only: Annotated[
+        bool, typer.Option("--queue-only", help="Only queue; let `callvault serve` download.")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore the progress of an earlier run.")
+    ] = False,
+    config: ConfigOption = None,
+    pbx: PbxOption = None,
+    username: UsernameOption = None,
+    password_env: PasswordEnvOption = None,
+    api_version: ApiVersionOption = None,
+    ca_file: CaFileOption = None,
+    pin_sha256: PinOption = None,
+    insecure: InsecureOption = None,
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    workers: WorkersOption = None,
+    timezone: TimezoneOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Queue (and download) every recording of the CDR history in a date range."""
+    settings = settings_or_fail(
+        config,
+        pbx=pbx,
+        username=username,
+        password_env=password_env,
+        api_version=api_version,
+        ca_file=ca_file,
+        pin_sha256=pin_sha256,
+        insecure=insecure,
+        archive=archive,
+        db=db,
+        workers=workers,
+        timezone=timezone,
+    )
+    pbx_url, user, archive_dir = _require(settings)
+    password = _password(settings)
+    tz = settings.tz
+    start = _parse_day(since, tz, "--since")
+    if until is None:
+        end = datetime.now(tz)
+    else:
+        end = _parse_day(until, tz, "--until")
+        if len(until.strip()) == 10:
+            end += timedelta(days=1)
+    if end <= start:
+        fail("--until must be after --since", code=2)
+    _setup_logging(verbose)
+    if sys.stderr.isatty() and not verbose:
+        logging.getLogger("callvault").setLevel(logging.WARNING)
+    try:
+        index = open_index(settings.db_url())
+    except IndexOpenError as exc:
+        fail(str(exc))
+    storage = LocalStorage(archive_dir)
+    client = PbxClient(
+        pbx_url, user, password, api_version=settings.api_version, tls=_tls(settings)
+    )
+    try:
+        code = asyncio.run(
+            _backfill(
+                client,
+                index,
+                storage,
+                settings,
+                start=start,
+                end=end,
+                queue_only=queue_only,
+                resume=not restart,
+            )
+        )
+    finally:
+        index.close()
+    raise typer.Exit(code)
+
+
+async def _backfill(
+    client: PbxClient,
+    index: Index,
+    storage: LocalStorage,
+    settings: ArchiveSettings,
+    *,
+    start: datetime,
+    end: datetime,
+    queue_only: bool,
+    resume: bool,
+) -> int:
+    console = Console(stderr=True)
+    show = console.is_terminal
+    tz = settings.tz
+    try:
+        async with client:
+            try:
+                await client.login()
+            except PbxError as exc:
+                console.print(f"callvault: error: {exc}", markup=False, highlight=False)
+                return 1
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                disable=not show,
+            ) as progress:
+                windows_task = progress.add_task("CDR windows", total=None)
+
+                def on_window(_a: datetime, _b: datetime, stats: Any, total: int) -> None:
+                    progress.update(
+                        windows_task,
+                        total=total,
+                        completed=stats.windows + stats.windows_skipped,
+                        description=f"CDR windows ({stats.queued} queued)",
+                    )
+
+                try:
+                    stats = await backfill(
+                        client,
+                        index,
+                        since=start,
+                        until=end,
+                        tz=tz,
+                        resume=resume,
+                        on_window=on_window,
+                    )
+                except PbxError as exc:
+                    progress.stop()
+                    console.print(
+                        f"callvault: error: backfill stopped: {exc} (run it again to resume)",
+                        markup=False,
+                        highlight=False,
+                    )
+                    return 1
+                if queue_only:
+                    progress.stop()
+                    print(
+                        f"backfill: {stats.calls} calls in {stats.windows} windows "
+                        f"({stats.windows_skipped} already done); {stats.queued} recordings "
+                        "queued for `callvault serve`",
+                        flush=True,
+                    )
+                    return 0
+                failure = await _drain(client, index, storage, settings, progress)
+            if failure is not None:
+                print(f"callvault: error: downloads stopped: {failure}", file=sys.stderr)
+                return 1
+    except PbxError as exc:  # logout trouble on the way out
+        log.debug("logout: %s", exc)
+    counts = index.counts_by_state()
+    print(
+        f"backfill: {stats.calls} calls, {stats.queued} recordings queued; archive now: "
+        f"{counts['archived']} archived, {counts['missing']} missing, {counts['failed']} failed, "
+        f"{counts['pending'] + counts['downloading']} waiting",
+        flush=True,
+    )
+    return 1 if counts["failed"] else 0
+
+
+async def _drain(
+    client: PbxClient,
+    index: Index,
+    storage: LocalStorage,
+    settings: ArchiveSettings,
+    progress: Progress,
+) -> str | None:
+    """Download until nothing is pending; returns why it stopped early, or None."""
+    stop = asyncio.Event()
+    failure: list[str] = []
+
+    def auth_failed(exc: AuthError) -> None:
+        failure.append(str(exc))
+        stop.set()
+
+    pool = WorkerPool(
+        index=index,
+        storage=storage,
+        client=client,
+        session=None,
+        tz=settings.tz,
+        policy=_policy(settings),
+        workers=settings.workers,
+        lease_s=settings.job_lease_s,
+        poll_interval_s=min(settings.poll_interval_s, 1.0),
+        on_auth_failure=auth_failed,
+    )
+    remaining = await asyncio.to_thread(queued_counts, index)
+    task_id = progress.add_task("recordings", total=remaining)
+    runner = asyncio.create_task(pool.run(stop, grace_s=30.0))
+    while not stop.is_set():
+        left = await asyncio.to_thread(queued_counts, index)
+        progress.update(task_id, completed=max(0, remaining - left))
+        if left == 0 and not pool.busy:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+    stop.set()
+    await runner
+    return failure[0] if failure else None
