@@ -30,6 +30,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     case,
     create_engine,
     event,
@@ -198,6 +199,7 @@ class Index:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._dialect = engine.dialect.name
+        self._statements = _Statements(self._insert)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -266,8 +268,7 @@ class Index:
     def _upsert_call(
         self, conn: Connection, cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime
     ) -> int:
-        table = schema.calls
-        values: dict[str, Any] = {
+        params: dict[str, Any] = {
             "callid": cdr.callid,
             "pbx_serial": cdr.sn,
             "start_at": parse_timestart(cdr.timestart, tz),
@@ -287,42 +288,16 @@ class Index:
             "first_seen_at": now,
             "raw": json.dumps(asdict(cdr), sort_keys=True),
         }
-        insert = self._insert(table).values(**values)
-        excluded = insert.excluded
-        updates: dict[str, Any] = {}
-        for name in _CALL_TEXT_COLUMNS:
-            updates[name] = case(
-                (excluded[name] != literal(""), excluded[name]), else_=table.c[name]
-            )
-        for name in _CALL_NULLABLE_COLUMNS:
-            updates[name] = func.coalesce(excluded[name], table.c[name])
-        statement = insert.on_conflict_do_update(
-            index_elements=[table.c.callid], set_=updates
-        ).returning(table.c.id)
-        return int(conn.execute(statement).scalar_one())
+        return int(conn.execute(self._statements.upsert_call, params).scalar_one())
 
     def _insert_recording(
         self, conn: Connection, name: str, call_id: int, now: datetime
     ) -> tuple[int, bool]:
-        table = schema.recordings
-        statement = (
-            self._insert(table)
-            .values(
-                name=name,
-                call_id=call_id,
-                state=schema.PENDING,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=[table.c.name])
-            .returning(table.c.id)
-        )
-        new_id = conn.execute(statement).scalar_one_or_none()
+        params = {"name": name, "call_id": call_id, "now": now}
+        new_id = conn.execute(self._statements.insert_recording, params).scalar_one_or_none()
         if new_id is not None:
             return int(new_id), True
-        existing = conn.execute(select(table.c.id).where(table.c.name == name)).scalar_one()
+        existing = conn.execute(self._statements.recording_id_by_name, params).scalar_one()
         return int(existing), False
 
     def _insert(self, table: Table) -> Any:
@@ -751,6 +726,43 @@ class Index:
         if not parts:
             return false()
         return and_(column != "", all_digits, or_(*parts))
+
+
+class _Statements:
+    """The hot statements, built once with bound parameters (building one costs more than
+    running it on SQLite)."""
+
+    def __init__(self, insert: Any) -> None:
+        table = schema.calls
+        columns = [c.name for c in table.c if c.name != "id"]
+        upsert = insert(table).values({name: bindparam(name) for name in columns})
+        excluded = upsert.excluded
+        updates: dict[str, Any] = {}
+        for name in _CALL_TEXT_COLUMNS:
+            updates[name] = case(
+                (excluded[name] != literal(""), excluded[name]), else_=table.c[name]
+            )
+        for name in _CALL_NULLABLE_COLUMNS:
+            updates[name] = func.coalesce(excluded[name], table.c[name])
+        self.upsert_call = upsert.on_conflict_do_update(
+            index_elements=[table.c.callid], set_=updates
+        ).returning(table.c.id)
+        r = schema.recordings
+        self.insert_recording = (
+            insert(r)
+            .values(
+                name=bindparam("name"),
+                call_id=bindparam("call_id"),
+                state=schema.PENDING,
+                attempts=0,
+                next_attempt_at=bindparam("now", type_=r.c.next_attempt_at.type),
+                created_at=bindparam("now", type_=r.c.created_at.type),
+                updated_at=bindparam("now", type_=r.c.updated_at.type),
+            )
+            .on_conflict_do_nothing(index_elements=[r.c.name])
+            .returning(r.c.id)
+        )
+        self.recording_id_by_name = select(r.c.id).where(r.c.name == bindparam("name"))
 
 
 class _WriteTransaction:
