@@ -14,7 +14,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from test_archive_flow import archiver_config, states, wait_until
 from typer.testing import CliRunner
 
 from callvault.archive import Archiver
@@ -22,6 +21,7 @@ from callvault.archive._backfill import PROGRESS_SETTING
 from callvault.cli import _register, app
 from callvault.index import open_index
 from callvault.simulator import Simulator, SimulatorConfig
+from test_archive_flow import archiver_config, states, wait_until
 
 
 @pytest.fixture
