@@ -66,9 +66,10 @@ class Pbx:
         assert isinstance(data["errno"], str)
         return str(data["errno"])
 
-    def login(self, *, version: str = "v1.1.0", port: str | int = "0", **extra: Any) -> str:
+    def login(self, *, api: str = "v1.1.0", port: str | int = "0", **extra: Any) -> str:
+        """Log in through API path version `api`; `extra` goes into the body (e.g. version)."""
         body = {"username": "api", "password": md5(PASSWORD), "port": port, **extra}
-        token = self.ok("login", version=version, body=body)["token"]
+        token = self.ok("login", version=api, body=body)["token"]
         assert isinstance(token, str)
         return token
 
@@ -142,7 +143,8 @@ class Receiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
 
     def wait_for(self, count: int, timeout: float = 5.0) -> bool:

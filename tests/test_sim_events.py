@@ -1,0 +1,205 @@
+"""Simulator: NewCdr and BootUp pushed to a small receiver on 127.0.0.1, in each format."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from callvault.simulator import Simulator
+from test_sim_helpers import Pbx, Receiver, make_config, running_pbx, running_receiver
+
+V1_KEYS = ["action", "callid", "timestart", "callfrom", "callto", "callduraction",
+           "talkduraction", "srctrunkname", "desttrunkname", "pincode", "status", "type",
+           "recording", "didnumber", "agentringtime", "sn"]
+
+
+@pytest.fixture
+def pbx() -> Iterator[Pbx]:
+    yield from running_pbx()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    yield from running_receiver()
+
+
+def _pairs(body: bytes) -> list[tuple[str, object]]:
+    pairs: list[tuple[str, object]] = json.loads(body, object_pairs_hook=lambda p: p)
+    return pairs
+
+
+def test_legacy_newcdr_omits_empty_fields(pbx: Pbx, receiver: Receiver) -> None:
+    pbx.login(port=str(receiver.port), url="cdr/events")
+    cdr = pbx.sim.place_call(callfrom="1001", callto="1003", talk_seconds=3, ring_seconds=2)
+    assert receiver.wait_for(1)
+    report = receiver.received[0]
+    assert report.path == "/cdr/events"
+    assert report.headers["User-Agent"] == "WebAPI"
+    assert report.headers["Content-Type"] == "application/json"
+    keys = [key for key, _value in _pairs(report.body)]
+    assert keys[0] == "action" and len(keys) == len(set(keys))
+    assert "srctrunkname" not in keys and "didnumber" not in keys
+    data = report.json()
+    assert data["action"] == "NewCdr" and data["desttrunkname"] == ""
+    assert data["callid"] == cdr.callid and data["recording"] == cdr.recording
+    assert (data["callduraction"], data["talkduraction"]) == ("5", "3")
+    assert data["sn"] == pbx.sim.serial
+
+
+def test_v1_0_2_newcdr_has_every_field(pbx: Pbx, receiver: Receiver) -> None:
+    pbx.login(port=receiver.port, version="1.0.2")
+    pbx.sim.place_call(callfrom="1001", callto="1003", status="NO ANSWER", recorded=False)
+    assert receiver.wait_for(1)
+    assert receiver.received[0].path == "/"
+    pairs = _pairs(receiver.received[0].body)
+    assert [key for key, _value in pairs] == V1_KEYS
+    data = dict(pairs)
+    assert data["status"] == "NO ANSWER" and data["recording"] == ""
+    assert data["talkduraction"] == "0"
+    assert all(isinstance(value, str) for value in data.values())
+
+
+def test_v2_newcdr_uses_event_and_the_odd_trunk_spelling(pbx: Pbx, receiver: Receiver) -> None:
+    pbx.login(api="v2.0.0", port=str(receiver.port), url="/v2", version="2.0.0")
+    cdr = pbx.sim.place_call(callfrom="1001", callto="+4917012345678", type="Outbound",
+                             talk_seconds=7, ring_seconds=4, dsttrunkname="SIP-Provider")
+    assert receiver.wait_for(1)
+    assert receiver.received[0].path == "/v2"
+    pairs = _pairs(receiver.received[0].body)
+    expected = ["event", *[k if k != "desttrunkname" else "dsttrcunkname" for k in V1_KEYS[1:]]]
+    assert [key for key, _value in pairs] == expected
+    data = dict(pairs)
+    assert data["event"] == "NewCdr" and data["dsttrcunkname"] == "SIP-Provider"
+    # callid "{epoch}.{seq}", timestart = local time of the epoch, name = answer time.
+    epoch, seq = str(data["callid"]).split(".")
+    assert seq.isdigit()
+    berlin = ZoneInfo("Europe/Berlin")
+    start = datetime.fromtimestamp(int(epoch), berlin)
+    assert data["timestart"] == start.strftime("%Y-%m-%d %H:%M:%S") == cdr.timestart
+    answered = datetime.fromtimestamp(int(epoch) + 4, berlin).strftime("%Y%m%d%H%M%S")
+    assert data["recording"] == f"{answered}-{cdr.callid}-1001-+4917012345678-Outbound.wav"
+
+
+def test_reports_are_resent_until_the_receiver_answers_200(pbx: Pbx, receiver: Receiver) -> None:
+    receiver.statuses = [500, 503]
+    pbx.login(port=receiver.port, version="1.0.2")
+    pbx.sim.place_call()
+    assert pbx.sim.wait_events_idle(5)
+    assert len(receiver.received) == 3
+    assert len({r.body for r in receiver.received}) == 1
+    assert pbx.sim.events_delivered == 1
+
+
+def test_resending_stops_after_the_configured_retries(pbx: Pbx, receiver: Receiver) -> None:
+    receiver.statuses = [500] * 10
+    pbx.login(port=receiver.port)
+    pbx.sim.place_call()
+    assert pbx.sim.wait_events_idle(5)
+    assert len(receiver.received) == 4  # first try + event_max_retries (3)
+    assert pbx.sim.events_delivered == 0
+
+
+def test_urltag_one_makes_url_absolute(pbx: Pbx, receiver: Receiver) -> None:
+    pbx.login(port="8260", url=f"127.0.0.1:{receiver.port}/report", urltag="1")
+    pbx.sim.place_call()
+    assert receiver.wait_for(1)
+    assert receiver.received[0].path == "/report"
+
+
+def test_heartbeat_moves_the_report_target(pbx: Pbx, receiver: Receiver) -> None:
+    other = Receiver()
+    try:
+        token = pbx.login(port=receiver.port)
+        pbx.ok("heartbeat", token=token,
+               body={"ipaddr": "127.0.0.1", "port": other.port, "url": "hb", "urlflag": "0",
+                     "version": "1.0.2"})
+        pbx.sim.place_call()
+        assert other.wait_for(1)
+        assert other.received[0].path == "/hb"
+        assert other.received[0].json()["action"] == "NewCdr"
+        assert receiver.received == []
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(("version", "key"), [(None, "action"), ("1.0.2", "action"),
+                                              ("2.0.0", "event")])
+def test_reboot_pushes_bootup_and_forgets_tokens(pbx: Pbx, receiver: Receiver,
+                                                 version: str | None, key: str) -> None:
+    extra = {"version": version} if version else {}
+    token = pbx.login(port=receiver.port, **extra)
+    pbx.sim.reboot()
+    assert receiver.wait_for(1)
+    assert json.loads(receiver.received[0].body) == {key: "BootUp", "sn": pbx.sim.serial}
+    assert pbx.errno("logout", token=token) == "20004"
+    pbx.sim.place_call()  # nobody is logged in any more
+    assert pbx.sim.wait_events_idle(5)
+    assert len(receiver.received) == 1
+
+
+def test_a_delivered_report_refreshes_the_token(pbx: Pbx, receiver: Receiver) -> None:
+    token = pbx.login(port=receiver.port)
+    pbx.sim.clock.advance(1700)
+    pbx.sim.place_call()
+    assert pbx.sim.wait_events_idle(5) and pbx.sim.events_delivered == 1
+    pbx.sim.clock.advance(1700)  # 3400 s after the last request, 1700 s after the report
+    assert pbx.ok("logout", token=token)
+
+
+def test_no_reports_once_the_token_expired(pbx: Pbx, receiver: Receiver) -> None:
+    pbx.login(port=receiver.port)
+    pbx.sim.clock.advance(1801)
+    pbx.sim.place_call()
+    assert pbx.sim.wait_events_idle(5)
+    assert receiver.received == []
+
+
+def test_port_zero_asks_for_no_reports(pbx: Pbx) -> None:
+    pbx.login(port="0")
+    pbx.sim.place_call()
+    assert pbx.sim.wait_events_idle(5)
+    assert pbx.sim.events_delivered == 0
+
+
+def test_revoke_every_seconds_runs_on_the_simulator_clock(pbx: Pbx) -> None:
+    token = pbx.login()
+    pbx.sim.faults.revoke_every_seconds = 60
+    time.sleep(0.2)
+    assert pbx.ok("logout", token=pbx.login())
+    pbx.sim.clock.advance(61)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and pbx.sim.state.session_count() > 0:
+        time.sleep(0.05)
+    assert pbx.errno("logout", token=token) == "20004"
+
+
+def test_reboot_every_seconds_sends_bootup(pbx: Pbx, receiver: Receiver) -> None:
+    pbx.login(port=receiver.port)
+    pbx.sim.faults.reboot_every_seconds = 300
+    pbx.sim.clock.advance(301)
+    assert receiver.wait_for(1)
+    assert receiver.received[0].json()["action"] == "BootUp"
+
+
+def test_background_calls_make_a_mix_of_records(receiver: Receiver) -> None:
+    with Simulator(make_config(calls_per_minute=3000.0, seed=3)) as sim:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(sim.state.cdrs()) < 12:
+            time.sleep(0.05)
+        cdrs = sim.state.cdrs()
+        assert len(cdrs) >= 12
+        assert {"Internal", "Inbound", "Outbound"} <= {cdr.type for cdr in cdrs}
+        for cdr in cdrs:
+            assert re.fullmatch(r"\d+\.\d+", cdr.callid)
+            if cdr.status == "ANSWERED":
+                assert cdr.recording is not None
+                assert sim.recording_path(cdr.recording).read_bytes()[:4] == b"RIFF"
+            else:
+                assert cdr.recording is None
+        assert any(cdr.callfrom.startswith("+4915") for cdr in cdrs)
