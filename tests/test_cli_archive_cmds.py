@@ -192,6 +192,7 @@ def test_verify_ok_then_mismatch_then_missing(archive: tuple[Path, dict[str, byt
         [],
         [],
     )
+    assert report["unindexed"] == []
     index = open_index(f"sqlite:///{root / 'callvault.db'}")
     assert all(r.verified_at is not None for r in index.archived_recordings())
     index.close()
@@ -212,6 +213,19 @@ def test_verify_ok_then_mismatch_then_missing(archive: tuple[Path, dict[str, byt
     report = json.loads(runner.invoke(app, ["verify", "--json", "--archive", str(root)]).stdout)
     assert report["mismatched"][0]["actual_size"] == 24
     assert report["missing"][0]["recording"] == gone
+
+
+def test_verify_reports_unindexed_files_without_failing(
+    archive: tuple[Path, dict[str, bytes]],
+) -> None:
+    root, _ = archive
+    stray = LocalStorage(root).put("369451090405/2024/04/09/stray.wav", io.BytesIO(b"RIFFx"))
+    result = runner.invoke(app, ["verify", "--json", "--archive", str(root)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["unindexed"] == [str(root.resolve() / stray.key)]
+    text = runner.invoke(app, ["verify", "--archive", str(root)]).stdout
+    assert "UNINDEXED" in text and "1 unindexed files" in text
 
 
 def test_missing_archive_or_index_is_one_clear_line(tmp_path: Path) -> None:

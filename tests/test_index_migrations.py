@@ -76,3 +76,40 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IndexOpenError) as info:
         open_index(f"sqlite:///{path}")
     assert str(path) in str(info.value)
+
+
+def test_unknown_newer_revision_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'callvault.db'}"
+    open_index(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(IndexOpenError, match="newer version"):
+        open_index(url)
+
+
+def test_two_processes_worth_of_first_opens_race_safely(tmp_path: Path) -> None:
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'new' / 'callvault.db'}"
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def opener() -> None:
+        try:
+            barrier.wait()
+            open_index(url).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [("0001",)]
+    engine.dispose()

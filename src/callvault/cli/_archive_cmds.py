@@ -3,7 +3,9 @@
 Each is a thin layer over the index and the storage. ``--json`` output:
 
 - ``list --json``: ONE JSON array, one object per line, newest call first.
-- ``status --json`` and ``verify --json``: one JSON object.
+- ``status --json`` and ``verify --json``: one JSON object. ``verify`` lists ``mismatched``
+  and ``missing`` archived recordings (these make it exit 1) and ``unindexed`` files
+  (present in the archive but not known to the index as archived: reported, not an error).
 
 Exit codes: 0 fine; 1 ``verify`` found mismatched or missing files, or the archive or its
 index is missing or unreadable; 2 bad options.
@@ -254,10 +256,13 @@ def _verify(index: Index, storage: LocalStorage, now: datetime) -> dict[str, Any
     checked = ok = 0
     mismatched: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
+    known: set[str] = set()
     for row in index.archived_recordings():
         if row.state != ARCHIVED:
             continue
         checked += 1
+        if row.storage_key:
+            known.add(row.storage_key)
         path = _path_of(storage, row)
         if row.storage_key is None or path is None:
             missing.append({"recording": row.name, "path": None, "reason": "no valid storage key"})
@@ -284,7 +289,16 @@ def _verify(index: Index, storage: LocalStorage, now: datetime) -> dict[str, Any
             continue
         index.mark_verified(row.id, now)
         ok += 1
-    return {"checked": checked, "ok": ok, "mismatched": mismatched, "missing": missing}
+    # Files no archived recording points to: harmless (e.g. a crash between the durable
+    # write and the index update; the next attempt finds the same bytes), but worth seeing.
+    unindexed = [str(storage.local_path(key)) for key in storage.list() if key not in known]
+    return {
+        "checked": checked,
+        "ok": ok,
+        "mismatched": mismatched,
+        "missing": missing,
+        "unindexed": unindexed,
+    }
 
 
 @app.command("verify")
@@ -294,7 +308,8 @@ def verify_command(
     db: DbOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Re-hash every archived file; report mismatched or missing ones (exit 1 if any)."""
+    """Re-hash every archived file; report mismatched or missing ones (exit 1 if any) and
+    files the index does not know."""
     settings = settings_or_fail(config, archive=archive, db=db)
     index, storage = open_archive(settings)
     with index:
@@ -311,9 +326,12 @@ def verify_command(
             )
         for item in report["missing"]:
             print(f"MISSING  {item['recording']}  {item['path'] or '-'}  ({item['reason']})")
+        for path in report["unindexed"]:
+            print(f"UNINDEXED {path}  (a file no archived recording points to; kept)")
         print(
             f"verified {report['checked']} archived recordings: {report['ok']} ok, "
             f"{len(report['mismatched'])} mismatched, {len(report['missing'])} missing"
+            + (f"; {len(report['unindexed'])} unindexed files" if report["unindexed"] else "")
         )
     if problems:
         sys.stdout.flush()

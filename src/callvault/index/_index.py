@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from alembic.util import CommandError
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -141,6 +142,12 @@ def open_index(url: str, *, create: bool = True) -> Index:
     index = Index(engine)
     try:
         index.migrate()
+    except CommandError as exc:
+        engine.dispose()
+        raise IndexOpenError(
+            f"the index at {_redact(url)} has a schema this callvault does not know "
+            f"(made by a newer version?): {exc}"
+        ) from exc
     except SQLAlchemyError as exc:
         engine.dispose()
         reason = exc.orig if isinstance(exc, OperationalError) else type(exc).__name__
