@@ -250,7 +250,12 @@ def login(client: httpx.Client, name: str, password: str) -> httpx.Response:
     assert page.status_code == 200
     return client.post(
         "/login",
-        data={"username": name, "password": password, "csrf": csrf_of(page.text), "next": "/search"},
+        data={
+            "username": name,
+            "password": password,
+            "csrf": csrf_of(page.text),
+            "next": "/search",
+        },
     )
 
 

@@ -352,9 +352,7 @@ def get_token(engine: Engine, token_id: int) -> ApiToken | None:
 
 
 def list_tokens(engine: Engine, *, include_revoked: bool = True) -> list[ApiToken]:
-    query = select(*_TOKEN_COLUMNS).join_from(
-        api_tokens, users, api_tokens.c.user_id == users.c.id
-    )
+    query = select(*_TOKEN_COLUMNS).join_from(api_tokens, users, api_tokens.c.user_id == users.c.id)
     if not include_revoked:
         query = query.where(api_tokens.c.revoked_at.is_(None))
     with engine.connect() as conn:
@@ -387,9 +385,7 @@ def user_for_token(engine: Engine, secret: str, *, now: datetime | None = None) 
         if row is None:
             return None
         conn.execute(
-            update(api_tokens)
-            .where(api_tokens.c.id == row.id)
-            .values(last_used_at=now or _now())
+            update(api_tokens).where(api_tokens.c.id == row.id).values(last_used_at=now or _now())
         )
     user = get_user_by_id(engine, int(row.user_id))
     if user is None or user.disabled_at is not None:

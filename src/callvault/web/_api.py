@@ -351,9 +351,7 @@ def audio_response(
     try:
         byte_range = _media.parse_range(request.headers.get("range"), size)
     except _media.RangeNotSatisfiable:
-        return Response(
-            status_code=416, headers={"Content-Range": f"bytes */{size}", **headers}
-        )
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}", **headers})
     if download:
         byte_range = None if byte_range is None or byte_range.length == size else byte_range
     content_type = _media.content_type_of(row, ctx.storage)
@@ -699,9 +697,7 @@ def audit_csv_response(request: Request, where: audit.AuditFilter) -> Response:
     return StreamingResponse(
         audit.iter_csv(context(request).engine, where),
         media_type="text/csv; charset=utf-8",
-        headers={
-            "Content-Disposition": _media.content_disposition(f"callvault-audit-{stamp}.csv")
-        },
+        headers={"Content-Disposition": _media.content_disposition(f"callvault-audit-{stamp}.csv")},
     )
 
 

@@ -107,8 +107,7 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         if request.url.path.startswith("/api/"):
             errors = [
-                {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))}
-                for e in exc.errors()
+                {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
             ]
             return JSONResponse({"detail": errors}, status_code=422)
         return _error_page(request, 404, "no such page")

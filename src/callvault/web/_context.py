@@ -114,9 +114,7 @@ def record_audit(
     request: Request, actor: str, action: str, target: str = "", detail: str = ""
 ) -> None:
     ctx = context(request)
-    audit.record(
-        ctx.engine, actor, action, target, detail, remote_addr(request), at=ctx.clock()
-    )
+    audit.record(ctx.engine, actor, action, target, detail, remote_addr(request), at=ctx.clock())
 
 
 def parse_when(text: str | None, *, end: bool, field_name: str) -> datetime | None:
@@ -174,7 +172,14 @@ class SearchParams:
     def query_items(self) -> list[tuple[str, str]]:
         items: list[tuple[str, str]] = []
         for name in (
-            "since", "until", "number", "extension", "direction", "status", "min_talk_s", "state"
+            "since",
+            "until",
+            "number",
+            "extension",
+            "direction",
+            "status",
+            "min_talk_s",
+            "state",
         ):
             value = getattr(self, name)
             if value is not None and str(value) != "":

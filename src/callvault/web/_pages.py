@@ -91,8 +91,12 @@ def render(
     return templates.TemplateResponse(
         request,
         template,
-        {"me": principal.user if principal else None, "csrf": principal.csrf if principal else "",
-         "csrf_field": CSRF_FIELD, **values},
+        {
+            "me": principal.user if principal else None,
+            "csrf": principal.csrf if principal else "",
+            "csrf_field": CSRF_FIELD,
+            **values,
+        },
         status_code=status_code,
     )
 

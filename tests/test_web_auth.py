@@ -1,0 +1,197 @@
+"""Logging in and out, cookies, CSRF, the login rate limit and page access, over real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from callvault.index import audit, users
+from web_fixtures import (
+    ADMIN,
+    LISTENER_2000,
+    LiveWeb,
+    csrf_of,
+    live_web,
+    login,
+    rows_by_from,
+)
+
+
+@pytest.fixture()
+def web(tmp_path: Path) -> Iterator[LiveWeb]:
+    with live_web(tmp_path) as live:
+        yield live
+
+
+def _audit_actions(web: LiveWeb, actor: str) -> list[str]:
+    engine = web.archive.index.engine
+    return [e.action for e in audit.query(engine, audit.AuditFilter(actor=actor))]
+
+
+def test_login_sets_a_safe_session_cookie(web: LiveWeb) -> None:
+    client = web.client()
+    response = login(client, *ADMIN)
+    assert response.status_code == 303 and response.headers["location"] == "/search"
+    cookie = next(h for h in response.headers.get_list("set-cookie") if h.startswith("cv_session="))
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Secure" not in cookie
+    assert ADMIN[1] not in cookie
+    page = client.get("/search")
+    assert page.status_code == 200 and "alice" in page.text
+    assert _audit_actions(web, "alice") == [audit.LOGIN]
+
+
+def test_secure_cookies_when_asked(tmp_path: Path) -> None:
+    with live_web(tmp_path, secure_cookies=True) as web:
+        client = web.client()
+        page = client.get("/login")
+        assert "Secure" in page.headers["set-cookie"]
+        # httpx keeps Secure cookies off plain http: send the login cookie by hand.
+        nonce = page.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+        response = client.post(
+            "/login",
+            data={"username": ADMIN[0], "password": ADMIN[1], "csrf": csrf_of(page.text)},
+            headers={"Cookie": f"cv_login={nonce}"},
+        )
+        assert response.status_code == 303
+        cookie = next(
+            h for h in response.headers.get_list("set-cookie") if h.startswith("cv_session=")
+        )
+        assert "Secure" in cookie and "HttpOnly" in cookie
+
+
+def test_wrong_password_is_refused_and_audited(web: LiveWeb) -> None:
+    response = login(web.client(), ADMIN[0], "not-the-password")
+    assert response.status_code == 401
+    assert "Wrong user name or password" in response.text
+    assert "cv_session" not in response.headers.get("set-cookie", "")
+    assert login(web.client(), "nobody", "whatever-123").status_code == 401
+    assert _audit_actions(web, "alice") == [audit.LOGIN_FAILED]
+    assert _audit_actions(web, "nobody") == [audit.LOGIN_FAILED]
+
+
+def test_login_is_rate_limited_per_address_and_user(web: LiveWeb) -> None:
+    client = web.client()
+    for _ in range(5):
+        assert login(client, ADMIN[0], "guess-guess").status_code == 401
+    throttled = login(client, *ADMIN)  # even the right password waits now
+    assert throttled.status_code == 429
+    assert int(throttled.headers["retry-after"]) > 0
+    assert audit.LOGIN_THROTTLED in _audit_actions(web, "alice")
+    # Another user from the same address is not locked out by alice's failures.
+    assert login(web.client(), *LISTENER_2000).status_code == 303
+    web.clock.advance(timedelta(minutes=16))
+    assert login(client, *ADMIN).status_code == 303
+
+
+def test_login_form_needs_its_csrf_token(web: LiveWeb) -> None:
+    client = web.client()
+    client.get("/login")
+    response = client.post(
+        "/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf": "forged"}
+    )
+    assert response.status_code == 403
+    assert "cv_session" not in response.headers.get("set-cookie", "")
+
+
+def test_login_never_redirects_off_site(web: LiveWeb) -> None:
+    client = web.client()
+    page = client.get("/login")
+    for target, expected in (
+        ("//evil.example/x", "/search"),
+        ("https://evil.example/", "/search"),
+        ("/admin", "/admin"),
+    ):
+        client.cookies.clear()
+        page = client.get("/login")
+        response = client.post(
+            "/login",
+            data={
+                "username": ADMIN[0],
+                "password": ADMIN[1],
+                "csrf": csrf_of(page.text),
+                "next": target,
+            },
+        )
+        assert response.headers["location"] == expected
+
+
+def test_state_changing_forms_need_csrf(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    refused = admin.post("/admin/users", data={"name": "zed", "role": "admin", "csrf": "x"})
+    assert refused.status_code == 403
+    assert users.get_user(web.archive.index.engine, "zed") is None
+    csrf = csrf_of(admin.get("/admin").text)
+    accepted = admin.post(
+        "/admin/users", data={"name": "zed", "role": "listener", "scope": "5", "csrf": csrf}
+    )
+    assert accepted.status_code == 200 and 'id="new-password"' in accepted.text
+    assert users.get_user(web.archive.index.engine, "zed") is not None
+    # Cookie-authenticated API writes need the X-CSRF-Token header.
+    assert admin.post("/api/tokens", json={"user": "zed"}).status_code == 403
+    token = admin.get("/api/me").json()["csrf_token"]
+    made = admin.post("/api/tokens", json={"user": "zed"}, headers={"X-CSRF-Token": token})
+    assert made.status_code == 201
+    row = rows_by_from(web.archive)["1001"]
+    assert admin.post(f"/recordings/{row.id}/verify", data={"csrf": "nope"}).status_code == 403
+    verified = admin.post(f"/recordings/{row.id}/verify", data={"csrf": csrf})
+    assert verified.status_code == 200 and "Verified" in verified.text
+
+
+def test_logout_needs_csrf_and_kills_the_session(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    cookie = admin.cookies.get("cv_session")
+    assert admin.post("/logout", data={"csrf": "wrong"}).status_code == 403
+    csrf = csrf_of(admin.get("/search").text)
+    assert admin.post("/logout", data={"csrf": csrf}).status_code == 303
+    replay = web.client()
+    replay.cookies.set("cv_session", str(cookie))
+    assert replay.get("/api/me").status_code == 401  # the old cookie is dead
+    assert audit.LOGOUT in _audit_actions(web, "alice")
+
+
+def test_session_expires(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    assert admin.get("/api/me").status_code == 200
+    web.clock.advance(timedelta(hours=13))
+    assert admin.get("/api/me").status_code == 401
+    assert admin.get("/search").headers["location"].startswith("/login")
+
+
+def test_tampered_cookie_is_refused(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    value = str(admin.cookies.get("cv_session"))
+    payload, mac = value.split(".")
+    forged = web.client()
+    forged.cookies.set(
+        "cv_session", payload + "." + mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB")
+    )
+    assert forged.get("/api/me").status_code == 401
+
+
+def test_pages_need_login_and_the_right_role(web: LiveWeb) -> None:
+    anonymous = web.client()
+    for path in ("/search", "/status", "/admin", "/admin/audit", "/recordings/1"):
+        response = anonymous.get(path)
+        assert response.status_code == 303 and response.headers["location"].startswith("/login")
+    bob = web.login(*LISTENER_2000)
+    for path in ("/status", "/admin", "/admin/audit"):
+        assert bob.get(path).status_code == 403, path
+    rows = rows_by_from(web.archive)
+    assert bob.get(f"/recordings/{rows['1001'].id}").status_code == 404
+    page = bob.get(f"/recordings/{rows['2001'].id}")
+    assert page.status_code == 200 and rows["2001"].sha256 in page.text
+    results = bob.get("/search").text
+    assert "2001" in results and "0612345678" not in results
+    admin = web.login(*ADMIN)
+    for path in ("/search", "/status", "/admin", "/admin/audit"):
+        assert admin.get(path).status_code == 200, path
+
+
+def test_pages_send_protective_headers(web: LiveWeb) -> None:
+    response = web.client().get("/login")
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
