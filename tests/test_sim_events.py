@@ -203,3 +203,21 @@ def test_background_calls_make_a_mix_of_records(receiver: Receiver) -> None:
             else:
                 assert cdr.recording is None
         assert any(cdr.callfrom.startswith("+4915") for cdr in cdrs)
+
+
+@pytest.mark.parametrize("version", [None, "1.0.2", "2.0.0"])
+def test_bye_names_every_party(pbx: Pbx, receiver: Receiver, version: str | None) -> None:
+    extra = {"version": version} if version else {}
+    pbx.login(port=receiver.port, **extra)
+    pbx.sim.push_call_released("1547375817.78", ["1006", "1005"])
+    assert receiver.wait_for(1)
+    pairs = _pairs(receiver.received[0].body)
+    if version is None:  # legacy: the same key twice
+        assert pairs == [("action", "BYE"), ("callid", "1547375817.78"),
+                         ("ext", [("extid", "1006")]), ("ext", [("extid", "1005")]),
+                         ("sn", pbx.sim.serial)]
+    else:
+        data = json.loads(receiver.received[0].body)
+        key = "event" if version == "2.0.0" else "action"
+        assert data == {key: "BYE", "callid": "1547375817.78", "sn": pbx.sim.serial,
+                        "call": [{"ext": {"extid": "1006"}}, {"ext": {"extid": "1005"}}]}

@@ -58,6 +58,20 @@ def newcdr_body(cdr: CallDetail, fmt: EventFormat) -> bytes:
     return _dump(pairs)
 
 
+def call_released_body(callid: str, extensions: list[str], serial: str,
+                       fmt: EventFormat) -> bytes:
+    """The BYE report of a call: legacy repeats the ``ext`` key once per party (invalid JSON
+    that most parsers collapse to the last party); 1.0.2 and 2.0.0 use a ``call`` array."""
+    if fmt is EventFormat.LEGACY:
+        parties = [f'"ext":{{"extid":{json.dumps(ext)}}}' for ext in extensions]
+        head = f'"action":"BYE","callid":{json.dumps(callid)}'
+        return ("{" + ",".join([head, *parties, f'"sn":{json.dumps(serial)}']) + "}").encode()
+    key = "event" if fmt is EventFormat.V2_0_0 else "action"
+    payload = {key: "BYE", "callid": callid,
+               "call": [{"ext": {"extid": ext}} for ext in extensions], "sn": serial}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 def bootup_body(serial: str, fmt: EventFormat) -> bytes:
     """The BootUp report: the PBX restarted and every token is gone."""
     key = "event" if fmt is EventFormat.V2_0_0 else "action"

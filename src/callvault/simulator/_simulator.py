@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import re
 import secrets
 import shutil
@@ -24,7 +25,12 @@ from callvault.pbx._types import CallDetail
 from callvault.simulator._app import build_app
 from callvault.simulator._clock import Clock
 from callvault.simulator._config import SimulatorConfig
-from callvault.simulator._events import EventPusher, bootup_body, newcdr_body
+from callvault.simulator._events import (
+    EventPusher,
+    bootup_body,
+    call_released_body,
+    newcdr_body,
+)
 from callvault.simulator._faults import Faults
 from callvault.simulator._state import PbxState, Recording
 from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
@@ -90,8 +96,11 @@ class Simulator:
             def ssl_factory(_config: uvicorn.Config, _default: Callable[[], Any]) -> Any:
                 return context
 
+        _quiet_intended_drops()
         uv_config = uvicorn.Config(
-            build_app(self.state), log_level=cfg.log_level, access_log=False,
+            # No log_config: leave the process's logging alone; no access log: URLs hold
+            # tokens and randoms.
+            build_app(self.state), log_config=None, log_level=cfg.log_level, access_log=False,
             server_header=False, lifespan="off", timeout_graceful_shutdown=1,
             ssl_context_factory=ssl_factory,
         )
@@ -283,6 +292,14 @@ class Simulator:
         return self.place_call(callfrom=ext, callto=mobile, type=kind, talk_seconds=talk,
                                ring_seconds=ring, status=status, dsttrunkname="SIP-Provider")
 
+    def push_call_released(self, callid: str, extensions: list[str]) -> None:
+        """Push a BYE report naming several parties (the legacy format repeats its keys)."""
+        if self._pusher is None:
+            return
+        for token, target in self.state.live_targets():
+            body = call_released_body(callid, extensions, self.serial, target.format)
+            self._pusher.push(target, body, token)
+
     def _recording(self, name: str) -> Recording:
         recording = self.state.recording(name)
         if recording is None:
@@ -344,6 +361,19 @@ class Simulator:
                 with self.state.lock:
                     next_call = now + self.state.rng.expovariate(rate / 60.0)
                 await asyncio.to_thread(self.place_random_call)
+
+
+class _DropFilter(logging.Filter):
+    """Hides uvicorn's complaint about the bodies we cut short on purpose (drop faults)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without completing response" not in record.getMessage()
+
+
+def _quiet_intended_drops() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropFilter) for f in logger.filters):
+        logger.addFilter(_DropFilter())
 
 
 def replace_config(config: SimulatorConfig, **changes: Any) -> SimulatorConfig:
