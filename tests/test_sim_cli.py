@@ -70,7 +70,7 @@ def test_simulate_banner_names_url_credentials_fingerprint_and_a_fetch_example(
     process = _start("--initial-calls", "2", tmp_path=tmp_path)
     try:
         assert process.stdout is not None
-        lines = []
+        lines: list[str] = []
         while not lines or lines[-1] != "Serving until Ctrl-C.":
             line = process.stdout.readline()
             assert line, "the simulator ended early"
