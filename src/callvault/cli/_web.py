@@ -1,0 +1,288 @@
+"""``callvault web``, ``callvault user ...`` and ``callvault token ...``.
+
+``web`` serves the web app alone over an existing archive. ``user`` and ``token`` manage
+who may use it; each change is written to the audit log as done by ``cli:<os user>``.
+A generated password or a new API token is printed once, on stdout, and never again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from typing import Annotated
+
+import typer
+
+from callvault.cli import app
+from callvault.cli._common import fail
+from callvault.cli._settings import (
+    ArchiveOption,
+    ArchiveSettings,
+    ConfigOption,
+    DbOption,
+    SettingsError,
+    settings_or_fail,
+)
+from callvault.index import Index, IndexOpenError, audit, open_index, users
+
+user_app = typer.Typer(help="Add, list and remove the web app's users.", no_args_is_help=True)
+token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")]
+
+
+def _cli_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _open_index(settings: ArchiveSettings) -> Index:
+    """The archive's index (made if the archive directory exists but has none yet)."""
+    try:
+        archive = settings.archive_dir()
+        url = settings.db_url()
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+    if not archive.is_dir():
+        fail(f"archive directory {archive} does not exist (check --archive)")
+    try:
+        return open_index(url)
+    except IndexOpenError as exc:
+        fail(str(exc))
+
+
+@app.command("web")
+def web(
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="HOST:PORT to serve on [default: 127.0.0.1:8080]."),
+    ] = None,
+    secure_cookies: Annotated[
+        bool,
+        typer.Option(
+            "--secure-cookies", help="Mark cookies Secure (when TLS is terminated in front)."
+        ),
+    ] = False,
+) -> None:
+    """Serve the web app and JSON API alone over an existing archive."""
+    import uvicorn
+
+    from callvault.cli._archive_cmds import open_archive
+    from callvault.web import create_app
+
+    settings = settings_or_fail(config, archive=archive, db=db, web_listen=listen)
+    index, storage = open_archive(settings)
+    host, port = settings.web_address()
+    if not users.list_users(index.engine):
+        print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
+    application = create_app(index, storage, secure_cookies=secure_cookies)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"callvault web: serving http://{shown}:{port}/ (API docs at /api/docs)")
+    try:
+        uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    finally:
+        index.close()
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="User name (letters, digits, . _ @ -).")],
+    role: Annotated[str, typer.Option("--role", help="admin or listener.")],
+    scope: Annotated[
+        str, typer.Option("--scope", help="Extensions they may see, e.g. 1000-1099,2001.")
+    ] = "",
+    password_env: Annotated[
+        str | None,
+        typer.Option(
+            "--password-env",
+            help="Environment variable holding the password [default: generate one].",
+        ),
+    ] = None,
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a web user. Without --password-env a password is generated and printed once."""
+    try:
+        users.validate_name(name)
+        users.validate_role(role)
+        users.parse_scope(scope)
+    except users.UserError as exc:
+        fail(str(exc), code=2)
+    if password_env is not None:
+        password = os.environ.get(password_env, "")
+        if not password:
+            fail(f"environment variable {password_env} is empty or not set", code=2)
+    else:
+        password = users.generate_password()
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    try:
+        user = users.add_user(index.engine, name, role, password, scope)
+        audit.record(
+            index.engine,
+            _cli_actor(),
+            audit.USER_ADD,
+            user.name,
+            f"role={user.role} scope={user.scope or '(all)'}",
+            "local",
+        )
+    except users.UserError as exc:
+        fail(str(exc))
+    finally:
+        index.close()
+    scope_text = user.scope or "all extensions"
+    print(f"added {user.role} {user.name} ({scope_text})")
+    if password_env is None:
+        print(f"password for {user.name} (shown once): {password}")
+
+
+@user_app.command("list")
+def user_list(
+    as_json: JsonOption = False,
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """List the web users."""
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    try:
+        found = users.list_users(index.engine)
+    finally:
+        index.close()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": u.name,
+                        "role": u.role,
+                        "scope": u.scope,
+                        "created_at": u.created_at.isoformat(),
+                    }
+                    for u in found
+                ]
+            )
+        )
+        return
+    if not found:
+        print("no users")
+    for u in found:
+        print(f"{u.name:<24} {u.role:<9} {u.scope or 'all'}")
+
+
+@user_app.command("remove")
+def user_remove(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Remove a web user and their API tokens."""
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    try:
+        if not users.remove_user(index.engine, name):
+            fail(f"no user named {name!r}")
+        audit.record(index.engine, _cli_actor(), audit.USER_REMOVE, name, "", "local")
+    finally:
+        index.close()
+    print(f"removed {name}")
+
+
+@token_app.command("create")
+def token_create(
+    user: Annotated[str, typer.Option("--user", help="Whose token it is.")],
+    label: Annotated[str, typer.Option("--label", help="What uses it.")] = "",
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create an API token (sent as Authorization: Bearer); printed once, stored hashed."""
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    actor = _cli_actor()
+    try:
+        token, secret = users.create_token(index.engine, user, label=label, created_by=actor)
+        audit.record(
+            index.engine,
+            actor,
+            audit.TOKEN_CREATE,
+            token.user_name,
+            f"token id={token.id} label={token.label!r}",
+            "local",
+        )
+    except users.UserError as exc:
+        fail(str(exc))
+    finally:
+        index.close()
+    print(f"token {token.id} for {token.user_name} (shown once): {secret}")
+
+
+@token_app.command("list")
+def token_list(
+    as_json: JsonOption = False,
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """List API tokens (never their secrets)."""
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    try:
+        found = users.list_tokens(index.engine)
+    finally:
+        index.close()
+    records = [
+        {
+            "id": t.id,
+            "user": t.user_name,
+            "label": t.label,
+            "created_at": t.created_at.isoformat(),
+            "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+        }
+        for t in found
+    ]
+    if as_json:
+        print(json.dumps(records))
+        return
+    if not records:
+        print("no tokens")
+    for r in records:
+        state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "live"
+        print(f"{r['id']:>5} {r['user']:<24} {state:<40} {r['label']}")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[
+        int, typer.Argument(help="Token id (see `callvault token list`).", min=1, max=2**62)
+    ],
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Revoke an API token."""
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    try:
+        token = users.get_token(index.engine, token_id)
+        if token is None or not users.revoke_token(index.engine, token_id):
+            fail(f"no live token with id {token_id}")
+        audit.record(
+            index.engine,
+            _cli_actor(),
+            audit.TOKEN_REVOKE,
+            token.user_name,
+            f"token id={token_id}",
+            "local",
+        )
+    finally:
+        index.close()
+    print(f"revoked token {token_id}")
