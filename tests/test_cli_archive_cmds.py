@@ -261,3 +261,29 @@ def test_db_option_and_config_file(archive: tuple[Path, dict[str, bytes]], tmp_p
     config.write_text("archive = [unclosed\n", encoding="utf-8")
     result = runner.invoke(app, ["list", "--config", str(config)])
     assert result.exit_code == 2 and "is not valid TOML" in result.stderr
+
+
+def test_unreachable_database_url_hides_its_password(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "status",
+            "--archive",
+            str(tmp_path),
+            "--db",
+            f"postgresql+psycopg://cv:pg-s3cret@127.0.0.1:{_closed_port()}/cv",
+        ],
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith("callvault: error: cannot open the index")
+    assert result.stderr.count("\n") == 1
+    assert "pg-s3cret" not in result.output
+    assert "Traceback" not in result.output
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -81,6 +81,11 @@ def test_db_as_plain_path_or_url(tmp_path: Path) -> None:
     assert load_settings(db=url).db_url() == url
 
 
+def test_database_password_stays_out_of_repr() -> None:
+    settings = load_settings(db="postgresql://cv:pg-s3cret@127.0.0.1/cv")
+    assert "pg-s3cret" not in repr(settings) and "pg-s3cret" not in str(settings)
+
+
 def test_pin_is_normalised() -> None:
     pin = ":".join(["AB"] * 32)
     assert load_settings(pin_sha256=pin).pin_sha256 == "ab" * 32

@@ -108,7 +108,10 @@ class ArchiveSettings(BaseSettings):
     insecure: bool = False
     # The archive
     archive: Path | None = Field(default=None, description="archive directory")
-    db: str | None = Field(default=None, description="index database URL or SQLite file")
+    # repr=False: a PostgreSQL URL may carry a password.
+    db: str | None = Field(
+        default=None, description="index database URL or SQLite file", repr=False
+    )
     # Services
     events_listen: str = "0.0.0.0:8260"
     events_allow: Annotated[list[str] | None, NoDecode] = None

@@ -150,7 +150,8 @@ def open_index(url: str, *, create: bool = True) -> Index:
         ) from exc
     except SQLAlchemyError as exc:
         engine.dispose()
-        reason = exc.orig if isinstance(exc, OperationalError) else type(exc).__name__
+        detail = str(exc.orig) if isinstance(exc, OperationalError) else type(exc).__name__
+        reason = " ".join(detail.split())  # one line, whatever the driver says
         raise IndexOpenError(f"cannot open the index at {_redact(url)}: {reason}") from exc
     except Exception:
         engine.dispose()
