@@ -166,3 +166,23 @@ def test_settings_round_trip_and_setdefault(index: Index) -> None:
     assert index.setdefault_setting("events_secret_path", "abc", NOW) == "abc"
     assert index.setdefault_setting("events_secret_path", "other", NOW) == "abc"
     assert index.get_setting("events_secret_path") == "abc"
+
+
+def test_over_long_fields_are_refused_on_every_engine(index: Index) -> None:
+    from callvault.index._index import _FIELD_LIMITS
+    from callvault.index.schema import recordings as recordings_table
+
+    for field, (column, limit) in _FIELD_LIMITS.items():
+        table = recordings_table if column == "name" else calls
+        assert table.c[column].type.length == limit  # type: ignore[attr-defined]
+        with pytest.raises(ValueError, match=field):
+            index.record_calls(
+                [cdr("9.9"), cdr("9.8", **{field: "1" * (limit + 1)})]
+                if field != "callid"
+                else [cdr("1" * 65)],
+                source="event",
+                tz=SHANGHAI,
+                now=NOW,
+            )
+    with index.engine.connect() as conn:
+        assert conn.execute(select(calls.c.id)).all() == []

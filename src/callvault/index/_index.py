@@ -254,12 +254,13 @@ class Index:
         A call's non-empty recording name gets a `pending` recordings row due at `now`
         unless one with that name exists, which is left untouched: re-sent events and
         backfills never duplicate or reset a recording. `source` is "event" or "cdr";
-        `tz` is the PBX's zone, used to read `timestart`. Raises ValueError on a record
-        without a callid (nothing of the batch is stored then).
+        `tz` is the PBX's zone, used to read `timestart`. Raises ValueError, storing
+        nothing of the batch, on a record without a callid or with a field longer than its
+        column (the same on every engine: SQLite would not enforce the lengths itself).
         """
         now = to_utc(now)
-        if any(not cdr.callid for cdr in cdrs):
-            raise ValueError("a call detail record has no callid")
+        for cdr in cdrs:
+            _check_lengths(cdr)
         results: list[RecordResult] = []
         with self._write() as conn:
             for cdr in cdrs:
@@ -798,6 +799,32 @@ class _WriteTransaction:
                 conn.rollback()
         finally:
             conn.close()
+
+
+# CallDetail field -> (column, max length), checked before anything is written.
+_FIELD_LIMITS: dict[str, tuple[str, int]] = {
+    "callid": ("callid", 64),
+    "sn": ("pbx_serial", 64),
+    "timestart": ("timestart_local", 32),
+    "callfrom": ("call_from", 128),
+    "callto": ("call_to", 128),
+    "type": ("direction", 16),
+    "status": ("status", 16),
+    "srctrunkname": ("src_trunk", 128),
+    "dsttrunkname": ("dst_trunk", 128),
+    "didnumber": ("did", 128),
+    "pincode": ("pincode", 64),
+    "recording": ("name", 255),
+}
+
+
+def _check_lengths(cdr: CallDetail) -> None:
+    if not cdr.callid:
+        raise ValueError("a call detail record has no callid")
+    for field_name, (_column, limit) in _FIELD_LIMITS.items():
+        value = getattr(cdr, field_name)
+        if value is not None and len(value) > limit:
+            raise ValueError(f"call detail field {field_name} is longer than {limit} characters")
 
 
 def _recording_row(row: Row[Any]) -> RecordingRow:
