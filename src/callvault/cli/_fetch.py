@@ -1,0 +1,282 @@
+"""`callvault fetch` (download recordings by name) and `callvault cdr` (print the CDR export)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from callvault.cli import app
+from callvault.cli._common import fail
+from callvault.cli._pbxopts import (
+    DEFAULT_PASSWORD_ENV,
+    ApiVersionOpt,
+    CaFileOpt,
+    InsecureOpt,
+    PasswordEnvOpt,
+    PbxOptions,
+    PbxUrlOpt,
+    PinOpt,
+    TlsMinOpt,
+    UsernameOpt,
+)
+from callvault.pbx import (
+    CSV_COLUMNS,
+    AuthError,
+    CallDetail,
+    DownloadResult,
+    PbxClient,
+    PbxError,
+    PbxTlsError,
+    PbxUnreachable,
+    TokenError,
+    call_detail_row,
+    check_recording_name,
+)
+
+# Failures after which trying the remaining names is pointless (and, for logins, harmful).
+_FATAL = (PbxTlsError, PbxUnreachable)
+
+
+def _quiet_library_logs() -> None:
+    """The commands say what happened in one line each; the client's own log lines (retries,
+    refused logins) would repeat it. Without this, Python prints warnings to stderr."""
+    logging.getLogger("callvault.pbx").addHandler(logging.NullHandler())
+
+
+def _is_fatal(exc: PbxError) -> bool:
+    return isinstance(exc, _FATAL) or (
+        isinstance(exc, AuthError) and not isinstance(exc, TokenError)
+    )
+
+
+def _without_context(message: str, name: str) -> str:
+    prefix = f"recording {name}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+async def fetch_recordings(
+    client: PbxClient, names: list[str], out: Path, *, show_progress: bool
+) -> int:
+    """Download each name into `out`; print one line per result. Returns the exit code."""
+    failures = 0
+    progress: Progress | None = None
+    if show_progress:
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        progress.start()
+    try:
+        async with client:
+            for position, name in enumerate(names):
+                try:
+                    check_recording_name(name)
+                except ValueError as exc:
+                    print(f"callvault: {name}: {exc}", file=sys.stderr)
+                    failures += 1
+                    continue
+                task: TaskID | None = None
+                if progress is not None:
+                    task = progress.add_task(name, total=None)
+
+                def advance(done: int, total: int | None, task: TaskID | None = task) -> None:
+                    if progress is not None and task is not None:
+                        progress.update(task, completed=done, total=total)
+
+                try:
+                    result = await client.download_recording(name, out, progress=advance)
+                except PbxError as exc:
+                    if _is_fatal(exc):
+                        left = len(names) - position
+                        more = f" ({left} recording(s) not fetched)" if left > 1 else ""
+                        print(f"callvault: error: {exc}{more}", file=sys.stderr)
+                        return 1
+                    print(f"callvault: {name}: {_without_context(str(exc), name)}", file=sys.stderr)
+                    failures += 1
+                    continue
+                except OSError as exc:
+                    print(
+                        f"callvault: {name}: cannot write to {out}: {exc.strerror or exc}",
+                        file=sys.stderr,
+                    )
+                    failures += 1
+                    continue
+                finally:
+                    if progress is not None and task is not None:
+                        progress.remove_task(task)
+                _print_saved(result)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return 1 if failures else 0
+
+
+def _print_saved(result: DownloadResult) -> None:
+    print(f"{result.path}\t{result.size} bytes\tsha256 {result.sha256}")
+
+
+@app.command("fetch")
+def fetch(
+    names: Annotated[
+        list[str], typer.Argument(metavar="NAME...", help="Recording names, as the PBX gave them.")
+    ],
+    pbx: PbxUrlOpt = None,
+    username: UsernameOpt = None,
+    password_env: PasswordEnvOpt = DEFAULT_PASSWORD_ENV,
+    api_version: ApiVersionOpt = "v1.1.0",
+    ca_file: CaFileOpt = None,
+    pin_sha256: PinOpt = None,
+    insecure: InsecureOpt = False,
+    tls_min_version: TlsMinOpt = "1.2",
+    out: Annotated[Path, typer.Option("--out", help="Directory to save the recordings in.")] = Path(
+        "."
+    ),
+) -> None:
+    """Download recordings from the PBX and save each as OUT/NAME, verified."""
+    options = PbxOptions(
+        pbx, username, password_env, api_version, ca_file, pin_sha256, insecure, tls_min_version
+    )
+    client = options.build_client()
+    _quiet_library_logs()
+    try:
+        code = asyncio.run(fetch_recordings(client, names, out, show_progress=sys.stderr.isatty()))
+    except KeyboardInterrupt:
+        print("callvault: interrupted; no partial file was kept", file=sys.stderr)
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------ cdr
+
+
+def parse_time(value: str, *, end_of_day: bool) -> datetime:
+    """ "YYYY-MM-DD" or "YYYY-MM-DD hh:mm:ss" (also with a T); a bare day of an --until
+    means the end of that day."""
+    text = value.strip().replace("T", " ")
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            moment = datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+        if fmt == "%Y-%m-%d" and end_of_day:
+            moment = moment.replace(hour=23, minute=59, second=59)
+        return moment
+    raise ValueError(f"{value!r} is not a time: use YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss'")
+
+
+def day_windows(since: datetime, until: datetime) -> Iterator[tuple[datetime, datetime]]:
+    """Split [since, until] into windows of at most one day (old firmware times out on more)."""
+    start = since
+    while start <= until:
+        end = min(start + timedelta(days=1) - timedelta(seconds=1), until)
+        yield start, end
+        start = end + timedelta(seconds=1)
+
+
+async def export_range(
+    client: PbxClient, since: datetime, until: datetime, extensions: str
+) -> list[CallDetail]:
+    """Every CDR row of [since, until], fetched one day at a time, each call once."""
+    rows: dict[str, CallDetail] = {}
+    async with client:
+        for start, end in day_windows(since, until):
+            for row in await client.export_cdr(start, end, extensions=extensions):
+                rows.setdefault(row.callid, row)
+    return list(rows.values())
+
+
+def _print_table(rows: list[CallDetail]) -> None:
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("start", "from", "to", "type", "status", "talk s", "recording"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row.timestart,
+            row.callfrom,
+            row.callto,
+            row.type,
+            row.status,
+            "" if row.talkduration is None else str(row.talkduration),
+            row.recording or "",
+        )
+    console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    console.print(f"{len(rows)} call(s)")
+
+
+@app.command("cdr")
+def cdr(
+    since: Annotated[
+        str, typer.Option("--since", help="Start: YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss' (PBX time).")
+    ],
+    until: Annotated[
+        str, typer.Option("--until", help="End, inclusive; a bare day means its end.")
+    ],
+    pbx: PbxUrlOpt = None,
+    username: UsernameOpt = None,
+    password_env: PasswordEnvOpt = DEFAULT_PASSWORD_ENV,
+    api_version: ApiVersionOpt = "v1.1.0",
+    ca_file: CaFileOpt = None,
+    pin_sha256: PinOpt = None,
+    insecure: InsecureOpt = False,
+    tls_min_version: TlsMinOpt = "1.2",
+    extensions: Annotated[
+        str, typer.Option("--extensions", help="'all', or extensions like 1000,1001.")
+    ] = "all",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+) -> None:
+    """Print the PBX's call detail records of a time range, with their recording names."""
+    if as_json and as_csv:
+        fail("choose one of --json and --csv")
+    try:
+        start = parse_time(since, end_of_day=False)
+        end = parse_time(until, end_of_day=True)
+    except ValueError as exc:
+        fail(str(exc))
+    if end < start:
+        fail("--until is before --since")
+    options = PbxOptions(
+        pbx, username, password_env, api_version, ca_file, pin_sha256, insecure, tls_min_version
+    )
+    client = options.build_client()
+    _quiet_library_logs()
+    try:
+        rows = asyncio.run(export_range(client, start, end, extensions))
+    except PbxError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, ensure_ascii=False))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(call_detail_row(row))
+    else:
+        _print_table(rows)

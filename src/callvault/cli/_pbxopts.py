@@ -1,0 +1,195 @@
+"""The PBX connection options every command spells the same way, and the client they build.
+
+    --pbx URL              (env CALLVAULT_PBX)       https://HOST:PORT of the PBX web server
+    --username U           (env CALLVAULT_USERNAME)  the API account
+    --password-env VAR     name of the environment variable holding the password
+                           (default CALLVAULT_PASSWORD; the password itself is never a flag)
+    --api-version V        v1.0.1, v1.1.0 (default) or v2.0.0
+    --ca-file F | --pin-sha256 HEX | --insecure      how to trust the PBX's certificate
+    --tls-min-version V    1.2 unless the PBX runs old firmware
+
+A command declares the options with these Annotated types and calls `build_pbx_client`.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from callvault.cli._common import fail
+from callvault.pbx import ApiVersion, PbxClient, TlsOptions
+
+DEFAULT_PASSWORD_ENV = "CALLVAULT_PASSWORD"  # noqa: S105 (a variable name, not a password)
+
+PbxUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pbx",
+        envvar="CALLVAULT_PBX",
+        help="PBX URL, https://HOST:PORT (the web port, 8088 by default).",
+        show_default=False,
+    ),
+]
+UsernameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--username", envvar="CALLVAULT_USERNAME", help="API user name.", show_default=False
+    ),
+]
+PasswordEnvOpt = Annotated[
+    str,
+    typer.Option(
+        "--password-env",
+        metavar="VAR",
+        help="Name of the environment variable that holds the API password.",
+    ),
+]
+ApiVersionOpt = Annotated[
+    str,
+    typer.Option("--api-version", help="API version path: v1.0.1, v1.1.0 or v2.0.0."),
+]
+CaFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-file", help="Trust the PBX certificate signed by this CA (PEM).", show_default=False
+    ),
+]
+PinOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pin-sha256",
+        metavar="HEX",
+        help="Trust exactly the PBX certificate with this SHA-256 fingerprint.",
+        show_default=False,
+    ),
+]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Do not check the PBX's certificate at all (anyone on the way can read the "
+        "token and the recordings).",
+    ),
+]
+TlsMinOpt = Annotated[
+    str,
+    typer.Option("--tls-min-version", help="Lowest TLS version to accept (old firmware: 1.0)."),
+]
+
+
+@dataclass(frozen=True)
+class PbxOptions:
+    """The PBX options as given on the command line."""
+
+    pbx: str | None
+    username: str | None
+    password_env: str = DEFAULT_PASSWORD_ENV
+    api_version: str = ApiVersion.V1_1_0.value
+    ca_file: Path | None = None
+    pin_sha256: str | None = None
+    insecure: bool = False
+    tls_min_version: str = "1.2"
+
+    def tls_options(self) -> TlsOptions:
+        chosen = [
+            flag
+            for flag, given in (
+                ("--ca-file", self.ca_file is not None),
+                ("--pin-sha256", self.pin_sha256 is not None),
+                ("--insecure", self.insecure),
+            )
+            if given
+        ]
+        if len(chosen) > 1:
+            fail(
+                f"choose one of --ca-file, --pin-sha256 and --insecure, not {' and '.join(chosen)}"
+            )
+        if self.ca_file is not None and not self.ca_file.is_file():
+            fail(f"--ca-file {self.ca_file}: no such file")
+        try:
+            return TlsOptions(
+                ca_file=self.ca_file,
+                pin_sha256=self.pin_sha256,
+                insecure=self.insecure,
+                minimum_version=self.tls_min_version,
+            )
+        except ValueError as exc:
+            fail(str(exc))
+
+    def password(self) -> str:
+        var = self.password_env.strip()
+        if not var:
+            fail("--password-env needs the name of an environment variable")
+        value = os.environ.get(var)
+        if not value:
+            fail(
+                f"the API password is not set: put it in the environment variable {var} "
+                "(or name another variable with --password-env)"
+            )
+        return value
+
+    def build_client(self, **client_kwargs: Any) -> PbxClient:
+        """A PbxClient for these options; every bad option ends the command with one line."""
+        if not self.pbx:
+            fail("no PBX given: pass --pbx https://HOST:8088 or set CALLVAULT_PBX")
+        if not self.username:
+            fail("no API user name given: pass --username or set CALLVAULT_USERNAME")
+        try:
+            api_version = ApiVersion(self.api_version.strip())
+        except ValueError:
+            fail(
+                f"unknown --api-version {self.api_version!r}: use "
+                + ", ".join(v.value for v in ApiVersion)
+            )
+        tls = self.tls_options()
+        password = self.password()
+        try:
+            client = PbxClient(
+                self.pbx,
+                self.username,
+                password,
+                api_version=api_version,
+                tls=tls,
+                **client_kwargs,
+            )
+        except ssl.SSLError:
+            fail(f"--ca-file {self.ca_file}: not a PEM certificate file")
+        except ValueError as exc:
+            fail(str(exc))
+        if self.insecure:
+            print(
+                "callvault: warning: --insecure: the PBX's certificate is not checked; anyone "
+                "on the network path can pose as the PBX and read the token and recordings",
+                file=sys.stderr,
+            )
+        return client
+
+
+def build_pbx_client(
+    pbx: str | None,
+    username: str | None,
+    password_env: str = DEFAULT_PASSWORD_ENV,
+    api_version: str = ApiVersion.V1_1_0.value,
+    ca_file: Path | None = None,
+    pin_sha256: str | None = None,
+    insecure: bool = False,
+    tls_min_version: str = "1.2",
+    **client_kwargs: Any,
+) -> PbxClient:
+    """Shorthand for ``PbxOptions(...).build_client(**client_kwargs)``."""
+    return PbxOptions(
+        pbx=pbx,
+        username=username,
+        password_env=password_env,
+        api_version=api_version,
+        ca_file=ca_file,
+        pin_sha256=pin_sha256,
+        insecure=insecure,
+        tls_min_version=tls_min_version,
+    ).build_client(**client_kwargs)
