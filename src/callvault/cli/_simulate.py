@@ -106,7 +106,8 @@ def simulate(
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # Both handled explicitly: a shell may start background jobs with SIGINT ignored.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for _ in range(initial_calls):
             sim.place_random_call(answered=True)
@@ -136,6 +137,7 @@ def simulate(
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         sim.stop()
     print("simulator stopped", file=sys.stderr, flush=True)
