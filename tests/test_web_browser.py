@@ -1,0 +1,139 @@
+"""End to end in a real headless Chromium (Debian's package, driven by Playwright).
+
+Log in, search by a caller number, play a recording inline (its duration is known and its
+time advances), download it from the call page (the bytes equal the archived file), see the
+play and the download in the audit log, and check that a listener scoped to other
+extensions finds nothing, by search or by URL. Screenshots land in the test's tmp_path.
+These tests FAIL, never skip, when Chromium is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from web_fixtures import ADMIN, LISTENER_2000, LiveWeb, live_web, rows_by_from
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture()
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture()
+def web(tmp_path: Path) -> Iterator[LiveWeb]:
+    with live_web(tmp_path / "archive") as live:
+        yield live
+
+
+def _log_in(page: Page, base: str, name: str, password: str) -> None:
+    page.goto(f"{base}/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/search")
+
+
+def test_search_play_download_audit(browser: Browser, web: LiveWeb, tmp_path: Path) -> None:
+    caller = "0612345678"
+    row = rows_by_from(web.archive)[caller]
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
+    _log_in(page, web.base, *ADMIN)
+
+    page.fill("input[name=number]", caller)
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url("**/search?**number=0612345678**")
+    results = page.locator("table.results tbody tr")
+    assert results.count() == 1
+    assert results.first.locator("td.from").inner_text() == caller
+    page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+
+    audio = results.first.locator("audio")
+    audio.evaluate("a => a.play()")
+    page.wait_for_function(
+        "a => a.duration > 0 && a.currentTime > 0.3", arg=audio.element_handle(), timeout=15000
+    )
+    duration = audio.evaluate("a => a.duration")
+    assert 2.5 < duration < 3.5  # the archived WAV is 3 s long
+    played = audio.evaluate("a => a.currentTime")
+    page.wait_for_function(
+        f"a => a.currentTime > {played}", arg=audio.element_handle(), timeout=10000
+    )
+    audio.evaluate("a => a.pause()")
+
+    page.click("a.details")
+    page.wait_for_url(f"{web.base}/recordings/{row.id}")
+    assert page.locator("#sha256").inner_text() == row.sha256
+    player = page.locator("#player")
+    page.wait_for_function("a => a.duration > 0", arg=player.element_handle(), timeout=15000)
+    page.screenshot(path=str(tmp_path / "call.png"), full_page=True)
+    assert (tmp_path / "search.png").stat().st_size > 1000
+    assert (tmp_path / "call.png").stat().st_size > 1000
+
+    with page.expect_download() as download_info:
+        page.click("#download")
+    download = download_info.value
+    assert download.suggested_filename == "2024-05-02_100000_0612345678_to_1000.wav"
+    assert Path(download.path()).read_bytes() == web.archive.audio[row.id]
+
+    page.click("#verify")
+    assert "Verified" in page.locator("#verify-result").inner_text()
+
+    page.goto(f"{web.base}/admin/audit?target={row.name}")
+    audit_rows = page.locator("table#audit tbody tr")
+    actions = [
+        audit_rows.nth(i).locator("td").nth(2).inner_text() for i in range(audit_rows.count())
+    ]
+    assert "play" in actions and "download" in actions and "verify" in actions
+    context.close()
+
+
+def test_listener_out_of_scope_gets_nothing(browser: Browser, web: LiveWeb) -> None:
+    caller = "0612345678"
+    row = rows_by_from(web.archive)[caller]
+    context = browser.new_context()
+    page = context.new_page()
+    _log_in(page, web.base, *LISTENER_2000)
+    page.goto(f"{web.base}/search?number={caller}")
+    assert page.locator("td.empty").inner_text() == "No recordings match."
+    page.goto(f"{web.base}/search")
+    froms = page.locator("table.results tbody td.from").all_inner_texts()
+    assert froms == ["2001"]
+    for url in (
+        f"/recordings/{row.id}",
+        f"/api/recordings/{row.id}",
+        f"/api/recordings/{row.id}/audio",
+        f"/api/recordings/{row.id}/download",
+    ):
+        response = page.request.get(f"{web.base}{url}")
+        assert response.status == 404, url
+    answer = page.goto(f"{web.base}/recordings/{row.id}")
+    assert answer is not None and answer.status == 404
+    assert "Not found" in page.content()
+    context.close()
