@@ -30,6 +30,7 @@ from callvault.pbx import (
     LoginFailed,
     LoginLockedOut,
     PbxClient,
+    PbxProtocolError,
     PbxTransportError,
     PbxUnreachable,
     RecordingNotFound,
@@ -114,9 +115,9 @@ class FakePbx:
                 return self._failed(self.login_errno)
             if body.get("username") != self.username or body.get("password") != self.password_md5:
                 return self._failed("20003")
-            token = secrets.token_hex(16)
-            self.tokens.add(token)
-            return self._json({"status": "Success", "token": token})
+            new_token = secrets.token_hex(16)
+            self.tokens.add(new_token)
+            return self._json({"status": "Success", "token": new_token})
         token = query.get("token")
         if not token:
             return self._failed("20005")
@@ -514,6 +515,17 @@ async def test_unreachable_pbx_is_retried_then_reported(tmp_path: Path) -> None:
     assert "Connection refused" in str(info.value)
     assert len(attempts) == 4
     assert leftovers(tmp_path) == []
+
+
+async def test_http_redirect_to_https_says_which_url_to_use() -> None:
+    def redirect(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": "https://127.0.0.1:8088/api/v1.1.0/login"})
+
+    client = PbxClient("http://127.0.0.1", "api", PASSWORD, transport=httpx.MockTransport(redirect))
+    async with client:
+        with pytest.raises(PbxProtocolError) as info:
+            await client.login()
+    assert "redirects to https://127.0.0.1:8088/api/v1.1.0/login" in str(info.value)
 
 
 def test_bad_urls_are_refused() -> None:

@@ -56,7 +56,6 @@ log = logging.getLogger("callvault.pbx")
 
 T = TypeVar("T")
 
-CHUNK_SIZE = 64 * 1024
 LOCKOUT_SECONDS = 600.0
 MAX_JSON_ERROR_BYTES = 64 * 1024
 MIN_WAV_BYTES = 44  # a RIFF/WAVE header alone
@@ -192,8 +191,9 @@ class PbxClient:
     tests). `events_*` ask the PBX to push reports to this host (without them a v1 login
     sends port "0": no reports); `events_ip` is the heartbeat's ``ipaddr`` (default: the local
     address of the route to the PBX); `report_format` is the login ``version`` (by default the
-    well-formed JSON format of the API version when events are asked for). After a wrong password (20003) no login is sent for `login_failure_pause`
-    seconds, whoever asks: calls fail at once instead. `sleep` and `clock` (monotonic seconds)
+    well-formed JSON format of the API version when events are asked for). After a wrong
+    password (20003) no login is sent for `login_failure_pause` seconds, whoever asks: calls
+    fail at once instead. `sleep` and `clock` (monotonic seconds)
     are injectable for tests.
     """
 
@@ -363,6 +363,11 @@ class PbxClient:
                 raise PbxProtocolError(
                     f"{context}: the PBX answered status {status[:40]!r} without an errno"
                 )
+        if 300 <= status_code < 400 and headers.get("location"):
+            target = _strip_query(headers["location"])
+            raise PbxProtocolError(
+                f"{context}: the PBX redirects to {target}; use that address as the PBX URL"
+            )
         if status_code >= 500 or _looks_like_html(headers, stripped):
             raise PbxTransportError(
                 f"{context}: the PBX answered HTTP {status_code} "
