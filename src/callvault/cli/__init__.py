@@ -17,11 +17,31 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Keep every call recording of a Yeastar S-Series PBX: fetch, archive, search, play."""
+    # A callback keeps `callvault COMMAND` a command group even when main() registered
+    # only the one command being run.
+
+
 def _register() -> None:
-    # Imported for their side effect of adding commands to `app`.
-    from callvault.cli import _commands  # noqa: F401
+    """Register every command (for tests that drive `app` in-process)."""
+    from callvault.cli._commands import register
+
+    register(None)
+
+
+def _first_command(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main() -> None:
-    _register()
+    import sys
+
+    from callvault.cli._commands import register
+
+    register(_first_command(sys.argv[1:]))
     app()

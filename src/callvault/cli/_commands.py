@@ -1,8 +1,33 @@
-"""Imports every command module so that each registers its commands on the app."""
+"""Which module registers which command.
 
-# Each line registers one group of commands; keep them sorted.
-from callvault.cli import _archive_cmds  # noqa: F401
-from callvault.cli import _fetch  # noqa: F401
-from callvault.cli import _serve  # noqa: F401
-from callvault.cli import _simulate  # noqa: F401
-from callvault.cli import _web  # noqa: F401
+`callvault fetch` should not pay for importing the web app, the database layer and the
+simulator: `main()` imports only the module of the command being run (all of them for
+`--help` or an unknown command). Add a command here when you add one to a module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+COMMAND_MODULES: dict[str, str] = {
+    "backfill": "_serve",
+    "cdr": "_fetch",
+    "demo": "_demo",
+    "fetch": "_fetch",
+    "list": "_archive_cmds",
+    "serve": "_serve",
+    "simulate": "_simulate",
+    "status": "_archive_cmds",
+    "token": "_web",
+    "user": "_web",
+    "verify": "_archive_cmds",
+    "web": "_web",
+}
+
+
+def register(command: str | None) -> None:
+    """Import the module(s) that add `command` to the app (every module if unknown)."""
+    module = COMMAND_MODULES.get(command or "")
+    names = [module] if module else sorted(set(COMMAND_MODULES.values()))
+    for name in names:
+        importlib.import_module(f"callvault.cli.{name}")

@@ -159,6 +159,16 @@ def open_index(url: str, *, create: bool = True) -> Index:
     return index
 
 
+def write_transaction(engine: Engine) -> Any:
+    """`with write_transaction(engine) as conn:` a write transaction that waits its turn.
+
+    Use it instead of `engine.begin()` for every write: on SQLite a plain (deferred) BEGIN
+    that reads first cannot upgrade to a writer while another connection writes and fails
+    at once with "database is locked"; BEGIN IMMEDIATE queues on `busy_timeout` instead.
+    """
+    return _WriteTransaction(engine)
+
+
 def _redact(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Select, func, insert, select
 
+from callvault.index._index import write_transaction
 from callvault.index.schema import audit_log
 
 LOGIN = "login"
@@ -85,7 +86,7 @@ def record(
     at: datetime | None = None,
 ) -> None:
     """Append one entry (its own transaction, so it survives whatever the caller does next)."""
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         conn.execute(
             insert(audit_log).values(
                 at=_utc(at or datetime.now(UTC)),

@@ -20,6 +20,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, delete, insert, select, update
 
+from callvault.index._index import write_transaction
 from callvault.index.schema import api_tokens, users
 
 ADMIN = "admin"
@@ -193,7 +194,7 @@ def add_user(
     if len(password) < 8:
         raise UserError("the password is too short: use at least 8 characters")
     canonical = format_scope(parse_scope(scope))
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         exists = conn.execute(select(users.c.id).where(users.c.name == name)).first()
         if exists is not None:
             raise UserError(f"user {name!r} already exists")
@@ -231,7 +232,7 @@ def list_users(engine: Engine) -> list[User]:
 
 def remove_user(engine: Engine, name: str) -> bool:
     """Delete a user and their API tokens; False if there was no such user."""
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         row = conn.execute(select(users.c.id).where(users.c.name == name)).first()
         if row is None:
             return False
@@ -252,7 +253,7 @@ def count_admins(engine: Engine) -> int:
 def set_password(engine: Engine, name: str, password: str) -> bool:
     if len(password) < 8:
         raise UserError("the password is too short: use at least 8 characters")
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         result = conn.execute(
             update(users).where(users.c.name == name).values(password_hash=hash_password(password))
         )
@@ -273,7 +274,7 @@ def verify_password(engine: Engine, name: str, password: str) -> User | None:
     if row is None or row.disabled_at is not None:
         return None
     if _hasher.check_needs_rehash(stored):
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             conn.execute(
                 update(users)
                 .where(users.c.id == row.id)
@@ -324,7 +325,7 @@ def create_token(
     if user is None:
         raise UserError(f"no user named {user_name!r}")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         result = conn.execute(
             insert(api_tokens).values(
                 user_id=user.id,
@@ -362,7 +363,7 @@ def list_tokens(engine: Engine, *, include_revoked: bool = True) -> list[ApiToke
 
 def revoke_token(engine: Engine, token_id: int, *, now: datetime | None = None) -> bool:
     """Revoke a token; False if there is no such token or it was already revoked."""
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         result = conn.execute(
             update(api_tokens)
             .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
@@ -376,7 +377,7 @@ def user_for_token(engine: Engine, secret: str, *, now: datetime | None = None) 
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         return None
     digest = token_digest(secret)
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         row = conn.execute(
             select(api_tokens.c.id, api_tokens.c.user_id).where(
                 api_tokens.c.token_sha256 == digest, api_tokens.c.revoked_at.is_(None)

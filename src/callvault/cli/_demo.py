@@ -1,0 +1,135 @@
+"""``callvault demo``: the whole product on one machine, in one command.
+
+Starts a simulated PBX (HTTPS, self-signed certificate, calls every few seconds), runs the
+archiver against it with the certificate pinned, serves the web app, creates an admin user
+and prints its password once, and reports every recording as it is archived.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+from zoneinfo import ZoneInfo
+
+import typer
+
+from callvault.cli import app
+from callvault.cli._common import fail
+
+DEMO_USER = "admin"
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the demo keeps its archive and PBX data.")
+    ] = Path("callvault-demo"),
+    calls_per_minute: Annotated[
+        float, typer.Option("--calls-per-minute", help="Simulated calls per minute.")
+    ] = 12.0,
+    web_port: Annotated[
+        int, typer.Option("--web-port", help="Port of the web app on 127.0.0.1 (0: any free).")
+    ] = 8080,
+    duration: Annotated[
+        float,
+        typer.Option("--duration", help="Stop after this many seconds (0: run until Ctrl-C)."),
+    ] = 0.0,
+) -> None:
+    """Run a simulated PBX, archive its recordings as calls end, and serve the web app."""
+    from callvault.archive import Archived, Archiver, ArchiverConfig
+    from callvault.index import users
+    from callvault.pbx import TlsOptions
+    from callvault.simulator import Simulator, SimulatorConfig
+    from callvault.web import create_app
+
+    directory = directory.resolve()
+    archive = directory / "archive"
+    try:
+        archive.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create {directory}: {exc.strerror}")
+
+    simulator = Simulator(
+        SimulatorConfig(
+            port=0,
+            data_dir=directory / "pbx",
+            calls_per_minute=calls_per_minute,
+            timezone="UTC",
+        )
+    )
+    simulator.start()
+    try:
+        config = ArchiverConfig(
+            pbx_url=simulator.url,
+            username=simulator.username,
+            password=simulator.password,
+            archive=archive,
+            tls=TlsOptions(pin_sha256=simulator.cert_sha256),
+            events_host="127.0.0.1",
+            events_port=0,
+            timezone=ZoneInfo("UTC"),
+            web_host="127.0.0.1",
+            web_port=web_port,
+        )
+        archived = threading.Semaphore(0)
+
+        def report(item: Archived) -> None:
+            print(f"archived  {item.name}  {item.size:,} bytes  sha256 {item.sha256[:16]}…")
+            archived.release()
+
+        archiver = Archiver(config, on_archived=report, web_app_factory=create_app)
+        try:
+            archiver.start()
+        except OSError as exc:
+            fail(f"cannot listen on 127.0.0.1:{web_port} ({exc.strerror}): pass --web-port 0")
+        try:
+            assert archiver.index is not None
+            password = users.generate_password()
+            if users.get_user(archiver.index.engine, DEMO_USER) is None:
+                users.add_user(archiver.index.engine, DEMO_USER, "admin", password, "")
+            else:
+                users.set_password(archiver.index.engine, DEMO_USER, password)
+            _print_banner(archive, simulator.url, archiver.web_port, password)
+            for _ in range(3):
+                simulator.place_random_call(answered=True)
+            _wait(duration)
+        finally:
+            archiver.stop()
+    finally:
+        simulator.stop()
+    print(f"\nStopped. The archive stays in {archive}; look at it with:")
+    print(f"  callvault list --archive {archive}")
+
+
+def _print_banner(archive: Path, pbx_url: str, web_port: int | None, password: str) -> None:
+    print("callvault demo: a simulated PBX, the archiver and the web app are running.")
+    print(f"  simulated PBX   {pbx_url} (certificate pinned)")
+    print(f"  archive         {archive}")
+    print(f"  web app         http://127.0.0.1:{web_port}/")
+    print(f"  log in as       {DEMO_USER} / {password}   (shown once; a new one every run)")
+    print("Next, in another terminal:")
+    print(f"  callvault list --archive {archive}")
+    print(f"  callvault status --archive {archive}")
+    print(f"  callvault verify --archive {archive}")
+    print("Calls arrive every few seconds; each recording is reported as it is archived.")
+    print("Press Ctrl-C to stop.\n", flush=True)
+
+
+def _wait(duration: float) -> None:
+    """Sleep until Ctrl-C, SIGTERM or the duration is over."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        deadline = time.monotonic() + duration if duration > 0 else None
+        while not stop.is_set():
+            timeout = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if timeout <= 0:
+                break
+            stop.wait(timeout)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
