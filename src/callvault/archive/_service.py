@@ -37,7 +37,12 @@ from callvault.archive._receiver import (
     new_secret_path,
 )
 from callvault.archive._session import HEALTH_SETTING, PbxSession
-from callvault.archive._workers import Archived, WorkerPool
+from callvault.archive._workers import (
+    Archived,
+    WorkerPool,
+    process_staging_dir,
+    remove_staging_dir,
+)
 from callvault.index import Index, RecordResult, open_index
 from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 from callvault.pbx._types import Event
@@ -238,6 +243,7 @@ class Archiver:
         config = self.config
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.storage.clean_staging, older_than=_hours(1))
+        staging = await asyncio.to_thread(process_staging_dir, self.storage)
         self.secret_path = await asyncio.to_thread(
             index.setdefault_setting, SECRET_SETTING, new_secret_path(), _utcnow()
         )
@@ -284,6 +290,7 @@ class Archiver:
             lease_s=config.job_lease_s,
             poll_interval_s=config.poll_interval_s,
             on_archived=self._on_archived,
+            staging_dir=staging,
         )
         self.pool = pool
 
@@ -355,6 +362,7 @@ class Archiver:
             await session.close()
             with contextlib.suppress(Exception):
                 await client.aclose()
+            await asyncio.to_thread(remove_staging_dir, staging)
             log.info("stopped")
 
     def _web_server(

@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import uuid
 from collections.abc import Callable
@@ -86,6 +87,46 @@ def default_worker_prefix() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+_PROCESS_DIR = re.compile(r"^proc-(\d+)-[0-9a-f]+$")
+
+
+def process_staging_dir(storage: LocalStorage) -> Path:
+    """A staging directory of this process's own, after removing those of dead processes.
+
+    Downloads in progress live in the storage's hidden staging area; a process killed
+    mid-download (SIGKILL, power loss) leaves its partial file there. Each process works
+    in ``proc-<pid>-<random>``, so the next one can tell leftovers (their process is gone)
+    from a concurrent process's downloads (e.g. a backfill while serve runs).
+    """
+    staging = storage.staging_dir()
+    for entry in staging.iterdir():
+        match = _PROCESS_DIR.match(entry.name)
+        if match is None or not entry.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        log.info("removed the partial downloads of a stopped process (%s)", entry.name)
+    own = staging / f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    own.mkdir()
+    return own
+
+
+def remove_staging_dir(path: Path) -> None:
+    """Remove this process's staging directory at a clean exit."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -110,6 +151,7 @@ class WorkerPool:
         on_archived: Callable[[Archived], None] | None = None,
         on_auth_failure: Callable[[AuthError], None] | None = None,
         rng: random.Random | None = None,
+        staging_dir: Path | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker is needed")
@@ -126,6 +168,7 @@ class WorkerPool:
         self._clock = clock
         self._on_archived = on_archived
         self._on_auth_failure = on_auth_failure
+        self._staging_dir = staging_dir
         self._rng = rng or random.Random()
         self._wakes = [asyncio.Event() for _ in range(workers)]
         self._busy = [False] * workers
@@ -193,7 +236,7 @@ class WorkerPool:
         return min(self._poll_interval_s, max(0.05, seconds))
 
     async def _process(self, job: Job, worker_id: str) -> None:
-        staging = self._storage.staging_dir()
+        staging = self._staging_dir or self._storage.staging_dir()
         # Keep the extension: the client insists on RIFF/WAVE for a .wav target.
         filename = f"{job.recording_id}-{uuid.uuid4().hex[:12]}{_extension(job.name)}"
         staged = staging / filename

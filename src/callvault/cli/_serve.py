@@ -33,6 +33,7 @@ from callvault.archive import (
     backfill,
     queued_counts,
 )
+from callvault.archive._workers import process_staging_dir, remove_staging_dir
 from callvault.cli import app
 from callvault.cli._common import fail
 from callvault.cli._settings import (
@@ -458,9 +459,11 @@ async def _drain(
         failure.append(str(exc))
         stop.set()
 
+    staging = await asyncio.to_thread(process_staging_dir, storage)
     pool = WorkerPool(
         index=index,
         storage=storage,
+        staging_dir=staging,
         client=client,
         session=None,
         tz=settings.tz,
@@ -482,4 +485,5 @@ async def _drain(
             await asyncio.wait_for(stop.wait(), timeout=0.5)
     stop.set()
     await runner
+    await asyncio.to_thread(remove_staging_dir, staging)
     return failure[0] if failure else None

@@ -159,7 +159,7 @@ def open_index(url: str, *, create: bool = True) -> Index:
     return index
 
 
-def write_transaction(engine: Engine) -> Any:
+def write_transaction(engine: Engine) -> _WriteTransaction:
     """`with write_transaction(engine) as conn:` a write transaction that waits its turn.
 
     Use it instead of `engine.begin()` for every write: on SQLite a plain (deferred) BEGIN
