@@ -1,0 +1,73 @@
+"""TlsOptions: pin formats, one trust mode at a time, the contexts they build."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+from callvault.pbx import TlsOptions, build_ssl_context, normalise_pin
+from callvault.pbx._tls import PinMismatchError, describe_tls_failure
+
+HEX = "a1" * 32
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        HEX,
+        HEX.upper(),
+        ":".join([HEX[i : i + 2] for i in range(0, 64, 2)]),
+        f"sha256:{HEX}",
+        f" {HEX} ",
+    ],
+)
+def test_pin_forms(form: str) -> None:
+    assert normalise_pin(form) == HEX
+    assert TlsOptions(pin_sha256=form).pin_sha256 == HEX
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "zz" * 32, HEX + "00"])
+def test_bad_pins_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="64 hex digits"):
+        normalise_pin(bad)
+
+
+def test_one_trust_mode_at_a_time(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="choose one"):
+        TlsOptions(ca_file=tmp_path / "ca.pem", insecure=True)
+    with pytest.raises(ValueError, match="choose one"):
+        TlsOptions(pin_sha256=HEX, insecure=True)
+    with pytest.raises(ValueError, match="TLS version"):
+        TlsOptions(minimum_version="1.4")
+
+
+def test_contexts() -> None:
+    default = build_ssl_context(TlsOptions())
+    assert default.verify_mode is ssl.CERT_REQUIRED and default.check_hostname
+    assert default.minimum_version is ssl.TLSVersion.TLSv1_2
+    pinned = build_ssl_context(TlsOptions(pin_sha256=HEX))
+    assert pinned.verify_mode is ssl.CERT_NONE  # the pin replaces CA and host name checks
+    assert pinned.sslobject_class is not ssl.SSLObject
+    assert pinned.sslsocket_class is not ssl.SSLSocket
+    insecure = build_ssl_context(TlsOptions(insecure=True))
+    assert insecure.verify_mode is ssl.CERT_NONE
+    assert insecure.sslobject_class is ssl.SSLObject
+
+
+def test_ca_file_context_trusts_that_ca(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = build_ssl_context(TlsOptions(ca_file=ca_file))
+    assert len(context.get_ca_certs()) == 1
+
+
+def test_failure_descriptions_say_what_to_do(tmp_path: Path) -> None:
+    assert "--pin-sha256" in describe_tls_failure(PinMismatchError("x"), TlsOptions(pin_sha256=HEX))
+    untrusted = ssl.SSLCertVerificationError("certificate verify failed")
+    assert "--ca-file or --pin-sha256" in describe_tls_failure(untrusted, TlsOptions())
+    with_ca = describe_tls_failure(untrusted, TlsOptions(ca_file=tmp_path / "ca.pem"))
+    assert "ca.pem" in with_ca
