@@ -319,3 +319,19 @@ def test_play_download_export_are_audited(web: LiveWeb) -> None:
     lines = list(csv.reader(io.StringIO(csv_text)))
     assert lines[0] == list(audit.CSV_HEADER)
     assert all(line[2] == "bob" and line[3] == "download" for line in lines[1:]) and len(lines) > 1
+
+
+def test_status_page_and_api_show_pbx_health_and_last_event(web: LiveWeb) -> None:
+    index = web.archive.index
+    now = web.clock()
+    index.set_setting("pbx_health", '{"state": "degraded", "error": "heartbeat failed"}', now)
+    index.set_setting("last_event_at", "2024-05-11T08:59:00+00:00", now)
+    admin, _ = web.bearer(ADMIN[0])
+    status = admin.get("/api/status").json()
+    assert status["pbx_health"] == {"state": "degraded", "error": "heartbeat failed"}
+    assert status["last_event_at"] == "2024-05-11T08:59:00+00:00"
+    page = web.login(*ADMIN).get("/status").text
+    assert "state: degraded; error: heartbeat failed" in page
+    assert "2024-05-11T08:59:00+00:00" in page
+    assert "PBX said 20014" in page  # the failure's reason
+    assert '<td class="count-archived">4</td>' in page

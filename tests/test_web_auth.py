@@ -195,3 +195,27 @@ def test_pages_send_protective_headers(web: LiveWeb) -> None:
     assert response.headers["x-frame-options"] == "DENY"
     assert "script-src 'self'" in response.headers["content-security-policy"]
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_admin_page_creates_and_revokes_tokens(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    csrf = csrf_of(admin.get("/admin").text)
+    made = admin.post("/admin/tokens", data={"user": "bob", "label": "report", "csrf": csrf})
+    assert made.status_code == 200
+    secret = made.text.split('id="new-token">', 1)[1].split("<", 1)[0]
+    engine = web.archive.index.engine
+    found = users.user_for_token(engine, secret)
+    assert found is not None and found.name == "bob"
+    token_id = users.list_tokens(engine)[0].id
+    # The secret is shown once: the admin page never shows it again.
+    assert secret not in admin.get("/admin").text
+    revoked = admin.post(f"/admin/tokens/{token_id}/revoke", data={"csrf": csrf})
+    assert revoked.status_code == 303
+    assert users.user_for_token(engine, secret) is None
+    removed = admin.post("/admin/users/bob/remove", data={"csrf": csrf})
+    assert removed.status_code == 303 and users.get_user(engine, "bob") is None
+    itself = admin.post("/admin/users/alice/remove", data={"csrf": csrf})
+    assert itself.status_code == 409 and users.get_user(engine, "alice") is not None
+    assert {audit.TOKEN_CREATE, audit.TOKEN_REVOKE, audit.USER_REMOVE} <= set(
+        _audit_actions(web, "alice")
+    )
