@@ -347,7 +347,7 @@ def _admin_page(
         status_code=status_code,
         users=users.list_users(engine),
         tokens=users.list_tokens(engine),
-        roles=users.ROLES,
+        roles=(users.LISTENER, users.ADMIN),  # the safer role first
         **extra,
     )
 
