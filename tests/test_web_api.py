@@ -335,3 +335,42 @@ def test_status_page_and_api_show_pbx_health_and_last_event(web: LiveWeb) -> Non
     assert "2024-05-11T08:59:00+00:00" in page
     assert "PBX said 20014" in page  # the failure's reason
     assert '<td class="count-archived">4</td>' in page
+
+
+def test_damaged_and_missing_files_are_reported_not_hidden(tmp_path: Path) -> None:
+    with live_web(tmp_path) as web:
+        rows = rows_by_from(web.archive)
+        damaged, missing = rows["1001"], rows["2001"]
+        storage = web.archive.storage
+        assert damaged.storage_key is not None and missing.storage_key is not None
+        path = storage.local_path(damaged.storage_key)
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        storage.local_path(missing.storage_key).unlink()
+        admin, _ = web.bearer(ADMIN[0])
+
+        check = admin.post(f"/api/recordings/{damaged.id}/verify").json()
+        assert check["ok"] is False
+        assert check["actual_sha256"] == hashlib.sha256(bytes(data)).hexdigest()
+        assert check["expected_sha256"] == damaged.sha256
+        gone = admin.post(f"/api/recordings/{missing.id}/verify").json()
+        assert gone["ok"] is False and gone["error"] == "file missing from storage"
+        assert admin.get(f"/api/recordings/{missing.id}/audio").status_code == 404
+
+        exported = zipfile.ZipFile(io.BytesIO(admin.get("/api/export").content))
+        manifest = {
+            int(m["recording_id"]): m
+            for m in csv.DictReader(io.StringIO(exported.read("manifest.csv").decode()))
+        }
+        assert manifest[damaged.id]["matches_index"] == "no"
+        assert manifest[damaged.id]["sha256"] == check["actual_sha256"]
+        assert manifest[missing.id]["file"] == "" and manifest[missing.id]["matches_index"] == "no"
+        assert manifest[rows["1000"].id]["matches_index"] == "yes"
+        verify_entries = audit.query(
+            web.archive.index.engine, audit.AuditFilter(action=audit.VERIFY)
+        )
+        assert {e.detail for e in verify_entries} == {
+            "the file's bytes differ from the archived checksum",
+            "file missing from storage",
+        }

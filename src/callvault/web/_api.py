@@ -335,7 +335,10 @@ def audio_response(
     ctx = context(request)
     if row.state != ARCHIVED or row.storage_key is None:
         raise HTTPException(404, "this recording is not archived")
-    stored = ctx.storage.stat(row.storage_key)
+    try:
+        stored = ctx.storage.stat(row.storage_key)
+    except ValueError:  # a storage key that fails validation: treat as unreadable
+        stored = None
     if stored is None:
         raise HTTPException(404, "the archived file is missing from storage")
     size = stored.size
@@ -354,14 +357,20 @@ def audio_response(
         return Response(status_code=416, headers={"Content-Range": f"bytes */{size}", **headers})
     if download:
         byte_range = None if byte_range is None or byte_range.length == size else byte_range
-    content_type = _media.content_type_of(row, ctx.storage)
+    try:
+        content_type = _media.content_type_of(row, ctx.storage)
+    except (OSError, ValueError):
+        raise HTTPException(404, "the archived file is missing from storage") from None
     if download:
         record_audit(request, principal.name, audit.DOWNLOAD, row.name, f"id={row.id}")
     elif (byte_range is None or byte_range.start == 0) and ctx.first_play(
         principal.user.id, row.id
     ):
         record_audit(request, principal.name, audit.PLAY, row.name, f"id={row.id}")
-    stream = ctx.storage.open(row.storage_key)
+    try:
+        stream = ctx.storage.open(row.storage_key)
+    except (OSError, ValueError):
+        raise HTTPException(404, "the archived file is missing from storage") from None
     if byte_range is None:
         headers["Content-Length"] = str(size)
         return StreamingResponse(

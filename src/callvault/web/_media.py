@@ -175,7 +175,7 @@ def verify_recording(row: RecordingRow, storage: Storage) -> VerifyResult:
             while chunk := stream.read(CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return VerifyResult(False, row.sha256, None, row.size, None, "file missing from storage")
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
@@ -254,7 +254,7 @@ def stream_zip(
         try:
             assert row.storage_key is not None
             stream = storage.open(row.storage_key)
-        except (AssertionError, OSError):
+        except (AssertionError, OSError, ValueError):
             stream = None
         if stream is not None:
             info = zipfile.ZipInfo(f"recordings/{filename}", date_time=_zip_time(row))
