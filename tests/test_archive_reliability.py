@@ -1,0 +1,210 @@
+"""Reliability (issue 3, section 7): faults on, `callvault serve` SIGKILLed and restarted.
+
+The simulated PBX drops downloads mid-body, answers slowly, sends 5xx and HTML pages,
+says "not ready" for a while after each call, revokes its tokens every few seconds and
+reboots once. Meanwhile about 200 calls are placed, and the `callvault serve` process is
+killed with SIGKILL at random moments and started again (at least three times); calls
+whose events went nowhere while it was down come back through reconciliation.
+
+At the end: every recording is archived exactly once, byte-identical (SHA-256) to the
+simulator's; no temporary file is visible in the archive tree; index and disk agree
+(also per `callvault verify`); the last run stops with exit code 0 on SIGTERM; no log
+line holds the password or the receiver's secret path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from callvault.archive import SECRET_SETTING
+from callvault.cli import _register, app
+from callvault.index import open_index
+from callvault.simulator import Faults, Simulator, SimulatorConfig
+
+CALLS = 200
+KILLS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _serve_env(sim: Simulator, archive: Path, events_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")}
+    env.update(
+        {
+            "CALLVAULT_PASSWORD": sim.password,
+            "CALLVAULT_PBX": sim.url,
+            "CALLVAULT_USERNAME": sim.username,
+            "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
+            "CALLVAULT_ARCHIVE": str(archive),
+            "CALLVAULT_TIMEZONE": sim.config.timezone,
+            "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{events_port}",
+            # Shrunk so that the run converges in seconds, not hours.
+            "CALLVAULT_JOB_LEASE_S": "3",
+            "CALLVAULT_POLL_INTERVAL_S": "0.3",
+            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
+            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
+            "CALLVAULT_MISSING_AFTER_S": "600",
+            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.2",
+            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "1",
+            "CALLVAULT_TRANSIENT_MAX_ATTEMPTS": "100",
+            "CALLVAULT_RECONCILE_HOURS": "1",
+            "CALLVAULT_RECONCILE_INTERVAL_S": "10",
+        }
+    )
+    return env
+
+
+class ServeProcess:
+    """`callvault serve` as a child process, with its log kept per run."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.runs = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.runs += 1
+        log = (self.logs / f"serve-{self.runs}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "callvault", "serve", "--no-web"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def log_text(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.logs.glob("serve-*.log"))
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
+    rng = random.Random()
+    faults = Faults(
+        drop_rate=0.1,
+        slow_seconds=0.01,
+        error_5xx_rate=0.05,
+        html_error_rate=0.02,
+        not_ready_seconds=1.0,
+        revoke_every_seconds=7.0,
+    )
+    config = SimulatorConfig(
+        seed=rng.randrange(2**31), faults=faults, event_retry_interval=0.3, event_max_retries=5
+    )
+    archive = tmp_path / "archive"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    started = time.monotonic()
+    with Simulator(config) as sim:
+        serve = ServeProcess(_serve_env(sim, archive, _free_port()), logs)
+        serve.start()
+        placed: list[str] = []
+
+        def place_calls() -> None:
+            for n in range(CALLS):
+                answered = n % 10 != 9  # some calls have no recording
+                cdr = sim.place_random_call(answered=answered)
+                if cdr.recording:
+                    placed.append(cdr.recording)
+                if n == CALLS // 2:
+                    sim.reboot()
+                time.sleep(rng.uniform(0.05, 0.25))
+
+        caller = threading.Thread(target=place_calls)
+        caller.start()
+        for _ in range(KILLS):
+            time.sleep(rng.uniform(2.0, 7.0))
+            serve.kill()
+            time.sleep(rng.uniform(0.0, 2.0))
+            serve.start()
+        caller.join()
+        assert serve.runs == KILLS + 1
+
+        db_url = f"sqlite:///{archive / 'callvault.db'}"
+
+        def all_archived() -> bool:
+            with open_index(db_url) as index:
+                counts = index.counts_by_state()
+            return counts["archived"] == len(placed) and sum(counts.values()) == len(placed)
+
+        deadline = time.monotonic() + 90
+        while not all_archived() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        with open_index(db_url) as index:
+            counts = {k: v for k, v in index.counts_by_state().items() if v}
+            stuck = [
+                (row.name, row.state, row.last_error)
+                for row in index.retrying(10) + index.recent_failures(10)
+            ]
+        assert counts == {"archived": len(placed)}, (counts, stuck)
+        assert serve.terminate() == 0
+
+        # Every recording once, byte-identical to the PBX's, where the index says.
+        expected = set(sim.recording_names())
+        assert expected == set(placed) and len(placed) > 150
+        with open_index(db_url) as index:
+            secret_path = index.get_setting(SECRET_SETTING)
+            keys: set[str] = set()
+            for name in expected:
+                row = index.recording_by_name(name)
+                assert row is not None and row.state == "archived", name
+                assert row.storage_key is not None and row.storage_key not in keys
+                keys.add(row.storage_key)
+                data = (archive / row.storage_key).read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                assert digest == sim.recording_sha256(name) == row.sha256, name
+                assert row.size == len(data)
+
+    # The tree holds exactly the archived files (and the index); nothing temporary is
+    # visible: the only other entries are the hidden staging directory's.
+    visible = {
+        str(path.relative_to(archive))
+        for path in archive.rglob("*")
+        if path.is_file() and not path.relative_to(archive).parts[0].startswith(".")
+    }
+    index_files = {n for n in visible if n.startswith("callvault.db")}
+    assert visible - index_files == keys
+    # Partial downloads of killed runs were removed by the next run; the last one cleaned up.
+    every_file = {str(path.relative_to(archive)) for path in archive.rglob("*") if path.is_file()}
+    assert every_file - index_files == keys
+
+    _register()
+    verify = CliRunner().invoke(app, ["verify", "--archive", str(archive)])
+    assert verify.exit_code == 0, verify.output
+
+    text = serve.log_text()
+    assert "Traceback" not in text
+    assert sim.password not in text
+    assert secret_path is not None and secret_path not in text
+    assert text.count("archived ") >= len(expected)
+    assert time.monotonic() - started < 180
