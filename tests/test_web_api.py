@@ -335,6 +335,7 @@ def test_status_page_and_api_show_pbx_health_and_last_event(web: LiveWeb) -> Non
     assert "2024-05-11T08:59:00+00:00" in page
     assert "PBX said 20014" in page  # the failure's reason
     assert '<td class="count-archived">4</td>' in page
+    assert '<th>2024-05-03</th><td><progress max="4" value="4"></progress></td>' in page
 
 
 def test_damaged_and_missing_files_are_reported_not_hidden(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
-from callvault.index import audit, users
+from callvault.index import _web_queries, audit, users
 from callvault.index.schema import ARCHIVED, RECORDING_STATES
 from callvault.web import _api, _media
 from callvault.web._context import (
@@ -333,7 +333,18 @@ async def verify_page(
 @router.get("/status")
 def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
     status = _api.archive_status(request)
-    return render(request, "status.html", principal, status=status, states=RECORDING_STATES)
+    ctx = context(request)
+    per_day = _web_queries.calls_per_day(ctx.engine, days=14, today=ctx.clock().date())
+    busiest = max((d.calls for d in per_day), default=0)
+    return render(
+        request,
+        "status.html",
+        principal,
+        status=status,
+        states=RECORDING_STATES,
+        per_day=list(reversed(per_day)),
+        busiest=max(busiest, 1),
+    )
 
 
 def _admin_page(
