@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import re
 import secrets
@@ -246,7 +247,8 @@ class Simulator:
             with self.state.lock:
                 frequency = 300.0 + 20 * self.state.rng.randrange(20)
             size, sha256 = write_wav(path, seconds=talk, total_size=size_bytes,
-                                     frequency=frequency)
+                                     frequency=frequency,
+                                     marker=hashlib.sha256(name.encode()).digest())
             self.state.add_recording(Recording(name=name, path=path, size=size, sha256=sha256,
                                                created_at=hangup))
         cdr = CallDetail(

@@ -45,11 +45,13 @@ def _tone_second(frequency: float) -> bytes:
 
 
 def write_wav(path: Path, *, seconds: float = 0.0, total_size: int | None = None,
-              frequency: float = 440.0) -> tuple[int, str]:
+              frequency: float = 440.0, marker: bytes = b"") -> tuple[int, str]:
     """Write a WAV to `path` atomically; return (size in bytes, SHA-256 hex).
 
     The file holds `seconds` of tone, or exactly `total_size` bytes in all when given (at
     least 44; a byte is dropped if needed to keep whole samples). Memory use stays constant.
+    `marker` replaces the first samples (a few inaudible milliseconds) so that every call's
+    recording has its own bytes and SHA-256, as real recordings do.
     """
     if total_size is not None:
         data_size = max(total_size - HEADER_SIZE, 0)
@@ -65,8 +67,14 @@ def write_wav(path: Path, *, seconds: float = 0.0, total_size: int | None = None
         out.write(header)
         digest.update(header)
         remaining = data_size
+        first = True
         while remaining > 0:
             piece = block[: min(remaining, len(block))]
+            if first and marker:
+                stamp = marker[: len(piece) - len(piece) % SAMPLE_WIDTH]
+                stamp = stamp[: len(stamp) - len(stamp) % SAMPLE_WIDTH]
+                piece = stamp + piece[len(stamp) :]
+                first = False
             out.write(piece)
             digest.update(piece)
             remaining -= len(piece)
