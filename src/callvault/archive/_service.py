@@ -127,6 +127,9 @@ def _server_for(app: Any) -> _Server:
         lifespan="off",
         timeout_keep_alive=2,
         server_header=False,
+        # The receiver's source check and the web app's login limiter use the peer address;
+        # an X-Forwarded-For header from any local process must not change it.
+        proxy_headers=False,
     )
     return _Server(config)
 
