@@ -6,9 +6,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from callvault.index import audit, users
+from callvault.web import create_app
 from web_fixtures import (
     ADMIN,
     LISTENER_2000,
@@ -17,6 +19,7 @@ from web_fixtures import (
     live_web,
     login,
     rows_by_from,
+    serve,
 )
 
 
@@ -219,3 +222,18 @@ def test_admin_page_creates_and_revokes_tokens(web: LiveWeb) -> None:
     assert {audit.TOKEN_CREATE, audit.TOKEN_REVOKE, audit.USER_REMOVE} <= set(
         _audit_actions(web, "alice")
     )
+
+
+def test_session_survives_a_restart_of_the_app(web: LiveWeb) -> None:
+    client = web.login(*ADMIN)
+    cookie = client.cookies.get("cv_session")
+    assert cookie
+    # A second app over the same index (a restarted `callvault web` or `serve`) reads the
+    # session secret from the index, so the cookie is still good there.
+    restarted = create_app(web.archive.index, web.archive.storage, clock=web.clock)
+    with serve(restarted) as base:
+        again = httpx.Client(base_url=base, timeout=10, cookies={"cv_session": cookie})
+        page = again.get("/search")
+        assert page.status_code == 200 and "alice" in page.text
+        stranger = httpx.Client(base_url=base, timeout=10, cookies={"cv_session": cookie + "x"})
+        assert stranger.get("/search", follow_redirects=False).status_code == 303

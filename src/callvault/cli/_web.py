@@ -85,9 +85,16 @@ def web(
         print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
     application = create_app(index, storage, secure_cookies=secure_cookies)
     shown = f"[{host}]" if ":" in host else host
-    print(f"callvault web: serving http://{shown}:{port}/ (API docs at /api/docs)")
+    print(f"callvault web: serving http://{shown}:{port}/ (OpenAPI document at /api/openapi.json)")
     try:
-        uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(
+            application,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,  # the login limiter keys on the peer address
+        )
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror}")
     finally:

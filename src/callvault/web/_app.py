@@ -43,6 +43,19 @@ def _error_page(request: Request, status: int, detail: str) -> Response:
     )
 
 
+SESSION_SECRET_SETTING = "web_session_secret"  # noqa: S105 - a settings key, not a secret
+
+
+def _stored_session_secret(index: Index, now: datetime) -> bytes:
+    stored = index.get_setting(SESSION_SECRET_SETTING)
+    if stored is None:
+        index.set_setting(SESSION_SECRET_SETTING, secrets.token_hex(32), now)
+        # Read back: if two processes raced, both use the one that was stored last.
+        stored = index.get_setting(SESSION_SECRET_SETTING)
+    assert stored is not None
+    return bytes.fromhex(stored)
+
+
 def create_app(
     index: Index,
     storage: Storage,
@@ -55,22 +68,26 @@ def create_app(
     """Build the web app over an open index and a storage backend.
 
     `secure_cookies` marks cookies Secure (set it when TLS is terminated in front of the
-    app; requests seen as https get it anyway). Without `session_secret` a random one is
-    made, so sessions end when the process does. `clock` and `limiter` are for tests.
+    app; requests seen as https get it anyway). Without `session_secret` the one kept in the
+    index is used (made on first start), so sessions survive a restart and `callvault web`
+    and `callvault serve` over the same archive accept each other's cookies. `clock` and
+    `limiter` are for tests.
     """
     now = clock or _utc_now
+    if session_secret is None:
+        session_secret = _stored_session_secret(index, now())
     app = FastAPI(
         title="callvault",
         summary="Find, play and export archived call recordings",
         version="1",
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        docs_url=None,  # Swagger UI would load from a CDN: blank on an offline network
         redoc_url=None,
     )
     app.state.callvault = WebContext(
         index=index,
         storage=storage,
-        signer=SessionSigner(session_secret or secrets.token_bytes(32), now),
+        signer=SessionSigner(session_secret, now),
         limiter=limiter or LoginLimiter(now),
         clock=now,
         secure_cookies=secure_cookies,
@@ -87,8 +104,7 @@ def create_app(
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
-        if not request.url.path.startswith("/api/docs"):
-            response.headers.setdefault("Content-Security-Policy", _CSP)
+        response.headers.setdefault("Content-Security-Policy", _CSP)
         return response
 
     @app.exception_handler(_pages.LoginRequired)
