@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -72,3 +77,73 @@ async def test_fetch_stops_at_a_wrong_password(
         "callvault: error: login: wrong API username or password, errno 20003 "
         "(3 recording(s) not fetched)"
     ]
+
+
+async def test_fetch_json_prints_one_object_per_saved_recording(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV, "c+1.wav": WAV})
+    client = PbxClient(
+        "https://127.0.0.1:8088",
+        "api",
+        PASSWORD,
+        transport=httpx.MockTransport(pbx.handler),
+        sleep=Sleeps(),
+    )
+    code = await fetch_recordings(
+        client, ["a.wav", "missing.wav", "c+1.wav"], tmp_path, show_progress=False, as_json=True
+    )
+    assert code == 1
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["name"] for line in lines] == ["a.wav", "c+1.wav"]
+    for line in lines:
+        assert set(line) == {"name", "path", "size", "sha256", "seconds"}
+        assert Path(line["path"]) == tmp_path / line["name"]
+        assert Path(line["path"]).read_bytes() == WAV
+        assert line["size"] == len(WAV)
+        assert line["sha256"] == hashlib.sha256(WAV).hexdigest()
+        assert 0 < line["seconds"] < 10
+    assert "missing.wav" in captured.err
+    # Logged in before the first download, so no recording's seconds include the login.
+    assert pbx.endpoints()[:2] == ["login", "recording/get_random"]
+    assert pbx.count("login") == 1
+
+
+async def test_fetch_retries_a_transient_login_failure_inside_the_download(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV})
+    failures = ["503"]
+
+    async def flaky(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/login") and failures:
+            failures.pop()
+            return httpx.Response(503, text="Service Unavailable")
+        return await pbx.handler(request)
+
+    client = PbxClient(
+        "https://127.0.0.1:8088",
+        "api",
+        PASSWORD,
+        transport=httpx.MockTransport(flaky),
+        sleep=Sleeps(),
+    )
+    code = await fetch_recordings(client, ["a.wav"], tmp_path, show_progress=False)
+    assert code == 0
+    assert (tmp_path / "a.wav").read_bytes() == WAV
+    assert capsys.readouterr().err == ""
+
+
+def test_fetch_help_documents_json_output() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "callvault", "fetch", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--json" in text
+    assert "name, path, size, sha256 and seconds" in text

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -75,9 +76,18 @@ def _without_context(message: str, name: str) -> str:
 
 
 async def fetch_recordings(
-    client: PbxClient, names: list[str], out: Path, *, show_progress: bool
+    client: PbxClient,
+    names: list[str],
+    out: Path,
+    *,
+    show_progress: bool,
+    as_json: bool = False,
 ) -> int:
-    """Download each name into `out`; print one line per result. Returns the exit code."""
+    """Download each name into `out`; print one line per result. Returns the exit code.
+
+    The client logs in before the first download, so each recording's ``seconds`` is its
+    transfer alone: get_random, connection and TLS handshake, GET, checks, fsync and rename.
+    """
     failures = 0
     progress: Progress | None = None
     if show_progress:
@@ -99,6 +109,14 @@ async def fetch_recordings(
                     print(f"callvault: {name}: {exc}", file=sys.stderr)
                     failures += 1
                     continue
+                if not client.logged_in:
+                    try:
+                        await client.login()
+                    except PbxError as exc:
+                        if _is_fatal(exc) and not isinstance(exc, PbxUnreachable):
+                            _print_fatal(exc, len(names) - position)
+                            return 1
+                        # Possibly transient: the download logs in again, with retries.
                 task: TaskID | None = None
                 if progress is not None:
                     task = progress.add_task(name, total=None)
@@ -107,13 +125,12 @@ async def fetch_recordings(
                     if progress is not None and task is not None:
                         progress.update(task, completed=done, total=total)
 
+                started = time.perf_counter()
                 try:
                     result = await client.download_recording(name, out, progress=advance)
                 except PbxError as exc:
                     if _is_fatal(exc):
-                        left = len(names) - position
-                        more = f" ({left} recording(s) not fetched)" if left > 1 else ""
-                        print(f"callvault: error: {exc}{more}", file=sys.stderr)
+                        _print_fatal(exc, len(names) - position)
                         return 1
                     print(f"callvault: {name}: {_without_context(str(exc), name)}", file=sys.stderr)
                     failures += 1
@@ -128,15 +145,30 @@ async def fetch_recordings(
                 finally:
                     if progress is not None and task is not None:
                         progress.remove_task(task)
-                _print_saved(result)
+                _print_saved(result, time.perf_counter() - started, as_json=as_json)
     finally:
         if progress is not None:
             progress.stop()
     return 1 if failures else 0
 
 
-def _print_saved(result: DownloadResult) -> None:
-    print(f"{result.path}\t{result.size} bytes\tsha256 {result.sha256}")
+def _print_fatal(exc: PbxError, left: int) -> None:
+    more = f" ({left} recording(s) not fetched)" if left > 1 else ""
+    print(f"callvault: error: {exc}{more}", file=sys.stderr)
+
+
+def _print_saved(result: DownloadResult, seconds: float, *, as_json: bool) -> None:
+    if as_json:
+        line = {
+            "name": result.name,
+            "path": str(result.path),
+            "size": result.size,
+            "sha256": result.sha256,
+            "seconds": round(seconds, 6),
+        }
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    else:
+        print(f"{result.path}\t{result.size} bytes\tsha256 {result.sha256}", flush=True)
 
 
 @app.command("fetch")
@@ -155,15 +187,32 @@ def fetch(
     out: Annotated[Path, typer.Option("--out", help="Directory to save the recordings in.")] = Path(
         "."
     ),
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=(
+                "For each recording saved, print one JSON object per line: name, path, size, "
+                "sha256 and seconds (the download alone: get_random, TLS handshake, GET, "
+                "checks, fsync and rename; the login is done before the first one)."
+            ),
+        ),
+    ] = False,
 ) -> None:
-    """Download recordings from the PBX and save each as OUT/NAME, verified."""
+    """Download recordings from the PBX and save each as OUT/NAME, verified.
+
+    Prints one line per recording saved (with --json, one JSON object per line); failures
+    go to stderr, one line each. Exit status 0 only if every recording was saved.
+    """
     options = PbxOptions(
         pbx, username, password_env, api_version, ca_file, pin_sha256, insecure, tls_min_version
     )
     client = options.build_client()
     _quiet_library_logs()
     try:
-        code = asyncio.run(fetch_recordings(client, names, out, show_progress=sys.stderr.isatty()))
+        code = asyncio.run(
+            fetch_recordings(client, names, out, show_progress=sys.stderr.isatty(), as_json=as_json)
+        )
     except KeyboardInterrupt:
         print("callvault: interrupted; no partial file was kept", file=sys.stderr)
         raise typer.Exit(130) from None
