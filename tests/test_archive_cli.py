@@ -1,0 +1,60 @@
+"""`callvault serve`: one clear line for every expected failure at start, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from callvault.cli import _register, app
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "CALLVAULT_PBX": "https://127.0.0.1:1",
+        "CALLVAULT_USERNAME": "api",
+        "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
+        "CALLVAULT_PASSWORD": "s3cret-value",
+    }
+    env.update(extra)
+    return env
+
+
+def test_serve_without_password_or_pbx_says_so(tmp_path: Path) -> None:
+    _register()
+    runner = CliRunner()
+    env = _env(tmp_path)
+    del env["CALLVAULT_PASSWORD"]
+    result = runner.invoke(app, ["serve", "--no-web", "--password-env", "NO_SUCH_VAR_X"], env=env)
+    assert result.exit_code == 2
+    assert "set the environment variable NO_SUCH_VAR_X" in result.output
+    env = _env(tmp_path)
+    del env["CALLVAULT_PBX"]
+    result = runner.invoke(app, ["serve", "--no-web"], env=env)
+    assert result.exit_code == 2 and "no PBX" in result.output
+    result = runner.invoke(
+        app, ["serve", "--no-web", "--events-listen", "nowhere"], env=_env(tmp_path)
+    )
+    assert result.exit_code == 2 and "events" in result.output and "HOST:PORT" in result.output
+    result = runner.invoke(
+        app, ["serve", "--no-web", "--events-allow", "not-an-ip"], env=_env(tmp_path)
+    )
+    assert result.exit_code == 2 and "not an IP address" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_with_its_port_taken_says_so(tmp_path: Path) -> None:
+    _register()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            app,
+            ["serve", "--no-web", "--events-listen", f"127.0.0.1:{port}"],
+            env=_env(tmp_path),
+        )
+    assert result.exit_code == 1
+    assert "cannot start" in result.output and "Traceback" not in result.output
+    assert "s3cret-value" not in result.output
