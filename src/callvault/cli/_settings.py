@@ -337,7 +337,7 @@ DbOption = Annotated[
     str | None,
     typer.Option(
         "--db",
-        help="Index database URL or SQLite file [default: ARCHIVE/callvault.db].",
+        help="Index database URL or SQLite file (default ARCHIVE/callvault.db).",
         show_default=False,
     ),
 ]
@@ -355,13 +355,13 @@ PasswordEnvOption = Annotated[
     str | None,
     typer.Option(
         "--password-env",
-        help="Environment variable holding the password [default: CALLVAULT_PASSWORD].",
+        help="Environment variable holding the password (default CALLVAULT_PASSWORD).",
         show_default=False,
     ),
 ]
 ApiVersionOption = Annotated[
     ApiVersion | None,
-    typer.Option("--api-version", help="API version path [default: v1.1.0].", show_default=False),
+    typer.Option("--api-version", help="API version path (default v1.1.0).", show_default=False),
 ]
 CaFileOption = Annotated[
     Path | None,
@@ -384,7 +384,7 @@ InsecureOption = Annotated[
 TimezoneOption = Annotated[
     str | None,
     typer.Option(
-        "--timezone", help="The PBX's time zone [default: the host's].", show_default=False
+        "--timezone", help="The PBX's time zone (default the host's).", show_default=False
     ),
 ]
 

@@ -63,7 +63,7 @@ def web(
     config: ConfigOption = None,
     listen: Annotated[
         str | None,
-        typer.Option("--listen", help="HOST:PORT to serve on [default: 127.0.0.1:8080]."),
+        typer.Option("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8080)."),
     ] = None,
     secure_cookies: Annotated[
         bool,
@@ -112,7 +112,7 @@ def user_add(
         str | None,
         typer.Option(
             "--password-env",
-            help="Environment variable holding the password [default: generate one].",
+            help="Environment variable holding the password (default: generate one and print it).",
         ),
     ] = None,
     archive: ArchiveOption = None,
