@@ -88,6 +88,10 @@ class Simulator:
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.create_server((cfg.host, cfg.port), family=family)
+        # create_server leaves proto 0, and asyncio sets TCP_NODELAY only on sockets whose
+        # proto is IPPROTO_TCP: without this, every small answer (login, get_random) waited
+        # ~40 ms for the client's delayed ACK (Nagle). Accepted sockets copy the proto.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=sock.detach())
         self._port = sock.getsockname()[1]
         ssl_factory = None
         if cfg.tls:
