@@ -1,13 +1,20 @@
-"""A scripted fake PBX for httpx.MockTransport, shared by the test_pbx_* modules."""
+"""A scripted fake PBX for httpx.MockTransport, shared by the test_pbx_* modules.
+
+`serve_fake_pbx` also puts the same fake behind a real HTTP server on 127.0.0.1, so the
+client's socket pump (used whenever no transport is injected) meets the same scripts.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import struct
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -61,8 +68,11 @@ class FakePbx:
     login_errno: str | None = None
     cdr_csv: str = "callid,recording\n1.1,a.wav\n"
     cdr_errno: str | None = None
-    hold_download_body: asyncio.Event | None = None
+    # Set to hold every download body until the event is set (an asyncio.Event with
+    # MockTransport; a threading.Event with serve_fake_pbx, whose requests run in threads).
+    hold_download_body: asyncio.Event | threading.Event | None = None
     on_get_random: Callable[[str], None] | None = None
+    http_requests: list[httpx.Request] = field(default_factory=list)  # via serve_fake_pbx
 
     def endpoints(self) -> list[str]:
         return [c.endpoint for c in self.calls]
@@ -145,12 +155,23 @@ class FakePbx:
             return httpx.Response(200, content=data[: len(data) // 2], headers=headers)
         if fault == "json20014":
             return self._failed("20014")
+        if fault == "hangup":  # the connection closes before any answer
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        if fault == "gzip":  # streamed, so that httpx does not try to decode it itself
+
+            async def gzip_body() -> AsyncIterator[bytes]:
+                yield data
+
+            headers["Content-Encoding"] = "gzip"
+            return httpx.Response(200, content=gzip_body(), headers=headers)
         if fault == "token20006":
             return self._failed("20006")
         hold = self.hold_download_body
 
         async def stream() -> AsyncIterator[bytes]:
-            if hold is not None:
+            if isinstance(hold, threading.Event):
+                await asyncio.to_thread(hold.wait, 5)
+            elif hold is not None:
                 await asyncio.wait_for(hold.wait(), 5)
             for i in range(0, len(data), 1000):
                 yield data[i : i + 1000]
@@ -165,3 +186,74 @@ class Sleeps:
 
     async def __call__(self, delay: float) -> None:
         self.delays.append(delay)
+
+
+@contextlib.contextmanager
+def serve_fake_pbx(pbx: FakePbx) -> Iterator[str]:
+    """Serve `pbx` over real HTTP on 127.0.0.1; yields the base URL.
+
+    Each request is answered in its own thread by running the fake's handler on a fresh
+    event loop; the response goes out as the fake built it, headers first, then the body
+    as it comes (a "truncate" fault announces more bytes than it sends, then the
+    connection closes).
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self._answer()
+
+        def do_POST(self) -> None:
+            self._answer()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # URLs hold tokens and randoms; tests assert on requests, not logs
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            host = self.headers.get("Host", "127.0.0.1")
+            request = httpx.Request(
+                self.command,
+                f"http://{host}{self.path}",
+                headers=list(self.headers.items()),
+                content=self.rfile.read(length),
+            )
+            pbx.http_requests.append(request)
+
+            async def respond() -> None:
+                response = await pbx.handler(request)
+                self.send_response(response.status_code)
+                for name, value in response.headers.multi_items():
+                    if name.lower() not in ("connection", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.flush()  # headers first: a held body must not hold them back
+                # A response built from bytes is already read; only aiter_bytes replays it.
+                body = (
+                    response.aiter_bytes() if response.is_stream_consumed else response.aiter_raw()
+                )
+                async for chunk in body:
+                    self.wfile.write(chunk)
+
+            asyncio.run(respond())
+            self.close_connection = True
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # the client hung up early (a cancelled or refused download): expected
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.02,), name="fake-pbx", daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

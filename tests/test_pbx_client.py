@@ -9,8 +9,11 @@ in test_pbx_integration.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,12 +37,35 @@ from callvault.pbx import (
     TokenInvalid,
     password_md5,
 )
-from pbx_fakes import BASE, PASSWORD, WAV, FakePbx, Sleeps, make_wav
+from pbx_fakes import BASE, PASSWORD, WAV, FakePbx, Sleeps, make_wav, serve_fake_pbx
 
 
 def client_for(pbx: FakePbx, **kwargs: Any) -> PbxClient:
     kwargs.setdefault("sleep", Sleeps())
     return PbxClient(BASE, "api", PASSWORD, transport=httpx.MockTransport(pbx.handler), **kwargs)
+
+
+ClientFactory = Callable[..., PbxClient]
+
+
+@pytest.fixture(params=["mock-transport", "socket-pump"])
+def connect(request: pytest.FixtureRequest) -> Iterator[ClientFactory]:
+    """Build a client for a FakePbx, once per download pump.
+
+    "mock-transport": the fake behind an injected httpx.MockTransport (the httpx pump).
+    "socket-pump": the fake behind a real HTTP server on 127.0.0.1 and no transport, so the
+    recording's body goes through the blocking-socket pump (API calls still use httpx).
+    """
+    with contextlib.ExitStack() as stack:
+
+        def factory(pbx: FakePbx, **kwargs: Any) -> PbxClient:
+            kwargs.setdefault("sleep", Sleeps())
+            if request.param == "mock-transport":
+                return client_for(pbx, **kwargs)
+            base = stack.enter_context(serve_fake_pbx(pbx))
+            return PbxClient(base, "api", PASSWORD, **kwargs)
+
+        yield factory
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -120,10 +146,12 @@ async def test_lockout_blocks_logins_for_ten_minutes_of_injected_clock(tmp_path:
 # --------------------------------------------------------------- download
 
 
-async def test_download_saves_verified_file_and_uses_fresh_random(tmp_path: Path) -> None:
+async def test_download_saves_verified_file_and_uses_fresh_random(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     name = "20240101120000-1704110400.1-+4915112345678-1000-Inbound.wav"
     pbx = FakePbx(recordings={name: WAV})
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         result = await client.download_recording(name, tmp_path)
         assert client.last_success_at is not None
     assert result.path == tmp_path / name
@@ -140,20 +168,24 @@ async def test_download_saves_verified_file_and_uses_fresh_random(tmp_path: Path
     assert leftovers(tmp_path) == [name]
 
 
-async def test_download_to_another_filename_and_allowedip(tmp_path: Path) -> None:
+async def test_download_to_another_filename_and_allowedip(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV})
-    async with client_for(pbx, allowedip="127.0.0.5") as client:
+    async with connect(pbx, allowedip="127.0.0.5") as client:
         result = await client.download_recording("a.wav", tmp_path / "sub", filename="b.wav")
     assert result.path == tmp_path / "sub" / "b.wav"
     assert result.path.read_bytes() == WAV
     assert pbx.calls[1].body == {"recording": "a.wav", "allowedip": "127.0.0.5"}
 
 
-@pytest.mark.parametrize("fault", ["503", "html", "truncate", "truncate-nolength"])
-async def test_transient_failure_is_retried_with_a_fresh_random(fault: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["503", "html", "truncate", "truncate-nolength", "hangup"])
+async def test_transient_failure_is_retried_with_a_fresh_random(
+    fault: str, tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=[fault])
     sleeps = Sleeps()
-    async with client_for(pbx, sleep=sleeps) as client:
+    async with connect(pbx, sleep=sleeps) as client:
         result = await client.download_recording("a.wav", tmp_path)
     assert result.path.read_bytes() == WAV
     assert pbx.count("login") == 1
@@ -165,7 +197,7 @@ async def test_transient_failure_is_retried_with_a_fresh_random(fault: str, tmp_
     assert leftovers(tmp_path) == ["a.wav"]
 
 
-async def test_retries_are_bounded_and_back_off(tmp_path: Path) -> None:
+async def test_retries_are_bounded_and_back_off(tmp_path: Path, connect: ClientFactory) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["truncate"] * 10)
     sleeps = Sleeps()
     async with client_for(
@@ -183,9 +215,11 @@ async def test_retries_are_bounded_and_back_off(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
-async def test_json_error_with_http_200_is_not_retried(tmp_path: Path) -> None:
+async def test_json_error_with_http_200_is_not_retried(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["json20014"])
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         with pytest.raises(RecordingNotFound) as info:
             await client.download_recording("a.wav", tmp_path)
     assert str(info.value) == "recording a.wav: recording not found on the PBX, errno 20014"
@@ -194,26 +228,30 @@ async def test_json_error_with_http_200_is_not_retried(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
-async def test_missing_recording_at_get_random(tmp_path: Path) -> None:
+async def test_missing_recording_at_get_random(tmp_path: Path, connect: ClientFactory) -> None:
     pbx = FakePbx(get_random_errors=["20014"])
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         with pytest.raises(RecordingNotFound):
             await client.download_recording("gone.wav", tmp_path)
     assert pbx.count("recording/download") == 0
 
 
-async def test_body_that_is_not_wav_is_refused_without_retry(tmp_path: Path) -> None:
+async def test_body_that_is_not_wav_is_refused_without_retry(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["notwav"])
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         with pytest.raises(InvalidRecording):
             await client.download_recording("a.wav", tmp_path)
     assert pbx.count("recording/get_random") == 1
     assert leftovers(tmp_path) == []
 
 
-async def test_random_invalid_every_time_means_not_found(tmp_path: Path) -> None:
+async def test_random_invalid_every_time_means_not_found(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(get_random_errors=["20012"] * 10)
-    async with client_for(pbx, max_attempts=3) as client:
+    async with connect(pbx, max_attempts=3) as client:
         with pytest.raises(RecordingNotFound) as info:
             await client.download_recording("a.wav", tmp_path)
     assert info.value.errno == "20012"
@@ -224,9 +262,11 @@ async def test_random_invalid_every_time_means_not_found(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     "name", ["../etc/passwd", "a/b.wav", "a\\b.wav", ".", "..", "", "a\x00.wav"]
 )
-async def test_unsafe_names_are_refused_before_any_request(name: str, tmp_path: Path) -> None:
+async def test_unsafe_names_are_refused_before_any_request(
+    name: str, tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx()
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         with pytest.raises(ValueError, match="name"):
             await client.download_recording(name, tmp_path)
     assert pbx.calls == []
@@ -235,9 +275,11 @@ async def test_unsafe_names_are_refused_before_any_request(name: str, tmp_path: 
 # ------------------------------------------------------------------ tokens
 
 
-async def test_token_error_logs_in_once_and_repeats_once(tmp_path: Path) -> None:
+async def test_token_error_logs_in_once_and_repeats_once(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV})
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         await client.login()
         pbx.tokens.clear()  # PBX forgot the token (expiry, reboot)
         result = await client.download_recording("a.wav", tmp_path)
@@ -258,9 +300,11 @@ class ForgetfulTokens(set[str]):
         pass
 
 
-async def test_persistent_token_error_gives_exactly_one_relogin(tmp_path: Path) -> None:
+async def test_persistent_token_error_gives_exactly_one_relogin(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV}, get_random_errors=["20006"] * 10)
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         with pytest.raises(TokenExpired):
             await client.download_recording("a.wav", tmp_path)
         assert pbx.count("login") == 2
@@ -273,19 +317,23 @@ async def test_persistent_token_error_gives_exactly_one_relogin(tmp_path: Path) 
     assert pbx.count("logout") == 1
 
 
-async def test_token_error_in_download_body_relogs_and_fetches_new_random(tmp_path: Path) -> None:
+async def test_token_error_in_download_body_relogs_and_fetches_new_random(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["token20006"])
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         result = await client.download_recording("a.wav", tmp_path)
     assert result.path.read_bytes() == WAV
     assert pbx.count("login") == 2
     assert pbx.count("recording/get_random") == 2
 
 
-async def test_concurrent_token_errors_share_one_relogin(tmp_path: Path) -> None:
+async def test_concurrent_token_errors_share_one_relogin(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     names = [f"r{i}.wav" for i in range(5)]
     pbx = FakePbx(recordings=dict.fromkeys(names, WAV))
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         await client.login()
         pbx.tokens.clear()
         results = await asyncio.gather(*(client.download_recording(n, tmp_path) for n in names))
@@ -295,11 +343,12 @@ async def test_concurrent_token_errors_share_one_relogin(tmp_path: Path) -> None
 
 async def test_random_is_always_used_by_the_next_request_and_body_streams_unlocked(
     tmp_path: Path,
+    connect: ClientFactory,
 ) -> None:
     """Downloads run concurrently; the lock covers get_random..headers, not the body."""
     names = [f"r{i}.wav" for i in range(4)]
     pbx = FakePbx(recordings=dict.fromkeys(names, WAV))
-    release = asyncio.Event()
+    release = threading.Event()  # set from the fake's handler, in either pump's thread
     pbx.hold_download_body = release
     seen: list[str] = []
 
@@ -309,7 +358,7 @@ async def test_random_is_always_used_by_the_next_request_and_body_streams_unlock
             release.set()  # only reachable if earlier bodies did not hold the lock
 
     pbx.on_get_random = on_get_random
-    async with client_for(pbx) as client:
+    async with connect(pbx) as client:
         await client.login()
         pbx.tokens.clear()  # forces a re-login in the middle of everything
         results = await asyncio.wait_for(
@@ -326,17 +375,23 @@ async def test_random_is_always_used_by_the_next_request_and_body_streams_unlock
     assert len(randoms) == len(set(randoms))
 
 
-async def test_cancelled_download_leaves_no_temp_file(tmp_path: Path) -> None:
+async def test_cancelled_download_leaves_no_temp_file(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
     pbx = FakePbx(recordings={"a.wav": make_wav(200_000)})
-    hold = asyncio.Event()
+    hold = threading.Event()
     pbx.hold_download_body = hold
-    async with client_for(pbx) as client:
-        task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
-        for _ in range(50):
-            await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    try:
+        async with connect(pbx) as client:
+            task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
+            while pbx.count("recording/download") == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        hold.set()
     assert leftovers(tmp_path) == []
 
 

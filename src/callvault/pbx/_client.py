@@ -17,11 +17,10 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import random
 import re
 import socket
-import tempfile
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -33,6 +32,14 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from callvault.pbx._cdr import parse_cdr_csv
+from callvault.pbx._download import (
+    BodyBroken,
+    HttpxBody,
+    ResponseBody,
+    SocketBody,
+    TempFile,
+    run_blocking,
+)
 from callvault.pbx._errors import (
     CdrError,
     InvalidRecording,
@@ -57,7 +64,6 @@ log = logging.getLogger("callvault.pbx")
 T = TypeVar("T")
 
 LOCKOUT_SECONDS = 600.0
-WRITE_BUFFER = 1024 * 1024
 MAX_JSON_ERROR_BYTES = 64 * 1024
 MIN_WAV_BYTES = 44  # a RIFF/WAVE header alone
 CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -136,46 +142,6 @@ class _TokenRejected(Exception):
         self.error = error
 
 
-class _TempFile:
-    """A temporary file in the destination directory, renamed into place only when complete."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        fd, name = tempfile.mkstemp(prefix=".callvault-", suffix=".part", dir=directory)
-        self.path = Path(name)
-        # TLS hands over one record (<= 16 KiB) at a time; a 1 MiB buffer saves syscalls.
-        self._file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
-        self.size = 0
-        self._hash = hashlib.sha256()
-
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hash.update(data)
-        self.size += len(data)
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    def commit(self, target: Path) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.path, target)
-        with contextlib.suppress(OSError):  # not every file system can fsync a directory
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
 def _retryable(error: PbxError) -> bool:
     if isinstance(error, PbxTlsError):
         return False  # a certificate does not fix itself
@@ -244,8 +210,13 @@ class PbxClient:
         self._clock = clock if clock is not None else time.monotonic
 
         verify: Any = True
+        self._ssl_context: ssl.SSLContext | None = None
         if self._base.scheme == "https":
-            verify = build_ssl_context(self.tls)
+            verify = self._ssl_context = build_ssl_context(self.tls)
+        # Without an injected transport, a recording's body is read on a blocking socket in
+        # a worker thread (SocketBody): the asyncio TLS stack costs an await per 16 KiB record.
+        self._transport = transport
+        self._timeout = timeout
         self._http = httpx.AsyncClient(
             transport=transport,
             verify=verify,
@@ -622,7 +593,7 @@ class PbxClient:
         if self.allowedip is not None:
             body["allowedip"] = self.allowedip
         # The critical section: nothing (no re-login, no other download) can come between a
-        # random and the request that uses it.
+        # random and the request that uses it. It ends when the GET's headers have arrived.
         async with self._lock:
             token, generation = await self._session_locked()
             try:
@@ -636,12 +607,8 @@ class PbxClient:
                 "recording/download",
                 {"recording": name, "random": secret.strip(), "token": token},
             )
-            request = self._http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
-            del secret, url
-            try:
-                response = await self._http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc, context) from None
+            del secret
+            response = await self._send_download(url, context)
         try:
             return await self._receive_recording(response, name, target, context, progress)
         except TokenError as exc:
@@ -649,45 +616,59 @@ class PbxClient:
         finally:
             await response.aclose()
 
+    async def _send_download(self, url: httpx.URL, context: str) -> ResponseBody:
+        """Send the download GET; return once its response headers have arrived."""
+        if self._transport is None:
+            headers = httpx.Headers(self._http.headers)  # Connection: close, User-Agent, Accept
+            headers["Accept-Encoding"] = "identity"
+            return await SocketBody.open(
+                url,
+                ssl_context=self._ssl_context,
+                tls=self.tls,
+                socket_timeout=self._timeout,
+                headers=dict(headers.items()),
+                context=context,
+            )
+        request = self._http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, context) from None
+        return HttpxBody(response, lambda exc: self._transport_error(exc, context))
+
     async def _receive_recording(
         self,
-        response: httpx.Response,
+        response: ResponseBody,
         name: str,
         target: Path,
         context: str,
         progress: ProgressCallback | None,
     ) -> DownloadResult:
+        """The checks of a download, whichever pump reads it; see download_recording."""
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise PbxProtocolError(f"{context}: the PBX sent the recording {encoding}-encoded")
         expected = _content_length(response.headers)
-        # aiter_raw: no decoder layer (identity only, checked above); a MockTransport response
-        # built from bytes is already read, and only aiter_bytes replays it.
-        chunks = response.aiter_bytes() if response.is_stream_consumed else response.aiter_raw()
         head = b""
         ended = False
         try:
             while len(head) < 12:
-                try:
-                    head += await anext(chunks)
-                except StopAsyncIteration:
+                chunk = await response.read()
+                if not chunk:
                     ended = True
                     break
-        except httpx.HTTPError as exc:
+                head += chunk
+        except BodyBroken as exc:
             if not head:
-                raise self._transport_error(exc, context) from None
+                raise exc.error from None
             ended = True
         stripped = head.lstrip()
         if stripped.startswith(b"{"):
             rest = bytearray(head)
             if not ended:
-                try:
-                    async for chunk in chunks:
+                with contextlib.suppress(BodyBroken):
+                    while len(rest) <= MAX_JSON_ERROR_BYTES and (chunk := await response.read()):
                         rest += chunk
-                        if len(rest) > MAX_JSON_ERROR_BYTES:
-                            break
-                except httpx.HTTPError:
-                    pass
             self._api_answer(response.status_code, response.headers, bytes(rest), context)
             raise PbxProtocolError(f"{context}: the PBX answered Success instead of the file")
         if response.status_code >= 400 or _looks_like_html(response.headers, stripped):
@@ -705,22 +686,25 @@ class PbxClient:
                 f"(starts with {head[:4]!r})"
             )
 
-        temp = _TempFile(target.parent)
+        temp = TempFile(target.parent, buffering=response.write_buffering)
+        report: Callable[[], None] | None = None
+        if progress is not None:
+
+            def report() -> None:
+                progress(temp.size, expected)
+
         try:
             temp.write(head)
-            if progress is not None:
-                progress(temp.size, expected)
+            if report is not None:
+                report()
             if not ended:
                 try:
-                    async for chunk in chunks:
-                        temp.write(chunk)
-                        if progress is not None:
-                            progress(temp.size, expected)
-                except httpx.HTTPError as exc:
+                    await response.pour(temp, report)
+                except BodyBroken as exc:
                     raise PbxTransportError(
                         f"{context}: the connection broke off after {temp.size} bytes"
                         + (f" of {expected}" if expected is not None else "")
-                        + f" ({type(exc).__name__})"
+                        + f" ({exc.cause})"
                     ) from None
             if expected is not None and temp.size != expected:
                 raise PbxTransportError(
@@ -737,7 +721,11 @@ class PbxClient:
             content_type = response.headers.get("content-type", "").split(";")[0].strip()
             if not content_type or content_type == "application/octet-stream":
                 content_type = "audio/x-wav" if is_riff else "application/octet-stream"
-            temp.commit(target)
+            # fsync can take a while for a large file: not on the event loop. A cancellation
+            # arriving meanwhile waits for it (the file is complete either way).
+            await run_blocking(
+                lambda: temp.commit(target), on_cancel=lambda: None, wait_on_cancel=True
+            )
         except BaseException:
             temp.discard()
             raise
