@@ -138,10 +138,12 @@ async def test_socket_pump_request_headers(tmp_path: Path) -> None:
 
 
 class StallingServer:
-    """Answers every GET with headers and part of a WAV body, then sends nothing more."""
+    """Answers every GET with headers and part of a WAV body, then sends nothing more
+    (with ``headers=False``: answers the GET with nothing at all)."""
 
-    def __init__(self, sent_bytes: int = 300_000) -> None:
+    def __init__(self, sent_bytes: int = 300_000, *, headers: bool = True) -> None:
         self.sent_bytes = sent_bytes
+        self.headers = headers
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.closed_by_client = threading.Event()
@@ -168,7 +170,9 @@ class StallingServer:
                     continue
                 wav = make_wav(5_000_000)
                 conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: audio/x-wav\r\n"
+                    b""
+                    if not self.headers
+                    else b"HTTP/1.1 200 OK\r\nContent-Type: audio/x-wav\r\n"
                     + f"Content-Length: {len(wav)}\r\nConnection: close\r\n\r\n".encode()
                     + wav[: self.sent_bytes]
                 )
@@ -200,6 +204,31 @@ async def test_cancelled_socket_download_removes_temp_file_and_closes_socket(
             assert time.monotonic() - cancelled_at < 2
             assert leftovers(tmp_path) == []
             assert await asyncio.to_thread(server.closed_by_client.wait, 5)
+    finally:
+        server.close()
+
+
+async def test_cancel_while_waiting_for_headers_releases_lock_and_closes_socket(
+    tmp_path: Path,
+) -> None:
+    """Cancelled inside the critical section (the GET sent, no answer yet)."""
+    server = StallingServer(headers=False)
+    try:
+        client = PbxClient(f"http://127.0.0.1:{server.port}", "api", PASSWORD, sleep=Sleeps())
+        async with client:
+            await client.login()
+            task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
+            await asyncio.sleep(0.3)  # get_random answered, GET sent, headers never come
+            assert not task.done()
+            cancelled_at = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - cancelled_at < 2
+            assert await asyncio.to_thread(server.closed_by_client.wait, 5)
+            # The lock was released: the session is usable at once.
+            await asyncio.wait_for(client.heartbeat(), 5)
+        assert leftovers(tmp_path) == []
     finally:
         server.close()
 

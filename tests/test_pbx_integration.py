@@ -6,6 +6,7 @@ client), so these tests check the client against the rules, not against itself.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import pytest
 from callvault.pbx import (
     AllowedIpError,
     ApiVersion,
+    DownloadResult,
     LoginFailed,
     PbxClient,
     PbxTlsError,
@@ -200,6 +202,56 @@ async def test_connection_always_dropped_leaves_no_file(sim: Simulator, tmp_path
     assert outcomes(sim, "recording/download") == ["dropped"] * 3
     assert len(sleeps.delays) == 2
     assert os.listdir(tmp_path) == []
+
+
+async def test_large_recording_cancelled_mid_body_leaves_nothing(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    call = sim.place_call(talk_seconds=1, size_bytes=24 * 1024 * 1024)
+    assert call.recording is not None
+    async with client(sim) as pbx:
+        task: asyncio.Task[DownloadResult] | None = None
+
+        def progress(done: int, total: int | None) -> None:
+            if done > 2 * 1024 * 1024 and task is not None:
+                task.cancel()
+
+        task = asyncio.create_task(
+            pbx.download_recording(call.recording, tmp_path, progress=progress)
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert os.listdir(tmp_path) == []
+        # The session is intact: the next download of the same recording works.
+        result = await pbx.download_recording(call.recording, tmp_path)
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert sorted(os.listdir(tmp_path)) == [call.recording]
+
+
+async def test_download_connection_checks_the_pin_too(sim: Simulator, tmp_path: Path) -> None:
+    """The GET has its own connection (the socket pump): a wrong pin stops it before a
+    byte of the request (token, random) is written."""
+    call = sim.place_call()
+    assert call.recording
+    async with client(sim) as pbx:
+        await pbx.login()
+        wrong = TlsOptions(pin_sha256=hashlib.sha256(b"another certificate").hexdigest())
+        pbx._ssl_context = wrong.ssl_context()  # as if the PBX changed after the login
+        with pytest.raises(PbxTlsError) as info:
+            await pbx.download_recording(call.recording, tmp_path)
+    assert "--pin-sha256" in str(info.value)
+    assert outcomes(sim, "recording/get_random") == ["Success"]
+    assert outcomes(sim, "recording/download") == []  # the GET never reached the PBX
+    assert os.listdir(tmp_path) == []
+
+
+def test_sync_client_downloads_over_https(sim: Simulator, tmp_path: Path) -> None:
+    call = sim.place_call(talk_seconds=30)
+    assert call.recording
+    with SyncPbxClient(sim.url, sim.username, PASSWORD, tls=pinned(sim)) as pbx:
+        result = pbx.download_recording(call.recording, tmp_path)
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert hashlib.sha256(result.path.read_bytes()).hexdigest() == result.sha256
 
 
 async def test_5xx_and_html_pages_are_retried(sim: Simulator, tmp_path: Path) -> None:
