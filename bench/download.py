@@ -17,8 +17,8 @@ What is timed, per run:
   timed span callvault does more than curl: one more request and handshake, a hash and an
   fsync.
 
-Both processes' whole wall times (start to exit: interpreter start-up, login, logout) are
-reported too, for information; they are not part of the ratio.
+Both processes' whole wall times and CPU times (start to exit: interpreter start-up, login,
+logout) are reported too, for information; they are not part of the ratio.
 
 ``throughput_ratio_vs_curl`` = callvault throughput / curl throughput, each taken from the
 median of its runs (= median curl seconds / median callvault seconds).
@@ -70,7 +70,7 @@ _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - started
 with open(sys.argv[1], "w") as report:
     json.dump({"exit": os.waitstatus_to_exitcode(status), "wall_s": wall,
-               "maxrss_kb": usage.ru_maxrss}, report)
+               "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss}, report)
 """
 
 
@@ -78,6 +78,7 @@ with open(sys.argv[1], "w") as report:
 class Run:
     stdout: str
     wall_s: float
+    cpu_s: float
     peak_rss_mb: float
 
 
@@ -89,7 +90,7 @@ def run_launched(argv: list[str], env: dict[str, str], report: Path) -> Run:
     report.unlink()
     if done.returncode != 0 or result["exit"] != 0:
         raise SystemExit(f"{Path(argv[0]).name} failed: {done.stderr.strip()}")
-    return Run(done.stdout, result["wall_s"], result["maxrss_kb"] / 1024)
+    return Run(done.stdout, result["wall_s"], result["cpu_s"], result["maxrss_kb"] / 1024)
 
 
 def sha256_of(path: Path) -> str:
@@ -133,9 +134,11 @@ def main() -> None:
 
     callvault_s: list[float] = []
     callvault_wall: list[float] = []
+    callvault_cpu: list[float] = []
     callvault_rss: list[float] = []
     curl_s: list[float] = []
     curl_wall: list[float] = []
+    curl_cpu: list[float] = []
     curl_rss: list[float] = []
     with tempfile.TemporaryDirectory(prefix="callvault-bench-") as tmp:
         work = Path(tmp)
@@ -161,6 +164,7 @@ def main() -> None:
                     raise SystemExit("callvault saved different bytes")
                 callvault_s.append(float(line["seconds"]))
                 callvault_wall.append(result.wall_s)
+                callvault_cpu.append(result.cpu_s)
                 callvault_rss.append(result.peak_rss_mb)
                 shutil.rmtree(out)
 
@@ -175,6 +179,7 @@ def main() -> None:
                     raise SystemExit("curl saved different bytes")
                 curl_s.append(float(result.stdout.strip()))
                 curl_wall.append(result.wall_s)
+                curl_cpu.append(result.cpu_s)
                 curl_rss.append(result.peak_rss_mb)
                 target.unlink()
 
@@ -195,6 +200,8 @@ def main() -> None:
         "curl_runs_s": [round(s, 3) for s in curl_s],
         "callvault_process_wall_median_s": round(median(callvault_wall), 3),
         "curl_process_wall_median_s": round(median(curl_wall), 3),
+        "callvault_process_cpu_median_s": round(median(callvault_cpu), 3),
+        "curl_process_cpu_median_s": round(median(curl_cpu), 3),
         "callvault_peak_rss_runs_mb": [round(m, 1) for m in callvault_rss],
         "curl_peak_rss_max_mb": round(max(curl_rss), 1),
     }
