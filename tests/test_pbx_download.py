@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -209,9 +211,10 @@ async def test_cancelled_socket_download_removes_temp_file_and_closes_socket(
 
 
 async def test_cancel_while_waiting_for_headers_releases_lock_and_closes_socket(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cancelled inside the critical section (the GET sent, no answer yet)."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
     server = StallingServer(headers=False)
     try:
         client = PbxClient(f"http://127.0.0.1:{server.port}", "api", PASSWORD, sleep=Sleeps())
@@ -229,6 +232,8 @@ async def test_cancel_while_waiting_for_headers_releases_lock_and_closes_socket(
             # The lock was released: the session is usable at once.
             await asyncio.wait_for(client.heartbeat(), 5)
         assert leftovers(tmp_path) == []
+        gc.collect()  # an unretrieved exception of the abandoned worker would be logged now
+        assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     finally:
         server.close()
 

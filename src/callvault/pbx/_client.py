@@ -70,7 +70,8 @@ CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 NO_EVENTS_PORT = "0"  # v1 requires a report port; 0 is what clients send to ask for none
 
 ProgressCallback = Callable[[int, int | None], None]
-"""Called with (bytes received so far, Content-Length or None) while a download streams."""
+"""Called with (bytes received so far, Content-Length or None) while a download streams;
+always on the event loop's thread, at least once per MiB, last with the final size."""
 
 _QUERY = re.compile(r"\?[^\s'\"]*")
 
@@ -561,7 +562,12 @@ class PbxClient:
 
         Every attempt asks for a fresh random and uses it at once; the body streams to a
         temporary file in ``dest_dir`` (constant memory), is checked (JSON error, RIFF/WAVE,
-        Content-Length) and renamed into place after fsync. Nothing is left behind on failure.
+        Content-Length) and renamed into place after fsync, with the permissions of any new
+        file (0o666 less the umask). Nothing is left behind on failure or cancellation.
+
+        Unless a transport was injected, the GET and the body run on a blocking socket in
+        worker threads (see `callvault.pbx._download`): a download runs at network speed
+        and takes two threads while it lasts.
         """
         check_recording_name(name)
         target_name = check_recording_name(filename, what="file name") if filename else name

@@ -30,7 +30,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -219,14 +219,20 @@ async def run_blocking(
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        # Whatever the worker ends with is not reported: the cancellation is what the caller
+        # sees (retrieving it keeps asyncio from logging "exception never retrieved").
+        future.add_done_callback(_retrieve)
         on_cancel()
         if wait_on_cancel:
             while not future.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({future})
-        if future.done() and not future.cancelled():
-            future.exception()  # retrieved: the cancellation is what the caller sees
         raise
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class HttpxBody:
