@@ -127,7 +127,9 @@ async def fetch_recordings(
 
                 started = time.perf_counter()
                 try:
-                    result = await client.download_recording(name, out, progress=advance)
+                    result = await client.download_recording(
+                        name, out, progress=advance if progress is not None else None
+                    )
                 except PbxError as exc:
                     if _is_fatal(exc):
                         _print_fatal(exc, len(names) - position)
