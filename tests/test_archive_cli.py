@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from callvault.cli import _register, app
@@ -28,7 +29,9 @@ def test_serve_without_password_or_pbx_says_so(tmp_path: Path) -> None:
     del env["CALLVAULT_PASSWORD"]
     result = runner.invoke(app, ["serve", "--no-web", "--password-env", "NO_SUCH_VAR_X"], env=env)
     assert result.exit_code == 2
-    assert "set the environment variable NO_SUCH_VAR_X" in result.output
+    assert "the API password is not set: put it in the environment variable NO_SUCH_VAR_X" in (
+        result.output
+    )
     env = _env(tmp_path)
     del env["CALLVAULT_PBX"]
     result = runner.invoke(app, ["serve", "--no-web"], env=env)
@@ -58,3 +61,26 @@ def test_serve_with_its_port_taken_says_so(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "cannot start" in result.output and "Traceback" not in result.output
     assert "s3cret-value" not in result.output
+
+
+def test_serve_and_fetch_share_the_pbx_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve reads the same PBX options as fetch: TLS minimum version, insecure warning."""
+    from callvault.cli._serve import archiver_config
+    from callvault.cli._settings import load_settings
+
+    env = _env(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(None, tls_min_version="1.0", insecure=True)
+    config = archiver_config(settings, web=False)
+    assert config.tls is not None
+    assert config.tls.minimum_version == "1.0" and config.tls.insecure
+
+    _register()
+    result = CliRunner().invoke(
+        app, ["serve", "--no-web", "--tls-min-version", "0.9", "--insecure"], env=env
+    )
+    assert result.exit_code == 2 and "0.9" in result.output
+    assert "Traceback" not in result.output

@@ -29,7 +29,6 @@ from rich.table import Table
 from callvault.cli import app
 from callvault.cli._common import fail
 from callvault.cli._pbxopts import (
-    DEFAULT_PASSWORD_ENV,
     ApiVersionOpt,
     CaFileOpt,
     InsecureOpt,
@@ -180,12 +179,12 @@ def fetch(
     ],
     pbx: PbxUrlOpt = None,
     username: UsernameOpt = None,
-    password_env: PasswordEnvOpt = DEFAULT_PASSWORD_ENV,
-    api_version: ApiVersionOpt = "v1.1.0",
+    password_env: PasswordEnvOpt = None,
+    api_version: ApiVersionOpt = None,
     ca_file: CaFileOpt = None,
     pin_sha256: PinOpt = None,
-    insecure: InsecureOpt = False,
-    tls_min_version: TlsMinOpt = "1.2",
+    insecure: InsecureOpt = None,
+    tls_min_version: TlsMinOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Directory to save the recordings in.")] = Path(
         "."
     ),
@@ -289,12 +288,12 @@ def cdr(
     ],
     pbx: PbxUrlOpt = None,
     username: UsernameOpt = None,
-    password_env: PasswordEnvOpt = DEFAULT_PASSWORD_ENV,
-    api_version: ApiVersionOpt = "v1.1.0",
+    password_env: PasswordEnvOpt = None,
+    api_version: ApiVersionOpt = None,
     ca_file: CaFileOpt = None,
     pin_sha256: PinOpt = None,
-    insecure: InsecureOpt = False,
-    tls_min_version: TlsMinOpt = "1.2",
+    insecure: InsecureOpt = None,
+    tls_min_version: TlsMinOpt = None,
     extensions: Annotated[
         str, typer.Option("--extensions", help="'all', or extensions like 1000,1001.")
     ] = "all",

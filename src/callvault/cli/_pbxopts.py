@@ -8,7 +8,9 @@
     --ca-file F | --pin-sha256 HEX | --insecure      how to trust the PBX's certificate
     --tls-min-version V    1.2 unless the PBX runs old firmware
 
-A command declares the options with these Annotated types and calls `build_pbx_client`.
+Every command that talks to the PBX (fetch, cdr, serve, backfill) declares the options with
+these Annotated types; `PbxOptions` turns them into a client, TLS options and the password,
+each bad option ending the command with one line (exit status 2).
 """
 
 from __future__ import annotations
@@ -43,16 +45,22 @@ UsernameOpt = Annotated[
     ),
 ]
 PasswordEnvOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--password-env",
         metavar="VAR",
-        help="Name of the environment variable that holds the API password.",
+        help="Name of the environment variable that holds the API password "
+        f"(default {DEFAULT_PASSWORD_ENV}).",
+        show_default=False,
     ),
 ]
 ApiVersionOpt = Annotated[
-    str,
-    typer.Option("--api-version", help="API version path: v1.0.1, v1.1.0 or v2.0.0."),
+    str | None,
+    typer.Option(
+        "--api-version",
+        help="API version path: v1.0.1, v1.1.0 or v2.0.0 (default v1.1.0).",
+        show_default=False,
+    ),
 ]
 CaFileOpt = Annotated[
     Path | None,
@@ -70,17 +78,26 @@ PinOpt = Annotated[
     ),
 ]
 InsecureOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--insecure",
         help="Do not check the PBX's certificate at all (anyone on the way can read the "
         "token and the recordings).",
+        show_default=False,
     ),
 ]
 TlsMinOpt = Annotated[
-    str,
-    typer.Option("--tls-min-version", help="Lowest TLS version to accept (old firmware: 1.0)."),
+    str | None,
+    typer.Option(
+        "--tls-min-version",
+        help="Lowest TLS version to accept (default 1.2; old firmware: 1.0).",
+        show_default=False,
+    ),
 ]
+
+# Bad options end a command with exit status 2, as Click does for usage errors; 1 is for
+# work that failed (a recording not fetched, the PBX refusing a login).
+USAGE_ERROR = 2
 
 
 @dataclass(frozen=True)
@@ -89,12 +106,12 @@ class PbxOptions:
 
     pbx: str | None
     username: str | None
-    password_env: str = DEFAULT_PASSWORD_ENV
-    api_version: str = ApiVersion.V1_1_0.value
+    password_env: str | None = None  # None: DEFAULT_PASSWORD_ENV
+    api_version: str | None = None  # None: v1.1.0
     ca_file: Path | None = None
     pin_sha256: str | None = None
-    insecure: bool = False
-    tls_min_version: str = "1.2"
+    insecure: bool | None = None
+    tls_min_version: str | None = None  # None: 1.2
 
     def tls_options(self) -> TlsOptions:
         chosen = [
@@ -108,88 +125,71 @@ class PbxOptions:
         ]
         if len(chosen) > 1:
             fail(
-                f"choose one of --ca-file, --pin-sha256 and --insecure, not {' and '.join(chosen)}"
+                f"choose one of --ca-file, --pin-sha256 and --insecure, not {' and '.join(chosen)}",
+                USAGE_ERROR,
             )
         if self.ca_file is not None and not self.ca_file.is_file():
-            fail(f"--ca-file {self.ca_file}: no such file")
+            fail(f"--ca-file {self.ca_file}: no such file", USAGE_ERROR)
         try:
-            return TlsOptions(
+            tls = TlsOptions(
                 ca_file=self.ca_file,
                 pin_sha256=self.pin_sha256,
-                insecure=self.insecure,
-                minimum_version=self.tls_min_version,
+                insecure=bool(self.insecure),
+                minimum_version=self.tls_min_version or "1.2",
             )
-        except ValueError as exc:
-            fail(str(exc))
-
-    def password(self) -> str:
-        var = self.password_env.strip()
-        if not var:
-            fail("--password-env needs the name of an environment variable")
-        value = os.environ.get(var)
-        if not value:
-            fail(
-                f"the API password is not set: put it in the environment variable {var} "
-                "(or name another variable with --password-env)"
-            )
-        return value
-
-    def build_client(self, **client_kwargs: Any) -> PbxClient:
-        """A PbxClient for these options; every bad option ends the command with one line."""
-        if not self.pbx:
-            fail("no PBX given: pass --pbx https://HOST:8088 or set CALLVAULT_PBX")
-        if not self.username:
-            fail("no API user name given: pass --username or set CALLVAULT_USERNAME")
-        try:
-            api_version = ApiVersion(self.api_version.strip())
-        except ValueError:
-            fail(
-                f"unknown --api-version {self.api_version!r}: use "
-                + ", ".join(v.value for v in ApiVersion)
-            )
-        tls = self.tls_options()
-        password = self.password()
-        try:
-            client = PbxClient(
-                self.pbx,
-                self.username,
-                password,
-                api_version=api_version,
-                tls=tls,
-                **client_kwargs,
-            )
+            tls.ssl_context()  # a CA file that is not PEM fails here, with one line
         except ssl.SSLError:
-            fail(f"--ca-file {self.ca_file}: not a PEM certificate file")
+            fail(f"--ca-file {self.ca_file}: not a PEM certificate file", USAGE_ERROR)
         except ValueError as exc:
-            fail(str(exc))
+            fail(str(exc), USAGE_ERROR)
         if self.insecure:
             print(
                 "callvault: warning: --insecure: the PBX's certificate is not checked; anyone "
                 "on the network path can pose as the PBX and read the token and recordings",
                 file=sys.stderr,
             )
-        return client
+        return tls
 
+    def api_version_value(self) -> ApiVersion:
+        text = (self.api_version or ApiVersion.V1_1_0.value).strip()
+        try:
+            return ApiVersion(text)
+        except ValueError:
+            fail(
+                f"unknown --api-version {text!r}: use " + ", ".join(v.value for v in ApiVersion),
+                USAGE_ERROR,
+            )
 
-def build_pbx_client(
-    pbx: str | None,
-    username: str | None,
-    password_env: str = DEFAULT_PASSWORD_ENV,
-    api_version: str = ApiVersion.V1_1_0.value,
-    ca_file: Path | None = None,
-    pin_sha256: str | None = None,
-    insecure: bool = False,
-    tls_min_version: str = "1.2",
-    **client_kwargs: Any,
-) -> PbxClient:
-    """Shorthand for ``PbxOptions(...).build_client(**client_kwargs)``."""
-    return PbxOptions(
-        pbx=pbx,
-        username=username,
-        password_env=password_env,
-        api_version=api_version,
-        ca_file=ca_file,
-        pin_sha256=pin_sha256,
-        insecure=insecure,
-        tls_min_version=tls_min_version,
-    ).build_client(**client_kwargs)
+    def require(self) -> tuple[str, str]:
+        """The PBX URL and the user name, which every PBX command needs."""
+        if not self.pbx:
+            fail("no PBX given: pass --pbx https://HOST:8088 or set CALLVAULT_PBX", USAGE_ERROR)
+        if not self.username:
+            fail("no API user name given: pass --username or set CALLVAULT_USERNAME", USAGE_ERROR)
+        return self.pbx, self.username
+
+    def password(self) -> str:
+        var = (self.password_env or DEFAULT_PASSWORD_ENV).strip()
+        if not var:
+            fail("--password-env needs the name of an environment variable", USAGE_ERROR)
+        value = os.environ.get(var)
+        if not value:
+            fail(
+                f"the API password is not set: put it in the environment variable {var} "
+                "(or name another variable with --password-env)",
+                USAGE_ERROR,
+            )
+        return value
+
+    def build_client(self, **client_kwargs: Any) -> PbxClient:
+        """A PbxClient for these options; every bad option ends the command with one line."""
+        pbx, username = self.require()
+        api_version = self.api_version_value()
+        tls = self.tls_options()
+        password = self.password()
+        try:
+            return PbxClient(
+                pbx, username, password, api_version=api_version, tls=tls, **client_kwargs
+            )
+        except ValueError as exc:
+            fail(str(exc), USAGE_ERROR)

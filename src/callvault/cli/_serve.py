@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -49,11 +48,13 @@ from callvault.cli._settings import (
     PinOption,
     SettingsError,
     TimezoneOption,
+    TlsMinVersionOption,
     UsernameOption,
+    pbx_options,
     settings_or_fail,
 )
 from callvault.index import Index, IndexOpenError, open_index
-from callvault.pbx import AuthError, PbxClient, PbxError, TlsOptions
+from callvault.pbx import AuthError, PbxClient, PbxError
 from callvault.storage import LocalStorage
 
 log = logging.getLogger("callvault.archive")
@@ -92,29 +93,13 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("callvault.pbx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _password(settings: ArchiveSettings) -> str:
-    password = os.environ.get(settings.password_env)
-    if not password:
-        fail(f"no PBX password: set the environment variable {settings.password_env}", code=2)
-    return password
-
-
 def _require(settings: ArchiveSettings) -> tuple[str, str, Path]:
-    if not settings.pbx:
-        fail("no PBX: give --pbx https://HOST:PORT or set CALLVAULT_PBX", code=2)
-    if not settings.username:
-        fail("no API username: give --username or set CALLVAULT_USERNAME", code=2)
+    pbx, username = pbx_options(settings).require()
     try:
         archive = settings.archive_dir()
     except SettingsError as exc:
         fail(str(exc), code=2)
-    return settings.pbx, settings.username, archive
-
-
-def _tls(settings: ArchiveSettings) -> TlsOptions:
-    return TlsOptions(
-        ca_file=settings.ca_file, pin_sha256=settings.pin_sha256, insecure=settings.insecure
-    )
+    return pbx, username, archive
 
 
 def _policy(settings: ArchiveSettings) -> RetryPolicy:
@@ -140,11 +125,11 @@ def archiver_config(settings: ArchiveSettings, *, web: bool) -> ArchiverConfig:
     return ArchiverConfig(
         pbx_url=pbx,
         username=username,
-        password=_password(settings),
+        password=pbx_options(settings).password(),
         archive=archive,
         db_url=settings.db_url(),
         api_version=settings.api_version,
-        tls=_tls(settings),
+        tls=pbx_options(settings).tls_options(),
         events_host=events_host,
         events_port=events_port,
         events_allow=allowed or None,
@@ -179,6 +164,7 @@ def serve_command(
     ca_file: CaFileOption = None,
     pin_sha256: PinOption = None,
     insecure: InsecureOption = None,
+    tls_min_version: TlsMinVersionOption = None,
     archive: ArchiveOption = None,
     db: DbOption = None,
     events_listen: EventsListenOption = None,
@@ -214,6 +200,7 @@ def serve_command(
         ca_file=ca_file,
         pin_sha256=pin_sha256,
         insecure=insecure,
+        tls_min_version=tls_min_version,
         archive=archive,
         db=db,
         events_listen=events_listen,
@@ -300,6 +287,7 @@ def backfill_command(
     ca_file: CaFileOption = None,
     pin_sha256: PinOption = None,
     insecure: InsecureOption = None,
+    tls_min_version: TlsMinVersionOption = None,
     archive: ArchiveOption = None,
     db: DbOption = None,
     workers: WorkersOption = None,
@@ -316,13 +304,14 @@ def backfill_command(
         ca_file=ca_file,
         pin_sha256=pin_sha256,
         insecure=insecure,
+        tls_min_version=tls_min_version,
         archive=archive,
         db=db,
         workers=workers,
         timezone=timezone,
     )
-    pbx_url, user, archive_dir = _require(settings)
-    password = _password(settings)
+    _pbx, _user, archive_dir = _require(settings)
+    client = pbx_options(settings).build_client()
     tz = settings.tz
     start = _parse_day(since, tz, "--since")
     if until is None:
@@ -341,9 +330,6 @@ def backfill_command(
     except IndexOpenError as exc:
         fail(str(exc))
     storage = LocalStorage(archive_dir)
-    client = PbxClient(
-        pbx_url, user, password, api_version=settings.api_version, tls=_tls(settings)
-    )
     try:
         code = asyncio.run(
             _backfill(

@@ -36,6 +36,17 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from callvault.cli._pbxopts import (
+    ApiVersionOpt,
+    CaFileOpt,
+    InsecureOpt,
+    PasswordEnvOpt,
+    PbxOptions,
+    PbxUrlOpt,
+    PinOpt,
+    TlsMinOpt,
+    UsernameOpt,
+)
 from callvault.pbx import normalise_pin
 from callvault.pbx._types import ApiVersion
 
@@ -106,6 +117,7 @@ class ArchiveSettings(BaseSettings):
     ca_file: Path | None = None
     pin_sha256: str | None = None
     insecure: bool = False
+    tls_min_version: str = "1.2"
     # The archive
     archive: Path | None = Field(default=None, description="archive directory")
     # repr=False: a PostgreSQL URL may carry a password.
@@ -345,48 +357,35 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="TOML file with any of these options.", show_default=False),
 ]
-PbxOption = Annotated[
-    str | None, typer.Option("--pbx", help="PBX URL, https://HOST:PORT.", show_default=False)
-]
-UsernameOption = Annotated[
-    str | None, typer.Option("--username", help="API account user name.", show_default=False)
-]
-PasswordEnvOption = Annotated[
-    str | None,
-    typer.Option(
-        "--password-env",
-        help="Environment variable holding the password (default CALLVAULT_PASSWORD).",
-        show_default=False,
-    ),
-]
-ApiVersionOption = Annotated[
-    ApiVersion | None,
-    typer.Option("--api-version", help="API version path (default v1.1.0).", show_default=False),
-]
-CaFileOption = Annotated[
-    Path | None,
-    typer.Option("--ca-file", help="CA certificate that signed the PBX's.", show_default=False),
-]
-PinOption = Annotated[
-    str | None,
-    typer.Option(
-        "--pin-sha256", help="Trust exactly the certificate with this SHA-256.", show_default=False
-    ),
-]
-InsecureOption = Annotated[
-    bool | None,
-    typer.Option(
-        "--insecure",
-        help="Do not verify the PBX's certificate at all (anyone on the path can read it).",
-        show_default=False,
-    ),
-]
+# The PBX options are the same for every command that talks to the PBX: defined once.
+PbxOption = PbxUrlOpt
+UsernameOption = UsernameOpt
+PasswordEnvOption = PasswordEnvOpt
+ApiVersionOption = ApiVersionOpt
+CaFileOption = CaFileOpt
+PinOption = PinOpt
+InsecureOption = InsecureOpt
+TlsMinVersionOption = TlsMinOpt
 TimezoneOption = Annotated[
     str | None,
     typer.Option(
         "--timezone", help="The PBX's time zone (default the host's).", show_default=False
     ),
 ]
+
+
+def pbx_options(settings: ArchiveSettings) -> PbxOptions:
+    """The PBX options of the settings, to build the client, TLS options and password."""
+    return PbxOptions(
+        pbx=settings.pbx,
+        username=settings.username,
+        password_env=settings.password_env,
+        api_version=settings.api_version.value,
+        ca_file=settings.ca_file,
+        pin_sha256=settings.pin_sha256,
+        insecure=settings.insecure,
+        tls_min_version=settings.tls_min_version,
+    )
 
 
 def settings_or_fail(config_file: Path | None = None, **cli_overrides: Any) -> ArchiveSettings:
