@@ -69,8 +69,8 @@ def test_precedence_flags_env_toml_defaults(
 
 
 def test_events_allow_from_env_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CALLVAULT_EVENTS_ALLOW", "127.0.0.1, 10.0.0.0/8")
-    assert load_settings().allowed_event_sources() == ["127.0.0.1", "10.0.0.0/8"]
+    monkeypatch.setenv("CALLVAULT_EVENTS_ALLOW", "127.0.0.1, 198.51.100.0/24")
+    assert load_settings().allowed_event_sources() == ["127.0.0.1", "198.51.100.0/24"]
     monkeypatch.setenv("CALLVAULT_EVENTS_ALLOW", '["::1"]')
     assert load_settings().events_allow == ["::1"]
 
