@@ -124,7 +124,7 @@ def test_wrong_path_is_404_and_stores_nothing(archiver: Archiver) -> None:
 
 def test_source_not_allowed_is_403_and_stores_nothing(tmp_path: Path) -> None:
     body = _newcdr("1714550402.1", "20240501100005-1714550402.1-1001-1003-Internal.wav")
-    with Archiver(_config(tmp_path, events_allow=["10.11.12.13", "192.0.2.0/24"])) as archiver:
+    with Archiver(_config(tmp_path, events_allow=["203.0.113.13", "192.0.2.0/24"])) as archiver:
         answer = httpx.post(archiver.events_url, json=body)
         assert answer.status_code == 403
         assert _recordings(archiver) == 0
