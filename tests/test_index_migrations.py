@@ -113,3 +113,11 @@ def test_two_processes_worth_of_first_opens_race_safely(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [("0001",)]
     engine.dispose()
+
+
+def test_other_databases_and_missing_drivers_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(IndexOpenError, match="needs SQLite or PostgreSQL, not mysql") as info:
+        open_index("mysql://user:s3cret-pw@127.0.0.1/x")
+    assert "s3cret-pw" not in str(info.value)
+    with pytest.raises(IndexOpenError, match=r"driver .* is not installed"):
+        open_index("postgresql+pg8000://user@127.0.0.1:1/x")

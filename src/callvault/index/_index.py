@@ -117,6 +117,9 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
+SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+
+
 def open_index(url: str, *, create: bool = True) -> Index:
     """Open the index at `url`, creating it and migrating it to the newest schema.
 
@@ -135,10 +138,20 @@ def open_index(url: str, *, create: bool = True) -> Index:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise IndexOpenError(f"cannot create {path.parent}: {exc.strerror}") from exc
+    backend = make_url(url).get_backend_name()
+    if backend not in SUPPORTED_DIALECTS:
+        raise IndexOpenError(
+            f"the index needs SQLite or PostgreSQL, not {backend}: {_redact(url)}"
+        )
     try:
         engine = _make_engine(url)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise IndexOpenError(f"unsupported database URL: {_redact(url)}") from exc
+    except ImportError as exc:
+        raise IndexOpenError(
+            f"the database driver for {_redact(url)} is not installed ({exc.name}); "
+            "for PostgreSQL: pip install 'callvault[postgres]' and a postgresql+psycopg:// URL"
+        ) from exc
     index = Index(engine)
     try:
         index.migrate()
@@ -325,7 +338,7 @@ class Index:
             return sqlite_dialect.insert(table)
         if self._dialect == "postgresql":
             return pg_dialect.insert(table)
-        raise NotImplementedError(f"upsert is not implemented for {self._dialect}")
+        raise AssertionError(f"open_index refuses {self._dialect}")  # pragma: no cover
 
     # -- jobs -----------------------------------------------------------------------------
 
