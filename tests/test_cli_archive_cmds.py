@@ -19,6 +19,12 @@ from callvault.storage import LocalStorage, recording_key
 _register()
 PARIS = ZoneInfo("Europe/Paris")
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+# As `callvault serve` writes it (callvault.archive._session).
+HEALTH = {
+    "state": "error",
+    "error": "cannot log in to the PBX: wrong API username or password, errno 20003",
+    "last_success_at": "2024-05-01T11:00:00+00:00",
+}
 runner = CliRunner()
 
 
@@ -70,7 +76,7 @@ def build_archive(root: Path) -> dict[str, bytes]:
         jobs[3].recording_id, worker_id="w1", reason="gave up after 8 timeouts", now=NOW
     )
     index.set_setting("last_event_at", "2024-05-01T12:00:00+00:00", NOW)
-    index.set_setting("pbx_health", json.dumps({"logged_in": True, "last_error": None}), NOW)
+    index.set_setting("pbx_health", json.dumps(HEALTH), NOW)
     index.close()
     return archived
 
@@ -174,11 +180,14 @@ def test_status(archive: tuple[Path, dict[str, bytes]]) -> None:
     ]
     assert [r["error"] for r in report["retrying"]] == ["PBX said 20014: not ready"]
     assert report["last_event_at"] == "2024-05-01T12:00:00+00:00"
-    assert report["pbx_health"] == {"logged_in": True, "last_error": None}
+    assert report["pbx_health"] == HEALTH
     text = runner.invoke(app, ["status", "--archive", str(root)]).stdout
     assert "archived 2" in text and "gave up after 8 timeouts" in text
     assert "last event: 2024-05-01T12:00:00+00:00" in text
-    assert "PBX session: logged_in=True" in text
+    assert (
+        "PBX session: error: cannot log in to the PBX: wrong API username or password, "
+        "errno 20003 (last answer from the PBX 2024-05-01T11:00:00+00:00)"
+    ) in text
 
 
 def test_verify_ok_then_mismatch_then_missing(archive: tuple[Path, dict[str, bytes]]) -> None:

@@ -242,7 +242,7 @@ def status_command(
     if health is None:
         print("PBX session: unknown (serve has not reported yet)")
     elif isinstance(health, dict):
-        print("PBX session: " + ", ".join(f"{k}={v}" for k, v in health.items()))
+        print(f"PBX session: {_describe_health(health)}")
     else:
         print(f"PBX session: {health}")
     for title, rows in (("given up", failures), ("retrying", retrying)):
@@ -250,6 +250,18 @@ def status_command(
             print(f"{title}:")
             for row in rows:
                 print(f"  {row.state:<8} {row.name}  attempts={row.attempts}  {row.last_error}")
+
+
+def _describe_health(health: dict[str, Any]) -> str:
+    """`{"state": "ok", "last_success_at": ...}` as a line for people."""
+    words = str(health.get("state", "unknown"))
+    if health.get("error"):
+        words += f": {health['error']}"
+    if health.get("last_success_at"):
+        words += f" (last answer from the PBX {health['last_success_at']})"
+    if health.get("updated_at"):
+        words += f", reported {health['updated_at']}"
+    return words
 
 
 def _verify(index: Index, storage: LocalStorage, now: datetime) -> dict[str, Any]:
