@@ -16,7 +16,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -284,53 +284,75 @@ class Index:
         now = to_utc(now)
         for cdr in cdrs:
             _check_lengths(cdr)
-        results: list[RecordResult] = []
+        if not cdrs:
+            return []
+        # A whole batch costs a handful of statements, not two or three per record: building
+        # and running each statement through SQLAlchemy costs far more than SQLite's work.
+        rows = [_call_row(cdr, source=source, tz=tz, now=now) for cdr in cdrs]
         with self._write() as conn:
+            call_ids = self._upsert_calls(conn, rows)
+            # Each recording name is inserted once, for the first record that carries it.
+            first_call: dict[str, int] = {}
             for cdr in cdrs:
-                call_id = self._upsert_call(conn, cdr, source=source, tz=tz, now=now)
-                recording_id: int | None = None
-                created = False
                 if cdr.recording:
-                    recording_id, created = self._insert_recording(
-                        conn, cdr.recording, call_id, now
-                    )
-                results.append(RecordResult(call_id, recording_id, created))
+                    first_call.setdefault(cdr.recording, call_ids[cdr.callid])
+            recording_ids, created = self._insert_recordings(conn, first_call, now)
+        results: list[RecordResult] = []
+        for cdr in cdrs:
+            name = cdr.recording
+            if not name:
+                results.append(RecordResult(call_ids[cdr.callid], None, False))
+                continue
+            new = name in created
+            created.discard(name)  # a second record with the same name finds it existing
+            results.append(RecordResult(call_ids[cdr.callid], recording_ids[name], new))
         return results
 
-    def _upsert_call(
-        self, conn: Connection, cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime
-    ) -> int:
-        params: dict[str, Any] = {
-            "callid": cdr.callid,
-            "pbx_serial": cdr.sn,
-            "start_at": parse_timestart(cdr.timestart, tz),
-            "timestart_local": cdr.timestart,
-            "call_from": cdr.callfrom,
-            "call_to": cdr.callto,
-            "duration_s": cdr.callduration,
-            "talk_s": cdr.talkduration,
-            "direction": cdr.type,
-            "status": cdr.status,
-            "src_trunk": cdr.srctrunkname,
-            "dst_trunk": cdr.dsttrunkname,
-            "did": cdr.didnumber,
-            "pincode": cdr.pincode,
-            "agent_ring_s": cdr.agentringtime,
-            "source": source,
-            "first_seen_at": now,
-            "raw": json.dumps(asdict(cdr), sort_keys=True),
-        }
-        return int(conn.execute(self._statements.upsert_call, params).scalar_one())
+    def _upsert_calls(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:
+        """Upsert `rows` (in order) by executemany; the id of every callid among them."""
+        # A call reported twice in the batch is upserted in a later round than its first
+        # report, so one statement never touches a row twice (PostgreSQL refuses that when
+        # the driver turns executemany into one multi-row INSERT).
+        rounds: list[list[dict[str, Any]]] = []
+        seen: dict[str, int] = {}
+        for row in rows:
+            occurrence = seen.get(row["callid"], 0)
+            seen[row["callid"]] = occurrence + 1
+            if occurrence == len(rounds):
+                rounds.append([])
+            rounds[occurrence].append(row)
+        for round_rows in rounds:
+            conn.execute(self._statements.upsert_call, round_rows)
+        return self._ids_by(conn, self._statements.call_ids, list(seen))
 
-    def _insert_recording(
-        self, conn: Connection, name: str, call_id: int, now: datetime
-    ) -> tuple[int, bool]:
-        params = {"name": name, "call_id": call_id, "now": now}
-        new_id = conn.execute(self._statements.insert_recording, params).scalar_one_or_none()
-        if new_id is not None:
-            return int(new_id), True
-        existing = conn.execute(self._statements.recording_id_by_name, params).scalar_one()
-        return int(existing), False
+    def _insert_recordings(
+        self, conn: Connection, call_of: dict[str, int], now: datetime
+    ) -> tuple[dict[str, int], set[str]]:
+        """Insert each name of `call_of` unless it exists: (id by name, names inserted)."""
+        if not call_of:
+            return {}, set()
+        names = list(call_of)
+        existing = self._ids_by(conn, self._statements.recording_ids, names)
+        # Names already there stay untouched (re-sent events, backfills). ON CONFLICT still
+        # guards against another writer inserting one since (PostgreSQL); on SQLite the
+        # write lock (BEGIN IMMEDIATE) rules that out, so `created` is exact there.
+        new = [name for name in names if name not in existing]
+        if new:
+            conn.execute(
+                self._statements.insert_recording,
+                [{"name": name, "call_id": call_of[name], "now": now} for name in new],
+            )
+            existing.update(self._ids_by(conn, self._statements.recording_ids, new))
+        return existing, set(new)
+
+    @staticmethod
+    def _ids_by(conn: Connection, statement: Select[Any], keys: list[str]) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[start : start + _IN_CHUNK]
+            for key, row_id in conn.execute(statement, {"keys": chunk}):
+                ids[key] = int(row_id)
+        return ids
 
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT that supports ON CONFLICT (SQLite and PostgreSQL)."""
@@ -776,9 +798,13 @@ class _Statements:
             )
         for name in _CALL_NULLABLE_COLUMNS:
             updates[name] = func.coalesce(excluded[name], table.c[name])
+        # No RETURNING: run with a list of rows, it goes to the driver's executemany.
         self.upsert_call = upsert.on_conflict_do_update(
             index_elements=[table.c.callid], set_=updates
-        ).returning(table.c.id)
+        )
+        self.call_ids = select(table.c.callid, table.c.id).where(
+            table.c.callid.in_(bindparam("keys", expanding=True))
+        )
         r = schema.recordings
         self.insert_recording = (
             insert(r)
@@ -792,9 +818,10 @@ class _Statements:
                 updated_at=bindparam("now", type_=r.c.updated_at.type),
             )
             .on_conflict_do_nothing(index_elements=[r.c.name])
-            .returning(r.c.id)
         )
-        self.recording_id_by_name = select(r.c.id).where(r.c.name == bindparam("name"))
+        self.recording_ids = select(r.c.name, r.c.id).where(
+            r.c.name.in_(bindparam("keys", expanding=True))
+        )
 
 
 class _WriteTransaction:
@@ -839,6 +866,37 @@ _FIELD_LIMITS: dict[str, tuple[str, int]] = {
     "pincode": ("pincode", 64),
     "recording": ("name", 255),
 }
+
+
+_CDR_FIELDS = tuple(field.name for field in fields(CallDetail))
+# Keys per IN (...) lookup: well under every engine's limit on bound parameters.
+_IN_CHUNK = 500
+
+
+def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> dict[str, Any]:
+    """The `calls` columns of one record (the parameters of `_Statements.upsert_call`)."""
+    return {
+        "callid": cdr.callid,
+        "pbx_serial": cdr.sn,
+        "start_at": parse_timestart(cdr.timestart, tz),
+        "timestart_local": cdr.timestart,
+        "call_from": cdr.callfrom,
+        "call_to": cdr.callto,
+        "duration_s": cdr.callduration,
+        "talk_s": cdr.talkduration,
+        "direction": cdr.type,
+        "status": cdr.status,
+        "src_trunk": cdr.srctrunkname,
+        "dst_trunk": cdr.dsttrunkname,
+        "did": cdr.didnumber,
+        "pincode": cdr.pincode,
+        "agent_ring_s": cdr.agentringtime,
+        "source": source,
+        "first_seen_at": now,
+        # Every field is a str, an int or None: the same JSON as asdict() without its
+        # recursive deep copy.
+        "raw": json.dumps({name: getattr(cdr, name) for name in _CDR_FIELDS}, sort_keys=True),
+    }
 
 
 def _check_lengths(cdr: CallDetail) -> None:
