@@ -49,6 +49,7 @@ class Call:
     query: dict[str, str]
     body: dict[str, Any]
     version: str = ""
+    random: str = ""  # what a successful get_random handed out
 
 
 @dataclass
@@ -93,7 +94,8 @@ class FakePbx:
         endpoint = path.split("/", 3)[3]
         query = dict(request.url.params)
         body = json.loads(request.content) if request.content else {}
-        self.calls.append(Call(endpoint, query, body, path.split("/")[2]))
+        call = Call(endpoint, query, body, path.split("/")[2])
+        self.calls.append(call)
         if endpoint == "login":
             if self.login_errno is not None:
                 return self._failed(self.login_errno)
@@ -117,6 +119,7 @@ class FakePbx:
             if self.get_random_errors:
                 return self._failed(self.get_random_errors.pop(0))
             value = secrets.token_hex(16)
+            call.random = value
             self.issued_randoms.append(value)
             self.live_randoms.add(value)
             return self._json({"status": "Success", "random": value, **body})
@@ -257,3 +260,26 @@ def serve_fake_pbx(pbx: FakePbx) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def assert_randoms_used_in_their_session(pbx: FakePbx) -> int:
+    """Check, on the server's log in arrival order, that every download GET used a random
+    that a get_random for the same recording obtained with the same token, once, and that
+    no login arrived between that get_random and the GET. Returns how many GETs it checked."""
+    issued: dict[str, tuple[int, Call]] = {}
+    used: set[str] = set()
+    for index, call in enumerate(pbx.calls):
+        if call.endpoint == "recording/get_random" and call.random:
+            issued[call.random] = (index, call)
+        if call.endpoint != "recording/download":
+            continue
+        value = call.query["random"]
+        assert value in issued, "a GET used a random no get_random handed out"
+        assert value not in used, "a random was used twice"
+        used.add(value)
+        start, asked = issued[value]
+        assert asked.body["recording"] == call.query["recording"]
+        assert asked.query["token"] == call.query["token"], "the token changed in between"
+        between = [c.endpoint for c in pbx.calls[start + 1 : index]]
+        assert "login" not in between, "a login came between a random and its GET"
+    return len(used)

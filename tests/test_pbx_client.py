@@ -1,9 +1,9 @@
 """Exact request flows of PbxClient, against an in-process fake PBX (httpx.MockTransport).
 
 These pin down the order of requests: one login per failing call, a fresh random for every
-attempt, a random always used by the very next request, and the lock released once the
-download's headers arrived. The same rules are tested over real HTTPS against the simulator
-in test_pbx_integration.py.
+attempt, every random used by its own GET in the session that asked for it (no login in
+between), and the session gate released once the download's headers arrived. The same
+rules are tested over real HTTPS against the simulator in test_pbx_integration.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,16 @@ from callvault.pbx import (
     TokenInvalid,
     password_md5,
 )
-from pbx_fakes import BASE, PASSWORD, WAV, FakePbx, Sleeps, make_wav, serve_fake_pbx
+from pbx_fakes import (
+    BASE,
+    PASSWORD,
+    WAV,
+    FakePbx,
+    Sleeps,
+    assert_randoms_used_in_their_session,
+    make_wav,
+    serve_fake_pbx,
+)
 
 
 def client_for(pbx: FakePbx, **kwargs: Any) -> PbxClient:
@@ -341,11 +350,11 @@ async def test_concurrent_token_errors_share_one_relogin(
     assert pbx.count("login") == 2
 
 
-async def test_random_is_always_used_by_the_next_request_and_body_streams_unlocked(
+async def test_each_random_is_used_in_its_own_session_and_body_streams_unlocked(
     tmp_path: Path,
     connect: ClientFactory,
 ) -> None:
-    """Downloads run concurrently; the lock covers get_random..headers, not the body."""
+    """Downloads run concurrently; the gate covers get_random..headers, not the body."""
     names = [f"r{i}.wav" for i in range(4)]
     pbx = FakePbx(recordings=dict.fromkeys(names, WAV))
     release = threading.Event()  # set from the fake's handler, in either pump's thread
@@ -355,7 +364,7 @@ async def test_random_is_always_used_by_the_next_request_and_body_streams_unlock
     def on_get_random(name: str) -> None:
         seen.append(name)
         if len(seen) == len(names):
-            release.set()  # only reachable if earlier bodies did not hold the lock
+            release.set()  # only reachable if earlier bodies did not hold the gate
 
     pbx.on_get_random = on_get_random
     async with connect(pbx) as client:
@@ -365,14 +374,8 @@ async def test_random_is_always_used_by_the_next_request_and_body_streams_unlock
             asyncio.gather(*(client.download_recording(n, tmp_path) for n in names)), 10
         )
     assert sorted(r.name for r in results) == names
-    for index, call in enumerate(pbx.calls):
-        if call.endpoint == "recording/download":
-            previous = pbx.calls[index - 1]
-            assert previous.endpoint == "recording/get_random"
-            assert previous.body["recording"] == call.query["recording"]
-            assert call.query["random"] in pbx.issued_randoms
-    randoms = [c.query["random"] for c in pbx.calls if c.endpoint == "recording/download"]
-    assert len(randoms) == len(set(randoms))
+    assert assert_randoms_used_in_their_session(pbx) == pbx.count("recording/download")
+    assert pbx.count("recording/download") >= len(names)
 
 
 async def test_cancelled_download_leaves_no_temp_file(

@@ -210,7 +210,7 @@ async def test_cancelled_socket_download_removes_temp_file_and_closes_socket(
         server.close()
 
 
-async def test_cancel_while_waiting_for_headers_releases_lock_and_closes_socket(
+async def test_cancel_while_waiting_for_headers_releases_the_gate_and_closes_socket(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cancelled inside the critical section (the GET sent, no answer yet)."""
@@ -229,7 +229,8 @@ async def test_cancel_while_waiting_for_headers_releases_lock_and_closes_socket(
                 await task
             assert time.monotonic() - cancelled_at < 2
             assert await asyncio.to_thread(server.closed_by_client.wait, 5)
-            # The lock was released: the session is usable at once.
+            # The gate was released: a re-login (which needs it exclusive) gets in at once.
+            await asyncio.wait_for(client.login(), 5)
             await asyncio.wait_for(client.heartbeat(), 5)
         assert leftovers(tmp_path) == []
         gc.collect()  # an unretrieved exception of the abandoned worker would be logged now

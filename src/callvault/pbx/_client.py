@@ -4,9 +4,13 @@ One `PbxClient` holds one API session (one token) with one PBX. The rules it kee
 section 9): the password is sent as its MD5; a token error (20004/20005/20006) causes one new
 login and one repeat of the call; a wrong password (20003) or a lockout (20002) is raised at
 once and remembered, so no sequence of calls can add up to the five failed logins that lock
-the client's IP out; a download random is fetched immediately before its GET, under a lock
-that a re-login also takes, and never reused; every response is answered with its own TCP
-connection (the PBX closes it anyway).
+the client's IP out; a download random is fetched immediately before its GET and never
+reused; every response is answered with its own TCP connection (the PBX closes it anyway).
+
+The session is guarded by a `SessionGate`: every call that uses the token holds it shared
+for its critical section (a download from its ``get_random`` until its GET's headers have
+arrived), so downloads of one client start concurrently; a login, re-login or logout holds
+it exclusive, so it never falls between a random and its use.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -56,6 +60,7 @@ from callvault.pbx._errors import (
     TokenError,
     error_for_errno,
 )
+from callvault.pbx._gate import SessionGate
 from callvault.pbx._tls import TlsOptions, build_ssl_context, describe_tls_failure, find_ssl_error
 from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult
 
@@ -228,7 +233,7 @@ class PbxClient:
             trust_env=False,
         )
         _install_log_redaction()
-        self._lock = asyncio.Lock()
+        self._gate = SessionGate()
         self._token: str | None = None
         self._generation = 0
         self._auth_failure: tuple[float, PbxApiError] | None = None
@@ -353,7 +358,7 @@ class PbxClient:
     # ---------------------------------------------------------------- session
 
     async def _login_locked(self) -> None:
-        """Log in; the caller holds self._lock."""
+        """Log in; the caller holds the gate exclusive."""
         now = self._clock()
         if self._auth_failure is not None:
             failed_at, failure = self._auth_failure
@@ -409,19 +414,25 @@ class PbxClient:
             "logged in to %s as %r (API %s)", self._base_str, self.username, self.api_version.value
         )
 
-    async def _session_locked(self) -> tuple[str, int]:
-        if self._token is None:
-            await self._login_locked()
-        assert self._token is not None
-        return self._token, self._generation
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[tuple[str, int]]:
+        """Hold the gate shared with a logged-in session; yields (token, generation).
 
-    async def _session(self) -> tuple[str, int]:
-        async with self._lock:
-            return await self._session_locked()
+        Without a token, the gate is left, taken exclusive to log in (unless another call
+        did so meanwhile), and taken shared again: a shared holder never logs in itself.
+        """
+        while True:
+            async with self._gate.shared():
+                if self._token is not None:
+                    yield self._token, self._generation
+                    return
+            async with self._gate.exclusive():
+                if self._token is None:
+                    await self._login_locked()
 
     async def _relogin(self, generation: int) -> None:
         """Log in again unless another call already replaced the rejected session."""
-        async with self._lock:
+        async with self._gate.exclusive():
             if self._generation == generation or self._token is None:
                 log.info("token rejected by %s; logging in again", self._base_str)
                 await self._login_locked()
@@ -466,17 +477,17 @@ class PbxClient:
         self, endpoint: str, body: dict[str, str] | None, context: str
     ) -> dict[str, Any]:
         async def once() -> dict[str, Any]:
-            token, generation = await self._session()
-            try:
-                return await self._post(endpoint, body, token, context)
-            except TokenError as exc:
-                raise _TokenRejected(generation, exc) from None
+            async with self._session() as (token, generation):
+                try:
+                    return await self._post(endpoint, body, token, context)
+                except TokenError as exc:
+                    raise _TokenRejected(generation, exc) from None
 
         return await self._authed(once)
 
     async def login(self) -> None:
         """Log in now (a fresh token), instead of lazily on the first call."""
-        async with self._lock:
+        async with self._gate.exclusive():
             await self._login_locked()
 
     async def heartbeat(self) -> None:
@@ -502,7 +513,7 @@ class PbxClient:
 
     async def logout(self) -> None:
         """End the session. The token is forgotten even if the PBX does not answer."""
-        async with self._lock:
+        async with self._gate.exclusive():
             token, self._token = self._token, None
             self._generation += 1
         if token is not None:
@@ -598,10 +609,10 @@ class PbxClient:
         body = {"recording": name}
         if self.allowedip is not None:
             body["allowedip"] = self.allowedip
-        # The critical section: nothing (no re-login, no other download) can come between a
-        # random and the request that uses it. It ends when the GET's headers have arrived.
-        async with self._lock:
-            token, generation = await self._session_locked()
+        # The critical section: no login can come between a random and the request that uses
+        # it (other downloads may: each uses its own random). It ends when the GET's headers
+        # have arrived.
+        async with self._session() as (token, generation):
             try:
                 answer = await self._post("recording/get_random", body, token, context)
             except TokenError as exc:
@@ -766,8 +777,7 @@ class PbxClient:
             body["allowedip"] = self.allowedip
 
         async def once() -> list[CallDetail]:
-            async with self._lock:
-                token, generation = await self._session_locked()
+            async with self._session() as (token, generation):
                 try:
                     answer = await self._post("cdr/get_random", body, token, context)
                 except TokenError as exc:
