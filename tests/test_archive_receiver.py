@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 
-from callvault.archive import SECRET_SETTING, Archiver, ArchiverConfig
-from callvault.index import open_index
+from callvault.archive import SECRET_SETTING, Archiver, ArchiverConfig, GroupCommitter
+from callvault.archive._receiver import SourceAllowList, validate_cdr
+from callvault.index import RecordResult, open_index
+from callvault.pbx._types import CallDetail
 
 
 def _config(tmp_path: Path, **overrides: object) -> ArchiverConfig:
@@ -203,3 +207,114 @@ def test_secret_path_is_kept_across_restarts(tmp_path: Path) -> None:
     other = tmp_path / "other"
     with Archiver(_config(other)) as third:
         assert third.secret_path != path
+
+
+@pytest.mark.parametrize(
+    "timestart",
+    [
+        "2024-05-01 10:00:00",
+        "2024-02-29 23:59:59",
+        "2023-02-29 10:00:00",  # not a leap year
+        "2024-04-31 10:00:00",
+        "2024-13-01 10:00:00",
+        "2024-05-01 24:00:00",
+        "2024-05-01 10:60:00",
+        "2024-05-01 10:00:60",
+        "2024-05-01 10:00:61",
+        "0000-05-01 10:00:00",
+        "2024-05-01T10:00:00",
+        "2024-05-01 10:00:00\n",
+        "2024-05-01 10:00:00.5",
+        "\u0662\u0660\u0662\u0664-05-01 10:00:00",  # Arabic-Indic digits: strptime reads them
+        "\u0662\u0660\u0662\u0664-02-30 10:00:00",
+    ],
+)
+def test_timestart_is_accepted_exactly_when_strptime_reads_it(timestart: str) -> None:
+    try:
+        datetime.strptime(timestart, "%Y-%m-%d %H:%M:%S")
+        readable = "\n" not in timestart
+    except ValueError:
+        readable = False
+    problem = validate_cdr(CallDetail(callid="1.1", timestart=timestart))
+    assert (problem is None) == readable, problem
+
+
+def test_allow_list_verdicts_stay_right_past_the_cache() -> None:
+    allowed = SourceAllowList(["203.0.113.13", "192.0.2.0/24"])
+    for _ in range(2):  # second pass: from the remembered verdicts
+        assert allowed.allows("203.0.113.13")
+        assert allowed.allows("::ffff:192.0.2.7")
+        assert not allowed.allows("203.0.113.14")
+        assert not allowed.allows("not-an-address")
+        assert not allowed.allows(None)
+    for n in range(3000):  # more distinct peers than are remembered
+        host = f"198.51.{n // 256}.{n % 256}"
+        assert not allowed.allows(host)
+        assert allowed.allows(f"192.0.2.{n % 256}")
+    assert allowed.allows("203.0.113.13") and not allowed.allows("203.0.113.14")
+
+
+class _GatedRecorder:
+    """Holds the first batch until released, so the next commits pile up into one batch."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[list[str]] = []
+
+    def record_calls(
+        self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
+    ) -> list[RecordResult]:
+        self.entered.set()
+        self.release.wait(10)
+        if any(cdr.callid == "bad" for cdr in cdrs):
+            raise ValueError("a bad record")
+        self.batches.append([cdr.callid for cdr in cdrs])
+        return [RecordResult(int(cdr.callid.split(".")[1]), None, False) for cdr in cdrs]
+
+    def set_setting(self, key: str, value: str, now: datetime) -> None:
+        pass
+
+
+def test_group_commit_answers_every_waiter_of_a_batch_on_its_own_loop() -> None:
+    """Requests from two event loops share a batch; each loop gets its own outcomes, a bad
+    record fails alone, and nothing is answered before its transaction returned."""
+    recorder = _GatedRecorder()
+    committer = GroupCommitter(recorder, tz=ZoneInfo("UTC"))
+    committer.start()
+    outcomes: dict[str, list[object]] = {}
+    queued: dict[str, threading.Event] = {}
+
+    def loop_thread(name: str, callids: list[str]) -> None:
+        async def main() -> list[object]:
+            tasks = [asyncio.ensure_future(committer.commit(CallDetail(callid=c))) for c in callids]
+            await asyncio.sleep(0)  # each task ran up to its wait: its record is queued
+            queued[name].set()
+            return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+        outcomes[name] = asyncio.run(main())
+
+    def start(name: str, callids: list[str]) -> threading.Thread:
+        queued[name] = threading.Event()
+        thread = threading.Thread(target=loop_thread, args=(name, callids))
+        thread.start()
+        assert queued[name].wait(10)
+        return thread
+
+    try:
+        threads = [start("first", ["1.0"])]
+        assert recorder.entered.wait(10)  # the writer holds 1.0 in the gate
+        threads += [start("a", ["1.1", "1.2", "bad"]), start("b", ["1.3", "1.4"])]
+        assert not any(outcomes)  # nothing answered while the transaction is open
+        recorder.release.set()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        committer.stop()
+    assert outcomes["first"] == [RecordResult(0, None, False)]
+    assert outcomes["a"][:2] == [RecordResult(1, None, False), RecordResult(2, None, False)]
+    assert isinstance(outcomes["a"][2], ValueError)
+    assert outcomes["b"] == [RecordResult(3, None, False), RecordResult(4, None, False)]
+    # 1.0 alone; then 1.1-1.4 and bad as one batch, which failed and was redone one by one.
+    assert recorder.batches == [["1.0"], ["1.1"], ["1.2"], ["1.3"], ["1.4"]]
+    assert committer.batches == 2

@@ -46,6 +46,8 @@ class _Pending:
     future: asyncio.Future[RecordResult]
 
 
+_Outcome = tuple["asyncio.Future[RecordResult]", "RecordResult | BaseException"]
+
 _STOP = object()
 
 
@@ -158,11 +160,16 @@ class GroupCommitter:
                     self._on_committed(committed)
                 except Exception:
                     log.exception("on_committed callback failed")
+        # One wake-up per event loop for the whole batch (not one per request: each
+        # call_soon_threadsafe writes to the loop's self-pipe and wakes it).
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for item in batch:
             outcome = by_key[(item.cdr.callid, item.cdr.recording)]
-            # RuntimeError: the request's loop is gone (shutdown).
+            by_loop.setdefault(item.loop, []).append((item.future, outcome))
+        for loop, outcomes in by_loop.items():
+            # RuntimeError: the requests' loop is gone (shutdown).
             with contextlib.suppress(RuntimeError):
-                item.loop.call_soon_threadsafe(_resolve, item.future, outcome)
+                loop.call_soon_threadsafe(_resolve_all, outcomes)
 
     def _note_last_event(self, now: datetime) -> None:
         # Written at most once a second: status pages need it, throughput does not.
@@ -176,10 +183,11 @@ class GroupCommitter:
             log.warning("could not note the last event time: %s", exc)
 
 
-def _resolve(future: asyncio.Future[RecordResult], outcome: RecordResult | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+def _resolve_all(outcomes: list[_Outcome]) -> None:
+    for future, outcome in outcomes:
+        if future.done():  # the request was cancelled (client gone, shutdown)
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
