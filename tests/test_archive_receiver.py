@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -318,3 +319,50 @@ def test_group_commit_answers_every_waiter_of_a_batch_on_its_own_loop() -> None:
     # 1.0 alone; then 1.1-1.4 and bad as one batch, which failed and was redone one by one.
     assert recorder.batches == [["1.0"], ["1.1"], ["1.2"], ["1.3"], ["1.4"]]
     assert committer.batches == 2
+
+
+def test_record_calls_fast_path_stores_what_sqlalchemy_core_stores(tmp_path: Path) -> None:
+    """On SQLite record_calls binds its rows itself (the receiver's hot path); the bytes in
+    the database must be those the Core statements store, re-sends and blanks included."""
+    now = datetime(2024, 5, 1, 8, 0, 5, 123456, tzinfo=ZoneInfo("UTC"))
+    later = datetime(2024, 5, 1, 9, 0, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+    first = [
+        CallDetail(
+            callid="1714550400.1",
+            timestart="2024-05-01 10:00:00",
+            callfrom="1001",
+            callto="+4915112345678",
+            callduration=20,
+            talkduration=15,
+            dsttrunkname="SIP1",
+            status="ANSWERED",
+            type="Outbound",
+            recording="20240501100005-1714550400.1-1001-+4915112345678-Outbound.wav",
+            sn="369351034049",
+        ),
+        CallDetail(callid="1714550400.2", timestart="yesterday", recording=None),
+        CallDetail(callid="1714550400.3", recording="shared.wav", agentringtime=3),
+        CallDetail(callid="1714550400.1", callfrom="", callto="1003", recording="second.wav"),
+        CallDetail(callid="1714550400.4", recording="shared.wav"),
+    ]
+    again = [CallDetail(callid="1714550400.2", timestart="2024-05-01 11:00:00", sn="9")]
+    dumps: list[list[tuple[object, ...]]] = []
+    results: list[list[RecordResult]] = []
+    for fast in (True, False):
+        db = tmp_path / f"fast-{fast}.db"
+        with open_index(f"sqlite:///{db}") as index:
+            if not fast:
+                index._sqlite_batch = None  # the Core statements, as PostgreSQL runs them
+            results.append(
+                index.record_calls(first, source="event", tz=ZoneInfo("Asia/Shanghai"), now=now)
+                + index.record_calls(again, source="cdr", tz=ZoneInfo("Asia/Shanghai"), now=later)
+            )
+        with sqlite3.connect(db) as raw:
+            dumps.append(
+                raw.execute("SELECT * FROM calls ORDER BY id").fetchall()
+                + raw.execute("SELECT * FROM recordings ORDER BY id").fetchall()
+            )
+    assert results[0] == results[1]
+    assert dumps[0] == dumps[1]
+    assert [r.new_recording for r in results[0]] == [True, False, True, True, False, False]
+    assert any("2024-05-01 02:00:00" in str(value) for row in dumps[0] for value in row)
