@@ -357,7 +357,7 @@ class PbxClient:
 
     # ---------------------------------------------------------------- session
 
-    async def _login_locked(self) -> None:
+    async def _login_exclusive(self) -> None:
         """Log in; the caller holds the gate exclusive."""
         now = self._clock()
         if self._auth_failure is not None:
@@ -428,14 +428,14 @@ class PbxClient:
                     return
             async with self._gate.exclusive():
                 if self._token is None:
-                    await self._login_locked()
+                    await self._login_exclusive()
 
     async def _relogin(self, generation: int) -> None:
         """Log in again unless another call already replaced the rejected session."""
         async with self._gate.exclusive():
             if self._generation == generation or self._token is None:
                 log.info("token rejected by %s; logging in again", self._base_str)
-                await self._login_locked()
+                await self._login_exclusive()
 
     async def _authed(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run an operation; on a token error log in again once and repeat it once."""
@@ -488,7 +488,7 @@ class PbxClient:
     async def login(self) -> None:
         """Log in now (a fresh token), instead of lazily on the first call."""
         async with self._gate.exclusive():
-            await self._login_locked()
+            await self._login_exclusive()
 
     async def heartbeat(self) -> None:
         """Keep the token (and event delivery) alive for another 30 minutes."""

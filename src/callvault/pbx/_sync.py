@@ -1,6 +1,6 @@
 """A blocking facade over `PbxClient` for scripts: the same methods, without ``await``.
 
-It owns one event loop (an ``asyncio.Runner``) for its whole life, so the session, the lock
+It owns one event loop (an ``asyncio.Runner``) for its whole life, so the session, its gate
 and the connections of the async client stay on one loop. Not for use inside a running loop.
 """
 
