@@ -236,3 +236,29 @@ async def test_error_inside_releases_and_unbalanced_release_is_refused() -> None
     with pytest.raises(RuntimeError, match="without a holder"):
         await gate.exclusive().__aexit__(None, None, None)
     assert "shared_holders=0" in repr(gate)
+
+
+async def test_waiter_cancelled_in_the_same_turn_as_a_release_is_skipped() -> None:
+    """The release runs before the cancelled waiter's clean-up: the waiter is dropped, not
+    granted, and the gate ends free."""
+    gate = SessionGate()
+    hold = gate.exclusive()
+    await hold.__aenter__()
+    entered: list[str] = []
+
+    async def reader() -> None:
+        async with gate.shared():
+            entered.append("r")
+
+    task = asyncio.create_task(reader())
+    await settle()
+    assert gate.waiting == 1
+    task.cancel()
+    await hold.__aexit__(None, None, None)
+    assert gate.waiting == 0 and gate.shared_holders == 0 and not gate.exclusive_held
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert entered == []
+    assert gate.waiting == 0 and gate.shared_holders == 0
+    async with gate.exclusive():
+        assert gate.exclusive_held
