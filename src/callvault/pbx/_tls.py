@@ -115,6 +115,9 @@ def build_ssl_context(options: TlsOptions) -> ssl.SSLContext:
         context.set_ciphers("DEFAULT:@SECLEVEL=0")
     context.minimum_version = minimum
     if options.pin_sha256 is not None:
+        # The pin replaces CA and host name checks (a PBX's certificate is self-signed and
+        # names no host): PinnedSSLObject/PinnedSSLSocket compare the certificate's SHA-256
+        # at the end of the handshake and abort it, before any request byte is sent.
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         obj_class, sock_class = _pinned_classes(options.pin_sha256)
