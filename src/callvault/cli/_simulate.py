@@ -40,6 +40,7 @@ def _banner(sim: Simulator, password_given: bool) -> None:
     else:
         _print("  certificate  none (plain HTTP)")
     _print(f"  recordings   {sim.recordings_dir}")
+    _print(f"  time zone    {sim.config.timezone}   (give `callvault serve --timezone` the same)")
     names = sim.recording_names()
     if names:
         trust = f" --pin-sha256 {sim.cert_sha256}" if sim.cert_sha256 else ""
