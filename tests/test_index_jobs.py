@@ -172,11 +172,19 @@ def test_two_indexes_in_two_threads_never_share_a_job(url: str) -> None:
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
 
+    # Both threads hold a first batch before either goes on, so the two really interleave
+    # (otherwise one thread can, by scheduling alone, claim all 200 before the other starts).
+    first_round = threading.Barrier(2)
+
     def work(n: int) -> None:
         try:
             barrier.wait()
+            rounds = 0
             while True:
                 jobs = indexes[n].claim_jobs(f"w{n}", 3, now=NOW, lease=LEASE)
+                rounds += 1
+                if rounds == 1:
+                    first_round.wait(timeout=30)
                 if not jobs:
                     return
                 for job in jobs:
