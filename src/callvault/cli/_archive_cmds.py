@@ -43,8 +43,14 @@ from callvault.index.schema import ARCHIVED, RECORDING_STATES
 from callvault.storage import LocalStorage, UnsafeNameError
 
 
-def open_archive(settings: ArchiveSettings) -> tuple[Index, LocalStorage]:
-    """Open an EXISTING archive's index and storage, or exit with one clear line."""
+def open_archive(
+    settings: ArchiveSettings, *, create_index: bool = False
+) -> tuple[Index, LocalStorage]:
+    """Open an EXISTING archive's index and storage, or exit with one clear line.
+
+    With `create_index` an archive directory without an index yet gets an empty one
+    (the user commands may run before anything is archived).
+    """
     try:
         archive = settings.archive_dir()
         url = settings.db_url()
@@ -53,7 +59,7 @@ def open_archive(settings: ArchiveSettings) -> tuple[Index, LocalStorage]:
     if not archive.is_dir():
         fail(f"archive directory {archive} does not exist (check --archive)")
     try:
-        index = open_index(url, create=False)
+        index = open_index(url, create=create_index)
     except IndexMissingError as exc:
         fail(f"{exc}: nothing archived yet (run `callvault serve` or `callvault backfill`)")
     except IndexOpenError as exc:

@@ -21,10 +21,9 @@ from callvault.cli._settings import (
     ArchiveSettings,
     ConfigOption,
     DbOption,
-    SettingsError,
     settings_or_fail,
 )
-from callvault.index import Index, IndexOpenError, audit, open_index, users
+from callvault.index import Index, audit, users
 
 user_app = typer.Typer(help="Add, list and remove the web app's users.", no_args_is_help=True)
 token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
@@ -43,17 +42,10 @@ def _cli_actor() -> str:
 
 def _open_index(settings: ArchiveSettings) -> Index:
     """The archive's index (made if the archive directory exists but has none yet)."""
-    try:
-        archive = settings.archive_dir()
-        url = settings.db_url()
-    except SettingsError as exc:
-        fail(str(exc), code=2)
-    if not archive.is_dir():
-        fail(f"archive directory {archive} does not exist (check --archive)")
-    try:
-        return open_index(url)
-    except IndexOpenError as exc:
-        fail(str(exc))
+    from callvault.cli._archive_cmds import open_archive
+
+    index, _storage = open_archive(settings, create_index=True)
+    return index
 
 
 @app.command("web")
