@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def test_contexts() -> None:
     insecure = build_ssl_context(TlsOptions(insecure=True))
     assert insecure.verify_mode is ssl.CERT_NONE
     assert insecure.sslobject_class is ssl.SSLObject
+
+
+def test_old_firmware_minimum_is_set_without_a_deprecation_warning() -> None:
+    # The user asked for TLS 1.0 by name: Python's DeprecationWarning would only be noise
+    # in their output (and an error under -W error).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = build_ssl_context(TlsOptions(insecure=True, minimum_version="1.0"))
+    assert old.minimum_version is ssl.TLSVersion.TLSv1
 
 
 def test_ca_file_context_trusts_that_ca(tmp_path: Path) -> None:
