@@ -1,26 +1,29 @@
 """The index on PostgreSQL: migrations, upserts, SKIP LOCKED claims and scope search.
 
-A throwaway server is started with initdb/pg_ctl on 127.0.0.1 (as the `postgres` user when
-running as root); the tests are skipped where PostgreSQL or psycopg is not installed.
+The tests run against the machine's PostgreSQL server, by default
+``postgresql+psycopg://postgres@127.0.0.1:5432/postgres`` (trust auth); set
+CALLVAULT_TEST_PG_URL to another SQLAlchemy URL of a maintenance database to use another
+server. Each test gets a fresh database ``callvault_test_<random>_<n>``, created through
+that URL and dropped afterwards, pass or fail. The tests FAIL, never skip, when psycopg is
+missing or the server does not answer (``scripts/test`` starts the local one when it is down).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
+import secrets
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import URL, create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from callvault.index import Index, SearchFilters, open_index
 from callvault.index.schema import ARCHIVED, metadata
@@ -28,62 +31,88 @@ from callvault.pbx._types import CallDetail
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class PgDatabases:
+    """Creates and drops uniquely named databases through the server's maintenance database."""
 
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[str]:
-    pytest.importorskip("psycopg")
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries not installed")
-    prefix: list[str] = []
-    # Not under pytest's tmp dir: the postgres user must be able to reach it.
-    base = Path(tempfile.mkdtemp(prefix="callvault-pg-"))
-    if os.geteuid() == 0:
-        runuser = shutil.which("runuser")
-        if runuser is None:
-            pytest.skip("running as root without runuser")
-        prefix = [runuser, "-u", "postgres", "--"]
-        shutil.chown(base, "postgres")
-        base.chmod(0o700)
-    data = base / "data"
-    port = _free_port()
-    subprocess.run(
-        [*prefix, initdb, "-D", str(data), "-U", "callvault", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off"
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(data), "-o", options, "-w", "-l", str(base / "log"), "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://callvault@127.0.0.1:{port}"
-    finally:
-        subprocess.run(
-            [*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
-            capture_output=True,
+    def __init__(self, url: URL) -> None:
+        self._url = url
+        self._admin = create_engine(
+            url,
+            isolation_level="AUTOCOMMIT",
+            poolclass=NullPool,
+            connect_args={"connect_timeout": 10},
         )
-        shutil.rmtree(base, ignore_errors=True)
+        # Unique per session, so two runs on one server (a CI clone next to a working
+        # tree) never touch each other's databases.
+        self._prefix = f"callvault_test_{secrets.token_hex(4)}"
+        self._numbers = itertools.count(1)
+        self.live: set[str] = set()
+
+    def check(self) -> None:
+        with self._admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def create(self) -> str:
+        name = f"{self._prefix}_{next(self._numbers)}"
+        self.live.add(name)
+        with self._admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        return self._url.set(database=name).render_as_string(hide_password=False)
+
+    def drop(self, name: str) -> None:
+        with self._admin.connect() as conn:
+            # FORCE: a test that failed half-way may have left a connection open.
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.live.discard(name)
+
+    def close(self) -> None:
+        try:
+            for name in sorted(self.live):
+                self.drop(name)
+        finally:
+            self._admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_databases() -> Iterator[PgDatabases]:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.fail("psycopg is not installed: pip install -e '.[dev]'", pytrace=False)
+    url = make_url(os.environ.get("CALLVAULT_TEST_PG_URL", DEFAULT_PG_URL))
+    databases = PgDatabases(url)
+    try:
+        try:
+            databases.check()
+            problem = ""
+        except OperationalError as exc:
+            problem = str(exc.orig).replace("\n", " ")
+        if problem:
+            pytest.fail(
+                f"PostgreSQL at {url.render_as_string(hide_password=True)} is not reachable "
+                f"({problem}). Start it (pg_ctlcluster --skip-systemctl-redirect "
+                "$(ls /etc/postgresql) main start; scripts/test does this) or point "
+                "CALLVAULT_TEST_PG_URL at a server.",
+                pytrace=False,
+            )
+        yield databases
+    finally:
+        databases.close()
 
 
 @pytest.fixture
-def pg_url(pg_server: str, request: pytest.FixtureRequest) -> str:
-    name = "t_" + request.node.name.lower().replace("[", "_").replace("]", "")[:50]
-    index = open_index(f"{pg_server}/postgres")
-    with index.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    index.close()
-    return f"{pg_server}/{name}"
+def pg_url(pg_databases: PgDatabases) -> Iterator[str]:
+    """The URL of a fresh, empty database for this test alone, dropped after it."""
+    url = pg_databases.create()
+    try:
+        yield url
+    finally:
+        name = make_url(url).database
+        assert name is not None
+        pg_databases.drop(name)
 
 
 @pytest.fixture
@@ -170,14 +199,26 @@ def test_concurrent_claims_skip_locked_never_share(pg_url: str) -> None:
     claimed: list[list[int]] = [[] for _ in indexes]
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(indexes))
+    # Every worker holds a first batch before any goes on, so they really interleave
+    # (otherwise one thread can, by scheduling alone, claim all 120 before the others start
+    # and "never share" would hold trivially).
+    first_round = threading.Barrier(len(indexes))
 
     def work(n: int) -> None:
         try:
-            barrier.wait()
-            while jobs := indexes[n].claim_jobs(f"w{n}", 4, now=NOW, lease=LEASE):
+            barrier.wait(timeout=30)
+            rounds = 0
+            while True:
+                jobs = indexes[n].claim_jobs(f"w{n}", 4, now=NOW, lease=LEASE)
                 claimed[n].extend(job.recording_id for job in jobs)
+                rounds += 1
+                if rounds == 1:
+                    first_round.wait(timeout=30)
+                if not jobs:
+                    return
         except BaseException as exc:
             errors.append(exc)
+            first_round.abort()  # the others fail at once instead of waiting out the timeout
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(len(indexes))]
     for thread in threads:
@@ -187,6 +228,8 @@ def test_concurrent_claims_skip_locked_never_share(pg_url: str) -> None:
     for idx in indexes:
         idx.close()
     assert errors == []
+    assert not any(thread.is_alive() for thread in threads)
+    assert all(claimed), [len(part) for part in claimed]
     everything = [rid for part in claimed for rid in part]
     assert sorted(everything) == sorted(ids)
     assert len(set(everything)) == len(everything)
