@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import traceback
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
@@ -89,26 +93,40 @@ def test_unknown_newer_revision_is_a_clear_error(tmp_path: Path) -> None:
         open_index(url)
 
 
+def _open_in_child(url: str, start: Barrier, results: Queue[str]) -> None:
+    """In a spawned process: wait for the others, then open (and so create) the index."""
+    try:
+        start.wait(timeout=60)
+        open_index(url).close()
+    except BaseException:
+        results.put(traceback.format_exc())
+        raise
+    results.put("ok")
+
+
 def test_two_processes_worth_of_first_opens_race_safely(tmp_path: Path) -> None:
-    import threading
-
+    # Real processes (spawned: no state shared with pytest's), started together by a
+    # barrier, all creating and migrating the same new file.
     url = f"sqlite:///{tmp_path / 'new' / 'callvault.db'}"
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def opener() -> None:
-        try:
-            barrier.wait()
-            open_index(url).close()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=opener) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == []
+    context = multiprocessing.get_context("spawn")
+    count = 4
+    start = context.Barrier(count)
+    results: Queue[str] = context.Queue()
+    processes = [
+        context.Process(target=_open_in_child, args=(url, start, results)) for _ in range(count)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        outcomes = [results.get(timeout=120) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert outcomes == ["ok"] * count, "\n".join(o for o in outcomes if o != "ok")
+    assert [process.exitcode for process in processes] == [0] * count
     engine = create_engine(url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [("0001",)]
