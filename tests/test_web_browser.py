@@ -18,14 +18,28 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from web_fixtures import ADMIN, LISTENER_2000, LiveWeb, live_web, rows_by_from
 
 CHROMIUM = Path("/usr/bin/chromium")
+# Keep Chromium on loopback: every host name but 127.0.0.1 resolves to nothing, and the
+# background traffic to Google's services (updates, sync, metrics, safe browsing, field
+# trials, domain reliability) is switched off.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--disable-breakpad",
+    "--disable-field-trial-config",
+    "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,"
+    "CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions",
+    "--metrics-recording-only",
+    "--no-pings",
     "--no-first-run",
+    "--no-default-browser-check",
     "--autoplay-policy=no-user-gesture-required",
 ]
 
