@@ -72,6 +72,9 @@ class FakePbx:
     # Set to hold every download body until the event is set (an asyncio.Event with
     # MockTransport; a threading.Event with serve_fake_pbx, whose requests run in threads).
     hold_download_body: asyncio.Event | threading.Event | None = None
+    # How much of the body goes out before that hold (in whole 1000-byte chunks): 0 holds
+    # back the whole body; e.g. 1000 lets the client start writing its temporary file.
+    hold_after_bytes: int = 0
     on_get_random: Callable[[str], None] | None = None
     http_requests: list[httpx.Request] = field(default_factory=list)  # via serve_fake_pbx
 
@@ -170,13 +173,15 @@ class FakePbx:
         if fault == "token20006":
             return self._failed("20006")
         hold = self.hold_download_body
+        hold_at = self.hold_after_bytes
 
         async def stream() -> AsyncIterator[bytes]:
-            if isinstance(hold, threading.Event):
-                await asyncio.to_thread(hold.wait, 5)
-            elif hold is not None:
-                await asyncio.wait_for(hold.wait(), 5)
             for i in range(0, len(data), 1000):
+                if i == hold_at:
+                    if isinstance(hold, threading.Event):
+                        await asyncio.to_thread(hold.wait, 5)
+                    elif hold is not None:
+                        await asyncio.wait_for(hold.wait(), 5)
                 yield data[i : i + 1000]
 
         headers["Content-Length"] = str(len(data))

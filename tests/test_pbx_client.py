@@ -209,9 +209,7 @@ async def test_transient_failure_is_retried_with_a_fresh_random(
 async def test_retries_are_bounded_and_back_off(tmp_path: Path, connect: ClientFactory) -> None:
     pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["truncate"] * 10)
     sleeps = Sleeps()
-    async with client_for(
-        pbx, sleep=sleeps, max_attempts=5, backoff_base=1.0, backoff_max=4.0
-    ) as c:
+    async with connect(pbx, sleep=sleeps, max_attempts=5, backoff_base=1.0, backoff_max=4.0) as c:
         with pytest.raises(PbxTransportError) as info:
             await c.download_recording("a.wav", tmp_path)
     assert "recording a.wav" in str(info.value)
@@ -381,18 +379,23 @@ async def test_each_random_is_used_in_its_own_session_and_body_streams_unlocked(
 async def test_cancelled_download_leaves_no_temp_file(
     tmp_path: Path, connect: ClientFactory
 ) -> None:
-    pbx = FakePbx(recordings={"a.wav": make_wav(200_000)})
+    """Cancelled in the middle of the body, with the temporary file already written to."""
+    pbx = FakePbx(recordings={"a.wav": make_wav(200_000)}, hold_after_bytes=1000)
     hold = threading.Event()
-    pbx.hold_download_body = hold
+    pbx.hold_download_body = hold  # the first 1000 bytes go out, then the body stalls
     try:
         async with connect(pbx) as client:
             task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
-            while pbx.count("recording/download") == 0:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)
+
+            async def part_file_written() -> None:
+                while not any(n.endswith(".part") for n in leftovers(tmp_path)):
+                    assert not task.done(), "the download ended before it wrote a file"
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(part_file_written(), 10)  # a hang guard only
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await task
+                await asyncio.wait_for(task, 10)
     finally:
         hold.set()
     assert leftovers(tmp_path) == []
@@ -545,22 +548,25 @@ async def test_secrets_never_in_logs_reprs_or_errors(
         download_faults=["truncate", "html", "token20006"],
         get_random_errors=["20006"],
     )
-    errors: list[str] = []
     async with client_for(pbx) as client:
         await client.download_recording("a.wav", tmp_path)
         pbx.download_faults = ["truncate"] * 5
-        try:
+        with pytest.raises(PbxTransportError) as info:
             await client.download_recording("a.wav", tmp_path, filename="b.wav")
-        except PbxTransportError as exc:
-            errors.append(str(exc))
-            errors.append(repr(exc))
-        errors.append(repr(client))
+        client_repr = repr(client)  # while logged in, i.e. while it holds a token
+        assert client.logged_in
+    error, error_repr = str(info.value), repr(info.value)
+    assert "recording a.wav" in error and "4 attempts" in error
+    assert any(r.name == "httpx" for r in caplog.records)
     secrets_seen = [PASSWORD, password_md5(PASSWORD), *pbx.issued_randoms, *pbx.tokens]
     secrets_seen += [c.query["token"] for c in pbx.calls if "token" in c.query]
-    text = "\n".join([*errors, *(r.getMessage() for r in caplog.records)])
-    assert errors and any(r.name == "httpx" for r in caplog.records)
+    assert len(pbx.issued_randoms) == 8 and pbx.count("login") == 3
     for secret in secrets_seen:
-        assert secret not in text
+        assert secret not in error
+        assert secret not in error_repr
+        assert secret not in client_repr
+        for record in caplog.records:
+            assert secret not in record.getMessage()
 
 
 def test_sync_facade_downloads(tmp_path: Path) -> None:
