@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -141,13 +140,16 @@ async def test_socket_pump_request_headers(tmp_path: Path) -> None:
 
 class StallingServer:
     """Answers every GET with headers and part of a WAV body, then sends nothing more
-    (with ``headers=False``: answers the GET with nothing at all)."""
+    (with ``headers=False``: answers the GET with nothing at all). Sets `get_arrived` when
+    a GET has come in, and `closed_by_client` if the client then closes its end within
+    10 s (otherwise the server closes the connection itself)."""
 
     def __init__(self, sent_bytes: int = 300_000, *, headers: bool = True) -> None:
         self.sent_bytes = sent_bytes
         self.headers = headers
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
+        self.get_arrived = threading.Event()
         self.closed_by_client = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -170,6 +172,7 @@ class StallingServer:
                         + body
                     )
                     continue
+                self.get_arrived.set()
                 wav = make_wav(5_000_000)
                 conn.sendall(
                     b""
@@ -190,22 +193,29 @@ class StallingServer:
 async def test_cancelled_socket_download_removes_temp_file_and_closes_socket(
     tmp_path: Path,
 ) -> None:
+    """Cancelled while the worker thread is blocked reading the body: the cancellation
+    shuts the socket down (a socket timeout of an hour cannot be what ends the read) and
+    the temporary file goes."""
     server = StallingServer()
     try:
-        client = PbxClient(f"http://127.0.0.1:{server.port}", "api", PASSWORD, sleep=Sleeps())
+        client = PbxClient(
+            f"http://127.0.0.1:{server.port}", "api", PASSWORD, sleep=Sleeps(), timeout=3600
+        )
         async with client:
             task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
-            deadline = time.monotonic() + 10
-            while not any(n.endswith(".part") for n in leftovers(tmp_path)):
-                assert time.monotonic() < deadline, "the download never started writing"
-                await asyncio.sleep(0.01)
-            cancelled_at = time.monotonic()
+
+            async def part_file_written() -> None:
+                while not any(n.endswith(".part") for n in leftovers(tmp_path)):
+                    assert not task.done(), "the download ended before it wrote a file"
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(part_file_written(), 10)  # hang guards only, here on
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await task
-            assert time.monotonic() - cancelled_at < 2
+                await asyncio.wait_for(task, 10)
             assert leftovers(tmp_path) == []
-            assert await asyncio.to_thread(server.closed_by_client.wait, 5)
+            # The server saw the client close its end (not its own 10 s wait run out).
+            assert await asyncio.to_thread(server.closed_by_client.wait, 10)
     finally:
         server.close()
 
@@ -217,21 +227,23 @@ async def test_cancel_while_waiting_for_headers_releases_the_gate_and_closes_soc
     caplog.set_level(logging.ERROR, logger="asyncio")
     server = StallingServer(headers=False)
     try:
-        client = PbxClient(f"http://127.0.0.1:{server.port}", "api", PASSWORD, sleep=Sleeps())
+        client = PbxClient(
+            f"http://127.0.0.1:{server.port}", "api", PASSWORD, sleep=Sleeps(), timeout=3600
+        )
         async with client:
             await client.login()
             task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
-            await asyncio.sleep(0.3)  # get_random answered, GET sent, headers never come
+            # get_random answered, GET sent; its headers never come.
+            assert await asyncio.to_thread(server.get_arrived.wait, 10)
             assert not task.done()
-            cancelled_at = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await task
-            assert time.monotonic() - cancelled_at < 2
-            assert await asyncio.to_thread(server.closed_by_client.wait, 5)
-            # The gate was released: a re-login (which needs it exclusive) gets in at once.
-            await asyncio.wait_for(client.login(), 5)
-            await asyncio.wait_for(client.heartbeat(), 5)
+                await asyncio.wait_for(task, 10)  # a hang guard only
+            # The server saw the client close its end (not its own 10 s wait run out).
+            assert await asyncio.to_thread(server.closed_by_client.wait, 10)
+            # The gate was released: a re-login (which needs it exclusive) gets in.
+            await asyncio.wait_for(client.login(), 10)
+            await asyncio.wait_for(client.heartbeat(), 10)
         assert leftovers(tmp_path) == []
         gc.collect()  # an unretrieved exception of the abandoned worker would be logged now
         assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
