@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.requests import Request
 
 from callvault.pbx import PbxClient, TlsOptions
 from callvault.simulator import Simulator, SimulatorConfig
+from callvault.simulator._app import Outcome, PbxHttp
 from pbx_fakes import (
     PASSWORD,
     FakePbx,
@@ -247,21 +249,39 @@ def sim() -> Iterator[Simulator]:
         yield simulator
 
 
-async def test_downloads_overlap_against_the_simulator(sim: Simulator, tmp_path: Path) -> None:
-    """Every answer of the simulator comes 0.3 s late. Two downloads started together:
-    both get_randoms are answered before either GET is. One at a time, the simulator's
-    log would read get_random, download, get_random, download."""
+async def test_downloads_overlap_against_the_simulator(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two downloads started together. The simulator answers the first get_random to arrive
+    only once it has answered the second: with one download at a time between get_random
+    and GET, the second could not ask before the first's GET was answered (the first waits
+    10 s in vain, and the log reads get_random, download, get_random, download)."""
     names = [sim.place_call(callfrom=f"100{i}", callto="1099").recording or "" for i in range(2)]
     assert all(names)
     assert sim.cert_sha256 is not None
+    real_get_random = PbxHttp.recording_get_random
+    arrived: list[str] = []
+    second_answered = threading.Event()
+    overlapped: list[bool] = []
+
+    async def get_random(http: PbxHttp, request: Request, version: str) -> Outcome:
+        arrived.append(request.url.path)  # on the simulator's event loop: one at a time
+        if len(arrived) == 1:
+            overlapped.append(await asyncio.to_thread(second_answered.wait, 10))
+            return await real_get_random(http, request, version)
+        try:
+            return await real_get_random(http, request, version)
+        finally:
+            second_answered.set()
+
+    monkeypatch.setattr(PbxHttp, "recording_get_random", get_random)
     client = PbxClient(sim.url, sim.username, PASSWORD, tls=TlsOptions(pin_sha256=sim.cert_sha256))
     async with client:
         await client.login()
-        sim.faults.slow_seconds = 0.3
         results = await asyncio.wait_for(
-            asyncio.gather(*(client.download_recording(n, tmp_path) for n in names)), 20
+            asyncio.gather(*(client.download_recording(n, tmp_path) for n in names)), 30
         )
-        sim.faults.slow_seconds = 0.0
+    assert overlapped == [True]
     api = [e for e, _ in sim.request_log if e in ("recording/get_random", "recording/download")]
     assert api == ["recording/get_random"] * 2 + ["recording/download"] * 2
     assert [o for e, o in sim.request_log if e.startswith("recording/")] == ["Success"] * 4
