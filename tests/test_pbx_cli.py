@@ -103,7 +103,7 @@ async def test_fetch_json_prints_one_object_per_saved_recording(
         assert Path(line["path"]).read_bytes() == WAV
         assert line["size"] == len(WAV)
         assert line["sha256"] == hashlib.sha256(WAV).hexdigest()
-        assert 0 < line["seconds"] < 10
+        assert isinstance(line["seconds"], float) and line["seconds"] > 0
     assert "missing.wav" in captured.err
     # Logged in before the first download, so no recording's seconds include the login.
     assert pbx.endpoints()[:2] == ["login", "recording/get_random"]
