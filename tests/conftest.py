@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
+
+# Settings of the test suite itself (CALLVAULT_TEST_PG_URL, CALLVAULT_TEST_SEED), not of
+# callvault: these are read from the outer environment on purpose.
+_TEST_SETTINGS_PREFIX = "CALLVAULT_TEST_"
+
+
+@pytest.fixture(autouse=True)
+def _no_callvault_settings_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CALLVAULT_* variable of the developer's shell (CALLVAULT_PBX, CALLVAULT_PASSWORD,
+    CALLVAULT_EVENTS_LISTEN...) must not reach the commands under test: with it, `serve`
+    could log in to a real PBX or listen on another address than 127.0.0.1. Every test
+    starts without them; a test sets what it needs itself."""
+    for name in list(os.environ):
+        if name.upper().startswith("CALLVAULT_") and not name.upper().startswith(
+            _TEST_SETTINGS_PREFIX
+        ):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

@@ -11,29 +11,39 @@ from typer.testing import CliRunner
 from callvault.cli import _register, app
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        "CALLVAULT_PBX": "https://127.0.0.1:1",
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _env(tmp_path: Path) -> dict[str, str | None]:
+    """The environment overrides of a run. CliRunner only overrides keys: a key is unset
+    by giving it None, never by leaving it out (the outer value would show through)."""
+    return {
+        "CALLVAULT_PBX": "https://127.0.0.1:1",  # nothing listens there
         "CALLVAULT_USERNAME": "api",
         "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
         "CALLVAULT_PASSWORD": "s3cret-value",
+        # Should a run get as far as listening: loopback only, never the 0.0.0.0 default.
+        "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{_free_port()}",
+        "CALLVAULT_WEB_LISTEN": f"127.0.0.1:{_free_port()}",
     }
-    env.update(extra)
-    return env
 
 
 def test_serve_without_password_or_pbx_says_so(tmp_path: Path) -> None:
     _register()
     runner = CliRunner()
     env = _env(tmp_path)
-    del env["CALLVAULT_PASSWORD"]
+    env["CALLVAULT_PASSWORD"] = None
+    env["NO_SUCH_VAR_X"] = None
     result = runner.invoke(app, ["serve", "--no-web", "--password-env", "NO_SUCH_VAR_X"], env=env)
     assert result.exit_code == 2
     assert "the API password is not set: put it in the environment variable NO_SUCH_VAR_X" in (
         result.output
     )
     env = _env(tmp_path)
-    del env["CALLVAULT_PBX"]
+    env["CALLVAULT_PBX"] = None
     result = runner.invoke(app, ["serve", "--no-web"], env=env)
     assert result.exit_code == 2 and "no PBX" in result.output
     result = runner.invoke(
@@ -72,6 +82,7 @@ def test_serve_and_fetch_share_the_pbx_options(
 
     env = _env(tmp_path)
     for key, value in env.items():
+        assert value is not None
         monkeypatch.setenv(key, value)
     settings = load_settings(None, tls_min_version="1.0", insecure=True)
     config = archiver_config(settings, web=False)
