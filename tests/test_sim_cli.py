@@ -10,6 +10,8 @@ import socket
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,27 +23,51 @@ from callvault.simulator import Faults, apply_fault, parse_faults
 from test_sim_helpers import md5
 
 
-def _start(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
+def _start(*args: str, data_dir: Path | None, tmp: Path | None = None
+           ) -> subprocess.Popen[str]:
+    """`callvault simulate` as a child; `tmp` becomes its TMPDIR (where a simulator without
+    --data-dir makes its temporary directory)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("CALLVAULT_SIM_PASSWORD", None)
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
+    where = ["--data-dir", str(data_dir)] if data_dir is not None else []
     return subprocess.Popen(
         [sys.executable, "-m", "callvault", "simulate", "--port", "0", "--seed", "5",
-         "--data-dir", str(tmp_path / "pbx"), *args],
+         *where, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
-def _stop(process: subprocess.Popen[str]) -> tuple[str, str]:
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=20)
+@contextmanager
+def _simulate(*args: str, data_dir: Path | None, tmp: Path | None = None
+              ) -> Iterator[subprocess.Popen[str]]:
+    """The child runs only inside the block: whatever fails in it (a read, a JSON line, a
+    timeout), the child is killed and reaped on the way out."""
+    process = _start(*args, data_dir=data_dir, tmp=tmp)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _stop(process: subprocess.Popen[str], signum: int = signal.SIGINT) -> tuple[str, str]:
+    """Ask the child to stop as a user would; it must exit 0 without a traceback."""
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)  # a hang guard, not a speed requirement
     assert process.returncode == 0, err
     assert "Traceback" not in err
     return out, err
 
 
 def test_simulate_prints_connection_details_and_serves(tmp_path: Path) -> None:
-    process = _start("--password", "pw-123", "--initial-calls", "1", "--json", tmp_path=tmp_path)
-    try:
+    with _simulate("--password", "pw-123", "--initial-calls", "1", "--json",
+                   data_dir=tmp_path / "pbx") as process:
         assert process.stdout is not None
         info = json.loads(process.stdout.readline())
         assert info["url"].startswith("https://127.0.0.1:")
@@ -60,22 +86,19 @@ def test_simulate_prints_connection_details_and_serves(tmp_path: Path) -> None:
                                        "random": random["random"]})
         assert audio.content[:4] == b"RIFF"
         assert audio.content == (tmp_path / "pbx" / "recordings" / name).read_bytes()
-    finally:
         _out, err = _stop(process)
     assert "simulator stopped" in err
 
 
 def test_simulate_banner_names_url_credentials_fingerprint_and_a_fetch_example(
         tmp_path: Path) -> None:
-    process = _start("--initial-calls", "2", tmp_path=tmp_path)
-    try:
+    with _simulate("--initial-calls", "2", data_dir=tmp_path / "pbx") as process:
         assert process.stdout is not None
         lines: list[str] = []
         while not lines or lines[-1] != "Serving until Ctrl-C.":
             line = process.stdout.readline()
             assert line, "the simulator ended early"
             lines.append(line.rstrip("\n"))
-    finally:
         _stop(process)
     text = "\n".join(lines)
     cert = (tmp_path / "pbx" / "tls" / "pbx-cert.pem").read_bytes()
@@ -89,14 +112,22 @@ def test_simulate_banner_names_url_credentials_fingerprint_and_a_fetch_example(
     assert f"CALLVAULT_PASSWORD={password} " in fetch
 
 
-def test_sigterm_also_stops_cleanly(tmp_path: Path) -> None:
-    process = _start("--json", "--initial-calls", "0", "--http", tmp_path=tmp_path)
-    assert process.stdout is not None
-    info = json.loads(process.stdout.readline())
-    assert info["url"].startswith("http://") and info["cert_sha256"] is None
-    process.send_signal(signal.SIGTERM)
-    _out, err = process.communicate(timeout=20)
-    assert process.returncode == 0 and "Traceback" not in err
+def test_sigterm_also_stops_cleanly_and_removes_the_temporary_directory(
+        tmp_path: Path) -> None:
+    """Without --data-dir the simulator works in a callvault-sim-* directory of TMPDIR,
+    there while it runs and gone once it stopped."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with _simulate("--json", "--initial-calls", "1", "--http", data_dir=None,
+                   tmp=tmp) as process:
+        assert process.stdout is not None
+        info = json.loads(process.stdout.readline())
+        assert info["url"].startswith("http://") and info["cert_sha256"] is None
+        [work_dir] = tmp.glob("callvault-sim-*")
+        [name] = info["recordings"]
+        assert (work_dir / "recordings" / name).is_file()
+        _stop(process, signal.SIGTERM)
+    assert list(tmp.iterdir()) == []
 
 
 def test_bad_fault_is_one_clear_line() -> None:
@@ -107,16 +138,22 @@ def test_bad_fault_is_one_clear_line() -> None:
     assert "Traceback" not in result.output
 
 
-def test_busy_port_is_one_clear_line() -> None:
-    _register()
+def test_busy_port_is_one_clear_line_and_leaves_no_temporary_directory(
+        tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = CliRunner().invoke(app, ["simulate", "--port", str(port)])
-    assert result.exit_code == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.output
-    assert "Traceback" not in result.output
+        with _simulate("--port", str(port), data_dir=None, tmp=tmp) as process:
+            out, err = process.communicate(timeout=60)  # a hang guard only
+    assert process.returncode == 1, err
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith(f"callvault: error: cannot listen on 127.0.0.1:{port}: "), err
+    assert line.endswith("; choose another --port"), err
+    assert list(tmp.iterdir()) == []
 
 
 def test_fault_specs() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -52,6 +54,62 @@ def _banner(sim: Simulator, password_given: bool) -> None:
     _print("Serving until Ctrl-C.")
 
 
+def _run(config: SimulatorConfig, *, password_given: bool, initial_calls: int,
+         as_json: bool) -> None:
+    """Set up and start the simulator, print its details, serve until SIGINT/SIGTERM."""
+    try:
+        sim = Simulator(config)
+    except Exception as exc:  # bad time zone, unwritable data directory
+        fail(f"cannot set up the simulator: {exc}")
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous: dict[signal.Signals, Any] = {}
+    try:
+        try:
+            sim.start()
+        except OSError as exc:
+            fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}; "
+                 "choose another --port")
+        except RuntimeError as exc:
+            fail(str(exc))
+        # Both handled explicitly: a shell may start background jobs with SIGINT ignored.
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for _ in range(initial_calls):
+            sim.place_random_call(answered=True)
+        if as_json:
+            _print(json.dumps({
+                "url": sim.url, "username": sim.username,
+                "password": None if password_given else sim.password,
+                "cert_sha256": sim.cert_sha256,
+                "ca_file": str(sim.ca_file) if sim.ca_file else None,
+                "recordings": sim.recording_names(), "serial": sim.serial,
+            }))
+        else:
+            _banner(sim, password_given=password_given)
+            for cdr in sim.state.cdrs():
+                _print(_describe_call(cdr))
+
+        def announce(cdr: CallDetail) -> None:
+            if as_json:
+                _print(json.dumps({"call": cdr.callid, "recording": cdr.recording}))
+            else:
+                _print(_describe_call(cdr))
+
+        sim.add_call_listener(announce)
+        while not stop.wait(0.5):
+            if not sim.running:
+                fail("the simulator stopped unexpectedly")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sim.stop()
+
+
 @app.command("simulate")
 def simulate(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -86,59 +144,24 @@ def simulate(
         fail(str(exc))
     if initial_calls < 0:
         fail("--initial-calls must not be negative")
+    # The temporary data directory is made here, not by the Simulator, so that it is
+    # removed on every way out: a failed set-up or start included, not only sim.stop().
+    own_dir: Path | None = None
+    if data_dir is None:
+        try:
+            own_dir = Path(tempfile.mkdtemp(prefix="callvault-sim-"))
+        except OSError as exc:
+            fail(f"cannot create a temporary directory: {exc.strerror or exc}")
     try:
         config = SimulatorConfig(
             host=host, port=port, tls=not http, username=username, password=password,
-            serial=serial, timezone=timezone, data_dir=data_dir,
+            serial=serial, timezone=timezone, data_dir=own_dir or data_dir,
             calls_per_minute=max(calls_per_minute, 0.0), seed=seed, faults=faults,
             legacy_tls=legacy_tls,
         )
-        sim = Simulator(config)
-    except Exception as exc:  # bad time zone, unwritable data directory
-        fail(f"cannot set up the simulator: {exc}")
-    try:
-        sim.start()
-    except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port")
-    except RuntimeError as exc:
-        fail(str(exc))
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    # Both handled explicitly: a shell may start background jobs with SIGINT ignored.
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for _ in range(initial_calls):
-            sim.place_random_call(answered=True)
-        if as_json:
-            _print(json.dumps({
-                "url": sim.url, "username": sim.username,
-                "password": None if password else sim.password,
-                "cert_sha256": sim.cert_sha256,
-                "ca_file": str(sim.ca_file) if sim.ca_file else None,
-                "recordings": sim.recording_names(), "serial": sim.serial,
-            }))
-        else:
-            _banner(sim, password_given=password is not None)
-            for cdr in sim.state.cdrs():
-                _print(_describe_call(cdr))
-
-        def announce(cdr: CallDetail) -> None:
-            if as_json:
-                _print(json.dumps({"call": cdr.callid, "recording": cdr.recording}))
-            else:
-                _print(_describe_call(cdr))
-
-        sim.add_call_listener(announce)
-        while not stop.wait(0.5):
-            if not sim.running:
-                fail("the simulator stopped unexpectedly")
-    except KeyboardInterrupt:
-        pass
+        _run(config, password_given=password is not None, initial_calls=initial_calls,
+             as_json=as_json)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sim.stop()
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
     print("simulator stopped", file=sys.stderr, flush=True)
