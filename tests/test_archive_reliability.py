@@ -100,16 +100,37 @@ class ServeProcess:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(60)
 
+    def stop(self) -> None:
+        """Kill the current run if it still runs, and reap it (cleanup, safe to repeat)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
     def log_text(self) -> str:
         return "\n".join(
             p.read_text(errors="replace") for p in sorted(self.logs.glob("serve-*.log"))
         )
 
 
+def _seed() -> int:
+    """CALLVAULT_TEST_SEED replays a run; otherwise a fresh seed, printed (pytest shows it
+    with a failure) and named in every assertion message below."""
+    fixed = os.environ.get("CALLVAULT_TEST_SEED")
+    seed = int(fixed) if fixed else random.SystemRandom().randrange(2**31)
+    print(f"reliability test: CALLVAULT_TEST_SEED={seed}")
+    return seed
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
-    rng = random.Random()
+    seed = _seed()
+    replay = f"replay with CALLVAULT_TEST_SEED={seed}"
+    # One generator per thread: a shared one would hand out its numbers in an order that
+    # depends on the scheduling, and the seed would not replay the run.
+    rng = random.Random(f"{seed}-kills")
+    calls_rng = random.Random(f"{seed}-calls")
     faults = Faults(
         drop_rate=0.1,
         slow_seconds=0.01,
@@ -119,70 +140,79 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
         revoke_every_seconds=7.0,
     )
     config = SimulatorConfig(
-        seed=rng.randrange(2**31), faults=faults, event_retry_interval=0.3, event_max_retries=5
+        seed=seed, faults=faults, event_retry_interval=0.3, event_max_retries=5
     )
     archive = tmp_path / "archive"
     logs = tmp_path / "logs"
     logs.mkdir()
+    db_url = f"sqlite:///{archive / 'callvault.db'}"
     with Simulator(config) as sim:
         serve = ServeProcess(_serve_env(sim, archive, _free_port()), logs)
-        serve.start()
         placed: list[str] = []
+        give_up = threading.Event()
 
         def place_calls() -> None:
             for n in range(CALLS):
+                if give_up.is_set():
+                    return
                 answered = n % 10 != 9  # some calls have no recording
                 cdr = sim.place_random_call(answered=answered)
                 if cdr.recording:
                     placed.append(cdr.recording)
                 if n == CALLS // 2:
                     sim.reboot()
-                time.sleep(rng.uniform(0.05, 0.25))
+                give_up.wait(calls_rng.uniform(0.05, 0.25))
 
         caller = threading.Thread(target=place_calls)
-        caller.start()
-        for _ in range(KILLS):
-            time.sleep(rng.uniform(2.0, 7.0))
-            serve.kill()
-            time.sleep(rng.uniform(0.0, 2.0))
+        try:
             serve.start()
-        caller.join()
-        assert serve.runs == KILLS + 1
+            caller.start()
+            for _ in range(KILLS):
+                time.sleep(rng.uniform(2.0, 7.0))
+                serve.kill()
+                time.sleep(rng.uniform(0.0, 2.0))
+                serve.start()
+            caller.join()
+            assert serve.runs == KILLS + 1
 
-        db_url = f"sqlite:///{archive / 'callvault.db'}"
+            def all_archived() -> bool:
+                with open_index(db_url) as index:
+                    counts = index.counts_by_state()
+                return counts["archived"] == len(placed) and sum(counts.values()) == len(placed)
 
-        def all_archived() -> bool:
+            deadline = time.monotonic() + 90
+            while not all_archived() and time.monotonic() < deadline:
+                time.sleep(0.5)
             with open_index(db_url) as index:
-                counts = index.counts_by_state()
-            return counts["archived"] == len(placed) and sum(counts.values()) == len(placed)
-
-        deadline = time.monotonic() + 90
-        while not all_archived() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        with open_index(db_url) as index:
-            counts = {k: v for k, v in index.counts_by_state().items() if v}
-            stuck = [
-                (row.name, row.state, row.last_error)
-                for row in index.retrying(10) + index.recent_failures(10)
-            ]
-        assert counts == {"archived": len(placed)}, (counts, stuck)
-        assert serve.terminate() == 0
+                counts = {k: v for k, v in index.counts_by_state().items() if v}
+                stuck = [
+                    (row.name, row.state, row.last_error)
+                    for row in index.retrying(10) + index.recent_failures(10)
+                ]
+            assert counts == {"archived": len(placed)}, (counts, stuck, replay)
+            assert serve.terminate() == 0, replay
+        finally:
+            # Whatever failed above: no `callvault serve` and no caller thread outlive the test.
+            give_up.set()
+            serve.stop()
+            if caller.is_alive():
+                caller.join()
 
         # Every recording once, byte-identical to the PBX's, where the index says.
         expected = set(sim.recording_names())
-        assert expected == set(placed) and len(placed) > 150
+        assert expected == set(placed) and len(placed) > 150, replay
         with open_index(db_url) as index:
             secret_path = index.get_setting(SECRET_SETTING)
             keys: set[str] = set()
             for name in expected:
                 row = index.recording_by_name(name)
-                assert row is not None and row.state == "archived", name
-                assert row.storage_key is not None and row.storage_key not in keys
+                assert row is not None and row.state == "archived", (name, replay)
+                assert row.storage_key is not None and row.storage_key not in keys, (name, replay)
                 keys.add(row.storage_key)
                 data = (archive / row.storage_key).read_bytes()
                 digest = hashlib.sha256(data).hexdigest()
-                assert digest == sim.recording_sha256(name) == row.sha256, name
-                assert row.size == len(data)
+                assert digest == sim.recording_sha256(name) == row.sha256, (name, replay)
+                assert row.size == len(data), (name, replay)
 
     # The tree holds exactly the archived files (and the index); nothing temporary is
     # visible: the only other entries are the hidden staging directory's.
@@ -192,17 +222,17 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
         if path.is_file() and not path.relative_to(archive).parts[0].startswith(".")
     }
     index_files = {n for n in visible if n.startswith("callvault.db")}
-    assert visible - index_files == keys
+    assert visible - index_files == keys, replay
     # Partial downloads of killed runs were removed by the next run; the last one cleaned up.
     every_file = {str(path.relative_to(archive)) for path in archive.rglob("*") if path.is_file()}
-    assert every_file - index_files == keys
+    assert every_file - index_files == keys, replay
 
     _register()
     verify = CliRunner().invoke(app, ["verify", "--archive", str(archive)])
-    assert verify.exit_code == 0, verify.output
+    assert verify.exit_code == 0, (verify.output, replay)
 
     text = serve.log_text()
-    assert "Traceback" not in text
-    assert sim.password not in text
-    assert secret_path is not None and secret_path not in text
-    assert text.count("archived ") >= len(expected)
+    assert "Traceback" not in text, replay
+    assert sim.password not in text, replay
+    assert secret_path is not None and secret_path not in text, replay
+    assert text.count("archived ") >= len(expected), replay
