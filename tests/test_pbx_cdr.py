@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callvault.pbx import CSV_COLUMNS, PbxProtocolError, call_detail_row, parse_cdr_csv
+from callvault.pbx import (
+    CSV_COLUMNS,
+    PbxProtocolError,
+    PbxTransportError,
+    call_detail_row,
+    parse_cdr_csv,
+)
 
 HEADER = (
     "callid,timestart,callfrom,callto,callduraction,talkduraction,srctrunkname,"
@@ -68,9 +74,24 @@ def test_short_rows_and_quoted_commas() -> None:
     assert rows[0].recording is None
 
 
-def test_header_only_or_empty_gives_no_rows() -> None:
+def test_header_only_gives_no_rows() -> None:
     assert parse_cdr_csv(HEADER + "\r\n") == []
-    assert parse_cdr_csv("") == []
+    assert parse_cdr_csv(HEADER) == []
+
+
+def test_empty_export_is_not_read_as_no_calls() -> None:
+    # An empty range is errno 20021 or a header row; nothing at all means nothing arrived.
+    for text in ("", "\r\n", "\ufeff"):
+        with pytest.raises(PbxProtocolError, match="empty"):
+            parse_cdr_csv(text)
+
+
+def test_export_cut_off_mid_row_is_a_transport_error() -> None:
+    whole = HEADER + "\r\n" + ",".join(["1.2", "2026-01-01 10:00:00"] + ["x"] * 12) + "\r\n"
+    assert len(parse_cdr_csv(whole)) == 1
+    cut = whole[: whole.index("2026-01-01") + 7]
+    with pytest.raises(PbxTransportError, match="cut off"):
+        parse_cdr_csv(cut)
 
 
 def test_text_without_callid_header_is_refused() -> None:

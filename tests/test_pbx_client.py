@@ -103,14 +103,17 @@ async def test_login_sends_md5_and_event_settings(tmp_path: Path) -> None:
     assert pbx.endpoints() == ["login", "logout"]
 
 
-@pytest.mark.parametrize(("version", "extra"), [("v1.1.0", {"port": "0"}), ("v2.0.0", {})])
-async def test_login_without_events_asks_for_no_reports(
-    version: str, extra: dict[str, str]
-) -> None:
+@pytest.mark.parametrize("version", ["v1.0.1", "v1.1.0", "v2.0.0"])
+async def test_login_without_events_asks_for_no_reports(version: str) -> None:
+    # Port "0" in every version: v2 makes the port optional, but without it the PBX pushes
+    # reports to port 8260 (spec 3.1), where `callvault serve` may listen.
     pbx = FakePbx()
     async with client_for(pbx, api_version=version) as client:
         await client.login()
-    assert pbx.calls[0].body == {"username": "api", "password": password_md5(PASSWORD), **extra}
+        await client.heartbeat()
+    login = {"username": "api", "password": password_md5(PASSWORD), "port": "0"}
+    assert pbx.calls[0].body == login
+    assert pbx.calls[1].endpoint == "heartbeat" and pbx.calls[1].body["port"] == "0"
 
 
 async def test_wrong_password_raises_at_once_and_is_never_retried(tmp_path: Path) -> None:
@@ -243,14 +246,26 @@ async def test_missing_recording_at_get_random(tmp_path: Path, connect: ClientFa
     assert pbx.count("recording/download") == 0
 
 
-async def test_body_that_is_not_wav_is_refused_without_retry(
+async def test_body_that_is_not_wav_is_a_transport_failure_retried_with_a_fresh_random(
     tmp_path: Path, connect: ClientFactory
 ) -> None:
+    # Spec 9.5: RIFF is audio, "{" a JSON error, anything else a transport error.
     pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["notwav"])
     async with connect(pbx) as client:
-        with pytest.raises(InvalidRecording):
+        result = await client.download_recording("a.wav", tmp_path)
+    assert pbx.count("recording/get_random") == 2
+    assert (tmp_path / "a.wav").read_bytes() == WAV and result.size == len(WAV)
+    assert leftovers(tmp_path) == ["a.wav"]
+
+
+async def test_body_that_is_never_wav_is_refused_after_the_attempts(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["notwav"] * 3)
+    async with connect(pbx, max_attempts=3) as client:
+        with pytest.raises(InvalidRecording, match=r"not a WAV file.*gave up after 3 attempts"):
             await client.download_recording("a.wav", tmp_path)
-    assert pbx.count("recording/get_random") == 1
+    assert pbx.count("recording/get_random") == 3
     assert leftovers(tmp_path) == []
 
 

@@ -12,7 +12,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from callvault.pbx._errors import PbxProtocolError
+from callvault.pbx._errors import PbxProtocolError, PbxTransportError
 from callvault.pbx._types import CallDetail, normalise_status
 
 # Every spelling seen in documents or clients -> the CallDetail field it fills.
@@ -112,15 +112,24 @@ def parse_cdr_csv(text: str) -> list[CallDetail]:
 
     Tolerates a byte-order mark, CRLF line ends, blank lines, unknown columns, any of the
     three destination-trunk spellings and short rows. Raises PbxProtocolError when there is
-    no header row with a ``callid`` column.
+    no header row with a ``callid`` column (an empty body included), and PbxTransportError
+    when the text stops in the middle of its last row (no line end, fewer cells than the
+    header): the transfer was cut off.
     """
     text = text.lstrip("\ufeff")
-    rows = csv.reader(io.StringIO(text, newline=""))
+    rows = [
+        row
+        for row in csv.reader(io.StringIO(text, newline=""))
+        if row and any(cell.strip() for cell in row)
+    ]
     header: list[str] | None = None
     records: list[CallDetail] = []
+    if len(rows) > 1 and not text.endswith(("\n", "\r")) and len(rows[-1]) < len(rows[0]):
+        raise PbxTransportError(
+            f"the CDR export stops in the middle of a row ({len(rows[-1])} of "
+            f"{len(rows[0])} columns): the transfer was cut off"
+        )
     for row in rows:
-        if not row or all(not cell.strip() for cell in row):
-            continue
         if header is None:
             header = [normalise_key(cell.lstrip("\ufeff")) for cell in row]
             if "callid" not in header:
@@ -133,6 +142,8 @@ def parse_cdr_csv(text: str) -> list[CallDetail]:
         if not fields.get("callid", "").strip():
             continue
         records.append(call_detail_from_fields(fields))
+    if header is None:
+        raise PbxProtocolError("the CDR export is empty: not even its header row arrived")
     return records
 
 

@@ -50,6 +50,7 @@ from callvault.pbx._errors import (
     LoginFailed,
     LoginLockedOut,
     PbxApiError,
+    PbxBusy,
     PbxError,
     PbxProtocolError,
     PbxTlsError,
@@ -61,7 +62,13 @@ from callvault.pbx._errors import (
     error_for_errno,
 )
 from callvault.pbx._gate import SessionGate
-from callvault.pbx._tls import TlsOptions, build_ssl_context, describe_tls_failure, find_ssl_error
+from callvault.pbx._tls import (
+    TlsOptions,
+    build_ssl_context,
+    describe_tls_failure,
+    find_ssl_error,
+    is_broken_connection,
+)
 from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult
 
 log = logging.getLogger("callvault.pbx")
@@ -109,6 +116,15 @@ def _strip_query(text: str) -> str:
     return _QUERY.sub("", text)
 
 
+_USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
+
+
+def _url_for_humans(text: str) -> str:
+    """A URL as the user typed it, for an error message: without a query string and without
+    a ``user:password@`` part (a password typed into --pbx must not be echoed)."""
+    return _USERINFO.sub(lambda match: match.group(1) or "", _strip_query(text))
+
+
 class _RedactQueries(logging.Filter):
     """Strip query strings from httpx's own log lines: its INFO line names the full URL,
     token and random included."""
@@ -151,7 +167,9 @@ class _TokenRejected(Exception):
 def _retryable(error: PbxError) -> bool:
     if isinstance(error, PbxTlsError):
         return False  # a certificate does not fix itself
-    return isinstance(error, PbxTransportError | RandomInvalid)
+    # InvalidRecording: a body that is neither the audio nor a JSON error is a transport
+    # failure (spec section 9, gotcha 5); PbxBusy: the PBX's API service is struggling.
+    return isinstance(error, PbxTransportError | RandomInvalid | InvalidRecording | PbxBusy)
 
 
 class PbxClient:
@@ -159,13 +177,14 @@ class PbxClient:
 
     Use as ``async with PbxClient(...) as client:``; it logs in on the first call that needs
     a token and logs out on exit. `transport` replaces the network (httpx.MockTransport in
-    tests). `events_*` ask the PBX to push reports to this host (without them a v1 login
-    sends port "0": no reports); `events_ip` is the heartbeat's ``ipaddr`` (default: the local
-    address of the route to the PBX); `report_format` is the login ``version`` (by default the
-    well-formed JSON format of the API version when events are asked for). After a wrong
-    password (20003) no login is sent for `login_failure_pause` seconds, whoever asks: calls
-    fail at once instead. `sleep` and `clock` (monotonic seconds)
-    are injectable for tests.
+    tests). `events_*` ask the PBX to push reports to this host (without them the login
+    sends port "0": no reports; a v2 PBX would otherwise push to port 8260); `events_ip` is
+    the heartbeat's ``ipaddr`` (default: the local address of the route to the PBX);
+    `report_format` is the login ``version`` (by default the well-formed JSON format of the
+    API version when events are asked for). After a wrong password (20003), or a login
+    refused for any other reason than the network, no login is sent for
+    `login_failure_pause` seconds, whoever asks: calls fail at once instead. `sleep` and
+    `clock` (monotonic seconds) are injectable for tests.
     """
 
     def __init__(
@@ -236,7 +255,7 @@ class PbxClient:
         self._gate = SessionGate()
         self._token: str | None = None
         self._generation = 0
-        self._auth_failure: tuple[float, PbxApiError] | None = None
+        self._auth_failure: tuple[float, PbxError] | None = None
         self.login_failure_pause = login_failure_pause
         self._locked_until: float | None = None
         self.last_success_at: float | None = None
@@ -290,6 +309,10 @@ class PbxClient:
         ssl_error = find_ssl_error(exc)
         default_port = 443 if self._base.scheme == "https" else 80
         origin = f"{self._base.host}:{self._base.port or default_port}"
+        if ssl_error is not None and is_broken_connection(ssl_error):
+            return PbxTransportError(
+                f"{context}: the connection to the PBX broke off during the TLS handshake"
+            )
         if ssl_error is not None:
             return PbxTlsError(f"{describe_tls_failure(ssl_error, self.tls)} ({origin})")
         if isinstance(exc, httpx.ConnectTimeout):
@@ -383,8 +406,10 @@ class PbxClient:
                 body["url"] = self.events_url
             if self.api_version is not ApiVersion.V1_0_1:
                 body["urltag"] = "1" if self.events_urltag else "0"
-        elif not self.api_version.is_v2:
-            body["port"] = NO_EVENTS_PORT  # required in v1; 0 asks for no reports
+        else:
+            # Required in v1; 0 asks for no reports. v2 makes it optional but then pushes to
+            # port 8260 (where `callvault serve` may be listening), so it is sent there too.
+            body["port"] = NO_EVENTS_PORT
         if self.report_format is not None:
             body["version"] = self.report_format
         self._token = None
@@ -402,6 +427,15 @@ class PbxClient:
                 self._base_str,
                 self.username,
             )
+            raise
+        except PbxBusy:
+            raise  # the PBX's API service is struggling: retried like a transport failure
+        except (PbxApiError, PbxProtocolError) as exc:
+            # Refused for another reason (a blank or wrong parameter, an answer that is not
+            # the API): trying again at once cannot help, and the PBX may count it as a
+            # failed login. Remembered like a wrong password.
+            self._auth_failure = (self._clock(), exc)
+            log.error("login to %s refused: %s", self._base_str, exc)
             raise
         token = document.get("token")
         if not isinstance(token, str) or not token.strip():
@@ -504,8 +538,8 @@ class PbxClient:
                 body["urltag"] = flag
                 if not self.api_version.is_v2:
                     body["urlflag"] = flag  # the v1 page spells it so
-        elif not self.api_version.is_v2:
-            body["port"] = NO_EVENTS_PORT
+        else:
+            body["port"] = NO_EVENTS_PORT  # as at login: no reports
         if self.report_format is not None and self.api_version.is_v2:
             body["version"] = self.report_format
         await self._authed_post("heartbeat", body, "heartbeat")
@@ -521,18 +555,24 @@ class PbxClient:
                 await self._post("logout", None, token, "logout")
 
     async def run_keepalive(self, interval: float = 600.0) -> None:
-        """Heartbeat every `interval` seconds forever; run it as a task and cancel it to stop.
+        """Heartbeat every `interval` seconds; run it as a task and cancel it to stop.
 
         Failures are logged and tried again at the next tick; a token error logs in again
-        (once per tick); a wrong password or lockout is never retried in a loop.
+        (once per tick). A refused login (wrong password, lockout, any other refusal) ends
+        the loop by raising it: logging in again every tick with a wrong password would
+        lock this IP out of the PBX after five ticks. The caller decides what comes next.
         """
         while True:
             await self._sleep(interval)
             try:
                 await self.heartbeat()
             except (LoginFailed, LoginLockedOut) as exc:
-                log.error("keepalive: %s", exc)
+                log.error("keepalive stopped: %s", exc)
+                raise
             except PbxError as exc:
+                if self._auth_failure is not None:  # a login was refused for another reason
+                    log.error("keepalive stopped: %s", exc)
+                    raise
                 log.warning("keepalive: heartbeat failed: %s", exc)
 
     async def _local_ip(self) -> str | None:
@@ -694,7 +734,18 @@ class PbxClient:
                 f"{context}: the PBX answered HTTP {response.status_code} with {kind} "
                 "instead of the recording"
             )
+        if not head:
+            # Neither audio nor a JSON error: a transport failure (spec section 9, gotcha 5).
+            raise PbxTransportError(f"{context}: the PBX sent an empty body instead of the file")
         is_riff = head.startswith(b"RIFF") and head[8:12] == b"WAVE"
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not is_riff and content_type.startswith("text/"):
+            # The body decides (headers are undocumented), but text that is not a WAV is an
+            # error page, for a .yswav or .mp3 name too.
+            raise PbxTransportError(
+                f"{context}: the PBX answered HTTP {response.status_code} with text "
+                f"({content_type}) instead of the recording"
+            )
         if not is_riff and _wants_riff(target.name, head):
             if len(head) < 12 and ended:
                 raise PbxTransportError(f"{context}: the download ended after {len(head)} bytes")
@@ -733,9 +784,10 @@ class PbxClient:
                     raise PbxTransportError(
                         f"{context}: the download ended after {temp.size} of {riff_size + 8} bytes"
                     )
-                if temp.size < MIN_WAV_BYTES:
-                    raise InvalidRecording(f"{context}: {temp.size} bytes is not a WAV file")
-            content_type = response.headers.get("content-type", "").split(";")[0].strip()
+            if temp.size < MIN_WAV_BYTES:
+                # Shorter than a WAV header: whatever the name says, not a recording.
+                kind = "a WAV file" if is_riff else "a recording"
+                raise InvalidRecording(f"{context}: {temp.size} bytes is not {kind}")
             if not content_type or content_type == "application/octet-stream":
                 content_type = "audio/x-wav" if is_riff else "application/octet-stream"
             # fsync can take a while for a large file: not on the event loop. A cancellation
@@ -805,6 +857,9 @@ class PbxClient:
             finally:
                 await response.aclose()
             stripped = content.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if not stripped and response.status_code < 400:
+                # An empty range is errno 20021 or a header row: nothing at all is a failure.
+                raise PbxTransportError(f"{context}: the PBX sent an empty CDR export")
             if (
                 stripped.startswith(b"{")
                 or response.status_code >= 400
@@ -815,8 +870,13 @@ class PbxClient:
                 except TokenError as exc:
                     raise _TokenRejected(generation, exc) from None
                 raise PbxProtocolError(f"{context}: the PBX answered Success instead of a CSV")
+            try:
+                rows = parse_cdr_csv(content.decode("utf-8", errors="replace"))
+            except PbxError as exc:
+                exc.message = f"{context}: {exc.message}"
+                raise
             self.last_success_at = time.time()
-            return parse_cdr_csv(content.decode("utf-8", errors="replace"))
+            return rows
 
         try:
             return await self._retrying(once, context)
@@ -851,19 +911,19 @@ def _parse_base_url(base_url: str) -> httpx.URL:
     text = base_url.strip()
     if "://" not in text:
         raise ValueError(
-            f"PBX URL {_strip_query(text)!r} has no scheme: use https://HOST:PORT "
+            f"PBX URL {_url_for_humans(text)!r} has no scheme: use https://HOST:PORT "
             "(the PBX web port, 8088 by default)"
         )
     try:
         url = httpx.URL(text)
     except (httpx.InvalidURL, ValueError) as exc:
-        raise ValueError(f"PBX URL {_strip_query(text)!r} is not a URL ({exc})") from None
+        raise ValueError(f"PBX URL {_url_for_humans(text)!r} is not a URL ({exc})") from None
     if url.userinfo:
         raise ValueError("the PBX URL must not contain a user name or password")
     if url.scheme not in ("http", "https"):
         raise ValueError(f"PBX URL scheme {url.scheme!r} is not http or https")
     if not url.host:
-        raise ValueError(f"PBX URL {_strip_query(text)!r} has no host")
+        raise ValueError(f"PBX URL {_url_for_humans(text)!r} has no host")
     path = url.path.rstrip("/")
     if path.endswith("/api") or "/api/" in path + "/":
         path = path[: path.find("/api")]

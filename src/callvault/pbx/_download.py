@@ -40,7 +40,7 @@ from callvault.pbx._errors import (
     PbxTransportError,
     PbxUnreachable,
 )
-from callvault.pbx._tls import TlsOptions, describe_tls_failure
+from callvault.pbx._tls import TlsOptions, describe_tls_failure, is_broken_connection
 
 T = TypeVar("T")
 
@@ -391,6 +391,10 @@ class SocketBody:
                 self._adopt(sock)
                 sock.do_handshake()
             except ssl.SSLError as exc:
+                if is_broken_connection(exc):
+                    raise PbxTransportError(
+                        f"{context}: the connection to the PBX broke off during the TLS handshake"
+                    ) from None
                 raise PbxTlsError(f"{describe_tls_failure(exc, tls)} ({origin})") from None
             except TimeoutError:
                 raise PbxUnreachable(

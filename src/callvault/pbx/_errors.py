@@ -18,6 +18,7 @@
         ├── RecordingNotFound     20014 (and 20012 on 2017 firmware, see below)
         ├── AllowedIpError        20015
         ├── CdrError              20019 / 20021
+        ├── PbxBusy               20010 / 30001 / 30003: the PBX's API service is struggling
         └── RequestRejected       every other errno
 
 The meaning of 20012 changed between firmware generations (2017: "file does not exist";
@@ -114,6 +115,10 @@ class CdrError(PbxApiError):
     """The CDR export failed: bad time format or no CDR in the range."""
 
 
+class PbxBusy(PbxApiError):
+    """The PBX's API service failed to handle the request (20010, 30001, 30003): retryable."""
+
+
 class RequestRejected(PbxApiError):
     """Any other API error."""
 
@@ -133,7 +138,7 @@ ERRNO_TABLE: dict[str, tuple[type[PbxApiError], str]] = {
     "20007": (RequestRejected, "the request body is blank"),
     "20008": (RequestRejected, "wrong port"),
     "20009": (RequestRejected, "blank request"),
-    "20010": (RequestRejected, "the PBX failed to pass the request to its API service"),
+    "20010": (PbxBusy, "the PBX failed to pass the request to its API service"),
     "20011": (RequestRejected, "heartbeat configuration failed"),
     "20012": (RandomInvalid, "the download random is invalid or expired"),
     "20013": (RequestRejected, "wrong captcha"),
@@ -145,8 +150,8 @@ ERRNO_TABLE: dict[str, tuple[type[PbxApiError], str]] = {
     "20019": (CdrError, "CDR time format error"),
     "20020": (RandomInvalid, "the CDR random is invalid or expired"),
     "20021": (CdrError, "no CDR in that range"),
-    "30001": (RequestRejected, "the PBX ran out of memory building JSON"),
-    "30003": (RequestRejected, "the PBX's API service is not running"),
+    "30001": (PbxBusy, "the PBX ran out of memory building JSON"),
+    "30003": (PbxBusy, "the PBX's API service is not running"),
 }
 
 

@@ -150,6 +150,15 @@ def find_ssl_error(exc: BaseException) -> ssl.SSLError | None:
     return None
 
 
+def is_broken_connection(error: ssl.SSLError) -> bool:
+    """Whether a TLS error is the connection ending mid-handshake (retryable), not a
+    refusal: a PBX restarting or a network drop, which a certificate or version change
+    would not explain."""
+    if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+        return True
+    return getattr(error, "reason", None) == "UNEXPECTED_EOF_WHILE_READING"
+
+
 def describe_tls_failure(error: ssl.SSLError, options: TlsOptions) -> str:
     """Say in words why the handshake failed and what to do about it."""
     if isinstance(error, PinMismatchError):
