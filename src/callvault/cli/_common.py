@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
-from typing import NoReturn
+from collections.abc import Coroutine
+from typing import Any, NoReturn, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line saying what went wrong (and what to do) on stderr and exit."""
     print(f"callvault: error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived while `run_terminable` ran; the work was cancelled and cleaned up."""
+
+
+def run_terminable(work: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(work)`, with SIGTERM cancelling it as Ctrl-C does.
+
+    Without this, SIGTERM (what `kill`, systemd and container runtimes send) ends the
+    process at once, and a download in progress leaves its temporary file behind. With it,
+    the work is cancelled, cleans up like after Ctrl-C, and `Terminated` is raised.
+    """
+    terminated = False
+
+    async def main() -> T:
+        nonlocal terminated
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            return await work
+        try:
+            return await work
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise

@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from callvault.cli import app
-from callvault.cli._common import fail
+from callvault.cli._common import Terminated, fail, run_terminable
 from callvault.cli._pbxopts import (
     ApiVersionOpt,
     CaFileOpt,
@@ -44,9 +44,11 @@ from callvault.pbx import (
     AuthError,
     CallDetail,
     DownloadResult,
+    PbxBusy,
     PbxClient,
     PbxError,
     PbxTlsError,
+    PbxTransportError,
     PbxUnreachable,
     TokenError,
     call_detail_row,
@@ -67,6 +69,14 @@ def _is_fatal(exc: PbxError) -> bool:
     return isinstance(exc, _FATAL) or (
         isinstance(exc, AuthError) and not isinstance(exc, TokenError)
     )
+
+
+def _login_refused(exc: PbxError) -> bool:
+    """A login failure that the next name's login would only repeat (and that the PBX may
+    count towards its lockout): anything but a network failure or a busy PBX."""
+    if isinstance(exc, PbxTlsError):
+        return True
+    return not isinstance(exc, PbxTransportError | PbxBusy)
 
 
 def _without_context(message: str, name: str) -> str:
@@ -112,10 +122,10 @@ async def fetch_recordings(
                     try:
                         await client.login()
                     except PbxError as exc:
-                        if _is_fatal(exc) and not isinstance(exc, PbxUnreachable):
+                        if _login_refused(exc):
                             _print_fatal(exc, len(names) - position)
                             return 1
-                        # Possibly transient: the download logs in again, with retries.
+                        # Transient: the download logs in again, with retries.
                 task: TaskID | None = None
                 if progress is not None:
                     task = progress.add_task(name, total=None)
@@ -211,12 +221,15 @@ def fetch(
     client = options.build_client()
     _quiet_library_logs()
     try:
-        code = asyncio.run(
+        code = run_terminable(
             fetch_recordings(client, names, out, show_progress=sys.stderr.isatty(), as_json=as_json)
         )
     except KeyboardInterrupt:
         print("callvault: interrupted; no partial file was kept", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Terminated:
+        print("callvault: terminated; no partial file was kept", file=sys.stderr)
+        raise typer.Exit(143) from None
     raise typer.Exit(code)
 
 

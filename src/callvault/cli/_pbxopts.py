@@ -140,6 +140,8 @@ class PbxOptions:
             tls.ssl_context()  # a CA file that is not PEM fails here, with one line
         except ssl.SSLError:
             fail(f"--ca-file {self.ca_file}: not a PEM certificate file", USAGE_ERROR)
+        except OSError as exc:  # unreadable: permissions, I/O error
+            fail(f"--ca-file {self.ca_file}: cannot read it ({exc.strerror or exc})", USAGE_ERROR)
         except ValueError as exc:
             fail(str(exc), USAGE_ERROR)
         if self.insecure:
