@@ -76,14 +76,14 @@ async def test_write_failure_propagates_and_leaves_nothing(
     tmp_path: Path, connect: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pbx = FakePbx(recordings={"a.wav": make_wav(1_500_000)})
-    real_write = _download.TempFile.write
+    real_write = _download.TempFile.write_hashed  # what both pumps write through
 
     def write(self: _download.TempFile, data: bytes | memoryview) -> None:
         if self.size > 0:
             raise OSError(28, "No space left on device")
         real_write(self, data)
 
-    monkeypatch.setattr(_download.TempFile, "write", write)
+    monkeypatch.setattr(_download.TempFile, "write_hashed", write)
     async with connect(pbx) as client:
         with pytest.raises(OSError, match="No space left"):
             await client.download_recording("a.wav", tmp_path)

@@ -7,8 +7,9 @@ what it reads from is a `ResponseBody`, of one of two kinds:
   worker threads on a plain blocking socket (`http.client` over the client's own SSL
   context, so a pin is checked inside the handshake as everywhere else, with the same
   timeout). The body is read with ``readinto`` into reusable 1 MiB buffers while a second
-  thread hashes and writes the previous ones, with no event-loop round trip per 16 KiB TLS
-  record (the asyncio TLS stack costs about 110 us per record, 75 MB/s at best).
+  thread hashes the previous one and a third writes the one before, with no event-loop
+  round trip per 16 KiB TLS record (the asyncio TLS stack costs about 110 us per record,
+  75 MB/s at best).
 - `HttpxBody`, for an injected ``httpx`` transport (``httpx.MockTransport`` in callers'
   tests): the same checks over httpx's async stream.
 
@@ -48,7 +49,7 @@ READ_CHUNK = 1024 * 1024
 """The size of the socket pump's reusable buffers: 64 TLS records per read, hash and write."""
 
 PIPELINE_DEPTH = 4
-"""How many of those buffers are being read, waiting, or hashed and written at a time."""
+"""How many of those buffers are being read, hashed, written or waiting at a time."""
 
 WRITE_BUFFER = 1024 * 1024
 """The write buffer of the httpx pump, which hands over one TLS record (<= 16 KiB) at a time."""
@@ -89,7 +90,15 @@ class TempFile:
         self._writeback_due = WRITEBACK_STEP
 
     def write(self, data: bytes | memoryview) -> None:
+        self.hash(data)
+        self.write_hashed(data)
+
+    def hash(self, data: bytes | memoryview) -> None:
+        """Hash `data`, which `write_hashed` must then write (in the same order)."""
         self._hash.update(data)
+
+    def write_hashed(self, data: bytes | memoryview) -> None:
+        """Write `data` already given to `hash`: the two may run in different threads."""
         view = memoryview(data)
         while view:
             written = self._file.write(view)
@@ -429,11 +438,13 @@ class SocketBody:
             raise BodyBroken(_broken(exc, self._context), exc) from None
 
     def _pour(self, temp: TempFile, notify: Callable[[], None] | None) -> None:
-        """Read the body in this thread; hash and write it in a second one.
+        """Read the body in this thread, hash it in a second and write it in a third.
 
-        Reading (TLS decryption) and hashing + writing take about the same CPU time, and
-        hashlib, file writes and socket reads all release the GIL, so the two stages
-        overlap. They pass PIPELINE_DEPTH reusable buffers back and forth: constant memory.
+        Reading (TLS decryption), hashing and writing each take about a third of the CPU
+        time, and hashlib, file writes and socket reads all release the GIL, so the three
+        stages overlap. They pass PIPELINE_DEPTH reusable buffers along (read, then hashed,
+        then written, then free again): constant memory, and every buffer is hashed and
+        written in the order it was read.
         """
         assert self._response is not None
         response = self._response
@@ -441,26 +452,48 @@ class SocketBody:
         for _ in range(PIPELINE_DEPTH):
             free.put(memoryview(bytearray(READ_CHUNK)))
         filled: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
-        write_failed: list[BaseException] = []
+        hashed: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        failed: list[BaseException] = []
         stopping = threading.Event()
+
+        def hash_loop() -> None:
+            try:
+                while (item := filled.get()) is not None:
+                    if not stopping.is_set():
+                        buffer, count = item
+                        temp.hash(buffer[:count])
+                    hashed.put(item)
+            except BaseException as exc:  # re-raised by the reading thread
+                failed.append(exc)
+                stopping.set()
+                free.put(None)  # wakes the reader
+            finally:
+                hashed.put(None)
 
         def write_loop() -> None:
             try:
-                while (item := filled.get()) is not None:
+                while (item := hashed.get()) is not None:
                     buffer, count = item
                     if not stopping.is_set():
-                        temp.write(buffer[:count])
+                        temp.write_hashed(buffer[:count])
                         if notify is not None:
                             notify()
                     free.put(buffer)
             except BaseException as exc:  # re-raised by the reading thread
-                write_failed.append(exc)
+                failed.append(exc)
+                stopping.set()
                 free.put(None)  # wakes the reader
+                while hashed.get() is not None:  # let the hashing thread finish
+                    pass
 
-        writer = threading.Thread(target=write_loop, name="callvault-write", daemon=True)
-        writer.start()
+        stages = [
+            threading.Thread(target=hash_loop, name="callvault-hash", daemon=True),
+            threading.Thread(target=write_loop, name="callvault-write", daemon=True),
+        ]
+        for stage in stages:
+            stage.start()
         try:
-            while (buffer := free.get()) is not None and not write_failed:
+            while (buffer := free.get()) is not None and not failed:
                 try:
                     count = response.readinto(buffer)
                 except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -473,13 +506,14 @@ class SocketBody:
                     break
                 filled.put((buffer, count))
         except BaseException:
-            stopping.set()  # the file will be discarded: do not write the rest
+            stopping.set()  # the file will be discarded: do not hash or write the rest
             raise
         finally:
             filled.put(None)
-            writer.join()
-        if write_failed:
-            raise write_failed[0]
+            for stage in stages:
+                stage.join()
+        if failed:
+            raise failed[0]
 
     def _close(self) -> None:
         with self._guard:
