@@ -9,12 +9,17 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, text
 
-from callvault.index import IndexMissingError, IndexOpenError, open_index
+from callvault.index import IndexMissingError, IndexOpenError, open_index, users
+from callvault.index._index import _MIGRATIONS, write_transaction
 from callvault.index.schema import metadata
+
+HEAD = "0002"
 
 
 def test_upgrade_head_yields_exactly_the_metadata(tmp_path: Path) -> None:
@@ -38,7 +43,7 @@ def test_upgrade_head_yields_exactly_the_metadata(tmp_path: Path) -> None:
                 indexes = {i["name"] for i in inspector.get_indexes(name)}
                 assert indexes == {i.name for i in table.indexes}
             version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0001"
+            assert version == HEAD
     finally:
         engine.dispose()
 
@@ -129,7 +134,7 @@ def test_two_processes_worth_of_first_opens_race_safely(tmp_path: Path) -> None:
     assert [process.exitcode for process in processes] == [0] * count
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [("0001",)]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [(HEAD,)]
     engine.dispose()
 
 
@@ -139,3 +144,127 @@ def test_other_databases_and_missing_drivers_are_one_line(tmp_path: Path) -> Non
     assert "s3cret-pw" not in str(info.value)
     with pytest.raises(IndexOpenError, match=r"driver .* is not installed"):
         open_index("postgresql+pg8000://user@127.0.0.1:1/x")
+
+
+def _migrate(engine: Engine, target: str, *, down: bool = False) -> None:
+    """Run the index's migrations up or down to `target` on `engine`, as open_index does."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with write_transaction(engine) as conn:
+        config.attributes["connection"] = conn
+        if down:
+            command.downgrade(config, target)
+        else:
+            command.upgrade(config, target)
+
+
+def _users_sql(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return str(
+            conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'users'")).scalar_one()
+        )
+
+
+_V1_USERS = [
+    (1, "alice", "hash-a", "admin", "", "2024-05-01 09:00:00.000000", None),
+    (2, "bob", "hash-b", "listener", "2000-2099", "2024-05-01 09:01:00.000000", None),
+    (3, "carol", "hash-c", "admin", "", "2024-05-01 09:02:00.000000", "2024-05-02 09:00:00"),
+]
+_V1_TOKENS = [
+    (7, 2, "report", "a" * 64, "2024-05-01 10:00:00.000000", "alice", None, None),
+    (8, 3, "backup", "b" * 64, "2024-05-01 10:01:00.000000", "alice", None, None),
+]
+
+
+def _version_1_index(url: str) -> None:
+    """A database of schema 0001 with three users and two API tokens, as an older callvault
+    left it (a plain engine: the rows go in exactly as written)."""
+    engine = create_engine(url)
+    try:
+        _migrate(engine, "0001")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, name, password_hash, role, scope, created_at, "
+                    "disabled_at) VALUES (:i, :n, :h, :r, :s, :c, :d)"
+                ),
+                [dict(zip("inhrscd", row, strict=True)) for row in _V1_USERS],
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO api_tokens (id, user_id, label, token_sha256, created_at, "
+                    "created_by, revoked_at, last_used_at) "
+                    "VALUES (:i, :u, :l, :t, :c, :b, :r, :w)"
+                ),
+                [dict(zip("iultcbrw", row, strict=True)) for row in _V1_TOKENS],
+            )
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_0002_keeps_users_and_tokens_and_ends_id_reuse(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'callvault.db'}"
+    _version_1_index(url)
+    index = open_index(url)  # upgrades with foreign keys on, as in production
+    try:
+        engine = index.engine
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, name, password_hash, role, scope, created_at, disabled_at, "
+                    "session_epoch FROM users ORDER BY id"
+                )
+            ).all()
+            tokens = conn.execute(text("SELECT * FROM api_tokens ORDER BY id")).all()
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+            diff = compare_metadata(
+                MigrationContext.configure(conn, opts={"compare_type": True}), metadata
+            )
+        # Every user and every API token survived the rebuild of `users`, unchanged.
+        assert [tuple(row[:7]) for row in rows] == _V1_USERS
+        assert [tuple(row) for row in tokens] == _V1_TOKENS
+        epochs = [row.session_epoch for row in rows]
+        assert all(len(epoch) >= 16 for epoch in epochs) and len(set(epochs)) == len(epochs)
+        assert diff == []
+        assert "AUTOINCREMENT" in _users_sql(engine)
+        # The highest id, once removed, is never handed out again.
+        assert users.remove_user(engine, "carol")
+        newcomer = users.add_user(engine, "dave", "admin", "dave-password-1")
+        assert newcomer.id > 3
+        assert users.session_epoch(engine, newcomer.id) not in epochs
+    finally:
+        index.close()
+
+
+def test_a_new_index_never_reuses_a_removed_users_id(tmp_path: Path) -> None:
+    index = open_index(f"sqlite:///{tmp_path / 'callvault.db'}")
+    try:
+        engine = index.engine
+        users.add_user(engine, "alice", "admin", "alice-password-1")
+        bob = users.add_user(engine, "bob", "listener", "bob-password-1", "2000-2099")
+        assert users.remove_user(engine, "bob")
+        erin = users.add_user(engine, "erin", "admin", "erin-password-1")
+        assert erin.id > bob.id
+    finally:
+        index.close()
+
+
+def test_downgrade_from_0002_keeps_users_and_tokens(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'callvault.db'}"
+    _version_1_index(url)
+    index = open_index(url)
+    try:
+        _migrate(index.engine, "0001", down=True)  # foreign keys on here too
+        with index.engine.connect() as conn:
+            inspector = inspect(conn)
+            assert "revoked_sessions" not in inspector.get_table_names()
+            assert "session_epoch" not in {c["name"] for c in inspector.get_columns("users")}
+            rows = conn.execute(text("SELECT * FROM users ORDER BY id")).all()
+            tokens = conn.execute(text("SELECT * FROM api_tokens ORDER BY id")).all()
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        assert [tuple(row) for row in rows] == _V1_USERS
+        assert [tuple(row) for row in tokens] == _V1_TOKENS
+        assert version == "0001"
+        assert "AUTOINCREMENT" not in _users_sql(index.engine)
+    finally:
+        index.close()

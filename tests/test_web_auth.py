@@ -237,3 +237,46 @@ def test_session_survives_a_restart_of_the_app(web: LiveWeb) -> None:
         assert page.status_code == 200 and "alice" in page.text
         stranger = httpx.Client(base_url=base, timeout=10, cookies={"cv_session": cookie + "x"})
         assert stranger.get("/search", follow_redirects=False).status_code == 303
+
+
+@pytest.mark.parametrize("raw", ["a.\xe9".encode("latin-1"), "\xe9.\xe9".encode()])
+def test_non_ascii_session_cookie_is_refused_not_a_crash(web: LiveWeb, raw: bytes) -> None:
+    client = web.client()
+    headers = {"Cookie": b"cv_session=" + raw}
+    page = client.get("/search", headers=headers)
+    assert page.status_code == 303 and page.headers["location"].startswith("/login")
+    assert client.get("/api/me", headers=headers).status_code == 401
+    assert client.get("/login", headers=headers).status_code == 200
+
+
+def test_non_ascii_csrf_tokens_are_refused_not_a_crash(web: LiveWeb) -> None:
+    engine = web.archive.index.engine
+    admin = web.login(*ADMIN)
+    for value in ("\xe9".encode("latin-1"), "\xe9".encode()):
+        refused = admin.post("/api/tokens", json={"user": "bob"}, headers={"X-CSRF-Token": value})
+        assert refused.status_code == 403
+    row = rows_by_from(web.archive)["1001"]
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    for body in (b"csrf=%C3%A9", b"csrf=%E9", "csrf=\u00e9".encode()):
+        assert (
+            admin.post(f"/recordings/{row.id}/verify", content=body, headers=form).status_code
+            == 403
+        )
+        assert admin.post("/logout", content=body, headers=form).status_code == 403
+    assert users.list_tokens(engine) == []
+    assert admin.get("/api/me").status_code == 200  # still logged in: no logout happened
+    # The login form: a non-ASCII token, and a non-ASCII pre-login cookie.
+    client = web.client()
+    page = client.get("/login")
+    refused = client.post(
+        "/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf": "\u00e9"}
+    )
+    assert refused.status_code == 403
+    assert "cv_session" not in refused.headers.get("set-cookie", "")
+    stranger = web.client()
+    refused = stranger.post(
+        "/login",
+        content=f"username={ADMIN[0]}&password={ADMIN[1]}&csrf={csrf_of(page.text)}".encode(),
+        headers={**form, "Cookie": "cv_login=\xe9".encode("latin-1")},
+    )
+    assert refused.status_code == 403

@@ -2,9 +2,10 @@
 
 The schema is meant to be read by a person who opens the SQLite file: one row in
 ``calls`` per call the PBX reported (by NewCdr event or CDR export), one row in
-``recordings`` per recording file, plus the web app's ``users``, ``api_tokens`` and
-the append-only ``audit_log``. ``settings`` holds small key/value facts such as the
-receiver's secret path, the last event time and the PBX session health.
+``recordings`` per recording file, plus the web app's ``users``, ``api_tokens``,
+``revoked_sessions`` and the append-only ``audit_log``. ``settings`` holds small
+key/value facts such as the receiver's secret path, the last event time and the PBX
+session health.
 
 Timestamps are stored as timezone-aware UTC (``DateTime(timezone=True)``); the PBX's
 own local wall-clock text is kept beside it (``timestart_local``) so nothing is lost.
@@ -106,6 +107,8 @@ recordings = Table(
 Index("ix_recordings_state_next", recordings.c.state, recordings.c.next_attempt_at)
 Index("ix_recordings_call_id", recordings.c.call_id)
 
+# AUTOINCREMENT on SQLite: a removed user's id is never handed to a new user (SQLite would
+# otherwise reuse the highest id); PostgreSQL's serial sequence never reuses one anyway.
 users = Table(
     "users",
     metadata,
@@ -117,7 +120,11 @@ users = Table(
     Column("scope", Text, nullable=False, default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("disabled_at", DateTime(timezone=True), nullable=True),
+    # Random, in every session cookie of the user; a new one (a new password, a new user)
+    # ends all the sessions made before.
+    Column("session_epoch", String(32), nullable=False),
     UniqueConstraint("name", name="uq_users_name"),
+    sqlite_autoincrement=True,
 )
 
 api_tokens = Table(
@@ -146,6 +153,16 @@ audit_log = Table(
     Column("remote_addr", String(64), nullable=False, default=""),
 )
 Index("ix_audit_log_at", audit_log.c.at)
+
+# Web sessions that were logged out, until they would have expired anyway, so every app
+# over this index (`serve`, `web`, a restart) refuses their cookies.
+revoked_sessions = Table(
+    "revoked_sessions",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_revoked_sessions_expires_at", revoked_sessions.c.expires_at)
 
 settings = Table(
     "settings",

@@ -4,6 +4,11 @@ A user is an ``admin`` (everything) or a ``listener`` (search, play, download an
 within their scope). A scope is a list of extensions and ranges, written ``"1000-1099,2001"``;
 empty means every call. Passwords are kept only as argon2 hashes and API tokens only as the
 SHA-256 of the token: the secret itself is shown once, when it is made, and never again.
+
+Web sessions: each user has a random ``session_epoch`` that every session cookie of theirs
+carries; a new password gives a new one, which ends the sessions made before, and a new
+user never gets the id (AUTOINCREMENT) nor the epoch of a removed one. Logged-out sessions
+are kept in ``revoked_sessions`` until they would have expired anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, delete, insert, select, update
 
 from callvault.index._index import write_transaction
-from callvault.index.schema import api_tokens, users
+from callvault.index.schema import api_tokens, revoked_sessions, users
 
 ADMIN = "admin"
 LISTENER = "listener"
@@ -156,6 +161,10 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+def new_session_epoch() -> str:
+    return secrets.token_urlsafe(12)
+
+
 def _user_from_row(row: Any) -> User:
     scope = str(getattr(row, "scope", "") or "")
     return User(
@@ -205,6 +214,7 @@ def add_user(
                 role=role,
                 scope=canonical,
                 created_at=now or _now(),
+                session_epoch=new_session_epoch(),
             )
         )
     user = get_user(engine, name)
@@ -251,13 +261,63 @@ def count_admins(engine: Engine) -> int:
 
 
 def set_password(engine: Engine, name: str, password: str) -> bool:
+    """Set a user's password and end all their web sessions; False if there is no such user."""
     if len(password) < 8:
         raise UserError("the password is too short: use at least 8 characters")
     with write_transaction(engine) as conn:
         result = conn.execute(
-            update(users).where(users.c.name == name).values(password_hash=hash_password(password))
+            update(users)
+            .where(users.c.name == name)
+            .values(password_hash=hash_password(password), session_epoch=new_session_epoch())
         )
     return result.rowcount > 0
+
+
+def end_sessions(engine: Engine, name: str) -> bool:
+    """End every web session of a user (API tokens stay); False if there is no such user."""
+    with write_transaction(engine) as conn:
+        result = conn.execute(
+            update(users).where(users.c.name == name).values(session_epoch=new_session_epoch())
+        )
+    return result.rowcount > 0
+
+
+def session_epoch(engine: Engine, user_id: int) -> str | None:
+    """The user's current session epoch (what a new session cookie carries), or None."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(users.c.session_epoch).where(users.c.id == user_id)
+        ).scalar_one_or_none()
+    return None if value is None else str(value)
+
+
+def session_user(engine: Engine, user_id: int, epoch: str, nonce: str) -> User | None:
+    """The enabled user of a session, if the session is of this user's current epoch and
+    was not logged out; else None (a removed, re-created or re-passworded user, a logout)."""
+    logged_out = select(revoked_sessions.c.nonce).where(revoked_sessions.c.nonce == nonce)
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(*_USER_COLUMNS).where(
+                users.c.id == user_id,
+                users.c.session_epoch == epoch,
+                users.c.disabled_at.is_(None),
+                ~logged_out.exists(),
+            )
+        ).first()
+    return None if row is None else _user_from_row(row)
+
+
+def revoke_session(engine: Engine, nonce: str, expires_at: datetime, *, now: datetime) -> None:
+    """Log a session out for every app over this index, until `expires_at` (when its cookie
+    expires anyway); sessions whose time is over are forgotten on the way."""
+    now, expires_at = now.astimezone(UTC), expires_at.astimezone(UTC)
+    with write_transaction(engine) as conn:
+        conn.execute(delete(revoked_sessions).where(revoked_sessions.c.expires_at <= now))
+        known = conn.execute(
+            select(revoked_sessions.c.nonce).where(revoked_sessions.c.nonce == nonce)
+        ).first()
+        if known is None and expires_at > now:
+            conn.execute(insert(revoked_sessions).values(nonce=nonce, expires_at=expires_at))
 
 
 def verify_password(engine: Engine, name: str, password: str) -> User | None:

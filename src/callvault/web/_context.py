@@ -41,6 +41,10 @@ class WebContext:
     _recent_plays: dict[tuple[int, int], datetime] = field(default_factory=dict)
     _plays_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        # Sessions live in this index: issued for its users, logged out in it.
+        self.signer.attach(self.index.engine)
+
     def __repr__(self) -> str:
         return "WebContext(...)"
 
@@ -95,8 +99,8 @@ def authenticate(request: Request) -> Principal | None:
     session = ctx.signer.read(request.cookies.get(SESSION_COOKIE))
     if session is None:
         return None
-    user = users.get_user_by_id(ctx.engine, session.user_id)
-    if user is None or user.disabled_at is not None:
+    user = ctx.signer.live_user(session)
+    if user is None:
         return None
     return Principal(user, session, ctx.signer.csrf_token(session))
 

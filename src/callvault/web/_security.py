@@ -1,9 +1,13 @@
 """Sessions, CSRF tokens and the login rate limit.
 
-A session is a signed cookie holding the user's id, a random nonce and when it was issued;
-nothing secret is in it, and the user is re-read on every request, so a removed user or a
-changed scope takes effect at once. Logging out revokes the nonce. The CSRF token of a
-session is an HMAC of its nonce, so it needs no storage and changes with each login.
+A session is a signed cookie holding the user's id and session epoch, a random nonce and
+when it was issued; nothing secret is in it. The user is re-read on every request, so a
+removed user or a changed scope takes effect at once, and the epoch must still be the
+user's: a new password ends older sessions, and a user made after a removal (who never
+gets the removed one's id nor epoch) never inherits their cookies. Logging out records the
+nonce in the index, so every app over it (`serve`, `web`, after a restart) refuses it.
+The CSRF token of a session is an HMAC of its nonce, so it needs no storage and changes
+with each login.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from sqlalchemy import Engine
+
+from callvault.index import users
+from callvault.index.users import User
 
 SESSION_COOKIE = "cv_session"
 LOGIN_COOKIE = "cv_login"
@@ -36,24 +45,46 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _same(given: str | None, expected: str) -> bool:
+    """Constant-time equality of a value from a request with one we made (always ASCII).
+
+    `hmac.compare_digest` raises TypeError on non-ASCII text: such a value is simply wrong.
+    """
+    return bool(given) and str(given).isascii() and hmac.compare_digest(str(given), expected)
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     user_id: int
     nonce: str
     issued_at: datetime
+    epoch: str  # the user's session epoch when it was issued
 
     def __repr__(self) -> str:
         return f"Session(user_id={self.user_id}, issued_at={self.issued_at.isoformat()})"
 
 
 class SessionSigner:
-    """Makes and checks session cookies and CSRF tokens with one secret key."""
+    """Makes and checks session cookies and CSRF tokens with one secret key.
 
-    def __init__(self, secret: bytes, clock: Clock) -> None:
+    Issuing, logging out and the liveness check need the index the users live in: give
+    it as `engine` or `attach` it later (the app's context does).
+    """
+
+    def __init__(self, secret: bytes, clock: Clock, engine: Engine | None = None) -> None:
         self._key = hashlib.sha256(b"callvault-web-session\0" + secret).digest()
         self._clock = clock
-        self._revoked: dict[str, datetime] = {}
-        self._lock = threading.Lock()
+        self._engine = engine
+
+    def attach(self, engine: Engine) -> None:
+        """Keep sessions in this index: the one holding the users and the secret."""
+        self._engine = engine
+
+    @property
+    def _index(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("SessionSigner has no index attached")
+        return self._engine
 
     def __repr__(self) -> str:
         return "SessionSigner(<secret>)"
@@ -63,43 +94,54 @@ class SessionSigner:
         return _b64(hmac.new(self._key, message, hashlib.sha256).digest())
 
     def issue(self, user_id: int) -> tuple[Session, str]:
-        """A new session for the user and its cookie value."""
-        session = Session(user_id, secrets.token_urlsafe(16), self._clock())
+        """A new session for the user and its cookie value; ValueError if no such user."""
+        epoch = users.session_epoch(self._index, user_id)
+        if epoch is None:
+            raise ValueError(f"no user with id {user_id}")
+        session = Session(user_id, secrets.token_urlsafe(16), self._clock(), epoch)
         payload = _b64(
             json.dumps(
-                {"u": user_id, "n": session.nonce, "i": int(session.issued_at.timestamp())},
+                {
+                    "u": user_id,
+                    "e": epoch,
+                    "n": session.nonce,
+                    "i": int(session.issued_at.timestamp()),
+                },
                 separators=(",", ":"),
             ).encode()
         )
         return session, f"{payload}.{self._mac('session', payload)}"
 
     def read(self, cookie: str | None) -> Session | None:
-        """The session of a cookie if it is authentic, unexpired and not logged out."""
+        """The session of a cookie if it is authentic and unexpired (whether it is still
+        live, its user's and not logged out, is `live_user`'s answer)."""
         if not cookie or len(cookie) > 512 or cookie.count(".") != 1:
             return None
         payload, mac = cookie.split(".")
-        if not hmac.compare_digest(mac, self._mac("session", payload)):
+        if not _same(mac, self._mac("session", payload)):
             return None
         try:
             data = json.loads(_unb64(payload))
             user_id, nonce, issued = int(data["u"]), str(data["n"]), int(data["i"])
-        except (ValueError, KeyError, TypeError):
+            epoch = str(data["e"])
+            now = self._clock()
+            issued_at = datetime.fromtimestamp(issued, tz=now.tzinfo)
+        except (ValueError, KeyError, TypeError, OverflowError, OSError):
             return None
-        now = self._clock()
-        issued_at = datetime.fromtimestamp(issued, tz=now.tzinfo)
         if not (issued_at - timedelta(minutes=5) <= now < issued_at + SESSION_LIFETIME):
             return None
-        with self._lock:
-            if nonce in self._revoked:
-                return None
-        return Session(user_id, nonce, issued_at)
+        return Session(user_id, nonce, issued_at, epoch)
+
+    def live_user(self, session: Session) -> User | None:
+        """The session's user if it is enabled, the session is of their current epoch and
+        it was not logged out (by any app over the index); else None."""
+        return users.session_user(self._index, session.user_id, session.epoch, session.nonce)
 
     def revoke(self, session: Session) -> None:
-        """Log a session out for good (kept until it would have expired anyway)."""
-        now = self._clock()
-        with self._lock:
-            self._revoked = {n: t for n, t in self._revoked.items() if t > now}
-            self._revoked[session.nonce] = session.issued_at + SESSION_LIFETIME
+        """Log a session out for good, in the index (kept until it would have expired)."""
+        users.revoke_session(
+            self._index, session.nonce, session.issued_at + SESSION_LIFETIME, now=self._clock()
+        )
 
     def csrf_token(self, session: Session) -> str:
         return self._mac("csrf", session.nonce)
@@ -109,12 +151,12 @@ class SessionSigner:
         return self._mac("login-csrf", login_nonce)
 
     def check_csrf(self, session: Session, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(session))
+        return _same(token, self.csrf_token(session))
 
     def check_login_csrf(self, login_nonce: str | None, token: str | None) -> bool:
-        if not login_nonce or not token:
+        if not login_nonce or not login_nonce.isascii():
             return False
-        return hmac.compare_digest(str(token), self.login_csrf_token(login_nonce))
+        return _same(token, self.login_csrf_token(login_nonce))
 
 
 class LoginLimiter:
