@@ -2,14 +2,14 @@
 
 Append-only from the app's side: this module can add entries and read them, and has no way
 to change or delete one. Every play, download, export, login (success and failure), token
-and user change is recorded by the web app through ``record``.
+and user change, and every CSV export of this log, is recorded by the web app through ``record``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,7 @@ USER_ADD = "user_add"
 USER_REMOVE = "user_remove"
 TOKEN_CREATE = "token_create"  # noqa: S105
 TOKEN_REVOKE = "token_revoke"  # noqa: S105
+AUDIT_EXPORT = "audit_export"  # someone took a copy of (part of) this log
 ACTIONS = (
     LOGIN,
     LOGIN_FAILED,
@@ -44,6 +45,7 @@ ACTIONS = (
     USER_REMOVE,
     TOKEN_CREATE,
     TOKEN_REVOKE,
+    AUDIT_EXPORT,
 )
 
 CSV_HEADER = ("id", "at", "actor", "action", "target", "detail", "remote_addr")
@@ -156,14 +158,16 @@ def iter_csv(engine: Engine, where: AuditFilter | None = None) -> Iterator[str]:
             for row in rows:
                 entry = _entry(row)
                 writer.writerow(
-                    (
-                        entry.id,
-                        entry.at.isoformat(),
-                        entry.actor,
-                        entry.action,
-                        _csv_safe(entry.target),
-                        _csv_safe(entry.detail),
-                        entry.remote_addr,
+                    csv_safe_row(
+                        (
+                            entry.id,
+                            entry.at.isoformat(),
+                            entry.actor,
+                            entry.action,
+                            entry.target,
+                            entry.detail,
+                            entry.remote_addr,
+                        )
                     )
                 )
             yield buffer.getvalue()
@@ -173,6 +177,17 @@ def iter_csv(engine: Engine, where: AuditFilter | None = None) -> Iterator[str]:
         yield buffer.getvalue()
 
 
-def _csv_safe(text: str) -> str:
-    # A cell starting with = + - @ is run as a formula by spreadsheets: quote it as text.
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+# A cell starting with one of these is run as a formula by spreadsheets (a tab or carriage
+# return first is dropped by some of them, leaving what follows to be read as a formula).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(text: str) -> str:
+    """The cell as text a spreadsheet will not run: a leading quote when it could be read
+    as a formula (the actor of a failed login, say, is whatever was typed)."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def csv_safe_row(cells: Sequence[object]) -> list[object]:
+    """A CSV row with every text cell passed through ``csv_safe`` (numbers as they are)."""
+    return [csv_safe(cell) if isinstance(cell, str) else cell for cell in cells]

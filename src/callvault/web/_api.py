@@ -328,6 +328,25 @@ def recording(request: Request, principal: AnyUser, recording_id: RecordingId) -
     return RecordingOut.of(visible_recording(request, principal, recording_id))
 
 
+# What browsers send as Sec-Fetch-Site for a request made from this site's own pages, or
+# typed into the address bar / opened from a bookmark.
+_OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def refuse_cross_site(request: Request, principal: Principal) -> None:
+    """Refuse an audited GET (export, download) that another site made the browser send.
+
+    SameSite=Lax cookies still go with a top-level navigation from any site, so a link or
+    a script elsewhere could start an export in the victim's name. Browsers always send
+    Sec-Fetch-Site; scripts with an API token have no cookie to abuse and are let through.
+    """
+    if principal.session is None:
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in _OWN_FETCH_SITES:
+        raise HTTPException(403, "open this from callvault's own pages (cross-site request)")
+
+
 def audio_response(
     request: Request, principal: Principal, row: RecordingRow, *, download: bool
 ) -> Response:
@@ -363,9 +382,9 @@ def audio_response(
         raise HTTPException(404, "the archived file is missing from storage") from None
     if download:
         record_audit(request, principal.name, audit.DOWNLOAD, row.name, f"id={row.id}")
-    elif (byte_range is None or byte_range.start == 0) and ctx.first_play(
-        principal.user.id, row.id
-    ):
+    elif ctx.first_play(principal.user.id, row.id):
+        # Whatever the range: `bytes=1-` is the whole recording but its first byte. The
+        # player's later range requests (seeks) fall in the de-duplication window.
         record_audit(request, principal.name, audit.PLAY, row.name, f"id={row.id}")
     try:
         stream = ctx.storage.open(row.storage_key)
@@ -414,6 +433,7 @@ def audio(request: Request, principal: AnyUser, recording_id: RecordingId) -> Re
 )
 def download(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
     """The audio as an attachment named after the call's time, caller and callee."""
+    refuse_cross_site(request, principal)
     row = visible_recording(request, principal, recording_id)
     return audio_response(request, principal, row, download=True)
 
@@ -486,6 +506,7 @@ def export(
 ) -> Response:
     """A ZIP of the archived recordings matching the filters (newest first, at most
     `max_files`) with `manifest.csv` giving each file's SHA-256; streamed as it is made."""
+    refuse_cross_site(request, principal)
     return export_response(request, principal, params, max_files)
 
 
@@ -701,7 +722,28 @@ def _asdict(entry: audit.AuditEntry) -> dict[str, Any]:
     return {name: getattr(entry, name) for name in audit.CSV_HEADER}
 
 
-def audit_csv_response(request: Request, where: audit.AuditFilter) -> Response:
+def describe_audit_filter(where: audit.AuditFilter) -> str:
+    items = [
+        (name, value.isoformat() if isinstance(value, datetime) else value)
+        for name, value in (
+            ("actor", where.actor),
+            ("action", where.action),
+            ("target", where.target),
+            ("since", where.since),
+            ("until", where.until),
+        )
+        if value
+    ]
+    return urlencode(items) or "(all)"
+
+
+def audit_csv_response(
+    request: Request, principal: Principal, where: audit.AuditFilter
+) -> Response:
+    refuse_cross_site(request, principal)
+    record_audit(
+        request, principal.name, audit.AUDIT_EXPORT, "audit.csv", describe_audit_filter(where)
+    )
     stamp = context(request).clock().strftime("%Y%m%d-%H%M%S")
     return StreamingResponse(
         audit.iter_csv(context(request).engine, where),
@@ -716,6 +758,6 @@ def audit_csv_response(request: Request, where: audit.AuditFilter) -> Response:
     response_class=Response,
     responses={200: {"content": {"text/csv": {}}}},
 )
-def audit_csv(request: Request, _admin: Admin, where: AuditWhere) -> Response:
-    """The filtered audit log as CSV, oldest first."""
-    return audit_csv_response(request, where)
+def audit_csv(request: Request, admin: Admin, where: AuditWhere) -> Response:
+    """The filtered audit log as CSV, oldest first (the export is itself audited)."""
+    return audit_csv_response(request, admin, where)

@@ -19,10 +19,13 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 from callvault.index._models import RecordingRow
+from callvault.index.audit import csv_safe_row
 from callvault.storage._base import Storage
 
 CHUNK = 64 * 1024
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits only (str.isdigit and \d accept "²" and other digits int() refuses), and at
+# most 19 of them: int() of a 5,000-digit number raises, and no file is 10**19 bytes long.
+_RANGE_RE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})$", re.ASCII)
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9+._-]+")
 
 MANIFEST_NAME = "manifest.csv"
@@ -73,16 +76,20 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     first, last = match.groups()
     if first == "" and last == "":
         raise RangeNotSatisfiable(header)
-    if first == "":
-        suffix = int(last)
-        if suffix == 0 or size == 0:
+    try:
+        start_at = None if first == "" else int(first)
+        last_at = None if last == "" else int(last)
+    except ValueError:  # never expected after the pattern; still a bad Range, not a 500
+        raise RangeNotSatisfiable(header) from None
+    if start_at is None:
+        assert last_at is not None
+        if last_at == 0 or size == 0:
             raise RangeNotSatisfiable(header)
-        return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    end = size - 1 if last == "" else min(int(last), size - 1)
-    if start >= size or (last != "" and int(last) < start):
+        return ByteRange(max(0, size - last_at), size - 1)
+    end = size - 1 if last_at is None else min(last_at, size - 1)
+    if start_at >= size or (last_at is not None and last_at < start_at):
         raise RangeNotSatisfiable(header)
-    return ByteRange(start, end)
+    return ByteRange(start_at, end)
 
 
 def sniff_content_type(head: bytes, name: str) -> str:
@@ -218,11 +225,6 @@ def _zip_time(row: RecordingRow) -> tuple[int, int, int, int, int, int]:
     return (when.year, when.month, when.day, when.hour, when.minute, when.second)
 
 
-def _csv_cell(text: str) -> str:
-    # A cell starting with = + - @ is run as a formula by spreadsheets: keep it text.
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
-
-
 def stream_zip(
     rows: Sequence[RecordingRow],
     storage: Storage,
@@ -272,22 +274,24 @@ def stream_zip(
             total += size
         actual = digest.hexdigest() if stream is not None else ""
         writer.writerow(
-            (
-                f"recordings/{filename}" if stream is not None else "",
-                row.id,
-                _csv_cell(row.name),
-                row.start_at.astimezone(UTC).isoformat() if row.start_at else "",
-                row.timestart_local,
-                _csv_cell(row.call_from),
-                _csv_cell(row.call_to),
-                _csv_cell(row.did),
-                row.direction,
-                row.status,
-                "" if row.talk_s is None else row.talk_s,
-                size if stream is not None else "",
-                actual,
-                row.sha256 or "",
-                "yes" if stream is not None and actual == row.sha256 else "no",
+            csv_safe_row(
+                (
+                    f"recordings/{filename}" if stream is not None else "",
+                    row.id,
+                    row.name,
+                    row.start_at.astimezone(UTC).isoformat() if row.start_at else "",
+                    row.timestart_local,
+                    row.call_from,
+                    row.call_to,
+                    row.did,
+                    row.direction,
+                    row.status,
+                    "" if row.talk_s is None else row.talk_s,
+                    size if stream is not None else "",
+                    actual,
+                    row.sha256 or "",
+                    "yes" if stream is not None and actual == row.sha256 else "no",
+                )
             )
         )
         if pending := sink.drain():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -117,6 +119,38 @@ async def _form(request: Request) -> dict[str, str]:
     return {key: value for key, value in form.items() if isinstance(value, str)}
 
 
+class _ThrottleNotes:
+    """When each address was last audited as throttled, so that a script hammering the
+    login form while it is refused adds one "login throttled" entry per throttle window,
+    not one per attempt. Kept in memory like the limiter itself."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, datetime] = {}
+        self._lock = threading.Lock()
+
+    def first(self, address: str, now: datetime, wait_s: int) -> bool:
+        """True if this refusal starts a new window for `address` (then audit it)."""
+        with self._lock:
+            self._until = {a: t for a, t in self._until.items() if t > now}
+            if address in self._until:
+                return False
+            self._until[address] = now + timedelta(seconds=wait_s)
+            return True
+
+
+_THROTTLE_NOTES_LOCK = threading.Lock()
+
+
+def _throttle_notes(request: Request) -> _ThrottleNotes:
+    state = request.app.state
+    with _THROTTLE_NOTES_LOCK:
+        notes = getattr(state, "callvault_throttle_notes", None)
+        if not isinstance(notes, _ThrottleNotes):
+            notes = _ThrottleNotes()
+            state.callvault_throttle_notes = notes
+        return notes
+
+
 router = APIRouter(include_in_schema=False)
 
 
@@ -177,7 +211,8 @@ async def login(request: Request) -> Response:
     address = remote_addr(request)
     wait = ctx.limiter.retry_after(address, name)
     if wait is not None:
-        record_audit(request, name, audit.LOGIN_THROTTLED, name, f"retry after {wait} s")
+        if _throttle_notes(request).first(address, ctx.clock(), wait):
+            record_audit(request, name, audit.LOGIN_THROTTLED, name, f"retry after {wait} s")
         response = _login_page(
             request,
             error=f"Too many failed logins. Try again in {(wait + 59) // 60} minute(s).",
@@ -226,13 +261,23 @@ async def logout(request: Request, principal: PageUser) -> RedirectResponse:
     return response
 
 
+def _is_number(text: str, max_digits: int) -> bool:
+    """ASCII digits only: str.isdigit() also accepts "²" and the like, which int() refuses."""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
+
+
+def _page_number(text: str) -> int:
+    """The page asked for; anything but a plain number of up to six digits is page 1."""
+    return max(int(text), 1) if _is_number(text, 6) else 1
+
+
 def _search_params(request: Request) -> tuple[SearchParams, list[str]]:
     query = request.query_params
     errors: list[str] = []
     min_talk: int | None = None
     raw_min = query.get("min_talk_s", "").strip()
     if raw_min:
-        if raw_min.isdigit() and len(raw_min) < 9:
+        if _is_number(raw_min, 8):
             min_talk = int(raw_min)
         else:
             errors.append("Minimum talk time must be a number of seconds.")
@@ -262,9 +307,7 @@ def _search_params(request: Request) -> tuple[SearchParams, list[str]]:
 def search_page(request: Request, principal: PageUser) -> HTMLResponse:
     ctx = context(request)
     params, errors = _search_params(request)
-    raw_page = request.query_params.get("page", "1")
-    page = int(raw_page) if raw_page.isdigit() and 0 < len(raw_page) < 7 else 1
-    page = max(page, 1)
+    page = _page_number(request.query_params.get("page", "1"))
     rows: list[Any] = []
     total = 0
     try:
@@ -452,8 +495,7 @@ def audit_page(request: Request, principal: PageAdmin) -> HTMLResponse:
     query = request.query_params
     fields = ("actor", "action", "target", "since", "until")
     values = {k: query.get(k, "").strip()[:64] for k in fields}
-    raw_page = query.get("page", "1")
-    page = max(int(raw_page), 1) if raw_page.isdigit() and len(raw_page) < 7 else 1
+    page = _page_number(query.get("page", "1"))
     error = None
     entries: list[audit.AuditEntry] = []
     total = 0
