@@ -105,7 +105,12 @@ def test_search_play_download_audit(browser: Browser, web: LiveWeb, tmp_path: Pa
     page.wait_for_url(f"{web.base}/recordings/{row.id}")
     assert page.locator("#sha256").inner_text() == row.sha256
     player = page.locator("#player")
-    page.wait_for_function("a => a.duration > 0", arg=player.element_handle(), timeout=15000)
+    # preload="none": the page fetches no audio until the user presses play.
+    player.evaluate("a => a.play()")
+    page.wait_for_function(
+        "a => a.duration > 0 && a.currentTime > 0", arg=player.element_handle(), timeout=15000
+    )
+    player.evaluate("a => a.pause()")
     page.screenshot(path=str(tmp_path / "call.png"), full_page=True)
     assert (tmp_path / "search.png").stat().st_size > 1000
     assert (tmp_path / "call.png").stat().st_size > 1000
