@@ -257,6 +257,19 @@ def test_cross_site_export_and_download_with_a_cookie_are_refused(web: LiveWeb, 
         assert script.get(url, headers=_fetch_site(site)).status_code == 200, site
 
 
+def test_cross_site_play_with_a_cookie_is_refused(web: LiveWeb) -> None:
+    # A link from another site would otherwise log a play in the victim's name.
+    row = rows_by_from(web.archive)["2001"]
+    bob = web.login(*LISTENER_2000)
+    url = f"/api/recordings/{row.id}/audio"
+    for site in CROSS_SITE:
+        assert bob.get(url, headers=_fetch_site(site)).status_code == 403, site
+    assert _entries(web, actor="bob", action=audit.PLAY) == []
+    played = bob.get(url, headers={**_fetch_site("same-origin"), "Range": "bytes=0-99"})
+    assert played.status_code == 206 and played.content[:4] == b"RIFF"
+    assert len(_entries(web, actor="bob", action=audit.PLAY)) == 1
+
+
 def test_cross_site_audit_csv_with_a_cookie_is_refused(web: LiveWeb) -> None:
     admin = web.login(*ADMIN)
     assert admin.get("/api/audit.csv", headers=_fetch_site("cross-site")).status_code == 403

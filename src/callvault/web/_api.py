@@ -334,7 +334,7 @@ _OWN_FETCH_SITES = frozenset({"same-origin", "none"})
 
 
 def refuse_cross_site(request: Request, principal: Principal) -> None:
-    """Refuse an audited GET (export, download) that another site made the browser send.
+    """Refuse an audited GET (export, download, play) that another site made the browser send.
 
     SameSite=Lax cookies still go with a top-level navigation from any site, so a link or
     a script elsewhere could start an export in the victim's name. Browsers always send
@@ -421,6 +421,7 @@ _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 def audio(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
     """Stream the audio for a player; honours `Range: bytes=...` (one range)."""
+    refuse_cross_site(request, principal)  # a play is audited in the user's name too
     row = visible_recording(request, principal, recording_id)
     return audio_response(request, principal, row, download=False)
 
