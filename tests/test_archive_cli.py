@@ -69,7 +69,10 @@ def test_serve_with_its_port_taken_says_so(tmp_path: Path) -> None:
             env=_env(tmp_path),
         )
     assert result.exit_code == 1
-    assert "cannot start" in result.output and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"callvault: error: cannot listen for events on 127.0.0.1:{port}: "
+        "Address already in use (is another callvault serve running?)"
+    ]
     assert "s3cret-value" not in result.output
 
 

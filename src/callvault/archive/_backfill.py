@@ -3,8 +3,10 @@
 The CDR CSV export is the only way to learn about calls whose NewCdr event was missed
 (the archiver was down, the network dropped it). Every row is recorded like an event
 (`source="cdr"`), and every recording not yet known is queued; known ones are left
-alone, so running it again is harmless. `backfill` remembers the last completed window
-in the index settings and resumes there when run again over the same range.
+alone, so running it again is harmless. A row the index refuses as invalid (e.g. a callid
+or recording name it cannot store) is logged and skipped: one bad row never stops a walk.
+`backfill` remembers how far it got in the index settings and resumes there when run
+again from the same start on the same PBX.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from callvault.index import Index
+from callvault.index import Index, RecordResult
 from callvault.pbx import CdrError
 from callvault.pbx._types import CallDetail
 
@@ -44,6 +46,7 @@ class BackfillStats:
     windows_skipped: int = 0  # already done by an earlier, interrupted run
     calls: int = 0
     queued: int = 0  # recordings newly queued
+    skipped: int = 0  # rows the index refused as invalid (logged, not recorded)
 
 
 def windows(
@@ -67,8 +70,9 @@ async def ingest_window(
     *,
     tz: ZoneInfo,
     clock: Callable[[], datetime],
-) -> tuple[int, int]:
-    """Export one window's CDRs and record them; returns (calls, newly queued recordings).
+) -> tuple[int, int, int]:
+    """Export one window's CDRs and record them; returns (calls recorded, newly queued
+    recordings, rows skipped because the index refused them as invalid).
 
     `start`/`end` are aware datetimes; the PBX is asked in its local time (`tz`).
     """
@@ -79,13 +83,40 @@ async def ingest_window(
         rows = await client.export_cdr(local_start, max(local_start, local_end))
     except CdrError as exc:
         if exc.errno == "20021":  # no CDR in that range
-            return 0, 0
+            return 0, 0, 0
         raise
     rows = [row for row in rows if row.callid]
     if not rows:
-        return 0, 0
-    results = await asyncio.to_thread(index.record_calls, rows, source="cdr", tz=tz, now=clock())
-    return len(rows), sum(1 for r in results if r.new_recording)
+        return 0, 0, 0
+    results, skipped = await asyncio.to_thread(_record_valid, index, rows, tz, clock())
+    return len(results), sum(1 for r in results if r.new_recording), skipped
+
+
+def _record_valid(
+    index: Index, rows: Sequence[CallDetail], tz: ZoneInfo, now: datetime
+) -> tuple[list[RecordResult], int]:
+    """Record `rows` in one transaction; when the index refuses the batch as invalid
+    (ValueError), split it until the refused rows are alone, log and skip them.
+
+    Returns the results of the rows recorded and how many were skipped. A batch without
+    a bad row costs one transaction; each bad row adds about log2(len(rows)) more.
+    """
+    try:
+        return index.record_calls(rows, source="cdr", tz=tz, now=now), 0
+    except ValueError as exc:
+        if len(rows) == 1:
+            row = rows[0]
+            log.warning(
+                "CDR row of call %.80r (recording %.80r) skipped: %.200s",
+                row.callid,
+                row.recording,
+                exc,
+            )
+            return [], 1
+    middle = len(rows) // 2
+    first, skipped_first = _record_valid(index, rows[:middle], tz, now)
+    second, skipped_second = _record_valid(index, rows[middle:], tz, now)
+    return first + second, skipped_first + skipped_second
 
 
 async def backfill(
@@ -95,6 +126,7 @@ async def backfill(
     since: datetime,
     until: datetime,
     tz: ZoneInfo,
+    pbx: str = "",
     clock: Callable[[], datetime] | None = None,
     resume: bool = True,
     on_window: Callable[[datetime, datetime, BackfillStats, int], None] | None = None,
@@ -102,34 +134,39 @@ async def backfill(
 ) -> BackfillStats:
     """Record every call in [since, until) from the CDR export and queue its recording.
 
-    Resumable: the end of the last completed window is kept in the setting
-    `backfill_progress`; a new run over the same range starts there (`resume=False`
-    starts over). `on_window(start, end, stats, total_windows)` is called after each
-    window (progress bars); `on_queued()` after a window that queued recordings.
+    Resumable: how far a run got (the end of its last completed window) is kept in the
+    setting `backfill_progress` with its `since` and `pbx` (the PBX's URL). A new run from
+    the same `since` on the same PBX starts there if that is not past its own `until`,
+    whatever `until` the earlier run had (the default "now" differs on every run);
+    `resume=False` starts over. `on_window(start, end, stats, total_windows)` is called
+    after each window (progress bars); `on_queued()` after a window that queued recordings.
     """
     clock = clock or (lambda: datetime.now(UTC))
     if since.tzinfo is None or until.tzinfo is None:
         raise ValueError("backfill needs timezone-aware datetimes")
     if until <= since:
         raise ValueError("--until must be after --since")
-    all_windows = list(windows(since, until))
-    done_until = _resume_point(index, since, until) if resume else None
+    done_until = _resume_point(index, since, until, pbx) if resume else None
     stats = BackfillStats()
-    for start, end in all_windows:
-        if done_until is not None and end <= done_until:
-            stats.windows_skipped += 1
-            if on_window is not None:
-                on_window(start, end, stats, len(all_windows))
-            continue
-        calls, queued = await ingest_window(client, index, start, end, tz=tz, clock=clock)
+    first = since
+    if done_until is not None:
+        stats.windows_skipped = sum(1 for _ in windows(since, done_until))
+        first = done_until
+    todo = list(windows(first, until))
+    total = stats.windows_skipped + len(todo)
+    for start, end in todo:
+        calls, queued, skipped = await ingest_window(client, index, start, end, tz=tz, clock=clock)
         stats.windows += 1
         stats.calls += calls
         stats.queued += queued
-        await asyncio.to_thread(_save_progress, index, since, until, end, clock())
+        stats.skipped += skipped
+        await asyncio.to_thread(_save_progress, index, since, until, end, pbx, clock())
         if queued and on_queued is not None:
             on_queued()
         if on_window is not None:
-            on_window(start, end, stats, len(all_windows))
+            on_window(start, end, stats, total)
+    if not todo and on_window is not None:
+        on_window(since, until, stats, total)
     return stats
 
 
@@ -142,7 +179,11 @@ async def reconcile(
     clock: Callable[[], datetime] | None = None,
     on_queued: Callable[[], None] | None = None,
 ) -> BackfillStats:
-    """Requeue `failed` recordings and walk the last `hours` of the CDR export."""
+    """Requeue `failed` recordings and walk the last `hours` of the CDR export.
+
+    Rows the index refuses as invalid are logged and skipped; the walk goes on with the
+    rest of their window and with the later windows.
+    """
     clock = clock or (lambda: datetime.now(UTC))
     now = clock()
     requeued = await asyncio.to_thread(index.requeue, ["failed"], now=now)
@@ -151,37 +192,50 @@ async def reconcile(
     stats = BackfillStats(queued=requeued)
     # One extra minute at the end: a call that just ended may carry a start a bit ahead.
     for start, end in windows(now - timedelta(hours=hours), now + timedelta(minutes=1)):
-        calls, queued = await ingest_window(client, index, start, end, tz=tz, clock=clock)
+        calls, queued, skipped = await ingest_window(client, index, start, end, tz=tz, clock=clock)
         stats.windows += 1
         stats.calls += calls
         stats.queued += queued
+        stats.skipped += skipped
     if stats.queued and on_queued is not None:
         on_queued()
     if stats.queued - requeued:
         log.info(
             "reconcile: %d recordings whose events were missed queued", stats.queued - requeued
         )
+    if stats.skipped:
+        log.warning("reconcile: %d CDR rows the index refused were skipped", stats.skipped)
     return stats
 
 
-def _resume_point(index: Index, since: datetime, until: datetime) -> datetime | None:
+def _resume_point(index: Index, since: datetime, until: datetime, pbx: str) -> datetime | None:
+    """Where an earlier run from `since` on `pbx` stopped, if within (since, until]."""
     raw = index.get_setting(PROGRESS_SETTING)
     if not raw:
         return None
     try:
         saved = json.loads(raw)
-        if saved.get("since") != since.isoformat() or saved.get("until") != until.isoformat():
+        if saved.get("since") != since.isoformat() or saved.get("pbx", "") != pbx:
             return None
-        return datetime.fromisoformat(saved["done_until"])
-    except (ValueError, KeyError, TypeError):
+        done_until = datetime.fromisoformat(saved["done_until"])
+        if done_until.tzinfo is None or not since < done_until <= until:
+            return None
+        return done_until
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def _save_progress(
-    index: Index, since: datetime, until: datetime, done_until: datetime, now: datetime
+    index: Index,
+    since: datetime,
+    until: datetime,
+    done_until: datetime,
+    pbx: str,
+    now: datetime,
 ) -> None:
     value = json.dumps(
         {
+            "pbx": pbx,
             "since": since.isoformat(),
             "until": until.isoformat(),
             "done_until": done_until.isoformat(),

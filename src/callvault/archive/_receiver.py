@@ -7,7 +7,9 @@ Routes, in the order a request meets them:
 * not POST                              -> 405;
 * body over `max_body` bytes            -> 413;
 * not a valid report / a bad field      -> 400 with the reason;
-* NewCdr  -> recorded in the index (group commit), THEN 200;
+* NewCdr the index refuses as invalid   -> 400 (a ValueError from `commit`: never 503,
+  which would have the PBX send it again and again);
+* NewCdr  -> recorded in the index (group commit), THEN 200; 503 if the index fails;
 * BootUp  -> the session is told to log in again, 200;
 * anything else -> logged, 200 (the PBX re-sends until it gets 200).
 
@@ -251,8 +253,16 @@ def create_receiver_app(
                 return 400, problem
             try:
                 await commit(event.cdr)
+            except ValueError as exc:
+                # The index refuses the record itself (a field it cannot store): sending it
+                # again would fail the same way, so this is the PBX's error, not ours.
+                reason = _one_line(exc)
+                log.warning("NewCdr from %s refused by the index: %s", source, reason)
+                return 400, f"the index refuses this report: {reason}"
             except Exception as exc:
-                log.error("NewCdr for call %s not stored: %s", event.cdr.callid, exc)
+                log.error(
+                    "NewCdr for call %s not stored: %s", _one_line(event.cdr.callid), _one_line(exc)
+                )
                 return 503, "the index could not store the report; send it again"
             return 200, "stored"
         if isinstance(event, BootUpEvent):
@@ -266,6 +276,12 @@ def create_receiver_app(
         return 200, "ignored"
 
     return app
+
+
+def _one_line(value: object, limit: int = 200) -> str:
+    """`value` as text for a log line: no control characters (no forged lines), bounded."""
+    text = _CONTROL.sub("?", str(value))
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def allow_list_for(pbx_host: str, configured: Sequence[str] | None) -> SourceAllowList:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -89,6 +90,9 @@ class ArchiverConfig:
     shutdown_grace_s: float = 20.0
     web_host: str | None = None
     web_port: int | None = None
+    # The address of a reverse proxy in front of the web app: its X-Forwarded-For and
+    # X-Forwarded-Proto are believed, from that address only. None: no header is believed.
+    web_trusted_proxy: str | None = None
     # Client tuning (tests shrink these): per-call attempts and backoff inside the client.
     client_max_attempts: int = 4
     client_backoff_base: float = 0.5
@@ -99,6 +103,43 @@ class ArchiverConfig:
         if self.db_url:
             return self.db_url
         return f"sqlite:///{(self.archive / 'callvault.db').resolve()}"
+
+
+class StartError(Exception):
+    """The service cannot start; the message is one line for people."""
+
+
+class ArchiveDirError(StartError):
+    """The archive directory cannot be made or used (a file, under a file, no permission)."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        reason = exc.strerror or type(exc).__name__
+        where = str(path)
+        if exc.filename is not None and str(exc.filename) != where:
+            reason = f"{exc.filename}: {reason}"
+        super().__init__(f"cannot use the archive directory {where}: {reason}")
+        self.path = path
+        self.errno = exc.errno
+
+
+class ListenError(StartError):
+    """A listening socket could not be opened."""
+
+    def __init__(self, what: str, host: str, port: int, exc: OSError) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        message = f"cannot listen for {what} on {shown}:{port}: {exc.strerror or exc}"
+        if exc.errno == errno.EADDRINUSE:
+            message += " (is another callvault serve running?)"
+        super().__init__(message)
+        self.errno = exc.errno
+
+
+def open_storage(path: Path) -> LocalStorage:
+    """The archive's `LocalStorage`, made if missing; `ArchiveDirError` if unusable."""
+    try:
+        return LocalStorage(path)
+    except OSError as exc:
+        raise ArchiveDirError(path, exc) from exc
 
 
 class _Server(uvicorn.Server):
@@ -163,7 +204,7 @@ def _receiver_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def _server_for(app: Any) -> _Server:
+def _server_for(app: Any, *, trusted_proxy: str | None = None) -> _Server:
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -172,10 +213,18 @@ def _server_for(app: Any) -> _Server:
         timeout_keep_alive=2,
         server_header=False,
         # The receiver's source check and the web app's login limiter use the peer address;
-        # an X-Forwarded-For header from any local process must not change it.
-        proxy_headers=False,
+        # an X-Forwarded-For header from any local process must not change it. Only the
+        # web app, behind a reverse proxy, believes the headers: from that address alone.
+        **uvicorn_proxy_options(trusted_proxy),
     )
     return _Server(config)
+
+
+def uvicorn_proxy_options(trusted_proxy: str | None) -> dict[str, Any]:
+    """uvicorn's proxy options: X-Forwarded-* believed from `trusted_proxy` only, or never."""
+    if not trusted_proxy:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted_proxy}
 
 
 class Archiver:
@@ -195,7 +244,7 @@ class Archiver:
         self._transport = transport
         self._on_archived = on_archived
         self.index: Index | None = None
-        self.storage = LocalStorage(config.archive)
+        self.storage = open_storage(config.archive)  # ArchiveDirError if unusable
         self.events_port: int | None = None
         self.web_port: int | None = None
         self.secret_path: str | None = None
@@ -290,14 +339,20 @@ class Archiver:
         config = self.config
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.storage.clean_staging, older_than=_hours(1))
-        staging = await asyncio.to_thread(process_staging_dir, self.storage)
+        try:
+            staging = await asyncio.to_thread(process_staging_dir, self.storage)
+        except OSError as exc:
+            raise ArchiveDirError(config.archive, exc) from exc
         self.secret_path = await asyncio.to_thread(
             index.setdefault_setting, SECRET_SETTING, new_secret_path(), _utcnow()
         )
         pbx_host = urlsplit(config.pbx_url).hostname or ""
         allowed = await asyncio.to_thread(allow_list_for, pbx_host, config.events_allow)
 
-        events_sock = bind_socket(config.events_host, config.events_port)
+        try:
+            events_sock = bind_socket(config.events_host, config.events_port)
+        except OSError as exc:
+            raise ListenError("events", config.events_host, config.events_port, exc) from exc
         sockets.append(events_sock)
         self.events_port = int(events_sock.getsockname()[1])
 
@@ -432,11 +487,14 @@ class Archiver:
         if self._web_app_factory is None:
             raise RuntimeError("web_host/web_port are set but no web app was given")
         app = self._web_app_factory(index, self.storage)
-        sock = bind_socket(config.web_host, config.web_port)
+        try:
+            sock = bind_socket(config.web_host, config.web_port)
+        except OSError as exc:
+            raise ListenError("the web app", config.web_host, config.web_port, exc) from exc
         sockets.append(sock)
         self.web_port = int(sock.getsockname()[1])
         log.info("web app on http://%s:%d/", config.web_host, self.web_port)
-        return _server_for(app), sock
+        return _server_for(app, trusted_proxy=config.web_trusted_proxy), sock
 
     async def _reconcile_loop(
         self,

@@ -4,13 +4,15 @@ serve     runs the archiver until SIGTERM/SIGINT (then: stop accepting events, f
           release the downloads in progress, log out, exit 0).
 backfill  walks the CDR export over a date range in windows of at most a day, queues every
           recording not yet archived, and (unless --queue-only) downloads them before it
-          exits. Resumable and idempotent.
+          exits. Resumable and idempotent. SIGTERM/SIGINT: release the downloads in
+          progress, log out, exit 143/130.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -23,6 +25,7 @@ from zoneinfo import ZoneInfo
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.exc import SQLAlchemyError
 
 from callvault.archive import (
     Archiver,
@@ -32,9 +35,10 @@ from callvault.archive import (
     backfill,
     queued_counts,
 )
+from callvault.archive._service import StartError, open_storage
 from callvault.archive._workers import process_staging_dir, remove_staging_dir
 from callvault.cli import app
-from callvault.cli._common import fail
+from callvault.cli._common import Terminated, fail, run_terminable
 from callvault.cli._settings import (
     ApiVersionOption,
     ArchiveOption,
@@ -46,9 +50,11 @@ from callvault.cli._settings import (
     PasswordEnvOption,
     PbxOption,
     PinOption,
+    SecureCookiesOption,
     SettingsError,
     TimezoneOption,
     TlsMinVersionOption,
+    TrustedProxyOption,
     UsernameOption,
     pbx_options,
     settings_or_fail,
@@ -143,15 +149,16 @@ def archiver_config(settings: ArchiveSettings, *, web: bool) -> ArchiverConfig:
         policy=_policy(settings),
         web_host=web_host if web else None,
         web_port=web_port if web else None,
+        web_trusted_proxy=settings.trusted_proxy,
     )
 
 
-def _web_factory() -> Callable[..., Any] | None:
+def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
     try:
         from callvault.web import create_app
     except ImportError:
         return None
-    return create_app
+    return functools.partial(create_app, secure_cookies=settings.secure_cookies)
 
 
 @app.command("serve")
@@ -180,6 +187,8 @@ def serve_command(
         ),
     ] = None,
     no_web: Annotated[bool, typer.Option("--no-web", help="Do not serve the web app.")] = False,
+    secure_cookies: SecureCookiesOption = None,
+    trusted_proxy: TrustedProxyOption = None,
     reconcile_hours: Annotated[
         int | None,
         typer.Option(
@@ -208,12 +217,17 @@ def serve_command(
         workers=workers,
         timezone=timezone,
         web_listen=web_listen,
+        secure_cookies=secure_cookies,
+        trusted_proxy=trusted_proxy,
         reconcile_hours=reconcile_hours,
     )
-    factory = None if no_web else _web_factory()
+    factory = None if no_web else _web_factory(settings)
     service_config = archiver_config(settings, web=factory is not None)
     _setup_logging(verbose)
-    archiver = Archiver(service_config, web_app_factory=factory)
+    try:
+        archiver = Archiver(service_config, web_app_factory=factory)
+    except StartError as exc:
+        fail(str(exc))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -240,10 +254,11 @@ def serve_command(
 
     try:
         asyncio.run(main())
-    except OSError as exc:
-        fail(f"cannot start: {exc.strerror or exc} (is another callvault serve running?)")
-    except IndexOpenError as exc:
+    except (StartError, IndexOpenError) as exc:
         fail(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"cannot start: {where}{exc.strerror or exc}")
 
 
 # -- backfill ------------------------------------------------------------------------------
@@ -326,12 +341,15 @@ def backfill_command(
     if sys.stderr.isatty() and not verbose:
         logging.getLogger("callvault").setLevel(logging.WARNING)
     try:
+        storage = open_storage(archive_dir)
+    except StartError as exc:
+        fail(str(exc))
+    try:
         index = open_index(settings.db_url())
     except IndexOpenError as exc:
         fail(str(exc))
-    storage = LocalStorage(archive_dir)
     try:
-        code = asyncio.run(
+        code = run_terminable(
             _backfill(
                 client,
                 index,
@@ -343,9 +361,25 @@ def backfill_command(
                 resume=not restart,
             )
         )
+    except KeyboardInterrupt:
+        print(_STOPPED.format(how="interrupted"), file=sys.stderr, flush=True)
+        raise typer.Exit(130) from None
+    except Terminated:
+        print(_STOPPED.format(how="terminated"), file=sys.stderr, flush=True)
+        raise typer.Exit(143) from None
+    except SQLAlchemyError as exc:
+        # e.g. the database stayed locked past the busy timeout, or is read-only.
+        detail = " ".join(str(getattr(exc, "orig", None) or type(exc).__name__).split())
+        fail(f"backfill stopped: the index database failed: {detail} (run it again to resume)")
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"backfill stopped: {where}{exc.strerror or exc} (run it again to resume)")
     finally:
         index.close()
     raise typer.Exit(code)
+
+
+_STOPPED = "callvault: backfill {how}: no download left claimed, logged out; run it again to resume"
 
 
 async def _backfill(
@@ -394,6 +428,7 @@ async def _backfill(
                         since=start,
                         until=end,
                         tz=tz,
+                        pbx=settings.pbx or "",
                         resume=resume,
                         on_window=on_window,
                     )
@@ -409,8 +444,8 @@ async def _backfill(
                     progress.stop()
                     print(
                         f"backfill: {stats.calls} calls in {stats.windows} windows "
-                        f"({stats.windows_skipped} already done); {stats.queued} recordings "
-                        "queued for `callvault serve`",
+                        f"({stats.windows_skipped} already done){_skipped(stats.skipped)}; "
+                        f"{stats.queued} recordings queued for `callvault serve`",
                         flush=True,
                     )
                     return 0
@@ -420,14 +455,24 @@ async def _backfill(
                 return 1
     except PbxError as exc:  # logout trouble on the way out
         log.debug("logout: %s", exc)
-    counts = index.counts_by_state()
+    counts = await asyncio.to_thread(index.counts_by_state)
     print(
-        f"backfill: {stats.calls} calls, {stats.queued} recordings queued; archive now: "
+        f"backfill: {stats.calls} calls{_skipped(stats.skipped)}, {stats.queued} recordings "
+        "queued; archive now: "
         f"{counts['archived']} archived, {counts['missing']} missing, {counts['failed']} failed, "
         f"{counts['pending'] + counts['downloading']} waiting",
         flush=True,
     )
     return 1 if counts["failed"] else 0
+
+
+_STOP_GRACE_S = 5.0
+
+
+def _skipped(rows: int) -> str:
+    if not rows:
+        return ""
+    return f" ({rows} invalid CDR row{'s' if rows != 1 else ''} skipped, see the log)"
 
 
 async def _drain(
@@ -459,17 +504,25 @@ async def _drain(
         poll_interval_s=min(settings.poll_interval_s, 1.0),
         on_auth_failure=auth_failed,
     )
-    remaining = await asyncio.to_thread(queued_counts, index)
-    task_id = progress.add_task("recordings", total=remaining)
-    runner = asyncio.create_task(pool.run(stop, grace_s=30.0))
-    while not stop.is_set():
-        left = await asyncio.to_thread(queued_counts, index)
-        progress.update(task_id, completed=max(0, remaining - left))
-        if left == 0 and not pool.busy:
-            break
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.5)
-    stop.set()
-    await runner
-    await asyncio.to_thread(remove_staging_dir, staging)
+    # The loop below stops when no download is in flight, or on a refused login, SIGTERM
+    # or Ctrl-C: then the downloads in flight get a few seconds to finish and the rest are
+    # released (pending again, for the next run or `serve`). Not none: a worker cancelled
+    # while its claim is being written would leave the job claimed until its lease ends.
+    runner = asyncio.create_task(pool.run(stop, grace_s=_STOP_GRACE_S))
+    try:
+        remaining = await asyncio.to_thread(queued_counts, index)
+        task_id = progress.add_task("recordings", total=remaining)
+        while not stop.is_set():
+            left = await asyncio.to_thread(queued_counts, index)
+            progress.update(task_id, completed=max(0, remaining - left))
+            if left == 0 and not pool.busy:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+    finally:
+        # Also when cancelled (SIGTERM, Ctrl-C): the workers release their jobs before
+        # the client logs out and the staging directory goes.
+        stop.set()
+        await runner
+        await asyncio.to_thread(remove_staging_dir, staging)
     return failure[0] if failure else None

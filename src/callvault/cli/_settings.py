@@ -130,6 +130,10 @@ class ArchiveSettings(BaseSettings):
     workers: int = Field(default=2, ge=1, le=64)
     timezone: str = Field(default_factory=host_timezone)
     web_listen: str = "127.0.0.1:8080"
+    # The web app behind a TLS-terminating reverse proxy: mark cookies Secure, and believe
+    # X-Forwarded-For/-Proto from the proxy's address (and from no other).
+    secure_cookies: bool = False
+    trusted_proxy: str | None = None
     reconcile_hours: int = Field(default=48, ge=1, le=24 * 366)
     reconcile_interval_s: int = Field(default=3600, ge=10)
     # Archiver tuning (rarely changed; tests and demos shrink them). See callvault.archive.
@@ -182,6 +186,18 @@ class ArchiveSettings(BaseSettings):
     @classmethod
     def _check_web_listen(cls, value: str) -> str:
         return _host_port(value, "web_listen")
+
+    @field_validator("trusted_proxy")
+    @classmethod
+    def _check_trusted_proxy(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(
+                f"{value!r:.60} is not an IP address (the reverse proxy's, e.g. 127.0.0.1)"
+            ) from None
 
     @field_validator("events_allow", mode="before")
     @classmethod
@@ -366,6 +382,23 @@ CaFileOption = CaFileOpt
 PinOption = PinOpt
 InsecureOption = InsecureOpt
 TlsMinVersionOption = TlsMinOpt
+SecureCookiesOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--secure-cookies",
+        help="Mark the web app's cookies Secure (when TLS is terminated in front of it).",
+        show_default=False,
+    ),
+]
+TrustedProxyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--trusted-proxy",
+        help="IP address of the reverse proxy in front of the web app: its X-Forwarded-For "
+        "and X-Forwarded-Proto are believed, from that address only (default: none).",
+        show_default=False,
+    ),
+]
 TimezoneOption = Annotated[
     str | None,
     typer.Option(

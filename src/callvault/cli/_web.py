@@ -21,6 +21,8 @@ from callvault.cli._settings import (
     ArchiveSettings,
     ConfigOption,
     DbOption,
+    SecureCookiesOption,
+    TrustedProxyOption,
     settings_or_fail,
 )
 from callvault.index import Index, audit, users
@@ -57,25 +59,29 @@ def web(
         str | None,
         typer.Option("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8080)."),
     ] = None,
-    secure_cookies: Annotated[
-        bool,
-        typer.Option(
-            "--secure-cookies", help="Mark cookies Secure (when TLS is terminated in front)."
-        ),
-    ] = False,
+    secure_cookies: SecureCookiesOption = None,
+    trusted_proxy: TrustedProxyOption = None,
 ) -> None:
     """Serve the web app and JSON API alone over an existing archive."""
     import uvicorn
 
+    from callvault.archive._service import uvicorn_proxy_options
     from callvault.cli._archive_cmds import open_archive
     from callvault.web import create_app
 
-    settings = settings_or_fail(config, archive=archive, db=db, web_listen=listen)
+    settings = settings_or_fail(
+        config,
+        archive=archive,
+        db=db,
+        web_listen=listen,
+        secure_cookies=secure_cookies,
+        trusted_proxy=trusted_proxy,
+    )
     index, storage = open_archive(settings)
     host, port = settings.web_address()
     if not users.list_users(index.engine):
         print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
-    application = create_app(index, storage, secure_cookies=secure_cookies)
+    application = create_app(index, storage, secure_cookies=settings.secure_cookies)
     shown = f"[{host}]" if ":" in host else host
     print(f"callvault web: serving http://{shown}:{port}/ (OpenAPI document at /api/openapi.json)")
     try:
@@ -85,7 +91,9 @@ def web(
             port=port,
             log_level="warning",
             access_log=False,
-            proxy_headers=False,  # the login limiter keys on the peer address
+            # The login limiter and the audit log key on the peer address: X-Forwarded-For
+            # is believed from the --trusted-proxy address only, and by default never.
+            **uvicorn_proxy_options(settings.trusted_proxy),
         )
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror}")
