@@ -168,7 +168,8 @@ def test_settings_round_trip_and_setdefault(index: Index) -> None:
     assert index.get_setting("events_secret_path") == "abc"
 
 
-def test_over_long_fields_are_refused_on_every_engine(index: Index) -> None:
+def test_over_long_identifiers_are_refused_and_other_fields_truncated(index: Index) -> None:
+    from callvault.index import InvalidCallDetail
     from callvault.index._index import _FIELD_LIMITS
     from callvault.index.schema import recordings as recordings_table
 
@@ -189,18 +190,36 @@ def test_over_long_fields_are_refused_on_every_engine(index: Index) -> None:
         "recording": "name",
     }
     assert {field: column for field, (column, _limit) in _FIELD_LIMITS.items()} == expected
-    for field, column in expected.items():
-        table = recordings_table if column == "name" else calls
-        limit = table.c[column].type.length  # type: ignore[attr-defined]
+    # The callid and the recording name identify the call and the file: never shortened,
+    # the whole batch is refused with a specific error the receiver turns into a 400.
+    for field in ("callid", "recording"):
+        table = recordings_table if field == "recording" else calls
+        limit = table.c[expected[field]].type.length  # type: ignore[attr-defined]
         assert isinstance(limit, int) and _FIELD_LIMITS[field][1] == limit, field
-        with pytest.raises(ValueError, match=field):
+        with pytest.raises(InvalidCallDetail, match=field):
             index.record_calls(
-                [cdr("9.9"), cdr("9.8", **{field: "1" * (limit + 1)})]
-                if field != "callid"
-                else [cdr("1" * (limit + 1))],
+                [cdr("9.9"), cdr("9.8", recording="1" * (limit + 1))]
+                if field == "recording"
+                else [cdr("9.9"), cdr("1" * (limit + 1))],
                 source="event",
                 tz=SHANGHAI,
                 now=NOW,
             )
     with index.engine.connect() as conn:
         assert conn.execute(select(calls.c.id)).all() == []
+    # Every other field is a display column: cut to its length (the same on every engine,
+    # SQLite would store it whole), kept whole in `raw`, and the call is stored.
+    for number, (field, column) in enumerate(expected.items()):
+        if field in ("callid", "recording"):
+            continue
+        limit = calls.c[column].type.length  # type: ignore[attr-defined]
+        assert isinstance(limit, int) and _FIELD_LIMITS[field][1] == limit, field
+        long_value = "".join(str(n % 10) for n in range(limit + 7))
+        [result] = index.record_calls(
+            [cdr(f"8.{number}", **{field: long_value})], source="event", tz=SHANGHAI, now=NOW
+        )
+        assert result.new_recording, field
+        with index.engine.connect() as conn:
+            row = conn.execute(select(calls).where(calls.c.callid == f"8.{number}")).one()
+        assert row._mapping[column] == long_value[:limit], field
+        assert json.loads(row.raw)[field] == long_value, field

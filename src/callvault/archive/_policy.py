@@ -33,8 +33,9 @@ class RetryPolicy:
     # this long AND at least `missing_min_attempts` times.
     missing_after_s: float = 1800.0
     missing_min_attempts: int = 8
-    # A call that ended longer than `missing_after_s` ago (backfill, reconcile) cannot be
-    # "not written yet": a few answers suffice.
+    # A recording whose call ended, AND which the index learned of, longer than
+    # `missing_after_s` before the first "does not exist" cannot be "not written yet": a few
+    # answers suffice.
     old_call_min_attempts: int = 3
     transient_base_s: float = 5.0
     transient_max_s: float = 900.0
@@ -65,18 +66,24 @@ def after_not_found(
     missing_since: datetime | None,
     call_ended_at: datetime | None,
     now: datetime,
+    queued_at: datetime | None = None,
 ) -> Decision:
     """Decide after the PBX said the recording does not exist.
 
     `attempts` counts this attempt; `missing_since` is when the current run of "does not
     exist" answers began (None if this is its first); `call_ended_at` when the call ended
-    (None if unknown).
+    (None if unknown); `queued_at` when the index learned of the recording (None if
+    unknown).
+
+    The call's age is judged from the later of the two: the call end comes from the PBX's
+    local clock read in the configured zone, which may be wrong or skewed, while a
+    recording just queued by this machine's clock is never old: it gets the whole
+    not-ready window.
     """
     since = missing_since or now
-    old_call = (
-        call_ended_at is not None
-        and (since - call_ended_at).total_seconds() >= policy.missing_after_s
-    )
+    known = [moment for moment in (call_ended_at, queued_at) if moment is not None]
+    age_from = max(known) if known else None
+    old_call = age_from is not None and (since - age_from).total_seconds() >= policy.missing_after_s
     long_run = (now - since).total_seconds() >= policy.missing_after_s
     if (old_call and attempts >= policy.old_call_min_attempts) or (
         long_run and attempts >= policy.missing_min_attempts

@@ -7,10 +7,18 @@ recording was queued), until the next retry is due, or for `poll_interval_s` at 
 
 For each job:
 
+0. its storage key is fixed in the index at its first attempt (`reserve_storage_key`) and
+   never changes, even when a later report fills in the call's serial or start; if a file
+   is already there (a crash after step 2 last time), it is hashed and archived as is;
 1. `client.download_recording` into the storage's hidden staging directory (the client
    checks RIFF/WAVE, size, fsyncs and renames; no partial file is ever left);
-2. `storage.put_file` moves it into place atomically under `recording_key(...)`;
+2. `storage.put_file` moves it into place atomically under that key;
 3. `index.mark_archived` with size and SHA-256, only then is it archived.
+
+While a job runs its claim is renewed every third of the lease, so a download longer than
+the lease is not handed to another worker. If the claim was lost anyway (the index was
+unreachable for a whole lease) but the file got stored, the recording is still archived
+unless someone else archived it meanwhile.
 
 Failures go through `callvault.archive._policy`: retry later, or `missing` / `failed`
 with the reason. LoginFailed / LoginLockedOut pause every worker (see `PbxSession`).
@@ -26,6 +34,7 @@ import random
 import re
 import shutil
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +62,7 @@ from callvault.pbx import (
     RandomInvalid,
     RecordingNotFound,
 )
-from callvault.storage import LocalStorage, recording_key
+from callvault.storage import LocalStorage, StoredObject, recording_key
 
 log = logging.getLogger("callvault.archive")
 
@@ -87,7 +96,9 @@ def default_worker_prefix() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-_PROCESS_DIR = re.compile(r"^proc-(\d+)-[0-9a-f]+$")
+# Lock descriptors of this process's staging directories, held until `remove_staging_dir`.
+_STAGING_LOCKS: dict[Path, int] = {}
+_STAGING_LOCKS_GUARD = threading.Lock()
 
 
 def process_staging_dir(storage: LocalStorage) -> Path:
@@ -95,36 +106,26 @@ def process_staging_dir(storage: LocalStorage) -> Path:
 
     Downloads in progress live in the storage's hidden staging area; a process killed
     mid-download (SIGKILL, power loss) leaves its partial file there. Each process works
-    in ``proc-<pid>-<random>``, so the next one can tell leftovers (their process is gone)
-    from a concurrent process's downloads (e.g. a backfill while serve runs).
+    in ``proc-<host>-<pid>-<random>`` and holds a `flock` on the lock file in it while it
+    runs; a directory whose lock can be taken is a dead process's, whatever its pid means
+    now (pids are reused; in a container `serve` is often pid 1), and is removed.
     """
-    staging = storage.staging_dir()
-    for entry in staging.iterdir():
-        match = _PROCESS_DIR.match(entry.name)
-        if match is None or not entry.is_dir() or _alive(int(match.group(1))):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        log.info("removed the partial downloads of a stopped process (%s)", entry.name)
-    own = staging / f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    own.mkdir()
+    for name in storage.remove_abandoned_staging_dirs():
+        log.info("removed the partial downloads of a stopped process (%s)", name)
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    own, fd = storage.new_process_staging_dir(f"{host}-{os.getpid()}")
+    with _STAGING_LOCKS_GUARD:
+        _STAGING_LOCKS[own] = fd
     return own
 
 
 def remove_staging_dir(path: Path) -> None:
-    """Remove this process's staging directory at a clean exit."""
+    """Remove this process's staging directory at a clean exit, then let go of its lock."""
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    with _STAGING_LOCKS_GUARD:
+        fd = _STAGING_LOCKS.pop(path, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _utcnow() -> datetime:
@@ -236,27 +237,80 @@ class WorkerPool:
         return min(self._poll_interval_s, max(0.05, seconds))
 
     async def _process(self, job: Job, worker_id: str) -> None:
+        renewer = asyncio.create_task(
+            self._keep_claim(job, worker_id), name=f"callvault-lease-{job.recording_id}"
+        )
+        try:
+            await self._attempt(job, worker_id)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _keep_claim(self, job: Job, worker_id: str) -> None:
+        """Renew the claim on `job` every third of the lease until cancelled."""
+        interval = max(self._lease.total_seconds() / 3, 0.01)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await asyncio.to_thread(
+                    self._index.renew_claim,
+                    job.recording_id,
+                    worker_id=worker_id,
+                    now=self._clock(),
+                    lease=self._lease,
+                )
+            except Exception as exc:  # try again next time; the lease has some left
+                log.warning("%s: cannot renew the claim: %s", job.name, exc)
+                continue
+            if not held:
+                log.warning("%s: the claim was lost while working on it", job.name)
+                return
+
+    async def _attempt(self, job: Job, worker_id: str) -> None:
         staging = self._staging_dir or self._storage.staging_dir()
         # Keep the extension: the client insists on RIFF/WAVE for a .wav target.
         filename = f"{job.recording_id}-{uuid.uuid4().hex[:12]}{_extension(job.name)}"
         staged = staging / filename
         try:
-            result = await self._client.download_recording(job.name, staging, filename=filename)
-            key = recording_key(job.pbx_serial, self._start_local(job), job.name)
-            stored = await asyncio.to_thread(
-                self._storage.put_file, key, result.path, sha256=result.sha256
-            )
+            key = await self._storage_key(job)
+            stored = await asyncio.to_thread(self._already_stored, key)
+            if stored is not None and stored.sha256 is not None:
+                log.info("%s: already stored as %s; archiving that copy", job.name, key)
+                digest = stored.sha256
+                content_type = await asyncio.to_thread(self._sniff, key)
+            else:
+                result = await self._client.download_recording(
+                    job.name, staging, filename=filename
+                )
+                content_type = result.content_type
+                stored = await asyncio.to_thread(
+                    self._storage.put_file, key, result.path, sha256=result.sha256
+                )
+                digest = stored.sha256 or result.sha256
             now = self._clock()
             still_ours = await asyncio.to_thread(
                 self._index.mark_archived,
                 job.recording_id,
                 worker_id=worker_id,
                 size=stored.size,
-                sha256=stored.sha256 or result.sha256,
+                sha256=digest,
                 storage_key=key,
-                content_type=result.content_type,
+                content_type=content_type,
                 now=now,
             )
+            if not still_ours:
+                # The claim ran out meanwhile, but the bytes are stored: archived unless
+                # another worker archived it first.
+                still_ours = await asyncio.to_thread(
+                    self._index.mark_archived_unclaimed,
+                    job.recording_id,
+                    size=stored.size,
+                    sha256=digest,
+                    storage_key=key,
+                    content_type=content_type,
+                    now=now,
+                )
         except asyncio.CancelledError:
             await self._release(job, worker_id, "interrupted by shutdown")
             raise
@@ -276,13 +330,35 @@ class WorkerPool:
         if self._session is not None:
             self._session.report_success()
         if not still_ours:
-            log.warning("%s: archived, but its claim had run out meanwhile", job.name)
+            log.warning("%s: stored, but archived by another worker meanwhile", job.name)
             return
         self.archived += 1
-        digest = stored.sha256 or result.sha256
         log.info("archived %s (%d bytes, sha256 %s) as %s", job.name, stored.size, digest, key)
         if self._on_archived is not None:
             self._on_archived(Archived(job.recording_id, job.name, key, stored.size, digest, now))
+
+    async def _storage_key(self, job: Job) -> str:
+        """The key fixed for this recording at its first attempt (fixed now if this is it)."""
+        wanted = recording_key(job.pbx_serial, self._start_local(job), job.name)
+        key = await asyncio.to_thread(self._index.reserve_storage_key, job.recording_id, wanted)
+        return key or wanted
+
+    def _already_stored(self, key: str) -> StoredObject | None:
+        """Size and SHA-256 of the file already under `key` (a crash after storing it last
+        time), or None if there is none."""
+        if self._storage.stat(key) is None:
+            return None
+        try:
+            return self._storage.checksum(key)
+        except FileNotFoundError:
+            return None
+
+    def _sniff(self, key: str) -> str:
+        with self._storage.open(key) as handle:
+            head = handle.read(12)
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            return "audio/x-wav"
+        return "application/octet-stream"
 
     def _start_local(self, job: Job) -> datetime:
         start = job.start_at or self._clock()
@@ -292,13 +368,14 @@ class WorkerPool:
         now = self._clock()
         error = _describe(exc)
         if _is_not_found(exc):
-            call_end = await self._call_end(job)
+            call_end, queued_at = await self._call_end_and_queued(job)
             decision = after_not_found(
                 self._policy,
                 error=error,
                 attempts=job.attempts,
                 missing_since=job.missing_since,
                 call_ended_at=call_end,
+                queued_at=queued_at,
                 now=now,
             )
         else:
@@ -353,15 +430,18 @@ class WorkerPool:
         except Exception as exc:  # the lease runs out and the job is claimable again
             log.error("%s: cannot record the outcome in the index: %s", job.name, exc)
 
-    async def _call_end(self, job: Job) -> datetime | None:
-        if job.start_at is None:
-            return None
+    async def _call_end_and_queued(self, job: Job) -> tuple[datetime | None, datetime | None]:
+        """When the call ended (by the PBX's clock) and when the index learned of the
+        recording (by ours); None where unknown."""
         try:
             row = await asyncio.to_thread(self._index.recording_by_id, job.recording_id)
         except Exception:
-            return None
-        duration = row.duration_s if row is not None else None
-        return job.start_at + timedelta(seconds=duration or 0)
+            return None, None
+        if row is None:
+            return None, None
+        if job.start_at is None:
+            return None, row.created_at
+        return job.start_at + timedelta(seconds=row.duration_s or 0), row.created_at
 
     async def _retry_now(self, job: Job, worker_id: str, error: str) -> None:
         now = self._clock()

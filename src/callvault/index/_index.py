@@ -84,6 +84,13 @@ class IndexMissingError(IndexOpenError):
     """The SQLite file of the index does not exist (and was not asked to be created)."""
 
 
+class InvalidCallDetail(ValueError):
+    """A call detail record the index cannot store: no callid, or a callid or recording
+    name longer than its column. Those identify the call and the file, so they are never
+    shortened; every other over-long field is truncated instead (the full text stays in
+    `raw`). A receiver answers it with 400: sending the same record again cannot help."""
+
+
 def to_utc(value: datetime) -> datetime:
     """Return an aware datetime converted to UTC; naive datetimes are refused."""
     if value.tzinfo is None or value.utcoffset() is None:
@@ -288,13 +295,15 @@ class Index:
         A call's non-empty recording name gets a `pending` recordings row due at `now`
         unless one with that name exists, which is left untouched: re-sent events and
         backfills never duplicate or reset a recording. `source` is "event" or "cdr";
-        `tz` is the PBX's zone, used to read `timestart`. Raises ValueError, storing
-        nothing of the batch, on a record without a callid or with a field longer than its
-        column (the same on every engine: SQLite would not enforce the lengths itself).
+        `tz` is the PBX's zone, used to read `timestart`. A text field longer than its
+        column is stored truncated to it (the same on every engine: SQLite would not enforce
+        the lengths itself); `raw` keeps every field whole. Raises `InvalidCallDetail`
+        (a ValueError), storing nothing of the batch, on a record without a callid or whose
+        callid or recording name is longer than its column: those are never shortened.
         """
         now = to_utc(now)
         for cdr in cdrs:
-            _check_lengths(cdr)
+            _check_identity(cdr)
         if not cdrs:
             return []
         # A whole batch costs a handful of statements, not two or three per record: building
@@ -462,6 +471,52 @@ class Index:
             for row in rows
         ]
 
+    def renew_claim(
+        self, recording_id: int, *, worker_id: str, now: datetime, lease: timedelta
+    ) -> bool:
+        """Extend `worker_id`'s claim on a job it is still working on to `now + lease`.
+
+        A worker renews while a download runs (every third of the lease), so a download
+        longer than the lease is not claimed again by another worker. Only where the job is
+        still `downloading` and claimed by `worker_id`; False (nothing changed) when the
+        claim was lost meanwhile.
+        """
+        now = to_utc(now)
+        r = schema.recordings
+        statement = (
+            update(r)
+            .where(
+                r.c.id == recording_id,
+                r.c.state == schema.DOWNLOADING,
+                r.c.claimed_by == worker_id,
+            )
+            .values(claimed_until=now + lease)
+        )
+        with self._write() as conn:
+            return bool(conn.execute(statement).rowcount == 1)
+
+    def reserve_storage_key(self, recording_id: int, key: str) -> str | None:
+        """Fix the storage key of a recording at its first attempt; return the one it has.
+
+        The first key given for a recording wins and is kept for good (retries, requeues,
+        other workers and processes all get it back), so a crash between storing the file
+        and `mark_archived` leaves the file where the next attempt looks for it, even after
+        the call's serial or start time were filled in by a later report. Until the
+        recording is `archived` the key says where its file goes, not that it is there.
+        None if there is no such recording.
+        """
+        r = schema.recordings
+        with self._write() as conn:
+            conn.execute(
+                update(r)
+                .where(r.c.id == recording_id, r.c.storage_key.is_(None))
+                .values(storage_key=key)
+            )
+            value = conn.execute(
+                select(r.c.storage_key).where(r.c.id == recording_id)
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
     def _finish(self, recording_id: int, worker_id: str, values: Mapping[str, Any]) -> bool:
         r = schema.recordings
         statement = (
@@ -506,6 +561,45 @@ class Index:
                 "updated_at": now,
             },
         )
+
+    def mark_archived_unclaimed(
+        self,
+        recording_id: int,
+        *,
+        size: int,
+        sha256: str,
+        storage_key: str,
+        content_type: str,
+        now: datetime,
+    ) -> bool:
+        """Record a durable copy made by a worker that lost its claim meanwhile.
+
+        The bytes are stored, so the recording is archived unless it already is (then
+        nothing changes and False is returned); whoever holds the claim now finds it
+        archived and its own `mark_archived` changes nothing.
+        """
+        now = to_utc(now)
+        r = schema.recordings
+        statement = (
+            update(r)
+            .where(r.c.id == recording_id, r.c.state != schema.ARCHIVED)
+            .values(
+                state=schema.ARCHIVED,
+                claimed_by=None,
+                claimed_until=None,
+                size=size,
+                sha256=sha256,
+                storage_key=storage_key,
+                content_type=content_type,
+                archived_at=now,
+                last_error=None,
+                next_attempt_at=None,
+                missing_since=None,
+                updated_at=now,
+            )
+        )
+        with self._write() as conn:
+            return bool(conn.execute(statement).rowcount == 1)
 
     def mark_retry(
         self,
@@ -582,6 +676,33 @@ class Index:
             return int(
                 conn.execute(update(r).where(r.c.state.in_(list(states))).values(**values)).rowcount
             )
+
+    def requeue_missing(self, since: datetime, *, now: datetime) -> int:
+        """Make `missing` recordings the index learned of at or after `since` pending again,
+        due at `now`, with a fresh run of attempts; returns how many.
+
+        For reconciliation: "does not exist" may have been a PBX still writing the file
+        (a skewed clock, a wrong time zone), so recent give-ups get another full window.
+        The window is on the recording row's `created_at` (this machine's clock), not on
+        the PBX's call time. The last error is kept until the next attempt.
+        """
+        now = to_utc(now)
+        r = schema.recordings
+        statement = (
+            update(r)
+            .where(r.c.state == schema.MISSING, r.c.created_at >= to_utc(since))
+            .values(
+                state=schema.PENDING,
+                next_attempt_at=now,
+                missing_since=None,
+                claimed_by=None,
+                claimed_until=None,
+                attempts=0,
+                updated_at=now,
+            )
+        )
+        with self._write() as conn:
+            return int(conn.execute(statement).rowcount)
 
     def next_due(self) -> datetime | None:
         """When the earliest pending job is due (None if there is none): a worker's nap."""
@@ -948,7 +1069,8 @@ class _WriteTransaction:
             conn.close()
 
 
-# CallDetail field -> (column, max length), checked before anything is written.
+# CallDetail field -> (column, max length). Over-long identifiers (`_IDENTITY_FIELDS`)
+# are refused before anything is written; the other fields are truncated to the limit.
 _FIELD_LIMITS: dict[str, tuple[str, int]] = {
     "callid": ("callid", 64),
     "sn": ("pbx_serial", 64),
@@ -965,28 +1087,41 @@ _FIELD_LIMITS: dict[str, tuple[str, int]] = {
 }
 
 
+_IDENTITY_FIELDS = ("callid", "recording")
+# (field, limit) of the fields truncated rather than refused, for _call_row.
+_TRUNCATED = {
+    field_name: limit
+    for field_name, (_column, limit) in _FIELD_LIMITS.items()
+    if field_name not in _IDENTITY_FIELDS
+}
+
 _CDR_FIELDS = tuple(field.name for field in fields(CallDetail))
 # Keys per IN (...) lookup: well under every engine's limit on bound parameters.
 _IN_CHUNK = 500
 
 
 def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> dict[str, Any]:
-    """The `calls` columns of one record (the parameters of `_Statements.upsert_call`)."""
+    """The `calls` columns of one record (the parameters of `_Statements.upsert_call`).
+
+    Text fields are cut to their column's length (slicing a shorter str returns it as is);
+    `raw` keeps them whole.
+    """
+    limit = _TRUNCATED
     return {
         "callid": cdr.callid,
-        "pbx_serial": cdr.sn,
+        "pbx_serial": cdr.sn[: limit["sn"]],
         "start_at": parse_timestart(cdr.timestart, tz),
-        "timestart_local": cdr.timestart,
-        "call_from": cdr.callfrom,
-        "call_to": cdr.callto,
+        "timestart_local": cdr.timestart[: limit["timestart"]],
+        "call_from": cdr.callfrom[: limit["callfrom"]],
+        "call_to": cdr.callto[: limit["callto"]],
         "duration_s": cdr.callduration,
         "talk_s": cdr.talkduration,
-        "direction": cdr.type,
-        "status": cdr.status,
-        "src_trunk": cdr.srctrunkname,
-        "dst_trunk": cdr.dsttrunkname,
-        "did": cdr.didnumber,
-        "pincode": cdr.pincode,
+        "direction": cdr.type[: limit["type"]],
+        "status": cdr.status[: limit["status"]],
+        "src_trunk": cdr.srctrunkname[: limit["srctrunkname"]],
+        "dst_trunk": cdr.dsttrunkname[: limit["dsttrunkname"]],
+        "did": cdr.didnumber[: limit["didnumber"]],
+        "pincode": cdr.pincode[: limit["pincode"]],
         "agent_ring_s": cdr.agentringtime,
         "source": source,
         "first_seen_at": now,
@@ -996,13 +1131,16 @@ def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> d
     }
 
 
-def _check_lengths(cdr: CallDetail) -> None:
+def _check_identity(cdr: CallDetail) -> None:
     if not cdr.callid:
-        raise ValueError("a call detail record has no callid")
-    for field_name, (_column, limit) in _FIELD_LIMITS.items():
+        raise InvalidCallDetail("a call detail record has no callid")
+    for field_name in _IDENTITY_FIELDS:
         value = getattr(cdr, field_name)
+        limit = _FIELD_LIMITS[field_name][1]
         if value is not None and len(value) > limit:
-            raise ValueError(f"call detail field {field_name} is longer than {limit} characters")
+            raise InvalidCallDetail(
+                f"call detail field {field_name} is longer than {limit} characters"
+            )
 
 
 def _recording_row(row: Row[Any]) -> RecordingRow:

@@ -7,11 +7,18 @@ top-level names starting with ``callvault.`` for callvault's own files (the inde
 Durability: a file is fsynced, then hard-linked into place (which also refuses to replace
 an existing file, atomically), then its directory is fsynced; new directories are fsynced
 into their parents. After a crash a key holds either nothing or the complete file.
+
+Each downloading process works in a directory of its own inside the staging area and
+holds an exclusive `flock` on the ``.lock`` file in it for as long as it runs
+(`new_process_staging_dir`). The kernel drops the lock when the process dies however it
+dies, so a directory whose lock can be taken is a dead process's leftovers, whatever its
+pid has become since (pids are reused; in a container `serve` is often pid 1).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -21,12 +28,50 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
+from uuid import uuid4
 
 from callvault.storage._base import _CHUNK, ConflictError, StoredObject, sha256_of
 from callvault.storage._names import RESERVED_PREFIX, UnsafeNameError, check_key
 
 STAGING_NAME = ".callvault-incoming"
+# In each process's staging directory: the file whose flock says the process is alive.
+STAGING_LOCK = ".lock"
+# Process staging directories are named PROCESS_PREFIX + a tag + a random part; they are
+# built under a SETUP_PREFIX name and renamed once their lock is held.
+PROCESS_PREFIX = "proc-"
+_SETUP_PREFIX = ".setup-"
 _FILE_MODE = 0o640
+
+
+def try_lock_staging_dir(directory: Path) -> int | None:
+    """Take the lock of a process staging directory without waiting.
+
+    Returns the open file descriptor holding the lock (close it to let go), or None when
+    a live process holds it. Raises FileNotFoundError when the directory has no lock file
+    (made by an older callvault, or not a process directory).
+    """
+    fd = os.open(directory / STAGING_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of `path` and everything under it (no symlinks)."""
+    newest = path.lstat().st_mtime
+    for directory, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                newest = max(newest, os.lstat(os.path.join(directory, name)).st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
 
 
 def _fsync_dir(path: Path) -> None:
@@ -183,21 +228,95 @@ class LocalStorage:
         _fsync_dir(path.parent)
         return True
 
+    def new_process_staging_dir(self, tag: str) -> tuple[Path, int]:
+        """A staging directory for this process alone, and the descriptor of its lock.
+
+        Keep the descriptor open while the process works (closing it, or dying, lets
+        `remove_abandoned_staging_dirs` and `clean_staging` delete the directory). The
+        directory only ever appears under its final name with the lock already held, so no
+        other process can mistake a directory being set up for an abandoned one.
+        """
+        staging = self.staging_dir()
+        suffix = uuid4().hex[:8]
+        setup = staging / f"{_SETUP_PREFIX}{suffix}"
+        setup.mkdir(mode=0o700)
+        fd = os.open(setup / STAGING_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            final = staging / f"{PROCESS_PREFIX}{tag}-{suffix}"
+            os.rename(setup, final)
+        except BaseException:
+            os.close(fd)
+            shutil.rmtree(setup, ignore_errors=True)
+            raise
+        return final, fd
+
+    def remove_abandoned_staging_dirs(self) -> list[str]:
+        """Delete every process staging directory whose lock no live process holds (its
+        process is gone, with whatever partial downloads it left); their names."""
+        removed: list[str] = []
+        for entry in os.scandir(self.staging_dir()):
+            if not entry.name.startswith(PROCESS_PREFIX) or not entry.is_dir(
+                follow_symlinks=False
+            ):
+                continue
+            try:
+                fd = try_lock_staging_dir(Path(entry.path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # no lock: an older callvault's; `clean_staging` removes it by age
+            if fd is None:
+                continue  # a live process's
+            try:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            finally:
+                os.close(fd)
+            removed.append(entry.name)
+        return removed
+
     def clean_staging(self, older_than: timedelta, *, now: datetime | None = None) -> int:
-        """Delete leftovers of crashed downloads last modified before `now - older_than`."""
+        """Delete leftovers of crashed downloads; returns how many entries were removed.
+
+        Files directly in the staging area go when last modified before
+        `now - older_than`. A directory goes whole when no live process holds its lock; a
+        directory without a lock file (an older callvault's) or abandoned while being set
+        up when nothing in it was modified since the cutoff. A directory whose lock is
+        held belongs to a running process and is left alone, however old.
+        """
         cutoff = (now or datetime.now(UTC)).timestamp() - older_than.total_seconds()
         removed = 0
         staging = self.staging_dir()
         for entry in os.scandir(staging):
             try:
                 info = entry.stat(follow_symlinks=False)
-                if stat_module.S_ISDIR(info.st_mode) or info.st_mtime >= cutoff:
+                if stat_module.S_ISDIR(info.st_mode):
+                    if self._remove_stale_dir(Path(entry.path), cutoff):
+                        removed += 1
+                    continue
+                if info.st_mtime >= cutoff:
                     continue
                 os.unlink(entry.path)
             except FileNotFoundError:
                 continue
             removed += 1
         return removed
+
+    def _remove_stale_dir(self, directory: Path, cutoff: float) -> bool:
+        try:
+            if directory.name.startswith(_SETUP_PREFIX):  # its lock may not be held yet
+                raise FileNotFoundError
+            fd = try_lock_staging_dir(directory)
+        except FileNotFoundError:
+            if _newest_mtime(directory) >= cutoff:
+                return False
+            shutil.rmtree(directory, ignore_errors=True)
+            return True
+        if fd is None:
+            return False
+        try:
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(fd)
+        return True
 
     # -- reading --------------------------------------------------------------------------
 
