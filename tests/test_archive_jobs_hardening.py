@@ -30,7 +30,7 @@ from callvault.archive import Archiver, RetryPolicy, WorkerPool, after_not_found
 from callvault.archive._workers import process_staging_dir, remove_staging_dir
 from callvault.index import Index, open_index
 from callvault.index.schema import ARCHIVED, DOWNLOADING, MISSING, PENDING
-from callvault.pbx import DownloadResult
+from callvault.pbx import DownloadResult, RecordingNotFound
 from callvault.pbx._types import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig
 from callvault.storage import LocalStorage, recording_key
@@ -120,7 +120,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 def pool_for(
-    index: Index, storage: LocalStorage, client: Downloader, clock: Clock, **options: Any
+    index: Index, storage: LocalStorage, client: Downloader | Gone, clock: Clock, **options: Any
 ) -> WorkerPool:
     settings: dict[str, Any] = {
         "workers": 1,
@@ -351,6 +351,57 @@ def test_a_live_call_read_in_the_wrong_zone_is_archived_once_ready(tmp_path: Pat
             row = index.recording_by_name(cdr.recording)
             assert row is not None and row.state == ARCHIVED, (row.state if row else None, row)
             assert row.attempts >= 2 and row.sha256 == sim.recording_sha256(cdr.recording)
+
+
+class Gone:
+    """A PBX on which the recording no longer exists."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def download_recording(
+        self, name: str, dest_dir: Path, *, filename: str | None = None
+    ) -> DownloadResult:
+        self.calls += 1
+        raise RecordingNotFound(f"recording {name}: not found, errno 20014", errno="20014")
+
+
+@pytest.mark.parametrize(("source", "final"), [("cdr", MISSING), ("event", PENDING)])
+async def test_only_an_event_makes_an_old_looking_call_new(
+    archive: tuple[Index, LocalStorage], source: str, final: str
+) -> None:
+    # A month-old call queued by backfill or reconciliation whose file is gone is missing
+    # after a few answers; the same call reported by an event just now gets the whole window.
+    index, storage = archive
+    [result] = index.record_calls(
+        [CallDetail(callid=CALLID, recording=NAME, timestart="2024-04-01 10:00:00")],
+        source=source,
+        tz=TZ,
+        now=NOW,
+    )
+    recording_id = result.recording_id
+    assert recording_id is not None
+    clock = Clock(NOW)
+    client = Gone()
+    pool = pool_for(index, storage, client, clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pool.run(stop))
+    try:
+        def attempted(count: int) -> Callable[[], bool]:
+            def done() -> bool:
+                row = row_of(index, recording_id)
+                return row.attempts == count and row.claimed_by is None  # outcome recorded
+            return done
+
+        for attempt in range(1, FAST_POLICY.old_call_min_attempts + 1):
+            if attempt > 1:
+                clock.advance(1.0)  # past the not-found delay, inside missing_after_s
+            await until(attempted(attempt))
+    finally:
+        stop.set()
+        await task
+    row = row_of(index, recording_id)
+    assert (row.state, row.attempts) == (final, FAST_POLICY.old_call_min_attempts)
 
 
 def test_requeue_missing_brings_back_recent_give_ups_only(

@@ -431,17 +431,23 @@ class WorkerPool:
             log.error("%s: cannot record the outcome in the index: %s", job.name, exc)
 
     async def _call_end_and_queued(self, job: Job) -> tuple[datetime | None, datetime | None]:
-        """When the call ended (by the PBX's clock) and when the index learned of the
-        recording (by ours); None where unknown."""
+        """When the call ended (by the PBX's clock) and, for a call reported by its NewCdr
+        event, when the index learned of the recording (by ours); None where unknown.
+
+        Only an event means "this call just ended": a recording queued by the CDR export
+        (backfill, reconciliation) is judged by its call's end alone, so a month-old
+        recording that is gone becomes `missing` after a few attempts, not 30 minutes.
+        """
         try:
             row = await asyncio.to_thread(self._index.recording_by_id, job.recording_id)
         except Exception:
             return None, None
         if row is None:
             return None, None
+        queued_at = row.created_at if row.source == "event" else None
         if job.start_at is None:
-            return None, row.created_at
-        return job.start_at + timedelta(seconds=row.duration_s or 0), row.created_at
+            return None, queued_at
+        return job.start_at + timedelta(seconds=row.duration_s or 0), queued_at
 
     async def _retry_now(self, job: Job, worker_id: str, error: str) -> None:
         now = self._clock()
