@@ -64,6 +64,11 @@ def build_archive(root: Path) -> dict[str, bytes]:
             now=NOW,
         )
         archived[job.name] = data
+    # As a worker does at the first attempt: the key names where the file will go.
+    pending = jobs[2]
+    assert pending.start_at is not None
+    planned = recording_key(pending.pbx_serial, pending.start_at.astimezone(PARIS), pending.name)
+    assert index.reserve_storage_key(pending.recording_id, planned) == planned
     index.mark_retry(
         jobs[2].recording_id,
         worker_id="w1",
@@ -117,6 +122,8 @@ def test_list_json_carries_every_field(archive: tuple[Path, dict[str, bytes]]) -
         assert path.is_absolute() and path.read_bytes() == archived[obj["recording"]]
         assert obj["size"] == len(archived[obj["recording"]])
         assert path.is_relative_to(root.resolve() / "369451090405" / "2024" / "04")
+    # A pending recording has a planned storage key but no file yet: no path.
+    assert [o["path"] for o in objects if o["state"] != "archived"] == [None, None]
     first = objects[-1]
     assert first["start"] == "2024-04-01T10:00:00+02:00"
     assert (first["from"], first["type"], first["status"]) == ("1001", "Outbound", "ANSWERED")

@@ -315,3 +315,21 @@ def test_throttled_logins_write_one_audit_row_per_address_and_window(web: LiveWe
     for _ in range(10):
         assert login(client, ADMIN[0], "guess-guess").status_code == 429
     assert len(_entries(web, action=audit.LOGIN_THROTTLED)) == 2
+
+
+# A pending recording's storage key names where its file will go, not a file.
+
+
+def test_verifying_a_pending_recording_says_not_archived(web: LiveWeb) -> None:
+    from callvault.index import SearchFilters
+
+    everything = web.archive.index.search(SearchFilters(), limit=100)
+    [pending] = [row for row in everything if row.state == "pending"]
+    archived = rows_by_from(web.archive)["2001"]
+    assert archived.storage_key is not None
+    # The worst case: the planned key names a file that exists (another recording's).
+    assert web.archive.index.reserve_storage_key(pending.id, archived.storage_key)
+    admin, _ = web.bearer(ADMIN[0])
+    answer = admin.post(f"/api/recordings/{pending.id}/verify")
+    assert answer.status_code == 200
+    assert (answer.json()["ok"], answer.json()["error"]) == (False, "not archived")

@@ -89,7 +89,9 @@ def _iso(value: datetime | None, tz: ZoneInfo | None = None) -> str | None:
 
 
 def _path_of(storage: LocalStorage, row: RecordingRow) -> str | None:
-    if not row.storage_key:
+    """Where the archived file is; None until it is archived (the key of a pending
+    recording names where it will go, not a file)."""
+    if row.state != ARCHIVED or not row.storage_key:
         return None
     try:
         return str(storage.local_path(row.storage_key))

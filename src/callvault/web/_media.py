@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from callvault.index._models import RecordingRow
 from callvault.index.audit import csv_safe_row
+from callvault.index.schema import ARCHIVED
 from callvault.storage._base import Storage
 
 CHUNK = 64 * 1024
@@ -173,7 +174,8 @@ class VerifyResult:
 
 def verify_recording(row: RecordingRow, storage: Storage) -> VerifyResult:
     """Re-read the archived file and compare its SHA-256 and size with the index."""
-    if row.storage_key is None:
+    if row.state != ARCHIVED or row.storage_key is None:
+        # A pending recording's key names where it will go, not a file.
         return VerifyResult(False, row.sha256, None, row.size, None, "not archived")
     digest = hashlib.sha256()
     size = 0
