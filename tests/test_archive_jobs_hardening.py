@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -351,6 +352,35 @@ def test_a_live_call_read_in_the_wrong_zone_is_archived_once_ready(tmp_path: Pat
             row = index.recording_by_name(cdr.recording)
             assert row is not None and row.state == ARCHIVED, (row.state if row else None, row)
             assert row.attempts >= 2 and row.sha256 == sim.recording_sha256(cdr.recording)
+
+
+async def test_a_claim_in_flight_at_shutdown_is_handed_back(
+    archive: tuple[Index, LocalStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim runs in a thread a cancellation cannot stop; what it claims must not stay
+    # `downloading` until the lease runs out.
+    index, storage = archive
+    recording_id = record(index, NOW, sn="SN1", timestart="2024-05-01 23:59:00")
+    entered, proceed = threading.Event(), threading.Event()
+    real_claim = index.claim_jobs
+
+    def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        proceed.wait(30)
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(index, "claim_jobs", slow_claim)
+    client = Downloader()
+    pool = pool_for(index, storage, client, Clock(NOW))
+    stop = asyncio.Event()
+    task = asyncio.create_task(pool.run(stop, grace_s=0.05))
+    await until(entered.is_set)
+    stop.set()
+    await asyncio.sleep(0.2)  # past the grace: the worker is cancelled mid-claim
+    proceed.set()
+    await asyncio.wait_for(task, 30)
+    row = row_of(index, recording_id)
+    assert (row.state, row.claimed_by, client.calls) == (PENDING, None, 0)
 
 
 class Gone:
