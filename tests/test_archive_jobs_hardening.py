@@ -451,7 +451,7 @@ def test_requeue_missing_brings_back_recent_give_ups_only(
     for recording_id in (old, recent):
         assert index.mark_missing(recording_id, worker_id="w", reason="gone", now=later)
     again = later + timedelta(minutes=1)
-    assert index.requeue_missing(later - timedelta(hours=1), now=again) == 1
+    assert index.requeue([MISSING], since=later - timedelta(hours=1), now=again) == 1
     row = row_of(index, recent)
     assert (row.state, row.attempts, row.next_attempt_at, row.missing_since) == (
         PENDING,

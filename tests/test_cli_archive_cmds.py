@@ -303,3 +303,33 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_requeue_brings_back_given_up_recordings(archive: tuple[Path, dict[str, bytes]]) -> None:
+    root, _ = archive
+    index = open_index(f"sqlite:///{root / 'callvault.db'}")
+    with index:  # the PBX kept saying the pending one does not exist: `missing`, final
+        [job] = index.claim_jobs("w1", 1, now=NOW + timedelta(hours=1), lease=timedelta(minutes=5))
+        assert index.mark_missing(job.recording_id, worker_id="w1", reason="20014", now=NOW)
+        assert index.counts_by_state()["missing"] == 1
+    args = ["--archive", str(root)]
+
+    later = runner.invoke(app, ["requeue", "--json", "--since", "2024-05-02", *args])
+    assert later.exit_code == 0, later.output
+    assert json.loads(later.stdout)["requeued"] == {"failed": 0, "missing": 0}
+
+    missing = runner.invoke(app, ["requeue", "--state", "missing", *args])
+    assert missing.exit_code == 0, missing.output
+    assert missing.stdout.startswith("queued again: 1 missing;")
+
+    both = runner.invoke(app, ["requeue", "--json", "--since", "2024-05-01", *args])
+    assert json.loads(both.stdout)["requeued"] == {"failed": 1, "missing": 0}
+    with open_index(f"sqlite:///{root / 'callvault.db'}") as index:
+        counts = index.counts_by_state()
+    assert (counts["pending"], counts["failed"], counts["missing"]) == (2, 0, 0)
+
+    bad = runner.invoke(app, ["requeue", "--state", "archived", *args])
+    assert bad.exit_code == 2
+    assert bad.output.strip() == (
+        "callvault: error: --state 'archived': only failed and missing can be queued again"
+    )

@@ -1,4 +1,5 @@
-"""``callvault list``, ``status`` and ``verify``: the archive for people and scripts.
+"""``callvault list``, ``status``, ``verify`` and ``requeue``: the archive for people and
+scripts.
 
 Each is a thin layer over the index and the storage. ``--json`` output:
 
@@ -39,7 +40,7 @@ from callvault.index import (
     SearchFilters,
     open_index,
 )
-from callvault.index.schema import ARCHIVED, RECORDING_STATES
+from callvault.index.schema import ARCHIVED, FAILED, MISSING, RECORDING_STATES
 from callvault.storage import LocalStorage, UnsafeNameError
 
 
@@ -356,3 +357,47 @@ def verify_command(
     if problems:
         sys.stdout.flush()
         raise typer.Exit(1)
+
+
+_REQUEUE_STATES = (FAILED, MISSING)
+
+
+@app.command("requeue")
+def requeue_command(
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state",
+            help="Which give-ups to queue again: failed, missing (repeatable; default both).",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Only recordings first queued on or after this date or time."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Queue given-up recordings again (after fixing --timezone, the PBX, the network...).
+
+    `failed` ones are also queued again by serve's hourly reconciliation; `missing` ones
+    (the PBX kept saying the file does not exist) only by this command. A running
+    `callvault serve` downloads them at once, each with a fresh run of attempts.
+    """
+    settings = settings_or_fail(config, archive=archive, db=db)
+    states = list(dict.fromkeys(state or _REQUEUE_STATES))
+    unknown = [s for s in states if s not in _REQUEUE_STATES]
+    if unknown:
+        fail(f"--state {unknown[0]!r}: only failed and missing can be queued again", code=2)
+    first = _parse_when(since, settings.tz, end_of_day=False) if since else None
+    index, _storage = open_archive(settings)
+    now = datetime.now(UTC)
+    with index:
+        counts = {s: index.requeue([s], now=now, since=first) for s in states}
+    if json_output:
+        print(json.dumps({"requeued": counts, "since": _iso(first)}))
+        return
+    what = ", ".join(f"{counts[s]} {s}" for s in states)
+    print(f"queued again: {what}; a running `callvault serve` downloads them now")

@@ -15,6 +15,7 @@ COMMAND_MODULES: dict[str, str] = {
     "demo": "_demo",
     "fetch": "_fetch",
     "list": "_archive_cmds",
+    "requeue": "_archive_cmds",
     "serve": "_serve",
     "simulate": "_simulate",
     "status": "_archive_cmds",

@@ -652,9 +652,22 @@ class Index:
             {"state": state, "last_error": reason, "next_attempt_at": None, "updated_at": now},
         )
 
-    def requeue(self, states: Sequence[str], *, now: datetime, reset_attempts: bool = True) -> int:
+    def requeue(
+        self,
+        states: Sequence[str],
+        *,
+        now: datetime,
+        reset_attempts: bool = True,
+        since: datetime | None = None,
+    ) -> int:
         """Make every recording in `states` (only `failed` and/or `missing`) pending again,
-        due at `now`; returns how many. The last error is kept until the next attempt."""
+        due at `now`; returns how many. The last error is kept until the next attempt.
+
+        With `since`, only recordings the index learned of at or after it: the window is on
+        the recording row's `created_at` (this machine's clock), not on the PBX's call time.
+        "Does not exist" may have been a PBX still writing the file (a skewed clock, a wrong
+        time zone), so recent give-ups can get another full window.
+        """
         now = to_utc(now)
         allowed = {schema.FAILED, schema.MISSING}
         if not set(states) <= allowed:
@@ -672,37 +685,11 @@ class Index:
         }
         if reset_attempts:
             values["attempts"] = 0
+        statement = update(r).where(r.c.state.in_(list(states)))
+        if since is not None:
+            statement = statement.where(r.c.created_at >= to_utc(since))
         with self._write() as conn:
-            return int(
-                conn.execute(update(r).where(r.c.state.in_(list(states))).values(**values)).rowcount
-            )
-
-    def requeue_missing(self, since: datetime, *, now: datetime) -> int:
-        """Make `missing` recordings the index learned of at or after `since` pending again,
-        due at `now`, with a fresh run of attempts; returns how many.
-
-        For reconciliation: "does not exist" may have been a PBX still writing the file
-        (a skewed clock, a wrong time zone), so recent give-ups get another full window.
-        The window is on the recording row's `created_at` (this machine's clock), not on
-        the PBX's call time. The last error is kept until the next attempt.
-        """
-        now = to_utc(now)
-        r = schema.recordings
-        statement = (
-            update(r)
-            .where(r.c.state == schema.MISSING, r.c.created_at >= to_utc(since))
-            .values(
-                state=schema.PENDING,
-                next_attempt_at=now,
-                missing_since=None,
-                claimed_by=None,
-                claimed_until=None,
-                attempts=0,
-                updated_at=now,
-            )
-        )
-        with self._write() as conn:
-            return int(conn.execute(statement).rowcount)
+            return int(conn.execute(statement.values(**values)).rowcount)
 
     def next_due(self) -> datetime | None:
         """When the earliest pending job is due (None if there is none): a worker's nap."""
