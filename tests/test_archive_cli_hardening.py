@@ -37,7 +37,7 @@ from callvault.archive import Archiver
 from callvault.archive._backfill import PROGRESS_SETTING, backfill
 from callvault.archive._receiver import SourceAllowList, create_receiver_app
 from callvault.cli import _register, app
-from callvault.index import RecordResult, open_index
+from callvault.index import InvalidCallDetail, RecordResult, open_index
 from callvault.pbx import PbxClient, TlsOptions
 from callvault.pbx._types import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig
@@ -124,7 +124,7 @@ def test_receiver_answers_400_not_503_for_a_report_the_index_refuses(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The receiver validates what the index refuses today before committing; should the
-    index refuse a report anyway (a ValueError, as `InvalidCallDetail` is), re-sending it
+    index refuse a report anyway (`InvalidCallDetail`), re-sending it
     cannot help: 400 and one log line, not a 503 that the PBX would re-send for ever.
     A failing database is still a 503."""
     secret = "callvault-events-test-secret-path"
@@ -134,7 +134,7 @@ def test_receiver_answers_400_not_503_for_a_report_the_index_refuses(
     async def commit(cdr: CallDetail) -> RecordResult:
         seen.append(cdr.callid)
         if cdr.callid.endswith(".1"):
-            raise ValueError("call detail field recording is longer than 255 characters")
+            raise InvalidCallDetail("call detail field recording is longer than 255 characters")
         if cdr.callid.endswith(".2"):
             raise RuntimeError("database is locked")
         result = await asyncio.to_thread(

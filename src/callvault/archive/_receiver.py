@@ -7,7 +7,7 @@ Routes, in the order a request meets them:
 * not POST                              -> 405;
 * body over `max_body` bytes            -> 413;
 * not a valid report / a bad field      -> 400 with the reason;
-* NewCdr the index refuses as invalid   -> 400 (a ValueError from `commit`: never 503,
+* NewCdr the index refuses as invalid   -> 400 (InvalidCallDetail from `commit`: never 503,
   which would have the PBX send it again and again);
 * NewCdr  -> recorded in the index (group commit), THEN 200; 503 if the index fails;
 * BootUp  -> the session is told to log in again, 200;
@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from callvault.index import InvalidCallDetail
 from callvault.pbx import BootUpEvent, NewCdrEvent, PbxError, parse_event
 from callvault.pbx._types import CallDetail, Event
 
@@ -253,7 +254,7 @@ def create_receiver_app(
                 return 400, problem
             try:
                 await commit(event.cdr)
-            except ValueError as exc:
+            except InvalidCallDetail as exc:
                 # The index refuses the record itself (a field it cannot store): sending it
                 # again would fail the same way, so this is the PBX's error, not ours.
                 reason = _one_line(exc)
