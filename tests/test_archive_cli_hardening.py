@@ -42,6 +42,7 @@ from callvault.pbx import PbxClient, TlsOptions
 from callvault.pbx._types import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig
 from callvault.web._security import LOGIN_COOKIE
+from test_archive_backfill import _cli_env
 from test_archive_flow import archiver_config, states, wait_until
 
 CALLVAULT = str(Path(sys.executable).with_name("callvault"))
@@ -57,18 +58,6 @@ def sim() -> Iterator[Simulator]:
         yield running
 
 
-def _cli_env(sim: Simulator, archive: Path) -> dict[str, str]:
-    return {
-        "CALLVAULT_PASSWORD": sim.password,
-        "CALLVAULT_PBX": sim.url,
-        "CALLVAULT_USERNAME": sim.username,
-        "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
-        "CALLVAULT_ARCHIVE": str(archive),
-        "CALLVAULT_TIMEZONE": sim.config.timezone,
-        "CALLVAULT_RETRY_SCHEDULE_S": "[0.2, 0.5]",
-        "CALLVAULT_TRANSIENT_BACKOFF_S": "0.1",
-        "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "0.5",
-    }
 
 
 def _free_port() -> int:

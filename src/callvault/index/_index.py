@@ -481,16 +481,10 @@ class Index:
         still `downloading` and claimed by `worker_id`; False (nothing changed) when the
         claim was lost meanwhile.
         """
-        now = to_utc(now)
-        r = schema.recordings
         statement = (
-            update(r)
-            .where(
-                r.c.id == recording_id,
-                r.c.state == schema.DOWNLOADING,
-                r.c.claimed_by == worker_id,
-            )
-            .values(claimed_until=now + lease)
+            update(schema.recordings)
+            .where(*_held_by(recording_id, worker_id))
+            .values(claimed_until=to_utc(now) + lease)
         )
         with self._write() as conn:
             return bool(conn.execute(statement).rowcount == 1)
@@ -518,14 +512,9 @@ class Index:
         return None if value is None else str(value)
 
     def _finish(self, recording_id: int, worker_id: str, values: Mapping[str, Any]) -> bool:
-        r = schema.recordings
         statement = (
-            update(r)
-            .where(
-                r.c.id == recording_id,
-                r.c.state == schema.DOWNLOADING,
-                r.c.claimed_by == worker_id,
-            )
+            update(schema.recordings)
+            .where(*_held_by(recording_id, worker_id))
             .values(claimed_by=None, claimed_until=None, **values)
         )
         with self._write() as conn:
@@ -1085,6 +1074,16 @@ _TRUNCATED = {
 _CDR_FIELDS = tuple(field.name for field in fields(CallDetail))
 # Keys per IN (...) lookup: well under every engine's limit on bound parameters.
 _IN_CHUNK = 500
+
+
+def _held_by(recording_id: int, worker_id: str) -> tuple[ColumnElement[bool], ...]:
+    """The recording is being downloaded under `worker_id`'s claim."""
+    r = schema.recordings
+    return (
+        r.c.id == recording_id,
+        r.c.state == schema.DOWNLOADING,
+        r.c.claimed_by == worker_id,
+    )
 
 
 def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> dict[str, Any]:
