@@ -157,9 +157,17 @@ def test_fetch_stops_at_a_refused_login_instead_of_logging_in_per_name(tmp_path:
     assert done.returncode == 1
     assert pbx.count("login") == 1
     assert done.stderr.strip().splitlines() == [
+        HTTP_WARNING,
         "callvault: error: login: a required parameter is blank, errno 10004 "
-        "(3 recording(s) not fetched)"
+        "(3 recording(s) not fetched)",
     ]
+
+
+# The fake PBX speaks plain HTTP, which fetch warns about.
+HTTP_WARNING = (
+    "callvault: warning: the PBX URL is plain http: the password hash, the token and every "
+    "recording cross the network unencrypted; use https"
+)
 
 
 def run_fetch(
@@ -205,7 +213,10 @@ def test_sigterm_during_a_download_leaves_no_partial_file(tmp_path: Path) -> Non
     finally:
         release.set()
     assert process.returncode == 143
-    assert stderr.strip().splitlines() == ["callvault: terminated; no partial file was kept"]
+    assert stderr.strip().splitlines() == [
+        HTTP_WARNING,
+        "callvault: terminated; no partial file was kept",
+    ]
     assert files_in(out) == []
 
 
@@ -304,3 +315,23 @@ async def test_a_cut_off_cdr_export_is_retried() -> None:
     async with client_for(pbx) as client:
         rows = await client.export_cdr(datetime(2026, 11, 1), datetime(2026, 11, 1, 23, 59, 59))
     assert [row.recording for row in rows] == ["a.wav", "b.wav"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--since", "2026-11-01", "--until", "2026-11-02", "--json", "--csv"],
+            "choose one of --json and --csv",
+        ),
+        (["--since", "yesterday", "--until", "2026-11-02"], "'yesterday' is not a time"),
+        (["--since", "2026-11-02", "--until", "2026-11-01"], "--until is before --since"),
+    ],
+)
+def test_cdr_bad_options_exit_2(args: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")}
+    argv = [CALLVAULT, "cdr", "--pbx", "https://127.0.0.1:9", "--username", "api", *args]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("callvault: error: ") and message in line

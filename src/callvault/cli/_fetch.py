@@ -29,6 +29,7 @@ from rich.table import Table
 from callvault.cli import app
 from callvault.cli._common import Terminated, fail, run_terminable
 from callvault.cli._pbxopts import (
+    USAGE_ERROR,
     ApiVersionOpt,
     CaFileOpt,
     InsecureOpt,
@@ -315,14 +316,14 @@ def cdr(
 ) -> None:
     """Print the PBX's call detail records of a time range, with their recording names."""
     if as_json and as_csv:
-        fail("choose one of --json and --csv")
+        fail("choose one of --json and --csv", USAGE_ERROR)
     try:
         start = parse_time(since, end_of_day=False)
         end = parse_time(until, end_of_day=True)
     except ValueError as exc:
-        fail(str(exc))
+        fail(str(exc), USAGE_ERROR)
     if end < start:
-        fail("--until is before --since")
+        fail("--until is before --since", USAGE_ERROR)
     options = PbxOptions(
         pbx, username, password_env, api_version, ca_file, pin_sha256, insecure, tls_min_version
     )

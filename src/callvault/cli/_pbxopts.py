@@ -190,8 +190,15 @@ class PbxOptions:
         tls = self.tls_options()
         password = self.password()
         try:
-            return PbxClient(
+            client = PbxClient(
                 pbx, username, password, api_version=api_version, tls=tls, **client_kwargs
             )
         except ValueError as exc:
             fail(str(exc), USAGE_ERROR)
+        if client.base_url.startswith("http://"):
+            print(
+                "callvault: warning: the PBX URL is plain http: the password hash, the token "
+                "and every recording cross the network unencrypted; use https",
+                file=sys.stderr,
+            )
+        return client
