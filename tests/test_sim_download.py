@@ -252,18 +252,18 @@ def _session_with_recording(state: PbxState, tmp_path: Path) -> tuple[Session, s
     return session, "r.wav"
 
 
-def test_random_is_bound_to_the_requesting_ip_plus_allowedip(tmp_path: Path) -> None:
+def test_random_is_bound_to_the_api_client_ip_plus_allowedip(tmp_path: Path) -> None:
     # Only 127.0.0.1 carries traffic in tests; other addresses are plain strings here.
     state = _state(tmp_path)
     session, name = _session_with_recording(state, tmp_path)
-    value = state.recording_random(session, ip="127.0.0.1", name=name, allowedip=None)
+    value = state.recording_random(session, name=name, allowedip=None)
     with pytest.raises(ApiFailure) as refused:
         state.redeem_recording_random(session, ip="198.51.100.7", name=name, value=value)
     assert refused.value.errno == "20015"
-    value = state.recording_random(session, ip="127.0.0.1", name=name, allowedip="198.51.100.7")
+    value = state.recording_random(session, name=name, allowedip="198.51.100.7")
     assert state.redeem_recording_random(session, ip="198.51.100.7", name=name,
                                          value=value).name == name
-    value = state.recording_random(session, ip="127.0.0.1", name=name, allowedip="198.51.100.7")
+    value = state.recording_random(session, name=name, allowedip="198.51.100.7")
     with pytest.raises(ApiFailure) as other:
         state.redeem_recording_random(session, ip="198.51.100.8", name=name, value=value)
     assert other.value.errno == "20015"

@@ -58,6 +58,7 @@ from callvault.pbx._errors import (
     PbxUnreachable,
     RandomInvalid,
     RecordingNotFound,
+    RequestRejected,
     TokenError,
     error_for_errno,
 )
@@ -181,10 +182,10 @@ class PbxClient:
     sends port "0": no reports; a v2 PBX would otherwise push to port 8260); `events_ip` is
     the heartbeat's ``ipaddr`` (default: the local address of the route to the PBX);
     `report_format` is the login ``version`` (by default the well-formed JSON format of the
-    API version when events are asked for). After a wrong password (20003), or a login
-    refused for any other reason than the network, no login is sent for
-    `login_failure_pause` seconds, whoever asks: calls fail at once instead. `sleep` and
-    `clock` (monotonic seconds) are injectable for tests.
+    API version when events are asked for; v1.0.1 has none and sends the legacy format).
+    After a wrong password (20003), or a login refused for any other reason than the
+    network, no login is sent for `login_failure_pause` seconds, whoever asks: calls fail
+    at once instead. `sleep` and `clock` (monotonic seconds) are injectable for tests.
     """
 
     def __init__(
@@ -218,6 +219,11 @@ class PbxClient:
         self.tls = tls if tls is not None else TlsOptions()
         if events_port is not None and not 0 < events_port < 65536:
             raise ValueError(f"events port {events_port} is not a TCP port")
+        if events_urltag and self.api_version is ApiVersion.V1_0_1:
+            raise ValueError(
+                "an absolute events URL (urltag) needs API v1.1.0 or later; "
+                "v1.0.1 only takes a path"
+            )
         self.events_port = events_port
         self.events_url = events_url
         self.events_urltag = events_urltag
@@ -534,10 +540,11 @@ class PbxClient:
             body["port"] = str(self.events_port)
             if self.events_url is not None:
                 body["url"] = self.events_url
-                flag = "1" if self.events_urltag else "0"
-                body["urltag"] = flag
-                if not self.api_version.is_v2:
-                    body["urlflag"] = flag  # the v1 page spells it so
+                if self.api_version is not ApiVersion.V1_0_1:  # v1.0.1 has no URL-type flag
+                    flag = "1" if self.events_urltag else "0"
+                    body["urltag"] = flag
+                    if not self.api_version.is_v2:
+                        body["urlflag"] = flag  # the v1.1.0 page spells it so
         else:
             body["port"] = NO_EVENTS_PORT  # as at login: no reports
         if self.report_format is not None and self.api_version.is_v2:
@@ -818,6 +825,14 @@ class PbxClient:
         Keep ranges to a day or less: old firmware times out on large exports. An empty
         range (errno 20021) gives an empty list.
         """
+        if not self.api_version.has_cdr_export:
+            # Checked here, not left to the PBX's errno 10003 ("unsupported API request"),
+            # which would not say what to do about it.
+            raise RequestRejected(
+                f"the CDR export needs API v1.1.0 or later; this client uses API "
+                f"{self.api_version.value}",
+                errno="10003",
+            )
         if end < start:
             raise ValueError("the CDR range ends before it starts")
         starttime = start.strftime(CDR_TIME_FORMAT)

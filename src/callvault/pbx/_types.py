@@ -23,9 +23,19 @@ class ApiVersion(enum.StrEnum):
         return self is ApiVersion.V2_0_0
 
     @property
-    def report_format(self) -> str:
-        """The login `version` that asks for well-formed JSON events for this API version."""
+    def report_format(self) -> str | None:
+        """The login `version` that asks for well-formed JSON events for this API version.
+
+        None for v1.0.1: it has no `version` field and always sends the legacy format.
+        """
+        if self is ApiVersion.V1_0_1:
+            return None
         return "2.0.0" if self.is_v2 else "1.0.2"
+
+    @property
+    def has_cdr_export(self) -> bool:
+        """The CDR export (``cdr/get_random`` + ``cdr/download``) came with v1.1.0."""
+        return self is not ApiVersion.V1_0_1
 
     @property
     def cdr_extensions_field(self) -> str:

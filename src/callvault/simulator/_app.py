@@ -35,6 +35,8 @@ from callvault.simulator._state import (
 )
 
 API_VERSIONS = ("v1.0.1", "v1.1.0", "v2.0.0")
+V1_0_1 = "v1.0.1"  # the 2017 API: no urltag, no report `version`, no CDR export
+V2 = "v2.0.0"
 SERVER = "Boa/0.94.14rc21"
 BASE_HEADERS: dict[str, str] = {
     "Server": SERVER,
@@ -186,14 +188,16 @@ class PbxHttp:
         data = await _json_body(request)
         username = _param(data, "username") or ""
         password = _param(data, "password") or ""
-        v2 = version == "v2.0.0"
+        v2 = version == V2
         port = _port(_param(data, "port", required=not v2), default=DEFAULT_EVENT_PORT)
+        # v1.0.1 knows neither urltag nor version (spec 3.1): its `url` is always a path
+        # and its reports always legacy; the PBX ignores fields it does not know.
+        urltag = version != V1_0_1 and bool(_flag(_param(data, "urltag", required=False)))
         session = self.state.login(
             ip=_client_ip(request), username=username, password_md5=password,
             api_version=version, port=port if port is not None else DEFAULT_EVENT_PORT,
-            url=_param(data, "url", required=False) or "",
-            urltag=bool(_flag(_param(data, "urltag", required=False))),
-            version=_param(data, "version", required=False),
+            url=_param(data, "url", required=False) or "", urltag=urltag,
+            version=None if version == V1_0_1 else _param(data, "version", required=False),
         )
         payload = {"status": "Success", "token": session.token}
         if v2:
@@ -205,13 +209,19 @@ class PbxHttp:
         session = self._session(request)
         data = await _json_body(request)
         ipaddr = (_param(data, "ipaddr") or "").strip()
-        port = _port(_param(data, "port", required=version != "v2.0.0"), default=None)
-        urltag = _flag(_param(data, "urltag", required=False))
-        if urltag is None:
-            urltag = _flag(_param(data, "urlflag", required=False))
+        port = _port(_param(data, "port", required=version != V2), default=None)
+        # The URL-type flag: none in v1.0.1, `urlflag` in the v1.1.0 page, `urltag` in v2
+        # and at login; both spellings accepted where a flag exists (spec 3.3).
+        urltag = None
+        if version != V1_0_1:
+            urltag = _flag(_param(data, "urltag", required=False))
+            if urltag is None:
+                urltag = _flag(_param(data, "urlflag", required=False))
+        # Only v2 documents `version` in the heartbeat.
+        report_version = _param(data, "version", required=False) if version == V2 else None
         self.state.heartbeat(session, ipaddr=ipaddr, port=port,
                              url=_param(data, "url", required=False), urltag=urltag,
-                             version=_param(data, "version", required=False))
+                             version=report_version, api_version=version)
         return json_response({"status": "Success"}), "Success"
 
     async def logout(self, request: Request, version: str) -> Outcome:
@@ -224,7 +234,7 @@ class PbxHttp:
         session = self._session(request)
         data = await _json_body(request)
         name = _param(data, "recording") or ""
-        value = self.state.recording_random(session, ip=_client_ip(request), name=name,
+        value = self.state.recording_random(session, name=name, api_version=version,
                                             allowedip=_param(data, "allowedip", required=False))
         return json_response({"status": "Success", "recording": name, "random": value}), "Success"
 
@@ -236,7 +246,8 @@ class PbxHttp:
         name = _param(query, "recording") or ""
         value = _param(query, "random") or ""
         recording = self.state.redeem_recording_random(session, ip=_client_ip(request),
-                                                       name=name, value=value)
+                                                       name=name, value=value,
+                                                       api_version=version)
         return await self._stream(request, recording)
 
     async def _stream(self, request: Request, recording: Recording) -> Outcome:
@@ -270,7 +281,7 @@ class PbxHttp:
         return response, "dropped" if drop else "Success"
 
     def _cdr_query(self, data: Mapping[str, Any], version: str) -> CdrQuery:
-        field = "number" if version == "v2.0.0" else "extid"
+        field = "number" if version == V2 else "extid"
         return CdrQuery(
             extensions=(_param(data, field) or "").strip(),
             starttime=(_param(data, "starttime") or "").strip(),
@@ -282,9 +293,9 @@ class PbxHttp:
         session = self._session(request)
         data = await _json_body(request)
         query = self._cdr_query(data, version)
-        value = self.state.cdr_random(session, ip=_client_ip(request), query=query,
+        value = self.state.cdr_random(session, query=query,
                                       allowedip=_param(data, "allowedip", required=False))
-        field = "number" if version == "v2.0.0" else "extid"
+        field = "number" if version == V2 else "extid"
         return json_response({"status": "Success", field: query.extensions,
                               "starttime": query.starttime, "endtime": query.endtime,
                               "random": value}), "Success"
@@ -298,7 +309,7 @@ class PbxHttp:
         value = _param(query_params, "random") or ""
         rows = self.state.redeem_cdr_random(session, ip=_client_ip(request), query=query,
                                             value=value)
-        v2 = version == "v2.0.0"
+        v2 = version == V2
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=cdr_columns(v2))
         writer.writeheader()
@@ -311,16 +322,21 @@ class PbxHttp:
             "Content-Disposition": 'attachment; filename="cdr.csv"',
         }), "Success"
 
-    def handlers(self) -> dict[str, Handler]:
-        return {
+    def handlers(self, version: str) -> dict[str, Handler]:
+        """The endpoints of API path `version` (none for an unknown one)."""
+        if version not in API_VERSIONS:
+            return {}
+        endpoints: dict[str, Handler] = {
             "login": self.login,
             "heartbeat": self.heartbeat,
             "logout": self.logout,
             "recording/get_random": self.recording_get_random,
             "recording/download": self.recording_download,
-            "cdr/get_random": self.cdr_get_random,
-            "cdr/download": self.cdr_download,
         }
+        if version != V1_0_1:  # the CDR export came with v1.1.0 (spec section 1)
+            endpoints["cdr/get_random"] = self.cdr_get_random
+            endpoints["cdr/download"] = self.cdr_download
+        return endpoints
 
     def _injected_failure(self, path: str) -> Outcome | None:
         state, faults = self.state, self.state.faults
@@ -338,13 +354,22 @@ class PbxHttp:
         endpoint = request.path_params["endpoint"]
         if self.state.faults.slow_seconds > 0:
             await asyncio.sleep(self.state.faults.slow_seconds)
-        if request.method == "OPTIONS":  # CORS preflight
-            return Response(b"", headers=BASE_HEADERS)
+        # A failing web server in front of the API fails every request, preflights included.
         injected = self._injected_failure(request.url.path)
         if injected is not None:
             self.state.log(endpoint, injected[1])
             return injected[0]
-        handler = self.handlers().get(endpoint) if version in API_VERSIONS else None
+        # Spec 3.1: the lockout blocks the source IP, not only its logins; checked before
+        # anything of the request is read.
+        if self.state.is_locked_out(_client_ip(request)):
+            self.state.log(endpoint, "20002")
+            return failed("20002")
+        if request.method == "OPTIONS":  # CORS preflight
+            return Response(b"", headers=BASE_HEADERS)
+        if not endpoint.strip("/"):  # /api/v1.1.0/: no request id at all
+            self.state.log(endpoint, "20009")
+            return failed("20009")
+        handler = self.handlers(version).get(endpoint)
         if handler is None:
             self.state.log(endpoint, "10003")
             return failed("10003")

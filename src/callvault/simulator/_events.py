@@ -48,10 +48,23 @@ def _dump(pairs: list[tuple[str, str]]) -> bytes:
     return ("{" + body + "}").encode()
 
 
-def newcdr_body(cdr: CallDetail, fmt: EventFormat) -> bytes:
-    """The NewCdr report of `cdr` in the format an app server asked for at login."""
+# The spellings the v2 documents show in places (spec 6.3), for the v2_spellings_rate fault.
+_V2_ODD_STATUS = {"ANSWERED": "ANSWERD", "NO ANSWER": "NO ANSWERED"}
+_V2_ODD_KEYS = {"dsttrcunkname": "dstrunkname"}
+
+
+def newcdr_body(cdr: CallDetail, fmt: EventFormat, *, odd_spellings: bool = False) -> bytes:
+    """The NewCdr report of `cdr` in the format an app server asked for at login.
+
+    `odd_spellings` (format 2.0.0 only): the status and trunk key as the v2 documents spell
+    them in places (ANSWERD, NO ANSWERED, dstrunkname).
+    """
     if fmt is EventFormat.V2_0_0:
-        return _dump([("event", "NewCdr"), *cdr_values(cdr, v2=True).items()])
+        pairs = list(cdr_values(cdr, v2=True).items())
+        if odd_spellings:
+            pairs = [(_V2_ODD_KEYS.get(k, k), _V2_ODD_STATUS.get(v, v) if k == "status" else v)
+                     for k, v in pairs]
+        return _dump([("event", "NewCdr"), *pairs])
     pairs = [("action", "NewCdr"), *cdr_values(cdr, v2=False).items()]
     if fmt is EventFormat.LEGACY:
         pairs = [(k, v) for k, v in pairs if v or k not in _LEGACY_OMITTED_WHEN_EMPTY]

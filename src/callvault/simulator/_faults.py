@@ -67,6 +67,18 @@ class Faults:
     """Answer a download's ``Range: bytes=a-b`` header with 206 Partial Content. Off: the
     header is ignored and the whole file is sent with 200, as Boa is assumed to do."""
 
+    errno_2017: bool = False
+    """Answer with the errno meanings of the 2017 documents, as API v1.0.1 always does: a
+    recording that does not exist (never did, or is not written yet) is 20012 "the recording
+    file does not exist", a deleted one 20014. Off (later firmware, paths v1.1.0 and
+    v2.0.0): 20014 for both, and 20012 only means an invalid download random."""
+
+    v2_spellings_rate: float = 0.0
+    """Probability that a call's NewCdr in format 2.0.0 uses the spellings the v2 documents
+    show in places: status ``ANSWERD`` / ``NO ANSWERED`` and the trunk key ``dstrunkname``
+    (instead of ``ANSWERED`` / ``NO ANSWER`` / ``dsttrcunkname``). Default 0: the v2
+    example report, the only sample of what the firmware sends, spells them the usual way."""
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Faults)}
 

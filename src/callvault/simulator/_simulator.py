@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import uvicorn
 
-from callvault.pbx._types import CallDetail
+from callvault.pbx._types import CallDetail, EventFormat
 from callvault.simulator._app import build_app
 from callvault.simulator._clock import Clock
 from callvault.simulator._config import SimulatorConfig
@@ -39,6 +39,11 @@ from callvault.simulator._wav import write_wav
 
 _SAFE_FILE_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$")
 _TICK_SECONDS = 0.05
+# "ANSWERD" is how the v2 documents spell it in places: still an answered (recorded) call.
+_ANSWERED_SPELLINGS = frozenset({"ANSWERED", "ANSWERD"})
+# Statuses of place_random_call and their weights: four in five calls are answered.
+_RANDOM_STATUSES = (("ANSWERED", 16), ("NO ANSWER", 1), ("BUSY", 1), ("FAILED", 1),
+                    ("VOICEMAIL", 1))
 CallListener = Callable[[CallDetail], None]
 
 
@@ -75,6 +80,8 @@ class Simulator:
         self._startup_error: BaseException | None = None
         self._port = 0
         self._listeners: list[CallListener] = []
+        self._ticks = 0
+        self._ticked = threading.Condition()
 
     def __repr__(self) -> str:
         return f"Simulator(url={self.url!r}, serial={self.serial!r})"
@@ -235,8 +242,12 @@ class Simulator:
                    talk_seconds: float = 3, ring_seconds: float = 2, status: str = "ANSWERED",
                    recorded: bool = True, didnumber: str = "", srctrunkname: str = "",
                    dsttrunkname: str = "", size_bytes: int | None = None) -> CallDetail:
-        """A call that has just ended: WAV on disk, CDR stored, NewCdr pushed to app servers."""
-        answered = status == "ANSWERED"
+        """A call that has just ended: WAV on disk, CDR stored, NewCdr pushed to app servers.
+
+        `status` is stored and pushed as given; only an answered call (``ANSWERED``, or the
+        documents' ``ANSWERD``) has talk time and a recording.
+        """
+        answered = status.strip().upper() in _ANSWERED_SPELLINGS
         talk = int(talk_seconds) if answered else 0
         ring = int(ring_seconds)
         hangup = self.clock.now()
@@ -264,8 +275,12 @@ class Simulator:
         )
         self.state.add_cdr(cdr)
         if self._pusher is not None:
-            for token, target in self.state.live_targets():
-                self._pusher.push(target, newcdr_body(cdr, target.format), token)
+            targets = self.state.live_targets()
+            odd = (any(t.format is EventFormat.V2_0_0 for _token, t in targets)
+                   and self.state.chance(self.faults.v2_spellings_rate))
+            for token, target in targets:
+                self._pusher.push(target, newcdr_body(cdr, target.format, odd_spellings=odd),
+                                  token)
         if name is not None and self.state.chance(self.faults.delete_rate):
             self.state.delete_recording(name)
         for listener in list(self._listeners):
@@ -282,7 +297,8 @@ class Simulator:
             kind = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
             ext = str(rng.randint(1000, 1020))
             mobile = f"+4915{rng.randint(10_000_000, 99_999_999)}"
-            status = rng.choices(["ANSWERED", "NO ANSWER", "BUSY"], weights=[8, 1, 1])[0]
+            status = rng.choices([s for s, _w in _RANDOM_STATUSES],
+                                 weights=[w for _s, w in _RANDOM_STATUSES])[0]
             talk = rng.randint(2, 40)
             ring = rng.randint(1, 15)
             other = str(rng.randint(1000, 1020))
@@ -342,18 +358,47 @@ class Simulator:
         """Wait until every queued report was delivered (or given up); False on timeout."""
         return self._pusher.wait_idle(timeout) if self._pusher is not None else True
 
+    @property
+    def tick_count(self) -> int:
+        """How many rounds of background duties (periodic faults, random calls) have run."""
+        with self._ticked:
+            return self._ticks
+
+    def wait_ticks(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until `count` more rounds of background duties have run; False on timeout.
+
+        After a fault switch is changed, two rounds guarantee the change was seen.
+        """
+        with self._ticked:
+            target = self._ticks + count
+            return self._ticked.wait_for(lambda: self._ticks >= target, timeout)
+
     async def _tick(self) -> None:
-        """Background duties on the simulator clock: periodic faults and random calls."""
+        """Background duties on the simulator clock: periodic faults and random calls.
+
+        A periodic fault's interval is counted from when it was switched on (or its interval
+        changed), never from when the simulator started: switched on mid-run, after the
+        clock was moved on, it does not fire at once.
+        """
         last_revoke = last_reboot = self.clock.now()
+        revoke_every = self.faults.revoke_every_seconds
+        reboot_every = self.faults.reboot_every_seconds
         next_call: float | None = None
         while True:
             await asyncio.sleep(_TICK_SECONDS)
+            with self._ticked:
+                self._ticks += 1
+                self._ticked.notify_all()
             now = self.clock.now()
             faults = self.faults
-            if faults.revoke_every_seconds > 0 and now - last_revoke >= faults.revoke_every_seconds:
+            if faults.revoke_every_seconds != revoke_every:
+                revoke_every, last_revoke = faults.revoke_every_seconds, now
+            if faults.reboot_every_seconds != reboot_every:
+                reboot_every, last_reboot = faults.reboot_every_seconds, now
+            if revoke_every > 0 and now - last_revoke >= revoke_every:
                 last_revoke = now
                 self.revoke_tokens()
-            if faults.reboot_every_seconds > 0 and now - last_reboot >= faults.reboot_every_seconds:
+            if reboot_every > 0 and now - last_reboot >= reboot_every:
                 last_reboot = now
                 self.reboot()
             rate = self.config.calls_per_minute

@@ -31,6 +31,26 @@ LOCKOUT_SECONDS = 600.0
 DEFAULT_EVENT_PORT = 8260
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _EXPIRED_TOKENS_KEPT = 10_000
+LEGACY_ERRNO_VERSION = "v1.0.1"  # API path version whose errnos keep their 2017 meanings
+
+# The report formats each API path version offers (spec section 3.1): the login `version`
+# value -> format; None (no version) is the version's default. v1.0.1 has no `version`
+# field; v1.1.0 knows "1.0.2"; v2.0.0 calls the default "1.0.0" and adds "2.0.0". Any other
+# combination is undocumented: the version's default.
+_REPORT_FORMATS: dict[str, dict[str | None, EventFormat]] = {
+    "v1.0.1": {None: EventFormat.LEGACY},
+    "v1.1.0": {None: EventFormat.LEGACY, "1.0.2": EventFormat.V1_0_2},
+    "v2.0.0": {None: EventFormat.LEGACY, "1.0.0": EventFormat.LEGACY,
+               "2.0.0": EventFormat.V2_0_0},
+}
+
+
+def event_format_for(api_version: str, version: str | None) -> EventFormat:
+    """The report format a login (or v2 heartbeat) through path `api_version` gets when it
+    sends `version` (None: the field was left out)."""
+    offered = _REPORT_FORMATS.get(api_version, {None: EventFormat.LEGACY})
+    key = version.strip() if version is not None and version.strip() else None
+    return offered.get(key, offered[None])
 
 
 class ApiFailure(Exception):
@@ -229,7 +249,7 @@ class PbxState:
             session = Session(
                 token=new_secret(), username=username, client_ip=ip, api_version=api_version,
                 event_ip=ip, port=port, url=url, urltag=urltag,
-                format=EventFormat.from_login_version(version), created=now, last_activity=now,
+                format=event_format_for(api_version, version), created=now, last_activity=now,
             )
             self._sessions[session.token] = session
             self.login_count += 1
@@ -275,8 +295,13 @@ class PbxState:
                 session.last_activity = self.clock.now()
 
     def heartbeat(self, session: Session, *, ipaddr: str, port: int | None, url: str | None,
-                  urltag: bool | None, version: str | None) -> None:
-        """Update where this app server wants its reports (validity was refreshed already)."""
+                  urltag: bool | None, version: str | None,
+                  api_version: str | None = None) -> None:
+        """Update where this app server wants its reports (validity was refreshed already).
+
+        `version` (None: not sent) picks the report format as a login through path
+        `api_version` (default: the session's) would; only v2 documents it for the
+        heartbeat, so the HTTP handler passes None for the others."""
         with self.lock:
             session.event_ip = ipaddr
             if port is not None:
@@ -286,7 +311,7 @@ class PbxState:
             if urltag is not None:
                 session.urltag = urltag
             if version is not None:
-                session.format = EventFormat.from_login_version(version)
+                session.format = event_format_for(api_version or session.api_version, version)
 
     def logout(self, session: Session) -> None:
         with self.lock:
@@ -330,8 +355,10 @@ class PbxState:
 
     # -- randoms ------------------------------------------------------------------------------
 
-    def _allowed_ips(self, session: Session, ip: str, allowedip: str | None) -> frozenset[str]:
-        allowed = {ip, session.client_ip, session.event_ip}
+    def _allowed_ips(self, session: Session, allowedip: str | None) -> frozenset[str]:
+        # Spec 5.2 and gotcha 6: without allowedip only the API client may download: the IP
+        # that logged in or the heartbeat's ipaddr. Not whoever asked for the random.
+        allowed = {session.client_ip, session.event_ip}
         if allowedip is not None and allowedip.strip():
             try:
                 allowed.add(str(ipaddress.ip_address(allowedip.strip())))
@@ -386,28 +413,41 @@ class PbxState:
             recording.deleted = True
             recording.path.unlink(missing_ok=True)
 
-    def _available(self, name: str) -> Recording:
+    def errnos_2017(self, api_version: str) -> bool:
+        """Whether 20012 means "the recording file does not exist" (the 2017 documents, API
+        v1.0.1, or the ``errno_2017`` fault) rather than "the random is invalid"."""
+        return api_version == LEGACY_ERRNO_VERSION or self.faults.errno_2017
+
+    def _available(self, name: str, api_version: str) -> Recording:
+        # 2017 meanings: 20012 the file does not exist, 20014 it has been deleted. Later
+        # firmware: 20014 the file does not exist, whatever the reason.
+        absent = "20012" if self.errnos_2017(api_version) else "20014"
         recording = self._recordings.get(name)
-        if recording is None or recording.deleted or not recording.path.is_file():
+        if recording is None:
+            raise ApiFailure(absent)
+        if recording.deleted or not recording.path.is_file():
             raise ApiFailure("20014")
         if self.clock.now() < recording.created_at + self.faults.not_ready_seconds:
-            raise ApiFailure("20014")
+            raise ApiFailure(absent)  # not written yet: it does not exist (yet)
         return recording
 
-    def recording_random(self, session: Session, *, ip: str, name: str,
-                         allowedip: str | None) -> str:
-        """recording/get_random: 20014 if there is no such (ready) file, 20015 bad allowedip."""
+    def recording_random(self, session: Session, *, name: str, allowedip: str | None,
+                         api_version: str | None = None) -> str:
+        """recording/get_random: 20014 (or 20012, see errnos_2017) if there is no such ready
+        file, 20015 for a bad allowedip. `api_version` is the request's path version
+        (default: the session's)."""
         with self.lock:
-            self._available(name)
-            allowed = self._allowed_ips(session, ip, allowedip)
+            self._available(name, api_version or session.api_version)
+            allowed = self._allowed_ips(session, allowedip)
             return self._grant("recording", name, session, allowed)
 
     def redeem_recording_random(self, session: Session, *, ip: str, name: str,
-                                value: str) -> Recording:
-        """recording/download: the random must be fresh, unused, this token's, for this name."""
+                                value: str, api_version: str | None = None) -> Recording:
+        """recording/download: the random must be fresh, unused, this token's, for this name,
+        and `ip` the API client's (or the allowedip)."""
         with self.lock:
             self._redeem("recording", name, session, ip, value, "20012")
-            return self._available(name)
+            return self._available(name, api_version or session.api_version)
 
     # -- calls and CDRs -----------------------------------------------------------------------
 
@@ -442,12 +482,11 @@ class PbxState:
             raise ApiFailure("20021")
         return rows
 
-    def cdr_random(self, session: Session, *, ip: str, query: CdrQuery,
-                   allowedip: str | None) -> str:
+    def cdr_random(self, session: Session, *, query: CdrQuery, allowedip: str | None) -> str:
         """cdr/get_random: 20019 bad time format or order, 20021 nothing in the range."""
         with self.lock:
             self._select_cdrs(query)
-            return self._grant("cdr", query.key, session, self._allowed_ips(session, ip, allowedip))
+            return self._grant("cdr", query.key, session, self._allowed_ips(session, allowedip))
 
     def redeem_cdr_random(self, session: Session, *, ip: str, query: CdrQuery,
                           value: str) -> list[CallDetail]:
