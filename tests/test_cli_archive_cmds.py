@@ -147,6 +147,7 @@ def test_list_filters_and_text_output(archive: tuple[Path, dict[str, bytes]]) ->
     lines = text.stdout.splitlines()
     assert lines[0].split() == [
         "START",
+        "(Europe/Paris)",  # CALLVAULT_TIMEZONE: the zone the times are shown in
         "STATE",
         "FROM",
         "TO",
@@ -155,8 +156,47 @@ def test_list_filters_and_text_output(archive: tuple[Path, dict[str, bytes]]) ->
         "SIZE",
         "RECORDING",
     ]
-    assert lines[1].startswith("2024-04-04 10:00:00  failed")
+    assert lines[1].split()[:3] == ["2024-04-04", "10:00:00", "failed"]
     assert lines[-1] == "(2 of 4; use --limit 0 for all)"
+
+
+def test_list_times_follow_the_saved_pbx_zone_not_the_hosts(
+    archive: tuple[Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls were made at 10:00 in Paris. `serve` saved the PBX's zone; the host says
+    Tokyo. Without a zone given, `list` shows and reads times in the saved one."""
+    root, _ = archive
+    monkeypatch.delenv("CALLVAULT_TIMEZONE")
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+
+    def listed(*extra: str) -> list[str]:
+        result = runner.invoke(app, ["list", "--json", "--archive", str(root), *extra])
+        assert result.exit_code == 0, result.output
+        return [o["start"] for o in json.loads(result.stdout)]
+
+    # Nothing saved yet (an index from before this setting): the host's zone.
+    assert listed()[-1] == "2024-04-01T17:00:00+09:00"
+    with open_index(f"sqlite:///{root / 'callvault.db'}") as index:
+        index.set_setting("pbx_timezone", "Europe/Paris", NOW)
+    assert listed()[-1] == "2024-04-01T10:00:00+02:00"
+    text = runner.invoke(app, ["list", "--archive", str(root), "--state", "archived"])
+    assert text.stdout.splitlines()[-1].split()[:2] == ["2024-04-01", "10:00:00"]
+    # --since/--until are read in the same zone: 10:00 to 10:01 on April 2nd, Paris time.
+    window = ["--since", "2024-04-02T10:00", "--until", "2024-04-02T10:01"]
+    assert listed(*window) == ["2024-04-02T10:00:00+02:00"]
+    # A zone given on purpose wins: flag, then CALLVAULT_TIMEZONE, then the config file.
+    assert listed("--timezone", "UTC")[-1] == "2024-04-01T08:00:00+00:00"
+    monkeypatch.setenv("CALLVAULT_TIMEZONE", "America/New_York")
+    assert listed()[-1] == "2024-04-01T04:00:00-04:00"
+    assert listed("--timezone", "UTC")[-1] == "2024-04-01T08:00:00+00:00"
+    monkeypatch.delenv("CALLVAULT_TIMEZONE")
+    config = root.parent / "callvault.toml"
+    config.write_text('timezone = "Asia/Kolkata"\n', encoding="utf-8")
+    assert listed("--config", str(config))[-1] == "2024-04-01T13:30:00+05:30"
+    bad = runner.invoke(app, ["list", "--archive", str(root), "--timezone", "Mars/Base"])
+    assert bad.exit_code == 2 and "unknown time zone 'Mars/Base'" in bad.stderr
+    status = json.loads(runner.invoke(app, ["status", "--json", "--archive", str(root)]).stdout)
+    assert status["pbx_timezone"] == "Europe/Paris"
 
 
 def test_list_rejects_bad_options_in_one_line(archive: tuple[Path, dict[str, bytes]]) -> None:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from callvault.cli import _web, app
 from callvault.index import Index, audit, open_index, users
+from web_fixtures import ADMIN, LISTENER_2000, live_web, login
 
 
 @pytest.fixture()
@@ -120,7 +121,7 @@ def test_audit_record_query_and_csv(index: Index) -> None:
 runner = CliRunner()
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def _cli(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
     assert _web.user_app is not None  # imported: the commands are registered
     result = runner.invoke(app, list(args), env=env)
     return result.exit_code, result.stdout, result.stderr
@@ -171,3 +172,48 @@ def test_cli_user_and_token_commands(tmp_path: Path) -> None:
         index.close()
     code, _, err = _cli("user", "list", "--archive", str(tmp_path / "nope"))
     assert code == 1 and "does not exist" in err
+
+
+def test_cli_user_passwd_ends_the_users_sessions_and_the_new_password_logs_in(
+    tmp_path: Path,
+) -> None:
+    """`callvault user passwd` against a real app over sockets sharing the index."""
+    with live_web(tmp_path) as web:
+        bob = web.login(*LISTENER_2000)
+        alice = web.login(*ADMIN)
+        assert bob.get("/api/me").json()["name"] == "bob"
+        code, out, err = _cli("user", "passwd", "bob", "--archive", str(tmp_path))
+        assert code == 0, err
+        said, shown = out.strip().splitlines()
+        assert said == "new password set for bob; their web sessions have ended"
+        assert shown.startswith("password for bob (shown once): ")
+        password = shown.rsplit(" ", 1)[1]
+        assert bob.get("/api/me").status_code == 401  # the session from before
+        assert alice.get("/api/me").status_code == 200  # another user's is untouched
+        assert login(web.client(), *LISTENER_2000).status_code != 303  # old password refused
+        assert web.login("bob", password).get("/api/me").json()["name"] == "bob"
+        # From an environment variable: nothing printed but the one line.
+        code, out, err = _cli(
+            "user", "passwd", "bob", "--password-env", "BOB_PW", "--archive", str(tmp_path),
+            env={"BOB_PW": "bob-password-3"},
+        )  # fmt: skip
+        assert code == 0, err
+        assert out == "new password set for bob; their web sessions have ended\n"
+        assert web.login("bob", "bob-password-3").get("/api/me").status_code == 200
+        passwd = audit.query(web.archive.index.engine, audit.AuditFilter(target="bob"))
+        assert [e.action for e in passwd][:2] == [_web.USER_PASSWORD_ACTION] * 2
+        assert passwd[0].actor.startswith("cli")
+        # Mistakes are one line, and change nothing.
+        code, _, err = _cli("user", "passwd", "nobody", "--archive", str(tmp_path))
+        assert (code, err) == (1, "callvault: error: no user named 'nobody'\n")
+        code, _, err = _cli(
+            "user", "passwd", "bob", "--password-env", "BOB_PW", "--archive", str(tmp_path),
+            env={"BOB_PW": "short"},
+        )  # fmt: skip
+        assert code == 2 and err.startswith("callvault: error: the password is too short")
+        code, _, err = _cli(
+            "user", "passwd", "bob", "--password-env", "NO_SUCH_PW", "--archive", str(tmp_path),
+            env={"NO_SUCH_PW": None},
+        )  # fmt: skip
+        assert code == 2 and "NO_SUCH_PW is empty or not set" in err
+        assert web.login("bob", "bob-password-3").get("/api/me").status_code == 200

@@ -56,6 +56,10 @@ log = logging.getLogger("callvault.archive")
 # How long start-up waits for the first login attempt before saying it is ready.
 _FIRST_LOGIN_WAIT_S = 5.0
 
+# The PBX's time zone (IANA name) that serve and backfill read the PBX's local times in:
+# `callvault list` shows and filters times in it unless told another zone.
+TIMEZONE_SETTING = "pbx_timezone"
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -132,6 +136,12 @@ class ListenError(StartError):
             message += " (is another callvault serve running?)"
         super().__init__(message)
         self.errno = exc.errno
+
+
+def save_pbx_timezone(index: Index, tz: ZoneInfo) -> None:
+    """Remember in the index the PBX time zone this archive is read with (see
+    `TIMEZONE_SETTING`); the latest serve or backfill wins."""
+    index.set_setting(TIMEZONE_SETTING, tz.key, _utcnow())
 
 
 def open_storage(path: Path) -> LocalStorage:
@@ -346,6 +356,7 @@ class Archiver:
         self.secret_path = await asyncio.to_thread(
             index.setdefault_setting, SECRET_SETTING, new_secret_path(), _utcnow()
         )
+        await asyncio.to_thread(save_pbx_timezone, index, config.timezone)
         pbx_host = urlsplit(config.pbx_url).hostname or ""
         allowed = await asyncio.to_thread(allow_list_for, pbx_host, config.events_allow)
 

@@ -18,7 +18,7 @@ import json
 import sys
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
@@ -30,6 +30,8 @@ from callvault.cli._settings import (
     ConfigOption,
     DbOption,
     SettingsError,
+    ShowTimezoneOption,
+    host_timezone,
     settings_or_fail,
 )
 from callvault.index import (
@@ -68,8 +70,31 @@ def open_archive(
     return index, LocalStorage(archive)
 
 
+# Written by `callvault serve` and `backfill` (callvault.archive._service.TIMEZONE_SETTING),
+# not imported from there: these commands should not pay for loading the archiver.
+_TIMEZONE_SETTING = "pbx_timezone"
+
+
+def _saved_timezone(index: Index) -> str | None:
+    """The PBX time zone serve/backfill saved in the index, if any (and a known zone)."""
+    name = index.get_setting(_TIMEZONE_SETTING)
+    if not name:
+        return None
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+    return name
+
+
+def display_timezone(settings: ArchiveSettings, index: Index) -> ZoneInfo:
+    """The zone to show and read call times in: --timezone, CALLVAULT_TIMEZONE or the
+    config file if given; else the PBX's zone as serve/backfill saved it; else the host's."""
+    return ZoneInfo(settings.given_timezone() or _saved_timezone(index) or host_timezone())
+
+
 def _parse_when(value: str, tz: ZoneInfo, *, end_of_day: bool) -> datetime:
-    """A date (whole day, in the PBX's zone) or an ISO date-time (naive = PBX's zone)."""
+    """A date (whole day, in zone `tz`) or an ISO date-time (naive = in zone `tz`)."""
     text = value.strip()
     try:
         if len(text) == 10:
@@ -137,10 +162,12 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def list_command(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
     since: Annotated[
-        str | None, typer.Option(help="Calls from this date or time (PBX's zone).")
+        str | None,
+        typer.Option(help="Calls from this date or time, in the zone the times are shown in."),
     ] = None,
     until: Annotated[
-        str | None, typer.Option(help="Calls up to this date (inclusive) or before this time.")
+        str | None,
+        typer.Option(help="Calls up to this date (inclusive) or before this time (same zone)."),
     ] = None,
     number: Annotated[
         str | None, typer.Option(help="Part of the caller, callee or DID number.")
@@ -149,23 +176,25 @@ def list_command(
         str | None, typer.Option(help=f"Only this state: {', '.join(RECORDING_STATES)}.")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many (0: all).", min=0)] = 100,
+    timezone: ShowTimezoneOption = None,
     archive: ArchiveOption = None,
     db: DbOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """List recordings, newest call first."""
-    settings = settings_or_fail(config, archive=archive, db=db)
+    """List recordings, newest call first. Times are shown and read in the PBX's zone as
+    serve/backfill saved it (the host's if none was saved), or in --timezone."""
+    settings = settings_or_fail(config, archive=archive, db=db, timezone=timezone)
     if state is not None and state not in RECORDING_STATES:
         fail(f"unknown state {state!r}: use one of {', '.join(RECORDING_STATES)}", code=2)
-    tz = settings.tz
-    filters = SearchFilters(
-        since=_parse_when(since, tz, end_of_day=False) if since else None,
-        until=_parse_when(until, tz, end_of_day=True) if until else None,
-        number=number or None,
-        state=state,
-    )
     index, storage = open_archive(settings)
     with index:
+        tz = display_timezone(settings, index)
+        filters = SearchFilters(
+            since=_parse_when(since, tz, end_of_day=False) if since else None,
+            until=_parse_when(until, tz, end_of_day=True) if until else None,
+            number=number or None,
+            state=state,
+        )
         rows = index.search(filters, limit=limit or 2**62)
         total = index.count(filters) if not json_output else len(rows)
     if json_output:
@@ -190,7 +219,8 @@ def list_command(
         ]
         for row in rows
     ]
-    print(_table(["START", "STATE", "FROM", "TO", "TYPE", "STATUS", "SIZE", "RECORDING"], table))
+    headers = [f"START ({tz.key})", "STATE", "FROM", "TO", "TYPE", "STATUS", "SIZE", "RECORDING"]
+    print(_table(headers, table))
     if total > len(rows):
         print(f"({len(rows)} of {total}; use --limit 0 for all)")
 
@@ -223,6 +253,7 @@ def status_command(
         retrying = index.retrying(20)
         last_event = index.get_setting("last_event_at")
         health_text = index.get_setting("pbx_health")
+        pbx_timezone = _saved_timezone(index)
     health: Any = None
     if health_text is not None:
         try:
@@ -237,6 +268,7 @@ def status_command(
         "retrying": [_failure_object(row) for row in retrying],
         "last_event_at": last_event,
         "pbx_health": health,
+        "pbx_timezone": pbx_timezone,
     }
     if json_output:
         print(json.dumps(report, ensure_ascii=False, indent=2))
@@ -248,6 +280,7 @@ def status_command(
         + f" (total {report['total']})"
     )
     print(f"last event: {last_event or 'none received yet'}")
+    print(f"PBX time zone: {pbx_timezone or 'not saved yet (serve or backfill saves it)'}")
     if health is None:
         print("PBX session: unknown (serve has not reported yet)")
     elif isinstance(health, dict):
@@ -373,7 +406,10 @@ def requeue_command(
     ] = None,
     since: Annotated[
         str | None,
-        typer.Option(help="Only recordings first queued on or after this date or time."),
+        typer.Option(
+            help="Only recordings first queued on or after this date or time (in the PBX's "
+            "zone as serve/backfill saved it, or CALLVAULT_TIMEZONE)."
+        ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
     archive: ArchiveOption = None,
@@ -391,10 +427,11 @@ def requeue_command(
     unknown = [s for s in states if s not in _REQUEUE_STATES]
     if unknown:
         fail(f"--state {unknown[0]!r}: only failed and missing can be queued again", code=2)
-    first = _parse_when(since, settings.tz, end_of_day=False) if since else None
     index, _storage = open_archive(settings)
     now = datetime.now(UTC)
     with index:
+        tz = display_timezone(settings, index)
+        first = _parse_when(since, tz, end_of_day=False) if since else None
         counts = {s: index.requeue([s], now=now, since=first) for s in states}
     if json_output:
         print(json.dumps({"requeued": counts, "since": _iso(first)}))

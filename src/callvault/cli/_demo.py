@@ -7,6 +7,7 @@ and prints its password once, and reports every recording as it is archived.
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 import time
@@ -20,6 +21,31 @@ from callvault.cli import app
 from callvault.cli._common import fail
 
 DEMO_USER = "admin"
+WEB_HOST = "127.0.0.1"
+
+
+def _port_taken_message(port: int, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason += " (another program, or another callvault demo or serve, uses it)"
+    return (
+        f"cannot serve the web app on {WEB_HOST}:{port}: {reason}; "
+        f"choose another port with --web-port PORT, or --web-port 0 for any free one"
+    )
+
+
+def _check_web_port(port: int) -> None:
+    """Exit with one line if the web app's port cannot be had, before anything is started
+    or written (the archiver binds it only after opening the index and the receiver)."""
+    from callvault.archive._service import bind_socket
+
+    if port == 0:
+        return
+    try:
+        probe = bind_socket(WEB_HOST, port)
+    except OSError as exc:
+        fail(_port_taken_message(port, exc))
+    probe.close()
 
 
 @app.command()
@@ -40,11 +66,15 @@ def demo(
 ) -> None:
     """Run a simulated PBX, archive its recordings as calls end, and serve the web app."""
     from callvault.archive import Archived, Archiver, ArchiverConfig
+    from callvault.archive._service import ListenError, StartError
     from callvault.index import users
     from callvault.pbx import TlsOptions
     from callvault.simulator import Simulator, SimulatorConfig
     from callvault.web import create_app
 
+    if not 0 <= web_port < 65536:
+        fail(f"--web-port {web_port}: use a port from 1 to 65535, or 0 for any free one", code=2)
+    _check_web_port(web_port)
     directory = directory.resolve()
     archive = directory / "archive"
     try:
@@ -71,7 +101,7 @@ def demo(
             events_host="127.0.0.1",
             events_port=0,
             timezone=ZoneInfo("UTC"),
-            web_host="127.0.0.1",
+            web_host=WEB_HOST,
             web_port=web_port,
         )
         archived = threading.Semaphore(0)
@@ -80,11 +110,14 @@ def demo(
             print(f"archived  {item.name}  {item.size:,} bytes  sha256 {item.sha256[:16]}…")
             archived.release()
 
-        archiver = Archiver(config, on_archived=report, web_app_factory=create_app)
         try:
+            archiver = Archiver(config, on_archived=report, web_app_factory=create_app)
             archiver.start()
-        except OSError as exc:
-            fail(f"cannot listen on 127.0.0.1:{web_port} ({exc.strerror}): pass --web-port 0")
+        except ListenError as exc:
+            # The port was free a moment ago (checked above), and was taken since.
+            fail(f"{exc}; choose another port with --web-port PORT, or --web-port 0 for any")
+        except StartError as exc:
+            fail(str(exc))
         try:
             assert archiver.index is not None
             password = users.generate_password()

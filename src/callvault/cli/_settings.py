@@ -251,6 +251,11 @@ class ArchiveSettings(BaseSettings):
         """The PBX's time zone, to read the local times it sends."""
         return ZoneInfo(self.timezone)
 
+    def given_timezone(self) -> str | None:
+        """`timezone` if a flag, the environment (CALLVAULT_TIMEZONE) or the TOML file gave
+        it; None if it is only the default (the host's zone)."""
+        return self.timezone if "timezone" in self.model_fields_set else None
+
     def archive_dir(self) -> Path:
         """The archive directory, absolute; SettingsError if none was given."""
         if self.archive is None:
@@ -403,6 +408,16 @@ TimezoneOption = Annotated[
     str | None,
     typer.Option(
         "--timezone", help="The PBX's time zone (default the host's).", show_default=False
+    ),
+]
+
+ShowTimezoneOption = Annotated[
+    str | None,
+    typer.Option(
+        "--timezone",
+        help="Time zone to show and read times in. Default: CALLVAULT_TIMEZONE or the config "
+        "file's timezone, else the PBX's zone as serve/backfill saved it, else the host's.",
+        show_default=False,
     ),
 ]
 

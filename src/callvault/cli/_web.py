@@ -7,10 +7,14 @@ A generated password or a new API token is printed once, on stdout, and never ag
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
-from typing import Annotated
+import signal
+from collections.abc import Iterator
+from errno import EADDRINUSE
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,12 +31,29 @@ from callvault.cli._settings import (
 )
 from callvault.index import Index, audit, users
 
-user_app = typer.Typer(help="Add, list and remove the web app's users.", no_args_is_help=True)
+if TYPE_CHECKING:
+    import uvicorn
+
+user_app = typer.Typer(
+    help="Add, list and remove the web app's users; set a new password.", no_args_is_help=True
+)
 token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")]
+# The audit action of `user passwd` (callvault.index.audit has no constant for it yet).
+USER_PASSWORD_ACTION = "user_password"  # noqa: S105 - an audit action, not a password
+
+
+def _password_from(password_env: str | None) -> str:
+    """The password in the environment variable `password_env`, or a generated one."""
+    if password_env is None:
+        return users.generate_password()
+    password = os.environ.get(password_env, "")
+    if not password:
+        fail(f"environment variable {password_env} is empty or not set", code=2)
+    return password
 
 
 def _cli_actor() -> str:
@@ -65,7 +86,7 @@ def web(
     """Serve the web app and JSON API alone over an existing archive."""
     import uvicorn
 
-    from callvault.archive._service import uvicorn_proxy_options
+    from callvault.archive._service import _Server, bind_socket, uvicorn_proxy_options
     from callvault.cli._archive_cmds import open_archive
     from callvault.web import create_app
 
@@ -79,26 +100,57 @@ def web(
     )
     index, storage = open_archive(settings)
     host, port = settings.web_address()
-    if not users.list_users(index.engine):
-        print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
-    application = create_app(index, storage, secure_cookies=settings.secure_cookies)
     shown = f"[{host}]" if ":" in host else host
-    print(f"callvault web: serving http://{shown}:{port}/ (OpenAPI document at /api/openapi.json)")
+    # Bound before anything is said: a busy port is one line, never "serving" then an error.
     try:
-        uvicorn.run(
-            application,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            # The login limiter and the audit log key on the peer address: X-Forwarded-For
-            # is believed from the --trusted-proxy address only, and by default never.
-            **uvicorn_proxy_options(settings.trusted_proxy),
-        )
+        sock = bind_socket(host, port)
     except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
-    finally:
         index.close()
+        busy = " (another program uses it: choose another with --listen HOST:PORT)"
+        why = exc.strerror or str(exc)
+        fail(f"cannot listen on {shown}:{port}: {why}{busy if exc.errno == EADDRINUSE else ''}")
+    try:
+        if not users.list_users(index.engine):
+            print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
+        application = create_app(index, storage, secure_cookies=settings.secure_cookies)
+        server = _Server(
+            uvicorn.Config(
+                application,
+                log_level="warning",
+                access_log=False,
+                # The login limiter and the audit log key on the peer address: X-Forwarded-For
+                # is believed from the --trusted-proxy address only, and by default never.
+                **uvicorn_proxy_options(settings.trusted_proxy),
+            )
+        )
+        with _stop_on_signals(server):
+            print(
+                f"callvault web: serving http://{shown}:{port}/ "
+                "(OpenAPI document at /api/openapi.json)",
+                flush=True,
+            )
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+        index.close()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(server: uvicorn.Server) -> Iterator[None]:
+    """SIGTERM or Ctrl-C make `server` finish the requests in flight and return (the
+    command exits 0, as `serve` does); a second Ctrl-C stops it at once."""
+
+    def stop(signum: int, _frame: object) -> None:
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @user_app.command("add")
@@ -126,12 +178,7 @@ def user_add(
         users.parse_scope(scope)
     except users.UserError as exc:
         fail(str(exc), code=2)
-    if password_env is not None:
-        password = os.environ.get(password_env, "")
-        if not password:
-            fail(f"environment variable {password_env} is empty or not set", code=2)
-    else:
-        password = users.generate_password()
+    password = _password_from(password_env)
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
         user = users.add_user(index.engine, name, role, password, scope)
@@ -151,6 +198,38 @@ def user_add(
     print(f"added {user.role} {user.name} ({scope_text})")
     if password_env is None:
         print(f"password for {user.name} (shown once): {password}")
+
+
+@user_app.command("passwd")
+def user_passwd(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    password_env: Annotated[
+        str | None,
+        typer.Option(
+            "--password-env",
+            help="Environment variable holding the new password (default: generate one and "
+            "print it).",
+        ),
+    ] = None,
+    archive: ArchiveOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Set a web user's password; this logs the user out everywhere. Without --password-env
+    a password is generated and printed once."""
+    password = _password_from(password_env)
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    try:
+        if not users.set_password(index.engine, name, password):
+            fail(f"no user named {name!r}")
+        audit.record(index.engine, _cli_actor(), USER_PASSWORD_ACTION, name, "", "local")
+    except users.UserError as exc:
+        fail(str(exc), code=2)
+    finally:
+        index.close()
+    print(f"new password set for {name}; their web sessions have ended")
+    if password_env is None:
+        print(f"password for {name} (shown once): {password}")
 
 
 @user_app.command("list")

@@ -1,0 +1,225 @@
+"""What a new user meets first: `callvault demo` and `callvault web` with their port taken,
+and `callvault list` showing times in the PBX's zone that `serve` saved. Real processes,
+real sockets on 127.0.0.1, the real simulator and SQLite."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from callvault.archive import Archiver, ArchiverConfig
+from callvault.cli import _register, app
+from callvault.index import open_index
+from callvault.pbx import TlsOptions
+from callvault.simulator import Simulator, SimulatorConfig
+
+_register()
+SECOND = timedelta(seconds=1)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another program listens on for the whole test."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _callvault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "callvault", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+def test_demo_with_its_web_port_taken_is_one_line_and_starts_nothing(
+    tmp_path: Path, taken_port: int
+) -> None:
+    demo_dir = tmp_path / "callvault-demo"
+    result = _callvault(
+        "demo", "--dir", str(demo_dir), "--web-port", str(taken_port), "--duration", "30",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"callvault: error: cannot serve the web app on 127.0.0.1:{taken_port}: Address "
+        "already in use (another program, or another callvault demo or serve, uses it); "
+        "choose another port with --web-port PORT, or --web-port 0 for any free one"
+    ]
+    assert result.stdout == ""  # no banner, no admin password for a demo that is not there
+    # Nothing was started or written: no PBX data, no half-made archive or index.
+    assert not demo_dir.exists()
+
+
+def test_demo_port_taken_after_the_check_still_ends_in_one_error_line(
+    tmp_path: Path, taken_port: int
+) -> None:
+    """The port is free when checked and taken when the archiver binds it (as if another
+    program took it in between): the demo stops what it started and says so."""
+    demo_dir = tmp_path / "callvault-demo"
+    script = (
+        "import sys\n"
+        "from callvault.cli import _demo, main\n"
+        "_demo._check_web_port = lambda port: None\n"
+        "sys.argv[0] = 'callvault'\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "demo", "--dir", str(demo_dir),
+         "--web-port", str(taken_port), "--duration", "30"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("callvault: ")]
+    assert errors == [
+        f"callvault: error: cannot listen for the web app on 127.0.0.1:{taken_port}: Address "
+        "already in use (is another callvault serve running?); choose another port with "
+        "--web-port PORT, or --web-port 0 for any"
+    ]
+    assert "log in as" not in result.stdout
+    # The index it opened is whole: `list` reads it (nothing archived).
+    listed = _callvault("list", "--json", "--archive", str(demo_dir / "archive"), cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+
+
+# -- web --------------------------------------------------------------------------------
+
+
+def _empty_archive(root: Path) -> Path:
+    root.mkdir()
+    open_index(f"sqlite:///{root / 'callvault.db'}").close()
+    return root
+
+
+def test_web_with_its_port_taken_never_claims_to_serve(tmp_path: Path, taken_port: int) -> None:
+    archive = _empty_archive(tmp_path / "archive")
+    result = _callvault(
+        "web", "--archive", str(archive), "--listen", f"127.0.0.1:{taken_port}", cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    assert "serving" not in result.stdout
+    assert result.stderr.splitlines() == [
+        f"callvault: error: cannot listen on 127.0.0.1:{taken_port}: Address already in use "
+        "(another program uses it: choose another with --listen HOST:PORT)"
+    ]
+
+
+def test_web_serves_on_its_port_and_stops_on_sigterm(tmp_path: Path) -> None:
+    archive = _empty_archive(tmp_path / "archive")
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "callvault", "web", "--archive", str(archive),
+         "--listen", f"127.0.0.1:{port}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline(), process.stdout.readline()]
+        assert lines[1].startswith(f"callvault web: serving http://127.0.0.1:{port}/"), lines
+        # Said once bound: the server answers (the login page), no retry needed.
+        page = httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
+        assert page.status_code == 200 and "<form" in page.text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+# -- list in the PBX's zone -------------------------------------------------------------
+
+
+def test_list_shows_calls_in_the_zone_serve_saved_not_the_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "archive"
+    with Simulator(SimulatorConfig(timezone="Europe/Berlin", event_retry_interval=0.2)) as sim:
+        config = ArchiverConfig(
+            pbx_url=sim.url,
+            username=sim.username,
+            password=sim.password,
+            archive=archive,
+            tls=TlsOptions(pin_sha256=sim.cert_sha256),
+            events_host="127.0.0.1",
+            events_port=0,
+            timezone=ZoneInfo("Europe/Berlin"),
+            reconcile_at_start=False,
+            poll_interval_s=0.2,
+        )
+        with Archiver(config) as archiver:
+            cdr = sim.place_call(callfrom="1001", callto="1003", talk_seconds=2)
+            live = archiver.index
+            assert live is not None
+            assert wait_until(lambda: live.counts_by_state()["archived"] == 1)
+    with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
+        assert index.get_setting("pbx_timezone") == "Europe/Berlin"
+    # The host (and this process) say Tokyo, 7 or 8 hours ahead of Berlin.
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    runner = CliRunner()
+    result = runner.invoke(app, ["list", "--archive", str(archive)])
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.splitlines()
+    assert header.startswith("START (Europe/Berlin)")
+    assert row.split()[:5] == [*cdr.timestart.split(), "archived", "1001", "1003"]
+    found = json.loads(runner.invoke(app, ["list", "--json", "--archive", str(archive)]).stdout)
+    berlin = found[0]["start"]
+    assert berlin.replace("T", " ").startswith(cdr.timestart)
+    # --since and --until read the same zone: the second of the call, in Berlin, finds it.
+    start = datetime.fromisoformat(cdr.timestart)
+    window = [
+        "--since",
+        f"{start:%Y-%m-%d %H:%M:%S}",
+        "--until",
+        f"{start + SECOND:%Y-%m-%d %H:%M:%S}",
+    ]
+    found = json.loads(
+        runner.invoke(app, ["list", "--json", "--archive", str(archive), *window]).stdout
+    )
+    assert [o["recording"] for o in found] == [cdr.recording]
+    # A zone given on purpose wins over the saved one.
+    tokyo = runner.invoke(
+        app, ["list", "--json", "--archive", str(archive), "--timezone", "Asia/Tokyo"]
+    )
+    assert json.loads(tokyo.stdout)[0]["start"].endswith("+09:00")
+    status = runner.invoke(app, ["status", "--archive", str(archive)])
+    assert "PBX time zone: Europe/Berlin" in status.stdout
