@@ -416,6 +416,7 @@ def test_v2_reports_may_use_the_documents_spellings(pbx: Pbx, receiver: Receiver
         pbx.sim.faults.v2_spellings_rate = 1.0
         answered = pbx.sim.place_call(type="Outbound", callto="+4917012345678",
                                       dsttrunkname="SIP-Provider")
+        assert receiver.wait_for(2) and other.wait_for(2)  # reports of one call at a time
         pbx.sim.place_call(status="NO ANSWER", recorded=False)
         assert receiver.wait_for(3) and other.wait_for(3)
         odd = receiver.received[1].json()
