@@ -223,3 +223,24 @@ def test_list_shows_calls_in_the_zone_serve_saved_not_the_hosts(
     assert json.loads(tokyo.stdout)[0]["start"].endswith("+09:00")
     status = runner.invoke(app, ["status", "--archive", str(archive)])
     assert "PBX time zone: Europe/Berlin" in status.stdout
+
+
+def test_backfill_saves_the_pbx_zone_it_read_the_cdr_in(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    with Simulator(SimulatorConfig(timezone="Europe/Berlin")) as sim:
+        env = {
+            "CALLVAULT_PASSWORD": sim.password,
+            "CALLVAULT_PBX": sim.url,
+            "CALLVAULT_USERNAME": sim.username,
+            "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
+            "CALLVAULT_ARCHIVE": str(archive),
+        }
+        result = CliRunner().invoke(
+            app,
+            ["backfill", "--since", "2024-05-01", "--until", "2024-05-02", "--queue-only",
+             "--timezone", "Europe/Berlin"],
+            env=env,
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
+        assert index.get_setting("pbx_timezone") == "Europe/Berlin"

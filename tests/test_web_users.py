@@ -201,7 +201,7 @@ def test_cli_user_passwd_ends_the_users_sessions_and_the_new_password_logs_in(
         assert out == "new password set for bob; their web sessions have ended\n"
         assert web.login("bob", "bob-password-3").get("/api/me").status_code == 200
         passwd = audit.query(web.archive.index.engine, audit.AuditFilter(target="bob"))
-        assert [e.action for e in passwd][:2] == [_web.USER_PASSWORD_ACTION] * 2
+        assert [e.action for e in passwd][:2] == [audit.USER_PASSWORD] * 2
         assert passwd[0].actor.startswith("cli")
         # Mistakes are one line, and change nothing.
         code, _, err = _cli("user", "passwd", "nobody", "--archive", str(tmp_path))

@@ -35,7 +35,7 @@ from callvault.archive import (
     backfill,
     queued_counts,
 )
-from callvault.archive._service import StartError, open_storage
+from callvault.archive._service import StartError, open_storage, save_pbx_timezone
 from callvault.archive._workers import process_staging_dir, remove_staging_dir
 from callvault.cli import app
 from callvault.cli._common import Terminated, fail, run_terminable
@@ -349,6 +349,8 @@ def backfill_command(
     except IndexOpenError as exc:
         fail(str(exc))
     try:
+        # `callvault list` shows times in the zone the PBX's local times were read in.
+        save_pbx_timezone(index, tz)
         code = run_terminable(
             _backfill(
                 client,

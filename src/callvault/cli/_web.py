@@ -42,8 +42,6 @@ app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")]
-# The audit action of `user passwd` (callvault.index.audit has no constant for it yet).
-USER_PASSWORD_ACTION = "user_password"  # noqa: S105 - an audit action, not a password
 
 
 def _password_from(password_env: str | None) -> str:
@@ -222,7 +220,7 @@ def user_passwd(
     try:
         if not users.set_password(index.engine, name, password):
             fail(f"no user named {name!r}")
-        audit.record(index.engine, _cli_actor(), USER_PASSWORD_ACTION, name, "", "local")
+        audit.record(index.engine, _cli_actor(), audit.USER_PASSWORD, name, "", "local")
     except users.UserError as exc:
         fail(str(exc), code=2)
     finally:

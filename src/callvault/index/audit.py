@@ -29,6 +29,7 @@ EXPORT = "export"
 VERIFY = "verify"
 USER_ADD = "user_add"
 USER_REMOVE = "user_remove"
+USER_PASSWORD = "user_password"  # noqa: S105 - an action name, not a password
 TOKEN_CREATE = "token_create"  # noqa: S105
 TOKEN_REVOKE = "token_revoke"  # noqa: S105
 AUDIT_EXPORT = "audit_export"  # someone took a copy of (part of) this log
@@ -43,6 +44,7 @@ ACTIONS = (
     VERIFY,
     USER_ADD,
     USER_REMOVE,
+    USER_PASSWORD,
     TOKEN_CREATE,
     TOKEN_REVOKE,
     AUDIT_EXPORT,
