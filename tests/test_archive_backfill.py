@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -17,9 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from callvault.archive import Archiver
-from callvault.archive._backfill import PROGRESS_SETTING
+from callvault.archive._backfill import PROGRESS_SETTING, reconcile
 from callvault.cli import _register, app
 from callvault.index import open_index
+from callvault.pbx._types import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig
 from test_archive_flow import archiver_config, states, wait_until
 
@@ -137,3 +138,28 @@ def test_serve_reconciles_missed_calls_at_start(sim: Simulator, tmp_path: Path) 
             assert cdr.recording is not None
             row = index.recording_by_name(cdr.recording)
             assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+
+
+async def test_reconcile_without_a_cdr_export_only_requeues(tmp_path: Path) -> None:
+    # API v1.0.1 has no CDR export: reconciliation must not call it (each hour would end in
+    # an error) but still give failed recordings another run.
+    class NoExport:
+        async def export_cdr(
+            self, start: datetime, end: datetime, *, extensions: str = "all"
+        ) -> list[CallDetail]:
+            raise AssertionError("the CDR export was asked for")
+
+    index = open_index(f"sqlite:///{tmp_path / 'callvault.db'}")
+    with index:
+        now = datetime(2024, 5, 1, 12, tzinfo=UTC)
+        cdr = CallDetail(callid="1.1", recording="20240501120000-1.1-1001-1002-Internal.wav")
+        index.record_calls([cdr], source="event", tz=UTC, now=now)
+        [job] = index.claim_jobs("w", 1, now=now, lease=timedelta(minutes=5))
+        assert index.mark_failed(job.recording_id, worker_id="w", reason="timeouts", now=now)
+        woken: list[bool] = []
+        stats = await reconcile(
+            NoExport(), index, hours=48, tz=UTC, clock=lambda: now,
+            on_queued=lambda: woken.append(True), cdr_export=False,
+        )  # fmt: skip
+        assert (stats.queued, stats.windows, woken) == (1, 0, [True])
+        assert index.counts_by_state()["pending"] == 1

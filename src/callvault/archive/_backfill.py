@@ -178,11 +178,13 @@ async def reconcile(
     tz: ZoneInfo,
     clock: Callable[[], datetime] | None = None,
     on_queued: Callable[[], None] | None = None,
+    cdr_export: bool = True,
 ) -> BackfillStats:
     """Requeue `failed` recordings and walk the last `hours` of the CDR export.
 
     Rows the index refuses as invalid are logged and skipped; the walk goes on with the
-    rest of their window and with the later windows.
+    rest of their window and with the later windows. Without `cdr_export` (API v1.0.1 has
+    none) only the requeue is done.
     """
     clock = clock or (lambda: datetime.now(UTC))
     now = clock()
@@ -190,6 +192,10 @@ async def reconcile(
     if requeued:
         log.info("reconcile: %d failed recordings queued again", requeued)
     stats = BackfillStats(queued=requeued)
+    if not cdr_export:
+        if requeued and on_queued is not None:
+            on_queued()
+        return stats
     # One extra minute at the end: a call that just ended may carry a start a bit ahead.
     for start, end in windows(now - timedelta(hours=hours), now + timedelta(minutes=1)):
         calls, queued, skipped = await ingest_window(client, index, start, end, tz=tz, clock=clock)

@@ -516,6 +516,13 @@ class Archiver:
         stop: asyncio.Event,
     ) -> None:
         config = self.config
+        cdr_export = client.api_version.has_cdr_export
+        if not cdr_export:
+            log.warning(
+                "API %s has no CDR export: calls whose events are missed while serve is down "
+                "are not found again (use API v1.1.0 or later if the firmware has it)",
+                client.api_version.value,
+            )
         first = True
         while not stop.is_set():
             if not first or config.reconcile_at_start:
@@ -527,6 +534,7 @@ class Archiver:
                         hours=config.reconcile_hours,
                         tz=config.timezone,
                         on_queued=pool.wake,
+                        cdr_export=cdr_export,
                     )
                 except Exception as exc:
                     log.warning(

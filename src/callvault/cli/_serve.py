@@ -60,7 +60,7 @@ from callvault.cli._settings import (
     settings_or_fail,
 )
 from callvault.index import Index, IndexOpenError, open_index
-from callvault.pbx import AuthError, PbxClient, PbxError
+from callvault.pbx import AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
 from callvault.storage import LocalStorage
 
 log = logging.getLogger("callvault.archive")
@@ -403,7 +403,7 @@ async def _backfill(
             try:
                 await client.login()
             except PbxError as exc:
-                console.print(f"callvault: error: {exc}", markup=False, highlight=False)
+                print(f"callvault: error: {exc}", file=sys.stderr, flush=True)
                 return 1
             with Progress(
                 TextColumn("{task.description}"),
@@ -436,11 +436,11 @@ async def _backfill(
                     )
                 except PbxError as exc:
                     progress.stop()
-                    console.print(
-                        f"callvault: error: backfill stopped: {exc} (run it again to resume)",
-                        markup=False,
-                        highlight=False,
-                    )
+                    # One line, never wrapped at the terminal's width; "resume" only where
+                    # running it again can help (the network, the PBX, the password).
+                    again = isinstance(exc, PbxTransportError | AuthError | PbxBusy)
+                    hint = " (run it again to resume)" if again else ""
+                    print(f"callvault: error: backfill stopped: {exc}{hint}", file=sys.stderr)
                     return 1
                 if queue_only:
                     progress.stop()
