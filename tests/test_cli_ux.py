@@ -244,3 +244,13 @@ def test_backfill_saves_the_pbx_zone_it_read_the_cdr_in(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
         assert index.get_setting("pbx_timezone") == "Europe/Berlin"
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("callvault")), "--version"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, f"callvault {version('callvault')}\n")

@@ -6,6 +6,8 @@ done by library functions in the layers below (see DESIGN.md).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -17,8 +19,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"callvault {version('callvault')}")  # as installed (pyproject.toml)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
     """Keep every call recording of a Yeastar S-Series PBX: fetch, archive, search, play."""
     # A callback keeps `callvault COMMAND` a command group even when main() registered
     # only the one command being run.
