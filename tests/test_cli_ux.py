@@ -13,17 +13,16 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
-from callvault.archive import Archiver, ArchiverConfig
+from callvault.archive import Archiver
 from callvault.cli import _register, app
 from callvault.index import open_index
-from callvault.pbx import TlsOptions
 from callvault.simulator import Simulator, SimulatorConfig
+from test_archive_flow import archiver_config
 
 _register()
 SECOND = timedelta(seconds=1)
@@ -174,18 +173,7 @@ def test_list_shows_calls_in_the_zone_serve_saved_not_the_hosts(
 ) -> None:
     archive = tmp_path / "archive"
     with Simulator(SimulatorConfig(timezone="Europe/Berlin", event_retry_interval=0.2)) as sim:
-        config = ArchiverConfig(
-            pbx_url=sim.url,
-            username=sim.username,
-            password=sim.password,
-            archive=archive,
-            tls=TlsOptions(pin_sha256=sim.cert_sha256),
-            events_host="127.0.0.1",
-            events_port=0,
-            timezone=ZoneInfo("Europe/Berlin"),
-            reconcile_at_start=False,
-            poll_interval_s=0.2,
-        )
+        config = archiver_config(sim, archive, reconcile_at_start=False)
         with Archiver(config) as archiver:
             cdr = sim.place_call(callfrom="1001", callto="1003", talk_seconds=2)
             live = archiver.index

@@ -35,6 +35,7 @@ from callvault.pbx import (
     parse_event,
 )
 from callvault.simulator import Simulator
+from test_archive_backfill import _cli_env
 from test_archive_flow import archiver_config, states, wait_until
 from test_sim_helpers import (
     PASSWORD,
@@ -228,17 +229,6 @@ async def test_the_client_refuses_a_cdr_export_on_v1_0_1_before_asking(pbx: Pbx)
     assert str(refused.value) == _CDR_NEEDS
     assert refused.value.errno == "10003"
     assert pbx.sim.request_log == []  # nothing sent, not even a login
-
-
-def _cli_env(sim: Simulator, archive: Path) -> dict[str, str]:
-    return {
-        "CALLVAULT_PASSWORD": sim.password,
-        "CALLVAULT_PBX": sim.url,
-        "CALLVAULT_USERNAME": sim.username,
-        "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
-        "CALLVAULT_ARCHIVE": str(archive),
-        "CALLVAULT_TIMEZONE": sim.config.timezone,
-    }
 
 
 def test_cdr_and_backfill_commands_say_v1_0_1_has_no_cdr_export(
