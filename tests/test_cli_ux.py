@@ -4,6 +4,7 @@ real sockets on 127.0.0.1, the real simulator and SQLite."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import socket
@@ -64,6 +65,27 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
 
 
 # -- demo -------------------------------------------------------------------------------
+
+
+def test_demo_archives_recordings_and_says_so(tmp_path: Path) -> None:
+    # The README's first command: a simulated PBX, the archiver and the web app, for real.
+    demo_dir = tmp_path / "callvault-demo"
+    result = _callvault(
+        "demo", "--dir", str(demo_dir), "--web-port", "0", "--duration", "10",
+        "--calls-per-minute", "60", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    reported = [line.split()[1] for line in lines if line.startswith("archived")]
+    assert reported, result.stdout
+    assert "log in as       admin / " in result.stdout
+    listed = _callvault("list", "--json", "--archive", str(demo_dir / "archive"), cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    archived = {o["recording"]: o for o in json.loads(listed.stdout) if o["state"] == "archived"}
+    assert set(reported) <= set(archived)
+    for name in reported:
+        data = Path(archived[name]["path"]).read_bytes()
+        assert data[:4] == b"RIFF" and hashlib.sha256(data).hexdigest() == archived[name]["sha256"]
 
 
 def test_demo_with_its_web_port_taken_is_one_line_and_starts_nothing(
