@@ -8,6 +8,7 @@ empty or cut-off CDR export, and the PBX's "busy" errnos.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -335,3 +336,16 @@ def test_cdr_bad_options_exit_2(args: list[str], message: str) -> None:
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("callvault: error: ") and message in line
+
+
+def test_httpcore_sub_loggers_are_redacted_too(caplog: pytest.LogCaptureFixture) -> None:
+    # A logger's filters do not reach its children's records: httpcore logs from these.
+    PbxClient("https://127.0.0.1:9", "api", PASSWORD)  # installs the redaction
+    with caplog.at_level(logging.DEBUG, logger="httpcore"):
+        for name in ("httpcore.connection", "httpcore.http11"):
+            logging.getLogger(name).debug(
+                "send_request url=%s", "https://127.0.0.1/api/x?token=tok123&random=rnd456"
+            )
+    text = caplog.text
+    assert "send_request url=https://127.0.0.1/api/x" in text
+    assert "tok123" not in text and "rnd456" not in text

@@ -333,3 +333,30 @@ def test_verifying_a_pending_recording_says_not_archived(web: LiveWeb) -> None:
     answer = admin.post(f"/api/recordings/{pending.id}/verify")
     assert answer.status_code == 200
     assert (answer.json()["ok"], answer.json()["error"]) == (False, "not archived")
+
+
+# One-time secrets and CSRF tokens stay out of caches and reprs.
+
+
+def test_answers_with_secrets_are_not_cached_and_reprs_hide_them(web: LiveWeb) -> None:
+    from callvault.web._api import MeOut, TokenCreated, UserCreated, UserIn
+
+    admin, _ = web.bearer(ADMIN[0])
+    created = admin.post("/api/tokens", json={"user": ADMIN[0], "label": "cache test"})
+    assert created.status_code in (200, 201), created.text
+    assert created.headers["cache-control"] == "no-store"
+    bob = web.login(*LISTENER_2000)
+    me = bob.get("/api/me")
+    assert me.headers["cache-control"] == "no-store"
+    static = web.client().get("/static/app.css")
+    assert static.status_code == 200
+    assert static.headers.get("cache-control") != "no-store"  # shared assets may be cached
+
+    secret = created.json()["secret"]
+    assert secret not in repr(TokenCreated.model_validate(created.json()))
+    csrf = me.json()["csrf_token"]
+    assert csrf not in repr(MeOut.model_validate(me.json()))
+    assert "S3cret-Pw-123" not in repr(UserIn(name="x", role="admin", password="S3cret-Pw-123"))
+    user = {"id": 1, "name": "x", "role": "admin", "scope": "", "created_at": T0}
+    made = UserCreated.model_validate({"user": user, "password": "Gen-Pw-4567"})
+    assert "Gen-Pw-4567" not in repr(made)

@@ -149,8 +149,21 @@ def _redact(value: object) -> object:
 _REDACTION = _RedactQueries()
 
 
+# A logger's filters do not apply to its children's records, so each logger that may
+# format a request is named (httpcore logs from its sub-modules only).
+_HTTP_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "httpcore.socks",
+)
+
+
 def _install_log_redaction() -> None:
-    for name in ("httpx", "httpcore"):
+    for name in _HTTP_LOGGERS:
         logger = logging.getLogger(name)
         if _REDACTION not in logger.filters:
             logger.addFilter(_REDACTION)

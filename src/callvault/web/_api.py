@@ -217,14 +217,18 @@ class UserIn(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     role: Literal["admin", "listener"]
     password: str | None = Field(
-        default=None, min_length=8, max_length=256, description="Generated when absent"
+        default=None,
+        min_length=8,
+        max_length=256,
+        description="Generated when absent",
+        repr=False,
     )
     scope: str = Field(default="", max_length=1000, description='e.g. "1000-1099,2001"')
 
 
 class UserCreated(BaseModel):
     user: UserOut
-    password: str | None = Field(description="The generated password, shown this once")
+    password: str | None = Field(description="The generated password, shown this once", repr=False)
 
 
 class TokenOut(BaseModel):
@@ -244,14 +248,16 @@ class TokenIn(BaseModel):
 
 class TokenCreated(BaseModel):
     token: TokenOut
-    secret: str = Field(description="The token itself, shown this once")
+    secret: str = Field(description="The token itself, shown this once", repr=False)
 
 
 class MeOut(BaseModel):
     name: str
     role: str
     scope: str
-    csrf_token: str = Field(description="Send as X-CSRF-Token with cookie-authenticated writes")
+    csrf_token: str = Field(
+        description="Send as X-CSRF-Token with cookie-authenticated writes", repr=False
+    )
 
 
 class AuditOut(BaseModel):

@@ -105,6 +105,10 @@ def create_app(
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
         response.headers.setdefault("Content-Security-Policy", _CSP)
+        if not request.url.path.startswith("/static/"):
+            # Pages and API answers are per user and may carry a one-time secret (a new
+            # user's password, a new token) or a CSRF token: never kept in any cache.
+            response.headers.setdefault("Cache-Control", "no-store")
         return response
 
     @app.exception_handler(_pages.LoginRequired)

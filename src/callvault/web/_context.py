@@ -70,7 +70,7 @@ class Principal:
 
     user: User
     session: Session | None
-    csrf: str
+    csrf: str = field(repr=False)
 
     @property
     def name(self) -> str:
