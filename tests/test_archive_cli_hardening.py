@@ -498,10 +498,10 @@ def test_proxy_settings_flags_over_environment_over_toml(
 
     assert (load_settings().secure_cookies, load_settings().trusted_proxy) == (False, None)
     config = tmp_path / "c.toml"
-    config.write_text('secure-cookies = true\ntrusted_proxy = "10.0.0.9"\n', encoding="utf-8")
+    config.write_text('secure-cookies = true\ntrusted_proxy = "127.0.0.9"\n', encoding="utf-8")
     assert (load_settings(config).secure_cookies, load_settings(config).trusted_proxy) == (
         True,
-        "10.0.0.9",
+        "127.0.0.9",
     )
     monkeypatch.setenv("CALLVAULT_SECURE_COOKIES", "false")
     monkeypatch.setenv("CALLVAULT_TRUSTED_PROXY", "127.0.0.1")

@@ -10,8 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from callvault.archive import Archiver
 from callvault.cli import _register, app
 from callvault.index import open_index
 from callvault.simulator import Simulator, SimulatorConfig
-from test_archive_flow import archiver_config
+from test_archive_flow import archiver_config, wait_until
 
 _register()
 SECOND = timedelta(seconds=1)
@@ -53,15 +52,6 @@ def _callvault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=240,
         check=False,
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -200,7 +190,7 @@ def test_list_shows_calls_in_the_zone_serve_saved_not_the_hosts(
             cdr = sim.place_call(callfrom="1001", callto="1003", talk_seconds=2)
             live = archiver.index
             assert live is not None
-            assert wait_until(lambda: live.counts_by_state()["archived"] == 1)
+            assert wait_until(lambda: live.counts_by_state()["archived"] == 1, timeout=60)
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
         assert index.get_setting("pbx_timezone") == "Europe/Berlin"
     # The host (and this process) say Tokyo, 7 or 8 hours ahead of Berlin.

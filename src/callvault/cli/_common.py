@@ -45,12 +45,14 @@ def run_terminable(work: Coroutine[Any, Any, T]) -> T:
 
         try:
             loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+            handled = True
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            return await work
+            handled = False
         try:
             return await work
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            if handled:
+                loop.remove_signal_handler(signal.SIGTERM)
 
     try:
         return asyncio.run(main())

@@ -533,23 +533,8 @@ class Index:
     ) -> bool:
         """Record a durable copy. Only if `worker_id` still holds the claim (returns False
         otherwise, and changes nothing); clears the claim, the error and `missing_since`."""
-        now = to_utc(now)
-        return self._finish(
-            recording_id,
-            worker_id,
-            {
-                "state": schema.ARCHIVED,
-                "size": size,
-                "sha256": sha256,
-                "storage_key": storage_key,
-                "content_type": content_type,
-                "archived_at": now,
-                "last_error": None,
-                "next_attempt_at": None,
-                "missing_since": None,
-                "updated_at": now,
-            },
-        )
+        values = _archived(size, sha256, storage_key, content_type, to_utc(now))
+        return self._finish(recording_id, worker_id, values)
 
     def mark_archived_unclaimed(
         self,
@@ -567,25 +552,12 @@ class Index:
         nothing changes and False is returned); whoever holds the claim now finds it
         archived and its own `mark_archived` changes nothing.
         """
-        now = to_utc(now)
         r = schema.recordings
+        values = _archived(size, sha256, storage_key, content_type, to_utc(now))
         statement = (
             update(r)
             .where(r.c.id == recording_id, r.c.state != schema.ARCHIVED)
-            .values(
-                state=schema.ARCHIVED,
-                claimed_by=None,
-                claimed_until=None,
-                size=size,
-                sha256=sha256,
-                storage_key=storage_key,
-                content_type=content_type,
-                archived_at=now,
-                last_error=None,
-                next_attempt_at=None,
-                missing_since=None,
-                updated_at=now,
-            )
+            .values(claimed_by=None, claimed_until=None, **values)
         )
         with self._write() as conn:
             return bool(conn.execute(statement).rowcount == 1)
@@ -1074,6 +1046,24 @@ _TRUNCATED = {
 _CDR_FIELDS = tuple(field.name for field in fields(CallDetail))
 # Keys per IN (...) lookup: well under every engine's limit on bound parameters.
 _IN_CHUNK = 500
+
+
+def _archived(
+    size: int, sha256: str, storage_key: str, content_type: str, now: datetime
+) -> dict[str, Any]:
+    """The column values of a recording whose durable copy is recorded at `now` (UTC)."""
+    return {
+        "state": schema.ARCHIVED,
+        "size": size,
+        "sha256": sha256,
+        "storage_key": storage_key,
+        "content_type": content_type,
+        "archived_at": now,
+        "last_error": None,
+        "next_attempt_at": None,
+        "missing_since": None,
+        "updated_at": now,
+    }
 
 
 def _held_by(recording_id: int, worker_id: str) -> tuple[ColumnElement[bool], ...]:
