@@ -58,8 +58,6 @@ def sim() -> Iterator[Simulator]:
         yield running
 
 
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -67,9 +65,7 @@ def _free_port() -> int:
 
 
 def _days_ago(sim: Simulator, days: int) -> str:
-    return (datetime.now(ZoneInfo(sim.config.timezone)) - timedelta(days=days)).strftime(
-        "%Y-%m-%d"
-    )
+    return (datetime.now(ZoneInfo(sim.config.timezone)) - timedelta(days=days)).strftime("%Y-%m-%d")
 
 
 def _place_calls_across_windows(sim: Simulator) -> tuple[CallDetail, CallDetail, CallDetail]:
@@ -190,9 +186,7 @@ def test_reconcile_skips_a_refused_row_and_goes_on_with_later_windows(
     assert not any("reconcile failed" in r.getMessage() for r in caplog.records)
 
 
-def test_backfill_skips_a_refused_row_and_archives_the_rest(
-    sim: Simulator, tmp_path: Path
-) -> None:
+def test_backfill_skips_a_refused_row_and_archives_the_rest(sim: Simulator, tmp_path: Path) -> None:
     _register()
     early, _refused, late = _place_calls_across_windows(sim)
     archive = tmp_path / "archive"
@@ -238,9 +232,7 @@ def test_an_unusable_archive_directory_is_one_line(tmp_path: Path, command: str)
         ]
 
 
-def test_backfill_with_a_failing_index_database_is_one_line(
-    sim: Simulator, tmp_path: Path
-) -> None:
+def test_backfill_with_a_failing_index_database_is_one_line(sim: Simulator, tmp_path: Path) -> None:
     """A database that refuses writes (here opened read-only; in the field: locked past the
     busy timeout, a full disk) stops backfill with one line, never a traceback."""
     _register()

@@ -417,10 +417,12 @@ async def test_only_an_event_makes_an_old_looking_call_new(
     stop = asyncio.Event()
     task = asyncio.create_task(pool.run(stop))
     try:
+
         def attempted(count: int) -> Callable[[], bool]:
             def done() -> bool:
                 row = row_of(index, recording_id)
                 return row.attempts == count and row.claimed_by is None  # outcome recorded
+
             return done
 
         for attempt in range(1, FAST_POLICY.old_call_min_attempts + 1):

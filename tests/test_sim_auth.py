@@ -168,16 +168,17 @@ def test_cors_preflight(pbx: Pbx) -> None:
 
 def test_tls_is_1_2_only_and_the_fingerprint_matches(pbx: Pbx) -> None:
     context = trusting_context(pbx.sim)
-    with (socket.create_connection(("127.0.0.1", pbx.sim.port)) as raw,
-          context.wrap_socket(raw, server_hostname="127.0.0.1") as tls):
+    with (
+        socket.create_connection(("127.0.0.1", pbx.sim.port)) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
         assert tls.version() == "TLSv1.2"
         der = tls.getpeercert(binary_form=True)
         assert der is not None
         assert hashlib.sha256(der).hexdigest() == pbx.sim.cert_sha256
     only13 = trusting_context(pbx.sim)
     only13.minimum_version = ssl.TLSVersion.TLSv1_3
-    with (socket.create_connection(("127.0.0.1", pbx.sim.port)) as raw,
-          pytest.raises(ssl.SSLError)):
+    with socket.create_connection(("127.0.0.1", pbx.sim.port)) as raw, pytest.raises(ssl.SSLError):
         only13.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
@@ -188,10 +189,14 @@ def test_untrusted_clients_are_refused_by_certificate_check(pbx: Pbx) -> None:
 
 def test_the_server_closes_the_connection_after_each_response(pbx: Pbx) -> None:
     context = trusting_context(pbx.sim)
-    request = (b"POST /api/v1.1.0/logout HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Connection: keep-alive\r\nContent-Length: 0\r\n\r\n")
-    with (socket.create_connection(("127.0.0.1", pbx.sim.port), timeout=5) as raw,
-          context.wrap_socket(raw, server_hostname="127.0.0.1") as tls):
+    request = (
+        b"POST /api/v1.1.0/logout HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Connection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+    )
+    with (
+        socket.create_connection(("127.0.0.1", pbx.sim.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
         tls.sendall(request)
         data = b""
         while chunk := tls.recv(65536):  # ends only because the server closes

@@ -23,8 +23,7 @@ from callvault.simulator import Faults, apply_fault, parse_faults
 from test_sim_helpers import md5
 
 
-def _start(*args: str, data_dir: Path | None, tmp: Path | None = None
-           ) -> subprocess.Popen[str]:
+def _start(*args: str, data_dir: Path | None, tmp: Path | None = None) -> subprocess.Popen[str]:
     """`callvault simulate` as a child; `tmp` becomes its TMPDIR (where a simulator without
     --data-dir makes its temporary directory)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -33,15 +32,29 @@ def _start(*args: str, data_dir: Path | None, tmp: Path | None = None
         env["TMPDIR"] = str(tmp)
     where = ["--data-dir", str(data_dir)] if data_dir is not None else []
     return subprocess.Popen(
-        [sys.executable, "-m", "callvault", "simulate", "--port", "0", "--seed", "5",
-         *where, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "callvault",
+            "simulate",
+            "--port",
+            "0",
+            "--seed",
+            "5",
+            *where,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
 @contextmanager
-def _simulate(*args: str, data_dir: Path | None, tmp: Path | None = None
-              ) -> Iterator[subprocess.Popen[str]]:
+def _simulate(
+    *args: str, data_dir: Path | None, tmp: Path | None = None
+) -> Iterator[subprocess.Popen[str]]:
     """The child runs only inside the block: whatever fails in it (a read, a JSON line, a
     timeout), the child is killed and reaped on the way out."""
     process = _start(*args, data_dir=data_dir, tmp=tmp)
@@ -66,8 +79,9 @@ def _stop(process: subprocess.Popen[str], signum: int = signal.SIGINT) -> tuple[
 
 
 def test_simulate_prints_connection_details_and_serves(tmp_path: Path) -> None:
-    with _simulate("--password", "pw-123", "--initial-calls", "1", "--json",
-                   data_dir=tmp_path / "pbx") as process:
+    with _simulate(
+        "--password", "pw-123", "--initial-calls", "1", "--json", data_dir=tmp_path / "pbx"
+    ) as process:
         assert process.stdout is not None
         info = json.loads(process.stdout.readline())
         assert info["url"].startswith("https://127.0.0.1:")
@@ -76,14 +90,20 @@ def test_simulate_prints_connection_details_and_serves(tmp_path: Path) -> None:
         [name] = info["recordings"]
         context = ssl.create_default_context(cafile=info["ca_file"])
         with httpx.Client(verify=context) as client:
-            login = client.post(f"{info['url']}/api/v1.1.0/login",
-                                json={"username": "api", "password": md5("pw-123"), "port": "0"})
+            login = client.post(
+                f"{info['url']}/api/v1.1.0/login",
+                json={"username": "api", "password": md5("pw-123"), "port": "0"},
+            )
             token = login.json()["token"]
-            random = client.post(f"{info['url']}/api/v1.1.0/recording/get_random",
-                                 params={"token": token}, json={"recording": name}).json()
-            audio = client.get(f"{info['url']}/api/v1.1.0/recording/download",
-                               params={"token": token, "recording": name,
-                                       "random": random["random"]})
+            random = client.post(
+                f"{info['url']}/api/v1.1.0/recording/get_random",
+                params={"token": token},
+                json={"recording": name},
+            ).json()
+            audio = client.get(
+                f"{info['url']}/api/v1.1.0/recording/download",
+                params={"token": token, "recording": name, "random": random["random"]},
+            )
         assert audio.content[:4] == b"RIFF"
         assert audio.content == (tmp_path / "pbx" / "recordings" / name).read_bytes()
         _out, err = _stop(process)
@@ -91,7 +111,8 @@ def test_simulate_prints_connection_details_and_serves(tmp_path: Path) -> None:
 
 
 def test_simulate_banner_names_url_credentials_fingerprint_and_a_fetch_example(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     with _simulate("--initial-calls", "2", data_dir=tmp_path / "pbx") as process:
         assert process.stdout is not None
         lines: list[str] = []
@@ -112,14 +133,12 @@ def test_simulate_banner_names_url_credentials_fingerprint_and_a_fetch_example(
     assert f"CALLVAULT_PASSWORD={password} " in fetch
 
 
-def test_sigterm_also_stops_cleanly_and_removes_the_temporary_directory(
-        tmp_path: Path) -> None:
+def test_sigterm_also_stops_cleanly_and_removes_the_temporary_directory(tmp_path: Path) -> None:
     """Without --data-dir the simulator works in a callvault-sim-* directory of TMPDIR,
     there while it runs and gone once it stopped."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    with _simulate("--json", "--initial-calls", "1", "--http", data_dir=None,
-                   tmp=tmp) as process:
+    with _simulate("--json", "--initial-calls", "1", "--http", data_dir=None, tmp=tmp) as process:
         assert process.stdout is not None
         info = json.loads(process.stdout.readline())
         assert info["url"].startswith("http://") and info["cert_sha256"] is None
@@ -138,8 +157,7 @@ def test_bad_fault_is_one_clear_line() -> None:
     assert "Traceback" not in result.output
 
 
-def test_busy_port_is_one_clear_line_and_leaves_no_temporary_directory(
-        tmp_path: Path) -> None:
+def test_busy_port_is_one_clear_line_and_leaves_no_temporary_directory(tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     with socket.socket() as busy:
@@ -157,14 +175,29 @@ def test_busy_port_is_one_clear_line_and_leaves_no_temporary_directory(
 
 
 def test_fault_specs() -> None:
-    faults = parse_faults(["drop-next-downloads", "slow_seconds=0.5", "drop_rate=0.25",
-                           "invalidate_previous_tokens_on_login", "honour_range=false",
-                           "error_5xx_next=3"])
-    assert faults == Faults(drop_next_downloads=1, slow_seconds=0.5, drop_rate=0.25,
-                            invalidate_previous_tokens_on_login=True, error_5xx_next=3)
-    for bad, words in [("slow_seconds", "needs a value"), ("drop_rate=2", "between 0 and 1"),
-                       ("error_5xx_next=x", "whole number"),
-                       ("honour_range=maybe", "true or false"),
-                       ("not_ready_seconds=-1", "must not be negative")]:
+    faults = parse_faults(
+        [
+            "drop-next-downloads",
+            "slow_seconds=0.5",
+            "drop_rate=0.25",
+            "invalidate_previous_tokens_on_login",
+            "honour_range=false",
+            "error_5xx_next=3",
+        ]
+    )
+    assert faults == Faults(
+        drop_next_downloads=1,
+        slow_seconds=0.5,
+        drop_rate=0.25,
+        invalidate_previous_tokens_on_login=True,
+        error_5xx_next=3,
+    )
+    for bad, words in [
+        ("slow_seconds", "needs a value"),
+        ("drop_rate=2", "between 0 and 1"),
+        ("error_5xx_next=x", "whole number"),
+        ("honour_range=maybe", "true or false"),
+        ("not_ready_seconds=-1", "must not be negative"),
+    ]:
         with pytest.raises(ValueError, match=words):
             apply_fault(Faults(), bad)

@@ -49,8 +49,10 @@ def test_a_random_is_good_for_one_download_only(pbx: Pbx) -> None:
     assert len(value) == 32 and value == value.lower()
     assert pbx.download(token, name, value).content.startswith(b"RIFF")
     assert pbx.download(token, name, value).json() == {"status": "Failed", "errno": "20012"}
-    assert pbx.sim.request_log[-2:] == [("recording/download", "Success"),
-                                        ("recording/download", "20012")]
+    assert pbx.sim.request_log[-2:] == [
+        ("recording/download", "Success"),
+        ("recording/download", "20012"),
+    ]
 
 
 def test_a_random_expires_after_thirty_seconds(pbx: Pbx) -> None:
@@ -78,8 +80,13 @@ def test_a_random_is_bound_to_its_token_and_recording(pbx: Pbx) -> None:
 
 
 def test_names_with_plus_must_be_url_encoded(pbx: Pbx) -> None:
-    cdr = pbx.sim.place_call(callfrom="+4915112345678", callto="1003", type="Inbound",
-                             srctrunkname="SIP-Provider", didnumber="+49301234567")
+    cdr = pbx.sim.place_call(
+        callfrom="+4915112345678",
+        callto="1003",
+        type="Inbound",
+        srctrunkname="SIP-Provider",
+        didnumber="+49301234567",
+    )
     name = cdr.recording
     assert name is not None and "-+4915112345678-1003-Inbound.wav" in name
     token = pbx.login()
@@ -131,9 +138,12 @@ def test_dropped_download_ends_before_content_length(pbx: Pbx) -> None:
     pbx.sim.faults.drop_next_downloads = 1
     params = {"recording": name, "random": pbx.random(token, name), "token": token}
     got = bytearray()
-    with (pytest.raises(httpx.RemoteProtocolError),
-          pbx.client.stream("GET", f"{pbx.sim.url}/api/v1.1.0/recording/download",
-                            params=params) as response):
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        pbx.client.stream(
+            "GET", f"{pbx.sim.url}/api/v1.1.0/recording/download", params=params
+        ) as response,
+    ):
         size = pbx.sim.recording_path(name).stat().st_size
         assert int(response.headers["content-length"]) == size
         for chunk in response.iter_raw():
@@ -181,9 +191,12 @@ def test_big_recording_of_a_given_size_streams_whole(pbx: Pbx, tmp_path: Path) -
     token = pbx.login()
     target = tmp_path / "big.wav"
     params = {"recording": name, "random": pbx.random(token, name), "token": token}
-    with (target.open("wb") as out,
-          pbx.client.stream("GET", f"{pbx.sim.url}/api/v1.1.0/recording/download",
-                            params=params) as response):
+    with (
+        target.open("wb") as out,
+        pbx.client.stream(
+            "GET", f"{pbx.sim.url}/api/v1.1.0/recording/download", params=params
+        ) as response,
+    ):
         for chunk in response.iter_bytes():
             out.write(chunk)
     assert target.stat().st_size == 3_000_000  # whole samples
@@ -213,15 +226,29 @@ def test_download_errors(pbx: Pbx) -> None:
     assert name is not None
     token = pbx.login()
     value = pbx.random(token, name)
-    assert pbx.errno("recording/download", method="GET",
-                     params={"recording": name, "random": value}) == "20005"
-    assert pbx.errno("recording/download", method="PUT", token=token,
-                     params={"recording": name, "random": value}) == "20001"
-    assert pbx.errno("recording/download", method="GET", token=token,
-                     params={"recording": name}) == "10004"
+    assert (
+        pbx.errno("recording/download", method="GET", params={"recording": name, "random": value})
+        == "20005"
+    )
+    assert (
+        pbx.errno(
+            "recording/download",
+            method="PUT",
+            token=token,
+            params={"recording": name, "random": value},
+        )
+        == "20001"
+    )
+    assert (
+        pbx.errno("recording/download", method="GET", token=token, params={"recording": name})
+        == "10004"
+    )
     # POST with query parameters is accepted too (seen in third-party clients).
-    response = pbx.call("recording/download", token=token,
-                        params={"recording": name, "random": pbx.random(token, name)})
+    response = pbx.call(
+        "recording/download",
+        token=token,
+        params={"recording": name, "random": pbx.random(token, name)},
+    )
     assert response.content.startswith(b"RIFF")
 
 
@@ -231,23 +258,41 @@ def test_allowedip_extends_who_may_download_over_http(pbx: Pbx) -> None:
     token = pbx.login()
     value = pbx.random(token, name, allowedip="198.51.100.7")  # the app server stays allowed
     assert pbx.download(token, name, value).content.startswith(b"RIFF")
-    assert pbx.errno("recording/get_random", token=token,
-                     body={"recording": name, "allowedip": "not-an-ip"}) == "20015"
+    assert (
+        pbx.errno(
+            "recording/get_random", token=token, body={"recording": name, "allowedip": "not-an-ip"}
+        )
+        == "20015"
+    )
     assert pbx.download(token, name, pbx.random(token, name, allowedip=" ")).status_code == 200
 
 
 def _state(tmp_path: Path, seed: int | None = 1) -> PbxState:
-    return PbxState(username="api", password="pw", serial="1", clock=Clock(), faults=Faults(),
-                    recordings_dir=tmp_path, seed=seed)
+    return PbxState(
+        username="api",
+        password="pw",
+        serial="1",
+        clock=Clock(),
+        faults=Faults(),
+        recordings_dir=tmp_path,
+        seed=seed,
+    )
 
 
 def _session_with_recording(state: PbxState, tmp_path: Path) -> tuple[Session, str]:
     path = tmp_path / "r.wav"
     path.write_bytes(b"RIFF")
     state.add_recording(Recording(name="r.wav", path=path, size=4, sha256="", created_at=0.0))
-    session = state.login(ip="127.0.0.1", username="api",
-                          password_md5=hashlib.md5(b"pw").hexdigest(), api_version="v1.1.0",
-                          port=0, url="", urltag=False, version=None)
+    session = state.login(
+        ip="127.0.0.1",
+        username="api",
+        password_md5=hashlib.md5(b"pw").hexdigest(),
+        api_version="v1.1.0",
+        port=0,
+        url="",
+        urltag=False,
+        version=None,
+    )
     assert session.format is EventFormat.LEGACY
     return session, "r.wav"
 
@@ -261,8 +306,10 @@ def test_random_is_bound_to_the_api_client_ip_plus_allowedip(tmp_path: Path) -> 
         state.redeem_recording_random(session, ip="198.51.100.7", name=name, value=value)
     assert refused.value.errno == "20015"
     value = state.recording_random(session, name=name, allowedip="198.51.100.7")
-    assert state.redeem_recording_random(session, ip="198.51.100.7", name=name,
-                                         value=value).name == name
+    assert (
+        state.redeem_recording_random(session, ip="198.51.100.7", name=name, value=value).name
+        == name
+    )
     value = state.recording_random(session, name=name, allowedip="198.51.100.7")
     with pytest.raises(ApiFailure) as other:
         state.redeem_recording_random(session, ip="198.51.100.8", name=name, value=value)

@@ -14,9 +14,24 @@ import pytest
 from callvault.simulator import Simulator
 from test_sim_helpers import Pbx, Receiver, make_config, running_pbx, running_receiver
 
-V1_KEYS = ["action", "callid", "timestart", "callfrom", "callto", "callduraction",
-           "talkduraction", "srctrunkname", "desttrunkname", "pincode", "status", "type",
-           "recording", "didnumber", "agentringtime", "sn"]
+V1_KEYS = [
+    "action",
+    "callid",
+    "timestart",
+    "callfrom",
+    "callto",
+    "callduraction",
+    "talkduraction",
+    "srctrunkname",
+    "desttrunkname",
+    "pincode",
+    "status",
+    "type",
+    "recording",
+    "didnumber",
+    "agentringtime",
+    "sn",
+]
 
 
 @pytest.fixture
@@ -67,8 +82,14 @@ def test_v1_0_2_newcdr_has_every_field(pbx: Pbx, receiver: Receiver) -> None:
 
 def test_v2_newcdr_uses_event_and_the_odd_trunk_spelling(pbx: Pbx, receiver: Receiver) -> None:
     pbx.login(api="v2.0.0", port=str(receiver.port), url="/v2", version="2.0.0")
-    cdr = pbx.sim.place_call(callfrom="1001", callto="+4917012345678", type="Outbound",
-                             talk_seconds=7, ring_seconds=4, dsttrunkname="SIP-Provider")
+    cdr = pbx.sim.place_call(
+        callfrom="1001",
+        callto="+4917012345678",
+        type="Outbound",
+        talk_seconds=7,
+        ring_seconds=4,
+        dsttrunkname="SIP-Provider",
+    )
     assert receiver.wait_for(1)
     assert receiver.received[0].path == "/v2"
     pairs = _pairs(receiver.received[0].body)
@@ -116,9 +137,17 @@ def test_heartbeat_moves_the_report_target(pbx: Pbx, receiver: Receiver) -> None
     other = Receiver()
     try:
         token = pbx.login(port=receiver.port)
-        pbx.ok("heartbeat", token=token,
-               body={"ipaddr": "127.0.0.1", "port": other.port, "url": "hb", "urlflag": "0",
-                     "version": "1.0.2"})
+        pbx.ok(
+            "heartbeat",
+            token=token,
+            body={
+                "ipaddr": "127.0.0.1",
+                "port": other.port,
+                "url": "hb",
+                "urlflag": "0",
+                "version": "1.0.2",
+            },
+        )
         pbx.sim.place_call()
         assert other.wait_for(1)
         assert other.received[0].path == "/hb"
@@ -128,10 +157,12 @@ def test_heartbeat_moves_the_report_target(pbx: Pbx, receiver: Receiver) -> None
         other.close()
 
 
-@pytest.mark.parametrize(("version", "key"), [(None, "action"), ("1.0.2", "action"),
-                                              ("2.0.0", "event")])
-def test_reboot_pushes_bootup_and_forgets_tokens(pbx: Pbx, receiver: Receiver,
-                                                 version: str | None, key: str) -> None:
+@pytest.mark.parametrize(
+    ("version", "key"), [(None, "action"), ("1.0.2", "action"), ("2.0.0", "event")]
+)
+def test_reboot_pushes_bootup_and_forgets_tokens(
+    pbx: Pbx, receiver: Receiver, version: str | None, key: str
+) -> None:
     extra = {"version": version} if version else {}
     api = "v2.0.0" if version == "2.0.0" else "v1.1.0"  # the versions that offer the format
     token = pbx.login(api=api, port=receiver.port, **extra)
@@ -214,11 +245,19 @@ def test_bye_names_every_party(pbx: Pbx, receiver: Receiver, version: str | None
     assert receiver.wait_for(1)
     pairs = _pairs(receiver.received[0].body)
     if version is None:  # legacy: the same key twice
-        assert pairs == [("action", "BYE"), ("callid", "1547375817.78"),
-                         ("ext", [("extid", "1006")]), ("ext", [("extid", "1005")]),
-                         ("sn", pbx.sim.serial)]
+        assert pairs == [
+            ("action", "BYE"),
+            ("callid", "1547375817.78"),
+            ("ext", [("extid", "1006")]),
+            ("ext", [("extid", "1005")]),
+            ("sn", pbx.sim.serial),
+        ]
     else:
         data = json.loads(receiver.received[0].body)
         key = "event" if version == "2.0.0" else "action"
-        assert data == {key: "BYE", "callid": "1547375817.78", "sn": pbx.sim.serial,
-                        "call": [{"ext": {"extid": "1006"}}, {"ext": {"extid": "1005"}}]}
+        assert data == {
+            key: "BYE",
+            "callid": "1547375817.78",
+            "sn": pbx.sim.serial,
+            "call": [{"ext": {"extid": "1006"}}, {"ext": {"extid": "1005"}}],
+        }

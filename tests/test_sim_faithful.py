@@ -103,12 +103,20 @@ def test_asking_for_the_random_does_not_make_an_ip_allowed_to_download(pbx: Pbx)
     # An app server that logged in from another host (a plain string: only 127.0.0.1
     # carries traffic in tests); 127.0.0.1 then asks for the random with its token.
     session = pbx.sim.state.login(
-        ip="198.51.100.7", username="api", password_md5=md5(PASSWORD), api_version="v1.1.0",
-        port=0, url="", urltag=False, version=None,
+        ip="198.51.100.7",
+        username="api",
+        password_md5=md5(PASSWORD),
+        api_version="v1.1.0",
+        port=0,
+        url="",
+        urltag=False,
+        version=None,
     )
     token = session.token
     assert pbx.download(token, name, pbx.random(token, name)).json() == {
-        "status": "Failed", "errno": "20015"}
+        "status": "Failed",
+        "errno": "20015",
+    }
     # allowedip names the downloader: now it may.
     value = pbx.random(token, name, allowedip="127.0.0.1")
     assert pbx.download(token, name, value).content.startswith(b"RIFF")
@@ -120,18 +128,21 @@ def test_asking_for_the_random_does_not_make_an_ip_allowed_to_download(pbx: Pbx)
 # -- 2. the report format depends on the API path version -----------------------------------
 
 
-@pytest.mark.parametrize(("api", "version", "expected"), [
-    ("v1.0.1", None, EventFormat.LEGACY),
-    ("v1.0.1", "1.0.2", EventFormat.LEGACY),  # v1.0.1 has no `version` field
-    ("v1.0.1", "2.0.0", EventFormat.LEGACY),
-    ("v1.1.0", None, EventFormat.LEGACY),
-    ("v1.1.0", "1.0.2", EventFormat.V1_0_2),
-    ("v1.1.0", "2.0.0", EventFormat.LEGACY),  # not offered by v1.1.0: its default
-    ("v2.0.0", None, EventFormat.LEGACY),  # v2 calls it 1.0.0
-    ("v2.0.0", "1.0.0", EventFormat.LEGACY),
-    ("v2.0.0", "1.0.2", EventFormat.LEGACY),  # not offered by v2: its default
-    ("v2.0.0", "2.0.0", EventFormat.V2_0_0),
-])
+@pytest.mark.parametrize(
+    ("api", "version", "expected"),
+    [
+        ("v1.0.1", None, EventFormat.LEGACY),
+        ("v1.0.1", "1.0.2", EventFormat.LEGACY),  # v1.0.1 has no `version` field
+        ("v1.0.1", "2.0.0", EventFormat.LEGACY),
+        ("v1.1.0", None, EventFormat.LEGACY),
+        ("v1.1.0", "1.0.2", EventFormat.V1_0_2),
+        ("v1.1.0", "2.0.0", EventFormat.LEGACY),  # not offered by v1.1.0: its default
+        ("v2.0.0", None, EventFormat.LEGACY),  # v2 calls it 1.0.0
+        ("v2.0.0", "1.0.0", EventFormat.LEGACY),
+        ("v2.0.0", "1.0.2", EventFormat.LEGACY),  # not offered by v2: its default
+        ("v2.0.0", "2.0.0", EventFormat.V2_0_0),
+    ],
+)
 def test_report_format_follows_the_path_version_and_the_login_version(
     pbx: Pbx, receiver: Receiver, api: str, version: str | None, expected: EventFormat
 ) -> None:
@@ -149,9 +160,18 @@ def test_v1_0_1_has_no_urltag_its_url_is_a_path(pbx: Pbx, receiver: Receiver) ->
     assert receiver.wait_for(1)
     assert receiver.received[0].path == f"/{absolute}"  # relative to the login IP and port
     # The heartbeat's flag (either spelling) does not exist in v1.0.1 either.
-    pbx.ok("heartbeat", version="v1.0.1", token=token,
-           body={"ipaddr": "127.0.0.1", "port": receiver.port, "url": absolute,
-                 "urlflag": "1", "urltag": "1"})
+    pbx.ok(
+        "heartbeat",
+        version="v1.0.1",
+        token=token,
+        body={
+            "ipaddr": "127.0.0.1",
+            "port": receiver.port,
+            "url": absolute,
+            "urlflag": "1",
+            "urltag": "1",
+        },
+    )
     pbx.sim.place_call()
     assert receiver.wait_for(2)
     assert receiver.received[1].path == f"/{absolute}"
@@ -177,20 +197,31 @@ def test_the_client_asks_only_for_formats_its_api_version_offers() -> None:
     assert ApiVersion.V1_1_0.report_format == "1.0.2"
     assert ApiVersion.V2_0_0.report_format == "2.0.0"
     with pytest.raises(ValueError, match=r"v1\.1\.0 or later"):
-        PbxClient("https://127.0.0.1:8088", "api", "pw", api_version="v1.0.1",
-                  events_port=8260, events_url="127.0.0.1:8260/x", events_urltag=True)
+        PbxClient(
+            "https://127.0.0.1:8088",
+            "api",
+            "pw",
+            api_version="v1.0.1",
+            events_port=8260,
+            events_url="127.0.0.1:8260/x",
+            events_urltag=True,
+        )
 
 
-@pytest.mark.parametrize(("api", "expected"), [
-    (ApiVersion.V1_0_1, EventFormat.LEGACY),
-    (ApiVersion.V1_1_0, EventFormat.V1_0_2),
-    (ApiVersion.V2_0_0, EventFormat.V2_0_0),
-])
+@pytest.mark.parametrize(
+    ("api", "expected"),
+    [
+        (ApiVersion.V1_0_1, EventFormat.LEGACY),
+        (ApiVersion.V1_1_0, EventFormat.V1_0_2),
+        (ApiVersion.V2_0_0, EventFormat.V2_0_0),
+    ],
+)
 async def test_the_client_gets_well_formed_reports_where_its_version_allows(
     pbx: Pbx, receiver: Receiver, api: ApiVersion, expected: EventFormat
 ) -> None:
-    async with client_for(pbx.sim, api_version=api, events_port=receiver.port,
-                          events_ip="127.0.0.1") as client:
+    async with client_for(
+        pbx.sim, api_version=api, events_port=receiver.port, events_ip="127.0.0.1"
+    ) as client:
         await client.login()
         await client.heartbeat()
         cdr = pbx.sim.place_call(callfrom="1001", callto="1003")
@@ -209,12 +240,19 @@ async def test_the_client_gets_well_formed_reports_where_its_version_allows(
 
 def test_v1_0_1_has_no_cdr_export(pbx: Pbx) -> None:
     pbx.sim.place_call()
-    body = {"extid": "all", "starttime": "2000-01-01 00:00:00",
-            "endtime": "2100-01-01 00:00:00"}
+    body = {"extid": "all", "starttime": "2000-01-01 00:00:00", "endtime": "2100-01-01 00:00:00"}
     token = pbx.login(api="v1.0.1")
     assert pbx.errno("cdr/get_random", version="v1.0.1", token=token, body=body) == "10003"
-    assert pbx.errno("cdr/download", version="v1.0.1", token=token, method="GET",
-                     params={**body, "random": "0" * 32}) == "10003"
+    assert (
+        pbx.errno(
+            "cdr/download",
+            version="v1.0.1",
+            token=token,
+            method="GET",
+            params={**body, "random": "0" * 32},
+        )
+        == "10003"
+    )
     token = pbx.login(api="v1.1.0")
     assert pbx.ok("cdr/get_random", version="v1.1.0", token=token, body=body)["random"]
 
@@ -231,18 +269,22 @@ async def test_the_client_refuses_a_cdr_export_on_v1_0_1_before_asking(pbx: Pbx)
     assert pbx.sim.request_log == []  # nothing sent, not even a login
 
 
-def test_cdr_and_backfill_commands_say_v1_0_1_has_no_cdr_export(
-    pbx: Pbx, tmp_path: Path
-) -> None:
+def test_cdr_and_backfill_commands_say_v1_0_1_has_no_cdr_export(pbx: Pbx, tmp_path: Path) -> None:
     _register()
     pbx.sim.place_call()
     env = _cli_env(pbx.sim, tmp_path / "archive")
-    cdr = CliRunner().invoke(app, ["cdr", "--since", "2024-01-01", "--until", "2024-01-02",
-                                   "--api-version", "v1.0.1"], env=env)
+    cdr = CliRunner().invoke(
+        app,
+        ["cdr", "--since", "2024-01-01", "--until", "2024-01-02", "--api-version", "v1.0.1"],
+        env=env,
+    )
     assert cdr.exit_code == 1
     assert cdr.output == f"callvault: error: {_CDR_NEEDS}\n"
-    backfill = CliRunner().invoke(app, ["backfill", "--since", "2024-01-01", "--until",
-                                        "2024-01-03", "--api-version", "v1.0.1"], env=env)
+    backfill = CliRunner().invoke(
+        app,
+        ["backfill", "--since", "2024-01-01", "--until", "2024-01-03", "--api-version", "v1.0.1"],
+        env=env,
+    )
     assert backfill.exit_code == 1
     # One line, and no "run it again": that would fail the same way.
     assert backfill.output == f"callvault: error: backfill stopped: {_CDR_NEEDS}\n"
@@ -252,12 +294,15 @@ def test_cdr_and_backfill_commands_say_v1_0_1_has_no_cdr_export(
 # -- 4. errno 20012 in its 2017 meaning ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("api", "switch", "unknown"), [
-    ("v1.0.1", False, "20012"),
-    ("v1.1.0", False, "20014"),
-    ("v2.0.0", False, "20014"),
-    ("v1.1.0", True, "20012"),
-])
+@pytest.mark.parametrize(
+    ("api", "switch", "unknown"),
+    [
+        ("v1.0.1", False, "20012"),
+        ("v1.1.0", False, "20014"),
+        ("v2.0.0", False, "20014"),
+        ("v1.1.0", True, "20012"),
+    ],
+)
 def test_2017_errnos_unknown_is_20012_deleted_is_20014(
     pbx: Pbx, api: str, switch: bool, unknown: str
 ) -> None:
@@ -265,8 +310,7 @@ def test_2017_errnos_unknown_is_20012_deleted_is_20014(
     token = pbx.login(api=api)
 
     def get_random(name: str) -> str:
-        return pbx.errno("recording/get_random", version=api, token=token,
-                         body={"recording": name})
+        return pbx.errno("recording/get_random", version=api, token=token, body={"recording": name})
 
     assert get_random("20170901181806-1504261084.7-1001-1003-Internal.wav") == unknown
     deleted = pbx.sim.place_call().recording
@@ -285,8 +329,9 @@ async def test_the_client_turns_repeated_2017_20012_into_not_found(
     sleep = NoSleep()
     async with client_for(pbx.sim, api_version="v1.0.1", max_attempts=3, sleep=sleep) as client:
         with pytest.raises(RecordingNotFound) as missing:
-            await client.download_recording("20170901181806-1504261084.7-1001-1003-Internal.wav",
-                                            tmp_path)
+            await client.download_recording(
+                "20170901181806-1504261084.7-1001-1003-Internal.wav", tmp_path
+            )
         assert missing.value.errno == "20012"
         deleted = pbx.sim.place_call().recording
         assert deleted is not None
@@ -310,8 +355,15 @@ def test_a_locked_out_ip_gets_20002_for_every_request(pbx: Pbx) -> None:
     bad = {"username": "api", "password": md5("nope"), "port": "0"}
     assert [pbx.errno("login", body=bad) for _ in range(5)] == ["20003"] * 5
     assert pbx.errno("recording/get_random", token=token, body={"recording": name}) == "20002"
-    assert pbx.errno("recording/download", method="GET", token=token,
-                     params={"recording": name, "random": value}) == "20002"
+    assert (
+        pbx.errno(
+            "recording/download",
+            method="GET",
+            token=token,
+            params={"recording": name, "random": value},
+        )
+        == "20002"
+    )
     assert pbx.errno("heartbeat", token=token, body={"ipaddr": "127.0.0.1"}) == "20002"
     assert pbx.errno("login", content=b"") == "20002"  # before the body is looked at
     assert pbx.errno("logout") == "20002"
@@ -388,8 +440,9 @@ def test_a_misspelt_answered_status_is_still_an_answered_call(pbx: Pbx) -> None:
     assert cdr.status == "ANSWERD" and cdr.talkduration == 2
     assert cdr.recording is not None
     token = pbx.login()
-    assert pbx.download(token, cdr.recording,
-                        pbx.random(token, cdr.recording)).content.startswith(b"RIFF")
+    assert pbx.download(token, cdr.recording, pbx.random(token, cdr.recording)).content.startswith(
+        b"RIFF"
+    )
 
 
 def test_v2_reports_may_use_the_documents_spellings(pbx: Pbx, receiver: Receiver) -> None:
@@ -397,14 +450,16 @@ def test_v2_reports_may_use_the_documents_spellings(pbx: Pbx, receiver: Receiver
     try:
         pbx.login(api="v2.0.0", port=receiver.port, version="2.0.0")
         pbx.login(api="v1.1.0", port=other.port, version="1.0.2")
-        pbx.sim.place_call(type="Outbound", callto="+4917012345678",
-                           dsttrunkname="SIP-Provider")  # default: the usual spellings
+        pbx.sim.place_call(
+            type="Outbound", callto="+4917012345678", dsttrunkname="SIP-Provider"
+        )  # default: the usual spellings
         assert receiver.wait_for(1) and other.wait_for(1)
         usual = receiver.received[0].json()
         assert usual["status"] == "ANSWERED" and usual["dsttrcunkname"] == "SIP-Provider"
         pbx.sim.faults.v2_spellings_rate = 1.0
-        answered = pbx.sim.place_call(type="Outbound", callto="+4917012345678",
-                                      dsttrunkname="SIP-Provider")
+        answered = pbx.sim.place_call(
+            type="Outbound", callto="+4917012345678", dsttrunkname="SIP-Provider"
+        )
         assert receiver.wait_for(2) and other.wait_for(2)  # reports of one call at a time
         pbx.sim.place_call(status="NO ANSWER", recorded=False)
         assert receiver.wait_for(3) and other.wait_for(3)
@@ -413,8 +468,7 @@ def test_v2_reports_may_use_the_documents_spellings(pbx: Pbx, receiver: Receiver
         assert "dsttrcunkname" not in odd
         assert receiver.received[2].json()["status"] == "NO ANSWERED"
         # Only v2 reports: the 1.0.2 receiver gets the usual spellings.
-        assert [r.json()["status"] for r in other.received] == ["ANSWERED", "ANSWERED",
-                                                                "NO ANSWER"]
+        assert [r.json()["status"] for r in other.received] == ["ANSWERED", "ANSWERED", "NO ANSWER"]
         # The client's parser normalises them.
         event = parse_event(receiver.received[1].body)
         assert isinstance(event, NewCdrEvent)
@@ -438,8 +492,13 @@ def _archive_with(api: ApiVersion, tmp_path: Path, **faults: Any) -> None:
             assert archiver.index is not None
             index: Index = archiver.index
             cdrs = [
-                sim.place_call(callfrom="1001", callto="+4917012345678", type="Outbound",
-                               dsttrunkname="SIP-Provider", talk_seconds=1),
+                sim.place_call(
+                    callfrom="1001",
+                    callto="+4917012345678",
+                    type="Outbound",
+                    dsttrunkname="SIP-Provider",
+                    talk_seconds=1,
+                ),
                 sim.place_call(callfrom="1002", callto="1003", talk_seconds=1),
             ]
             assert wait_until(lambda: states(index) == {"archived": 2}), states(index)

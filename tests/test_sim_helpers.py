@@ -37,9 +37,17 @@ class Pbx:
     sim: Simulator
     client: httpx.Client
 
-    def call(self, endpoint: str, *, version: str = "v1.1.0", token: str | None = None,
-             body: Any = None, content: bytes | None = None, method: str = "POST",
-             params: dict[str, str] | None = None) -> httpx.Response:
+    def call(
+        self,
+        endpoint: str,
+        *,
+        version: str = "v1.1.0",
+        token: str | None = None,
+        body: Any = None,
+        content: bytes | None = None,
+        method: str = "POST",
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
         query = dict(params or {})
         if token is not None:
             query["token"] = token
@@ -74,30 +82,42 @@ class Pbx:
         return token
 
     def random(self, token: str, name: str, *, version: str = "v1.1.0", **extra: str) -> str:
-        data = self.ok("recording/get_random", version=version, token=token,
-                       body={"recording": name, **extra})
+        data = self.ok(
+            "recording/get_random", version=version, token=token, body={"recording": name, **extra}
+        )
         assert data["recording"] == name
         value = data["random"]
         assert isinstance(value, str)
         return value
 
-    def download(self, token: str, name: str, random: str, *,
-                 version: str = "v1.1.0") -> httpx.Response:
-        return self.call("recording/download", version=version, method="GET",
-                         params={"recording": name, "random": random, "token": token})
+    def download(
+        self, token: str, name: str, random: str, *, version: str = "v1.1.0"
+    ) -> httpx.Response:
+        return self.call(
+            "recording/download",
+            version=version,
+            method="GET",
+            params={"recording": name, "random": random, "token": token},
+        )
 
 
 def make_config(**changes: Any) -> SimulatorConfig:
-    base: dict[str, Any] = {"password": PASSWORD, "seed": 7, "event_retry_interval": 0.05,
-                            "event_max_retries": 3}
+    base: dict[str, Any] = {
+        "password": PASSWORD,
+        "seed": 7,
+        "event_retry_interval": 0.05,
+        "event_max_retries": 3,
+    }
     base.update(changes)
     return SimulatorConfig(**base)
 
 
 def running_pbx(**changes: Any) -> Iterator[Pbx]:
     """Body of a `pbx` fixture: a fresh simulator (test config plus `changes`) and a client."""
-    with (Simulator(make_config(**changes)) as sim,
-          httpx.Client(verify=trusting_context(sim)) as client):
+    with (
+        Simulator(make_config(**changes)) as sim,
+        httpx.Client(verify=trusting_context(sim)) as client,
+    ):
         yield Pbx(sim, client)
 
 
@@ -143,8 +163,9 @@ class Receiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
 
     def wait_for(self, count: int, timeout: float = 5.0) -> bool:

@@ -298,9 +298,7 @@ class WorkerPool:
                 digest = stored.sha256
                 content_type = await asyncio.to_thread(self._sniff, key)
             else:
-                result = await self._client.download_recording(
-                    job.name, staging, filename=filename
-                )
+                result = await self._client.download_recording(job.name, staging, filename=filename)
                 content_type = result.content_type
                 stored = await asyncio.to_thread(
                     self._storage.put_file, key, result.path, sha256=result.sha256

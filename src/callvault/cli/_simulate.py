@@ -27,8 +27,10 @@ def _print(text: str = "") -> None:
 
 def _describe_call(cdr: CallDetail) -> str:
     what = f"recording {cdr.recording}" if cdr.recording else "no recording"
-    return (f"call {cdr.callid} {cdr.type} {cdr.callfrom} -> {cdr.callto} {cdr.status}, "
-            f"{cdr.talkduration}s talk, {what}")
+    return (
+        f"call {cdr.callid} {cdr.type} {cdr.callfrom} -> {cdr.callto} {cdr.status}, "
+        f"{cdr.talkduration}s talk, {what}"
+    )
 
 
 def _banner(sim: Simulator, password_given: bool) -> None:
@@ -48,14 +50,17 @@ def _banner(sim: Simulator, password_given: bool) -> None:
         trust = f" --pin-sha256 {sim.cert_sha256}" if sim.cert_sha256 else ""
         secret = "'…'" if password_given else shlex.quote(sim.password)
         _print("Fetch a recording from another terminal:")
-        _print(f"  CALLVAULT_PASSWORD={secret} callvault fetch --pbx {sim.url} "
-               f"--username {shlex.quote(sim.username)} --password-env CALLVAULT_PASSWORD"
-               f"{trust} --out ./recordings {shlex.quote(names[-1])}")
+        _print(
+            f"  CALLVAULT_PASSWORD={secret} callvault fetch --pbx {sim.url} "
+            f"--username {shlex.quote(sim.username)} --password-env CALLVAULT_PASSWORD"
+            f"{trust} --out ./recordings {shlex.quote(names[-1])}"
+        )
     _print("Serving until Ctrl-C.")
 
 
-def _run(config: SimulatorConfig, *, password_given: bool, initial_calls: int,
-         as_json: bool) -> None:
+def _run(
+    config: SimulatorConfig, *, password_given: bool, initial_calls: int, as_json: bool
+) -> None:
     """Set up and start the simulator, print its details, serve until SIGINT/SIGTERM."""
     try:
         sim = Simulator(config)
@@ -71,8 +76,10 @@ def _run(config: SimulatorConfig, *, password_given: bool, initial_calls: int,
         try:
             sim.start()
         except OSError as exc:
-            fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}; "
-                 "choose another --port")
+            fail(
+                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}; "
+                "choose another --port"
+            )
         except RuntimeError as exc:
             fail(str(exc))
         # Both handled explicitly: a shell may start background jobs with SIGINT ignored.
@@ -80,13 +87,19 @@ def _run(config: SimulatorConfig, *, password_given: bool, initial_calls: int,
         for _ in range(initial_calls):
             sim.place_random_call(answered=True)
         if as_json:
-            _print(json.dumps({
-                "url": sim.url, "username": sim.username,
-                "password": None if password_given else sim.password,
-                "cert_sha256": sim.cert_sha256,
-                "ca_file": str(sim.ca_file) if sim.ca_file else None,
-                "recordings": sim.recording_names(), "serial": sim.serial,
-            }))
+            _print(
+                json.dumps(
+                    {
+                        "url": sim.url,
+                        "username": sim.username,
+                        "password": None if password_given else sim.password,
+                        "cert_sha256": sim.cert_sha256,
+                        "ca_file": str(sim.ca_file) if sim.ca_file else None,
+                        "recordings": sim.recording_names(),
+                        "serial": sim.serial,
+                    }
+                )
+            )
         else:
             _banner(sim, password_given=password_given)
             for cdr in sim.state.cdrs():
@@ -116,26 +129,44 @@ def simulate(
     port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8088,
     http: Annotated[bool, typer.Option("--http", help="Plain HTTP instead of HTTPS.")] = False,
     username: Annotated[str, typer.Option(help="API username.")] = "api",
-    password: Annotated[str | None, typer.Option(
-        envvar="CALLVAULT_SIM_PASSWORD",
-        help="API password (default: a random one, printed at start).")] = None,
-    calls_per_minute: Annotated[float, typer.Option(
-        help="Place random calls in the background at this average rate.")] = 0.0,
-    initial_calls: Annotated[int, typer.Option(
-        help="Recorded calls placed at start, so there is something to fetch.")] = 3,
-    fault: Annotated[list[str] | None, typer.Option(
-        "--fault", metavar="KEY[=VALUE]",
-        help=f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}.")] = None,
-    seed: Annotated[int | None, typer.Option(
-        help="Seed for reproducible calls and faults.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(
-        help="Keep recordings and the certificate here (default: a temporary directory).")] = None,
+    password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CALLVAULT_SIM_PASSWORD",
+            help="API password (default: a random one, printed at start).",
+        ),
+    ] = None,
+    calls_per_minute: Annotated[
+        float, typer.Option(help="Place random calls in the background at this average rate.")
+    ] = 0.0,
+    initial_calls: Annotated[
+        int, typer.Option(help="Recorded calls placed at start, so there is something to fetch.")
+    ] = 3,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault",
+            metavar="KEY[=VALUE]",
+            help=f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for reproducible calls and faults.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep recordings and the certificate here (default: a temporary directory)."
+        ),
+    ] = None,
     timezone: Annotated[str, typer.Option(help="The PBX's time zone.")] = "Europe/Berlin",
     serial: Annotated[str, typer.Option(help="The PBX serial number (sn).")] = "369351034049",
-    legacy_tls: Annotated[bool, typer.Option(
-        help="Also accept TLS 1.0/1.1 (the PBX's 'Low' security level).")] = False,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print the connection details as one JSON line.")] = False,
+    legacy_tls: Annotated[
+        bool, typer.Option(help="Also accept TLS 1.0/1.1 (the PBX's 'Low' security level).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the connection details as one JSON line.")
+    ] = False,
 ) -> None:
     """Run a simulated Yeastar S-Series PBX until Ctrl-C: the API, recordings, events, faults."""
     try:
@@ -154,13 +185,25 @@ def simulate(
             fail(f"cannot create a temporary directory: {exc.strerror or exc}")
     try:
         config = SimulatorConfig(
-            host=host, port=port, tls=not http, username=username, password=password,
-            serial=serial, timezone=timezone, data_dir=own_dir or data_dir,
-            calls_per_minute=max(calls_per_minute, 0.0), seed=seed, faults=faults,
+            host=host,
+            port=port,
+            tls=not http,
+            username=username,
+            password=password,
+            serial=serial,
+            timezone=timezone,
+            data_dir=own_dir or data_dir,
+            calls_per_minute=max(calls_per_minute, 0.0),
+            seed=seed,
+            faults=faults,
             legacy_tls=legacy_tls,
         )
-        _run(config, password_given=password is not None, initial_calls=initial_calls,
-             as_json=as_json)
+        _run(
+            config,
+            password_given=password is not None,
+            initial_calls=initial_calls,
+            as_json=as_json,
+        )
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)

@@ -154,9 +154,7 @@ def open_index(url: str, *, create: bool = True) -> Index:
             raise IndexOpenError(f"cannot create {path.parent}: {exc.strerror}") from exc
     backend = make_url(url).get_backend_name()
     if backend not in SUPPORTED_DIALECTS:
-        raise IndexOpenError(
-            f"the index needs SQLite or PostgreSQL, not {backend}: {_redact(url)}"
-        )
+        raise IndexOpenError(f"the index needs SQLite or PostgreSQL, not {backend}: {_redact(url)}")
     try:
         engine = _make_engine(url)
     except (ArgumentError, NoSuchModuleError) as exc:

@@ -55,8 +55,9 @@ Handler = Callable[[Request, str], Awaitable[Outcome]]
 
 def json_response(payload: Mapping[str, str]) -> Response:
     body = json.dumps(payload, separators=(",", ":")).encode()
-    return Response(body, headers={**BASE_HEADERS, "Accept-Ranges": "bytes",
-                                   "Content-Type": "application/json"})
+    return Response(
+        body, headers={**BASE_HEADERS, "Accept-Ranges": "bytes", "Content-Type": "application/json"}
+    )
 
 
 def failed(errno: str) -> Response:
@@ -64,24 +65,37 @@ def failed(errno: str) -> Response:
 
 
 def boa_html(status: int, title: str, text: str) -> Response:
-    page = (f"<HTML><HEAD><TITLE>{status} {title}</TITLE></HEAD>\n"
-            f"<BODY><H1>{status} {title}</H1>\n{text}\n</BODY></HTML>\n")
-    return Response(page.encode(), status_code=status,
-                    headers={**BASE_HEADERS, "Content-Type": "text/html"})
+    page = (
+        f"<HTML><HEAD><TITLE>{status} {title}</TITLE></HEAD>\n"
+        f"<BODY><H1>{status} {title}</H1>\n{text}\n</BODY></HTML>\n"
+    )
+    return Response(
+        page.encode(), status_code=status, headers={**BASE_HEADERS, "Content-Type": "text/html"}
+    )
 
 
 def not_found_page(path: str) -> Response:
     # Only the path: the query string holds the token and the random.
-    return boa_html(404, "Not Found",
-                    f"The requested URL {html.escape(path)} was not found on this server.")
+    return boa_html(
+        404, "Not Found", f"The requested URL {html.escape(path)} was not found on this server."
+    )
 
 
 class FileDownload(Response):
     """Streams an open file from disk in chunks; optionally drops the connection mid-body."""
 
-    def __init__(self, file: AsyncFile[bytes], *, name: str, start: int, length: int,
-                 total: int, status_code: int, drop_after: int | None,
-                 advertise_ranges: bool) -> None:
+    def __init__(
+        self,
+        file: AsyncFile[bytes],
+        *,
+        name: str,
+        start: int,
+        length: int,
+        total: int,
+        status_code: int,
+        drop_after: int | None,
+        advertise_ranges: bool,
+    ) -> None:
         safe_name = name.replace('"', "").encode("latin-1", "replace").decode("latin-1")
         headers = {
             **BASE_HEADERS,
@@ -101,8 +115,13 @@ class FileDownload(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
             await self._file.seek(self._start)
             remaining = self._length
             sent = 0
@@ -194,9 +213,13 @@ class PbxHttp:
         # and its reports always legacy; the PBX ignores fields it does not know.
         urltag = version != V1_0_1 and bool(_flag(_param(data, "urltag", required=False)))
         session = self.state.login(
-            ip=_client_ip(request), username=username, password_md5=password,
-            api_version=version, port=port if port is not None else DEFAULT_EVENT_PORT,
-            url=_param(data, "url", required=False) or "", urltag=urltag,
+            ip=_client_ip(request),
+            username=username,
+            password_md5=password,
+            api_version=version,
+            port=port if port is not None else DEFAULT_EVENT_PORT,
+            url=_param(data, "url", required=False) or "",
+            urltag=urltag,
             version=None if version == V1_0_1 else _param(data, "version", required=False),
         )
         payload = {"status": "Success", "token": session.token}
@@ -219,9 +242,15 @@ class PbxHttp:
                 urltag = _flag(_param(data, "urlflag", required=False))
         # Only v2 documents `version` in the heartbeat.
         report_version = _param(data, "version", required=False) if version == V2 else None
-        self.state.heartbeat(session, ipaddr=ipaddr, port=port,
-                             url=_param(data, "url", required=False), urltag=urltag,
-                             version=report_version, api_version=version)
+        self.state.heartbeat(
+            session,
+            ipaddr=ipaddr,
+            port=port,
+            url=_param(data, "url", required=False),
+            urltag=urltag,
+            version=report_version,
+            api_version=version,
+        )
         return json_response({"status": "Success"}), "Success"
 
     async def logout(self, request: Request, version: str) -> Outcome:
@@ -234,8 +263,12 @@ class PbxHttp:
         session = self._session(request)
         data = await _json_body(request)
         name = _param(data, "recording") or ""
-        value = self.state.recording_random(session, name=name, api_version=version,
-                                            allowedip=_param(data, "allowedip", required=False))
+        value = self.state.recording_random(
+            session,
+            name=name,
+            api_version=version,
+            allowedip=_param(data, "allowedip", required=False),
+        )
         return json_response({"status": "Success", "recording": name, "random": value}), "Success"
 
     async def recording_download(self, request: Request, version: str) -> Outcome:
@@ -245,9 +278,9 @@ class PbxHttp:
         query = request.query_params
         name = _param(query, "recording") or ""
         value = _param(query, "random") or ""
-        recording = self.state.redeem_recording_random(session, ip=_client_ip(request),
-                                                       name=name, value=value,
-                                                       api_version=version)
+        recording = self.state.redeem_recording_random(
+            session, ip=_client_ip(request), name=name, value=value, api_version=version
+        )
         return await self._stream(request, recording)
 
     async def _stream(self, request: Request, recording: Recording) -> Outcome:
@@ -274,8 +307,13 @@ class PbxHttp:
                 start = 0
         drop = self.state.take("drop_next_downloads") or self.state.chance(faults.drop_rate)
         response = FileDownload(
-            file, name=recording.name, start=start, length=length, total=total,
-            status_code=status, drop_after=max(length // 2, 1) if drop else None,
+            file,
+            name=recording.name,
+            start=start,
+            length=length,
+            total=total,
+            status_code=status,
+            drop_after=max(length // 2, 1) if drop else None,
             advertise_ranges=faults.honour_range,
         )
         return response, "dropped" if drop else "Success"
@@ -293,12 +331,19 @@ class PbxHttp:
         session = self._session(request)
         data = await _json_body(request)
         query = self._cdr_query(data, version)
-        value = self.state.cdr_random(session, query=query,
-                                      allowedip=_param(data, "allowedip", required=False))
+        value = self.state.cdr_random(
+            session, query=query, allowedip=_param(data, "allowedip", required=False)
+        )
         field = "number" if version == V2 else "extid"
-        return json_response({"status": "Success", field: query.extensions,
-                              "starttime": query.starttime, "endtime": query.endtime,
-                              "random": value}), "Success"
+        return json_response(
+            {
+                "status": "Success",
+                field: query.extensions,
+                "starttime": query.starttime,
+                "endtime": query.endtime,
+                "random": value,
+            }
+        ), "Success"
 
     async def cdr_download(self, request: Request, version: str) -> Outcome:
         if request.method not in {"GET", "POST"}:
@@ -307,8 +352,9 @@ class PbxHttp:
         query_params = request.query_params
         query = self._cdr_query(query_params, version)
         value = _param(query_params, "random") or ""
-        rows = self.state.redeem_cdr_random(session, ip=_client_ip(request), query=query,
-                                            value=value)
+        rows = self.state.redeem_cdr_random(
+            session, ip=_client_ip(request), query=query, value=value
+        )
         v2 = version == V2
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=cdr_columns(v2))
@@ -316,11 +362,14 @@ class PbxHttp:
         for cdr in rows:
             writer.writerow(cdr_values(cdr, v2))
         body = out.getvalue().encode()
-        return Response(body, headers={
-            **BASE_HEADERS,
-            "Content-Type": "text/csv",
-            "Content-Disposition": 'attachment; filename="cdr.csv"',
-        }), "Success"
+        return Response(
+            body,
+            headers={
+                **BASE_HEADERS,
+                "Content-Type": "text/csv",
+                "Content-Disposition": 'attachment; filename="cdr.csv"',
+            },
+        ), "Success"
 
     def handlers(self, version: str) -> dict[str, Handler]:
         """The endpoints of API path `version` (none for an unknown one)."""
@@ -390,7 +439,9 @@ class PbxHttp:
 def build_app(state: PbxState) -> Starlette:
     """The PBX's web server: the API under /api/{version}/, Boa's 404 page elsewhere."""
     http = PbxHttp(state)
-    return Starlette(routes=[
-        Route("/api/{version}/{endpoint:path}", http.api, methods=_ALL_METHODS),
-        Route("/{path:path}", http.elsewhere, methods=_ALL_METHODS),
-    ])
+    return Starlette(
+        routes=[
+            Route("/api/{version}/{endpoint:path}", http.api, methods=_ALL_METHODS),
+            Route("/{path:path}", http.elsewhere, methods=_ALL_METHODS),
+        ]
+    )

@@ -22,18 +22,42 @@ def _text(value: int | None) -> str:
 def cdr_columns(v2: bool) -> list[str]:
     """The NewCdr keys in the PBX's order; also the CDR CSV header (v2 spells the trunk oddly)."""
     return [
-        "callid", "timestart", "callfrom", "callto", "callduraction", "talkduraction",
-        "srctrunkname", "dsttrcunkname" if v2 else "desttrunkname", "pincode", "status", "type",
-        "recording", "didnumber", "agentringtime", "sn",
+        "callid",
+        "timestart",
+        "callfrom",
+        "callto",
+        "callduraction",
+        "talkduraction",
+        "srctrunkname",
+        "dsttrcunkname" if v2 else "desttrunkname",
+        "pincode",
+        "status",
+        "type",
+        "recording",
+        "didnumber",
+        "agentringtime",
+        "sn",
     ]
 
 
 def cdr_values(cdr: CallDetail, v2: bool) -> dict[str, str]:
     """Every NewCdr field of `cdr` as the string the PBX sends."""
     values = [
-        cdr.callid, cdr.timestart, cdr.callfrom, cdr.callto, _text(cdr.callduration),
-        _text(cdr.talkduration), cdr.srctrunkname, cdr.dsttrunkname, cdr.pincode, cdr.status,
-        cdr.type, cdr.recording or "", cdr.didnumber, _text(cdr.agentringtime), cdr.sn,
+        cdr.callid,
+        cdr.timestart,
+        cdr.callfrom,
+        cdr.callto,
+        _text(cdr.callduration),
+        _text(cdr.talkduration),
+        cdr.srctrunkname,
+        cdr.dsttrunkname,
+        cdr.pincode,
+        cdr.status,
+        cdr.type,
+        cdr.recording or "",
+        cdr.didnumber,
+        _text(cdr.agentringtime),
+        cdr.sn,
     ]
     return dict(zip(cdr_columns(v2), values, strict=True))
 
@@ -62,8 +86,10 @@ def newcdr_body(cdr: CallDetail, fmt: EventFormat, *, odd_spellings: bool = Fals
     if fmt is EventFormat.V2_0_0:
         pairs = list(cdr_values(cdr, v2=True).items())
         if odd_spellings:
-            pairs = [(_V2_ODD_KEYS.get(k, k), _V2_ODD_STATUS.get(v, v) if k == "status" else v)
-                     for k, v in pairs]
+            pairs = [
+                (_V2_ODD_KEYS.get(k, k), _V2_ODD_STATUS.get(v, v) if k == "status" else v)
+                for k, v in pairs
+            ]
         return _dump([("event", "NewCdr"), *pairs])
     pairs = [("action", "NewCdr"), *cdr_values(cdr, v2=False).items()]
     if fmt is EventFormat.LEGACY:
@@ -71,8 +97,7 @@ def newcdr_body(cdr: CallDetail, fmt: EventFormat, *, odd_spellings: bool = Fals
     return _dump(pairs)
 
 
-def call_released_body(callid: str, extensions: list[str], serial: str,
-                       fmt: EventFormat) -> bytes:
+def call_released_body(callid: str, extensions: list[str], serial: str, fmt: EventFormat) -> bytes:
     """The BYE report of a call: legacy repeats the ``ext`` key once per party (invalid JSON
     that most parsers collapse to the last party); 1.0.2 and 2.0.0 use a ``call`` array."""
     if fmt is EventFormat.LEGACY:
@@ -80,8 +105,12 @@ def call_released_body(callid: str, extensions: list[str], serial: str,
         head = f'"action":"BYE","callid":{json.dumps(callid)}'
         return ("{" + ",".join([head, *parties, f'"sn":{json.dumps(serial)}']) + "}").encode()
     key = "event" if fmt is EventFormat.V2_0_0 else "action"
-    payload = {key: "BYE", "callid": callid,
-               "call": [{"ext": {"extid": ext}} for ext in extensions], "sn": serial}
+    payload = {
+        key: "BYE",
+        "callid": callid,
+        "call": [{"ext": {"extid": ext}} for ext in extensions],
+        "sn": serial,
+    }
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
@@ -99,8 +128,14 @@ class EventPusher:
     called from any thread.
     """
 
-    def __init__(self, state: PbxState, loop: asyncio.AbstractEventLoop, *,
-                 retry_interval: float, max_retries: int) -> None:
+    def __init__(
+        self,
+        state: PbxState,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        retry_interval: float,
+        max_retries: int,
+    ) -> None:
         self._state = state
         self._loop = loop
         self._retry_interval = retry_interval

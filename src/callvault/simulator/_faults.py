@@ -122,8 +122,11 @@ def apply_fault(faults: Faults, spec: str) -> None:
         except ValueError:
             raise ValueError(f"fault {name} takes a number, not {raw!r}") from None
         if value < 0 or (name.endswith("_rate") and value > 1):
-            raise ValueError(f"fault {name} must be between 0 and 1" if name.endswith("_rate")
-                             else f"fault {name} must not be negative")
+            raise ValueError(
+                f"fault {name} must be between 0 and 1"
+                if name.endswith("_rate")
+                else f"fault {name} must not be negative"
+            )
     setattr(faults, name, value)
 
 

@@ -42,8 +42,13 @@ _TICK_SECONDS = 0.05
 # "ANSWERD" is how the v2 documents spell it in places: still an answered (recorded) call.
 _ANSWERED_SPELLINGS = frozenset({"ANSWERED", "ANSWERD"})
 # Statuses of place_random_call and their weights: four in five calls are answered.
-_RANDOM_STATUSES = (("ANSWERED", 16), ("NO ANSWER", 1), ("BUSY", 1), ("FAILED", 1),
-                    ("VOICEMAIL", 1))
+_RANDOM_STATUSES = (
+    ("ANSWERED", 16),
+    ("NO ANSWER", 1),
+    ("BUSY", 1),
+    ("FAILED", 1),
+    ("VOICEMAIL", 1),
+)
 CallListener = Callable[[CallDetail], None]
 
 
@@ -54,20 +59,28 @@ class Simulator:
     own event loop in a background thread; every method here may be called from any thread.
     """
 
-    def __init__(self, config: SimulatorConfig | None = None, *,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: SimulatorConfig | None = None, *, clock: Clock | None = None
+    ) -> None:
         self.config = config if config is not None else SimulatorConfig()
         self.clock = clock if clock is not None else Clock()
         self.password = self.config.password or secrets.token_urlsafe(12)
         self._tz = ZoneInfo(self.config.timezone)
         self._own_data_dir = self.config.data_dir is None
-        self.data_dir = (Path(tempfile.mkdtemp(prefix="callvault-sim-"))
-                         if self.config.data_dir is None else Path(self.config.data_dir))
+        self.data_dir = (
+            Path(tempfile.mkdtemp(prefix="callvault-sim-"))
+            if self.config.data_dir is None
+            else Path(self.config.data_dir)
+        )
         self.recordings_dir = self.data_dir / "recordings"
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.state = PbxState(
-            username=self.config.username, password=self.password, serial=self.config.serial,
-            clock=self.clock, faults=self.config.faults, recordings_dir=self.recordings_dir,
+            username=self.config.username,
+            password=self.password,
+            serial=self.config.serial,
+            clock=self.clock,
+            faults=self.config.faults,
+            recordings_dir=self.recordings_dir,
             seed=self.config.seed,
             invalidate_previous_tokens_on_login=self.config.invalidate_previous_tokens_on_login,
         )
@@ -112,13 +125,19 @@ class Simulator:
         uv_config = uvicorn.Config(
             # No log_config: leave the process's logging alone; no access log: URLs hold
             # tokens and randoms.
-            build_app(self.state), log_config=None, log_level=cfg.log_level, access_log=False,
-            server_header=False, lifespan="off", timeout_graceful_shutdown=1,
+            build_app(self.state),
+            log_config=None,
+            log_level=cfg.log_level,
+            access_log=False,
+            server_header=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
             ssl_context_factory=ssl_factory,
         )
         self._server = uvicorn.Server(uv_config)
-        self._thread = threading.Thread(target=self._run, args=(sock,), name="callvault-simulator",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(sock,), name="callvault-simulator", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(15) or self._startup_error is not None:
             self.stop()
@@ -135,9 +154,12 @@ class Simulator:
     async def _main(self, sock: socket.socket) -> None:
         assert self._server is not None
         self._loop = asyncio.get_running_loop()
-        self._pusher = EventPusher(self.state, self._loop,
-                                   retry_interval=self.config.event_retry_interval,
-                                   max_retries=self.config.event_max_retries)
+        self._pusher = EventPusher(
+            self.state,
+            self._loop,
+            retry_interval=self.config.event_retry_interval,
+            max_retries=self.config.event_max_retries,
+        )
         serve = asyncio.create_task(self._server.serve(sockets=[sock]))
         # uvicorn offers no startup event to wait on, only the `started` flag.
         while not self._server.started and not serve.done():  # noqa: ASYNC110
@@ -168,8 +190,12 @@ class Simulator:
     def __enter__(self) -> Simulator:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     @property
@@ -238,10 +264,20 @@ class Simulator:
     def _local(self, epoch: float) -> datetime:
         return datetime.fromtimestamp(epoch, self._tz)
 
-    def place_call(self, callfrom: str = "1001", callto: str = "1003", type: str = "Internal",
-                   talk_seconds: float = 3, ring_seconds: float = 2, status: str = "ANSWERED",
-                   recorded: bool = True, didnumber: str = "", srctrunkname: str = "",
-                   dsttrunkname: str = "", size_bytes: int | None = None) -> CallDetail:
+    def place_call(
+        self,
+        callfrom: str = "1001",
+        callto: str = "1003",
+        type: str = "Internal",
+        talk_seconds: float = 3,
+        ring_seconds: float = 2,
+        status: str = "ANSWERED",
+        recorded: bool = True,
+        didnumber: str = "",
+        srctrunkname: str = "",
+        dsttrunkname: str = "",
+        size_bytes: int | None = None,
+    ) -> CallDetail:
         """A call that has just ended: WAV on disk, CDR stored, NewCdr pushed to app servers.
 
         `status` is stored and pushed as given; only an answered call (``ANSWERED``, or the
@@ -261,26 +297,41 @@ class Simulator:
             path = self.recordings_dir / file_name
             with self.state.lock:
                 frequency = 300.0 + 20 * self.state.rng.randrange(20)
-            size, sha256 = write_wav(path, seconds=talk, total_size=size_bytes,
-                                     frequency=frequency,
-                                     marker=hashlib.sha256(name.encode()).digest())
-            self.state.add_recording(Recording(name=name, path=path, size=size, sha256=sha256,
-                                               created_at=hangup))
+            size, sha256 = write_wav(
+                path,
+                seconds=talk,
+                total_size=size_bytes,
+                frequency=frequency,
+                marker=hashlib.sha256(name.encode()).digest(),
+            )
+            self.state.add_recording(
+                Recording(name=name, path=path, size=size, sha256=sha256, created_at=hangup)
+            )
         cdr = CallDetail(
-            callid=callid, timestart=self._local(start).strftime("%Y-%m-%d %H:%M:%S"),
-            callfrom=callfrom, callto=callto, callduration=ring + talk, talkduration=talk,
-            srctrunkname=srctrunkname, dsttrunkname=dsttrunkname, status=status, type=type,
-            pincode="", recording=name, didnumber=didnumber, agentringtime=0,
+            callid=callid,
+            timestart=self._local(start).strftime("%Y-%m-%d %H:%M:%S"),
+            callfrom=callfrom,
+            callto=callto,
+            callduration=ring + talk,
+            talkduration=talk,
+            srctrunkname=srctrunkname,
+            dsttrunkname=dsttrunkname,
+            status=status,
+            type=type,
+            pincode="",
+            recording=name,
+            didnumber=didnumber,
+            agentringtime=0,
             sn=self.config.serial,
         )
         self.state.add_cdr(cdr)
         if self._pusher is not None:
             targets = self.state.live_targets()
-            odd = (any(t.format is EventFormat.V2_0_0 for _token, t in targets)
-                   and self.state.chance(self.faults.v2_spellings_rate))
+            odd = any(
+                t.format is EventFormat.V2_0_0 for _token, t in targets
+            ) and self.state.chance(self.faults.v2_spellings_rate)
             for token, target in targets:
-                self._pusher.push(target, newcdr_body(cdr, target.format, odd_spellings=odd),
-                                  token)
+                self._pusher.push(target, newcdr_body(cdr, target.format, odd_spellings=odd), token)
         if name is not None and self.state.chance(self.faults.delete_rate):
             self.state.delete_recording(name)
         for listener in list(self._listeners):
@@ -297,22 +348,43 @@ class Simulator:
             kind = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
             ext = str(rng.randint(1000, 1020))
             mobile = f"+4915{rng.randint(10_000_000, 99_999_999)}"
-            status = rng.choices([s for s, _w in _RANDOM_STATUSES],
-                                 weights=[w for _s, w in _RANDOM_STATUSES])[0]
+            status = rng.choices(
+                [s for s, _w in _RANDOM_STATUSES], weights=[w for _s, w in _RANDOM_STATUSES]
+            )[0]
             talk = rng.randint(2, 40)
             ring = rng.randint(1, 15)
             other = str(rng.randint(1000, 1020))
         if answered is not None:
             status = "ANSWERED" if answered else "NO ANSWER"
         if kind == "Internal":
-            return self.place_call(callfrom=ext, callto=other, type=kind, talk_seconds=talk,
-                                   ring_seconds=ring, status=status)
+            return self.place_call(
+                callfrom=ext,
+                callto=other,
+                type=kind,
+                talk_seconds=talk,
+                ring_seconds=ring,
+                status=status,
+            )
         if kind == "Inbound":
-            return self.place_call(callfrom=mobile, callto=ext, type=kind, talk_seconds=talk,
-                                   ring_seconds=ring, status=status, didnumber="+49301234567",
-                                   srctrunkname="SIP-Provider")
-        return self.place_call(callfrom=ext, callto=mobile, type=kind, talk_seconds=talk,
-                               ring_seconds=ring, status=status, dsttrunkname="SIP-Provider")
+            return self.place_call(
+                callfrom=mobile,
+                callto=ext,
+                type=kind,
+                talk_seconds=talk,
+                ring_seconds=ring,
+                status=status,
+                didnumber="+49301234567",
+                srctrunkname="SIP-Provider",
+            )
+        return self.place_call(
+            callfrom=ext,
+            callto=mobile,
+            type=kind,
+            talk_seconds=talk,
+            ring_seconds=ring,
+            status=status,
+            dsttrunkname="SIP-Provider",
+        )
 
     def push_call_released(self, callid: str, extensions: list[str]) -> None:
         """Push a BYE report naming several parties (the legacy format repeats its keys)."""

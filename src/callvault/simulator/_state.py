@@ -40,8 +40,7 @@ LEGACY_ERRNO_VERSION = "v1.0.1"  # API path version whose errnos keep their 2017
 _REPORT_FORMATS: dict[str, dict[str | None, EventFormat]] = {
     "v1.0.1": {None: EventFormat.LEGACY},
     "v1.1.0": {None: EventFormat.LEGACY, "1.0.2": EventFormat.V1_0_2},
-    "v2.0.0": {None: EventFormat.LEGACY, "1.0.0": EventFormat.LEGACY,
-               "2.0.0": EventFormat.V2_0_0},
+    "v2.0.0": {None: EventFormat.LEGACY, "1.0.0": EventFormat.LEGACY, "2.0.0": EventFormat.V2_0_0},
 }
 
 
@@ -149,9 +148,18 @@ def parse_pbx_time(value: str) -> datetime:
 class PbxState:
     """Everything the simulated PBX remembers. Thread-safe."""
 
-    def __init__(self, *, username: str, password: str, serial: str, clock: Clock,
-                 faults: Faults, recordings_dir: Path, seed: int | None = None,
-                 invalidate_previous_tokens_on_login: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        username: str,
+        password: str,
+        serial: str,
+        clock: Clock,
+        faults: Faults,
+        recordings_dir: Path,
+        seed: int | None = None,
+        invalidate_previous_tokens_on_login: bool = False,
+    ) -> None:
         self.username = username
         self._password = password
         self.serial = serial
@@ -175,8 +183,10 @@ class PbxState:
 
     def __repr__(self) -> str:
         with self.lock:
-            return (f"PbxState(serial={self.serial!r}, sessions={len(self._sessions)}, "
-                    f"recordings={len(self._recordings)}, cdrs={len(self._cdrs)})")
+            return (
+                f"PbxState(serial={self.serial!r}, sessions={len(self._sessions)}, "
+                f"recordings={len(self._recordings)}, cdrs={len(self._cdrs)})"
+            )
 
     # -- secrets ------------------------------------------------------------------------------
 
@@ -225,8 +235,18 @@ class PbxState:
             del self._locked_until[ip]
             self._failures.pop(ip, None)
 
-    def login(self, *, ip: str, username: str, password_md5: str, api_version: str,
-              port: int, url: str, urltag: bool, version: str | None) -> Session:
+    def login(
+        self,
+        *,
+        ip: str,
+        username: str,
+        password_md5: str,
+        api_version: str,
+        port: int,
+        url: str,
+        urltag: bool,
+        version: str | None,
+    ) -> Session:
         """Check credentials and the lockout; create a session. 20002 locked, 20003 wrong."""
         with self.lock:
             self._expire_lockout(ip)
@@ -241,15 +261,25 @@ class PbxState:
                     self._locked_until[ip] = self.clock.now() + LOCKOUT_SECONDS
                 raise ApiFailure("20003")
             self._failures.pop(ip, None)
-            if (self.invalidate_previous_tokens_on_login
-                    or self.faults.invalidate_previous_tokens_on_login):
+            if (
+                self.invalidate_previous_tokens_on_login
+                or self.faults.invalidate_previous_tokens_on_login
+            ):
                 for token in [t for t, s in self._sessions.items() if s.username == username]:
                     del self._sessions[token]
             now = self.clock.now()
             session = Session(
-                token=new_secret(), username=username, client_ip=ip, api_version=api_version,
-                event_ip=ip, port=port, url=url, urltag=urltag,
-                format=event_format_for(api_version, version), created=now, last_activity=now,
+                token=new_secret(),
+                username=username,
+                client_ip=ip,
+                api_version=api_version,
+                event_ip=ip,
+                port=port,
+                url=url,
+                urltag=urltag,
+                format=event_format_for(api_version, version),
+                created=now,
+                last_activity=now,
             )
             self._sessions[session.token] = session
             self.login_count += 1
@@ -294,9 +324,17 @@ class PbxState:
             if session is not None:
                 session.last_activity = self.clock.now()
 
-    def heartbeat(self, session: Session, *, ipaddr: str, port: int | None, url: str | None,
-                  urltag: bool | None, version: str | None,
-                  api_version: str | None = None) -> None:
+    def heartbeat(
+        self,
+        session: Session,
+        *,
+        ipaddr: str,
+        port: int | None,
+        url: str | None,
+        urltag: bool | None,
+        version: str | None,
+        api_version: str | None = None,
+    ) -> None:
         """Update where this app server wants its reports (validity was refreshed already).
 
         `version` (None: not sent) picks the report format as a login through path
@@ -366,18 +404,31 @@ class PbxState:
                 raise ApiFailure("20015") from None
         return frozenset(allowed)
 
-    def _grant(self, kind: Literal["recording", "cdr"], target: str, session: Session,
-               allowed: frozenset[str]) -> str:
+    def _grant(
+        self,
+        kind: Literal["recording", "cdr"],
+        target: str,
+        session: Session,
+        allowed: frozenset[str],
+    ) -> str:
         now = self.clock.now()
         for value in [v for v, g in self._randoms.items() if now - g.created > RANDOM_TTL_SECONDS]:
             del self._randoms[value]
         value = new_secret()
-        self._randoms[value] = RandomGrant(kind=kind, target=target, token=session.token,
-                                           allowed_ips=allowed, created=now)
+        self._randoms[value] = RandomGrant(
+            kind=kind, target=target, token=session.token, allowed_ips=allowed, created=now
+        )
         return value
 
-    def _redeem(self, kind: Literal["recording", "cdr"], target: str, session: Session,
-                ip: str, value: str, invalid_errno: str) -> None:
+    def _redeem(
+        self,
+        kind: Literal["recording", "cdr"],
+        target: str,
+        session: Session,
+        ip: str,
+        value: str,
+        invalid_errno: str,
+    ) -> None:
         grant = self._randoms.pop(value, None)  # any presentation uses the random up
         if (
             grant is None
@@ -431,8 +482,9 @@ class PbxState:
             raise ApiFailure(absent)  # not written yet: it does not exist (yet)
         return recording
 
-    def recording_random(self, session: Session, *, name: str, allowedip: str | None,
-                         api_version: str | None = None) -> str:
+    def recording_random(
+        self, session: Session, *, name: str, allowedip: str | None, api_version: str | None = None
+    ) -> str:
         """recording/get_random: 20014 (or 20012, see errnos_2017) if there is no such ready
         file, 20015 for a bad allowedip. `api_version` is the request's path version
         (default: the session's)."""
@@ -441,8 +493,9 @@ class PbxState:
             allowed = self._allowed_ips(session, allowedip)
             return self._grant("recording", name, session, allowed)
 
-    def redeem_recording_random(self, session: Session, *, ip: str, name: str,
-                                value: str, api_version: str | None = None) -> Recording:
+    def redeem_recording_random(
+        self, session: Session, *, ip: str, name: str, value: str, api_version: str | None = None
+    ) -> Recording:
         """recording/download: the random must be fresh, unused, this token's, for this name,
         and `ip` the API client's (or the allowedip)."""
         with self.lock:
@@ -488,10 +541,10 @@ class PbxState:
             self._select_cdrs(query)
             return self._grant("cdr", query.key, session, self._allowed_ips(session, allowedip))
 
-    def redeem_cdr_random(self, session: Session, *, ip: str, query: CdrQuery,
-                          value: str) -> list[CallDetail]:
+    def redeem_cdr_random(
+        self, session: Session, *, ip: str, query: CdrQuery, value: str
+    ) -> list[CallDetail]:
         """cdr/download: 20020 for a bad random, then the matching rows (20019/20021)."""
         with self.lock:
             self._redeem("cdr", query.key, session, ip, value, "20020")
             return self._select_cdrs(query)
-

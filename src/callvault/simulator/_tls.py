@@ -27,10 +27,12 @@ class ServerCertificate:
 def generate_certificate(directory: Path, host: str, serial: str) -> ServerCertificate:
     """Create a self-signed certificate for 127.0.0.1, localhost and `host`, valid ten years."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Yeastar (callvault simulator)"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"S-Series {serial}"),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Yeastar (callvault simulator)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"S-Series {serial}"),
+        ]
+    )
     alt_names: list[x509.GeneralName] = [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.DNSName("localhost"),

@@ -44,8 +44,14 @@ def _tone_second(frequency: float) -> bytes:
     return struct.pack(f"<{SAMPLE_RATE}h", *samples)
 
 
-def write_wav(path: Path, *, seconds: float = 0.0, total_size: int | None = None,
-              frequency: float = 440.0, marker: bytes = b"") -> tuple[int, str]:
+def write_wav(
+    path: Path,
+    *,
+    seconds: float = 0.0,
+    total_size: int | None = None,
+    frequency: float = 440.0,
+    marker: bytes = b"",
+) -> tuple[int, str]:
     """Write a WAV to `path` atomically; return (size in bytes, SHA-256 hex).
 
     The file holds `seconds` of tone, or exactly `total_size` bytes in all when given (at

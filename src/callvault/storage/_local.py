@@ -256,9 +256,7 @@ class LocalStorage:
         process is gone, with whatever partial downloads it left); their names."""
         removed: list[str] = []
         for entry in os.scandir(self.staging_dir()):
-            if not entry.name.startswith(PROCESS_PREFIX) or not entry.is_dir(
-                follow_symlinks=False
-            ):
+            if not entry.name.startswith(PROCESS_PREFIX) or not entry.is_dir(follow_symlinks=False):
                 continue
             try:
                 fd = try_lock_staging_dir(Path(entry.path))
