@@ -1,44 +1,29 @@
 """The `callvault` command line: argument parsing and wiring only.
 
-Each command group lives in its own module and registers itself on `app`; the work is
-done by library functions in the layers below (see DESIGN.md).
+Each command group lives in its own module and registers itself on the Typer `app` of
+`callvault.cli._app`; the work is done by library functions in the layers below. Starting
+up is kept cheap: `main()` answers ``--version`` before importing anything, and imports
+only the module of the command being run (all of them for ``--help``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
-app = typer.Typer(
-    name="callvault",
-    help="Keep every call recording of a Yeastar S-Series PBX: fetch, archive, search, play.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from typing import Any
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
+def main() -> None:
+    """The `callvault` console script."""
+    import sys
 
-        print(f"callvault {version('callvault')}")  # as installed (pyproject.toml)
-        raise typer.Exit()
+    argv = sys.argv[1:]
+    if argv[:1] == ["--version"]:
+        from callvault import __version__
 
+        print(f"callvault {__version__}")
+        return
+    from callvault.cli._app import run
 
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
-        ),
-    ] = False,
-) -> None:
-    """Keep every call recording of a Yeastar S-Series PBX: fetch, archive, search, play."""
-    # A callback keeps `callvault COMMAND` a command group even when main() registered
-    # only the one command being run.
+    run(argv)
 
 
 def _register() -> None:
@@ -48,17 +33,11 @@ def _register() -> None:
     register(None)
 
 
-def _first_command(argv: list[str]) -> str | None:
-    for arg in argv:
-        if not arg.startswith("-"):
-            return arg
-    return None
+def __getattr__(name: str) -> Any:
+    # `from callvault.cli._app import app` (tests, docs generator) without paying for Typer in
+    # `callvault --version`.
+    if name == "app":
+        from callvault.cli._app import app
 
-
-def main() -> None:
-    import sys
-
-    from callvault.cli._commands import register
-
-    register(_first_command(sys.argv[1:]))
-    app()
+        return app
+    raise AttributeError(name)

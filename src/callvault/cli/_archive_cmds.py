@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
-from callvault.cli import app
+from callvault.cli._app import app
 from callvault.cli._common import fail
 from callvault.cli._settings import (
     ArchiveOption,

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import typer
 
-from callvault.cli import app
+from callvault.cli._app import app
 from callvault.cli._common import fail
 
 DEMO_USER = "admin"

@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from callvault.cli import app
+from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
 from callvault.cli._pbxopts import (
     USAGE_ERROR,

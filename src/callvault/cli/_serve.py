@@ -37,7 +37,7 @@ from callvault.archive import (
 )
 from callvault.archive._service import StartError, open_storage, save_pbx_timezone
 from callvault.archive._workers import process_staging_dir, remove_staging_dir
-from callvault.cli import app
+from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
 from callvault.cli._settings import (
     ApiVersionOption,

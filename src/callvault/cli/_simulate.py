@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from callvault.cli import app
+from callvault.cli._app import app
 from callvault.cli._common import fail
 from callvault.pbx._types import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig, fault_names, parse_faults

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from callvault.cli import app
+from callvault.cli._app import app
 from callvault.cli._common import fail
 from callvault.cli._settings import (
     ArchiveOption,

@@ -1,0 +1,108 @@
+"""Benchmark: how long the command line takes to start, against a bare interpreter.
+
+Three commands, each run RUNS times (default 15) as a fresh process, interleaved so that a
+busy moment hurts all three alike; the figure is the median wall time:
+
+* ``python -c pass``: the bare interpreter, the yardstick;
+* ``callvault --version``: the cheapest command;
+* ``callvault list`` on an archive of 1,000 calls (SQLite index, made once before timing).
+
+The last line is `version_ms=<n> list_ms=<n> python_ms=<n> version_x=<n> list_x=<n>` where
+`*_x` is the ratio to the bare interpreter (targets: version_x <= 8, list_x <= 25).
+
+    python bench/cli_startup.py [--runs 15] [--calls 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from callvault.index import open_index
+from callvault.pbx import CallDetail
+
+
+def make_archive(directory: Path, calls: int) -> None:
+    """An archive whose index holds `calls` calls, each with a pending recording."""
+    directory.mkdir(parents=True, exist_ok=True)
+    start = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+    details = []
+    for n in range(calls):
+        when = start + timedelta(minutes=7 * n)
+        details.append(
+            CallDetail(
+                callid=f"{int(when.timestamp())}.{n}",
+                timestart=when.strftime("%Y-%m-%d %H:%M:%S"),
+                callfrom=str(1000 + n % 50),
+                callto=f"0301234{n:04d}",
+                callduration=60 + n % 120,
+                talkduration=50 + n % 100,
+                status="ANSWERED",
+                type="Outbound",
+                recording=f"{when:%Y%m%d%H%M%S}-{int(when.timestamp())}.{n}-{1000 + n % 50}"
+                f"-0301234{n:04d}-Outbound.wav",
+                sn="369451090405",
+            )
+        )
+    with open_index(f"sqlite:///{directory / 'callvault.db'}") as index:
+        index.calls.record(details, source="cdr", tz=ZoneInfo("UTC"), now=datetime.now(UTC))
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    began = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.decode()[-500:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=1000)
+    args = parser.parse_args()
+    callvault = shutil.which("callvault", path=str(Path(sys.executable).parent))
+    if callvault is None:
+        raise SystemExit("callvault is not installed beside this Python (pip install -e .)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")}
+    env["TZ"] = "UTC"
+    with tempfile.TemporaryDirectory(prefix="callvault-bench-") as tmp:
+        archive = Path(tmp) / "archive"
+        make_archive(archive, args.calls)
+        commands = {
+            "python": [sys.executable, "-c", "pass"],
+            "version": [callvault, "--version"],
+            "list": [callvault, "list", "--archive", str(archive), "--limit", "50"],
+        }
+        for command in commands.values():  # warm the page cache and .pyc files
+            timed(command, env)
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(args.runs):
+            for name, command in commands.items():
+                times[name].append(timed(command, env))
+    median = {name: statistics.median(values) * 1000 for name, values in times.items()}
+    for name, values in times.items():
+        print(
+            f"{name:8} median {median[name]:7.1f} ms  "
+            f"min {min(values) * 1000:7.1f}  max {max(values) * 1000:7.1f}"
+        )
+    base = median["python"]
+    print(
+        f"version_ms={median['version']:.0f} list_ms={median['list']:.0f} "
+        f"python_ms={base:.1f} version_x={median['version'] / base:.1f} "
+        f"list_x={median['list'] / base:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
