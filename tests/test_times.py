@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -74,7 +75,7 @@ def test_anything_else_is_one_line_naming_the_field_and_the_formats(text: str) -
 @pytest.mark.parametrize("text", ["0001-01-01", "9999-12-31", "0001-01-01 00:00:00"])
 def test_far_away_dates_are_out_of_range_not_an_overflow(text: str) -> None:
     for end in (False, True):
-        with pytest.raises(TimeFormatError, match="--until: .*out of range"):
+        with pytest.raises(TimeFormatError, match=r"--until: .*out of range"):
             parse_moment(text, BERLIN, end=end, name="--until")
 
 
@@ -108,7 +109,7 @@ def test_windows_cover_the_range_once_in_order() -> None:
     end = start + timedelta(days=2, hours=3)
     parts = list(windows(start, end))
     assert parts[0][0] == start and parts[-1][1] == end
-    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
     assert [b - a for a, b in parts] == [timedelta(days=1), timedelta(days=1), timedelta(hours=3)]
     assert list(windows(end, start)) == []
     with pytest.raises(ValueError, match="positive"):
