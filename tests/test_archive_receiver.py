@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -115,6 +116,39 @@ def test_concurrent_events_are_all_committed(archiver: Archiver) -> None:
     assert statuses == [200] * 200
     assert _recordings(archiver) == 200
     assert archiver.committer is not None and archiver.committer.batches < 200
+
+
+def test_idle_and_half_sent_connections_are_closed_and_store_nothing(tmp_path: Path) -> None:
+    """Someone (allowed or not) who connects and then sends nothing, or only part of a
+    report, does not hold the receiver open: headers and body each have a time limit."""
+    config = _config(
+        tmp_path,
+        events_allow=["10.0.0.0/8"],  # 127.0.0.1 may not post at all
+        event_header_timeout_s=0.3,
+        event_body_timeout_s=0.3,
+    )
+    with Archiver(config) as running:
+        port = running.events_port
+        assert port is not None
+        for sent in (b"", b"POST /x HTTP/1.1\r\nHost: pbx\r\nContent-Len"):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(sent)
+                conn.settimeout(10)
+                assert conn.recv(4096) == b""  # closed by the receiver, nothing answered
+    config = _config(tmp_path, event_header_timeout_s=0.3, event_body_timeout_s=0.3)
+    with Archiver(config) as running:
+        port, path = running.events_port, running.secret_path
+        assert port is not None and path is not None
+        body = json.dumps(_newcdr("1714550400.7", "x-1714550400.7.wav")).encode()
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            head = f"POST /{path} HTTP/1.1\r\nHost: pbx\r\nContent-Length: {len(body)}\r\n\r\n"
+            conn.sendall(head.encode() + body[:10])  # the rest never comes
+            conn.settimeout(10)
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert _recordings(running) == 0
 
 
 def test_wrong_path_is_404_and_stores_nothing(archiver: Archiver) -> None:

@@ -146,8 +146,8 @@ def test_web_with_its_port_taken_never_claims_to_serve(tmp_path: Path, taken_por
     assert result.returncode == 1, result.stderr
     assert "serving" not in result.stdout
     assert result.stderr.splitlines() == [
-        f"callvault: error: cannot listen on 127.0.0.1:{taken_port}: Address already in use "
-        "(another program uses it: choose another with --listen HOST:PORT)"
+        f"callvault: error: cannot listen for the web app on 127.0.0.1:{taken_port}: Address "
+        "already in use (another program uses it: choose another with --listen HOST:PORT)"
     ]
 
 

@@ -6,6 +6,8 @@ Routes, in the order a request meets them:
 * any path but the secret one           -> 404;
 * not POST                              -> 405;
 * body over `max_body` bytes            -> 413;
+* body not complete within `body_timeout_s` -> 408 (the headers have a limit of their own,
+  see callvault.serving: an idle or half-sent connection is never held open for long);
 * not a valid report / a bad field      -> 400 with the reason;
 * NewCdr the index refuses as invalid   -> 400 (InvalidCallDetail from `commit`: never 503,
   which would have the PBX send it again and again);
@@ -19,6 +21,7 @@ login's `url`) and the source allow-list. The secret path is never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -41,6 +44,10 @@ log = logging.getLogger("callvault.archive")
 
 SECRET_SETTING = "events_secret_path"  # noqa: S105 - a settings key, not a secret
 DEFAULT_MAX_BODY = 64 * 1024
+# A report is a few hundred bytes: a body still not complete after this long is not a PBX
+# sending slowly but a connection holding the receiver open (headers have their own limit,
+# see callvault.serving).
+DEFAULT_BODY_TIMEOUT_S = 10.0
 _TIMESTART = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -172,6 +179,7 @@ def create_receiver_app(
     on_bootup: Callable[[Event], None] | None = None,
     on_other: Callable[[Event], None] | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> ASGIApp:
     """Build the receiver's ASGI app. `commit` returns once the record is durable.
 
@@ -215,8 +223,14 @@ def create_receiver_app(
                 raise _Refused(413, too_large)
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + body_timeout_s
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _Refused(408, "the report's body did not arrive in time") from None
             if message["type"] == "http.disconnect":
                 raise _Refused(400, "the PBX closed the connection mid-report")
             chunk = message.get("body", b"")

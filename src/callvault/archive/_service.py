@@ -11,13 +11,11 @@ commit what was received, let in-flight downloads finish (or release them), log 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import errno
 import logging
 import socket
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,12 +24,12 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
-import uvicorn
 
 from callvault.archive._backfill import reconcile
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._policy import RetryPolicy
 from callvault.archive._receiver import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY,
     SECRET_SETTING,
     allow_list_for,
@@ -48,10 +46,20 @@ from callvault.archive._workers import (
 from callvault.index import Index, RecordResult, open_index
 from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 from callvault.pbx._types import Event
+from callvault.serving import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    Server,
+    ServerThread,
+    listen,
+    server_for,
+)
 from callvault.storage import LocalStorage
 
 log = logging.getLogger("callvault.archive")
 
+
+# What a busy port most likely means for `serve`.
+_ANOTHER_SERVE = "is another callvault serve running?"
 
 # How long start-up waits for the first login attempt before saying it is ready.
 _FIRST_LOGIN_WAIT_S = 5.0
@@ -91,6 +99,9 @@ class ArchiverConfig:
     poll_interval_s: float = 5.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     max_event_body: int = DEFAULT_MAX_BODY
+    # An event connection must send its headers, then its body, within these (seconds).
+    event_header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    event_body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     shutdown_grace_s: float = 20.0
     web_host: str | None = None
     web_port: int | None = None
@@ -126,18 +137,6 @@ class ArchiveDirError(StartError):
         self.errno = exc.errno
 
 
-class ListenError(StartError):
-    """A listening socket could not be opened."""
-
-    def __init__(self, what: str, host: str, port: int, exc: OSError) -> None:
-        shown = f"[{host}]" if ":" in host else host
-        message = f"cannot listen for {what} on {shown}:{port}: {exc.strerror or exc}"
-        if exc.errno == errno.EADDRINUSE:
-            message += " (is another callvault serve running?)"
-        super().__init__(message)
-        self.errno = exc.errno
-
-
 def save_pbx_timezone(index: Index, tz: ZoneInfo) -> None:
     """Remember in the index the PBX time zone this archive is read with (see
     `TIMEZONE_SETTING`); the latest serve or backfill wins."""
@@ -150,91 +149,6 @@ def open_storage(path: Path) -> LocalStorage:
         return LocalStorage(path)
     except OSError as exc:
         raise ArchiveDirError(path, exc) from exc
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-class _ReceiverThread:
-    """The events receiver's HTTP server on an event loop and thread of its own.
-
-    The loop is uvloop's when it is installed: reports arrive by the thousand a second,
-    each on a new connection, and uvloop's C transports take ~20% less CPU per report than
-    asyncio's selector loop (bench/events.py). The rest of the service (PBX client,
-    session, workers) stays on the main asyncio loop; the receiver reaches it only through
-    the group committer (thread-safe, per-loop futures) and `loop.call_soon_threadsafe`.
-    """
-
-    def __init__(self, server: _Server, sock: socket.socket) -> None:
-        self._server = server
-        self._sock = sock
-        self._outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-    def start(self) -> asyncio.Future[None]:
-        """Start serving; the result is done when the server has stopped (or failed)."""
-        thread = threading.Thread(target=self._main, name="callvault-events", daemon=True)
-        thread.start()
-        return asyncio.wrap_future(self._outcome)
-
-    def _main(self) -> None:
-        try:
-            with asyncio.Runner(loop_factory=_receiver_loop_factory()) as runner:
-                runner.run(self._server.serve(sockets=[self._sock]))
-        except BaseException as exc:
-            self._outcome.set_exception(exc)
-        else:
-            self._outcome.set_result(None)
-
-
-def _receiver_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    try:
-        import uvloop
-    except ImportError:  # not on this platform: asyncio's own loop does the same, slower
-        return asyncio.new_event_loop
-    return uvloop.new_event_loop
-
-
-def _server_for(app: Any, *, trusted_proxy: str | None = None) -> _Server:
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,  # request lines would show the secret path
-        lifespan="off",
-        timeout_keep_alive=2,
-        server_header=False,
-        # The receiver's source check and the web app's login limiter use the peer address;
-        # an X-Forwarded-For header from any local process must not change it. Only the
-        # web app, behind a reverse proxy, believes the headers: from that address alone.
-        **uvicorn_proxy_options(trusted_proxy),
-    )
-    return _Server(config)
-
-
-def uvicorn_proxy_options(trusted_proxy: str | None) -> dict[str, Any]:
-    """uvicorn's proxy options: X-Forwarded-* believed from `trusted_proxy` only, or never."""
-    if not trusted_proxy:
-        return {"proxy_headers": False}
-    return {"proxy_headers": True, "forwarded_allow_ips": trusted_proxy}
 
 
 class Archiver:
@@ -360,10 +274,7 @@ class Archiver:
         pbx_host = urlsplit(config.pbx_url).hostname or ""
         allowed = await asyncio.to_thread(allow_list_for, pbx_host, config.events_allow)
 
-        try:
-            events_sock = bind_socket(config.events_host, config.events_port)
-        except OSError as exc:
-            raise ListenError("events", config.events_host, config.events_port, exc) from exc
+        events_sock = listen("events", config.events_host, config.events_port, hint=_ANOTHER_SERVE)
         sockets.append(events_sock)
         self.events_port = int(events_sock.getsockname()[1])
 
@@ -427,10 +338,14 @@ class Archiver:
             commit=committer.commit,
             on_bootup=bootup,
             max_body=config.max_event_body,
+            body_timeout_s=config.event_body_timeout_s,
         )
-        events_server = _server_for(receiver)
-        servers: list[tuple[_Server, asyncio.Future[None]]] = [
-            (events_server, _ReceiverThread(events_server, events_sock).start())
+        events_server = server_for(receiver, header_timeout_s=config.event_header_timeout_s)
+        servers: list[tuple[Server, asyncio.Future[None]]] = [
+            (
+                events_server,
+                ServerThread(events_server, events_sock, name="callvault-events").start(),
+            )
         ]
         web_server = self._web_server(index, sockets)
         if web_server is not None:
@@ -491,21 +406,18 @@ class Archiver:
 
     def _web_server(
         self, index: Index, sockets: list[socket.socket]
-    ) -> tuple[_Server, socket.socket] | None:
+    ) -> tuple[Server, socket.socket] | None:
         config = self.config
         if config.web_host is None or config.web_port is None:
             return None
         if self._web_app_factory is None:
             raise RuntimeError("web_host/web_port are set but no web app was given")
         app = self._web_app_factory(index, self.storage)
-        try:
-            sock = bind_socket(config.web_host, config.web_port)
-        except OSError as exc:
-            raise ListenError("the web app", config.web_host, config.web_port, exc) from exc
+        sock = listen("the web app", config.web_host, config.web_port, hint=_ANOTHER_SERVE)
         sockets.append(sock)
         self.web_port = int(sock.getsockname()[1])
         log.info("web app on http://%s:%d/", config.web_host, self.web_port)
-        return _server_for(app, trusted_proxy=config.web_trusted_proxy), sock
+        return server_for(app, trusted_proxy=config.web_trusted_proxy), sock
 
     async def _reconcile_loop(
         self,

@@ -37,7 +37,7 @@ def _port_taken_message(port: int, exc: OSError) -> str:
 def _check_web_port(port: int) -> None:
     """Exit with one line if the web app's port cannot be had, before anything is started
     or written (the archiver binds it only after opening the index and the receiver)."""
-    from callvault.archive._service import bind_socket
+    from callvault.serving import bind_socket
 
     if port == 0:
         return
@@ -66,9 +66,10 @@ def demo(
 ) -> None:
     """Run a simulated PBX, archive its recordings as calls end, and serve the web app."""
     from callvault.archive import Archived, Archiver, ArchiverConfig
-    from callvault.archive._service import ListenError, StartError
+    from callvault.archive._service import StartError
     from callvault.index import users
     from callvault.pbx import TlsOptions
+    from callvault.serving import ListenError
     from callvault.simulator import Simulator, SimulatorConfig
     from callvault.web import create_app
 

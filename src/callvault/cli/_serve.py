@@ -61,6 +61,7 @@ from callvault.cli._settings import (
 )
 from callvault.index import Index, IndexOpenError, open_index
 from callvault.pbx import AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
+from callvault.serving import ListenError
 from callvault.storage import LocalStorage
 
 log = logging.getLogger("callvault.archive")
@@ -254,7 +255,7 @@ def serve_command(
 
     try:
         asyncio.run(main())
-    except (StartError, IndexOpenError) as exc:
+    except (StartError, ListenError, IndexOpenError) as exc:
         fail(str(exc))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

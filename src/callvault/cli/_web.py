@@ -13,7 +13,6 @@ import json
 import os
 import signal
 from collections.abc import Iterator
-from errno import EADDRINUSE
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -82,9 +81,7 @@ def web(
     trusted_proxy: TrustedProxyOption = None,
 ) -> None:
     """Serve the web app and JSON API alone over an existing archive."""
-    import uvicorn
-
-    from callvault.archive._service import _Server, bind_socket, uvicorn_proxy_options
+    from callvault import serving
     from callvault.cli._archive_cmds import open_archive
     from callvault.web import create_app
 
@@ -98,32 +95,27 @@ def web(
     )
     index, storage = open_archive(settings)
     host, port = settings.web_address()
-    shown = f"[{host}]" if ":" in host else host
     # Bound before anything is said: a busy port is one line, never "serving" then an error.
     try:
-        sock = bind_socket(host, port)
-    except OSError as exc:
+        sock = serving.listen(
+            "the web app",
+            host,
+            port,
+            hint="another program uses it: choose another with --listen HOST:PORT",
+        )
+    except serving.ListenError as exc:
         index.close()
-        busy = " (another program uses it: choose another with --listen HOST:PORT)"
-        why = exc.strerror or str(exc)
-        fail(f"cannot listen on {shown}:{port}: {why}{busy if exc.errno == EADDRINUSE else ''}")
+        fail(str(exc))
     try:
         if not users.list_users(index.engine):
             print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
         application = create_app(index, storage, secure_cookies=settings.secure_cookies)
-        server = _Server(
-            uvicorn.Config(
-                application,
-                log_level="warning",
-                access_log=False,
-                # The login limiter and the audit log key on the peer address: X-Forwarded-For
-                # is believed from the --trusted-proxy address only, and by default never.
-                **uvicorn_proxy_options(settings.trusted_proxy),
-            )
-        )
+        # The login limiter and the audit log key on the peer address: X-Forwarded-For is
+        # believed from the --trusted-proxy address only, and by default never.
+        server = serving.server_for(application, trusted_proxy=settings.trusted_proxy)
         with _stop_on_signals(server):
             print(
-                f"callvault web: serving http://{shown}:{port}/ "
+                f"callvault web: serving http://{serving.address(host, port)}/ "
                 "(OpenAPI document at /api/openapi.json)",
                 flush=True,
             )
