@@ -132,3 +132,44 @@ def test_files_are_readable_by_the_owner_group_only(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     storage.put(KEY, io.BytesIO(AUDIO))
     assert (tmp_path / KEY).stat().st_mode & 0o777 == 0o640
+
+
+def test_open_range_reads_exactly_the_bytes_asked_for(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put_file(KEY, staged(storage, AUDIO))
+    with storage.open_range(KEY, 10, 100) as part:
+        assert part.read() == AUDIO[10:110]
+    with storage.open_range(KEY, len(AUDIO) - 5, 100) as tail:
+        assert tail.read(3) + tail.read() == AUDIO[-5:]
+    with storage.open_range(KEY, 0, 0) as nothing:
+        assert nothing.read() == b""
+    with pytest.raises(FileNotFoundError):
+        storage.open_range("SN1/2024/05/01/absent.wav", 0, 10)
+
+
+def test_locate_and_usage_describe_where_recordings_are(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    assert storage.locate(KEY) == str(tmp_path.resolve().joinpath(*KEY.split("/")))
+    usage = storage.usage()
+    assert usage is not None and usage.total is not None and usage.free is not None
+    assert 0 < usage.used <= usage.total and usage.free <= usage.total
+
+
+def test_staging_areas_are_per_process_and_a_gone_ones_is_removed(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    first = storage.open_staging("host-1/../x")
+    assert first.path.parent == storage.staging_dir() and first.path.name.startswith("proc-")
+    assert "/" not in first.path.name.removeprefix("proc-")
+    (first.path / "partial.wav").write_bytes(b"RIFF")
+    # While its lock is held (the process lives) the next process leaves it alone...
+    second = storage.open_staging("host-2")
+    assert first.path.is_dir()
+    # ...once it lets go (it died: the kernel drops the lock), the next one removes it.
+    os.close(first._fd)  # type: ignore[attr-defined, arg-type]  # what dying does
+    third = storage.open_staging("host-3")
+    assert not first.path.exists()
+    second.close()
+    second.close()  # idempotent
+    assert not second.path.exists()
+    assert sorted(storage.staging_dir().iterdir()) == [third.path]
+    third.close()

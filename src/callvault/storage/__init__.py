@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from callvault.storage._base import (
     ConflictError,
+    StagingArea,
     Storage,
     StorageError,
+    StorageUsage,
     StoredObject,
     sha256_of,
 )
-from callvault.storage._local import STAGING_NAME, LocalStorage
+from callvault.storage._local import STAGING_NAME, LocalStagingArea, LocalStorage
 from callvault.storage._names import (
     UnsafeNameError,
     check_key,
@@ -27,9 +29,12 @@ from callvault.storage._names import (
 __all__ = [
     "STAGING_NAME",
     "ConflictError",
+    "LocalStagingArea",
     "LocalStorage",
+    "StagingArea",
     "Storage",
     "StorageError",
+    "StorageUsage",
     "StoredObject",
     "UnsafeNameError",
     "check_key",

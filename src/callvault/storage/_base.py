@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -18,6 +18,30 @@ class StorageError(Exception):
 
 class ConflictError(StorageError):
     """A key already holds different bytes; nothing was overwritten."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageUsage:
+    """Space where the recordings are kept, in bytes (a bucket without a limit has none)."""
+
+    total: int | None
+    used: int
+    free: int | None
+
+
+@runtime_checkable
+class StagingArea(Protocol):
+    """A local directory of this process's own for downloads in progress.
+
+    A download is written here, checked, and handed to `Storage.put_file`. The area of a
+    process that died (however it died) is found and removed by the next one; `close()`
+    removes this process's area at a clean exit.
+    """
+
+    @property
+    def path(self) -> Path: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +75,18 @@ class Storage(Protocol):
         """Open the object for reading (raises FileNotFoundError if absent)."""
         ...
 
+    def open_range(self, key: str, start: int, length: int) -> BinaryIO:
+        """Open `length` bytes of the object from byte `start` (a player seeking): reading
+        the result gives those bytes and then EOF (FileNotFoundError if absent)."""
+        ...
+
     def stat(self, key: str) -> StoredObject | None:
         """Size and time of the object, or None if absent; `sha256` is None."""
+        ...
+
+    def checksum(self, key: str) -> StoredObject:
+        """Read the whole object and return its size and SHA-256 (FileNotFoundError if
+        absent): what `callvault verify` compares with the index."""
         ...
 
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -61,6 +95,23 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> bool:
         """Remove the object; False if it was absent."""
+        ...
+
+    def locate(self, key: str) -> str:
+        """Where the object is, for people and scripts (a file path, a bucket URL)."""
+        ...
+
+    def usage(self) -> StorageUsage | None:
+        """The space used and left, or None when it cannot be told."""
+        ...
+
+    def open_staging(self, tag: str) -> StagingArea:
+        """A staging area of this process's own (see `StagingArea`), after removing the
+        areas of processes that are gone. `tag` names it for people (host and pid)."""
+        ...
+
+    def clean_staging(self, older_than: timedelta) -> int:
+        """Remove leftovers of crashed downloads older than `older_than`; how many."""
         ...
 
 

@@ -20,18 +20,30 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
+import logging
 import os
+import re
 import shutil
 import stat as stat_module
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from uuid import uuid4
 
-from callvault.storage._base import _CHUNK, ConflictError, StoredObject, sha256_of
+from callvault.storage._base import (
+    _CHUNK,
+    ConflictError,
+    Storage,
+    StorageUsage,
+    StoredObject,
+    sha256_of,
+)
 from callvault.storage._names import RESERVED_PREFIX, UnsafeNameError, check_key
+
+log = logging.getLogger("callvault.storage")
 
 STAGING_NAME = ".callvault-incoming"
 # In each process's staging directory: the file whose flock says the process is alive.
@@ -60,6 +72,55 @@ def try_lock_staging_dir(directory: Path) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+class LocalStagingArea:
+    """A process's own staging directory and the descriptor of the lock it holds on it."""
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self._path = path
+        self._fd: int | None = lock_fd
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def close(self) -> None:
+        """Remove the directory (a clean exit), then let go of its lock; idempotent."""
+        if self._fd is None:
+            return
+        shutil.rmtree(self._path, ignore_errors=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __repr__(self) -> str:
+        return f"LocalStagingArea({str(self._path)!r})"
+
+
+class _Limited(io.RawIOBase):
+    """Reads at most `limit` bytes of an open binary file, then EOF; closes it with itself."""
+
+    def __init__(self, handle: BinaryIO, limit: int) -> None:
+        super().__init__()
+        self._handle = handle
+        self._left = max(0, limit)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer).cast("B")[: self._left]
+        count = self._handle.readinto(view)  # type: ignore[attr-defined]
+        count = count or 0
+        self._left -= count
+        return int(count)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+        super().close()
 
 
 def _newest_mtime(path: Path) -> float:
@@ -316,11 +377,42 @@ class LocalStorage:
             os.close(fd)
         return True
 
+    def open_staging(self, tag: str) -> LocalStagingArea:
+        """This process's staging directory (`new_process_staging_dir`), after removing the
+        directories of processes that are gone (`remove_abandoned_staging_dirs`)."""
+        for name in self.remove_abandoned_staging_dirs():
+            log.info("removed the partial downloads of a stopped process (%s)", name)
+        safe_tag = re.sub(r"[^A-Za-z0-9-]", "", tag)[:48] or "process"
+        path, fd = self.new_process_staging_dir(safe_tag)
+        return LocalStagingArea(path, fd)
+
     # -- reading --------------------------------------------------------------------------
 
     def open(self, key: str) -> BinaryIO:
         """Open the file of `key` for reading."""
         return self.local_path(key).open("rb")
+
+    def open_range(self, key: str, start: int, length: int) -> BinaryIO:
+        """`length` bytes of the file of `key` from `start` (fewer if the file is shorter)."""
+        handle = self.local_path(key).open("rb")
+        try:
+            handle.seek(start)
+        except BaseException:
+            handle.close()
+            raise
+        return cast(BinaryIO, _Limited(handle, length))
+
+    def locate(self, key: str) -> str:
+        """The absolute path of the file of `key`."""
+        return str(self.local_path(key))
+
+    def usage(self) -> StorageUsage | None:
+        """The file system's size, used and free space (None if it cannot be read)."""
+        try:
+            disk = shutil.disk_usage(self._root)
+        except OSError:
+            return None
+        return StorageUsage(total=disk.total, used=disk.used, free=disk.free)
 
     def stat(self, key: str) -> StoredObject | None:
         """Size and modification time of `key`, or None if there is no such file."""
@@ -364,3 +456,7 @@ class LocalStorage:
                 except UnsafeNameError:
                     continue
                 yield key
+
+
+if TYPE_CHECKING:  # mypy checks that LocalStorage is a Storage
+    _IS_A_STORAGE: type[Storage] = LocalStorage
