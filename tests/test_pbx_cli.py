@@ -16,7 +16,7 @@ import pytest
 
 from callvault.cli._fetch import day_windows, fetch_recordings, parse_time
 from callvault.pbx import PbxClient
-from pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps
+from support.pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps
 
 
 def test_parse_time() -> None:

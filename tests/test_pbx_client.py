@@ -37,7 +37,7 @@ from callvault.pbx import (
     TokenInvalid,
     password_md5,
 )
-from pbx_fakes import (
+from support.pbx_fakes import (
     BASE,
     PASSWORD,
     WAV,

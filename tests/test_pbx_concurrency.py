@@ -24,7 +24,7 @@ from starlette.requests import Request
 from callvault.pbx import PbxClient, TlsOptions
 from callvault.simulator import Simulator, SimulatorConfig
 from callvault.simulator._app import Outcome, PbxHttp
-from pbx_fakes import (
+from support.pbx_fakes import (
     PASSWORD,
     FakePbx,
     Sleeps,

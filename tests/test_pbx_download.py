@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from callvault.pbx import PbxClient, PbxProtocolError, PbxTransportError, _download
-from pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps, make_wav, serve_fake_pbx
+from support.pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps, make_wav, serve_fake_pbx
 
 ClientFactory = Callable[..., PbxClient]
 

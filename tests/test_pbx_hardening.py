@@ -37,7 +37,7 @@ from callvault.pbx import (
     error_for_errno,
 )
 from callvault.pbx._tls import is_broken_connection
-from pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps, serve_fake_pbx
+from support.pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps, serve_fake_pbx
 
 CALLVAULT = str(Path(sys.executable).with_name("callvault"))
 
