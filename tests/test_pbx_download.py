@@ -261,3 +261,17 @@ async def test_socket_pump_reports_a_body_cut_short(tmp_path: Path) -> None:
                 await client.download_recording("a.wav", tmp_path)
     assert f"received {len(data) // 2} bytes but the PBX announced {len(data)}" in str(info.value)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+async def test_non_ascii_bytes_in_the_response_headers_are_decoded(
+    tmp_path: Path, encoding: str
+) -> None:
+    """A PBX names the file in Content-Disposition with the bytes of its own encoding."""
+    name = "Müller-1001.wav"
+    disposition = f'attachment; filename="{name}"'.encode(encoding)
+    pbx = FakePbx(recordings={name: WAV}, download_headers=[(b"Content-Disposition", disposition)])
+    with serve_fake_pbx(pbx) as base:
+        async with PbxClient(base, "api", PASSWORD, sleep=Sleeps(), max_attempts=1) as client:
+            result = await client.download_recording(name, tmp_path)
+    assert result.path == tmp_path / name and result.path.read_bytes() == WAV

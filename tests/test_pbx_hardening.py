@@ -349,3 +349,14 @@ def test_httpcore_sub_loggers_are_redacted_too(caplog: pytest.LogCaptureFixture)
     text = caplog.text
     assert "send_request url=https://127.0.0.1/api/x" in text
     assert "tok123" not in text and "rnd456" not in text
+
+
+def test_fetch_saves_a_recording_whose_header_names_it_in_utf_8(tmp_path: Path) -> None:
+    name = "Müller-1001.wav"
+    disposition = f'attachment; filename="{name}"'.encode()
+    pbx = FakePbx(recordings={name: WAV}, download_headers=[(b"Content-Disposition", disposition)])
+    with serve_fake_pbx(pbx) as base:
+        done = run_fetch(base, [name], tmp_path)
+    assert done.stderr.strip().splitlines() == [HTTP_WARNING]
+    assert done.returncode == 0
+    assert (tmp_path / name).read_bytes() == WAV

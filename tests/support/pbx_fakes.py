@@ -76,6 +76,9 @@ class FakePbx:
     # back the whole body; e.g. 1000 lets the client start writing its temporary file.
     hold_after_bytes: int = 0
     on_get_random: Callable[[str], None] | None = None
+    # Extra headers of every successful download, as raw bytes (e.g. a Content-Disposition
+    # with a non-ASCII file name, which serve_fake_pbx sends byte for byte).
+    download_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     http_requests: list[httpx.Request] = field(default_factory=list)  # via serve_fake_pbx
 
     def endpoints(self) -> list[str]:
@@ -185,7 +188,8 @@ class FakePbx:
                 yield data[i : i + 1000]
 
         headers["Content-Length"] = str(len(data))
-        return httpx.Response(200, content=stream(), headers=headers)
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()] + self.download_headers
+        return httpx.Response(200, content=stream(), headers=raw)
 
 
 class Sleeps:
@@ -201,9 +205,9 @@ def serve_fake_pbx(pbx: FakePbx) -> Iterator[str]:
     """Serve `pbx` over real HTTP on 127.0.0.1; yields the base URL.
 
     Each request is answered in its own thread by running the fake's handler on a fresh
-    event loop; the response goes out as the fake built it, headers first, then the body
-    as it comes (a "truncate" fault announces more bytes than it sends, then the
-    connection closes).
+    event loop; the response goes out as the fake built it, headers first (their raw bytes,
+    non-ASCII ones too), then the body as it comes (a "truncate" fault announces more bytes
+    than it sends, then the connection closes).
     """
 
     class Handler(BaseHTTPRequestHandler):
@@ -232,9 +236,10 @@ def serve_fake_pbx(pbx: FakePbx) -> Iterator[str]:
             async def respond() -> None:
                 response = await pbx.handler(request)
                 self.send_response(response.status_code)
-                for name, value in response.headers.multi_items():
-                    if name.lower() not in ("connection", "transfer-encoding"):
-                        self.send_header(name, value)
+                for name, value in response.headers.raw:
+                    if name.lower() not in (b"connection", b"transfer-encoding"):
+                        # send_header encodes as Latin-1: this sends the raw bytes as they are.
+                        self.send_header(name.decode("latin-1"), value.decode("latin-1"))
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.flush()  # headers first: a held body must not hold them back

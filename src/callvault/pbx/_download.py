@@ -287,6 +287,26 @@ class HttpxBody:
         await self._response.aclose()
 
 
+def headers_from_wire(pairs: list[tuple[str, str]]) -> httpx.Headers:
+    """Response headers as `http.client` parsed them, for the checks.
+
+    `http.client` decodes header lines as Latin-1, as HTTP says (RFC 9110, 5.5), while
+    httpx.Headers would encode str values as ASCII and fail on a PBX's
+    ``Content-Disposition: attachment; filename="Müller-1001.wav"``. Handing over the
+    original bytes lets httpx decode them: ASCII, or UTF-8 when they are valid UTF-8, else
+    Latin-1; never an exception.
+    """
+    return httpx.Headers([(_wire_bytes(name), _wire_bytes(value)) for name, value in pairs])
+
+
+def _wire_bytes(text: object) -> bytes:
+    text = str(text)
+    try:
+        return text.encode("latin-1")  # exactly the bytes http.client read
+    except UnicodeEncodeError:  # pragma: no cover - http.client decodes as Latin-1
+        return text.encode("utf-8", "replace")
+
+
 def _origin(url: httpx.URL) -> str:
     default_port = 443 if url.scheme == "https" else 80
     return f"{url.host}:{url.port or default_port}"
@@ -428,7 +448,7 @@ class SocketBody:
         with self._guard:
             self._response = response
         self.status_code = response.status
-        self.headers = httpx.Headers(response.getheaders())
+        self.headers = headers_from_wire(response.getheaders())
 
     def _read_some(self) -> bytes:
         assert self._response is not None
