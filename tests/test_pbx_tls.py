@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from callvault.pbx import TlsOptions, build_ssl_context, normalise_pin
-from callvault.pbx._tls import PinMismatchError, describe_tls_failure
+from callvault.pbx import PinMismatchError, TlsOptions, build_ssl_context, normalise_pin
+from callvault.pbx._tls import describe_tls_failure
 
 HEX = "a1" * 32
 

@@ -19,16 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from callvault.pbx._errors import PinMismatchError
+
 _TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "1.0": ssl.TLSVersion.TLSv1,
     "1.1": ssl.TLSVersion.TLSv1_1,
     "1.2": ssl.TLSVersion.TLSv1_2,
     "1.3": ssl.TLSVersion.TLSv1_3,
 }
-
-
-class PinMismatchError(ssl.SSLCertVerificationError):
-    """The server's certificate does not have the pinned SHA-256 fingerprint."""
 
 
 def normalise_pin(pin: str) -> str:
