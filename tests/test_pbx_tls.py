@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import threading
 import warnings
 from pathlib import Path
 
 import pytest
 import trustme
 
-from callvault.pbx import PinMismatchError, TlsOptions, build_ssl_context, normalise_pin
+from callvault.pbx import (
+    ErrorKind,
+    PbxClient,
+    PbxProtocolError,
+    PbxTransportError,
+    PinMismatchError,
+    TlsOptions,
+    build_ssl_context,
+    normalise_pin,
+)
 from callvault.pbx._tls import describe_tls_failure
+from callvault.simulator import Simulator, SimulatorConfig
+from support.pbx_fakes import PASSWORD, Sleeps
 
 HEX = "a1" * 32
 
@@ -81,3 +94,39 @@ def test_failure_descriptions_say_what_to_do(tmp_path: Path) -> None:
     assert "--ca-file or --pin-sha256" in describe_tls_failure(untrusted, TlsOptions())
     with_ca = describe_tls_failure(untrusted, TlsOptions(ca_file=tmp_path / "ca.pem"))
     assert "ca.pem" in with_ca
+
+
+async def test_http_to_a_tls_port_says_to_use_https() -> None:
+    with Simulator(SimulatorConfig(password=PASSWORD, seed=7)) as sim:
+        url = sim.url.replace("https://", "http://")
+        async with PbxClient(url, sim.username, PASSWORD, sleep=Sleeps()) as client:
+            with pytest.raises(PbxProtocolError) as info:
+                await client.login()
+        assert sim.request_log == []
+    origin = url.removeprefix("http://")
+    assert str(info.value) == f"login: the PBX answered with TLS: use https://{origin}"
+    assert info.value.kind is ErrorKind.LOGIN_REFUSED
+
+
+async def test_a_plain_server_that_hangs_up_is_not_taken_for_tls() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[bytes] = []
+
+    def serve() -> None:
+        for _ in range(2):  # the login, then the probe's handshake
+            conn, _ = listener.accept()
+            with conn:
+                accepted.append(conn.recv(5))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        async with PbxClient(base, "api", PASSWORD, max_attempts=1) as client:
+            with pytest.raises(PbxTransportError, match="broke off") as info:
+                await client.login()
+        thread.join(10)
+    finally:
+        listener.close()
+    assert not isinstance(info.value, PbxProtocolError)
+    assert accepted[0].startswith(b"POST") and accepted[1][:1] == b"\x16"  # a ClientHello

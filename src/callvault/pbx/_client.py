@@ -65,7 +65,7 @@ from callvault.pbx._errors import (
 )
 from callvault.pbx._gate import SessionGate
 from callvault.pbx._mapping import origin_of, strip_query, transport_error
-from callvault.pbx._tls import TlsOptions, build_ssl_context
+from callvault.pbx._tls import TlsOptions, build_ssl_context, speaks_tls
 from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult
 
 log = logging.getLogger("callvault.pbx")
@@ -275,6 +275,7 @@ class PbxClient:
         self._locked_until: float | None = None
         self.last_success_at: float | None = None
         self.login_count = 0
+        self._speaks_tls: bool | None = None  # whether an http:// URL names a TLS port
 
     # ----------------------------------------------------------------- basics
 
@@ -336,8 +337,27 @@ class PbxClient:
                 headers={"Content-Type": "application/json; charset=utf-8"},
             )
         except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+                await self._hint_at_https(context)
             raise self._transport_error(exc, context) from None
+        if response.status_code == 400:
+            await self._hint_at_https(context)
         return self._api_answer(response.status_code, response.headers, response.content, context)
+
+    async def _hint_at_https(self, context: str) -> None:
+        """Raise a one-line hint if the URL says http:// but the port speaks TLS (which
+        drops a plain request, or answers it 400); checked once per client."""
+        if self._base.scheme != "http":
+            return
+        if self._speaks_tls is None:
+            port = self._base.port or 80
+            self._speaks_tls = await asyncio.to_thread(
+                speaks_tls, self._base.host, port, min(self._timeout, 5.0)
+            )
+        if self._speaks_tls:
+            raise PbxProtocolError(
+                f"{context}: the PBX answered with TLS: use https://{origin_of(self._base)}"
+            )
 
     def _api_answer(
         self, status_code: int, headers: httpx.Headers, content: bytes, context: str
