@@ -1,7 +1,11 @@
-"""A scripted fake PBX for httpx.MockTransport, shared by the test_pbx_* modules.
+"""A scripted fake PBX, shared by the test_pbx_* modules.
 
-`serve_fake_pbx` also puts the same fake behind a real HTTP server on 127.0.0.1, so the
-client's socket pump (used whenever no transport is injected) meets the same scripts.
+`serve_fake_pbx` puts it behind a real HTTP server on 127.0.0.1, so a client without an
+injected transport meets it over real sockets and a download goes through the production
+socket pump (`SocketBody`); the fixture `connect` builds such clients. For tests of API
+calls alone (login, heartbeat, CDR export), `client_for` puts the same fake behind an
+injected ``httpx.MockTransport``; a download through that goes through `HttpxBody`, which
+only callers' own tests with an injected transport use.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from callvault.pbx import password_md5
+from callvault.pbx import PbxClient, password_md5
 
 PASSWORD = "s3cret-Passw0rd"
 BASE = "https://127.0.0.1:8088"
@@ -67,6 +73,7 @@ class FakePbx:
     get_random_errors: list[str] = field(default_factory=list)
     download_faults: list[str] = field(default_factory=list)
     login_errno: str | None = None
+    login_503_next: int = 0  # the next N logins answer HTTP 503 (a web server struggling)
     cdr_csv: str = "callid,recording\n1.1,a.wav\n"
     cdr_errno: str | None = None
     # Set to hold every download body until the event is set (an asyncio.Event with
@@ -103,6 +110,9 @@ class FakePbx:
         call = Call(endpoint, query, body, path.split("/")[2])
         self.calls.append(call)
         if endpoint == "login":
+            if self.login_503_next:
+                self.login_503_next -= 1
+                return httpx.Response(503, text="Service Unavailable")
             if self.login_errno is not None:
                 return self._failed(self.login_errno)
             if body.get("username") != self.username or body.get("password") != self.password_md5:
@@ -193,11 +203,44 @@ class FakePbx:
 
 
 class Sleeps:
+    """An injectable `sleep` for the client: records each backoff and returns at once."""
+
     def __init__(self) -> None:
         self.delays: list[float] = []
 
     async def __call__(self, delay: float) -> None:
         self.delays.append(delay)
+
+
+def files_in(directory: Path) -> list[str]:
+    """The names in `directory` (a temporary file ends in .part), sorted; [] if it is absent."""
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def client_for(pbx: FakePbx, **kwargs: Any) -> PbxClient:
+    """A client talking to `pbx` through an injected httpx.MockTransport (no network): for
+    tests of API calls alone. Backoffs are recorded, not slept."""
+    kwargs.setdefault("sleep", Sleeps())
+    transport = httpx.MockTransport(pbx.handler)
+    return PbxClient(BASE, "api", PASSWORD, transport=transport, **kwargs)
+
+
+ClientFactory = Callable[..., PbxClient]
+
+
+@pytest.fixture
+def connect() -> Iterator[ClientFactory]:
+    """`connect(pbx, **kwargs)`: a client for a FakePbx served over real HTTP on 127.0.0.1
+    (`serve_fake_pbx`, until the test ends), so downloads go through the socket pump.
+    Backoffs are recorded, not slept."""
+    with contextlib.ExitStack() as stack:
+
+        def factory(pbx: FakePbx, **kwargs: Any) -> PbxClient:
+            kwargs.setdefault("sleep", Sleeps())
+            base = stack.enter_context(serve_fake_pbx(pbx))
+            return PbxClient(base, "api", PASSWORD, **kwargs)
+
+        yield factory
 
 
 @contextlib.contextmanager
