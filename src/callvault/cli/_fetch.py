@@ -54,6 +54,7 @@ from callvault.pbx import (
     PbxTransportError,
     PbxUnreachable,
     TokenError,
+    UnsafeRecordingName,
     call_detail_row,
     check_recording_name,
 )
@@ -156,7 +157,7 @@ async def fetch_recordings(
             for position, name in enumerate(names):
                 try:
                     check_recording_name(name)
-                except ValueError as exc:
+                except UnsafeRecordingName as exc:
                     print(f"callvault: {name}: {exc}", file=sys.stderr)
                     failures += 1
                     continue
