@@ -252,12 +252,34 @@ MAPPED: list[tuple[BaseException, Phase, type[PbxError], str]] = [
     (TimeoutError(), "connect", PbxUnreachable, TIMED_OUT),
     (TimeoutError(), "handshake", PbxUnreachable, TIMED_OUT),
     (ssl.SSLEOFError(8, "EOF"), "handshake", PbxTransportError, HANDSHAKE_CUT),
-    (ConnectionResetError(104, "reset"), "handshake", PbxTransportError, BROKE_OFF),
+    (ConnectionResetError(104, "reset"), "handshake", PbxTransportError, HANDSHAKE_CUT),
     (TimeoutError(), "exchange", PbxTransportError, NO_ANSWER),
     (ConnectionResetError(104, "reset"), "exchange", PbxTransportError, BROKE_OFF),
     (ssl.SSLEOFError(8, "EOF"), "exchange", PbxTransportError, BROKE_OFF),
     (http.client.IncompleteRead(b"x", 10), "exchange", PbxTransportError, BROKE_OFF),
     (ValueError("I/O operation on closed file"), "exchange", PbxTransportError, BROKE_OFF),
+]
+
+
+def chained(outer: BaseException, cause: BaseException) -> BaseException:
+    outer.__cause__ = cause
+    return outer
+
+
+MAPPED += [
+    # What httpx raises when a TLS handshake meets an EOF or a reset (found in the chain).
+    (
+        chained(httpx.ConnectError(""), ssl.SSLEOFError(8, "UNEXPECTED_EOF_WHILE_READING")),
+        "exchange",
+        PbxTransportError,
+        HANDSHAKE_CUT,
+    ),
+    (
+        chained(httpx.ConnectError(""), ConnectionResetError(104, "reset")),
+        "exchange",
+        PbxTransportError,
+        HANDSHAKE_CUT,
+    ),
 ]
 
 

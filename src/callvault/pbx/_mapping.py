@@ -36,6 +36,7 @@ Phase = Literal["connect", "handshake", "exchange"]
 """Where a socket failure happened: the TCP connect, the TLS handshake, or after it."""
 
 _QUERY = re.compile(r"\?[^\s'\"]*")
+_CUT_OFF = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
 def strip_query(text: str) -> str:
@@ -62,12 +63,14 @@ def transport_error(
     for a plain socket, `phase` says it."""
     connecting = phase != "exchange" or isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
     ssl_error = find_ssl_error(exc) if connecting else None
-    if ssl_error is not None:
-        if is_broken_connection(ssl_error):
-            return PbxTransportError(
-                f"{context}: the connection to the PBX broke off during the TLS handshake"
-            )
+    if ssl_error is not None and not is_broken_connection(ssl_error):
         return PbxTlsError(f"{describe_tls_failure(ssl_error, tls)} ({origin})")
+    # Connected, then cut off while setting up TLS (a TCP connect is refused, not reset):
+    # EOF from the TLS layer, or a reset that httpx reports as a ConnectError.
+    if ssl_error is not None or (connecting and phase != "connect" and _caused_by(exc, _CUT_OFF)):
+        return PbxTransportError(
+            f"{context}: the connection to the PBX broke off during the TLS handshake"
+        )
     timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
     if connecting and timed_out:
         return PbxUnreachable(f"cannot reach the PBX at {origin}: connection timed out")
@@ -87,3 +90,15 @@ def transport_error(
     ):
         return PbxTransportError(f"{context}: the connection to the PBX broke off")
     return PbxTransportError(f"{context}: talking to the PBX failed ({type(exc).__name__})")
+
+
+def _caused_by(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
+    """Whether `exc` or an exception in its cause/context chain is one of `types`."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, types):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
