@@ -2,7 +2,8 @@
 
 Which path each test exercises: the export is fetched through httpx whether a transport is
 injected or not, so its flows run against the fake PBX behind an httpx.MockTransport
-(`client_for`), and once against the simulator over real HTTPS (`sim`).
+(`client_for`); what only a real connection shows (raw header bytes) against the fake over
+real HTTP (`serve_fake_pbx`), and the whole export against the simulator over HTTPS (`sim`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from callvault.pbx import (
     parse_cdr_csv,
 )
 from callvault.simulator import Simulator
-from support.pbx_fakes import BASE, PASSWORD, FakePbx, client_for
+from support.pbx_fakes import BASE, PASSWORD, FakePbx, client_for, serve_fake_pbx
 from support.pbx_sim import sim_client
 
 HEADER = (
@@ -242,3 +243,13 @@ async def test_cdr_export_from_the_simulator(sim: Simulator, version: str) -> No
         assert row.srctrunkname == call.srctrunkname
         assert row.dsttrunkname == call.dsttrunkname
     assert empty == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+async def test_non_ascii_header_bytes_of_the_export_are_decoded(encoding: str) -> None:
+    disposition = 'attachment; filename="cdr-Müller.csv"'.encode(encoding)
+    pbx = FakePbx(download_headers=[(b"Content-Disposition", disposition)])
+    with serve_fake_pbx(pbx) as base:
+        async with PbxClient(base, "api", PASSWORD, max_attempts=1) as client:
+            rows = await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 2, 1))
+    assert [(r.callid, r.recording) for r in rows] == [("1.1", "a.wav")]

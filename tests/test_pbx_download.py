@@ -679,3 +679,13 @@ async def test_the_httpx_pump_of_an_injected_transport_meets_the_same_checks(
                 await client.download_recording("a.wav", tmp_path)
             assert error in str(info.value)
     assert files_in(tmp_path) == ([] if error else ["a.wav"])
+
+
+async def test_the_httpx_pump_decodes_non_ascii_header_bytes_too(tmp_path: Path) -> None:
+    disposition = 'attachment; filename="Müller-1001.wav"'.encode("latin-1")
+    pbx = FakePbx(
+        recordings={"a.wav": WAV}, download_headers=[(b"Content-Disposition", disposition)]
+    )
+    async with client_for(pbx, max_attempts=1) as client:
+        result = await client.download_recording("a.wav", tmp_path)
+    assert result.path.read_bytes() == WAV

@@ -255,3 +255,40 @@ def test_which_tls_errors_are_a_broken_connection() -> None:
     assert is_broken_connection(ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed"))
     assert not is_broken_connection(ssl.SSLCertVerificationError(1, "certificate verify failed"))
     assert not is_broken_connection(ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER]"))
+
+
+async def test_a_tls_port_that_answers_plain_http_with_400_gets_the_hint_too() -> None:
+    """As nginx does: a plain request to its TLS port gets "400 The plain HTTP request was
+    sent to HTTPS port"; a ClientHello gets a TLS handshake."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    listener = socket.create_server(("127.0.0.1", 0))
+    page = b"<html><body>The plain HTTP request was sent to HTTPS port</body></html>"
+
+    def serve() -> None:
+        for _ in range(2):  # the login, then the probe's handshake
+            conn, _ = listener.accept()
+            with conn:
+                if conn.recv(1, socket.MSG_PEEK) == b"\x16":
+                    with server_context.wrap_socket(conn, server_side=True):
+                        pass
+                    continue
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\n"
+                    + f"Content-Length: {len(page)}\r\nConnection: close\r\n\r\n".encode()
+                    + page
+                )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        origin = f"127.0.0.1:{listener.getsockname()[1]}"
+        async with PbxClient(f"http://{origin}", "api", PASSWORD, max_attempts=1) as client:
+            with pytest.raises(PbxProtocolError) as info:
+                await client.login()
+        thread.join(10)
+    finally:
+        listener.close()
+    assert str(info.value) == f"login: the PBX answered with TLS: use https://{origin}"

@@ -83,8 +83,8 @@ class FakePbx:
     # back the whole body; e.g. 1000 lets the client start writing its temporary file.
     hold_after_bytes: int = 0
     on_get_random: Callable[[str], None] | None = None
-    # Extra headers of every successful download, as raw bytes (e.g. a Content-Disposition
-    # with a non-ASCII file name, which serve_fake_pbx sends byte for byte).
+    # Extra headers of every successful download (recording or CDR), as raw bytes (e.g. a
+    # Content-Disposition with a non-ASCII file name; serve_fake_pbx sends them as they are).
     download_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     http_requests: list[httpx.Request] = field(default_factory=list)  # via serve_fake_pbx
 
@@ -146,9 +146,8 @@ class FakePbx:
             if endpoint == "cdr/download":
                 if self.cdr_errno:
                     return self._failed(self.cdr_errno)
-                return httpx.Response(
-                    200, content=self.cdr_csv.encode(), headers={"Content-Type": "text/csv"}
-                )
+                csv_headers = [(b"Content-Type", b"text/csv"), *self.download_headers]
+                return httpx.Response(200, content=self.cdr_csv.encode(), headers=csv_headers)
             return await self._download(query["recording"])
         return self._failed("10003")
 
