@@ -8,6 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# Fixtures of the helper package tests/support (plain modules; no test module imports
+# another): `connect` (a fake PBX over real HTTP) and `sim` (the simulator over HTTPS).
+pytest_plugins = ["support.pbx_fakes", "support.pbx_sim"]
+
 # Settings of the test suite itself (CALLVAULT_TEST_PG_URL, CALLVAULT_TEST_SEED), not of
 # callvault: these are read from the outer environment on purpose.
 _TEST_SETTINGS_PREFIX = "CALLVAULT_TEST_"

@@ -1,21 +1,35 @@
-"""Parsing of the CDR CSV export, by header name."""
+"""The CDR export: parsing its CSV by header name, and `export_cdr`'s requests and failures.
+
+Which path each test exercises: the export is fetched through httpx whether a transport is
+injected or not, so its flows run against the fake PBX behind an httpx.MockTransport
+(`client_for`); what only a real connection shows (raw header bytes) against the fake over
+real HTTP (`serve_fake_pbx`), and the whole export against the simulator over HTTPS (`sim`).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime, timedelta
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callvault.pbx import (
     CSV_COLUMNS,
+    CdrError,
+    PbxClient,
     PbxProtocolError,
     PbxTransportError,
+    RequestRejected,
     call_detail_row,
     parse_cdr_csv,
 )
+from callvault.simulator import Simulator
+from support.pbx_fakes import BASE, PASSWORD, FakePbx, client_for, serve_fake_pbx
+from support.pbx_sim import sim_client
 
 HEADER = (
     "callid,timestart,callfrom,callto,callduraction,talkduraction,srctrunkname,"
@@ -133,3 +147,109 @@ def test_generated_csv_round_trips(rows: list[dict[str, str]], crlf: bool) -> No
         assert record.recording == (original["recording"] or None)
         assert record.callduration == int(original["callduraction"])
         assert call_detail_row(record)["callduraction"] == original["callduraction"]
+
+
+# ------------------------------------------------------------------ export_cdr
+
+
+@pytest.mark.parametrize(("version", "field"), [("v1.1.0", "extid"), ("v2.0.0", "number")])
+async def test_export_cdr_flow_per_version(version: str, field: str) -> None:
+    pbx = FakePbx()
+    async with client_for(pbx, api_version=version, allowedip="127.0.0.9") as client:
+        rows = await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 2, 23, 59, 59))
+    assert [(r.callid, r.recording) for r in rows] == [("1.1", "a.wav")]
+    get_random, download = pbx.calls[1], pbx.calls[2]
+    assert get_random.endpoint == "cdr/get_random"
+    assert get_random.body == {
+        field: "all",
+        "starttime": "2024-01-02 00:00:00",
+        "endtime": "2024-01-02 23:59:59",
+        "allowedip": "127.0.0.9",
+    }
+    assert download.endpoint == "cdr/download"
+    assert download.query[field] == "all"
+    assert download.query["starttime"] == "2024-01-02 00:00:00"
+    assert download.query["random"] == pbx.issued_randoms[0]
+
+
+async def test_export_cdr_url_encodes_space_as_percent_20() -> None:
+    raw_paths: list[bytes] = []
+    pbx = FakePbx()
+
+    async def spy(request: httpx.Request) -> httpx.Response:
+        raw_paths.append(request.url.raw_path)
+        return await pbx.handler(request)
+
+    client = PbxClient(BASE, "api", PASSWORD, transport=httpx.MockTransport(spy))
+    async with client:
+        await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 2, 1))
+    download = next(p for p in raw_paths if p.startswith(b"/api/v1.1.0/cdr/download"))
+    assert b"starttime=2024-01-02%2000%3A00%3A00" in download
+
+
+async def test_export_cdr_errors() -> None:
+    pbx = FakePbx(cdr_errno="20021")
+    async with client_for(pbx) as client:
+        assert await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 3)) == []
+        pbx.cdr_errno = "20019"
+        with pytest.raises(CdrError):
+            await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 3))
+        with pytest.raises(ValueError):
+            await client.export_cdr(datetime(2024, 1, 3), datetime(2024, 1, 2))
+    async with client_for(FakePbx(), api_version="v1.0.1") as old:
+        with pytest.raises(RequestRejected, match=r"needs API v1\.1\.0 or later"):
+            await old.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 3))
+
+
+async def test_an_empty_cdr_export_is_a_failure_not_no_calls() -> None:
+    pbx = FakePbx(cdr_csv="")
+    async with client_for(pbx, max_attempts=2) as client:
+        with pytest.raises(PbxTransportError, match=r"empty CDR export.*gave up after 2"):
+            await client.export_cdr(datetime(2026, 11, 1), datetime(2026, 11, 1, 23, 59, 59))
+    assert pbx.count("cdr/download") == 2
+
+
+async def test_a_cut_off_cdr_export_is_retried() -> None:
+    pbx = FakePbx(cdr_csv="callid,timestart,recording\n1.1,2026-11-01 10:00:00,a.wav\n1.2,2026-")
+    async with client_for(pbx, max_attempts=2) as client:
+        with pytest.raises(PbxTransportError, match=r"cut off.*gave up after 2"):
+            await client.export_cdr(datetime(2026, 11, 1), datetime(2026, 11, 1, 23, 59, 59))
+    pbx.cdr_csv += "11-01 10:05:00,b.wav\r\n"
+    async with client_for(pbx) as client:
+        rows = await client.export_cdr(datetime(2026, 11, 1), datetime(2026, 11, 1, 23, 59, 59))
+    assert [row.recording for row in rows] == ["a.wav", "b.wav"]
+
+
+@pytest.mark.parametrize("version", ["v1.1.0", "v2.0.0"])
+async def test_cdr_export_from_the_simulator(sim: Simulator, version: str) -> None:
+    placed = [
+        sim.place_call(
+            callfrom="+4915112345678", callto="1000", type="Inbound", srctrunkname="SIP-A"
+        ),
+        sim.place_call(status="NO ANSWER", dsttrunkname="SIP-B", type="Outbound"),
+    ]
+    now = datetime.fromisoformat(placed[0].timestart)
+    async with sim_client(sim, api_version=version) as pbx:
+        rows = await pbx.export_cdr(now - timedelta(hours=1), now + timedelta(hours=1))
+        empty = await pbx.export_cdr(now - timedelta(days=3), now - timedelta(days=2))
+    by_id = {r.callid: r for r in rows}
+    assert set(by_id) == {c.callid for c in placed}
+    for call in placed:
+        row = by_id[call.callid]
+        assert row.recording == call.recording
+        assert row.callfrom == call.callfrom
+        assert row.status == call.status
+        assert row.talkduration == call.talkduration
+        assert row.srctrunkname == call.srctrunkname
+        assert row.dsttrunkname == call.dsttrunkname
+    assert empty == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+async def test_non_ascii_header_bytes_of_the_export_are_decoded(encoding: str) -> None:
+    disposition = 'attachment; filename="cdr-Müller.csv"'.encode(encoding)
+    pbx = FakePbx(download_headers=[(b"Content-Disposition", disposition)])
+    with serve_fake_pbx(pbx) as base:
+        async with PbxClient(base, "api", PASSWORD, max_attempts=1) as client:
+            rows = await client.export_cdr(datetime(2024, 1, 2), datetime(2024, 1, 2, 1))
+    assert [(r.callid, r.recording) for r in rows] == [("1.1", "a.wav")]

@@ -5,8 +5,10 @@ arrive, so several are in that critical section at once; a (re-)login holds it e
 so it never falls between a random and the GET that uses it, is not starved by a stream of
 downloads, and a cancelled waiter on either side leaves nothing stuck.
 
-The scripted fake PBX runs behind a real HTTP server on 127.0.0.1 (each request in its own
-thread, so a hook may block one request while others go on); the simulator over HTTPS.
+Which path each test exercises: the scripted fake PBX behind a real HTTP server on
+127.0.0.1 (each request in its own thread, so a hook may block one request while others go
+on), or the simulator over HTTPS; no transport is injected, so every download goes through
+the socket pump.
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from callvault.pbx import PbxClient, TlsOptions
-from callvault.simulator import Simulator, SimulatorConfig
+from callvault.pbx import PbxClient
+from callvault.simulator import Simulator
 from callvault.simulator._app import Outcome, PbxHttp
-from pbx_fakes import (
+from support.pbx_fakes import (
     PASSWORD,
+    WAV,
+    ClientFactory,
     FakePbx,
     Sleeps,
     assert_randoms_used_in_their_session,
     make_wav,
     serve_fake_pbx,
 )
+from support.pbx_sim import sim_client
 
 NAMES = ["a.wav", "b.wav", "c.wav"]
 
@@ -75,6 +80,33 @@ async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         await asyncio.sleep(0.01)
+
+
+async def test_each_random_is_used_in_its_own_session_and_body_streams_unlocked(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    """Downloads run concurrently; the gate covers get_random..headers, not the body."""
+    names = [f"r{i}.wav" for i in range(4)]
+    pbx = FakePbx(recordings=dict.fromkeys(names, WAV))
+    release = threading.Event()  # set from the fake's handler, in the server's thread
+    pbx.hold_download_body = release
+    seen: list[str] = []
+
+    def on_get_random(name: str) -> None:
+        seen.append(name)
+        if len(seen) == len(names):
+            release.set()  # only reachable if earlier bodies did not hold the gate
+
+    pbx.on_get_random = on_get_random
+    async with connect(pbx) as client:
+        await client.login()
+        pbx.tokens.clear()  # forces a re-login in the middle of everything
+        results = await asyncio.wait_for(
+            asyncio.gather(*(client.download_recording(n, tmp_path) for n in names)), 10
+        )
+    assert sorted(r.name for r in results) == names
+    assert assert_randoms_used_in_their_session(pbx) == pbx.count("recording/download")
+    assert pbx.count("recording/download") >= len(names)
 
 
 async def test_two_downloads_are_in_their_critical_sections_at_once(
@@ -243,12 +275,6 @@ async def test_a_download_cancelled_while_waiting_for_the_gate_leaves_nothing_he
 # ------------------------------------------------------------ the simulator
 
 
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(SimulatorConfig(password=PASSWORD, seed=11)) as simulator:
-        yield simulator
-
-
 async def test_downloads_overlap_against_the_simulator(
     sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,8 +301,7 @@ async def test_downloads_overlap_against_the_simulator(
             second_answered.set()
 
     monkeypatch.setattr(PbxHttp, "recording_get_random", get_random)
-    client = PbxClient(sim.url, sim.username, PASSWORD, tls=TlsOptions(pin_sha256=sim.cert_sha256))
-    async with client:
+    async with sim_client(sim) as client:
         await client.login()
         results = await asyncio.wait_for(
             asyncio.gather(*(client.download_recording(n, tmp_path) for n in names)), 30

@@ -1,11 +1,11 @@
-"""The download pumps: both meet the same checks; the socket pump's own duties.
+"""Downloading a recording: the flow, the checks of the body, retries, cancellation, the file.
 
-`PbxClient.download_recording` reads a recording's body with a blocking-socket pump in a
-worker thread unless a transport is injected (then through httpx). The shared checks are
-run against both pumps in test_pbx_client.py (fixture `connect`); here: what only one pump
-can get wrong (cancellation and socket closing, progress from the worker thread, request
-headers, large bodies), and what both must do alike (permissions, write failures,
-encodings).
+Which path each test exercises: every test here downloads over real sockets on 127.0.0.1
+with no transport injected, so the recording goes through the production socket pump
+(`SocketBody`): the scripted fake PBX over HTTP (`connect`, `serve_fake_pbx`), a bare
+socket server where the fake cannot misbehave enough (`StallingServer`), or the simulator
+over HTTPS (`sim`). The one exception is the last section: the httpx pump (`HttpxBody`),
+which only a client with an injected transport uses, meets the same checks there.
 """
 
 from __future__ import annotations
@@ -18,38 +18,419 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
 
-from callvault.pbx import PbxClient, PbxProtocolError, PbxTransportError, _download
-from pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps, make_wav, serve_fake_pbx
+from callvault.pbx import (
+    AllowedIpError,
+    ApiVersion,
+    DownloadResult,
+    InvalidRecording,
+    PbxClient,
+    PbxProtocolError,
+    PbxTransportError,
+    RecordingNotFound,
+    _download,
+)
+from callvault.simulator import Simulator
+from support.pbx_fakes import (
+    PASSWORD,
+    WAV,
+    ClientFactory,
+    FakePbx,
+    Sleeps,
+    client_for,
+    files_in,
+    make_wav,
+    serve_fake_pbx,
+)
+from support.pbx_sim import after_sim_answer, outcomes, pinned, sim_client
 
-ClientFactory = Callable[..., PbxClient]
+# ------------------------------------------------------------------ the flow
 
 
-def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+async def test_download_saves_verified_file_and_uses_fresh_random(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    name = "20240101120000-1704110400.1-+4915112345678-1000-Inbound.wav"
+    pbx = FakePbx(recordings={name: WAV})
+    async with connect(pbx) as client:
+        result = await client.download_recording(name, tmp_path)
+        assert client.last_success_at is not None
+    assert result.path == tmp_path / name
+    assert result.path.read_bytes() == WAV
+    assert result.size == len(WAV)
+    assert result.sha256 == hashlib.sha256(WAV).hexdigest()
+    assert result.name == name
+    assert result.content_type == "audio/x-wav"
+    assert pbx.endpoints() == ["login", "recording/get_random", "recording/download", "logout"]
+    get_random, download = pbx.calls[1], pbx.calls[2]
+    assert get_random.body == {"recording": name}
+    assert download.query["recording"] == name  # "+" arrived intact
+    assert download.query["random"] == pbx.issued_randoms[0]
+    assert files_in(tmp_path) == [name]
 
 
-@pytest.fixture(params=["mock-transport", "socket-pump"])
-def connect(request: pytest.FixtureRequest) -> Iterator[ClientFactory]:
-    with contextlib.ExitStack() as stack:
+async def test_download_to_another_filename_and_allowedip(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV})
+    async with connect(pbx, allowedip="127.0.0.5") as client:
+        result = await client.download_recording("a.wav", tmp_path / "sub", filename="b.wav")
+    assert result.path == tmp_path / "sub" / "b.wav"
+    assert result.path.read_bytes() == WAV
+    assert pbx.calls[1].body == {"recording": "a.wav", "allowedip": "127.0.0.5"}
 
-        def factory(pbx: FakePbx, **kwargs: Any) -> PbxClient:
-            kwargs.setdefault("sleep", Sleeps())
-            if request.param == "mock-transport":
-                transport = httpx.MockTransport(pbx.handler)
-                return PbxClient(
-                    "https://127.0.0.1:8088", "api", PASSWORD, transport=transport, **kwargs
-                )
-            base = stack.enter_context(serve_fake_pbx(pbx))
-            return PbxClient(base, "api", PASSWORD, **kwargs)
 
-        yield factory
+async def test_request_headers_of_the_get(tmp_path: Path) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV})
+    with serve_fake_pbx(pbx) as base:
+        async with PbxClient(base, "api", PASSWORD) as client:
+            await client.download_recording("a.wav", tmp_path)
+    get = next(r for r in pbx.http_requests if r.url.path.endswith("recording/download"))
+    assert get.method == "GET"
+    assert get.headers["connection"] == "close"
+    assert get.headers["accept-encoding"] == "identity"
+    assert get.headers["user-agent"] == "callvault"
+    assert get.headers["host"] == base.removeprefix("http://")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+async def test_non_ascii_bytes_in_the_response_headers_are_decoded(
+    tmp_path: Path, connect: ClientFactory, encoding: str
+) -> None:
+    """A PBX names the file in Content-Disposition with the bytes of its own encoding."""
+    name = "Müller-1001.wav"
+    disposition = f'attachment; filename="{name}"'.encode(encoding)
+    pbx = FakePbx(recordings={name: WAV}, download_headers=[(b"Content-Disposition", disposition)])
+    async with connect(pbx, max_attempts=1) as client:
+        result = await client.download_recording(name, tmp_path)
+    assert result.path == tmp_path / name and result.path.read_bytes() == WAV
+
+
+def test_raw_header_bytes_are_decoded_as_utf_8_when_valid_else_latin_1() -> None:
+    on_the_wire = 'filename="Müller.wav"'
+    for encoding in ("utf-8", "latin-1"):
+        as_http_client_gives_it = on_the_wire.encode(encoding).decode("latin-1")
+        headers = _download.headers_from_wire([("Content-Disposition", as_http_client_gives_it)])
+        assert headers["content-disposition"] == on_the_wire
+
+
+@pytest.mark.parametrize("version", [v.value for v in ApiVersion])
+async def test_download_over_pinned_https_with_plus_in_name(
+    sim: Simulator, tmp_path: Path, version: str
+) -> None:
+    call = sim.place_call(callfrom="+4915112345678", callto="1000", type="Inbound")
+    assert call.recording is not None and "+" in call.recording
+    async with sim_client(sim, api_version=version) as pbx:
+        result = await pbx.download_recording(call.recording, tmp_path)
+    assert result.path == tmp_path / call.recording
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert hashlib.sha256(result.path.read_bytes()).hexdigest() == result.sha256
+    assert result.size == sim.recording_path(call.recording).stat().st_size
+    assert sorted(os.listdir(tmp_path)) == [call.recording]
+    assert outcomes(sim, "recording/download") == ["Success"]
+    assert outcomes(sim, "logout") == ["Success"]
+
+
+async def test_allowedip(sim: Simulator, tmp_path: Path) -> None:
+    call = sim.place_call()
+    assert call.recording
+    async with sim_client(sim, allowedip="127.0.0.2") as pbx:
+        await pbx.download_recording(call.recording, tmp_path)
+    async with sim_client(sim, allowedip="not-an-ip") as pbx:
+        with pytest.raises(AllowedIpError) as info:
+            await pbx.download_recording(call.recording, tmp_path / "x")
+    assert info.value.errno == "20015"
+    assert outcomes(sim, "recording/get_random").count("20015") == 1
+
+
+# ------------------------------------------------------------------ randoms
+
+
+async def test_random_expired_between_the_two_steps_gets_a_fresh_one(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    call = sim.place_call()
+    assert call.recording is not None
+    randoms: list[str] = []
+    asked: list[Request] = []
+
+    def expire_the_first(request: Request) -> None:
+        asked.append(request)
+        if len(asked) == 1:
+            sim.clock.advance(31)  # the random lives 30 s
+
+    after_sim_answer(monkeypatch, "recording_get_random", expire_the_first)
+    after_sim_answer(
+        monkeypatch, "recording_download", lambda r: randoms.append(r.query_params["random"])
+    )
+    async with sim_client(sim) as pbx:
+        result = await pbx.download_recording(call.recording, tmp_path)
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert outcomes(sim, "recording/download") == ["20012", "Success"]
+    assert len(randoms) == 2 and randoms[0] != randoms[1]
+
+
+async def test_randoms_are_never_reused_and_the_pbx_refuses_reuse(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = [sim.place_call(callfrom=str(1000 + i)) for i in range(3)]
+    sim.faults.drop_next_downloads = 2
+    urls: list[str] = []
+    after_sim_answer(monkeypatch, "recording_download", lambda r: urls.append(str(r.url)))
+    async with sim_client(sim) as pbx:
+        for call in calls:
+            assert call.recording is not None
+            await pbx.download_recording(call.recording, tmp_path)
+        randoms = [httpx.URL(url).params["random"] for url in urls]
+        assert len(randoms) == 5  # 3 files, 2 dropped attempts
+        assert len(set(randoms)) == 5
+        # Replaying a used download URL is refused: reuse would have been caught above.
+        async with httpx.AsyncClient(verify=pinned(sim).ssl_context()) as raw:
+            again = await raw.get(urls[-1])
+        assert again.json() == {"status": "Failed", "errno": "20012"}
+
+
+async def test_random_invalid_every_time_means_not_found(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    pbx = FakePbx(get_random_errors=["20012"] * 10)
+    async with connect(pbx, max_attempts=3) as client:
+        with pytest.raises(RecordingNotFound) as info:
+            await client.download_recording("a.wav", tmp_path)
+    assert info.value.errno == "20012"
+    assert pbx.count("recording/get_random") == 3
+    assert pbx.count("login") == 1
+
+
+# ------------------------------------------------------------- not found
+
+
+async def test_json_error_with_http_200_is_not_retried(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["json20014"])
+    async with connect(pbx) as client:
+        with pytest.raises(RecordingNotFound) as info:
+            await client.download_recording("a.wav", tmp_path)
+    assert str(info.value) == "recording a.wav: recording not found on the PBX, errno 20014"
+    assert info.value.errno == "20014"
+    assert pbx.count("recording/get_random") == 1
+    assert files_in(tmp_path) == []
+
+
+async def test_missing_recording_at_get_random(tmp_path: Path, connect: ClientFactory) -> None:
+    pbx = FakePbx(get_random_errors=["20014"])
+    async with connect(pbx) as client:
+        with pytest.raises(RecordingNotFound):
+            await client.download_recording("gone.wav", tmp_path)
+    assert pbx.count("recording/download") == 0
+
+
+async def test_json_error_with_http_200_names_the_recording(sim: Simulator, tmp_path: Path) -> None:
+    call = sim.place_call()
+    assert call.recording is not None
+    sim.delete_recording(call.recording)
+    async with sim_client(sim) as pbx:
+        with pytest.raises(RecordingNotFound) as info:
+            await pbx.download_recording(call.recording, tmp_path)
+    assert info.value.errno == "20014"
+    assert str(info.value) == (
+        f"recording {call.recording}: recording not found on the PBX, errno 20014"
+    )
+    assert os.listdir(tmp_path) == []
+
+
+async def test_file_deleted_between_random_and_download(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    call = sim.place_call()
+    assert call.recording is not None
+    name = call.recording
+    after_sim_answer(monkeypatch, "recording_get_random", lambda _: sim.delete_recording(name))
+    async with sim_client(sim) as pbx:
+        with pytest.raises(RecordingNotFound):
+            await pbx.download_recording(name, tmp_path)
+    assert outcomes(sim, "recording/download") == ["20014"]
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ retries
+
+
+@pytest.mark.parametrize("fault", ["503", "html", "truncate", "truncate-nolength", "hangup"])
+async def test_transient_failure_is_retried_with_a_fresh_random(
+    fault: str, tmp_path: Path, connect: ClientFactory
+) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=[fault])
+    sleeps = Sleeps()
+    async with connect(pbx, sleep=sleeps) as client:
+        result = await client.download_recording("a.wav", tmp_path)
+    assert result.path.read_bytes() == WAV
+    assert pbx.count("login") == 1
+    assert pbx.count("recording/get_random") == 2
+    assert len(set(pbx.issued_randoms)) == 2
+    downloads = [c for c in pbx.calls if c.endpoint == "recording/download"]
+    assert [d.query["random"] for d in downloads] == pbx.issued_randoms
+    assert len(sleeps.delays) == 1
+    assert files_in(tmp_path) == ["a.wav"]
+
+
+async def test_retries_are_bounded_and_back_off(tmp_path: Path, connect: ClientFactory) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["truncate"] * 10)
+    sleeps = Sleeps()
+    async with connect(pbx, sleep=sleeps, max_attempts=5, backoff_base=1.0, backoff_max=4.0) as c:
+        with pytest.raises(PbxTransportError) as info:
+            await c.download_recording("a.wav", tmp_path)
+    assert "recording a.wav" in str(info.value)
+    assert "5 attempts" in str(info.value)
+    assert pbx.count("recording/get_random") == 5
+    assert pbx.count("login") == 1
+    assert len(sleeps.delays) == 4
+    caps = [1.0, 2.0, 4.0, 4.0]
+    assert all(cap / 2 <= d <= cap for d, cap in zip(sleeps.delays, caps, strict=True))
+    assert files_in(tmp_path) == []
+
+
+async def test_a_body_cut_short_is_reported_with_its_sizes(tmp_path: Path) -> None:
+    """Headers announce the whole file; half arrives, then the server hangs up."""
+    data = make_wav(600_000)
+    pbx = FakePbx(recordings={"a.wav": data}, download_faults=["truncate"])
+    with serve_fake_pbx(pbx) as base:
+        async with PbxClient(base, "api", PASSWORD, sleep=Sleeps(), max_attempts=1) as client:
+            with pytest.raises(PbxTransportError) as info:
+                await client.download_recording("a.wav", tmp_path)
+    assert f"received {len(data) // 2} bytes but the PBX announced {len(data)}" in str(info.value)
+    assert files_in(tmp_path) == []
+
+
+async def test_connection_dropped_mid_body_is_retried(sim: Simulator, tmp_path: Path) -> None:
+    call = sim.place_call(talk_seconds=20)
+    assert call.recording is not None
+    sim.faults.drop_next_downloads = 1
+    async with sim_client(sim) as pbx:
+        result = await pbx.download_recording(call.recording, tmp_path)
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert outcomes(sim, "recording/download") == ["dropped", "Success"]
+    assert sorted(os.listdir(tmp_path)) == [call.recording]
+
+
+async def test_connection_always_dropped_leaves_no_file(sim: Simulator, tmp_path: Path) -> None:
+    call = sim.place_call(talk_seconds=20)
+    assert call.recording is not None
+    sim.faults.drop_next_downloads = 10
+    sleeps = Sleeps()
+    async with sim_client(sim, max_attempts=3, sleep=sleeps) as pbx:
+        with pytest.raises(PbxTransportError) as info:
+            await pbx.download_recording(call.recording, tmp_path)
+    assert call.recording in str(info.value)
+    assert outcomes(sim, "recording/download") == ["dropped"] * 3
+    assert len(sleeps.delays) == 2
+    assert os.listdir(tmp_path) == []
+
+
+async def test_5xx_and_html_pages_are_retried(sim: Simulator, tmp_path: Path) -> None:
+    call = sim.place_call()
+    assert call.recording is not None
+    sim.faults.error_5xx_next = 1
+    sim.faults.html_error_next = 1
+    async with sim_client(sim) as pbx:
+        result = await pbx.download_recording(call.recording, tmp_path)
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert sim.failed_login_count() == 0
+
+
+# ------------------------------------------------------- what is a recording
+
+
+class AnswersWith(FakePbx):
+    """Answers every download with a fixed body and content type."""
+
+    def __init__(self, body: bytes, content_type: str) -> None:
+        super().__init__(recordings={})
+        self.body = body
+        self.content_type = content_type
+
+    async def _download(self, name: str) -> httpx.Response:
+        return httpx.Response(200, content=self.body, headers={"Content-Type": self.content_type})
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "error"),
+    [
+        ("a.mp3", b"", "audio/mpeg", "empty body"),
+        ("b.yswav", b"Not Found\n", "text/plain", r"with text \(text/plain\)"),
+        ("c.gsm", b"404 page not found", "text/plain; charset=utf-8", r"with text \(text/plain\)"),
+        ("d.yswav", b"\x00\x01" * 10, "application/octet-stream", "20 bytes is not a recording"),
+        ("e.wav", b"", "audio/x-wav", "empty body"),
+    ],
+)
+async def test_a_body_that_is_not_a_recording_is_refused_whatever_the_name(
+    tmp_path: Path, connect: ClientFactory, name: str, body: bytes, content_type: str, error: str
+) -> None:
+    pbx = AnswersWith(body, content_type)
+    async with connect(pbx, max_attempts=2) as client:
+        with pytest.raises((PbxTransportError, InvalidRecording), match=error) as info:
+            await client.download_recording(name, tmp_path)
+    assert "gave up after 2 attempts" in str(info.value)  # a transport failure: retried
+    assert pbx.count("recording/get_random") == 2
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type"),
+    [
+        ("a.yswav", bytes(range(256)) * 8, "application/octet-stream"),  # format undocumented
+        ("b.wav", WAV, "text/plain"),  # a RIFF body is audio, whatever the header says
+        ("c.mp3", b"ID3\x04" + b"\x00" * 500, ""),
+    ],
+)
+async def test_audio_under_other_names_and_types_is_still_saved(
+    tmp_path: Path, connect: ClientFactory, name: str, body: bytes, content_type: str
+) -> None:
+    pbx = AnswersWith(body, content_type)
+    async with connect(pbx) as client:
+        result = await client.download_recording(name, tmp_path)
+    assert (tmp_path / name).read_bytes() == body and result.size == len(body)
+
+
+async def test_body_that_is_not_wav_is_a_transport_failure_retried_with_a_fresh_random(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    # Spec 9.5: RIFF is audio, "{" a JSON error, anything else a transport error.
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["notwav"])
+    async with connect(pbx) as client:
+        result = await client.download_recording("a.wav", tmp_path)
+    assert pbx.count("recording/get_random") == 2
+    assert (tmp_path / "a.wav").read_bytes() == WAV and result.size == len(WAV)
+    assert files_in(tmp_path) == ["a.wav"]
+
+
+async def test_body_that_is_never_wav_is_refused_after_the_attempts(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["notwav"] * 3)
+    async with connect(pbx, max_attempts=3) as client:
+        with pytest.raises(InvalidRecording, match=r"not a WAV file.*gave up after 3 attempts"):
+            await client.download_recording("a.wav", tmp_path)
+    assert pbx.count("recording/get_random") == 3
+    assert files_in(tmp_path) == []
+
+
+async def test_encoded_recording_is_refused(tmp_path: Path, connect: ClientFactory) -> None:
+    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["gzip"])
+    async with connect(pbx) as client:
+        with pytest.raises(PbxProtocolError, match="gzip-encoded"):
+            await client.download_recording("a.wav", tmp_path)
+    assert files_in(tmp_path) == []
+
+
+# ------------------------------------------------------------------ the file
 
 
 @pytest.fixture
@@ -59,9 +440,6 @@ def umask_027() -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
-
-
-# ------------------------------------------------------------- both pumps
 
 
 @pytest.mark.usefixtures("umask_027")
@@ -76,7 +454,7 @@ async def test_write_failure_propagates_and_leaves_nothing(
     tmp_path: Path, connect: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pbx = FakePbx(recordings={"a.wav": make_wav(1_500_000)})
-    real_write = _download.TempFile.write_hashed  # what both pumps write through
+    real_write = _download.TempFile.write_hashed  # what the pump writes through
 
     def write(self: _download.TempFile, data: bytes | memoryview) -> None:
         if self.size > 0:
@@ -87,16 +465,8 @@ async def test_write_failure_propagates_and_leaves_nothing(
     async with connect(pbx) as client:
         with pytest.raises(OSError, match="No space left"):
             await client.download_recording("a.wav", tmp_path)
-    assert leftovers(tmp_path) == []
+    assert files_in(tmp_path) == []
     assert pbx.count("recording/get_random") == 1  # a full disk is not retried
-
-
-async def test_encoded_recording_is_refused(tmp_path: Path, connect: ClientFactory) -> None:
-    pbx = FakePbx(recordings={"a.wav": WAV}, download_faults=["gzip"])
-    async with connect(pbx) as client:
-        with pytest.raises(PbxProtocolError, match="gzip-encoded"):
-            await client.download_recording("a.wav", tmp_path)
-    assert leftovers(tmp_path) == []
 
 
 async def test_large_body_in_many_reads_with_progress(
@@ -122,20 +492,32 @@ async def test_large_body_in_many_reads_with_progress(
     assert {ident for _, _, ident in seen} == {threading.get_ident()}  # on the event loop
 
 
-# ------------------------------------------------------------ socket pump
+# ------------------------------------------------------------- cancellation
 
 
-async def test_socket_pump_request_headers(tmp_path: Path) -> None:
-    pbx = FakePbx(recordings={"a.wav": WAV})
-    with serve_fake_pbx(pbx) as base:
-        async with PbxClient(base, "api", PASSWORD) as client:
-            await client.download_recording("a.wav", tmp_path)
-    get = next(r for r in pbx.http_requests if r.url.path.endswith("recording/download"))
-    assert get.method == "GET"
-    assert get.headers["connection"] == "close"
-    assert get.headers["accept-encoding"] == "identity"
-    assert get.headers["user-agent"] == "callvault"
-    assert get.headers["host"] == base.removeprefix("http://")
+async def test_cancelled_download_leaves_no_temp_file(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    """Cancelled in the middle of the body, with the temporary file already written to."""
+    pbx = FakePbx(recordings={"a.wav": make_wav(200_000)}, hold_after_bytes=1000)
+    hold = threading.Event()
+    pbx.hold_download_body = hold  # the first 1000 bytes go out, then the body stalls
+    try:
+        async with connect(pbx) as client:
+            task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
+            await asyncio.wait_for(part_file_written(tmp_path, task), 10)  # a hang guard only
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+    finally:
+        hold.set()
+    assert files_in(tmp_path) == []
+
+
+async def part_file_written(directory: Path, task: asyncio.Task[DownloadResult]) -> None:
+    while not any(n.endswith(".part") for n in files_in(directory)):
+        assert not task.done(), "the download ended before it wrote a file"
+        await asyncio.sleep(0.01)
 
 
 class StallingServer:
@@ -190,7 +572,7 @@ class StallingServer:
         self.listener.close()
 
 
-async def test_cancelled_socket_download_removes_temp_file_and_closes_socket(
+async def test_cancelled_while_blocked_reading_removes_temp_file_and_closes_socket(
     tmp_path: Path,
 ) -> None:
     """Cancelled while the worker thread is blocked reading the body: the cancellation
@@ -203,17 +585,11 @@ async def test_cancelled_socket_download_removes_temp_file_and_closes_socket(
         )
         async with client:
             task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
-
-            async def part_file_written() -> None:
-                while not any(n.endswith(".part") for n in leftovers(tmp_path)):
-                    assert not task.done(), "the download ended before it wrote a file"
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(part_file_written(), 10)  # hang guards only, here on
+            await asyncio.wait_for(part_file_written(tmp_path, task), 10)  # hang guards only
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, 10)
-            assert leftovers(tmp_path) == []
+            assert files_in(tmp_path) == []
             # The server saw the client close its end (not its own 10 s wait run out).
             assert await asyncio.to_thread(server.closed_by_client.wait, 10)
     finally:
@@ -244,20 +620,72 @@ async def test_cancel_while_waiting_for_headers_releases_the_gate_and_closes_soc
             # The gate was released: a re-login (which needs it exclusive) gets in.
             await asyncio.wait_for(client.login(), 10)
             await asyncio.wait_for(client.heartbeat(), 10)
-        assert leftovers(tmp_path) == []
+        assert files_in(tmp_path) == []
         gc.collect()  # an unretrieved exception of the abandoned worker would be logged now
         assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     finally:
         server.close()
 
 
-async def test_socket_pump_reports_a_body_cut_short(tmp_path: Path) -> None:
-    """Headers announce the whole file; half arrives, then the server hangs up."""
-    data = make_wav(600_000)
-    pbx = FakePbx(recordings={"a.wav": data}, download_faults=["truncate"])
-    with serve_fake_pbx(pbx) as base:
-        async with PbxClient(base, "api", PASSWORD, sleep=Sleeps(), max_attempts=1) as client:
-            with pytest.raises(PbxTransportError) as info:
+async def test_large_recording_cancelled_mid_body_leaves_nothing(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    call = sim.place_call(talk_seconds=1, size_bytes=24 * 1024 * 1024)
+    assert call.recording is not None
+    async with sim_client(sim) as pbx:
+        task: asyncio.Task[DownloadResult] | None = None
+
+        def progress(done: int, total: int | None) -> None:
+            if done > 2 * 1024 * 1024 and task is not None:
+                task.cancel()
+
+        task = asyncio.create_task(
+            pbx.download_recording(call.recording, tmp_path, progress=progress)
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert os.listdir(tmp_path) == []
+        # The session is intact: the next download of the same recording works.
+        result = await pbx.download_recording(call.recording, tmp_path)
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert sorted(os.listdir(tmp_path)) == [call.recording]
+
+
+# ------------------------------------- the httpx pump (an injected transport)
+
+HTTPX_PUMP_CASES = [
+    ([], None),  # saved
+    (["truncate"], None),  # retried, then saved
+    (["notwav"] * 2, "not a WAV file"),
+    (["truncate"] * 2, "received"),
+    (["json20014"], "recording not found"),
+    (["gzip"], "gzip-encoded"),
+]
+
+
+@pytest.mark.parametrize(("faults", "error"), HTTPX_PUMP_CASES)
+async def test_the_httpx_pump_of_an_injected_transport_meets_the_same_checks(
+    tmp_path: Path, faults: list[str], error: str | None
+) -> None:
+    """A caller's tests may inject an httpx transport (MockTransport); its downloads go
+    through HttpxBody, which must refuse and save the same bodies as the socket pump."""
+    pbx = FakePbx(recordings={"a.wav": make_wav(200_000)}, download_faults=list(faults))
+    async with client_for(pbx, max_attempts=2) as client:
+        if error is None:
+            result = await client.download_recording("a.wav", tmp_path)
+            assert result.path.read_bytes() == pbx.recordings["a.wav"]
+        else:
+            with pytest.raises((PbxTransportError, PbxProtocolError, RecordingNotFound)) as info:
                 await client.download_recording("a.wav", tmp_path)
-    assert f"received {len(data) // 2} bytes but the PBX announced {len(data)}" in str(info.value)
-    assert leftovers(tmp_path) == []
+            assert error in str(info.value)
+    assert files_in(tmp_path) == ([] if error else ["a.wav"])
+
+
+async def test_the_httpx_pump_decodes_non_ascii_header_bytes_too(tmp_path: Path) -> None:
+    disposition = 'attachment; filename="Müller-1001.wav"'.encode("latin-1")
+    pbx = FakePbx(
+        recordings={"a.wav": WAV}, download_headers=[(b"Content-Disposition", disposition)]
+    )
+    async with client_for(pbx, max_attempts=1) as client:
+        result = await client.download_recording("a.wav", tmp_path)
+    assert result.path.read_bytes() == WAV

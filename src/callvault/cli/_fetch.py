@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import inspect
 import json
 import logging
 import sys
@@ -12,7 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand, TyperOption
 
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
@@ -52,12 +54,52 @@ from callvault.pbx import (
     PbxTransportError,
     PbxUnreachable,
     TokenError,
+    UnsafeRecordingName,
     call_detail_row,
     check_recording_name,
 )
 
 # Failures after which trying the remaining names is pointless (and, for logins, harmful).
 _FATAL = (PbxTlsError, PbxUnreachable)
+
+TIME_FORMATS = "YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
+"""How every time option of these commands is written, in the words of help and errors."""
+
+
+class PlainHelp(TyperCommand):
+    """A command whose help screen reads as written, at any width.
+
+    Typer prints a type after every option, flags too (``--json <bool>``), and keeps the
+    line breaks of the docstring's later paragraphs, so at 80 columns a sentence broke at
+    the end of a source line. Here flags show no type, and each paragraph is one line that
+    the terminal's width wraps (a paragraph starting with ``\\b`` is kept as it is).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.help:
+            self.help = _reflow(self.help)
+        for param in self.params:
+            _hide_flag_type(param)
+
+    def get_help_option(self, ctx: Any) -> TyperOption | None:  # typer's own click Context
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _hide_flag_type(option)
+        return option
+
+
+def _hide_flag_type(param: object) -> None:
+    if isinstance(param, TyperOption) and param.is_flag:
+        param.metavar = ""  # shown instead of the type; a flag takes no value to name
+
+
+def _reflow(text: str) -> str:
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(
+        paragraph if paragraph.startswith("\b") else " ".join(paragraph.split())
+        for paragraph in paragraphs
+    )
 
 
 def _quiet_library_logs() -> None:
@@ -115,7 +157,7 @@ async def fetch_recordings(
             for position, name in enumerate(names):
                 try:
                     check_recording_name(name)
-                except ValueError as exc:
+                except UnsafeRecordingName as exc:
                     print(f"callvault: {name}: {exc}", file=sys.stderr)
                     failures += 1
                     continue
@@ -183,7 +225,7 @@ def _print_saved(result: DownloadResult, seconds: float, *, as_json: bool) -> No
         print(f"{result.path}\t{result.size} bytes\tsha256 {result.sha256}", flush=True)
 
 
-@app.command("fetch")
+@app.command("fetch", cls=PlainHelp)
 def fetch(
     names: Annotated[
         list[str], typer.Argument(metavar="NAME...", help="Recording names, as the PBX gave them.")
@@ -238,8 +280,8 @@ def fetch(
 
 
 def parse_time(value: str, *, end_of_day: bool) -> datetime:
-    """ "YYYY-MM-DD" or "YYYY-MM-DD hh:mm:ss" (also with a T); a bare day of an --until
-    means the end of that day."""
+    """A time option: "YYYY-MM-DD" or "YYYY-MM-DD hh:mm[:ss]" (also with a T). A bare day
+    means its start, or with `end_of_day` its last second (for an inclusive end)."""
     text = value.strip().replace("T", " ")
     for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
         try:
@@ -249,7 +291,14 @@ def parse_time(value: str, *, end_of_day: bool) -> datetime:
         if fmt == "%Y-%m-%d" and end_of_day:
             moment = moment.replace(hour=23, minute=59, second=59)
         return moment
-    raise ValueError(f"{value!r} is not a time: use YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss'")
+    raise ValueError(f"{value!r} is not a time: use {TIME_FORMATS}")
+
+
+def _time_option(flag: str, value: str, *, end_of_day: bool) -> datetime:
+    try:
+        return parse_time(value, end_of_day=end_of_day)
+    except ValueError as exc:
+        fail(f"{flag} {exc}", USAGE_ERROR)
 
 
 def day_windows(since: datetime, until: datetime) -> Iterator[tuple[datetime, datetime]]:
@@ -292,14 +341,27 @@ def _print_table(rows: list[CallDetail]) -> None:
     console.print(f"{len(rows)} call(s)")
 
 
-@app.command("cdr")
+@app.command("cdr", cls=PlainHelp)
 def cdr(
     since: Annotated[
-        str, typer.Option("--since", help="Start: YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss' (PBX time).")
+        str,
+        typer.Option(
+            "--since",
+            metavar="TIME",
+            help=f"Start, in PBX time: {TIME_FORMATS}.",
+            show_default=False,
+        ),
     ],
     until: Annotated[
-        str, typer.Option("--until", help="End, inclusive; a bare day means its end.")
-    ],
+        str | None,
+        typer.Option(
+            "--until",
+            metavar="TIME",
+            help=f"End, inclusive, in PBX time: {TIME_FORMATS}; a bare day means its end. "
+            "Default: now (by this host's clock).",
+            show_default=False,
+        ),
+    ] = None,
     pbx: PbxUrlOpt = None,
     username: UsernameOpt = None,
     password_env: PasswordEnvOpt = None,
@@ -317,13 +379,16 @@ def cdr(
     """Print the PBX's call detail records of a time range, with their recording names."""
     if as_json and as_csv:
         fail("choose one of --json and --csv", USAGE_ERROR)
-    try:
-        start = parse_time(since, end_of_day=False)
-        end = parse_time(until, end_of_day=True)
-    except ValueError as exc:
-        fail(str(exc), USAGE_ERROR)
+    start = _time_option("--since", since, end_of_day=False)
+    if until is None:
+        end = datetime.now().replace(microsecond=0)
+    else:
+        end = _time_option("--until", until, end_of_day=True)
     if end < start:
-        fail("--until is before --since", USAGE_ERROR)
+        fail(
+            "--since is in the future" if until is None else "--until is before --since",
+            USAGE_ERROR,
+        )
     options = PbxOptions(
         pbx, username, password_env, api_version, ca_file, pin_sha256, insecure, tls_min_version
     )

@@ -5,7 +5,9 @@
         result = await pbx.download_recording(name, Path("recordings"))
 
 Also: `SyncPbxClient` (blocking), `parse_event` for pushed reports, `parse_cdr_csv` for the
-CDR export, and the one exception tree rooted at `PbxError`.
+CDR export, and the one exception tree rooted at `PbxError`, each error with its
+`ErrorKind` (transient, not found, login refused, permanent); `error_kind` and
+`is_transient` classify any exception.
 """
 
 from callvault.pbx._cdr import (
@@ -26,6 +28,8 @@ from callvault.pbx._errors import (
     AllowedIpError,
     AuthError,
     CdrError,
+    ErrorKind,
+    EventParseError,
     InvalidRecording,
     LoginFailed,
     LoginLockedOut,
@@ -36,6 +40,7 @@ from callvault.pbx._errors import (
     PbxTlsError,
     PbxTransportError,
     PbxUnreachable,
+    PinMismatchError,
     RandomInvalid,
     RecordingNotFound,
     RequestRejected,
@@ -43,12 +48,14 @@ from callvault.pbx._errors import (
     TokenExpired,
     TokenInvalid,
     TokenMissing,
+    UnsafeRecordingName,
     error_for_errno,
+    error_kind,
+    is_transient,
 )
-from callvault.pbx._events import EventParseError, parse_event
+from callvault.pbx._events import parse_event
 from callvault.pbx._sync import SyncPbxClient
 from callvault.pbx._tls import (
-    PinMismatchError,
     TlsOptions,
     build_ssl_context,
     certificate_sha256,
@@ -75,6 +82,7 @@ __all__ = [
     "CallDetail",
     "CdrError",
     "DownloadResult",
+    "ErrorKind",
     "Event",
     "EventFormat",
     "EventParseError",
@@ -101,12 +109,15 @@ __all__ = [
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
+    "UnsafeRecordingName",
     "build_ssl_context",
     "call_detail_from_fields",
     "call_detail_row",
     "certificate_sha256",
     "check_recording_name",
     "error_for_errno",
+    "error_kind",
+    "is_transient",
     "normalise_pin",
     "normalise_status",
     "parse_cdr_csv",

@@ -46,6 +46,7 @@ from callvault.pbx._download import (
 )
 from callvault.pbx._errors import (
     CdrError,
+    ErrorKind,
     InvalidRecording,
     LoginFailed,
     LoginLockedOut,
@@ -53,23 +54,18 @@ from callvault.pbx._errors import (
     PbxBusy,
     PbxError,
     PbxProtocolError,
-    PbxTlsError,
     PbxTransportError,
-    PbxUnreachable,
     RandomInvalid,
     RecordingNotFound,
     RequestRejected,
     TokenError,
+    UnsafeRecordingName,
     error_for_errno,
+    retried_at_once,
 )
 from callvault.pbx._gate import SessionGate
-from callvault.pbx._tls import (
-    TlsOptions,
-    build_ssl_context,
-    describe_tls_failure,
-    find_ssl_error,
-    is_broken_connection,
-)
+from callvault.pbx._mapping import origin_of, strip_query, transport_error
+from callvault.pbx._tls import TlsOptions, build_ssl_context, speaks_tls
 from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult
 
 log = logging.getLogger("callvault.pbx")
@@ -86,8 +82,6 @@ ProgressCallback = Callable[[int, int | None], None]
 """Called with (bytes received so far, Content-Length or None) while a download streams;
 always on the event loop's thread, at least once per MiB, last with the final size."""
 
-_QUERY = re.compile(r"\?[^\s'\"]*")
-
 
 def password_md5(password: str) -> str:
     """What the login sends instead of the password: its MD5, 32 lowercase hex digits."""
@@ -97,24 +91,34 @@ def password_md5(password: str) -> str:
 def check_recording_name(name: str, *, what: str = "recording name") -> str:
     """Refuse a name that cannot safely be a file name in a directory.
 
-    Recording names come from the PBX and are untrusted: no path separators, no NUL, not
-    "." or "..", not empty. Returns the name unchanged.
+    Recording names come from the PBX and are untrusted: no path separators, no control
+    characters (NUL included), not "." or "..", not empty, valid text, at most 255 bytes as
+    UTF-8. Returns the name unchanged; raises `UnsafeRecordingName` (permanent: the same
+    name can never be downloaded; also a ValueError).
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} is empty")
+        raise UnsafeRecordingName(f"{what} is empty")
     if name in (".", ".."):
-        raise ValueError(f"{what} {name!r} is not a file name")
+        raise UnsafeRecordingName(f"{what} {name!r} is not a file name")
     for bad, words in (("/", "a '/'"), ("\\", "a '\\'"), ("\x00", "a NUL character")):
         if bad in name:
-            raise ValueError(f"{what} {name!r} contains {words}; refusing to use it as a file name")
-    if len(name.encode("utf-8")) > 255:
-        raise ValueError(f"{what} is longer than 255 bytes")
+            raise UnsafeRecordingName(
+                f"{what} {name!r} contains {words}; refusing to use it as a file name"
+            )
+    if _CONTROL.search(name):
+        raise UnsafeRecordingName(
+            f"{what} {name!r} contains a control character; refusing to use it as a file name"
+        )
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UnsafeRecordingName(f"{what} {name!r} is not valid text") from None
+    if size > 255:
+        raise UnsafeRecordingName(f"{what} is longer than 255 bytes")
     return name
 
 
-def _strip_query(text: str) -> str:
-    """Remove query strings (they hold tokens and randoms) from text meant for humans."""
-    return _QUERY.sub("", text)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 _USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
@@ -123,7 +127,7 @@ _USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
 def _url_for_humans(text: str) -> str:
     """A URL as the user typed it, for an error message: without a query string and without
     a ``user:password@`` part (a password typed into --pbx must not be echoed)."""
-    return _USERINFO.sub(lambda match: match.group(1) or "", _strip_query(text))
+    return _USERINFO.sub(lambda match: match.group(1) or "", strip_query(text))
 
 
 class _RedactQueries(logging.Filter):
@@ -134,7 +138,7 @@ class _RedactQueries(logging.Filter):
         if isinstance(record.args, tuple):
             record.args = tuple(_redact(arg) for arg in record.args)
         if isinstance(record.msg, str):
-            record.msg = _strip_query(record.msg)
+            record.msg = strip_query(record.msg)
         return True
 
 
@@ -142,7 +146,7 @@ def _redact(value: object) -> object:
     if isinstance(value, httpx.URL):
         return value.copy_with(query=None) if value.query else value
     if isinstance(value, str):
-        return _strip_query(value)
+        return strip_query(value)
     return value
 
 
@@ -176,14 +180,6 @@ class _TokenRejected(Exception):
         super().__init__(str(error))
         self.generation = generation
         self.error = error
-
-
-def _retryable(error: PbxError) -> bool:
-    if isinstance(error, PbxTlsError):
-        return False  # a certificate does not fix itself
-    # InvalidRecording: a body that is neither the audio nor a JSON error is a transport
-    # failure (spec section 9, gotcha 5); PbxBusy: the PBX's API service is struggling.
-    return isinstance(error, PbxTransportError | RandomInvalid | InvalidRecording | PbxBusy)
 
 
 class PbxClient:
@@ -279,6 +275,7 @@ class PbxClient:
         self._locked_until: float | None = None
         self.last_success_at: float | None = None
         self.login_count = 0
+        self._speaks_tls: bool | None = None  # whether an http:// URL names a TLS port
 
     # ----------------------------------------------------------------- basics
 
@@ -325,25 +322,7 @@ class PbxClient:
     # ----------------------------------------------------------- one exchange
 
     def _transport_error(self, exc: Exception, context: str) -> PbxError:
-        ssl_error = find_ssl_error(exc)
-        default_port = 443 if self._base.scheme == "https" else 80
-        origin = f"{self._base.host}:{self._base.port or default_port}"
-        if ssl_error is not None and is_broken_connection(ssl_error):
-            return PbxTransportError(
-                f"{context}: the connection to the PBX broke off during the TLS handshake"
-            )
-        if ssl_error is not None:
-            return PbxTlsError(f"{describe_tls_failure(ssl_error, self.tls)} ({origin})")
-        if isinstance(exc, httpx.ConnectTimeout):
-            return PbxUnreachable(f"cannot reach the PBX at {origin}: connection timed out")
-        if isinstance(exc, httpx.ConnectError):
-            reason = _strip_query(str(exc)) or type(exc).__name__
-            return PbxUnreachable(f"cannot reach the PBX at {origin}: {reason}")
-        if isinstance(exc, httpx.TimeoutException):
-            return PbxTransportError(f"{context}: the PBX did not answer in time")
-        if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
-            return PbxTransportError(f"{context}: the connection to the PBX broke off")
-        return PbxTransportError(f"{context}: talking to the PBX failed ({type(exc).__name__})")
+        return transport_error(exc, context=context, origin=origin_of(self._base), tls=self.tls)
 
     async def _post(
         self, endpoint: str, body: dict[str, str] | None, token: str | None, context: str
@@ -358,8 +337,27 @@ class PbxClient:
                 headers={"Content-Type": "application/json; charset=utf-8"},
             )
         except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+                await self._hint_at_https(context)
             raise self._transport_error(exc, context) from None
+        if response.status_code == 400:
+            await self._hint_at_https(context)
         return self._api_answer(response.status_code, response.headers, response.content, context)
+
+    async def _hint_at_https(self, context: str) -> None:
+        """Raise a one-line hint if the URL says http:// but the port speaks TLS (which
+        drops a plain request, or answers it 400); checked once per client."""
+        if self._base.scheme != "http":
+            return
+        if self._speaks_tls is None:
+            port = self._base.port or 80
+            self._speaks_tls = await asyncio.to_thread(
+                speaks_tls, self._base.host, port, min(self._timeout, 5.0)
+            )
+        if self._speaks_tls:
+            raise PbxProtocolError(
+                f"{context}: the PBX answered with TLS: use https://{origin_of(self._base)}"
+            )
 
     def _api_answer(
         self, status_code: int, headers: httpx.Headers, content: bytes, context: str
@@ -382,7 +380,7 @@ class PbxClient:
                     f"{context}: the PBX answered status {status[:40]!r} without an errno"
                 )
         if 300 <= status_code < 400 and headers.get("location"):
-            target = _strip_query(headers["location"])
+            target = strip_query(headers["location"])
             raise PbxProtocolError(
                 f"{context}: the PBX redirects to {target}; use that address as the PBX URL"
             )
@@ -406,11 +404,13 @@ class PbxClient:
             failed_at, failure = self._auth_failure
             if now - failed_at < self.login_failure_pause:
                 remaining = int(self.login_failure_pause - (now - failed_at)) + 1
-                raise type(failure)(
+                again = type(failure)(
                     f"{failure.message} (not trying again for {remaining} s: five failed "
                     "logins would lock this IP out)",
                     errno=failure.errno,
                 )
+                again.kind = failure.kind
+                raise again
         if self._locked_until is not None and now < self._locked_until:
             remaining = int(self._locked_until - now) + 1
             raise LoginLockedOut(
@@ -452,7 +452,9 @@ class PbxClient:
         except (PbxApiError, PbxProtocolError) as exc:
             # Refused for another reason (a blank or wrong parameter, an answer that is not
             # the API): trying again at once cannot help, and the PBX may count it as a
-            # failed login. Remembered like a wrong password.
+            # failed login. Remembered like a wrong password, and a refused login whatever
+            # its class (not a failure of the call that needed the login).
+            exc.kind = ErrorKind.LOGIN_REFUSED
             self._auth_failure = (self._clock(), exc)
             log.error("login to %s refused: %s", self._base_str, exc)
             raise
@@ -510,8 +512,8 @@ class PbxClient:
             try:
                 return await self._authed(operation)
             except PbxError as exc:
-                if not _retryable(exc) or attempt >= self.max_attempts:
-                    if attempt > 1 and _retryable(exc):
+                if not retried_at_once(exc) or attempt >= self.max_attempts:
+                    if attempt > 1 and retried_at_once(exc):
                         exc.message = f"{exc.message} (gave up after {attempt} attempts)"
                     raise
                 delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))

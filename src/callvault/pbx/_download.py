@@ -35,13 +35,9 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from callvault.pbx._errors import (
-    PbxError,
-    PbxTlsError,
-    PbxTransportError,
-    PbxUnreachable,
-)
-from callvault.pbx._tls import TlsOptions, describe_tls_failure, is_broken_connection
+from callvault.pbx._errors import PbxError
+from callvault.pbx._mapping import Phase, origin_of, transport_error
+from callvault.pbx._tls import TlsOptions
 
 T = TypeVar("T")
 
@@ -287,9 +283,24 @@ class HttpxBody:
         await self._response.aclose()
 
 
-def _origin(url: httpx.URL) -> str:
-    default_port = 443 if url.scheme == "https" else 80
-    return f"{url.host}:{url.port or default_port}"
+def headers_from_wire(pairs: list[tuple[str, str]]) -> httpx.Headers:
+    """Response headers as `http.client` parsed them, for the checks.
+
+    `http.client` decodes header lines as Latin-1, as HTTP says (RFC 9110, 5.5), while
+    httpx.Headers would encode str values as ASCII and fail on a PBX's
+    ``Content-Disposition: attachment; filename="Müller-1001.wav"``. Handing over the
+    original bytes lets httpx decode them: ASCII, or UTF-8 when they are valid UTF-8, else
+    Latin-1; never an exception.
+    """
+    return httpx.Headers([(_wire_bytes(name), _wire_bytes(value)) for name, value in pairs])
+
+
+def _wire_bytes(text: object) -> bytes:
+    text = str(text)
+    try:
+        return text.encode("latin-1")  # exactly the bytes http.client read
+    except UnicodeEncodeError:  # pragma: no cover - http.client decodes as Latin-1
+        return text.encode("utf-8", "replace")
 
 
 class _Aborted(Exception):
@@ -306,10 +317,16 @@ class SocketBody:
     """
 
     def __init__(
-        self, url: httpx.URL, ssl_context: ssl.SSLContext | None, timeout: float, context: str
+        self,
+        url: httpx.URL,
+        ssl_context: ssl.SSLContext | None,
+        tls: TlsOptions,
+        timeout: float,
+        context: str,
     ) -> None:
         self._url = url
         self._ssl_context = ssl_context
+        self._tls = tls
         self._timeout = timeout
         self._context = context
         self._guard = threading.Lock()
@@ -333,11 +350,11 @@ class SocketBody:
         context: str,
     ) -> SocketBody:
         """Connect, send the GET and return once the response headers have arrived."""
-        body = cls(url, ssl_context, socket_timeout, context)
+        body = cls(url, ssl_context, tls, socket_timeout, context)
 
         def connect_and_send() -> None:
             try:
-                body._connect_and_send(headers, tls)
+                body._connect_and_send(headers)
             except BaseException:
                 body._close()
                 raise
@@ -375,20 +392,19 @@ class SocketBody:
         if aborted:
             raise _Aborted
 
-    def _connect_and_send(self, headers: dict[str, str], tls: TlsOptions) -> None:
-        url, context = self._url, self._context
+    def _error(self, exc: BaseException, phase: Phase) -> PbxError:
+        return transport_error(
+            exc, context=self._context, origin=origin_of(self._url), tls=self._tls, phase=phase
+        )
+
+    def _connect_and_send(self, headers: dict[str, str]) -> None:
+        url = self._url
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
-        origin = _origin(url)
         try:
             raw = socket.create_connection((host, port), timeout=self._timeout)
-        except TimeoutError:
-            raise PbxUnreachable(
-                f"cannot reach the PBX at {origin}: connection timed out"
-            ) from None
         except OSError as exc:
-            reason = str(exc) or type(exc).__name__
-            raise PbxUnreachable(f"cannot reach the PBX at {origin}: {reason}") from None
+            raise self._error(exc, "connect") from None
         self._adopt(raw)
         sock: socket.socket = raw
         connection: http.client.HTTPConnection
@@ -399,18 +415,8 @@ class SocketBody:
                 )
                 self._adopt(sock)
                 sock.do_handshake()
-            except ssl.SSLError as exc:
-                if is_broken_connection(exc):
-                    raise PbxTransportError(
-                        f"{context}: the connection to the PBX broke off during the TLS handshake"
-                    ) from None
-                raise PbxTlsError(f"{describe_tls_failure(exc, tls)} ({origin})") from None
-            except TimeoutError:
-                raise PbxUnreachable(
-                    f"cannot reach the PBX at {origin}: connection timed out"
-                ) from None
-            except OSError as exc:
-                raise _broken(exc, context) from None
+            except OSError as exc:  # ssl.SSLError included
+                raise self._error(exc, "handshake") from None
             connection = http.client.HTTPSConnection(
                 host, port, timeout=self._timeout, context=self._ssl_context
             )
@@ -424,18 +430,18 @@ class SocketBody:
             connection.endheaders()
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as exc:
-            raise _broken(exc, context) from None
+            raise self._error(exc, "exchange") from None
         with self._guard:
             self._response = response
         self.status_code = response.status
-        self.headers = httpx.Headers(response.getheaders())
+        self.headers = headers_from_wire(response.getheaders())
 
     def _read_some(self) -> bytes:
         assert self._response is not None
         try:
             return self._response.read1(64 * 1024)
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise BodyBroken(_broken(exc, self._context), exc) from None
+            raise BodyBroken(self._error(exc, "exchange"), exc) from None
 
     def _pour(self, temp: TempFile, notify: Callable[[], None] | None) -> None:
         """Read the body in this thread, hash it in a second and write it in a third.
@@ -499,7 +505,7 @@ class SocketBody:
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     if self._aborted:
                         raise _Aborted from None
-                    raise BodyBroken(_broken(exc, self._context), exc) from None
+                    raise BodyBroken(self._error(exc, "exchange"), exc) from None
                 if self._aborted:
                     raise _Aborted
                 if not count:
@@ -567,9 +573,3 @@ class SocketBody:
 
     async def aclose(self) -> None:
         self._abort()  # no worker runs now: this closes the socket
-
-
-def _broken(exc: BaseException, context: str) -> PbxTransportError:
-    if isinstance(exc, TimeoutError):
-        return PbxTransportError(f"{context}: the PBX did not answer in time")
-    return PbxTransportError(f"{context}: the connection to the PBX broke off")

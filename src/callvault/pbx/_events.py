@@ -12,14 +12,10 @@ import json
 from typing import Any
 
 from callvault.pbx._cdr import call_detail_from_fields
-from callvault.pbx._errors import PbxProtocolError
+from callvault.pbx._errors import EventParseError
 from callvault.pbx._types import BootUpEvent, Event, EventFormat, NewCdrEvent
 
 MAX_EVENT_BYTES = 1024 * 1024
-
-
-class EventParseError(PbxProtocolError, ValueError):
-    """A pushed report that is not a JSON object with an ``action`` or ``event`` name."""
 
 
 class _PairsDict(dict[str, Any]):

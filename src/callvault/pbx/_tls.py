@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import socket
 import ssl
 import string
 import warnings
@@ -19,16 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from callvault.pbx._errors import PinMismatchError
+
 _TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "1.0": ssl.TLSVersion.TLSv1,
     "1.1": ssl.TLSVersion.TLSv1_1,
     "1.2": ssl.TLSVersion.TLSv1_2,
     "1.3": ssl.TLSVersion.TLSv1_3,
 }
-
-
-class PinMismatchError(ssl.SSLCertVerificationError):
-    """The server's certificate does not have the pinned SHA-256 fingerprint."""
 
 
 def normalise_pin(pin: str) -> str:
@@ -190,3 +189,30 @@ def _verify_reason(error: ssl.SSLCertVerificationError) -> str:
     if isinstance(message, str) and message:
         return message
     return "verification failed"
+
+
+def speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether the server at `host`:`port` answers a TLS handshake (blocking).
+
+    For a hint when a ``http://`` URL names an HTTPS port: the server then drops the plain
+    request or answers it with an error page. Only a handshake is made (any certificate,
+    any version, no SNI) and the connection closed; no request is sent. A TLS alert counts
+    as TLS too (the server spoke it, only not with this handshake).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw),
+        ):
+            return True
+    except ssl.SSLError as exc:
+        return "ALERT" in str(getattr(exc, "reason", None) or "").upper()
+    except OSError:
+        return False

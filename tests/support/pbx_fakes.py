@@ -1,7 +1,11 @@
-"""A scripted fake PBX for httpx.MockTransport, shared by the test_pbx_* modules.
+"""A scripted fake PBX, shared by the test_pbx_* modules.
 
-`serve_fake_pbx` also puts the same fake behind a real HTTP server on 127.0.0.1, so the
-client's socket pump (used whenever no transport is injected) meets the same scripts.
+`serve_fake_pbx` puts it behind a real HTTP server on 127.0.0.1, so a client without an
+injected transport meets it over real sockets and a download goes through the production
+socket pump (`SocketBody`); the fixture `connect` builds such clients. For tests of API
+calls alone (login, heartbeat, CDR export), `client_for` puts the same fake behind an
+injected ``httpx.MockTransport``; a download through that goes through `HttpxBody`, which
+only callers' own tests with an injected transport use.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from callvault.pbx import password_md5
+from callvault.pbx import PbxClient, password_md5
 
 PASSWORD = "s3cret-Passw0rd"
 BASE = "https://127.0.0.1:8088"
@@ -67,6 +73,7 @@ class FakePbx:
     get_random_errors: list[str] = field(default_factory=list)
     download_faults: list[str] = field(default_factory=list)
     login_errno: str | None = None
+    login_503_next: int = 0  # the next N logins answer HTTP 503 (a web server struggling)
     cdr_csv: str = "callid,recording\n1.1,a.wav\n"
     cdr_errno: str | None = None
     # Set to hold every download body until the event is set (an asyncio.Event with
@@ -76,6 +83,9 @@ class FakePbx:
     # back the whole body; e.g. 1000 lets the client start writing its temporary file.
     hold_after_bytes: int = 0
     on_get_random: Callable[[str], None] | None = None
+    # Extra headers of every successful download (recording or CDR), as raw bytes (e.g. a
+    # Content-Disposition with a non-ASCII file name; serve_fake_pbx sends them as they are).
+    download_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     http_requests: list[httpx.Request] = field(default_factory=list)  # via serve_fake_pbx
 
     def endpoints(self) -> list[str]:
@@ -100,6 +110,9 @@ class FakePbx:
         call = Call(endpoint, query, body, path.split("/")[2])
         self.calls.append(call)
         if endpoint == "login":
+            if self.login_503_next:
+                self.login_503_next -= 1
+                return httpx.Response(503, text="Service Unavailable")
             if self.login_errno is not None:
                 return self._failed(self.login_errno)
             if body.get("username") != self.username or body.get("password") != self.password_md5:
@@ -133,9 +146,8 @@ class FakePbx:
             if endpoint == "cdr/download":
                 if self.cdr_errno:
                     return self._failed(self.cdr_errno)
-                return httpx.Response(
-                    200, content=self.cdr_csv.encode(), headers={"Content-Type": "text/csv"}
-                )
+                csv_headers = [(b"Content-Type", b"text/csv"), *self.download_headers]
+                return httpx.Response(200, content=self.cdr_csv.encode(), headers=csv_headers)
             return await self._download(query["recording"])
         return self._failed("10003")
 
@@ -185,10 +197,13 @@ class FakePbx:
                 yield data[i : i + 1000]
 
         headers["Content-Length"] = str(len(data))
-        return httpx.Response(200, content=stream(), headers=headers)
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()] + self.download_headers
+        return httpx.Response(200, content=stream(), headers=raw)
 
 
 class Sleeps:
+    """An injectable `sleep` for the client: records each backoff and returns at once."""
+
     def __init__(self) -> None:
         self.delays: list[float] = []
 
@@ -196,14 +211,45 @@ class Sleeps:
         self.delays.append(delay)
 
 
+def files_in(directory: Path) -> list[str]:
+    """The names in `directory` (a temporary file ends in .part), sorted; [] if it is absent."""
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def client_for(pbx: FakePbx, **kwargs: Any) -> PbxClient:
+    """A client talking to `pbx` through an injected httpx.MockTransport (no network): for
+    tests of API calls alone. Backoffs are recorded, not slept."""
+    kwargs.setdefault("sleep", Sleeps())
+    transport = httpx.MockTransport(pbx.handler)
+    return PbxClient(BASE, "api", PASSWORD, transport=transport, **kwargs)
+
+
+ClientFactory = Callable[..., PbxClient]
+
+
+@pytest.fixture
+def connect() -> Iterator[ClientFactory]:
+    """`connect(pbx, **kwargs)`: a client for a FakePbx served over real HTTP on 127.0.0.1
+    (`serve_fake_pbx`, until the test ends), so downloads go through the socket pump.
+    Backoffs are recorded, not slept."""
+    with contextlib.ExitStack() as stack:
+
+        def factory(pbx: FakePbx, **kwargs: Any) -> PbxClient:
+            kwargs.setdefault("sleep", Sleeps())
+            base = stack.enter_context(serve_fake_pbx(pbx))
+            return PbxClient(base, "api", PASSWORD, **kwargs)
+
+        yield factory
+
+
 @contextlib.contextmanager
 def serve_fake_pbx(pbx: FakePbx) -> Iterator[str]:
     """Serve `pbx` over real HTTP on 127.0.0.1; yields the base URL.
 
     Each request is answered in its own thread by running the fake's handler on a fresh
-    event loop; the response goes out as the fake built it, headers first, then the body
-    as it comes (a "truncate" fault announces more bytes than it sends, then the
-    connection closes).
+    event loop; the response goes out as the fake built it, headers first (their raw bytes,
+    non-ASCII ones too), then the body as it comes (a "truncate" fault announces more bytes
+    than it sends, then the connection closes).
     """
 
     class Handler(BaseHTTPRequestHandler):
@@ -232,9 +278,10 @@ def serve_fake_pbx(pbx: FakePbx) -> Iterator[str]:
             async def respond() -> None:
                 response = await pbx.handler(request)
                 self.send_response(response.status_code)
-                for name, value in response.headers.multi_items():
-                    if name.lower() not in ("connection", "transfer-encoding"):
-                        self.send_header(name, value)
+                for name, value in response.headers.raw:
+                    if name.lower() not in (b"connection", b"transfer-encoding"):
+                        # send_header encodes as Latin-1: this sends the raw bytes as they are.
+                        self.send_header(name.decode("latin-1"), value.decode("latin-1"))
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.flush()  # headers first: a held body must not hold them back
