@@ -398,7 +398,7 @@ def test_help_at_80_columns_has_no_types_after_flags_and_no_early_line_breaks(
     # full as the width allows, i.e. the next line's first word would not have fitted.
     lines = screen.splitlines()
     start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
-    end = next(i for i, line in enumerate(lines) if line.startswith("╭"))
+    end = next(i for i, line in enumerate(lines) if line in ("Arguments:", "Options:"))
     text = [line.strip() for line in lines[start:end]]
     for line, following in itertools.pairwise(text):
         if line and following:

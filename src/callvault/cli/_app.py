@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+
+def _keep_hyphenated_words_whole() -> None:
+    """Help screens never break a line inside a hyphenated word: the formats people type
+    (YYYY-MM-DD, --since) stay whole. Typer's click (its own copy, `typer._click`) wraps
+    help with a TextWrapper it looks up in its `_textwrap` module each time; if a later
+    Typer moves it, help still works, only wrapped with breaks at hyphens."""
+    try:
+        from typer._click import _textwrap  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:  # pragma: no cover - a Typer without its own click
+        return
+    base = getattr(_textwrap, "TextWrapper", None)
+    if base is None or getattr(base, "_callvault", False):
+        return
+
+    class HelpWrapper(base):  # type: ignore[misc, valid-type]
+        _callvault = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("break_on_hyphens", False)
+            super().__init__(*args, **kwargs)
+
+    setattr(_textwrap, "TextWrapper", HelpWrapper)  # noqa: B010 - a module attribute
+
+
+_keep_hyphenated_words_whole()
 
 app = typer.Typer(
     name="callvault",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
-import inspect
 import json
 import logging
 import sys
@@ -13,7 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,7 +25,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
-from typer.core import TyperCommand, TyperOption
 
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
@@ -64,42 +62,6 @@ _FATAL = (PbxTlsError, PbxUnreachable)
 
 TIME_FORMATS = "YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
 """How every time option of these commands is written, in the words of help and errors."""
-
-
-class PlainHelp(TyperCommand):
-    """A command whose help screen reads as written, at any width.
-
-    Typer prints a type after every option, flags too (``--json <bool>``), and keeps the
-    line breaks of the docstring's later paragraphs, so at 80 columns a sentence broke at
-    the end of a source line. Here flags show no type, and each paragraph is one line that
-    the terminal's width wraps (a paragraph starting with ``\\b`` is kept as it is).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.help:
-            self.help = _reflow(self.help)
-        for param in self.params:
-            _hide_flag_type(param)
-
-    def get_help_option(self, ctx: Any) -> TyperOption | None:  # typer's own click Context
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _hide_flag_type(option)
-        return option
-
-
-def _hide_flag_type(param: object) -> None:
-    if isinstance(param, TyperOption) and param.is_flag:
-        param.metavar = ""  # shown instead of the type; a flag takes no value to name
-
-
-def _reflow(text: str) -> str:
-    paragraphs = inspect.cleandoc(text).split("\n\n")
-    return "\n\n".join(
-        paragraph if paragraph.startswith("\b") else " ".join(paragraph.split())
-        for paragraph in paragraphs
-    )
 
 
 def _quiet_library_logs() -> None:
@@ -225,7 +187,7 @@ def _print_saved(result: DownloadResult, seconds: float, *, as_json: bool) -> No
         print(f"{result.path}\t{result.size} bytes\tsha256 {result.sha256}", flush=True)
 
 
-@app.command("fetch", cls=PlainHelp)
+@app.command("fetch")
 def fetch(
     names: Annotated[
         list[str], typer.Argument(metavar="NAME...", help="Recording names, as the PBX gave them.")
@@ -341,7 +303,7 @@ def _print_table(rows: list[CallDetail]) -> None:
     console.print(f"{len(rows)} call(s)")
 
 
-@app.command("cdr", cls=PlainHelp)
+@app.command("cdr")
 def cdr(
     since: Annotated[
         str,
