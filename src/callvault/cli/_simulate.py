@@ -35,7 +35,8 @@ def _describe_call(cdr: CallDetail) -> str:
 
 def _banner(sim: Simulator, password_given: bool) -> None:
     _print(f"callvault simulator: Yeastar S-Series PBX, serial {sim.serial}")
-    _print(f"  URL          {sim.url}   (API under /api/v1.0.1, /api/v1.1.0, /api/v2.0.0)")
+    versions = "/api/v1.0.1, /api/v1.1.0 (or /api/v1.10), /api/v2.0.0"
+    _print(f"  URL          {sim.url}   (API under {versions})")
     _print(f"  username     {sim.username}")
     _print(f"  password     {'(as given)' if password_given else sim.password}")
     if sim.cert_sha256 is not None:

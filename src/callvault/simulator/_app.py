@@ -35,6 +35,10 @@ from callvault.simulator._state import (
 )
 
 API_VERSIONS = ("v1.0.1", "v1.1.0", "v2.0.0")
+# Path spellings taken as another version. The V1 and Cloud login pages print the endpoint
+# as `/api/v1.10/login` (spec section 1), and real clients copied it, one of them logging
+# in only that way: the PBX is assumed to accept it as v1.1.0 (that it does is [?]).
+API_VERSION_ALIASES = {"v1.10": "v1.1.0"}
 V1_0_1 = "v1.0.1"  # the 2017 API: no urltag, no report `version`, no CDR export
 V2 = "v2.0.0"
 SERVER = "Boa/0.94.14rc21"
@@ -399,8 +403,10 @@ class PbxHttp:
         return None
 
     async def api(self, request: Request) -> Response:
-        version = request.path_params["version"]
+        given = request.path_params["version"]
+        version = API_VERSION_ALIASES.get(given, given)
         endpoint = request.path_params["endpoint"]
+        self.state.note_path(request.url.path)
         if self.state.faults.slow_seconds > 0:
             await asyncio.sleep(self.state.faults.slow_seconds)
         # A failing web server in front of the API fails every request, preflights included.

@@ -252,6 +252,12 @@ class Simulator:
         with self.state.lock:
             return list(self.state.request_log)
 
+    @property
+    def request_paths(self) -> list[str]:
+        """The URL path (without the query) of every API request, in order of arrival."""
+        with self.state.lock:
+            return list(self.state.request_paths)
+
     def failed_login_count(self, ip: str = "127.0.0.1") -> int:
         return self.state.failed_login_count(ip)
 

@@ -180,6 +180,7 @@ class PbxState:
         self.login_count = 0
         self.events_delivered = 0
         self.request_log: list[tuple[str, str]] = []
+        self.request_paths: list[str] = []
 
     def __repr__(self) -> str:
         with self.lock:
@@ -194,6 +195,11 @@ class PbxState:
         return hashlib.md5(self._password.encode()).hexdigest()
 
     # -- bookkeeping --------------------------------------------------------------------------
+
+    def note_path(self, path: str) -> None:
+        """Remember the URL path of one API request (never its query: it holds the token)."""
+        with self.lock:
+            self.request_paths.append(path)
 
     def log(self, endpoint: str, outcome: str) -> None:
         """Remember one answered request: (endpoint, errno or "Success" or an HTTP fault)."""
