@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from callvault.simulator._events import cdr_columns, cdr_values
+from callvault.simulator._events import csv_columns, csv_row
 from callvault.simulator._state import (
     DEFAULT_EVENT_PORT,
     ApiFailure,
@@ -361,10 +361,10 @@ class PbxHttp:
         )
         v2 = version == V2
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=cdr_columns(v2))
+        writer = csv.DictWriter(out, fieldnames=csv_columns(v2))
         writer.writeheader()
         for cdr in rows:
-            writer.writerow(cdr_values(cdr, v2))
+            writer.writerow(csv_row(cdr, v2))
         body = out.getvalue().encode()
         return Response(
             body,

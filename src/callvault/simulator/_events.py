@@ -19,8 +19,10 @@ def _text(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
-def cdr_columns(v2: bool) -> list[str]:
-    """The NewCdr keys in the PBX's order; also the CDR CSV header (v2 spells the trunk oddly)."""
+def newcdr_keys(v2: bool) -> list[str]:
+    """The NewCdr report's keys in the PBX's order (that of the v2 example report [D]; v2
+    spells the destination trunk ``dsttrcunkname``). The CDR CSV export has its own column
+    order: :func:`csv_columns`."""
     return [
         "callid",
         "timestart",
@@ -41,7 +43,7 @@ def cdr_columns(v2: bool) -> list[str]:
 
 
 def cdr_values(cdr: CallDetail, v2: bool) -> dict[str, str]:
-    """Every NewCdr field of `cdr` as the string the PBX sends."""
+    """Every NewCdr field of `cdr` as the string the PBX sends, in NewCdr key order."""
     values = [
         cdr.callid,
         cdr.timestart,
@@ -59,7 +61,56 @@ def cdr_values(cdr: CallDetail, v2: bool) -> dict[str, str]:
         _text(cdr.agentringtime),
         cdr.sn,
     ]
-    return dict(zip(cdr_columns(v2), values, strict=True))
+    return dict(zip(newcdr_keys(v2), values, strict=True))
+
+
+def csv_columns(v2: bool) -> list[str]:
+    """The header row of the CDR CSV export (``cdr/download``), in its column order.
+
+    Fourteen columns, ``pincode`` after ``type`` and no ``agentringtime``, for v1.1.0 and
+    v2.0.0 alike. What this rests on (tags as in the protocol reference):
+
+    * [D] V1 ``download-cdr.html``: "The CDR file is in CSV format". No vendor page we
+      found lists the columns [?].
+    * [3P] v1.1.0: a Laravel console command (``GetCDRRecords``, found in the code index by
+      "cdr/get_random" with ``extid``) skips the first row and reads cells 0-13 by
+      position as callid, timestart, callfrom, callto, callduraction, talkduraction,
+      srctrunkname, the destination trunk, status, type, pincode, recording, didnumber,
+      sn. Issue 8 reports a second peer reading these positions, and both failing on the
+      older simulator, which put pincode before status and added agentringtime.
+    * [3P] v2.0.0: a C# SAP Business One add-in (code index, "api/v2.0.0/cdr/download"
+      with ``number``) splits every line after the first at commas into the same 14
+      columns in the same order. So v2 keeps the v1.1.0 order, also without agentringtime.
+    * [I] The first row is a header naming the columns with the NewCdr keys (the peers
+      skip it; a Cloud-PBX v2 client reads it by name, protocol reference section 7.2). The
+      v2 destination-trunk column is assumed to be spelled as in v2 NewCdr,
+      ``dsttrcunkname``; no peer shows the header's spelling [?].
+    * The NewCdr report keeps its own key order (:func:`newcdr_keys`), which differs.
+
+    ``callvault.pbx`` parses the export by header name, never by position.
+    """
+    return [
+        "callid",
+        "timestart",
+        "callfrom",
+        "callto",
+        "callduraction",
+        "talkduraction",
+        "srctrunkname",
+        "dsttrcunkname" if v2 else "desttrunkname",
+        "status",
+        "type",
+        "pincode",
+        "recording",
+        "didnumber",
+        "sn",
+    ]
+
+
+def csv_row(cdr: CallDetail, v2: bool) -> dict[str, str]:
+    """One row of the CDR CSV export: the NewCdr values of `cdr` under :func:`csv_columns`."""
+    values = cdr_values(cdr, v2)
+    return {column: values[column] for column in csv_columns(v2)}
 
 
 # Fields the legacy format leaves out when empty (v1 examples omit them; desttrunkname stays).
