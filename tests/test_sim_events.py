@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -261,3 +263,91 @@ def test_bye_names_every_party(pbx: Pbx, receiver: Receiver, version: str | None
             "sn": pbx.sim.serial,
             "call": [{"ext": {"extid": "1006"}}, {"ext": {"extid": "1005"}}],
         }
+
+
+class OnceReader:
+    """An app server that reads each connection ONCE (one recv), as some peers do, answers
+    200 whatever it got, and keeps what that one read returned."""
+
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self._lock = threading.Condition()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _address = self._server.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                data = conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            with self._lock:
+                self.reads.append(data)
+                self._lock.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self.reads) >= count, timeout)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_a_receiver_that_reads_once_gets_every_whole_report(pbx: Pbx) -> None:
+    """Request line, headers and body go out in one write: 13 of 18 reports reached such a
+    peer without their body while the simulator pushed with an HTTP client library."""
+    once = OnceReader()
+    try:
+        pbx.login(port=once.port, url="events", version="1.0.2")
+        cdrs = [pbx.sim.place_call(callfrom=str(1000 + n), callto="1099") for n in range(20)]
+        assert pbx.sim.wait_events_idle(10)
+        assert once.wait_for(20)
+    finally:
+        once.close()
+    callids = []
+    for data in once.reads:
+        head, blank, body = data.partition(b"\r\n\r\n")
+        assert blank, data
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0] == "POST /events HTTP/1.1"
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        assert headers["user-agent"] == "WebAPI"
+        assert headers["connection"] == "close"
+        assert headers["host"] == f"127.0.0.1:{once.port}"
+        assert int(headers["content-length"]) == len(body)
+        report = json.loads(body)
+        assert report["action"] == "NewCdr"
+        callids.append(report["callid"])
+    assert sorted(callids) == sorted(cdr.callid for cdr in cdrs)
+    assert pbx.sim.events_delivered == 20
+
+
+def test_a_report_is_sent_again_after_no_answer_at_all(pbx: Pbx) -> None:
+    """A connection closed without any answer counts like a non-200 answer: send again."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    attempts: list[bytes] = []
+
+    def hang_up_twice_then_answer() -> None:
+        for n in range(3):
+            conn, _address = silent.accept()
+            with conn:
+                attempts.append(conn.recv(65536))
+                if n == 2:
+                    conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+
+    thread = threading.Thread(target=hang_up_twice_then_answer, daemon=True)
+    thread.start()
+    try:
+        pbx.login(port=silent.getsockname()[1])
+        pbx.sim.place_call()
+        assert pbx.sim.wait_events_idle(10)
+    finally:
+        silent.close()
+    thread.join(5)
+    assert len(attempts) == 3 and len(set(attempts)) == 1
+    assert pbx.sim.events_delivered == 1

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 import threading
 from concurrent.futures import Future
-
-import httpx
+from urllib.parse import quote, urlsplit
 
 from callvault.pbx._types import CallDetail, EventFormat
 from callvault.simulator._state import EventTarget, PbxState
 
 USER_AGENT = "WebAPI"
+POST_TIMEOUT_SECONDS = 5.0
+_PATH_SAFE = "/?&=%:@!$'()*+,;~-._"
 
 
 def _text(value: int | None) -> str:
@@ -171,6 +174,62 @@ def bootup_body(serial: str, fmt: EventFormat) -> bytes:
     return _dump([(key, "BootUp"), ("sn", serial)])
 
 
+def post_request(url: str, body: bytes) -> bytes:
+    """The whole HTTP request that pushes `body` to `url`: request line, headers and body.
+
+    Headers as in the documents' report examples (``User-Agent: WebAPI``, JSON both ways),
+    plus ``Content-Length`` and ``Connection: close``: one report per connection.
+    """
+    parts = urlsplit(url)
+    target = quote(parts.path or "/", safe=_PATH_SAFE)
+    if parts.query:
+        target += "?" + quote(parts.query, safe=_PATH_SAFE)
+    head = (
+        f"POST {target} HTTP/1.1\r\n"
+        f"Host: {parts.netloc}\r\n"
+        f"User-Agent: {USER_AGENT}\r\n"
+        "Content-Type: application/json\r\n"
+        "Accept: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+        "\r\n"
+    )
+    return head.encode("latin-1", "replace") + body
+
+
+async def post_once(url: str, request: bytes) -> int | None:
+    """Send `request` (from :func:`post_request`) to `url` in ONE write on a new connection
+    and return the answer's status code; None when there is no valid answer in time.
+
+    One write, as the PBX is taken to do: an app server that reads its socket once then
+    still has the whole report. (An HTTP client library writes the head and the body
+    separately, and peers that read once lost the body of most reports.)
+    """
+    parts = urlsplit(url)
+    secure = parts.scheme == "https"
+    context = ssl.create_default_context() if secure else None
+    try:
+        port = parts.port or (443 if secure else 80)  # ValueError: not a port
+        if parts.hostname is None:
+            return None
+        async with asyncio.timeout(POST_TIMEOUT_SECONDS):
+            reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
+            try:
+                writer.write(request)
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
+    except (OSError, ssl.SSLError, TimeoutError, ValueError):
+        return None
+    fields = status_line.split(None, 2)
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
+        return None
+    return int(fields[1])
+
+
 class EventPusher:
     """Delivers reports on the simulator's event loop, re-sending until the app server says 200.
 
@@ -191,16 +250,6 @@ class EventPusher:
         self._loop = loop
         self._retry_interval = retry_interval
         self._max_retries = max_retries
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(5.0),
-            trust_env=False,  # reports go straight to the app server, never via a proxy
-            headers={
-                "User-Agent": USER_AGENT,
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "Connection": "close",
-            },
-        )
         self._pending = 0
         self._idle = threading.Condition()
         self._futures: set[Future[None]] = set()
@@ -240,33 +289,31 @@ class EventPusher:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     async def _deliver(self, target: EventTarget, body: bytes, token: str | None) -> None:
+        request = post_request(target.url, body)
         try:
             for attempt in range(self._max_retries + 1):
                 if token is not None and not self._state.session_alive(token):
                     return
-                try:
-                    response = await self._client.post(target.url, content=body)
-                    if response.status_code == 200:
-                        with self._state.lock:
-                            self._state.events_delivered += 1
-                        if token is not None:
-                            self._state.touch(token)
-                        return
-                except httpx.HTTPError:
-                    pass
+                # Straight to the app server, never through a proxy; any status but 200
+                # (or no answer) means: send it again.
+                if await post_once(target.url, request) == 200:
+                    with self._state.lock:
+                        self._state.events_delivered += 1
+                    if token is not None:
+                        self._state.touch(token)
+                    return
                 if attempt < self._max_retries:
                     await asyncio.sleep(self._retry_interval)
         finally:
             self._done()
 
     async def aclose(self) -> None:
-        """Cancel undelivered reports and close the HTTP client (on the loop)."""
+        """Cancel undelivered reports (on the loop)."""
         with self._idle:
             futures = list(self._futures)
         for future in futures:
             future.cancel()
         await asyncio.sleep(0)
-        await self._client.aclose()
         with self._idle:
             self._pending = 0
             self._idle.notify_all()
