@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -88,6 +89,7 @@ def test_simulate_prints_connection_details_and_serves(tmp_path: Path) -> None:
         assert info["password"] is None  # given by the user: not echoed
         assert len(info["cert_sha256"]) == 64
         [name] = info["recordings"]
+        assert re.fullmatch(r"\d{14}-\d+\.\d+-\d+-\d+-(Internal|Inbound|Outbound)\.wav", name)
         context = ssl.create_default_context(cafile=info["ca_file"])
         with httpx.Client(verify=context) as client:
             login = client.post(
@@ -172,6 +174,26 @@ def test_busy_port_is_one_clear_line_and_leaves_no_temporary_directory(tmp_path:
     assert line.startswith(f"callvault: error: cannot listen on 127.0.0.1:{port}: "), err
     assert line.endswith("; choose another --port"), err
     assert list(tmp.iterdir()) == []
+
+
+def test_name_faults_are_switched_on_from_the_command_line(tmp_path: Path) -> None:
+    with _simulate(
+        "--fault", "names_with_plus", "--initial-calls", "8", "--json", data_dir=tmp_path / "pbx"
+    ) as process:
+        assert process.stdout is not None
+        names = json.loads(process.stdout.readline())["recordings"]
+        _stop(process)
+    assert len(names) == 8 and any("-+49151" in name for name in names), names
+
+
+def test_help_says_names_are_digits_only_and_how_to_change_that() -> None:
+    _register()
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Recording names and numbers are digits only" in text
+    for key in ("names_with_plus", "names_with_spaces", "names_non_ascii", "disposition_latin1"):
+        assert key in text
 
 
 def test_fault_specs() -> None:

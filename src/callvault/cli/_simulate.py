@@ -148,7 +148,13 @@ def simulate(
         typer.Option(
             "--fault",
             metavar="KEY[=VALUE]",
-            help=f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}.",
+            help=(
+                f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}. "
+                "Recording names and numbers are digits only, as on real PBXs, unless "
+                "names_with_plus, names_with_spaces or names_non_ascii puts a +, a space or "
+                "non-ASCII letters in them (the download's file name header then carries "
+                "raw UTF-8, or Latin-1 with disposition_latin1)."
+            ),
         ),
     ] = None,
     seed: Annotated[

@@ -99,19 +99,26 @@ class FileDownload(Response):
         status_code: int,
         drop_after: int | None,
         advertise_ranges: bool,
+        latin1_disposition: bool = False,
     ) -> None:
-        safe_name = name.replace('"', "").encode("latin-1", "replace").decode("latin-1")
         headers = {
             **BASE_HEADERS,
             "Content-Type": "audio/x-wav",
             "Content-Length": str(length),
-            "Content-Disposition": f'attachment; filename="{safe_name}"',
         }
         if advertise_ranges:
             headers["Accept-Ranges"] = "bytes"
         if status_code == 206:
             headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{total}"
         super().__init__(None, status_code=status_code, headers=headers)
+        # The file name's own bytes, as a PBX would copy them (UTF-8, or Latin-1 with the
+        # disposition_latin1 fault), not RFC 6266's filename*: non-ASCII names arrive as
+        # raw bytes, which clients must decode without crashing.
+        quoted = name.replace('"', "").replace("\r", "").replace("\n", "")
+        encoded = quoted.encode("latin-1", "replace") if latin1_disposition else quoted.encode()
+        self.raw_headers.append(
+            (b"content-disposition", b'attachment; filename="' + encoded + b'"')
+        )
         self._file = file
         self._start = start
         self._length = length
@@ -319,6 +326,7 @@ class PbxHttp:
             status_code=status,
             drop_after=max(length // 2, 1) if drop else None,
             advertise_ranges=faults.honour_range,
+            latin1_disposition=faults.disposition_latin1,
         )
         return response, "dropped" if drop else "Success"
 

@@ -49,6 +49,8 @@ _RANDOM_STATUSES = (
     ("FAILED", 1),
     ("VOICEMAIL", 1),
 )
+# Caller-ID names for the names_non_ascii fault: Latin-1 letters and one beyond it.
+_NON_ASCII_CALLERS = ("Müller", "Groß", "Åström", "Çelik", "Łukasz")
 CallListener = Callable[[CallDetail], None]
 
 
@@ -353,7 +355,7 @@ class Simulator:
             rng = self.state.rng
             kind = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
             ext = str(rng.randint(1000, 1020))
-            mobile = f"+4915{rng.randint(10_000_000, 99_999_999)}"
+            mobile = f"0151{rng.randint(10_000_000, 99_999_999)}"
             status = rng.choices(
                 [s for s, _w in _RANDOM_STATUSES], weights=[w for _s, w in _RANDOM_STATUSES]
             )[0]
@@ -362,6 +364,7 @@ class Simulator:
             other = str(rng.randint(1000, 1020))
         if answered is not None:
             status = "ANSWERED" if answered else "NO ANSWER"
+        mobile = self._as_dialled(mobile)
         if kind == "Internal":
             return self.place_call(
                 callfrom=ext,
@@ -379,7 +382,7 @@ class Simulator:
                 talk_seconds=talk,
                 ring_seconds=ring,
                 status=status,
-                didnumber="+49301234567",
+                didnumber="+49301234567" if self.faults.names_with_plus else "0301234567",
                 srctrunkname="SIP-Provider",
             )
         return self.place_call(
@@ -391,6 +394,18 @@ class Simulator:
             status=status,
             dsttrunkname="SIP-Provider",
         )
+
+    def _as_dialled(self, national: str) -> str:
+        """An external number (national format, digits only) as the trunk delivers it: digits
+        only, unless a names_* fault asks for a ``+``, a space or a non-ASCII caller ID."""
+        faults = self.faults
+        if faults.names_non_ascii:
+            with self.state.lock:
+                return self.state.rng.choice(_NON_ASCII_CALLERS)
+        number = f"+49{national[1:]}" if faults.names_with_plus else national
+        if faults.names_with_spaces:
+            number = f"{number[:-8]} {number[-8:]}"
+        return number
 
     def push_call_released(self, callid: str, extensions: list[str]) -> None:
         """Push a BYE report naming several parties (the legacy format repeats its keys)."""
