@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.simulator import Faults, apply_fault, parse_faults
-from test_sim_helpers import md5
+from test_sim_helpers import Receiver, md5
 
 
 def _start(*args: str, data_dir: Path | None, tmp: Path | None = None) -> subprocess.Popen[str]:
@@ -184,6 +184,31 @@ def test_name_faults_are_switched_on_from_the_command_line(tmp_path: Path) -> No
         names = json.loads(process.stdout.readline())["recordings"]
         _stop(process)
     assert len(names) == 8 and any("-+49151" in name for name in names), names
+
+
+@pytest.mark.parametrize("switch", [None, "--no-call-progress"])
+def test_simulate_sends_call_progress_reports_unless_told_not_to(
+    tmp_path: Path, switch: str | None
+) -> None:
+    receiver = Receiver()
+    args = ["--password", "pw-1", "--initial-calls", "0", "--calls-per-minute", "600", "--json"]
+    try:
+        with _simulate(*args, *([switch] if switch else []), data_dir=tmp_path / "pbx") as process:
+            assert process.stdout is not None
+            info = json.loads(process.stdout.readline())
+            with httpx.Client(verify=ssl.create_default_context(cafile=info["ca_file"])) as client:
+                body = {"username": "api", "password": md5("pw-1"), "port": receiver.port}
+                login = client.post(f"{info['url']}/api/v1.1.0/login", json=body)
+                assert login.json()["status"] == "Success"
+            assert receiver.wait_for(12, timeout=30)
+            _stop(process)
+    finally:
+        receiver.close()
+    names = [r.json()["action"] for r in receiver.received]
+    if switch is None:
+        assert {"ALERT", "BYE", "ExtensionStatus", "NewCdr"} <= set(names), names
+    else:
+        assert set(names) == {"NewCdr"}, names
 
 
 def test_help_says_names_are_digits_only_and_how_to_change_that() -> None:

@@ -171,6 +171,17 @@ def simulate(
     legacy_tls: Annotated[
         bool, typer.Option(help="Also accept TLS 1.0/1.1 (the PBX's 'Low' security level).")
     ] = False,
+    call_progress: Annotated[
+        bool,
+        typer.Option(
+            "--call-progress/--no-call-progress",
+            help=(
+                "Push each call's progress reports before its NewCdr (ALERT, RING, ANSWER, "
+                "ANSWERED, BYE, CallFailed, ExtensionStatus; CallStatus in format 2.0.0), "
+                "as a PBX with status monitoring does."
+            ),
+        ),
+    ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the connection details as one JSON line.")
     ] = False,
@@ -204,6 +215,7 @@ def simulate(
             seed=seed,
             faults=faults,
             legacy_tls=legacy_tls,
+            call_progress_reports=call_progress,
         )
         _run(
             config,

@@ -7,7 +7,9 @@ import contextlib
 import json
 import ssl
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from callvault.pbx._types import CallDetail, EventFormat
@@ -120,9 +122,13 @@ def csv_row(cdr: CallDetail, v2: bool) -> dict[str, str]:
 _LEGACY_OMITTED_WHEN_EMPTY = {"srctrunkname", "pincode", "recording", "didnumber", "agentringtime"}
 
 
-def _dump(pairs: list[tuple[str, str]]) -> bytes:
-    """JSON object from ordered pairs; written by hand so legacy reports may repeat keys."""
-    body = ",".join(f"{json.dumps(k)}:{json.dumps(v, ensure_ascii=False)}" for k, v in pairs)
+def dump_pairs(pairs: Sequence[tuple[str, Any]]) -> bytes:
+    """A compact JSON object from ordered pairs, written by hand so that legacy reports may
+    repeat a key; values may be nested (written as ordinary JSON)."""
+    body = ",".join(
+        f"{json.dumps(k)}:{json.dumps(v, ensure_ascii=False, separators=(',', ':'))}"
+        for k, v in pairs
+    )
     return ("{" + body + "}").encode()
 
 
@@ -144,11 +150,11 @@ def newcdr_body(cdr: CallDetail, fmt: EventFormat, *, odd_spellings: bool = Fals
                 (_V2_ODD_KEYS.get(k, k), _V2_ODD_STATUS.get(v, v) if k == "status" else v)
                 for k, v in pairs
             ]
-        return _dump([("event", "NewCdr"), *pairs])
+        return dump_pairs([("event", "NewCdr"), *pairs])
     pairs = [("action", "NewCdr"), *cdr_values(cdr, v2=False).items()]
     if fmt is EventFormat.LEGACY:
         pairs = [(k, v) for k, v in pairs if v or k not in _LEGACY_OMITTED_WHEN_EMPTY]
-    return _dump(pairs)
+    return dump_pairs(pairs)
 
 
 def call_released_body(callid: str, extensions: list[str], serial: str, fmt: EventFormat) -> bytes:
@@ -171,7 +177,7 @@ def call_released_body(callid: str, extensions: list[str], serial: str, fmt: Eve
 def bootup_body(serial: str, fmt: EventFormat) -> bytes:
     """The BootUp report: the PBX restarted and every token is gone."""
     key = "event" if fmt is EventFormat.V2_0_0 else "action"
-    return _dump([(key, "BootUp"), ("sn", serial)])
+    return dump_pairs([(key, "BootUp"), ("sn", serial)])
 
 
 def post_request(url: str, body: bytes) -> bytes:
@@ -256,10 +262,18 @@ class EventPusher:
 
     def push(self, target: EventTarget, body: bytes, token: str | None) -> None:
         """Queue one report for `target`; `token` None sends it without a live token (BootUp)."""
+        self.push_all(target, [body], token)
+
+    def push_all(self, target: EventTarget, bodies: list[bytes], token: str | None) -> None:
+        """Queue reports for `target`, delivered one after the other in this order (each
+        re-sent until 200 or given up before the next); a call's reports never overtake
+        each other. Reports of different calls travel side by side."""
         with self._idle:
             self._pending += 1
+        with self._state.lock:
+            self._state.events_queued += len(bodies)
         try:
-            delivery = self._deliver(target, body, token)
+            delivery = self._deliver(target, bodies, token)
             future = asyncio.run_coroutine_threadsafe(delivery, self._loop)
         except RuntimeError:  # loop already closed: the simulator is stopping
             delivery.close()
@@ -288,24 +302,32 @@ class EventPusher:
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
-    async def _deliver(self, target: EventTarget, body: bytes, token: str | None) -> None:
-        request = post_request(target.url, body)
+    async def _deliver(self, target: EventTarget, bodies: list[bytes], token: str | None) -> None:
         try:
-            for attempt in range(self._max_retries + 1):
-                if token is not None and not self._state.session_alive(token):
+            for body in bodies:
+                if not await self._deliver_one(target, body, token):
                     return
-                # Straight to the app server, never through a proxy; any status but 200
-                # (or no answer) means: send it again.
-                if await post_once(target.url, request) == 200:
-                    with self._state.lock:
-                        self._state.events_delivered += 1
-                    if token is not None:
-                        self._state.touch(token)
-                    return
-                if attempt < self._max_retries:
-                    await asyncio.sleep(self._retry_interval)
         finally:
             self._done()
+
+    async def _deliver_one(self, target: EventTarget, body: bytes, token: str | None) -> bool:
+        """Send one report until the app server answers 200 or the retries run out; False
+        when the token died (reports need a live token: the rest is not sent either)."""
+        request = post_request(target.url, body)
+        for attempt in range(self._max_retries + 1):
+            if token is not None and not self._state.session_alive(token):
+                return False
+            # Straight to the app server, never through a proxy; any status but 200 (or
+            # no answer) means: send it again.
+            if await post_once(target.url, request) == 200:
+                with self._state.lock:
+                    self._state.events_delivered += 1
+                if token is not None:
+                    self._state.touch(token)
+                return True
+            if attempt < self._max_retries:
+                await asyncio.sleep(self._retry_interval)
+        return True
 
     async def aclose(self) -> None:
         """Cancel undelivered reports (on the loop)."""

@@ -33,6 +33,7 @@ from callvault.simulator._events import (
     newcdr_body,
 )
 from callvault.simulator._faults import Faults
+from callvault.simulator._progress import parties_of, progress_reports
 from callvault.simulator._state import PbxState, Recording
 from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
 from callvault.simulator._wav import write_wav
@@ -244,6 +245,12 @@ class Simulator:
             return self.state.events_delivered
 
     @property
+    def events_queued(self) -> int:
+        """How many reports were queued for delivery (each counted once, resends not)."""
+        with self.state.lock:
+            return self.state.events_queued
+
+    @property
     def login_count(self) -> int:
         with self.state.lock:
             return self.state.login_count
@@ -286,7 +293,9 @@ class Simulator:
         dsttrunkname: str = "",
         size_bytes: int | None = None,
     ) -> CallDetail:
-        """A call that has just ended: WAV on disk, CDR stored, NewCdr pushed to app servers.
+        """A call that has just ended: WAV on disk, CDR stored, its progress reports (unless
+        switched off, see SimulatorConfig.call_progress_reports) and NewCdr pushed to the
+        app servers, in this order.
 
         `status` is stored and pushed as given; only an answered call (``ANSWERED``, or the
         documents' ``ANSWERD``) has talk time and a recording.
@@ -297,6 +306,9 @@ class Simulator:
         hangup = self.clock.now()
         start = hangup - ring - talk
         callid = self.state.next_callid(start)
+        # An outbound call's trunk leg has an id of its own, the next one (V1 examples:
+        # callid 1547396927.428, outboundid 1547396927.429).
+        leg_id = self.state.next_callid(start) if type.strip().lower() == "outbound" else ""
         name: str | None = None
         if recorded and answered:
             stamp = self._local(start + ring).strftime("%Y%m%d%H%M%S")
@@ -338,8 +350,17 @@ class Simulator:
             odd = any(
                 t.format is EventFormat.V2_0_0 for _token, t in targets
             ) and self.state.chance(self.faults.v2_spellings_rate)
+            parties = None
+            if self.config.call_progress_reports and targets:
+                parties = parties_of(
+                    cdr, outbound_leg_id=leg_id, next_channel=self.state.next_channel
+                )
             for token, target in targets:
-                self._pusher.push(target, newcdr_body(cdr, target.format, odd_spellings=odd), token)
+                reports = []
+                if parties is not None:
+                    reports = progress_reports(cdr, parties, target.format, self.serial)
+                reports.append(newcdr_body(cdr, target.format, odd_spellings=odd))
+                self._pusher.push_all(target, reports, token)
         if name is not None and self.state.chance(self.faults.delete_rate):
             self.state.delete_recording(name)
         for listener in list(self._listeners):

@@ -179,6 +179,8 @@ class PbxState:
         self._call_seq = 0
         self.login_count = 0
         self.events_delivered = 0
+        self.events_queued = 0
+        self._channel_seq = 0
         self.request_log: list[tuple[str, str]] = []
         self.request_paths: list[str] = []
 
@@ -514,6 +516,12 @@ class PbxState:
         with self.lock:
             self._call_seq += 1
             return f"{int(start_epoch)}.{self._call_seq}"
+
+    def next_channel(self) -> int:
+        """A fresh channel number (the hex tail of ``PJSIP/1001-0000001e``)."""
+        with self.lock:
+            self._channel_seq += 1
+            return self._channel_seq
 
     def add_cdr(self, cdr: CallDetail) -> None:
         with self.lock:
