@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -9,11 +10,15 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from callvault.simulator import Simulator
+from callvault.pbx import EventFormat
+from callvault.simulator import Clock, Faults, PbxState, Simulator
+from callvault.simulator._events import EventPusher
+from callvault.simulator._state import EventTarget
 from test_sim_helpers import Pbx, Receiver, make_config, running_pbx, running_receiver
 
 V1_KEYS = [
@@ -352,3 +357,40 @@ def test_a_report_is_sent_again_after_no_answer_at_all(pbx: Pbx) -> None:
     thread.join(5)
     assert len(attempts) == 3 and len(set(attempts)) == 1
     assert pbx.sim.events_delivered == 1
+
+
+async def test_closing_the_pusher_ends_every_delivery_and_refuses_later_reports(
+    tmp_path: Path,
+) -> None:
+    """The simulator closes its pusher before its loop stops. Deliveries still waiting for
+    an answer must be over by then, and a report queued later (a call placed by a worker
+    thread while the simulator stops) must not start: a delivery left behind was torn
+    down by the garbage collector after the loop had gone, with a traceback."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    state = PbxState(
+        username="api",
+        password="pw",
+        serial="1",
+        clock=Clock(),
+        faults=Faults(),
+        recordings_dir=tmp_path,
+    )
+    loop = asyncio.get_running_loop()
+    pusher = EventPusher(state, loop, retry_interval=0.01, max_retries=0)
+    target = EventTarget(
+        url=f"http://127.0.0.1:{silent.getsockname()[1]}/", format=EventFormat.V1_0_2
+    )
+    before = asyncio.all_tasks()
+    try:
+        pusher.push(target, b'{"action":"BootUp","sn":"1"}', None)
+        conn, _address = await asyncio.to_thread(silent.accept)  # the delivery is under way
+        with conn:
+            assert len(asyncio.all_tasks() - before) == 1
+            await pusher.aclose()
+            assert asyncio.all_tasks() - before == set()
+            pusher.push(target, b'{"action":"BootUp","sn":"1"}', None)
+            await asyncio.sleep(0)
+            assert asyncio.all_tasks() - before == set()
+            assert pusher.pending == 0 and state.events_delivered == 0
+    finally:
+        silent.close()

@@ -8,7 +8,6 @@ import json
 import ssl
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -241,7 +240,7 @@ class EventPusher:
 
     A report bound to a token stops when the token dies (reports need a live token); each
     delivery counts as interaction and refreshes the token. Thread-safe: :meth:`push` may be
-    called from any thread.
+    called from any thread. After :meth:`aclose` nothing more is sent.
     """
 
     def __init__(
@@ -258,7 +257,8 @@ class EventPusher:
         self._max_retries = max_retries
         self._pending = 0
         self._idle = threading.Condition()
-        self._futures: set[Future[None]] = set()
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()  # touched on the loop only
 
     def push(self, target: EventTarget, body: bytes, token: str | None) -> None:
         """Queue one report for `target`; `token` None sends it without a live token (BootUp)."""
@@ -269,27 +269,29 @@ class EventPusher:
         re-sent until 200 or given up before the next); a call's reports never overtake
         each other. Reports of different calls travel side by side."""
         with self._idle:
+            if self._closed:
+                return
             self._pending += 1
         with self._state.lock:
             self._state.events_queued += len(bodies)
         try:
-            delivery = self._deliver(target, bodies, token)
-            future = asyncio.run_coroutine_threadsafe(delivery, self._loop)
+            self._loop.call_soon_threadsafe(self._start, target, bodies, token)
         except RuntimeError:  # loop already closed: the simulator is stopping
-            delivery.close()
+            self._done()
+
+    def _start(self, target: EventTarget, bodies: list[bytes], token: str | None) -> None:
+        """On the loop: start one delivery, unless the pusher was closed meanwhile (a call
+        placed by a background thread while the simulator stops)."""
+        if self._closed:
             self._done()
             return
-        with self._idle:
-            self._futures.add(future)
-        future.add_done_callback(self._forget)
-
-    def _forget(self, future: Future[None]) -> None:
-        with self._idle:
-            self._futures.discard(future)
+        task = self._loop.create_task(self._deliver(target, bodies, token))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _done(self) -> None:
         with self._idle:
-            self._pending -= 1
+            self._pending = max(self._pending - 1, 0)
             self._idle.notify_all()
 
     @property
@@ -330,12 +332,15 @@ class EventPusher:
         return True
 
     async def aclose(self) -> None:
-        """Cancel undelivered reports (on the loop)."""
+        """Cancel undelivered reports and wait until their connections are closed (on the
+        loop, before it stops: a delivery left pending would be torn down by the garbage
+        collector after the loop is gone)."""
         with self._idle:
-            futures = list(self._futures)
-        for future in futures:
-            future.cancel()
-        await asyncio.sleep(0)
+            self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         with self._idle:
             self._pending = 0
             self._idle.notify_all()
