@@ -104,7 +104,7 @@ def test_api_errors_are_json_with_http_200(pbx: Pbx) -> None:
     assert pbx.errno("login", body={"username": "api", "port": "0"}) == "10004"
     assert pbx.errno("login", body={**login, "username": "  "}) == "10004"
     assert pbx.errno("dial_extension", body=login) == "10003"
-    assert pbx.errno("login", version="v1.10", body=login) == "10003"
+    assert pbx.errno("login", version="v1.1", body=login) == "10003"  # v1.10 is v1.1.0
     token = pbx.login()
     assert pbx.errno("heartbeat", token=token, body={"port": "0"}) == "10004"
     assert pbx.errno("recording/get_random", token=token, body={"allowedip": ""}) == "10004"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 
+from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 from callvault.pbx._types import CallDetail
-from test_sim_helpers import Pbx, running_pbx
+from test_sim_helpers import PASSWORD, Pbx, running_pbx
 
 V1_HEADER = [
     "callid",
@@ -20,12 +23,11 @@ V1_HEADER = [
     "talkduraction",
     "srctrunkname",
     "desttrunkname",
-    "pincode",
     "status",
     "type",
+    "pincode",
     "recording",
     "didnumber",
-    "agentringtime",
     "sn",
 ]
 WIDE = {"starttime": "2000-01-01 00:00:00", "endtime": "2099-12-31 23:59:59"}
@@ -100,6 +102,45 @@ def test_v2_export_takes_number_and_spells_the_trunk_column_oddly(
     assert [row["callid"] for row in reader] == [calls[1].callid]
     v1_field = {"extid": "all", **WIDE}
     assert pbx.errno("cdr/get_random", version="v2.0.0", token=token, body=v1_field) == "10004"
+
+
+@pytest.mark.parametrize("api", ["v1.1.0", "v2.0.0"])
+def test_peers_reading_by_position_find_every_field(
+    pbx: Pbx, calls: list[CallDetail], api: str
+) -> None:
+    """Two peers skip the header and read 14 cells by position (v1.1.0 and v2.0.0): status
+    is cell 8, pincode 10, recording 11, didnumber 12, sn 13; no agentringtime."""
+    token = pbx.login(api=api)
+    lines = _export(pbx, token, api=api).splitlines()
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    trunk = "dsttrcunkname" if api == "v2.0.0" else "desttrunkname"
+    assert header == [trunk if name == "desttrunkname" else name for name in V1_HEADER]
+    assert [len(row) for row in rows] == [14, 14, 14]
+    for row, cdr in zip(rows, calls, strict=True):
+        assert row[0] == cdr.callid and row[1] == cdr.timestart
+        assert (row[2], row[3]) == (cdr.callfrom, cdr.callto)
+        assert (row[4], row[5]) == (str(cdr.callduration), str(cdr.talkduration))
+        assert (row[6], row[7]) == (cdr.srctrunkname, cdr.dsttrunkname)
+        assert (row[8], row[9], row[10]) == (cdr.status, cdr.type, cdr.pincode)
+        assert (row[11], row[12], row[13]) == (cdr.recording or "", cdr.didnumber, cdr.sn)
+
+
+@pytest.mark.parametrize("api", [ApiVersion.V1_1_0, ApiVersion.V2_0_0])
+async def test_the_client_reads_the_export_by_header_name(
+    pbx: Pbx, calls: list[CallDetail], api: ApiVersion
+) -> None:
+    assert pbx.sim.cert_sha256 is not None
+    client = PbxClient(
+        pbx.sim.url,
+        pbx.sim.username,
+        PASSWORD,
+        api_version=api,
+        tls=TlsOptions(pin_sha256=pbx.sim.cert_sha256),
+    )
+    async with client:
+        rows = await client.export_cdr(datetime(2000, 1, 1), datetime(2099, 12, 31))
+    # agentringtime is not in the export: everything else comes back as placed.
+    assert rows == [dataclasses.replace(cdr, agentringtime=None) for cdr in calls]
 
 
 def test_extension_filter_takes_a_comma_list(pbx: Pbx, calls: list[CallDetail]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.simulator import Faults, apply_fault, parse_faults
-from test_sim_helpers import md5
+from test_sim_helpers import Receiver, md5
 
 
 def _start(*args: str, data_dir: Path | None, tmp: Path | None = None) -> subprocess.Popen[str]:
@@ -88,6 +89,7 @@ def test_simulate_prints_connection_details_and_serves(tmp_path: Path) -> None:
         assert info["password"] is None  # given by the user: not echoed
         assert len(info["cert_sha256"]) == 64
         [name] = info["recordings"]
+        assert re.fullmatch(r"\d{14}-\d+\.\d+-\d+-\d+-(Internal|Inbound|Outbound)\.wav", name)
         context = ssl.create_default_context(cafile=info["ca_file"])
         with httpx.Client(verify=context) as client:
             login = client.post(
@@ -172,6 +174,51 @@ def test_busy_port_is_one_clear_line_and_leaves_no_temporary_directory(tmp_path:
     assert line.startswith(f"callvault: error: cannot listen on 127.0.0.1:{port}: "), err
     assert line.endswith("; choose another --port"), err
     assert list(tmp.iterdir()) == []
+
+
+def test_name_faults_are_switched_on_from_the_command_line(tmp_path: Path) -> None:
+    with _simulate(
+        "--fault", "names_with_plus", "--initial-calls", "8", "--json", data_dir=tmp_path / "pbx"
+    ) as process:
+        assert process.stdout is not None
+        names = json.loads(process.stdout.readline())["recordings"]
+        _stop(process)
+    assert len(names) == 8 and any("-+49151" in name for name in names), names
+
+
+@pytest.mark.parametrize("switch", [None, "--no-call-progress"])
+def test_simulate_sends_call_progress_reports_unless_told_not_to(
+    tmp_path: Path, switch: str | None
+) -> None:
+    receiver = Receiver()
+    args = ["--password", "pw-1", "--initial-calls", "0", "--calls-per-minute", "600", "--json"]
+    try:
+        with _simulate(*args, *([switch] if switch else []), data_dir=tmp_path / "pbx") as process:
+            assert process.stdout is not None
+            info = json.loads(process.stdout.readline())
+            with httpx.Client(verify=ssl.create_default_context(cafile=info["ca_file"])) as client:
+                body = {"username": "api", "password": md5("pw-1"), "port": receiver.port}
+                login = client.post(f"{info['url']}/api/v1.1.0/login", json=body)
+                assert login.json()["status"] == "Success"
+            assert receiver.wait_for(12, timeout=30)
+            _stop(process)
+    finally:
+        receiver.close()
+    names = [r.json()["action"] for r in receiver.received]
+    if switch is None:
+        assert {"ALERT", "BYE", "ExtensionStatus", "NewCdr"} <= set(names), names
+    else:
+        assert set(names) == {"NewCdr"}, names
+
+
+def test_help_says_names_are_digits_only_and_how_to_change_that() -> None:
+    _register()
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Recording names and numbers are digits only" in text
+    for key in ("names_with_plus", "names_with_spaces", "names_non_ascii", "disposition_latin1"):
+        assert key in text
 
 
 def test_fault_specs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 import wave
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from callvault.pbx._types import EventFormat
+from callvault.pbx._types import CallDetail, EventFormat
 from callvault.simulator import ApiFailure, Clock, Faults, PbxState
 from callvault.simulator._state import Recording, Session
 from test_sim_helpers import Pbx, running_pbx
@@ -96,6 +97,74 @@ def test_names_with_plus_must_be_url_encoded(pbx: Pbx) -> None:
     query = f"recording={name}&random={value}&token={token}"
     raw = f"{pbx.sim.url}/api/v1.1.0/recording/download?{query}"
     assert pbx.client.get(raw).json()["errno"] == "20012"  # a raw + reads as a space
+
+
+# What real PBXs' recording names look like: digits, the callid, digits, digits, the type.
+DIGITS_ONLY_NAME = re.compile(r"\d{14}-\d+\.\d+-\d+-\d+-(Internal|Inbound|Outbound)\.wav")
+
+
+def _answered_random_calls(pbx: Pbx, count: int = 30) -> list[CallDetail]:
+    return [pbx.sim.place_random_call(answered=True) for _ in range(count)]
+
+
+def test_generated_names_and_numbers_are_digits_only(pbx: Pbx) -> None:
+    """Names in the peers' material are digits only (``...-16601274540-10000-Inbound.wav``);
+    a ``+`` breaks every client that does not URL-encode the name."""
+    cdrs = _answered_random_calls(pbx)
+    assert {cdr.type for cdr in cdrs} == {"Internal", "Inbound", "Outbound"}
+    for cdr in cdrs:
+        assert cdr.recording is not None and DIGITS_ONLY_NAME.fullmatch(cdr.recording), cdr
+        assert cdr.callfrom.isdigit() and cdr.callto.isdigit(), cdr
+        assert cdr.didnumber == "" or cdr.didnumber.isdigit(), cdr
+    assert any(len(cdr.callfrom) == 12 for cdr in cdrs if cdr.type == "Inbound")
+    # The name a client that does not URL-encode sends is still the right one.
+    name = cdrs[0].recording
+    assert name is not None
+    token = pbx.login()
+    value = pbx.random(token, name)
+    raw = f"{pbx.sim.url}/api/v1.1.0/recording/download?recording={name}&random={value}"
+    assert pbx.client.get(f"{raw}&token={token}").content.startswith(b"RIFF")
+
+
+def test_names_with_plus_fault(pbx: Pbx) -> None:
+    pbx.sim.faults.names_with_plus = True
+    external = [cdr for cdr in _answered_random_calls(pbx) if cdr.type != "Internal"]
+    assert external
+    for cdr in external:
+        number = cdr.callfrom if cdr.type == "Inbound" else cdr.callto
+        assert number.startswith("+4915") and number[1:].isdigit()
+        assert cdr.recording is not None and f"-{number}-" in cdr.recording
+        assert cdr.type == "Outbound" or cdr.didnumber == "+49301234567"
+
+
+def test_names_with_spaces_fault(pbx: Pbx) -> None:
+    pbx.sim.faults.names_with_spaces = True
+    external = [cdr for cdr in _answered_random_calls(pbx) if cdr.type != "Internal"]
+    assert external and all(cdr.recording and " " in cdr.recording for cdr in external)
+    name = external[0].recording
+    assert name is not None
+    token = pbx.login()
+    response = pbx.download(token, name, pbx.random(token, name))  # encoded: %20
+    assert response.content.startswith(b"RIFF")
+
+
+@pytest.mark.parametrize("latin1", [False, True])
+def test_non_ascii_names_reach_content_disposition_as_raw_bytes(pbx: Pbx, latin1: bool) -> None:
+    """A PBX copies the file name's bytes into the header (UTF-8, or Latin-1 with the
+    disposition_latin1 fault): clients must decode them without crashing."""
+    pbx.sim.faults.names_non_ascii = True
+    pbx.sim.faults.disposition_latin1 = latin1
+    external = [cdr for cdr in _answered_random_calls(pbx) if cdr.type != "Internal"]
+    assert external
+    token = pbx.login()
+    for cdr in external[:5]:
+        name = cdr.recording
+        assert name is not None and not name.isascii()
+        response = pbx.download(token, name, pbx.random(token, name))
+        assert response.content.startswith(b"RIFF")
+        raw = dict(response.headers.raw)[b"content-disposition"]
+        expected = name.encode("latin-1", "replace") if latin1 else name.encode()
+        assert raw == b'attachment; filename="' + expected + b'"'
 
 
 def test_missing_and_deleted_recordings_answer_20014(pbx: Pbx) -> None:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from callvault.simulator import Simulator
+from callvault.pbx import EventFormat
+from callvault.simulator import Clock, Faults, PbxState, Simulator
+from callvault.simulator._events import EventPusher
+from callvault.simulator._state import EventTarget
 from test_sim_helpers import Pbx, Receiver, make_config, running_pbx, running_receiver
 
 V1_KEYS = [
@@ -233,7 +240,8 @@ def test_background_calls_make_a_mix_of_records(receiver: Receiver) -> None:
                 assert sim.recording_path(cdr.recording).read_bytes()[:4] == b"RIFF"
             else:
                 assert cdr.recording is None
-        assert any(cdr.callfrom.startswith("+4915") for cdr in cdrs)
+        assert any(cdr.callfrom.startswith("015") for cdr in cdrs)
+        assert all(cdr.callfrom.isdigit() and cdr.callto.isdigit() for cdr in cdrs)
 
 
 @pytest.mark.parametrize("version", [None, "1.0.2", "2.0.0"])
@@ -261,3 +269,128 @@ def test_bye_names_every_party(pbx: Pbx, receiver: Receiver, version: str | None
             "sn": pbx.sim.serial,
             "call": [{"ext": {"extid": "1006"}}, {"ext": {"extid": "1005"}}],
         }
+
+
+class OnceReader:
+    """An app server that reads each connection ONCE (one recv), as some peers do, answers
+    200 whatever it got, and keeps what that one read returned."""
+
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self._lock = threading.Condition()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _address = self._server.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                data = conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            with self._lock:
+                self.reads.append(data)
+                self._lock.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self.reads) >= count, timeout)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_a_receiver_that_reads_once_gets_every_whole_report(pbx: Pbx) -> None:
+    """Request line, headers and body go out in one write: 13 of 18 reports reached such a
+    peer without their body while the simulator pushed with an HTTP client library."""
+    once = OnceReader()
+    try:
+        pbx.login(port=once.port, url="events", version="1.0.2")
+        cdrs = [pbx.sim.place_call(callfrom=str(1000 + n), callto="1099") for n in range(20)]
+        assert pbx.sim.wait_events_idle(10)
+        assert once.wait_for(20)
+    finally:
+        once.close()
+    callids = []
+    for data in once.reads:
+        head, blank, body = data.partition(b"\r\n\r\n")
+        assert blank, data
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0] == "POST /events HTTP/1.1"
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        assert headers["user-agent"] == "WebAPI"
+        assert headers["connection"] == "close"
+        assert headers["host"] == f"127.0.0.1:{once.port}"
+        assert int(headers["content-length"]) == len(body)
+        report = json.loads(body)
+        assert report["action"] == "NewCdr"
+        callids.append(report["callid"])
+    assert sorted(callids) == sorted(cdr.callid for cdr in cdrs)
+    assert pbx.sim.events_delivered == 20
+
+
+def test_a_report_is_sent_again_after_no_answer_at_all(pbx: Pbx) -> None:
+    """A connection closed without any answer counts like a non-200 answer: send again."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    attempts: list[bytes] = []
+
+    def hang_up_twice_then_answer() -> None:
+        for n in range(3):
+            conn, _address = silent.accept()
+            with conn:
+                attempts.append(conn.recv(65536))
+                if n == 2:
+                    conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+
+    thread = threading.Thread(target=hang_up_twice_then_answer, daemon=True)
+    thread.start()
+    try:
+        pbx.login(port=silent.getsockname()[1])
+        pbx.sim.place_call()
+        assert pbx.sim.wait_events_idle(10)
+    finally:
+        silent.close()
+    thread.join(5)
+    assert len(attempts) == 3 and len(set(attempts)) == 1
+    assert pbx.sim.events_delivered == 1
+
+
+async def test_closing_the_pusher_ends_every_delivery_and_refuses_later_reports(
+    tmp_path: Path,
+) -> None:
+    """The simulator closes its pusher before its loop stops. Deliveries still waiting for
+    an answer must be over by then, and a report queued later (a call placed by a worker
+    thread while the simulator stops) must not start: a delivery left behind was torn
+    down by the garbage collector after the loop had gone, with a traceback."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    state = PbxState(
+        username="api",
+        password="pw",
+        serial="1",
+        clock=Clock(),
+        faults=Faults(),
+        recordings_dir=tmp_path,
+    )
+    loop = asyncio.get_running_loop()
+    pusher = EventPusher(state, loop, retry_interval=0.01, max_retries=0)
+    target = EventTarget(
+        url=f"http://127.0.0.1:{silent.getsockname()[1]}/", format=EventFormat.V1_0_2
+    )
+    before = asyncio.all_tasks()
+    try:
+        pusher.push(target, b'{"action":"BootUp","sn":"1"}', None)
+        conn, _address = await asyncio.to_thread(silent.accept)  # the delivery is under way
+        with conn:
+            assert len(asyncio.all_tasks() - before) == 1
+            await pusher.aclose()
+            assert asyncio.all_tasks() - before == set()
+            pusher.push(target, b'{"action":"BootUp","sn":"1"}', None)
+            await asyncio.sleep(0)
+            assert asyncio.all_tasks() - before == set()
+            assert pusher.pending == 0 and state.events_delivered == 0
+    finally:
+        silent.close()

@@ -520,3 +520,67 @@ def test_the_archiver_on_v2_with_the_documents_spellings(tmp_path: Path) -> None
 
 def test_the_archiver_on_v1_0_1_with_legacy_reports(tmp_path: Path) -> None:
     _archive_with(ApiVersion.V1_0_1, tmp_path)
+
+
+# -- 9. the documents' typo path /api/v1.10/ -------------------------------------------------
+
+WIDE = {"extid": "all", "starttime": "2000-01-01 00:00:00", "endtime": "2099-12-31 23:59:59"}
+
+
+def test_the_typo_path_v1_10_is_v1_1_0_for_every_endpoint(pbx: Pbx, receiver: Receiver) -> None:
+    """The V1 and Cloud login pages print ``/api/v1.10/login``; real clients log in (and
+    carry on) that way. Every endpoint answers there as under v1.1.0."""
+    token = pbx.login(api="v1.10", port=receiver.port, version="1.0.2")
+    heartbeat = {"ipaddr": "127.0.0.1", "port": receiver.port, "urlflag": "0"}
+    pbx.ok("heartbeat", version="v1.10", token=token, body=heartbeat)
+    cdr = pbx.sim.place_call(callfrom="1001", callto="1003")
+    pbx.sim.push_call_released(cdr.callid, ["1001", "1003"])
+    assert receiver.wait_for(2)
+    # v1.1.0 offers the 1.0.2 format (v1.0.1 would have answered with legacy reports).
+    assert _format_of_bye(receiver.received[1].body) is EventFormat.V1_0_2
+    assert cdr.recording is not None
+    random = pbx.random(token, cdr.recording, version="v1.10")
+    download = pbx.download(token, cdr.recording, random, version="v1.10")
+    assert download.status_code == 200
+    assert download.content == pbx.sim.recording_path(cdr.recording).read_bytes()
+    # The later errno meanings of v1.1.0: a missing file is 20014, not the 2017 20012.
+    missing = {"recording": "20170901181806-1504261084.7-1001-1003-Internal.wav"}
+    assert pbx.errno("recording/get_random", version="v1.10", token=token, body=missing) == "20014"
+    # The CDR export came with v1.1.0; v1.0.1 answers 10003.
+    grant = pbx.ok("cdr/get_random", version="v1.10", token=token, body=WIDE)
+    export = pbx.call(
+        "cdr/download",
+        version="v1.10",
+        method="GET",
+        params={**WIDE, "token": token, "random": grant["random"]},
+    )
+    assert export.status_code == 200 and cdr.callid in export.text
+    assert pbx.ok("logout", version="v1.10", token=token)
+    assert pbx.sim.request_paths
+    assert all(path.startswith("/api/v1.10/") for path in pbx.sim.request_paths)
+
+
+def test_other_unknown_path_versions_stay_unknown(pbx: Pbx) -> None:
+    body = {"username": "api", "password": md5(PASSWORD), "port": "0"}
+    for version in ("v1.1", "v1.100", "v2.0", "1.1.0"):
+        assert pbx.errno("login", version=version, body=body) == "10003"
+
+
+@pytest.mark.parametrize("given", ["v1.10", "1.10", " V1.10 ", "1.1.0", "v1.1.0"])
+def test_the_client_reads_the_typo_and_bare_versions_as_v1_1_0(given: str) -> None:
+    assert ApiVersion(given) is ApiVersion.V1_1_0
+    assert ApiVersion("2.0.0") is ApiVersion.V2_0_0
+    for wrong in ("v1.1", "v1.100", "v3.0.0", ""):
+        with pytest.raises(ValueError):
+            ApiVersion(wrong)
+
+
+async def test_the_client_given_v1_10_sends_the_canonical_path(pbx: Pbx, tmp_path: Path) -> None:
+    cdr = pbx.sim.place_call()
+    assert cdr.recording is not None
+    async with client_for(pbx.sim, api_version="v1.10") as client:
+        assert client.api_version is ApiVersion.V1_1_0
+        result = await client.download_recording(cdr.recording, tmp_path)
+        assert result.sha256 == pbx.sim.recording_sha256(cdr.recording)
+    assert pbx.sim.request_paths
+    assert all(path.startswith("/api/v1.1.0/") for path in pbx.sim.request_paths)

@@ -107,6 +107,8 @@ def make_config(**changes: Any) -> SimulatorConfig:
         "seed": 7,
         "event_retry_interval": 0.05,
         "event_max_retries": 3,
+        # NewCdr (and BootUp) only: the tests count reports; test_sim_progress turns them on.
+        "call_progress_reports": False,
     }
     base.update(changes)
     return SimulatorConfig(**base)

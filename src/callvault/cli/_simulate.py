@@ -35,7 +35,8 @@ def _describe_call(cdr: CallDetail) -> str:
 
 def _banner(sim: Simulator, password_given: bool) -> None:
     _print(f"callvault simulator: Yeastar S-Series PBX, serial {sim.serial}")
-    _print(f"  URL          {sim.url}   (API under /api/v1.0.1, /api/v1.1.0, /api/v2.0.0)")
+    versions = "/api/v1.0.1, /api/v1.1.0 (or /api/v1.10), /api/v2.0.0"
+    _print(f"  URL          {sim.url}   (API under {versions})")
     _print(f"  username     {sim.username}")
     _print(f"  password     {'(as given)' if password_given else sim.password}")
     if sim.cert_sha256 is not None:
@@ -147,7 +148,13 @@ def simulate(
         typer.Option(
             "--fault",
             metavar="KEY[=VALUE]",
-            help=f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}.",
+            help=(
+                f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}. "
+                "Recording names and numbers are digits only, as on real PBXs, unless "
+                "names_with_plus, names_with_spaces or names_non_ascii puts a +, a space or "
+                "non-ASCII letters in them (the download's file name header then carries "
+                "raw UTF-8, or Latin-1 with disposition_latin1)."
+            ),
         ),
     ] = None,
     seed: Annotated[
@@ -164,6 +171,17 @@ def simulate(
     legacy_tls: Annotated[
         bool, typer.Option(help="Also accept TLS 1.0/1.1 (the PBX's 'Low' security level).")
     ] = False,
+    call_progress: Annotated[
+        bool,
+        typer.Option(
+            "--call-progress/--no-call-progress",
+            help=(
+                "Push each call's progress reports before its NewCdr (ALERT, RING, ANSWER, "
+                "ANSWERED, BYE, CallFailed, ExtensionStatus; CallStatus in format 2.0.0), "
+                "as a PBX with status monitoring does."
+            ),
+        ),
+    ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the connection details as one JSON line.")
     ] = False,
@@ -197,6 +215,7 @@ def simulate(
             seed=seed,
             faults=faults,
             legacy_tls=legacy_tls,
+            call_progress_reports=call_progress,
         )
         _run(
             config,

@@ -18,6 +18,22 @@ class ApiVersion(enum.StrEnum):
     V1_1_0 = "v1.1.0"
     V2_0_0 = "v2.0.0"
 
+    @classmethod
+    def _missing_(cls, value: object) -> ApiVersion | None:
+        """Also read "1.1.0" (no "v"), any case and padding, and the documents' typo "v1.10"
+        (the V1 login page prints ``/api/v1.10/login``) as v1.1.0. The value kept, and so
+        the path sent, is always the canonical one."""
+        if not isinstance(value, str):
+            return None
+        text = value.strip().lower()
+        text = text if text.startswith("v") else f"v{text}"
+        if text == "v1.10":
+            return cls.V1_1_0
+        for member in cls:
+            if member.value == text:
+                return member
+        return None
+
     @property
     def is_v2(self) -> bool:
         return self is ApiVersion.V2_0_0

@@ -1,9 +1,11 @@
 """A faithful Yeastar S-Series PBX, for demos, tests and benchmarks (``callvault simulate``).
 
-It speaks the API of ``yeastar-s-series-api.md`` over HTTPS on 127.0.0.1: login and
-sliding tokens, lockout, one-time randoms bound to token and IP, recording and CDR
-downloads, NewCdr and BootUp reports in all three formats, and switchable faults. It
-shares only data types with the client (``callvault.pbx._types``), never its logic.
+It speaks the API of ``yeastar-s-series-api.md`` over HTTPS on 127.0.0.1 (also under the
+documents' typo path ``/api/v1.10/``): login and sliding tokens, lockout, one-time randoms
+bound to token and IP, recording and CDR downloads (the CSV in the column order peers read
+by position), call-progress, NewCdr and BootUp reports in all three formats (each written
+in one go), digits-only recording names, and switchable faults. It shares only data types
+with the client (``callvault.pbx._types``), never its logic.
 
     from callvault.simulator import Simulator, SimulatorConfig
 

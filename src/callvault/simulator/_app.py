@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from callvault.simulator._events import cdr_columns, cdr_values
+from callvault.simulator._events import csv_columns, csv_row
 from callvault.simulator._state import (
     DEFAULT_EVENT_PORT,
     ApiFailure,
@@ -35,6 +35,10 @@ from callvault.simulator._state import (
 )
 
 API_VERSIONS = ("v1.0.1", "v1.1.0", "v2.0.0")
+# Path spellings taken as another version. The V1 and Cloud login pages print the endpoint
+# as `/api/v1.10/login` (spec section 1), and real clients copied it, one of them logging
+# in only that way: the PBX is assumed to accept it as v1.1.0 (that it does is [?]).
+API_VERSION_ALIASES = {"v1.10": "v1.1.0"}
 V1_0_1 = "v1.0.1"  # the 2017 API: no urltag, no report `version`, no CDR export
 V2 = "v2.0.0"
 SERVER = "Boa/0.94.14rc21"
@@ -95,19 +99,26 @@ class FileDownload(Response):
         status_code: int,
         drop_after: int | None,
         advertise_ranges: bool,
+        latin1_disposition: bool = False,
     ) -> None:
-        safe_name = name.replace('"', "").encode("latin-1", "replace").decode("latin-1")
         headers = {
             **BASE_HEADERS,
             "Content-Type": "audio/x-wav",
             "Content-Length": str(length),
-            "Content-Disposition": f'attachment; filename="{safe_name}"',
         }
         if advertise_ranges:
             headers["Accept-Ranges"] = "bytes"
         if status_code == 206:
             headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{total}"
         super().__init__(None, status_code=status_code, headers=headers)
+        # The file name's own bytes, as a PBX would copy them (UTF-8, or Latin-1 with the
+        # disposition_latin1 fault), not RFC 6266's filename*: non-ASCII names arrive as
+        # raw bytes, which clients must decode without crashing.
+        quoted = name.replace('"', "").replace("\r", "").replace("\n", "")
+        encoded = quoted.encode("latin-1", "replace") if latin1_disposition else quoted.encode()
+        self.raw_headers.append(
+            (b"content-disposition", b'attachment; filename="' + encoded + b'"')
+        )
         self._file = file
         self._start = start
         self._length = length
@@ -315,6 +326,7 @@ class PbxHttp:
             status_code=status,
             drop_after=max(length // 2, 1) if drop else None,
             advertise_ranges=faults.honour_range,
+            latin1_disposition=faults.disposition_latin1,
         )
         return response, "dropped" if drop else "Success"
 
@@ -357,10 +369,10 @@ class PbxHttp:
         )
         v2 = version == V2
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=cdr_columns(v2))
+        writer = csv.DictWriter(out, fieldnames=csv_columns(v2))
         writer.writeheader()
         for cdr in rows:
-            writer.writerow(cdr_values(cdr, v2))
+            writer.writerow(csv_row(cdr, v2))
         body = out.getvalue().encode()
         return Response(
             body,
@@ -399,8 +411,10 @@ class PbxHttp:
         return None
 
     async def api(self, request: Request) -> Response:
-        version = request.path_params["version"]
+        given = request.path_params["version"]
+        version = API_VERSION_ALIASES.get(given, given)
         endpoint = request.path_params["endpoint"]
+        self.state.note_path(request.url.path)
         if self.state.faults.slow_seconds > 0:
             await asyncio.sleep(self.state.faults.slow_seconds)
         # A failing web server in front of the API fails every request, preflights included.

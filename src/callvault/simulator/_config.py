@@ -35,5 +35,9 @@ class SimulatorConfig:
     legacy_tls: bool = False
     """False: TLS 1.2 only (the PBX's default "High" security level). True: also TLS 1.0/1.1
     as far as the local OpenSSL allows ("Low" level)."""
+    call_progress_reports: bool = True
+    """Push the call-progress reports of every placed call before its NewCdr: ALERT, RING,
+    ANSWER, ANSWERED, BYE, CallFailed, ExtensionStatus (CallStatus in format 2.0.0), as a
+    PBX with status monitoring on does. False: NewCdr only (tests that count reports)."""
     log_level: str = "warning"
     """uvicorn's log level for the simulator's server."""

@@ -73,6 +73,26 @@ class Faults:
     file does not exist", a deleted one 20014. Off (later firmware, paths v1.1.0 and
     v2.0.0): 20014 for both, and 20012 only means an invalid download random."""
 
+    names_with_plus: bool = False
+    """External numbers of generated calls (``place_random_call``) in international format,
+    ``+4915112345678``, in the CDR and so in the recording name. Off: digits only
+    (``015112345678``), as in every recording name seen from real PBXs. A client that does
+    not URL-encode the name then asks for a space instead of the ``+``."""
+
+    names_with_spaces: bool = False
+    """External numbers of generated calls written with a space (``0151 12345678``): the
+    recording names contain a space."""
+
+    names_non_ascii: bool = False
+    """The external party of generated calls is a caller-ID name with non-ASCII letters
+    (``Müller``) instead of a number, in the CDR and the recording name; its download
+    then carries those letters as raw bytes in ``Content-Disposition``."""
+
+    disposition_latin1: bool = False
+    """The file name in a download's ``Content-Disposition`` as raw Latin-1 bytes (letters
+    outside Latin-1 become ``?``). Off: raw UTF-8 bytes. A real PBX is taken to copy the
+    file name's bytes, not to use RFC 6266's ``filename*`` [?]."""
+
     v2_spellings_rate: float = 0.0
     """Probability that a call's NewCdr in format 2.0.0 uses the spellings the v2 documents
     show in places: status ``ANSWERD`` / ``NO ANSWERED`` and the trunk key ``dstrunkname``

@@ -33,6 +33,7 @@ from callvault.simulator._events import (
     newcdr_body,
 )
 from callvault.simulator._faults import Faults
+from callvault.simulator._progress import parties_of, progress_reports
 from callvault.simulator._state import PbxState, Recording
 from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
 from callvault.simulator._wav import write_wav
@@ -49,6 +50,8 @@ _RANDOM_STATUSES = (
     ("FAILED", 1),
     ("VOICEMAIL", 1),
 )
+# Caller-ID names for the names_non_ascii fault: Latin-1 letters and one beyond it.
+_NON_ASCII_CALLERS = ("Müller", "Groß", "Åström", "Çelik", "Łukasz")
 CallListener = Callable[[CallDetail], None]
 
 
@@ -242,6 +245,12 @@ class Simulator:
             return self.state.events_delivered
 
     @property
+    def events_queued(self) -> int:
+        """How many reports were queued for delivery (each counted once, resends not)."""
+        with self.state.lock:
+            return self.state.events_queued
+
+    @property
     def login_count(self) -> int:
         with self.state.lock:
             return self.state.login_count
@@ -251,6 +260,12 @@ class Simulator:
         """(endpoint, errno or "Success" or "dropped" or "HTTP 5xx/404") per API request."""
         with self.state.lock:
             return list(self.state.request_log)
+
+    @property
+    def request_paths(self) -> list[str]:
+        """The URL path (without the query) of every API request, in order of arrival."""
+        with self.state.lock:
+            return list(self.state.request_paths)
 
     def failed_login_count(self, ip: str = "127.0.0.1") -> int:
         return self.state.failed_login_count(ip)
@@ -278,7 +293,9 @@ class Simulator:
         dsttrunkname: str = "",
         size_bytes: int | None = None,
     ) -> CallDetail:
-        """A call that has just ended: WAV on disk, CDR stored, NewCdr pushed to app servers.
+        """A call that has just ended: WAV on disk, CDR stored, its progress reports (unless
+        switched off, see SimulatorConfig.call_progress_reports) and NewCdr pushed to the
+        app servers, in this order.
 
         `status` is stored and pushed as given; only an answered call (``ANSWERED``, or the
         documents' ``ANSWERD``) has talk time and a recording.
@@ -289,6 +306,9 @@ class Simulator:
         hangup = self.clock.now()
         start = hangup - ring - talk
         callid = self.state.next_callid(start)
+        # An outbound call's trunk leg has an id of its own, the next one (V1 examples:
+        # callid 1547396927.428, outboundid 1547396927.429).
+        leg_id = self.state.next_callid(start) if type.strip().lower() == "outbound" else ""
         name: str | None = None
         if recorded and answered:
             stamp = self._local(start + ring).strftime("%Y%m%d%H%M%S")
@@ -330,8 +350,17 @@ class Simulator:
             odd = any(
                 t.format is EventFormat.V2_0_0 for _token, t in targets
             ) and self.state.chance(self.faults.v2_spellings_rate)
+            parties = None
+            if self.config.call_progress_reports and targets:
+                parties = parties_of(
+                    cdr, outbound_leg_id=leg_id, next_channel=self.state.next_channel
+                )
             for token, target in targets:
-                self._pusher.push(target, newcdr_body(cdr, target.format, odd_spellings=odd), token)
+                reports = []
+                if parties is not None:
+                    reports = progress_reports(cdr, parties, target.format, self.serial)
+                reports.append(newcdr_body(cdr, target.format, odd_spellings=odd))
+                self._pusher.push_all(target, reports, token)
         if name is not None and self.state.chance(self.faults.delete_rate):
             self.state.delete_recording(name)
         for listener in list(self._listeners):
@@ -347,7 +376,7 @@ class Simulator:
             rng = self.state.rng
             kind = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
             ext = str(rng.randint(1000, 1020))
-            mobile = f"+4915{rng.randint(10_000_000, 99_999_999)}"
+            mobile = f"0151{rng.randint(10_000_000, 99_999_999)}"
             status = rng.choices(
                 [s for s, _w in _RANDOM_STATUSES], weights=[w for _s, w in _RANDOM_STATUSES]
             )[0]
@@ -356,6 +385,7 @@ class Simulator:
             other = str(rng.randint(1000, 1020))
         if answered is not None:
             status = "ANSWERED" if answered else "NO ANSWER"
+        mobile = self._as_dialled(mobile)
         if kind == "Internal":
             return self.place_call(
                 callfrom=ext,
@@ -373,7 +403,7 @@ class Simulator:
                 talk_seconds=talk,
                 ring_seconds=ring,
                 status=status,
-                didnumber="+49301234567",
+                didnumber="+49301234567" if self.faults.names_with_plus else "0301234567",
                 srctrunkname="SIP-Provider",
             )
         return self.place_call(
@@ -385,6 +415,18 @@ class Simulator:
             status=status,
             dsttrunkname="SIP-Provider",
         )
+
+    def _as_dialled(self, national: str) -> str:
+        """An external number (national format, digits only) as the trunk delivers it: digits
+        only, unless a names_* fault asks for a ``+``, a space or a non-ASCII caller ID."""
+        faults = self.faults
+        if faults.names_non_ascii:
+            with self.state.lock:
+                return self.state.rng.choice(_NON_ASCII_CALLERS)
+        number = f"+49{national[1:]}" if faults.names_with_plus else national
+        if faults.names_with_spaces:
+            number = f"{number[:-8]} {number[-8:]}"
+        return number
 
     def push_call_released(self, callid: str, extensions: list[str]) -> None:
         """Push a BYE report naming several parties (the legacy format repeats its keys)."""

@@ -179,7 +179,10 @@ class PbxState:
         self._call_seq = 0
         self.login_count = 0
         self.events_delivered = 0
+        self.events_queued = 0
+        self._channel_seq = 0
         self.request_log: list[tuple[str, str]] = []
+        self.request_paths: list[str] = []
 
     def __repr__(self) -> str:
         with self.lock:
@@ -194,6 +197,11 @@ class PbxState:
         return hashlib.md5(self._password.encode()).hexdigest()
 
     # -- bookkeeping --------------------------------------------------------------------------
+
+    def note_path(self, path: str) -> None:
+        """Remember the URL path of one API request (never its query: it holds the token)."""
+        with self.lock:
+            self.request_paths.append(path)
 
     def log(self, endpoint: str, outcome: str) -> None:
         """Remember one answered request: (endpoint, errno or "Success" or an HTTP fault)."""
@@ -508,6 +516,12 @@ class PbxState:
         with self.lock:
             self._call_seq += 1
             return f"{int(start_epoch)}.{self._call_seq}"
+
+    def next_channel(self) -> int:
+        """A fresh channel number (the hex tail of ``PJSIP/1001-0000001e``)."""
+        with self.lock:
+            self._channel_seq += 1
+            return self._channel_seq
 
     def add_cdr(self, cdr: CallDetail) -> None:
         with self.lock:
