@@ -96,8 +96,8 @@ def test_pin_is_normalised() -> None:
     [
         ({"workers": 0}, "bad value for workers"),
         ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
-        ({"pbx": "ftp://127.0.0.1"}, "bad value for pbx"),
-        ({"pbx": "https://admin:hunter2@127.0.0.1"}, "must not carry credentials"),
+        ({"pbx": "ftp://127.0.0.1"}, "bad value for pbx: PBX URL scheme 'ftp' is not http"),
+        ({"pbx": "https://admin:hunter2@127.0.0.1"}, "must not contain a user name or password"),
         ({"insecure": True, "pin_sha256": "a" * 64}, "choose only one"),
         ({"events_listen": "8260"}, "HOST:PORT"),
         ({"events_allow": ["not-an-ip"]}, "not an IP address"),

@@ -18,14 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from callvault.cli._fetch import TIME_FORMATS, day_windows, fetch_recordings, parse_time
+from callvault.cli._fetch import fetch_recordings
 from callvault.pbx import PbxClient
 from callvault.simulator import Simulator
+from callvault.times import FORMATS
 from support.pbx_fakes import PASSWORD, WAV, FakePbx, Sleeps, files_in, serve_fake_pbx
 from support.pbx_sim import SIM_PASSWORD
 
@@ -240,8 +240,8 @@ def test_cli_fetch_end_to_end_with_pin(sim: Simulator, tmp_path: Path) -> None:
         (["--insecure"], {"CALLVAULT_PASSWORD": ""}, "the API password is not set"),
         (["--insecure", "--pbx", "https://127.0.0.1:1"], {}, "cannot reach the PBX"),
         (["--insecure", "--pbx", "127.0.0.1:8088"], {}, "has no scheme"),
-        (["--insecure", "--api-version", "v9"], {}, "unknown --api-version"),
-        (["--insecure", "--pin-sha256", "ab" * 32], {}, "choose one of"),
+        (["--insecure", "--api-version", "v9"], {}, "unknown API version 'v9'"),
+        (["--insecure", "--pin-sha256", "ab" * 32], {}, "choose only one of"),
     ],
 )
 def test_cli_fetch_expected_failures_are_one_line(
@@ -325,9 +325,10 @@ def test_cdr_until_defaults_to_now(sim: Simulator) -> None:
     assert sim.ca_file is not None
     since = call.timestart[:10]
     ca = ["--ca-file", str(sim.ca_file)]
-    # "now" by this host's clock, here in the PBX's time zone (the simulator's).
-    env = sim_env(sim, TZ=sim.config.timezone)
-    done = run_cli("cdr", *ca, "--since", since, "--json", env=env)
+    # Times are read, and "now" taken, in the PBX's time zone.
+    done = run_cli(
+        "cdr", *ca, "--since", since, "--timezone", sim.config.timezone, "--json", env=sim_env(sim)
+    )
     assert done.returncode == 0, done.stderr
     assert [row["callid"] for row in json.loads(done.stdout)] == [call.callid]
 
@@ -341,41 +342,20 @@ def test_cdr_until_defaults_to_now(sim: Simulator) -> None:
         ),
         (
             ["--since", "yesterday", "--until", "2026-11-02"],
-            f"--since 'yesterday' is not a time: use {TIME_FORMATS}",
+            f"--since: 'yesterday' is not a time: use {FORMATS}",
         ),
         (
             ["--since", "2026-11-01", "--until", "2026-11-02 25:00"],
-            f"--until '2026-11-02 25:00' is not a time: use {TIME_FORMATS}",
+            f"--until: '2026-11-02 25:00' is not a time: use {FORMATS}",
         ),
-        (["--since", "2026-11-02", "--until", "2026-11-01"], "--until is before --since"),
-        (["--since", "9999-12-31"], "--since is in the future"),
+        (["--since", "2026-11-02", "--until", "2026-11-01"], "--until must be after --since"),
+        (["--since", "2199-12-30"], "--since is in the future"),
     ],
 )
 def test_cdr_bad_options_exit_2(args: list[str], message: str) -> None:
     done = run_cli("cdr", "--pbx", "https://127.0.0.1:9", "--username", "api", *args)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"callvault: error: {message}"]
-
-
-def test_parse_time() -> None:
-    assert parse_time("2024-03-01", end_of_day=False) == datetime(2024, 3, 1)
-    assert parse_time("2024-03-01", end_of_day=True) == datetime(2024, 3, 1, 23, 59, 59)
-    assert parse_time("2024-03-01 10:20:30", end_of_day=True) == datetime(2024, 3, 1, 10, 20, 30)
-    assert parse_time("2024-03-01T10:20", end_of_day=False) == datetime(2024, 3, 1, 10, 20)
-    with pytest.raises(ValueError, match=r"'yesterday' is not a time: use YYYY-MM-DD or "):
-        parse_time("yesterday", end_of_day=False)
-    assert TIME_FORMATS == "YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
-
-
-def test_day_windows_cover_the_range_without_gaps_or_overlap() -> None:
-    since, until = datetime(2024, 3, 1, 12), datetime(2024, 3, 4, 6, 30)
-    windows = list(day_windows(since, until))
-    assert windows[0][0] == since and windows[-1][1] == until
-    for (_, end), (start, _) in itertools.pairwise(windows):
-        assert (start - end).total_seconds() == 1
-    assert all((end - start).total_seconds() < 86400 for start, end in windows)
-    assert len(windows) == 3
-    assert list(day_windows(since, since)) == [(since, since)]
 
 
 # ------------------------------------------------------------- help screens
@@ -416,5 +396,5 @@ def test_fetch_help_documents_json_output() -> None:
 
 def test_cdr_help_says_until_defaults_to_now_and_words_the_formats_once() -> None:
     text = help_words("cdr")
-    assert "Default: now (by this host's clock)." in text
-    assert text.count(TIME_FORMATS) == 2  # --since and --until, in the same words
+    assert "Default: now." in text
+    assert text.count(FORMATS) == 2  # --since and --until, in the same words

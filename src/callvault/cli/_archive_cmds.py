@@ -24,13 +24,15 @@ import typer
 
 from callvault.cli._app import app
 from callvault.cli._common import fail
-from callvault.cli._settings import (
+from callvault.cli._options import (
     ArchiveOption,
-    ArchiveSettings,
     ConfigOption,
     DbOption,
-    SettingsError,
     ShowTimezoneOption,
+)
+from callvault.cli._settings import (
+    ArchiveSettings,
+    SettingsError,
     host_timezone,
     settings_or_fail,
 )

@@ -9,8 +9,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Annotated
 
@@ -28,18 +27,19 @@ from rich.table import Table
 
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
-from callvault.cli._pbxopts import (
-    USAGE_ERROR,
-    ApiVersionOpt,
-    CaFileOpt,
-    InsecureOpt,
-    PasswordEnvOpt,
-    PbxOptions,
-    PbxUrlOpt,
-    PinOpt,
-    TlsMinOpt,
-    UsernameOpt,
+from callvault.cli._options import (
+    ApiVersionOption,
+    CaFileOption,
+    ConfigOption,
+    InsecureOption,
+    PasswordEnvOption,
+    PbxOption,
+    PinOption,
+    TimezoneOption,
+    TlsMinVersionOption,
+    UsernameOption,
 )
+from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
 from callvault.pbx import (
     CSV_COLUMNS,
     AuthError,
@@ -56,12 +56,10 @@ from callvault.pbx import (
     call_detail_row,
     check_recording_name,
 )
+from callvault.times import FORMATS, TimeFormatError, parse_moment
 
 # Failures after which trying the remaining names is pointless (and, for logins, harmful).
 _FATAL = (PbxTlsError, PbxUnreachable)
-
-TIME_FORMATS = "YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
-"""How every time option of these commands is written, in the words of help and errors."""
 
 
 def _quiet_library_logs() -> None:
@@ -192,17 +190,18 @@ def fetch(
     names: Annotated[
         list[str], typer.Argument(metavar="NAME...", help="Recording names, as the PBX gave them.")
     ],
-    pbx: PbxUrlOpt = None,
-    username: UsernameOpt = None,
-    password_env: PasswordEnvOpt = None,
-    api_version: ApiVersionOpt = None,
-    ca_file: CaFileOpt = None,
-    pin_sha256: PinOpt = None,
-    insecure: InsecureOpt = None,
-    tls_min_version: TlsMinOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="Directory to save the recordings in.")] = Path(
-        "."
-    ),
+    pbx: PbxOption = None,
+    username: UsernameOption = None,
+    password_env: PasswordEnvOption = None,
+    api_version: ApiVersionOption = None,
+    ca_file: CaFileOption = None,
+    pin_sha256: PinOption = None,
+    insecure: InsecureOption = None,
+    tls_min_version: TlsMinVersionOption = None,
+    config: ConfigOption = None,
+    out: Annotated[
+        Path, typer.Option("--out", metavar="DIR", help="Directory to save the recordings in.")
+    ] = Path("."),
     as_json: Annotated[
         bool,
         typer.Option(
@@ -220,10 +219,18 @@ def fetch(
     Prints one line per recording saved (with --json, one JSON object per line); failures
     go to stderr, one line each. Exit status 0 only if every recording was saved.
     """
-    options = PbxOptions(
-        pbx, username, password_env, api_version, ca_file, pin_sha256, insecure, tls_min_version
+    settings = settings_or_fail(
+        config,
+        pbx=pbx,
+        username=username,
+        password_env=password_env,
+        api_version=api_version,
+        ca_file=ca_file,
+        pin_sha256=pin_sha256,
+        insecure=insecure,
+        tls_min_version=tls_min_version,
     )
-    client = options.build_client()
+    client = _client(settings)
     _quiet_library_logs()
     try:
         code = run_terminable(
@@ -241,47 +248,27 @@ def fetch(
 # ------------------------------------------------------------------------ cdr
 
 
-def parse_time(value: str, *, end_of_day: bool) -> datetime:
-    """A time option: "YYYY-MM-DD" or "YYYY-MM-DD hh:mm[:ss]" (also with a T). A bare day
-    means its start, or with `end_of_day` its last second (for an inclusive end)."""
-    text = value.strip().replace("T", " ")
-    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
-        try:
-            moment = datetime.strptime(text, fmt)
-        except ValueError:
-            continue
-        if fmt == "%Y-%m-%d" and end_of_day:
-            moment = moment.replace(hour=23, minute=59, second=59)
-        return moment
-    raise ValueError(f"{value!r} is not a time: use {TIME_FORMATS}")
-
-
-def _time_option(flag: str, value: str, *, end_of_day: bool) -> datetime:
+def _client(settings: Settings) -> PbxClient:
+    """The PBX client the settings name, or exit 2 with one line saying what is missing."""
     try:
-        return parse_time(value, end_of_day=end_of_day)
-    except ValueError as exc:
-        fail(f"{flag} {exc}", USAGE_ERROR)
+        return settings.pbx_client()
+    except SettingsError as exc:
+        fail(str(exc), USAGE_ERROR)
 
 
-def day_windows(since: datetime, until: datetime) -> Iterator[tuple[datetime, datetime]]:
-    """Split [since, until] into windows of at most one day (old firmware times out on more)."""
-    start = since
-    while start <= until:
-        end = min(start + timedelta(days=1) - timedelta(seconds=1), until)
-        yield start, end
-        start = end + timedelta(seconds=1)
+def _time_option(flag: str, value: str, tz: tzinfo, *, end: bool) -> datetime:
+    try:
+        return parse_moment(value, tz, end=end, name=flag)
+    except TimeFormatError as exc:
+        fail(str(exc), USAGE_ERROR)
 
 
 async def export_range(
-    client: PbxClient, since: datetime, until: datetime, extensions: str
+    client: PbxClient, start: datetime, end: datetime, tz: tzinfo, extensions: str
 ) -> list[CallDetail]:
-    """Every CDR row of [since, until], fetched one day at a time, each call once."""
-    rows: dict[str, CallDetail] = {}
+    """Every CDR row of calls that started in [start, end), each call once."""
     async with client:
-        for start, end in day_windows(since, until):
-            for row in await client.export_cdr(start, end, extensions=extensions):
-                rows.setdefault(row.callid, row)
-    return list(rows.values())
+        return await client.export_cdr_range(start, end, tz, extensions=extensions)
 
 
 def _print_table(rows: list[CallDetail]) -> None:
@@ -310,7 +297,7 @@ def cdr(
         typer.Option(
             "--since",
             metavar="TIME",
-            help=f"Start, in PBX time: {TIME_FORMATS}.",
+            help=f"Calls that started from this time, in the PBX's zone: {FORMATS}.",
             show_default=False,
         ),
     ],
@@ -319,19 +306,20 @@ def cdr(
         typer.Option(
             "--until",
             metavar="TIME",
-            help=f"End, inclusive, in PBX time: {TIME_FORMATS}; a bare day means its end. "
-            "Default: now (by this host's clock).",
+            help=f"...and before this time (a date: through that day): {FORMATS}. Default: now.",
             show_default=False,
         ),
     ] = None,
-    pbx: PbxUrlOpt = None,
-    username: UsernameOpt = None,
-    password_env: PasswordEnvOpt = None,
-    api_version: ApiVersionOpt = None,
-    ca_file: CaFileOpt = None,
-    pin_sha256: PinOpt = None,
-    insecure: InsecureOpt = None,
-    tls_min_version: TlsMinOpt = None,
+    pbx: PbxOption = None,
+    username: UsernameOption = None,
+    password_env: PasswordEnvOption = None,
+    api_version: ApiVersionOption = None,
+    ca_file: CaFileOption = None,
+    pin_sha256: PinOption = None,
+    insecure: InsecureOption = None,
+    tls_min_version: TlsMinVersionOption = None,
+    timezone: TimezoneOption = None,
+    config: ConfigOption = None,
     extensions: Annotated[
         str, typer.Option("--extensions", help="'all', or extensions like 1000,1001.")
     ] = "all",
@@ -341,23 +329,33 @@ def cdr(
     """Print the PBX's call detail records of a time range, with their recording names."""
     if as_json and as_csv:
         fail("choose one of --json and --csv", USAGE_ERROR)
-    start = _time_option("--since", since, end_of_day=False)
+    settings = settings_or_fail(
+        config,
+        pbx=pbx,
+        username=username,
+        password_env=password_env,
+        api_version=api_version,
+        ca_file=ca_file,
+        pin_sha256=pin_sha256,
+        insecure=insecure,
+        tls_min_version=tls_min_version,
+        timezone=timezone,
+    )
+    tz = settings.tz
+    start = _time_option("--since", since, tz, end=False)
     if until is None:
-        end = datetime.now().replace(microsecond=0)
+        end = datetime.now(tz).replace(microsecond=0) + timedelta(seconds=1)
     else:
-        end = _time_option("--until", until, end_of_day=True)
-    if end < start:
+        end = _time_option("--until", until, tz, end=True)
+    if end <= start:
         fail(
-            "--since is in the future" if until is None else "--until is before --since",
+            "--since is in the future" if until is None else "--until must be after --since",
             USAGE_ERROR,
         )
-    options = PbxOptions(
-        pbx, username, password_env, api_version, ca_file, pin_sha256, insecure, tls_min_version
-    )
-    client = options.build_client()
+    client = _client(settings)
     _quiet_library_logs()
     try:
-        rows = asyncio.run(export_range(client, start, end, extensions))
+        rows = asyncio.run(export_range(client, start, end, tz, extensions))
     except PbxError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

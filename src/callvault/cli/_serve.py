@@ -39,10 +39,9 @@ from callvault.archive._service import StartError, open_storage, save_pbx_timezo
 from callvault.archive._workers import process_staging_dir, remove_staging_dir
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
-from callvault.cli._settings import (
+from callvault.cli._options import (
     ApiVersionOption,
     ArchiveOption,
-    ArchiveSettings,
     CaFileOption,
     ConfigOption,
     DbOption,
@@ -51,12 +50,15 @@ from callvault.cli._settings import (
     PbxOption,
     PinOption,
     SecureCookiesOption,
-    SettingsError,
     TimezoneOption,
     TlsMinVersionOption,
     TrustedProxyOption,
     UsernameOption,
-    pbx_options,
+)
+from callvault.cli._settings import (
+    USAGE_ERROR,
+    ArchiveSettings,
+    SettingsError,
     settings_or_fail,
 )
 from callvault.index import Index, IndexOpenError, open_index
@@ -101,11 +103,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _require(settings: ArchiveSettings) -> tuple[str, str, Path]:
-    pbx, username = pbx_options(settings).require()
     try:
+        pbx, username = settings.require_pbx()
         archive = settings.archive_dir()
     except SettingsError as exc:
-        fail(str(exc), code=2)
+        fail(str(exc), code=USAGE_ERROR)
     return pbx, username, archive
 
 
@@ -127,16 +129,18 @@ def archiver_config(settings: ArchiveSettings, *, web: bool) -> ArchiverConfig:
     web_host, web_port = settings.web_address()
     try:
         allowed = settings.allowed_event_sources()
+        password = settings.password()
+        tls = settings.tls_options()
     except SettingsError as exc:
-        fail(str(exc), code=2)
+        fail(str(exc), code=USAGE_ERROR)
     return ArchiverConfig(
         pbx_url=pbx,
         username=username,
-        password=pbx_options(settings).password(),
+        password=password,
         archive=archive,
         db_url=settings.db_url(),
         api_version=settings.api_version,
-        tls=pbx_options(settings).tls_options(),
+        tls=tls,
         events_host=events_host,
         events_port=events_port,
         events_allow=allowed or None,
@@ -327,7 +331,10 @@ def backfill_command(
         timezone=timezone,
     )
     _pbx, _user, archive_dir = _require(settings)
-    client = pbx_options(settings).build_client()
+    try:
+        client = settings.pbx_client()
+    except SettingsError as exc:
+        fail(str(exc), code=USAGE_ERROR)
     tz = settings.tz
     start = _parse_day(since, tz, "--since")
     if until is None:

@@ -1,59 +1,49 @@
-"""`ArchiveSettings`: every option of the archive commands, from flags, environment and TOML.
+"""`Settings`: every option of every command, from flags, environment and TOML, one model.
 
-Precedence, highest first: command-line flags, environment variables (``CALLVAULT_`` +
-the option name in capitals, e.g. ``CALLVAULT_ARCHIVE``, ``CALLVAULT_WORKERS``; lists as
-JSON or comma-separated), the TOML file given with ``--config`` (flat ``key = value`` with
-the option names, dashes or underscores), then the defaults below.
+Precedence, highest first: command-line flags, environment variables (``CALLVAULT_`` + the
+option name in capitals, e.g. ``CALLVAULT_ARCHIVE``, ``CALLVAULT_WORKERS``; lists as JSON
+or comma-separated), the TOML file given with ``--config`` (flat ``key = value`` with the
+option names, dashes or underscores), then the defaults below. Every command reads its
+options here, so `fetch`, `serve` and `list` spell and check them alike, and a config file
+written for `serve` works for every other command.
 
 The PBX password is never a setting: ``password_env`` names the environment variable that
 holds it (default ``CALLVAULT_PASSWORD``).
 
-The reusable Typer options for ``--archive``, ``--db`` and ``--config`` (and the PBX options
-of ``serve``/``backfill``) live here too, so every command spells them the same way.
+Why not pydantic-settings: it costs about 150 ms to import, twelve times a bare
+interpreter's start-up, on every command (`callvault list` must start in a fraction of a
+second, bench/cli_startup.py); the rules below are plain checks of ~30 options.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import dataclasses
 import ipaddress
 import json
 import os
 import socket
+import ssl
+import sys
 import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import typer
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from callvault.pbx import ApiVersion, TlsOptions, check_pbx_url, normalise_pin
 
-from callvault.cli._pbxopts import (
-    ApiVersionOpt,
-    CaFileOpt,
-    InsecureOpt,
-    PasswordEnvOpt,
-    PbxOptions,
-    PbxUrlOpt,
-    PinOpt,
-    TlsMinOpt,
-    UsernameOpt,
-)
-from callvault.pbx import normalise_pin
-from callvault.pbx._types import ApiVersion
+if TYPE_CHECKING:
+    from callvault.pbx import PbxClient
 
 DB_FILENAME = "callvault.db"
-_toml_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "callvault_toml_values", default=None
-)
+ENV_PREFIX = "CALLVAULT_"
+DEFAULT_PASSWORD_ENV = "CALLVAULT_PASSWORD"  # noqa: S105 - a variable's name, not a password
+# Bad options end a command with exit status 2, as click does for usage errors; 1 is for work
+# that failed (a recording not fetched, the PBX refusing a login).
+USAGE_ERROR = 2
 
 
 class SettingsError(ValueError):
@@ -75,20 +65,17 @@ def host_timezone() -> str:
     except OSError:
         pass
     for name in candidates:
-        try:
-            ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
-            continue
-        return name
+        if _known_zone(name):
+            return name
     return "UTC"
 
 
-def _host_port(value: str, what: str) -> str:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{what} must be HOST:PORT, e.g. 127.0.0.1:8080")
-    return value
+def _known_zone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -97,152 +84,255 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class ArchiveSettings(BaseSettings):
-    """Every option of ``callvault serve``; the other archive commands use a subset."""
+# -- how each kind of value is read (from a flag, an environment variable or TOML) ---------
 
-    model_config = SettingsConfigDict(
-        env_prefix="CALLVAULT_",
-        extra="forbid",
-        validate_default=True,
-        case_sensitive=False,
-    )
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be text")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str | None:
+    return _text(value) or None
+
+
+def _integer(low: int | None = None, high: int | None = None) -> Callable[[Any], int]:
+    def read(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError("must be a whole number")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if (low is not None and number < low) or (high is not None and number > high):
+            raise ValueError(f"must be from {low} to {high}" if high else f"must be >= {low}")
+        return number
+
+    return read
+
+
+def _number(*, positive: bool = False, at_least: float | None = None) -> Callable[[Any], float]:
+    def read(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError("must be a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if number != number or (positive and number <= 0):
+            raise ValueError("must be a number above 0")
+        if at_least is not None and number < at_least:
+            raise ValueError(f"must be at least {at_least:g}")
+        return number
+
+    return read
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _path(value: Any) -> Path:
+    if isinstance(value, Path):
+        return value
+    return Path(_text(value)).expanduser()
+
+
+def _optional_path(value: Any) -> Path | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _path(value)
+
+
+def _items(value: Any) -> list[Any]:
+    """A list from TOML or a flag, or from an environment string (JSON or comma-separated)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise ValueError("is not a JSON list") from None
+        else:
+            return [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list")
+    return list(value)
+
+
+def _pbx_url(value: Any) -> str:
+    return check_pbx_url(_text(value))
+
+
+def _host_port(value: Any) -> str:
+    text = _text(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+    return text
+
+
+def _trusted_proxy(value: Any) -> str | None:
+    text = _text(value)
+    if not text:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(
+            f"{text!r:.60} is not an IP address (the reverse proxy's, e.g. 127.0.0.1)"
+        ) from None
+
+
+def _networks(value: Any) -> list[str]:
+    entries = [str(item).strip() for item in _items(value)]
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"{entry!r:.60} is not an IP address or network") from None
+    return entries
+
+
+def _seconds_list(value: Any) -> list[float]:
+    read = _number(positive=True)
+    return [read(item) for item in _items(value)]
+
+
+def _timezone(value: Any) -> str:
+    text = _text(value)
+    if not _known_zone(text):
+        raise ValueError(f"unknown time zone {text!r:.60} (use e.g. Europe/Paris)")
+    return text
+
+
+def _variable_name(value: Any) -> str:
+    text = _text(value)
+    if not text or not text.replace("_", "a").isalnum():
+        raise ValueError("must be the name of an environment variable")
+    return text
+
+
+def _api_version(value: Any) -> ApiVersion:
+    if isinstance(value, ApiVersion):
+        return value
+    text = _text(value)
+    try:
+        return ApiVersion(text)
+    except ValueError:
+        raise ValueError(
+            f"unknown API version {text!r:.20}: use " + ", ".join(v.value for v in ApiVersion)
+        ) from None
+
+
+def _pin(value: Any) -> str | None:
+    text = _text(value)
+    return normalise_pin(text) if text else None
+
+
+def _tls_version(value: Any) -> str:
+    text = _text(value)
+    TlsOptions(minimum_version=text)  # ValueError naming the versions there are
+    return text
+
+
+def _node(value: Any) -> str | None:
+    text = _text(value)
+    if not text:
+        return None
+    if len(text) > 64 or not all(ch.isalnum() or ch in "._-" for ch in text):
+        raise ValueError("must be at most 64 letters, digits, dots, dashes or underscores")
+    return text
+
+
+# Every option: how to read it, and its default (a value, or a function giving one).
+_READERS: dict[str, Callable[[Any], Any]] = {
+    # The PBX
+    "pbx": _pbx_url,
+    "username": _optional_text,
+    "password_env": _variable_name,
+    "api_version": _api_version,
+    "ca_file": _optional_path,
+    "pin_sha256": _pin,
+    "insecure": _boolean,
+    "tls_min_version": _tls_version,
+    # The archive
+    "archive": _optional_path,
+    "db": _optional_text,
+    # Services
+    "node": _node,
+    "events_listen": _host_port,
+    "events_allow": _networks,
+    "workers": _integer(1, 64),
+    "timezone": _timezone,
+    "web_listen": _host_port,
+    "secure_cookies": _boolean,
+    "trusted_proxy": _trusted_proxy,
+    "reconcile_hours": _integer(1, 24 * 366),
+    "reconcile_interval_s": _integer(10),
+    # Archiver tuning (rarely changed; tests and demos shrink them). See callvault.archive.
+    "job_lease_s": _number(positive=True),
+    "heartbeat_interval_s": _number(positive=True),
+    "poll_interval_s": _number(positive=True),
+    "retry_schedule_s": _seconds_list,
+    "missing_after_s": _number(at_least=0),
+    "missing_min_attempts": _integer(1),
+    "transient_backoff_s": _number(positive=True),
+    "transient_backoff_max_s": _number(positive=True),
+    "transient_max_attempts": _integer(1),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every option of every command; each command uses the ones it needs."""
 
     # The PBX
-    pbx: str | None = Field(default=None, description="PBX base URL, https://HOST:PORT")
-    username: str | None = Field(default=None, description="API account user name")
-    password_env: str = Field(
-        default="CALLVAULT_PASSWORD", description="environment variable holding the password"
-    )
+    pbx: str | None = None
+    username: str | None = None
+    password_env: str = DEFAULT_PASSWORD_ENV
     api_version: ApiVersion = ApiVersion.V1_1_0
     ca_file: Path | None = None
     pin_sha256: str | None = None
     insecure: bool = False
     tls_min_version: str = "1.2"
     # The archive
-    archive: Path | None = Field(default=None, description="archive directory")
-    # repr=False: a PostgreSQL URL may carry a password.
-    db: str | None = Field(
-        default=None, description="index database URL or SQLite file", repr=False
-    )
+    archive: Path | None = None
+    db: str | None = field(default=None, repr=False)  # a PostgreSQL URL may carry a password
     # Services
-    events_listen: str = "0.0.0.0:8260"
-    events_allow: Annotated[list[str] | None, NoDecode] = None
-    workers: int = Field(default=2, ge=1, le=64)
-    timezone: str = Field(default_factory=host_timezone)
+    node: str | None = None  # this machine's name among several (default: the host name)
+    events_listen: str = "0.0.0.0:8260"  # all addresses: the PBX must reach it
+    events_allow: list[str] | None = None
+    workers: int = 2
+    timezone: str = field(default_factory=host_timezone)
     web_listen: str = "127.0.0.1:8080"
     # The web app behind a TLS-terminating reverse proxy: mark cookies Secure, and believe
     # X-Forwarded-For/-Proto from the proxy's address (and from no other).
     secure_cookies: bool = False
     trusted_proxy: str | None = None
-    reconcile_hours: int = Field(default=48, ge=1, le=24 * 366)
-    reconcile_interval_s: int = Field(default=3600, ge=10)
-    # Archiver tuning (rarely changed; tests and demos shrink them). See callvault.archive.
-    job_lease_s: float = Field(default=300.0, gt=0)
-    heartbeat_interval_s: float = Field(default=600.0, gt=0, le=1500)
-    poll_interval_s: float = Field(default=5.0, gt=0)
-    retry_schedule_s: list[float] = Field(default=[2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0])
-    missing_after_s: float = Field(default=1800.0, ge=0)
-    missing_min_attempts: int = Field(default=8, ge=1)
-    transient_backoff_s: float = Field(default=5.0, gt=0)
-    transient_backoff_max_s: float = Field(default=900.0, gt=0)
-    transient_max_attempts: int = Field(default=12, ge=1)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_source = InitSettingsSource(settings_cls, init_kwargs=_toml_values.get() or {})
-        return (init_settings, env_settings, toml_source)
-
-    @field_validator("pbx")
-    @classmethod
-    def _check_pbx(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = value.strip().rstrip("/")
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be a URL like https://pbx.example:8088")
-        if parts.username or parts.password:
-            raise ValueError("must not carry credentials (use username and password_env)")
-        return value
-
-    @field_validator("pin_sha256")
-    @classmethod
-    def _check_pin(cls, value: str | None) -> str | None:
-        return None if value is None else normalise_pin(value)
-
-    @field_validator("events_listen")
-    @classmethod
-    def _check_events_listen(cls, value: str) -> str:
-        return _host_port(value, "events_listen")
-
-    @field_validator("web_listen")
-    @classmethod
-    def _check_web_listen(cls, value: str) -> str:
-        return _host_port(value, "web_listen")
-
-    @field_validator("trusted_proxy")
-    @classmethod
-    def _check_trusted_proxy(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        try:
-            return str(ipaddress.ip_address(value.strip()))
-        except ValueError:
-            raise ValueError(
-                f"{value!r:.60} is not an IP address (the reverse proxy's, e.g. 127.0.0.1)"
-            ) from None
-
-    @field_validator("events_allow", mode="before")
-    @classmethod
-    def _split_allow(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
-
-    @field_validator("events_allow")
-    @classmethod
-    def _check_allow(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        for address in value:
-            try:
-                ipaddress.ip_network(address, strict=False)
-            except ValueError:
-                raise ValueError(f"{address!r:.60} is not an IP address or network") from None
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _check_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r:.60} (use e.g. Europe/Paris)") from None
-        return value
-
-    @field_validator("password_env")
-    @classmethod
-    def _check_password_env(cls, value: str) -> str:
-        if not value or not value.replace("_", "a").isalnum():
-            raise ValueError("must be the name of an environment variable")
-        return value
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> ArchiveSettings:
-        chosen = sum((self.ca_file is not None, self.pin_sha256 is not None, self.insecure))
-        if chosen > 1:
-            raise ValueError("choose only one of ca_file, pin_sha256 and insecure")
-        return self
+    reconcile_hours: int = 48
+    reconcile_interval_s: int = 3600
+    job_lease_s: float = 300.0
+    heartbeat_interval_s: float = 600.0
+    poll_interval_s: float = 5.0
+    retry_schedule_s: list[float] = field(
+        default_factory=lambda: [2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0]
+    )
+    missing_after_s: float = 1800.0
+    missing_min_attempts: int = 8
+    transient_backoff_s: float = 5.0
+    transient_backoff_max_s: float = 900.0
+    transient_max_attempts: int = 12
+    # Which options a flag, the environment or the config file gave (not a default).
+    given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # -- derived values -----------------------------------------------------------------
 
@@ -254,7 +344,7 @@ class ArchiveSettings(BaseSettings):
     def given_timezone(self) -> str | None:
         """`timezone` if a flag, the environment (CALLVAULT_TIMEZONE) or the TOML file gave
         it; None if it is only the default (the host's zone)."""
-        return self.timezone if "timezone" in self.model_fields_set else None
+        return self.timezone if "timezone" in self.given else None
 
     def archive_dir(self) -> Path:
         """The archive directory, absolute; SettingsError if none was given."""
@@ -304,6 +394,77 @@ class ArchiveSettings(BaseSettings):
         """`web_listen` as (host, port)."""
         return split_host_port(self.web_listen)
 
+    # -- the PBX ------------------------------------------------------------------------
+
+    def require_pbx(self) -> tuple[str, str]:
+        """The PBX URL and the user name, which every PBX command needs."""
+        if not self.pbx:
+            raise SettingsError("no PBX given: pass --pbx https://HOST:8088 or set CALLVAULT_PBX")
+        if not self.username:
+            raise SettingsError("no API user name given: pass --username or set CALLVAULT_USERNAME")
+        return self.pbx, self.username
+
+    def password(self) -> str:
+        """The API password, from the environment variable `password_env` names."""
+        value = os.environ.get(self.password_env)
+        if not value:
+            raise SettingsError(
+                f"the API password is not set: put it in the environment variable "
+                f"{self.password_env} (or name another variable with --password-env)"
+            )
+        return value
+
+    def tls_options(self) -> TlsOptions:
+        """How to trust the PBX's certificate; SettingsError (one line) if the CA file is
+        missing or unreadable. Warns on stderr that --insecure checks nothing."""
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise SettingsError(f"--ca-file {self.ca_file}: no such file")
+        tls = TlsOptions(
+            ca_file=self.ca_file,
+            pin_sha256=self.pin_sha256,
+            insecure=self.insecure,
+            minimum_version=self.tls_min_version,
+        )
+        try:
+            tls.ssl_context()  # a CA file that is not PEM, or unreadable, fails here
+        except ssl.SSLError:
+            raise SettingsError(f"--ca-file {self.ca_file}: not a PEM certificate file") from None
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise SettingsError(f"--ca-file {self.ca_file}: cannot read it ({reason})") from None
+        if self.insecure:
+            print(
+                "callvault: warning: --insecure: the PBX's certificate is not checked; anyone "
+                "on the network path can pose as the PBX and read the token and recordings",
+                file=sys.stderr,
+            )
+        return tls
+
+    def pbx_client(self, **client_kwargs: Any) -> PbxClient:
+        """A client for the PBX these settings name; SettingsError for what is missing.
+        Warns on stderr when the PBX URL is plain http."""
+        from callvault.pbx import PbxClient
+
+        pbx, username = self.require_pbx()
+        tls = self.tls_options()
+        password = self.password()
+        try:
+            client = PbxClient(
+                pbx, username, password, api_version=self.api_version, tls=tls, **client_kwargs
+            )
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if client.base_url.startswith("http://"):
+            print(
+                "callvault: warning: the PBX URL is plain http: the password hash, the token "
+                "and every recording cross the network unencrypted; use https",
+                file=sys.stderr,
+            )
+        return client
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings)) - {"given"}
+
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
@@ -323,124 +484,72 @@ def _read_toml(path: Path) -> dict[str, Any]:
                 f"config file {path}: the password goes in an environment variable "
                 "(see password_env), never in a file"
             )
-        if name not in ArchiveSettings.model_fields:
+        if name not in FIELD_NAMES:
             raise SettingsError(f"config file {path}: unknown option {key!r}")
         values[name] = value
     return values
 
 
-def _describe(error: ValidationError, config_file: Path | None) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if not location:
-        return message
-    if first["type"] == "extra_forbidden":
-        where = f" in {config_file}" if config_file else ""
-        return f"unknown option {location!r}{where}"
-    return f"bad value for {location.replace('_', '-')}: {message}"
+def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """CALLVAULT_<OPTION> variables (any case); others, e.g. CALLVAULT_PASSWORD, are not
+    options and are left alone."""
+    values: dict[str, str] = {}
+    for key, value in environ.items():
+        upper = key.upper()
+        if upper.startswith(ENV_PREFIX):
+            name = upper[len(ENV_PREFIX) :].lower()
+            if name in FIELD_NAMES:
+                values[name] = value
+    return values
 
 
-def load_settings(config_file: Path | None = None, **cli_overrides: Any) -> ArchiveSettings:
-    """Build the settings from flags (`cli_overrides`; None means "not given"), the
-    environment, the TOML `config_file` and the defaults. Raises `SettingsError` with one
-    line saying what is wrong."""
-    toml_values = _read_toml(config_file) if config_file is not None else {}
-    given = {key: value for key, value in cli_overrides.items() if value is not None}
-    token = _toml_values.set(toml_values)
-    try:
-        return ArchiveSettings(**given)
-    except ValidationError as exc:
-        raise SettingsError(_describe(exc, config_file)) from None
-    finally:
-        _toml_values.reset(token)
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings from flags (None means "not given"), the environment, the TOML
+    `config_file` and the defaults. Raises `SettingsError` with one line saying what is
+    wrong (the option as it is spelled on the command line, and why)."""
+    unknown = set(flags) - FIELD_NAMES
+    if unknown:
+        raise TypeError(f"not options: {sorted(unknown)}")
+    layers = [
+        _read_toml(config_file) if config_file is not None else {},
+        _from_environment(os.environ),
+        {name: value for name, value in flags.items() if value is not None},
+    ]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    values: dict[str, Any] = {}
+    for name, raw in merged.items():
+        try:
+            values[name] = _READERS[name](raw)
+        except ValueError as exc:
+            raise SettingsError(f"bad value for {name.replace('_', '-')}: {exc}") from None
+    settings = Settings(**values, given=frozenset(values))
+    chosen = [
+        flag
+        for flag, on in (
+            ("--ca-file", settings.ca_file is not None),
+            ("--pin-sha256", settings.pin_sha256 is not None),
+            ("--insecure", settings.insecure),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise SettingsError(
+            f"choose only one of --ca-file, --pin-sha256 and --insecure, not {' and '.join(chosen)}"
+        )
+    return settings
 
 
-# -- Typer options shared by the archive commands ----------------------------------------
-
-ArchiveOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--archive",
-        help="Archive directory (recordings; the index too unless --db). Env CALLVAULT_ARCHIVE.",
-        show_default=False,
-    ),
-]
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help="Index database URL or SQLite file (default ARCHIVE/callvault.db).",
-        show_default=False,
-    ),
-]
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", help="TOML file with any of these options.", show_default=False),
-]
-# The PBX options are the same for every command that talks to the PBX: defined once.
-PbxOption = PbxUrlOpt
-UsernameOption = UsernameOpt
-PasswordEnvOption = PasswordEnvOpt
-ApiVersionOption = ApiVersionOpt
-CaFileOption = CaFileOpt
-PinOption = PinOpt
-InsecureOption = InsecureOpt
-TlsMinVersionOption = TlsMinOpt
-SecureCookiesOption = Annotated[
-    bool | None,
-    typer.Option(
-        "--secure-cookies",
-        help="Mark the web app's cookies Secure (when TLS is terminated in front of it).",
-        show_default=False,
-    ),
-]
-TrustedProxyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--trusted-proxy",
-        help="IP address of the reverse proxy in front of the web app: its X-Forwarded-For "
-        "and X-Forwarded-Proto are believed, from that address only (default: none).",
-        show_default=False,
-    ),
-]
-TimezoneOption = Annotated[
-    str | None,
-    typer.Option(
-        "--timezone", help="The PBX's time zone (default the host's).", show_default=False
-    ),
-]
-
-ShowTimezoneOption = Annotated[
-    str | None,
-    typer.Option(
-        "--timezone",
-        help="Time zone to show and read times in. Default: CALLVAULT_TIMEZONE or the config "
-        "file's timezone, else the PBX's zone as serve/backfill saved it, else the host's.",
-        show_default=False,
-    ),
-]
-
-
-def pbx_options(settings: ArchiveSettings) -> PbxOptions:
-    """The PBX options of the settings, to build the client, TLS options and password."""
-    return PbxOptions(
-        pbx=settings.pbx,
-        username=settings.username,
-        password_env=settings.password_env,
-        api_version=settings.api_version.value,
-        ca_file=settings.ca_file,
-        pin_sha256=settings.pin_sha256,
-        insecure=settings.insecure,
-        tls_min_version=settings.tls_min_version,
-    )
-
-
-def settings_or_fail(config_file: Path | None = None, **cli_overrides: Any) -> ArchiveSettings:
+def settings_or_fail(config_file: Path | None = None, **flags: Any) -> Settings:
     """`load_settings`, turning a `SettingsError` into one line on stderr and exit code 2."""
     from callvault.cli._common import fail
 
     try:
-        return load_settings(config_file, **cli_overrides)
+        return load_settings(config_file, **flags)
     except SettingsError as exc:
-        fail(str(exc), code=2)
+        fail(str(exc), code=USAGE_ERROR)
+
+
+# The name the archive commands have always used.
+ArchiveSettings = Settings

@@ -19,13 +19,15 @@ import typer
 
 from callvault.cli._app import app
 from callvault.cli._common import fail
-from callvault.cli._settings import (
+from callvault.cli._options import (
     ArchiveOption,
-    ArchiveSettings,
     ConfigOption,
     DbOption,
     SecureCookiesOption,
     TrustedProxyOption,
+)
+from callvault.cli._settings import (
+    ArchiveSettings,
     settings_or_fail,
 )
 from callvault.index import Index, audit, users

@@ -8,7 +8,16 @@ Also: `SyncPbxClient` (blocking), `parse_event` for pushed reports, `parse_cdr_c
 CDR export, and the one exception tree rooted at `PbxError`, each error with its
 `ErrorKind` (transient, not found, login refused, permanent); `error_kind` and
 `is_transient` classify any exception.
+
+The client itself (`PbxClient`, `SyncPbxClient`, and the helpers in their modules) is
+imported when first used: the data types, errors and parsers cost no HTTP stack, so code
+that only reads events or settings (the receiver, `callvault list`) starts quickly.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from callvault.pbx._cdr import (
     CSV_COLUMNS,
@@ -16,12 +25,6 @@ from callvault.pbx._cdr import (
     call_detail_row,
     parse_cdr_csv,
     parse_seconds,
-)
-from callvault.pbx._client import (
-    PbxClient,
-    ProgressCallback,
-    check_recording_name,
-    password_md5,
 )
 from callvault.pbx._errors import (
     ERRNO_TABLE,
@@ -54,7 +57,6 @@ from callvault.pbx._errors import (
     is_transient,
 )
 from callvault.pbx._events import parse_event
-from callvault.pbx._sync import SyncPbxClient
 from callvault.pbx._tls import (
     TlsOptions,
     build_ssl_context,
@@ -71,6 +73,35 @@ from callvault.pbx._types import (
     NewCdrEvent,
     normalise_status,
 )
+from callvault.pbx._urls import check_pbx_url
+
+if TYPE_CHECKING:
+    from callvault.pbx._client import (
+        PbxClient,
+        ProgressCallback,
+        check_recording_name,
+        password_md5,
+    )
+    from callvault.pbx._sync import SyncPbxClient
+
+# Exported names whose modules are imported on first use (they need httpx).
+_LAZY = {
+    "PbxClient": "_client",
+    "ProgressCallback": "_client",
+    "check_recording_name": "_client",
+    "password_md5": "_client",
+    "SyncPbxClient": "_sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"callvault.pbx.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CSV_COLUMNS",
@@ -114,6 +145,7 @@ __all__ = [
     "call_detail_from_fields",
     "call_detail_row",
     "certificate_sha256",
+    "check_pbx_url",
     "check_recording_name",
     "error_for_errno",
     "error_kind",

@@ -27,7 +27,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -64,9 +64,11 @@ from callvault.pbx._errors import (
     retried_at_once,
 )
 from callvault.pbx._gate import SessionGate
-from callvault.pbx._mapping import origin_of, strip_query, transport_error
+from callvault.pbx._mapping import origin_of, transport_error
 from callvault.pbx._tls import TlsOptions, build_ssl_context, speaks_tls
 from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult
+from callvault.pbx._urls import check_pbx_url, strip_query, url_for_humans
+from callvault.times import windows
 
 log = logging.getLogger("callvault.pbx")
 
@@ -119,15 +121,6 @@ def check_recording_name(name: str, *, what: str = "recording name") -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-_USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
-
-
-def _url_for_humans(text: str) -> str:
-    """A URL as the user typed it, for an error message: without a query string and without
-    a ``user:password@`` part (a password typed into --pbx must not be echoed)."""
-    return _USERINFO.sub(lambda match: match.group(1) or "", strip_query(text))
 
 
 class _RedactQueries(logging.Filter):
@@ -915,6 +908,25 @@ class PbxClient:
                 return []
             raise
 
+    async def export_cdr_range(
+        self, start: datetime, end: datetime, tz: tzinfo, *, extensions: str = "all"
+    ) -> list[CallDetail]:
+        """The CDR rows of calls that started in [start, end) (aware datetimes), each once.
+
+        The PBX is asked in its own local time (`tz`: the zone it writes its times in), one
+        day per request (old firmware times out on larger exports); the export's end is
+        inclusive to the second, so each request ends one second before the next begins.
+        """
+        rows: dict[str, CallDetail] = {}
+        for window_start, window_end in windows(start, end):
+            local_start = window_start.astimezone(tz).replace(tzinfo=None)
+            local_end = (window_end - timedelta(seconds=1)).astimezone(tz).replace(tzinfo=None)
+            for row in await self.export_cdr(
+                local_start, max(local_start, local_end), extensions=extensions
+            ):
+                rows.setdefault(row.callid, row)
+        return list(rows.values())
+
 
 def _content_length(headers: httpx.Headers) -> int | None:
     value = headers.get("content-length")
@@ -938,23 +950,7 @@ def _wants_riff(filename: str, head: bytes) -> bool:
 
 
 def _parse_base_url(base_url: str) -> httpx.URL:
-    text = base_url.strip()
-    if "://" not in text:
-        raise ValueError(
-            f"PBX URL {_url_for_humans(text)!r} has no scheme: use https://HOST:PORT "
-            "(the PBX web port, 8088 by default)"
-        )
     try:
-        url = httpx.URL(text)
-    except (httpx.InvalidURL, ValueError) as exc:
-        raise ValueError(f"PBX URL {_url_for_humans(text)!r} is not a URL ({exc})") from None
-    if url.userinfo:
-        raise ValueError("the PBX URL must not contain a user name or password")
-    if url.scheme not in ("http", "https"):
-        raise ValueError(f"PBX URL scheme {url.scheme!r} is not http or https")
-    if not url.host:
-        raise ValueError(f"PBX URL {_url_for_humans(text)!r} has no host")
-    path = url.path.rstrip("/")
-    if path.endswith("/api") or "/api/" in path + "/":
-        path = path[: path.find("/api")]
-    return url.copy_with(path=path or "", query=None, fragment=None)
+        return httpx.URL(check_pbx_url(base_url))
+    except httpx.InvalidURL as exc:  # what urllib lets through and httpx does not
+        raise ValueError(f"PBX URL {url_for_humans(base_url)!r} is not a URL ({exc})") from None

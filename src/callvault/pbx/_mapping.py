@@ -19,7 +19,6 @@ randoms live there).
 from __future__ import annotations
 
 import http.client
-import re
 from typing import Literal
 
 import httpx
@@ -31,17 +30,12 @@ from callvault.pbx._tls import (
     find_ssl_error,
     is_broken_connection,
 )
+from callvault.pbx._urls import strip_query
 
 Phase = Literal["connect", "handshake", "exchange"]
 """Where a socket failure happened: the TCP connect, the TLS handshake, or after it."""
 
-_QUERY = re.compile(r"\?[^\s'\"]*")
 _CUT_OFF = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-
-
-def strip_query(text: str) -> str:
-    """Remove query strings (they hold tokens and randoms) from text meant for humans."""
-    return _QUERY.sub("", text)
 
 
 def origin_of(url: httpx.URL) -> str:
