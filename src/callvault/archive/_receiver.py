@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("callvault.archive")
 
-SECRET_SETTING = "events_secret_path"  # noqa: S105 - a settings key, not a secret
 DEFAULT_MAX_BODY = 64 * 1024
 _TIMESTART = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

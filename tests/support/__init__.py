@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (plain modules: no tests here); fixtures are in conftest."""
