@@ -120,7 +120,7 @@ def main() -> None:
                 raise SystemExit(f"callvault backfill failed: {result.stderr[-2000:]}")
             with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
                 for name in names:
-                    row = index.recording_by_name(name)
+                    row = index.recordings.by_name(name)
                     if row is None or row.state != "archived" or row.storage_key is None:
                         raise SystemExit(f"callvault: {name} not archived")
                     data = (archive / row.storage_key).read_bytes()

@@ -36,8 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from callvault.archive import SECRET_SETTING
-from callvault.index import open_index
+from callvault.index import SettingKey, open_index
 
 
 def free_port() -> int:
@@ -115,7 +114,7 @@ def wait_for_secret(db: Path, port: int, timeout: float = 30.0) -> str:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 pass
             with open_index(f"sqlite:///{db}", create=False) as index:
-                secret = index.get_setting(SECRET_SETTING)
+                secret = index.settings.get(SettingKey.EVENTS_SECRET_PATH)
             if secret:
                 return secret
         except Exception:
@@ -188,12 +187,12 @@ def one_run(events: int, concurrency: int) -> Run:
             # Warm-up (imports, first transaction), not counted.
             asyncio.run(send_all(port, secret, 1, 1))
             with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
-                before = sum(index.counts_by_state().values())
+                before = sum(index.recordings.counts_by_state().values())
             cpu_before = (process_cpu_s(serve.pid), self_cpu_s(), machine_busy_s())
             elapsed, failures = asyncio.run(send_all(port, secret, events, concurrency))
             cpu_after = (process_cpu_s(serve.pid), self_cpu_s(), machine_busy_s())
             with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
-                stored = sum(index.counts_by_state().values()) - before
+                stored = sum(index.recordings.counts_by_state().values()) - before
         finally:
             serve.send_signal(signal.SIGTERM)
             serve.wait(60)

@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from callvault.archive import Archiver
-from callvault.archive._backfill import PROGRESS_SETTING, reconcile
+from callvault.archive._backfill import reconcile
 from callvault.cli import _register, app
-from callvault.index import open_index
+from callvault.index import SettingKey, Worker, open_index
 from callvault.pbx._types import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig
 from test_archive_flow import archiver_config, states, wait_until
@@ -64,11 +64,11 @@ def test_backfill_cli_archives_missed_calls_and_is_idempotent(
         assert states(index) == {"archived": 6}
         for cdr in missed:
             assert cdr.recording is not None
-            row = index.recording_by_name(cdr.recording)
+            row = index.recordings.by_name(cdr.recording)
             assert row is not None and row.source == "cdr" and row.storage_key is not None
             data = (archive / row.storage_key).read_bytes()
             assert hashlib.sha256(data).hexdigest() == sim.recording_sha256(cdr.recording)
-        progress = json.loads(index.get_setting(PROGRESS_SETTING) or "{}")
+        progress = json.loads(index.settings.get(SettingKey.BACKFILL_PROGRESS) or "{}")
         assert progress["done_until"] == progress["until"]
     # Run again: every window is already done; nothing new is queued or downloaded.
     again = runner.invoke(app, ["backfill", "--since", since], env=_cli_env(sim, archive))
@@ -136,7 +136,7 @@ def test_serve_reconciles_missed_calls_at_start(sim: Simulator, tmp_path: Path) 
         assert wait_until(lambda: states(index) == {"archived": 5}), states(index)
         for cdr in missed:
             assert cdr.recording is not None
-            row = index.recording_by_name(cdr.recording)
+            row = index.recordings.by_name(cdr.recording)
             assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
 
 
@@ -153,13 +153,15 @@ async def test_reconcile_without_a_cdr_export_only_requeues(tmp_path: Path) -> N
     with index:
         now = datetime(2024, 5, 1, 12, tzinfo=UTC)
         cdr = CallDetail(callid="1.1", recording="20240501120000-1.1-1001-1002-Internal.wav")
-        index.record_calls([cdr], source="event", tz=UTC, now=now)
-        [job] = index.claim_jobs("w", 1, now=now, lease=timedelta(minutes=5))
-        assert index.mark_failed(job.recording_id, worker_id="w", reason="timeouts", now=now)
+        index.calls.record([cdr], source="event", tz=UTC, now=now)
+        [job] = index.jobs.claim(Worker(None, "w"), 1, now=now, lease=timedelta(minutes=5))
+        assert index.jobs.mark_failed(
+            job.recording_id, worker=Worker(None, "w"), reason="timeouts", now=now
+        )
         woken: list[bool] = []
         stats = await reconcile(
             NoExport(), index, hours=48, tz=UTC, clock=lambda: now,
             on_queued=lambda: woken.append(True), cdr_export=False,
         )  # fmt: skip
         assert (stats.queued, stats.windows, woken) == (1, 0, [True])
-        assert index.counts_by_state()["pending"] == 1
+        assert index.recordings.counts_by_state()["pending"] == 1

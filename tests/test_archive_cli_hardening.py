@@ -34,10 +34,10 @@ import uvicorn
 from typer.testing import CliRunner
 
 from callvault.archive import Archiver
-from callvault.archive._backfill import PROGRESS_SETTING, backfill
+from callvault.archive._backfill import backfill
 from callvault.archive._receiver import SourceAllowList, create_receiver_app
 from callvault.cli import _register, app
-from callvault.index import InvalidCallDetail, RecordResult, open_index
+from callvault.index import InvalidCallDetail, RecordResult, SettingKey, open_index
 from callvault.pbx import PbxClient, TlsOptions
 from callvault.pbx._types import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig
@@ -123,7 +123,7 @@ def test_receiver_answers_400_not_503_for_a_report_the_index_refuses(
         if cdr.callid.endswith(".2"):
             raise RuntimeError("database is locked")
         result = await asyncio.to_thread(
-            index.record_calls, [cdr], source="event", tz=UTC, now=datetime.now(UTC)
+            index.calls.record, [cdr], source="event", tz=UTC, now=datetime.now(UTC)
         )
         return result[0]
 
@@ -160,7 +160,7 @@ def test_receiver_answers_400_not_503_for_a_report_the_index_refuses(
         assert all(r.levelno == logging.WARNING for r in refusals)
         assert all(secret not in r.getMessage() for r in caplog.records)
         assert all("\n" not in r.getMessage() for r in refusals)
-        assert sum(index.counts_by_state().values()) == 1
+        assert sum(index.recordings.counts_by_state().values()) == 1
     finally:
         index.close()
 
@@ -177,10 +177,10 @@ def test_reconcile_skips_a_refused_row_and_goes_on_with_later_windows(
         assert wait_until(lambda: states(index) == {"archived": 2}), states(index)
         for good in (early, late):
             assert good.recording is not None
-            row = index.recording_by_name(good.recording)
+            row = index.recordings.by_name(good.recording)
             assert row is not None and row.sha256 == sim.recording_sha256(good.recording)
         assert refused.recording is not None
-        assert index.recording_by_name(refused.recording[:255]) is None
+        assert index.recordings.by_name(refused.recording[:255]) is None
     skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
     assert any(refused.callid in r.getMessage() for r in skipped), skipped
     assert not any("reconcile failed" in r.getMessage() for r in caplog.records)
@@ -200,8 +200,8 @@ def test_backfill_skips_a_refused_row_and_archives_the_rest(sim: Simulator, tmp_
     assert "2 archived" in result.output
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
         assert states(index) == {"archived": 2}
-        assert index.recording_by_name(early.recording or "") is not None
-        assert index.recording_by_name(late.recording or "") is not None
+        assert index.recordings.by_name(early.recording or "") is not None
+        assert index.recordings.by_name(late.recording or "") is not None
 
 
 # -- 2. an unusable archive directory, a failing index database -----------------------------
@@ -305,7 +305,9 @@ def test_backfill_progress_is_kept_per_pbx_and_since(sim: Simulator, tmp_path: P
         assert skipped == 0 and done >= 3
         assert asyncio.run(run("https://pbx-a.example", since)) == (1, done)
         assert asyncio.run(run("https://pbx-b.example", since)) == (done, 0)
-        assert '"pbx": "https://pbx-b.example"' in (index.get_setting(PROGRESS_SETTING) or "")
+        assert '"pbx": "https://pbx-b.example"' in (
+            index.settings.get(SettingKey.BACKFILL_PROGRESS) or ""
+        )
         later = since + timedelta(hours=1)
         assert asyncio.run(run("https://pbx-b.example", later))[1] == 0
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from callvault.archive import Archiver, ArchiverConfig, RetryPolicy
-from callvault.index import Index, open_index
+from callvault.index import Index, SettingKey, open_index
 from callvault.pbx import EventFormat, TlsOptions
 from callvault.simulator import Faults, Simulator, SimulatorConfig
 from callvault.simulator._events import newcdr_body
@@ -71,7 +71,7 @@ def sim() -> Iterator[Simulator]:
 
 
 def states(index: Index) -> dict[str, int]:
-    return {k: v for k, v in index.counts_by_state().items() if v}
+    return {k: v for k, v in index.recordings.counts_by_state().items() if v}
 
 
 def file_sha256(path: Path) -> str:
@@ -95,14 +95,14 @@ def test_event_to_archived_bytes_equal_the_pbx(sim: Simulator, tmp_path: Path) -
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
         for cdr in cdrs[:2]:
             assert cdr.recording is not None
-            row = index.recording_by_name(cdr.recording)
+            row = index.recordings.by_name(cdr.recording)
             assert row is not None and row.state == "archived"
             assert row.storage_key is not None and row.sha256 == sim.recording_sha256(cdr.recording)
             path = archive / row.storage_key
             assert path.is_file() and file_sha256(path) == row.sha256
             assert row.storage_key.startswith(f"{sim.serial}/")
             assert row.size == path.stat().st_size
-        health = index.get_setting("pbx_health")
+        health = index.settings.get(SettingKey.PBX_HEALTH)
         assert health is not None and '"state"' in health
     staging = archive / ".callvault-incoming"
     assert not staging.exists() or list(staging.iterdir()) == []
@@ -122,7 +122,7 @@ def test_duplicate_events_archive_once(sim: Simulator, tmp_path: Path) -> None:
         time.sleep(0.5)  # re-sent events after archiving must not reset it
         for _ in range(3):
             assert httpx.post(archiver.events_url, content=body).status_code == 200
-        row = index.recording_by_name(cdr.recording)
+        row = index.recordings.by_name(cdr.recording)
         assert row is not None and row.state == "archived" and row.attempts == 1
         assert archiver.pool is not None and archiver.pool.archived == 1
     assert len(list(archive.rglob("*.wav"))) == 1
@@ -138,7 +138,7 @@ def test_not_ready_then_ready(tmp_path: Path) -> None:
             index = archiver.index
             assert index is not None
             assert wait_until(lambda: states(index) == {"archived": 1}, timeout=15)
-            row = index.recording_by_name(cdr.recording)
+            row = index.recordings.by_name(cdr.recording)
             assert row is not None and row.attempts >= 2  # at least one "not ready" first
             assert row.sha256 == sim.recording_sha256(cdr.recording)
             assert row.missing_since is None and row.last_error is None
@@ -157,7 +157,7 @@ def test_missing_after_the_bound_with_the_reason(sim: Simulator, tmp_path: Path)
         assert wait_until(lambda: states(index) == {"archived": 1, "missing": 1}, timeout=20), (
             states(index)
         )
-        row = index.recording_by_name(cdr.recording)
+        row = index.recordings.by_name(cdr.recording)
         assert row is not None and row.state == "missing"
         assert row.last_error is not None and "does not exist" in row.last_error
         assert "20014" in row.last_error
@@ -181,7 +181,7 @@ def test_transient_faults_are_retried_until_archived(tmp_path: Path) -> None:
             assert wait_until(lambda: states(index) == {"archived": 3}, timeout=30), states(index)
             for cdr in cdrs:
                 assert cdr.recording is not None
-                row = index.recording_by_name(cdr.recording)
+                row = index.recordings.by_name(cdr.recording)
                 assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
 
 

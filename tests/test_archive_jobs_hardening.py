@@ -29,7 +29,7 @@ import pytest
 
 from callvault.archive import Archiver, RetryPolicy, WorkerPool, after_not_found
 from callvault.archive._workers import process_staging_dir, remove_staging_dir
-from callvault.index import Index, open_index
+from callvault.index import Index, Worker, open_index
 from callvault.index.schema import ARCHIVED, DOWNLOADING, MISSING, PENDING
 from callvault.pbx import DownloadResult, RecordingNotFound
 from callvault.pbx._types import CallDetail
@@ -99,7 +99,7 @@ def archive(tmp_path: Path) -> Iterator[tuple[Index, LocalStorage]]:
 
 
 def record(index: Index, now: datetime, **fields: Any) -> int:
-    [result] = index.record_calls(
+    [result] = index.calls.record(
         [CallDetail(callid=CALLID, recording=NAME, **fields)], source="event", tz=TZ, now=now
     )
     assert result.recording_id is not None
@@ -107,7 +107,7 @@ def record(index: Index, now: datetime, **fields: Any) -> int:
 
 
 def row_of(index: Index, recording_id: int) -> Any:
-    row = index.recording_by_id(recording_id)
+    row = index.recordings.by_id(recording_id)
     assert row is not None
     return row
 
@@ -158,7 +158,10 @@ async def test_a_download_longer_than_the_lease_keeps_its_claim(
         row = row_of(index, recording_id)
         assert (row.state, row.claimed_by) == (DOWNLOADING, "pool:0")
         # So no other worker takes it while it runs.
-        assert index.claim_jobs("other", 1, now=clock.now, lease=timedelta(seconds=60)) == []
+        assert (
+            index.jobs.claim(Worker(None, "other"), 1, now=clock.now, lease=timedelta(seconds=60))
+            == []
+        )
         client.release.set()
         await until(lambda: row_of(index, recording_id).state == ARCHIVED)
     finally:
@@ -184,7 +187,9 @@ async def test_a_stored_recording_whose_claim_was_lost_is_still_archived(
         await asyncio.wait_for(client.started.wait(), timeout=30)
         # The lease ran out (the index was unreachable, say) and another worker claimed it.
         clock.advance(301)
-        [stolen] = index.claim_jobs("other", 1, now=clock.now, lease=timedelta(hours=1))
+        [stolen] = index.jobs.claim(
+            Worker(None, "other"), 1, now=clock.now, lease=timedelta(hours=1)
+        )
         assert stolen.recording_id == recording_id
         client.release.set()
         await until(lambda: client.finished == 1 and not pool.busy)
@@ -199,9 +204,9 @@ async def test_a_stored_recording_whose_claim_was_lost_is_still_archived(
     assert (storage.root / row.storage_key).read_bytes() == WAV
     assert pool.archived == 1
     # The other worker's claim no longer finishes anything.
-    assert not index.mark_archived(
+    assert not index.jobs.mark_archived(
         recording_id,
-        worker_id="other",
+        worker=Worker(None, "other"),
         size=1,
         sha256="0" * 64,
         storage_key="x/y.wav",
@@ -215,13 +220,13 @@ def test_renew_claim_only_for_the_claimant(archive: tuple[Index, LocalStorage]) 
     index, _ = archive
     recording_id = record(index, NOW, sn="SN1")
     lease = timedelta(minutes=5)
-    index.claim_jobs("w1", 1, now=NOW, lease=lease)
+    index.jobs.claim(Worker(None, "w1"), 1, now=NOW, lease=lease)
     later = NOW + timedelta(minutes=4)
-    assert not index.renew_claim(recording_id, worker_id="w2", now=later, lease=lease)
+    assert not index.jobs.renew(recording_id, worker=Worker(None, "w2"), now=later, lease=lease)
     assert row_of(index, recording_id).claimed_until == NOW + lease
-    assert index.renew_claim(recording_id, worker_id="w1", now=later, lease=lease)
+    assert index.jobs.renew(recording_id, worker=Worker(None, "w1"), now=later, lease=lease)
     assert row_of(index, recording_id).claimed_until == later + lease
-    assert index.claim_jobs("w2", 1, now=NOW + lease, lease=lease) == []
+    assert index.jobs.claim(Worker(None, "w2"), 1, now=NOW + lease, lease=lease) == []
 
 
 def test_archiving_without_the_claim_never_overwrites_an_archived_copy(
@@ -229,25 +234,32 @@ def test_archiving_without_the_claim_never_overwrites_an_archived_copy(
 ) -> None:
     index, _ = archive
     recording_id = record(index, NOW, sn="SN1")
-    index.claim_jobs("w1", 1, now=NOW, lease=timedelta(minutes=5))
+    index.jobs.claim(Worker(None, "w1"), 1, now=NOW, lease=timedelta(minutes=5))
     stored = {"size": 10, "storage_key": "SN1/2024/05/01/a.wav", "content_type": "audio/x-wav"}
-    assert index.mark_archived(recording_id, worker_id="w1", sha256="a" * 64, now=NOW, **stored)
-    assert not index.mark_archived_unclaimed(recording_id, sha256="b" * 64, now=NOW, **stored)
+    assert index.jobs.mark_archived(
+        recording_id, worker=Worker(None, "w1"), sha256="a" * 64, now=NOW, **stored
+    )
+    assert not index.jobs.mark_archived_unclaimed(recording_id, sha256="b" * 64, now=NOW, **stored)
     assert row_of(index, recording_id).sha256 == "a" * 64
 
 
 # -- 2. the storage key is fixed at the first attempt --------------------------------------
 
 
-class CrashesBeforeIndexing(Index):
-    """The index as a process sees it that dies right after storing the file."""
+def crashes_before_indexing(index: Index, monkeypatch: pytest.MonkeyPatch) -> Index:
+    """The index as a process sees it that dies right after storing the file (another
+    `Index` on the same database, so `index` itself stays sound)."""
+    crashing = open_index(index.engine.url.render_as_string(hide_password=False))
 
-    def mark_archived(self, recording_id: int, **_kwargs: Any) -> bool:
+    def mark_archived(recording_id: int, **_kwargs: Any) -> bool:
         raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(crashing.jobs, "mark_archived", mark_archived)
+    return crashing
 
 
 async def test_a_retry_after_a_crash_between_storing_and_indexing_keeps_one_copy(
-    archive: tuple[Index, LocalStorage],
+    archive: tuple[Index, LocalStorage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     index, storage = archive
     # A legacy NewCdr: no serial and no usable start, so the first key uses "unknown" and
@@ -255,7 +267,7 @@ async def test_a_retry_after_a_crash_between_storing_and_indexing_keeps_one_copy
     recording_id = record(index, NOW)
     clock = Clock(NOW)
     first = Downloader()
-    crashing = CrashesBeforeIndexing(index.engine)
+    crashing = crashes_before_indexing(index, monkeypatch)
     pool = pool_for(crashing, storage, first, clock)
     stop = asyncio.Event()
     task = asyncio.create_task(pool.run(stop))
@@ -264,10 +276,11 @@ async def test_a_retry_after_a_crash_between_storing_and_indexing_keeps_one_copy
     finally:
         stop.set()
         await task
+        crashing.close()
     [stored_key] = list(storage.list())
     assert stored_key == recording_key("", NOW.astimezone(TZ), NAME)
     # The CDR export fills in the serial and a start on another day; the retry runs a day on.
-    index.record_calls(
+    index.calls.record(
         [CallDetail(callid=CALLID, recording=NAME, sn="SN1", timestart="2024-04-30 10:00:00")],
         source="cdr",
         tz=TZ,
@@ -293,13 +306,13 @@ async def test_a_retry_after_a_crash_between_storing_and_indexing_keeps_one_copy
 def test_the_first_reserved_storage_key_wins(archive: tuple[Index, LocalStorage]) -> None:
     index, _ = archive
     recording_id = record(index, NOW)
-    assert index.reserve_storage_key(recording_id, "unknown/2024/05/01/a.wav") == (
+    assert index.jobs.reserve_storage_key(recording_id, "unknown/2024/05/01/a.wav") == (
         "unknown/2024/05/01/a.wav"
     )
-    assert index.reserve_storage_key(recording_id, "SN1/2024/04/30/a.wav") == (
+    assert index.jobs.reserve_storage_key(recording_id, "SN1/2024/04/30/a.wav") == (
         "unknown/2024/05/01/a.wav"
     )
-    assert index.reserve_storage_key(recording_id + 99, "x/a.wav") is None
+    assert index.jobs.reserve_storage_key(recording_id + 99, "x/a.wav") is None
 
 
 # -- 3. a just-queued recording gets the whole not-ready window ----------------------------
@@ -349,7 +362,7 @@ def test_a_live_call_read_in_the_wrong_zone_is_archived_once_ready(tmp_path: Pat
             cdr = sim.place_call(talk_seconds=1)
             assert cdr.recording is not None
             assert wait_until(lambda: bool(set(states(index)) & {"archived", "missing"}), 60)
-            row = index.recording_by_name(cdr.recording)
+            row = index.recordings.by_name(cdr.recording)
             assert row is not None and row.state == ARCHIVED, (row.state if row else None, row)
             assert row.attempts >= 2 and row.sha256 == sim.recording_sha256(cdr.recording)
 
@@ -362,14 +375,14 @@ async def test_a_claim_in_flight_at_shutdown_is_handed_back(
     index, storage = archive
     recording_id = record(index, NOW, sn="SN1", timestart="2024-05-01 23:59:00")
     entered, proceed = threading.Event(), threading.Event()
-    real_claim = index.claim_jobs
+    real_claim = index.jobs.claim
 
     def slow_claim(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         proceed.wait(30)
         return real_claim(*args, **kwargs)
 
-    monkeypatch.setattr(index, "claim_jobs", slow_claim)
+    monkeypatch.setattr(index.jobs, "claim", slow_claim)
     client = Downloader()
     pool = pool_for(index, storage, client, Clock(NOW))
     stop = asyncio.Event()
@@ -403,7 +416,7 @@ async def test_only_an_event_makes_an_old_looking_call_new(
     # A month-old call queued by backfill or reconciliation whose file is gone is missing
     # after a few answers; the same call reported by an event just now gets the whole window.
     index, storage = archive
-    [result] = index.record_calls(
+    [result] = index.calls.record(
         [CallDetail(callid=CALLID, recording=NAME, timestart="2024-04-01 10:00:00")],
         source=source,
         tz=TZ,
@@ -440,20 +453,22 @@ def test_requeue_missing_brings_back_recent_give_ups_only(
     archive: tuple[Index, LocalStorage],
 ) -> None:
     index, _ = archive
-    old = index.record_calls(
+    old = index.calls.record(
         [CallDetail(callid="1.1", recording="old.wav")], source="cdr", tz=TZ, now=NOW
     )[0].recording_id
     later = NOW + timedelta(hours=3)
-    recent = index.record_calls(
+    recent = index.calls.record(
         [CallDetail(callid="1.2", recording="recent.wav")], source="event", tz=TZ, now=later
     )[0].recording_id
     assert old is not None and recent is not None
     lease = timedelta(minutes=5)
-    index.claim_jobs("w", 2, now=later, lease=lease)
+    index.jobs.claim(Worker(None, "w"), 2, now=later, lease=lease)
     for recording_id in (old, recent):
-        assert index.mark_missing(recording_id, worker_id="w", reason="gone", now=later)
+        assert index.jobs.mark_missing(
+            recording_id, worker=Worker(None, "w"), reason="gone", now=later
+        )
     again = later + timedelta(minutes=1)
-    assert index.requeue([MISSING], since=later - timedelta(hours=1), now=again) == 1
+    assert index.jobs.requeue([MISSING], since=later - timedelta(hours=1), now=again) == 1
     row = row_of(index, recent)
     assert (row.state, row.attempts, row.next_attempt_at, row.missing_since) == (
         PENDING,
@@ -462,7 +477,7 @@ def test_requeue_missing_brings_back_recent_give_ups_only(
         None,
     )
     assert row_of(index, old).state == MISSING
-    [job] = index.claim_jobs("w", 5, now=again, lease=lease)
+    [job] = index.jobs.claim(Worker(None, "w"), 5, now=again, lease=lease)
     assert job.recording_id == recent and job.attempts == 1
 
 
@@ -569,7 +584,7 @@ def test_over_long_fields_block_neither_reconciliation_nor_events(tmp_path: Path
             assert wait_until(lambda: states(index) == {"archived": 4}, 60), states(index)
             for cdr in [*missed, live]:
                 assert cdr.recording is not None
-                row = index.recording_by_name(cdr.recording)
+                row = index.recordings.by_name(cdr.recording)
                 assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
                 assert row.call_from == cdr.callfrom[:128]
                 assert f'"callfrom": "{cdr.callfrom}"' in row.raw

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -20,9 +19,9 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from callvault.archive import SECRET_SETTING, Archiver, ArchiverConfig, GroupCommitter
+from callvault.archive import Archiver, ArchiverConfig, GroupCommitter
 from callvault.archive._receiver import SourceAllowList, validate_cdr
-from callvault.index import RecordResult, open_index
+from callvault.index import RecordResult, SettingKey, open_index
 from callvault.pbx._types import CallDetail
 
 
@@ -67,7 +66,7 @@ def _newcdr(callid: str, recording: str | None, *, key: str = "action") -> dict[
 
 def _recordings(archiver: Archiver) -> int:
     with open_index(archiver.config.resolved_db_url()) as index:
-        return sum(index.counts_by_state().values())
+        return sum(index.recordings.counts_by_state().values())
 
 
 def test_newcdr_in_each_format_is_committed_before_200(archiver: Archiver) -> None:
@@ -84,13 +83,13 @@ def test_newcdr_in_each_format_is_committed_before_200(archiver: Archiver) -> No
         with open_index(archiver.config.resolved_db_url()) as index:
             name = body.get("recording")
             if name:
-                row = index.recording_by_name(name)
+                row = index.recordings.by_name(name)
                 assert row is not None and row.state == "pending" and row.callid == body["callid"]
     with open_index(archiver.config.resolved_db_url()) as index:
-        assert index.counts_by_state()["pending"] == 3
-        row = index.recording_by_name(v2["recording"])
+        assert index.recordings.counts_by_state()["pending"] == 3
+        row = index.recordings.by_name(v2["recording"])
         assert row is not None and row.dst_trunk == "SIP2" and row.pbx_serial == "369351034049"
-        assert index.get_setting("last_event_at") is not None
+        assert index.settings.get(SettingKey.LAST_EVENT_AT) is not None
 
 
 def test_resent_event_is_harmless(archiver: Archiver) -> None:
@@ -240,7 +239,7 @@ def test_secret_path_is_kept_across_restarts(tmp_path: Path) -> None:
     with Archiver(_config(tmp_path)) as second:
         assert second.secret_path == path
     with open_index(config.resolved_db_url()) as index:
-        assert index.get_setting(SECRET_SETTING) == path
+        assert index.settings.get(SettingKey.EVENTS_SECRET_PATH) == path
     other = tmp_path / "other"
     with Archiver(_config(other)) as third:
         assert third.secret_path != path
@@ -295,14 +294,17 @@ def test_allow_list_verdicts_stay_right_past_the_cache() -> None:
 
 
 class _GatedRecorder:
-    """Holds the first batch until released, so the next commits pile up into one batch."""
+    """Holds the first batch until released, so the next commits pile up into one batch.
+    Stands in for the index: `calls.record` and `settings.set` are all the committer uses."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.batches: list[list[str]] = []
+        self.calls = self
+        self.settings = self
 
-    def record_calls(
+    def record(
         self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
     ) -> list[RecordResult]:
         self.entered.set()
@@ -312,7 +314,7 @@ class _GatedRecorder:
         self.batches.append([cdr.callid for cdr in cdrs])
         return [RecordResult(int(cdr.callid.split(".")[1]), None, False) for cdr in cdrs]
 
-    def set_setting(self, key: str, value: str, now: datetime) -> None:
+    def set(self, key: SettingKey, value: str, now: datetime) -> None:
         pass
 
 
@@ -371,50 +373,3 @@ def test_group_commit_answers_every_waiter_of_a_batch_on_its_own_loop() -> None:
     # 1.0 alone; then 1.1-1.4 and bad as one batch, which failed and was redone one by one.
     assert recorder.batches == [["1.0"], ["1.1"], ["1.2"], ["1.3"], ["1.4"]]
     assert committer.batches == 2
-
-
-def test_record_calls_fast_path_stores_what_sqlalchemy_core_stores(tmp_path: Path) -> None:
-    """On SQLite record_calls binds its rows itself (the receiver's hot path); the bytes in
-    the database must be those the Core statements store, re-sends and blanks included."""
-    now = datetime(2024, 5, 1, 8, 0, 5, 123456, tzinfo=ZoneInfo("UTC"))
-    later = datetime(2024, 5, 1, 9, 0, 0, tzinfo=ZoneInfo("Europe/Berlin"))
-    first = [
-        CallDetail(
-            callid="1714550400.1",
-            timestart="2024-05-01 10:00:00",
-            callfrom="1001",
-            callto="+4915112345678",
-            callduration=20,
-            talkduration=15,
-            dsttrunkname="SIP1",
-            status="ANSWERED",
-            type="Outbound",
-            recording="20240501100005-1714550400.1-1001-+4915112345678-Outbound.wav",
-            sn="369351034049",
-        ),
-        CallDetail(callid="1714550400.2", timestart="yesterday", recording=None),
-        CallDetail(callid="1714550400.3", recording="shared.wav", agentringtime=3),
-        CallDetail(callid="1714550400.1", callfrom="", callto="1003", recording="second.wav"),
-        CallDetail(callid="1714550400.4", recording="shared.wav"),
-    ]
-    again = [CallDetail(callid="1714550400.2", timestart="2024-05-01 11:00:00", sn="9")]
-    dumps: list[list[tuple[object, ...]]] = []
-    results: list[list[RecordResult]] = []
-    for fast in (True, False):
-        db = tmp_path / f"fast-{fast}.db"
-        with open_index(f"sqlite:///{db}") as index:
-            if not fast:
-                index._sqlite_batch = None  # the Core statements, as PostgreSQL runs them
-            results.append(
-                index.record_calls(first, source="event", tz=ZoneInfo("Asia/Shanghai"), now=now)
-                + index.record_calls(again, source="cdr", tz=ZoneInfo("Asia/Shanghai"), now=later)
-            )
-        with sqlite3.connect(db) as raw:
-            dumps.append(
-                raw.execute("SELECT * FROM calls ORDER BY id").fetchall()
-                + raw.execute("SELECT * FROM recordings ORDER BY id").fetchall()
-            )
-    assert results[0] == results[1]
-    assert dumps[0] == dumps[1]
-    assert [r.new_recording for r in results[0]] == [True, False, True, True, False, False]
-    assert any("2024-05-01 02:00:00" in str(value) for row in dumps[0] for value in row)

@@ -28,9 +28,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from callvault.archive import SECRET_SETTING
 from callvault.cli import _register, app
-from callvault.index import open_index
+from callvault.index import SettingKey, open_index
 from callvault.simulator import Faults, Simulator, SimulatorConfig
 
 CALLS = 200
@@ -177,17 +176,17 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
 
             def all_archived() -> bool:
                 with open_index(db_url) as index:
-                    counts = index.counts_by_state()
+                    counts = index.recordings.counts_by_state()
                 return counts["archived"] == len(placed) and sum(counts.values()) == len(placed)
 
             deadline = time.monotonic() + 90
             while not all_archived() and time.monotonic() < deadline:
                 time.sleep(0.5)
             with open_index(db_url) as index:
-                counts = {k: v for k, v in index.counts_by_state().items() if v}
+                counts = {k: v for k, v in index.recordings.counts_by_state().items() if v}
                 stuck = [
                     (row.name, row.state, row.last_error)
-                    for row in index.retrying(10) + index.recent_failures(10)
+                    for row in index.recordings.retrying(10) + index.recordings.recent_failures(10)
                 ]
             assert counts == {"archived": len(placed)}, (counts, stuck, replay)
             assert serve.terminate() == 0, replay
@@ -202,10 +201,10 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
         expected = set(sim.recording_names())
         assert expected == set(placed) and len(placed) > 150, replay
         with open_index(db_url) as index:
-            secret_path = index.get_setting(SECRET_SETTING)
+            secret_path = index.settings.get(SettingKey.EVENTS_SECRET_PATH)
             keys: set[str] = set()
             for name in expected:
-                row = index.recording_by_name(name)
+                row = index.recordings.by_name(name)
                 assert row is not None and row.state == "archived", (name, replay)
                 assert row.storage_key is not None and row.storage_key not in keys, (name, replay)
                 keys.add(row.storage_key)

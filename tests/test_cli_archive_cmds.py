@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from callvault.cli import _register, app
-from callvault.index import open_index
+from callvault.index import SettingKey, Worker, open_index
 from callvault.pbx._types import CallDetail
 from callvault.storage import LocalStorage, recording_key
 
@@ -46,17 +46,17 @@ def build_archive(root: Path) -> dict[str, bytes]:
         )
         for i in range(4)
     ]
-    index.record_calls(cdrs, source="event", tz=PARIS, now=NOW)
+    index.calls.record(cdrs, source="event", tz=PARIS, now=NOW)
     archived: dict[str, bytes] = {}
-    jobs = index.claim_jobs("w1", 10, now=NOW, lease=timedelta(minutes=5))
+    jobs = index.jobs.claim(Worker(None, "w1"), 10, now=NOW, lease=timedelta(minutes=5))
     for job in jobs[:2]:
         data = b"RIFF" + job.name.encode() * 10
         assert job.start_at is not None
         key = recording_key(job.pbx_serial, job.start_at.astimezone(PARIS), job.name)
         stored = storage.put(key, io.BytesIO(data))
-        assert index.mark_archived(
+        assert index.jobs.mark_archived(
             job.recording_id,
-            worker_id="w1",
+            worker=Worker(None, "w1"),
             size=stored.size,
             sha256=stored.sha256 or "",
             storage_key=key,
@@ -68,20 +68,20 @@ def build_archive(root: Path) -> dict[str, bytes]:
     pending = jobs[2]
     assert pending.start_at is not None
     planned = recording_key(pending.pbx_serial, pending.start_at.astimezone(PARIS), pending.name)
-    assert index.reserve_storage_key(pending.recording_id, planned) == planned
-    index.mark_retry(
+    assert index.jobs.reserve_storage_key(pending.recording_id, planned) == planned
+    index.jobs.mark_retry(
         jobs[2].recording_id,
-        worker_id="w1",
+        worker=Worker(None, "w1"),
         error="PBX said 20014: not ready",
         next_attempt_at=NOW + timedelta(seconds=30),
         now=NOW,
         not_found=True,
     )
-    index.mark_failed(
-        jobs[3].recording_id, worker_id="w1", reason="gave up after 8 timeouts", now=NOW
+    index.jobs.mark_failed(
+        jobs[3].recording_id, worker=Worker(None, "w1"), reason="gave up after 8 timeouts", now=NOW
     )
-    index.set_setting("last_event_at", "2024-05-01T12:00:00+00:00", NOW)
-    index.set_setting("pbx_health", json.dumps(HEALTH), NOW)
+    index.settings.set(SettingKey.LAST_EVENT_AT, "2024-05-01T12:00:00+00:00", NOW)
+    index.settings.set(SettingKey.PBX_HEALTH, json.dumps(HEALTH), NOW)
     index.close()
     return archived
 
@@ -177,7 +177,7 @@ def test_list_times_follow_the_saved_pbx_zone_not_the_hosts(
     # Nothing saved yet (an index from before this setting): the host's zone.
     assert listed()[-1] == "2024-04-01T17:00:00+09:00"
     with open_index(f"sqlite:///{root / 'callvault.db'}") as index:
-        index.set_setting("pbx_timezone", "Europe/Paris", NOW)
+        index.settings.set(SettingKey.PBX_TIMEZONE, "Europe/Paris", NOW)
     assert listed()[-1] == "2024-04-01T10:00:00+02:00"
     text = runner.invoke(app, ["list", "--archive", str(root), "--state", "archived"])
     assert text.stdout.splitlines()[-1].split()[:2] == ["2024-04-01", "10:00:00"]
@@ -250,7 +250,7 @@ def test_verify_ok_then_mismatch_then_missing(archive: tuple[Path, dict[str, byt
     )
     assert report["unindexed"] == []
     index = open_index(f"sqlite:///{root / 'callvault.db'}")
-    assert all(r.verified_at is not None for r in index.archived_recordings())
+    assert all(r.verified_at is not None for r in index.recordings.archived())
     index.close()
 
     damaged, gone = sorted(archived)
@@ -349,9 +349,13 @@ def test_requeue_brings_back_given_up_recordings(archive: tuple[Path, dict[str, 
     root, _ = archive
     index = open_index(f"sqlite:///{root / 'callvault.db'}")
     with index:  # the PBX kept saying the pending one does not exist: `missing`, final
-        [job] = index.claim_jobs("w1", 1, now=NOW + timedelta(hours=1), lease=timedelta(minutes=5))
-        assert index.mark_missing(job.recording_id, worker_id="w1", reason="20014", now=NOW)
-        assert index.counts_by_state()["missing"] == 1
+        [job] = index.jobs.claim(
+            Worker(None, "w1"), 1, now=NOW + timedelta(hours=1), lease=timedelta(minutes=5)
+        )
+        assert index.jobs.mark_missing(
+            job.recording_id, worker=Worker(None, "w1"), reason="20014", now=NOW
+        )
+        assert index.recordings.counts_by_state()["missing"] == 1
     args = ["--archive", str(root)]
 
     later = runner.invoke(app, ["requeue", "--json", "--since", "2024-05-02", *args])
@@ -365,7 +369,7 @@ def test_requeue_brings_back_given_up_recordings(archive: tuple[Path, dict[str, 
     both = runner.invoke(app, ["requeue", "--json", "--since", "2024-05-01", *args])
     assert json.loads(both.stdout)["requeued"] == {"failed": 1, "missing": 0}
     with open_index(f"sqlite:///{root / 'callvault.db'}") as index:
-        counts = index.counts_by_state()
+        counts = index.recordings.counts_by_state()
     assert (counts["pending"], counts["failed"], counts["missing"]) == (2, 0, 0)
 
     bad = runner.invoke(app, ["requeue", "--state", "archived", *args])

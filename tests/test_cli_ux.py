@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from callvault.archive import Archiver
 from callvault.cli import _register, app
-from callvault.index import open_index
+from callvault.index import SettingKey, open_index
 from callvault.simulator import Simulator, SimulatorConfig
 from test_archive_flow import archiver_config, wait_until
 
@@ -190,9 +190,11 @@ def test_list_shows_calls_in_the_zone_serve_saved_not_the_hosts(
             cdr = sim.place_call(callfrom="1001", callto="1003", talk_seconds=2)
             live = archiver.index
             assert live is not None
-            assert wait_until(lambda: live.counts_by_state()["archived"] == 1, timeout=60)
+            assert wait_until(
+                lambda: live.recordings.counts_by_state()["archived"] == 1, timeout=60
+            )
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
-        assert index.get_setting("pbx_timezone") == "Europe/Berlin"
+        assert index.settings.get(SettingKey.PBX_TIMEZONE) == "Europe/Berlin"
     # The host (and this process) say Tokyo, 7 or 8 hours ahead of Berlin.
     monkeypatch.setenv("TZ", "Asia/Tokyo")
     runner = CliRunner()
@@ -243,7 +245,7 @@ def test_backfill_saves_the_pbx_zone_it_read_the_cdr_in(tmp_path: Path) -> None:
         )  # fmt: skip
     assert result.exit_code == 0, result.output
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
-        assert index.get_setting("pbx_timezone") == "Europe/Berlin"
+        assert index.settings.get(SettingKey.PBX_TIMEZONE) == "Europe/Berlin"
 
 
 def test_version() -> None:

@@ -505,12 +505,12 @@ def _archive_with(api: ApiVersion, tmp_path: Path, **faults: Any) -> None:
         with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
             for cdr in cdrs:
                 assert cdr.recording is not None
-                row = index.recording_by_name(cdr.recording)
+                row = index.recordings.by_name(cdr.recording)
                 assert row is not None and row.status == "ANSWERED"
                 assert row.storage_key is not None
                 data = (archive / row.storage_key).read_bytes()
                 assert hashlib.sha256(data).hexdigest() == sim.recording_sha256(cdr.recording)
-            first = index.recording_by_name(cdrs[0].recording or "")
+            first = index.recordings.by_name(cdrs[0].recording or "")
             assert first is not None and first.dst_trunk == "SIP-Provider"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from callvault.index import audit
+from callvault.index import SettingKey, audit
 from web_fixtures import ADMIN, LISTENER_1000, LISTENER_2000, LiveWeb, live_web, rows_by_from
 
 
@@ -251,9 +251,7 @@ def test_tokens_are_stored_hashed_and_revocable(web: LiveWeb) -> None:
     assert admin.delete(f"/api/tokens/{token_id}").status_code == 204
     assert carol.get("/api/me").status_code == 401
     assert admin.delete(f"/api/tokens/{token_id}").status_code == 404
-    actions = [
-        e.action for e in audit.query(web.archive.index.engine, audit.AuditFilter(target="carol"))
-    ]
+    actions = [e.action for e in web.archive.index.audit.query(audit.AuditFilter(target="carol"))]
     assert audit.TOKEN_CREATE in actions and audit.TOKEN_REVOKE in actions
 
 
@@ -324,8 +322,10 @@ def test_play_download_export_are_audited(web: LiveWeb) -> None:
 def test_status_page_and_api_show_pbx_health_and_last_event(web: LiveWeb) -> None:
     index = web.archive.index
     now = web.clock()
-    index.set_setting("pbx_health", '{"state": "degraded", "error": "heartbeat failed"}', now)
-    index.set_setting("last_event_at", "2024-05-11T08:59:00+00:00", now)
+    index.settings.set(
+        SettingKey.PBX_HEALTH, '{"state": "degraded", "error": "heartbeat failed"}', now
+    )
+    index.settings.set(SettingKey.LAST_EVENT_AT, "2024-05-11T08:59:00+00:00", now)
     admin, _ = web.bearer(ADMIN[0])
     status = admin.get("/api/status").json()
     assert status["pbx_health"] == {"state": "degraded", "error": "heartbeat failed"}
@@ -368,9 +368,7 @@ def test_damaged_and_missing_files_are_reported_not_hidden(tmp_path: Path) -> No
         assert manifest[damaged.id]["sha256"] == check["actual_sha256"]
         assert manifest[missing.id]["file"] == "" and manifest[missing.id]["matches_index"] == "no"
         assert manifest[rows["1000"].id]["matches_index"] == "yes"
-        verify_entries = audit.query(
-            web.archive.index.engine, audit.AuditFilter(action=audit.VERIFY)
-        )
+        verify_entries = web.archive.index.audit.query(audit.AuditFilter(action=audit.VERIFY))
         assert {e.detail for e in verify_entries} == {
             "the file's bytes differ from the archived checksum",
             "file missing from storage",

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from callvault.index import audit, users
+from callvault.index import audit
 from callvault.web import create_app
 from web_fixtures import (
     ADMIN,
@@ -30,8 +30,8 @@ def web(tmp_path: Path) -> Iterator[LiveWeb]:
 
 
 def _audit_actions(web: LiveWeb, actor: str) -> list[str]:
-    engine = web.archive.index.engine
-    return [e.action for e in audit.query(engine, audit.AuditFilter(actor=actor))]
+    index = web.archive.index
+    return [e.action for e in index.audit.query(audit.AuditFilter(actor=actor))]
 
 
 def test_login_sets_a_safe_session_cookie(web: LiveWeb) -> None:
@@ -125,13 +125,13 @@ def test_state_changing_forms_need_csrf(web: LiveWeb) -> None:
     admin = web.login(*ADMIN)
     refused = admin.post("/admin/users", data={"name": "zed", "role": "admin", "csrf": "x"})
     assert refused.status_code == 403
-    assert users.get_user(web.archive.index.engine, "zed") is None
+    assert web.archive.index.users.get("zed") is None
     csrf = csrf_of(admin.get("/admin").text)
     accepted = admin.post(
         "/admin/users", data={"name": "zed", "role": "listener", "scope": "5", "csrf": csrf}
     )
     assert accepted.status_code == 200 and 'id="new-password"' in accepted.text
-    assert users.get_user(web.archive.index.engine, "zed") is not None
+    assert web.archive.index.users.get("zed") is not None
     # Cookie-authenticated API writes need the X-CSRF-Token header.
     assert admin.post("/api/tokens", json={"user": "zed"}).status_code == 403
     token = admin.get("/api/me").json()["csrf_token"]
@@ -206,19 +206,19 @@ def test_admin_page_creates_and_revokes_tokens(web: LiveWeb) -> None:
     made = admin.post("/admin/tokens", data={"user": "bob", "label": "report", "csrf": csrf})
     assert made.status_code == 200
     secret = made.text.split('id="new-token">', 1)[1].split("<", 1)[0]
-    engine = web.archive.index.engine
-    found = users.user_for_token(engine, secret)
+    index = web.archive.index
+    found = index.tokens.user_for(secret)
     assert found is not None and found.name == "bob"
-    token_id = users.list_tokens(engine)[0].id
+    token_id = index.tokens.list()[0].id
     # The secret is shown once: the admin page never shows it again.
     assert secret not in admin.get("/admin").text
     revoked = admin.post(f"/admin/tokens/{token_id}/revoke", data={"csrf": csrf})
     assert revoked.status_code == 303
-    assert users.user_for_token(engine, secret) is None
+    assert index.tokens.user_for(secret) is None
     removed = admin.post("/admin/users/bob/remove", data={"csrf": csrf})
-    assert removed.status_code == 303 and users.get_user(engine, "bob") is None
+    assert removed.status_code == 303 and index.users.get("bob") is None
     itself = admin.post("/admin/users/alice/remove", data={"csrf": csrf})
-    assert itself.status_code == 409 and users.get_user(engine, "alice") is not None
+    assert itself.status_code == 409 and index.users.get("alice") is not None
     assert {audit.TOKEN_CREATE, audit.TOKEN_REVOKE, audit.USER_REMOVE} <= set(
         _audit_actions(web, "alice")
     )
@@ -250,7 +250,7 @@ def test_non_ascii_session_cookie_is_refused_not_a_crash(web: LiveWeb, raw: byte
 
 
 def test_non_ascii_csrf_tokens_are_refused_not_a_crash(web: LiveWeb) -> None:
-    engine = web.archive.index.engine
+    index = web.archive.index
     admin = web.login(*ADMIN)
     for value in ("\xe9".encode("latin-1"), "\xe9".encode()):
         refused = admin.post("/api/tokens", json={"user": "bob"}, headers={"X-CSRF-Token": value})
@@ -263,7 +263,7 @@ def test_non_ascii_csrf_tokens_are_refused_not_a_crash(web: LiveWeb) -> None:
             == 403
         )
         assert admin.post("/logout", content=body, headers=form).status_code == 403
-    assert users.list_tokens(engine) == []
+    assert index.tokens.list() == []
     assert admin.get("/api/me").status_code == 200  # still logged in: no logout happened
     # The login form: a non-ASCII token, and a non-ASCII pre-login cookie.
     client = web.client()

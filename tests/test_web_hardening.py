@@ -21,7 +21,6 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from callvault.index import audit, open_index
-from callvault.index import users as users_mod
 from callvault.storage import LocalStorage
 from callvault.web import create_app
 from test_web_browser import CHROMIUM, CHROMIUM_ARGS
@@ -47,7 +46,7 @@ def web(tmp_path: Path) -> Iterator[LiveWeb]:
 
 
 def _entries(web: LiveWeb, **where: str) -> list[audit.AuditEntry]:
-    return audit.query(web.archive.index.engine, audit.AuditFilter(**where), limit=1000)
+    return web.archive.index.audit.query(audit.AuditFilter(**where), limit=1000)
 
 
 # 1. A play is audited whatever the Range asks for.
@@ -128,9 +127,9 @@ def test_audit_csv_quotes_every_text_cell_that_could_be_a_formula(web: LiveWeb) 
     )
     assert refused.status_code == 401
     # Entries written by other paths (the CLI, a future action) go through the same CSV.
-    engine = web.archive.index.engine
+    index = web.archive.index
     for text in FORMULAS:
-        audit.record(engine, text, text, text, text, text, at=web.clock())
+        index.audit.record(text, text, text, text, text, at=web.clock())
 
     admin = web.login(*ADMIN)
     answer = admin.get("/api/audit.csv")
@@ -156,8 +155,8 @@ def test_zip_manifest_quotes_every_text_cell_that_could_be_a_formula(tmp_path: P
                 status=text,
                 did=text,
             )
-        users_mod.add_user(index.engine, ADMIN[0], "admin", ADMIN[1])
-        _token, secret = users_mod.create_token(index.engine, ADMIN[0], label="tests")
+        index.users.add(ADMIN[0], "admin", ADMIN[1])
+        _token, secret = index.tokens.create(ADMIN[0], label="tests")
         app = create_app(index, archive.storage, clock=FakeClock(T0 + timedelta(days=1)))
         with serve(app) as base:
             client = httpx.Client(
@@ -323,12 +322,12 @@ def test_throttled_logins_write_one_audit_row_per_address_and_window(web: LiveWe
 def test_verifying_a_pending_recording_says_not_archived(web: LiveWeb) -> None:
     from callvault.index import SearchFilters
 
-    everything = web.archive.index.search(SearchFilters(), limit=100)
+    everything = web.archive.index.recordings.search(SearchFilters(), limit=100)
     [pending] = [row for row in everything if row.state == "pending"]
     archived = rows_by_from(web.archive)["2001"]
     assert archived.storage_key is not None
     # The worst case: the planned key names a file that exists (another recording's).
-    assert web.archive.index.reserve_storage_key(pending.id, archived.storage_key)
+    assert web.archive.index.jobs.reserve_storage_key(pending.id, archived.storage_key)
     admin, _ = web.bearer(ADMIN[0])
     answer = admin.post(f"/api/recordings/{pending.id}/verify")
     assert answer.status_code == 200

@@ -1,9 +1,12 @@
-"""Session cookies stay bound to the user they were issued to, and a logout holds in every
-app over the same index: real SQLite, real uvicorn servers on 127.0.0.1."""
+"""Session cookies stay bound to the user they were issued to and to a session row in the
+index: a logout holds in every app over the same index, and the signing secret alone makes
+no session. Real SQLite, real uvicorn servers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,8 +14,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from callvault.index import open_index, users
+from callvault.index import SettingKey, open_index
 from callvault.web import create_app
+from callvault.web._security import SessionSigner
 from web_fixtures import ADMIN, LISTENER_2000, LiveWeb, csrf_of, live_web, serve
 
 
@@ -75,33 +79,33 @@ def test_a_removed_users_cookie_is_not_the_next_new_admins_session(web: LiveWeb)
 def test_a_cookie_is_refused_even_if_its_user_id_comes_back(web: LiveWeb) -> None:
     # The second safeguard on its own: a new user given the removed one's id (an index
     # whose ids were reused before the upgrade, or restored rows) still has another epoch.
-    engine = web.archive.index.engine
+    index = web.archive.index
     alice = web.login(*ADMIN)
     dave_id = _add_user_over_api(alice, "dave", "listener", "dave-password-1")
     cookie = _session_cookie(web.login("dave", "dave-password-1"))
     assert _with_cookie(web.base, cookie).get("/api/me").status_code == 200
     _remove_user_over_api(alice, "dave")
-    users.add_user(engine, "erin", "admin", "erin-password-1")
-    with engine.begin() as conn:
+    index.users.add("erin", "admin", "erin-password-1")
+    with index.engine.begin() as conn:
         conn.execute(text("UPDATE users SET id = :id WHERE name = 'erin'"), {"id": dave_id})
-    erin = users.get_user_by_id(engine, dave_id)
+    erin = index.users.get_by_id(dave_id)
     assert erin is not None and erin.name == "erin" and erin.is_admin
     _refused(web, cookie)
 
 
 def test_a_new_password_ends_the_users_sessions(web: LiveWeb) -> None:
-    engine = web.archive.index.engine
+    index = web.archive.index
     bob = web.login(*LISTENER_2000)
     cookie = _session_cookie(bob)
     alice = web.login(*ADMIN)  # another user's session is not touched
-    assert users.set_password(engine, "bob", "bob-password-2")
+    assert index.users.set_password("bob", "bob-password-2")
     assert _with_cookie(web.base, cookie).get("/api/me").status_code == 401
     assert alice.get("/api/me").status_code == 200
     again = web.login("bob", "bob-password-2")
     assert again.get("/api/me").json()["name"] == "bob"
-    assert users.end_sessions(engine, "bob")
+    assert index.users.end_sessions("bob")
     assert again.get("/api/me").status_code == 401
-    assert not users.end_sessions(engine, "nobody")
+    assert not index.users.end_sessions("nobody")
 
 
 def test_logout_holds_in_another_app_and_after_a_restart(web: LiveWeb) -> None:
@@ -131,20 +135,46 @@ def test_logout_holds_in_another_app_and_after_a_restart(web: LiveWeb) -> None:
         second_index.close()
 
 
-def _revoked_nonces(web: LiveWeb) -> int:
+def _session_rows(web: LiveWeb) -> int:
     with web.archive.index.engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM revoked_sessions")).scalar_one())
+        return int(conn.execute(text("SELECT count(*) FROM web_sessions")).scalar_one())
 
 
-def test_logged_out_sessions_are_forgotten_once_expired(web: LiveWeb) -> None:
+def test_session_rows_go_at_logout_and_once_expired(web: LiveWeb) -> None:
     first = web.login(*LISTENER_2000)
+    assert _session_rows(web) == 1
     logout = first.post("/logout", data={"csrf": csrf_of(first.get("/search").text)})
     assert logout.status_code == 303
-    assert _revoked_nonces(web) == 1
-    web.clock.advance(timedelta(hours=13))  # past the first session's lifetime
+    assert _session_rows(web) == 0
     second = web.login(*LISTENER_2000)
     cookie = _session_cookie(second)
-    logout = second.post("/logout", data={"csrf": csrf_of(second.get("/search").text)})
-    assert logout.status_code == 303
-    assert _revoked_nonces(web) == 1  # the first one's record was purged, the second kept
+    web.clock.advance(timedelta(hours=13))  # past the second session's lifetime
+    web.login(*LISTENER_2000)
+    assert _session_rows(web) == 1  # the second one's row was purged, the third kept
     assert _with_cookie(web.base, cookie).get("/api/me").status_code == 401
+
+
+def test_the_signing_secret_alone_cannot_make_a_session(web: LiveWeb, tmp_path: Path) -> None:
+    # A local user copies the index file (the signing secret and every user's epoch are
+    # in it) and makes a cookie for the admin, who never logged in, with their own copy.
+    copy = tmp_path / "stolen.db"
+    with (
+        closing(sqlite3.connect(web.archive.root / "callvault.db")) as source,
+        closing(sqlite3.connect(copy)) as target,
+    ):
+        source.backup(target)  # a consistent copy, WAL included
+    with open_index(f"sqlite:///{copy}") as stolen:
+        secret = stolen.settings.get(SettingKey.WEB_SESSION_SECRET)
+        admin = stolen.users.get(ADMIN[0])
+        assert secret is not None and admin is not None
+        forger = SessionSigner(bytes.fromhex(secret), web.clock, stolen)
+        _session, cookie = forger.issue(admin.id)
+    forged = _with_cookie(web.base, cookie)
+    assert forged.get("/api/users").status_code == 401
+    _refused(web, cookie)
+    # The same cookie, had it been issued by the app itself, would have opened it: only the
+    # missing row refuses it.
+    web.archive.index.sessions.create(
+        admin.id, _session.nonce, now=web.clock(), expires_at=web.clock() + timedelta(hours=1)
+    )
+    assert forged.get("/api/users").status_code == 200

@@ -1,122 +1,15 @@
-"""Users, scopes, API tokens and the audit log as library functions, and their CLI commands."""
+"""The CLI commands for users and tokens (the library itself: test_index_users.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from callvault.cli import _web, app
-from callvault.index import Index, audit, open_index, users
+from callvault.index import audit, open_index
 from web_fixtures import ADMIN, LISTENER_2000, live_web, login
-
-
-@pytest.fixture()
-def index(tmp_path: Path) -> Iterator[Index]:
-    idx = open_index(f"sqlite:///{tmp_path / 'callvault.db'}")
-    try:
-        yield idx
-    finally:
-        idx.close()
-
-
-@pytest.mark.parametrize(
-    ("text", "ranges"),
-    [
-        ("", []),
-        ("1000-1099", [(1000, 1099)]),
-        ("1000-1099, 2001 ,", [(1000, 1099), (2001, 2001)]),
-        (" 7 - 9 ", [(7, 9)]),
-    ],
-)
-def test_parse_scope(text: str, ranges: list[tuple[int, int]]) -> None:
-    assert users.parse_scope(text) == ranges
-
-
-@pytest.mark.parametrize("text", ["abc", "10-", "-5", "9-1", "1000;1001", "1e3"])
-def test_parse_scope_refuses_garbage(text: str) -> None:
-    with pytest.raises(users.UserError):
-        users.parse_scope(text)
-
-
-def test_in_scope() -> None:
-    ranges = users.parse_scope("1000-1099,2001")
-    assert users.in_scope(ranges, "1050")
-    assert users.in_scope(ranges, "0612345678", "2001")
-    assert not users.in_scope(ranges, "1100", "01050", "anonymous", "")
-    assert users.in_scope([], "anything")
-
-
-def test_add_verify_remove_user(index: Index) -> None:
-    engine = index.engine
-    user = users.add_user(engine, "alice", "admin", "correct horse", "1000-1099 ,2001")
-    assert user.scope == "1000-1099,2001" and user.is_admin
-    assert "correct horse" not in repr(user)
-    assert users.verify_password(engine, "alice", "correct horse") == user
-    assert users.verify_password(engine, "alice", "wrong horse") is None
-    assert users.verify_password(engine, "nobody", "correct horse") is None
-    with index.engine.connect() as conn:
-        stored = conn.exec_driver_sql("SELECT password_hash FROM users").scalar_one()
-    assert stored.startswith("$argon2id$") and "correct horse" not in stored
-    with pytest.raises(users.UserError, match="already exists"):
-        users.add_user(engine, "alice", "admin", "another-one")
-    with pytest.raises(users.UserError, match="bad role"):
-        users.add_user(engine, "bob", "root", "password-1")
-    with pytest.raises(users.UserError, match="too short"):
-        users.add_user(engine, "bob", "listener", "short")
-    with pytest.raises(users.UserError, match="bad user name"):
-        users.add_user(engine, "../bob", "listener", "password-1")
-    assert [u.name for u in users.list_users(engine)] == ["alice"]
-    assert users.remove_user(engine, "alice") is True
-    assert users.remove_user(engine, "alice") is False
-    assert users.verify_password(engine, "alice", "correct horse") is None
-
-
-def test_tokens_live_until_revoked(index: Index) -> None:
-    engine = index.engine
-    users.add_user(engine, "bob", "listener", "password-1", "2000")
-    token, secret = users.create_token(engine, "bob", label="cron", created_by="alice")
-    assert secret.startswith(users.TOKEN_PREFIX) and secret not in repr(token)
-    found = users.user_for_token(engine, secret)
-    assert found is not None and found.name == "bob"
-    assert users.user_for_token(engine, secret + "x") is None
-    assert users.list_tokens(engine)[0].last_used_at is not None
-    assert users.revoke_token(engine, token.id) is True
-    assert users.user_for_token(engine, secret) is None
-    assert users.revoke_token(engine, token.id) is False
-    # Removing a user removes their tokens.
-    _token2, secret2 = users.create_token(engine, "bob")
-    users.remove_user(engine, "bob")
-    assert users.user_for_token(engine, secret2) is None
-    assert users.list_tokens(engine) == []
-
-
-def test_audit_record_query_and_csv(index: Index) -> None:
-    engine = index.engine
-    t0 = datetime(2024, 5, 1, tzinfo=UTC)
-    audit.record(engine, "alice", audit.LOGIN, "alice", "", "127.0.0.1", at=t0)
-    audit.record(engine, "bob", audit.PLAY, "rec-1.wav", "id=1", "127.0.0.2", at=t0 + timedelta(1))
-    audit.record(engine, "bob", audit.DOWNLOAD, "=cmd|x", "id=2", "127.0.0.2", at=t0 + timedelta(2))
-    newest = audit.query(engine)
-    assert [e.action for e in newest] == [audit.DOWNLOAD, audit.PLAY, audit.LOGIN]
-    assert audit.count(engine, audit.AuditFilter(actor="bob")) == 2
-    only_play = audit.query(engine, audit.AuditFilter(action=audit.PLAY))
-    assert [e.target for e in only_play] == ["rec-1.wav"]
-    assert [e.action for e in audit.query(engine, audit.AuditFilter(target="rec-"))] == ["play"]
-    window = audit.AuditFilter(since=t0 + timedelta(hours=12), until=t0 + timedelta(days=2))
-    assert [e.action for e in audit.query(engine, window)] == [audit.PLAY]
-    lines = list(csv.reader(io.StringIO("".join(audit.iter_csv(engine)))))
-    assert lines[0] == list(audit.CSV_HEADER)
-    assert [line[3] for line in lines[1:]] == ["login", "play", "download"]
-    assert lines[3][4] == "'=cmd|x"  # a formula is kept as text for spreadsheets
-    assert not hasattr(audit, "delete") and not hasattr(audit, "update")
-
 
 runner = CliRunner()
 
@@ -146,16 +39,16 @@ def test_cli_user_and_token_commands(tmp_path: Path) -> None:
     ]
     index = open_index(f"sqlite:///{tmp_path / 'callvault.db'}")
     try:
-        assert users.verify_password(index.engine, "alice", password) is not None
-        assert users.verify_password(index.engine, "bob", "bob-password-1") is not None
+        assert index.users.verify_password("alice", password) is not None
+        assert index.users.verify_password("bob", "bob-password-1") is not None
         code, out, _ = _cli("token", "create", "--user", "bob", "--archive", archive)
         assert code == 0
         secret = out.strip().rsplit(" ", 1)[1]
-        assert users.user_for_token(index.engine, secret) is not None
+        assert index.tokens.user_for(secret) is not None
         code, out, _ = _cli("token", "list", "--json", "--archive", archive)
         assert secret not in out and json.loads(out)[0]["user"] == "bob"
         assert _cli("token", "revoke", "1", "--archive", archive)[0] == 0
-        assert users.user_for_token(index.engine, secret) is None
+        assert index.tokens.user_for(secret) is None
         code, _, err = _cli("token", "revoke", "1", "--archive", archive)
         assert code == 1 and err.startswith("callvault: error: no live token")
         code, _, err = _cli("user", "add", "alice", "--role", "admin", "--archive", archive)
@@ -163,11 +56,11 @@ def test_cli_user_and_token_commands(tmp_path: Path) -> None:
         code, _, err = _cli("user", "add", "x", "--role", "boss", "--archive", archive)
         assert code == 2 and "bad role" in err
         assert _cli("user", "remove", "bob", "--archive", archive)[0] == 0
-        assert [u.name for u in users.list_users(index.engine)] == ["alice"]
-        actions = [e.action for e in audit.query(index.engine)]
+        assert [u.name for u in index.users.list()] == ["alice"]
+        actions = [e.action for e in index.audit.query()]
         assert actions.count(audit.USER_ADD) == 2 and audit.USER_REMOVE in actions
         assert audit.TOKEN_CREATE in actions and audit.TOKEN_REVOKE in actions
-        assert all(e.actor.startswith("cli") for e in audit.query(index.engine))
+        assert all(e.actor.startswith("cli") for e in index.audit.query())
     finally:
         index.close()
     code, _, err = _cli("user", "list", "--archive", str(tmp_path / "nope"))
@@ -200,7 +93,7 @@ def test_cli_user_passwd_ends_the_users_sessions_and_the_new_password_logs_in(
         assert code == 0, err
         assert out == "new password set for bob; their web sessions have ended\n"
         assert web.login("bob", "bob-password-3").get("/api/me").status_code == 200
-        passwd = audit.query(web.archive.index.engine, audit.AuditFilter(target="bob"))
+        passwd = web.archive.index.audit.query(audit.AuditFilter(target="bob"))
         assert [e.action for e in passwd][:2] == [audit.USER_PASSWORD] * 2
         assert passwd[0].actor.startswith("cli")
         # Mistakes are one line, and change nothing.
@@ -217,3 +110,20 @@ def test_cli_user_passwd_ends_the_users_sessions_and_the_new_password_logs_in(
         )  # fmt: skip
         assert code == 2 and "NO_SUCH_PW is empty or not set" in err
         assert web.login("bob", "bob-password-3").get("/api/me").status_code == 200
+
+
+def test_cli_user_remove_never_removes_the_last_admin(tmp_path: Path) -> None:
+    archive = str(tmp_path)
+    assert _cli("user", "add", "alice", "--role", "admin", "--archive", archive)[0] == 0
+    assert _cli("user", "add", "bob", "--role", "listener", "--archive", archive)[0] == 0
+    code, out, err = _cli("user", "remove", "alice", "--archive", archive)
+    assert (code, out) == (1, "")
+    assert err == (
+        "callvault: error: 'alice' is the last admin: add another admin before removing it\n"
+    )
+    code, _, err = _cli("user", "remove", "nobody", "--archive", archive)
+    assert (code, err) == (1, "callvault: error: no user named 'nobody'\n")
+    assert _cli("user", "add", "carol", "--role", "admin", "--archive", archive)[0] == 0
+    assert _cli("user", "remove", "alice", "--archive", archive)[:2] == (0, "removed alice\n")
+    code, out, _ = _cli("user", "list", "--json", "--archive", archive)
+    assert [u["name"] for u in json.loads(out)] == ["bob", "carol"]

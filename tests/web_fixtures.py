@@ -22,8 +22,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from callvault.index import Index, RecordingRow, open_index
-from callvault.index import users as users_mod
+from callvault.index import Index, RecordingRow, Worker, open_index
 from callvault.pbx._types import CallDetail
 from callvault.storage import LocalStorage, recording_key
 from callvault.web import create_app
@@ -103,18 +102,20 @@ class WebArchive:
             sn="369451090405",
         )
         now = start + timedelta(minutes=1)
-        result = self.index.record_calls([cdr], source="event", tz=UTC, now=now)[0]
+        result = self.index.calls.record([cdr], source="event", tz=UTC, now=now)[0]
         assert result.recording_id is not None
         if state != "pending":
-            jobs = self.index.claim_jobs("test", 1, now=now, lease=timedelta(minutes=5))
+            jobs = self.index.jobs.claim(
+                Worker(None, "test"), 1, now=now, lease=timedelta(minutes=5)
+            )
             assert [j.recording_id for j in jobs] == [result.recording_id]
             if state == "archived":
                 data = make_wav(seconds, freq)
                 key = recording_key(cdr.sn, start, name)
                 stored = self.storage.put(key, io.BytesIO(data))
-                assert self.index.mark_archived(
+                assert self.index.jobs.mark_archived(
                     result.recording_id,
-                    worker_id="test",
+                    worker=Worker(None, "test"),
                     size=stored.size,
                     sha256=hashlib.sha256(data).hexdigest(),
                     storage_key=key,
@@ -123,10 +124,13 @@ class WebArchive:
                 )
                 self.audio[result.recording_id] = data
             else:
-                assert self.index.mark_failed(
-                    result.recording_id, worker_id="test", reason="PBX said 20014", now=now
+                assert self.index.jobs.mark_failed(
+                    result.recording_id,
+                    worker=Worker(None, "test"),
+                    reason="PBX said 20014",
+                    now=now,
                 )
-        row = self.index.recording_by_id(result.recording_id)
+        row = self.index.recordings.by_id(result.recording_id)
         assert row is not None
         return row
 
@@ -176,17 +180,18 @@ def build_archive(root: Path) -> WebArchive:
         talk_s=0,
         state="pending",
     )
-    engine = index.engine
-    users_mod.add_user(engine, ADMIN[0], "admin", ADMIN[1])
-    users_mod.add_user(engine, LISTENER_2000[0], "listener", LISTENER_2000[1], "2000-2099")
-    users_mod.add_user(engine, LISTENER_1000[0], "listener", LISTENER_1000[1], "1000-1099")
+    index.users.add(ADMIN[0], "admin", ADMIN[1])
+    index.users.add(LISTENER_2000[0], "listener", LISTENER_2000[1], "2000-2099")
+    index.users.add(LISTENER_1000[0], "listener", LISTENER_1000[1], "1000-1099")
     return archive
 
 
 def rows_by_from(archive: WebArchive) -> dict[str, RecordingRow]:
     from callvault.index import SearchFilters
 
-    return {row.call_from: row for row in archive.index.search(SearchFilters(), limit=100)}
+    return {
+        row.call_from: row for row in archive.index.recordings.search(SearchFilters(), limit=100)
+    }
 
 
 @contextmanager
@@ -229,7 +234,7 @@ class LiveWeb:
         return client
 
     def bearer(self, name: str) -> tuple[httpx.Client, str]:
-        _token, secret = users_mod.create_token(self.archive.index.engine, name, label="tests")
+        _token, secret = self.archive.index.tokens.create(name, label="tests")
         client = httpx.Client(
             base_url=self.base, timeout=10, headers={"Authorization": f"Bearer {secret}"}
         )

@@ -1,1 +1,2 @@
-"""Helpers shared by test modules (no test module imports another): plain modules, no tests."""
+"""Helpers shared by test modules (plain modules, no tests; no test module imports another);
+fixtures are in conftest.py."""

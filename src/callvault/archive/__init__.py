@@ -28,19 +28,16 @@ from callvault.archive._backfill import (
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._policy import Decision, RetryPolicy, after_not_found, after_transient
 from callvault.archive._receiver import (
-    SECRET_SETTING,
     SourceAllowList,
     create_receiver_app,
     new_secret_path,
     validate_cdr,
 )
 from callvault.archive._service import Archiver, ArchiverConfig
-from callvault.archive._session import HEALTH_SETTING, PbxSession
+from callvault.archive._session import PbxSession
 from callvault.archive._workers import Archived, WorkerPool
 
 __all__ = [
-    "HEALTH_SETTING",
-    "SECRET_SETTING",
     "Archived",
     "Archiver",
     "ArchiverConfig",

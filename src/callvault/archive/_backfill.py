@@ -20,13 +20,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from callvault.index import Index, RecordResult
+from callvault.index import Index, RecordResult, SettingKey
 from callvault.pbx import CdrError
 from callvault.pbx._types import CallDetail
 
 log = logging.getLogger("callvault.archive")
 
-PROGRESS_SETTING = "backfill_progress"
 MAX_WINDOW = timedelta(days=1)
 
 
@@ -102,7 +101,7 @@ def _record_valid(
     a bad row costs one transaction; each bad row adds about log2(len(rows)) more.
     """
     try:
-        return index.record_calls(rows, source="cdr", tz=tz, now=now), 0
+        return index.calls.record(rows, source="cdr", tz=tz, now=now), 0
     except ValueError as exc:
         if len(rows) == 1:
             row = rows[0]
@@ -188,7 +187,7 @@ async def reconcile(
     """
     clock = clock or (lambda: datetime.now(UTC))
     now = clock()
-    requeued = await asyncio.to_thread(index.requeue, ["failed"], now=now)
+    requeued = await asyncio.to_thread(index.jobs.requeue, ["failed"], now=now)
     if requeued:
         log.info("reconcile: %d failed recordings queued again", requeued)
     stats = BackfillStats(queued=requeued)
@@ -216,7 +215,7 @@ async def reconcile(
 
 def _resume_point(index: Index, since: datetime, until: datetime, pbx: str) -> datetime | None:
     """Where an earlier run from `since` on `pbx` stopped, if within (since, until]."""
-    raw = index.get_setting(PROGRESS_SETTING)
+    raw = index.settings.get(SettingKey.BACKFILL_PROGRESS)
     if not raw:
         return None
     try:
@@ -247,10 +246,10 @@ def _save_progress(
             "done_until": done_until.isoformat(),
         }
     )
-    index.set_setting(PROGRESS_SETTING, value, now)
+    index.settings.set(SettingKey.BACKFILL_PROGRESS, value, now)
 
 
 def queued_counts(index: Index, states: Sequence[str] = ("pending", "downloading")) -> int:
     """How many recordings are still waiting or being downloaded."""
-    counts = index.counts_by_state()
+    counts = index.recordings.counts_by_state()
     return sum(counts.get(state, 0) for state in states)

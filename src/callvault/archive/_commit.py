@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
+from callvault.index import SettingKey
 from callvault.pbx._types import CallDetail
 
 if TYPE_CHECKING:
@@ -30,13 +31,27 @@ log = logging.getLogger("callvault.archive")
 
 
 class CallRecorder(Protocol):
-    """The part of the index the committer needs."""
+    """The part of `index.calls` the committer needs."""
 
-    def record_calls(
+    def record(
         self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
     ) -> list[RecordResult]: ...
 
-    def set_setting(self, key: str, value: str, now: datetime) -> None: ...
+
+class SettingsWriter(Protocol):
+    """The part of `index.settings` the committer needs."""
+
+    def set(self, key: SettingKey, value: str, now: datetime) -> None: ...
+
+
+class CommitTarget(Protocol):
+    """The part of the `Index` the committer needs."""
+
+    @property
+    def calls(self) -> CallRecorder: ...
+
+    @property
+    def settings(self) -> SettingsWriter: ...
 
 
 @dataclass(slots=True)
@@ -60,7 +75,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        index: CallRecorder,
+        index: CommitTarget,
         *,
         tz: ZoneInfo,
         source: str = "event",
@@ -133,7 +148,7 @@ class GroupCommitter:
         keys = list(unique)
         now = self._clock()
         try:
-            results = self._index.record_calls(
+            results = self._index.calls.record(
                 [unique[k] for k in keys], source=self._source, tz=self._tz, now=now
             )
             by_key: dict[tuple[str, str | None], RecordResult | BaseException] = dict(
@@ -144,7 +159,7 @@ class GroupCommitter:
             by_key = {}
             for key in keys:
                 try:
-                    by_key[key] = self._index.record_calls(
+                    by_key[key] = self._index.calls.record(
                         [unique[key]], source=self._source, tz=self._tz, now=now
                     )[0]
                 except Exception as one_exc:
@@ -178,7 +193,7 @@ class GroupCommitter:
             return
         self._last_event_written = mono
         try:
-            self._index.set_setting("last_event_at", now.isoformat(), now)
+            self._index.settings.set(SettingKey.LAST_EVENT_AT, now.isoformat(), now)
         except Exception as exc:
             log.warning("could not note the last event time: %s", exc)
 

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("callvault.archive")
 
-SECRET_SETTING = "events_secret_path"  # noqa: S105 - a settings key, not a secret
 DEFAULT_MAX_BODY = 64 * 1024
 # A report is a few hundred bytes: a body still not complete after this long is not a PBX
 # sending slowly but a connection holding the receiver open (headers have their own limit,

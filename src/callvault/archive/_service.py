@@ -31,19 +31,18 @@ from callvault.archive._policy import RetryPolicy
 from callvault.archive._receiver import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY,
-    SECRET_SETTING,
     allow_list_for,
     create_receiver_app,
     new_secret_path,
 )
-from callvault.archive._session import HEALTH_SETTING, PbxSession
+from callvault.archive._session import PbxSession
 from callvault.archive._workers import (
     Archived,
     WorkerPool,
     process_staging_dir,
     remove_staging_dir,
 )
-from callvault.index import Index, RecordResult, open_index
+from callvault.index import Index, RecordResult, SettingKey, open_index
 from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 from callvault.pbx._types import Event
 from callvault.serving import (
@@ -63,10 +62,6 @@ _ANOTHER_SERVE = "is another callvault serve running?"
 
 # How long start-up waits for the first login attempt before saying it is ready.
 _FIRST_LOGIN_WAIT_S = 5.0
-
-# The PBX's time zone (IANA name) that serve and backfill read the PBX's local times in:
-# `callvault list` shows and filters times in it unless told another zone.
-TIMEZONE_SETTING = "pbx_timezone"
 
 
 def _utcnow() -> datetime:
@@ -139,8 +134,9 @@ class ArchiveDirError(StartError):
 
 def save_pbx_timezone(index: Index, tz: ZoneInfo) -> None:
     """Remember in the index the PBX time zone this archive is read with (see
-    `TIMEZONE_SETTING`); the latest serve or backfill wins."""
-    index.set_setting(TIMEZONE_SETTING, tz.key, _utcnow())
+    `SettingKey.PBX_TIMEZONE`: `callvault list` shows and filters times in it unless told
+    another zone); the latest serve or backfill wins."""
+    index.settings.set(SettingKey.PBX_TIMEZONE, tz.key, _utcnow())
 
 
 def open_storage(path: Path) -> LocalStorage:
@@ -268,7 +264,10 @@ class Archiver:
         except OSError as exc:
             raise ArchiveDirError(config.archive, exc) from exc
         self.secret_path = await asyncio.to_thread(
-            index.setdefault_setting, SECRET_SETTING, new_secret_path(), _utcnow()
+            index.settings.setdefault,
+            SettingKey.EVENTS_SECRET_PATH,
+            new_secret_path(),
+            _utcnow(),
         )
         await asyncio.to_thread(save_pbx_timezone, index, config.timezone)
         pbx_host = urlsplit(config.pbx_url).hostname or ""
@@ -294,7 +293,7 @@ class Archiver:
         )
 
         def write_health(value: str) -> None:
-            loop.run_in_executor(None, index.set_setting, HEALTH_SETTING, value, _utcnow())
+            loop.run_in_executor(None, index.settings.set, SettingKey.PBX_HEALTH, value, _utcnow())
 
         session = PbxSession(
             client,

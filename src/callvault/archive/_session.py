@@ -34,8 +34,6 @@ from callvault.pbx import (
 
 log = logging.getLogger("callvault.archive")
 
-HEALTH_SETTING = "pbx_health"
-
 
 class SessionClient(Protocol):
     """The part of `PbxClient` the session drives."""

@@ -7,13 +7,13 @@ recording was queued), until the next retry is due, or for `poll_interval_s` at 
 
 For each job:
 
-0. its storage key is fixed in the index at its first attempt (`reserve_storage_key`) and
+0. its storage key is fixed in the index at its first attempt (`jobs.reserve_storage_key`) and
    never changes, even when a later report fills in the call's serial or start; if a file
    is already there (a crash after step 2 last time), it is hashed and archived as is;
 1. `client.download_recording` into the storage's hidden staging directory (the client
    checks RIFF/WAVE, size, fsyncs and renames; no partial file is ever left);
 2. `storage.put_file` moves it into place atomically under that key;
-3. `index.mark_archived` with size and SHA-256, only then is it archived.
+3. `index.jobs.mark_archived` with size and SHA-256, only then is it archived.
 
 While a job runs its claim is renewed every third of the lease, so a download longer than
 the lease is not handed to another worker. If the claim was lost anyway (the index was
@@ -52,7 +52,7 @@ from callvault.archive._policy import (
     after_transient,
 )
 from callvault.archive._session import PbxSession
-from callvault.index import Index, Job
+from callvault.index import Index, Job, Worker
 from callvault.pbx import (
     AuthError,
     DownloadResult,
@@ -201,7 +201,8 @@ class WorkerPool:
                 await task
 
     async def _worker(self, number: int, stop: asyncio.Event) -> None:
-        worker_id = f"{self._prefix}:{number}"
+        # No registered process yet: only the lease protects these claims.
+        worker = Worker(process_id=None, name=f"{self._prefix}:{number}")
         wake = self._wakes[number]
         while not stop.is_set():
             if self._session is not None and not self._session.ready.is_set():
@@ -209,7 +210,7 @@ class WorkerPool:
                 continue
             wake.clear()
             try:
-                jobs = await self._claim(worker_id)
+                jobs = await self._claim(worker)
             except Exception as exc:
                 log.error("cannot claim jobs from the index: %s", exc)
                 await _first_of(stop, wake, seconds=self._poll_interval_s)
@@ -219,11 +220,11 @@ class WorkerPool:
                 continue
             self._busy[number] = True
             try:
-                await self._process(jobs[0], worker_id)
+                await self._process(jobs[0], worker)
             finally:
                 self._busy[number] = False
 
-    async def _claim(self, worker_id: str) -> list[Job]:
+    async def _claim(self, worker: Worker) -> list[Job]:
         """Claim the next due job, if any.
 
         The claim runs in a thread that a cancellation cannot stop: if this task is
@@ -232,7 +233,7 @@ class WorkerPool:
         """
         claim = asyncio.ensure_future(
             asyncio.to_thread(
-                self._index.claim_jobs, worker_id, 1, now=self._clock(), lease=self._lease
+                self._index.jobs.claim, worker, 1, now=self._clock(), lease=self._lease
             )
         )
         try:
@@ -240,13 +241,13 @@ class WorkerPool:
         except asyncio.CancelledError:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 for job in await claim:
-                    await self._release(job, worker_id, "interrupted by shutdown")
+                    await self._release(job, worker, "interrupted by shutdown")
             raise
 
     async def _nap(self) -> float:
         """Seconds until the next retry is due, at most `poll_interval_s`."""
         try:
-            due = await asyncio.to_thread(self._index.next_due)
+            due = await asyncio.to_thread(self._index.jobs.next_due)
         except Exception:
             return self._poll_interval_s
         if due is None:
@@ -254,27 +255,27 @@ class WorkerPool:
         seconds = (due - self._clock()).total_seconds()
         return min(self._poll_interval_s, max(0.05, seconds))
 
-    async def _process(self, job: Job, worker_id: str) -> None:
+    async def _process(self, job: Job, worker: Worker) -> None:
         renewer = asyncio.create_task(
-            self._keep_claim(job, worker_id), name=f"callvault-lease-{job.recording_id}"
+            self._keep_claim(job, worker), name=f"callvault-lease-{job.recording_id}"
         )
         try:
-            await self._attempt(job, worker_id)
+            await self._attempt(job, worker)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
 
-    async def _keep_claim(self, job: Job, worker_id: str) -> None:
+    async def _keep_claim(self, job: Job, worker: Worker) -> None:
         """Renew the claim on `job` every third of the lease until cancelled."""
         interval = max(self._lease.total_seconds() / 3, 0.01)
         while True:
             await asyncio.sleep(interval)
             try:
                 held = await asyncio.to_thread(
-                    self._index.renew_claim,
+                    self._index.jobs.renew,
                     job.recording_id,
-                    worker_id=worker_id,
+                    worker=worker,
                     now=self._clock(),
                     lease=self._lease,
                 )
@@ -285,7 +286,7 @@ class WorkerPool:
                 log.warning("%s: the claim was lost while working on it", job.name)
                 return
 
-    async def _attempt(self, job: Job, worker_id: str) -> None:
+    async def _attempt(self, job: Job, worker: Worker) -> None:
         staging = self._staging_dir or self._storage.staging_dir()
         # Keep the extension: the client insists on RIFF/WAVE for a .wav target.
         filename = f"{job.recording_id}-{uuid.uuid4().hex[:12]}{_extension(job.name)}"
@@ -306,9 +307,9 @@ class WorkerPool:
                 digest = stored.sha256 or result.sha256
             now = self._clock()
             still_ours = await asyncio.to_thread(
-                self._index.mark_archived,
+                self._index.jobs.mark_archived,
                 job.recording_id,
-                worker_id=worker_id,
+                worker=worker,
                 size=stored.size,
                 sha256=digest,
                 storage_key=key,
@@ -319,7 +320,7 @@ class WorkerPool:
                 # The claim ran out meanwhile, but the bytes are stored: archived unless
                 # another worker archived it first.
                 still_ours = await asyncio.to_thread(
-                    self._index.mark_archived_unclaimed,
+                    self._index.jobs.mark_archived_unclaimed,
                     job.recording_id,
                     size=stored.size,
                     sha256=digest,
@@ -328,17 +329,17 @@ class WorkerPool:
                     now=now,
                 )
         except asyncio.CancelledError:
-            await self._release(job, worker_id, "interrupted by shutdown")
+            await self._release(job, worker, "interrupted by shutdown")
             raise
         except (LoginFailed, LoginLockedOut) as exc:
             if self._on_auth_failure is not None:
                 self._on_auth_failure(exc)
             if self._session is not None:
                 self._session.report_auth_failure(exc)
-            await self._retry_now(job, worker_id, f"paused: {exc}")
+            await self._retry_now(job, worker, f"paused: {exc}")
             return
         except Exception as exc:
-            await self._failed_attempt(job, worker_id, exc)
+            await self._failed_attempt(job, worker, exc)
             return
         finally:
             with contextlib.suppress(OSError):
@@ -356,7 +357,9 @@ class WorkerPool:
     async def _storage_key(self, job: Job) -> str:
         """The key fixed for this recording at its first attempt (fixed now if this is it)."""
         wanted = recording_key(job.pbx_serial, self._start_local(job), job.name)
-        key = await asyncio.to_thread(self._index.reserve_storage_key, job.recording_id, wanted)
+        key = await asyncio.to_thread(
+            self._index.jobs.reserve_storage_key, job.recording_id, wanted
+        )
         return key or wanted
 
     def _already_stored(self, key: str) -> StoredObject | None:
@@ -380,7 +383,7 @@ class WorkerPool:
         start = job.start_at or self._clock()
         return start.astimezone(self._tz)
 
-    async def _failed_attempt(self, job: Job, worker_id: str, exc: Exception) -> None:
+    async def _failed_attempt(self, job: Job, worker: Worker, exc: Exception) -> None:
         now = self._clock()
         error = _describe(exc)
         if _is_not_found(exc):
@@ -400,27 +403,27 @@ class WorkerPool:
             decision = after_transient(
                 self._policy, error=error, attempts=job.attempts, now=now, rng=self._rng
             )
-        await self._apply(job, worker_id, decision, not_found=_is_not_found(exc), now=now)
+        await self._apply(job, worker, decision, not_found=_is_not_found(exc), now=now)
 
     async def _apply(
-        self, job: Job, worker_id: str, decision: Decision, *, not_found: bool, now: datetime
+        self, job: Job, worker: Worker, decision: Decision, *, not_found: bool, now: datetime
     ) -> None:
         try:
             if decision.action == GIVE_UP_MISSING:
                 log.error("%s: missing: %s", job.name, decision.reason)
                 await asyncio.to_thread(
-                    self._index.mark_missing,
+                    self._index.jobs.mark_missing,
                     job.recording_id,
-                    worker_id=worker_id,
+                    worker=worker,
                     reason=decision.reason,
                     now=now,
                 )
             elif decision.action == GIVE_UP_FAILED:
                 log.error("%s: failed: %s", job.name, decision.reason)
                 await asyncio.to_thread(
-                    self._index.mark_failed,
+                    self._index.jobs.mark_failed,
                     job.recording_id,
-                    worker_id=worker_id,
+                    worker=worker,
                     reason=decision.reason,
                     now=now,
                 )
@@ -435,9 +438,9 @@ class WorkerPool:
                     wait,
                 )
                 await asyncio.to_thread(
-                    self._index.mark_retry,
+                    self._index.jobs.mark_retry,
                     job.recording_id,
-                    worker_id=worker_id,
+                    worker=worker,
                     error=decision.reason,
                     next_attempt_at=decision.next_attempt_at,
                     now=now,
@@ -455,7 +458,7 @@ class WorkerPool:
         recording that is gone becomes `missing` after a few attempts, not 30 minutes.
         """
         try:
-            row = await asyncio.to_thread(self._index.recording_by_id, job.recording_id)
+            row = await asyncio.to_thread(self._index.recordings.by_id, job.recording_id)
         except Exception:
             return None, None
         if row is None:
@@ -465,23 +468,23 @@ class WorkerPool:
             return None, queued_at
         return job.start_at + timedelta(seconds=row.duration_s or 0), queued_at
 
-    async def _retry_now(self, job: Job, worker_id: str, error: str) -> None:
+    async def _retry_now(self, job: Job, worker: Worker, error: str) -> None:
         now = self._clock()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(
-                self._index.mark_retry,
+                self._index.jobs.mark_retry,
                 job.recording_id,
-                worker_id=worker_id,
+                worker=worker,
                 error=error,
                 next_attempt_at=now,
                 now=now,
                 not_found=False,
             )
 
-    async def _release(self, job: Job, worker_id: str, error: str) -> None:
+    async def _release(self, job: Job, worker: Worker, error: str) -> None:
         # Shielded: the release must reach the index even while we are being cancelled.
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.shield(self._retry_now(job, worker_id, error))
+            await asyncio.shield(self._retry_now(job, worker, error))
 
 
 def _extension(name: str) -> str:

@@ -34,7 +34,7 @@ def _register() -> None:
 
 
 def __getattr__(name: str) -> Any:
-    # `from callvault.cli._app import app` (tests, docs generator) without paying for Typer in
+    # `from callvault.cli import app` (tests, docs generator) without paying for Typer in
     # `callvault --version`.
     if name == "app":
         from callvault.cli._app import app

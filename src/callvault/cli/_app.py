@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -76,4 +77,14 @@ def run(argv: list[str]) -> None:
     from callvault.cli._commands import register
 
     register(_first_command(argv))
-    app()
+    try:
+        app()
+    except Exception as exc:
+        # A damaged index is found by whatever query reads the damaged page first: one line
+        # (what is wrong, how to check, restore a backup) instead of a traceback. Looked up
+        # in sys.modules: commands that never open the index must not import it for this.
+        index = sys.modules.get("callvault.index")
+        if index is None or not isinstance(exc, index.IndexFailure):
+            raise
+        print(f"callvault: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

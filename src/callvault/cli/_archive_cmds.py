@@ -38,10 +38,11 @@ from callvault.cli._settings import (
 )
 from callvault.index import (
     Index,
+    IndexFailure,
     IndexMissingError,
-    IndexOpenError,
     RecordingRow,
     SearchFilters,
+    SettingKey,
     open_index,
 )
 from callvault.index.schema import ARCHIVED, FAILED, MISSING, RECORDING_STATES
@@ -67,19 +68,14 @@ def open_archive(
         index = open_index(url, create=create_index)
     except IndexMissingError as exc:
         fail(f"{exc}: nothing archived yet (run `callvault serve` or `callvault backfill`)")
-    except IndexOpenError as exc:
+    except IndexFailure as exc:
         fail(str(exc))
     return index, LocalStorage(archive)
 
 
-# Written by `callvault serve` and `backfill` (callvault.archive._service.TIMEZONE_SETTING),
-# not imported from there: these commands should not pay for loading the archiver.
-_TIMEZONE_SETTING = "pbx_timezone"
-
-
 def _saved_timezone(index: Index) -> str | None:
     """The PBX time zone serve/backfill saved in the index, if any (and a known zone)."""
-    name = index.get_setting(_TIMEZONE_SETTING)
+    name = index.settings.get(SettingKey.PBX_TIMEZONE)
     if not name:
         return None
     try:
@@ -197,8 +193,8 @@ def list_command(
             number=number or None,
             state=state,
         )
-        rows = index.search(filters, limit=limit or 2**62)
-        total = index.count(filters) if not json_output else len(rows)
+        rows = index.recordings.search(filters, limit=limit or 2**62)
+        total = index.recordings.count(filters) if not json_output else len(rows)
     if json_output:
         objects = [json.dumps(_list_object(row, storage, tz), ensure_ascii=False) for row in rows]
         print("[" + ",\n".join(objects) + "]")
@@ -250,11 +246,11 @@ def status_command(
     settings = settings_or_fail(config, archive=archive, db=db)
     index, _storage = open_archive(settings)
     with index:
-        counts = index.counts_by_state()
-        failures = index.recent_failures(20)
-        retrying = index.retrying(20)
-        last_event = index.get_setting("last_event_at")
-        health_text = index.get_setting("pbx_health")
+        counts = index.recordings.counts_by_state()
+        failures = index.recordings.recent_failures(20)
+        retrying = index.recordings.retrying(20)
+        last_event = index.settings.get(SettingKey.LAST_EVENT_AT)
+        health_text = index.settings.get(SettingKey.PBX_HEALTH)
         pbx_timezone = _saved_timezone(index)
     health: Any = None
     if health_text is not None:
@@ -313,7 +309,7 @@ def _verify(index: Index, storage: LocalStorage, now: datetime) -> dict[str, Any
     mismatched: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
     known: set[str] = set()
-    for row in index.archived_recordings():
+    for row in index.recordings.archived():
         if row.state != ARCHIVED:
             continue
         checked += 1
@@ -343,7 +339,7 @@ def _verify(index: Index, storage: LocalStorage, now: datetime) -> dict[str, Any
                 }
             )
             continue
-        index.mark_verified(row.id, now)
+        index.recordings.mark_verified(row.id, now)
         ok += 1
     # Files no archived recording points to: harmless (e.g. a crash between the durable
     # write and the index update; the next attempt finds the same bytes), but worth seeing.
@@ -434,7 +430,7 @@ def requeue_command(
     with index:
         tz = display_timezone(settings, index)
         first = _parse_when(since, tz, end_of_day=False) if since else None
-        counts = {s: index.requeue([s], now=now, since=first) for s in states}
+        counts = {s: index.jobs.requeue([s], now=now, since=first) for s in states}
     if json_output:
         print(json.dumps({"requeued": counts, "since": _iso(first)}))
         return

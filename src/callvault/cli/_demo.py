@@ -122,10 +122,10 @@ def demo(
         try:
             assert archiver.index is not None
             password = users.generate_password()
-            if users.get_user(archiver.index.engine, DEMO_USER) is None:
-                users.add_user(archiver.index.engine, DEMO_USER, "admin", password, "")
+            if archiver.index.users.get(DEMO_USER) is None:
+                archiver.index.users.add(DEMO_USER, "admin", password, "")
             else:
-                users.set_password(archiver.index.engine, DEMO_USER, password)
+                archiver.index.users.set_password(DEMO_USER, password)
             _print_banner(archive, simulator.url, archiver.web_port, password)
             for _ in range(3):
                 simulator.place_random_call(answered=True)

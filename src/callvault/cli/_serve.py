@@ -61,7 +61,7 @@ from callvault.cli._settings import (
     SettingsError,
     settings_or_fail,
 )
-from callvault.index import Index, IndexOpenError, open_index
+from callvault.index import Index, IndexFailure, open_index
 from callvault.pbx import AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
 from callvault.serving import ListenError
 from callvault.storage import LocalStorage
@@ -259,7 +259,7 @@ def serve_command(
 
     try:
         asyncio.run(main())
-    except (StartError, ListenError, IndexOpenError) as exc:
+    except (StartError, ListenError, IndexFailure) as exc:
         fail(str(exc))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
@@ -354,7 +354,7 @@ def backfill_command(
         fail(str(exc))
     try:
         index = open_index(settings.db_url())
-    except IndexOpenError as exc:
+    except IndexFailure as exc:
         fail(str(exc))
     try:
         # `callvault list` shows times in the zone the PBX's local times were read in.
@@ -377,6 +377,8 @@ def backfill_command(
     except Terminated:
         print(_STOPPED.format(how="terminated"), file=sys.stderr, flush=True)
         raise typer.Exit(143) from None
+    except IndexFailure as exc:  # e.g. the index is damaged
+        fail(f"backfill stopped: {exc}")
     except SQLAlchemyError as exc:
         # e.g. the database stayed locked past the busy timeout, or is read-only.
         detail = " ".join(str(getattr(exc, "orig", None) or type(exc).__name__).split())
@@ -465,7 +467,7 @@ async def _backfill(
                 return 1
     except PbxError as exc:  # logout trouble on the way out
         log.debug("logout: %s", exc)
-    counts = await asyncio.to_thread(index.counts_by_state)
+    counts = await asyncio.to_thread(index.recordings.counts_by_state)
     print(
         f"backfill: {stats.calls} calls{_skipped(stats.skipped)}, {stats.queued} recordings "
         "queued; archive now: "

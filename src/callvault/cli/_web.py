@@ -109,7 +109,7 @@ def web(
         index.close()
         fail(str(exc))
     try:
-        if not users.list_users(index.engine):
+        if not index.users.list():
             print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
         application = create_app(index, storage, secure_cookies=settings.secure_cookies)
         # The login limiter and the audit log key on the peer address: X-Forwarded-For is
@@ -173,9 +173,8 @@ def user_add(
     password = _password_from(password_env)
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
-        user = users.add_user(index.engine, name, role, password, scope)
-        audit.record(
-            index.engine,
+        user = index.users.add(name, role, password, scope)
+        index.audit.record(
             _cli_actor(),
             audit.USER_ADD,
             user.name,
@@ -212,9 +211,9 @@ def user_passwd(
     password = _password_from(password_env)
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
-        if not users.set_password(index.engine, name, password):
+        if not index.users.set_password(name, password):
             fail(f"no user named {name!r}")
-        audit.record(index.engine, _cli_actor(), audit.USER_PASSWORD, name, "", "local")
+        index.audit.record(_cli_actor(), audit.USER_PASSWORD, name, "", "local")
     except users.UserError as exc:
         fail(str(exc), code=2)
     finally:
@@ -234,7 +233,7 @@ def user_list(
     """List the web users."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
-        found = users.list_users(index.engine)
+        found = index.users.list()
     finally:
         index.close()
     if as_json:
@@ -265,12 +264,13 @@ def user_remove(
     db: DbOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Remove a web user and their API tokens."""
+    """Remove a web user and their API tokens (never the last admin)."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
-        if not users.remove_user(index.engine, name):
-            fail(f"no user named {name!r}")
-        audit.record(index.engine, _cli_actor(), audit.USER_REMOVE, name, "", "local")
+        index.users.remove(name)
+        index.audit.record(_cli_actor(), audit.USER_REMOVE, name, "", "local")
+    except users.UserError as exc:
+        fail(str(exc))
     finally:
         index.close()
     print(f"removed {name}")
@@ -288,9 +288,8 @@ def token_create(
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     actor = _cli_actor()
     try:
-        token, secret = users.create_token(index.engine, user, label=label, created_by=actor)
-        audit.record(
-            index.engine,
+        token, secret = index.tokens.create(user, label=label, created_by=actor)
+        index.audit.record(
             actor,
             audit.TOKEN_CREATE,
             token.user_name,
@@ -314,7 +313,7 @@ def token_list(
     """List API tokens (never their secrets)."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
-        found = users.list_tokens(index.engine)
+        found = index.tokens.list()
     finally:
         index.close()
     records = [
@@ -350,11 +349,10 @@ def token_revoke(
     """Revoke an API token."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
-        token = users.get_token(index.engine, token_id)
-        if token is None or not users.revoke_token(index.engine, token_id):
+        token = index.tokens.get(token_id)
+        if token is None or not index.tokens.revoke(token_id):
             fail(f"no live token with id {token_id}")
-        audit.record(
-            index.engine,
+        index.audit.record(
             _cli_actor(),
             audit.TOKEN_REVOKE,
             token.user_name,

@@ -1,35 +1,65 @@
 """The index: the database of every call and recording the archiver knows about.
 
 Open it with `open_index(url)`; the tables are described in `callvault.index.schema`.
-The archiver records calls (`Index.record_calls`), workers claim and finish download jobs
-(`claim_jobs`, `mark_archived`, `mark_retry`, `mark_missing`, `mark_failed`), and people
-search it (`search`, `count`). See `Index` for the whole surface.
+The `Index` has one store per subject, each method one short transaction:
+
+- `index.calls.record(...)`: the receiver and backfill store call detail records;
+- `index.jobs`: workers claim download jobs (`claim`) as a `Worker` of a registered
+  process, and report them (`mark_archived`, `mark_retry`, `mark_missing`, `mark_failed`);
+- `index.recordings`: people search (`search`, `count`) and look up recordings;
+- `index.settings`: small facts under the keys of `SettingKey`;
+- `index.users`, `index.tokens`, `index.sessions`: the web app's users, API tokens and
+  sessions (rules and data classes in `callvault.index.users`);
+- `index.audit`: the audit log (actions and entries in `callvault.index.audit`);
+- `index.processes`: the registry of processes whose workers claim jobs.
+
+Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
+and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be
+stored. `index.check()` asks the database whether it is damaged.
 """
 
 from __future__ import annotations
 
-from callvault.index._index import (
-    Index,
+from callvault.index._db import sqlite_path
+from callvault.index._errors import (
+    IndexCorruptError,
+    IndexFailure,
     IndexMissingError,
     IndexOpenError,
     InvalidCallDetail,
-    from_db,
-    open_index,
-    parse_timestart,
-    sqlite_path,
-    to_utc,
 )
-from callvault.index._models import Job, RecordingRow, RecordResult, SearchFilters
+from callvault.index._index import Index, open_index
+from callvault.index._jobs import DEFAULT_STALE_AFTER
+from callvault.index._models import (
+    DayCount,
+    Job,
+    ProcessInfo,
+    RecordingRow,
+    RecordResult,
+    Scope,
+    SearchFilters,
+    Worker,
+)
+from callvault.index._settings import SettingKey
+from callvault.index._times import from_db, parse_timestart, to_utc
 
 __all__ = [
+    "DEFAULT_STALE_AFTER",
+    "DayCount",
     "Index",
+    "IndexCorruptError",
+    "IndexFailure",
     "IndexMissingError",
     "IndexOpenError",
     "InvalidCallDetail",
     "Job",
+    "ProcessInfo",
     "RecordResult",
     "RecordingRow",
+    "Scope",
     "SearchFilters",
+    "SettingKey",
+    "Worker",
     "from_db",
     "open_index",
     "parse_timestart",

@@ -1,14 +1,21 @@
-"""Plain data returned by and given to the index: jobs, recording rows, search filters."""
+"""Plain data returned by and given to the index: jobs, workers, processes, recording rows,
+search filters."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+from typing import Any
+
+# The extension ranges a user may see, as inclusive ``(lo, hi)`` pairs. None means every
+# call; a list means only calls within one of its ranges, so an EMPTY list means none. The
+# same meaning in SQL search (`SearchFilters.scope`) and in `users.in_scope`.
+Scope = list[tuple[int, int]] | None
 
 
 @dataclass(frozen=True, slots=True)
 class RecordResult:
-    """What `Index.record_calls` did with one call detail record.
+    """What `index.calls.record` did with one call detail record.
 
     `recording_id` is None when the call has no recording; `new_recording` is True only when
     this call created the `recordings` row (a re-sent event or a backfill finds it existing).
@@ -17,6 +24,44 @@ class RecordResult:
     call_id: int
     recording_id: int | None
     new_recording: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """Who claims jobs: a worker `name` (unique among live workers, e.g. "p12:w0"; kept in
+    `recordings.claimed_by`) of the registered process `process_id` (see
+    `index.processes.register`). With `process_id` None (a library user, no registered
+    process) only the lease protects the claim; with a process, the claim is also released
+    as soon as that process is stopped, superseded by a restart, or its heartbeat is stale.
+    """
+
+    process_id: int | None
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """One row of `processes`: a running (or stopped) callvault process and its heartbeat."""
+
+    id: int
+    node: str
+    kind: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    workers_configured: int
+    workers_alive: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DayCount:
+    """Calls started on one day (UTC)."""
+
+    day: date
+    calls: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +100,7 @@ class RecordingRow:
     next_attempt_at: datetime | None
     claimed_by: str | None
     claimed_until: datetime | None
+    claim_process_id: int | None
     missing_since: datetime | None
     size: int | None
     sha256: str | None
@@ -87,7 +133,7 @@ class RecordingRow:
 
 @dataclass(frozen=True, slots=True)
 class SearchFilters:
-    """What `Index.search` and `Index.count` select; every field left at None matches all.
+    """What `index.recordings.search` and `.count` select; a field left at None matches all.
 
     - `since` / `until`: call start, aware datetimes; `since` inclusive, `until` exclusive.
     - `number`: part of the caller, callee or DID number (substring match).
@@ -95,9 +141,9 @@ class SearchFilters:
     - `direction` (Inbound/Outbound/Internal/...), `status` (ANSWERED/...), `state`
       (pending/.../archived): exact.
     - `min_talk_s`: talk time of at least that many seconds.
-    - `scope`: the extension ranges a user may see, as inclusive ``(lo, hi)`` pairs; a call
-      matches when its caller or callee is an all-digit number inside one of them. None means
-      no restriction; an empty list matches nothing.
+    - `scope`: the extension ranges a user may see (see `Scope`); a call matches when its
+      caller or callee is an all-digit number inside one of them (no leading zero). None
+      means no restriction; an empty list matches nothing.
     """
 
     since: datetime | None = None
@@ -108,4 +154,4 @@ class SearchFilters:
     status: str | None = None
     min_talk_s: int | None = None
     state: str | None = None
-    scope: list[tuple[int, int]] | None = field(default=None)
+    scope: Scope = field(default=None)

@@ -2,10 +2,14 @@
 
 The schema is meant to be read by a person who opens the SQLite file: one row in
 ``calls`` per call the PBX reported (by NewCdr event or CDR export), one row in
-``recordings`` per recording file, plus the web app's ``users``, ``api_tokens``,
-``revoked_sessions`` and the append-only ``audit_log``. ``settings`` holds small
-key/value facts such as the receiver's secret path, the last event time and the PBX
-session health.
+``recordings`` per recording file, one row in ``processes`` per callvault process that
+claims download jobs (with its heartbeat), plus the web app's ``users``, ``api_tokens``,
+``web_sessions`` and the append-only ``audit_log``. ``settings`` holds small key/value
+facts such as the receiver's secret path, the last event time and the PBX session health
+(the keys are `callvault.index.SettingKey`).
+
+Column lengths here are the only copy of the field limits: the index truncates and checks
+values against these ``String(n)`` lengths (SQLite would not enforce them itself).
 
 Timestamps are stored as timezone-aware UTC (``DateTime(timezone=True)``); the PBX's
 own local wall-clock text is kept beside it (``timestart_local``) so nothing is lost.
@@ -13,6 +17,8 @@ Any change here needs an Alembic migration in ``callvault/index/migrations``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -89,9 +95,13 @@ recordings = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
     Column("next_attempt_at", DateTime(timezone=True), nullable=True),
-    # A worker's claim on a job: a crashed worker's lease runs out and the job is claimable again.
+    # A worker's claim on a job: the worker's name and the process it belongs to (a row of
+    # `processes`, deliberately no foreign key: the claim outlives a pruned process row).
+    # The claim ends when that process is stopped or its heartbeat is stale; the lease
+    # (`claimed_until`) is the last resort, e.g. for claims of no registered process.
     Column("claimed_by", String(64), nullable=True),
     Column("claimed_until", DateTime(timezone=True), nullable=True),
+    Column("claim_process_id", Integer, nullable=True),
     # When the PBX first said "does not exist" in the current run of such answers.
     Column("missing_since", DateTime(timezone=True), nullable=True),
     Column("size", BigInteger, nullable=True),
@@ -106,6 +116,27 @@ recordings = Table(
 )
 Index("ix_recordings_state_next", recordings.c.state, recordings.c.next_attempt_at)
 Index("ix_recordings_call_id", recordings.c.call_id)
+Index("ix_recordings_claim_process_id", recordings.c.claim_process_id)
+
+# Every process that claims jobs (`serve`, `backfill`...), one row per start; ids are never
+# reused (AUTOINCREMENT on SQLite). A new start of the same node and kind marks the earlier
+# rows stopped, so their claims are released at once.
+processes = Table(
+    "processes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("node", String(128), nullable=False),  # the node's name, by default the host name
+    Column("kind", String(16), nullable=False),  # serve | backfill | ...
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("stopped_at", DateTime(timezone=True), nullable=True),
+    Column("workers_configured", Integer, nullable=False, default=0),
+    Column("workers_alive", Integer, nullable=False, default=0),
+    Column("detail", Text, nullable=False, default="{}"),  # JSON
+    sqlite_autoincrement=True,
+)
 
 # AUTOINCREMENT on SQLite: a removed user's id is never handed to a new user (SQLite would
 # otherwise reuse the highest id); PostgreSQL's serial sequence never reuses one anyway.
@@ -116,7 +147,7 @@ users = Table(
     Column("name", String(64), nullable=False),
     Column("password_hash", String(255), nullable=False),  # argon2
     Column("role", String(16), nullable=False),  # admin | listener
-    # Extensions whose calls the user may see, e.g. "1000-1099,2001"; empty = all.
+    # Extensions whose calls the user may see, e.g. "1000-1099,2001"; empty = every call.
     Column("scope", Text, nullable=False, default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("disabled_at", DateTime(timezone=True), nullable=True),
@@ -154,15 +185,28 @@ audit_log = Table(
 )
 Index("ix_audit_log_at", audit_log.c.at)
 
-# Web sessions that were logged out, until they would have expired anyway, so every app
-# over this index (`serve`, `web`, a restart) refuses their cookies.
-revoked_sessions = Table(
-    "revoked_sessions",
+# Live web sessions: a session cookie is honoured only while its row is here (and unexpired),
+# so the signing secret alone cannot make a session for a user who never logged in. Only the
+# SHA-256 of the cookie's random nonce is kept. Logging out deletes the row.
+web_sessions = Table(
+    "web_sessions",
     metadata,
-    Column("nonce", String(64), primary_key=True),
+    Column("nonce_sha256", String(64), primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
-Index("ix_revoked_sessions_expires_at", revoked_sessions.c.expires_at)
+Index("ix_web_sessions_user_id", web_sessions.c.user_id)
+Index("ix_web_sessions_expires_at", web_sessions.c.expires_at)
+
+
+def column_length(column: Column[Any]) -> int:
+    """The length ``n`` of a ``String(n)`` column: the one copy of each field limit."""
+    column_type = column.type
+    if not isinstance(column_type, String) or column_type.length is None:
+        raise TypeError(f"{column} has no length")
+    return int(column_type.length)
+
 
 settings = Table(
     "settings",

@@ -14,8 +14,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from callvault.index import _web_queries, audit, users
-from callvault.index._models import RecordingRow
+from callvault.index import RecordingRow, SettingKey, audit, users
 from callvault.index.schema import ARCHIVED
 from callvault.web import _media
 from callvault.web._context import (
@@ -321,8 +320,8 @@ def search(
     """Recordings with their calls matching the filters, newest first, within your scope."""
     index = context(request).index
     filters = params.filters(principal.user)
-    rows = index.search(filters, limit=limit, offset=offset)
-    total = index.count(filters)
+    rows = index.recordings.search(filters, limit=limit, offset=offset)
+    total = index.recordings.count(filters)
     return SearchOut(
         total=total, limit=limit, offset=offset, items=[RecordingOut.of(r) for r in rows]
     )
@@ -450,7 +449,7 @@ def run_verify(request: Request, principal: Principal, row: RecordingRow) -> _me
     ctx = context(request)
     result = _media.verify_recording(row, ctx.storage)
     if result.ok:
-        ctx.index.mark_verified(row.id, ctx.clock())
+        ctx.index.recordings.mark_verified(row.id, ctx.clock())
     outcome = "ok" if result.ok else str(result.error)
     record_audit(request, principal.name, audit.VERIFY, row.name, outcome)
     return result
@@ -478,7 +477,7 @@ def export_response(
     ctx = context(request)
     filters = params.filters(principal.user)
     if filters.state is None or filters.state == ARCHIVED:
-        rows = ctx.index.search(replace(filters, state=ARCHIVED), limit=max_files)
+        rows = ctx.index.recordings.search(replace(filters, state=ARCHIVED), limit=max_files)
     else:
         rows = []
     record_audit(
@@ -525,12 +524,12 @@ def stats(
 ) -> StatsOut:
     """Recordings by state, bytes stored, and calls per day (UTC) over the last `days`."""
     ctx = context(request)
-    counts = ctx.index.counts_by_state()
-    per_day = _web_queries.calls_per_day(ctx.engine, days=days, today=ctx.clock().date())
+    counts = ctx.index.recordings.counts_by_state()
+    per_day = ctx.index.recordings.calls_per_day(days=days, today=ctx.clock().date())
     return StatsOut(
         counts_by_state=counts,
         recordings=sum(counts.values()),
-        bytes_stored=_web_queries.bytes_stored(ctx.engine),
+        bytes_stored=ctx.index.recordings.bytes_stored(),
         calls_per_day=[DayCountOut(day=d.day.isoformat(), calls=d.calls) for d in per_day],
     )
 
@@ -559,7 +558,7 @@ def disk_usage(request: Request) -> DiskOut | None:
 
 def archive_status(request: Request) -> StatusOut:
     ctx = context(request)
-    health_text = ctx.index.get_setting("pbx_health")
+    health_text = ctx.index.settings.get(SettingKey.PBX_HEALTH)
     health: Any = None
     if health_text is not None:
         try:
@@ -567,11 +566,11 @@ def archive_status(request: Request) -> StatusOut:
         except ValueError:
             health = health_text
     return StatusOut(
-        counts_by_state=ctx.index.counts_by_state(),
-        bytes_stored=_web_queries.bytes_stored(ctx.engine),
-        recent_failures=[_failure(r) for r in ctx.index.recent_failures(20)],
-        retrying=[_failure(r) for r in ctx.index.retrying(20)],
-        last_event_at=ctx.index.get_setting("last_event_at"),
+        counts_by_state=ctx.index.recordings.counts_by_state(),
+        bytes_stored=ctx.index.recordings.bytes_stored(),
+        recent_failures=[_failure(r) for r in ctx.index.recordings.recent_failures(20)],
+        retrying=[_failure(r) for r in ctx.index.recordings.retrying(20)],
+        last_event_at=ctx.index.settings.get(SettingKey.LAST_EVENT_AT),
         pbx_health=health,
         disk=disk_usage(request),
     )
@@ -585,18 +584,18 @@ def status(request: Request, _admin: Admin) -> StatusOut:
 
 @router.get("/users", tags=["admin"])
 def list_users(request: Request, _admin: Admin) -> list[UserOut]:
-    return [user_out(u) for u in users.list_users(context(request).engine)]
+    return [user_out(u) for u in context(request).index.users.list()]
 
 
 def add_user(request: Request, principal: Principal, body: UserIn) -> UserCreated:
     """Shared by the API and the admin page: add a user, audit it."""
-    engine = context(request).engine
+    index = context(request).index
     generated = body.password is None
     password = body.password or users.generate_password()
-    if users.get_user(engine, body.name) is not None:
+    if index.users.get(body.name) is not None:
         raise HTTPException(409, f"user {body.name!r} already exists")
     try:
-        user = users.add_user(engine, body.name, body.role, password, body.scope)
+        user = index.users.add(body.name, body.role, password, body.scope)
     except users.UserError as exc:
         raise HTTPException(422, str(exc)) from None
     record_audit(
@@ -610,23 +609,22 @@ def add_user(request: Request, principal: Principal, body: UserIn) -> UserCreate
 
 
 def remove_user(request: Request, principal: Principal, name: str) -> None:
-    engine = context(request).engine
-    target = users.get_user(engine, name)
-    if target is None:
-        raise HTTPException(404, "no such user")
-    if target.id == principal.user.id:
-        raise HTTPException(409, "you cannot remove yourself")
-    if target.is_admin and users.count_admins(engine) <= 1:
-        raise HTTPException(409, "cannot remove the last admin")
-    users.remove_user(engine, name)
+    """Shared by the API and the admin page: remove a user (the library refuses removing
+    yourself or the last admin), audit it."""
+    try:
+        target = context(request).index.users.remove(name, acting=principal.user)
+    except users.NoSuchUser:
+        raise HTTPException(404, "no such user") from None
+    except users.UserError as exc:  # yourself, the last admin
+        raise HTTPException(409, str(exc)) from None
     record_audit(request, principal.name, audit.USER_REMOVE, name, f"role={target.role}")
 
 
 def create_token(request: Request, principal: Principal, body: TokenIn) -> TokenCreated:
     ctx = context(request)
     try:
-        token, secret = users.create_token(
-            ctx.engine, body.user, label=body.label, created_by=principal.name, now=ctx.clock()
+        token, secret = ctx.index.tokens.create(
+            body.user, label=body.label, created_by=principal.name, now=ctx.clock()
         )
     except users.UserError as exc:
         raise HTTPException(404, str(exc)) from None
@@ -642,8 +640,8 @@ def create_token(request: Request, principal: Principal, body: TokenIn) -> Token
 
 def revoke_token(request: Request, principal: Principal, token_id: int) -> None:
     ctx = context(request)
-    token = users.get_token(ctx.engine, token_id)
-    if token is None or not users.revoke_token(ctx.engine, token_id, now=ctx.clock()):
+    token = ctx.index.tokens.get(token_id)
+    if token is None or not ctx.index.tokens.revoke(token_id, now=ctx.clock()):
         raise HTTPException(404, "no such live token")
     record_audit(
         request, principal.name, audit.TOKEN_REVOKE, token.user_name, f"token id={token_id}"
@@ -669,7 +667,7 @@ def delete_user(
 
 @router.get("/tokens", tags=["admin"])
 def list_tokens(request: Request, _admin: Admin) -> list[TokenOut]:
-    return [token_out(t) for t in users.list_tokens(context(request).engine)]
+    return [token_out(t) for t in context(request).index.tokens.list()]
 
 
 @router.post("/tokens", tags=["admin"], status_code=201, responses={404: {}})
@@ -717,10 +715,10 @@ def audit_log(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> AuditPage:
     """Audit entries, newest first, filtered by actor, action, target (part) and time."""
-    engine = context(request).engine
-    entries = audit.query(engine, where, limit=limit, offset=offset)
+    index = context(request).index
+    entries = index.audit.query(where, limit=limit, offset=offset)
     return AuditPage(
-        total=audit.count(engine, where),
+        total=index.audit.count(where),
         items=[AuditOut(**_asdict(e)) for e in entries],
     )
 
@@ -753,7 +751,7 @@ def audit_csv_response(
     )
     stamp = context(request).clock().strftime("%Y%m%d-%H%M%S")
     return StreamingResponse(
-        audit.iter_csv(context(request).engine, where),
+        context(request).index.audit.iter_csv(where),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": _media.content_disposition(f"callvault-audit-{stamp}.csv")},
     )

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from callvault.index._index import Index
+from callvault.index import Index, SettingKey
 from callvault.storage._base import Storage
 from callvault.web import _api, _pages
 from callvault.web._context import Clock, WebContext, authenticate
@@ -43,16 +43,9 @@ def _error_page(request: Request, status: int, detail: str) -> Response:
     )
 
 
-SESSION_SECRET_SETTING = "web_session_secret"  # noqa: S105 - a settings key, not a secret
-
-
 def _stored_session_secret(index: Index, now: datetime) -> bytes:
-    stored = index.get_setting(SESSION_SECRET_SETTING)
-    if stored is None:
-        index.set_setting(SESSION_SECRET_SETTING, secrets.token_hex(32), now)
-        # Read back: if two processes raced, both use the one that was stored last.
-        stored = index.get_setting(SESSION_SECRET_SETTING)
-    assert stored is not None
+    # Set once, atomically: processes starting together all use the one that was stored.
+    stored = index.settings.setdefault(SettingKey.WEB_SESSION_SECRET, secrets.token_hex(32), now)
     return bytes.fromhex(stored)
 
 

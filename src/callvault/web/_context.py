@@ -8,11 +8,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from fastapi import HTTPException, Request
-from sqlalchemy import Engine
 
-from callvault.index import audit, users
-from callvault.index._index import Index
-from callvault.index._models import RecordingRow, SearchFilters
+from callvault.index import Index, RecordingRow, SearchFilters
 from callvault.index.schema import RECORDING_STATES
 from callvault.index.users import User
 from callvault.storage._base import Storage
@@ -43,14 +40,10 @@ class WebContext:
 
     def __post_init__(self) -> None:
         # Sessions live in this index: issued for its users, logged out in it.
-        self.signer.attach(self.index.engine)
+        self.signer.attach(self.index)
 
     def __repr__(self) -> str:
         return "WebContext(...)"
-
-    @property
-    def engine(self) -> Engine:
-        return self.index.engine
 
     def first_play(self, user_id: int, recording_id: int) -> bool:
         """True unless this user started playing this recording moments ago."""
@@ -94,7 +87,7 @@ def authenticate(request: Request) -> Principal | None:
         scheme, _, secret = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             return None
-        user = users.user_for_token(ctx.engine, secret.strip(), now=ctx.clock())
+        user = ctx.index.tokens.user_for(secret.strip(), now=ctx.clock())
         return None if user is None else Principal(user, None, "")
     session = ctx.signer.read(request.cookies.get(SESSION_COOKIE))
     if session is None:
@@ -118,7 +111,7 @@ def record_audit(
     request: Request, actor: str, action: str, target: str = "", detail: str = ""
 ) -> None:
     ctx = context(request)
-    audit.record(ctx.engine, actor, action, target, detail, remote_addr(request), at=ctx.clock())
+    ctx.index.audit.record(actor, action, target, detail, remote_addr(request), at=ctx.clock())
 
 
 def parse_when(text: str | None, *, end: bool, field_name: str) -> datetime | None:
@@ -170,7 +163,7 @@ class SearchParams:
             status=(self.status or "").strip() or None,
             min_talk_s=self.min_talk_s,
             state=self.state or None,
-            scope=list(user.scope_ranges) if user.scope_ranges else None,
+            scope=user.scope_ranges,
         )
 
     def query_items(self) -> list[tuple[str, str]]:
@@ -194,7 +187,7 @@ class SearchParams:
 def visible_recording(request: Request, principal: Principal, recording_id: int) -> RecordingRow:
     """The recording if it exists and is within the user's scope; else 404 (same answer for
     both, so a listener cannot tell an out-of-scope recording from a missing one)."""
-    row = context(request).index.recording_by_id(recording_id)
+    row = context(request).index.recordings.by_id(recording_id)
     if row is None or not principal.user.may_see(row.call_from, row.call_to):
         raise HTTPException(404, "no such recording")
     return row

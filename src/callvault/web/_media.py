@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-from callvault.index._models import RecordingRow
+from callvault.index import RecordingRow
 from callvault.index.audit import csv_safe_row
 from callvault.index.schema import ARCHIVED
 from callvault.storage._base import Storage

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
-from callvault.index import _web_queries, audit, users
+from callvault.index import audit, users
 from callvault.index.schema import ARCHIVED, RECORDING_STATES
 from callvault.web import _api, _media
 from callvault.web._context import (
@@ -222,7 +222,7 @@ async def login(request: Request) -> Response:
         )
         response.headers["Retry-After"] = str(wait)
         return response
-    user = users.verify_password(ctx.engine, name, password) if name and password else None
+    user = ctx.index.users.verify_password(name, password) if name and password else None
     if user is None:
         ctx.limiter.failed(address, name)
         record_audit(request, name, audit.LOGIN_FAILED, name, "wrong name or password")
@@ -316,8 +316,10 @@ def search_page(request: Request, principal: PageUser) -> HTMLResponse:
         errors.append(str(exc.detail))
     else:
         if not errors:
-            rows = ctx.index.search(filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-            total = ctx.index.count(filters)
+            rows = ctx.index.recordings.search(
+                filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
+            )
+            total = ctx.index.recordings.count(filters)
     query_items = params.query_items()
     base_query = urlencode(query_items)
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
@@ -377,7 +379,7 @@ async def verify_page(
 def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
     status = _api.archive_status(request)
     ctx = context(request)
-    per_day = _web_queries.calls_per_day(ctx.engine, days=14, today=ctx.clock().date())
+    per_day = ctx.index.recordings.calls_per_day(days=14, today=ctx.clock().date())
     busiest = max((d.calls for d in per_day), default=0)
     return render(
         request,
@@ -393,14 +395,14 @@ def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
 def _admin_page(
     request: Request, principal: Principal, status_code: int = 200, **extra: Any
 ) -> HTMLResponse:
-    engine = context(request).engine
+    index = context(request).index
     return render(
         request,
         "admin.html",
         principal,
         status_code=status_code,
-        users=users.list_users(engine),
-        tokens=users.list_tokens(engine),
+        users=index.users.list(),
+        tokens=index.tokens.list(),
         roles=(users.LISTENER, users.ADMIN),  # the safer role first
         **extra,
     )
@@ -504,11 +506,11 @@ def audit_page(request: Request, principal: PageAdmin) -> HTMLResponse:
     except HTTPException as exc:
         error = str(exc.detail)
     else:
-        engine = context(request).engine
-        entries = audit.query(
-            engine, where, limit=AUDIT_PAGE_SIZE, offset=(page - 1) * AUDIT_PAGE_SIZE
+        index = context(request).index
+        entries = index.audit.query(
+            where, limit=AUDIT_PAGE_SIZE, offset=(page - 1) * AUDIT_PAGE_SIZE
         )
-        total = audit.count(engine, where)
+        total = index.audit.count(where)
     base_query = urlencode([(k, v) for k, v in values.items() if v])
     return render(
         request,

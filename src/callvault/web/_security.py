@@ -1,13 +1,16 @@
 """Sessions, CSRF tokens and the login rate limit.
 
 A session is a signed cookie holding the user's id and session epoch, a random nonce and
-when it was issued; nothing secret is in it. The user is re-read on every request, so a
-removed user or a changed scope takes effect at once, and the epoch must still be the
-user's: a new password ends older sessions, and a user made after a removal (who never
-gets the removed one's id nor epoch) never inherits their cookies. Logging out records the
-nonce in the index, so every app over it (`serve`, `web`, after a restart) refuses it.
-The CSRF token of a session is an HMAC of its nonce, so it needs no storage and changes
-with each login.
+when it was issued; nothing secret is in it. A session is also a row in the index
+(`index.sessions`, keyed by the nonce's SHA-256), made at login and deleted at logout: a
+cookie is honoured only while its row exists, so every app over the index (`serve`, `web`,
+after a restart) refuses a logged-out session, and the signing secret alone (say, from a
+copy of the index) cannot make a session for a user who never logged in. The user is
+re-read on every request, so a removed user or a changed scope takes effect at once, and
+the epoch must still be the user's: a new password ends older sessions, and a user made
+after a removal (who never gets the removed one's id nor epoch) never inherits their
+cookies. The CSRF token of a session is an HMAC of its nonce, so it needs no storage and
+changes with each login.
 """
 
 from __future__ import annotations
@@ -23,9 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine
-
-from callvault.index import users
+from callvault.index import Index
 from callvault.index.users import User
 
 SESSION_COOKIE = "cv_session"
@@ -68,23 +69,23 @@ class SessionSigner:
     """Makes and checks session cookies and CSRF tokens with one secret key.
 
     Issuing, logging out and the liveness check need the index the users live in: give
-    it as `engine` or `attach` it later (the app's context does).
+    it as `index` or `attach` it later (the app's context does).
     """
 
-    def __init__(self, secret: bytes, clock: Clock, engine: Engine | None = None) -> None:
+    def __init__(self, secret: bytes, clock: Clock, index: Index | None = None) -> None:
         self._key = hashlib.sha256(b"callvault-web-session\0" + secret).digest()
         self._clock = clock
-        self._engine = engine
+        self._attached = index
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, index: Index) -> None:
         """Keep sessions in this index: the one holding the users and the secret."""
-        self._engine = engine
+        self._attached = index
 
     @property
-    def _index(self) -> Engine:
-        if self._engine is None:
+    def _index(self) -> Index:
+        if self._attached is None:
             raise RuntimeError("SessionSigner has no index attached")
-        return self._engine
+        return self._attached
 
     def __repr__(self) -> str:
         return "SessionSigner(<secret>)"
@@ -94,11 +95,18 @@ class SessionSigner:
         return _b64(hmac.new(self._key, message, hashlib.sha256).digest())
 
     def issue(self, user_id: int) -> tuple[Session, str]:
-        """A new session for the user and its cookie value; ValueError if no such user."""
-        epoch = users.session_epoch(self._index, user_id)
+        """A new session for the user (a row in the index) and its cookie value; ValueError
+        (`NoSuchUser`) if there is no such user."""
+        epoch = self._index.users.session_epoch(user_id)
         if epoch is None:
             raise ValueError(f"no user with id {user_id}")
         session = Session(user_id, secrets.token_urlsafe(16), self._clock(), epoch)
+        self._index.sessions.create(
+            user_id,
+            session.nonce,
+            now=session.issued_at,
+            expires_at=session.issued_at + SESSION_LIFETIME,
+        )
         payload = _b64(
             json.dumps(
                 {
@@ -133,15 +141,16 @@ class SessionSigner:
         return Session(user_id, nonce, issued_at, epoch)
 
     def live_user(self, session: Session) -> User | None:
-        """The session's user if it is enabled, the session is of their current epoch and
-        it was not logged out (by any app over the index); else None."""
-        return users.session_user(self._index, session.user_id, session.epoch, session.nonce)
+        """The session's user if its row is in the index (it was issued there and not
+        logged out by any app over the index), the user is enabled and the session is of
+        their current epoch; else None."""
+        return self._index.sessions.user_of(
+            session.user_id, session.epoch, session.nonce, now=self._clock()
+        )
 
     def revoke(self, session: Session) -> None:
-        """Log a session out for good, in the index (kept until it would have expired)."""
-        users.revoke_session(
-            self._index, session.nonce, session.issued_at + SESSION_LIFETIME, now=self._clock()
-        )
+        """Log a session out for good: its row leaves the index."""
+        self._index.sessions.end(session.nonce)
 
     def csrf_token(self, session: Session) -> str:
         return self._mac("csrf", session.nonce)

@@ -1,0 +1,246 @@
+"""`index.calls`: storing call detail records and queueing their recordings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import fields
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, bindparam, case, func, literal_column, select
+
+from callvault.index import schema
+from callvault.index._db import Database
+from callvault.index._errors import InvalidCallDetail
+from callvault.index._models import RecordResult
+from callvault.index._times import parse_timestart, to_utc
+from callvault.pbx._types import CallDetail
+
+# CallDetail field -> the column it is stored in. Over-long identifiers (`IDENTITY_FIELDS`)
+# are refused before anything is written; the other text fields are cut to the column's
+# length, read from the schema (`field_limit`).
+FIELD_COLUMNS: dict[str, Any] = {
+    "callid": schema.calls.c.callid,
+    "sn": schema.calls.c.pbx_serial,
+    "timestart": schema.calls.c.timestart_local,
+    "callfrom": schema.calls.c.call_from,
+    "callto": schema.calls.c.call_to,
+    "type": schema.calls.c.direction,
+    "status": schema.calls.c.status,
+    "srctrunkname": schema.calls.c.src_trunk,
+    "dsttrunkname": schema.calls.c.dst_trunk,
+    "didnumber": schema.calls.c.did,
+    "pincode": schema.calls.c.pincode,
+    "recording": schema.recordings.c.name,
+}
+IDENTITY_FIELDS = ("callid", "recording")
+
+
+def field_limit(field_name: str) -> int:
+    """How many characters of a CallDetail field the index stores (its column's length)."""
+    return schema.column_length(FIELD_COLUMNS[field_name])
+
+
+# The limits of the fields truncated rather than refused, for _call_row.
+_TRUNCATED = {name: field_limit(name) for name in FIELD_COLUMNS if name not in IDENTITY_FIELDS}
+_IDENTITY_LIMITS = {name: field_limit(name) for name in IDENTITY_FIELDS}
+
+# Columns of `calls` that a later report may fill in but never blank out.
+_CALL_TEXT_COLUMNS = (
+    "pbx_serial",
+    "timestart_local",
+    "call_from",
+    "call_to",
+    "direction",
+    "status",
+    "src_trunk",
+    "dst_trunk",
+    "did",
+    "pincode",
+)
+_CALL_NULLABLE_COLUMNS = ("start_at", "duration_s", "talk_s", "agent_ring_s")
+_CDR_FIELDS = tuple(field.name for field in fields(CallDetail))
+# Keys per IN (...) lookup: well under every engine's limit on bound parameters.
+_IN_CHUNK = 500
+
+
+class CallStore:
+    """The `calls` table and the recordings its records queue."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._statements = _Statements(db)
+
+    def record(
+        self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
+    ) -> list[RecordResult]:
+        """Store a batch of call detail records in ONE transaction; queue their recordings.
+
+        Calls are upserted by `callid` (a later report fills in fields, never blanks them;
+        `raw` and `source` stay those of the first report).
+        A call's non-empty recording name gets a `pending` recordings row due at `now`
+        unless one with that name exists, which is left untouched: re-sent events and
+        backfills never duplicate or reset a recording. `source` is "event" or "cdr";
+        `tz` is the PBX's zone, used to read `timestart`. A text field longer than its
+        column is stored truncated to it (the same on every engine: SQLite would not enforce
+        the lengths itself); `raw` keeps every field whole. Raises `InvalidCallDetail`
+        (a ValueError), storing nothing of the batch, on a record without a callid or whose
+        callid or recording name is longer than its column: those are never shortened.
+        """
+        now = to_utc(now)
+        for cdr in cdrs:
+            _check_identity(cdr)
+        if not cdrs:
+            return []
+        # A whole batch costs a handful of statements (executemany), not two or three per
+        # record: building and running each statement costs far more than SQLite's work.
+        rows = [_call_row(cdr, source=source, tz=tz, now=now) for cdr in cdrs]
+        with self._db.write() as conn:
+            call_ids = self._upsert_calls(conn, rows)
+            # Each recording name is inserted once, for the first record that carries it.
+            first_call: dict[str, int] = {}
+            for cdr in cdrs:
+                if cdr.recording:
+                    first_call.setdefault(cdr.recording, call_ids[cdr.callid])
+            recording_ids, created = self._insert_recordings(conn, first_call, now)
+        results: list[RecordResult] = []
+        for cdr in cdrs:
+            name = cdr.recording
+            if not name:
+                results.append(RecordResult(call_ids[cdr.callid], None, False))
+                continue
+            new = name in created
+            created.discard(name)  # a second record with the same name finds it existing
+            results.append(RecordResult(call_ids[cdr.callid], recording_ids[name], new))
+        return results
+
+    def _upsert_calls(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:
+        """Upsert `rows` (in order) by executemany; the id of every callid among them."""
+        # A call reported twice in the batch is upserted in a later round than its first
+        # report, so one statement never touches a row twice (PostgreSQL refuses that when
+        # the driver turns executemany into one multi-row INSERT).
+        rounds: list[list[dict[str, Any]]] = []
+        seen: dict[str, int] = {}
+        for row in rows:
+            occurrence = seen.get(row["callid"], 0)
+            seen[row["callid"]] = occurrence + 1
+            if occurrence == len(rounds):
+                rounds.append([])
+            rounds[occurrence].append(row)
+        for round_rows in rounds:
+            conn.execute(self._statements.upsert_call, round_rows)
+        return _ids_by(conn, self._statements.call_ids, list(seen))
+
+    def _insert_recordings(
+        self, conn: Connection, call_of: dict[str, int], now: datetime
+    ) -> tuple[dict[str, int], set[str]]:
+        """Insert each name of `call_of` unless it exists: (id by name, names inserted)."""
+        if not call_of:
+            return {}, set()
+        names = list(call_of)
+        existing = _ids_by(conn, self._statements.recording_ids, names)
+        # Names already there stay untouched (re-sent events, backfills). ON CONFLICT still
+        # guards against another writer inserting one since (PostgreSQL); on SQLite the
+        # write lock (BEGIN IMMEDIATE) rules that out, so `created` is exact there.
+        new = [name for name in names if name not in existing]
+        if new:
+            rows = [{"name": name, "call_id": call_of[name], "now": now} for name in new]
+            conn.execute(self._statements.insert_recording, rows)
+            existing.update(_ids_by(conn, self._statements.recording_ids, new))
+        return existing, set(new)
+
+
+class _Statements:
+    """The hot statements, built once with bound parameters (building one costs more than
+    running it on SQLite)."""
+
+    def __init__(self, db: Database) -> None:
+        table = schema.calls
+        columns = [c.name for c in table.c if c.name != "id"]
+        upsert = db.insert(table).values({name: bindparam(name) for name in columns})
+        excluded = upsert.excluded
+        updates: dict[str, Any] = {}
+        for name in _CALL_TEXT_COLUMNS:
+            # literal_column: the '' is part of the SQL, not one more bound parameter.
+            updates[name] = case(
+                (excluded[name] != literal_column("''"), excluded[name]), else_=table.c[name]
+            )
+        for name in _CALL_NULLABLE_COLUMNS:
+            updates[name] = func.coalesce(excluded[name], table.c[name])
+        # No RETURNING: run with a list of rows, it goes to the driver's executemany.
+        self.upsert_call = upsert.on_conflict_do_update(
+            index_elements=[table.c.callid], set_=updates
+        )
+        self.call_ids = select(table.c.callid, table.c.id).where(
+            table.c.callid.in_(bindparam("keys", expanding=True))
+        )
+        r = schema.recordings
+        self.insert_recording = (
+            db.insert(r)
+            .values(
+                name=bindparam("name"),
+                call_id=bindparam("call_id"),
+                state=schema.PENDING,
+                attempts=0,
+                next_attempt_at=bindparam("now", type_=r.c.next_attempt_at.type),
+                created_at=bindparam("now", type_=r.c.created_at.type),
+                updated_at=bindparam("now", type_=r.c.updated_at.type),
+            )
+            .on_conflict_do_nothing(index_elements=[r.c.name])
+        )
+        self.recording_ids = select(r.c.name, r.c.id).where(
+            r.c.name.in_(bindparam("keys", expanding=True))
+        )
+
+
+def _ids_by(conn: Connection, statement: Any, keys: list[str]) -> dict[str, int]:
+    """`statement` (key, id WHERE key IN :keys) for every key, in chunks."""
+    ids: dict[str, int] = {}
+    for start in range(0, len(keys), _IN_CHUNK):
+        for key, row_id in conn.execute(statement, {"keys": keys[start : start + _IN_CHUNK]}):
+            ids[key] = int(row_id)
+    return ids
+
+
+def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> dict[str, Any]:
+    """The `calls` columns of one record (the parameters of `_Statements.upsert_call`).
+
+    Text fields are cut to their column's length (slicing a shorter str returns it as is);
+    `raw` keeps them whole.
+    """
+    limit = _TRUNCATED
+    return {
+        "callid": cdr.callid,
+        "pbx_serial": cdr.sn[: limit["sn"]],
+        "start_at": parse_timestart(cdr.timestart, tz),
+        "timestart_local": cdr.timestart[: limit["timestart"]],
+        "call_from": cdr.callfrom[: limit["callfrom"]],
+        "call_to": cdr.callto[: limit["callto"]],
+        "duration_s": cdr.callduration,
+        "talk_s": cdr.talkduration,
+        "direction": cdr.type[: limit["type"]],
+        "status": cdr.status[: limit["status"]],
+        "src_trunk": cdr.srctrunkname[: limit["srctrunkname"]],
+        "dst_trunk": cdr.dsttrunkname[: limit["dsttrunkname"]],
+        "did": cdr.didnumber[: limit["didnumber"]],
+        "pincode": cdr.pincode[: limit["pincode"]],
+        "agent_ring_s": cdr.agentringtime,
+        "source": source,
+        "first_seen_at": now,
+        # Every field is a str, an int or None: the same JSON as asdict() without its
+        # recursive deep copy.
+        "raw": json.dumps({name: getattr(cdr, name) for name in _CDR_FIELDS}, sort_keys=True),
+    }
+
+
+def _check_identity(cdr: CallDetail) -> None:
+    if not cdr.callid:
+        raise InvalidCallDetail("a call detail record has no callid")
+    for field_name, limit in _IDENTITY_LIMITS.items():
+        value = getattr(cdr, field_name)
+        if value is not None and len(value) > limit:
+            raise InvalidCallDetail(
+                f"call detail field {field_name} is longer than {limit} characters"
+            )

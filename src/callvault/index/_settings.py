@@ -1,0 +1,68 @@
+"""`index.settings`: small facts kept in the index, under the keys of `SettingKey`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import select
+
+from callvault.index import schema
+from callvault.index._db import Database
+from callvault.index._times import to_utc
+
+
+class SettingKey(StrEnum):
+    """Every key of the `settings` table (the values are what existing archives hold)."""
+
+    EVENTS_SECRET_PATH = "events_secret_path"  # noqa: S105 - the receiver's URL path
+    PBX_HEALTH = "pbx_health"  # the PBX session's health, JSON
+    PBX_TIMEZONE = "pbx_timezone"  # the zone the PBX's local times were read in
+    LAST_EVENT_AT = "last_event_at"  # when the last NewCdr was committed, ISO 8601
+    WEB_SESSION_SECRET = "web_session_secret"  # noqa: S105 - the key's name, not a secret
+    BACKFILL_PROGRESS = "backfill_progress"  # how far `backfill` got, JSON
+
+
+class SettingsStore:
+    """Get, set and set-once the values of `SettingKey`s."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def get(self, key: SettingKey) -> str | None:
+        """The value stored under `key`, or None."""
+        s = schema.settings
+        with self._db.read() as conn:
+            value = conn.execute(
+                select(s.c.value).where(s.c.key == SettingKey(key).value)
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def set(self, key: SettingKey, value: str, now: datetime) -> None:
+        """Create or replace the value of `key`."""
+        s = schema.settings
+        insert = self._db.insert(s).values(
+            key=SettingKey(key).value, value=value, updated_at=to_utc(now)
+        )
+        statement = insert.on_conflict_do_update(
+            index_elements=[s.c.key],
+            set_={"value": insert.excluded.value, "updated_at": insert.excluded.updated_at},
+        )
+        with self._db.write() as conn:
+            conn.execute(statement)
+
+    def setdefault(self, key: SettingKey, value: str, now: datetime) -> str:
+        """Store `value` under `key` unless a value exists; return the value now stored.
+
+        Atomic across processes, e.g. for the receiver's secret path generated once.
+        """
+        s = schema.settings
+        name = SettingKey(key).value
+        statement = (
+            self._db.insert(s)
+            .values(key=name, value=value, updated_at=to_utc(now))
+            .on_conflict_do_nothing(index_elements=[s.c.key])
+        )
+        with self._db.write() as conn:
+            conn.execute(statement)
+            return str(conn.execute(select(s.c.value).where(s.c.key == name)).scalar_one())
