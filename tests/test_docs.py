@@ -385,17 +385,6 @@ def test_every_simulator_fault_is_documented() -> None:
     assert sorted(documented - set(fault_names())) == [], "simulator.md names unknown faults"
 
 
-# The index is being split (issue 8): the schema page already describes the tables and
-# column that split adds, and not the table it removes. Each entry here must go once the
-# split lands; the test below fails until it is removed, so none is forgotten.
-DOCUMENTED_AHEAD: dict[str, str | None] = {
-    "processes": None,
-    "web_sessions": None,
-    "recordings": "claim_process_id",
-}
-REMOVED_BY_THE_SPLIT = {"revoked_sessions"}
-
-
 def schema_sections() -> dict[str, set[str]]:
     """table -> the columns named in the first column of its section's table."""
     sections: dict[str, set[str]] = {}
@@ -418,8 +407,6 @@ def test_the_index_schema_page_matches_the_schema() -> None:
     sections = schema_sections()
     problems: list[str] = []
     for name, table in metadata.tables.items():
-        if name in REMOVED_BY_THE_SPLIT:
-            continue
         if name not in sections:
             problems.append(f"table {name} is not on docs/index-schema.md")
             continue
@@ -427,20 +414,9 @@ def test_the_index_schema_page_matches_the_schema() -> None:
             if column.name not in sections[name]:
                 problems.append(f"column {name}.{column.name} is not on docs/index-schema.md")
     for name, columns in sections.items():
-        ahead = name in DOCUMENTED_AHEAD and DOCUMENTED_AHEAD[name] is None
         if name not in metadata.tables:
-            if not ahead:
-                problems.append(f"docs/index-schema.md describes a table {name} that is gone")
+            problems.append(f"docs/index-schema.md describes a table {name} that is gone")
             continue
-        if ahead:
-            problems.append(f"table {name} exists now: remove it from DOCUMENTED_AHEAD")
         for column in columns - {c.name for c in metadata.tables[name].columns}:
-            if DOCUMENTED_AHEAD.get(name) != column:
-                problems.append(f"docs/index-schema.md describes a column {name}.{column}")
-    for name, column in DOCUMENTED_AHEAD.items():
-        if column is not None and name in metadata.tables and column in metadata.tables[name].c:
-            problems.append(f"{name}.{column} exists now: remove it from DOCUMENTED_AHEAD")
-    for name in REMOVED_BY_THE_SPLIT:
-        if name not in metadata.tables:
-            problems.append(f"{name} is gone: remove it from REMOVED_BY_THE_SPLIT")
+            problems.append(f"docs/index-schema.md describes a column {name}.{column}")
     assert problems == []

@@ -361,7 +361,7 @@ def test_the_archiver_answers_every_report_200_and_archives_each_recording_once(
             assert sim.events_delivered == sim.events_queued
             for cdr in recorded:
                 assert cdr.recording is not None
-                row = index.recording_by_name(cdr.recording)
+                row = index.recordings.by_name(cdr.recording)
                 assert row is not None and row.storage_key is not None
         downloads = [o for name, o in sim.request_log if name == "recording/download"]
         assert downloads == ["Success"] * len(recorded)  # each one once, none twice
