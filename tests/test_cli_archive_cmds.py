@@ -93,55 +93,52 @@ def archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict
     return root, build_archive(root)
 
 
-def test_list_json_carries_every_field(archive: tuple[Path, dict[str, bytes]]) -> None:
-    root, archived = archive
-    result = runner.invoke(app, ["list", "--json", "--archive", str(root)])
+def listed_items(*args: str) -> list[dict[str, object]]:
+    """The items of `callvault list --json ARGS` (a page, as GET /api/recordings answers)."""
+    result = runner.invoke(app, ["list", "--json", *args])
     assert result.exit_code == 0, result.output
-    objects = json.loads(result.stdout)
-    assert len(objects) == 4
+    page = json.loads(result.stdout)
+    assert set(page) == {"total", "limit", "offset", "items"}
+    items: list[dict[str, object]] = page["items"]
+    return items
+
+
+def test_list_json_is_the_api_page(archive: tuple[Path, dict[str, bytes]]) -> None:
+    root, archived = archive
+    objects = listed_items("--archive", str(root))
     assert [o["callid"] for o in objects] == [f"171456480{i}.{i}" for i in (3, 2, 1, 0)]
-    for obj in objects:
-        for field in (
-            "recording",
-            "callid",
-            "state",
-            "sha256",
-            "size",
-            "path",
-            "start",
-            "from",
-            "to",
-            "type",
-            "status",
-        ):
-            assert field in obj
+    storage = LocalStorage(root)
     done = [o for o in objects if o["state"] == "archived"]
-    assert {o["recording"] for o in done} == set(archived)
+    assert {o["name"] for o in done} == set(archived)
     for obj in done:
-        path = Path(obj["path"])
-        assert path.is_absolute() and path.read_bytes() == archived[obj["recording"]]
-        assert obj["size"] == len(archived[obj["recording"]])
-        assert path.is_relative_to(root.resolve() / "369451090405" / "2024" / "04")
-    # A pending recording has a planned storage key but no file yet: no path.
-    assert [o["path"] for o in objects if o["state"] != "archived"] == [None, None]
+        key = str(obj["storage_key"])
+        assert key.startswith("369451090405/2024/04/")
+        assert Path(storage.locate(key)).read_bytes() == archived[str(obj["name"])]
+        assert obj["size"] == len(archived[str(obj["name"])])
+        assert obj["audio_url"] == f"/api/recordings/{obj['id']}/audio"
+    # A pending recording has a planned storage key but no file yet: none is shown.
+    assert [o["storage_key"] for o in objects if o["state"] != "archived"] == [None, None]
     first = objects[-1]
-    assert first["start"] == "2024-04-01T10:00:00+02:00"
-    assert (first["from"], first["type"], first["status"]) == ("1001", "Outbound", "ANSWERED")
+    assert (first["start_at"], first["timestart_local"]) == (
+        "2024-04-01T08:00:00+00:00",
+        "2024-04-01 10:00:00",
+    )
+    assert (first["call_from"], first["direction"], first["status"]) == (
+        "1001",
+        "Outbound",
+        "ANSWERED",
+    )
 
 
 def test_list_filters_and_text_output(archive: tuple[Path, dict[str, bytes]]) -> None:
     root, _ = archive
-    base = ["list", "--json", "--archive", str(root)]
-    by_state = json.loads(runner.invoke(app, [*base, "--state", "failed"]).stdout)
-    assert [o["state"] for o in by_state] == ["failed"]
-    by_number = json.loads(runner.invoke(app, [*base, "--number", "5672"]).stdout)
+    base = ["--archive", str(root)]
+    assert [o["state"] for o in listed_items(*base, "--state", "failed")] == ["failed"]
+    by_number = listed_items(*base, "--number", "5672")
     assert [o["callid"] for o in by_number] == ["1714564802.2"]
-    window = json.loads(
-        runner.invoke(app, [*base, "--since", "2024-04-02", "--until", "2024-04-03"]).stdout
-    )
+    window = listed_items(*base, "--since", "2024-04-02", "--until", "2024-04-03")
     assert [o["callid"] for o in window] == ["1714564802.2", "1714564801.1"]
-    limited = json.loads(runner.invoke(app, [*base, "--limit", "1"]).stdout)
-    assert len(limited) == 1
+    assert len(listed_items(*base, "--limit", "1")) == 1
     text = runner.invoke(app, ["list", "--archive", str(root), "--limit", "2"])
     assert text.exit_code == 0
     lines = text.stdout.splitlines()
@@ -169,30 +166,34 @@ def test_list_times_follow_the_saved_pbx_zone_not_the_hosts(
     monkeypatch.delenv("CALLVAULT_TIMEZONE")
     monkeypatch.setenv("TZ", "Asia/Tokyo")
 
-    def listed(*extra: str) -> list[str]:
-        result = runner.invoke(app, ["list", "--json", "--archive", str(root), *extra])
+    def shown(*extra: str) -> list[str]:
+        """The first START cell of the text listing: the first call's time as shown."""
+        result = runner.invoke(app, ["list", "--archive", str(root), *extra])
         assert result.exit_code == 0, result.output
-        return [o["start"] for o in json.loads(result.stdout)]
+        lines = result.stdout.splitlines()
+        return [lines[0].split()[1], " ".join(lines[-1].split()[:2])]
+
+    def window(since: str, until: str, *extra: str) -> list[object]:
+        found = listed_items("--archive", str(root), "--since", since, "--until", until, *extra)
+        return [o["callid"] for o in found]
 
     # Nothing saved yet (an index from before this setting): the host's zone.
-    assert listed()[-1] == "2024-04-01T17:00:00+09:00"
+    assert shown() == ["(Asia/Tokyo)", "2024-04-01 17:00:00"]
     with open_index(f"sqlite:///{root / 'callvault.db'}") as index:
         index.settings.set(SettingKey.PBX_TIMEZONE, "Europe/Paris", NOW)
-    assert listed()[-1] == "2024-04-01T10:00:00+02:00"
-    text = runner.invoke(app, ["list", "--archive", str(root), "--state", "archived"])
-    assert text.stdout.splitlines()[-1].split()[:2] == ["2024-04-01", "10:00:00"]
+    assert shown() == ["(Europe/Paris)", "2024-04-01 10:00:00"]
     # --since/--until are read in the same zone: 10:00 to 10:01 on April 2nd, Paris time.
-    window = ["--since", "2024-04-02T10:00", "--until", "2024-04-02T10:01"]
-    assert listed(*window) == ["2024-04-02T10:00:00+02:00"]
+    assert window("2024-04-02T10:00", "2024-04-02T10:01") == ["1714564801.1"]
     # A zone given on purpose wins: flag, then CALLVAULT_TIMEZONE, then the config file.
-    assert listed("--timezone", "UTC")[-1] == "2024-04-01T08:00:00+00:00"
+    assert shown("--timezone", "UTC") == ["(UTC)", "2024-04-01 08:00:00"]
+    assert window("2024-04-02T08:00", "2024-04-02T08:01", "--timezone", "UTC") == ["1714564801.1"]
     monkeypatch.setenv("CALLVAULT_TIMEZONE", "America/New_York")
-    assert listed()[-1] == "2024-04-01T04:00:00-04:00"
-    assert listed("--timezone", "UTC")[-1] == "2024-04-01T08:00:00+00:00"
+    assert shown() == ["(America/New_York)", "2024-04-01 04:00:00"]
+    assert shown("--timezone", "UTC") == ["(UTC)", "2024-04-01 08:00:00"]
     monkeypatch.delenv("CALLVAULT_TIMEZONE")
     config = root.parent / "callvault.toml"
     config.write_text('timezone = "Asia/Kolkata"\n', encoding="utf-8")
-    assert listed("--config", str(config))[-1] == "2024-04-01T13:30:00+05:30"
+    assert shown("--config", str(config)) == ["(Asia/Kolkata)", "2024-04-01 13:30:00"]
     bad = runner.invoke(app, ["list", "--archive", str(root), "--timezone", "Mars/Base"])
     assert bad.exit_code == 2 and "unknown time zone 'Mars/Base'" in bad.stderr
     status = json.loads(runner.invoke(app, ["status", "--json", "--archive", str(root)]).stdout)
@@ -205,7 +206,11 @@ def test_list_rejects_bad_options_in_one_line(archive: tuple[Path, dict[str, byt
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("callvault: error: unknown state 'lost'")
     result = runner.invoke(app, ["list", "--archive", str(root), "--since", "yesterday"])
-    assert result.exit_code == 2 and "bad date" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "callvault: error: --since: 'yesterday' is not a time: use YYYY-MM-DD or "
+        "YYYY-MM-DD hh:mm[:ss]"
+    )
     assert "Traceback" not in result.output
 
 
@@ -214,26 +219,34 @@ def test_status(archive: tuple[Path, dict[str, bytes]]) -> None:
     result = runner.invoke(app, ["status", "--json", "--archive", str(root)])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["counts"] == {
+    assert report["recordings"] == {
         "pending": 1,
         "downloading": 0,
         "archived": 2,
         "failed": 1,
         "missing": 0,
     }
-    assert report["total"] == 4
+    assert report["recordings_total"] == 4
+    assert (report["calls"], report["calls_with_recording"]) == (4, 4)
     assert [(f["state"], f["error"]) for f in report["failures"]] == [
         ("failed", "gave up after 8 timeouts")
     ]
     assert [r["error"] for r in report["retrying"]] == ["PBX said 20014: not ready"]
     assert report["last_event_at"] == "2024-05-01T12:00:00+00:00"
-    assert report["pbx_health"] == HEALTH
+    session = report["pbx_session"]
+    assert (session["state"], session["error"], session["last_contact_at"]) == (
+        "error",
+        HEALTH["error"],
+        HEALTH["last_success_at"],
+    )
+    assert report["index_problems"] == []
     text = runner.invoke(app, ["status", "--archive", str(root)]).stdout
     assert "archived 2" in text and "gave up after 8 timeouts" in text
-    assert "last event: 2024-05-01T12:00:00+00:00" in text
+    assert "calls: 4 (4 with a recording, 0 without" in text
+    assert "last event: " in text and "index: ok (quick check)" in text
     assert (
-        "PBX session: error: cannot log in to the PBX: wrong API username or password, "
-        "errno 20003 (last answer from the PBX 2024-05-01T11:00:00+00:00)"
+        "PBX session: not working: cannot log in to the PBX: wrong API username or password, "
+        "errno 20003; last contact "
     ) in text
 
 
@@ -254,10 +267,11 @@ def test_verify_ok_then_mismatch_then_missing(archive: tuple[Path, dict[str, byt
     index.close()
 
     damaged, gone = sorted(archived)
+    storage = LocalStorage(root)
     paths = {
-        o["recording"]: Path(o["path"])
-        for o in json.loads(runner.invoke(app, ["list", "--json", "--archive", str(root)]).stdout)
-        if o["path"]
+        o["name"]: Path(storage.locate(str(o["storage_key"])))
+        for o in listed_items("--archive", str(root))
+        if o["storage_key"]
     }
     paths[damaged].write_bytes(b"RIFF" + b"\0" * 20)
     paths[gone].unlink()
@@ -268,7 +282,8 @@ def test_verify_ok_then_mismatch_then_missing(archive: tuple[Path, dict[str, byt
     assert "verified 2 archived recordings: 0 ok, 1 mismatched, 1 missing" in result.stdout
     report = json.loads(runner.invoke(app, ["verify", "--json", "--archive", str(root)]).stdout)
     assert report["mismatched"][0]["actual_size"] == 24
-    assert report["missing"][0]["recording"] == gone
+    assert report["missing"][0]["name"] == gone
+    assert report["missing"][0]["error"] == "the archived file is missing from storage"
 
 
 def test_verify_reports_unindexed_files_without_failing(
@@ -308,12 +323,10 @@ def test_db_option_and_config_file(archive: tuple[Path, dict[str, bytes]], tmp_p
             side.rename(tmp_path / f"elsewhere.db{suffix}")
     result = runner.invoke(app, ["status", "--json", "--archive", str(root), "--db", str(moved)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["total"] == 4
+    assert json.loads(result.stdout)["recordings_total"] == 4
     config = tmp_path / "callvault.toml"
     config.write_text(f'archive = "{root}"\ndb = "sqlite:///{moved}"\n', encoding="utf-8")
-    result = runner.invoke(app, ["list", "--json", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)) == 4
+    assert len(listed_items("--config", str(config))) == 4
     config.write_text("archive = [unclosed\n", encoding="utf-8")
     result = runner.invoke(app, ["list", "--config", str(config)])
     assert result.exit_code == 2 and "is not valid TOML" in result.stderr

@@ -53,6 +53,35 @@ def test_upgrade_head_yields_exactly_the_metadata(empty_db_url: str) -> None:
             assert version == HEAD
 
 
+def test_the_revision_that_skips_alembic_is_the_newest_migration(tmp_path: Path) -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from callvault.index._index import MIGRATIONS, SCHEMA_REVISION
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_REVISION
+    with open_index(f"sqlite:///{tmp_path / 'x.db'}") as index:
+        assert index.schema_revision() == SCHEMA_REVISION
+
+
+def test_opening_an_index_at_the_newest_schema_does_not_load_alembic(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    open_index(url).close()
+    probe = (
+        "import sys\n"
+        "from callvault.index import open_index\n"
+        f"open_index({url!r}).close()\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_reopen_is_idempotent_and_pragmas_are_set(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'callvault.db'}"
     open_index(url).close()

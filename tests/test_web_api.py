@@ -289,9 +289,26 @@ def test_stats_and_status(web: LiveWeb) -> None:
     assert len(per_day) == 15
     assert per_day["2024-05-01"] == 1 and per_day["2024-05-02"] == 1 and per_day["2024-05-03"] == 4
     status = admin.get("/api/status").json()
-    assert [f["state"] for f in status["recent_failures"]] == ["failed"]
-    assert status["recent_failures"][0]["last_error"] == "PBX said 20014"
-    assert status["disk"]["total"] > 0
+    assert [f["state"] for f in status["failures"]] == ["failed"]
+    assert status["failures"][0]["error"] == "PBX said 20014"
+    assert status["storage"]["total"] > 0
+
+
+def test_requeue_is_for_admins_and_audited(web: LiveWeb) -> None:
+    bob, _ = web.bearer(LISTENER_2000[0])
+    assert bob.post("/api/requeue", json={}).status_code == 403
+    admin, _ = web.bearer(ADMIN[0])
+    bad = admin.post("/api/requeue", json={"states": ["archived"]})
+    assert bad.status_code == 422
+    done = admin.post("/api/requeue", json={"states": ["failed"]})
+    assert done.status_code == 200, done.text
+    assert done.json() == {"requeued": {"failed": 1}, "since": None}
+    assert web.archive.index.recordings.counts_by_state()["failed"] == 0
+    [entry] = web.archive.index.audit.query(audit.AuditFilter(action=audit.REQUEUE))
+    assert (entry.actor, entry.detail) == (ADMIN[0], "failed=1")
+    # A browser session needs the CSRF token, as for every change.
+    session = web.login(*ADMIN)
+    assert session.post("/api/requeue", json={}).status_code == 403
 
 
 def test_play_download_export_are_audited(web: LiveWeb) -> None:
@@ -328,11 +345,15 @@ def test_status_page_and_api_show_pbx_health_and_last_event(web: LiveWeb) -> Non
     index.settings.set(SettingKey.LAST_EVENT_AT, "2024-05-11T08:59:00+00:00", now)
     admin, _ = web.bearer(ADMIN[0])
     status = admin.get("/api/status").json()
-    assert status["pbx_health"] == {"state": "degraded", "error": "heartbeat failed"}
+    session = status["pbx_session"]
+    assert (session["state"], session["error"]) == ("degraded", "heartbeat failed")
+    assert session["summary"] == (
+        "logged in, but the last request failed: heartbeat failed; no contact yet"
+    )
     assert status["last_event_at"] == "2024-05-11T08:59:00+00:00"
     page = web.login(*ADMIN).get("/status").text
-    assert "state: degraded; error: heartbeat failed" in page
-    assert "2024-05-11T08:59:00+00:00" in page
+    assert "logged in, but the last request failed: heartbeat failed" in page
+    assert "2024-05-11 08:59:00 UTC" in page  # the last event's time, on hover
     assert "PBX said 20014" in page  # the failure's reason
     assert '<td class="count-archived">4</td>' in page
     assert '<th>2024-05-03</th><td><progress max="4" value="4"></progress></td>' in page
@@ -356,7 +377,8 @@ def test_damaged_and_missing_files_are_reported_not_hidden(tmp_path: Path) -> No
         assert check["actual_sha256"] == hashlib.sha256(bytes(data)).hexdigest()
         assert check["expected_sha256"] == damaged.sha256
         gone = admin.post(f"/api/recordings/{missing.id}/verify").json()
-        assert gone["ok"] is False and gone["error"] == "file missing from storage"
+        assert gone["ok"] is False
+        assert gone["error"] == "the archived file is missing from storage"
         assert admin.get(f"/api/recordings/{missing.id}/audio").status_code == 404
 
         exported = zipfile.ZipFile(io.BytesIO(admin.get("/api/export").content))
@@ -371,5 +393,5 @@ def test_damaged_and_missing_files_are_reported_not_hidden(tmp_path: Path) -> No
         verify_entries = web.archive.index.audit.query(audit.AuditFilter(action=audit.VERIFY))
         assert {e.detail for e in verify_entries} == {
             "the file's bytes differ from the archived checksum",
-            "file missing from storage",
+            "the archived file is missing from storage",
         }

@@ -13,6 +13,16 @@ import typer
 T = TypeVar("T")
 
 
+def cli_actor() -> str:
+    """Who the audit log names for a change made on the command line: ``cli:<OS user>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line saying what went wrong (and what to do) on stderr and exit."""
     print(f"callvault: error: {message}", file=sys.stderr)

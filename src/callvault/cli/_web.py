@@ -8,7 +8,6 @@ A generated password or a new API token is printed once, on stdout, and never ag
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from callvault.cli._app import app
-from callvault.cli._common import fail
+from callvault.cli._common import cli_actor, fail
 from callvault.cli._options import (
     ArchiveOption,
     ConfigOption,
@@ -55,19 +54,11 @@ def _password_from(password_env: str | None) -> str:
     return password
 
 
-def _cli_actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
-
-
 def _open_index(settings: ArchiveSettings) -> Index:
     """The archive's index (made if the archive directory exists but has none yet)."""
-    from callvault.cli._archive_cmds import open_archive
+    from callvault.cli._archive_cmds import open_settings_archive
 
-    index, _storage = open_archive(settings, create_index=True)
-    return index
+    return open_settings_archive(settings, create=True).index
 
 
 @app.command("web")
@@ -84,7 +75,7 @@ def web(
 ) -> None:
     """Serve the web app and JSON API alone over an existing archive."""
     from callvault import serving
-    from callvault.cli._archive_cmds import open_archive
+    from callvault.cli._archive_cmds import open_settings_archive
     from callvault.web import create_app
 
     settings = settings_or_fail(
@@ -95,7 +86,8 @@ def web(
         secure_cookies=secure_cookies,
         trusted_proxy=trusted_proxy,
     )
-    index, storage = open_archive(settings)
+    opened = open_settings_archive(settings)
+    index, storage = opened.index, opened.storage
     host, port = settings.web_address()
     # Bound before anything is said: a busy port is one line, never "serving" then an error.
     try:
@@ -175,7 +167,7 @@ def user_add(
     try:
         user = index.users.add(name, role, password, scope)
         index.audit.record(
-            _cli_actor(),
+            cli_actor(),
             audit.USER_ADD,
             user.name,
             f"role={user.role} scope={user.scope or '(all)'}",
@@ -213,7 +205,7 @@ def user_passwd(
     try:
         if not index.users.set_password(name, password):
             fail(f"no user named {name!r}")
-        index.audit.record(_cli_actor(), audit.USER_PASSWORD, name, "", "local")
+        index.audit.record(cli_actor(), audit.USER_PASSWORD, name, "", "local")
     except users.UserError as exc:
         fail(str(exc), code=2)
     finally:
@@ -268,7 +260,7 @@ def user_remove(
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
         index.users.remove(name)
-        index.audit.record(_cli_actor(), audit.USER_REMOVE, name, "", "local")
+        index.audit.record(cli_actor(), audit.USER_REMOVE, name, "", "local")
     except users.UserError as exc:
         fail(str(exc))
     finally:
@@ -286,7 +278,7 @@ def token_create(
 ) -> None:
     """Create an API token (sent as Authorization: Bearer); printed once, stored hashed."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
-    actor = _cli_actor()
+    actor = cli_actor()
     try:
         token, secret = index.tokens.create(user, label=label, created_by=actor)
         index.audit.record(
@@ -353,7 +345,7 @@ def token_revoke(
         if token is None or not index.tokens.revoke(token_id):
             fail(f"no live token with id {token_id}")
         index.audit.record(
-            _cli_actor(),
+            cli_actor(),
             audit.TOKEN_REVOKE,
             token.user_name,
             f"token id={token_id}",

@@ -142,6 +142,14 @@ class RecordingStore:
             ).scalar_one()
         return int(value)
 
+    def call_totals(self) -> tuple[int, int]:
+        """(calls, calls with a recording): why there are more calls than recordings."""
+        c, r = schema.calls, schema.recordings
+        with_recording = select(func.count(func.distinct(r.c.call_id))).scalar_subquery()
+        with self._db.read() as conn:
+            calls, recorded = conn.execute(select(func.count(c.c.id), with_recording)).one()
+        return int(calls), int(recorded)
+
     def calls_per_day(self, *, days: int, today: date) -> list[DayCount]:
         """Calls started on each of the last `days` days up to `today` (UTC), zeros included."""
         c = schema.calls

@@ -7,18 +7,21 @@ The rules without a database (names, roles, scopes) and the data classes are in
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from callvault.index._db import Database
 from callvault.index._times import from_db, to_utc
 from callvault.index.schema import api_tokens, column_length, users, web_sessions
+
+if TYPE_CHECKING:
+    from argon2 import PasswordHasher
+
 from callvault.index.users import (
     ADMIN,
     TOKEN_PREFIX,
@@ -35,10 +38,6 @@ from callvault.index.users import (
     validate_role,
 )
 
-_hasher = PasswordHasher()
-# Verified against when the user does not exist, so a wrong name costs as long as a wrong
-# password and timing does not tell which names exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 _LABEL_MAX = column_length(api_tokens.c.label)
 _CREATED_BY_MAX = column_length(api_tokens.c.created_by)
 # Longer than any token this index makes: not worth hashing.
@@ -68,8 +67,24 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@functools.cache
+def _hasher() -> PasswordHasher:
+    """argon2, loaded when a password is first hashed or checked: commands that never
+    touch a password (`callvault list`) do not pay for it."""
+    from argon2 import PasswordHasher
+
+    return PasswordHasher()
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so a wrong name costs as long as a
+    wrong password and timing does not tell which names exist."""
+    return _hasher().hash(secrets.token_urlsafe(16))
+
+
 def _hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    return _hasher().hash(password)
 
 
 def _new_session_epoch() -> str:
@@ -252,14 +267,16 @@ class UserStore:
             row = conn.execute(
                 select(*_USER_COLUMNS, users.c.password_hash).where(users.c.name == name)
             ).first()
-        stored = _DUMMY_HASH if row is None else str(row.password_hash)
+        from argon2.exceptions import InvalidHashError, VerificationError
+
+        stored = _dummy_hash() if row is None else str(row.password_hash)
         try:
-            _hasher.verify(stored, password)
+            _hasher().verify(stored, password)
         except (VerificationError, InvalidHashError):
             return None
         if row is None or row.disabled_at is not None:
             return None
-        if _hasher.check_needs_rehash(stored):
+        if _hasher().check_needs_rehash(stored):
             password_hash = _hash_password(password)
             with self._db.write() as conn:
                 conn.execute(

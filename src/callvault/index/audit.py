@@ -26,6 +26,7 @@ USER_PASSWORD = "user_password"  # noqa: S105 - an action name, not a password
 TOKEN_CREATE = "token_create"  # noqa: S105
 TOKEN_REVOKE = "token_revoke"  # noqa: S105
 AUDIT_EXPORT = "audit_export"  # someone took a copy of (part of) this log
+REQUEUE = "requeue"  # recordings given up on were queued again
 ACTIONS = (
     LOGIN,
     LOGIN_FAILED,
@@ -41,6 +42,7 @@ ACTIONS = (
     TOKEN_CREATE,
     TOKEN_REVOKE,
     AUDIT_EXPORT,
+    REQUEUE,
 )
 
 CSV_HEADER = ("id", "at", "actor", "action", "target", "detail", "remote_addr")

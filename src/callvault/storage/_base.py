@@ -97,6 +97,10 @@ class Storage(Protocol):
         """Remove the object; False if it was absent."""
         ...
 
+    def describe(self) -> str:
+        """Where the recordings are kept, for people (a directory, a bucket URL)."""
+        ...
+
     def locate(self, key: str) -> str:
         """Where the object is, for people and scripts (a file path, a bucket URL)."""
         ...

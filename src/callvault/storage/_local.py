@@ -402,6 +402,10 @@ class LocalStorage:
             raise
         return cast(BinaryIO, _Limited(handle, length))
 
+    def describe(self) -> str:
+        """The root directory."""
+        return str(self._root)
+
     def locate(self, key: str) -> str:
         """The absolute path of the file of `key`."""
         return str(self.local_path(key))

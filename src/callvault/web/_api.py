@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from callvault.index import RecordingRow, SettingKey, audit, users
+from callvault.index import RecordingRow, audit, users
 from callvault.index.schema import ARCHIVED
+from callvault.ops import (
+    ArchiveStatus,
+    JsonResult,
+    RecordingPage,
+    RecordingView,
+    RequeueResult,
+    VerifyResult,
+    archive_status,
+    requeue,
+    verify_recording,
+)
 from callvault.web import _media
 from callvault.web._context import (
     Principal,
@@ -90,83 +99,6 @@ def search_params(
     return params
 
 
-class RecordingOut(BaseModel):
-    id: int
-    name: str
-    state: str
-    call_id: int
-    callid: str
-    pbx_serial: str
-    start_at: datetime | None
-    timestart_local: str
-    call_from: str
-    call_to: str
-    did: str
-    direction: str
-    status: str
-    duration_s: int | None
-    talk_s: int | None
-    src_trunk: str
-    dst_trunk: str
-    size: int | None
-    sha256: str | None
-    content_type: str | None
-    archived_at: datetime | None
-    verified_at: datetime | None
-    attempts: int
-    last_error: str | None
-    audio_url: str | None = Field(description="Streams the audio (HTTP Range supported)")
-    download_url: str | None
-
-    @classmethod
-    def of(cls, row: RecordingRow) -> RecordingOut:
-        archived = row.state == ARCHIVED and row.storage_key is not None
-        return cls(
-            id=row.id,
-            name=row.name,
-            state=row.state,
-            call_id=row.call_id,
-            callid=row.callid,
-            pbx_serial=row.pbx_serial,
-            start_at=row.start_at,
-            timestart_local=row.timestart_local,
-            call_from=row.call_from,
-            call_to=row.call_to,
-            did=row.did,
-            direction=row.direction,
-            status=row.status,
-            duration_s=row.duration_s,
-            talk_s=row.talk_s,
-            src_trunk=row.src_trunk,
-            dst_trunk=row.dst_trunk,
-            size=row.size,
-            sha256=row.sha256,
-            content_type=row.content_type,
-            archived_at=row.archived_at,
-            verified_at=row.verified_at,
-            attempts=row.attempts,
-            last_error=row.last_error,
-            audio_url=f"/api/recordings/{row.id}/audio" if archived else None,
-            download_url=f"/api/recordings/{row.id}/download" if archived else None,
-        )
-
-
-class SearchOut(BaseModel):
-    total: int
-    limit: int
-    offset: int
-    items: list[RecordingOut]
-
-
-class VerifyOut(BaseModel):
-    ok: bool
-    expected_sha256: str | None
-    actual_sha256: str | None
-    expected_size: int | None
-    actual_size: int | None
-    error: str | None
-
-
 class DayCountOut(BaseModel):
     day: str
     calls: int
@@ -177,31 +109,6 @@ class StatsOut(BaseModel):
     recordings: int
     bytes_stored: int
     calls_per_day: list[DayCountOut]
-
-
-class FailureOut(BaseModel):
-    id: int
-    name: str
-    state: str
-    attempts: int
-    last_error: str | None
-    updated_at: datetime
-
-
-class DiskOut(BaseModel):
-    total: int
-    used: int
-    free: int
-
-
-class StatusOut(BaseModel):
-    counts_by_state: dict[str, int]
-    bytes_stored: int
-    recent_failures: list[FailureOut]
-    retrying: list[FailureOut]
-    last_event_at: str | None
-    pbx_health: Any = Field(description="What the archiver last noted of its PBX session")
-    disk: DiskOut | None
 
 
 class UserOut(BaseModel):
@@ -309,28 +216,39 @@ def me(principal: AnyUser) -> MeOut:
     return MeOut(name=user.name, role=user.role, scope=user.scope, csrf_token=principal.csrf)
 
 
-@router.get("/recordings", tags=["recordings"])
+def _answer(result: JsonResult) -> JSONResponse:
+    """An operation's result as JSON: the same shape `callvault ... --json` prints (the
+    route's response_model documents it in the OpenAPI document)."""
+    return JSONResponse(result.to_json())
+
+
+@router.get("/recordings", tags=["recordings"], response_model=RecordingPage)
 def search(
     request: Request,
     principal: AnyUser,
     params: Annotated[SearchParams, Depends(search_params)],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-) -> SearchOut:
-    """Recordings with their calls matching the filters, newest first, within your scope."""
+) -> Response:
+    """Recordings with their calls matching the filters, newest first, within your scope
+    (the same page as `callvault list --json`)."""
     index = context(request).index
     filters = params.filters(principal.user)
     rows = index.recordings.search(filters, limit=limit, offset=offset)
     total = index.recordings.count(filters)
-    return SearchOut(
-        total=total, limit=limit, offset=offset, items=[RecordingOut.of(r) for r in rows]
-    )
+    items = [RecordingView.of(r) for r in rows]
+    return _answer(RecordingPage(total=total, limit=limit, offset=offset, items=items))
 
 
-@router.get("/recordings/{recording_id}", tags=["recordings"], responses={404: {}})
-def recording(request: Request, principal: AnyUser, recording_id: RecordingId) -> RecordingOut:
+@router.get(
+    "/recordings/{recording_id}",
+    tags=["recordings"],
+    response_model=RecordingView,
+    responses={404: {}},
+)
+def recording(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
     """One recording's call fields, archive state and checksum."""
-    return RecordingOut.of(visible_recording(request, principal, recording_id))
+    return _answer(RecordingView.of(visible_recording(request, principal, recording_id)))
 
 
 # What browsers send as Sec-Fetch-Site for a request made from this site's own pages, or
@@ -392,18 +310,21 @@ def audio_response(
         # player's later range requests (seeks) fall in the de-duplication window.
         record_audit(request, principal.name, audit.PLAY, row.name, f"id={row.id}")
     try:
-        stream = ctx.storage.open(row.storage_key)
+        if byte_range is None:
+            stream = ctx.storage.open(row.storage_key)
+        else:
+            stream = ctx.storage.open_range(row.storage_key, byte_range.start, byte_range.length)
     except (OSError, ValueError):
         raise HTTPException(404, "the archived file is missing from storage") from None
     if byte_range is None:
         headers["Content-Length"] = str(size)
         return StreamingResponse(
-            _media.iter_file(stream, 0, size), media_type=content_type, headers=headers
+            _media.iter_file(stream, size), media_type=content_type, headers=headers
         )
     headers["Content-Length"] = str(byte_range.length)
     headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{size}"
     return StreamingResponse(
-        _media.iter_file(stream, byte_range.start, byte_range.length),
+        _media.iter_file(stream, byte_range.length),
         status_code=206,
         media_type=content_type,
         headers=headers,
@@ -444,31 +365,26 @@ def download(request: Request, principal: AnyUser, recording_id: RecordingId) ->
     return audio_response(request, principal, row, download=True)
 
 
-def run_verify(request: Request, principal: Principal, row: RecordingRow) -> _media.VerifyResult:
-    """Re-hash the archived file, note a match in the index, and audit the check."""
+def run_verify(request: Request, principal: Principal, row: RecordingRow) -> VerifyResult:
+    """Re-hash the archived file (a match is noted in the index) and audit the check."""
     ctx = context(request)
-    result = _media.verify_recording(row, ctx.storage)
-    if result.ok:
-        ctx.index.recordings.mark_verified(row.id, ctx.clock())
+    result = verify_recording(ctx.archive, row, now=ctx.clock())
     outcome = "ok" if result.ok else str(result.error)
     record_audit(request, principal.name, audit.VERIFY, row.name, outcome)
     return result
 
 
-@router.post("/recordings/{recording_id}/verify", tags=["recordings"], responses={404: {}})
-def verify(request: Request, principal: AnyUser, recording_id: RecordingId) -> VerifyOut:
+@router.post(
+    "/recordings/{recording_id}/verify",
+    tags=["recordings"],
+    response_model=VerifyResult,
+    responses={404: {}},
+)
+def verify(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
     """Re-read the archived file now and compare it with its recorded SHA-256 and size."""
     check_csrf(request, principal)
     row = visible_recording(request, principal, recording_id)
-    result = run_verify(request, principal, row)
-    return VerifyOut(
-        ok=result.ok,
-        expected_sha256=result.expected_sha256,
-        actual_sha256=result.actual_sha256,
-        expected_size=result.expected_size,
-        actual_size=result.actual_size,
-        error=result.error,
-    )
+    return _answer(run_verify(request, principal, row))
 
 
 def export_response(
@@ -534,52 +450,37 @@ def stats(
     )
 
 
-def _failure(row: RecordingRow) -> FailureOut:
-    return FailureOut(
-        id=row.id,
-        name=row.name,
-        state=row.state,
-        attempts=row.attempts,
-        last_error=row.last_error,
-        updated_at=row.updated_at,
-    )
-
-
-def disk_usage(request: Request) -> DiskOut | None:
-    root = getattr(context(request).storage, "root", None)
-    if root is None:
-        return None
-    try:
-        usage = shutil.disk_usage(root)
-    except OSError:
-        return None
-    return DiskOut(total=usage.total, used=usage.used, free=usage.free)
-
-
-def archive_status(request: Request) -> StatusOut:
+@router.get("/status", tags=["archive"], response_model=ArchiveStatus)
+def status(request: Request, _admin: Admin) -> Response:
+    """The archive at a glance (the same as `callvault status --json`): recordings by
+    state, failures with reasons, the PBX session, serve's workers, the last event, disk
+    use and the index's health."""
     ctx = context(request)
-    health_text = ctx.index.settings.get(SettingKey.PBX_HEALTH)
-    health: Any = None
-    if health_text is not None:
-        try:
-            health = json.loads(health_text)
-        except ValueError:
-            health = health_text
-    return StatusOut(
-        counts_by_state=ctx.index.recordings.counts_by_state(),
-        bytes_stored=ctx.index.recordings.bytes_stored(),
-        recent_failures=[_failure(r) for r in ctx.index.recordings.recent_failures(20)],
-        retrying=[_failure(r) for r in ctx.index.recordings.retrying(20)],
-        last_event_at=ctx.index.settings.get(SettingKey.LAST_EVENT_AT),
-        pbx_health=health,
-        disk=disk_usage(request),
+    return _answer(archive_status(ctx.archive, now=ctx.clock()))
+
+
+class RequeueIn(BaseModel):
+    states: list[Literal["failed", "missing"]] = Field(
+        default=["failed", "missing"], min_length=1, description="Which give-ups to queue again"
+    )
+    since: str | None = Field(
+        default=None,
+        max_length=40,
+        description="Only recordings first queued from this time (UTC unless it says)",
     )
 
 
-@router.get("/status", tags=["archive"])
-def status(request: Request, _admin: Admin) -> StatusOut:
-    """The archiver's queue, recent failures with reasons, last event, PBX health, disk."""
-    return archive_status(request)
+@router.post("/requeue", tags=["archive"], response_model=RequeueResult)
+def requeue_recordings(request: Request, principal: Admin, body: RequeueIn) -> Response:
+    """Queue recordings given up on again, each with a fresh run of attempts (the same as
+    `callvault requeue`); a running serve downloads them at once."""
+    check_csrf(request, principal)
+    ctx = context(request)
+    since = parse_when(body.since, end=False, field_name="since")
+    result = requeue(ctx.archive, body.states, now=ctx.clock(), since=since)
+    counts = ", ".join(f"{state}={count}" for state, count in result.requeued.items())
+    record_audit(request, principal.name, audit.REQUEUE, "recordings", counts)
+    return _answer(result)
 
 
 @router.get("/users", tags=["admin"])

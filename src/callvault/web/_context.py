@@ -5,14 +5,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from fastapi import HTTPException, Request
 
 from callvault.index import Index, RecordingRow, SearchFilters
 from callvault.index.schema import RECORDING_STATES
 from callvault.index.users import User
-from callvault.storage._base import Storage
+from callvault.ops import Archive
+from callvault.storage import Storage
+from callvault.times import TimeFormatError, parse_moment
 from callvault.web._security import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -35,10 +37,13 @@ class WebContext:
     limiter: LoginLimiter
     clock: Clock
     secure_cookies: bool
+    archive: Archive = field(init=False)
     _recent_plays: dict[tuple[int, int], datetime] = field(default_factory=dict)
     _plays_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        # The operations shared with the command line (callvault.ops) run on this.
+        self.archive = Archive(self.index, self.storage)
         # Sessions live in this index: issued for its users, logged out in it.
         self.signer.attach(self.index)
 
@@ -115,27 +120,14 @@ def record_audit(
 
 
 def parse_when(text: str | None, *, end: bool, field_name: str) -> datetime | None:
-    """A filter time: ``YYYY-MM-DD`` (a whole day; as an end, through that day) or an ISO
-    date-time; without a zone it is UTC. Raises HTTPException 422 on anything else."""
+    """A filter time as callvault.times reads it (a date as an end means through that
+    day); without an offset it is UTC. HTTPException 422 naming `field_name` otherwise."""
     if text is None or not text.strip():
         return None
-    value = text.strip()
     try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return start + timedelta(days=1) if end else start
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except (ValueError, OverflowError):
-        raise HTTPException(
-            422, f"{field_name}: use YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][+hh:mm]"
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    try:
-        return parsed.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise HTTPException(422, f"{field_name}: out of range") from None
+        return parse_moment(text, UTC, end=end, name=field_name).astimezone(UTC)
+    except TimeFormatError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,6 @@ from typing import BinaryIO
 
 from callvault.index import RecordingRow
 from callvault.index.audit import csv_safe_row
-from callvault.index.schema import ARCHIVED
 from callvault.storage._base import Storage
 
 CHUNK = 64 * 1024
@@ -138,19 +137,10 @@ def content_disposition(filename: str, *, inline: bool = False) -> str:
     return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{ascii_name}"
 
 
-def iter_file(stream: BinaryIO, start: int, length: int) -> Iterator[bytes]:
-    """`length` bytes of `stream` from `start`, in chunks; closes the stream at the end."""
+def iter_file(stream: BinaryIO, length: int) -> Iterator[bytes]:
+    """`length` bytes of `stream` (opened where they start), in chunks; closes the stream
+    at the end."""
     try:
-        if start:
-            if stream.seekable():
-                stream.seek(start)
-            else:
-                skip = start
-                while skip > 0:
-                    dropped = stream.read(min(CHUNK, skip))
-                    if not dropped:
-                        return
-                    skip -= len(dropped)
         remaining = length
         while remaining > 0:
             chunk = stream.read(min(CHUNK, remaining))
@@ -160,39 +150,6 @@ def iter_file(stream: BinaryIO, start: int, length: int) -> Iterator[bytes]:
             yield chunk
     finally:
         stream.close()
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    ok: bool
-    expected_sha256: str | None
-    actual_sha256: str | None
-    expected_size: int | None
-    actual_size: int | None
-    error: str | None = None
-
-
-def verify_recording(row: RecordingRow, storage: Storage) -> VerifyResult:
-    """Re-read the archived file and compare its SHA-256 and size with the index."""
-    if row.state != ARCHIVED or row.storage_key is None:
-        # A pending recording's key names where it will go, not a file.
-        return VerifyResult(False, row.sha256, None, row.size, None, "not archived")
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with storage.open(row.storage_key) as stream:
-            while chunk := stream.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-    except (FileNotFoundError, ValueError):
-        return VerifyResult(False, row.sha256, None, row.size, None, "file missing from storage")
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        return VerifyResult(False, row.sha256, None, row.size, None, f"cannot read: {reason}")
-    actual = digest.hexdigest()
-    ok = actual == row.sha256 and (row.size is None or size == row.size)
-    error = None if ok else "the file's bytes differ from the archived checksum"
-    return VerifyResult(ok, row.sha256, actual, row.size, size, error)
 
 
 class _Sink(io.RawIOBase):

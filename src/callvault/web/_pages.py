@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -17,6 +17,8 @@ from pydantic import ValidationError
 
 from callvault.index import audit, users
 from callvault.index.schema import ARCHIVED, RECORDING_STATES
+from callvault.ops import archive_status, human_size
+from callvault.times import ago
 from callvault.web import _api, _media
 from callvault.web._context import (
     Principal,
@@ -60,25 +62,19 @@ PageUser = Annotated[Principal, Depends(page_user)]
 PageAdmin = Annotated[Principal, Depends(page_admin)]
 
 
-def human_size(value: int | None) -> str:
-    if value is None:
-        return ""
-    size = float(value)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{value} B"
-
-
 def human_time(value: Any) -> str:
     if value is None:
         return ""
     return str(value.strftime("%Y-%m-%d %H:%M:%S UTC"))
 
 
+def _ago(value: datetime | None) -> str:
+    return ago(value, datetime.now(UTC))
+
+
 templates.env.filters["size"] = human_size
 templates.env.filters["utc"] = human_time
+templates.env.filters["ago"] = _ago
 
 
 def render(
@@ -377,8 +373,8 @@ async def verify_page(
 
 @router.get("/status")
 def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
-    status = _api.archive_status(request)
     ctx = context(request)
+    status = archive_status(ctx.archive, now=ctx.clock())
     per_day = ctx.index.recordings.calls_per_day(days=14, today=ctx.clock().date())
     busiest = max((d.calls for d in per_day), default=0)
     return render(

@@ -1,0 +1,53 @@
+"""callvault.ops: the operations the command line and the web app share.
+
+Each is one function over an open `Archive` returning a typed result whose `to_json()` is
+what both `--json` and the web API print, so the two never disagree:
+
+    archive = open_archive(directory, db_url)          # ArchiveError: one line
+    archive_status(archive, now=...) -> ArchiveStatus  # callvault status, GET /api/status
+    verify_archive(archive, now=...) -> VerifyReport   # callvault verify
+    verify_recording(archive, row, now=...) -> VerifyResult   # "Verify now", POST .../verify
+    requeue(archive, states, now=..., since=...) -> RequeueResult  # callvault requeue
+    RecordingView.of(row), RecordingPage               # callvault list --json, GET /api/recordings
+
+The layer sits above the archiver and below the web app and the command line.
+"""
+
+from callvault.ops._archive import Archive, ArchiveError, open_archive
+from callvault.ops._json import JsonResult, json_ready
+from callvault.ops._recordings import RecordingPage, RecordingView
+from callvault.ops._requeue import REQUEUE_STATES, RequeueResult, requeue
+from callvault.ops._status import (
+    ArchiveStatus,
+    Failure,
+    PbxSessionStatus,
+    ProcessStatus,
+    WorkerCount,
+    archive_status,
+)
+from callvault.ops._verify import VerifyReport, VerifyResult, verify_archive, verify_recording
+from callvault.ops._words import human_size
+
+__all__ = [
+    "REQUEUE_STATES",
+    "Archive",
+    "ArchiveError",
+    "ArchiveStatus",
+    "Failure",
+    "JsonResult",
+    "PbxSessionStatus",
+    "ProcessStatus",
+    "RecordingPage",
+    "RecordingView",
+    "RequeueResult",
+    "VerifyReport",
+    "VerifyResult",
+    "WorkerCount",
+    "archive_status",
+    "human_size",
+    "json_ready",
+    "open_archive",
+    "requeue",
+    "verify_archive",
+    "verify_recording",
+]

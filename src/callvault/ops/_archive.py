@@ -1,0 +1,81 @@
+"""An archive opened for reading and managing: its index and its storage, together."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from callvault.index import Index, IndexMissingError, IndexOpenError, SettingKey, open_index
+from callvault.storage import LocalStorage, Storage
+
+
+class ArchiveError(Exception):
+    """The archive cannot be opened; the message is one line saying what to do."""
+
+
+@dataclass
+class Archive:
+    """An open archive. Close it (or use it as a context manager) to release the index."""
+
+    index: Index
+    storage: Storage
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def saved_timezone(self) -> ZoneInfo | None:
+        """The PBX's time zone as serve/backfill saved it (None if never, or unknown)."""
+        name = self.index.settings.get(SettingKey.PBX_TIMEZONE)
+        if not name:
+            return None
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            return None
+
+    def saved_json(self, key: SettingKey) -> Any:
+        """A setting holding JSON (the PBX session health), parsed; its text if not JSON."""
+        text = self.index.settings.get(key)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+
+def open_archive(directory: Path, db_url: str, *, create: bool = False) -> Archive:
+    """Open an EXISTING archive directory's index and storage.
+
+    With `create`, a directory without an index yet gets an empty one (users can be added
+    before anything is archived); without it, a missing index is an `ArchiveError` saying
+    how to make one. Every failure is one line (`ArchiveError`); a damaged index raises
+    `callvault.index.IndexCorruptError` (also one line) when it is first read.
+    """
+    if not directory.is_dir():
+        raise ArchiveError(f"archive directory {directory} does not exist (check --archive)")
+    try:
+        index = open_index(db_url, create=create)
+    except IndexMissingError as exc:
+        raise ArchiveError(
+            f"{exc}: nothing archived yet (run `callvault serve` or `callvault backfill`)"
+        ) from None
+    except IndexOpenError as exc:
+        raise ArchiveError(str(exc)) from None
+    try:
+        storage = LocalStorage(directory)
+    except OSError as exc:
+        index.close()
+        raise ArchiveError(
+            f"cannot use the archive directory {directory}: {exc.strerror}"
+        ) from None
+    return Archive(index=index, storage=storage)

@@ -1,0 +1,89 @@
+"""Recordings as people and scripts see them: one shape for `list --json` and the web API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from callvault.index import RecordingRow
+from callvault.index.schema import ARCHIVED
+from callvault.ops._json import JsonResult
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingView(JsonResult):
+    """A recording with its call. Times are UTC; `timestart_local` is the PBX's own text.
+    `audio_url` and `download_url` (paths of the web API) are set once it is archived."""
+
+    id: int
+    name: str
+    state: str
+    call_id: int
+    callid: str
+    pbx_serial: str
+    start_at: datetime | None
+    timestart_local: str
+    call_from: str
+    call_to: str
+    did: str
+    direction: str
+    status: str
+    duration_s: int | None
+    talk_s: int | None
+    src_trunk: str
+    dst_trunk: str
+    size: int | None
+    sha256: str | None
+    content_type: str | None
+    storage_key: str | None
+    archived_at: datetime | None
+    verified_at: datetime | None
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    audio_url: str | None
+    download_url: str | None
+
+    @classmethod
+    def of(cls, row: RecordingRow) -> RecordingView:
+        archived = row.state == ARCHIVED and row.storage_key is not None
+        return cls(
+            id=row.id,
+            name=row.name,
+            state=row.state,
+            call_id=row.call_id,
+            callid=row.callid,
+            pbx_serial=row.pbx_serial,
+            start_at=row.start_at,
+            timestart_local=row.timestart_local,
+            call_from=row.call_from,
+            call_to=row.call_to,
+            did=row.did,
+            direction=row.direction,
+            status=row.status,
+            duration_s=row.duration_s,
+            talk_s=row.talk_s,
+            src_trunk=row.src_trunk,
+            dst_trunk=row.dst_trunk,
+            size=row.size,
+            sha256=row.sha256,
+            content_type=row.content_type,
+            storage_key=row.storage_key if archived else None,
+            archived_at=row.archived_at,
+            verified_at=row.verified_at,
+            attempts=row.attempts,
+            last_error=row.last_error,
+            next_attempt_at=row.next_attempt_at,
+            audio_url=f"/api/recordings/{row.id}/audio" if archived else None,
+            download_url=f"/api/recordings/{row.id}/download" if archived else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingPage(JsonResult):
+    """One page of a search: the recordings, and how many match in all."""
+
+    total: int
+    limit: int
+    offset: int
+    items: list[RecordingView]

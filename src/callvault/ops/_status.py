@@ -1,0 +1,208 @@
+"""The archive's status: what `callvault status` prints and `GET /api/status` answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from callvault.index import DEFAULT_STALE_AFTER, ProcessInfo, RecordingRow, SettingKey
+from callvault.index.schema import RECORDING_STATES
+from callvault.ops._archive import Archive
+from callvault.ops._json import JsonResult
+from callvault.storage import StorageUsage
+from callvault.times import ago
+
+# The process kind of `callvault serve` in the process registry.
+SERVE = "serve"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A recording given up on, or waiting for another attempt, with the reason."""
+
+    id: int
+    name: str
+    state: str
+    attempts: int
+    error: str | None
+    next_attempt_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: RecordingRow) -> Failure:
+        return cls(
+            row.id,
+            row.name,
+            row.state,
+            row.attempts,
+            row.last_error,
+            row.next_attempt_at,
+            row.updated_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PbxSessionStatus:
+    """The archiver's session with the PBX, as `serve` last reported it.
+
+    `state`: ok, connecting, degraded, error, stopped, or unknown (never reported).
+    `summary` says it in words, e.g. "logged in, last contact 2 min ago".
+    """
+
+    state: str
+    error: str | None
+    last_contact_at: datetime | None
+    reported_at: datetime | None
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStatus:
+    """A callvault process that works on the archive (serve, backfill), from its heartbeat."""
+
+    id: int
+    node: str
+    kind: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    alive: bool
+    workers_configured: int
+    workers_alive: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCount:
+    """Download workers of the live `serve` processes: how many should run, how many do."""
+
+    configured: int
+    alive: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveStatus(JsonResult):
+    """Everything an operator checks first. `calls` exceeds the recordings by the calls
+    that had no recording (not recorded, unanswered); `index_problems` is empty when the
+    index's quick check finds nothing."""
+
+    archive: str
+    checked_at: datetime
+    recordings: dict[str, int]
+    recordings_total: int
+    calls: int
+    calls_with_recording: int
+    calls_without_recording: int
+    bytes_stored: int
+    storage: StorageUsage | None
+    failures: list[Failure]
+    retrying: list[Failure]
+    last_event_at: datetime | None
+    pbx_session: PbxSessionStatus
+    pbx_timezone: str | None
+    workers: WorkerCount
+    processes: list[ProcessStatus]
+    index_problems: list[str]
+
+
+def archive_status(
+    archive: Archive,
+    *,
+    now: datetime,
+    failures: int = 20,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+) -> ArchiveStatus:
+    """The archive's status now (reads the index; the quick check costs seconds on a very
+    large SQLite file)."""
+    index = archive.index
+    problems = index.check(quick=True)
+    counts = index.recordings.counts_by_state()
+    calls, recorded = index.recordings.call_totals()
+    timezone = archive.saved_timezone()
+    processes = [
+        _process(info, now=now, stale_after=stale_after) for info in index.processes.all(limit=20)
+    ]
+    live_serves = [p for p in processes if p.kind == SERVE and p.alive]
+    serve_known = any(p.kind == SERVE for p in processes)
+    return ArchiveStatus(
+        archive=archive.storage.describe(),
+        checked_at=now,
+        recordings={state: counts.get(state, 0) for state in RECORDING_STATES},
+        recordings_total=sum(counts.values()),
+        calls=calls,
+        calls_with_recording=recorded,
+        calls_without_recording=max(0, calls - recorded),
+        bytes_stored=index.recordings.bytes_stored(),
+        storage=archive.storage.usage(),
+        failures=[Failure.of(row) for row in index.recordings.recent_failures(failures)],
+        retrying=[Failure.of(row) for row in index.recordings.retrying(failures)],
+        last_event_at=_moment(index.settings.get(SettingKey.LAST_EVENT_AT)),
+        pbx_session=_session(
+            archive.saved_json(SettingKey.PBX_HEALTH),
+            now=now,
+            serve_running=bool(live_serves) if serve_known else None,
+        ),
+        pbx_timezone=timezone.key if timezone is not None else None,
+        workers=WorkerCount(
+            configured=sum(p.workers_configured for p in live_serves),
+            alive=sum(p.workers_alive for p in live_serves),
+        ),
+        processes=processes,
+        index_problems=problems,
+    )
+
+
+def _process(info: ProcessInfo, *, now: datetime, stale_after: timedelta) -> ProcessStatus:
+    alive = info.stopped_at is None and now - info.heartbeat_at <= stale_after
+    return ProcessStatus(
+        id=info.id,
+        node=info.node,
+        kind=info.kind,
+        hostname=info.hostname,
+        pid=info.pid,
+        started_at=info.started_at,
+        heartbeat_at=info.heartbeat_at,
+        stopped_at=info.stopped_at,
+        alive=alive,
+        workers_configured=info.workers_configured,
+        workers_alive=info.workers_alive if alive else 0,
+    )
+
+
+def _moment(text: Any) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else None
+
+
+def _session(health: Any, *, now: datetime, serve_running: bool | None) -> PbxSessionStatus:
+    """The PBX session from the health `serve` wrote, in words. `serve_running` is None
+    when no serve has registered with this index (an archive from before process rows)."""
+    if not isinstance(health, dict):
+        if serve_running:
+            return PbxSessionStatus("connecting", None, None, None, "serve is starting")
+        return PbxSessionStatus(
+            "unknown", None, None, None, "unknown: no callvault serve has run on this archive"
+        )
+    state = str(health.get("state") or "unknown")
+    error = health.get("error") if isinstance(health.get("error"), str) else None
+    contact = _moment(health.get("last_success_at"))
+    reported = _moment(health.get("updated_at"))
+    last = f"last contact {ago(contact, now)}" if contact else "no contact yet"
+    if serve_running is False and state != "stopped":
+        summary = f"serve is not running (its last report, {ago(reported, now)}: {state})"
+        return PbxSessionStatus("stopped", error, contact, reported, summary)
+    words = {
+        "ok": f"logged in, {last}",
+        "connecting": "logging in",
+        "degraded": f"logged in, but the last request failed: {error}; {last}",
+        "error": f"not working: {error}; {last}",
+        "stopped": f"serve stopped {ago(reported, now)}; {last}",
+    }
+    return PbxSessionStatus(state, error, contact, reported, words.get(state, f"{state}; {last}"))
