@@ -17,7 +17,7 @@ import typer
 
 from callvault.cli._app import app
 from callvault.cli._common import fail
-from callvault.pbx._types import CallDetail
+from callvault.pbx import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig, fault_names, parse_faults
 
 

@@ -16,7 +16,7 @@ from callvault.index._db import Database
 from callvault.index._errors import InvalidCallDetail
 from callvault.index._models import RecordResult
 from callvault.index._times import parse_timestart, to_utc
-from callvault.pbx._types import CallDetail
+from callvault.pbx import CallDetail
 
 # CallDetail field -> the column it is stored in. Over-long identifiers (`IDENTITY_FIELDS`)
 # are refused before anything is written; the other text fields are cut to the column's

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from callvault.pbx._types import CallDetail, EventFormat
+from callvault.pbx import CallDetail, EventFormat
 from callvault.simulator._state import EventTarget, PbxState
 
 USER_AGENT = "WebAPI"

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from callvault.pbx._types import CallDetail, EventFormat
+from callvault.pbx import CallDetail, EventFormat
 from callvault.simulator._events import dump_pairs
 
 PartyKind = Literal["ext", "inbound", "outbound"]

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import uvicorn
 
-from callvault.pbx._types import CallDetail, EventFormat
+from callvault.pbx import CallDetail, EventFormat
 from callvault.simulator._app import build_app
 from callvault.simulator._clock import Clock
 from callvault.simulator._config import SimulatorConfig

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from callvault.pbx._types import CallDetail, EventFormat
+from callvault.pbx import CallDetail, EventFormat
 from callvault.simulator._clock import Clock
 from callvault.simulator._faults import Faults
 

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from callvault.index import Index, SettingKey
-from callvault.storage._base import Storage
+from callvault.storage import Storage
 from callvault.web import _api, _pages
 from callvault.web._context import Clock, WebContext, authenticate
 from callvault.web._security import LoginLimiter, SessionSigner

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from callvault.index import RecordingRow
 from callvault.index.audit import csv_safe_row
-from callvault.storage._base import Storage
+from callvault.storage import Storage
 
 CHUNK = 64 * 1024
 # ASCII digits only (str.isdigit and \d accept "²" and other digits int() refuses), and at
