@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -43,7 +45,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _callvault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _callvault(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "callvault", *args],
         cwd=cwd,
@@ -51,7 +55,17 @@ def _callvault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=240,
         check=False,
+        env=env,
     )
+
+
+def _without_the_venv_on_path() -> dict[str, str]:
+    """The environment of a fresh shell: the virtual environment is not activated."""
+    venv_bin = Path(sys.executable).parent
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != venv_bin
+    )
+    return {**os.environ, "PATH": path}
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -60,9 +74,10 @@ def _callvault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_demo_archives_recordings_and_says_so(tmp_path: Path) -> None:
     # The README's first command: a simulated PBX, the archiver and the web app, for real.
     demo_dir = tmp_path / "callvault-demo"
+    fresh_shell = _without_the_venv_on_path()
     result = _callvault(
         "demo", "--dir", str(demo_dir), "--web-port", "0", "--duration", "10",
-        "--calls-per-minute", "60", cwd=tmp_path,
+        "--calls-per-minute", "60", cwd=tmp_path, env=fresh_shell,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -77,6 +92,21 @@ def test_demo_archives_recordings_and_says_so(tmp_path: Path) -> None:
     for name in reported:
         data = (demo_dir / "archive" / archived[name]["storage_key"]).read_bytes()
         assert data[:4] == b"RIFF" and hashlib.sha256(data).hexdigest() == archived[name]["sha256"]
+    # What it says to run next works as printed in a fresh shell, where the virtual
+    # environment is not activated (callvault not on the PATH): it names the full path.
+    [suggested] = [
+        line.strip()
+        for line in lines
+        if line.strip().endswith("list --archive " + str(demo_dir / "archive"))
+    ][:1]
+    argv = shlex.split(suggested)
+    assert argv[0] == str(Path(sys.executable).parent / "callvault")
+    again = subprocess.run(
+        argv, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        env=fresh_shell,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "archived" in again.stdout
 
 
 def test_demo_with_its_web_port_taken_is_one_line_and_starts_nothing(

@@ -188,3 +188,16 @@ class ServerThread:
             self._outcome.set_exception(exc)
         else:
             self._outcome.set_result(None)
+
+
+async def serve_until(server: Server, sock: socket.socket, stop: asyncio.Event) -> None:
+    """Serve on `sock` until `stop` is set (or the server ends by itself), then let the
+    requests in flight finish."""
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        stopping.cancel()
+        await serving

@@ -1,14 +1,26 @@
-"""Helpers shared by the commands: one-line errors, never a traceback for expected failures."""
+"""Helpers shared by the commands: one-line errors, never a traceback for expected failures,
+and the one way commands answer SIGTERM and Ctrl-C.
+
+Signals, in two shapes (SIGTERM is what `kill`, systemd and container runtimes send):
+
+* a **service** (`serve`, `web`, `demo`, `simulate`) runs with `run_service(main)`: the first
+  SIGTERM or Ctrl-C asks it to stop (`stop` is set; it finishes what is in flight and
+  returns, exit 0); a second one cancels it at once;
+* a **batch command** (`fetch`, `backfill`) runs with `run_terminable(work)`: SIGTERM cancels
+  the work as Ctrl-C does, it cleans up, and the command exits 143 (130 for Ctrl-C).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    import asyncio
 
 T = TypeVar("T")
 
@@ -40,6 +52,8 @@ def run_terminable(work: Coroutine[Any, Any, T]) -> T:
     process at once, and a download in progress leaves its temporary file behind. With it,
     the work is cancelled, cleans up like after Ctrl-C, and `Terminated` is raised.
     """
+    import asyncio
+
     terminated = False
 
     async def main() -> T:
@@ -68,5 +82,55 @@ def run_terminable(work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main())
     except asyncio.CancelledError:
         if terminated:
+            raise Terminated from None
+        raise
+
+
+def run_service(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, T]],
+    *,
+    ready: Callable[[], None] | None = None,
+) -> T:
+    """`asyncio.run(main(stop))` for a long-running command: the first SIGTERM or Ctrl-C
+    sets `stop` (the service shuts down in its own order and returns), a second one
+    cancels it at once and raises `Terminated`. `ready()` runs once the signals are
+    handled: print "serving..." there, so whoever waits for that line may signal at once."""
+    import asyncio
+
+    forced = False
+
+    async def runner() -> T:
+        nonlocal forced
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            nonlocal forced
+            if stop.is_set():
+                forced = True
+                task.cancel()
+            stop.set()
+
+        installed = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, on_signal)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                pass
+        try:
+            if ready is not None:
+                ready()
+            return await main(stop)
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    try:
+        return asyncio.run(runner())
+    except asyncio.CancelledError:
+        if forced:
             raise Terminated from None
         raise

@@ -7,10 +7,12 @@ and prints its password once, and reports every recording as it is archived.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
-import signal
-import threading
-import time
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 from zoneinfo import ZoneInfo
@@ -18,7 +20,7 @@ from zoneinfo import ZoneInfo
 import typer
 
 from callvault.cli._app import app
-from callvault.cli._common import fail
+from callvault.cli._common import Terminated, fail, run_service
 
 DEMO_USER = "admin"
 WEB_HOST = "127.0.0.1"
@@ -105,11 +107,8 @@ def demo(
             web_host=WEB_HOST,
             web_port=web_port,
         )
-        archived = threading.Semaphore(0)
-
         def report(item: Archived) -> None:
             print(f"archived  {item.name}  {item.size:,} bytes  sha256 {item.sha256[:16]}…")
-            archived.release()
 
         try:
             archiver = Archiver(config, on_archived=report, web_app_factory=create_app)
@@ -126,16 +125,33 @@ def demo(
                 archiver.index.users.add(DEMO_USER, "admin", password, "")
             else:
                 archiver.index.users.set_password(DEMO_USER, password)
-            _print_banner(archive, simulator.url, archiver.web_port, password)
-            for _ in range(3):
-                simulator.place_random_call(answered=True)
-            _wait(duration)
+            serving_port = archiver.web_port
+
+            def ready() -> None:
+                _print_banner(archive, simulator.url, serving_port, password)
+                for _ in range(3):
+                    simulator.place_random_call(answered=True)
+
+            with contextlib.suppress(Terminated):
+                run_service(lambda stop: _until(stop, duration), ready=ready)
         finally:
             archiver.stop()
     finally:
         simulator.stop()
     print(f"\nStopped. The archive stays in {archive}; look at it with:")
-    print(f"  callvault list --archive {archive}")
+    print(f"  {command_name()} list --archive {archive}")
+
+
+def command_name() -> str:
+    """How to run callvault from another terminal: plain `callvault` when that is the one
+    on the PATH, else its full path (a virtual environment that is not activated)."""
+    here = Path(sys.executable).parent / "callvault"
+    found = shutil.which("callvault")
+    if found is not None and here.exists() and Path(found).resolve() == here.resolve():
+        return "callvault"
+    if here.exists():
+        return shlex.quote(str(here))
+    return f"{shlex.quote(sys.executable)} -m callvault"
 
 
 def _print_banner(archive: Path, pbx_url: str, web_port: int | None, password: str) -> None:
@@ -144,26 +160,16 @@ def _print_banner(archive: Path, pbx_url: str, web_port: int | None, password: s
     print(f"  archive         {archive}")
     print(f"  web app         http://127.0.0.1:{web_port}/")
     print(f"  log in as       {DEMO_USER} / {password}   (shown once; a new one every run)")
+    command = command_name()
     print("Next, in another terminal:")
-    print(f"  callvault list --archive {archive}")
-    print(f"  callvault status --archive {archive}")
-    print(f"  callvault verify --archive {archive}")
+    print(f"  {command} list --archive {archive}")
+    print(f"  {command} status --archive {archive}")
+    print(f"  {command} verify --archive {archive}")
     print("Calls arrive every few seconds; each recording is reported as it is archived.")
     print("Press Ctrl-C to stop.\n", flush=True)
 
 
-def _wait(duration: float) -> None:
-    """Sleep until Ctrl-C, SIGTERM or the duration is over."""
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        deadline = time.monotonic() + duration if duration > 0 else None
-        while not stop.is_set():
-            timeout = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-            if timeout <= 0:
-                break
-            stop.wait(timeout)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+async def _until(stop: asyncio.Event, duration: float) -> None:
+    """Until Ctrl-C or SIGTERM, or for `duration` seconds if it is above 0."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=duration if duration > 0 else None)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
-from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from callvault.cli._app import app
-from callvault.cli._common import fail
+from callvault.cli._common import Terminated, fail, run_service
 from callvault.pbx import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig, fault_names, parse_faults
 
@@ -67,12 +66,6 @@ def _run(
         sim = Simulator(config)
     except Exception as exc:  # bad time zone, unwritable data directory
         fail(f"cannot set up the simulator: {exc}")
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous: dict[signal.Signals, Any] = {}
     try:
         try:
             sim.start()
@@ -83,28 +76,8 @@ def _run(
             )
         except RuntimeError as exc:
             fail(str(exc))
-        # Both handled explicitly: a shell may start background jobs with SIGINT ignored.
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         for _ in range(initial_calls):
             sim.place_random_call(answered=True)
-        if as_json:
-            _print(
-                json.dumps(
-                    {
-                        "url": sim.url,
-                        "username": sim.username,
-                        "password": None if password_given else sim.password,
-                        "cert_sha256": sim.cert_sha256,
-                        "ca_file": str(sim.ca_file) if sim.ca_file else None,
-                        "recordings": sim.recording_names(),
-                        "serial": sim.serial,
-                    }
-                )
-            )
-        else:
-            _banner(sim, password_given=password_given)
-            for cdr in sim.state.cdrs():
-                _print(_describe_call(cdr))
 
         def announce(cdr: CallDetail) -> None:
             if as_json:
@@ -112,16 +85,50 @@ def _run(
             else:
                 _print(_describe_call(cdr))
 
-        sim.add_call_listener(announce)
-        while not stop.wait(0.5):
-            if not sim.running:
-                fail("the simulator stopped unexpectedly")
-    except KeyboardInterrupt:
+        def ready() -> None:
+            _introduce(sim, password_given=password_given, as_json=as_json)
+            sim.add_call_listener(announce)
+
+        # SIGTERM and Ctrl-C both stop it (handled explicitly: a shell may start background
+        # jobs with SIGINT ignored).
+        if not run_service(lambda stop: _watch(sim, stop), ready=ready):
+            fail("the simulator stopped unexpectedly")
+    except Terminated:
         pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         sim.stop()
+
+
+def _introduce(sim: Simulator, *, password_given: bool, as_json: bool) -> None:
+    """What the simulator is and how to reach it, and the calls placed so far."""
+    if not as_json:
+        _banner(sim, password_given=password_given)
+        for cdr in sim.state.cdrs():
+            _print(_describe_call(cdr))
+        return
+    _print(
+        json.dumps(
+            {
+                "url": sim.url,
+                "username": sim.username,
+                "password": None if password_given else sim.password,
+                "cert_sha256": sim.cert_sha256,
+                "ca_file": str(sim.ca_file) if sim.ca_file else None,
+                "recordings": sim.recording_names(),
+                "serial": sim.serial,
+            }
+        )
+    )
+
+
+async def _watch(sim: Simulator, stop: asyncio.Event) -> bool:
+    """Until `stop` is set (True), or the simulator stops by itself (False)."""
+    while not stop.is_set():
+        if not sim.running:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+    return True
 
 
 @app.command("simulate")

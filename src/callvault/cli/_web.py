@@ -7,17 +7,14 @@ A generated password or a new API token is printed once, on stdout, and never ag
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from callvault.cli._app import app
-from callvault.cli._common import cli_actor, fail
+from callvault.cli._common import Terminated, cli_actor, fail, run_service
 from callvault.cli._options import (
     ArchiveOption,
     ConfigOption,
@@ -32,7 +29,7 @@ from callvault.cli._settings import (
 from callvault.index import Index, audit, users
 
 if TYPE_CHECKING:
-    import uvicorn
+    pass
 
 user_app = typer.Typer(
     help="Add, list and remove the web app's users; set a new password.", no_args_is_help=True
@@ -107,34 +104,20 @@ def web(
         # The login limiter and the audit log key on the peer address: X-Forwarded-For is
         # believed from the --trusted-proxy address only, and by default never.
         server = serving.server_for(application, trusted_proxy=settings.trusted_proxy)
-        with _stop_on_signals(server):
+        def ready() -> None:
             print(
                 f"callvault web: serving http://{serving.address(host, port)}/ "
                 "(OpenAPI document at /api/openapi.json)",
                 flush=True,
             )
-            server.run(sockets=[sock])
+
+        try:
+            run_service(lambda stop: serving.serve_until(server, sock, stop), ready=ready)
+        except Terminated:
+            raise typer.Exit(143) from None
     finally:
         sock.close()
         index.close()
-
-
-@contextlib.contextmanager
-def _stop_on_signals(server: uvicorn.Server) -> Iterator[None]:
-    """SIGTERM or Ctrl-C make `server` finish the requests in flight and return (the
-    command exits 0, as `serve` does); a second Ctrl-C stops it at once."""
-
-    def stop(signum: int, _frame: object) -> None:
-        if server.should_exit and signum == signal.SIGINT:
-            server.force_exit = True
-        server.should_exit = True
-
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @user_app.command("add")
