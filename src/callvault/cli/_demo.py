@@ -107,6 +107,7 @@ def demo(
             web_host=WEB_HOST,
             web_port=web_port,
         )
+
         def report(item: Archived) -> None:
             print(f"archived  {item.name}  {item.size:,} bytes  sha256 {item.sha256[:16]}…")
 

@@ -104,6 +104,7 @@ def web(
         # The login limiter and the audit log key on the peer address: X-Forwarded-For is
         # believed from the --trusted-proxy address only, and by default never.
         server = serving.server_for(application, trusted_proxy=settings.trusted_proxy)
+
         def ready() -> None:
             print(
                 f"callvault web: serving http://{serving.address(host, port)}/ "
