@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from callvault.simulator import Simulator
-from test_sim_helpers import PASSWORD, Pbx, make_config, md5, running_pbx, trusting_context
+from support.sim_helpers import PASSWORD, Pbx, make_config, md5, running_pbx, trusting_context
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 from callvault.pbx._types import CallDetail
-from test_sim_helpers import PASSWORD, Pbx, running_pbx
+from support.sim_helpers import PASSWORD, Pbx, running_pbx
 
 V1_HEADER = [
     "callid",

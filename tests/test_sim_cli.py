@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.simulator import Faults, apply_fault, parse_faults
-from test_sim_helpers import Receiver, md5
+from support.sim_helpers import Receiver, md5
 
 
 def _start(*args: str, data_dir: Path | None, tmp: Path | None = None) -> subprocess.Popen[str]:

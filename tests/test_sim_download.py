@@ -16,7 +16,7 @@ import pytest
 from callvault.pbx._types import CallDetail, EventFormat
 from callvault.simulator import ApiFailure, Clock, Faults, PbxState
 from callvault.simulator._state import Recording, Session
-from test_sim_helpers import Pbx, running_pbx
+from support.sim_helpers import Pbx, running_pbx
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from callvault.pbx import EventFormat
 from callvault.simulator import Clock, Faults, PbxState, Simulator
 from callvault.simulator._events import EventPusher
 from callvault.simulator._state import EventTarget
-from test_sim_helpers import Pbx, Receiver, make_config, running_pbx, running_receiver
+from support.sim_helpers import Pbx, Receiver, make_config, running_pbx, running_receiver
 
 V1_KEYS = [
     "action",

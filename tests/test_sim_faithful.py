@@ -35,9 +35,7 @@ from callvault.pbx import (
     parse_event,
 )
 from callvault.simulator import Simulator
-from test_archive_backfill import _cli_env
-from test_archive_flow import archiver_config, states, wait_until
-from test_sim_helpers import (
+from support.sim_helpers import (
     PASSWORD,
     Pbx,
     Receiver,
@@ -45,6 +43,8 @@ from test_sim_helpers import (
     running_pbx,
     running_receiver,
 )
+from test_archive_backfill import _cli_env
+from test_archive_flow import archiver_config, states, wait_until
 
 
 @pytest.fixture
