@@ -41,12 +41,10 @@ _CODE_SPAN = re.compile(r"(`[^`]*`)")
 
 def root_command() -> Any:
     """The `callvault` command group with every command registered."""
-    import typer
-
     import callvault.cli as cli
 
     cli._register()
-    return typer.main.get_command(cli.app)
+    return cli.app
 
 
 def _subcommands(group: Any) -> list[tuple[str, Any]]:
@@ -134,7 +132,8 @@ def _is_flag(param: Any) -> bool:
 
 
 def _default_text(param: Any) -> str | None:
-    if getattr(param, "show_default", None) is False or _is_flag(param):
+    # As click shows them on the help screen: only where the option asks for it.
+    if not getattr(param, "show_default", False) or _is_flag(param):
         return None
     default = getattr(param, "default", None)
     if default is None or callable(default) or default in ((), [], ""):

@@ -14,7 +14,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from callvault.archive import Archiver
 from callvault.archive._backfill import reconcile

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import uvicorn
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from callvault.archive import Archiver
 from callvault.archive._backfill import backfill

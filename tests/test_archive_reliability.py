@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.index import SettingKey, open_index

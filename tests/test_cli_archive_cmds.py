@@ -9,7 +9,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.index import SettingKey, Worker, open_index
@@ -154,7 +154,9 @@ def test_list_filters_and_text_output(archive: tuple[Path, dict[str, bytes]]) ->
         "RECORDING",
     ]
     assert lines[1].split()[:3] == ["2024-04-04", "10:00:00", "failed"]
-    assert lines[-1] == "(2 of 4; use --limit 0 for all)"
+    assert lines[-1] == "(the newest 2; more match: use --limit N, or --limit 0 for all)"
+    one = runner.invoke(app, ["list", *base, "--json", "--limit", "1"])
+    assert json.loads(one.stdout)["total"] == 4
 
 
 def test_list_times_follow_the_saved_pbx_zone_not_the_hosts(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from callvault.archive import Archiver
 from callvault.cli import _register, app

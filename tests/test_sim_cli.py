@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.simulator import Faults, apply_fault, parse_faults

@@ -1,21 +1,26 @@
-"""The Typer app every command module registers itself on."""
+"""The click group every command module registers itself on.
+
+Why click and not Typer: Typer (0.29) builds a pydantic adapter for every parameter when
+it starts, which made every command cost 16 times a bare interpreter's start-up before it
+did anything, against click's 5 (bench/cli_startup.py); click is what Typer runs on.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 
 def _keep_hyphenated_words_whole() -> None:
     """Help screens never break a line inside a hyphenated word: the formats people type
-    (YYYY-MM-DD, --since) stay whole. Typer's click (its own copy, `typer._click`) wraps
-    help with a TextWrapper it looks up in its `_textwrap` module each time; if a later
-    Typer moves it, help still works, only wrapped with breaks at hyphens."""
+    (YYYY-MM-DD, --since) stay whole. Click wraps help with a TextWrapper it looks up in
+    its `_textwrap` module each time; if a later click moves it, help still works, only
+    wrapped with breaks at hyphens."""
     try:
-        from typer._click import _textwrap  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:  # pragma: no cover - a Typer without its own click
+        from click import _textwrap
+    except ImportError:  # pragma: no cover - another click
         return
     base = getattr(_textwrap, "TextWrapper", None)
     if base is None or getattr(base, "_callvault", False):
@@ -33,36 +38,29 @@ def _keep_hyphenated_words_whole() -> None:
 
 _keep_hyphenated_words_whole()
 
-app = typer.Typer(
-    name="callvault",
-    help="Keep every call recording of a Yeastar S-Series PBX: fetch, archive, search, play.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+# Help text as wide as the terminal allows (up to 100 columns), whole words only.
+CONTEXT_SETTINGS = {"max_content_width": 100, "help_option_names": ["--help", "-h"]}
 
 
-def _print_version(value: bool) -> None:
-    if value:
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
         from callvault import __version__
 
-        print(f"callvault {__version__}")
-        raise typer.Exit()
+        click.echo(f"callvault {__version__}")
+        ctx.exit()
 
 
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
-        ),
-    ] = False,
-) -> None:
+@click.group(name="callvault", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the version and exit.",
+)
+def app() -> None:
     """Keep every call recording of a Yeastar S-Series PBX: fetch, archive, search, play."""
-    # A callback keeps `callvault COMMAND` a command group even when main() registered
-    # only the one command being run.
 
 
 def _first_command(argv: list[str]) -> str | None:
@@ -78,7 +76,7 @@ def run(argv: list[str]) -> None:
 
     register(_first_command(argv))
     try:
-        app()
+        app.main(args=argv, prog_name="callvault", standalone_mode=True)
     except Exception as exc:
         # A damaged index is found by whatever query reads the damaged page first: one line
         # (what is wrong, how to check, restore a backup) instead of a traceback. Looked up

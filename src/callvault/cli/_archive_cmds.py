@@ -14,20 +14,15 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
-import typer
+import click
 
 from callvault.cli._app import app
 from callvault.cli._common import cli_actor, fail
-from callvault.cli._options import (
-    ArchiveOption,
-    ConfigOption,
-    DbOption,
-    JsonOption,
-    ShowTimezoneOption,
-)
+from callvault.cli._options import archive_options, json_option, option, show_timezone_option
 from callvault.cli._settings import (
     USAGE_ERROR,
     Settings,
@@ -99,39 +94,32 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 @app.command("list")
+@json_option
+@option("--since", metavar="TIME", help=f"Calls that started from this time: {FORMATS}.")
+@option("--until", metavar="TIME", help="...and before this time (a date: through that day).")
+@option("--number", metavar="DIGITS", help="Part of the caller, callee or DID number.")
+@option("--state", metavar="STATE", help=f"Only this state: {', '.join(RECORDING_STATES)}.")
+@option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    metavar="N",
+    show_default=True,
+    help="At most this many (0: all).",
+)
+@show_timezone_option
+@archive_options
 def list_command(
-    json_output: JsonOption = False,
-    since: Annotated[
-        str | None,
-        typer.Option(
-            metavar="TIME",
-            help=f"Calls that started from this time: {FORMATS}.",
-            show_default=False,
-        ),
-    ] = None,
-    until: Annotated[
-        str | None,
-        typer.Option(
-            metavar="TIME",
-            help="...and before this time (a date: through that day).",
-            show_default=False,
-        ),
-    ] = None,
-    number: Annotated[
-        str | None,
-        typer.Option(metavar="DIGITS", help="Part of the caller, callee or DID number."),
-    ] = None,
-    state: Annotated[
-        str | None,
-        typer.Option(metavar="STATE", help=f"Only this state: {', '.join(RECORDING_STATES)}."),
-    ] = None,
-    limit: Annotated[
-        int, typer.Option(metavar="N", help="At most this many (0: all).", min=0)
-    ] = 100,
-    timezone: ShowTimezoneOption = None,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
+    json_output: bool,
+    since: str | None,
+    until: str | None,
+    number: str | None,
+    state: str | None,
+    limit: int,
+    timezone: str | None,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
 ) -> None:
     """List recordings, newest call first.
 
@@ -149,8 +137,13 @@ def list_command(
             number=number or None,
             state=state,
         )
-        rows = opened.index.recordings.search(filters, limit=limit or 2**62)
-        total = opened.index.recordings.count(filters) if len(rows) == limit else len(rows)
+        # One row more than shown says whether there are more, without counting them all.
+        rows = opened.index.recordings.search(filters, limit=limit + 1 if limit else 2**62)
+        more = bool(limit) and len(rows) > limit
+        rows = rows[:limit] if limit else rows
+        total = len(rows)
+        if more and json_output:  # scripts get the total, as from the API
+            total = opened.index.recordings.count(filters)
     if json_output:
         page = RecordingPage(
             total=total, limit=limit, offset=0, items=[RecordingView.of(row) for row in rows]
@@ -177,16 +170,15 @@ def list_command(
     ]
     headers = [f"START ({tz.key})", "STATE", "FROM", "TO", "TYPE", "STATUS", "SIZE", "RECORDING"]
     print(_table(headers, table))
-    if total > len(rows):
-        print(f"({len(rows)} of {total}; use --limit 0 for all)")
+    if more:
+        print(f"(the newest {len(rows)}; more match: use --limit N, or --limit 0 for all)")
 
 
 @app.command("status")
+@json_option
+@archive_options
 def status_command(
-    json_output: JsonOption = False,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
+    json_output: bool, archive: Path | None, db: str | None, config: Path | None
 ) -> None:
     """The archive at a glance: recordings by state, failures with reasons, the PBX
     session, the workers of serve, the last event, disk use and the index's health."""
@@ -198,7 +190,7 @@ def status_command(
     else:
         print_status(status)
     if status.index_problems:
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
 def print_status(status: ArchiveStatus) -> None:
@@ -245,11 +237,10 @@ def _disk(status: ArchiveStatus) -> str:
 
 
 @app.command("verify")
+@json_option
+@archive_options
 def verify_command(
-    json_output: JsonOption = False,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
+    json_output: bool, archive: Path | None, db: str | None, config: Path | None
 ) -> None:
     """Re-hash every archived file; report mismatched or missing ones (exit 1 if any) and
     files the index does not know."""
@@ -276,31 +267,31 @@ def verify_command(
         )
     if report.problems:
         sys.stdout.flush()
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
 @app.command("requeue")
+@option(
+    "--state",
+    multiple=True,
+    metavar="STATE",
+    help="Which give-ups to queue again: failed, missing (repeatable; default both).",
+)
+@option(
+    "--since",
+    metavar="TIME",
+    help="Only recordings first queued from this time (in the PBX's zone as "
+    f"serve/backfill saved it, or CALLVAULT_TIMEZONE): {FORMATS}.",
+)
+@json_option
+@archive_options
 def requeue_command(
-    state: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--state",
-            metavar="STATE",
-            help="Which give-ups to queue again: failed, missing (repeatable; default both).",
-        ),
-    ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option(
-            metavar="TIME",
-            help="Only recordings first queued from this time (in the PBX's zone as "
-            f"serve/backfill saved it, or CALLVAULT_TIMEZONE): {FORMATS}.",
-        ),
-    ] = None,
-    json_output: JsonOption = False,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
+    state: tuple[str, ...],
+    since: str | None,
+    json_output: bool,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
 ) -> None:
     """Queue given-up recordings again (after fixing --timezone, the PBX, the network...).
 

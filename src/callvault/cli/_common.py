@@ -17,8 +17,6 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import typer
-
 if TYPE_CHECKING:
     import asyncio
 
@@ -38,7 +36,7 @@ def cli_actor() -> str:
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line saying what went wrong (and what to do) on stderr and exit."""
     print(f"callvault: error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
+    raise SystemExit(code)
 
 
 class Terminated(Exception):

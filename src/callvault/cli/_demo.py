@@ -14,10 +14,9 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
 from zoneinfo import ZoneInfo
 
-import typer
+import click
 
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_service
@@ -50,22 +49,40 @@ def _check_web_port(port: int) -> None:
     probe.close()
 
 
-@app.command()
-def demo(
-    directory: Annotated[
-        Path, typer.Option("--dir", help="Where the demo keeps its archive and PBX data.")
-    ] = Path("callvault-demo"),
-    calls_per_minute: Annotated[
-        float, typer.Option("--calls-per-minute", help="Simulated calls per minute.")
-    ] = 12.0,
-    web_port: Annotated[
-        int, typer.Option("--web-port", help="Port of the web app on 127.0.0.1 (0: any free).")
-    ] = 8080,
-    duration: Annotated[
-        float,
-        typer.Option("--duration", help="Stop after this many seconds (0: run until Ctrl-C)."),
-    ] = 0.0,
-) -> None:
+@app.command("demo")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=Path("callvault-demo"),
+    show_default=True,
+    metavar="DIR",
+    help="Where the demo keeps its archive and PBX data.",
+)
+@click.option(
+    "--calls-per-minute",
+    type=float,
+    default=12.0,
+    show_default=True,
+    metavar="N",
+    help="Simulated calls per minute.",
+)
+@click.option(
+    "--web-port",
+    type=int,
+    default=8080,
+    show_default=True,
+    metavar="PORT",
+    help="Port of the web app on 127.0.0.1 (0: any free).",
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="Stop after this many seconds (default 0: run until Ctrl-C).",
+)
+def demo(directory: Path, calls_per_minute: float, web_port: int, duration: float) -> None:
     """Run a simulated PBX, archive its recordings as calls end, and serve the web app."""
     from callvault.archive import Archived, Archiver, ArchiverConfig
     from callvault.archive._service import StartError

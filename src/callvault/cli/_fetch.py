@@ -11,9 +11,8 @@ import sys
 import time
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,18 +26,7 @@ from rich.table import Table
 
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
-from callvault.cli._options import (
-    ApiVersionOption,
-    CaFileOption,
-    ConfigOption,
-    InsecureOption,
-    PasswordEnvOption,
-    PbxOption,
-    PinOption,
-    TimezoneOption,
-    TlsMinVersionOption,
-    UsernameOption,
-)
+from callvault.cli._options import PATH, config_option, option, pbx_options, timezone_option
 from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
 from callvault.pbx import (
     CSV_COLUMNS,
@@ -186,33 +174,38 @@ def _print_saved(result: DownloadResult, seconds: float, *, as_json: bool) -> No
 
 
 @app.command("fetch")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@pbx_options
+@config_option
+@option(
+    "--out",
+    type=PATH,
+    default=Path("."),
+    metavar="DIR",
+    help="Directory to save the recordings in (default: here).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    help="For each recording saved, print one JSON object per line: name, path, size, "
+    "sha256 and seconds (the download alone: get_random, TLS handshake, GET, checks, fsync "
+    "and rename; the login is done before the first one).",
+)
 def fetch(
-    names: Annotated[
-        list[str], typer.Argument(metavar="NAME...", help="Recording names, as the PBX gave them.")
-    ],
-    pbx: PbxOption = None,
-    username: UsernameOption = None,
-    password_env: PasswordEnvOption = None,
-    api_version: ApiVersionOption = None,
-    ca_file: CaFileOption = None,
-    pin_sha256: PinOption = None,
-    insecure: InsecureOption = None,
-    tls_min_version: TlsMinVersionOption = None,
-    config: ConfigOption = None,
-    out: Annotated[
-        Path, typer.Option("--out", metavar="DIR", help="Directory to save the recordings in.")
-    ] = Path("."),
-    as_json: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help=(
-                "For each recording saved, print one JSON object per line: name, path, size, "
-                "sha256 and seconds (the download alone: get_random, TLS handshake, GET, "
-                "checks, fsync and rename; the login is done before the first one)."
-            ),
-        ),
-    ] = False,
+    names: tuple[str, ...],
+    pbx: str | None,
+    username: str | None,
+    password_env: str | None,
+    api_version: str | None,
+    ca_file: Path | None,
+    pin_sha256: str | None,
+    insecure: bool | None,
+    tls_min_version: str | None,
+    config: Path | None,
+    out: Path,
+    as_json: bool,
 ) -> None:
     """Download recordings from the PBX and save each as OUT/NAME, verified.
 
@@ -234,15 +227,17 @@ def fetch(
     _quiet_library_logs()
     try:
         code = run_terminable(
-            fetch_recordings(client, names, out, show_progress=sys.stderr.isatty(), as_json=as_json)
+            fetch_recordings(
+                client, list(names), out, show_progress=sys.stderr.isatty(), as_json=as_json
+            )
         )
     except KeyboardInterrupt:
         print("callvault: interrupted; no partial file was kept", file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise SystemExit(130) from None
     except Terminated:
         print("callvault: terminated; no partial file was kept", file=sys.stderr)
-        raise typer.Exit(143) from None
-    raise typer.Exit(code)
+        raise SystemExit(143) from None
+    raise SystemExit(code)
 
 
 # ------------------------------------------------------------------------ cdr
@@ -291,40 +286,44 @@ def _print_table(rows: list[CallDetail]) -> None:
 
 
 @app.command("cdr")
+@option(
+    "--since",
+    required=True,
+    metavar="TIME",
+    help=f"Calls that started from this time, in the PBX's zone: {FORMATS}.",
+)
+@option(
+    "--until",
+    metavar="TIME",
+    help=f"...and before this time (a date: through that day): {FORMATS}. Default: now.",
+)
+@pbx_options
+@timezone_option
+@config_option
+@option(
+    "--extensions",
+    default="all",
+    metavar="LIST",
+    help="'all' (the default), or extensions like 1000,1001.",
+)
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
+@click.option("--csv", "as_csv", is_flag=True, default=False, help="Print CSV.")
 def cdr(
-    since: Annotated[
-        str,
-        typer.Option(
-            "--since",
-            metavar="TIME",
-            help=f"Calls that started from this time, in the PBX's zone: {FORMATS}.",
-            show_default=False,
-        ),
-    ],
-    until: Annotated[
-        str | None,
-        typer.Option(
-            "--until",
-            metavar="TIME",
-            help=f"...and before this time (a date: through that day): {FORMATS}. Default: now.",
-            show_default=False,
-        ),
-    ] = None,
-    pbx: PbxOption = None,
-    username: UsernameOption = None,
-    password_env: PasswordEnvOption = None,
-    api_version: ApiVersionOption = None,
-    ca_file: CaFileOption = None,
-    pin_sha256: PinOption = None,
-    insecure: InsecureOption = None,
-    tls_min_version: TlsMinVersionOption = None,
-    timezone: TimezoneOption = None,
-    config: ConfigOption = None,
-    extensions: Annotated[
-        str, typer.Option("--extensions", help="'all', or extensions like 1000,1001.")
-    ] = "all",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    since: str,
+    until: str | None,
+    pbx: str | None,
+    username: str | None,
+    password_env: str | None,
+    api_version: str | None,
+    ca_file: Path | None,
+    pin_sha256: str | None,
+    insecure: bool | None,
+    tls_min_version: str | None,
+    timezone: str | None,
+    config: Path | None,
+    extensions: str,
+    as_json: bool,
+    as_csv: bool,
 ) -> None:
     """Print the PBX's call detail records of a time range, with their recording names."""
     if as_json and as_csv:
@@ -359,7 +358,7 @@ def cdr(
     except PbxError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        raise SystemExit(130) from None
     if as_json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, ensure_ascii=False))
     elif as_csv:

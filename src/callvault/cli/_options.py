@@ -1,166 +1,157 @@
-"""The command-line options every command spells the same way (Typer `Annotated` types).
+"""The command-line options every command spells the same way (click decorators).
 
 Each option defaults to None, meaning "not given": `callvault.cli._settings.load_settings`
 then takes it from the environment (``CALLVAULT_`` + its name), the ``--config`` file or the
-default, so every option of every command can come from any of the three.
+default, so every option of every command can come from any of the three. A command passes
+what it received to `settings_or_fail(config, **flags)`.
+
+    @app.command("list")
+    @json_option
+    @archive_options          # --archive, --db, --config
+    def list_command(json_output: bool, archive: Path | None, db: str | None, ...): ...
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Any, TypeVar
 
-import typer
+import click
 
 from callvault.cli._settings import DEFAULT_PASSWORD_ENV
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        metavar="FILE",
-        help="TOML file with any of these options (flags and CALLVAULT_* variables win).",
-        show_default=False,
-    ),
-]
+F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[F], F]
+
+PATH = click.Path(path_type=Path)
+
+
+def option(*declarations: str, **settings: Any) -> Decorator[Any]:
+    """A click option that is None unless given (the settings loader fills the rest)."""
+    settings.setdefault("default", None)
+    settings.setdefault("show_default", False)
+    return click.option(*declarations, **settings)
+
+
+def flag(*declarations: str, help: str) -> Decorator[Any]:
+    """An on/off flag: True when given, None (not given) otherwise."""
+    return click.option(*declarations, is_flag=True, default=None, help=help)
+
+
+def _apply(*decorators: Decorator[Any]) -> Decorator[Any]:
+    def apply(function: F) -> F:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+config_option = option(
+    "--config",
+    type=PATH,
+    metavar="FILE",
+    help="TOML file with any of these options (flags and CALLVAULT_* variables win).",
+)
+json_option = click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    default=False,
+    help="Print JSON (the same shape as the web API's).",
+)
 
 # -- the PBX ---------------------------------------------------------------------------------
 
-PbxOption = Annotated[
-    str | None,
-    typer.Option(
+pbx_options = _apply(
+    option(
         "--pbx",
         metavar="URL",
         help="PBX URL, https://HOST:PORT (the web port, 8088 by default). Env CALLVAULT_PBX.",
-        show_default=False,
     ),
-]
-UsernameOption = Annotated[
-    str | None,
-    typer.Option(
-        "--username",
-        metavar="NAME",
-        help="API user name. Env CALLVAULT_USERNAME.",
-        show_default=False,
-    ),
-]
-PasswordEnvOption = Annotated[
-    str | None,
-    typer.Option(
+    option("--username", metavar="NAME", help="API user name. Env CALLVAULT_USERNAME."),
+    option(
         "--password-env",
         metavar="VAR",
         help="Name of the environment variable that holds the API password "
         f"(default {DEFAULT_PASSWORD_ENV}).",
-        show_default=False,
     ),
-]
-ApiVersionOption = Annotated[
-    str | None,
-    typer.Option(
+    option(
         "--api-version",
         metavar="VERSION",
         help="API version path: v1.0.1, v1.1.0 or v2.0.0 (default v1.1.0).",
-        show_default=False,
     ),
-]
-CaFileOption = Annotated[
-    Path | None,
-    typer.Option(
+    option(
         "--ca-file",
+        type=PATH,
         metavar="FILE",
         help="Trust the PBX certificate signed by this CA (PEM).",
-        show_default=False,
     ),
-]
-PinOption = Annotated[
-    str | None,
-    typer.Option(
+    option(
         "--pin-sha256",
         metavar="HEX",
         help="Trust exactly the PBX certificate with this SHA-256 fingerprint.",
-        show_default=False,
     ),
-]
-InsecureOption = Annotated[
-    bool | None,
-    typer.Option(
+    flag(
         "--insecure",
         help="Do not check the PBX's certificate at all (anyone on the way can read the "
         "token and the recordings).",
-        show_default=False,
     ),
-]
-TlsMinVersionOption = Annotated[
-    str | None,
-    typer.Option(
+    option(
         "--tls-min-version",
         metavar="VERSION",
         help="Lowest TLS version to accept (default 1.2; old firmware: 1.0).",
-        show_default=False,
     ),
-]
+)
+PBX_OPTION_NAMES = (
+    "pbx",
+    "username",
+    "password_env",
+    "api_version",
+    "ca_file",
+    "pin_sha256",
+    "insecure",
+    "tls_min_version",
+)
 
 # -- the archive -----------------------------------------------------------------------------
 
-ArchiveOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--archive",
-        metavar="DIR",
-        help="Archive directory (recordings; the index too unless --db). Env CALLVAULT_ARCHIVE.",
-        show_default=False,
-    ),
-]
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        metavar="URL",
-        help="Index database: a SQLAlchemy URL (postgresql+psycopg://...) or a SQLite file "
-        "(default ARCHIVE/callvault.db).",
-        show_default=False,
-    ),
-]
-TimezoneOption = Annotated[
-    str | None,
-    typer.Option(
-        "--timezone",
-        metavar="ZONE",
-        help="The PBX's time zone, e.g. Europe/Berlin (default the host's).",
-        show_default=False,
-    ),
-]
-ShowTimezoneOption = Annotated[
-    str | None,
-    typer.Option(
-        "--timezone",
-        metavar="ZONE",
-        help="Time zone to show and read times in. Default: CALLVAULT_TIMEZONE or the config "
-        "file's timezone, else the PBX's zone as serve/backfill saved it, else the host's.",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print JSON (the same shape as the web API's).")
-]
+archive_option = option(
+    "--archive",
+    type=PATH,
+    metavar="DIR",
+    help="Archive directory (recordings; the index too unless --db). Env CALLVAULT_ARCHIVE.",
+)
+db_option = option(
+    "--db",
+    metavar="URL",
+    help="Index database: a SQLAlchemy URL (postgresql+psycopg://...) or a SQLite file "
+    "(default ARCHIVE/callvault.db).",
+)
+archive_options = _apply(archive_option, db_option, config_option)
+
+timezone_option = option(
+    "--timezone",
+    metavar="ZONE",
+    help="The PBX's time zone, e.g. Europe/Berlin (default the host's).",
+)
+show_timezone_option = option(
+    "--timezone",
+    metavar="ZONE",
+    help="Time zone to show and read times in. Default: CALLVAULT_TIMEZONE or the config "
+    "file's timezone, else the PBX's zone as serve/backfill saved it, else the host's.",
+)
 
 # -- the web app -----------------------------------------------------------------------------
 
-SecureCookiesOption = Annotated[
-    bool | None,
-    typer.Option(
-        "--secure-cookies",
-        help="Mark the web app's cookies Secure (when TLS is terminated in front of it).",
-        show_default=False,
-    ),
-]
-TrustedProxyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--trusted-proxy",
-        metavar="IP",
-        help="IP address of the reverse proxy in front of the web app: its X-Forwarded-For "
-        "and X-Forwarded-Proto are believed, from that address only (default: none).",
-        show_default=False,
-    ),
-]
+secure_cookies_option = flag(
+    "--secure-cookies",
+    help="Mark the web app's cookies Secure (when TLS is terminated in front of it).",
+)
+trusted_proxy_option = option(
+    "--trusted-proxy",
+    metavar="IP",
+    help="IP address of the reverse proxy in front of the web app: its X-Forwarded-For "
+    "and X-Forwarded-Proto are believed, from that address only (default: none).",
+)

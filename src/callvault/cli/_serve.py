@@ -19,10 +19,10 @@ import sys
 from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
-import typer
+import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,20 +40,14 @@ from callvault.archive._workers import process_staging_dir, remove_staging_dir
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
 from callvault.cli._options import (
-    ApiVersionOption,
-    ArchiveOption,
-    CaFileOption,
-    ConfigOption,
-    DbOption,
-    InsecureOption,
-    PasswordEnvOption,
-    PbxOption,
-    PinOption,
-    SecureCookiesOption,
-    TimezoneOption,
-    TlsMinVersionOption,
-    TrustedProxyOption,
-    UsernameOption,
+    archive_option,
+    config_option,
+    db_option,
+    option,
+    pbx_options,
+    secure_cookies_option,
+    timezone_option,
+    trusted_proxy_option,
 )
 from callvault.cli._settings import (
     USAGE_ERROR,
@@ -65,29 +59,25 @@ from callvault.index import Index, IndexFailure, open_index
 from callvault.pbx import AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
 from callvault.serving import ListenError
 from callvault.storage import LocalStorage
+from callvault.times import FORMATS
 
 log = logging.getLogger("callvault.archive")
 
-EventsListenOption = Annotated[
-    str | None,
-    typer.Option(
-        "--events-listen",
-        help="HOST:PORT for the PBX's event reports (plain HTTP) (default 0.0.0.0:8260).",
-        show_default=False,
-    ),
-]
-EventsAllowOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--events-allow",
-        help="Address or network allowed to post events (repeatable) (default the PBX's).",
-        show_default=False,
-    ),
-]
-WorkersOption = Annotated[
-    int | None,
-    typer.Option("--workers", help="Concurrent downloads (default 2).", show_default=False),
-]
+events_listen_option = option(
+    "--events-listen",
+    metavar="HOST:PORT",
+    help="Where the PBX's event reports arrive (plain HTTP) (default 0.0.0.0:8260).",
+)
+events_allow_option = option(
+    "--events-allow",
+    multiple=True,
+    metavar="ADDR",
+    help="Address or network allowed to post events (repeatable) (default the PBX's).",
+)
+workers_option = option(
+    "--workers", type=int, metavar="N", help="Concurrent downloads (default 2)."
+)
+verbose_option = click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -167,42 +157,49 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
 
 
 @app.command("serve")
+@config_option
+@pbx_options
+@archive_option
+@db_option
+@events_listen_option
+@events_allow_option
+@workers_option
+@timezone_option
+@option(
+    "--web-listen", metavar="HOST:PORT", help="Where the web app listens (default 127.0.0.1:8080)."
+)
+@click.option("--no-web", is_flag=True, default=False, help="Do not serve the web app.")
+@secure_cookies_option
+@trusted_proxy_option
+@option(
+    "--reconcile-hours",
+    type=int,
+    metavar="N",
+    help="Hours of CDR history reconciled (default 48).",
+)
+@verbose_option
 def serve_command(
-    config: ConfigOption = None,
-    pbx: PbxOption = None,
-    username: UsernameOption = None,
-    password_env: PasswordEnvOption = None,
-    api_version: ApiVersionOption = None,
-    ca_file: CaFileOption = None,
-    pin_sha256: PinOption = None,
-    insecure: InsecureOption = None,
-    tls_min_version: TlsMinVersionOption = None,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    events_listen: EventsListenOption = None,
-    events_allow: EventsAllowOption = None,
-    workers: WorkersOption = None,
-    timezone: TimezoneOption = None,
-    web_listen: Annotated[
-        str | None,
-        typer.Option(
-            "--web-listen",
-            help="HOST:PORT of the web app (default 127.0.0.1:8080).",
-            show_default=False,
-        ),
-    ] = None,
-    no_web: Annotated[bool, typer.Option("--no-web", help="Do not serve the web app.")] = False,
-    secure_cookies: SecureCookiesOption = None,
-    trusted_proxy: TrustedProxyOption = None,
-    reconcile_hours: Annotated[
-        int | None,
-        typer.Option(
-            "--reconcile-hours",
-            help="Hours of CDR history reconciled (default 48).",
-            show_default=False,
-        ),
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    config: Path | None,
+    pbx: str | None,
+    username: str | None,
+    password_env: str | None,
+    api_version: str | None,
+    ca_file: Path | None,
+    pin_sha256: str | None,
+    insecure: bool | None,
+    tls_min_version: str | None,
+    archive: Path | None,
+    db: str | None,
+    events_listen: str | None,
+    events_allow: tuple[str, ...],
+    workers: int | None,
+    timezone: str | None,
+    web_listen: str | None,
+    no_web: bool,
+    secure_cookies: bool | None,
+    trusted_proxy: str | None,
+    reconcile_hours: int | None,
+    verbose: bool,
 ) -> None:
     """Archive every recording as calls end: receive events, download, store, index."""
     settings = settings_or_fail(
@@ -218,7 +215,7 @@ def serve_command(
         archive=archive,
         db=db,
         events_listen=events_listen,
-        events_allow=events_allow or None,
+        events_allow=list(events_allow) or None,
         workers=workers,
         timezone=timezone,
         web_listen=web_listen,
@@ -281,38 +278,49 @@ def _parse_day(value: str, tz: ZoneInfo, what: str) -> datetime:
 
 
 @app.command("backfill")
+@option(
+    "--since",
+    required=True,
+    metavar="TIME",
+    help=f"Calls that started from this time, in the PBX's zone: {FORMATS}.",
+)
+@option(
+    "--until",
+    metavar="TIME",
+    help="...and before this time (a date: through that day). Default: now.",
+)
+@click.option(
+    "--queue-only", is_flag=True, default=False, help="Only queue; let `callvault serve` download."
+)
+@click.option(
+    "--restart", is_flag=True, default=False, help="Ignore the progress of an earlier run."
+)
+@config_option
+@pbx_options
+@archive_option
+@db_option
+@workers_option
+@timezone_option
+@verbose_option
 def backfill_command(
-    since: Annotated[
-        str, typer.Option("--since", help="Start: YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss' (PBX time).")
-    ],
-    until: Annotated[
-        str | None,
-        typer.Option(
-            "--until",
-            help="End, exclusive; a date means the end of that day (default now).",
-            show_default=False,
-        ),
-    ] = None,
-    queue_only: Annotated[
-        bool, typer.Option("--queue-only", help="Only queue; let `callvault serve` download.")
-    ] = False,
-    restart: Annotated[
-        bool, typer.Option("--restart", help="Ignore the progress of an earlier run.")
-    ] = False,
-    config: ConfigOption = None,
-    pbx: PbxOption = None,
-    username: UsernameOption = None,
-    password_env: PasswordEnvOption = None,
-    api_version: ApiVersionOption = None,
-    ca_file: CaFileOption = None,
-    pin_sha256: PinOption = None,
-    insecure: InsecureOption = None,
-    tls_min_version: TlsMinVersionOption = None,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    workers: WorkersOption = None,
-    timezone: TimezoneOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    since: str,
+    until: str | None,
+    queue_only: bool,
+    restart: bool,
+    config: Path | None,
+    pbx: str | None,
+    username: str | None,
+    password_env: str | None,
+    api_version: str | None,
+    ca_file: Path | None,
+    pin_sha256: str | None,
+    insecure: bool | None,
+    tls_min_version: str | None,
+    archive: Path | None,
+    db: str | None,
+    workers: int | None,
+    timezone: str | None,
+    verbose: bool,
 ) -> None:
     """Queue (and download) every recording of the CDR history in a date range."""
     settings = settings_or_fail(
@@ -373,10 +381,10 @@ def backfill_command(
         )
     except KeyboardInterrupt:
         print(_STOPPED.format(how="interrupted"), file=sys.stderr, flush=True)
-        raise typer.Exit(130) from None
+        raise SystemExit(130) from None
     except Terminated:
         print(_STOPPED.format(how="terminated"), file=sys.stderr, flush=True)
-        raise typer.Exit(143) from None
+        raise SystemExit(143) from None
     except IndexFailure as exc:  # e.g. the index is damaged
         fail(f"backfill stopped: {exc}")
     except SQLAlchemyError as exc:
@@ -388,7 +396,7 @@ def backfill_command(
         fail(f"backfill stopped: {where}{exc.strerror or exc} (run it again to resume)")
     finally:
         index.close()
-    raise typer.Exit(code)
+    raise SystemExit(code)
 
 
 _STOPPED = "callvault: backfill {how}: no download left claimed, logged out; run it again to resume"

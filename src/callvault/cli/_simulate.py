@@ -10,9 +10,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_service
@@ -132,70 +131,101 @@ async def _watch(sim: Simulator, stop: asyncio.Event) -> bool:
 
 
 @app.command("simulate")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=int, default=8088, show_default=True, help="Port to listen on (0: any free)."
+)
+@click.option("--http", is_flag=True, default=False, help="Plain HTTP instead of HTTPS.")
+@click.option("--username", default="api", show_default=True, help="API username.")
+@click.option(
+    "--password",
+    envvar="CALLVAULT_SIM_PASSWORD",
+    default=None,
+    help="API password (default: a random one, printed at start). Env CALLVAULT_SIM_PASSWORD.",
+)
+@click.option(
+    "--calls-per-minute",
+    type=float,
+    default=0.0,
+    metavar="N",
+    help="Place random calls in the background at this average rate (default 0: none).",
+)
+@click.option(
+    "--initial-calls",
+    type=int,
+    default=3,
+    show_default=True,
+    metavar="N",
+    help="Recorded calls placed at start, so there is something to fetch.",
+)
+@click.option(
+    "--fault",
+    multiple=True,
+    metavar="KEY[=VALUE]",
+    help=(
+        f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}. "
+        "Recording names and numbers are digits only, as on real PBXs, unless "
+        "names_with_plus, names_with_spaces or names_non_ascii puts a +, a space or "
+        "non-ASCII letters in them (the download's file name header then carries "
+        "raw UTF-8, or Latin-1 with disposition_latin1)."
+    ),
+)
+@click.option("--seed", type=int, default=None, help="Seed for reproducible calls and faults.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Keep recordings and the certificate here (default: a temporary directory).",
+)
+@click.option(
+    "--timezone",
+    default="Europe/Berlin",
+    show_default=True,
+    metavar="ZONE",
+    help="The PBX's time zone.",
+)
+@click.option(
+    "--serial", default="369351034049", show_default=True, help="The PBX serial number (sn)."
+)
+@click.option(
+    "--legacy-tls",
+    is_flag=True,
+    default=False,
+    help="Also accept TLS 1.0/1.1 (the PBX's 'Low' security level).",
+)
+@click.option(
+    "--call-progress/--no-call-progress",
+    default=True,
+    help=(
+        "Push each call's progress reports before its NewCdr (ALERT, RING, ANSWER, "
+        "ANSWERED, BYE, CallFailed, ExtensionStatus; CallStatus in format 2.0.0), "
+        "as a PBX with status monitoring does (default: on)."
+    ),
+)
+@click.option(
+    "--json", "as_json", is_flag=True, default=False, help="Print the connection details as JSON."
+)
 def simulate(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8088,
-    http: Annotated[bool, typer.Option("--http", help="Plain HTTP instead of HTTPS.")] = False,
-    username: Annotated[str, typer.Option(help="API username.")] = "api",
-    password: Annotated[
-        str | None,
-        typer.Option(
-            envvar="CALLVAULT_SIM_PASSWORD",
-            help="API password (default: a random one, printed at start).",
-        ),
-    ] = None,
-    calls_per_minute: Annotated[
-        float, typer.Option(help="Place random calls in the background at this average rate.")
-    ] = 0.0,
-    initial_calls: Annotated[
-        int, typer.Option(help="Recorded calls placed at start, so there is something to fetch.")
-    ] = 3,
-    fault: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--fault",
-            metavar="KEY[=VALUE]",
-            help=(
-                f"Switch a fault on (repeatable). Keys: {', '.join(fault_names())}. "
-                "Recording names and numbers are digits only, as on real PBXs, unless "
-                "names_with_plus, names_with_spaces or names_non_ascii puts a +, a space or "
-                "non-ASCII letters in them (the download's file name header then carries "
-                "raw UTF-8, or Latin-1 with disposition_latin1)."
-            ),
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed for reproducible calls and faults.")
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Keep recordings and the certificate here (default: a temporary directory)."
-        ),
-    ] = None,
-    timezone: Annotated[str, typer.Option(help="The PBX's time zone.")] = "Europe/Berlin",
-    serial: Annotated[str, typer.Option(help="The PBX serial number (sn).")] = "369351034049",
-    legacy_tls: Annotated[
-        bool, typer.Option(help="Also accept TLS 1.0/1.1 (the PBX's 'Low' security level).")
-    ] = False,
-    call_progress: Annotated[
-        bool,
-        typer.Option(
-            "--call-progress/--no-call-progress",
-            help=(
-                "Push each call's progress reports before its NewCdr (ALERT, RING, ANSWER, "
-                "ANSWERED, BYE, CallFailed, ExtensionStatus; CallStatus in format 2.0.0), "
-                "as a PBX with status monitoring does."
-            ),
-        ),
-    ] = True,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the connection details as one JSON line.")
-    ] = False,
+    host: str,
+    port: int,
+    http: bool,
+    username: str,
+    password: str | None,
+    calls_per_minute: float,
+    initial_calls: int,
+    fault: tuple[str, ...],
+    seed: int | None,
+    data_dir: Path | None,
+    timezone: str,
+    serial: str,
+    legacy_tls: bool,
+    call_progress: bool,
+    as_json: bool,
 ) -> None:
     """Run a simulated Yeastar S-Series PBX until Ctrl-C: the API, recordings, events, faults."""
     try:
-        faults = parse_faults(fault or [])
+        faults = parse_faults(list(fault))
     except ValueError as exc:
         fail(str(exc))
     if initial_calls < 0:

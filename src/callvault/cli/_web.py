@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
 
-import typer
+import click
 
-from callvault.cli._app import app
+from callvault.cli._app import CONTEXT_SETTINGS, app
 from callvault.cli._common import Terminated, cli_actor, fail, run_service
 from callvault.cli._options import (
-    ArchiveOption,
-    ConfigOption,
-    DbOption,
-    SecureCookiesOption,
-    TrustedProxyOption,
+    archive_options,
+    option,
+    secure_cookies_option,
+    trusted_proxy_option,
 )
 from callvault.cli._settings import (
     ArchiveSettings,
@@ -28,17 +27,20 @@ from callvault.cli._settings import (
 )
 from callvault.index import Index, audit, users
 
-if TYPE_CHECKING:
-    pass
 
-user_app = typer.Typer(
-    help="Add, list and remove the web app's users; set a new password.", no_args_is_help=True
+@app.group("user", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+def user_app() -> None:
+    """Add, list and remove the web app's users; set a new password."""
+
+
+@app.group("token", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+def token_app() -> None:
+    """Create, list and revoke API tokens."""
+
+
+json_array_option = click.option(
+    "--json", "as_json", is_flag=True, default=False, help="One JSON array, for scripts."
 )
-token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
-app.add_typer(user_app, name="user")
-app.add_typer(token_app, name="token")
-
-JsonOption = Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")]
 
 
 def _password_from(password_env: str | None) -> str:
@@ -59,16 +61,17 @@ def _open_index(settings: ArchiveSettings) -> Index:
 
 
 @app.command("web")
+@archive_options
+@option("--listen", metavar="HOST:PORT", help="Where to serve (default 127.0.0.1:8080).")
+@secure_cookies_option
+@trusted_proxy_option
 def web(
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
-    listen: Annotated[
-        str | None,
-        typer.Option("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8080)."),
-    ] = None,
-    secure_cookies: SecureCookiesOption = None,
-    trusted_proxy: TrustedProxyOption = None,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
+    listen: str | None,
+    secure_cookies: bool | None,
+    trusted_proxy: str | None,
 ) -> None:
     """Serve the web app and JSON API alone over an existing archive."""
     from callvault import serving
@@ -115,29 +118,35 @@ def web(
         try:
             run_service(lambda stop: serving.serve_until(server, sock, stop), ready=ready)
         except Terminated:
-            raise typer.Exit(143) from None
+            raise SystemExit(143) from None
     finally:
         sock.close()
         index.close()
 
 
 @user_app.command("add")
+@click.argument("name")
+@option("--role", required=True, metavar="ROLE", help="admin or listener.")
+@option(
+    "--scope",
+    default="",
+    metavar="RANGES",
+    help="Extensions they may see, e.g. 1000-1099,2001 (default: all).",
+)
+@option(
+    "--password-env",
+    metavar="VAR",
+    help="Environment variable holding the password (default: generate one and print it).",
+)
+@archive_options
 def user_add(
-    name: Annotated[str, typer.Argument(help="User name (letters, digits, . _ @ -).")],
-    role: Annotated[str, typer.Option("--role", help="admin or listener.")],
-    scope: Annotated[
-        str, typer.Option("--scope", help="Extensions they may see, e.g. 1000-1099,2001.")
-    ] = "",
-    password_env: Annotated[
-        str | None,
-        typer.Option(
-            "--password-env",
-            help="Environment variable holding the password (default: generate one and print it).",
-        ),
-    ] = None,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
+    name: str,
+    role: str,
+    scope: str,
+    password_env: str | None,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
 ) -> None:
     """Add a web user. Without --password-env a password is generated and printed once."""
     try:
@@ -168,19 +177,15 @@ def user_add(
 
 
 @user_app.command("passwd")
+@click.argument("name")
+@option(
+    "--password-env",
+    metavar="VAR",
+    help="Environment variable holding the new password (default: generate one and print it).",
+)
+@archive_options
 def user_passwd(
-    name: Annotated[str, typer.Argument(help="User name.")],
-    password_env: Annotated[
-        str | None,
-        typer.Option(
-            "--password-env",
-            help="Environment variable holding the new password (default: generate one and "
-            "print it).",
-        ),
-    ] = None,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
+    name: str, password_env: str | None, archive: Path | None, db: str | None, config: Path | None
 ) -> None:
     """Set a web user's password; this logs the user out everywhere. Without --password-env
     a password is generated and printed once."""
@@ -200,12 +205,9 @@ def user_passwd(
 
 
 @user_app.command("list")
-def user_list(
-    as_json: JsonOption = False,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
-) -> None:
+@json_array_option
+@archive_options
+def user_list(as_json: bool, archive: Path | None, db: str | None, config: Path | None) -> None:
     """List the web users."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
@@ -234,12 +236,9 @@ def user_list(
 
 
 @user_app.command("remove")
-def user_remove(
-    name: Annotated[str, typer.Argument(help="User name.")],
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
-) -> None:
+@click.argument("name")
+@archive_options
+def user_remove(name: str, archive: Path | None, db: str | None, config: Path | None) -> None:
     """Remove a web user and their API tokens (never the last admin)."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
@@ -253,12 +252,11 @@ def user_remove(
 
 
 @token_app.command("create")
+@option("--user", required=True, metavar="NAME", help="Whose token it is.")
+@option("--label", default="", metavar="TEXT", help="What uses it.")
+@archive_options
 def token_create(
-    user: Annotated[str, typer.Option("--user", help="Whose token it is.")],
-    label: Annotated[str, typer.Option("--label", help="What uses it.")] = "",
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
+    user: str, label: str, archive: Path | None, db: str | None, config: Path | None
 ) -> None:
     """Create an API token (sent as Authorization: Bearer); printed once, stored hashed."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
@@ -280,12 +278,9 @@ def token_create(
 
 
 @token_app.command("list")
-def token_list(
-    as_json: JsonOption = False,
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
-) -> None:
+@json_array_option
+@archive_options
+def token_list(as_json: bool, archive: Path | None, db: str | None, config: Path | None) -> None:
     """List API tokens (never their secrets)."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
@@ -314,14 +309,9 @@ def token_list(
 
 
 @token_app.command("revoke")
-def token_revoke(
-    token_id: Annotated[
-        int, typer.Argument(help="Token id (see `callvault token list`).", min=1, max=2**62)
-    ],
-    archive: ArchiveOption = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
-) -> None:
+@click.argument("token_id", metavar="ID", type=click.IntRange(min=1, max=2**62))
+@archive_options
+def token_revoke(token_id: int, archive: Path | None, db: str | None, config: Path | None) -> None:
     """Revoke an API token."""
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
