@@ -25,6 +25,7 @@ from callvault.ops import (
     requeue,
     verify_recording,
 )
+from callvault.times import FORMATS
 from callvault.web import _media
 from callvault.web._context import (
     Principal,
@@ -69,11 +70,18 @@ def api_admin(principal: Annotated[Principal, Depends(api_user)]) -> Principal:
 def search_params(
     since: Annotated[
         str | None,
-        Query(max_length=40, description="Call start from: YYYY-MM-DD or ISO date-time (UTC)"),
+        Query(
+            max_length=40,
+            description=f"Calls that started from this time: {FORMATS} (UTC unless it names "
+            "an offset, e.g. +01:00)",
+        ),
     ] = None,
     until: Annotated[
         str | None,
-        Query(max_length=40, description="Call start before (a date counts through that day)"),
+        Query(
+            max_length=40,
+            description="...and before this time (a date: through that day), as `since`",
+        ),
     ] = None,
     number: Annotated[
         str | None, Query(max_length=64, description="Part of the caller, callee or DID")
