@@ -1,5 +1,6 @@
-"""Helpers for the web tests: a real archive (WAV files through LocalStorage, rows through the
-index API), a controllable clock, a real uvicorn server on 127.0.0.1, and logging in."""
+"""Helpers for the web tests (test_web_*): a real archive (WAV files through LocalStorage,
+rows through the index API), a controllable clock, a real uvicorn server on 127.0.0.1,
+logging in, and reading the audit log back."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from callvault.index import Index, RecordingRow, Worker, open_index
+from callvault.index import Index, RecordingRow, SearchFilters, Worker, audit, open_index
 from callvault.pbx._types import CallDetail
 from callvault.storage import LocalStorage, recording_key
 from callvault.web import create_app
@@ -187,8 +188,7 @@ def build_archive(root: Path) -> WebArchive:
 
 
 def rows_by_from(archive: WebArchive) -> dict[str, RecordingRow]:
-    from callvault.index import SearchFilters
-
+    """The standard archive's recordings by caller (each caller makes one call)."""
     return {
         row.call_from: row for row in archive.index.recordings.search(SearchFilters(), limit=100)
     }
@@ -274,3 +274,22 @@ def live_web(root: Path, *, secure_cookies: bool = False) -> Iterator[LiveWeb]:
             yield LiveWeb(base, archive, clock)
     finally:
         archive.index.close()
+
+
+def audit_entries(web: LiveWeb, **where: str) -> list[audit.AuditEntry]:
+    """The audit log's entries matching `where` (AuditFilter's fields), newest first."""
+    return web.archive.index.audit.query(audit.AuditFilter(**where), limit=1000)
+
+
+# Text that a spreadsheet would run as a formula if a CSV cell started with it.
+SPREADSHEET_FORMULAS = ["=HYPERLINK(A1)", "+1+2", "-3+4", "@SUM(A1)", "\t=1", "\r=2"]
+
+# Sec-Fetch-Site values: requests another site made the browser send, and those from this
+# site's own pages or the address bar (None: a client that does not send the header).
+CROSS_SITE = ("cross-site", "same-site")
+OWN_SITE = ("same-origin", "none", None)
+
+
+def fetch_site(value: str | None) -> dict[str, str]:
+    """The Sec-Fetch-Site header a browser would send (none for None)."""
+    return {} if value is None else {"Sec-Fetch-Site": value}

@@ -1,10 +1,11 @@
-"""End to end in a real headless Chromium (Debian's package, driven by Playwright).
+"""The pages end to end in a real headless Chromium (Debian's package, driven by Playwright).
 
 Log in, search by a caller number, play a recording inline (its duration is known and its
 time advances), download it from the call page (the bytes equal the archived file), see the
 play and the download in the audit log, and check that a listener scoped to other
-extensions finds nothing, by search or by URL. Screenshots land in the test's tmp_path.
-These tests FAIL, never skip, when Chromium is missing.
+extensions finds nothing, by search or by URL; opening the call page fetches no audio until
+play is pressed. Screenshots land in the test's tmp_path. These tests FAIL, never skip,
+when Chromium is missing.
 """
 
 from __future__ import annotations
@@ -13,50 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser
 
-from web_fixtures import ADMIN, LISTENER_2000, LiveWeb, live_web, rows_by_from
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Keep Chromium on loopback: every host name but 127.0.0.1 resolves to nothing, and the
-# background traffic to Google's services (updates, sync, metrics, safe browsing, field
-# trials, domain reliability) is switched off.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--disable-domain-reliability",
-    "--disable-client-side-phishing-detection",
-    "--disable-breakpad",
-    "--disable-field-trial-config",
-    "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,"
-    "CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions",
-    "--metrics-recording-only",
-    "--no-pings",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--autoplay-policy=no-user-gesture-required",
-]
-
-pytestmark = pytest.mark.browser
-
-
-@pytest.fixture()
-def browser() -> Iterator[Browser]:
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium"
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
+from callvault.index import audit
+from support.browser import log_in
+from support.web import (
+    ADMIN,
+    LISTENER_2000,
+    LiveWeb,
+    audit_entries,
+    live_web,
+    rows_by_from,
+)
 
 
 @pytest.fixture()
@@ -65,12 +34,7 @@ def web(tmp_path: Path) -> Iterator[LiveWeb]:
         yield live
 
 
-def _log_in(page: Page, base: str, name: str, password: str) -> None:
-    page.goto(f"{base}/login")
-    page.fill("input[name=username]", name)
-    page.fill("input[name=password]", password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/search")
+pytestmark = pytest.mark.browser
 
 
 def test_search_play_download_audit(browser: Browser, web: LiveWeb, tmp_path: Path) -> None:
@@ -78,7 +42,7 @@ def test_search_play_download_audit(browser: Browser, web: LiveWeb, tmp_path: Pa
     row = rows_by_from(web.archive)[caller]
     context = browser.new_context(accept_downloads=True)
     page = context.new_page()
-    _log_in(page, web.base, *ADMIN)
+    log_in(page, web.base, *ADMIN)
 
     page.fill("input[name=number]", caller)
     page.click("form.filters button[type=submit]")
@@ -138,7 +102,7 @@ def test_listener_out_of_scope_gets_nothing(browser: Browser, web: LiveWeb) -> N
     row = rows_by_from(web.archive)[caller]
     context = browser.new_context()
     page = context.new_page()
-    _log_in(page, web.base, *LISTENER_2000)
+    log_in(page, web.base, *LISTENER_2000)
     page.goto(f"{web.base}/search?number={caller}")
     assert page.locator("td.empty").inner_text() == "No recordings match."
     page.goto(f"{web.base}/search")
@@ -156,3 +120,32 @@ def test_listener_out_of_scope_gets_nothing(browser: Browser, web: LiveWeb) -> N
     assert answer is not None and answer.status == 404
     assert "Not found" in page.content()
     context.close()
+
+
+def test_call_page_fetches_no_audio_until_played(browser: Browser, web: LiveWeb) -> None:
+    # Opening the call page is not a play: the player fetches nothing until it is started.
+    row = rows_by_from(web.archive)["2001"]
+    audio_path = f"/api/recordings/{row.id}/audio"
+    page = browser.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    log_in(page, web.base, *LISTENER_2000)
+    # The search page's players do not preload either.
+    page.goto(f"{web.base}/recordings/{row.id}", wait_until="networkidle")
+    player = page.locator("#player")
+    assert player.evaluate("a => a.readyState") == 0  # HAVE_NOTHING
+    assert not [url for url in requested if audio_path in url]
+    assert audit_entries(web, actor="bob", action=audit.PLAY) == []
+
+    # Pressing play fetches the audio and logs exactly one play.
+    player.evaluate("a => a.play()")
+    page.wait_for_function("a => a.currentTime > 0.2", arg=player.element_handle(), timeout=15000)
+    assert [url for url in requested if audio_path in url]
+    assert [e.target for e in audit_entries(web, actor="bob", action=audit.PLAY)] == [row.name]
+
+
+def test_pages_send_protective_headers(web: LiveWeb) -> None:
+    response = web.client().get("/login")
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
