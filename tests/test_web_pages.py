@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from playwright.sync_api import Browser
@@ -23,6 +24,7 @@ from support.web import (
     LISTENER_2000,
     LiveWeb,
     audit_entries,
+    elements,
     live_web,
     rows_by_from,
 )
@@ -149,3 +151,23 @@ def test_pages_send_protective_headers(web: LiveWeb) -> None:
     assert response.headers["x-frame-options"] == "DENY"
     assert "script-src 'self'" in response.headers["content-security-policy"]
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_pages_have_a_favicon_of_their_own(web: LiveWeb) -> None:
+    client = web.client()
+    login_page = client.get("/login").text
+    [(link, _)] = elements(login_page, "link", rel="icon")
+    assert (link["href"], link["type"]) == ("/static/favicon.svg", "image/svg+xml")
+    icon = client.get("/static/favicon.svg")
+    assert icon.status_code == 200
+    assert icon.headers["content-type"] == "image/svg+xml"
+    svg = ElementTree.fromstring(icon.content)
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    # Drawn, not fetched: no links, scripts or styles that the CSP would have to allow.
+    tags = {element.tag.rsplit("}", 1)[-1] for element in svg.iter()}
+    assert not tags & {"script", "style", "image", "use", "a", "foreignObject"}, tags
+    attributes = [value for element in svg.iter() for value in element.attrib.values()]
+    assert not [value for value in attributes if "url(" in value or "//" in value]
+    # Browsers that ask for /favicon.ico without reading the page get the same icon.
+    legacy = client.get("/favicon.ico", follow_redirects=True)
+    assert legacy.status_code == 200 and legacy.content == icon.content

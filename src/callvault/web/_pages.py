@@ -155,6 +155,12 @@ def home() -> RedirectResponse:
     return RedirectResponse("/search", status_code=303)
 
 
+@router.get("/favicon.ico")
+def favicon() -> RedirectResponse:
+    """For browsers that ask for the icon without reading the page's link to it."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
 def _login_page(
     request: Request, *, error: str | None, status_code: int, next_url: str, name: str = ""
 ) -> HTMLResponse:
