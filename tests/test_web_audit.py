@@ -1,6 +1,7 @@
 """The audit log over real sockets: plays, downloads and exports are in it, its CSV cells
 cannot run as formulas, exporting it is itself audited, and another site cannot make a
-browser export it.
+browser export it. The audit page filters by date with date pickers, and a date it cannot
+read refuses the filter, naming the field as labelled, instead of showing an empty log.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from support.web import (
     LiveWeb,
     audit_entries,
     csrf_of,
+    elements,
     fetch_site,
     live_web,
     rows_by_from,
+    text_of,
 )
 
 
@@ -104,3 +107,29 @@ def test_cross_site_audit_csv_with_a_cookie_is_refused(web: LiveWeb) -> None:
     assert admin.get("/api/audit.csv", headers=fetch_site("cross-site")).status_code == 403
     assert audit_entries(web, action=audit.AUDIT_EXPORT) == []
     assert admin.get("/api/audit.csv", headers=fetch_site("same-origin")).status_code == 200
+
+
+def test_audit_page_filters_by_date_and_refuses_what_it_cannot_read(web: LiveWeb) -> None:
+    web.login(*LISTENER_2000)  # on 2024-05-11
+    web.clock.advance(timedelta(days=1))
+    admin = web.login(*ADMIN)  # on the next day
+    page = admin.get("/admin/audit", params={"since": "2024-05-12", "action": audit.LOGIN})
+    assert page.status_code == 200
+    [(since, _)] = elements(page.text, "input", name="since")
+    assert (since["type"], since["value"]) == ("date", "2024-05-12")
+    assert [(e[0]["for"], e[1]) for e in elements(page.text, "label", for_="since")] == [
+        ("since", "From")
+    ]
+    who = [text for _attrs, text in elements(page.text, "td", **{"data-label": "Who"})]
+    assert who == ["alice"]
+
+    refused = admin.get("/admin/audit", params={"since": "2024-05-12", "until": "tomorrow"})
+    assert refused.status_code == 422
+    assert text_of(refused.text, "audit-error") == (
+        "This filter was refused: To: 'tomorrow' is not a time: "
+        "use YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
+    )
+    assert elements(refused.text, "table") == [] and elements(refused.text, id="summary") == []
+    assert elements(refused.text, "a", id="audit-csv") == []
+    [(until, _)] = elements(refused.text, "input", name="until")
+    assert (until["type"], until["value"], until["aria-invalid"]) == ("text", "tomorrow", "true")

@@ -1,4 +1,6 @@
-"""Search and recordings over real sockets: the API's filters and paging, a listener's
+"""Search and recordings over real sockets: the API's filters and paging, the search page
+(date pickers that still read typed times, a refused search shown as refused with the
+reason naming the field as the page labels it, never as "0 recordings"), a listener's
 scope, one recording's fields and its verification (a damaged or missing file is reported,
 a pending one is not archived), and odd numbers in the page's query refused, never a 500.
 """
@@ -20,8 +22,10 @@ from support.web import (
     LISTENER_1000,
     LISTENER_2000,
     LiveWeb,
+    elements,
     live_web,
     rows_by_from,
+    text_of,
 )
 
 
@@ -90,13 +94,101 @@ def test_bad_filters_are_422(web: LiveWeb, params: dict[str, object]) -> None:
     assert client.get("/api/recordings", params=params).status_code == 422
 
 
+def _field(page: str, name: str) -> dict[str, str]:
+    """The attributes of the one form field called `name`, and the text of its label."""
+    [(attrs, _)] = [(a, t) for a, t in elements(page, name=name) if a["<tag>"] != "a"]
+    [(_, label)] = elements(page, "label", for_=attrs["id"])
+    return {**attrs, "label": label}
+
+
+def _page_froms(page: str) -> list[str]:
+    return [text for _attrs, text in elements(page, "td", class_="from")]
+
+
+def test_search_page_dates_are_date_pickers_that_read_typed_times(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    empty = admin.get("/search").text
+    for name, label in (("since", "From"), ("until", "To")):
+        field = _field(empty, name)
+        assert (field["type"], field["label"]) == ("date", label)
+        assert "aria-invalid" not in field
+    # What a picker sends: a day, and To counts through that day.
+    picked = admin.get("/search", params={"since": "2024-05-02", "until": "2024-05-02"})
+    assert picked.status_code == 200
+    assert _page_froms(picked.text) == ["0612345678"]
+    assert _field(picked.text, "since")["value"] == "2024-05-02"
+    assert _field(picked.text, "since")["type"] == "date"
+    # A time of day, typed or from a link, is read as the API reads it; its field keeps it
+    # as text (a date picker cannot show a time, and would drop it on the next search).
+    typed = admin.get("/search", params={"since": "2024-05-03 11:30"})
+    assert typed.status_code == 200
+    assert _page_froms(typed.text) == ["1002", "1003", "2001"]
+    assert {k: _field(typed.text, "since")[k] for k in ("type", "value")} == {
+        "type": "text",
+        "value": "2024-05-03 11:30",
+    }
+    assert text_of(typed.text, "summary").startswith("3 recordings.")
+
+
+FORMATS = "use YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "reason"),
+    [
+        ({"since": "yesterday"}, "since", f"From: 'yesterday' is not a time: {FORMATS}"),
+        ({"until": "2024-02-30"}, "until", f"To: '2024-02-30' is not a time: {FORMATS}"),
+        (
+            {"min_talk_s": "ten"},
+            "min_talk_s",
+            "Min. talk (s): 'ten' is not a number of seconds: use digits, such as 30",
+        ),
+        (
+            {"state": "lost"},
+            "state",
+            "State: 'lost' is not an archive state: use one of pending, downloading, "
+            "archived, failed, missing",
+        ),
+    ],
+)
+def test_a_refused_search_is_shown_as_refused_with_the_fields_label(
+    web: LiveWeb, params: dict[str, str], field: str, reason: str
+) -> None:
+    admin = web.login(*ADMIN)
+    page = admin.get("/search", params={"number": "100", **params})
+    assert page.status_code == 422
+    assert text_of(page.text, "search-error") == f"This search was refused: {reason}"
+    # Not "0 recordings": no count, no table of results, no export of nothing.
+    assert elements(page.text, id="summary") == []
+    assert elements(page.text, "table") == []
+    assert "No recordings match" not in page.text
+    assert elements(page.text, "a", id="export") == []
+    # The field at fault says so to assistive technology; the others keep their values.
+    bad = _field(page.text, field)
+    assert bad["aria-invalid"] == "true"
+    assert "search-error" in bad["aria-describedby"].split()
+    assert _field(page.text, "number")["value"] == "100"
+    assert "aria-invalid" not in _field(page.text, "number")
+
+
+def test_two_refused_fields_are_both_named(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    page = admin.get("/search", params={"since": "soon", "until": "later"})
+    assert page.status_code == 422
+    reasons = [text for _attrs, text in elements(page.text, "li", class_="reason")]
+    assert reasons == [
+        f"From: 'soon' is not a time: {FORMATS}",
+        f"To: 'later' is not a time: {FORMATS}",
+    ]
+
+
 def test_unicode_digits_in_page_numbers_and_filters_are_no_500(web: LiveWeb) -> None:
     bob = web.login(*LISTENER_2000)
     page = bob.get("/search", params={"page": "²"})
-    assert page.status_code == 200 and 'class="from">2001<' in page.text  # page 1
+    assert page.status_code == 200 and _page_froms(page.text) == ["2001"]  # page 1
     talk = bob.get("/search", params={"min_talk_s": "²"})
-    assert talk.status_code == 200
-    assert "Minimum talk time must be a number of seconds." in talk.text
+    assert talk.status_code == 422
+    assert "Min. talk (s): '²' is not a number of seconds" in text_of(talk.text, "search-error")
     admin = web.login(*ADMIN)
     audit_page = admin.get("/admin/audit", params={"page": "²"})
     assert audit_page.status_code == 200 and 'id="audit"' in audit_page.text
