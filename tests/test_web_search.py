@@ -150,6 +150,7 @@ FORMATS = "use YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
             "archived, failed, missing",
         ),
     ],
+    ids=["from", "to", "min-talk", "state"],
 )
 def test_a_refused_search_is_shown_as_refused_with_the_fields_label(
     web: LiveWeb, params: dict[str, str], field: str, reason: str

@@ -7,6 +7,7 @@ failed recordings again from the API and from the page.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -133,6 +134,25 @@ def test_status_page_reads_for_a_supervisor(web: LiveWeb) -> None:
     assert text_of(html, "index-health") == "ok (quick check)"
 
 
+def test_status_page_says_all_is_well_when_it_is(web: LiveWeb) -> None:
+    index, now = web.archive.index, web.clock()
+    serve = index.processes.register(
+        node="archiver", kind="serve", hostname="pbx-archiver", pid=4242, workers=2, now=now
+    )
+    assert index.processes.heartbeat(serve.id, now=now, workers_alive=2)
+    health = {"state": "ok", "last_success_at": now.isoformat(), "updated_at": now.isoformat()}
+    index.settings.set(SettingKey.PBX_HEALTH, json.dumps(health), now)
+    admin = web.login(*ADMIN)
+    assert "1 recording was given up on" in text_of(admin.get("/status").text, "attention")
+    csrf = csrf_of(admin.get("/status").text)
+    assert admin.post("/status/requeue", data={"csrf": csrf}).status_code == 303
+    html = admin.get("/status").text
+    assert text_of(html, "attention-title") == "All is well"
+    assert text_of(html, "workers") == "2 of 2 running"
+    assert text_of(html, "pbx-session") == "logged in, last contact just now"
+    assert elements(html, "form", action="/status/requeue") == []
+
+
 def test_status_page_says_when_serve_is_not_running(web: LiveWeb) -> None:
     index, now = web.archive.index, web.clock()
     serve = index.processes.register(
@@ -171,7 +191,5 @@ def test_requeue_from_the_status_page(web: LiveWeb) -> None:
         "failed=1, missing=1",
     )
     after = admin.get(done.headers["location"]).text
-    assert text_of(after, "done") == (
-        "2 recordings queued again: a running serve downloads them now."
-    )
+    assert text_of(after, "done") == "2 recordings queued again: serve downloads them now."
     assert elements(after, "form", action="/status/requeue") == []  # nothing left to queue

@@ -88,11 +88,6 @@ def _now(ctx: Context) -> datetime:
 
 
 @pass_context
-def _ago(ctx: Context, value: datetime | None) -> str:
-    return ago(value, _now(ctx))
-
-
-@pass_context
 def _when(
     ctx: Context, value: datetime | None, *, id: str | None = None, never: str = "never"
 ) -> Markup:
@@ -110,7 +105,6 @@ def _when(
 
 templates.env.filters["size"] = human_size
 templates.env.filters["utc"] = human_time
-templates.env.filters["ago"] = _ago
 templates.env.globals["when"] = _when
 
 
@@ -513,7 +507,8 @@ def _free_share(status: ArchiveStatus) -> float | None:
 
 
 def _serve_state(status: ArchiveStatus) -> str:
-    """ "running", "stopped" (serve ran here but no serve process is live) or "never"."""
+    """Whether `callvault serve` works on the archive: "running", "stopped" (one ran here,
+    none is live now) or "never"."""
     serves = [p for p in status.processes if p.kind == "serve"]  # callvault.ops' SERVE
     if not serves:
         return "never"
@@ -552,13 +547,15 @@ def _attention(status: ArchiveStatus, serve: str) -> list[str]:
     return notes
 
 
-def _requeued_message(raw: str | None) -> str | None:
+def _requeued_message(raw: str | None, serve: str) -> str | None:
+    """What "Queue these again" did (`raw`: how many, from the redirect after it)."""
     if raw is None or not _is_number(raw, 9):
         return None
     count = int(raw)
     if count == 0:
         return "Nothing was queued again: no recording was failed or missing."
-    return f"{_plural(count, 'recording')} queued again: a running serve downloads them now."
+    when = "now" if serve == "running" else "once it runs"
+    return f"{_plural(count, 'recording')} queued again: serve downloads them {when}."
 
 
 @router.get("/status")
@@ -577,7 +574,7 @@ def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
         serve=serve,
         attention=_attention(status, serve),
         given_up=sum(status.recordings.get(state, 0) for state in REQUEUE_STATES),
-        done=_requeued_message(request.query_params.get("requeued")),
+        done=_requeued_message(request.query_params.get("requeued"), serve),
         disk_free_percent=None if free is None else round(100 * free),
         meanings=STATE_MEANINGS,
         states=RECORDING_STATES,
