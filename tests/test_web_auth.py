@@ -1,20 +1,32 @@
-"""Logging in and out, cookies, CSRF, the login rate limit and page access, over real sockets."""
+"""Logging in and out, sessions and CSRF, over real sockets.
+
+Cookies are safe (HttpOnly, SameSite, Secure when asked) and forms need their CSRF token;
+the login is rate limited and a throttled login storm leaves one audit row per window; a
+session is bound to its user and to a row in the index, so a logout holds in every app
+over the index and the signing secret alone makes no session; pages and admin endpoints
+need a login and the right role; odd bytes in cookies and tokens are refused, not a crash.
+"""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
-from callvault.index import audit
+from callvault.index import SettingKey, audit, open_index
 from callvault.web import create_app
-from web_fixtures import (
+from callvault.web._security import SessionSigner
+from support.web import (
     ADMIN,
     LISTENER_2000,
     LiveWeb,
+    audit_entries,
     csrf_of,
     live_web,
     login,
@@ -25,7 +37,7 @@ from web_fixtures import (
 
 @pytest.fixture()
 def web(tmp_path: Path) -> Iterator[LiveWeb]:
-    with live_web(tmp_path) as live:
+    with live_web(tmp_path / "archive") as live:
         yield live
 
 
@@ -87,6 +99,28 @@ def test_login_is_rate_limited_per_address_and_user(web: LiveWeb) -> None:
     assert login(web.client(), *LISTENER_2000).status_code == 303
     web.clock.advance(timedelta(minutes=16))
     assert login(client, *ADMIN).status_code == 303
+
+
+def test_throttled_logins_write_one_audit_row_per_address_and_window(web: LiveWeb) -> None:
+    client = web.client()
+    for _ in range(5):
+        assert login(client, ADMIN[0], "guess-guess").status_code == 401
+    for _ in range(30):  # a script that keeps trying while refused
+        assert login(client, ADMIN[0], "guess-guess").status_code == 429
+    # Other names from the same address fail until the address as a whole is throttled
+    # (20 failures), and add no throttle row in the same window either.
+    answers = [login(client, f"mallory{n}", "guess-guess").status_code for n in range(20)]
+    assert answers == [401] * 15 + [429] * 5
+    assert len(audit_entries(web, action=audit.LOGIN_THROTTLED)) == 1
+    assert len(audit_entries(web, action=audit.LOGIN_FAILED)) == 20  # the limiter's own bound
+
+    # The next window is throttled anew and audited once more.
+    web.clock.advance(timedelta(minutes=16))
+    for _ in range(5):
+        assert login(client, ADMIN[0], "guess-guess").status_code == 401
+    for _ in range(10):
+        assert login(client, ADMIN[0], "guess-guess").status_code == 429
+    assert len(audit_entries(web, action=audit.LOGIN_THROTTLED)) == 2
 
 
 def test_login_form_needs_its_csrf_token(web: LiveWeb) -> None:
@@ -193,35 +227,33 @@ def test_pages_need_login_and_the_right_role(web: LiveWeb) -> None:
         assert admin.get(path).status_code == 200, path
 
 
-def test_pages_send_protective_headers(web: LiveWeb) -> None:
-    response = web.client().get("/login")
-    assert response.headers["x-frame-options"] == "DENY"
-    assert "script-src 'self'" in response.headers["content-security-policy"]
-    assert response.headers["x-content-type-options"] == "nosniff"
+def test_listener_cannot_use_admin_endpoints(web: LiveWeb) -> None:
+    bob, _ = web.bearer(LISTENER_2000[0])
+    for path in (
+        "/api/users",
+        "/api/tokens",
+        "/api/audit",
+        "/api/audit.csv",
+        "/api/stats",
+        "/api/status",
+    ):
+        assert bob.get(path).status_code == 403, path
+    response = bob.post("/api/users", json={"name": "mallory", "role": "admin"})
+    assert response.status_code == 403
+    assert bob.post("/api/tokens", json={"user": "bob"}).status_code == 403
 
 
-def test_admin_page_creates_and_revokes_tokens(web: LiveWeb) -> None:
-    admin = web.login(*ADMIN)
-    csrf = csrf_of(admin.get("/admin").text)
-    made = admin.post("/admin/tokens", data={"user": "bob", "label": "report", "csrf": csrf})
-    assert made.status_code == 200
-    secret = made.text.split('id="new-token">', 1)[1].split("<", 1)[0]
-    index = web.archive.index
-    found = index.tokens.user_for(secret)
-    assert found is not None and found.name == "bob"
-    token_id = index.tokens.list()[0].id
-    # The secret is shown once: the admin page never shows it again.
-    assert secret not in admin.get("/admin").text
-    revoked = admin.post(f"/admin/tokens/{token_id}/revoke", data={"csrf": csrf})
-    assert revoked.status_code == 303
-    assert index.tokens.user_for(secret) is None
-    removed = admin.post("/admin/users/bob/remove", data={"csrf": csrf})
-    assert removed.status_code == 303 and index.users.get("bob") is None
-    itself = admin.post("/admin/users/alice/remove", data={"csrf": csrf})
-    assert itself.status_code == 409 and index.users.get("alice") is not None
-    assert {audit.TOKEN_CREATE, audit.TOKEN_REVOKE, audit.USER_REMOVE} <= set(
-        _audit_actions(web, "alice")
+def test_anonymous_and_bad_tokens_are_401(web: LiveWeb) -> None:
+    anonymous = web.client()
+    assert anonymous.get("/api/recordings").status_code == 401
+    assert (
+        anonymous.get("/api/recordings", headers={"Authorization": "Bearer cvt_nope"}).status_code
+        == 401
     )
+    assert (
+        anonymous.get("/api/recordings", headers={"Authorization": "Basic eDp5"}).status_code == 401
+    )
+    assert anonymous.get("/api/openapi.json").status_code == 200
 
 
 def test_session_survives_a_restart_of_the_app(web: LiveWeb) -> None:
@@ -280,3 +312,157 @@ def test_non_ascii_csrf_tokens_are_refused_not_a_crash(web: LiveWeb) -> None:
         headers={**form, "Cookie": "cv_login=\xe9".encode("latin-1")},
     )
     assert refused.status_code == 403
+
+
+def _with_cookie(base: str, cookie: str) -> httpx.Client:
+    client = httpx.Client(base_url=base, timeout=10, follow_redirects=False)
+    client.cookies.set("cv_session", cookie)
+    return client
+
+
+def _session_cookie(client: httpx.Client) -> str:
+    cookie = client.cookies.get("cv_session")
+    assert cookie
+    return str(cookie)
+
+
+def _add_user_over_api(admin: httpx.Client, name: str, role: str, password: str) -> int:
+    csrf = admin.get("/api/me").json()["csrf_token"]
+    body = {"name": name, "role": role, "password": password}
+    if role == "listener":
+        body["scope"] = "2000-2099"
+    made = admin.post("/api/users", json=body, headers={"X-CSRF-Token": csrf})
+    assert made.status_code == 201, made.text
+    return int(made.json()["user"]["id"])
+
+
+def _remove_user_over_api(admin: httpx.Client, name: str) -> None:
+    csrf = admin.get("/api/me").json()["csrf_token"]
+    assert admin.delete(f"/api/users/{name}", headers={"X-CSRF-Token": csrf}).status_code == 204
+
+
+def _refused(web: LiveWeb, cookie: str) -> None:
+    """The cookie opens nothing: the API says 401, a page sends to the login form."""
+    stale = _with_cookie(web.base, cookie)
+    assert stale.get("/api/me").status_code == 401
+    assert stale.get("/api/users").status_code == 401
+    page = stale.get("/admin")
+    assert page.status_code == 303 and page.headers["location"].startswith("/login")
+
+
+def test_a_removed_users_cookie_is_not_the_next_new_admins_session(web: LiveWeb) -> None:
+    alice = web.login(*ADMIN)
+    dave_id = _add_user_over_api(alice, "dave", "listener", "dave-password-1")
+    dave = web.login("dave", "dave-password-1")
+    cookie = _session_cookie(dave)
+    assert dave.get("/api/me").json()["name"] == "dave"
+    _remove_user_over_api(alice, "dave")
+    # dave had the highest id; SQLite without AUTOINCREMENT would give it to erin.
+    erin_id = _add_user_over_api(alice, "erin", "admin", "erin-password-1")
+    assert erin_id > dave_id
+    _refused(web, cookie)
+    assert web.login("erin", "erin-password-1").get("/api/me").json()["name"] == "erin"
+
+
+def test_a_cookie_is_refused_even_if_its_user_id_comes_back(web: LiveWeb) -> None:
+    # The second safeguard on its own: a new user given the removed one's id (an index
+    # whose ids were reused before the upgrade, or restored rows) still has another epoch.
+    index = web.archive.index
+    alice = web.login(*ADMIN)
+    dave_id = _add_user_over_api(alice, "dave", "listener", "dave-password-1")
+    cookie = _session_cookie(web.login("dave", "dave-password-1"))
+    assert _with_cookie(web.base, cookie).get("/api/me").status_code == 200
+    _remove_user_over_api(alice, "dave")
+    index.users.add("erin", "admin", "erin-password-1")
+    with index.engine.begin() as conn:
+        conn.execute(text("UPDATE users SET id = :id WHERE name = 'erin'"), {"id": dave_id})
+    erin = index.users.get_by_id(dave_id)
+    assert erin is not None and erin.name == "erin" and erin.is_admin
+    _refused(web, cookie)
+
+
+def test_a_new_password_ends_the_users_sessions(web: LiveWeb) -> None:
+    index = web.archive.index
+    bob = web.login(*LISTENER_2000)
+    cookie = _session_cookie(bob)
+    alice = web.login(*ADMIN)  # another user's session is not touched
+    assert index.users.set_password("bob", "bob-password-2")
+    assert _with_cookie(web.base, cookie).get("/api/me").status_code == 401
+    assert alice.get("/api/me").status_code == 200
+    again = web.login("bob", "bob-password-2")
+    assert again.get("/api/me").json()["name"] == "bob"
+    assert index.users.end_sessions("bob")
+    assert again.get("/api/me").status_code == 401
+    assert not index.users.end_sessions("nobody")
+
+
+def test_logout_holds_in_another_app_and_after_a_restart(web: LiveWeb) -> None:
+    # A second app over the same index through its own engine, as `web` beside `serve`.
+    second_index = open_index(f"sqlite:///{web.archive.root / 'callvault.db'}")
+    try:
+        second_app = create_app(second_index, web.archive.storage, clock=web.clock)
+        with serve(second_app) as second_base:
+            bob = web.login(*LISTENER_2000)
+            cookie = _session_cookie(bob)
+            other_bob = web.login(*LISTENER_2000)  # a second session, on another device
+            other_cookie = _session_cookie(other_bob)
+            assert _with_cookie(second_base, cookie).get("/api/me").status_code == 200
+            csrf = csrf_of(bob.get("/search").text)
+            assert bob.post("/logout", data={"csrf": csrf}).status_code == 303
+            assert _with_cookie(web.base, cookie).get("/api/me").status_code == 401
+            assert _with_cookie(second_base, cookie).get("/api/me").status_code == 401
+            # Only that session ended: bob's other one still works in both apps.
+            assert _with_cookie(second_base, other_cookie).get("/api/me").status_code == 200
+            assert _with_cookie(web.base, other_cookie).get("/api/me").status_code == 200
+        # A restart (a new app, a new engine) still refuses the logged-out cookie.
+        restarted = create_app(second_index, web.archive.storage, clock=web.clock)
+        with serve(restarted) as restarted_base:
+            assert _with_cookie(restarted_base, cookie).get("/api/me").status_code == 401
+            assert _with_cookie(restarted_base, other_cookie).get("/api/me").status_code == 200
+    finally:
+        second_index.close()
+
+
+def _session_rows(web: LiveWeb) -> int:
+    with web.archive.index.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM web_sessions")).scalar_one())
+
+
+def test_session_rows_go_at_logout_and_once_expired(web: LiveWeb) -> None:
+    first = web.login(*LISTENER_2000)
+    assert _session_rows(web) == 1
+    logout = first.post("/logout", data={"csrf": csrf_of(first.get("/search").text)})
+    assert logout.status_code == 303
+    assert _session_rows(web) == 0
+    second = web.login(*LISTENER_2000)
+    cookie = _session_cookie(second)
+    web.clock.advance(timedelta(hours=13))  # past the second session's lifetime
+    web.login(*LISTENER_2000)
+    assert _session_rows(web) == 1  # the second one's row was purged, the third kept
+    assert _with_cookie(web.base, cookie).get("/api/me").status_code == 401
+
+
+def test_the_signing_secret_alone_cannot_make_a_session(web: LiveWeb, tmp_path: Path) -> None:
+    # A local user copies the index file (the signing secret and every user's epoch are
+    # in it) and makes a cookie for the admin, who never logged in, with their own copy.
+    copy = tmp_path / "stolen.db"
+    with (
+        closing(sqlite3.connect(web.archive.root / "callvault.db")) as source,
+        closing(sqlite3.connect(copy)) as target,
+    ):
+        source.backup(target)  # a consistent copy, WAL included
+    with open_index(f"sqlite:///{copy}") as stolen:
+        secret = stolen.settings.get(SettingKey.WEB_SESSION_SECRET)
+        admin = stolen.users.get(ADMIN[0])
+        assert secret is not None and admin is not None
+        forger = SessionSigner(bytes.fromhex(secret), web.clock, stolen)
+        _session, cookie = forger.issue(admin.id)
+    forged = _with_cookie(web.base, cookie)
+    assert forged.get("/api/users").status_code == 401
+    _refused(web, cookie)
+    # The same cookie, had it been issued by the app itself, would have opened it: only the
+    # missing row refuses it.
+    web.archive.index.sessions.create(
+        admin.id, _session.nonce, now=web.clock(), expires_at=web.clock() + timedelta(hours=1)
+    )
+    assert forged.get("/api/users").status_code == 200

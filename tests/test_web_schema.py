@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from web_fixtures import ADMIN, live_web
+from support.web import ADMIN, live_web
 
 EXAMPLES_PER_OPERATION = 12
 

@@ -1,15 +1,21 @@
-"""The CLI commands for users and tokens (the library itself: test_index_users.py)."""
+"""Users and API tokens: the CLI's commands, the API and the admin page (the library
+itself: test_index_users.py). Tokens are stored hashed and revocable; answers that carry a
+one-time secret are never cached, and no repr shows a secret.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from callvault.cli import _web, app
 from callvault.index import audit, open_index
-from web_fixtures import ADMIN, LISTENER_2000, live_web, login
+from support.web import ADMIN, LISTENER_2000, T0, LiveWeb, audit_entries, csrf_of, live_web, login
 
 runner = CliRunner()
 
@@ -127,3 +133,103 @@ def test_cli_user_remove_never_removes_the_last_admin(tmp_path: Path) -> None:
     assert _cli("user", "remove", "alice", "--archive", archive)[:2] == (0, "removed alice\n")
     code, out, _ = _cli("user", "list", "--json", "--archive", archive)
     assert [u["name"] for u in json.loads(out)] == ["bob", "carol"]
+
+
+@pytest.fixture()
+def web(tmp_path: Path) -> Iterator[LiveWeb]:
+    with live_web(tmp_path / "archive") as live:
+        yield live
+
+
+def test_user_admin_over_api(web: LiveWeb) -> None:
+    admin, _ = web.bearer(ADMIN[0])
+    made = admin.post(
+        "/api/users", json={"name": "dave", "role": "listener", "scope": "3000-3009, 3100"}
+    )
+    assert made.status_code == 201
+    password = made.json()["password"]
+    assert password and len(password) >= 12
+    assert made.json()["user"]["scope"] == "3000-3009,3100"
+    dave = web.login("dave", password)
+    assert dave.get("/api/me").json()["scope"] == "3000-3009,3100"
+    assert admin.post("/api/users", json={"name": "dave", "role": "listener"}).status_code == 409
+    assert (
+        admin.post(
+            "/api/users", json={"name": "eve", "role": "listener", "scope": "9-1"}
+        ).status_code
+        == 422
+    )
+    assert admin.delete("/api/users/alice").status_code == 409  # not yourself
+    assert admin.delete("/api/users/dave").status_code == 204
+    assert dave.get("/api/me").status_code == 401  # the session dies with the user
+    assert admin.delete("/api/users/dave").status_code == 404
+
+
+def test_tokens_are_stored_hashed_and_revocable(web: LiveWeb) -> None:
+    admin, _ = web.bearer(ADMIN[0])
+    created = admin.post("/api/tokens", json={"user": "carol", "label": "nightly export"})
+    assert created.status_code == 201
+    secret = created.json()["secret"]
+    token_id = created.json()["token"]["id"]
+    # The database and its write-ahead log: every byte the index holds on disk.
+    db_bytes = b"".join(p.read_bytes() for p in Path(web.archive.root).glob("callvault.db*"))
+    assert secret.encode() not in db_bytes
+    assert hashlib.sha256(secret.encode()).hexdigest().encode() in db_bytes
+    carol = web.client()
+    carol.headers["Authorization"] = f"Bearer {secret}"
+    assert carol.get("/api/me").json()["name"] == "carol"
+    listed = {t["id"]: t for t in admin.get("/api/tokens").json()}
+    assert listed[token_id]["last_used_at"] is not None
+    assert "secret" not in listed[token_id]
+    assert admin.delete(f"/api/tokens/{token_id}").status_code == 204
+    assert carol.get("/api/me").status_code == 401
+    assert admin.delete(f"/api/tokens/{token_id}").status_code == 404
+    actions = [e.action for e in web.archive.index.audit.query(audit.AuditFilter(target="carol"))]
+    assert audit.TOKEN_CREATE in actions and audit.TOKEN_REVOKE in actions
+
+
+def test_admin_page_creates_and_revokes_tokens(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    csrf = csrf_of(admin.get("/admin").text)
+    made = admin.post("/admin/tokens", data={"user": "bob", "label": "report", "csrf": csrf})
+    assert made.status_code == 200
+    secret = made.text.split('id="new-token">', 1)[1].split("<", 1)[0]
+    index = web.archive.index
+    found = index.tokens.user_for(secret)
+    assert found is not None and found.name == "bob"
+    token_id = index.tokens.list()[0].id
+    # The secret is shown once: the admin page never shows it again.
+    assert secret not in admin.get("/admin").text
+    revoked = admin.post(f"/admin/tokens/{token_id}/revoke", data={"csrf": csrf})
+    assert revoked.status_code == 303
+    assert index.tokens.user_for(secret) is None
+    removed = admin.post("/admin/users/bob/remove", data={"csrf": csrf})
+    assert removed.status_code == 303 and index.users.get("bob") is None
+    itself = admin.post("/admin/users/alice/remove", data={"csrf": csrf})
+    assert itself.status_code == 409 and index.users.get("alice") is not None
+    actions = {e.action for e in audit_entries(web, actor="alice")}
+    assert {audit.TOKEN_CREATE, audit.TOKEN_REVOKE, audit.USER_REMOVE} <= actions
+
+
+def test_answers_with_secrets_are_not_cached_and_reprs_hide_them(web: LiveWeb) -> None:
+    from callvault.web._api import MeOut, TokenCreated, UserCreated, UserIn
+
+    admin, _ = web.bearer(ADMIN[0])
+    created = admin.post("/api/tokens", json={"user": ADMIN[0], "label": "cache test"})
+    assert created.status_code in (200, 201), created.text
+    assert created.headers["cache-control"] == "no-store"
+    bob = web.login(*LISTENER_2000)
+    me = bob.get("/api/me")
+    assert me.headers["cache-control"] == "no-store"
+    static = web.client().get("/static/app.css")
+    assert static.status_code == 200
+    assert static.headers.get("cache-control") != "no-store"  # shared assets may be cached
+
+    secret = created.json()["secret"]
+    assert secret not in repr(TokenCreated.model_validate(created.json()))
+    csrf = me.json()["csrf_token"]
+    assert csrf not in repr(MeOut.model_validate(me.json()))
+    assert "S3cret-Pw-123" not in repr(UserIn(name="x", role="admin", password="S3cret-Pw-123"))
+    user = {"id": 1, "name": "x", "role": "admin", "scope": "", "created_at": T0}
+    made = UserCreated.model_validate({"user": user, "password": "Gen-Pw-4567"})
+    assert "Gen-Pw-4567" not in repr(made)

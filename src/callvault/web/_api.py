@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ from pydantic import BaseModel, Field
 from callvault.index import RecordingRow, audit, users
 from callvault.index.schema import ARCHIVED
 from callvault.ops import (
+    REQUEUE_STATES,
     ArchiveStatus,
     JsonResult,
     RecordingPage,
@@ -478,17 +480,27 @@ class RequeueIn(BaseModel):
     )
 
 
+def run_requeue(
+    request: Request,
+    principal: Principal,
+    states: Sequence[str] = REQUEUE_STATES,
+    since: datetime | None = None,
+) -> RequeueResult:
+    """Shared by the API and the status page: queue recordings given up on again, audit it."""
+    ctx = context(request)
+    result = requeue(ctx.archive, states, now=ctx.clock(), since=since)
+    counts = ", ".join(f"{state}={count}" for state, count in result.requeued.items())
+    record_audit(request, principal.name, audit.REQUEUE, "recordings", counts)
+    return result
+
+
 @router.post("/requeue", tags=["archive"], response_model=RequeueResult)
 def requeue_recordings(request: Request, principal: Admin, body: RequeueIn) -> Response:
     """Queue recordings given up on again, each with a fresh run of attempts (the same as
     `callvault requeue`); a running serve downloads them at once."""
     check_csrf(request, principal)
-    ctx = context(request)
     since = parse_when(body.since, end=False, field_name="since")
-    result = requeue(ctx.archive, body.states, now=ctx.clock(), since=since)
-    counts = ", ".join(f"{state}={count}" for state, count in result.requeued.items())
-    record_audit(request, principal.name, audit.REQUEUE, "recordings", counts)
-    return _answer(result)
+    return _answer(run_requeue(request, principal, body.states, since))
 
 
 @router.get("/users", tags=["admin"])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -13,11 +16,21 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from jinja2 import pass_context
+from jinja2.runtime import Context
+from markupsafe import Markup
 from pydantic import ValidationError
 
 from callvault.index import audit, users
-from callvault.index.schema import ARCHIVED, RECORDING_STATES
-from callvault.ops import archive_status, human_size
+from callvault.index.schema import (
+    ARCHIVED,
+    DOWNLOADING,
+    FAILED,
+    MISSING,
+    PENDING,
+    RECORDING_STATES,
+)
+from callvault.ops import REQUEUE_STATES, ArchiveStatus, archive_status, human_size
 from callvault.times import ago
 from callvault.web import _api, _media
 from callvault.web._context import (
@@ -26,6 +39,7 @@ from callvault.web._context import (
     authenticate,
     check_csrf,
     context,
+    parse_when,
     record_audit,
     remote_addr,
     visible_recording,
@@ -68,13 +82,30 @@ def human_time(value: Any) -> str:
     return str(value.strftime("%Y-%m-%d %H:%M:%S UTC"))
 
 
-def _ago(value: datetime | None) -> str:
-    return ago(value, datetime.now(UTC))
+def _now(ctx: Context) -> datetime:
+    """The app's clock (tests set it), through the request every page is rendered for."""
+    return context(ctx["request"]).clock()
+
+
+@pass_context
+def _when(
+    ctx: Context, value: datetime | None, *, id: str | None = None, never: str = "never"
+) -> Markup:
+    """A moment for people: "3 min ago" (or "in 5 min"), the exact UTC time on hover and
+    for machines; `never` when there is none."""
+    if value is None:
+        return Markup("{}").format(never)
+    return Markup('<time{} datetime="{}" title="{}">{}</time>').format(
+        Markup(' id="{}"').format(id) if id else "",
+        value.isoformat(),
+        human_time(value),
+        ago(value, _now(ctx)),
+    )
 
 
 templates.env.filters["size"] = human_size
 templates.env.filters["utc"] = human_time
-templates.env.filters["ago"] = _ago
+templates.env.globals["when"] = _when
 
 
 def render(
@@ -153,6 +184,12 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 def home() -> RedirectResponse:
     return RedirectResponse("/search", status_code=303)
+
+
+@router.get("/favicon.ico")
+def favicon() -> RedirectResponse:
+    """For browsers that ask for the icon without reading the page's link to it."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
 
 
 def _login_page(
@@ -267,28 +304,99 @@ def _page_number(text: str) -> int:
     return max(int(text), 1) if _is_number(text, 6) else 1
 
 
-def _search_params(request: Request) -> tuple[SearchParams, list[str]]:
+# The search form's fields as the page labels them: a refused value is named this way.
+SEARCH_LABELS = {
+    "number": "Number",
+    "extension": "Extension",
+    "since": "From",
+    "until": "To",
+    "direction": "Direction",
+    "status": "Status",
+    "min_talk_s": "Min. talk (s)",
+    "state": "State",
+}
+# The date filters (From, To) of the search and audit pages: a start, and an end that
+# counts through its day.
+_DATE_FIELDS = (("since", False), ("until", True))
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+
+
+def _is_day(text: str) -> bool:
+    """A value a date picker can show (YYYY-MM-DD of a real day)."""
+    if not _DAY.fullmatch(text):
+        return False
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _date_problems(values: dict[str, str], labels: dict[str, str]) -> dict[str, str]:
+    """Why each date filter that cannot be read was refused, naming it as labelled."""
+    problems: dict[str, str] = {}
+    for name, end in _DATE_FIELDS:
+        try:
+            parse_when(values.get(name), end=end, field_name=labels[name])
+        except HTTPException as exc:
+            problems[name] = str(exc.detail)
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class _FormValues:
+    """What a filter form shows: each field's value as given (a refused one too, to be
+    corrected), and the type of the date fields: a picker, or text for a value a picker
+    cannot show (a time of day, a mistyped date), which it would silently drop."""
+
+    values: dict[str, str]
+    date_types: dict[str, str]
+
+    @classmethod
+    def of(cls, request: Request, names: Iterable[str]) -> _FormValues:
+        query = request.query_params
+        values = {name: _clean(query.get(name, ""), 64) for name in names}
+        date_types = {
+            name: "date" if not values.get(name) or _is_day(values[name]) else "text"
+            for name, _end in _DATE_FIELDS
+        }
+        return cls(values, date_types)
+
+
+def _clean(value: str, limit: int) -> str:
+    """A query value as the filters read it: trimmed, cut to `limit`, printable only."""
+    return "".join(ch for ch in value.strip()[:limit] if ch.isprintable())
+
+
+def _search_params(request: Request) -> tuple[SearchParams, dict[str, str]]:
+    """The filters of the search form, and why each refused field was refused (by name)."""
     query = request.query_params
-    errors: list[str] = []
+
+    def text(name: str, limit: int = 64) -> str | None:
+        return _clean(query.get(name, ""), limit) or None
+
+    problems: dict[str, str] = {}
     min_talk: int | None = None
-    raw_min = query.get("min_talk_s", "").strip()
+    raw_min = text("min_talk_s", 40) or ""
     if raw_min:
         if _is_number(raw_min, 8):
             min_talk = int(raw_min)
         else:
-            errors.append("Minimum talk time must be a number of seconds.")
-    state = query.get("state", "").strip()
+            problems["min_talk_s"] = (
+                f"{SEARCH_LABELS['min_talk_s']}: {raw_min!r} is not a number of seconds: "
+                "use digits, such as 30"
+            )
+    state = text("state", 16) or ""
     if state and state not in RECORDING_STATES:
-        errors.append("Unknown archive state.")
-        state = ""
-
-    def text(name: str, limit: int = 64) -> str | None:
-        value = query.get(name, "").strip()[:limit]
-        return "".join(ch for ch in value if ch.isprintable()) or None
-
+        problems["state"] = (
+            f"{SEARCH_LABELS['state']}: {state!r} is not an archive state: "
+            f"use one of {', '.join(RECORDING_STATES)}"
+        )
+    since, until = text("since", 40), text("until", 40)
+    problems.update(_date_problems({"since": since or "", "until": until or ""}, SEARCH_LABELS))
     params = SearchParams(
-        since=text("since", 40),
-        until=text("until", 40),
+        since=since,
+        until=until,
         number=text("number"),
         extension=text("extension"),
         direction=text("direction", 16),
@@ -296,41 +404,44 @@ def _search_params(request: Request) -> tuple[SearchParams, list[str]]:
         min_talk_s=min_talk,
         state=state or None,
     )
-    return params, errors
+    return params, problems
 
 
 @router.get("/search")
 def search_page(request: Request, principal: PageUser) -> HTMLResponse:
+    """The search form and its results. A query that cannot run (a date or a number that
+    cannot be read) is refused with 422 and the reasons, each naming its field as labelled,
+    and shows no results: never "0 recordings" for a search that did not happen."""
     ctx = context(request)
-    params, errors = _search_params(request)
+    params, problems = _search_params(request)
     page = _page_number(request.query_params.get("page", "1"))
     rows: list[Any] = []
     total = 0
-    try:
-        filters = params.filters(principal.user)
-    except HTTPException as exc:
-        errors.append(str(exc.detail))
-    else:
-        if not errors:
+    if not problems:
+        try:
+            filters = params.filters(principal.user)
+        except HTTPException as exc:  # prevented by the checks above; still never a 500
+            problems["search"] = str(exc.detail)
+        else:
             rows = ctx.index.recordings.search(
                 filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
             )
             total = ctx.index.recordings.count(filters)
-    query_items = params.query_items()
-    base_query = urlencode(query_items)
-    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+    base_query = urlencode(params.query_items())
     return render(
         request,
         "search.html",
         principal,
-        params=params,
+        status_code=422 if problems else 200,
+        form=_FormValues.of(request, SEARCH_LABELS),
+        labels=SEARCH_LABELS,
+        problems=problems,
         rows=rows,
         total=total,
         page=page,
-        pages=pages,
+        pages=max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE),
         base_query=base_query,
         export_url="/api/export" + (f"?{base_query}" if base_query else ""),
-        error=" ".join(errors) or None,
         states=RECORDING_STATES,
         archived=ARCHIVED,
         filename=_media.readable_filename,
@@ -371,21 +482,115 @@ async def verify_page(
     return _call_page(request, principal, recording_id, verify=outcome)
 
 
+# What each archive state means, for the status page's readers.
+STATE_MEANINGS = {
+    PENDING: "waiting for a worker, or for its next attempt",
+    DOWNLOADING: "a worker is downloading it now",
+    ARCHIVED: "stored, with its size and SHA-256",
+    FAILED: "given up after repeated faults; the reason is below",
+    MISSING: "the PBX kept saying the file does not exist",
+}
+# Less free space than this share of the disk needs attention.
+LOW_DISK_SHARE = 0.10
+
+
+def _plural(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
+def _free_share(status: ArchiveStatus) -> float | None:
+    """The share of the disk still free, if the storage says (a bucket has no size)."""
+    usage = status.storage
+    if usage is None or not usage.total or usage.free is None:
+        return None
+    return usage.free / usage.total
+
+
+def _serve_state(status: ArchiveStatus) -> str:
+    """Whether `callvault serve` works on the archive: "running", "stopped" (one ran here,
+    none is live now) or "never"."""
+    serves = [p for p in status.processes if p.kind == "serve"]  # callvault.ops' SERVE
+    if not serves:
+        return "never"
+    return "running" if any(p.alive for p in serves) else "stopped"
+
+
+def _attention(status: ArchiveStatus, serve: str) -> list[str]:
+    """What a supervisor should look at, most urgent first; empty when all is well."""
+    notes: list[str] = []
+    if status.index_problems:
+        notes.append("The index is damaged: see below how to check it and restore it.")
+    if serve == "stopped":
+        notes.append("serve is not running: new calls are not archived until it is started.")
+    elif serve == "never":
+        notes.append(
+            "No callvault serve has run on this archive: nothing is archived as calls happen."
+        )
+    elif status.pbx_session.state not in ("ok", "connecting"):
+        notes.append(f"The PBX session is {status.pbx_session.summary}.")
+    workers = status.workers
+    if serve == "running" and workers.alive < workers.configured:
+        verb = "is" if workers.alive == 1 else "are"
+        notes.append(
+            f"Only {workers.alive} of {workers.configured} download workers {verb} running."
+        )
+    given_up = sum(status.recordings.get(state, 0) for state in REQUEUE_STATES)
+    if given_up:
+        was = "was" if given_up == 1 else "were"
+        notes.append(
+            f"{_plural(given_up, 'recording')} {was} given up on: the reasons are below; "
+            "queue them again once the cause is fixed."
+        )
+    free = _free_share(status)
+    if free is not None and free < LOW_DISK_SHARE and status.storage is not None:
+        notes.append(f"The disk is almost full: {human_size(status.storage.free)} free.")
+    return notes
+
+
+def _requeued_message(raw: str | None, serve: str) -> str | None:
+    """What "Queue these again" did (`raw`: how many, from the redirect after it)."""
+    if raw is None or not _is_number(raw, 9):
+        return None
+    count = int(raw)
+    if count == 0:
+        return "Nothing was queued again: no recording was failed or missing."
+    when = "now" if serve == "running" else "once it runs"
+    return f"{_plural(count, 'recording')} queued again: serve downloads them {when}."
+
+
 @router.get("/status")
 def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
     ctx = context(request)
     status = archive_status(ctx.archive, now=ctx.clock())
     per_day = ctx.index.recordings.calls_per_day(days=14, today=ctx.clock().date())
     busiest = max((d.calls for d in per_day), default=0)
+    serve = _serve_state(status)
+    free = _free_share(status)
     return render(
         request,
         "status.html",
         principal,
         status=status,
+        serve=serve,
+        attention=_attention(status, serve),
+        given_up=sum(status.recordings.get(state, 0) for state in REQUEUE_STATES),
+        done=_requeued_message(request.query_params.get("requeued"), serve),
+        disk_free_percent=None if free is None else round(100 * free),
+        meanings=STATE_MEANINGS,
         states=RECORDING_STATES,
         per_day=list(reversed(per_day)),
         busiest=max(busiest, 1),
     )
+
+
+@router.post("/status/requeue")
+async def requeue_page(request: Request, principal: PageAdmin) -> RedirectResponse:
+    """The status page's "Queue these again": every failed and missing recording, audited
+    as POST /api/requeue is; back to the page (a reload does not post again)."""
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    result = _api.run_requeue(request, principal, REQUEUE_STATES)
+    return RedirectResponse(f"/status?requeued={sum(result.requeued.values())}", status_code=303)
 
 
 def _admin_page(
@@ -486,41 +691,52 @@ async def admin_revoke_token(
 
 
 AUDIT_PAGE_SIZE = 100
+# The audit page's filters as labelled.
+AUDIT_LABELS = {
+    "actor": "Who",
+    "action": "Action",
+    "target": "Target contains",
+    "since": "From",
+    "until": "To",
+}
 
 
 @router.get("/admin/audit")
 def audit_page(request: Request, principal: PageAdmin) -> HTMLResponse:
-    query = request.query_params
-    fields = ("actor", "action", "target", "since", "until")
-    values = {k: query.get(k, "").strip()[:64] for k in fields}
-    page = _page_number(query.get("page", "1"))
-    error = None
+    """The audit log, filtered; a date that cannot be read refuses the query (422), as on
+    the search page, instead of showing an empty log."""
+    form = _FormValues.of(request, AUDIT_LABELS)
+    page = _page_number(request.query_params.get("page", "1"))
+    problems = _date_problems(form.values, AUDIT_LABELS)
     entries: list[audit.AuditEntry] = []
     total = 0
-    try:
-        where = _api.audit_filter(**{k: v or None for k, v in values.items()})
-    except HTTPException as exc:
-        error = str(exc.detail)
-    else:
-        index = context(request).index
-        entries = index.audit.query(
-            where, limit=AUDIT_PAGE_SIZE, offset=(page - 1) * AUDIT_PAGE_SIZE
-        )
-        total = index.audit.count(where)
-    base_query = urlencode([(k, v) for k, v in values.items() if v])
+    if not problems:
+        try:
+            where = _api.audit_filter(**{k: v or None for k, v in form.values.items()})
+        except HTTPException as exc:  # prevented by the check above; still never a 500
+            problems["filters"] = str(exc.detail)
+        else:
+            index = context(request).index
+            entries = index.audit.query(
+                where, limit=AUDIT_PAGE_SIZE, offset=(page - 1) * AUDIT_PAGE_SIZE
+            )
+            total = index.audit.count(where)
+    base_query = urlencode([(k, v) for k, v in form.values.items() if v])
     return render(
         request,
         "audit.html",
         principal,
+        status_code=422 if problems else 200,
+        form=form,
+        labels=AUDIT_LABELS,
+        problems=problems,
         entries=entries,
         total=total,
         page=page,
         pages=max(1, (total + AUDIT_PAGE_SIZE - 1) // AUDIT_PAGE_SIZE),
-        values=values,
         actions=audit.ACTIONS,
         base_query=base_query,
         csv_url="/api/audit.csv" + (f"?{base_query}" if base_query else ""),
-        error=error,
     )
 
 

@@ -1,10 +1,13 @@
-"""Helpers for the web tests: a real archive (WAV files through LocalStorage, rows through the
-index API), a controllable clock, a real uvicorn server on 127.0.0.1, and logging in."""
+"""Helpers for the web tests (test_web_*): a real archive (WAV files through LocalStorage,
+rows through the index API), a controllable clock, a real uvicorn server on 127.0.0.1,
+logging in, and reading the audit log back."""
 
 from __future__ import annotations
 
 import hashlib
+import html.parser
 import io
+import json
 import math
 import re
 import socket
@@ -22,7 +25,15 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from callvault.index import Index, RecordingRow, Worker, open_index
+from callvault.index import (
+    Index,
+    RecordingRow,
+    SearchFilters,
+    SettingKey,
+    Worker,
+    audit,
+    open_index,
+)
 from callvault.pbx._types import CallDetail
 from callvault.storage import LocalStorage, recording_key
 from callvault.web import create_app
@@ -82,7 +93,8 @@ class WebArchive:
         state: str = "archived",
         freq: float = 440.0,
     ) -> RecordingRow:
-        """One call with a recording; `state` archived (WAV stored), pending or failed.
+        """One call with a recording; `state` archived (WAV stored), pending, failed,
+        missing, or retrying (pending again after a failed attempt, due an hour later).
 
         Add pending ones last: a pending job is due, and the next add claims the oldest."""
         self._seq += 1
@@ -123,6 +135,22 @@ class WebArchive:
                     now=now,
                 )
                 self.audio[result.recording_id] = data
+            elif state == "retrying":
+                assert self.index.jobs.mark_retry(
+                    result.recording_id,
+                    worker=Worker(None, "test"),
+                    error="PBX busy (HTTP 503)",
+                    next_attempt_at=now + timedelta(hours=1),
+                    now=now,
+                    not_found=False,
+                )
+            elif state == "missing":
+                assert self.index.jobs.mark_missing(
+                    result.recording_id,
+                    worker=Worker(None, "test"),
+                    reason="the PBX says the file does not exist (8 answers in 30 min)",
+                    now=now,
+                )
             else:
                 assert self.index.jobs.mark_failed(
                     result.recording_id,
@@ -133,6 +161,28 @@ class WebArchive:
         row = self.index.recordings.by_id(result.recording_id)
         assert row is not None
         return row
+
+    def add_unrecorded_call(
+        self, *, start: datetime, call_from: str, call_to: str, status: str = "NO ANSWER"
+    ) -> None:
+        """A call without a recording (not answered, or not recorded): a call, no file."""
+        self._seq += 1
+        cdr = CallDetail(
+            callid=f"{int(start.timestamp())}.{self._seq}",
+            timestart=start.strftime("%Y-%m-%d %H:%M:%S"),
+            callfrom=call_from,
+            callto=call_to,
+            callduration=20,
+            talkduration=0,
+            status=status,
+            type="Inbound",
+            recording=None,
+            sn="369451090405",
+        )
+        [result] = self.index.calls.record(
+            [cdr], source="event", tz=UTC, now=start + timedelta(minutes=1)
+        )
+        assert result.recording_id is None
 
 
 def build_archive(root: Path) -> WebArchive:
@@ -187,8 +237,7 @@ def build_archive(root: Path) -> WebArchive:
 
 
 def rows_by_from(archive: WebArchive) -> dict[str, RecordingRow]:
-    from callvault.index import SearchFilters
-
+    """The standard archive's recordings by caller (each caller makes one call)."""
     return {
         row.call_from: row for row in archive.index.recordings.search(SearchFilters(), limit=100)
     }
@@ -274,3 +323,125 @@ def live_web(root: Path, *, secure_cookies: bool = False) -> Iterator[LiveWeb]:
             yield LiveWeb(base, archive, clock)
     finally:
         archive.index.close()
+
+
+def audit_entries(web: LiveWeb, **where: str) -> list[audit.AuditEntry]:
+    """The audit log's entries matching `where` (AuditFilter's fields), newest first."""
+    return web.archive.index.audit.query(audit.AuditFilter(**where), limit=1000)
+
+
+# Text that a spreadsheet would run as a formula if a CSV cell started with it.
+SPREADSHEET_FORMULAS = ["=HYPERLINK(A1)", "+1+2", "-3+4", "@SUM(A1)", "\t=1", "\r=2"]
+
+# Sec-Fetch-Site values: requests another site made the browser send, and those from this
+# site's own pages or the address bar (None: a client that does not send the header).
+CROSS_SITE = ("cross-site", "same-site")
+OWN_SITE = ("same-origin", "none", None)
+
+
+def fetch_site(value: str | None) -> dict[str, str]:
+    """The Sec-Fetch-Site header a browser would send (none for None)."""
+    return {} if value is None else {"Sec-Fetch-Site": value}
+
+
+class _Finder(html.parser.HTMLParser):
+    """Collects the elements of a page matching a test (tag, attributes): their attributes
+    and their text, with whitespace collapsed."""
+
+    VOID = frozenset({"input", "br", "img", "meta", "link", "hr", "source", "wbr"})
+
+    def __init__(self, wanted: dict[str, str]) -> None:
+        super().__init__(convert_charrefs=True)
+        self.wanted = wanted
+        self.found: list[tuple[dict[str, str], list[str]]] = []
+        self._open: list[tuple[int, list[str]]] = []  # (depth, text parts) of matches
+        self._depth = 0
+
+    # Elements whose text reads apart from the text before them (as innerText has it).
+    APART = frozenset({"td", "th", "li", "br", "p", "div", "tr", "dt", "dd", "option"})
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.APART:
+            self.handle_data(" ")
+        values = {k: v or "" for k, v in attrs}
+        values["<tag>"] = tag
+        match = all(values.get(k) == v for k, v in self.wanted.items())
+        if tag in self.VOID:
+            if match:
+                self.found.append((values, []))
+            return
+        self._depth += 1
+        if match:
+            parts: list[str] = []
+            self.found.append((values, parts))
+            self._open.append((self._depth, parts))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.VOID:
+            return
+        while self._open and self._open[-1][0] >= self._depth:
+            self._open.pop()
+        self._depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        for _depth, parts in self._open:
+            parts.append(data)
+
+
+def elements(page: str, tag: str | None = None, **attrs: str) -> list[tuple[dict[str, str], str]]:
+    """The elements of `page` with this tag and these attribute values (`class_` for
+    class): each one's attributes and its text, whitespace collapsed."""
+    wanted = {k.rstrip("_"): v for k, v in attrs.items()}
+    if tag is not None:
+        wanted["<tag>"] = tag
+    finder = _Finder(wanted)
+    finder.feed(page)
+    return [(a, " ".join("".join(parts).split())) for a, parts in finder.found]
+
+
+def text_of(page: str, element_id: str) -> str:
+    """The text of the one element with this id (AssertionError if there is none)."""
+    found = elements(page, id=element_id)
+    assert len(found) == 1, f"{len(found)} elements with id {element_id!r}"
+    return found[0][1]
+
+
+def a_working_day(web: LiveWeb) -> None:
+    """The standard archive on a working day: serve running with one of its two workers,
+    a backfill that ended yesterday, the PBX answering, a report 3 minutes ago, a recording
+    the PBX no longer has, one being retried, and a call that was not recorded."""
+    archive, index, now = web.archive, web.archive.index, web.clock()
+    # Before the standard archive's pending call, so that each add claims its own job.
+    archive.add(
+        start=T0 + timedelta(days=2, hours=4),
+        call_from="1004",
+        call_to="1001",
+        state="missing",
+    )
+    archive.add(
+        start=T0 + timedelta(days=2, hours=4, minutes=30),
+        call_from="1005",
+        call_to="1001",
+        state="retrying",
+    )
+    archive.add_unrecorded_call(
+        start=T0 + timedelta(days=2, hours=7), call_from="0612345678", call_to="1000"
+    )
+    serve = index.processes.register(
+        node="archiver", kind="serve", hostname="pbx-archiver", pid=4242, workers=2,
+        now=now - timedelta(hours=2),
+    )  # fmt: skip
+    assert index.processes.heartbeat(serve.id, now=now - timedelta(seconds=10), workers_alive=1)
+    backfill = index.processes.register(
+        node="archiver", kind="backfill", hostname="pbx-archiver", pid=4100, workers=2,
+        now=now - timedelta(days=1),
+    )  # fmt: skip
+    index.processes.stop(backfill.id, now=now - timedelta(hours=23))
+    health = {
+        "state": "ok",
+        "error": None,
+        "last_success_at": (now - timedelta(minutes=2)).isoformat(),
+        "updated_at": (now - timedelta(seconds=10)).isoformat(),
+    }
+    index.settings.set(SettingKey.PBX_HEALTH, json.dumps(health), now)
+    index.settings.set(SettingKey.LAST_EVENT_AT, (now - timedelta(minutes=3)).isoformat(), now)
