@@ -245,6 +245,7 @@ def test_status(archive: tuple[Path, dict[str, bytes]]) -> None:
     text = runner.invoke(app, ["status", "--archive", str(root)]).stdout
     assert "archived 2" in text and "gave up after 8 timeouts" in text
     assert "calls: 4 (4 with a recording, 0 without" in text
+    assert "needs attention:" in text and "1 recording was given up on" in text
     assert "last event: " in text and "index: ok (quick check)" in text
     assert (
         "PBX session: not working: cannot log in to the PBX: wrong API username or password, "

@@ -54,6 +54,10 @@ def test_status_counts_calls_without_a_recording_and_says_why(archive: Archive) 
     assert status.index_problems == []
     assert status.pbx_session.state == "unknown"
     assert status.pbx_session.summary == "unknown: no callvault serve has run on this archive"
+    assert status.serve == "never"
+    assert status.attention == [
+        "No callvault serve has run on this archive: nothing is archived as calls happen."
+    ]
     assert status.archive == archive.storage.describe()
     assert status.storage is not None and status.storage.free is not None
 
@@ -76,6 +80,10 @@ def test_status_shows_serves_workers_alive_against_configured(archive: Archive) 
     assert later.processes[0].alive is False and later.processes[0].workers_alive == 0
     assert later.pbx_session.state == "stopped"
     assert later.pbx_session.summary.startswith("serve is not running (its last report")
+    assert later.serve == "stopped"
+    assert later.attention[0].startswith("serve is not running")
+    assert status.serve == "running"
+    assert status.attention == ["Only 1 of 2 download workers is running."]
 
 
 def test_status_json_is_one_shape_with_utc_times(archive: Archive) -> None:

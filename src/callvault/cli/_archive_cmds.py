@@ -200,6 +200,10 @@ def print_status(status: ArchiveStatus) -> None:
     now = status.checked_at
     counts = status.recordings
     print(f"archive: {status.archive}")
+    if status.attention:
+        print("needs attention:")
+        for note in status.attention:
+            print(f"  - {note}")
     print(
         "recordings: "
         + ", ".join(f"{state} {counts[state]}" for state in RECORDING_STATES)
@@ -211,8 +215,8 @@ def print_status(status: ArchiveStatus) -> None:
     )
     print(f"PBX session: {status.pbx_session.summary}")
     workers = status.workers
-    if any(p.kind == "serve" for p in status.processes):
-        print(f"workers: {workers.alive} of {workers.configured} alive")
+    if status.serve == "running":
+        print(f"download workers: {workers.alive} of {workers.configured} running")
     last_event = status.last_event_at
     print(f"last event: {ago(last_event, now) if last_event else 'none received yet'}")
     print(f"PBX time zone: {status.pbx_timezone or 'not saved yet (serve or backfill saves it)'}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,6 +15,8 @@ from callvault.times import ago
 
 # The process kind of `callvault serve` in the process registry.
 SERVE = "serve"
+# Below this share of free disk, the status says the disk is almost full.
+LOW_DISK_SHARE = 0.10
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,19 @@ class ArchiveStatus(JsonResult):
     workers: WorkerCount
     processes: list[ProcessStatus]
     index_problems: list[str]
+    # Whether `callvault serve` works on the archive: "running", "stopped" (one ran here,
+    # none is live now) or "never".
+    serve: str
+    # What an operator should look at, most urgent first; empty when all is well.
+    attention: list[str]
+
+    @property
+    def disk_free_share(self) -> float | None:
+        """The share of the disk still free, if the storage says (a bucket has no size)."""
+        usage = self.storage
+        if usage is None or not usage.total or usage.free is None:
+            return None
+        return usage.free / usage.total
 
 
 def archive_status(
@@ -126,7 +141,8 @@ def archive_status(
     ]
     live_serves = [p for p in processes if p.kind == SERVE and p.alive]
     serve_known = any(p.kind == SERVE for p in processes)
-    return ArchiveStatus(
+    serve = "running" if live_serves else ("stopped" if serve_known else "never")
+    status = ArchiveStatus(
         archive=archive.storage.describe(),
         checked_at=now,
         recordings={state: counts.get(state, 0) for state in RECORDING_STATES},
@@ -151,7 +167,48 @@ def archive_status(
         ),
         processes=processes,
         index_problems=problems,
+        serve=serve,
+        attention=[],
     )
+    return replace(status, attention=_attention(status))
+
+
+def _plural(count: int, one: str) -> str:
+    return f"{count} {one if count == 1 else one + 's'}"
+
+
+def _attention(status: ArchiveStatus) -> list[str]:
+    """What an operator should look at, most urgent first; empty when all is well."""
+    from callvault.ops._words import human_size
+
+    notes: list[str] = []
+    if status.index_problems:
+        notes.append("The index is damaged: check it and restore it from a backup.")
+    if status.serve == "stopped":
+        notes.append("serve is not running: new calls are not archived until it is started.")
+    elif status.serve == "never":
+        notes.append(
+            "No callvault serve has run on this archive: nothing is archived as calls happen."
+        )
+    elif status.pbx_session.state not in ("ok", "connecting"):
+        notes.append(f"The PBX session is {status.pbx_session.summary}.")
+    workers = status.workers
+    if status.serve == "running" and workers.alive < workers.configured:
+        verb = "is" if workers.alive == 1 else "are"
+        notes.append(
+            f"Only {workers.alive} of {workers.configured} download workers {verb} running."
+        )
+    given_up = status.recordings.get("failed", 0) + status.recordings.get("missing", 0)
+    if given_up:
+        was = "was" if given_up == 1 else "were"
+        notes.append(
+            f"{_plural(given_up, 'recording')} {was} given up on: the reasons are below; "
+            "queue them again once the cause is fixed."
+        )
+    free = status.disk_free_share
+    if free is not None and free < LOW_DISK_SHARE and status.storage is not None:
+        notes.append(f"The disk is almost full: {human_size(status.storage.free)} free.")
+    return notes
 
 
 def _process(info: ProcessInfo, *, now: datetime, stale_after: timedelta) -> ProcessStatus:
@@ -187,6 +244,8 @@ def _session(health: Any, *, now: datetime, serve_running: bool | None) -> PbxSe
     if not isinstance(health, dict):
         if serve_running:
             return PbxSessionStatus("connecting", None, None, None, "serve is starting")
+        if serve_running is False:
+            return PbxSessionStatus("stopped", None, None, None, "serve is not running")
         return PbxSessionStatus(
             "unknown", None, None, None, "unknown: no callvault serve has run on this archive"
         )

@@ -30,7 +30,7 @@ from callvault.index.schema import (
     PENDING,
     RECORDING_STATES,
 )
-from callvault.ops import REQUEUE_STATES, ArchiveStatus, archive_status, human_size
+from callvault.ops import REQUEUE_STATES, archive_status, human_size
 from callvault.times import ago
 from callvault.web import _api, _media
 from callvault.web._context import (
@@ -491,60 +491,8 @@ STATE_MEANINGS = {
     MISSING: "the PBX kept saying the file does not exist",
 }
 # Less free space than this share of the disk needs attention.
-LOW_DISK_SHARE = 0.10
-
-
 def _plural(count: int, one: str, many: str | None = None) -> str:
     return f"{count} {one if count == 1 else (many or one + 's')}"
-
-
-def _free_share(status: ArchiveStatus) -> float | None:
-    """The share of the disk still free, if the storage says (a bucket has no size)."""
-    usage = status.storage
-    if usage is None or not usage.total or usage.free is None:
-        return None
-    return usage.free / usage.total
-
-
-def _serve_state(status: ArchiveStatus) -> str:
-    """Whether `callvault serve` works on the archive: "running", "stopped" (one ran here,
-    none is live now) or "never"."""
-    serves = [p for p in status.processes if p.kind == "serve"]  # callvault.ops' SERVE
-    if not serves:
-        return "never"
-    return "running" if any(p.alive for p in serves) else "stopped"
-
-
-def _attention(status: ArchiveStatus, serve: str) -> list[str]:
-    """What a supervisor should look at, most urgent first; empty when all is well."""
-    notes: list[str] = []
-    if status.index_problems:
-        notes.append("The index is damaged: see below how to check it and restore it.")
-    if serve == "stopped":
-        notes.append("serve is not running: new calls are not archived until it is started.")
-    elif serve == "never":
-        notes.append(
-            "No callvault serve has run on this archive: nothing is archived as calls happen."
-        )
-    elif status.pbx_session.state not in ("ok", "connecting"):
-        notes.append(f"The PBX session is {status.pbx_session.summary}.")
-    workers = status.workers
-    if serve == "running" and workers.alive < workers.configured:
-        verb = "is" if workers.alive == 1 else "are"
-        notes.append(
-            f"Only {workers.alive} of {workers.configured} download workers {verb} running."
-        )
-    given_up = sum(status.recordings.get(state, 0) for state in REQUEUE_STATES)
-    if given_up:
-        was = "was" if given_up == 1 else "were"
-        notes.append(
-            f"{_plural(given_up, 'recording')} {was} given up on: the reasons are below; "
-            "queue them again once the cause is fixed."
-        )
-    free = _free_share(status)
-    if free is not None and free < LOW_DISK_SHARE and status.storage is not None:
-        notes.append(f"The disk is almost full: {human_size(status.storage.free)} free.")
-    return notes
 
 
 def _requeued_message(raw: str | None, serve: str) -> str | None:
@@ -564,15 +512,15 @@ def status_page(request: Request, principal: PageAdmin) -> HTMLResponse:
     status = archive_status(ctx.archive, now=ctx.clock())
     per_day = ctx.index.recordings.calls_per_day(days=14, today=ctx.clock().date())
     busiest = max((d.calls for d in per_day), default=0)
-    serve = _serve_state(status)
-    free = _free_share(status)
+    serve = status.serve
+    free = status.disk_free_share
     return render(
         request,
         "status.html",
         principal,
         status=status,
         serve=serve,
-        attention=_attention(status, serve),
+        attention=status.attention,
         given_up=sum(status.recordings.get(state, 0) for state in REQUEUE_STATES),
         done=_requeued_message(request.query_params.get("requeued"), serve),
         disk_free_percent=None if free is None else round(100 * free),
