@@ -14,7 +14,7 @@ Public API::
         .events_url, .events_port, .secret_path, .index, .storage, .session, .pool
     backfill(client, index, *, since, until, tz, ...) -> BackfillStats
     reconcile(client, index, *, hours, tz, ...) -> BackfillStats
-    RetryPolicy, after_not_found, after_transient   # the retry decisions, pure
+    RetryPolicy, after_not_found, after_transient, after_permanent  # pure decisions
 """
 
 from callvault.archive._backfill import (
@@ -26,7 +26,13 @@ from callvault.archive._backfill import (
     windows,
 )
 from callvault.archive._commit import GroupCommitter
-from callvault.archive._policy import Decision, RetryPolicy, after_not_found, after_transient
+from callvault.archive._policy import (
+    Decision,
+    RetryPolicy,
+    after_not_found,
+    after_permanent,
+    after_transient,
+)
 from callvault.archive._receiver import (
     SourceAllowList,
     create_receiver_app,
@@ -49,6 +55,7 @@ __all__ = [
     "SourceAllowList",
     "WorkerPool",
     "after_not_found",
+    "after_permanent",
     "after_transient",
     "backfill",
     "create_receiver_app",
