@@ -16,7 +16,7 @@ from callvault.index import Index
 from callvault.pbx import ApiVersion, EventFormat, NewCdrEvent, parse_event
 from callvault.pbx._types import CallDetail
 from callvault.simulator._progress import CallParties, parties_of, progress_reports
-from test_archive_flow import archiver_config, states, wait_until
+from support.archive import archiver_config, states, wait_until
 from test_sim_helpers import Pbx, Receiver, running_pbx, running_receiver
 
 SERIAL = "369351034049"
@@ -361,7 +361,7 @@ def test_the_archiver_answers_every_report_200_and_archives_each_recording_once(
             assert sim.events_delivered == sim.events_queued
             for cdr in recorded:
                 assert cdr.recording is not None
-                row = index.recording_by_name(cdr.recording)
+                row = index.recordings.by_name(cdr.recording)
                 assert row is not None and row.storage_key is not None
         downloads = [o for name, o in sim.request_log if name == "recording/download"]
         assert downloads == ["Success"] * len(recorded)  # each one once, none twice
