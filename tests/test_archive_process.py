@@ -288,3 +288,37 @@ def test_serve_after_jobs_that_killed_its_workers_stops_with_exit_0(
     text = serve.log_text()
     assert "Task exception was never retrieved" not in text and "Traceback" not in text
     assert "died" not in text
+
+
+def test_a_serve_whose_registration_is_taken_over_stops_with_one_line(
+    events_sim: Simulator, tmp_path: Path, db_url: str
+) -> None:
+    """A second start of the same node (here: its row registered by hand) ends the first
+    one's registration: at its next heartbeat it stops downloading, shuts down and exits 1
+    with one line saying why and what to do."""
+    sim = events_sim
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    serve = ServeProcess(serve_env(sim, tmp_path / "archive", free_port(), db_url), logs)
+    try:
+        logins = sim.login_count
+        serve.start("--node", "site-1")
+        assert wait_until(lambda: _serve_ready(sim, logins), 60), serve.log_text()
+        with open_index(db_url) as index:
+            index.processes.register(
+                node="site-1",
+                kind="serve",
+                hostname="elsewhere",
+                pid=1,
+                workers=2,
+                now=datetime.now(UTC),
+            )
+        assert serve.process is not None
+        assert serve.process.wait(60) == 1
+    finally:
+        serve.stop()
+    lines = serve.log_text().strip().splitlines()
+    assert lines[-1].startswith("callvault: error: process ")
+    assert "was marked stopped in the index by another process" in lines[-1]
+    assert "--node" in lines[-1]
+    assert "Traceback" not in serve.log_text()
