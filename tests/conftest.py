@@ -25,8 +25,9 @@ from support.databases import PgDatabases, pg_server_url
 
 # Fixtures of the helper package tests/support (plain modules; no test module imports
 # another): `connect` (a fake PBX over real HTTP), `sim` (the simulator over HTTPS) and
-# `browser` (a headless Chromium for the web pages).
-pytest_plugins = ["support.pbx_fakes", "support.pbx_sim", "support.browser"]
+# `browser` (a headless Chromium for the web pages), `events_sim` (the simulator, re-sending
+# unanswered reports quickly, for the archiver).
+pytest_plugins = ["support.pbx_fakes", "support.pbx_sim", "support.browser", "support.archive"]
 
 # Settings of the test suite itself (CALLVAULT_TEST_PG_URL, CALLVAULT_TEST_SEED), not of
 # callvault: these are read from the outer environment on purpose.

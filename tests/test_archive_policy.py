@@ -1,17 +1,17 @@
-"""The retry decisions: not-found schedule, missing bound, transient backoff and give-up."""
+"""The retry decisions: not-found schedule, missing bound, transient backoff and give-up,
+permanent failures at once; and no decision raises, whatever times and knobs it gets."""
 
 from __future__ import annotations
 
-import itertools
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callvault.archive import RetryPolicy, after_not_found, after_transient
-from callvault.archive._backfill import windows
-from callvault.archive._policy import transient_delay
+from callvault.archive import RetryPolicy, after_not_found, after_permanent, after_transient
+from callvault.archive._policy import MAX_DELAY, transient_delay
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 POLICY = RetryPolicy()
@@ -105,15 +105,93 @@ def test_jittered_delay_stays_within_bounds(attempts: int, seed: int) -> None:
     assert 0.75 * nominal - 1e-9 <= delay <= min(300, 1.25 * nominal) + 1e-9
 
 
-@given(
-    start=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)),
-    minutes=st.integers(min_value=1, max_value=60 * 24 * 20),
+def test_a_call_that_looks_old_but_was_just_queued_is_not_missing_after_a_few_answers() -> None:
+    # The PBX's time read in the wrong zone: the call seems to have ended 8 hours ago.
+    seems_ended = NOW - timedelta(hours=8)
+    args: dict[str, Any] = {
+        "error": "errno 20014",
+        "attempts": 3,
+        "missing_since": NOW - timedelta(seconds=7),
+        "call_ended_at": seems_ended,
+        "now": NOW,
+    }
+    assert after_not_found(POLICY, **args).action == "missing"  # unknown queue time
+    queued_now = after_not_found(POLICY, **args, queued_at=NOW - timedelta(seconds=8))
+    assert queued_now.action == "retry"
+    queued_long_ago = after_not_found(POLICY, **args, queued_at=NOW - timedelta(days=2))
+    assert queued_long_ago.action == "missing"
+    # Unknown call end, just queued: the whole window too.
+    no_end = dict(args, call_ended_at=None, attempts=20)
+    assert after_not_found(POLICY, **no_end, queued_at=NOW).action == "retry"
+
+
+def test_a_permanent_failure_fails_at_once_with_the_reason() -> None:
+    decision = after_permanent(error="recording name 'a/b.wav' contains a '/'")
+    assert (decision.action, decision.next_attempt_at) == ("failed", None)
+    assert decision.reason == "recording name 'a/b.wav' contains a '/'"
+
+
+# Every aware datetime there is, from year 1 to 9999.
+MOMENTS = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
 )
-def test_windows_cover_the_range_in_pieces_of_at_most_a_day(start: datetime, minutes: int) -> None:
-    start = start.replace(tzinfo=UTC)
-    end = start + timedelta(minutes=minutes)
-    parts = list(windows(start, end))
-    assert parts[0][0] == start and parts[-1][1] == end
-    for (_a, b), (c, _d) in itertools.pairwise(parts):
-        assert b == c
-    assert all(timedelta(0) < b - a <= timedelta(days=1) for a, b in parts)
+SECONDS = st.one_of(
+    st.floats(min_value=0, allow_nan=False, allow_infinity=True),
+    st.just(float("nan")),
+    st.integers(min_value=0, max_value=10**30).map(float),
+)
+
+
+@given(
+    now=MOMENTS,
+    since=st.none() | MOMENTS,
+    ended=st.none() | MOMENTS,
+    queued=st.none() | MOMENTS,
+    attempts=st.integers(min_value=0, max_value=10**6),
+    schedule=st.lists(SECONDS, max_size=4),
+    missing_after=SECONDS,
+)
+def test_after_not_found_never_raises(
+    now: datetime,
+    since: datetime | None,
+    ended: datetime | None,
+    queued: datetime | None,
+    attempts: int,
+    schedule: list[float],
+    missing_after: float,
+) -> None:
+    # A call at the calendar's end (a PBX clock at year 9999) used to overflow here, inside
+    # the worker's error handler, and end the worker.
+    policy = RetryPolicy(not_found_schedule_s=tuple(schedule), missing_after_s=missing_after)
+    decision = after_not_found(
+        policy,
+        error="errno 20014",
+        attempts=attempts,
+        missing_since=since,
+        call_ended_at=ended,
+        queued_at=queued,
+        now=now,
+    )
+    if decision.action == "retry":
+        assert decision.next_attempt_at is not None
+        assert timedelta(0) <= decision.next_attempt_at - now <= MAX_DELAY
+
+
+@given(
+    now=MOMENTS,
+    attempts=st.integers(min_value=0, max_value=10**6),
+    base=SECONDS,
+    most=SECONDS,
+    jitter=st.floats(min_value=0, max_value=1) | st.just(float("nan")),
+    seed=st.integers(0, 2**32),
+)
+def test_after_transient_never_raises(
+    now: datetime, attempts: int, base: float, most: float, jitter: float, seed: int
+) -> None:
+    policy = RetryPolicy(transient_base_s=base, transient_max_s=most, jitter=jitter)
+    decision = after_transient(
+        policy, error="reset", attempts=attempts, now=now, rng=random.Random(seed)
+    )
+    if decision.action == "retry":
+        assert decision.next_attempt_at is not None
+        assert timedelta(0) <= decision.next_attempt_at - now <= MAX_DELAY

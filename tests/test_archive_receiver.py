@@ -1,39 +1,55 @@
 """The events receiver over real HTTP on 127.0.0.1: what it stores and what it refuses.
 
 The archiver here points at a PBX address where nothing listens (port 1 on loopback), so
-no download happens: these tests are about the receiver alone. Every refusal is checked
-to have stored nothing in the index.
+no download happens: these tests are about the receiver alone, with its index on both
+engines. Every refusal is checked to have stored nothing in the index; a report that can
+never be stored (impossible times, a field the index refuses) gets 400 and one log line,
+never a 503 that the PBX would re-send for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+import uvicorn
 
-from callvault.archive import Archiver, ArchiverConfig, GroupCommitter
-from callvault.archive._receiver import SourceAllowList, validate_cdr
-from callvault.index import RecordResult, SettingKey, open_index
-from callvault.pbx._types import CallDetail
+from callvault.archive import (
+    Archiver,
+    ArchiverConfig,
+    GroupCommitter,
+    SourceAllowList,
+    create_receiver_app,
+    validate_cdr,
+)
+from callvault.index import Index, InvalidCallDetail, RecordResult, SettingKey, open_index
+from callvault.pbx import CallDetail
+from support.archive import wait_until
+
+BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def _config(tmp_path: Path, **overrides: object) -> ArchiverConfig:
+def _config(tmp_path: Path, db_url: str | None = None, **overrides: object) -> ArchiverConfig:
     values: dict[str, object] = {
         "pbx_url": "http://127.0.0.1:1",  # nothing listens: sessions fail, the receiver works
         "username": "api",
         "password": "not-used-here",
         "archive": tmp_path / "archive",
+        "db_url": db_url,
         "events_host": "127.0.0.1",
         "events_port": 0,
-        "timezone": ZoneInfo("Europe/Berlin"),
+        "timezone": BERLIN,
         "reconcile_at_start": False,
     }
     values.update(overrides)
@@ -41,8 +57,8 @@ def _config(tmp_path: Path, **overrides: object) -> ArchiverConfig:
 
 
 @pytest.fixture
-def archiver(tmp_path: Path) -> Iterator[Archiver]:
-    with Archiver(_config(tmp_path)) as running:
+def archiver(tmp_path: Path, db_url: str) -> Iterator[Archiver]:
+    with Archiver(_config(tmp_path, db_url)) as running:
         yield running
 
 
@@ -117,11 +133,14 @@ def test_concurrent_events_are_all_committed(archiver: Archiver) -> None:
     assert archiver.committer is not None and archiver.committer.batches < 200
 
 
-def test_idle_and_half_sent_connections_are_closed_and_store_nothing(tmp_path: Path) -> None:
+def test_idle_and_half_sent_connections_are_closed_and_store_nothing(
+    tmp_path: Path, db_url: str
+) -> None:
     """Someone (allowed or not) who connects and then sends nothing, or only part of a
     report, does not hold the receiver open: headers and body each have a time limit."""
     config = _config(
         tmp_path,
+        db_url,
         events_allow=["10.0.0.0/8"],  # 127.0.0.1 may not post at all
         event_header_timeout_s=0.3,
         event_body_timeout_s=0.3,
@@ -134,7 +153,7 @@ def test_idle_and_half_sent_connections_are_closed_and_store_nothing(tmp_path: P
                 conn.sendall(sent)
                 conn.settimeout(10)
                 assert conn.recv(4096) == b""  # closed by the receiver, nothing answered
-    config = _config(tmp_path, event_header_timeout_s=0.3, event_body_timeout_s=0.3)
+    config = _config(tmp_path, db_url, event_header_timeout_s=0.3, event_body_timeout_s=0.3)
     with Archiver(config) as running:
         port, path = running.events_port, running.secret_path
         assert port is not None and path is not None
@@ -162,18 +181,19 @@ def test_wrong_path_is_404_and_stores_nothing(archiver: Archiver) -> None:
     assert _recordings(archiver) == 0
 
 
-def test_source_not_allowed_is_403_and_stores_nothing(tmp_path: Path) -> None:
+def test_source_not_allowed_is_403_and_stores_nothing(tmp_path: Path, db_url: str) -> None:
     body = _newcdr("1714550402.1", "20240501100005-1714550402.1-1001-1003-Internal.wav")
-    with Archiver(_config(tmp_path, events_allow=["203.0.113.13", "192.0.2.0/24"])) as archiver:
+    allow = ["203.0.113.13", "192.0.2.0/24"]
+    with Archiver(_config(tmp_path, db_url, events_allow=allow)) as archiver:
         answer = httpx.post(archiver.events_url, json=body)
         assert answer.status_code == 403
         assert _recordings(archiver) == 0
 
 
-def test_source_address_is_checked_not_just_the_allow_list(tmp_path: Path) -> None:
+def test_source_address_is_checked_not_just_the_allow_list(tmp_path: Path, db_url: str) -> None:
     """The default allow-list is the PBX's address (127.0.0.1 here); 127.0.0.2 is refused."""
     body = _newcdr("1714550403.1", "20240501100005-1714550403.1-1001-1003-Internal.wav")
-    with Archiver(_config(tmp_path)) as archiver:
+    with Archiver(_config(tmp_path, db_url)) as archiver:
         other = httpx.HTTPTransport(local_address="127.0.0.2")
         with httpx.Client(transport=other) as client:
             assert client.post(archiver.events_url, json=body).status_code == 403
@@ -231,17 +251,17 @@ def test_get_is_405_and_unknown_events_are_acknowledged(archiver: Archiver) -> N
     assert _recordings(archiver) == 0
 
 
-def test_secret_path_is_kept_across_restarts(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+def test_secret_path_is_kept_across_restarts(tmp_path: Path, db_url: str) -> None:
+    config = _config(tmp_path, db_url)
     with Archiver(config) as first:
         path = first.secret_path
     assert path is not None and len(path) > 30
-    with Archiver(_config(tmp_path)) as second:
+    with Archiver(_config(tmp_path, db_url)) as second:
         assert second.secret_path == path
     with open_index(config.resolved_db_url()) as index:
         assert index.settings.get(SettingKey.EVENTS_SECRET_PATH) == path
     other = tmp_path / "other"
-    with Archiver(_config(other)) as third:
+    with Archiver(_config(other)) as third:  # another archive, another index
         assert third.secret_path != path
 
 
@@ -264,15 +284,19 @@ def test_secret_path_is_kept_across_restarts(tmp_path: Path) -> None:
         ("2024-5-1 10:0:0", False),  # strptime would read it; not the PBX's form
         (" 2024-05-01 10:00:00", False),
         ("", True),  # no timestart at all: stored without one
-        # Arabic-Indic digits: the pattern's \d and strptime read them as 2024.
-        ("\u0662\u0660\u0662\u0664-05-01 10:00:00", True),
-        ("\u0662\u0660\u0662\u0664-02-30 10:00:00", False),
+        # Arabic-Indic digits: strptime would read them as 2024; the PBX writes ASCII.
+        ("\u0662\u0660\u0662\u0664-05-01 10:00:00", False),
+        # Real dates and times, but no call's: a broken clock.
+        ("9999-12-31 23:59:59", False),
+        ("0001-01-01 00:00:00", False),  # year 0 in UTC, from Berlin: not even a datetime
+        ("1969-12-31 23:59:59", False),
+        ("2000-01-01 00:00:00", True),  # a clock reset after a power cut: believed
     ],
 )
 def test_timestart_must_be_a_real_date_and_time_in_the_pbx_form(
     timestart: str, valid: bool
 ) -> None:
-    problem = validate_cdr(CallDetail(callid="1.1", timestart=timestart))
+    problem = validate_cdr(CallDetail(callid="1.1", timestart=timestart), BERLIN)
     assert (problem is None) == valid, problem
     if not valid:
         assert problem is not None and "timestart" in problem
@@ -373,3 +397,114 @@ def test_group_commit_answers_every_waiter_of_a_batch_on_its_own_loop() -> None:
     # 1.0 alone; then 1.1-1.4 and bad as one batch, which failed and was redone one by one.
     assert recorder.batches == [["1.0"], ["1.1"], ["1.2"], ["1.3"], ["1.4"]]
     assert committer.batches == 2
+
+
+# -- reports that can never be stored: 400 with the reason, never 503 ----------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"timestart": "9999-12-31 23:59:59"}, "out of range"),
+        # Year 1 in Berlin is year 0 in UTC: no datetime can hold it.
+        ({"timestart": "0001-01-01 00:00:00"}, "out of range"),
+        ({"callduraction": "99999999999999999999999:00"}, "callduration"),
+        ({"talkduraction": "1e30"}, "talkduration"),
+    ],
+    ids=["year-9999", "year-1", "huge-duration", "huge-talk"],
+)
+def test_a_report_with_impossible_times_is_400_with_the_reason_and_one_log_line(
+    archiver: Archiver,
+    caplog: pytest.LogCaptureFixture,
+    fields: dict[str, str],
+    reason: str,
+) -> None:
+    body = _newcdr("1714550405.1", "20240501100005-1714550405.1-1001-1003-Internal.wav")
+    body.update(fields)
+    caplog.set_level(logging.INFO, logger="callvault.archive")
+    answers = [httpx.post(archiver.events_url, json=body) for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [400, 400]
+    assert reason in answers[0].json()["message"]
+    lines = [r for r in caplog.records if "1714550405.1" in r.getMessage()]
+    assert len(lines) == 2 and all(r.levelno == logging.WARNING for r in lines)  # one each
+    assert all(reason in r.getMessage() for r in lines)
+    assert _recordings(archiver) == 0
+    # A good report after it is stored as ever.
+    good = _newcdr("1714550405.2", "20240501100005-1714550405.2-1001-1003-Internal.wav")
+    assert httpx.post(archiver.events_url, json=good).status_code == 200
+    assert _recordings(archiver) == 1
+
+
+@contextlib.contextmanager
+def _serve_asgi(application: Any) -> Iterator[str]:
+    """`application` under a real uvicorn on 127.0.0.1 (a free port); yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(application, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started or not thread.is_alive(), timeout=30)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_receiver_answers_400_not_503_for_a_report_the_index_refuses(
+    index: Index, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should the index refuse a report the receiver let through (`InvalidCallDetail`),
+    re-sending it cannot help: 400 and one log line, not a 503 that the PBX would re-send
+    for ever. A failing database is still a 503."""
+    secret = "callvault-events-test-secret-path"
+    seen: list[str] = []
+
+    async def commit(cdr: CallDetail) -> RecordResult:
+        seen.append(cdr.callid)
+        if cdr.callid.endswith(".1"):
+            raise InvalidCallDetail("call detail field recording is longer than 255 characters")
+        if cdr.callid.endswith(".2"):
+            raise RuntimeError("database is locked")
+        result = await asyncio.to_thread(
+            index.calls.record, [cdr], source="event", tz=UTC, now=datetime.now(UTC)
+        )
+        return result[0]
+
+    receiver = create_receiver_app(
+        secret_path=secret, allowed=SourceAllowList(["127.0.0.1"]), commit=commit
+    )
+
+    def report(callid: str) -> dict[str, str]:
+        return {
+            "action": "NewCdr",
+            "callid": callid,
+            "timestart": "2024-05-01 10:00:00",
+            "callfrom": "1001",
+            "callto": "1003",
+            "status": "ANSWERED",
+            "type": "Internal",
+            "recording": f"20240501100005-{callid}-1001-1003-Internal.wav",
+        }
+
+    caplog.set_level(logging.INFO, logger="callvault.archive")
+    with _serve_asgi(receiver) as base:
+        url = f"{base}/{secret}"
+        refused = [httpx.post(url, json=report("1714550400.1")) for _ in range(3)]
+        locked = httpx.post(url, json=report("1714550400.2"))
+        stored = httpx.post(url, json=report("1714550400.3"))
+    assert [answer.status_code for answer in refused] == [400, 400, 400]
+    assert "refuses" in refused[0].json()["message"]
+    assert locked.status_code == 503
+    assert stored.status_code == 200
+    assert seen.count("1714550400.1") == 3
+    refusals = [r for r in caplog.records if "refused by the index" in r.getMessage()]
+    assert len(refusals) == 3  # one line per report
+    assert all(r.levelno == logging.WARNING for r in refusals)
+    assert all(secret not in r.getMessage() for r in caplog.records)
+    assert all("\n" not in r.getMessage() for r in refusals)
+    assert sum(index.recordings.counts_by_state().values()) == 1

@@ -1,10 +1,12 @@
-"""Reliability (issue 3, section 7): faults on, `callvault serve` SIGKILLed and restarted.
+"""Reliability: faults on, `callvault serve` SIGKILLed and restarted.
 
 The simulated PBX drops downloads mid-body, answers slowly, sends 5xx and HTML pages,
 says "not ready" for a while after each call, revokes its tokens every few seconds and
 reboots once. Meanwhile about 200 calls are placed, and the `callvault serve` process is
 killed with SIGKILL at random moments and started again (at least three times); calls
-whose events went nowhere while it was down come back through reconciliation.
+whose events went nowhere while it was down come back through reconciliation. The job
+lease keeps its default (300 s): downloads a killed run held resume at once because the
+restart supersedes its process row, not because a lease ran out.
 
 At the end: every recording is archived exactly once, byte-identical (SHA-256) to the
 simulator's; no temporary file is visible in the archive tree; index and disk agree
@@ -17,10 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,85 +29,10 @@ from click.testing import CliRunner
 from callvault.cli import _register, app
 from callvault.index import SettingKey, open_index
 from callvault.simulator import Faults, Simulator, SimulatorConfig
+from support.archive import ServeProcess, free_port, serve_env
 
 CALLS = 200
 KILLS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _serve_env(sim: Simulator, archive: Path, events_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")}
-    env.update(
-        {
-            "CALLVAULT_PASSWORD": sim.password,
-            "CALLVAULT_PBX": sim.url,
-            "CALLVAULT_USERNAME": sim.username,
-            "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
-            "CALLVAULT_ARCHIVE": str(archive),
-            "CALLVAULT_TIMEZONE": sim.config.timezone,
-            "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{events_port}",
-            # Shrunk so that the run converges in seconds, not hours.
-            "CALLVAULT_JOB_LEASE_S": "3",
-            "CALLVAULT_POLL_INTERVAL_S": "0.3",
-            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
-            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
-            "CALLVAULT_MISSING_AFTER_S": "600",
-            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.2",
-            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "1",
-            "CALLVAULT_TRANSIENT_MAX_ATTEMPTS": "100",
-            "CALLVAULT_RECONCILE_HOURS": "1",
-            "CALLVAULT_RECONCILE_INTERVAL_S": "10",
-        }
-    )
-    return env
-
-
-class ServeProcess:
-    """`callvault serve` as a child process, with its log kept per run."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.runs = 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.runs += 1
-        log = (self.logs / f"serve-{self.runs}.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "callvault", "serve", "--no-web"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def terminate(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
-
-    def stop(self) -> None:
-        """Kill the current run if it still runs, and reap it (cleanup, safe to repeat)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-        if self.process is not None:
-            self.process.wait()
-
-    def log_text(self) -> str:
-        return "\n".join(
-            p.read_text(errors="replace") for p in sorted(self.logs.glob("serve-*.log"))
-        )
 
 
 def _seed() -> int:
@@ -142,11 +65,13 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
         seed=seed, faults=faults, event_retry_interval=0.3, event_max_retries=5
     )
     archive = tmp_path / "archive"
+    # SQLite only (a run takes half a minute); the takeover after SIGKILL is tested on
+    # PostgreSQL too, in test_archive_process.py.
+    db_url = f"sqlite:///{archive / 'callvault.db'}"
     logs = tmp_path / "logs"
     logs.mkdir()
-    db_url = f"sqlite:///{archive / 'callvault.db'}"
     with Simulator(config) as sim:
-        serve = ServeProcess(_serve_env(sim, archive, _free_port()), logs)
+        serve = ServeProcess(serve_env(sim, archive, free_port(), db_url), logs)
         placed: list[str] = []
         give_up = threading.Event()
 
@@ -227,7 +152,7 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
     assert every_file - index_files == keys, replay
 
     _register()
-    verify = CliRunner().invoke(app, ["verify", "--archive", str(archive)])
+    verify = CliRunner().invoke(app, ["verify", "--archive", str(archive), "--db", db_url])
     assert verify.exit_code == 0, (verify.output, replay)
 
     text = serve.log_text()

@@ -24,7 +24,7 @@ from callvault.archive import Archiver
 from callvault.cli import _register, app
 from callvault.index import SettingKey, open_index
 from callvault.simulator import Simulator, SimulatorConfig
-from test_archive_flow import archiver_config, wait_until
+from support.archive import archiver_config, wait_until
 
 _register()
 SECOND = timedelta(seconds=1)

@@ -35,6 +35,7 @@ from callvault.pbx import (
     parse_event,
 )
 from callvault.simulator import Simulator
+from support.archive import archiver_config, cli_env, states, wait_until
 from support.sim_helpers import (
     PASSWORD,
     Pbx,
@@ -43,8 +44,6 @@ from support.sim_helpers import (
     running_pbx,
     running_receiver,
 )
-from test_archive_backfill import _cli_env
-from test_archive_flow import archiver_config, states, wait_until
 
 
 @pytest.fixture
@@ -272,7 +271,7 @@ async def test_the_client_refuses_a_cdr_export_on_v1_0_1_before_asking(pbx: Pbx)
 def test_cdr_and_backfill_commands_say_v1_0_1_has_no_cdr_export(pbx: Pbx, tmp_path: Path) -> None:
     _register()
     pbx.sim.place_call()
-    env = _cli_env(pbx.sim, tmp_path / "archive")
+    env = cli_env(pbx.sim, tmp_path / "archive")
     cdr = CliRunner().invoke(
         app,
         ["cdr", "--since", "2024-01-01", "--until", "2024-01-02", "--api-version", "v1.0.1"],

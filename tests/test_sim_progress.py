@@ -16,8 +16,8 @@ from callvault.index import Index
 from callvault.pbx import ApiVersion, EventFormat, NewCdrEvent, parse_event
 from callvault.pbx._types import CallDetail
 from callvault.simulator._progress import CallParties, parties_of, progress_reports
+from support.archive import archiver_config, states, wait_until
 from support.sim_helpers import Pbx, Receiver, running_pbx, running_receiver
-from test_archive_flow import archiver_config, states, wait_until
 
 SERIAL = "369351034049"
 API_FOR = {None: "v1.1.0", "1.0.2": "v1.1.0", "2.0.0": "v2.0.0"}

@@ -1,6 +1,6 @@
 """The archiver: receive the PBX's events, download every recording, keep it safe.
 
-Joins the protocol (`callvault.pbx`), the index and the storage (DESIGN.md, data flow):
+Joins the protocol (`callvault.pbx`), the index and the storage (docs/architecture.md):
 
     PBX --NewCdr--> receiver --group commit--> index (pending) --> 200
     workers: claim --> download (staging) --> storage.put_file --> index: archived
@@ -8,54 +8,104 @@ Joins the protocol (`callvault.pbx`), the index and the storage (DESIGN.md, data
 
 Public API::
 
-    Archiver(config: ArchiverConfig, *, transport=None, on_archived=None)
-        .run(stop: asyncio.Event)          # the service as a coroutine (callvault serve)
+    Archiver(config: ArchiverConfig, *, transport=None, on_archived=None,
+             web_app_factory=None)
+        .run(stop: asyncio.Event, *, ready=None)   # the service (callvault serve);
+                                                   # raises Fenced if superseded
         .start() / .stop() / with ...:     # in a background thread (demo, tests)
-        .events_url, .events_port, .secret_path, .index, .storage, .session, .pool
+        .events_url, .events_port, .web_port, .secret_path, .index, .storage,
+        .session, .pool, .downloads, .committer
+    open_storage(path) -> Storage; save_pbx_timezone(index, tz)
+    StartError, ArchiveDirError, Fenced        # one-line errors for people
+
+    Downloads(index, storage, client, *, tz, kind, node, options=PoolOptions(),
+              session=None, on_archived=None, on_auth_failure=None)
+        async with ... as pool / .start() -> WorkerPool / .stop(); .fenced
+    drain(index, storage, client, *, tz, node=None, options=None, patience_s=60,
+          on_progress=None) -> DrainResult       # backfill's downloads
+    WorkerPool(...).run(stop, grace_s=...), .wake(), .configured, .alive, .busy, .fence()
+    ProcessRegistration.register(index, *, node, kind, workers) / .heartbeat / .stop
+    default_node(), backfill_node(node=None)
+
     backfill(client, index, *, since, until, tz, ...) -> BackfillStats
     reconcile(client, index, *, hours, tz, ...) -> BackfillStats
-    RetryPolicy, after_not_found, after_transient   # the retry decisions, pure
+    RetryPolicy, after_not_found, after_transient, after_permanent  # pure decisions
 """
 
-from callvault.archive._backfill import (
-    BackfillStats,
-    backfill,
-    ingest_window,
-    queued_counts,
-    reconcile,
-    windows,
-)
+from callvault.archive._backfill import BackfillStats, backfill, ingest_window, reconcile
 from callvault.archive._commit import GroupCommitter
-from callvault.archive._policy import Decision, RetryPolicy, after_not_found, after_transient
+from callvault.archive._downloads import (
+    DEFAULT_PATIENCE_S,
+    Downloads,
+    DrainResult,
+    PoolOptions,
+    drain,
+    queued_counts,
+)
+from callvault.archive._policy import (
+    Decision,
+    RetryPolicy,
+    after_not_found,
+    after_permanent,
+    after_transient,
+)
+from callvault.archive._process import (
+    Fenced,
+    ProcessRegistration,
+    backfill_node,
+    default_node,
+    process_alive,
+)
 from callvault.archive._receiver import (
     SourceAllowList,
     create_receiver_app,
     new_secret_path,
     validate_cdr,
 )
-from callvault.archive._service import Archiver, ArchiverConfig
+from callvault.archive._service import (
+    ArchiveDirError,
+    Archiver,
+    ArchiverConfig,
+    StartError,
+    open_storage,
+    save_pbx_timezone,
+)
 from callvault.archive._session import PbxSession
 from callvault.archive._workers import Archived, WorkerPool
 
 __all__ = [
+    "DEFAULT_PATIENCE_S",
+    "ArchiveDirError",
     "Archived",
     "Archiver",
     "ArchiverConfig",
     "BackfillStats",
     "Decision",
+    "Downloads",
+    "DrainResult",
+    "Fenced",
     "GroupCommitter",
     "PbxSession",
+    "PoolOptions",
+    "ProcessRegistration",
     "RetryPolicy",
     "SourceAllowList",
+    "StartError",
     "WorkerPool",
     "after_not_found",
+    "after_permanent",
     "after_transient",
     "backfill",
+    "backfill_node",
     "create_receiver_app",
+    "default_node",
+    "drain",
     "ingest_window",
     "new_secret_path",
+    "open_storage",
+    "process_alive",
     "queued_counts",
     "reconcile",
+    "save_pbx_timezone",
     "validate_cdr",
-    "windows",
 ]

@@ -1,4 +1,5 @@
-"""Backfill and reconciliation: the CDR export, walked in windows of at most one day.
+"""Backfill and reconciliation: the CDR export, walked in windows of at most one day
+(`callvault.times.windows`; the client asks the PBX for each in its local time).
 
 The CDR CSV export is the only way to learn about calls whose NewCdr event was missed
 (the archiver was down, the network dropped it). Every row is recorded like an event
@@ -14,26 +15,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from callvault.index import Index, RecordResult, SettingKey
-from callvault.pbx import CdrError
-from callvault.pbx._types import CallDetail
+from callvault.pbx import CallDetail
+from callvault.times import windows
 
 log = logging.getLogger("callvault.archive")
-
-MAX_WINDOW = timedelta(days=1)
 
 
 class CdrSource(Protocol):
     """The part of `PbxClient` that exports CDRs."""
 
-    async def export_cdr(
-        self, start: datetime, end: datetime, *, extensions: str = "all"
+    async def export_cdr_range(
+        self, start: datetime, end: datetime, tz: tzinfo, *, extensions: str = "all"
     ) -> list[CallDetail]: ...
 
 
@@ -48,19 +47,6 @@ class BackfillStats:
     skipped: int = 0  # rows the index refused as invalid (logged, not recorded)
 
 
-def windows(
-    start: datetime, end: datetime, size: timedelta = MAX_WINDOW
-) -> Iterator[tuple[datetime, datetime]]:
-    """Split [start, end) into consecutive windows of at most `size`."""
-    if size <= timedelta(0):
-        raise ValueError("the window size must be positive")
-    cursor = start
-    while cursor < end:
-        upper = min(end, cursor + size)
-        yield cursor, upper
-        cursor = upper
-
-
 async def ingest_window(
     client: CdrSource,
     index: Index,
@@ -70,20 +56,13 @@ async def ingest_window(
     tz: ZoneInfo,
     clock: Callable[[], datetime],
 ) -> tuple[int, int, int]:
-    """Export one window's CDRs and record them; returns (calls recorded, newly queued
-    recordings, rows skipped because the index refused them as invalid).
+    """Export the CDRs of calls started in [start, end) and record them; returns (calls
+    recorded, newly queued recordings, rows skipped because the index refused them).
 
-    `start`/`end` are aware datetimes; the PBX is asked in its local time (`tz`).
+    `start`/`end` are aware datetimes, at most a day apart (one request to the PBX, which is
+    asked in its local time, `tz`).
     """
-    local_start = start.astimezone(tz).replace(tzinfo=None)
-    # The export's end is inclusive to the second: stop just before the next window.
-    local_end = (end - timedelta(seconds=1)).astimezone(tz).replace(tzinfo=None)
-    try:
-        rows = await client.export_cdr(local_start, max(local_start, local_end))
-    except CdrError as exc:
-        if exc.errno == "20021":  # no CDR in that range
-            return 0, 0, 0
-        raise
+    rows = await client.export_cdr_range(start, end, tz)
     rows = [row for row in rows if row.callid]
     if not rows:
         return 0, 0, 0
@@ -247,9 +226,3 @@ def _save_progress(
         }
     )
     index.settings.set(SettingKey.BACKFILL_PROGRESS, value, now)
-
-
-def queued_counts(index: Index, states: Sequence[str] = ("pending", "downloading")) -> int:
-    """How many recordings are still waiting or being downloaded."""
-    counts = index.recordings.counts_by_state()
-    return sum(counts.get(state, 0) for state in states)

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
-from callvault.index import SettingKey
-from callvault.pbx._types import CallDetail
+from callvault.index import InvalidCallDetail, SettingKey
+from callvault.pbx import CallDetail
 
 if TYPE_CHECKING:
     from callvault.index import RecordResult
@@ -155,15 +155,20 @@ class GroupCommitter:
                 zip(keys, results, strict=True)
             )
         except Exception as exc:  # a bad record must not sink the whole batch
-            log.warning("batch of %d events failed (%s); committing one by one", len(keys), exc)
+            # A record the index refuses is the sender's to report (the receiver answers
+            # 400 and logs it); anything else is worth a warning here.
+            level = logging.DEBUG if isinstance(exc, InvalidCallDetail) else logging.WARNING
+            log.log(level, "batch of %d events failed (%s); committing one by one", len(keys), exc)
             by_key = {}
             for key in keys:
                 try:
                     by_key[key] = self._index.calls.record(
                         [unique[key]], source=self._source, tz=self._tz, now=now
                     )[0]
+                except InvalidCallDetail as one_exc:
+                    by_key[key] = one_exc
                 except Exception as one_exc:
-                    log.error("event for call %s not stored: %s", key[0], one_exc)
+                    log.error("event for call %.80r not stored: %s", key[0], one_exc)
                     by_key[key] = one_exc
         committed = [r for r in by_key.values() if not isinstance(r, BaseException)]
         self.batches += 1

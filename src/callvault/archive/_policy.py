@@ -1,6 +1,7 @@
 """When to try a recording again, and when to stop: pure functions, no I/O.
 
-Two kinds of failure are told apart:
+Failures are told apart by their `callvault.pbx.ErrorKind` (the workers classify every
+exception with `callvault.pbx.error_kind`):
 
 * "does not exist" (errno 20014, or 20012 which 2017 firmware uses for a missing file)
   is normal right after hang-up, while the PBX is still writing the file. It is retried
@@ -9,16 +10,26 @@ Two kinds of failure are told apart:
 * transient faults (connection dropped, 5xx, timeouts, a body that is not audio...) are
   retried with exponential backoff and jitter; after a bounded number of attempts the
   recording is ``failed`` with the reason, and reconciliation queues it again later.
+* permanent faults (a name that cannot be a file name, a request the API rejects, input no
+  attempt can fix) fail the recording at once with the reason (`after_permanent`).
 
-Nothing gives up silently: every outcome carries the error text that led to it.
+Nothing gives up silently: every outcome carries the error text that led to it. No decision
+can raise, whatever the times and knobs it is given: delays are bounded (`MAX_DELAY`) and a
+time past the calendar's end is capped, so a job with absurd times (a PBX clock at year
+9999) still gets a decision.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+# The longest delay any decision sets, whatever the policy says (a year).
+MAX_DELAY = timedelta(days=366)
+_LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,7 @@ def after_not_found(
     since = missing_since or now
     known = [moment for moment in (call_ended_at, queued_at) if moment is not None]
     age_from = max(known) if known else None
+    # (Differences of datetimes never overflow: a timedelta spans the whole calendar.)
     old_call = age_from is not None and (since - age_from).total_seconds() >= policy.missing_after_s
     long_run = (now - since).total_seconds() >= policy.missing_after_s
     if (old_call and attempts >= policy.old_call_min_attempts) or (
@@ -96,7 +108,7 @@ def after_not_found(
         )
     schedule = policy.not_found_schedule_s or (60.0,)
     delay = schedule[min(max(attempts, 1), len(schedule)) - 1]
-    return Decision(RETRY, error, now + timedelta(seconds=delay))
+    return Decision(RETRY, error, later(now, delay))
 
 
 def after_transient(
@@ -110,7 +122,25 @@ def after_transient(
     """Decide after a fault that may go away (network, 5xx, bad body, disk...)."""
     if attempts >= policy.transient_max_attempts:
         return Decision(GIVE_UP_FAILED, f"{error} (gave up after {attempts} attempts)")
-    return Decision(RETRY, error, now + timedelta(seconds=transient_delay(policy, attempts, rng)))
+    return Decision(RETRY, error, later(now, transient_delay(policy, attempts, rng)))
+
+
+def after_permanent(*, error: str) -> Decision:
+    """Decide after a fault no later attempt can fix (an unsafe name, a rejected request):
+    `failed` at once with the reason."""
+    return Decision(GIVE_UP_FAILED, error)
+
+
+def later(now: datetime, seconds: float) -> datetime:
+    """`now` plus `seconds`, which are taken as 0 to `MAX_DELAY` (NaN as 0), and capped at
+    the calendar's end: never raises."""
+    if not seconds > 0:  # also NaN
+        return now
+    delay = timedelta(seconds=min(seconds, MAX_DELAY.total_seconds()))
+    try:
+        return now + delay
+    except OverflowError:
+        return _LATEST
 
 
 def transient_delay(policy: RetryPolicy, attempts: int, rng: random.Random | None = None) -> float:
@@ -118,5 +148,5 @@ def transient_delay(policy: RetryPolicy, attempts: int, rng: random.Random | Non
     exponent = min(max(attempts, 1) - 1, 30)
     delay = min(policy.transient_max_s, policy.transient_base_s * (2**exponent))
     spread = delay * policy.jitter
-    draw = (rng or random).uniform(-spread, spread)
+    draw = (rng or random).uniform(-spread, spread) if math.isfinite(spread) else 0.0
     return float(max(0.0, min(policy.transient_max_s, delay + draw)))

@@ -8,8 +8,10 @@ Routes, in the order a request meets them:
 * body over `max_body` bytes            -> 413;
 * body not complete within `body_timeout_s` -> 408 (the headers have a limit of their own,
   see callvault.serving: an idle or half-sent connection is never held open for long);
-* not a valid report / a bad field      -> 400 with the reason;
-* NewCdr the index refuses as invalid   -> 400 (InvalidCallDetail from `commit`: never 503,
+* not a valid report / a bad field      -> 400 with the reason (`validate_cdr`: what the
+  index would refuse, e.g. a start in year 9999 or a duration of centuries, is refused
+  here, with one log line);
+* NewCdr the index refuses anyway        -> 400 (InvalidCallDetail from `commit`: never 503,
   which would have the PBX send it again and again);
 * NewCdr  -> recorded in the index (group commit), THEN 200; 503 if the index fails;
 * BootUp  -> the session is told to log in again, 200;
@@ -30,12 +32,12 @@ import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from callvault.index import InvalidCallDetail
-from callvault.pbx import BootUpEvent, NewCdrEvent, PbxError, parse_event
-from callvault.pbx._types import CallDetail, Event
+from callvault.index import InvalidCallDetail, call_detail_problem
+from callvault.pbx import BootUpEvent, CallDetail, Event, NewCdrEvent, PbxError, parse_event
+from callvault.times import pbx_time_problem
 
 if TYPE_CHECKING:
     from callvault.index import RecordResult
@@ -47,7 +49,6 @@ DEFAULT_MAX_BODY = 64 * 1024
 # sending slowly but a connection holding the receiver open (headers have their own limit,
 # see callvault.serving).
 DEFAULT_BODY_TIMEOUT_S = 10.0
-_TIMESTART = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -112,30 +113,25 @@ def resolve_addresses(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def validate_cdr(cdr: CallDetail) -> str | None:
-    """Why a NewCdr cannot be stored as it is, or None when it can."""
-    if not cdr.callid.strip():
-        return "the report has no callid"
-    if len(cdr.callid) > 64 or _CONTROL.search(cdr.callid):
-        return "the callid is too long or has control characters"
-    if cdr.timestart and not _TIMESTART.fullmatch(cdr.timestart):
-        return "timestart is not 'YYYY-MM-DD hh:mm:ss'"
-    if cdr.recording is not None:
-        if len(cdr.recording) > 255:
-            return "the recording name is longer than 255 characters"
-        if _CONTROL.search(cdr.recording):
-            return "the recording name has control characters"
+def validate_cdr(cdr: CallDetail, tz: tzinfo) -> str | None:
+    """Why a NewCdr cannot be stored as it is, or None when it can.
+
+    The receiver's own rules (no control characters in the callid or the recording name:
+    they would forge log lines; `timestart` exactly in the PBX's form), then the index's
+    door, `call_detail_problem` (identifiers that fit, times in range in the PBX's zone
+    `tz`, believable durations): a report refused here gets 400 and is never retried.
+    """
+    if cdr.callid and _CONTROL.search(cdr.callid):
+        return "the callid has control characters"
+    if cdr.recording is not None and _CONTROL.search(cdr.recording):
+        return "the recording name has control characters"
     if cdr.timestart:
-        try:
-            # fromisoformat (C) reads the ASCII form the pattern let through as strptime
-            # would, at a fraction of the cost; other digits (\d is Unicode) go to strptime.
-            if cdr.timestart.isascii():
-                datetime.fromisoformat(cdr.timestart)
-            else:
-                datetime.strptime(cdr.timestart, "%Y-%m-%d %H:%M:%S")
-        except ValueError:
-            return "timestart is not a valid date and time"
-    return None
+        if cdr.timestart != cdr.timestart.strip():
+            return "timestart is not 'YYYY-MM-DD hh:mm:ss'"
+        problem = pbx_time_problem(cdr.timestart, tz)
+        if problem is not None:
+            return problem
+    return call_detail_problem(cdr, tz)
 
 
 ASGIApp = Callable[
@@ -179,8 +175,10 @@ def create_receiver_app(
     on_other: Callable[[Event], None] | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    tz: tzinfo = UTC,
 ) -> ASGIApp:
-    """Build the receiver's ASGI app. `commit` returns once the record is durable.
+    """Build the receiver's ASGI app. `commit` returns once the record is durable; `tz` is
+    the PBX's zone, in which its times are read and range-checked.
 
     A bare ASGI callable rather than a Starlette app: it is the hot path (>= 1000 reports
     a second on two cores) and has a single route, so the router, request and response
@@ -261,9 +259,14 @@ def create_receiver_app(
             log.warning("event refused from %s: %s", source, exc)
             return 400, f"not a valid report: {exc}"
         if isinstance(event, NewCdrEvent):
-            problem = validate_cdr(event.cdr)
+            problem = validate_cdr(event.cdr, tz)
             if problem is not None:
-                log.warning("NewCdr refused from %s: %s", source, problem)
+                log.warning(
+                    "NewCdr for call %s refused from %s: %s",
+                    _one_line(event.cdr.callid, 80),
+                    source,
+                    _one_line(problem),
+                )
                 return 400, problem
             try:
                 await commit(event.cdr)

@@ -4,8 +4,16 @@
 `start()`/`stop()` pair (or `with Archiver(config) as archiver:`) runs it in a
 background thread for the demo and for tests.
 
+The downloads run as a registered process of kind "serve" on node `config.node` (default
+the host name; see `Downloads`): a restart of the same node takes over the downloads its
+predecessor held at once. The session and reconciliation tasks are supervised: one that
+fails is logged at ERROR and started again. If the process is fenced (its registration was
+ended by another process), it stops downloading at once, shuts down and `run` raises
+`Fenced`.
+
 Shutdown order (SIGTERM/SIGINT in the CLI, `stop()` in process): stop accepting events,
-commit what was received, let in-flight downloads finish (or release them), log out.
+commit what was received, let in-flight downloads finish (or release them), mark the
+process stopped, log out.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,24 +35,21 @@ import httpx
 
 from callvault.archive._backfill import reconcile
 from callvault.archive._commit import GroupCommitter
+from callvault.archive._downloads import Downloads, PoolOptions
 from callvault.archive._policy import RetryPolicy
+from callvault.archive._process import DEFAULT_HEARTBEAT_S, DEFAULT_STALE_AFTER_S, default_node
 from callvault.archive._receiver import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY,
+    SourceAllowList,
     allow_list_for,
     create_receiver_app,
     new_secret_path,
 )
 from callvault.archive._session import PbxSession
-from callvault.archive._workers import (
-    Archived,
-    WorkerPool,
-    process_staging_dir,
-    remove_staging_dir,
-)
+from callvault.archive._workers import Archived, WorkerPool
 from callvault.index import Index, RecordResult, SettingKey, open_index
-from callvault.pbx import ApiVersion, PbxClient, TlsOptions
-from callvault.pbx._types import Event
+from callvault.pbx import ApiVersion, Event, PbxClient, TlsOptions
 from callvault.serving import (
     DEFAULT_HEADER_TIMEOUT_S,
     Server,
@@ -52,7 +57,7 @@ from callvault.serving import (
     listen,
     server_for,
 )
-from callvault.storage import LocalStorage
+from callvault.storage import LocalStorage, Storage
 
 log = logging.getLogger("callvault.archive")
 
@@ -83,6 +88,9 @@ class ArchiverConfig:
     events_port: int = 8260
     events_allow: Sequence[str] | None = None  # default: the PBX host's addresses
     workers: int = 2
+    # This machine's name among several sharing one index (default: the host name). A
+    # restart of the same node takes over the downloads its predecessor held at once.
+    node: str | None = None
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     reconcile_hours: float = 48.0
     reconcile_interval_s: float = 3600.0
@@ -92,6 +100,9 @@ class ArchiverConfig:
     login_retry_s: tuple[float, ...] = (2.0, 5.0, 15.0, 30.0, 60.0)
     job_lease_s: float = 300.0
     poll_interval_s: float = 5.0
+    # The process row's heartbeat, and when another process's claims are taken as abandoned.
+    process_heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    stale_after_s: float = DEFAULT_STALE_AFTER_S
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     max_event_body: int = DEFAULT_MAX_BODY
     # An event connection must send its headers, then its body, within these (seconds).
@@ -113,6 +124,18 @@ class ArchiverConfig:
         if self.db_url:
             return self.db_url
         return f"sqlite:///{(self.archive / 'callvault.db').resolve()}"
+
+    def pool_options(self) -> PoolOptions:
+        """How the download workers work."""
+        return PoolOptions(
+            workers=self.workers,
+            lease_s=self.job_lease_s,
+            poll_interval_s=self.poll_interval_s,
+            policy=self.policy,
+            heartbeat_s=self.process_heartbeat_s,
+            stale_after_s=self.stale_after_s,
+            grace_s=self.shutdown_grace_s,
+        )
 
 
 class StartError(Exception):
@@ -139,8 +162,9 @@ def save_pbx_timezone(index: Index, tz: ZoneInfo) -> None:
     index.settings.set(SettingKey.PBX_TIMEZONE, tz.key, _utcnow())
 
 
-def open_storage(path: Path) -> LocalStorage:
-    """The archive's `LocalStorage`, made if missing; `ArchiveDirError` if unusable."""
+def open_storage(path: Path) -> Storage:
+    """The archive's storage (a `LocalStorage` in `path`), made if missing;
+    `ArchiveDirError` if unusable."""
     try:
         return LocalStorage(path)
     except OSError as exc:
@@ -156,7 +180,7 @@ class Archiver:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         on_archived: Callable[[Archived], None] | None = None,
-        web_app_factory: Callable[[Index, LocalStorage], Any] | None = None,
+        web_app_factory: Callable[[Index, Storage], Any] | None = None,
     ) -> None:
         self.config = config
         # The web layer sits below the archiver (DESIGN.md, layers): the CLI hands it in.
@@ -170,6 +194,7 @@ class Archiver:
         self.secret_path: str | None = None
         self.session: PbxSession | None = None
         self.pool: WorkerPool | None = None
+        self.downloads: Downloads | None = None
         self.committer: GroupCommitter | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -258,11 +283,7 @@ class Archiver:
     ) -> None:
         config = self.config
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.storage.clean_staging, older_than=_hours(1))
-        try:
-            staging = await asyncio.to_thread(process_staging_dir, self.storage)
-        except OSError as exc:
-            raise ArchiveDirError(config.archive, exc) from exc
+            await asyncio.to_thread(self.storage.clean_staging, timedelta(hours=1))
         self.secret_path = await asyncio.to_thread(
             index.settings.setdefault,
             SettingKey.EVENTS_SECRET_PATH,
@@ -302,20 +323,55 @@ class Archiver:
             transport_retry_s=config.login_retry_s,
         )
         self.session = session
-        pool = WorkerPool(
-            index=index,
-            storage=self.storage,
-            client=client,
-            session=session,
+        downloads = Downloads(
+            index,
+            self.storage,
+            client,
             tz=config.timezone,
-            policy=config.policy,
-            workers=config.workers,
-            lease_s=config.job_lease_s,
-            poll_interval_s=config.poll_interval_s,
+            kind="serve",
+            node=config.node or default_node(),
+            options=config.pool_options(),
+            session=session,
             on_archived=self._on_archived,
-            staging_dir=staging,
         )
+        self.downloads = downloads
+        try:
+            pool = await downloads.start()
+        except OSError as exc:
+            raise ArchiveDirError(config.archive, exc) from exc
         self.pool = pool
+        try:
+            await self._serve(
+                stop, index, client, session, downloads, pool, events_sock, allowed, sockets, ready
+            )
+        finally:
+            await downloads.stop()
+            await session.close()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            log.info("stopped")
+        if downloads.fenced.is_set():
+            raise downloads.fenced_error()
+
+    async def _serve(
+        self,
+        stop: asyncio.Event,
+        index: Index,
+        client: PbxClient,
+        session: PbxSession,
+        downloads: Downloads,
+        pool: WorkerPool,
+        events_sock: socket.socket,
+        allowed: SourceAllowList,
+        sockets: list[socket.socket],
+        ready: Callable[[], None] | None,
+    ) -> None:
+        """Receive, reconcile and download until `stop` is set (or the pool is fenced);
+        then stop the servers and commit what was received."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        secret_path = self.secret_path
+        assert secret_path is not None and self.events_port is not None
 
         def committed(results: list[RecordResult]) -> None:
             if any(r.new_recording for r in results):
@@ -332,12 +388,13 @@ class Archiver:
                 loop.call_soon_threadsafe(session.request_relogin)
 
         receiver = create_receiver_app(
-            secret_path=self.secret_path,
+            secret_path=secret_path,
             allowed=allowed,
             commit=committer.commit,
             on_bootup=bootup,
             max_body=config.max_event_body,
             body_timeout_s=config.event_body_timeout_s,
+            tz=config.timezone,
         )
         events_server = server_for(receiver, header_timeout_s=config.event_header_timeout_s)
         servers: list[tuple[Server, asyncio.Future[None]]] = [
@@ -346,43 +403,57 @@ class Archiver:
                 ServerThread(events_server, events_sock, name="callvault-events").start(),
             )
         ]
-        web_server = self._web_server(index, sockets)
-        if web_server is not None:
-            servers.append(
-                (web_server[0], asyncio.create_task(web_server[0].serve(sockets=[web_server[1]])))
-            )
-        log.info(
-            "receiving PBX events on %s:%d (secret path, sources %s)",
-            config.events_host,
-            self.events_port,
-            allowed,
-        )
         work_stop = asyncio.Event()
-        session_task = asyncio.create_task(session.run(work_stop))
-        pool_task = asyncio.create_task(pool.run(work_stop, grace_s=config.shutdown_grace_s))
-        reconcile_task = asyncio.create_task(
-            self._reconcile_loop(client, index, pool, session, work_stop)
-        )
-        while not events_server.started and not stop.is_set():
-            if servers[0][1].done():
-                servers[0][1].result()
-            await asyncio.sleep(0.01)
-        # The PBX learns where to post events when we log in: "ready" waits (briefly) for
-        # the first login attempt to end, so that calls ending from now on are reported.
-        # The receiver starts on its own thread and is up in a few ms, often before the
-        # login is done; a call placed in between would reach us only by reconciliation.
-        deadline = loop.time() + _FIRST_LOGIN_WAIT_S
-        while session.health["state"] == "connecting" and loop.time() < deadline:
-            if stop.is_set() or session_task.done():
-                break
-            await asyncio.sleep(0.01)
-        self._ready.set()
-        if ready is not None:
-            ready()
+        tasks: list[asyncio.Task[None]] = []
         try:
-            await stop.wait()
+            web_server = self._web_server(index, sockets)
+            if web_server is not None:
+                servers.append(
+                    (
+                        web_server[0],
+                        asyncio.create_task(web_server[0].serve(sockets=[web_server[1]])),
+                    )
+                )
+            log.info(
+                "receiving PBX events on %s:%d (secret path, sources %s)",
+                config.events_host,
+                self.events_port,
+                allowed,
+            )
+            tasks = [
+                asyncio.create_task(
+                    _supervised("the PBX session", lambda: session.run(work_stop), work_stop)
+                ),
+                asyncio.create_task(
+                    _supervised(
+                        "reconciliation",
+                        lambda: self._reconcile_loop(client, index, pool, session, work_stop),
+                        work_stop,
+                    )
+                ),
+            ]
+            while not events_server.started and not stop.is_set():
+                if servers[0][1].done():
+                    servers[0][1].result()
+                await asyncio.sleep(0.01)
+            # The PBX learns where to post events when we log in: "ready" waits (briefly) for
+            # the first login attempt to end, so that calls ending from now on are reported.
+            # The receiver starts on its own thread and is up in a few ms, often before the
+            # login is done; a call placed in between would reach us only by reconciliation.
+            deadline = loop.time() + _FIRST_LOGIN_WAIT_S
+            while session.health["state"] == "connecting" and loop.time() < deadline:
+                if stop.is_set() or downloads.fenced.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            self._ready.set()
+            if ready is not None:
+                ready()
+            await _first(stop, downloads.fenced)
         finally:
-            log.info("shutting down: no new events; finishing the jobs in progress")
+            if downloads.fenced.is_set():
+                log.error("shutting down: this process may no longer download (see above)")
+            else:
+                log.info("shutting down: no new events; finishing the jobs in progress")
             for server, _task in servers:
                 server.should_exit = True
             for _server, task in servers:
@@ -390,18 +461,11 @@ class Archiver:
                     await task
             await asyncio.to_thread(committer.stop)
             work_stop.set()
-            reconcile_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reconcile_task
-            with contextlib.suppress(asyncio.CancelledError):
-                await pool_task
-            with contextlib.suppress(asyncio.CancelledError):
-                await session_task
-            await session.close()
-            with contextlib.suppress(Exception):
-                await client.aclose()
-            await asyncio.to_thread(remove_staging_dir, staging)
-            log.info("stopped")
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _web_server(
         self, index: Index, sockets: list[socket.socket]
@@ -458,5 +522,42 @@ class Archiver:
                 await asyncio.wait_for(stop.wait(), timeout=config.reconcile_interval_s)
 
 
-def _hours(n: float) -> timedelta:
-    return timedelta(hours=n)
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+
+
+# Delays before a supervised task that failed is started again (the last one repeats).
+_RESTART_DELAYS_S = (1.0, 5.0, 30.0)
+
+
+async def _supervised(
+    what: str, start: Callable[[], Coroutine[Any, Any, None]], stop: asyncio.Event
+) -> None:
+    """Run `start()` until `stop` is set; if it fails, log at ERROR (the traceback the first
+    time) and start it again after a short delay. Its failures never go unnoticed."""
+    failures = 0
+    while not stop.is_set():
+        try:
+            await start()
+            return
+        except Exception as exc:
+            delay = _RESTART_DELAYS_S[min(failures, len(_RESTART_DELAYS_S) - 1)]
+            failures += 1
+            log.error(
+                "%s failed: %s: %s; starting it again in %.0f s",
+                what,
+                type(exc).__name__,
+                exc,
+                delay,
+                exc_info=exc if failures == 1 else None,
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)

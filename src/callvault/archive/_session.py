@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from callvault.pbx import (
-    AuthError,
     LoginFailed,
     LoginLockedOut,
     PbxError,
@@ -90,8 +89,9 @@ class PbxSession:
         self._need_login = True
         self._poke.set()
 
-    def report_auth_failure(self, exc: AuthError) -> None:
-        """A worker's call ended in LoginFailed / LoginLockedOut: pause everything."""
+    def report_auth_failure(self, exc: Exception) -> None:
+        """A worker's call ended in a refused login (`ErrorKind.LOGIN_REFUSED`: a wrong
+        password, a lockout): pause everything."""
         self.ready.clear()
         self._need_login = True
         self._pause_for(exc)
@@ -103,7 +103,9 @@ class PbxSession:
             self._set_health("ok", None)
 
     def report_error(self, text: str) -> None:
-        """A worker could not reach the PBX (transient): shown, not acted upon."""
+        """A worker could not reach the PBX (transient): shown, not acted upon. Permanent
+        errors (an unsafe name, a rejected request) are the job's trouble, not the
+        session's, and are not reported here."""
         if self.health.get("error") != text:
             self._set_health("degraded", text)
 
@@ -181,7 +183,7 @@ class PbxSession:
         self._set_health("ok", None)
         return self._heartbeat_interval_s
 
-    def _pause_for(self, exc: AuthError) -> None:
+    def _pause_for(self, exc: Exception) -> None:
         if isinstance(exc, LoginLockedOut):
             pause = self._lockout_pause_s
             what = "the PBX has locked this host out after failed logins"

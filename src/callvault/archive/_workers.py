@@ -1,8 +1,9 @@
 """The worker pool: claim a job, download the recording, store it, mark it archived.
 
 Concurrency is bounded (default 2: the PBX is a small embedded box that closes every
-connection). Jobs are claimed from the index with a lease, so a crashed process leaves
-them claimable again once the lease runs out. A worker sleeps until it is woken (a new
+connection). Jobs are claimed from the index as a `Worker` of this process's registered
+row (see `callvault.archive._process`), so a crashed process's jobs are claimable again
+within seconds; the lease is the last resort. A worker sleeps until it is woken (a new
 recording was queued), until the next retry is due, or for `poll_interval_s` at most.
 
 For each job:
@@ -10,8 +11,8 @@ For each job:
 0. its storage key is fixed in the index at its first attempt (`jobs.reserve_storage_key`) and
    never changes, even when a later report fills in the call's serial or start; if a file
    is already there (a crash after step 2 last time), it is hashed and archived as is;
-1. `client.download_recording` into the storage's hidden staging directory (the client
-   checks RIFF/WAVE, size, fsyncs and renames; no partial file is ever left);
+1. `client.download_recording` into this process's staging area (the client checks
+   RIFF/WAVE, size, fsyncs and renames; no partial file is ever left);
 2. `storage.put_file` moves it into place atomically under that key;
 3. `index.jobs.mark_archived` with size and SHA-256, only then is it archived.
 
@@ -20,28 +21,32 @@ the lease is not handed to another worker. If the claim was lost anyway (the ind
 unreachable for a whole lease) but the file got stored, the recording is still archived
 unless someone else archived it meanwhile.
 
-Failures go through `callvault.archive._policy`: retry later, or `missing` / `failed`
-with the reason. LoginFailed / LoginLockedOut pause every worker (see `PbxSession`).
+Failures are classified once, by `callvault.pbx.error_kind`, and decided by
+`callvault.archive._policy`: permanent (an unsafe name, a request the PBX rejects) ->
+`failed` at once with the reason; not found -> the not-found schedule, then `missing`;
+transient (network, a busy PBX, a full disk) -> backoff, then `failed`; login refused ->
+every worker pauses (see `PbxSession`). A worker never dies from one job: anything that
+goes wrong while handling a job is logged at ERROR with the recording's name and the job is
+failed or backed off; a worker task that dies anyway is restarted by its supervisor, and
+the pool tells how many workers are `alive` against how many are `configured`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno as errnos
 import logging
 import os
 import random
 import re
-import shutil
 import socket
-import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Protocol
-from zoneinfo import ZoneInfo
 
 from callvault.archive._policy import (
     GIVE_UP_FAILED,
@@ -49,26 +54,22 @@ from callvault.archive._policy import (
     Decision,
     RetryPolicy,
     after_not_found,
+    after_permanent,
     after_transient,
 )
+from callvault.archive._process import DEFAULT_STALE_AFTER_S
 from callvault.archive._session import PbxSession
 from callvault.index import Index, Job, Worker
-from callvault.pbx import (
-    AuthError,
-    DownloadResult,
-    LoginFailed,
-    LoginLockedOut,
-    PbxError,
-    RandomInvalid,
-    RecordingNotFound,
-)
-from callvault.storage import LocalStorage, StoredObject, recording_key
+from callvault.pbx import DownloadResult, ErrorKind, PbxError, error_kind
+from callvault.storage import StagingArea, Storage, StoredObject, recording_key
+from callvault.times import MAX_DURATION_S
 
 log = logging.getLogger("callvault.archive")
 
-# 20012 means "file does not exist" on 2017 firmware and "random invalid" later; the
-# client retries it with fresh randoms, so one surviving that is treated as not found.
-_NOT_FOUND_ERRNOS = {"20012", "20014", "20018"}
+# Delays before restarting a worker task that died (the last one repeats).
+DEFAULT_RESTART_DELAYS_S: tuple[float, ...] = (1.0, 2.0, 5.0, 15.0, 30.0)
+# A worker that ran this long before dying starts again from the first delay.
+_HEALTHY_RUN_S = 60.0
 
 
 class Downloader(Protocol):
@@ -96,36 +97,10 @@ def default_worker_prefix() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-# Lock descriptors of this process's staging directories, held until `remove_staging_dir`.
-_STAGING_LOCKS: dict[Path, int] = {}
-_STAGING_LOCKS_GUARD = threading.Lock()
-
-
-def process_staging_dir(storage: LocalStorage) -> Path:
-    """A staging directory of this process's own, after removing those of dead processes.
-
-    Downloads in progress live in the storage's hidden staging area; a process killed
-    mid-download (SIGKILL, power loss) leaves its partial file there. Each process works
-    in ``proc-<host>-<pid>-<random>`` and holds a `flock` on the lock file in it while it
-    runs; a directory whose lock can be taken is a dead process's, whatever its pid means
-    now (pids are reused; in a container `serve` is often pid 1), and is removed.
-    """
-    for name in storage.remove_abandoned_staging_dirs():
-        log.info("removed the partial downloads of a stopped process (%s)", name)
+def staging_tag() -> str:
+    """How this process's staging area is named for people: host and pid."""
     host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-    own, fd = storage.new_process_staging_dir(f"{host}-{os.getpid()}")
-    with _STAGING_LOCKS_GUARD:
-        _STAGING_LOCKS[own] = fd
-    return own
-
-
-def remove_staging_dir(path: Path) -> None:
-    """Remove this process's staging directory at a clean exit, then let go of its lock."""
-    shutil.rmtree(path, ignore_errors=True)
-    with _STAGING_LOCKS_GUARD:
-        fd = _STAGING_LOCKS.pop(path, None)
-    if fd is not None:
-        os.close(fd)
+    return f"{host}-{os.getpid()}"
 
 
 def _utcnow() -> datetime:
@@ -133,26 +108,35 @@ def _utcnow() -> datetime:
 
 
 class WorkerPool:
-    """`workers` concurrent download loops over the index's job queue."""
+    """`workers` concurrent download loops over the index's job queue, each supervised.
+
+    With `process_id` (a registered process, see `ProcessRegistration`) worker n claims as
+    ``p<id>:w<n>`` and its claims are released as soon as the process is gone; without
+    one (a library user) only the lease protects them. Without `staging`, `run` opens a
+    staging area of its own from `storage` and closes it at the end.
+    """
 
     def __init__(
         self,
         *,
         index: Index,
-        storage: LocalStorage,
+        storage: Storage,
         client: Downloader,
         session: PbxSession | None,
-        tz: ZoneInfo,
+        tz: tzinfo,
         policy: RetryPolicy | None = None,
         workers: int = 2,
         lease_s: float = 300.0,
         poll_interval_s: float = 5.0,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        process_id: int | None = None,
         worker_prefix: str | None = None,
         clock: Callable[[], datetime] = _utcnow,
         on_archived: Callable[[Archived], None] | None = None,
-        on_auth_failure: Callable[[AuthError], None] | None = None,
+        on_auth_failure: Callable[[Exception], None] | None = None,
         rng: random.Random | None = None,
-        staging_dir: Path | None = None,
+        staging: StagingArea | None = None,
+        restart_delays_s: Sequence[float] = DEFAULT_RESTART_DELAYS_S,
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker is needed")
@@ -165,15 +149,25 @@ class WorkerPool:
         self._workers = workers
         self._lease = timedelta(seconds=lease_s)
         self._poll_interval_s = poll_interval_s
+        self._stale_after = timedelta(seconds=stale_after_s)
+        self._process_id = process_id
         self._prefix = worker_prefix or default_worker_prefix()
         self._clock = clock
         self._on_archived = on_archived
         self._on_auth_failure = on_auth_failure
-        self._staging_dir = staging_dir
+        self._staging = staging
+        self._staging_path: Path | None = staging.path if staging is not None else None
         self._rng = rng or random.Random()
+        self._restart_delays = tuple(restart_delays_s) or (1.0,)
         self._wakes = [asyncio.Event() for _ in range(workers)]
         self._busy = [False] * workers
+        self._alive = [False] * workers
+        self._fenced = asyncio.Event()
+        self.fenced_reason: str | None = None
         self.archived = 0
+        self.restarts = 0
+
+    # -- for the owner -------------------------------------------------------------------
 
     def wake(self) -> None:
         """New work may be due: every idle worker looks at once (call from the loop)."""
@@ -181,48 +175,138 @@ class WorkerPool:
             event.set()
 
     @property
+    def configured(self) -> int:
+        """How many workers this pool runs."""
+        return self._workers
+
+    @property
+    def alive(self) -> int:
+        """How many workers are running now (not dead and waiting to be restarted)."""
+        return sum(self._alive)
+
+    @property
     def busy(self) -> bool:
+        """Whether a worker is claiming or working on a job."""
         return any(self._busy)
+
+    @property
+    def in_flight(self) -> int:
+        """How many workers are claiming or working on a job."""
+        return sum(self._busy)
+
+    @property
+    def fenced(self) -> asyncio.Event:
+        """Set once `fence` was called: the pool stopped downloading."""
+        return self._fenced
+
+    def worker(self, number: int) -> Worker:
+        """The identity worker `number` claims jobs as."""
+        if self._process_id is not None:
+            return Worker(process_id=self._process_id, name=f"p{self._process_id}:w{number}")
+        return Worker(process_id=None, name=f"{self._prefix}:{number}")
+
+    def fence(self, reason: str) -> None:
+        """Stop downloading at once: this process's claims may be another's already
+        (its registration was ended by someone else). `run` cancels the jobs in flight."""
+        if not self._fenced.is_set():
+            self.fenced_reason = reason
+            self._fenced.set()
+            self.wake()
 
     async def run(self, stop: asyncio.Event, *, grace_s: float = 20.0) -> None:
         """Run the workers until `stop` is set; then let in-flight jobs finish for up to
-        `grace_s` seconds and release the rest (they are due again at once)."""
-        tasks = [
-            asyncio.create_task(self._worker(n, stop), name=f"callvault-worker-{n}")
+        `grace_s` seconds and release the rest (they are due again at once). After `fence`,
+        in-flight jobs are cancelled at once."""
+        own_staging: StagingArea | None = None
+        if self._staging_path is None:
+            own_staging = await asyncio.to_thread(self._storage.open_staging, staging_tag())
+            self._staging_path = own_staging.path
+        slots = [
+            asyncio.create_task(self._supervise(n, stop), name=f"callvault-worker-{n}")
             for n in range(self._workers)
         ]
-        await stop.wait()
-        self.wake()
-        _done, still = await asyncio.wait(tasks, timeout=grace_s)
-        for task in still:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        try:
+            await _first_of(stop, self._fenced, seconds=None)
+            self.wake()
+            grace = 0.0 if self._fenced.is_set() else grace_s
+            if grace > 0:
+                await asyncio.wait(slots, timeout=grace)
+        finally:
+            for slot in slots:
+                slot.cancel()
+            # Every slot's outcome is retrieved here: none ends unnoticed.
+            for outcome in await asyncio.gather(*slots, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.error("a download worker failed at shutdown: %s", _describe(outcome))
+            if own_staging is not None:
+                await asyncio.to_thread(own_staging.close)
+                self._staging_path = None
+
+    # -- the workers ---------------------------------------------------------------------
+
+    def _stopping(self, stop: asyncio.Event) -> bool:
+        return stop.is_set() or self._fenced.is_set()
+
+    async def _supervise(self, number: int, stop: asyncio.Event) -> None:
+        """Run worker `number`; restart it (after a short, growing delay) if it dies."""
+        loop = asyncio.get_running_loop()
+        deaths = 0
+        while not self._stopping(stop):
+            started = loop.time()
+            self._alive[number] = True
+            try:
+                await self._worker(number, stop)
+                return
+            except Exception as exc:
+                if loop.time() - started >= _HEALTHY_RUN_S:
+                    deaths = 0
+                delay = self._restart_delays[min(deaths, len(self._restart_delays) - 1)]
+                deaths += 1
+                self.restarts += 1
+                if deaths == 1:
+                    log.error(
+                        "download worker %d died: %s; restarting it in %.0f s",
+                        number,
+                        _describe(exc),
+                        delay,
+                        exc_info=exc,
+                    )
+                else:
+                    log.error(
+                        "download worker %d died again: %s; restarting it in %.0f s",
+                        number,
+                        _describe(exc),
+                        delay,
+                    )
+            finally:
+                self._alive[number] = False
+                self._busy[number] = False
+            await _first_of(stop, self._fenced, seconds=delay)
 
     async def _worker(self, number: int, stop: asyncio.Event) -> None:
-        # No registered process yet: only the lease protects these claims.
-        worker = Worker(process_id=None, name=f"{self._prefix}:{number}")
+        worker = self.worker(number)
         wake = self._wakes[number]
-        while not stop.is_set():
+        while not self._stopping(stop):
             if self._session is not None and not self._session.ready.is_set():
                 await _first_of(stop, self._session.ready, seconds=self._poll_interval_s)
                 continue
             wake.clear()
-            try:
-                jobs = await self._claim(worker)
-            except Exception as exc:
-                log.error("cannot claim jobs from the index: %s", exc)
-                await _first_of(stop, wake, seconds=self._poll_interval_s)
-                continue
-            if not jobs:
-                await _first_of(stop, wake, seconds=await self._nap())
-                continue
+            # Busy from the claim on: whoever waits for the pool to be idle (backfill's
+            # drain) never takes a job being claimed for "nothing to do".
             self._busy[number] = True
             try:
-                await self._process(jobs[0], worker)
+                try:
+                    jobs = await self._claim(worker)
+                except Exception as exc:
+                    log.error("cannot claim jobs from the index: %s", _describe(exc))
+                    jobs = None
+                if jobs:
+                    await self._process(jobs[0], worker)
+                    continue
             finally:
                 self._busy[number] = False
+            nap = self._poll_interval_s if jobs is None else await self._nap()
+            await _first_of(stop, wake, seconds=nap)
 
     async def _claim(self, worker: Worker) -> list[Job]:
         """Claim the next due job, if any.
@@ -233,7 +317,12 @@ class WorkerPool:
         """
         claim = asyncio.ensure_future(
             asyncio.to_thread(
-                self._index.jobs.claim, worker, 1, now=self._clock(), lease=self._lease
+                self._index.jobs.claim,
+                worker,
+                1,
+                now=self._clock(),
+                lease=self._lease,
+                stale_after=self._stale_after,
             )
         )
         try:
@@ -248,19 +337,28 @@ class WorkerPool:
         """Seconds until the next retry is due, at most `poll_interval_s`."""
         try:
             due = await asyncio.to_thread(self._index.jobs.next_due)
+            if due is None:
+                return self._poll_interval_s
+            seconds = (due - self._clock()).total_seconds()
         except Exception:
             return self._poll_interval_s
-        if due is None:
-            return self._poll_interval_s
-        seconds = (due - self._clock()).total_seconds()
         return min(self._poll_interval_s, max(0.05, seconds))
 
     async def _process(self, job: Job, worker: Worker) -> None:
+        """One job, whatever happens: its outcome is recorded, the worker goes on."""
         renewer = asyncio.create_task(
             self._keep_claim(job, worker), name=f"callvault-lease-{job.recording_id}"
         )
         try:
             await self._attempt(job, worker)
+        except Exception as exc:  # a fault in handling the job itself, not in the download
+            log.error(
+                "%s: unexpected error while archiving it: %s",
+                job.name,
+                _describe(exc),
+                exc_info=exc,
+            )
+            await self._settle_after_fault(job, worker, exc)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -280,17 +378,20 @@ class WorkerPool:
                     lease=self._lease,
                 )
             except Exception as exc:  # try again next time; the lease has some left
-                log.warning("%s: cannot renew the claim: %s", job.name, exc)
+                log.warning("%s: cannot renew the claim: %s", job.name, _describe(exc))
                 continue
             if not held:
                 log.warning("%s: the claim was lost while working on it", job.name)
                 return
 
     async def _attempt(self, job: Job, worker: Worker) -> None:
-        staging = self._staging_dir or self._storage.staging_dir()
+        staging = self._staging_path
+        if staging is None:
+            raise RuntimeError("the worker pool has no staging area (call run())")
         # Keep the extension: the client insists on RIFF/WAVE for a .wav target.
         filename = f"{job.recording_id}-{uuid.uuid4().hex[:12]}{_extension(job.name)}"
         staged = staging / filename
+        step = "download"
         try:
             key = await self._storage_key(job)
             stored = await asyncio.to_thread(self._already_stored, key)
@@ -301,10 +402,12 @@ class WorkerPool:
             else:
                 result = await self._client.download_recording(job.name, staging, filename=filename)
                 content_type = result.content_type
+                step = "store"
                 stored = await asyncio.to_thread(
                     self._storage.put_file, key, result.path, sha256=result.sha256
                 )
                 digest = stored.sha256 or result.sha256
+            step = "index"
             now = self._clock()
             still_ours = await asyncio.to_thread(
                 self._index.jobs.mark_archived,
@@ -331,15 +434,8 @@ class WorkerPool:
         except asyncio.CancelledError:
             await self._release(job, worker, "interrupted by shutdown")
             raise
-        except (LoginFailed, LoginLockedOut) as exc:
-            if self._on_auth_failure is not None:
-                self._on_auth_failure(exc)
-            if self._session is not None:
-                self._session.report_auth_failure(exc)
-            await self._retry_now(job, worker, f"paused: {exc}")
-            return
         except Exception as exc:
-            await self._failed_attempt(job, worker, exc)
+            await self._failed_attempt(job, worker, exc, step)
             return
         finally:
             with contextlib.suppress(OSError):
@@ -352,7 +448,12 @@ class WorkerPool:
         self.archived += 1
         log.info("archived %s (%d bytes, sha256 %s) as %s", job.name, stored.size, digest, key)
         if self._on_archived is not None:
-            self._on_archived(Archived(job.recording_id, job.name, key, stored.size, digest, now))
+            try:
+                self._on_archived(
+                    Archived(job.recording_id, job.name, key, stored.size, digest, now)
+                )
+            except Exception as exc:
+                log.error("%s: the on_archived callback failed: %s", job.name, _describe(exc))
 
     async def _storage_key(self, job: Job) -> str:
         """The key fixed for this recording at its first attempt (fixed now if this is it)."""
@@ -380,13 +481,28 @@ class WorkerPool:
         return "application/octet-stream"
 
     def _start_local(self, job: Job) -> datetime:
-        start = job.start_at or self._clock()
-        return start.astimezone(self._tz)
+        """The call's start in the PBX's zone (for the storage key's date); now if unknown
+        or if it cannot be expressed in that zone (a start at the calendar's edge)."""
+        for start in (job.start_at, self._clock()):
+            if start is None:
+                continue
+            with contextlib.suppress(OverflowError, ValueError):
+                return start.astimezone(self._tz)
+        return self._clock()
 
-    async def _failed_attempt(self, job: Job, worker: Worker, exc: Exception) -> None:
+    async def _failed_attempt(self, job: Job, worker: Worker, exc: Exception, step: str) -> None:
+        """Decide and record what follows a failed attempt (see the module docstring)."""
+        kind = error_kind(exc)
+        error = _describe(exc, step)
+        if kind is ErrorKind.LOGIN_REFUSED:
+            if self._on_auth_failure is not None:
+                self._on_auth_failure(exc)
+            if self._session is not None:
+                self._session.report_auth_failure(exc)
+            await self._retry_now(job, worker, f"paused: {error}")
+            return
         now = self._clock()
-        error = _describe(exc)
-        if _is_not_found(exc):
+        if kind is ErrorKind.NOT_FOUND:
             call_end, queued_at = await self._call_end_and_queued(job)
             decision = after_not_found(
                 self._policy,
@@ -397,13 +513,31 @@ class WorkerPool:
                 queued_at=queued_at,
                 now=now,
             )
+        elif kind is ErrorKind.PERMANENT:
+            decision = after_permanent(error=error)
         else:
             if isinstance(exc, PbxError) and self._session is not None:
-                self._session.report_error(error)
+                self._session.report_error(error)  # trouble with the PBX, not with this job
             decision = after_transient(
                 self._policy, error=error, attempts=job.attempts, now=now, rng=self._rng
             )
-        await self._apply(job, worker, decision, not_found=_is_not_found(exc), now=now)
+        await self._apply(job, worker, decision, not_found=kind is ErrorKind.NOT_FOUND, now=now)
+
+    async def _settle_after_fault(self, job: Job, worker: Worker, exc: Exception) -> None:
+        """After an unexpected fault in handling `job`: fail it if the fault is permanent
+        (the same job would hit it again), else back off; never raises."""
+        try:
+            now = self._clock()
+            error = f"callvault could not handle it: {_describe(exc)}"
+            if error_kind(exc) is ErrorKind.PERMANENT:
+                decision = after_permanent(error=error)
+            else:
+                decision = after_transient(
+                    self._policy, error=error, attempts=job.attempts, now=now, rng=self._rng
+                )
+            await self._apply(job, worker, decision, not_found=False, now=now)
+        except Exception as second:  # the lease runs out and the job is claimable again
+            log.error("%s: cannot record the outcome: %s", job.name, _describe(second))
 
     async def _apply(
         self, job: Job, worker: Worker, decision: Decision, *, not_found: bool, now: datetime
@@ -428,9 +562,12 @@ class WorkerPool:
                     now=now,
                 )
             else:
-                assert decision.next_attempt_at is not None
-                wait = (decision.next_attempt_at - now).total_seconds()
-                log.info(
+                next_attempt_at = decision.next_attempt_at or now
+                wait = (next_attempt_at - now).total_seconds()
+                # "Not there yet" is normal right after a call; anything else is trouble.
+                level = logging.INFO if not_found else logging.WARNING
+                log.log(
+                    level,
                     "%s: attempt %d: %s; next attempt in %.0f s",
                     job.name,
                     job.attempts,
@@ -442,12 +579,12 @@ class WorkerPool:
                     job.recording_id,
                     worker=worker,
                     error=decision.reason,
-                    next_attempt_at=decision.next_attempt_at,
+                    next_attempt_at=next_attempt_at,
                     now=now,
                     not_found=not_found,
                 )
         except Exception as exc:  # the lease runs out and the job is claimable again
-            log.error("%s: cannot record the outcome in the index: %s", job.name, exc)
+            log.error("%s: cannot record the outcome in the index: %s", job.name, _describe(exc))
 
     async def _call_end_and_queued(self, job: Job) -> tuple[datetime | None, datetime | None]:
         """When the call ended (by the PBX's clock) and, for a call reported by its NewCdr
@@ -466,7 +603,11 @@ class WorkerPool:
         queued_at = row.created_at if row.source == "event" else None
         if job.start_at is None:
             return None, queued_at
-        return job.start_at + timedelta(seconds=row.duration_s or 0), queued_at
+        duration = min(max(row.duration_s or 0, 0), MAX_DURATION_S)
+        try:
+            return job.start_at + timedelta(seconds=duration), queued_at
+        except OverflowError:  # a start at the calendar's end (an index of an older version)
+            return None, queued_at
 
     async def _retry_now(self, job: Job, worker: Worker, error: str) -> None:
         now = self._clock()
@@ -492,22 +633,26 @@ def _extension(name: str) -> str:
     return match.group(0).lower() if match else ""
 
 
-def _is_not_found(exc: Exception) -> bool:
-    if isinstance(exc, RecordingNotFound):
-        return True
-    return isinstance(exc, RandomInvalid) and exc.errno in _NOT_FOUND_ERRNOS
-
-
-def _describe(exc: Exception) -> str:
+def _describe(exc: BaseException, step: str = "") -> str:
+    """`exc` in one line for the log and the job's last error, saying which step failed
+    where that is not obvious (storing it, recording it in the index)."""
     if isinstance(exc, PbxError):
         return str(exc)
     if isinstance(exc, OSError):
-        return f"{type(exc).__name__}: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"
+        code = errnos.errorcode.get(exc.errno or 0)
+        text = f"{exc.strerror or exc}" + (f" ({code})" if code else "")
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())[:500]
+    if step == "store":
+        return f"cannot store it: {text}"
+    if step == "index":
+        return f"cannot record it in the index: {text}"
+    return text
 
 
-async def _first_of(stop: asyncio.Event, other: asyncio.Event, *, seconds: float) -> None:
-    """Wait until `stop` or `other` is set, or `seconds` pass."""
+async def _first_of(stop: asyncio.Event, other: asyncio.Event, *, seconds: float | None) -> None:
+    """Wait until `stop` or `other` is set, or `seconds` pass (None: no time limit)."""
     if stop.is_set() or other.is_set():
         return
     waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(other.wait())}

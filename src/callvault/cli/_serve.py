@@ -1,26 +1,26 @@
 """``callvault serve`` and ``callvault backfill``: wiring of `callvault.archive`.
 
 serve     runs the archiver until SIGTERM/SIGINT (then: stop accepting events, finish or
-          release the downloads in progress, log out, exit 0).
+          release the downloads in progress, log out, exit 0). Its downloads run as a
+          registered process of node --node (default the host name).
 backfill  walks the CDR export over a date range in windows of at most a day, queues every
-          recording not yet archived, and (unless --queue-only) downloads them before it
-          exits. Resumable and idempotent. SIGTERM/SIGINT: release the downloads in
-          progress, log out, exit 143/130.
+          recording not yet archived, and (unless --queue-only) downloads what is due
+          (`callvault.archive.drain`: a job whose next attempt is more than a minute away
+          is left to serve or the next run), then prints its summary line. Resumable and
+          idempotent. SIGTERM/SIGINT: release the downloads in progress, log out, exit
+          143/130.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import signal
 import sys
 from collections.abc import Callable
-from datetime import date, datetime, time, timedelta
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import click
 from rich.console import Console
@@ -30,15 +30,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from callvault.archive import (
     Archiver,
     ArchiverConfig,
+    BackfillStats,
+    Fenced,
+    PoolOptions,
     RetryPolicy,
-    WorkerPool,
+    StartError,
     backfill,
-    queued_counts,
+    drain,
+    open_storage,
+    save_pbx_timezone,
 )
-from callvault.archive._service import StartError, open_storage, save_pbx_timezone
-from callvault.archive._workers import process_staging_dir, remove_staging_dir
 from callvault.cli._app import app
-from callvault.cli._common import Terminated, fail, run_terminable
+from callvault.cli._common import Terminated, fail, run_service, run_terminable
 from callvault.cli._options import (
     archive_option,
     config_option,
@@ -58,8 +61,8 @@ from callvault.cli._settings import (
 from callvault.index import Index, IndexFailure, open_index
 from callvault.pbx import AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
 from callvault.serving import ListenError
-from callvault.storage import LocalStorage
-from callvault.times import FORMATS
+from callvault.storage import Storage
+from callvault.times import FORMATS, TimeFormatError, parse_moment
 
 log = logging.getLogger("callvault.archive")
 
@@ -76,6 +79,11 @@ events_allow_option = option(
 )
 workers_option = option(
     "--workers", type=int, metavar="N", help="Concurrent downloads (default 2)."
+)
+node_option = option(
+    "--node",
+    metavar="NAME",
+    help="This machine's name among several sharing one index (default the host name).",
 )
 verbose_option = click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 
@@ -135,6 +143,7 @@ def archiver_config(settings: ArchiveSettings, *, web: bool) -> ArchiverConfig:
         events_port=events_port,
         events_allow=allowed or None,
         workers=settings.workers,
+        node=settings.node,
         timezone=settings.tz,
         reconcile_hours=float(settings.reconcile_hours),
         reconcile_interval_s=float(settings.reconcile_interval_s),
@@ -164,6 +173,7 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
 @events_listen_option
 @events_allow_option
 @workers_option
+@node_option
 @timezone_option
 @option(
     "--web-listen", metavar="HOST:PORT", help="Where the web app listens (default 127.0.0.1:8080)."
@@ -193,6 +203,7 @@ def serve_command(
     events_listen: str | None,
     events_allow: tuple[str, ...],
     workers: int | None,
+    node: str | None,
     timezone: str | None,
     web_listen: str | None,
     no_web: bool,
@@ -217,6 +228,7 @@ def serve_command(
         events_listen=events_listen,
         events_allow=list(events_allow) or None,
         workers=workers,
+        node=node,
         timezone=timezone,
         web_listen=web_listen,
         secure_cookies=secure_cookies,
@@ -231,12 +243,7 @@ def serve_command(
     except StartError as exc:
         fail(str(exc))
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-
+    async def main(stop: asyncio.Event) -> None:
         def ready() -> None:
             web = (
                 f"; web app on http://{service_config.web_host}:{archiver.web_port}/"
@@ -255,8 +262,10 @@ def serve_command(
         await archiver.run(stop, ready=ready)
 
     try:
-        asyncio.run(main())
-    except (StartError, ListenError, IndexFailure) as exc:
+        run_service(main)
+    except Terminated:  # a second SIGTERM or Ctrl-C: stopped at once
+        raise SystemExit(143) from None
+    except (StartError, ListenError, IndexFailure, Fenced) as exc:
         fail(str(exc))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
@@ -266,15 +275,11 @@ def serve_command(
 # -- backfill ------------------------------------------------------------------------------
 
 
-def _parse_day(value: str, tz: ZoneInfo, what: str) -> datetime:
-    text = value.strip()
+def _time_option(flag: str, value: str, tz: tzinfo, *, end: bool) -> datetime:
     try:
-        if len(text) == 10:
-            return datetime.combine(date.fromisoformat(text), time(), tzinfo=tz)
-        moment = datetime.fromisoformat(text.replace(" ", "T", 1))
-    except ValueError:
-        fail(f"bad {what} {value!r}: use YYYY-MM-DD or 'YYYY-MM-DD hh:mm:ss'", code=2)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=tz)
+        return parse_moment(value, tz, end=end, name=flag)
+    except TimeFormatError as exc:
+        fail(str(exc), code=USAGE_ERROR)
 
 
 @app.command("backfill")
@@ -287,7 +292,7 @@ def _parse_day(value: str, tz: ZoneInfo, what: str) -> datetime:
 @option(
     "--until",
     metavar="TIME",
-    help="...and before this time (a date: through that day). Default: now.",
+    help=f"...and before this time (a date: through that day): {FORMATS}. Default: now.",
 )
 @click.option(
     "--queue-only", is_flag=True, default=False, help="Only queue; let `callvault serve` download."
@@ -300,6 +305,7 @@ def _parse_day(value: str, tz: ZoneInfo, what: str) -> datetime:
 @archive_option
 @db_option
 @workers_option
+@node_option
 @timezone_option
 @verbose_option
 def backfill_command(
@@ -319,6 +325,7 @@ def backfill_command(
     archive: Path | None,
     db: str | None,
     workers: int | None,
+    node: str | None,
     timezone: str | None,
     verbose: bool,
 ) -> None:
@@ -336,6 +343,7 @@ def backfill_command(
         archive=archive,
         db=db,
         workers=workers,
+        node=node,
         timezone=timezone,
     )
     _pbx, _user, archive_dir = _require(settings)
@@ -344,15 +352,10 @@ def backfill_command(
     except SettingsError as exc:
         fail(str(exc), code=USAGE_ERROR)
     tz = settings.tz
-    start = _parse_day(since, tz, "--since")
-    if until is None:
-        end = datetime.now(tz)
-    else:
-        end = _parse_day(until, tz, "--until")
-        if len(until.strip()) == 10:
-            end += timedelta(days=1)
+    start = _time_option("--since", since, tz, end=False)
+    end = datetime.now(tz) if until is None else _time_option("--until", until, tz, end=True)
     if end <= start:
-        fail("--until must be after --since", code=2)
+        fail("--until must be after --since", code=USAGE_ERROR)
     _setup_logging(verbose)
     if sys.stderr.isatty() and not verbose:
         logging.getLogger("callvault").setLevel(logging.WARNING)
@@ -402,10 +405,20 @@ def backfill_command(
 _STOPPED = "callvault: backfill {how}: no download left claimed, logged out; run it again to resume"
 
 
+def _pool_options(settings: ArchiveSettings) -> PoolOptions:
+    return PoolOptions(
+        workers=settings.workers,
+        lease_s=settings.job_lease_s,
+        poll_interval_s=min(settings.poll_interval_s, 1.0),
+        policy=_policy(settings),
+        grace_s=_STOP_GRACE_S,
+    )
+
+
 async def _backfill(
     client: PbxClient,
     index: Index,
-    storage: LocalStorage,
+    storage: Storage,
     settings: ArchiveSettings,
     *,
     start: datetime,
@@ -416,6 +429,7 @@ async def _backfill(
     console = Console(stderr=True)
     show = console.is_terminal
     tz = settings.tz
+    failure: str | None = None
     try:
         async with client:
             try:
@@ -433,7 +447,7 @@ async def _backfill(
             ) as progress:
                 windows_task = progress.add_task("CDR windows", total=None)
 
-                def on_window(_a: datetime, _b: datetime, stats: Any, total: int) -> None:
+                def on_window(_a: datetime, _b: datetime, stats: BackfillStats, total: int) -> None:
                     progress.update(
                         windows_task,
                         total=total,
@@ -469,12 +483,25 @@ async def _backfill(
                         flush=True,
                     )
                     return 0
-                failure = await _drain(client, index, storage, settings, progress)
-            if failure is not None:
-                print(f"callvault: error: downloads stopped: {failure}", file=sys.stderr)
-                return 1
+                recordings_task = progress.add_task("recordings", total=None)
+
+                def on_progress(done: int, total: int) -> None:
+                    progress.update(recordings_task, total=total, completed=done)
+
+                result = await drain(
+                    index,
+                    storage,
+                    client,
+                    tz=tz,
+                    node=settings.node,
+                    options=_pool_options(settings),
+                    on_progress=on_progress,
+                )
+                failure = result.stopped
     except PbxError as exc:  # logout trouble on the way out
         log.debug("logout: %s", exc)
+    if failure is not None:
+        print(f"callvault: error: downloads stopped: {failure}", file=sys.stderr, flush=True)
     counts = await asyncio.to_thread(index.recordings.counts_by_state)
     print(
         f"backfill: {stats.calls} calls{_skipped(stats.skipped)}, {stats.queued} recordings "
@@ -483,7 +510,7 @@ async def _backfill(
         f"{counts['pending'] + counts['downloading']} waiting",
         flush=True,
     )
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or failure is not None else 0
 
 
 _STOP_GRACE_S = 5.0
@@ -493,56 +520,3 @@ def _skipped(rows: int) -> str:
     if not rows:
         return ""
     return f" ({rows} invalid CDR row{'s' if rows != 1 else ''} skipped, see the log)"
-
-
-async def _drain(
-    client: PbxClient,
-    index: Index,
-    storage: LocalStorage,
-    settings: ArchiveSettings,
-    progress: Progress,
-) -> str | None:
-    """Download until nothing is pending; returns why it stopped early, or None."""
-    stop = asyncio.Event()
-    failure: list[str] = []
-
-    def auth_failed(exc: AuthError) -> None:
-        failure.append(str(exc))
-        stop.set()
-
-    staging = await asyncio.to_thread(process_staging_dir, storage)
-    pool = WorkerPool(
-        index=index,
-        storage=storage,
-        staging_dir=staging,
-        client=client,
-        session=None,
-        tz=settings.tz,
-        policy=_policy(settings),
-        workers=settings.workers,
-        lease_s=settings.job_lease_s,
-        poll_interval_s=min(settings.poll_interval_s, 1.0),
-        on_auth_failure=auth_failed,
-    )
-    # The loop below stops when no download is in flight, or on a refused login, SIGTERM
-    # or Ctrl-C: then the downloads in flight get a few seconds to finish and the rest are
-    # released (pending again, for the next run or `serve`). Not none: a worker cancelled
-    # while its claim is being written would leave the job claimed until its lease ends.
-    runner = asyncio.create_task(pool.run(stop, grace_s=_STOP_GRACE_S))
-    try:
-        remaining = await asyncio.to_thread(queued_counts, index)
-        task_id = progress.add_task("recordings", total=remaining)
-        while not stop.is_set():
-            left = await asyncio.to_thread(queued_counts, index)
-            progress.update(task_id, completed=max(0, remaining - left))
-            if left == 0 and not pool.busy:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
-    finally:
-        # Also when cancelled (SIGTERM, Ctrl-C): the workers release their jobs before
-        # the client logs out and the staging directory goes.
-        stop.set()
-        await runner
-        await asyncio.to_thread(remove_staging_dir, staging)
-    return failure[0] if failure else None

@@ -15,11 +15,13 @@ The `Index` has one store per subject, each method one short transaction:
 
 Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
 and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be
-stored. `index.check()` asks the database whether it is damaged.
+stored, whose reason `call_detail_problem(cdr, tz)` gives without touching the database.
+`index.check()` asks the database whether it is damaged.
 """
 
 from __future__ import annotations
 
+from callvault.index._calls import call_detail_problem
 from callvault.index._db import sqlite_path
 from callvault.index._errors import (
     IndexCorruptError,
@@ -60,6 +62,7 @@ __all__ = [
     "SearchFilters",
     "SettingKey",
     "Worker",
+    "call_detail_problem",
     "from_db",
     "open_index",
     "parse_timestart",

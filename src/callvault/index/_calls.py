@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import fields
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -15,8 +15,9 @@ from callvault.index import schema
 from callvault.index._db import Database
 from callvault.index._errors import InvalidCallDetail
 from callvault.index._models import RecordResult
-from callvault.index._times import parse_timestart, to_utc
+from callvault.index._times import to_utc
 from callvault.pbx import CallDetail
+from callvault.times import MAX_DURATION_S, PBX_FORMAT, parse_pbx_time, pbx_time_problem
 
 # CallDetail field -> the column it is stored in. Over-long identifiers (`IDENTITY_FIELDS`)
 # are refused before anything is written; the other text fields are cut to the column's
@@ -61,6 +62,7 @@ _CALL_TEXT_COLUMNS = (
     "pincode",
 )
 _CALL_NULLABLE_COLUMNS = ("start_at", "duration_s", "talk_s", "agent_ring_s")
+_DURATION_FIELDS = ("callduration", "talkduration", "agentringtime")
 _CDR_FIELDS = tuple(field.name for field in fields(CallDetail))
 # Keys per IN (...) lookup: well under every engine's limit on bound parameters.
 _IN_CHUNK = 500
@@ -86,12 +88,14 @@ class CallStore:
         `tz` is the PBX's zone, used to read `timestart`. A text field longer than its
         column is stored truncated to it (the same on every engine: SQLite would not enforce
         the lengths itself); `raw` keeps every field whole. Raises `InvalidCallDetail`
-        (a ValueError), storing nothing of the batch, on a record without a callid or whose
-        callid or recording name is longer than its column: those are never shortened.
+        (a ValueError), storing nothing of the batch, on a record `call_detail_problem`
+        refuses (no callid, an over-long callid or recording name, impossible times).
         """
         now = to_utc(now)
         for cdr in cdrs:
-            _check_identity(cdr)
+            problem = call_detail_problem(cdr, tz)
+            if problem is not None:
+                raise InvalidCallDetail(problem)
         if not cdrs:
             return []
         # A whole batch costs a handful of statements (executemany), not two or three per
@@ -214,7 +218,7 @@ def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> d
     return {
         "callid": cdr.callid,
         "pbx_serial": cdr.sn[: limit["sn"]],
-        "start_at": parse_timestart(cdr.timestart, tz),
+        "start_at": parse_pbx_time(cdr.timestart, tz),
         "timestart_local": cdr.timestart[: limit["timestart"]],
         "call_from": cdr.callfrom[: limit["callfrom"]],
         "call_to": cdr.callto[: limit["callto"]],
@@ -235,12 +239,36 @@ def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> d
     }
 
 
-def _check_identity(cdr: CallDetail) -> None:
+def call_detail_problem(cdr: CallDetail, tz: tzinfo) -> str | None:
+    """Why the index refuses to store `cdr` (None when it stores it): the one door for
+    every record, from the receiver (which answers 400 with this reason) and the CDR export.
+
+    Refused: no callid; a callid or recording name longer than its column (they identify the
+    call and the file, so they are never shortened); a `timestart` that is a date and time
+    in the PBX's form but outside `callvault.times`' range in zone `tz` (year 1, year 9999:
+    a broken clock, whose time cannot be stored or computed with); a duration longer than
+    `callvault.times.MAX_DURATION_S`. A `timestart` that is not a time at all is stored as
+    text, without a start.
+    """
     if not cdr.callid:
-        raise InvalidCallDetail("a call detail record has no callid")
+        return "a call detail record has no callid"
     for field_name, limit in _IDENTITY_LIMITS.items():
         value = getattr(cdr, field_name)
         if value is not None and len(value) > limit:
-            raise InvalidCallDetail(
-                f"call detail field {field_name} is longer than {limit} characters"
+            return f"call detail field {field_name} is longer than {limit} characters"
+    if cdr.timestart and parse_pbx_time(cdr.timestart, tz) is None:
+        try:
+            datetime.strptime(cdr.timestart.strip(), PBX_FORMAT)
+        except ValueError:
+            pass  # not a time at all: kept as text, without a start
+        else:
+            return pbx_time_problem(cdr.timestart, tz) or "timestart is out of range"
+    for field_name in _DURATION_FIELDS:
+        seconds = getattr(cdr, field_name)
+        if seconds is not None and not 0 <= seconds <= MAX_DURATION_S:
+            years = MAX_DURATION_S // (365 * 86400)
+            return (
+                f"call detail field {field_name} is not a believable duration "
+                f"(more than {years} years, or negative): check the PBX"
             )
+    return None

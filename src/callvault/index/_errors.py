@@ -27,7 +27,9 @@ class IndexCorruptError(IndexFailure):
 
 
 class InvalidCallDetail(ValueError):
-    """A call detail record the index cannot store: no callid, or a callid or recording
-    name longer than its column. Those identify the call and the file, so they are never
-    shortened; every other over-long field is truncated instead (the full text stays in
-    `raw`). A receiver answers it with 400: sending the same record again cannot help."""
+    """A call detail record the index cannot store (see `call_detail_problem`): no callid,
+    a callid or recording name longer than its column (they identify the call and the file,
+    so they are never shortened; every other over-long field is truncated instead, the full
+    text stays in `raw`), or times no call can have (a start in year 1 or 9999, a duration
+    of centuries). A receiver answers it with 400: sending the same record again cannot
+    help."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-_TIMESTART_FORMAT = "%Y-%m-%d %H:%M:%S"
-_TIMESTART_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
+from callvault.times import parse_pbx_time
 
 
 def to_utc(value: datetime) -> datetime:
@@ -27,13 +25,6 @@ def from_db(value: datetime | None) -> datetime | None:
 
 
 def parse_timestart(timestart: str, tz: ZoneInfo) -> datetime | None:
-    """Turn the PBX's local "YYYY-MM-DD hh:mm:ss" into aware UTC; None if it is not that."""
-    text = timestart.strip()
-    try:
-        if text.isascii() and _TIMESTART_PATTERN.fullmatch(text):
-            local = datetime.fromisoformat(text)  # the same reading as strptime, in C
-        else:
-            local = datetime.strptime(text, _TIMESTART_FORMAT)
-    except ValueError:
-        return None
-    return local.replace(tzinfo=tz).astimezone(UTC)
+    """Turn the PBX's local "YYYY-MM-DD hh:mm:ss" into aware UTC; None if it is not that, or
+    lies outside the range `callvault.times` believes (never raises)."""
+    return parse_pbx_time(timestart, tz)

@@ -56,26 +56,40 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+# The largest number of seconds `parse_seconds` returns: a duration written larger (a PBX
+# with a broken counter, "99999999999999999999999:00") reads as this, which is still absurd
+# (over 30,000 years: the index refuses it, see callvault.times.MAX_DURATION_S) but fits
+# every database's integer, and is computed without turning a thousand digits into an int.
+MAX_SECONDS = 10**12
+_MAX_DIGITS = len(str(MAX_SECONDS))
+
+
 def parse_seconds(value: Any) -> int | None:
-    """Seconds from "29", 29, "29.0" or "00:10:00"; None when absent or not a duration."""
+    """Seconds from "29", 29, "29.0" or "00:10:00"; None when absent or not a duration.
+
+    At most `MAX_SECONDS`: a larger number reads as `MAX_SECONDS`.
+    """
     text = _text(value)
     if not text:
         return None
     if ":" in text:
-        parts = text.split(":")
-        if len(parts) > 3 or not all(p.strip().isdigit() for p in parts):
+        parts = [part.strip() for part in text.split(":")]
+        if len(parts) > 3 or not all(part.isascii() and part.isdigit() for part in parts):
             return None
         total = 0
         for part in parts:
-            total = total * 60 + int(part)
-        return total
+            digits = part.lstrip("0")
+            if len(digits) > _MAX_DIGITS:
+                return MAX_SECONDS
+            total = total * 60 + int(digits or "0")
+        return min(total, MAX_SECONDS)
     try:
         number = float(text)
     except ValueError:
         return None
-    if number != number or number < 0 or number > 10**9:  # NaN, negative, absurd
+    if number != number or number < 0:  # NaN, negative
         return None
-    return int(number)
+    return int(min(number, MAX_SECONDS))
 
 
 def normalise_key(key: str) -> str:

@@ -490,6 +490,8 @@ STATE_MEANINGS = {
     FAILED: "given up after repeated faults; the reason is below",
     MISSING: "the PBX kept saying the file does not exist",
 }
+
+
 # Less free space than this share of the disk needs attention.
 def _plural(count: int, one: str, many: str | None = None) -> str:
     return f"{count} {one if count == 1 else (many or one + 's')}"

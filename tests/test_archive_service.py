@@ -1,0 +1,278 @@
+"""The archiver end to end: the real simulator over HTTPS, the real receiver on 127.0.0.1,
+the index on both engines.
+
+Calls placed on the simulated PBX push NewCdr to the archiver, whose workers download
+each recording and store it; the tests compare the archived bytes with the simulator's,
+and check what becomes of recordings that are late, gone, refused or oddly named.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+
+from callvault.archive import Archiver, RetryPolicy
+from callvault.index import SettingKey, open_index
+from callvault.index.schema import ARCHIVED
+from callvault.pbx import EventFormat
+from callvault.simulator import Faults, Simulator, SimulatorConfig
+from callvault.simulator._events import newcdr_body
+from support.archive import FAST_POLICY, archiver_config, file_sha256, states, wait_until
+
+
+def test_event_to_archived_bytes_equal_the_pbx(
+    events_sim: Simulator, tmp_path: Path, db_url: str
+) -> None:
+    sim = events_sim
+    archive = tmp_path / "archive"
+    with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+        cdrs = [
+            sim.place_call(callfrom="1001", callto="1003", talk_seconds=2),
+            sim.place_call(callfrom="1002", callto="015112345678", type="Outbound", talk_seconds=3),
+            sim.place_call(callfrom="1004", callto="1005", status="NO ANSWER"),
+        ]
+        index = archiver.index
+        assert index is not None
+        assert wait_until(lambda: states(index) == {"archived": 2}), states(index)
+        assert archiver.session is not None and archiver.session.health["state"] == "ok"
+        # The process that downloads is registered, its workers alive.
+        assert archiver.pool is not None and archiver.pool.alive == archiver.pool.configured
+    with open_index(db_url) as index:
+        for cdr in cdrs[:2]:
+            assert cdr.recording is not None
+            row = index.recordings.by_name(cdr.recording)
+            assert row is not None and row.state == "archived"
+            assert row.storage_key is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+            path = archive / row.storage_key
+            assert path.is_file() and file_sha256(path) == row.sha256
+            assert row.storage_key.startswith(f"{sim.serial}/")
+            assert row.size == path.stat().st_size
+        health = index.settings.get(SettingKey.PBX_HEALTH)
+        assert health is not None and '"state"' in health
+        [process] = index.processes.all()
+        assert (process.kind, process.workers_configured) == ("serve", 2)
+        assert process.stopped_at is not None  # a clean stop
+    staging = archive / ".callvault-incoming"
+    assert not staging.exists() or list(staging.iterdir()) == []
+
+
+def test_duplicate_events_archive_once(events_sim: Simulator, tmp_path: Path, db_url: str) -> None:
+    sim = events_sim
+    archive = tmp_path / "archive"
+    with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+        cdr = sim.place_call(talk_seconds=2)
+        assert cdr.recording is not None
+        body = newcdr_body(cdr, EventFormat.V1_0_2)
+        for _ in range(5):
+            assert httpx.post(archiver.events_url, content=body).status_code == 200
+        index = archiver.index
+        assert index is not None
+        assert wait_until(lambda: states(index) == {"archived": 1})
+        time.sleep(0.5)  # re-sent events after archiving must not reset it
+        for _ in range(3):
+            assert httpx.post(archiver.events_url, content=body).status_code == 200
+        row = index.recordings.by_name(cdr.recording)
+        assert row is not None and row.state == "archived" and row.attempts == 1
+        assert archiver.pool is not None and archiver.pool.archived == 1
+    assert len(list(archive.rglob("*.wav"))) == 1
+
+
+def test_not_ready_then_ready(tmp_path: Path, db_url: str) -> None:
+    faults = Faults(not_ready_seconds=1.0)
+    with Simulator(SimulatorConfig(seed=3, faults=faults, event_retry_interval=0.2)) as sim:
+        archive = tmp_path / "archive"
+        with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+            cdr = sim.place_call(talk_seconds=2)
+            assert cdr.recording is not None
+            index = archiver.index
+            assert index is not None
+            assert wait_until(lambda: states(index) == {"archived": 1}, timeout=15)
+            row = index.recordings.by_name(cdr.recording)
+            assert row is not None and row.attempts >= 2  # at least one "not ready" first
+            assert row.sha256 == sim.recording_sha256(cdr.recording)
+            assert row.missing_since is None and row.last_error is None
+
+
+def test_missing_after_the_bound_with_the_reason(
+    events_sim: Simulator, tmp_path: Path, db_url: str
+) -> None:
+    sim = events_sim
+    archive = tmp_path / "archive"
+    with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+        sim.faults.delete_rate = 1.0
+        cdr = sim.place_call(talk_seconds=2)
+        sim.faults.delete_rate = 0.0
+        kept = sim.place_call(talk_seconds=2)
+        assert cdr.recording is not None and kept.recording is not None
+        index = archiver.index
+        assert index is not None
+        assert wait_until(lambda: states(index) == {"archived": 1, "missing": 1}, timeout=20), (
+            states(index)
+        )
+        row = index.recordings.by_name(cdr.recording)
+        assert row is not None and row.state == "missing"
+        assert row.last_error is not None and "does not exist" in row.last_error
+        assert "20014" in row.last_error
+        assert row.attempts >= FAST_POLICY.missing_min_attempts
+    assert not list(archive.rglob(cdr.recording))
+
+
+def test_transient_faults_are_retried_until_archived(tmp_path: Path, db_url: str) -> None:
+    with Simulator(SimulatorConfig(seed=5, event_retry_interval=0.2)) as sim:
+        archive = tmp_path / "archive"
+        with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+            assert archiver.session is not None
+            assert wait_until(archiver.session.ready.is_set)
+            # Downloads dropped mid-body, then 5xx and HTML pages on the API calls.
+            sim.faults.drop_next_downloads = 3
+            sim.faults.error_5xx_next = 2
+            sim.faults.html_error_next = 1
+            cdrs = [sim.place_call(talk_seconds=2) for _ in range(3)]
+            index = archiver.index
+            assert index is not None
+            assert wait_until(lambda: states(index) == {"archived": 3}, timeout=30), states(index)
+            for cdr in cdrs:
+                assert cdr.recording is not None
+                row = index.recordings.by_name(cdr.recording)
+                assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+
+
+def test_an_unsafe_name_fails_at_once_and_a_non_ascii_one_is_archived(
+    events_sim: Simulator, tmp_path: Path, db_url: str
+) -> None:
+    """A name with a '/' can never be a file name: the job fails at its first attempt with
+    the reason, and never reaches the PBX session's health. A name with non-ASCII letters
+    (raw bytes in the download's Content-Disposition) is archived like any other."""
+    sim = events_sim
+    archive = tmp_path / "archive"
+    with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+        index, session = archiver.index, archiver.session
+        assert index is not None and session is not None
+        unsafe = sim.place_call(callfrom="10/01", talk_seconds=1)
+        umlaut = sim.place_call(callfrom="Müller", talk_seconds=1)
+        assert unsafe.recording is not None and umlaut.recording is not None
+        assert wait_until(lambda: states(index) == {"archived": 1, "failed": 1}), states(index)
+        failed = index.recordings.by_name(unsafe.recording)
+        assert failed is not None and failed.state == "failed" and failed.attempts == 1
+        assert failed.last_error is not None and "'/'" in failed.last_error
+        archived = index.recordings.by_name(umlaut.recording)
+        assert archived is not None and archived.sha256 == sim.recording_sha256(umlaut.recording)
+        assert session.health["state"] == "ok"
+        assert archived.storage_key is not None
+    # Under a safe key of its own: the only file.
+    assert [p.relative_to(archive).as_posix() for p in archive.rglob("*.wav")] == [
+        archived.storage_key
+    ]
+
+
+def test_reports_with_a_broken_clock_are_refused_and_the_workers_carry_on(
+    events_sim: Simulator, tmp_path: Path, db_url: str
+) -> None:
+    """Two reports of calls in year 9999 whose recordings the PBX does not have used to end
+    both workers (an overflow in the retry arithmetic), silently and for good. They are
+    refused at the door now (400: the PBX stops re-sending them), and calls after them are
+    archived."""
+    sim = events_sim
+    with Archiver(archiver_config(sim, tmp_path / "archive", db_url=db_url)) as archiver:
+        index = archiver.index
+        assert index is not None
+        for n in (1, 2):
+            report = {
+                "action": "NewCdr",
+                "callid": f"253402300799.{n}",
+                "timestart": "9999-12-31 23:59:59",
+                "callfrom": "1001",
+                "callto": "1003",
+                "callduraction": "7200",
+                "talkduraction": "7190",
+                "status": "ANSWERED",
+                "type": "Internal",
+                "recording": f"99991231235959-253402300799.{n}-1001-1003-Internal.wav",
+            }
+            answer = httpx.post(archiver.events_url, json=report)
+            assert answer.status_code == 400 and "out of range" in answer.json()["message"]
+        cdr = sim.place_call(talk_seconds=1)
+        assert cdr.recording is not None
+        assert wait_until(lambda: states(index) == {"archived": 1}), states(index)
+        assert archiver.pool is not None and archiver.pool.alive == 2
+
+
+def test_reboot_and_revoked_tokens_lead_to_relogin(
+    events_sim: Simulator, tmp_path: Path, db_url: str
+) -> None:
+    sim = events_sim
+    config = archiver_config(sim, tmp_path / "archive", db_url=db_url, heartbeat_interval_s=0.3)
+    with Archiver(config) as archiver:
+        index = archiver.index
+        session = archiver.session
+        assert index is not None and session is not None
+        sim.place_call(talk_seconds=1)
+        assert wait_until(lambda: states(index) == {"archived": 1})
+        logins = session.logins
+        sim.reboot()  # tokens gone, BootUp pushed: the session logs in again
+        assert wait_until(lambda: session.logins > logins, timeout=10)
+        # Tokens revoked without a report: events stop until the next heartbeat's token
+        # error makes the client log in again.
+        pbx_logins = sim.login_count
+        sim.revoke_tokens()
+        assert wait_until(lambda: sim.login_count > pbx_logins, timeout=10)
+        sim.place_call(talk_seconds=1)
+        assert wait_until(lambda: states(index) == {"archived": 2}, timeout=15), states(index)
+        assert session.health["state"] == "ok"
+
+
+def test_a_live_call_read_in_the_wrong_zone_is_archived_once_ready(
+    tmp_path: Path, db_url: str
+) -> None:
+    policy = RetryPolicy(
+        not_found_schedule_s=(0.2, 0.3, 0.5),
+        missing_after_s=120.0,
+        missing_min_attempts=4,
+        old_call_min_attempts=3,
+        transient_base_s=0.1,
+        transient_max_s=0.5,
+        jitter=0.1,
+    )
+    with Simulator(SimulatorConfig(seed=3, event_retry_interval=0.2)) as sim:
+        assert sim.config.timezone != "Asia/Tokyo"
+        # Tokyo is hours ahead of the PBX's zone: every call seems to have ended hours ago.
+        tokyo = ZoneInfo("Asia/Tokyo")
+        config = archiver_config(sim, tmp_path / "a", db_url=db_url, policy=policy, timezone=tokyo)
+        with Archiver(config) as archiver:
+            index = archiver.index
+            assert index is not None
+            sim.faults.not_ready_seconds = 2.0  # the PBX is still writing the file
+            cdr = sim.place_call(talk_seconds=1)
+            assert cdr.recording is not None
+            assert wait_until(lambda: bool(set(states(index)) & {"archived", "missing"}), 60)
+            row = index.recordings.by_name(cdr.recording)
+            assert row is not None and row.state == ARCHIVED, (row.state if row else None, row)
+            assert row.attempts >= 2 and row.sha256 == sim.recording_sha256(cdr.recording)
+
+
+def test_over_long_fields_block_neither_reconciliation_nor_events(
+    tmp_path: Path, db_url: str
+) -> None:
+    with Simulator(SimulatorConfig(seed=3, event_retry_interval=0.2)) as sim:
+        # Missed while the archiver was down, between two good ones.
+        missed = [
+            sim.place_call(callfrom="1001", talk_seconds=1),
+            sim.place_call(callfrom="9" * 129, talk_seconds=1),
+            sim.place_call(callfrom="1002", talk_seconds=1),
+        ]
+        config = archiver_config(sim, tmp_path / "a", db_url=db_url, reconcile_at_start=True)
+        with Archiver(config) as archiver:
+            index = archiver.index
+            assert index is not None
+            assert wait_until(lambda: states(index) == {"archived": 3}, 60), states(index)
+            live = sim.place_call(callfrom="8" * 129, talk_seconds=1)
+            assert wait_until(lambda: states(index) == {"archived": 4}, 60), states(index)
+            for cdr in [*missed, live]:
+                assert cdr.recording is not None
+                row = index.recordings.by_name(cdr.recording)
+                assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+                assert row.call_from == cdr.callfrom[:128]
+                assert f'"callfrom": "{cdr.callfrom}"' in row.raw
