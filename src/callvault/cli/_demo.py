@@ -84,8 +84,7 @@ def _check_web_port(port: int) -> None:
 )
 def demo(directory: Path, calls_per_minute: float, web_port: int, duration: float) -> None:
     """Run a simulated PBX, archive its recordings as calls end, and serve the web app."""
-    from callvault.archive import Archived, Archiver, ArchiverConfig
-    from callvault.archive import StartError
+    from callvault.archive import Archived, Archiver, ArchiverConfig, StartError
     from callvault.index import users
     from callvault.pbx import TlsOptions
     from callvault.serving import ListenError
