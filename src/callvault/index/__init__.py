@@ -43,7 +43,6 @@ from callvault.index._models import (
     Worker,
 )
 from callvault.index._settings import SettingKey
-from callvault.index._times import from_db, parse_timestart, to_utc
 
 __all__ = [
     "DEFAULT_STALE_AFTER",
@@ -63,9 +62,6 @@ __all__ = [
     "SettingKey",
     "Worker",
     "call_detail_problem",
-    "from_db",
     "open_index",
-    "parse_timestart",
     "sqlite_path",
-    "to_utc",
 ]

@@ -15,9 +15,8 @@ from callvault.index import schema
 from callvault.index._db import Database
 from callvault.index._errors import InvalidCallDetail
 from callvault.index._models import RecordResult
-from callvault.index._times import to_utc
 from callvault.pbx import CallDetail
-from callvault.times import MAX_DURATION_S, PBX_FORMAT, parse_pbx_time, pbx_time_problem
+from callvault.times import MAX_DURATION_S, PBX_FORMAT, parse_pbx_time, pbx_time_problem, to_utc
 
 # CallDetail field -> the column it is stored in. Over-long identifiers (`IDENTITY_FIELDS`)
 # are refused before anything is written; the other text fields are cut to the column's

@@ -11,7 +11,8 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from callvault.index import schema
 from callvault.index._db import Database
 from callvault.index._models import Job, Worker
-from callvault.index._times import from_db, to_utc
+from callvault.times import as_utc as from_db
+from callvault.times import to_utc
 
 # A claim whose process has not sent a heartbeat for this long is released.
 DEFAULT_STALE_AFTER = timedelta(seconds=30)

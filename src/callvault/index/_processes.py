@@ -21,8 +21,9 @@ from sqlalchemy import delete, insert, select, update
 
 from callvault.index._db import Database
 from callvault.index._models import ProcessInfo
-from callvault.index._times import from_db, to_utc
 from callvault.index.schema import column_length, processes
+from callvault.times import as_utc as from_db
+from callvault.times import to_utc
 
 _NODE_MAX = column_length(processes.c.node)
 _KIND_MAX = column_length(processes.c.kind)

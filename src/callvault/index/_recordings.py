@@ -23,7 +23,8 @@ from sqlalchemy import (
 from callvault.index import schema
 from callvault.index._db import Database, like_pattern
 from callvault.index._models import DayCount, RecordingRow, SearchFilters
-from callvault.index._times import from_db, to_utc
+from callvault.times import as_utc as from_db
+from callvault.times import to_utc
 
 _DATETIME_FIELDS = (
     "next_attempt_at",

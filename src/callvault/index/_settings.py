@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from callvault.index import schema
 from callvault.index._db import Database
-from callvault.index._times import to_utc
+from callvault.times import to_utc
 
 
 class SettingKey(StrEnum):

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from callvault.index._db import Database
-from callvault.index._times import from_db, to_utc
 from callvault.index.schema import api_tokens, column_length, users, web_sessions
+from callvault.times import as_utc as from_db
+from callvault.times import to_utc
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
