@@ -34,7 +34,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.events_address() == ("0.0.0.0", 8260)
     assert (settings.reconcile_hours, settings.reconcile_interval_s) == (48, 3600)
     assert settings.password_env == "CALLVAULT_PASSWORD"
-    assert settings.api_version is ApiVersion.V1_1_0
+    assert settings.api_version is None and settings.api is ApiVersion.V1_1_0
     assert settings.timezone == "America/New_York"
     assert settings.insecure is False
 

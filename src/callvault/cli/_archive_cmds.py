@@ -15,7 +15,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import click
@@ -30,21 +30,12 @@ from callvault.cli._settings import (
     host_timezone,
     settings_or_fail,
 )
-from callvault.index import SearchFilters, audit
+from callvault.index import SearchFilters
 from callvault.index.schema import RECORDING_STATES
-from callvault.ops import (
-    REQUEUE_STATES,
-    Archive,
-    ArchiveError,
-    ArchiveStatus,
-    RecordingPage,
-    RecordingView,
-    archive_status,
-    human_size,
-    open_archive,
-    requeue,
-    verify_archive,
-)
+from callvault.ops import Archive, ArchiveError, open_archive
+
+if TYPE_CHECKING:
+    from callvault.ops import ArchiveStatus
 from callvault.times import FORMATS, TimeFormatError, parse_moment
 
 
@@ -145,6 +136,8 @@ def list_command(
         if more and json_output:  # scripts get the total, as from the API
             total = opened.index.recordings.count(filters)
     if json_output:
+        from callvault.ops import RecordingPage, RecordingView
+
         page = RecordingPage(
             total=total, limit=limit, offset=0, items=[RecordingView.of(row) for row in rows]
         )
@@ -184,6 +177,8 @@ def status_command(
     session, the workers of serve, the last event, disk use and the index's health."""
     settings = settings_or_fail(config, archive=archive, db=db)
     with open_settings_archive(settings) as opened:
+        from callvault.ops import archive_status
+
         status = archive_status(opened, now=datetime.now(UTC))
     if json_output:
         _print_json(status.to_json())
@@ -195,6 +190,7 @@ def status_command(
 
 def print_status(status: ArchiveStatus) -> None:
     """The status as lines for people."""
+    from callvault.ops import human_size
     from callvault.times import ago
 
     now = status.checked_at
@@ -237,6 +233,8 @@ def _disk(status: ArchiveStatus) -> str:
     usage = status.storage
     if usage is None or usage.free is None:
         return ""
+    from callvault.ops import human_size
+
     return f" ({human_size(usage.free)} free on its disk)"
 
 
@@ -250,6 +248,8 @@ def verify_command(
     files the index does not know."""
     settings = settings_or_fail(config, archive=archive, db=db)
     with open_settings_archive(settings) as opened:
+        from callvault.ops import verify_archive
+
         report = verify_archive(opened, now=datetime.now(UTC))
     if json_output:
         _print_json(report.to_json())
@@ -304,6 +304,8 @@ def requeue_command(
     `callvault serve` downloads them at once, each with a fresh run of attempts.
     """
     settings = settings_or_fail(config, archive=archive, db=db)
+    from callvault.ops import REQUEUE_STATES, requeue
+
     states = list(dict.fromkeys(state or REQUEUE_STATES))
     unknown = [s for s in states if s not in REQUEUE_STATES]
     if unknown:
@@ -312,6 +314,8 @@ def requeue_command(
         tz = display_timezone(settings, opened)
         first = _moment("--since", since, tz, end=False)
         result = requeue(opened, states, now=datetime.now(UTC), since=first)
+        from callvault.index import audit
+
         counts = ", ".join(f"{state}={count}" for state, count in result.requeued.items())
         opened.index.audit.record(cli_actor(), audit.REQUEUE, "recordings", counts, "local")
     if json_output:

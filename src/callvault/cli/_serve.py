@@ -137,7 +137,7 @@ def archiver_config(settings: ArchiveSettings, *, web: bool) -> ArchiverConfig:
         password=password,
         archive=archive,
         db_url=settings.db_url(),
-        api_version=settings.api_version,
+        api_version=settings.api,
         tls=tls,
         events_host=events_host,
         events_port=events_port,

@@ -19,13 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
-import json
 import os
-import socket
-import ssl
 import sys
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +28,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from callvault.pbx import ApiVersion, TlsOptions, check_pbx_url, normalise_pin
-
 if TYPE_CHECKING:
-    from callvault.pbx import PbxClient
+    from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 
 DB_FILENAME = "callvault.db"
 ENV_PREFIX = "CALLVAULT_"
@@ -158,6 +151,8 @@ def _items(value: Any) -> list[Any]:
         text = value.strip()
         if text.startswith("["):
             try:
+                import json
+
                 value = json.loads(text)
             except ValueError:
                 raise ValueError("is not a JSON list") from None
@@ -169,6 +164,8 @@ def _items(value: Any) -> list[Any]:
 
 
 def _pbx_url(value: Any) -> str:
+    from callvault.pbx import check_pbx_url
+
     return check_pbx_url(_text(value))
 
 
@@ -185,6 +182,8 @@ def _trusted_proxy(value: Any) -> str | None:
     if not text:
         return None
     try:
+        import ipaddress
+
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise ValueError(
@@ -196,6 +195,8 @@ def _networks(value: Any) -> list[str]:
     entries = [str(item).strip() for item in _items(value)]
     for entry in entries:
         try:
+            import ipaddress
+
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
             raise ValueError(f"{entry!r:.60} is not an IP address or network") from None
@@ -222,6 +223,8 @@ def _variable_name(value: Any) -> str:
 
 
 def _api_version(value: Any) -> ApiVersion:
+    from callvault.pbx import ApiVersion
+
     if isinstance(value, ApiVersion):
         return value
     text = _text(value)
@@ -235,11 +238,15 @@ def _api_version(value: Any) -> ApiVersion:
 
 def _pin(value: Any) -> str | None:
     text = _text(value)
+    from callvault.pbx import normalise_pin
+
     return normalise_pin(text) if text else None
 
 
 def _tls_version(value: Any) -> str:
     text = _text(value)
+    from callvault.pbx import TlsOptions
+
     TlsOptions(minimum_version=text)  # ValueError naming the versions there are
     return text
 
@@ -299,7 +306,8 @@ class Settings:
     pbx: str | None = None
     username: str | None = None
     password_env: str = DEFAULT_PASSWORD_ENV
-    api_version: ApiVersion = ApiVersion.V1_1_0
+    # None: not given, v1.1.0 (see `api`); the reader makes any spelling an `ApiVersion`.
+    api_version: ApiVersion | None = None
     ca_file: Path | None = None
     pin_sha256: str | None = None
     insecure: bool = False
@@ -374,10 +382,14 @@ class Settings:
         if host is None:
             return []
         try:
+            import ipaddress
+
             return [str(ipaddress.ip_address(host))]
         except ValueError:
             pass
         try:
+            import socket
+
             infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise SettingsError(
@@ -414,11 +426,22 @@ class Settings:
             )
         return value
 
+    @property
+    def api(self) -> ApiVersion:
+        """The API version to speak: `api_version`, by default v1.1.0."""
+        from callvault.pbx import ApiVersion
+
+        return self.api_version or ApiVersion.V1_1_0
+
     def tls_options(self) -> TlsOptions:
         """How to trust the PBX's certificate; SettingsError (one line) if the CA file is
         missing or unreadable. Warns on stderr that --insecure checks nothing."""
         if self.ca_file is not None and not self.ca_file.is_file():
             raise SettingsError(f"--ca-file {self.ca_file}: no such file")
+        import ssl
+
+        from callvault.pbx import TlsOptions
+
         tls = TlsOptions(
             ca_file=self.ca_file,
             pin_sha256=self.pin_sha256,
@@ -450,7 +473,7 @@ class Settings:
         password = self.password()
         try:
             client = PbxClient(
-                pbx, username, password, api_version=self.api_version, tls=tls, **client_kwargs
+                pbx, username, password, api_version=self.api, tls=tls, **client_kwargs
             )
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
@@ -467,6 +490,8 @@ FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings)) - {"given"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)

@@ -21,8 +21,13 @@ stored, whose reason `call_detail_problem(cdr, tz)` gives without touching the d
 
 from __future__ import annotations
 
-from callvault.index._calls import call_detail_problem
+from typing import TYPE_CHECKING, Any
+
 from callvault.index._db import sqlite_path
+
+if TYPE_CHECKING:
+    from callvault.index._calls import call_detail_problem
+    from callvault.index._jobs import DEFAULT_STALE_AFTER
 from callvault.index._errors import (
     IndexCorruptError,
     IndexFailure,
@@ -31,7 +36,6 @@ from callvault.index._errors import (
     InvalidCallDetail,
 )
 from callvault.index._index import Index, open_index
-from callvault.index._jobs import DEFAULT_STALE_AFTER
 from callvault.index._models import (
     DayCount,
     Job,
@@ -65,3 +69,16 @@ __all__ = [
     "open_index",
     "sqlite_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use (see Index: a command that only reads does not load them).
+    if name == "call_detail_problem":
+        from callvault.index._calls import call_detail_problem
+
+        return call_detail_problem
+    if name == "DEFAULT_STALE_AFTER":
+        from callvault.index._jobs import DEFAULT_STALE_AFTER
+
+        return DEFAULT_STALE_AFTER
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

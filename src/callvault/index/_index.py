@@ -12,15 +12,14 @@ as aware UTC datetimes on every engine.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
-from callvault.index._audit import AuditStore
-from callvault.index._calls import CallStore
 from callvault.index._db import (
     SUPPORTED_DIALECTS,
     Database,
@@ -30,11 +29,15 @@ from callvault.index._db import (
     sqlite_path,
 )
 from callvault.index._errors import IndexMissingError, IndexOpenError
-from callvault.index._jobs import JobStore
-from callvault.index._processes import ProcessStore
 from callvault.index._recordings import RecordingStore
 from callvault.index._settings import SettingsStore
-from callvault.index._users import SessionStore, TokenStore, UserStore
+
+if TYPE_CHECKING:
+    from callvault.index._audit import AuditStore
+    from callvault.index._calls import CallStore
+    from callvault.index._jobs import JobStore
+    from callvault.index._processes import ProcessStore
+    from callvault.index._users import SessionStore, TokenStore, UserStore
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration: an index already at it opens without loading Alembic (about a
@@ -94,15 +97,53 @@ class Index:
 
     def __init__(self, engine: Engine, url: str) -> None:
         self._db = Database(engine, url)
-        self.calls = CallStore(self._db)
-        self.jobs = JobStore(self._db)
         self.recordings = RecordingStore(self._db)
         self.settings = SettingsStore(self._db)
-        self.users = UserStore(self._db)
-        self.tokens = TokenStore(self._db)
-        self.sessions = SessionStore(self._db)
-        self.audit = AuditStore(self._db)
-        self.processes = ProcessStore(self._db)
+
+    # The other stores are built, and their modules imported, on first use: a command that
+    # only reads recordings (`callvault list`) does not pay for users, audit or call parsing.
+
+    @functools.cached_property
+    def calls(self) -> CallStore:
+        from callvault.index._calls import CallStore
+
+        return CallStore(self._db)
+
+    @functools.cached_property
+    def jobs(self) -> JobStore:
+        from callvault.index._jobs import JobStore
+
+        return JobStore(self._db)
+
+    @functools.cached_property
+    def users(self) -> UserStore:
+        from callvault.index._users import UserStore
+
+        return UserStore(self._db)
+
+    @functools.cached_property
+    def tokens(self) -> TokenStore:
+        from callvault.index._users import TokenStore
+
+        return TokenStore(self._db)
+
+    @functools.cached_property
+    def sessions(self) -> SessionStore:
+        from callvault.index._users import SessionStore
+
+        return SessionStore(self._db)
+
+    @functools.cached_property
+    def audit(self) -> AuditStore:
+        from callvault.index._audit import AuditStore
+
+        return AuditStore(self._db)
+
+    @functools.cached_property
+    def processes(self) -> ProcessStore:
+        from callvault.index._processes import ProcessStore
+
+        return ProcessStore(self._db)
 
     def __repr__(self) -> str:
         return f"Index({redact(self._db.url)})"

@@ -13,20 +13,59 @@ what both `--json` and the web API print, so the two never disagree:
 The layer sits above the archiver and below the web app and the command line.
 """
 
-from callvault.ops._archive import Archive, ArchiveError, open_archive
-from callvault.ops._json import JsonResult, json_ready
-from callvault.ops._recordings import RecordingPage, RecordingView
-from callvault.ops._requeue import REQUEUE_STATES, RequeueResult, requeue
-from callvault.ops._status import (
-    ArchiveStatus,
-    Failure,
-    PbxSessionStatus,
-    ProcessStatus,
-    WorkerCount,
-    archive_status,
-)
-from callvault.ops._verify import VerifyReport, VerifyResult, verify_archive, verify_recording
-from callvault.ops._words import human_size
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from callvault.ops._archive import Archive, ArchiveError, open_archive
+    from callvault.ops._json import JsonResult, json_ready
+    from callvault.ops._recordings import RecordingPage, RecordingView
+    from callvault.ops._requeue import REQUEUE_STATES, RequeueResult, requeue
+    from callvault.ops._status import (
+        ArchiveStatus,
+        Failure,
+        PbxSessionStatus,
+        ProcessStatus,
+        WorkerCount,
+        archive_status,
+    )
+    from callvault.ops._verify import VerifyReport, VerifyResult, verify_archive, verify_recording
+    from callvault.ops._words import human_size
+
+# Each name is imported from its module on first use: a command loads only what it runs.
+_HOMES = {
+    "Archive": "_archive",
+    "ArchiveError": "_archive",
+    "open_archive": "_archive",
+    "JsonResult": "_json",
+    "json_ready": "_json",
+    "RecordingPage": "_recordings",
+    "RecordingView": "_recordings",
+    "REQUEUE_STATES": "_requeue",
+    "RequeueResult": "_requeue",
+    "requeue": "_requeue",
+    "ArchiveStatus": "_status",
+    "Failure": "_status",
+    "PbxSessionStatus": "_status",
+    "ProcessStatus": "_status",
+    "WorkerCount": "_status",
+    "archive_status": "_status",
+    "VerifyReport": "_verify",
+    "VerifyResult": "_verify",
+    "verify_archive": "_verify",
+    "verify_recording": "_verify",
+    "human_size": "_words",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"callvault.ops.{home}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "REQUEUE_STATES",
