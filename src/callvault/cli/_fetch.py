@@ -26,7 +26,14 @@ from rich.table import Table
 
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_terminable
-from callvault.cli._options import PATH, config_option, option, pbx_options, timezone_option
+from callvault.cli._options import (
+    PATH,
+    PbxFlags,
+    config_option,
+    option,
+    pbx_options,
+    timezone_option,
+)
 from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
 from callvault.pbx import (
     CSV_COLUMNS,
@@ -195,14 +202,7 @@ def _print_saved(result: DownloadResult, seconds: float, *, as_json: bool) -> No
 )
 def fetch(
     names: tuple[str, ...],
-    pbx: str | None,
-    username: str | None,
-    password_env: str | None,
-    api_version: str | None,
-    ca_file: Path | None,
-    pin_sha256: str | None,
-    insecure: bool | None,
-    tls_min_version: str | None,
+    pbx_flags: PbxFlags,
     config: Path | None,
     out: Path,
     as_json: bool,
@@ -214,14 +214,7 @@ def fetch(
     """
     settings = settings_or_fail(
         config,
-        pbx=pbx,
-        username=username,
-        password_env=password_env,
-        api_version=api_version,
-        ca_file=ca_file,
-        pin_sha256=pin_sha256,
-        insecure=insecure,
-        tls_min_version=tls_min_version,
+        **pbx_flags,
     )
     client = _client(settings)
     _quiet_library_logs()
@@ -311,14 +304,7 @@ def _print_table(rows: list[CallDetail]) -> None:
 def cdr(
     since: str,
     until: str | None,
-    pbx: str | None,
-    username: str | None,
-    password_env: str | None,
-    api_version: str | None,
-    ca_file: Path | None,
-    pin_sha256: str | None,
-    insecure: bool | None,
-    tls_min_version: str | None,
+    pbx_flags: PbxFlags,
     timezone: str | None,
     config: Path | None,
     extensions: str,
@@ -330,14 +316,7 @@ def cdr(
         fail("choose one of --json and --csv", USAGE_ERROR)
     settings = settings_or_fail(
         config,
-        pbx=pbx,
-        username=username,
-        password_env=password_env,
-        api_version=api_version,
-        ca_file=ca_file,
-        pin_sha256=pin_sha256,
-        insecure=insecure,
-        tls_min_version=tls_min_version,
+        **pbx_flags,
         timezone=timezone,
     )
     tz = settings.tz

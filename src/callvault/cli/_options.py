@@ -13,9 +13,10 @@ what it received to `settings_or_fail(config, **flags)`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -64,7 +65,7 @@ json_option = click.option(
 
 # -- the PBX ---------------------------------------------------------------------------------
 
-pbx_options = _apply(
+_pbx_option_list = _apply(
     option(
         "--pbx",
         metavar="URL",
@@ -114,6 +115,21 @@ PBX_OPTION_NAMES = (
     "insecure",
     "tls_min_version",
 )
+PbxFlags = dict[str, Any]
+
+
+def pbx_options(function: F) -> F:
+    """The PBX options (--pbx, --username, --password-env, --api-version and how to trust
+    its certificate), handed to the command as ONE argument, `pbx_flags`, to pass on:
+    ``settings_or_fail(config, **pbx_flags, ...)``."""
+
+    @functools.wraps(function)
+    def gathered(*args: Any, **kwargs: Any) -> Any:
+        kwargs["pbx_flags"] = {name: kwargs.pop(name) for name in PBX_OPTION_NAMES}
+        return function(*args, **kwargs)
+
+    return cast(F, _pbx_option_list(gathered))
+
 
 # -- the archive -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from callvault.archive import (
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, run_service, run_terminable
 from callvault.cli._options import (
+    PbxFlags,
     archive_option,
     config_option,
     db_option,
@@ -190,14 +191,7 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
 @verbose_option
 def serve_command(
     config: Path | None,
-    pbx: str | None,
-    username: str | None,
-    password_env: str | None,
-    api_version: str | None,
-    ca_file: Path | None,
-    pin_sha256: str | None,
-    insecure: bool | None,
-    tls_min_version: str | None,
+    pbx_flags: PbxFlags,
     archive: Path | None,
     db: str | None,
     events_listen: str | None,
@@ -215,14 +209,7 @@ def serve_command(
     """Archive every recording as calls end: receive events, download, store, index."""
     settings = settings_or_fail(
         config,
-        pbx=pbx,
-        username=username,
-        password_env=password_env,
-        api_version=api_version,
-        ca_file=ca_file,
-        pin_sha256=pin_sha256,
-        insecure=insecure,
-        tls_min_version=tls_min_version,
+        **pbx_flags,
         archive=archive,
         db=db,
         events_listen=events_listen,
@@ -314,14 +301,7 @@ def backfill_command(
     queue_only: bool,
     restart: bool,
     config: Path | None,
-    pbx: str | None,
-    username: str | None,
-    password_env: str | None,
-    api_version: str | None,
-    ca_file: Path | None,
-    pin_sha256: str | None,
-    insecure: bool | None,
-    tls_min_version: str | None,
+    pbx_flags: PbxFlags,
     archive: Path | None,
     db: str | None,
     workers: int | None,
@@ -332,14 +312,7 @@ def backfill_command(
     """Queue (and download) every recording of the CDR history in a date range."""
     settings = settings_or_fail(
         config,
-        pbx=pbx,
-        username=username,
-        password_env=password_env,
-        api_version=api_version,
-        ca_file=ca_file,
-        pin_sha256=pin_sha256,
-        insecure=insecure,
-        tls_min_version=tls_min_version,
+        **pbx_flags,
         archive=archive,
         db=db,
         workers=workers,

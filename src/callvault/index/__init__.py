@@ -21,8 +21,9 @@ stored, whose reason `call_detail_problem(cdr, tz)` gives without touching the d
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from callvault._lazy import lazy_exports
 from callvault.index._db import sqlite_path
 
 if TYPE_CHECKING:
@@ -71,14 +72,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Imported on first use (see Index: a command that only reads does not load them).
-    if name == "call_detail_problem":
-        from callvault.index._calls import call_detail_problem
-
-        return call_detail_problem
-    if name == "DEFAULT_STALE_AFTER":
-        from callvault.index._jobs import DEFAULT_STALE_AFTER
-
-        return DEFAULT_STALE_AFTER
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__, {"call_detail_problem": "_calls", "DEFAULT_STALE_AFTER": "_jobs"}
+)

@@ -13,8 +13,9 @@ what both `--json` and the web API print, so the two never disagree:
 The layer sits above the archiver and below the web app and the command line.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from callvault._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from callvault.ops._archive import Archive, ArchiveError, open_archive
@@ -57,14 +58,7 @@ _HOMES = {
     "human_size": "_words",
 }
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"callvault.ops.{home}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOMES)
 
 
 __all__ = [

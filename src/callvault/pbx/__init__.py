@@ -16,9 +16,9 @@ that only reads events or settings (the receiver, `callvault list`) starts quick
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from callvault._lazy import lazy_exports
 from callvault.pbx._cdr import (
     CSV_COLUMNS,
     call_detail_from_fields,
@@ -93,14 +93,7 @@ _LAZY = {
     "SyncPbxClient": "_sync",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"callvault.pbx.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
