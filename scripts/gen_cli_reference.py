@@ -4,10 +4,10 @@
     .venv/bin/python scripts/gen_cli_reference.py --check   # exit 1 if docs/cli.md is stale
 
 It registers every command of `callvault.cli` (as `callvault --help` does), walks the
-command tree Typer builds, and writes the Markdown from each command's and parameter's own
+click command tree, and writes the Markdown from each command's and parameter's own
 attributes: names, value type, default, environment variable, help text. Nothing goes
 through a terminal formatter, so the page does not depend on the width of anyone's
-terminal, on Rich, or on how a Typer version decorates its help screens; the same code
+terminal or on how a click version decorates its help screens; the same code
 always gives the same page. tests/test_docs.py fails when the committed page differs from
 a fresh one.
 """

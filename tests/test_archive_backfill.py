@@ -183,6 +183,15 @@ def test_backfill_refuses_bad_options(events_sim: Simulator, tmp_path: Path) -> 
         app, ["backfill", "--since", "2024-05-02", "--until", "2024-05-01"], env=env
     )
     assert reverse.exit_code == 2 and "--until must be after --since" in reverse.output
+    old = CliRunner().invoke(
+        app, ["backfill", "--since", "2024-05-01", "--api-version", "v1.0.1"], env=env
+    )
+    assert old.exit_code == 2
+    assert old.output.strip().splitlines() == [
+        "callvault: error: API v1.0.1 has no CDR export to backfill from (it came with "
+        "v1.1.0): give --api-version v1.1.0 or later if the PBX's firmware has it"
+    ]
+    assert not (tmp_path / "archive").exists()  # refused before anything was made
     env["CALLVAULT_PASSWORD"] = "wrong-password"
     wrong = CliRunner().invoke(app, ["backfill", "--since", "2024-05-01"], env=env)
     assert wrong.exit_code == 1
@@ -219,14 +228,14 @@ def test_backfill_without_until_resumes_where_the_last_run_stopped(
     args = ["backfill", "--since", _days_ago(sim, 3), "--queue-only"]
     first = CliRunner().invoke(app, args, env=env)
     assert first.exit_code == 0, first.output
-    assert "1 recordings queued" in first.output
+    assert "1 recording queued" in first.output
     exports = _cdr_exports(sim)
     assert exports >= 4  # three whole days and today
     again = CliRunner().invoke(app, args, env=env)
     assert again.exit_code == 0, again.output
     # Only the stretch since the first run is asked for: one short window.
     assert _cdr_exports(sim) == exports + 1
-    match = re.search(r"(\d+) calls in (\d+) windows \((\d+) already done\)", again.output)
+    match = re.search(r"(\d+) calls? in (\d+) windows? \((\d+) already done\)", again.output)
     assert match is not None, again.output
     assert (int(match.group(2)), int(match.group(3))) == (1, exports)
     # --restart ignores the progress: every window again.

@@ -129,8 +129,8 @@ def test_serve_takes_its_node_name_from_node(
     result = CliRunner().invoke(app, ["serve", "--no-web", "--node", "a b"], env=env)
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
-        "callvault: error: bad value for node: must be at most 64 letters, digits, dots, "
-        "dashes or underscores"
+        "callvault: error: bad value for node (given as --node): must be at most 64 letters, "
+        "digits, dots, dashes or underscores"
     ]
 
 

@@ -96,7 +96,7 @@ def test_pin_is_normalised() -> None:
     [
         ({"workers": 0}, "bad value for workers"),
         ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
-        ({"pbx": "ftp://127.0.0.1"}, "bad value for pbx: PBX URL scheme 'ftp' is not http"),
+        ({"pbx": "ftp://127.0.0.1"}, "PBX URL scheme 'ftp' is not http"),
         ({"pbx": "https://admin:hunter2@127.0.0.1"}, "must not contain a user name or password"),
         ({"insecure": True, "pin_sha256": "a" * 64}, "choose only one"),
         ({"events_listen": "8260"}, "HOST:PORT"),
@@ -123,11 +123,14 @@ def test_bad_config_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         load_settings(write(tmp_path / "b.toml", "wrkers = 2\n"))
     with pytest.raises(SettingsError, match="environment variable"):
         load_settings(write(tmp_path / "c.toml", 'password = "x"\n'))
-    with pytest.raises(SettingsError, match="bad value for workers"):
-        load_settings(write(tmp_path / "d.toml", 'workers = "many"\n'))
+    config = write(tmp_path / "d.toml", 'workers = "many"\n')
+    with pytest.raises(SettingsError, match=r"bad value for workers \(in .*d\.toml\)"):
+        load_settings(config)
     monkeypatch.setenv("CALLVAULT_WORKERS", "lots")
-    with pytest.raises(SettingsError, match="bad value for workers"):
+    with pytest.raises(SettingsError, match=r"bad value for workers \(from CALLVAULT_WORKERS\)"):
         load_settings()
+    with pytest.raises(SettingsError, match=r"bad value for workers \(given as --workers\)"):
+        load_settings(workers="x")
 
 
 def test_archive_required_when_used() -> None:

@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 GENERATOR = ROOT / "scripts" / "gen_cli_reference.py"
-README_DRAFT = DOCS / "_readme_draft.md"  # links as from the repository's root
+README = ROOT / "README.md"  # its links go from the repository's root
 SHELL_LANGUAGES = {"sh", "bash", "shell", "console"}
 
 # -- reading the Markdown ------------------------------------------------------------------
@@ -81,7 +81,9 @@ class Page:
 
 
 def pages() -> list[Page]:
-    return [Page(p, p.read_text(encoding="utf-8")) for p in sorted(DOCS.rglob("*.md"))]
+    """Every page of docs/, and the README."""
+    paths = [*sorted(DOCS.rglob("*.md")), README]
+    return [Page(p, p.read_text(encoding="utf-8")) for p in paths]
 
 
 def page(name: str) -> Page:
@@ -237,7 +239,7 @@ def test_every_link_between_pages_resolves() -> None:
     anchors = {p.path: {slugify(h) for _level, h in p.headings()} for p in pages()}
     problems: list[str] = []
     for p in pages():
-        base = ROOT if p.path == README_DRAFT else p.path.parent
+        base = ROOT if p.path == README else p.path.parent
         for target in re.findall(r"\]\(([^)\s]+)\)", p.prose()):
             if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
                 continue
@@ -253,7 +255,7 @@ def test_every_link_between_pages_resolves() -> None:
 def test_every_page_is_in_the_navigation() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     listed = set(re.findall(r":\s*([\w-]+\.md)\s*$", nav, flags=re.M))
-    on_disk = {p.path.name for p in pages() if p.path != README_DRAFT}
+    on_disk = {p.path.name for p in pages() if p.path != README}
     assert on_disk == listed
 
 
@@ -284,8 +286,8 @@ def test_the_checks_catch_a_wrong_command_and_a_wrong_option(root: Any) -> None:
 
 def quick_start_sections() -> Iterator[tuple[str, list[Block]]]:
     """(title, shell blocks) of each part of the quick start (getting-started.md's
-    "Quick start" section and its subsections) and of the README draft's "Try it"."""
-    draft = Page(README_DRAFT, README_DRAFT.read_text(encoding="utf-8"))
+    "Quick start" section and its subsections) and of the README's "Try it"."""
+    draft = Page(README, README.read_text(encoding="utf-8"))
     for p, first in ((page("getting-started.md"), "Quick start"), (draft, "Try it")):
         lines = p.text.splitlines(keepends=True)
         inside = False

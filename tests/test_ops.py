@@ -112,7 +112,7 @@ def test_verify_one_and_all(archive: Archive) -> None:
     row = archive.index.recordings.by_id(ids[0])
     assert row is not None
     result = verify_recording(archive, row, now=NOW)
-    assert (result.ok, result.location) == (True, archive.storage.locate(good))
+    assert (result.ok, result.storage_key) == (True, good)  # a key, never a server path
     pending = archive.index.recordings.by_id(ids[2])
     assert pending is not None
     assert verify_recording(archive, pending, now=NOW).error == "not archived"
@@ -121,7 +121,7 @@ def test_verify_one_and_all(archive: Archive) -> None:
     assert (report.checked, report.ok, report.problems) == (2, 1, 1)
     assert [m.id for m in report.mismatched] == [ids[1]]
     assert report.mismatched[0].actual_size == len(b"RIFF changed!")
-    assert report.unindexed == [archive.storage.locate(stray.key)]
+    assert report.unindexed == [stray.key]
     assert archive.index.recordings.by_id(ids[0]).verified_at is not None  # type: ignore[union-attr]
 
 
@@ -152,7 +152,7 @@ def test_open_archive_says_what_to_do_in_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("size", "words"),
-    [(None, ""), (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KB"), (5 * 1024**4, "5.0 TB")],
+    [(None, ""), (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 1024**4, "5.0 TiB")],
 )
 def test_human_size(size: int | None, words: str) -> None:
     assert human_size(size) == words

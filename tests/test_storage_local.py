@@ -173,3 +173,13 @@ def test_staging_areas_are_per_process_and_a_gone_ones_is_removed(tmp_path: Path
     assert not second.path.exists()
     assert sorted(storage.staging_dir().iterdir()) == [third.path]
     third.close()
+
+
+def test_a_new_archive_directory_is_the_owners_alone(tmp_path: Path) -> None:
+    LocalStorage(tmp_path / "new" / "archive")
+    assert (tmp_path / "new" / "archive").stat().st_mode & 0o777 == 0o700
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o755)
+    existing.chmod(0o755)
+    LocalStorage(existing)
+    assert existing.stat().st_mode & 0o777 == 0o755

@@ -85,9 +85,15 @@ def test_requeue_is_for_admins_and_audited(web: LiveWeb) -> None:
     assert web.archive.index.recordings.counts_by_state()["failed"] == 0
     [entry] = web.archive.index.audit.query(audit.AuditFilter(action=audit.REQUEUE))
     assert (entry.actor, entry.detail) == (ADMIN[0], "failed=1")
-    # A browser session needs the CSRF token, as for every change.
+    # No body: both states (none left of either now).
+    both = admin.post("/api/requeue")
+    assert both.status_code == 200, both.text
+    assert both.json()["requeued"] == {"failed": 0, "missing": 0}
+    # A browser session needs the CSRF token, as for every change; the answer says where.
     session = web.login(*ADMIN)
-    assert session.post("/api/requeue", json={}).status_code == 403
+    refused = session.post("/api/requeue", json={})
+    assert refused.status_code == 403
+    assert refused.json() == {"detail": "missing or wrong CSRF token (header X-CSRF-Token)"}
 
 
 def test_status_page_reads_for_a_supervisor(web: LiveWeb) -> None:
@@ -127,8 +133,8 @@ def test_status_page_reads_for_a_supervisor(web: LiveWeb) -> None:
     assert len(retrying) == 1 and "PBX busy (HTTP 503)" in retrying[0] and "due now" in retrying[0]
     # The disk and the index.
     assert re.fullmatch(
-        r"[0-9.]+ KB of recordings; the disk: [0-9.]+ [KMGT]?B used of [0-9.]+ [KMGT]?B, "
-        r"[0-9.]+ [KMGT]?B free \([0-9]+ %\)",
+        r"[0-9.]+ KiB of recordings; the disk: [0-9.]+ (?:[KMGT]i)?B used of "
+        r"[0-9.]+ (?:[KMGT]i)?B, [0-9.]+ (?:[KMGT]i)?B free \([0-9]+ %\)",
         text_of(html, "disk"),
     ), text_of(html, "disk")
     assert text_of(html, "index-health") == "ok (quick check)"

@@ -71,12 +71,29 @@ def _first_command(argv: list[str]) -> str | None:
 
 
 def run(argv: list[str]) -> None:
-    """Register the command named in `argv` (or all of them) and run the app."""
+    """Register the command named in `argv` (or all of them) and run the app.
+
+    Every failure is one line on stderr, as for the commands' own errors: a usage error
+    (exit 2) names the option and where to read about it, instead of click's three lines.
+    """
     from callvault.cli._commands import register
 
     register(_first_command(argv))
     try:
-        app.main(args=argv, prog_name="callvault", standalone_mode=True)
+        code = app.main(args=argv, prog_name="callvault", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `callvault` or `callvault user` alone
+        print(exc.format_message())
+        raise SystemExit(exc.exit_code) from None
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "callvault"
+        print(f"callvault: error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        print(f"callvault: error: {exc.format_message()}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except click.Abort:  # Ctrl-C where the command does not handle it itself
+        print("callvault: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as exc:
         # A damaged index is found by whatever query reads the damaged page first: one line
         # (what is wrong, how to check, restore a backup) instead of a traceback. Looked up
@@ -86,3 +103,4 @@ def run(argv: list[str]) -> None:
             raise
         print(f"callvault: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import click
 
 from callvault.cli._app import app
-from callvault.cli._common import cli_actor, fail
+from callvault.cli._common import cli_actor, fail, plural
 from callvault.cli._options import archive_options, json_option, option, show_timezone_option
 from callvault.cli._settings import (
     USAGE_ERROR,
@@ -39,17 +39,40 @@ if TYPE_CHECKING:
 from callvault.times import FORMATS, TimeFormatError, parse_moment
 
 
-def open_settings_archive(settings: Settings, *, create: bool = False) -> Archive:
-    """The archive the settings name, or exit with one clear line."""
+def open_settings_archive(
+    settings: Settings, *, create: bool = False, check: bool = False
+) -> Archive:
+    """The archive the settings name, or exit with one clear line.
+
+    With `check`, the index's quick check runs first (seconds on a very large SQLite file):
+    commands that change the index (requeue, users, tokens) must not report success on a
+    damaged one whose damage their own statements happen not to touch.
+    """
     try:
         directory = settings.archive_dir()
         url = settings.db_url()
     except SettingsError as exc:
         fail(str(exc), code=USAGE_ERROR)
     try:
-        return open_archive(directory, url, create=create)
+        opened = open_archive(directory, url, create=create)
     except ArchiveError as exc:
         fail(str(exc))
+    if check:
+        problems = opened.index.check(quick=True)
+        if problems:
+            opened.close()
+            fail(damaged_message(url, problems))
+    return opened
+
+
+def damaged_message(url: str, problems: list[str]) -> str:
+    """One line: the index is damaged, what SQLite said, what to do."""
+    from callvault.index import sqlite_path
+
+    path = sqlite_path(url)
+    where = f"sqlite3 {path} 'PRAGMA integrity_check'" if path else "the database's own checks"
+    said = "; ".join(problems)[:200]
+    return f"the index is damaged ({said}): check it with `{where}` and restore it from a backup"
 
 
 def display_timezone(settings: Settings, archive: Archive) -> ZoneInfo:
@@ -68,6 +91,16 @@ def _moment(flag: str, value: str | None, tz: ZoneInfo, *, end: bool) -> datetim
         return parse_moment(value, tz, end=end, name=flag)
     except TimeFormatError as exc:
         fail(str(exc), code=USAGE_ERROR)
+
+
+def _located(archive: Archive, key: str | None) -> str:
+    """Where a stored object is, for people (a file path); "-" when there is no key."""
+    if not key:
+        return "-"
+    try:
+        return archive.storage.locate(key)
+    except ValueError:  # a key that is not valid: show it as it is
+        return key
 
 
 def _print_json(value: dict[str, Any]) -> None:
@@ -256,18 +289,19 @@ def verify_command(
     else:
         for item in report.mismatched:
             print(
-                f"MISMATCH {item.name}  {item.location}  "
+                f"MISMATCH {item.name}  {_located(opened, item.storage_key)}  "
                 f"expected sha256 {item.expected_sha256} size {item.expected_size}, "
                 f"found sha256 {item.actual_sha256} size {item.actual_size}"
             )
         for item in report.missing:
-            print(f"MISSING  {item.name}  {item.location or '-'}  ({item.error})")
-        for location in report.unindexed:
-            print(f"UNINDEXED {location}  (a file no archived recording points to; kept)")
+            print(f"MISSING  {item.name}  {_located(opened, item.storage_key)}  ({item.error})")
+        for key in report.unindexed:
+            where = _located(opened, key)
+            print(f"UNINDEXED {where}  (a file no archived recording points to; kept)")
         print(
             f"verified {report.checked} archived recordings: {report.ok} ok, "
             f"{len(report.mismatched)} mismatched, {len(report.missing)} missing"
-            + (f"; {len(report.unindexed)} unindexed files" if report.unindexed else "")
+            + (f"; {plural(len(report.unindexed), 'unindexed file')}" if report.unindexed else "")
         )
     if report.problems:
         sys.stdout.flush()
@@ -310,7 +344,7 @@ def requeue_command(
     unknown = [s for s in states if s not in REQUEUE_STATES]
     if unknown:
         fail(f"--state {unknown[0]!r}: only failed and missing can be queued again", code=2)
-    with open_settings_archive(settings) as opened:
+    with open_settings_archive(settings, check=True) as opened:
         tz = display_timezone(settings, opened)
         first = _moment("--since", since, tz, end=False)
         result = requeue(opened, states, now=datetime.now(UTC), since=first)
@@ -318,8 +352,22 @@ def requeue_command(
 
         counts = ", ".join(f"{state}={count}" for state, count in result.requeued.items())
         opened.index.audit.record(cli_actor(), audit.REQUEUE, "recordings", counts, "local")
+        serving = serve_is_running(opened)
     if json_output:
-        print(json.dumps(result.to_json()))
+        _print_json(result.to_json())
         return
     what = ", ".join(f"{result.requeued[s]} {s}" for s in states)
-    print(f"queued again: {what}; a running `callvault serve` downloads them now")
+    when = (
+        "a running `callvault serve` downloads them now"
+        if serving
+        else ("no `callvault serve` is running: it downloads them once started")
+    )
+    print(f"queued again: {what}; {when}")
+
+
+def serve_is_running(archive: Archive) -> bool:
+    """Whether a `callvault serve` process has a recent heartbeat on this archive."""
+    from callvault.index import DEFAULT_STALE_AFTER
+
+    live = archive.index.processes.live(now=datetime.now(UTC), stale_after=DEFAULT_STALE_AFTER)
+    return any(process.kind == "serve" for process in live)

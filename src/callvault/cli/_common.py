@@ -12,9 +12,12 @@ Signals, in two shapes (SIGTERM is what `kill`, systemd and container runtimes s
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
@@ -31,6 +34,23 @@ def cli_actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
         return "cli"
+
+
+def command_name() -> str:
+    """How to run callvault from another terminal: plain `callvault` when that is the one
+    on the PATH, else its full path (a virtual environment that is not activated)."""
+    here = Path(sys.executable).parent / "callvault"
+    found = shutil.which("callvault")
+    if found is not None and here.exists() and Path(found).resolve() == here.resolve():
+        return "callvault"
+    if here.exists():
+        return shlex.quote(str(here))
+    return f"{shlex.quote(sys.executable)} -m callvault"
+
+
+def plural(count: int, one: str) -> str:
+    """ "1 call", "2 calls": a count with its noun, as people write it."""
+    return f"{count} {one}{'' if count == 1 else 's'}"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -10,16 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import shlex
-import shutil
-import sys
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import click
 
 from callvault.cli._app import app
-from callvault.cli._common import Terminated, fail, run_service
+from callvault.cli._common import Terminated, command_name, fail, run_service
 
 DEMO_USER = "admin"
 WEB_HOST = "127.0.0.1"
@@ -157,18 +154,6 @@ def demo(directory: Path, calls_per_minute: float, web_port: int, duration: floa
         simulator.stop()
     print(f"\nStopped. The archive stays in {archive}; look at it with:")
     print(f"  {command_name()} list --archive {archive}")
-
-
-def command_name() -> str:
-    """How to run callvault from another terminal: plain `callvault` when that is the one
-    on the PATH, else its full path (a virtual environment that is not activated)."""
-    here = Path(sys.executable).parent / "callvault"
-    found = shutil.which("callvault")
-    if found is not None and here.exists() and Path(found).resolve() == here.resolve():
-        return "callvault"
-    if here.exists():
-        return shlex.quote(str(here))
-    return f"{shlex.quote(sys.executable)} -m callvault"
 
 
 def _print_banner(archive: Path, pbx_url: str, web_port: int | None, password: str) -> None:

@@ -41,7 +41,7 @@ from callvault.archive import (
     save_pbx_timezone,
 )
 from callvault.cli._app import app
-from callvault.cli._common import Terminated, fail, run_service, run_terminable
+from callvault.cli._common import Terminated, fail, plural, run_service, run_terminable
 from callvault.cli._options import (
     PbxFlags,
     archive_option,
@@ -320,6 +320,13 @@ def backfill_command(
         timezone=timezone,
     )
     _pbx, _user, archive_dir = _require(settings)
+    if not settings.api.has_cdr_export:
+        # Before anything is made: the archive, the index, a login.
+        fail(
+            f"API {settings.api.value} has no CDR export to backfill from (it came with "
+            "v1.1.0): give --api-version v1.1.0 or later if the PBX's firmware has it",
+            code=USAGE_ERROR,
+        )
     try:
         client = settings.pbx_client()
     except SettingsError as exc:
@@ -450,9 +457,10 @@ async def _backfill(
                 if queue_only:
                     progress.stop()
                     print(
-                        f"backfill: {stats.calls} calls in {stats.windows} windows "
+                        f"backfill: {plural(stats.calls, 'call')} in "
+                        f"{plural(stats.windows, 'window')} "
                         f"({stats.windows_skipped} already done){_skipped(stats.skipped)}; "
-                        f"{stats.queued} recordings queued for `callvault serve`",
+                        f"{plural(stats.queued, 'recording')} queued for `callvault serve`",
                         flush=True,
                     )
                     return 0

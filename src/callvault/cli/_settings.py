@@ -172,8 +172,10 @@ def _pbx_url(value: Any) -> str:
 def _host_port(value: Any) -> str:
     text = _text(value)
     host, sep, port = text.rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host.strip("[]") or not port.isdigit():
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+    if not 0 <= int(port) < 65536:
+        raise ValueError(f"port {port} is out of range (0 to 65535; 0: any free port)")
     return text
 
 
@@ -535,20 +537,28 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     unknown = set(flags) - FIELD_NAMES
     if unknown:
         raise TypeError(f"not options: {sorted(unknown)}")
-    layers = [
-        _read_toml(config_file) if config_file is not None else {},
-        _from_environment(os.environ),
-        {name: value for name, value in flags.items() if value is not None},
+    layers: list[tuple[dict[str, Any], Callable[[str], str]]] = [
+        (
+            _read_toml(config_file) if config_file is not None else {},
+            lambda name: f"in {config_file}",
+        ),
+        (_from_environment(os.environ), lambda name: f"from {ENV_PREFIX}{name.upper()}"),
+        (
+            {name: value for name, value in flags.items() if value is not None},
+            lambda name: "given as --" + name.replace("_", "-"),
+        ),
     ]
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged.update(layer)
+    merged: dict[str, tuple[Any, str]] = {}
+    for layer, origin_of in layers:
+        merged.update({name: (value, origin_of(name)) for name, value in layer.items()})
     values: dict[str, Any] = {}
-    for name, raw in merged.items():
+    for name, (raw, origin) in merged.items():
         try:
             values[name] = _READERS[name](raw)
         except ValueError as exc:
-            raise SettingsError(f"bad value for {name.replace('_', '-')}: {exc}") from None
+            raise SettingsError(
+                f"bad value for {name.replace('_', '-')} ({origin}): {exc}"
+            ) from None
     settings = Settings(**values, given=frozenset(values))
     chosen = [
         flag

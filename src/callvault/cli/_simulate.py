@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from callvault.cli._app import app
-from callvault.cli._common import Terminated, fail, run_service
+from callvault.cli._common import Terminated, command_name, fail, run_service
 from callvault.pbx import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig, fault_names, parse_faults
 
@@ -50,7 +50,7 @@ def _banner(sim: Simulator, password_given: bool) -> None:
         secret = "'…'" if password_given else shlex.quote(sim.password)
         _print("Fetch a recording from another terminal:")
         _print(
-            f"  CALLVAULT_PASSWORD={secret} callvault fetch --pbx {sim.url} "
+            f"  CALLVAULT_PASSWORD={secret} {command_name()} fetch --pbx {sim.url} "
             f"--username {shlex.quote(sim.username)} --password-env CALLVAULT_PASSWORD"
             f"{trust} --out ./recordings {shlex.quote(names[-1])}"
         )

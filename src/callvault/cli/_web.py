@@ -57,7 +57,7 @@ def _open_index(settings: ArchiveSettings) -> Index:
     """The archive's index (made if the archive directory exists but has none yet)."""
     from callvault.cli._archive_cmds import open_settings_archive
 
-    return open_settings_archive(settings, create=True).index
+    return open_settings_archive(settings, create=True, check=True).index
 
 
 @app.command("web")

@@ -29,7 +29,7 @@ class VerifyResult(JsonResult):
     actual_sha256: str | None
     expected_size: int | None
     actual_size: int | None
-    location: str | None
+    storage_key: str | None
     error: str | None = None
 
 
@@ -39,15 +39,13 @@ def verify_recording(archive: Archive, row: RecordingRow, *, now: datetime) -> V
 
     def result(ok: bool, actual: str | None, size: int | None, error: str | None) -> VerifyResult:
         return VerifyResult(
-            row.id, row.name, ok, row.sha256, actual, row.size, size, location, error
+            row.id, row.name, ok, row.sha256, actual, row.size, size, row.storage_key, error
         )
 
-    location: str | None = None
     if row.state != ARCHIVED or row.storage_key is None:
         # A pending recording's key names where it will go, not a file.
         return result(False, None, None, "not archived")
     try:
-        location = storage.locate(row.storage_key)
         stored = storage.checksum(row.storage_key)
     except (FileNotFoundError, NotADirectoryError):
         return result(False, None, None, "the archived file is missing from storage")
@@ -105,5 +103,5 @@ def verify_archive(
         if progress is not None:
             progress(outcome)
     storage = archive.storage
-    unindexed = [storage.locate(key) for key in storage.list() if key not in known]
+    unindexed = [key for key in storage.list() if key not in known]
     return VerifyReport(checked, ok, mismatched, missing, unindexed)

@@ -159,7 +159,9 @@ class LocalStorage:
     """
 
     def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+        # A new archive directory is the owner's alone (recordings are personal data);
+        # an existing one keeps the modes its owner gave it.
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root = root.resolve()
 
     @property

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -495,10 +495,14 @@ def run_requeue(
 
 
 @router.post("/requeue", tags=["archive"], response_model=RequeueResult)
-def requeue_recordings(request: Request, principal: Admin, body: RequeueIn) -> Response:
+def requeue_recordings(
+    request: Request, principal: Admin, body: Annotated[RequeueIn | None, Body()] = None
+) -> Response:
     """Queue recordings given up on again, each with a fresh run of attempts (the same as
-    `callvault requeue`); a running serve downloads them at once."""
+    `callvault requeue`); a running serve downloads them at once. Without a body: both
+    states, whenever first queued."""
     check_csrf(request, principal)
+    body = body or RequeueIn()
     since = parse_when(body.since, end=False, field_name="since")
     return _answer(run_requeue(request, principal, body.states, since))
 

@@ -109,7 +109,8 @@ def check_csrf(request: Request, principal: Principal, form_token: str | None = 
         return  # API tokens are not sent by browsers on their own: no CSRF to fear
     token = form_token if form_token is not None else request.headers.get(CSRF_HEADER)
     if not context(request).signer.check_csrf(principal.session, token):
-        raise HTTPException(403, f"missing or wrong CSRF token (field {CSRF_FIELD!r})")
+        where = f"form field {CSRF_FIELD!r}" if form_token is not None else "header X-CSRF-Token"
+        raise HTTPException(403, f"missing or wrong CSRF token ({where})")
 
 
 def record_audit(
