@@ -284,9 +284,14 @@ def test_cdr_and_backfill_commands_say_v1_0_1_has_no_cdr_export(pbx: Pbx, tmp_pa
         ["backfill", "--since", "2024-01-01", "--until", "2024-01-03", "--api-version", "v1.0.1"],
         env=env,
     )
-    assert backfill.exit_code == 1
-    # One line, and no "run it again": that would fail the same way.
-    assert backfill.output == f"callvault: error: backfill stopped: {_CDR_NEEDS}\n"
+    # Refused before anything is made, as a bad option: one line, and no "run it again",
+    # which would fail the same way.
+    assert backfill.exit_code == 2
+    assert backfill.output == (
+        "callvault: error: API v1.0.1 has no CDR export to backfill from (it came with "
+        "v1.1.0): give --api-version v1.1.0 or later if the PBX's firmware has it\n"
+    )
+    assert not (tmp_path / "archive").exists()
     assert not any(endpoint.startswith("cdr/") for endpoint, _ in pbx.sim.request_log)
 
 
