@@ -98,7 +98,7 @@ def listed_items(*args: str) -> list[dict[str, object]]:
     result = runner.invoke(app, ["list", "--json", *args])
     assert result.exit_code == 0, result.output
     page = json.loads(result.stdout)
-    assert set(page) == {"total", "limit", "offset", "items"}
+    assert set(page) == {"total", "total_exact", "limit", "offset", "next", "items"}
     items: list[dict[str, object]] = page["items"]
     return items
 
@@ -154,9 +154,31 @@ def test_list_filters_and_text_output(archive: tuple[Path, dict[str, bytes]]) ->
         "RECORDING",
     ]
     assert lines[1].split()[:3] == ["2024-04-04", "10:00:00", "failed"]
-    assert lines[-1] == "(the newest 2; more match: use --limit N, or --limit 0 for all)"
-    one = runner.invoke(app, ["list", *base, "--json", "--limit", "1"])
-    assert json.loads(one.stdout)["total"] == 4
+    hint = lines[-1]
+    assert hint.startswith("(more match: the next 2 with --after ")
+    assert hint.endswith("; or use --limit N, --limit 0 for all)")
+    # The printed cursor gives the next page, which is the last: no hint after it.
+    cursor = hint.split("--after ")[1].split(";")[0]
+    rest = runner.invoke(app, ["list", *base, "--limit", "2", "--after", cursor])
+    assert rest.exit_code == 0, rest.output
+    assert [line.split()[:2] for line in rest.stdout.splitlines()[1:]] == [
+        ["2024-04-02", "10:00:00"],
+        ["2024-04-01", "10:00:00"],
+    ]
+    one = json.loads(runner.invoke(app, ["list", *base, "--json", "--limit", "1"]).stdout)
+    assert (one["total"], one["total_exact"], len(one["items"])) == (4, True, 1)
+    # --json pages the same way, by its `next`, until there is none.
+    seen = [one["items"][0]["callid"]]
+    while one["next"]:
+        one = json.loads(
+            runner.invoke(
+                app, ["list", *base, "--json", "--limit", "1", "--after", one["next"]]
+            ).stdout
+        )
+        seen += [item["callid"] for item in one["items"]]
+    assert seen == [f"171456480{i}.{i}" for i in (3, 2, 1, 0)]
+    bad = runner.invoke(app, ["list", *base, "--after", "not-a-cursor"])
+    assert bad.exit_code == 2 and "--after: not a cursor of a search" in bad.stderr
 
 
 def test_list_times_follow_the_saved_pbx_zone_not_the_hosts(

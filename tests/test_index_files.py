@@ -27,6 +27,7 @@ from callvault.index import (
     SearchFilters,
     open_index,
 )
+from callvault.index._index import SCHEMA_REVISION
 from callvault.pbx._types import CallDetail
 from support import first_open
 from support.index_data import NOW
@@ -109,7 +110,7 @@ def test_eight_processes_opening_one_new_archive_at_once_all_succeed(tmp_path: P
         engine = create_engine(f"sqlite:///{tmp_path / f'round-{number}' / 'callvault.db'}")
         with engine.connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-            assert [tuple(v) for v in versions] == [("0003",)]
+            assert [tuple(v) for v in versions] == [(SCHEMA_REVISION,)]
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
         engine.dispose()
 
@@ -201,7 +202,7 @@ def test_damage_found_by_a_later_query_is_one_line_and_check_finds_it(tmp_path: 
         assert "\n" not in str(info.value)
         with pytest.raises(IndexCorruptError):
             list(index.recordings.archived())
-            index.recordings.count(SearchFilters(number="1"))
+            index.recordings.total(SearchFilters(number="1"))
 
 
 def test_a_sound_index_checks_clean(index: Index) -> None:

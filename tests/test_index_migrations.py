@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -13,21 +14,30 @@ from alembic.migration import MigrationContext
 from argon2 import PasswordHasher
 from sqlalchemy import Engine, column, create_engine, inspect, select, table, text
 
-from callvault.index import Index, IndexOpenError, Worker, open_index
+from callvault.index import Index, IndexOpenError, SearchFilters, Worker, open_index, schema
 from callvault.index.schema import metadata
+from callvault.pbx import CallDetail
 from support.databases import migrate
 
-HEAD = "0003"
+HEAD = "0004"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
+def _search_structure(name: str | None) -> bool:
+    """The number search's FTS5 table (and its shadow tables) or trigram indexes: made by
+    migration 0004 beside the metadata (see schema.py)."""
+    return bool(name) and (
+        str(name).startswith(schema.NUMBER_SEARCH_TABLE) or name in schema.TRIGRAM_INDEXES
+    )
+
+
 def _schema_problems(engine: Engine) -> list[Any]:
+    def include(_object: Any, name: str | None, *_: Any) -> bool:
+        return not _search_structure(name)
+
+    opts = {"compare_type": True, "include_object": include}
     with engine.connect() as conn:
-        return list(
-            compare_metadata(
-                MigrationContext.configure(conn, opts={"compare_type": True}), metadata
-            )
-        )
+        return list(compare_metadata(MigrationContext.configure(conn, opts=opts), metadata))
 
 
 def test_upgrade_head_yields_exactly_the_metadata(empty_db_url: str) -> None:
@@ -36,8 +46,14 @@ def test_upgrade_head_yields_exactly_the_metadata(empty_db_url: str) -> None:
         assert _schema_problems(engine) == []
         with engine.connect() as conn:
             inspector = inspect(conn)
-            tables = set(inspector.get_table_names()) - {"alembic_version"}
+            names = set(inspector.get_table_names()) - {"alembic_version"}
+            tables = {name for name in names if not _search_structure(name)}
             assert tables == set(metadata.tables)
+            if engine.dialect.name == "sqlite":
+                assert schema.NUMBER_SEARCH_TABLE in names
+            else:
+                trigram = {i["name"] for i in inspector.get_indexes("calls")}
+                assert trigram >= set(schema.TRIGRAM_INDEXES)
             for name, table_ in metadata.tables.items():
                 columns = {c["name"]: c for c in inspector.get_columns(name)}
                 assert set(columns) == {c.name for c in table_.columns}
@@ -47,6 +63,7 @@ def test_upgrade_head_yields_exactly_the_metadata(empty_db_url: str) -> None:
                     i["name"]
                     for i in inspector.get_indexes(name)
                     if not i.get("duplicates_constraint")  # PostgreSQL's of a UNIQUE
+                    and not _search_structure(i["name"])
                 }
                 assert indexes == {i.name for i in table_.indexes}, name
             version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
@@ -370,3 +387,26 @@ def test_downgrade_to_0001_keeps_users_and_tokens(tmp_path: Path) -> None:
         assert "AUTOINCREMENT" not in _users_sql(engine)
     finally:
         engine.dispose()
+
+
+def test_upgrade_to_0004_indexes_the_numbers_of_the_calls_already_there(
+    empty_db_url: str,
+) -> None:
+    detail = CallDetail(callid="1.1", callfrom="01637052211", callto="200", recording="a.wav")
+    with open_index(empty_db_url) as index:
+        index.calls.record([detail], source="cdr", tz=ZoneInfo("UTC"), now=NOW)
+    migrate(empty_db_url, "0003", down=True)
+    with open_index(empty_db_url) as index:
+        assert index.schema_revision() == "0004"
+        found = index.recordings.search(SearchFilters(number="37052"))
+        assert [row.name for row in found] == ["a.wav"]
+        with index.engine.connect() as conn:
+            if index.dialect == "sqlite":
+                match = text(
+                    f"SELECT rowid FROM {schema.NUMBER_SEARCH_TABLE} WHERE "
+                    f"{schema.NUMBER_SEARCH_TABLE} MATCH '\"37052\"'"
+                )
+                assert conn.execute(match).scalars().all() == [found[0].call_id]
+            else:
+                names = {i["name"] for i in inspect(conn).get_indexes("calls")}
+                assert names >= set(schema.TRIGRAM_INDEXES)

@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from callvault.index import Index, open_index, users
 from callvault.index.schema import api_tokens, web_sessions
@@ -205,6 +205,33 @@ def test_tokens_live_until_revoked(index: Index) -> None:
     index.users.remove("bob")
     assert index.tokens.user_for(secret2) is None
     assert index.tokens.list() == []
+
+
+def test_a_tokens_last_use_is_written_at_most_once_a_minute(index: Index) -> None:
+    """Every request authenticates: a write and a commit each time cost more than a search.
+    The time of last use is exact to the minute."""
+    index.users.add("bob", "listener", "password-1")
+    _, secret = index.tokens.create("bob", now=NOW)
+    writes: list[str] = []
+
+    def count_writes(_c: object, _cur: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("UPDATE"):
+            writes.append(statement)
+
+    event.listen(index.engine, "before_cursor_execute", count_writes)
+    try:
+        for seconds in (0, 1, 30, 59):
+            assert index.tokens.user_for(secret, now=NOW + timedelta(seconds=seconds))
+        assert len(writes) == 1
+        assert index.tokens.list()[0].last_used_at == NOW
+        assert index.tokens.user_for(secret, now=NOW + timedelta(seconds=61))
+        assert len(writes) == 2
+        assert index.tokens.list()[0].last_used_at == NOW + timedelta(seconds=61)
+        # A clock set back (a last use "in the future") is corrected at once.
+        assert index.tokens.user_for(secret, now=NOW)
+        assert index.tokens.list()[0].last_used_at == NOW
+    finally:
+        event.remove(index.engine, "before_cursor_execute", count_writes)
 
 
 def test_a_disabled_users_token_gives_no_user(index: Index) -> None:

@@ -105,6 +105,52 @@ def _page_froms(page: str) -> list[str]:
     return [text for _attrs, text in elements(page, "td", class_="from")]
 
 
+def test_api_pages_by_cursor_and_counts_only_as_far_as_asked(web: LiveWeb) -> None:
+    client, _ = web.bearer(ADMIN[0])
+    whole = _froms(client.get("/api/recordings").json())
+    seen: list[str] = []
+    params: dict[str, object] = {"limit": 4}
+    while True:
+        page = client.get("/api/recordings", params=params).json()
+        assert (page["total"], page["total_exact"]) == (6, True)
+        seen += _froms(page)
+        if page["next"] is None:
+            break
+        params = {"limit": 4, "after": page["next"]}
+    assert seen == whole and len(seen) == 6
+    exact = client.get("/api/recordings", params={"exact_total": "true"}).json()
+    assert (exact["total"], exact["total_exact"]) == (6, True)
+    # Offsets are for the first pages; a cursor that is not one is refused, never a 500.
+    far = client.get("/api/recordings", params={"offset": 1001})
+    assert far.status_code == 422 and "page on with after=" in far.json()["detail"]
+    assert client.get("/api/recordings", params={"offset": 1000}).status_code == 200
+    bad = client.get("/api/recordings", params={"after": "no-such-cursor"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"].startswith("after: not a cursor of a search")
+
+
+def test_search_page_goes_older_by_cursor(web: LiveWeb, monkeypatch: pytest.MonkeyPatch) -> None:
+    from callvault.web import _pages
+
+    monkeypatch.setattr(_pages, "PAGE_SIZE", 4)
+    admin = web.login(*ADMIN)
+    first = admin.get("/search")
+    assert text_of(first.text, "summary").startswith("6 recordings, page 1 of 2.")
+    older = [attrs["href"] for attrs, text in elements(first.text, "a") if "Older" in text]
+    assert len(older) == 1 and "after=" in older[0] and "page=2" in older[0]
+    second = admin.get(older[0])
+    assert text_of(second.text, "summary").startswith("6 recordings, page 2 of 2.")
+    assert _page_froms(first.text) + _page_froms(second.text) == [
+        "1002", "1003", "2001", "1000", "0612345678", "1001"
+    ]  # fmt: skip
+    assert not [text for _attrs, text in elements(second.text, "a") if "Older" in text]
+    newest = [attrs["href"] for attrs, text in elements(second.text, "a") if "Newest" in text]
+    assert newest == ["/search?"]
+    # Pages far down open from the page before them, not by number.
+    far = admin.get("/search", params={"page": "300"})
+    assert far.status_code == 422 and "open from the one before them (Older" in far.text
+
+
 def test_search_page_dates_are_date_pickers_that_read_typed_times(web: LiveWeb) -> None:
     admin = web.login(*ADMIN)
     empty = admin.get("/search").text

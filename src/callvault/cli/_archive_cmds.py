@@ -30,7 +30,7 @@ from callvault.cli._settings import (
     host_timezone,
     settings_or_fail,
 )
-from callvault.index import SearchFilters
+from callvault.index import Position, SearchFilters
 from callvault.index.schema import RECORDING_STATES
 from callvault.ops import Archive, ArchiveError, open_archive
 
@@ -131,6 +131,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     show_default=True,
     help="At most this many (0: all).",
 )
+@option(
+    "--after",
+    metavar="CURSOR",
+    help="The page after this cursor (the `next` of `list --json`, or the one printed).",
+)
 @show_timezone_option
 @archive_options
 def list_command(
@@ -140,6 +145,7 @@ def list_command(
     number: str | None,
     state: str | None,
     limit: int,
+    after: str | None,
     timezone: str | None,
     archive: Path | None,
     db: str | None,
@@ -153,6 +159,16 @@ def list_command(
     settings = settings_or_fail(config, archive=archive, db=db, timezone=timezone)
     if state is not None and state not in RECORDING_STATES:
         fail(f"unknown state {state!r}: use one of {', '.join(RECORDING_STATES)}", code=2)
+    position = None
+    if after:
+        try:
+            position = Position.parse(after)
+        except ValueError:
+            fail(
+                "--after: not a cursor of a search: give the `next` of `list --json`, or "
+                "the cursor `list` printed",
+                code=2,
+            )
     with open_settings_archive(settings) as opened:
         tz = display_timezone(settings, opened)
         filters = SearchFilters(
@@ -161,21 +177,18 @@ def list_command(
             number=number or None,
             state=state,
         )
-        # One row more than shown says whether there are more, without counting them all.
-        rows = opened.index.recordings.search(filters, limit=limit + 1 if limit else 2**62)
+        if json_output:  # scripts get the total and the next page's cursor, as from the API
+            from callvault.ops import search_recordings
+
+            page = search_recordings(opened.index, filters, limit=limit or 2**62, after=position)
+            _print_json(page.to_json())
+            return
+        # One row more than shown says whether there are more, without counting them.
+        rows = opened.index.recordings.search(
+            filters, limit=limit + 1 if limit else 2**62, after=position
+        )
         more = bool(limit) and len(rows) > limit
         rows = rows[:limit] if limit else rows
-        total = len(rows)
-        if more and json_output:  # scripts get the total, as from the API
-            total = opened.index.recordings.count(filters)
-    if json_output:
-        from callvault.ops import RecordingPage, RecordingView
-
-        page = RecordingPage(
-            total=total, limit=limit, offset=0, items=[RecordingView.of(row) for row in rows]
-        )
-        _print_json(page.to_json())
-        return
     if not rows:
         print("no recordings match")
         return
@@ -197,7 +210,10 @@ def list_command(
     headers = [f"START ({tz.key})", "STATE", "FROM", "TO", "TYPE", "STATUS", "SIZE", "RECORDING"]
     print(_table(headers, table))
     if more:
-        print(f"(the newest {len(rows)}; more match: use --limit N, or --limit 0 for all)")
+        print(
+            f"(more match: the next {len(rows)} with --after {rows[-1].position.token()}; "
+            "or use --limit N, --limit 0 for all)"
+        )
 
 
 @app.command("status")

@@ -38,19 +38,23 @@ from callvault.index._errors import (
 )
 from callvault.index._index import Index, open_index
 from callvault.index._models import (
+    ArchivedCopy,
     DayCount,
     Job,
+    Position,
     ProcessInfo,
     RecordingRow,
     RecordResult,
     Scope,
     SearchFilters,
+    Total,
     Worker,
 )
 from callvault.index._settings import SettingKey
 
 __all__ = [
     "DEFAULT_STALE_AFTER",
+    "ArchivedCopy",
     "DayCount",
     "Index",
     "IndexCorruptError",
@@ -59,12 +63,14 @@ __all__ = [
     "IndexOpenError",
     "InvalidCallDetail",
     "Job",
+    "Position",
     "ProcessInfo",
     "RecordResult",
     "RecordingRow",
     "Scope",
     "SearchFilters",
     "SettingKey",
+    "Total",
     "Worker",
     "call_detail_problem",
     "open_index",

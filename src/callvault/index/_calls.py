@@ -108,6 +108,7 @@ class CallStore:
                 if cdr.recording:
                     first_call.setdefault(cdr.recording, call_ids[cdr.callid])
             recording_ids, created = self._insert_recordings(conn, first_call, now)
+        self._db.note_growth(len(rows))
         results: list[RecordResult] = []
         for cdr in cdrs:
             name = cdr.recording

@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select, update
 
 from callvault.index import schema
 from callvault.index._db import Database
-from callvault.index._models import Job, Worker
+from callvault.index._models import ArchivedCopy, Job, Worker
 from callvault.times import as_utc as from_db
 from callvault.times import to_utc
 
@@ -199,6 +199,33 @@ class JobStore:
         )
         with self._db.write() as conn:
             return bool(conn.execute(statement).rowcount == 1)
+
+    def mark_archived_many(self, copies: Sequence[ArchivedCopy], *, now: datetime) -> int:
+        """Record many durable copies in one transaction (an import, a bulk load); recordings
+        already archived are left as they are. Returns how many became archived."""
+        if not copies:
+            return 0
+        r = schema.recordings
+        values = _archived(0, "", "", "", to_utc(now))
+        for name in ("size", "sha256", "storage_key", "content_type"):
+            values[name] = bindparam(f"new_{name}")
+        statement = (
+            update(r)
+            .where(r.c.id == bindparam("recording_id"), r.c.state != schema.ARCHIVED)
+            .values(**_NO_CLAIM, **values)
+        )
+        rows = [
+            {
+                "recording_id": copy.recording_id,
+                "new_size": copy.size,
+                "new_sha256": copy.sha256,
+                "new_storage_key": copy.storage_key,
+                "new_content_type": copy.content_type,
+            }
+            for copy in copies
+        ]
+        with self._db.write() as conn:
+            return int(conn.execute(statement, rows).rowcount)
 
     def mark_retry(
         self,

@@ -3,8 +3,10 @@ search filters."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 # The extension ranges a user may see, as inclusive ``(lo, hi)`` pairs. None means every
@@ -24,6 +26,18 @@ class RecordResult:
     call_id: int
     recording_id: int | None
     new_recording: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedCopy:
+    """A durable copy of a recording made outside the download queue (an import from
+    another archive, a bulk load): what `index.jobs.mark_archived_many` records."""
+
+    recording_id: int
+    size: int
+    sha256: str
+    storage_key: str
+    content_type: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +144,60 @@ class RecordingRow:
     first_seen_at: datetime
     raw: str
 
+    @property
+    def position(self) -> Position:
+        """Where this row stands in a search's order: a cursor for the page after it."""
+        return Position(self.start_at, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A place in a search's order (newest call first; calls without a start last; by
+    recording id among equals): `index.recordings.search(..., after=position)` answers the
+    page after it, as quickly at the millionth row as at the first (keyset paging).
+
+    `token()` is its opaque text form for URLs; `Position.parse` reads it back.
+    """
+
+    start_at: datetime | None
+    recording_id: int
+
+    def token(self) -> str:
+        when = "" if self.start_at is None else self.start_at.astimezone(UTC).isoformat()
+        text = f"{when}|{self.recording_id}".encode()
+        return base64.urlsafe_b64encode(text).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, token: str) -> Position:
+        """The position of a `token()`; ValueError for any other text."""
+        try:
+            text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            when, _, number = text.partition("|")
+            start_at = datetime.fromisoformat(when) if when else None
+            recording_id = int(number)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise ValueError("not a position from a search") from None
+        if start_at is not None and start_at.tzinfo is None:
+            raise ValueError("not a position from a search")
+        return cls(start_at, recording_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Total:
+    """How many recordings a search matches: `count` exactly when `exact`; otherwise more
+    than `count` match (counting stops there, so that no page pays for counting millions)."""
+
+    count: int
+    exact: bool
+
 
 @dataclass(frozen=True, slots=True)
 class SearchFilters:
-    """What `index.recordings.search` and `.count` select; a field left at None matches all.
+    """What `index.recordings.search` and `.total` select; a field left at None matches all.
 
     - `since` / `until`: call start, aware datetimes; `since` inclusive, `until` exclusive.
-    - `number`: part of the caller, callee or DID number (substring match).
+    - `number`: part of the caller, callee or DID number (substring match, letters in any
+      case).
     - `extension`: exactly the caller or the callee.
     - `direction` (Inbound/Outbound/Internal/...), `status` (ANSWERED/...), `state`
       (pending/.../archived): exact.

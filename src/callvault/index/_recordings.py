@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Date,
     Row,
     Select,
@@ -15,14 +18,18 @@ from sqlalchemy import (
     cast,
     false,
     func,
+    literal_column,
+    not_,
     or_,
     select,
+    table,
+    text,
     update,
 )
 
 from callvault.index import schema
 from callvault.index._db import Database, like_pattern
-from callvault.index._models import DayCount, RecordingRow, SearchFilters
+from callvault.index._models import DayCount, Position, RecordingRow, SearchFilters, Total
 from callvault.times import as_utc as from_db
 from callvault.times import to_utc
 
@@ -38,6 +45,17 @@ _DATETIME_FIELDS = (
     "first_seen_at",
 )
 
+# A search counts its matches no further than this: "more than 10,000" is all a person
+# needs, and counting a million rows took longer than finding the page.
+TOTAL_CAP = 10_000
+# SQLite: a filter whose index finds at most this many candidate calls drives the search
+# (for a page, fewer: see `_plan`); a probe stops counting them there, or at once below
+# `_FEW`.
+_DRIVER_LIMIT = 20_000
+_FEW = 1_000
+# The shortest number part a trigram index can find; shorter ones match many calls.
+_TRIGRAM = 3
+
 
 class RecordingStore:
     """Recordings joined with their calls, as `RecordingRow`s."""
@@ -46,29 +64,54 @@ class RecordingStore:
         self._db = db
 
     def search(
-        self, filters: SearchFilters, *, limit: int = 100, offset: int = 0
+        self,
+        filters: SearchFilters,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        after: Position | None = None,
     ) -> list[RecordingRow]:
-        """Recordings with their calls matching `filters`, newest call first."""
-        r, c = schema.recordings, schema.calls
-        query = (
-            _joined()
-            .where(*self._conditions(filters))
-            .order_by(c.c.start_at.desc(), r.c.id.desc())
-            .limit(limit)
-            .offset(offset)
-        )
-        return self._rows(query)
+        """Recordings with their calls matching `filters`, newest call first (calls without
+        a start time last; by recording id, newest first, among equals).
 
-    def count(self, filters: SearchFilters) -> int:
-        """How many recordings `search` would find without a limit."""
+        `after` pages by position (keyset): the rows after that one, at the same cost at any
+        depth. `offset` skips rows one by one: keep it to the first pages.
+        """
         r, c = schema.recordings, schema.calls
-        query = (
-            select(func.count())
-            .select_from(r.join(c, c.c.id == r.c.call_id))
-            .where(*self._conditions(filters))
-        )
         with self._db.read() as conn:
-            return int(conn.execute(query).scalar_one())
+            plan = self._plan(conn, filters, limit=limit)
+            timed = [*plan.where, c.c.start_at.is_not(None)]
+            rows: list[Row[Any]] = []
+            if after is None or after.start_at is not None:
+                if after is not None and after.start_at is not None:
+                    moment = to_utc(after.start_at)
+                    # `<=` lets the planner start its walk of the start-time index there.
+                    timed.append(c.c.start_at <= moment)
+                    timed.append(not_(and_(c.c.start_at == moment, r.c.id >= after.recording_id)))
+                order = (c.c.start_at.desc(), r.c.id.desc())
+                rows = plan.page(conn, timed, order, limit=limit, offset=offset)
+            if len(rows) < limit:
+                untimed = [*plan.where, c.c.start_at.is_(None)]
+                if after is not None and after.start_at is None:
+                    untimed.append(r.c.id < after.recording_id)
+                skip = 0
+                if offset and not rows and (after is None or after.start_at is not None):
+                    skip = max(0, offset - plan.count(conn, timed))
+                more = plan.page(
+                    conn, untimed, (r.c.id.desc(),), limit=limit - len(rows), offset=skip
+                )
+                rows += more
+        return [_recording_row(row) for row in rows]
+
+    def total(self, filters: SearchFilters, *, cap: int | None = TOTAL_CAP) -> Total:
+        """How many recordings `search` would find, counting no further than `cap` (None:
+        count them all, however long that takes)."""
+        with self._db.read() as conn:
+            plan = self._plan(conn, filters, limit=None)
+            if cap is None:
+                return Total(plan.count(conn, plan.where), exact=True)
+            found = plan.count(conn, plan.where, limit=cap + 1)
+        return Total(min(found, cap), exact=found <= cap)
 
     def by_name(self, name: str) -> RecordingRow | None:
         """The recording with exactly this PBX name, or None."""
@@ -182,7 +225,11 @@ class RecordingStore:
         with self._db.read() as conn:
             return [_recording_row(row) for row in conn.execute(query)]
 
-    def _conditions(self, filters: SearchFilters) -> list[ColumnElement[bool]]:
+    def _conditions(
+        self, filters: SearchFilters, *, walk: bool = False
+    ) -> list[ColumnElement[bool]]:
+        """The conditions of `filters`; with `walk` (SQLite) written so that no index of the
+        number columns can serve them, leaving the planner the walk by start time."""
         r, c = schema.recordings, schema.calls
         conditions: list[ColumnElement[bool]] = []
         if filters.since is not None:
@@ -190,18 +237,10 @@ class RecordingStore:
         if filters.until is not None:
             conditions.append(c.c.start_at < to_utc(filters.until))
         if filters.number:
-            pattern = like_pattern(filters.number)
-            conditions.append(
-                or_(
-                    c.c.call_from.like(pattern, escape="\\"),
-                    c.c.call_to.like(pattern, escape="\\"),
-                    c.c.did.like(pattern, escape="\\"),
-                )
-            )
+            conditions.append(self._number_matches(filters.number))
         if filters.extension:
-            conditions.append(
-                or_(c.c.call_from == filters.extension, c.c.call_to == filters.extension)
-            )
+            call_from, call_to = _numbers(walk)
+            conditions.append(or_(call_from == filters.extension, call_to == filters.extension))
         if filters.direction:
             conditions.append(c.c.direction == filters.direction)
         if filters.status:
@@ -211,26 +250,98 @@ class RecordingStore:
         if filters.state:
             conditions.append(r.c.state == filters.state)
         if filters.scope is not None:
-            conditions.append(
-                or_(
-                    self._in_scope(c.c.call_from, filters.scope),
-                    self._in_scope(c.c.call_to, filters.scope),
-                )
-            )
+            conditions.append(self._scope_matches(filters.scope, walk=walk))
         return conditions
 
-    def _in_scope(self, column: Any, scope: Sequence[tuple[int, int]]) -> ColumnElement[bool]:
-        """`column` is an all-digit number within one of the inclusive ranges (the meaning
-        of `users.in_scope`: no leading zero, "0" itself excepted).
+    def _plan(self, conn: Connection, filters: SearchFilters, *, limit: int | None) -> _Plan:
+        """The conditions of `filters`, and how the search should go about them.
+
+        A search for a number, an extension or a listener's scope may match a few calls or
+        very many. A few: start from the calls an index finds for the filter (the trigram
+        index for a number, the number indexes otherwise) and sort them. Very many: walk the
+        calls newest first, which meets a page of matches soon. A probe counts the
+        candidates of each such filter, stopping past `_DRIVER_LIMIT`. PostgreSQL's planner
+        makes this choice well from its statistics; SQLite's does not, and is told: the
+        trigram table as an ``id IN (...)``, or the walk as ``INDEXED BY`` the start-time
+        index. `limit` is the page's size (None for counting).
+        """
+        conditions = self._conditions(filters)
+        if self._db.dialect != "sqlite":
+            return _Plan(conditions)
+        fewest: tuple[int, Select[Any] | None] | None = None
+        for candidates, needs_in in self._candidates(filters):
+            found = _count(conn, [], source=candidates, limit=_DRIVER_LIMIT + 1)
+            if fewest is None or found < fewest[0]:
+                fewest = (found, candidates if needs_in else None)
+            if found <= _FEW:
+                break
+        if fewest is None:
+            return _Plan(conditions)
+        found, driver = fewest
+        if found > _walk_above(limit, self._db.rows_at_analyze):
+            return _Plan(self._conditions(filters, walk=True))
+        if driver is None:
+            return _Plan(conditions)
+        # Only the trigram candidates, not another filter's index, lead the planner.
+        return _Plan([*self._conditions(filters, walk=True), schema.calls.c.id.in_(driver)])
+
+    def _candidates(self, filters: SearchFilters) -> Iterator[tuple[Select[Any], bool]]:
+        """SQLite: queries of call ids, a superset of the calls each filter matches that an
+        index serves, in the order they are worth trying; with whether the search needs it
+        as an ``IN`` (the trigram table) or finds the index from the filter itself."""
+        c = schema.calls
+        if filters.extension:
+            yield (
+                select(c.c.id).where(
+                    or_(c.c.call_from == filters.extension, c.c.call_to == filters.extension)
+                ),
+                False,
+            )
+        if filters.number and len(filters.number) >= _TRIGRAM:
+            phrase = '"' + filters.number.replace('"', '""') + '"'
+            query: Select[Any] = (
+                select(literal_column("rowid"))
+                .select_from(table(schema.NUMBER_SEARCH_TABLE))
+                .where(text(f"{schema.NUMBER_SEARCH_TABLE} MATCH :phrase"))
+                .params(phrase=phrase)
+            )
+            yield query, True
+        if filters.scope is not None:
+            yield select(c.c.id).where(self._scope_matches(filters.scope)), False
+
+    def _number_matches(self, number: str) -> ColumnElement[bool]:
+        """`number` is part of the caller, callee or DID, letters in any case (SQLite's LIKE
+        ignores the case of ASCII letters; PostgreSQL's ILIKE does the same)."""
+        c = schema.calls
+        pattern = like_pattern(number)
+        columns = (c.c.call_from, c.c.call_to, c.c.did)
+        if self._db.dialect == "sqlite":
+            return or_(*(column.like(pattern, escape="\\") for column in columns))
+        return or_(*(column.ilike(pattern, escape="\\") for column in columns))
+
+    def _scope_matches(
+        self, scope: Sequence[tuple[int, int]], *, walk: bool = False
+    ) -> ColumnElement[bool]:
+        """The caller or the callee is within `scope`: one flat OR of ranges, each of which
+        an index on its column can serve (unless `walk`: see `_conditions`)."""
+        call_from, call_to = _numbers(walk)
+        terms = [*self._in_scope(call_from, scope), *self._in_scope(call_to, scope)]
+        return or_(*terms) if terms else false()
+
+    def _in_scope(self, column: Any, scope: Sequence[tuple[int, int]]) -> list[ColumnElement[bool]]:
+        """Conditions, any of which means `column` is an all-digit number within one of the
+        inclusive ranges (the meaning of `users.in_scope`: no leading zero, "0" itself
+        excepted).
 
         Compared as text of equal length, so it works without casts on every engine: a range
-        is split into sub-ranges with a fixed number of digits.
+        is split into sub-ranges with a fixed number of digits, each a range of the column's
+        index.
         """
         if self._db.dialect == "sqlite":
             all_digits: ColumnElement[bool] = column.op("NOT GLOB")("*[^0-9]*")
         else:
             all_digits = column.op("~")("^[0-9]+$")
-        parts: list[ColumnElement[bool]] = []
+        terms: list[ColumnElement[bool]] = []
         for lo_given, hi in scope:
             if hi < 0 or lo_given > hi:
                 continue
@@ -240,16 +351,96 @@ class RecordingStore:
                 sub_hi = min(hi, 10**digits - 1)
                 if sub_lo > sub_hi:
                     continue
-                parts.append(
+                if sub_lo == sub_hi:
+                    terms.append(column == str(sub_lo))
+                    continue
+                terms.append(
                     and_(
-                        func.length(column) == digits,
                         column >= str(sub_lo),
                         column <= str(sub_hi),
+                        func.length(column) == digits,
+                        all_digits,
                     )
                 )
-        if not parts:
-            return false()
-        return and_(column != "", all_digits, or_(*parts))
+        return terms
+
+
+def _count(
+    conn: Connection,
+    where: Sequence[ColumnElement[bool]],
+    *,
+    source: Select[Any],
+    limit: int | None = None,
+) -> int:
+    """How many rows `source` finds with `where`, up to `limit`."""
+    inner = source.where(*where)
+    if limit is not None:
+        inner = inner.limit(limit)
+    return int(conn.execute(select(func.count()).select_from(inner.subquery())).scalar_one())
+
+
+def _walk_above(limit: int | None, calls: int) -> float:
+    """How many candidates make walking the calls newest first the better plan (SQLite).
+
+    Starting from the candidates sorts all of them; the walk reads about limit * calls /
+    candidates rows before it has a page: equal at sqrt(limit * calls). A count (`limit`
+    None) walks until past the cap, so it starts from the candidates up to `_DRIVER_LIMIT`.
+    """
+    if limit is None:
+        return _DRIVER_LIMIT
+    return min(math.sqrt(limit * max(calls, 1)), _DRIVER_LIMIT)
+
+
+def _numbers(walk: bool) -> tuple[ColumnElement[str], ColumnElement[str]]:
+    """`calls.call_from` and `calls.call_to`; for a walk, as expressions (``|| ''``) that no
+    index serves, so that SQLite's planner walks the start-time index instead."""
+    c = schema.calls
+    if walk:
+        return c.c.call_from.concat(literal_column("''")), c.c.call_to.concat(literal_column("''"))
+    return c.c.call_from, c.c.call_to
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A search's conditions, and how to read a page and a count with them."""
+
+    where: list[ColumnElement[bool]]
+
+    def page(
+        self,
+        conn: Connection,
+        where: Sequence[ColumnElement[bool]],
+        order: Sequence[ColumnElement[Any]],
+        *,
+        limit: int,
+        offset: int,
+    ) -> list[Row[Any]]:
+        """The rows of one page. The order is found on the ids alone, then the whole rows of
+        the page are read: sorting thousands of whole rows (`raw` and all) cost more."""
+        r, c = schema.recordings, schema.calls
+        ids = (
+            select(r.c.id)
+            .select_from(r.join(c, c.c.id == r.c.call_id))
+            .where(*where)
+            .order_by(*order)
+            .limit(limit)
+            .offset(offset)
+        )
+        page = [row_id for (row_id,) in conn.execute(ids)]
+        if not page:
+            return []
+        rank = {row_id: n for n, row_id in enumerate(page)}
+        rows = conn.execute(_joined().where(r.c.id.in_(page)))
+        return sorted(rows, key=lambda row: rank[row.id])
+
+    def count(
+        self, conn: Connection, where: Sequence[ColumnElement[bool]], *, limit: int | None = None
+    ) -> int:
+        r, c = schema.recordings, schema.calls
+        source: Select[Any] = select(literal_column("1")).select_from(
+            r.join(c, c.c.id == r.c.call_id)
+        )
+        return _count(conn, where, source=source, limit=limit)
 
 
 def _joined() -> Select[Any]:

@@ -10,10 +10,10 @@ import builtins
 import functools
 import hashlib
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
 from callvault.index._db import Database
 from callvault.index.schema import api_tokens, column_length, users, web_sessions
@@ -43,6 +43,8 @@ _LABEL_MAX = column_length(api_tokens.c.label)
 _CREATED_BY_MAX = column_length(api_tokens.c.created_by)
 # Longer than any token this index makes: not worth hashing.
 _TOKEN_MAX = 200
+# An API token's `last_used_at` is written at most this often.
+LAST_USED_EVERY = timedelta(minutes=1)
 
 _USER_COLUMNS = (
     users.c.id,
@@ -356,23 +358,40 @@ class TokenStore:
         return result.rowcount > 0
 
     def user_for(self, secret: str, *, now: datetime | None = None) -> User | None:
-        """The enabled user owning this live token, noting when it was last used; else None."""
+        """The enabled user owning this live token, else None. When the token was last used
+        is noted at most once a minute (`LAST_USED_EVERY`): a write and a commit on every
+        request cost more than many searches."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > _TOKEN_MAX:
             return None
-        with self._db.write() as conn:
-            row = conn.execute(
-                select(api_tokens.c.id.label("token_id"), *_USER_COLUMNS)
-                .join_from(api_tokens, users, api_tokens.c.user_id == users.c.id)
-                .where(api_tokens.c.token_sha256 == _digest(secret))
-                .where(api_tokens.c.revoked_at.is_(None))
-            ).first()
-            if row is None:
-                return None
-            conn.execute(
-                update(api_tokens)
-                .where(api_tokens.c.id == row.token_id)
-                .values(last_used_at=to_utc(now or _now()))
+        query = (
+            select(
+                api_tokens.c.id.label("token_id"),
+                api_tokens.c.last_used_at.label("token_last_used_at"),
+                *_USER_COLUMNS,
             )
+            .join_from(api_tokens, users, api_tokens.c.user_id == users.c.id)
+            .where(api_tokens.c.token_sha256 == _digest(secret))
+            .where(api_tokens.c.revoked_at.is_(None))
+        )
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        now = to_utc(now or _now())
+        last_used = from_db(row.token_last_used_at)
+        if last_used is None or not now - LAST_USED_EVERY < last_used <= now:
+            # Conditional, so that of several requests at once only one writes.
+            stale = or_(
+                api_tokens.c.last_used_at.is_(None),
+                api_tokens.c.last_used_at <= now - LAST_USED_EVERY,
+                api_tokens.c.last_used_at > now,
+            )
+            with self._db.write() as conn:
+                conn.execute(
+                    update(api_tokens)
+                    .where(api_tokens.c.id == row.token_id, stale)
+                    .values(last_used_at=now)
+                )
         user = _user_from_row(row)
         return None if user.disabled_at is not None else user
 

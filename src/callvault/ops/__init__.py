@@ -8,7 +8,7 @@ what both `--json` and the web API print, so the two never disagree:
     verify_archive(archive, now=...) -> VerifyReport   # callvault verify
     verify_recording(archive, row, now=...) -> VerifyResult   # "Verify now", POST .../verify
     requeue(archive, states, now=..., since=...) -> RequeueResult  # callvault requeue
-    RecordingView.of(row), RecordingPage               # callvault list --json, GET /api/recordings
+    search_recordings(index, filters, limit=...) -> RecordingPage  # list --json, GET .../recordings
 
 The layer sits above the archiver and below the web app and the command line.
 """
@@ -20,7 +20,12 @@ from callvault._lazy import lazy_exports
 if TYPE_CHECKING:
     from callvault.ops._archive import Archive, ArchiveError, open_archive
     from callvault.ops._json import JsonResult, json_ready
-    from callvault.ops._recordings import RecordingPage, RecordingView
+    from callvault.ops._recordings import (
+        MAX_OFFSET,
+        RecordingPage,
+        RecordingView,
+        search_recordings,
+    )
     from callvault.ops._requeue import REQUEUE_STATES, RequeueResult, requeue
     from callvault.ops._status import (
         ArchiveStatus,
@@ -40,8 +45,10 @@ _HOMES = {
     "open_archive": "_archive",
     "JsonResult": "_json",
     "json_ready": "_json",
+    "MAX_OFFSET": "_recordings",
     "RecordingPage": "_recordings",
     "RecordingView": "_recordings",
+    "search_recordings": "_recordings",
     "REQUEUE_STATES": "_requeue",
     "RequeueResult": "_requeue",
     "requeue": "_requeue",
@@ -62,6 +69,7 @@ __getattr__ = lazy_exports(__name__, _HOMES)
 
 
 __all__ = [
+    "MAX_OFFSET",
     "REQUEUE_STATES",
     "Archive",
     "ArchiveError",
@@ -81,6 +89,7 @@ __all__ = [
     "json_ready",
     "open_archive",
     "requeue",
+    "search_recordings",
     "verify_archive",
     "verify_recording",
 ]

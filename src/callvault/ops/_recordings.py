@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from callvault.index import RecordingRow
+from callvault.index import Index, Position, RecordingRow, SearchFilters
 from callvault.index.schema import ARCHIVED
 from callvault.ops._json import JsonResult
+
+# Offsets skip rows one by one: past the first pages, page by position (`after`).
+MAX_OFFSET = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +84,42 @@ class RecordingView(JsonResult):
 
 @dataclass(frozen=True, slots=True)
 class RecordingPage(JsonResult):
-    """One page of a search: the recordings, and how many match in all."""
+    """One page of a search, newest call first.
+
+    `total` is how many recordings match in all, counted up to 10,000 unless an exact count
+    was asked for: with `total_exact` false, more than `total` match. `next` is the cursor
+    of the next page (give it as `after`), None on the last page.
+    """
 
     total: int
+    total_exact: bool
     limit: int
     offset: int
+    next: str | None
     items: list[RecordingView]
+
+
+def search_recordings(
+    index: Index,
+    filters: SearchFilters,
+    *,
+    limit: int,
+    offset: int = 0,
+    after: Position | None = None,
+    exact_total: bool = False,
+) -> RecordingPage:
+    """One page of the recordings matching `filters`, after the position `after` (or
+    `offset` rows in: keep that to the first pages), with how many match in all."""
+    rows = index.recordings.search(filters, limit=limit + 1, offset=offset, after=after)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    recordings = index.recordings
+    total = recordings.total(filters, cap=None) if exact_total else recordings.total(filters)
+    return RecordingPage(
+        total=total.count,
+        total_exact=total.exact,
+        limit=limit,
+        offset=offset,
+        next=rows[-1].position.token() if more and rows else None,
+        items=[RecordingView.of(row) for row in rows],
+    )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from callvault.index import RecordingRow, audit, users
 from callvault.index.schema import ARCHIVED
 from callvault.ops import (
+    MAX_OFFSET,
     REQUEUE_STATES,
     ArchiveStatus,
     JsonResult,
@@ -37,6 +38,7 @@ from callvault.web._context import (
     context,
     parse_when,
     record_audit,
+    search_page_of,
     visible_recording,
 )
 
@@ -238,16 +240,30 @@ def search(
     principal: AnyUser,
     params: Annotated[SearchParams, Depends(search_params)],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="The `next` of the previous page: the page after it (as quick at "
+            "any depth)",
+        ),
+    ] = None,
+    offset: Annotated[
+        int,
+        Query(ge=0, description=f"Rows to skip, at most {MAX_OFFSET}: page on with `after`"),
+    ] = 0,
+    exact_total: Annotated[
+        bool,
+        Query(description="Count every match, however many (slow on a big archive)"),
+    ] = False,
 ) -> Response:
     """Recordings with their calls matching the filters, newest first, within your scope
-    (the same page as `callvault list --json`)."""
-    index = context(request).index
+    (the same page as `callvault list --json`). `total` counts up to 10,000 matches unless
+    `exact_total` asks for all: with `total_exact` false, more than `total` match. Page on
+    with `after` set to the page's `next` (null on the last page)."""
     filters = params.filters(principal.user)
-    rows = index.recordings.search(filters, limit=limit, offset=offset)
-    total = index.recordings.count(filters)
-    items = [RecordingView.of(r) for r in rows]
-    return _answer(RecordingPage(total=total, limit=limit, offset=offset, items=items))
+    page = search_page_of(context(request).index, filters, limit, after, offset, exact_total)
+    return _answer(page)
 
 
 @router.get(

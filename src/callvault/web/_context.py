@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import HTTPException, Request
 
-from callvault.index import Index, RecordingRow, SearchFilters
+from callvault.index import Index, Position, RecordingRow, SearchFilters
 from callvault.index.schema import RECORDING_STATES
 from callvault.index.users import User
-from callvault.ops import Archive
+from callvault.ops import MAX_OFFSET, Archive, RecordingPage, search_recordings
 from callvault.storage import Storage
 from callvault.times import TimeFormatError, parse_moment
 from callvault.web._security import (
@@ -175,6 +175,35 @@ class SearchParams:
             if value is not None and str(value) != "":
                 items.append((name, str(value)))
         return items
+
+
+def search_page_of(
+    index: Index,
+    filters: SearchFilters,
+    limit: int,
+    after: str | None,
+    offset: int,
+    exact_total: bool = False,
+) -> RecordingPage:
+    """A page of a search (API and search page alike); HTTPException 422 for a cursor that
+    is not one, or an offset past the first pages."""
+    position = None
+    if after:
+        try:
+            position = Position.parse(after)
+        except ValueError:
+            raise HTTPException(
+                422, "after: not a cursor of a search: give the `next` of the previous page"
+            ) from None
+    if offset > MAX_OFFSET:
+        raise HTTPException(
+            422,
+            f"offset: at most {MAX_OFFSET}; page on with after=<the `next` of the previous "
+            "page>, which is as quick at any depth",
+        )
+    return search_recordings(
+        index, filters, limit=limit, offset=offset, after=position, exact_total=exact_total
+    )
 
 
 def visible_recording(request: Request, principal: Principal, recording_id: int) -> RecordingRow:

@@ -30,7 +30,7 @@ from callvault.index.schema import (
     PENDING,
     RECORDING_STATES,
 )
-from callvault.ops import REQUEUE_STATES, archive_status, human_size
+from callvault.ops import MAX_OFFSET, REQUEUE_STATES, RecordingPage, archive_status, human_size
 from callvault.times import ago
 from callvault.web import _api, _media
 from callvault.web._context import (
@@ -42,6 +42,7 @@ from callvault.web._context import (
     parse_when,
     record_audit,
     remote_addr,
+    search_page_of,
     visible_recording,
 )
 from callvault.web._security import CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, SESSION_LIFETIME
@@ -415,19 +416,25 @@ def search_page(request: Request, principal: PageUser) -> HTMLResponse:
     ctx = context(request)
     params, problems = _search_params(request)
     page = _page_number(request.query_params.get("page", "1"))
-    rows: list[Any] = []
-    total = 0
+    after = request.query_params.get("after") or None
+    result: RecordingPage | None = None
     if not problems:
         try:
             filters = params.filters(principal.user)
-        except HTTPException as exc:  # prevented by the checks above; still never a 500
+            offset = 0 if after else (page - 1) * PAGE_SIZE
+            if offset > MAX_OFFSET:
+                raise HTTPException(
+                    422,
+                    f"page: pages after {MAX_OFFSET // PAGE_SIZE + 1} open from the one "
+                    "before them (Older →), not by number",
+                )
+            result = search_page_of(ctx.index, filters, PAGE_SIZE, after, offset)
+        except HTTPException as exc:  # a cursor or a page that is not one; never a 500
             problems["search"] = str(exc.detail)
-        else:
-            rows = ctx.index.recordings.search(
-                filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
-            )
-            total = ctx.index.recordings.count(filters)
     base_query = urlencode(params.query_items())
+    older = None
+    if result is not None and result.next:
+        older = urlencode([*params.query_items(), ("after", result.next), ("page", page + 1)])
     return render(
         request,
         "search.html",
@@ -436,10 +443,12 @@ def search_page(request: Request, principal: PageUser) -> HTMLResponse:
         form=_FormValues.of(request, SEARCH_LABELS),
         labels=SEARCH_LABELS,
         problems=problems,
-        rows=rows,
-        total=total,
+        rows=result.items if result else [],
+        total=result.total if result else 0,
+        total_exact=result.total_exact if result else True,
         page=page,
-        pages=max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE),
+        pages=max(1, (result.total + PAGE_SIZE - 1) // PAGE_SIZE) if result else 1,
+        older_query=older,
         base_query=base_query,
         export_url="/api/export" + (f"?{base_query}" if base_query else ""),
         states=RECORDING_STATES,
