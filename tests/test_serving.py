@@ -92,6 +92,45 @@ def test_a_complete_request_is_answered_and_the_next_one_gets_the_same_limit(
         assert _closed_by_server(conn)
 
 
+@pytest.mark.parametrize("how", ["serve_until", "ServerThread"])
+def test_responses_are_sent_without_waiting_for_acks(how: str) -> None:
+    """TCP_NODELAY on every accepted connection, whichever way the server runs (`web` serves
+    on the command's asyncio loop, the events receiver on a uvloop thread). asyncio sets it
+    only on sockets made with IPPROTO_TCP, which ours are not: with Nagle's algorithm on, a
+    response written in pieces waited for the client's delayed ACK, about 40 ms per request
+    of a kept-alive connection (measured on the API: 48 ms for /api/me, 3 ms without)."""
+    sock = serving.bind_socket("127.0.0.1", 0)
+    server = serving.server_for(_hello, keep_alive_s=30)
+    stop = asyncio.Event()
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        if how == "serve_until":
+            await serving.serve_until(server, sock, stop)
+        else:
+            await serving.ServerThread(server, sock, name="test-server").start()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(sock.getsockname()) as conn:
+            conn.settimeout(10)
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while b"hello" not in answer:
+                answer += conn.recv(4096)
+            transports = [protocol.transport for protocol in server.server_state.connections]
+            assert len(transports) == 1
+            accepted = transports[0].get_extra_info("socket")
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        server.should_exit = True
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+        sock.close()
+
+
 def test_forwarded_headers_are_believed_only_from_the_trusted_proxy() -> None:
     assert serving.proxy_options(None) == {"proxy_headers": False}
     assert serving.proxy_options("") == {"proxy_headers": False}
