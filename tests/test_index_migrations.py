@@ -14,7 +14,15 @@ from alembic.migration import MigrationContext
 from argon2 import PasswordHasher
 from sqlalchemy import Engine, column, create_engine, inspect, select, table, text
 
-from callvault.index import Index, IndexOpenError, SearchFilters, Worker, open_index, schema
+from callvault.index import (
+    Index,
+    IndexOpenError,
+    SearchFilters,
+    SettingKey,
+    Worker,
+    open_index,
+    schema,
+)
 from callvault.index.schema import metadata
 from callvault.pbx import CallDetail
 from support.databases import migrate
@@ -241,7 +249,11 @@ def test_upgrade_from_0002_keeps_every_row_and_ends_lease_only_claims_by_the_lea
                 continue
             columns = list(rows[0])
             expected = [tuple(_utc(row[c]) for c in columns) for row in rows]
-            assert _rows(engine, name, columns) == expected, name
+            found = _rows(engine, name, columns)
+            if name == "settings":  # the first open also gathered the planner's statistics
+                found = [row for row in found if row[0] != "statistics_calls"]
+            assert found == expected, name
+        assert index.settings.get(SettingKey.STATISTICS_CALLS) == "2"
         with engine.connect() as conn:
             assert "revoked_sessions" not in inspect(conn).get_table_names()
             assert conn.execute(text("SELECT count(*) FROM web_sessions")).scalar_one() == 0

@@ -32,6 +32,7 @@ def test_keys_are_those_existing_archives_hold(index: Index) -> None:
         "LAST_EVENT_AT": "last_event_at",
         "WEB_SESSION_SECRET": "web_session_secret",
         "BACKFILL_PROGRESS": "backfill_progress",
+        "STATISTICS_CALLS": "statistics_calls",
     }
     with index.engine.begin() as conn:
         conn.exec_driver_sql(

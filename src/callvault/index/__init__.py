@@ -50,10 +50,12 @@ from callvault.index._models import (
     Total,
     Worker,
 )
+from callvault.index._recordings import TOTAL_CAP
 from callvault.index._settings import SettingKey
 
 __all__ = [
     "DEFAULT_STALE_AFTER",
+    "TOTAL_CAP",
     "ArchivedCopy",
     "DayCount",
     "Index",

@@ -15,6 +15,7 @@ from callvault.index import schema
 from callvault.index._db import Database
 from callvault.index._errors import InvalidCallDetail
 from callvault.index._models import RecordResult
+from callvault.index._statistics import Statistics
 from callvault.pbx import CallDetail
 from callvault.times import MAX_DURATION_S, PBX_FORMAT, parse_pbx_time, pbx_time_problem, to_utc
 
@@ -70,8 +71,9 @@ _IN_CHUNK = 500
 class CallStore:
     """The `calls` table and the recordings its records queue."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, statistics: Statistics) -> None:
         self._db = db
+        self._statistics = statistics
         self._statements = _Statements(db)
 
     def record(
@@ -108,7 +110,7 @@ class CallStore:
                 if cdr.recording:
                     first_call.setdefault(cdr.recording, call_ids[cdr.callid])
             recording_ids, created = self._insert_recordings(conn, first_call, now)
-        self._db.note_growth(len(rows))
+        self._statistics.note_growth(len(rows))
         results: list[RecordResult] = []
         for cdr in cdrs:
             name = cdr.recording

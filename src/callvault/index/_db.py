@@ -20,7 +20,6 @@ import logging
 import os
 import sqlite3
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,10 +42,6 @@ _SQLITE_DAMAGE_WORDS = ("file is not a database", "database disk image is malfor
 # PostgreSQL's SQLSTATEs data_corrupted and index_corrupted.
 _PG_DAMAGE_STATES = ("XX001", "XX002")
 _SIDE_FILES = ("-wal", "-shm", "-journal")
-# The planner's statistics are gathered again once the calls have grown by a tenth since
-# the last time (and by at least this many rows); SQLite samples this many rows per index.
-_MIN_GROWTH = 1_000
-_SQLITE_ANALYSIS_LIMIT = 1_000
 
 
 _LIKE_SPECIALS = str.maketrans({"\\": "\\\\", "%": "\\%", "_": "\\_"})
@@ -244,9 +239,6 @@ class Database:
         self.engine = engine
         self.url = url
         self.dialect = engine.dialect.name
-        self._stats_lock = threading.Lock()
-        self._rows_at_analyze = 0
-        self._grown = 0
 
     def read(self) -> contextlib.AbstractContextManager[Connection]:
         """A connection for reading (no transaction is held beyond the statements)."""
@@ -291,69 +283,3 @@ class Database:
         except IndexCorruptError as exc:
             return [exc.reason]
         return [] if rows == ["ok"] else rows
-
-    # -- the planner's statistics ---------------------------------------------------------
-    #
-    # Without statistics SQLite's planner sorts the whole archive to show its newest page,
-    # and PostgreSQL keeps plans made while a table was empty (a bulk load slowed from
-    # thousands of calls a second to hundreds): autovacuum may be off, and lags behind a
-    # bulk load anyway. So the index gathers them itself: at open if they were never
-    # gathered, and after writes once the calls have grown by a tenth.
-
-    @property
-    def rows_at_analyze(self) -> int:
-        """How many calls there were when the statistics were last gathered (0: unknown)."""
-        return self._rows_at_analyze
-
-    def keep_statistics(self) -> None:
-        """At open: note how many calls the statistics knew; gather them if never done."""
-        known = self._calls_in_statistics()
-        if known is None:
-            self.analyze()
-        else:
-            self._rows_at_analyze = known
-
-    def note_growth(self, rows: int) -> None:
-        """`rows` calls were added: gather the statistics again if the table grew enough."""
-        with self._stats_lock:
-            self._grown += rows
-            if self._grown < max(_MIN_GROWTH, self._rows_at_analyze // 10):
-                return
-            self._grown = 0
-        self.analyze()
-
-    def analyze(self) -> None:
-        """Gather the planner's statistics of every table now (SQLite: a sample of each
-        index, a few milliseconds whatever the size; PostgreSQL: a sample of each table)."""
-        with self.write() as conn:
-            if self.dialect == "sqlite":
-                conn.exec_driver_sql(f"PRAGMA analysis_limit = {_SQLITE_ANALYSIS_LIMIT}")
-            conn.exec_driver_sql("ANALYZE")
-        known = self._calls_in_statistics()
-        log.debug("gathered the planner's statistics (%s calls)", known)
-        self._rows_at_analyze = known or 0
-
-    def _calls_in_statistics(self) -> int | None:
-        """How many calls the planner's statistics count; None if they were never gathered
-        (an empty table counts as gathered: there is nothing to learn)."""
-        with self.read() as conn:
-            if self.dialect == "sqlite":
-                has_stats = conn.exec_driver_sql(
-                    "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'"
-                ).first()
-                stat = None
-                if has_stats is not None:
-                    stat = conn.exec_driver_sql(
-                        "SELECT stat FROM sqlite_stat1 WHERE tbl = 'calls' LIMIT 1"
-                    ).scalar()
-                if stat is not None:
-                    return int(str(stat).split()[0])
-                empty = conn.exec_driver_sql("SELECT 1 FROM calls LIMIT 1").first() is None
-                return 0 if empty else None
-            tuples = conn.exec_driver_sql(
-                "SELECT reltuples FROM pg_class WHERE oid = 'calls'::regclass"
-            ).scalar()
-            if tuples is not None and float(tuples) >= 0:
-                return int(float(tuples))
-            empty = conn.exec_driver_sql("SELECT 1 FROM calls LIMIT 1").first() is None
-            return 0 if empty else None

@@ -31,6 +31,7 @@ from callvault.index._db import (
 from callvault.index._errors import IndexMissingError, IndexOpenError
 from callvault.index._recordings import RecordingStore
 from callvault.index._settings import SettingsStore
+from callvault.index._statistics import Statistics
 
 if TYPE_CHECKING:
     from callvault.index._audit import AuditStore
@@ -78,7 +79,7 @@ def open_index(url: str, *, create: bool = True) -> Index:
     index = Index(engine, url)
     try:
         index.migrate()
-        index._db.keep_statistics()
+        index.statistics.at_open()
     except IndexOpenError:
         engine.dispose()
         raise
@@ -98,8 +99,9 @@ class Index:
 
     def __init__(self, engine: Engine, url: str) -> None:
         self._db = Database(engine, url)
-        self.recordings = RecordingStore(self._db)
         self.settings = SettingsStore(self._db)
+        self.statistics = Statistics(self._db, self.settings)
+        self.recordings = RecordingStore(self._db, self.statistics)
 
     # The other stores are built, and their modules imported, on first use: a command that
     # only reads recordings (`callvault list`) does not pay for users, audit or call parsing.
@@ -108,7 +110,7 @@ class Index:
     def calls(self) -> CallStore:
         from callvault.index._calls import CallStore
 
-        return CallStore(self._db)
+        return CallStore(self._db, self.statistics)
 
     @functools.cached_property
     def jobs(self) -> JobStore:
@@ -170,7 +172,8 @@ class Index:
         return self._db.check(quick=quick)
 
     def close(self) -> None:
-        """Release every pooled connection."""
+        """Release every pooled connection, once a gathering of statistics has ended."""
+        self.statistics.wait(timeout=60)
         self._db.engine.dispose()
 
     def __enter__(self) -> Index:

@@ -21,6 +21,7 @@ class SettingKey(StrEnum):
     LAST_EVENT_AT = "last_event_at"  # when the last NewCdr was committed, ISO 8601
     WEB_SESSION_SECRET = "web_session_secret"  # noqa: S105 - the key's name, not a secret
     BACKFILL_PROGRESS = "backfill_progress"  # how far `backfill` got, JSON
+    STATISTICS_CALLS = "statistics_calls"  # calls at the planner's last ANALYZE
 
 
 class SettingsStore:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from callvault.index import Index, Position, RecordingRow, SearchFilters
+from callvault.index import TOTAL_CAP, Index, Position, RecordingRow, SearchFilters
 from callvault.index.schema import ARCHIVED
 from callvault.ops._json import JsonResult
 
@@ -86,7 +86,7 @@ class RecordingView(JsonResult):
 class RecordingPage(JsonResult):
     """One page of a search, newest call first.
 
-    `total` is how many recordings match in all, counted up to 10,000 unless an exact count
+    `total` is how many recordings match in all, counted up to 1,000 unless an exact count
     was asked for: with `total_exact` false, more than `total` match. `next` is the cursor
     of the next page (give it as `after`), None on the last page.
     """
@@ -110,11 +110,11 @@ def search_recordings(
 ) -> RecordingPage:
     """One page of the recordings matching `filters`, after the position `after` (or
     `offset` rows in: keep that to the first pages), with how many match in all."""
-    rows = index.recordings.search(filters, limit=limit + 1, offset=offset, after=after)
+    rows, total = index.recordings.page(
+        filters, limit=limit + 1, offset=offset, after=after, cap=None if exact_total else TOTAL_CAP
+    )
     more = len(rows) > limit
     rows = rows[:limit]
-    recordings = index.recordings
-    total = recordings.total(filters, cap=None) if exact_total else recordings.total(filters)
     return RecordingPage(
         total=total.count,
         total_exact=total.exact,

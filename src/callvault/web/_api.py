@@ -258,7 +258,7 @@ def search(
     ] = False,
 ) -> Response:
     """Recordings with their calls matching the filters, newest first, within your scope
-    (the same page as `callvault list --json`). `total` counts up to 10,000 matches unless
+    (the same page as `callvault list --json`). `total` counts up to 1,000 matches unless
     `exact_total` asks for all: with `total_exact` false, more than `total` match. Page on
     with `after` set to the page's `next` (null on the last page)."""
     filters = params.filters(principal.user)

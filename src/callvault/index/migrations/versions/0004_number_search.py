@@ -14,8 +14,10 @@ can serve: without help every search read the whole ``calls`` table.
   columns. A server without the extension (``contrib`` not installed, or a role that may
   not create it) keeps working without the indexes: a warning says so, searches scan.
 
-Both then gather the planner's statistics (``ANALYZE``): without them SQLite sorted the
-whole archive to show its newest 50 recordings.
+PostgreSQL also keeps the frequencies of up to 1,000 values of ``call_from`` and
+``call_to`` (every extension of most companies) instead of 100. Both then gather the
+planner's statistics (``ANALYZE``): without them SQLite sorted the whole archive to show
+its newest 50 recordings.
 
 Written out in full (not imported from schema.py), like the migrations before it.
 """
@@ -35,6 +37,7 @@ depends_on = None
 log = logging.getLogger("callvault.index")
 
 _COLUMNS = ("call_from", "call_to", "did")
+_STATISTICS_TARGET = 1000
 _SQLITE_UPGRADE = [
     "CREATE VIRTUAL TABLE calls_numbers USING fts5("
     "call_from, call_to, did, content='calls', content_rowid='id', tokenize='trigram')",
@@ -81,6 +84,11 @@ def upgrade() -> None:
                 f"CREATE INDEX IF NOT EXISTS ix_calls_{column}_trgm ON calls "
                 f"USING gin ({column} gin_trgm_ops)"
             )
+    # A frequency for every extension, not the 100 most common values: with the default the
+    # planner took an extension with 10,000 calls for one with 400, and sorted all of them
+    # instead of walking the calls newest first (296 ms against 11 ms at ten million).
+    for column in ("call_from", "call_to"):
+        op.execute(f"ALTER TABLE calls ALTER COLUMN {column} SET STATISTICS {_STATISTICS_TARGET}")
     op.execute("ANALYZE")
 
 
@@ -93,3 +101,5 @@ def downgrade() -> None:
         return
     for column in _COLUMNS:
         op.execute(f"DROP INDEX IF EXISTS ix_calls_{column}_trgm")
+    for column in ("call_from", "call_to"):
+        op.execute(f"ALTER TABLE calls ALTER COLUMN {column} SET STATISTICS -1")
