@@ -133,12 +133,14 @@ SEARCHES: dict[str, SearchFilters] = {
     "empty scope": SearchFilters(scope=[]),
 }
 
-# SQLite's plans: as chosen, always walking the calls newest first, always starting from
-# the candidates. All three must find the same rows.
+# The plans: as chosen; on SQLite, always walking the calls newest first, or always
+# starting from the candidates; on PostgreSQL, a number's calls read three at a time. All
+# must find the same rows.
 PLANS: dict[str, dict[str, Any]] = {
     "chosen": {},
     "walk": {"_DRIVER_LIMIT": 0, "_FEW": -1},
     "candidates": {"_DRIVER_LIMIT": 10**9, "_walk_above": lambda *_: float("inf")},
+    "small slices": {"_SLICE": 3, "_SLICE_FACTOR": 0},
 }
 
 

@@ -55,12 +55,16 @@ _DATETIME_FIELDS = (
 # than finding the page; ten thousand, 130 ms at ten million calls on PostgreSQL).
 TOTAL_CAP = 1_000
 # SQLite: a filter whose index finds at most this many candidate calls drives the search
-# (for a page, fewer: see `_plan`); a probe stops counting them there, or at once below
+# (for a page, fewer: see `_walk_above`); a probe stops counting them there, or at once below
 # `_FEW`.
 _DRIVER_LIMIT = 20_000
 _FEW = 1_000
 # The shortest number part a trigram index can find; shorter ones match many calls.
 _TRIGRAM = 3
+# PostgreSQL, a number part: a page is read among this many of its newest calls at first
+# (at least; a few times the rows wanted), twice as many each time after.
+_SLICE = 200
+_SLICE_FACTOR = 4
 
 
 class RecordingStore:
@@ -262,21 +266,24 @@ class RecordingStore:
         SQLite's planner cannot tell a few from many and is told. PostgreSQL's tells from
         its statistics, except for a number part, whose matches it guesses (14,000 for the
         4,700 of ``3705`` at ten million calls, and walked 114,000 calls for a page): the
-        trigram candidates' ids are fetched, and when few the search starts from them.
+        calls that match (every condition on the call checked on the rows the trigram index
+        finds) are fetched with their start times, and when few, sorted here, a page is
+        read from the newest of them (`_Plan.matched`).
         """
         conditions = self._conditions(filters)
         c = schema.calls
         if self._db.dialect != "sqlite":
             if not filters.number or len(filters.number) < _TRIGRAM:
-                return _Probe(conditions, conditions)
-            found = select(c.c.id).where(self._number_matches(filters.number))
-            ids = list(conn.execute(found.limit(_DRIVER_LIMIT + 1)).scalars())
-            if len(ids) > _DRIVER_LIMIT:
-                return _Probe(conditions, conditions)
-            candidates = bindparam("candidate_ids", ids, type_=ARRAY(Integer))
-            # The ids are exactly the calls the number matches: no need to match it again.
-            others = self._conditions(replace(filters, number=None))
-            return _Probe(conditions, [*others, c.c.id == any_(candidates)])
+                return _Probe(conditions)
+            # Every condition on the call, checked on the rows the trigram index finds.
+            on_calls = self._conditions(replace(filters, state=None))
+            found = select(c.c.start_at, c.c.id).where(*on_calls)
+            rows = conn.execute(found.limit(_DRIVER_LIMIT + 1)).all()
+            if len(rows) > _DRIVER_LIMIT:
+                return _Probe(conditions)
+            matched = sorted(((from_db(start), call_id) for start, call_id in rows), key=_newest)
+            # These are exactly the calls that match: what is left is the recording's state.
+            return _Probe(self._conditions(SearchFilters(state=filters.state)), matched=matched)
         fewest: tuple[int, Select[Any] | None] | None = None
         for candidates_query, needs_in in self._candidates(filters):
             count = _count(conn, [], source=candidates_query, limit=_DRIVER_LIMIT + 1)
@@ -285,12 +292,12 @@ class RecordingStore:
             if count <= _FEW:
                 break
         if fewest is None:
-            return _Probe(conditions, conditions)
+            return _Probe(conditions)
         count, driver = fewest
         walk = self._conditions(filters, walk=True)
         # Only the trigram candidates, not another filter's index, lead the planner.
         start = conditions if driver is None else [*walk, c.c.id.in_(driver)]
-        return _Probe(conditions, start, walk=walk, candidates=count, calls=self._statistics.calls)
+        return _Probe(start, walk=walk, candidates=count, calls=self._statistics.calls)
 
     def _candidates(self, filters: SearchFilters) -> Iterator[tuple[Select[Any], bool]]:
         """SQLite: queries of call ids, a superset of the calls each filter matches that an
@@ -379,6 +386,10 @@ def _search(
     page) those without."""
     r, c = schema.recordings, schema.calls
     timed = [*plan.where, c.c.start_at.is_not(None)]
+    timed_among = untimed_among = None
+    if plan.matched is not None:
+        timed_among = [m for m in plan.matched if m[0] is not None]
+        untimed_among = [m for m in plan.matched if m[0] is None]
     rows: list[Row[Any]] = []
     if after is None or after.start_at is not None:
         if after is not None and after.start_at is not None:
@@ -386,17 +397,21 @@ def _search(
             # `<=` lets the planner start its walk of the start-time index there.
             timed.append(c.c.start_at <= moment)
             timed.append(not_(and_(c.c.start_at == moment, r.c.id >= after.recording_id)))
+            if timed_among is not None:
+                timed_among = [m for m in timed_among if m[0] is not None and m[0] <= moment]
         order = (c.c.start_at.desc(), r.c.id.desc())
-        rows = plan.page(conn, timed, order, limit=limit, offset=offset)
+        rows = plan.page(conn, timed, order, limit=limit, offset=offset, among=timed_among)
     if len(rows) < limit:
         untimed = [*plan.where, c.c.start_at.is_(None)]
         if after is not None and after.start_at is None:
             untimed.append(r.c.id < after.recording_id)
         skip = 0
         if offset and not rows and (after is None or after.start_at is not None):
-            skip = max(0, offset - plan.count(conn, timed))
+            skip = max(0, offset - plan.count(conn, timed, among=timed_among))
         newest_id = (r.c.id.desc(),)
-        rows += plan.page(conn, untimed, newest_id, limit=limit - len(rows), offset=skip)
+        rows += plan.page(
+            conn, untimed, newest_id, limit=limit - len(rows), offset=skip, among=untimed_among
+        )
     return [_recording_row(row) for row in rows]
 
 
@@ -444,27 +459,33 @@ def _numbers(walk: bool) -> tuple[ColumnElement[str], ColumnElement[str]]:
 
 @dataclass(frozen=True, slots=True)
 class _Probe:
-    """What `RecordingStore._probe` learnt: the conditions as they are, as they start from
-    the candidates (`start`) and, on SQLite, as a walk of the calls newest first."""
+    """What `RecordingStore._probe` learnt: the conditions as they start from the candidates
+    (`start`) and, on SQLite, as a walk of the calls newest first (`walk`)."""
 
-    where: list[ColumnElement[bool]]
     start: list[ColumnElement[bool]]
     walk: list[ColumnElement[bool]] | None = None
     candidates: int = 0
     calls: int = 0
+    matched: list[_Matched] | None = None
 
     def plan(self, limit: int | None) -> _Plan:
         """The conditions for a page of `limit` rows, or for a count (`limit` None)."""
         if self.walk is not None and self.candidates > _walk_above(limit, self.calls):
             return _Plan(self.walk)
-        return _Plan(self.start)
+        return _Plan(self.start, self.matched)
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """A search's conditions, and how to read a page and a count with them."""
+    """A search's conditions, and how to read a page and a count with them.
+
+    `matched` (PostgreSQL, a number part matching few calls): those calls, newest first;
+    the search reads only among them, from the newest, a slice at a time, instead of
+    joining every one of them to its recordings to sort them all.
+    """
 
     where: list[ColumnElement[bool]]
+    matched: list[_Matched] | None = None
 
     def page(
         self,
@@ -474,19 +495,22 @@ class _Plan:
         *,
         limit: int,
         offset: int,
+        among: Sequence[_Matched] | None = None,
     ) -> list[Row[Any]]:
-        """The rows of one page. The order is found on the ids alone, then the whole rows of
-        the page are read: sorting thousands of whole rows (`raw` and all) cost more."""
+        """The rows of one page (`among` these calls only, if given, newest first). The
+        order is found on the ids alone, then the whole rows of the page are read: sorting
+        thousands of whole rows (`raw` and all) cost more."""
         r, c = schema.recordings, schema.calls
         ids = (
             select(r.c.id)
             .select_from(r.join(c, c.c.id == r.c.call_id))
             .where(*where)
             .order_by(*order)
-            .limit(limit)
-            .offset(offset)
         )
-        page = [row_id for (row_id,) in conn.execute(ids)]
+        if among is None:
+            page = list(conn.execute(ids.limit(limit).offset(offset)).scalars())
+        else:
+            page = _newest_among(conn, ids, among, offset + limit)[offset:]
         if not page:
             return []
         rank = {row_id: n for n, row_id in enumerate(page)}
@@ -494,13 +518,68 @@ class _Plan:
         return sorted(rows, key=lambda row: rank[row.id])
 
     def count(
-        self, conn: Connection, where: Sequence[ColumnElement[bool]], *, limit: int | None = None
+        self,
+        conn: Connection,
+        where: Sequence[ColumnElement[bool]],
+        *,
+        limit: int | None = None,
+        among: Sequence[_Matched] | None = None,
     ) -> int:
         r, c = schema.recordings, schema.calls
         source: Select[Any] = select(literal_column("1")).select_from(
             r.join(c, c.c.id == r.c.call_id)
         )
-        return _count(conn, where, source=source, limit=limit)
+        if among is None and self.matched is not None:
+            among = self.matched
+        if among is None:
+            return _count(conn, where, source=source, limit=limit)
+        if limit is not None and len(among) > 2 * limit:
+            # Most calls have a recording: the newest 2 * limit of them are likely enough.
+            newest = _call_id_in([call_id for _, call_id in among[: 2 * limit]])
+            found = _count(conn, [*where, newest], source=source, limit=limit)
+            if found >= limit:
+                return found
+        every = _call_id_in([call_id for _, call_id in among])
+        return _count(conn, [*where, every], source=source, limit=limit)
+
+
+# (start, call id) of a call a number matched.
+_Matched = tuple[datetime | None, int]
+
+
+def _newest(item: _Matched) -> tuple[bool, float, int]:
+    """Sort key: newest start first, calls without one last."""
+    start, call_id = item
+    return (start is None, -start.timestamp() if start else 0.0, -call_id)
+
+
+def _call_id_in(ids: Sequence[int]) -> ColumnElement[bool]:
+    return schema.calls.c.id == any_(bindparam("call_ids", list(ids), type_=ARRAY(Integer)))
+
+
+def _newest_among(
+    conn: Connection, ids: Select[Any], among: Sequence[_Matched], wanted: int
+) -> list[int]:
+    """The first `wanted` recording ids of the ordered query `ids`, read among the calls
+    `among` (newest first) a slice at a time: a slice's rows all come before the next
+    slice's, as a slice never ends inside a run of calls that started at the same time."""
+    found: list[int] = []
+    start, size = 0, max(_SLICE_FACTOR * wanted, _SLICE)
+    while start < len(among) and len(found) < wanted:
+        end = min(len(among), start + size)
+        while end < len(among) and among[end][0] == among[end - 1][0]:
+            end += 1
+        chunk = [call_id for _, call_id in among[start:end]]
+        query = ids.where(_call_id_in(chunk)).limit(wanted - len(found))
+        rows = list(conn.execute(query).scalars())
+        found += rows
+        # The next slice: enough, at the density of matches seen so far, for what is still
+        # wanted, twice over; all the rest when the other filters leave almost nothing.
+        density = len(found) / end
+        missing = wanted - len(found)
+        size = len(among) if density < 0.01 else max(size, int(2 * missing / density))
+        start = end
+    return found
 
 
 def _joined() -> Select[Any]:
