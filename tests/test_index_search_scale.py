@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import event, insert, select, text
+from sqlalchemy.exc import OperationalError
 
 from callvault.index import (
     ArchivedCopy,
@@ -32,6 +33,7 @@ from callvault.index import (
     schema,
 )
 from callvault.index import _recordings as recordings_module
+from callvault.index._statistics import Statistics
 from callvault.index.users import in_scope, parse_scope
 from callvault.pbx import CallDetail
 from support.databases import PgDatabases
@@ -262,6 +264,23 @@ def test_statistics_are_gathered_at_open_and_as_the_calls_grow(db_url: str) -> N
         assert known(index) == "1500"
     with open_index(db_url) as index:  # the next open sees the growth
         assert known(index) == "2500"
+
+
+def test_an_index_whose_statistics_cannot_be_gathered_still_opens(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with open_index(db_url) as index:
+        index.calls.record(seeded_calls(300), source="cdr", tz=UTC_ZONE, now=NOW)
+
+    def refused(_self: object, _calls: int) -> None:
+        raise OperationalError("ANALYZE", {}, Exception("attempt to write a readonly database"))
+
+    monkeypatch.setattr(Statistics, "analyze", refused)
+    with open_index(db_url) as index:  # as a user who may only read
+        assert len(index.recordings.search(SearchFilters(), limit=5)) == 5
+        assert index.settings.get(SettingKey.STATISTICS_CALLS) is None
+    assert "could not gather the planner's statistics" in caplog.text
+    assert "readonly database" in caplog.text
 
 
 # -- query plans --------------------------------------------------------------------------

@@ -42,17 +42,18 @@ class Statistics:
         self._worker: threading.Thread | None = None
 
     def at_open(self) -> None:
-        """Gather the statistics if they were never gathered or are a tenth out of date."""
+        """Gather the statistics if they were never gathered or are a tenth out of date; a
+        failure to (a user who may only read) is a warning, never the open's failure."""
         now = self._calls_now()
         known = self._settings.get(SettingKey.STATISTICS_CALLS)
         if known is None or not known.isdigit():
             if now:
-                self.analyze(now)
+                self._analyze_now(now)
             return
         self.calls = int(known)
         grown = max(0, now - self.calls)
         if grown >= max(MIN_GROWTH, self.calls // 10):
-            self.analyze(now)
+            self._analyze_now(now)
         else:
             self._grown = grown
 
@@ -76,10 +77,11 @@ class Statistics:
         if worker is not None:
             worker.join(timeout)
 
-    def _analyze_now(self) -> None:
+    def _analyze_now(self, calls: int | None = None) -> None:
         try:
-            self.analyze(self._calls_now())
-        except Exception as exc:  # never fatal: searches only get slower; tried again later
+            self.analyze(self._calls_now() if calls is None else calls)
+        except Exception as exc:  # never fatal (a read-only user, a locked file): searches
+            # only get slower, and it is tried again later
             log.warning("could not gather the planner's statistics: %s", " ".join(str(exc).split()))
 
     def analyze(self, calls: int) -> None:
