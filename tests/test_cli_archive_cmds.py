@@ -177,8 +177,17 @@ def test_list_filters_and_text_output(archive: tuple[Path, dict[str, bytes]]) ->
         )
         seen += [item["callid"] for item in one["items"]]
     assert seen == [f"171456480{i}.{i}" for i in (3, 2, 1, 0)]
-    bad = runner.invoke(app, ["list", *base, "--after", "not-a-cursor"])
-    assert bad.exit_code == 2 and "--after: not a cursor of a search" in bad.stderr
+    for cursor in ("not-a-cursor", "fDk5OTk5OTk5OTk5OTk5OTk5OTk5"):  # the second: a huge id
+        bad = runner.invoke(app, ["list", *base, "--after", cursor])
+        assert bad.exit_code == 2 and "--after: not a cursor of a search" in bad.stderr
+    every = json.loads(runner.invoke(app, ["list", *base, "--json", "--limit", "0"]).stdout)
+    assert (every["limit"], every["total"], every["total_exact"], every["next"]) == (
+        0,
+        4,
+        True,
+        None,
+    )
+    assert len(every["items"]) == 4
 
 
 def test_list_times_follow_the_saved_pbx_zone_not_the_hosts(

@@ -10,6 +10,7 @@ bench/search.py measures at a million calls.
 
 from __future__ import annotations
 
+import base64
 import random
 import re
 from collections.abc import Iterator
@@ -174,6 +175,13 @@ def test_every_search_and_every_page_matches_the_reference(
         assert paged(index, filters, limit=7) == expected, name
         offset = [row.id for row in index.recordings.search(filters, limit=5, offset=12)]
         assert offset == expected[12:17], name
+        # A cursor and an offset together: that many rows further on from the cursor, from
+        # anywhere in the order (the calls without a start included).
+        by_id = {row.id: row for row in rows}
+        for at in range(0, len(expected), max(1, len(expected) // 9)):
+            after = by_id[expected[at]].position
+            further = index.recordings.search(filters, limit=3, offset=2, after=after)
+            assert [row.id for row in further] == expected[at + 3 : at + 6], (name, at)
         assert index.recordings.total(filters, cap=None) == Total(len(expected), True), name
         capped = index.recordings.total(filters, cap=20)
         assert capped == Total(min(len(expected), 20), len(expected) <= 20), name
@@ -214,7 +222,20 @@ def test_positions_read_back_and_refuse_anything_else() -> None:
     moment = datetime(2026, 3, 1, 8, 30, 15, 123456, tzinfo=UTC)
     for position in (Position(moment, 42), Position(None, 7)):
         assert Position.parse(position.token()) == position
-    for bad in ("", "abc", "!!", Position(moment, 1).token()[:-3] + "x", "MjAyNi0wMy0wMXwx"):
+
+    def token(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    never = [
+        "|99999999999999999999",  # ids no engine holds
+        "|3000000000",
+        "|0",
+        "0001-01-01T00:00:00+01:00|5",  # times no engine stores
+        "9999-12-31T23:59:59-05:00|5",
+        "2026-01-01T00:00:00|5",  # no offset
+    ]
+    bad_texts = ["", "abc", "!!", Position(moment, 1).token()[:-3] + "x", "MjAyNi0wMy0wMXwx"]
+    for bad in [*bad_texts, *map(token, never)]:
         with pytest.raises(ValueError, match="not a position"):
             Position.parse(bad)
 

@@ -180,7 +180,7 @@ def list_command(
         if json_output:  # scripts get the total and the next page's cursor, as from the API
             from callvault.ops import search_recordings
 
-            page = search_recordings(opened.index, filters, limit=limit or 2**62, after=position)
+            page = search_recordings(opened.index, filters, limit=limit, after=position)
             _print_json(page.to_json())
             return
         # One row more than shown says whether there are more, without counting them.

@@ -150,6 +150,10 @@ class RecordingRow:
         return Position(self.start_at, self.id)
 
 
+# The largest id a row can have on every engine (PostgreSQL's integer).
+_MAX_ID = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class Position:
     """A place in a search's order (newest call first; calls without a start last; by
@@ -169,15 +173,17 @@ class Position:
 
     @classmethod
     def parse(cls, token: str) -> Position:
-        """The position of a `token()`; ValueError for any other text."""
+        """The position of a `token()`; ValueError for any other text, including one whose
+        time or id no search could have answered."""
         try:
             text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
             when, _, number = text.partition("|")
-            start_at = datetime.fromisoformat(when) if when else None
+            start_at = datetime.fromisoformat(when).astimezone(UTC) if when else None
             recording_id = int(number)
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+        except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
             raise ValueError("not a position from a search") from None
-        if start_at is not None and start_at.tzinfo is None:
+        aware = start_at is None or datetime.fromisoformat(when).tzinfo is not None
+        if not aware or not 0 < recording_id <= _MAX_ID:
             raise ValueError("not a position from a search")
         return cls(start_at, recording_id)
 

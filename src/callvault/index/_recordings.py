@@ -406,7 +406,9 @@ def _search(
         if after is not None and after.start_at is None:
             untimed.append(r.c.id < after.recording_id)
         skip = 0
-        if offset and not rows and (after is None or after.start_at is not None):
+        if offset and after is not None and after.start_at is None:
+            skip = offset  # the cursor is among the calls without a start: skip from it
+        elif offset and not rows:
             skip = max(0, offset - plan.count(conn, timed, among=timed_among))
         newest_id = (r.c.id.desc(),)
         rows += plan.page(

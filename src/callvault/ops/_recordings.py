@@ -109,7 +109,19 @@ def search_recordings(
     exact_total: bool = False,
 ) -> RecordingPage:
     """One page of the recordings matching `filters`, after the position `after` (or
-    `offset` rows in: keep that to the first pages), with how many match in all."""
+    `offset` rows in: keep that to the first pages), with how many match in all. `limit` 0
+    means every match (`callvault list --limit 0`), counted exactly."""
+    if limit == 0:
+        every = index.recordings.search(filters, limit=2**62, offset=offset, after=after)
+        whole = after is None and offset == 0
+        return RecordingPage(
+            total=len(every) if whole else index.recordings.total(filters, cap=None).count,
+            total_exact=True,
+            limit=0,
+            offset=offset,
+            next=None,
+            items=[RecordingView.of(row) for row in every],
+        )
     rows, total = index.recordings.page(
         filters, limit=limit + 1, offset=offset, after=after, cap=None if exact_total else TOTAL_CAP
     )
