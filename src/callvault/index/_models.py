@@ -178,12 +178,14 @@ class Position:
         try:
             text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
             when, _, number = text.partition("|")
-            start_at = datetime.fromisoformat(when).astimezone(UTC) if when else None
+            moment = datetime.fromisoformat(when) if when else None
+            if moment is not None and moment.tzinfo is None:
+                raise ValueError("no offset")
+            start_at = None if moment is None else moment.astimezone(UTC)
             recording_id = int(number)
         except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
             raise ValueError("not a position from a search") from None
-        aware = start_at is None or datetime.fromisoformat(when).tzinfo is not None
-        if not aware or not 0 < recording_id <= _MAX_ID:
+        if not 0 < recording_id <= _MAX_ID:
             raise ValueError("not a position from a search")
         return cls(start_at, recording_id)
 

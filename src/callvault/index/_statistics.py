@@ -52,7 +52,7 @@ class Statistics:
             return
         self.calls = int(known)
         grown = max(0, now - self.calls)
-        if grown >= max(MIN_GROWTH, self.calls // 10):
+        if self._due(grown):
             self._analyze_now(now)
         else:
             self._grown = grown
@@ -63,13 +63,18 @@ class Statistics:
         with self._lock:
             self._grown += rows
             busy = self._worker is not None and self._worker.is_alive()
-            if busy or self._grown < max(MIN_GROWTH, self.calls // 10):
+            if busy or not self._due(self._grown):
                 return
             self._grown = 0
             self._worker = threading.Thread(
                 target=self._analyze_now, name="callvault-statistics", daemon=True
             )
             self._worker.start()
+
+    def _due(self, grown: int) -> bool:
+        """Whether `grown` new calls make the statistics out of date: a tenth, and at least
+        `MIN_GROWTH`."""
+        return grown >= max(MIN_GROWTH, self.calls // 10)
 
     def wait(self, timeout: float | None = None) -> None:
         """Until a gathering under way has ended (`Index.close` waits for it)."""
