@@ -57,6 +57,17 @@ def make_archive(directory: Path, calls: int) -> None:
         index.calls.record(details, source="cdr", tz=ZoneInfo("UTC"), now=datetime.now(UTC))
 
 
+def command_env() -> dict[str, str]:
+    """The environment the timed commands run in: no CALLVAULT_* settings, UTC, and .pyc
+    files written. An installed callvault has its bytecode compiled at install; a shell with
+    PYTHONDONTWRITEBYTECODE set (this machine's has) would otherwise time the compiling of
+    every callvault module on every run of an editable install."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["TZ"] = "UTC"
+    return env
+
+
 def timed(command: list[str], env: dict[str, str]) -> float:
     began = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -74,8 +85,7 @@ def main() -> None:
     callvault = shutil.which("callvault", path=str(Path(sys.executable).parent))
     if callvault is None:
         raise SystemExit("callvault is not installed beside this Python (pip install -e .)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")}
-    env["TZ"] = "UTC"
+    env = command_env()
     with tempfile.TemporaryDirectory(prefix="callvault-bench-") as tmp:
         archive = Path(tmp) / "archive"
         make_archive(archive, args.calls)
