@@ -28,6 +28,7 @@ from sqlalchemy import (
     select,
     table,
     text,
+    union_all,
     update,
 )
 
@@ -274,14 +275,19 @@ class RecordingStore:
         c = schema.calls
         if self._db.dialect != "sqlite":
             if not filters.number or len(filters.number) < _TRIGRAM:
-                return _Probe(conditions)
-            # Every condition on the call, checked on the rows the trigram index finds.
+                return _Probe(conditions, split=self._split(filters))
+            # Every condition on the call, checked on the rows the trigram index finds;
+            # sorted by the server, newest first (the order of `search`).
             on_calls = self._conditions(replace(filters, state=None))
-            found = select(c.c.start_at, c.c.id).where(*on_calls)
-            rows = conn.execute(found.limit(_DRIVER_LIMIT + 1)).all()
+            found = select(c.c.start_at, c.c.id).where(*on_calls).limit(_DRIVER_LIMIT + 1)
+            first = found.subquery()
+            newest = select(first.c.start_at, first.c.id).order_by(
+                first.c.start_at.desc().nulls_last(), first.c.id.desc()
+            )
+            rows = conn.execute(newest).all()
             if len(rows) > _DRIVER_LIMIT:
-                return _Probe(conditions)
-            matched = sorted(((from_db(start), call_id) for start, call_id in rows), key=_newest)
+                return _Probe(conditions, split=self._split(filters))
+            matched = [(start, call_id) for start, call_id in rows]
             # These are exactly the calls that match: what is left is the recording's state.
             return _Probe(self._conditions(SearchFilters(state=filters.state)), matched=matched)
         fewest: tuple[int, Select[Any] | None] | None = None
@@ -323,6 +329,31 @@ class RecordingStore:
         if filters.scope is not None:
             yield select(c.c.id).where(self._scope_matches(filters.scope)), False
 
+    def _split(self, filters: SearchFilters) -> _Split | None:
+        """PostgreSQL: the extension's or else the scope's condition (an OR of index terms),
+        and the same as terms that exclude each other, for counting (`_Plan.count`).
+
+        A capped count through the OR built a bitmap of every match first (115,000 calls of
+        a listener's five extensions at ten million calls: 86 ms to count to 1,001); one
+        index scan per term, one after the other, stops as soon as enough are found.
+        """
+        c = schema.calls
+        terms: list[ColumnElement[bool]]
+        if filters.extension:
+            terms = [c.c.call_from == filters.extension, c.c.call_to == filters.extension]
+            rest = replace(filters, extension=None)
+        elif filters.scope:
+            terms = self._scope_terms(filters.scope)
+            rest = replace(filters, scope=None)
+        else:
+            return None
+        if len(terms) < 2:
+            return None
+        branches = [
+            and_(term, not_(or_(*terms[:n]))) if n else term for n, term in enumerate(terms)
+        ]
+        return _Split(self._conditions(rest), branches)
+
     def _number_matches(self, number: str) -> ColumnElement[bool]:
         """`number` is part of the caller, callee or DID, letters in any case (SQLite's LIKE
         ignores the case of ASCII letters; PostgreSQL's ILIKE does the same)."""
@@ -338,9 +369,15 @@ class RecordingStore:
     ) -> ColumnElement[bool]:
         """The caller or the callee is within `scope`: one flat OR of ranges, each of which
         an index on its column can serve (unless `walk`: see `_conditions`)."""
-        call_from, call_to = _numbers(walk)
-        terms = [*self._in_scope(call_from, scope), *self._in_scope(call_to, scope)]
+        terms = self._scope_terms(scope, walk=walk)
         return or_(*terms) if terms else false()
+
+    def _scope_terms(
+        self, scope: Sequence[tuple[int, int]], *, walk: bool = False
+    ) -> list[ColumnElement[bool]]:
+        """The terms of `_scope_matches`, the caller's first."""
+        call_from, call_to = _numbers(walk)
+        return [*self._in_scope(call_from, scope), *self._in_scope(call_to, scope)]
 
     def _in_scope(self, column: Any, scope: Sequence[tuple[int, int]]) -> list[ColumnElement[bool]]:
         """Conditions, any of which means `column` is an all-digit number within one of the
@@ -385,7 +422,7 @@ def _search(
     """`RecordingStore.search` along `plan`: the calls with a start time, then (on the last
     page) those without."""
     r, c = schema.recordings, schema.calls
-    timed = [*plan.where, c.c.start_at.is_not(None)]
+    timed: list[ColumnElement[bool]] = [c.c.start_at.is_not(None)]  # and `plan.where`
     timed_among = untimed_among = None
     if plan.matched is not None:
         timed_among = [m for m in plan.matched if m[0] is not None]
@@ -400,7 +437,9 @@ def _search(
             if timed_among is not None:
                 timed_among = [m for m in timed_among if m[0] is not None and m[0] <= moment]
         order = (c.c.start_at.desc(), r.c.id.desc())
-        rows = plan.page(conn, timed, order, limit=limit, offset=offset, among=timed_among)
+        rows = plan.page(
+            conn, [*plan.where, *timed], order, limit=limit, offset=offset, among=timed_among
+        )
     if len(rows) < limit:
         untimed = [*plan.where, c.c.start_at.is_(None)]
         if after is not None and after.start_at is None:
@@ -419,8 +458,8 @@ def _search(
 
 def _total(conn: Connection, plan: _Plan, cap: int | None) -> Total:
     if cap is None:
-        return Total(plan.count(conn, plan.where), exact=True)
-    found = plan.count(conn, plan.where, limit=cap + 1)
+        return Total(plan.count(conn), exact=True)
+    found = plan.count(conn, limit=cap + 1)
     return Total(min(found, cap), exact=found <= cap)
 
 
@@ -469,12 +508,22 @@ class _Probe:
     candidates: int = 0
     calls: int = 0
     matched: list[_Matched] | None = None
+    split: _Split | None = None
 
     def plan(self, limit: int | None) -> _Plan:
         """The conditions for a page of `limit` rows, or for a count (`limit` None)."""
         if self.walk is not None and self.candidates > _walk_above(limit, self.calls):
             return _Plan(self.walk)
-        return _Plan(self.start, self.matched)
+        return _Plan(self.start, self.matched, self.split)
+
+
+@dataclass(frozen=True, slots=True)
+class _Split:
+    """A search's conditions but one OR (`rest`), and that OR as `branches` that exclude
+    each other: counted one after the other, they find each match once."""
+
+    rest: list[ColumnElement[bool]]
+    branches: list[ColumnElement[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +537,7 @@ class _Plan:
 
     where: list[ColumnElement[bool]]
     matched: list[_Matched] | None = None
+    split: _Split | None = None
 
     def page(
         self,
@@ -522,26 +572,39 @@ class _Plan:
     def count(
         self,
         conn: Connection,
-        where: Sequence[ColumnElement[bool]],
+        extra: Sequence[ColumnElement[bool]] = (),
         *,
         limit: int | None = None,
         among: Sequence[_Matched] | None = None,
     ) -> int:
+        """How many rows match the plan's conditions and `extra`, up to `limit`."""
         r, c = schema.recordings, schema.calls
         source: Select[Any] = select(literal_column("1")).select_from(
             r.join(c, c.c.id == r.c.call_id)
         )
+        where = [*self.where, *extra]
         if among is None and self.matched is not None:
             among = self.matched
+        if among is None and self.split is not None:
+            rest = [*self.split.rest, *extra]
+            branches = union_all(*(source.where(*rest, b) for b in self.split.branches))
+            inner = branches if limit is None else branches.limit(limit)
+            counted = select(func.count()).select_from(inner.subquery())
+            return int(conn.execute(counted).scalar_one())
         if among is None:
             return _count(conn, where, source=source, limit=limit)
+        call_id = c.c.id
+        if not extra:
+            # The calls are the matches and what is left is on the recording alone: the
+            # recordings are counted without reading the calls again.
+            source, call_id = select(literal_column("1")).select_from(r), r.c.call_id
         if limit is not None and len(among) > 2 * limit:
             # Most calls have a recording: the newest 2 * limit of them are likely enough.
-            newest = _call_id_in([call_id for _, call_id in among[: 2 * limit]])
+            newest = _call_id_in([m[1] for m in among[: 2 * limit]], call_id)
             found = _count(conn, [*where, newest], source=source, limit=limit)
             if found >= limit:
                 return found
-        every = _call_id_in([call_id for _, call_id in among])
+        every = _call_id_in([m[1] for m in among], call_id)
         return _count(conn, [*where, every], source=source, limit=limit)
 
 
@@ -549,14 +612,13 @@ class _Plan:
 _Matched = tuple[datetime | None, int]
 
 
-def _newest(item: _Matched) -> tuple[bool, float, int]:
-    """Sort key: newest start first, calls without one last."""
-    start, call_id = item
-    return (start is None, -start.timestamp() if start else 0.0, -call_id)
-
-
-def _call_id_in(ids: Sequence[int]) -> ColumnElement[bool]:
-    return schema.calls.c.id == any_(bindparam("call_ids", list(ids), type_=ARRAY(Integer)))
+def _call_id_in(
+    ids: Sequence[int], column: ColumnElement[int] | None = None
+) -> ColumnElement[bool]:
+    """`column` (`calls.id` unless given) is one of `ids`: one array parameter, whatever
+    their number."""
+    target = schema.calls.c.id if column is None else column
+    return target == any_(bindparam("call_ids", list(ids), type_=ARRAY(Integer)))
 
 
 def _newest_among(
