@@ -27,7 +27,7 @@ from callvault.index.schema import metadata
 from callvault.pbx import CallDetail
 from support.databases import migrate
 
-HEAD = "0004"
+HEAD = "0005"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -409,7 +409,7 @@ def test_upgrade_to_0004_indexes_the_numbers_of_the_calls_already_there(
         index.calls.record([detail], source="cdr", tz=ZoneInfo("UTC"), now=NOW)
     migrate(empty_db_url, "0003", down=True)
     with open_index(empty_db_url) as index:
-        assert index.schema_revision() == "0004"
+        assert index.schema_revision() == HEAD
         found = index.recordings.search(SearchFilters(number="37052"))
         assert [row.name for row in found] == ["a.wav"]
         with index.engine.connect() as conn:
@@ -422,3 +422,8 @@ def test_upgrade_to_0004_indexes_the_numbers_of_the_calls_already_there(
             else:
                 names = {i["name"] for i in inspect(conn).get_indexes("calls")}
                 assert names >= set(schema.TRIGRAM_INDEXES)
+                # 0005: each keeps its list of pending entries short.
+                options = text("SELECT reloptions FROM pg_class WHERE relname = :name")
+                for name in schema.TRIGRAM_INDEXES:
+                    found_options = conn.execute(options, {"name": name}).scalar_one()
+                    assert found_options == ["gin_pending_list_limit=256"], name

@@ -89,7 +89,8 @@ Index("ix_calls_call_to", calls.c.call_to)
 # kept out of the metadata: a number search matches part of a number, which only a
 # trigram index can serve. On SQLite an FTS5 table (trigram tokenizer, external content:
 # rowid = calls.id) kept in step with `calls` by triggers; on PostgreSQL GIN indexes of
-# pg_trgm (absent if the server would not create the extension: searches then scan).
+# pg_trgm (absent if the server would not create the extension: searches then scan), whose
+# lists of pending entries migration 0005 keeps short.
 NUMBER_SEARCH_TABLE = "calls_numbers"
 NUMBER_SEARCH_COLUMNS = ("call_from", "call_to", "did")
 TRIGRAM_INDEXES = tuple(f"ix_calls_{name}_trgm" for name in NUMBER_SEARCH_COLUMNS)
