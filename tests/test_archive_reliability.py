@@ -33,6 +33,7 @@ from support.archive import ServeProcess, free_port, serve_env
 
 CALLS = 200
 KILLS = 4
+WORKERS = 2  # serve's default: downloads in flight at once
 
 
 def _seed() -> int:
@@ -159,4 +160,7 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
     assert "Traceback" not in text, replay
     assert sim.password not in text, replay
     assert secret_path is not None and secret_path not in text, replay
-    assert text.count("archived ") >= len(expected), replay
+    # Every recording archived is logged, but for those a SIGKILL caught between the commit
+    # and the log line: at most the downloads a killed run had in flight.
+    unlogged = {name for name in expected if f"archived {name} " not in text}
+    assert len(unlogged) <= KILLS * WORKERS, (unlogged, replay)
