@@ -5,12 +5,13 @@ busy moment hurts all three alike; the figure is the median wall time:
 
 * ``python -c pass``: the bare interpreter, the yardstick;
 * ``callvault --version``: the cheapest command;
-* ``callvault list`` on an archive of 1,000 calls (SQLite index, made once before timing).
+* ``callvault list`` on an archive of 1,000 calls (SQLite index, made once before timing;
+  with ``--db``, that index: a PostgreSQL database is created if missing).
 
 The last line is `version_ms=<n> list_ms=<n> python_ms=<n> version_x=<n> list_x=<n>` where
 `*_x` is the ratio to the bare interpreter (targets: version_x <= 8, list_x <= 25).
 
-    python bench/cli_startup.py [--runs 15] [--calls 1000]
+    python bench/cli_startup.py [--runs 15] [--calls 1000] [--db URL]
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from callvault.index import open_index
 from callvault.pbx import CallDetail
 
 
-def make_archive(directory: Path, calls: int) -> None:
-    """An archive whose index holds `calls` calls, each with a pending recording."""
+def make_archive(directory: Path, calls: int, url: str | None = None) -> None:
+    """An archive whose index (`url`, or a SQLite file in it) holds `calls` calls, each with
+    a pending recording."""
     directory.mkdir(parents=True, exist_ok=True)
     start = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
     details = []
@@ -53,8 +55,25 @@ def make_archive(directory: Path, calls: int) -> None:
                 sn="369451090405",
             )
         )
-    with open_index(f"sqlite:///{directory / 'callvault.db'}") as index:
+    with open_index(url or f"sqlite:///{directory / 'callvault.db'}") as index:
         index.calls.record(details, source="cdr", tz=ZoneInfo("UTC"), now=datetime.now(UTC))
+
+
+def ensure_database(url: str) -> None:
+    """Create the PostgreSQL database of `url` if it does not exist."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return
+    import psycopg
+
+    admin = parsed.set(database="postgres").render_as_string(hide_password=False)
+    admin = admin.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [parsed.database])
+        if found.fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{parsed.database}"')
 
 
 def command_env() -> dict[str, str]:
@@ -81,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--db", help="the index's URL (default: a SQLite file)")
     args = parser.parse_args()
     callvault = shutil.which("callvault", path=str(Path(sys.executable).parent))
     if callvault is None:
@@ -88,11 +108,14 @@ def main() -> None:
     env = command_env()
     with tempfile.TemporaryDirectory(prefix="callvault-bench-") as tmp:
         archive = Path(tmp) / "archive"
-        make_archive(archive, args.calls)
+        if args.db:
+            ensure_database(args.db)
+        make_archive(archive, args.calls, args.db)
         commands = {
             "python": [sys.executable, "-c", "pass"],
             "version": [callvault, "--version"],
-            "list": [callvault, "list", "--archive", str(archive), "--limit", "50"],
+            "list": [callvault, "list", "--archive", str(archive), "--limit", "50"]
+            + (["--db", args.db] if args.db else []),
         }
         for command in commands.values():  # warm the page cache and .pyc files
             timed(command, env)

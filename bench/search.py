@@ -43,7 +43,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
-from cli_startup import command_env
+from cli_startup import command_env, ensure_database
 
 from callvault.index import ArchivedCopy, Index, SearchFilters, open_index
 from callvault.pbx import CallDetail
@@ -138,23 +138,6 @@ def fill(index: Index, count: int) -> None:
             flush()
     if batch:
         flush()
-
-
-def ensure_database(url: str) -> None:
-    """Create the PostgreSQL database of `url` if it does not exist."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql":
-        return
-    import psycopg
-
-    admin = parsed.set(database="postgres").render_as_string(hide_password=False)
-    admin = admin.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [parsed.database])
-        if found.fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{parsed.database}"')
 
 
 @dataclass
