@@ -10,6 +10,7 @@ missing or the server does not answer (``scripts/test`` starts the local server 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -45,6 +46,15 @@ def _no_callvault_settings_from_outside(monkeypatch: pytest.MonkeyPatch) -> None
             _TEST_SETTINGS_PREFIX
         ):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_the_collector() -> Iterator[None]:
+    """A service run in-process (CliRunner) freezes what exists when it starts out of the
+    garbage collector's passes, as it should in its own process: here that would be the
+    whole test session, never collected again. Unfrozen after each test."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)

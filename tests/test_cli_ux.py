@@ -305,9 +305,7 @@ def test_a_service_keeps_what_it_started_with_out_of_the_collectors_passes() -> 
         seen.append(collected(made_before))
         return 7
 
-    try:
-        assert run_service(service) == 7
-        assert seen == [False]
-    finally:
-        gc.unfreeze()
+    assert run_service(service) == 7
+    assert seen == [False]
+    gc.unfreeze()  # as the autouse fixture does after every test
     assert collected(made_before)
