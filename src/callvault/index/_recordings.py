@@ -273,8 +273,9 @@ class RecordingStore:
         its statistics, except for a number part, whose matches it guesses (14,000 for the
         4,700 of ``3705`` at ten million calls, and walked 114,000 calls for a page): the
         calls that match (every condition on the call checked on the rows the trigram index
-        finds) are fetched with their start times, and when few, sorted here, a page is
-        read from the newest of them (`_Plan.matched`).
+        finds) are fetched with their start times, newest first, and when few, a page is
+        read from the newest of them (`_Plan.matched`). Its counts of an extension or a
+        scope go one index term at a time (`_split`).
         """
         conditions = self._conditions(filters)
         c = schema.calls

@@ -9,8 +9,9 @@ proper when the list outgrows ``gin_pending_list_limit`` (4 MB by default) or wh
 (auto)vacuum runs. Every search through the index reads the whole list. At ten million
 calls, after a bulk load on a server without autovacuum, the ``call_to`` index held 26,555
 pending entries: a number search took 63 ms (median), 49 ms once they were merged. With a
-limit of 256 kB a search reads at most a sixteenth of that, wherever the list stands; an
-insert merges smaller lists more often, at about the same cost overall.
+limit of 256 kB a search reads at most a sixteenth of that, wherever the list stands;
+inserts merge smaller lists more often, which cost about a tenth of the calls recorded a
+second (4,840 against 5,350 in a bulk load).
 
 This merges what is pending now and sets the limit on each trigram index there is (a
 server that refused ``pg_trgm`` has none: nothing to do). SQLite's trigram table is an FTS5
