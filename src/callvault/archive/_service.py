@@ -49,7 +49,7 @@ from callvault.archive._receiver import (
 from callvault.archive._session import PbxSession
 from callvault.archive._workers import Archived, WorkerPool
 from callvault.index import Index, RecordResult, SettingKey, open_index
-from callvault.pbx import ApiVersion, Event, PbxClient, TlsOptions
+from callvault.pbx import ApiVersion, CallDetail, Event, PbxClient, TlsOptions
 from callvault.serving import (
     DEFAULT_HEADER_TIMEOUT_S,
     Server,
@@ -81,6 +81,11 @@ class ArchiverConfig:
     username: str
     password: str = field(repr=False)
     archive: Path
+    # A PBX of the registry (`callvault pbx add`): its name, to note the serial its reports
+    # give, and the secret path of its reports. None: the PBX given by flags, whose reports
+    # go to the path kept in the index's settings.
+    registry_name: str | None = None
+    events_path: str | None = field(default=None, repr=False)
     db_url: str | None = None  # default: sqlite file ARCHIVE/callvault.db
     api_version: ApiVersion = ApiVersion.V1_1_0
     tls: TlsOptions | None = None
@@ -284,7 +289,7 @@ class Archiver:
         config = self.config
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.storage.clean_staging, timedelta(hours=1))
-        self.secret_path = await asyncio.to_thread(
+        self.secret_path = config.events_path or await asyncio.to_thread(
             index.settings.setdefault,
             SettingKey.EVENTS_SECRET_PATH,
             new_secret_path(),
@@ -390,7 +395,7 @@ class Archiver:
         receiver = create_receiver_app(
             secret_path=secret_path,
             allowed=allowed,
-            commit=committer.commit,
+            commit=self._serial_noting(committer, index),
             on_bootup=bootup,
             max_body=config.max_event_body,
             body_timeout_s=config.event_body_timeout_s,
@@ -466,6 +471,28 @@ class Archiver:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    def _serial_noting(
+        self, committer: GroupCommitter, index: Index
+    ) -> Callable[[CallDetail], Coroutine[Any, Any, RecordResult]]:
+        """`committer.commit`, noting in the registry the serial a registered PBX's reports
+        give (once per new value; the registry is not touched for every report)."""
+        name = self.config.registry_name
+        if name is None:
+            return committer.commit
+        noted: set[str] = set()
+
+        async def commit(cdr: CallDetail) -> RecordResult:
+            result = await committer.commit(cdr)
+            if cdr.sn and cdr.sn not in noted:
+                noted.add(cdr.sn)
+                try:
+                    await asyncio.to_thread(index.pbxs.learn_serial, name, cdr.sn, now=_utcnow())
+                except Exception:
+                    log.exception("could not note PBX %s's serial in the registry", name)
+            return result
+
+        return commit
 
     def _web_server(
         self, index: Index, sockets: list[socket.socket]

@@ -43,6 +43,7 @@ from callvault.archive import (
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, plural, run_service, run_terminable
 from callvault.cli._options import (
+    PATH,
     PbxFlags,
     archive_option,
     config_option,
@@ -60,7 +61,7 @@ from callvault.cli._settings import (
     settings_or_fail,
 )
 from callvault.index import Index, IndexFailure, open_index
-from callvault.pbx import AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
+from callvault.pbx import ApiVersion, AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
 from callvault.serving import ListenError
 from callvault.storage import Storage
 from callvault.times import FORMATS, TimeFormatError, parse_moment
@@ -121,31 +122,101 @@ def _policy(settings: ArchiveSettings) -> RetryPolicy:
     )
 
 
-def archiver_config(settings: ArchiveSettings, *, web: bool) -> ArchiverConfig:
-    """The service configuration from the settings (exits with one line on bad ones)."""
-    pbx, username, archive = _require(settings)
-    events_host, events_port = settings.events_address()
-    web_host, web_port = settings.web_address()
+def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
+    """The registered PBX `serve` archives, and the keys that open its password: `only`,
+    else the one there is; exits with one line when that cannot be told."""
+    from callvault.index.pbxs import PbxRegistryError
+
     try:
-        allowed = settings.allowed_event_sources()
-        password = settings.password()
-        tls = settings.tls_options()
+        url = settings.db_url()
+        settings.archive_dir()
     except SettingsError as exc:
         fail(str(exc), code=USAGE_ERROR)
+    try:
+        with open_index(url) as index:
+            records = index.pbxs.list()
+            record = index.pbxs.require(only) if only is not None else None
+    except IndexFailure as exc:
+        fail(str(exc))
+    except PbxRegistryError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    if record is None:
+        if not records:
+            fail(
+                "no PBX given: register one with `callvault pbx add NAME --url ...`, or pass "
+                "--pbx https://HOST:8088 (or set CALLVAULT_PBX)",
+                code=USAGE_ERROR,
+            )
+        if len(records) > 1:
+            names = ", ".join(r.name for r in records)
+            fail(
+                f"{len(records)} PBXs are registered ({names}) and one serve archives one PBX "
+                "into an archive for now: choose it with --only NAME",
+                code=USAGE_ERROR,
+            )
+        record = records[0]
+    try:
+        keyring = settings.keyring()
+    except SettingsError as exc:
+        fail(f"PBX {record.name}: its password is sealed: {exc}", code=USAGE_ERROR)
+    return record, keyring
+
+
+def archiver_config(
+    settings: ArchiveSettings, *, web: bool, only: str | None = None
+) -> ArchiverConfig:
+    """The service configuration from the settings (exits with one line on bad ones): the
+    PBX the flags give (--pbx ...), else the registered one (`only`, or the only one)."""
+    from zoneinfo import ZoneInfo
+
+    from callvault.keys import MasterKeyError
+
+    events_host, events_port = settings.events_address()
+    web_host, web_port = settings.web_address()
+    registry_name = events_path = None
+    if settings.pbx is None:
+        record, keyring = _registered(settings, only)
+        from callvault.ops import open_password
+        from callvault.ops._pbxs import tls_options
+
+        try:
+            password = open_password(record, keyring)
+        except MasterKeyError as exc:
+            fail(str(exc), code=USAGE_ERROR)
+        pbx, username, archive = record.config.url, record.config.username, settings.archive_dir()
+        api = ApiVersion(record.config.api_version)
+        tls = tls_options(record.config)
+        zone = ZoneInfo(record.config.timezone) if record.config.timezone else settings.tz
+        allowed = list(record.config.events_allow) or None
+        workers = settings.workers if "workers" in settings.given else record.config.max_downloads
+        registry_name, events_path = record.name, record.events_path
+    else:
+        if only is not None:
+            fail("give either --only NAME (a registered PBX) or --pbx URL, not both", code=2)
+        pbx, username, archive = _require(settings)
+        try:
+            allowed = settings.allowed_event_sources() or None
+            password = settings.password()
+            tls = settings.tls_options()
+        except SettingsError as exc:
+            fail(str(exc), code=USAGE_ERROR)
+        api, zone, workers = settings.api, settings.tz, settings.workers
     return ArchiverConfig(
         pbx_url=pbx,
         username=username,
         password=password,
         archive=archive,
+        registry_name=registry_name,
+        events_path=events_path,
         db_url=settings.db_url(),
-        api_version=settings.api,
+        api_version=api,
         tls=tls,
         events_host=events_host,
         events_port=events_port,
-        events_allow=allowed or None,
-        workers=settings.workers,
+        events_allow=allowed,
+        workers=workers,
         node=settings.node,
-        timezone=settings.tz,
+        timezone=zone,
         reconcile_hours=float(settings.reconcile_hours),
         reconcile_interval_s=float(settings.reconcile_interval_s),
         heartbeat_interval_s=settings.heartbeat_interval_s,
@@ -183,6 +254,19 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
 @secure_cookies_option
 @trusted_proxy_option
 @option(
+    "--only",
+    metavar="NAME",
+    help="The registered PBX to archive (`callvault pbx add`), when no --pbx is given "
+    "(default: the only one registered).",
+)
+@option(
+    "--master-key-file",
+    type=PATH,
+    metavar="FILE",
+    help="File of master keys that open the registered PBX's password (default: "
+    "CALLVAULT_MASTER_KEY or CALLVAULT_MASTER_KEY_FILE).",
+)
+@option(
     "--reconcile-hours",
     type=int,
     metavar="N",
@@ -203,10 +287,15 @@ def serve_command(
     no_web: bool,
     secure_cookies: bool | None,
     trusted_proxy: str | None,
+    only: str | None,
+    master_key_file: Path | None,
     reconcile_hours: int | None,
     verbose: bool,
 ) -> None:
-    """Archive every recording as calls end: receive events, download, store, index."""
+    """Archive every recording as calls end: receive events, download, store, index.
+
+    The PBX is the one --pbx (with --username, --password-env...) gives, else the one
+    registered with `callvault pbx add` (--only NAME when there are several)."""
     settings = settings_or_fail(
         config,
         **pbx_flags,
@@ -221,9 +310,10 @@ def serve_command(
         secure_cookies=secure_cookies,
         trusted_proxy=trusted_proxy,
         reconcile_hours=reconcile_hours,
+        master_key_file=master_key_file,
     )
     factory = None if no_web else _web_factory(settings)
-    service_config = archiver_config(settings, web=factory is not None)
+    service_config = archiver_config(settings, web=factory is not None, only=only)
     _setup_logging(verbose)
     try:
         archiver = Archiver(service_config, web_app_factory=factory)

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if TYPE_CHECKING:
+    from callvault.keys import Keyring
     from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 
 DB_FILENAME = "callvault.db"
@@ -276,6 +277,7 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     # The archive
     "archive": _optional_path,
     "db": _optional_text,
+    "master_key_file": _optional_path,
     # Services
     "node": _node,
     "events_listen": _host_port,
@@ -317,6 +319,9 @@ class Settings:
     # The archive
     archive: Path | None = None
     db: str | None = field(default=None, repr=False)  # a PostgreSQL URL may carry a password
+    # The file of master keys that seal the registered PBXs' passwords (callvault.keys);
+    # CALLVAULT_MASTER_KEY, holding a key itself, takes precedence.
+    master_key_file: Path | None = None
     # Services
     node: str | None = None  # this machine's name among several (default: the host name)
     events_listen: str = "0.0.0.0:8260"  # all addresses: the PBX must reach it
@@ -417,6 +422,16 @@ class Settings:
         if not self.username:
             raise SettingsError("no API user name given: pass --username or set CALLVAULT_USERNAME")
         return self.pbx, self.username
+
+    def keyring(self) -> Keyring:
+        """The master keys (CALLVAULT_MASTER_KEY, else `master_key_file`); SettingsError
+        saying how to make one when there is none or it cannot be used."""
+        from callvault.keys import MasterKeyError, require_keyring
+
+        try:
+            return require_keyring(self.master_key_file)
+        except MasterKeyError as exc:
+            raise SettingsError(str(exc)) from None
 
     def password(self) -> str:
         """The API password, from the environment variable `password_env` names."""

@@ -11,7 +11,8 @@ The `Index` has one store per subject, each method one short transaction:
 - `index.users`, `index.tokens`, `index.sessions`: the web app's users, API tokens and
   sessions (rules and data classes in `callvault.index.users`);
 - `index.audit`: the audit log (actions and entries in `callvault.index.audit`);
-- `index.processes`: the registry of processes whose workers claim jobs.
+- `index.processes`: the registry of processes whose workers claim jobs;
+- `index.pbxs`: the registry of PBXs (rules and data classes in `callvault.index.pbxs`).
 
 Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
 and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be

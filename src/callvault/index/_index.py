@@ -1,7 +1,7 @@
 """`open_index` and the `Index`: every call and recording the archiver knows about.
 
 The `Index` owns the engine and exposes one store per subject (`calls`, `jobs`,
-`recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`). Every
+`recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`, `pbxs`). Every
 store method is synchronous SQLAlchemy Core in one short transaction, safe to call from
 several threads (one connection per call from the engine's pool) and from several
 processes on the same database; see `callvault.index._db` for how writes queue.
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from callvault.index._audit import AuditStore
     from callvault.index._calls import CallStore
     from callvault.index._jobs import JobStore
+    from callvault.index._pbxs import PbxStore
     from callvault.index._processes import ProcessStore
     from callvault.index._users import SessionStore, TokenStore, UserStore
 
@@ -44,7 +45,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration: an index already at it opens without loading Alembic (about a
 # third of a second), so commands such as `callvault list` start quickly. A test checks
 # that this is the head of the migrations.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 
 def open_index(url: str, *, create: bool = True) -> Index:
@@ -141,6 +142,12 @@ class Index:
         from callvault.index._audit import AuditStore
 
         return AuditStore(self._db)
+
+    @functools.cached_property
+    def pbxs(self) -> PbxStore:
+        from callvault.index._pbxs import PbxStore
+
+        return PbxStore(self._db)
 
     @functools.cached_property
     def processes(self) -> ProcessStore:

@@ -27,6 +27,9 @@ TOKEN_CREATE = "token_create"  # noqa: S105
 TOKEN_REVOKE = "token_revoke"  # noqa: S105
 AUDIT_EXPORT = "audit_export"  # someone took a copy of (part of) this log
 REQUEUE = "requeue"  # recordings given up on were queued again
+PBX_ADD = "pbx_add"
+PBX_EDIT = "pbx_edit"
+PBX_REMOVE = "pbx_remove"
 ACTIONS = (
     LOGIN,
     LOGIN_FAILED,
@@ -43,6 +46,9 @@ ACTIONS = (
     TOKEN_REVOKE,
     AUDIT_EXPORT,
     REQUEUE,
+    PBX_ADD,
+    PBX_EDIT,
+    PBX_REMOVE,
 )
 
 CSV_HEADER = ("id", "at", "actor", "action", "target", "detail", "remote_addr")

@@ -3,8 +3,9 @@
 The schema is meant to be read by a person who opens the SQLite file: one row in
 ``calls`` per call the PBX reported (by NewCdr event or CDR export), one row in
 ``recordings`` per recording file, one row in ``processes`` per callvault process that
-claims download jobs (with its heartbeat), plus the web app's ``users``, ``api_tokens``,
-``web_sessions`` and the append-only ``audit_log``. ``settings`` holds small key/value
+claims download jobs (with its heartbeat), the registry of PBXs ``pbxs``, plus the web
+app's ``users``, ``api_tokens``, ``web_sessions`` and the append-only ``audit_log``.
+``settings`` holds small key/value
 facts such as the receiver's secret path, the last event time and the PBX session health
 (the keys are `callvault.index.SettingKey`).
 
@@ -22,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -224,4 +226,37 @@ settings = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# The registry of PBXs (`callvault pbx add ...`): how to reach and trust each one. Its API
+# password is sealed with the deployment's master key (`callvault.keys`), never kept in
+# clear. `serial` is what the PBX's reports name it (the `sn` field), learned from them.
+pbxs = Table(
+    "pbxs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(32), nullable=False),  # a short slug: lowercase, digits, dashes
+    Column("url", String(255), nullable=False),
+    Column("username", String(64), nullable=False),
+    Column("password_sealed", Text, nullable=False),
+    Column("api_version", String(16), nullable=False),
+    # How its certificate is trusted: a CA file, a SHA-256 pin, or not at all (insecure).
+    Column("ca_file", String(1024), nullable=True),
+    Column("pin_sha256", String(64), nullable=True),
+    Column("insecure", Boolean(create_constraint=False), nullable=False, default=False),
+    Column("tls_min_version", String(8), nullable=False, default="1.2"),
+    Column("timezone", String(64), nullable=True),  # None: the deployment's (--timezone)
+    Column("max_downloads", Integer, nullable=False, default=2),
+    # The secret path its reports are posted to, and who may post them ("" = the PBX's
+    # own address; otherwise addresses or networks, comma-separated).
+    Column("events_path", String(64), nullable=False),
+    Column("events_allow", Text, nullable=False, default=""),
+    Column("serial", String(64), nullable=False, default=""),
+    Column("detail", Text, nullable=False, default="{}"),  # what `pbx test` found last, JSON
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("name", name="uq_pbxs_name"),
+    UniqueConstraint("events_path", name="uq_pbxs_events_path"),
+    sqlite_autoincrement=True,
 )

@@ -9,6 +9,7 @@ what both `--json` and the web API print, so the two never disagree:
     verify_recording(archive, row, now=...) -> VerifyResult   # "Verify now", POST .../verify
     requeue(archive, states, now=..., since=...) -> RequeueResult  # callvault requeue
     search_recordings(index, filters, limit=...) -> RecordingPage  # list --json, GET .../recordings
+    add_pbx / edit_pbx / remove_pbx / test_pbx, pbx_view(record) -> PbxView  # callvault pbx ...
 
 The layer sits above the archiver and below the web app and the command line.
 """
@@ -20,6 +21,17 @@ from callvault._lazy import lazy_exports
 if TYPE_CHECKING:
     from callvault.ops._archive import Archive, ArchiveError, open_archive
     from callvault.ops._json import JsonResult, json_ready
+    from callvault.ops._pbxs import (
+        PbxTest,
+        PbxView,
+        add_pbx,
+        edit_pbx,
+        open_password,
+        pbx_client,
+        pbx_view,
+        remove_pbx,
+        test_pbx,
+    )
     from callvault.ops._recordings import (
         MAX_OFFSET,
         RecordingPage,
@@ -49,6 +61,15 @@ _HOMES = {
     "RecordingPage": "_recordings",
     "RecordingView": "_recordings",
     "search_recordings": "_recordings",
+    "PbxTest": "_pbxs",
+    "PbxView": "_pbxs",
+    "add_pbx": "_pbxs",
+    "edit_pbx": "_pbxs",
+    "open_password": "_pbxs",
+    "pbx_client": "_pbxs",
+    "pbx_view": "_pbxs",
+    "remove_pbx": "_pbxs",
+    "test_pbx": "_pbxs",
     "REQUEUE_STATES": "_requeue",
     "RequeueResult": "_requeue",
     "requeue": "_requeue",
@@ -77,6 +98,8 @@ __all__ = [
     "Failure",
     "JsonResult",
     "PbxSessionStatus",
+    "PbxTest",
+    "PbxView",
     "ProcessStatus",
     "RecordingPage",
     "RecordingView",
@@ -84,12 +107,19 @@ __all__ = [
     "VerifyReport",
     "VerifyResult",
     "WorkerCount",
+    "add_pbx",
     "archive_status",
+    "edit_pbx",
     "human_size",
     "json_ready",
     "open_archive",
+    "open_password",
+    "pbx_client",
+    "pbx_view",
+    "remove_pbx",
     "requeue",
     "search_recordings",
+    "test_pbx",
     "verify_archive",
     "verify_recording",
 ]

@@ -268,6 +268,8 @@ class PbxClient:
         self._locked_until: float | None = None
         self.last_success_at: float | None = None
         self.login_count = 0
+        # How the PBX delivers reports, as its last login said (v2: "HTTP" or "TCP").
+        self.report_transport: str | None = None
         self._speaks_tls: bool | None = None  # whether an http:// URL names a TLS port
 
     # ----------------------------------------------------------------- basics
@@ -455,6 +457,8 @@ class PbxClient:
         if not isinstance(token, str) or not token.strip():
             raise PbxProtocolError("login: the PBX answered Success without a token")
         self._token = token.strip()
+        transport = document.get("transport")
+        self.report_transport = transport.strip().upper() if isinstance(transport, str) else None
         self._generation += 1
         self._locked_until = None
         self._auth_failure = None

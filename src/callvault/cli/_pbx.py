@@ -1,0 +1,464 @@
+"""``callvault pbx ...`` (the registry of PBXs) and ``callvault keys ...`` (master keys).
+
+The work is done by `callvault.ops` (add, edit, remove, test) and `callvault.keys`; each
+change is written to the audit log as done by ``cli:<os user>``. A PBX's password is read
+from the environment variable ``--password-env`` names and is never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from callvault.cli._app import CONTEXT_SETTINGS, app
+from callvault.cli._common import cli_actor, fail, run_terminable
+from callvault.cli._options import PATH, Decorator, archive_options, config_option, flag, option
+from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
+from callvault.index import Index
+from callvault.index.pbxs import DEFAULT_MAX_DOWNLOADS, PbxConfig, PbxRegistryError
+
+MASTER_KEY_FILE_HELP = (
+    "File of master keys that seal the PBX passwords (default: CALLVAULT_MASTER_KEY, "
+    "which holds a key itself, or CALLVAULT_MASTER_KEY_FILE)."
+)
+
+
+@app.group("pbx", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+def pbx_app() -> None:
+    """Register the PBXs to archive: add, list, show, edit, remove and test them."""
+
+
+@app.group("keys", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+def keys_app() -> None:
+    """Make and show the master keys that seal the secrets kept in the index."""
+
+
+master_key_file_option = option(
+    "--master-key-file", type=PATH, metavar="FILE", help=MASTER_KEY_FILE_HELP
+)
+json_flag = click.option(
+    "--json", "as_json", is_flag=True, default=False, help="Print JSON, for scripts."
+)
+
+
+def _connection_options(*, adding: bool) -> Decorator[Any]:
+    """The settings of a PBX, as `pbx add` (some required) and `pbx edit` take them."""
+    decorators: list[Decorator[Any]] = [
+        option(
+            "--url",
+            metavar="URL",
+            required=adding,
+            help="The PBX's URL, https://HOST:PORT (its web port, 8088 by default).",
+        ),
+        option("--username", metavar="NAME", required=adding, help="Its API user name."),
+        option(
+            "--password-env",
+            metavar="VAR",
+            required=adding,
+            help="Name of the environment variable holding its API password.",
+        ),
+        option(
+            "--api-version",
+            metavar="VERSION",
+            help="API version: v1.0.1, v1.1.0 or v2.0.0"
+            + (" (default v1.1.0)." if adding else "."),
+        ),
+        option(
+            "--ca-file",
+            type=PATH,
+            metavar="FILE",
+            help="Trust its certificate when signed by this CA (PEM).",
+        ),
+        option(
+            "--pin-sha256",
+            metavar="HEX",
+            help="Trust exactly the certificate with this SHA-256 fingerprint.",
+        ),
+        flag(
+            "--insecure",
+            help="Do not check its certificate at all (anyone on the way can read the token "
+            "and the recordings).",
+        ),
+        option("--tls-min-version", metavar="VERSION", help="Lowest TLS version (1.2 by default)."),
+        option(
+            "--timezone",
+            metavar="ZONE",
+            help="The zone its local times are in, e.g. Europe/Paris (default: the "
+            "deployment's --timezone).",
+        ),
+        option(
+            "--max-downloads",
+            type=int,
+            metavar="N",
+            help=f"Downloads from it at once, 1 to 16 (default {DEFAULT_MAX_DOWNLOADS}: a PBX "
+            "is a small embedded box).",
+        ),
+        option(
+            "--events-allow",
+            metavar="ADDRESSES",
+            help="Addresses or networks allowed to post its reports, comma-separated "
+            "(default: the PBX's own address).",
+        ),
+    ]
+    if not adding:
+        decorators.append(
+            flag(
+                "--trust-system",
+                help="Trust its certificate by the system's CAs again (drops --ca-file, "
+                "--pin-sha256 and --insecure).",
+            )
+        )
+    decorators += [master_key_file_option, archive_options]
+
+    def apply(function: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+def _password(variable: str) -> str:
+    value = os.environ.get(variable, "")
+    if not value:
+        fail(f"environment variable {variable} is empty or not set", code=USAGE_ERROR)
+    return value
+
+
+def _ca_file(path: Path) -> str:
+    """The CA file as an absolute path, checked to be a readable PEM file here and now."""
+    import ssl
+
+    absolute = path.expanduser().absolute()
+    if not absolute.is_file():
+        fail(f"--ca-file {absolute}: no such file", code=USAGE_ERROR)
+    try:
+        ssl.create_default_context(cafile=str(absolute))
+    except ssl.SSLError:
+        fail(f"--ca-file {absolute}: not a PEM certificate file", code=USAGE_ERROR)
+    except OSError as exc:
+        fail(f"--ca-file {absolute}: cannot read it ({exc.strerror or exc})", code=USAGE_ERROR)
+    return str(absolute)
+
+
+def _changes(given: dict[str, Any]) -> dict[str, Any]:
+    """The `PbxConfig` fields the options given set (None: not given)."""
+    changes: dict[str, Any] = {}
+    for name in ("url", "username", "api_version", "tls_min_version", "timezone"):
+        if given.get(name) is not None:
+            changes[name] = given[name]
+    if given.get("max_downloads") is not None:
+        changes["max_downloads"] = given["max_downloads"]
+    if given.get("events_allow") is not None:
+        changes["events_allow"] = tuple(given["events_allow"].split(","))
+    trust = [
+        ("ca_file", given.get("ca_file")),
+        ("pin_sha256", given.get("pin_sha256")),
+        ("insecure", given.get("insecure")),
+    ]
+    chosen = [name for name, value in trust if value]
+    if given.get("trust_system"):
+        chosen.append("trust_system")
+    if len(chosen) > 1:
+        flags = " and ".join("--" + name.replace("_", "-") for name in chosen)
+        fail(
+            "choose only one of --ca-file, --pin-sha256, --insecure and --trust-system, "
+            f"not {flags}",
+            code=USAGE_ERROR,
+        )
+    if chosen:
+        changes.update(ca_file=None, pin_sha256=None, insecure=False)
+        if chosen[0] == "ca_file":
+            changes["ca_file"] = _ca_file(given["ca_file"])
+        elif chosen[0] == "pin_sha256":
+            changes["pin_sha256"] = given["pin_sha256"]
+        elif chosen[0] == "insecure":
+            changes["insecure"] = True
+    return changes
+
+
+def _settings(config: Path | None, archive: Path | None, db: str | None, **more: Any) -> Settings:
+    return settings_or_fail(config, archive=archive, db=db, **more)
+
+
+def _index(settings: Settings) -> Index:
+    from callvault.cli._archive_cmds import open_settings_archive
+
+    return open_settings_archive(settings, create=True, check=True).index
+
+
+def _keyring(settings: Settings) -> Any:
+    try:
+        return settings.keyring()
+    except SettingsError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _warn_insecure(config: PbxConfig) -> None:
+    import sys
+
+    if config.url.startswith("http://"):
+        print(
+            "callvault: warning: the PBX URL is plain http: the password hash, the token and "
+            "every recording cross the network unencrypted; use https",
+            file=sys.stderr,
+        )
+    elif config.insecure:
+        print(
+            "callvault: warning: --insecure: the PBX's certificate is not checked; anyone on "
+            "the network path can pose as the PBX and read the token and recordings",
+            file=sys.stderr,
+        )
+
+
+@pbx_app.command("add")
+@click.argument("name")
+@_connection_options(adding=True)
+def pbx_add(name: str, **given: Any) -> None:
+    """Register a PBX to archive. Its password is sealed with the master key."""
+    from callvault.ops import add_pbx
+
+    settings = _settings(
+        given.pop("config"),
+        given.pop("archive"),
+        given.pop("db"),
+        master_key_file=given.pop("master_key_file"),
+    )
+    keyring = _keyring(settings)
+    password = _password(given["password_env"])
+    changes = _changes(given)
+    config = PbxConfig(
+        url=changes.pop("url"),
+        username=changes.pop("username"),
+        **changes,
+    )
+    index = _index(settings)
+    try:
+        record = add_pbx(
+            index,
+            keyring,
+            name,
+            config,
+            password,
+            actor=cli_actor(),
+            remote_addr="local",
+            now=_now(),
+        )
+    except PbxRegistryError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    finally:
+        index.close()
+    _warn_insecure(record.config)
+    print(
+        f"added PBX {record.name} ({record.config.url}, API {record.config.api_version}); "
+        f"check it with `callvault pbx test {record.name}`"
+    )
+
+
+@pbx_app.command("edit")
+@click.argument("name")
+@_connection_options(adding=False)
+def pbx_edit(name: str, **given: Any) -> None:
+    """Change a registered PBX's settings or password (only the options given change)."""
+    from callvault.ops import edit_pbx
+
+    settings = _settings(
+        given.pop("config"),
+        given.pop("archive"),
+        given.pop("db"),
+        master_key_file=given.pop("master_key_file"),
+    )
+    password_env = given.pop("password_env")
+    keyring = _keyring(settings) if password_env is not None else None
+    password = _password(password_env) if password_env is not None else None
+    changes = _changes(given)
+    if not changes and password is None:
+        fail("nothing to change: give the options to change, e.g. --url", code=USAGE_ERROR)
+    index = _index(settings)
+    try:
+        edited = edit_pbx(
+            index,
+            name,
+            changes,
+            password=password,
+            keyring=keyring,
+            actor=cli_actor(),
+            remote_addr="local",
+            now=_now(),
+        )
+    except PbxRegistryError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    finally:
+        index.close()
+    _warn_insecure(edited.record.config)
+    what = ", ".join(w.replace("_", "-") for w in edited.changed) or "nothing (as it was)"
+    print(f"changed PBX {name}: {what}")
+
+
+@pbx_app.command("list")
+@json_flag
+@archive_options
+def pbx_list(as_json: bool, archive: Path | None, db: str | None, config: Path | None) -> None:
+    """List the registered PBXs."""
+    from callvault.ops import pbx_view
+
+    index = _index(_settings(config, archive, db))
+    try:
+        views = [pbx_view(record) for record in index.pbxs.list()]
+    finally:
+        index.close()
+    if as_json:
+        print(json.dumps([view.to_json() for view in views]))
+        return
+    if not views:
+        print("no PBXs registered: add one with `callvault pbx add NAME --url ...`")
+        return
+    print(f"{'NAME':<16} {'URL':<36} {'API':<7} {'TLS':<10} {'SERIAL':<16} LAST TEST")
+    for view in views:
+        test = view.last_test
+        last = (
+            "never"
+            if not test
+            else ("ok " if test.get("ok") else "FAILED ") + str(test.get("tested_at", ""))[:16]
+        )
+        print(
+            f"{view.name:<16} {view.url:<36} {view.api_version:<7} {view.tls:<10} "
+            f"{view.serial or '-':<16} {last}"
+        )
+
+
+@pbx_app.command("show")
+@click.argument("name")
+@json_flag
+@archive_options
+def pbx_show(
+    name: str, as_json: bool, archive: Path | None, db: str | None, config: Path | None
+) -> None:
+    """Show one registered PBX (never its password)."""
+    from callvault.ops import pbx_view
+
+    index = _index(_settings(config, archive, db))
+    try:
+        view = pbx_view(index.pbxs.require(name))
+    except PbxRegistryError as exc:
+        fail(str(exc))
+    finally:
+        index.close()
+    if as_json:
+        print(json.dumps(view.to_json()))
+        return
+    data = view.to_json()
+    for key, value in data.items():
+        if key == "last_test":
+            continue
+        shown = ", ".join(value) if isinstance(value, list) else value
+        print(f"{key.replace('_', ' '):<16} {'-' if shown in (None, '') else shown}")
+    test = view.last_test
+    if not test:
+        print(f"{'last test':<16} never (run `callvault pbx test {name}`)")
+    elif test.get("ok"):
+        print(f"{'last test':<16} ok at {test.get('tested_at')}")
+    else:
+        print(f"{'last test':<16} FAILED at {test.get('tested_at')}: {test.get('error')}")
+
+
+@pbx_app.command("remove")
+@click.argument("name")
+@archive_options
+def pbx_remove(name: str, archive: Path | None, db: str | None, config: Path | None) -> None:
+    """Take a PBX off the registry; what was archived from it stays."""
+    from callvault.ops import remove_pbx
+
+    index = _index(_settings(config, archive, db))
+    try:
+        remove_pbx(index, name, actor=cli_actor(), remote_addr="local")
+    except PbxRegistryError as exc:
+        fail(str(exc))
+    finally:
+        index.close()
+    print(f"removed PBX {name}; its recordings stay in the archive")
+
+
+@pbx_app.command("test")
+@click.argument("name")
+@json_flag
+@master_key_file_option
+@archive_options
+def pbx_test(
+    name: str,
+    as_json: bool,
+    master_key_file: Path | None,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
+) -> None:
+    """Log in to a registered PBX once and say what it found; exit 1 if the login failed.
+
+    Asks the PBX for no reports, so a running `serve` keeps receiving them. A wrong
+    password is tried once only: five would lock this host out of the PBX for ten minutes.
+    """
+    from callvault.keys import MasterKeyError
+    from callvault.ops import test_pbx
+
+    settings = _settings(config, archive, db, master_key_file=master_key_file)
+    keyring = _keyring(settings)
+    index = _index(settings)
+    try:
+        record = index.pbxs.require(name)
+        result = run_terminable(test_pbx(index, record, keyring, now=_now()))
+    except (PbxRegistryError, MasterKeyError) as exc:
+        fail(str(exc))
+    finally:
+        index.close()
+    if as_json:
+        print(json.dumps(result.to_json()))
+        raise SystemExit(0 if result.ok else 1)
+    if not result.ok:
+        fail(f"PBX {name}: {result.error}")
+    print(f"PBX {name}: logged in to {record.config.url} in {result.seconds:.1f} s")
+    print(f"  API version       {result.api_version}")
+    transport = result.report_transport or "HTTP (the PBX did not say; v1 has HTTP only)"
+    print(f"  reports           {transport}")
+    print(f"  calls, last 24 h  {result.calls_last_day}")
+    print(f"  serial            {result.serial or 'not known yet (its reports will say)'}")
+
+
+@keys_app.command("create")
+@option("--file", "path", type=PATH, required=True, metavar="FILE", help="The new key file.")
+def keys_create(path: Path) -> None:
+    """Make a new master key in a new file readable by you only (never replacing one)."""
+    from callvault.keys import MasterKeyError, create_key_file
+
+    absolute = path.expanduser().absolute()
+    try:
+        key = create_key_file(absolute)
+    except MasterKeyError as exc:
+        fail(str(exc))
+    print(f"wrote master key {key.id} to {absolute} (readable by you only)")
+    print(
+        "keep a copy somewhere safe: without it the PBX passwords sealed with it cannot be "
+        "read; name it with --master-key-file, CALLVAULT_MASTER_KEY_FILE or master_key_file "
+        "in the config file"
+    )
+
+
+@keys_app.command("show")
+@master_key_file_option
+@config_option
+def keys_show(master_key_file: Path | None, config: Path | None) -> None:
+    """Show which master keys are loaded, by id (never the keys)."""
+    settings = settings_or_fail(config, master_key_file=master_key_file)
+    keyring = _keyring(settings)
+    ids = keyring.ids()
+    print(f"master keys from {keyring.source}: {ids[0]} (seals new secrets)", end="")
+    print("".join(f", {key_id}" for key_id in ids[1:]) + ("" if len(ids) == 1 else " (open only)"))

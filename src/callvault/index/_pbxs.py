@@ -1,0 +1,197 @@
+"""`index.pbxs`: the registry of PBXs (rules and data in `callvault.index.pbxs`)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, delete, insert, select, update
+
+from callvault.index._db import Database
+from callvault.index.pbxs import (
+    CONFIG_FIELDS,
+    NoSuchPbx,
+    PbxConfig,
+    PbxRecord,
+    PbxRegistryError,
+    check_config,
+    validate_name,
+)
+from callvault.index.schema import column_length, pbxs
+from callvault.times import as_utc, to_utc
+
+_SERIAL_MAX = column_length(pbxs.c.serial)
+
+
+class PbxStore:
+    """Rows of `pbxs`, as `PbxRecord`s; each method one transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def add(
+        self,
+        name: str,
+        config: PbxConfig,
+        *,
+        password_sealed: str,
+        events_path: str,
+        now: datetime,
+    ) -> PbxRecord:
+        """Register a PBX; PbxRegistryError for a bad name or setting or a name taken."""
+        validate_name(name)
+        config = check_config(config)
+        now = to_utc(now)
+        with self._db.write() as conn:
+            if conn.execute(select(pbxs.c.id).where(pbxs.c.name == name)).first() is not None:
+                raise PbxRegistryError(
+                    f"a PBX named {name!r} is registered already: change it with "
+                    f"`callvault pbx edit {name} ...`"
+                )
+            conn.execute(
+                insert(pbxs).values(
+                    name=name,
+                    **_config_columns(config),
+                    password_sealed=password_sealed,
+                    events_path=events_path,
+                    serial="",
+                    detail="{}",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            row = conn.execute(select(pbxs).where(pbxs.c.name == name)).one()
+        return _record(row)
+
+    def get(self, name: str) -> PbxRecord | None:
+        with self._db.read() as conn:
+            row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
+        return None if row is None else _record(row)
+
+    def require(self, name: str) -> PbxRecord:
+        """The PBX named `name`, or NoSuchPbx saying which ones there are."""
+        found = self.get(name)
+        if found is None:
+            names = [record.name for record in self.list()]
+            known = ", ".join(names) if names else "none is registered yet"
+            raise NoSuchPbx(f"no PBX named {name!r} ({known})")
+        return found
+
+    def list(self) -> builtins.list[PbxRecord]:
+        """Every registered PBX, by name."""
+        with self._db.read() as conn:
+            rows = conn.execute(select(pbxs).order_by(pbxs.c.name)).all()
+        return [_record(row) for row in rows]
+
+    def update(
+        self,
+        name: str,
+        changes: Mapping[str, Any],
+        *,
+        password_sealed: str | None = None,
+        now: datetime,
+    ) -> PbxRecord:
+        """Change the `PbxConfig` fields in `changes` (and the sealed password if given);
+        the result is checked as a whole (e.g. one way of trusting the certificate).
+        NoSuchPbx or PbxRegistryError."""
+        unknown = set(changes) - set(CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"not PBX settings: {sorted(unknown)}")
+        with self._db.write() as conn:
+            row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
+            if row is None:
+                raise NoSuchPbx(f"no PBX named {name!r}")
+            current = _record(row).config
+            merged = check_config(
+                PbxConfig(**{f: changes.get(f, getattr(current, f)) for f in CONFIG_FIELDS})
+            )
+            values: dict[str, Any] = {**_config_columns(merged), "updated_at": to_utc(now)}
+            if password_sealed is not None:
+                values["password_sealed"] = password_sealed
+            conn.execute(update(pbxs).where(pbxs.c.name == name).values(**values))
+            row = conn.execute(select(pbxs).where(pbxs.c.name == name)).one()
+        return _record(row)
+
+    def record_test(self, name: str, detail: Mapping[str, Any], *, now: datetime) -> None:
+        """Keep what a test of the PBX found (JSON-able), for `pbx show` and the web app."""
+        with self._db.write() as conn:
+            conn.execute(
+                update(pbxs)
+                .where(pbxs.c.name == name)
+                .values(detail=json.dumps(dict(detail), sort_keys=True), updated_at=to_utc(now))
+            )
+
+    def learn_serial(self, name: str, serial: str, *, now: datetime) -> None:
+        """Remember the serial the PBX's reports name it by (when it differs)."""
+        serial = serial.strip()[:_SERIAL_MAX]
+        if not serial:
+            return
+        with self._db.write() as conn:
+            conn.execute(
+                update(pbxs)
+                .where(pbxs.c.name == name, pbxs.c.serial != serial)
+                .values(serial=serial, updated_at=to_utc(now))
+            )
+
+    def remove(self, name: str) -> PbxRecord:
+        """Take a PBX off the registry; the removed record, or NoSuchPbx."""
+        with self._db.write() as conn:
+            row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
+            if row is None:
+                raise NoSuchPbx(f"no PBX named {name!r}")
+            conn.execute(delete(pbxs).where(pbxs.c.name == name))
+        return _record(row)
+
+
+def _config_columns(config: PbxConfig) -> dict[str, Any]:
+    return {
+        "url": config.url,
+        "username": config.username,
+        "api_version": config.api_version,
+        "ca_file": config.ca_file,
+        "pin_sha256": config.pin_sha256,
+        "insecure": config.insecure,
+        "tls_min_version": config.tls_min_version,
+        "timezone": config.timezone,
+        "max_downloads": config.max_downloads,
+        "events_allow": ",".join(config.events_allow),
+    }
+
+
+def _record(row: Row[Any]) -> PbxRecord:
+    m = row._mapping
+    try:
+        detail = json.loads(m["detail"] or "{}")
+    except ValueError:
+        detail = {}
+    return PbxRecord(
+        id=int(m["id"]),
+        name=str(m["name"]),
+        config=PbxConfig(
+            url=str(m["url"]),
+            username=str(m["username"]),
+            api_version=str(m["api_version"]),
+            ca_file=m["ca_file"],
+            pin_sha256=m["pin_sha256"],
+            insecure=bool(m["insecure"]),
+            tls_min_version=str(m["tls_min_version"]),
+            timezone=m["timezone"],
+            max_downloads=int(m["max_downloads"]),
+            events_allow=tuple(e for e in str(m["events_allow"]).split(",") if e),
+        ),
+        password_sealed=str(m["password_sealed"]),
+        events_path=str(m["events_path"]),
+        serial=str(m["serial"]),
+        detail=detail if isinstance(detail, dict) else {},
+        created_at=_when(m["created_at"]),
+        updated_at=_when(m["updated_at"]),
+    )
+
+
+def _when(value: datetime) -> datetime:
+    moment = as_utc(value)
+    assert moment is not None  # the columns are NOT NULL
+    return moment

@@ -1,0 +1,160 @@
+"""The registry of PBXs: its rules and rows (the store is `index.pbxs`).
+
+A registered PBX is everything the archiver needs to reach and trust one PBX: its URL, API
+user, password (sealed with the master key by the caller: the index never sees it in
+clear), API version, how its certificate is trusted, its time zone, how many downloads it
+may serve at once, and where its reports are posted. `check_config` holds the rules for
+every field, for the command line and the web app alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?", re.ASCII)
+MAX_DOWNLOADS_LIMIT = 16
+DEFAULT_MAX_DOWNLOADS = 2  # each PBX is a small embedded box
+
+
+class PbxRegistryError(ValueError):
+    """A PBX that cannot be registered or changed as asked: one line for a person."""
+
+
+class NoSuchPbx(PbxRegistryError):
+    """No PBX of that name is registered."""
+
+
+def validate_name(name: str) -> str:
+    """`name` if it is a short slug (1 to 32 lowercase letters, digits and inner dashes)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise PbxRegistryError(
+            f"{name!r:.40} is not a PBX name: use 1 to 32 lowercase letters, digits and "
+            "dashes, e.g. paris or branch-2"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class PbxConfig:
+    """How to reach and trust one PBX: the fields a person sets (`pbx add`, `pbx edit`)."""
+
+    url: str
+    username: str
+    api_version: str = "v1.1.0"
+    ca_file: str | None = None
+    pin_sha256: str | None = None
+    insecure: bool = False
+    tls_min_version: str = "1.2"
+    timezone: str | None = None
+    max_downloads: int = DEFAULT_MAX_DOWNLOADS
+    events_allow: tuple[str, ...] = ()
+
+
+CONFIG_FIELDS = tuple(f.name for f in fields(PbxConfig))
+
+
+def check_config(config: PbxConfig) -> PbxConfig:
+    """`config` in canonical form (the URL as the client reads it, the pin as lowercase
+    hex, ...); PbxRegistryError naming the first field that is wrong and why."""
+    from callvault.pbx import ApiVersion, TlsOptions, check_pbx_url, normalise_pin
+
+    try:
+        url = check_pbx_url(config.url.strip())
+    except ValueError as exc:
+        raise PbxRegistryError(f"--url: {exc}") from None
+    username = config.username.strip()
+    if not username or len(username) > 64:
+        raise PbxRegistryError("--username: the PBX's API user name, 1 to 64 characters")
+    try:
+        api_version = ApiVersion(config.api_version.strip()).value
+    except ValueError:
+        versions = ", ".join(v.value for v in ApiVersion)
+        raise PbxRegistryError(
+            f"--api-version: unknown API version {config.api_version!r:.20}: use {versions}"
+        ) from None
+    chosen = [
+        flag
+        for flag, on in (
+            ("--ca-file", config.ca_file is not None),
+            ("--pin-sha256", config.pin_sha256 is not None),
+            ("--insecure", config.insecure),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise PbxRegistryError(
+            f"choose only one of --ca-file, --pin-sha256 and --insecure, not {' and '.join(chosen)}"
+        )
+    pin = None
+    if config.pin_sha256 is not None:
+        try:
+            pin = normalise_pin(config.pin_sha256)
+        except ValueError as exc:
+            raise PbxRegistryError(f"--pin-sha256: {exc}") from None
+    try:
+        TlsOptions(minimum_version=config.tls_min_version)
+    except ValueError as exc:
+        raise PbxRegistryError(f"--tls-min-version: {exc}") from None
+    if config.timezone is not None:
+        try:
+            ZoneInfo(config.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise PbxRegistryError(
+                f"--timezone: unknown time zone {config.timezone!r:.60} (use e.g. Europe/Paris)"
+            ) from None
+    if not 1 <= config.max_downloads <= MAX_DOWNLOADS_LIMIT:
+        raise PbxRegistryError(
+            f"--max-downloads: from 1 to {MAX_DOWNLOADS_LIMIT} (a PBX is a small embedded box; "
+            f"{DEFAULT_MAX_DOWNLOADS} by default)"
+        )
+    allow = tuple(entry.strip() for entry in config.events_allow if entry.strip())
+    for entry in allow:
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise PbxRegistryError(
+                f"--events-allow: {entry!r:.60} is not an IP address or network"
+            ) from None
+    return PbxConfig(
+        url=url,
+        username=username,
+        api_version=api_version,
+        ca_file=config.ca_file,
+        pin_sha256=pin,
+        insecure=config.insecure,
+        tls_min_version=config.tls_min_version,
+        timezone=config.timezone,
+        max_downloads=config.max_downloads,
+        events_allow=allow,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PbxRecord:
+    """One registered PBX, as the index keeps it.
+
+    `password_sealed` is the password sealed with the master key (`callvault.keys`), to be
+    opened with the context `password_context(name)`. `serial` is "" until a report names
+    it; `detail` is what `pbx test` found last.
+    """
+
+    id: int
+    name: str
+    config: PbxConfig
+    password_sealed: str = field(repr=False)
+    events_path: str = field(repr=False)  # the receiver's secret path for its reports
+    serial: str
+    detail: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+def password_context(name: str) -> str:
+    """What a PBX's sealed password is bound to: it opens for this PBX's row only."""
+    return f"pbx:{name}:password"

@@ -1,0 +1,290 @@
+"""The registry of PBXs as people use it: add, change, remove, show and test a PBX.
+
+The command line (`callvault pbx ...`) and the web app call these. The password is sealed
+here with the deployment's master key (`callvault.keys`) before the index sees it, opened
+here only to build a client, and never part of a view, a message or the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from callvault.index import Index, audit
+from callvault.index.pbxs import PbxConfig, PbxRecord, PbxRegistryError, password_context
+from callvault.keys import Keyring
+from callvault.ops._json import JsonResult
+from callvault.pbx import ApiVersion, ErrorKind, PbxClient, PbxError, TlsOptions
+
+
+@dataclass(frozen=True, slots=True)
+class PbxView(JsonResult):
+    """What `pbx show`, `pbx list --json` and the web API say of a PBX: never its password
+    nor the secret path of its reports."""
+
+    name: str
+    url: str
+    username: str
+    api_version: str
+    tls: str  # "verified", "pinned", "ca-file", "insecure" or "plain http"
+    ca_file: str | None
+    pin_sha256: str | None
+    tls_min_version: str
+    timezone: str | None
+    max_downloads: int
+    events_allow: list[str]
+    serial: str
+    last_test: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+def pbx_view(record: PbxRecord) -> PbxView:
+    config = record.config
+    if config.url.startswith("http://"):
+        tls = "plain http"
+    elif config.insecure:
+        tls = "insecure"
+    elif config.pin_sha256:
+        tls = "pinned"
+    elif config.ca_file:
+        tls = "ca-file"
+    else:
+        tls = "verified"
+    return PbxView(
+        name=record.name,
+        url=config.url,
+        username=config.username,
+        api_version=config.api_version,
+        tls=tls,
+        ca_file=config.ca_file,
+        pin_sha256=config.pin_sha256,
+        tls_min_version=config.tls_min_version,
+        timezone=config.timezone,
+        max_downloads=config.max_downloads,
+        events_allow=list(config.events_allow),
+        serial=record.serial,
+        last_test=record.detail,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+    )
+
+
+def _described(config: PbxConfig) -> str:
+    """The audit log's words for a PBX's settings (no secret among them)."""
+    trust = (
+        "insecure"
+        if config.insecure
+        else "pin"
+        if config.pin_sha256
+        else "ca-file"
+        if config.ca_file
+        else "verified"
+    )
+    return (
+        f"url={config.url} user={config.username} api={config.api_version} tls={trust} "
+        f"tz={config.timezone or '(default)'} max_downloads={config.max_downloads}"
+    )
+
+
+def add_pbx(
+    index: Index,
+    keyring: Keyring,
+    name: str,
+    config: PbxConfig,
+    password: str,
+    *,
+    actor: str,
+    remote_addr: str,
+    now: datetime,
+) -> PbxRecord:
+    """Register a PBX with its password sealed under the primary master key, and audit it.
+    PbxRegistryError (one line) for a bad name or setting."""
+    from callvault.archive import new_secret_path
+
+    if not password:
+        raise PbxRegistryError("the PBX's API password is empty")
+    record = index.pbxs.add(
+        name,
+        config,
+        password_sealed=keyring.seal(password.encode(), password_context(name)),
+        events_path=new_secret_path(),
+        now=now,
+    )
+    index.audit.record(actor, audit.PBX_ADD, name, _described(record.config), remote_addr)
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class PbxEdit:
+    """A PBX after `edit_pbx`, and the names of the settings that changed."""
+
+    record: PbxRecord
+    changed: list[str]
+
+
+def edit_pbx(
+    index: Index,
+    name: str,
+    changes: Mapping[str, Any],
+    *,
+    password: str | None = None,
+    keyring: Keyring | None = None,
+    actor: str,
+    remote_addr: str,
+    now: datetime,
+) -> PbxEdit:
+    """Change a PBX's settings (the fields of `PbxConfig` in `changes`) and, given
+    `password` and a `keyring`, its password; audited with what changed."""
+    from callvault.index.pbxs import CONFIG_FIELDS
+
+    sealed = None
+    if password is not None:
+        if keyring is None:
+            raise TypeError("a new password needs the keyring to seal it")
+        if not password:
+            raise PbxRegistryError("the PBX's API password is empty")
+        sealed = keyring.seal(password.encode(), password_context(name))
+    before = index.pbxs.require(name)
+    record = index.pbxs.update(name, changes, password_sealed=sealed, now=now)
+    changed = [
+        field
+        for field in CONFIG_FIELDS
+        if getattr(before.config, field) != getattr(record.config, field)
+    ] + (["password"] if password is not None else [])
+    index.audit.record(
+        actor,
+        audit.PBX_EDIT,
+        name,
+        f"changed {', '.join(changed) or 'nothing'}; now {_described(record.config)}",
+        remote_addr,
+    )
+    return PbxEdit(record, changed)
+
+
+def remove_pbx(index: Index, name: str, *, actor: str, remote_addr: str) -> PbxRecord:
+    """Take a PBX off the registry (its calls and recordings stay archived); audited."""
+    record = index.pbxs.remove(name)
+    index.audit.record(actor, audit.PBX_REMOVE, name, _described(record.config), remote_addr)
+    return record
+
+
+def open_password(record: PbxRecord, keyring: Keyring) -> str:
+    """The PBX's API password; MasterKeyError (one line) if the keys loaded cannot open it."""
+    return keyring.open(record.password_sealed, password_context(record.name)).decode()
+
+
+def tls_options(config: PbxConfig) -> TlsOptions:
+    """How the client trusts this PBX's certificate."""
+    return TlsOptions(
+        ca_file=Path(config.ca_file) if config.ca_file else None,
+        pin_sha256=config.pin_sha256,
+        insecure=config.insecure,
+        minimum_version=config.tls_min_version,
+    )
+
+
+def pbx_client(record: PbxRecord, keyring: Keyring, **client_kwargs: Any) -> PbxClient:
+    """A client for the registered PBX; `client_kwargs` go to `PbxClient`."""
+    config = record.config
+    return PbxClient(
+        config.url,
+        config.username,
+        open_password(record, keyring),
+        api_version=ApiVersion(config.api_version),
+        tls=tls_options(config),
+        **client_kwargs,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PbxTest(JsonResult):
+    """What `pbx test` found: whether the login worked and what the PBX said."""
+
+    name: str
+    ok: bool
+    tested_at: datetime
+    seconds: float
+    api_version: str
+    report_transport: str | None  # v2: "HTTP" or "TCP", as the PBX is set up
+    calls_last_day: int | None  # calls in the PBX's call history over the last 24 hours
+    serial: str  # from its reports; "" until one arrived
+    error: str | None
+    error_kind: str | None
+
+
+# After a refused login, how long `test_pbx` will not try the same password again: five
+# refusals in a row lock this host out of the PBX for ten minutes.
+REFUSED_LOGIN_PAUSE = timedelta(minutes=10)
+
+
+class RefusedRecently(PbxRegistryError):
+    """`test_pbx` will not log in: the same password was refused moments ago."""
+
+
+def _password_tag(record: PbxRecord) -> str:
+    """Tells one sealed password from another (each seal is different), revealing nothing."""
+    import hashlib
+
+    return hashlib.sha256(record.password_sealed.encode()).hexdigest()[:16]
+
+
+async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: datetime) -> PbxTest:
+    """Log in to the PBX once (no retry: a wrong password must not count towards the
+    PBX's lockout twice), read a day of its call history, log out; keep and return what
+    was found. Asks for no reports, so a running `serve` keeps receiving them.
+
+    RefusedRecently if the PBX refused this same password less than ten minutes ago: testing
+    again and again would lock this host out of the PBX."""
+    last = record.detail
+    if last.get("error_kind") == ErrorKind.LOGIN_REFUSED.value and last.get(
+        "password_tag"
+    ) == _password_tag(record):
+        try:
+            refused_at: datetime | None = datetime.fromisoformat(str(last.get("tested_at")))
+        except ValueError:
+            refused_at = None
+        if refused_at is not None and now - refused_at < REFUSED_LOGIN_PAUSE:
+            again = refused_at + REFUSED_LOGIN_PAUSE
+            raise RefusedRecently(
+                f"PBX {record.name} refused this password at {refused_at:%H:%M:%S} UTC "
+                f"({last.get('error')}); not trying it again before {again:%H:%M:%S} UTC, "
+                "as five refusals lock this host out: set the right one with "
+                f"`callvault pbx edit {record.name} --password-env VAR`"
+            )
+    started = time.monotonic()
+    transport: str | None = None
+    calls: int | None = None
+    error: str | None = None
+    kind: str | None = None
+    tz = ZoneInfo(record.config.timezone or "UTC")
+    try:
+        async with pbx_client(record, keyring, max_attempts=1) as client:
+            await client.login()
+            transport = client.report_transport
+            found = await client.export_cdr_range(now - timedelta(days=1), now, tz)
+            calls = len(found)
+            await client.logout()
+    except PbxError as exc:
+        error, kind = str(exc), exc.kind.value
+    result = PbxTest(
+        name=record.name,
+        ok=error is None,
+        tested_at=now.astimezone(UTC),
+        seconds=round(time.monotonic() - started, 3),
+        api_version=record.config.api_version,
+        report_transport=transport,
+        calls_last_day=calls,
+        serial=record.serial,
+        error=error,
+        error_kind=kind,
+    )
+    index.pbxs.record_test(
+        record.name, {**result.to_json(), "password_tag": _password_tag(record)}, now=now
+    )
+    return result

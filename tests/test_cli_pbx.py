@@ -1,0 +1,233 @@
+"""`callvault pbx ...` and `callvault keys ...`: the registry of PBXs from the command line,
+against the real simulator over HTTPS, and `serve` archiving a registered PBX.
+
+The commands run as child processes (their output and exit codes are what a person sees);
+the serve test runs the archiver in-process from the same settings `serve` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from callvault.archive import Archiver
+from callvault.cli._serve import archiver_config
+from callvault.cli._settings import load_settings
+from callvault.index import open_index
+from callvault.simulator import Simulator
+from support.archive import states, wait_until
+from support.pbx_sim import SIM_PASSWORD, outcomes
+
+WRONG = "not-the-Pa55word"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "callvault", *args],
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> dict[str, str]:
+    """The environment of commands on a new archive with a master key file."""
+    key = tmp_path / "master.key"
+    made = cli("keys", "create", "--file", str(key))
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "archive").mkdir()
+    return {
+        "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
+        "CALLVAULT_MASTER_KEY_FILE": str(key),
+    }
+
+
+def add_sim(sim: Simulator, env: dict[str, str], password: str = SIM_PASSWORD) -> None:
+    assert sim.cert_sha256 is not None
+    added = cli(
+        "pbx",
+        "add",
+        "paris",
+        "--url",
+        sim.url,
+        "--username",
+        sim.username,
+        "--password-env",
+        "PBX_PASSWORD",
+        "--pin-sha256",
+        sim.cert_sha256,
+        "--api-version",
+        "v2.0.0",
+        "--timezone",
+        sim.config.timezone,
+        env={**env, "PBX_PASSWORD": password},
+    )
+    assert added.returncode == 0, added.stderr
+    assert "added PBX paris" in added.stdout
+
+
+def test_without_a_master_key_pbx_add_says_how_to_make_one(tmp_path: Path) -> None:
+    done = cli(
+        "pbx",
+        "add",
+        "paris",
+        "--url",
+        "https://127.0.0.1:8088",
+        "--username",
+        "api",
+        "--password-env",
+        "PBX_PASSWORD",
+        env={"CALLVAULT_ARCHIVE": str(tmp_path), "PBX_PASSWORD": "x"},
+    )
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert "no master key" in line and "callvault keys create --file" in line
+
+
+def test_keys_create_and_show(tmp_path: Path) -> None:
+    key = tmp_path / "master.key"
+    made = cli("keys", "create", "--file", str(key))
+    assert made.returncode == 0 and (key.stat().st_mode & 0o777) == 0o600
+    secret = key.read_text().splitlines()[-1]
+    assert secret not in made.stdout + made.stderr
+    shown = cli("keys", "show", "--master-key-file", str(key))
+    key_id = made.stdout.split("master key ")[1].split()[0]
+    assert shown.returncode == 0 and f"{key_id} (seals new secrets)" in shown.stdout
+    assert secret not in shown.stdout
+    again = cli("keys", "create", "--file", str(key))
+    assert again.returncode == 1 and "never replaced" in again.stderr
+    assert key.read_text().splitlines()[-1] == secret
+
+
+def test_a_registered_pbx_is_tested_and_its_password_never_shows(
+    sim: Simulator, registry: dict[str, str], tmp_path: Path
+) -> None:
+    add_sim(sim, registry)
+    tested = cli("pbx", "test", "paris", env=registry)
+    assert tested.returncode == 0, tested.stderr
+    assert f"logged in to {sim.url}" in tested.stdout
+    assert "reports           HTTP" in tested.stdout  # v2's login says how it reports
+    calls = len(sim.state.cdrs())
+    assert f"calls, last 24 h  {calls}" in tested.stdout
+    # One login, asking for no reports (a running serve keeps them), and a logout.
+    assert outcomes(sim, "login") == ["Success"] and outcomes(sim, "logout") == ["Success"]
+
+    listed = cli("pbx", "list", "--json", env=registry)
+    [view] = json.loads(listed.stdout)
+    assert view["name"] == "paris" and view["tls"] == "pinned"
+    assert view["last_test"]["ok"] is True and view["last_test"]["calls_last_day"] == calls
+    shown = cli("pbx", "show", "paris", env=registry)
+    assert "last test        ok at" in shown.stdout
+    everything = listed.stdout + shown.stdout + tested.stdout + tested.stderr
+    database = (tmp_path / "archive" / "callvault.db").read_bytes()
+    for output in (everything, database.decode("latin-1")):
+        assert SIM_PASSWORD not in output
+        assert "password_sealed" not in everything
+
+
+def test_a_refused_password_is_tried_once_and_not_again_for_ten_minutes(
+    sim: Simulator, registry: dict[str, str]
+) -> None:
+    add_sim(sim, registry, password=WRONG)
+    first = cli("pbx", "test", "paris", env=registry)
+    assert first.returncode == 1
+    assert first.stderr.splitlines()[-1].startswith("callvault: error: PBX paris: login:")
+    assert outcomes(sim, "login") == ["20003"]
+    again = cli("pbx", "test", "paris", env=registry)
+    assert again.returncode == 1 and "not trying it again before" in again.stderr
+    assert outcomes(sim, "login") == ["20003"]  # no second attempt at the PBX
+    fixed = cli(
+        "pbx",
+        "edit",
+        "paris",
+        "--password-env",
+        "PBX_PASSWORD",
+        env={**registry, "PBX_PASSWORD": SIM_PASSWORD},
+    )
+    assert fixed.returncode == 0 and "changed PBX paris: password" in fixed.stdout
+    assert cli("pbx", "test", "paris", env=registry).returncode == 0
+    assert outcomes(sim, "login") == ["20003", "Success"]
+
+
+def test_edits_and_removal_are_audited_without_secrets(
+    sim: Simulator, registry: dict[str, str]
+) -> None:
+    add_sim(sim, registry)
+    edited = cli("pbx", "edit", "paris", "--max-downloads", "3", "--insecure", env=registry)
+    assert edited.returncode == 0
+    assert edited.stdout.strip() == "changed PBX paris: pin-sha256, insecure, max-downloads"
+    assert "--insecure: the PBX's certificate is not checked" in edited.stderr
+    both = cli("pbx", "edit", "paris", "--insecure", "--pin-sha256", "ab" * 32, env=registry)
+    assert both.returncode == 2 and "choose only one" in both.stderr
+    nothing = cli("pbx", "edit", "paris", env=registry)
+    assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+    missing = cli("pbx", "show", "lyon", env=registry)
+    assert missing.returncode == 1 and "no PBX named 'lyon' (paris)" in missing.stderr
+    removed = cli("pbx", "remove", "paris", env=registry)
+    assert removed.returncode == 0 and "stay in the archive" in removed.stdout
+    assert cli("pbx", "list", env=registry).stdout.startswith("no PBXs registered")
+    with open_index(f"sqlite:///{registry['CALLVAULT_ARCHIVE']}/callvault.db") as index:
+        logged = list(reversed(index.audit.query()))  # oldest first
+    entries = [(e.action, e.target) for e in logged]
+    details = " ".join(e.detail for e in logged)
+    assert entries == [("pbx_add", "paris"), ("pbx_edit", "paris"), ("pbx_remove", "paris")]
+    assert all(e.actor.startswith("cli") for e in logged)
+    assert "max_downloads=3" in details and SIM_PASSWORD not in details
+
+
+def test_serve_archives_the_registered_pbx_and_notes_its_serial(
+    events_sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = events_sim
+    key = tmp_path / "master.key"
+    assert cli("keys", "create", "--file", str(key)).returncode == 0
+    env = {"CALLVAULT_ARCHIVE": str(tmp_path / "archive"), "CALLVAULT_MASTER_KEY_FILE": str(key)}
+    (tmp_path / "archive").mkdir()
+    add_sim(sim, env, password=sim.password)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(events_listen="127.0.0.1:0", poll_interval_s=0.3)
+    config = archiver_config(settings, web=False)
+    assert (config.registry_name, config.pbx_url, config.workers) == ("paris", sim.url, 2)
+    with Archiver(config) as archiver:
+        cdr = sim.place_call(talk_seconds=2)
+        index = archiver.index
+        assert index is not None and cdr.recording is not None
+        total = len([c for c in sim.state.cdrs() if c.recording])
+        assert wait_until(lambda: states(index) == {"archived": total}), states(index)
+        row = index.recordings.by_name(cdr.recording)
+        assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+        assert wait_until(lambda: index.pbxs.require("paris").serial == sim.serial)
+
+
+def test_serve_asks_which_pbx_when_several_are_registered(
+    sim: Simulator, registry: dict[str, str]
+) -> None:
+    add_sim(sim, registry)
+    again = cli(
+        "pbx",
+        "add",
+        "lyon",
+        "--url",
+        sim.url,
+        "--username",
+        "api",
+        "--password-env",
+        "PBX_PASSWORD",
+        env={**registry, "PBX_PASSWORD": "x"},
+    )
+    assert again.returncode == 0
+    served = cli("serve", "--no-web", env=registry)
+    assert served.returncode == 2
+    [line] = served.stderr.splitlines()
+    assert "2 PBXs are registered (lyon, paris)" in line and "--only NAME" in line
+    unknown = cli("serve", "--no-web", "--only", "nice", env=registry)
+    assert unknown.returncode == 2 and "no PBX named 'nice'" in unknown.stderr

@@ -1,0 +1,117 @@
+"""The registry of PBXs in the index (`index.pbxs`), on SQLite and PostgreSQL: rows as
+given, in canonical form, one clear line for each bad setting, edits checked as a whole."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from callvault.index import Index
+from callvault.index.pbxs import NoSuchPbx, PbxConfig, PbxRegistryError, check_config
+
+NOW = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
+PIN = "AB:" * 31 + "AB"
+CONFIG = PbxConfig(url="https://127.0.0.1:8088/api/v2.0.0", username="api")
+
+
+def add(index: Index, name: str, config: PbxConfig = CONFIG, path: str = "") -> None:
+    index.pbxs.add(
+        name, config, password_sealed="v1.x.y", events_path=path or f"path-{name}", now=NOW
+    )
+
+
+def test_a_pbx_is_kept_in_canonical_form(index: Index) -> None:
+    config = replace(
+        CONFIG,
+        api_version="v2.0.0",
+        pin_sha256=PIN,
+        timezone="Europe/Paris",
+        max_downloads=3,
+        events_allow=("10.0.0.0/8", " 192.0.2.7 "),
+    )
+    record = index.pbxs.add(
+        "paris", config, password_sealed="v1.sealed", events_path="secret-1", now=NOW
+    )
+    assert record.config == PbxConfig(
+        url="https://127.0.0.1:8088",  # the /api/... copied from the documents is cut
+        username="api",
+        api_version="v2.0.0",
+        pin_sha256="ab" * 32,
+        timezone="Europe/Paris",
+        max_downloads=3,
+        events_allow=("10.0.0.0/8", "192.0.2.7"),
+    )
+    assert (record.serial, record.detail, record.created_at) == ("", {}, NOW)
+    assert index.pbxs.get("paris") == record
+    assert index.pbxs.get("lyon") is None
+    assert "v1.sealed" not in repr(record) and "secret-1" not in repr(record)
+
+
+def test_names_are_short_slugs_and_unique(index: Index) -> None:
+    add(index, "branch-2")
+    for bad in ("Paris", "-x", "x-", "a b", "", "a" * 33, "pâris", "../x"):
+        with pytest.raises(PbxRegistryError, match="not a PBX name"):
+            add(index, bad)
+    with pytest.raises(PbxRegistryError, match="registered already"):
+        add(index, "branch-2", path="other")
+    assert [r.name for r in index.pbxs.list()] == ["branch-2"]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"url": "ftp://pbx"}, "--url"),
+        ({"url": "https://api:pw@pbx:8088"}, "--url"),
+        ({"username": " "}, "--username"),
+        ({"api_version": "v3"}, "unknown API version"),
+        ({"pin_sha256": "12ab"}, "--pin-sha256"),
+        ({"pin_sha256": PIN, "insecure": True}, "choose only one"),
+        ({"ca_file": "/ca.pem", "pin_sha256": PIN}, "choose only one"),
+        ({"tls_min_version": "0.9"}, "--tls-min-version"),
+        ({"timezone": "Mars/Olympus"}, "unknown time zone"),
+        ({"max_downloads": 0}, "--max-downloads"),
+        ({"max_downloads": 17}, "--max-downloads"),
+        ({"events_allow": ("pbx.example",)}, "--events-allow"),
+    ],
+)
+def test_each_bad_setting_is_one_line_naming_it(change: dict[str, object], words: str) -> None:
+    with pytest.raises(PbxRegistryError) as caught:
+        check_config(replace(CONFIG, **change))  # type: ignore[arg-type]
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+    assert "pw@" not in str(caught.value)  # a password typed into the URL is never echoed
+
+
+def test_an_edit_changes_what_is_given_and_is_checked_whole(index: Index) -> None:
+    add(index, "paris", replace(CONFIG, pin_sha256=PIN))
+    later = NOW + timedelta(minutes=5)
+    edited = index.pbxs.update("paris", {"max_downloads": 4, "timezone": "Europe/Paris"}, now=later)
+    assert edited.config.max_downloads == 4 and edited.config.pin_sha256 == "ab" * 32
+    assert (edited.updated_at, edited.created_at) == (later, NOW)
+    assert edited.password_sealed == "v1.x.y"
+    with pytest.raises(PbxRegistryError, match="choose only one"):
+        index.pbxs.update("paris", {"insecure": True}, now=later)
+    switched = index.pbxs.update(
+        "paris", {"insecure": True, "pin_sha256": None}, password_sealed="v1.new", now=later
+    )
+    assert switched.config.insecure and switched.password_sealed == "v1.new"
+    with pytest.raises(NoSuchPbx):
+        index.pbxs.update("lyon", {"max_downloads": 1}, now=later)
+    with pytest.raises(TypeError):
+        index.pbxs.update("paris", {"password": "x"}, now=later)
+
+
+def test_serial_test_results_and_removal(index: Index) -> None:
+    add(index, "paris")
+    add(index, "lyon")
+    index.pbxs.learn_serial("paris", " 369351034049 ", now=NOW)
+    index.pbxs.record_test("paris", {"ok": True, "calls_last_day": 3}, now=NOW)
+    paris = index.pbxs.require("paris")
+    assert paris.serial == "369351034049" and paris.detail == {"ok": True, "calls_last_day": 3}
+    with pytest.raises(NoSuchPbx, match=r"no PBX named 'nice' \(lyon, paris\)"):
+        index.pbxs.require("nice")
+    assert index.pbxs.remove("paris").name == "paris"
+    assert [r.name for r in index.pbxs.list()] == ["lyon"]
+    with pytest.raises(NoSuchPbx):
+        index.pbxs.remove("paris")
