@@ -176,8 +176,7 @@ def archiver_config(
     registry_name = events_path = None
     if settings.pbx is None:
         record, keyring = _registered(settings, only)
-        from callvault.ops import open_password
-        from callvault.ops._pbxs import tls_options
+        from callvault.ops import open_password, tls_options
 
         try:
             password = open_password(record, keyring)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         pbx_view,
         remove_pbx,
         test_pbx,
+        tls_options,
     )
     from callvault.ops._recordings import (
         MAX_OFFSET,
@@ -70,6 +71,7 @@ _HOMES = {
     "pbx_view": "_pbxs",
     "remove_pbx": "_pbxs",
     "test_pbx": "_pbxs",
+    "tls_options": "_pbxs",
     "REQUEUE_STATES": "_requeue",
     "RequeueResult": "_requeue",
     "requeue": "_requeue",
@@ -120,6 +122,7 @@ __all__ = [
     "requeue",
     "search_recordings",
     "test_pbx",
+    "tls_options",
     "verify_archive",
     "verify_recording",
 ]
