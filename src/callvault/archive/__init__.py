@@ -42,6 +42,7 @@ from callvault.archive._downloads import (
     drain,
     queued_counts,
 )
+from callvault.archive._metrics import ArchiverMetrics, ServiceProbe
 from callvault.archive._policy import (
     Decision,
     RetryPolicy,
@@ -79,6 +80,7 @@ __all__ = [
     "Archived",
     "Archiver",
     "ArchiverConfig",
+    "ArchiverMetrics",
     "BackfillStats",
     "Decision",
     "Downloads",
@@ -89,6 +91,7 @@ __all__ = [
     "PoolOptions",
     "ProcessRegistration",
     "RetryPolicy",
+    "ServiceProbe",
     "SourceAllowList",
     "StartError",
     "WorkerPool",

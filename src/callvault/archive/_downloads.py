@@ -82,6 +82,7 @@ class Downloads:
         session: PbxSession | None = None,
         on_archived: Callable[[Archived], None] | None = None,
         on_auth_failure: Callable[[Exception], None] | None = None,
+        on_failed_attempt: Callable[[str], None] | None = None,
         clock: Callable[[], datetime] = _utcnow,
         restart_delays_s: Sequence[float] | None = None,
     ) -> None:
@@ -95,6 +96,7 @@ class Downloads:
         self._session = session
         self._on_archived = on_archived
         self._on_auth_failure = on_auth_failure
+        self._on_failed_attempt = on_failed_attempt
         self._clock = clock
         self._restart_delays_s = restart_delays_s
         self._staging: StagingArea | None = None
@@ -147,6 +149,7 @@ class Downloads:
             clock=self._clock,
             on_archived=self._on_archived,
             on_auth_failure=self._on_auth_failure,
+            on_failed_attempt=self._on_failed_attempt,
             staging=self._staging,
             restart_delays_s=self._restart_delays_s or DEFAULT_RESTART_DELAYS_S,
         )

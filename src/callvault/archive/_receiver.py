@@ -24,6 +24,7 @@ login's `url`) and the source allow-list. The secret path is never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -173,12 +174,14 @@ def create_receiver_app(
     commit: Callable[[CallDetail], Awaitable[RecordResult]],
     on_bootup: Callable[[Event], None] | None = None,
     on_other: Callable[[Event], None] | None = None,
+    on_answer: Callable[[int], None] | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     tz: tzinfo = UTC,
 ) -> ASGIApp:
     """Build the receiver's ASGI app. `commit` returns once the record is durable; `tz` is
-    the PBX's zone, in which its times are read and range-checked.
+    the PBX's zone, in which its times are read and range-checked. `on_answer` is told the
+    HTTP status of every answer (the archiver's metrics count them).
 
     A bare ASGI callable rather than a Starlette app: it is the hot path (>= 1000 reports
     a second on two cores) and has a single route, so the router, request and response
@@ -198,6 +201,9 @@ def create_receiver_app(
             status, message = await handle(scope, receive)
         except _Refused as refused:
             status, message = refused.status, refused.message
+        if on_answer is not None:
+            with contextlib.suppress(Exception):  # counting never fails a report
+                on_answer(status)
         body = _answer_bytes(status, message)
         await send(
             {

@@ -36,6 +36,7 @@ import httpx
 from callvault.archive._backfill import reconcile
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._downloads import Downloads, PoolOptions
+from callvault.archive._metrics import ArchiverMetrics, ServiceProbe
 from callvault.archive._policy import RetryPolicy
 from callvault.archive._process import DEFAULT_HEARTBEAT_S, DEFAULT_STALE_AFTER_S, default_node
 from callvault.archive._receiver import (
@@ -185,13 +186,15 @@ class Archiver:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         on_archived: Callable[[Archived], None] | None = None,
-        web_app_factory: Callable[[Index, Storage], Any] | None = None,
+        # Called as factory(index, storage, service=ServiceProbe): the web app to serve.
+        web_app_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.config = config
-        # The web layer sits below the archiver (DESIGN.md, layers): the CLI hands it in.
+        # The web layer sits above the archiver (see the layers): the CLI hands it in.
         self._web_app_factory = web_app_factory
         self._transport = transport
         self._on_archived = on_archived
+        self.metrics = ArchiverMetrics()
         self.index: Index | None = None
         self.storage = open_storage(config.archive)  # ArchiveDirError if unusable
         self.events_port: int | None = None
@@ -337,7 +340,8 @@ class Archiver:
             node=config.node or default_node(),
             options=config.pool_options(),
             session=session,
-            on_archived=self._on_archived,
+            on_archived=self._archived,
+            on_failed_attempt=self.metrics.failed_attempt,
         )
         self.downloads = downloads
         try:
@@ -345,6 +349,10 @@ class Archiver:
         except OSError as exc:
             raise ArchiveDirError(config.archive, exc) from exc
         self.pool = pool
+        self.metrics.watch(
+            session_state=lambda: str(session.health["state"]),
+            workers=lambda: (pool.configured, pool.alive),
+        )
         try:
             await self._serve(
                 stop, index, client, session, downloads, pool, events_sock, allowed, sockets, ready
@@ -397,6 +405,7 @@ class Archiver:
             allowed=allowed,
             commit=self._serial_noting(committer, index),
             on_bootup=bootup,
+            on_answer=self.metrics.event,
             max_body=config.max_event_body,
             body_timeout_s=config.event_body_timeout_s,
             tz=config.timezone,
@@ -472,6 +481,11 @@ class Archiver:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    def _archived(self, archived: Archived) -> None:
+        self.metrics.archived_one(archived.seconds, archived.queued_at, archived.at)
+        if self._on_archived is not None:
+            self._on_archived(archived)
+
     def _serial_noting(
         self, committer: GroupCommitter, index: Index
     ) -> Callable[[CallDetail], Coroutine[Any, Any, RecordResult]]:
@@ -502,7 +516,12 @@ class Archiver:
             return None
         if self._web_app_factory is None:
             raise RuntimeError("web_host/web_port are set but no web app was given")
-        app = self._web_app_factory(index, self.storage)
+        probe = ServiceProbe(
+            session_state=self.metrics.session_state,
+            workers=self.metrics.workers,
+            registry=self.metrics.registry,
+        )
+        app = self._web_app_factory(index, self.storage, service=probe)
         sock = listen("the web app", config.web_host, config.web_port, hint=_ANOTHER_SERVE)
         sockets.append(sock)
         self.web_port = int(sock.getsockname()[1])

@@ -41,6 +41,7 @@ import os
 import random
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ class Archived:
     size: int
     sha256: str
     at: datetime
+    seconds: float = 0.0  # the successful attempt's duration
+    queued_at: datetime | None = None  # when the index learned of the recording
 
 
 def default_worker_prefix() -> str:
@@ -134,6 +137,7 @@ class WorkerPool:
         clock: Callable[[], datetime] = _utcnow,
         on_archived: Callable[[Archived], None] | None = None,
         on_auth_failure: Callable[[Exception], None] | None = None,
+        on_failed_attempt: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
         staging: StagingArea | None = None,
         restart_delays_s: Sequence[float] = DEFAULT_RESTART_DELAYS_S,
@@ -155,6 +159,7 @@ class WorkerPool:
         self._clock = clock
         self._on_archived = on_archived
         self._on_auth_failure = on_auth_failure
+        self._on_failed_attempt = on_failed_attempt
         self._staging = staging
         self._staging_path: Path | None = staging.path if staging is not None else None
         self._rng = rng or random.Random()
@@ -392,6 +397,7 @@ class WorkerPool:
         filename = f"{job.recording_id}-{uuid.uuid4().hex[:12]}{_extension(job.name)}"
         staged = staging / filename
         step = "download"
+        started = time.monotonic()
         try:
             key = await self._storage_key(job)
             stored = await asyncio.to_thread(self._already_stored, key)
@@ -450,7 +456,16 @@ class WorkerPool:
         if self._on_archived is not None:
             try:
                 self._on_archived(
-                    Archived(job.recording_id, job.name, key, stored.size, digest, now)
+                    Archived(
+                        job.recording_id,
+                        job.name,
+                        key,
+                        stored.size,
+                        digest,
+                        now,
+                        seconds=time.monotonic() - started,
+                        queued_at=job.queued_at,
+                    )
                 )
             except Exception as exc:
                 log.error("%s: the on_archived callback failed: %s", job.name, _describe(exc))
@@ -494,6 +509,9 @@ class WorkerPool:
         """Decide and record what follows a failed attempt (see the module docstring)."""
         kind = error_kind(exc)
         error = _describe(exc, step)
+        if self._on_failed_attempt is not None:
+            with contextlib.suppress(Exception):
+                self._on_failed_attempt(kind.value)
         if kind is ErrorKind.LOGIN_REFUSED:
             if self._on_auth_failure is not None:
                 self._on_auth_failure(exc)

@@ -101,6 +101,7 @@ class JobStore:
                     r.c.missing_since,
                     c.c.timestart_local,
                     r.c.next_attempt_at,
+                    r.c.created_at,
                 )
                 .join(c, c.c.id == r.c.call_id)
                 .where(r.c.id.in_(ids))
@@ -116,6 +117,7 @@ class JobStore:
                 attempts=row.attempts,
                 missing_since=from_db(row.missing_since),
                 timestart_local=row.timestart_local,
+                queued_at=from_db(row.created_at),
             )
             for row in sorted(rows, key=lambda row: (from_db(row.next_attempt_at) or now, row.id))
         ]

@@ -95,6 +95,7 @@ class Job:
     attempts: int
     missing_since: datetime | None
     timestart_local: str = ""
+    queued_at: datetime | None = None  # when the index learned of the recording
 
 
 @dataclass(frozen=True, slots=True)

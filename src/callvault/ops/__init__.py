@@ -9,6 +9,7 @@ what both `--json` and the web API print, so the two never disagree:
     verify_recording(archive, row, now=...) -> VerifyResult   # "Verify now", POST .../verify
     requeue(archive, states, now=..., since=...) -> RequeueResult  # callvault requeue
     search_recordings(index, filters, limit=...) -> RecordingPage  # list --json, GET .../recordings
+    readiness(index, storage, ...) -> Readiness, metrics_registry(index, ...)  # /readyz, /metrics
     add_pbx / edit_pbx / remove_pbx / test_pbx, pbx_view(record) -> PbxView  # callvault pbx ...
 
 The layer sits above the archiver and below the web app and the command line.
@@ -20,6 +21,13 @@ from callvault._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from callvault.ops._archive import Archive, ArchiveError, open_archive
+    from callvault.ops._health import (
+        Check,
+        IndexCollector,
+        Readiness,
+        metrics_registry,
+        readiness,
+    )
     from callvault.ops._json import JsonResult, json_ready
     from callvault.ops._pbxs import (
         PbxTest,
@@ -56,6 +64,11 @@ _HOMES = {
     "Archive": "_archive",
     "ArchiveError": "_archive",
     "open_archive": "_archive",
+    "Check": "_health",
+    "IndexCollector": "_health",
+    "Readiness": "_health",
+    "metrics_registry": "_health",
+    "readiness": "_health",
     "JsonResult": "_json",
     "json_ready": "_json",
     "MAX_OFFSET": "_recordings",
@@ -97,12 +110,15 @@ __all__ = [
     "Archive",
     "ArchiveError",
     "ArchiveStatus",
+    "Check",
     "Failure",
+    "IndexCollector",
     "JsonResult",
     "PbxSessionStatus",
     "PbxTest",
     "PbxView",
     "ProcessStatus",
+    "Readiness",
     "RecordingPage",
     "RecordingView",
     "RequeueResult",
@@ -114,10 +130,12 @@ __all__ = [
     "edit_pbx",
     "human_size",
     "json_ready",
+    "metrics_registry",
     "open_archive",
     "open_password",
     "pbx_client",
     "pbx_view",
+    "readiness",
     "remove_pbx",
     "requeue",
     "search_recordings",

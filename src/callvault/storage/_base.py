@@ -109,6 +109,11 @@ class Storage(Protocol):
         """The space used and left, or None when it cannot be told."""
         ...
 
+    def check(self) -> str | None:
+        """What keeps recordings from being stored now (one line), or None if nothing does:
+        for readiness checks, quick and without writing."""
+        ...
+
     def open_staging(self, tag: str) -> StagingArea:
         """A staging area of this process's own (see `StagingArea`), after removing the
         areas of processes that are gone. `tag` names it for people (host and pid)."""

@@ -412,6 +412,17 @@ class LocalStorage:
         """The absolute path of the file of `key`."""
         return str(self.local_path(key))
 
+    def check(self) -> str | None:
+        """None when the archive directory is there and this process may write in it."""
+        if not self._root.is_dir():
+            return f"the archive directory {self._root} is missing"
+        if not os.access(self._root, os.W_OK | os.X_OK):
+            return f"the archive directory {self._root} is not writable by this process"
+        usage = self.usage()
+        if usage is not None and usage.free is not None and usage.free < 64 * 1024 * 1024:
+            return f"the disk of {self._root} is full ({usage.free} bytes free)"
+        return None
+
     def usage(self) -> StorageUsage | None:
         """The file system's size, used and free space (None if it cannot be read)."""
         try:

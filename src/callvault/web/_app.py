@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from callvault.archive import ServiceProbe
 from callvault.index import Index, SettingKey
 from callvault.storage import Storage
-from callvault.web import _api, _pages
+from callvault.web import _api, _health, _pages
 from callvault.web._context import Clock, WebContext, authenticate
 from callvault.web._security import LoginLimiter, SessionSigner
 
@@ -57,6 +58,7 @@ def create_app(
     session_secret: bytes | None = None,
     clock: Clock | None = None,
     limiter: LoginLimiter | None = None,
+    service: ServiceProbe | None = None,
 ) -> FastAPI:
     """Build the web app over an open index and a storage backend.
 
@@ -64,7 +66,8 @@ def create_app(
     app; requests seen as https get it anyway). Without `session_secret` the one kept in the
     index is used (made on first start), so sessions survive a restart and `callvault web`
     and `callvault serve` over the same archive accept each other's cookies. `clock` and
-    `limiter` are for tests.
+    `limiter` are for tests. `service` is what `serve` tells about its own work, for
+    ``/readyz`` and ``/metrics``.
     """
     now = clock or _utc_now
     if session_secret is None:
@@ -84,7 +87,9 @@ def create_app(
         limiter=limiter or LoginLimiter(now),
         clock=now,
         secure_cookies=secure_cookies,
+        service=service,
     )
+    app.include_router(_health.router)
     app.include_router(_api.router)
     app.include_router(_pages.router)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import HTTPException, Request
 
+from callvault.archive import ServiceProbe
 from callvault.index import Index, Position, RecordingRow, SearchFilters
 from callvault.index.schema import RECORDING_STATES
 from callvault.index.users import User
@@ -37,6 +38,8 @@ class WebContext:
     limiter: LoginLimiter
     clock: Clock
     secure_cookies: bool
+    # What a process that archives (serve) tells about itself; None for `callvault web`.
+    service: ServiceProbe | None = None
     archive: Archive = field(init=False)
     _recent_plays: dict[tuple[int, int], datetime] = field(default_factory=dict)
     _plays_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -49,6 +52,17 @@ class WebContext:
 
     def __repr__(self) -> str:
         return "WebContext(...)"
+
+    def metrics_exposition(self) -> tuple[bytes, str]:
+        """The text of a Prometheus scrape and its content type: the index's figures, and
+        the archiver's when this app runs inside `serve`."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from callvault.ops import metrics_registry
+
+        more = [self.service.registry] if self.service is not None else []
+        registry = metrics_registry(self.index, *more)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def first_play(self, user_id: int, recording_id: int) -> bool:
         """True unless this user started playing this recording moments ago."""
