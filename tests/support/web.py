@@ -34,6 +34,7 @@ from callvault.index import (
     audit,
     open_index,
 )
+from callvault.keys import Keyring
 from callvault.pbx._types import CallDetail
 from callvault.storage import LocalStorage, recording_key
 from callvault.web import create_app
@@ -314,10 +315,18 @@ def login(client: httpx.Client, name: str, password: str) -> httpx.Response:
 
 
 @contextmanager
-def live_web(root: Path, *, secure_cookies: bool = False) -> Iterator[LiveWeb]:
+def live_web(
+    root: Path, *, secure_cookies: bool = False, keyring: Keyring | None = None
+) -> Iterator[LiveWeb]:
     archive = build_archive(root)
     clock = FakeClock(T0 + timedelta(days=10))
-    app = create_app(archive.index, archive.storage, secure_cookies=secure_cookies, clock=clock)
+    app = create_app(
+        archive.index,
+        archive.storage,
+        secure_cookies=secure_cookies,
+        clock=clock,
+        keyring=keyring,
+    )
     try:
         with serve(app) as base:
             yield LiveWeb(base, archive, clock)

@@ -233,7 +233,11 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
         from callvault.web import create_app
     except ImportError:
         return None
-    return functools.partial(create_app, secure_cookies=settings.secure_cookies)
+    try:
+        keyring = settings.optional_keyring()  # for PBXs added in the web app
+    except SettingsError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    return functools.partial(create_app, secure_cookies=settings.secure_cookies, keyring=keyring)
 
 
 @app.command("serve")
@@ -262,8 +266,8 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
     "--master-key-file",
     type=PATH,
     metavar="FILE",
-    help="File of master keys that open the registered PBX's password (default: "
-    "CALLVAULT_MASTER_KEY or CALLVAULT_MASTER_KEY_FILE).",
+    help="File of master keys: they open the registered PBX's password, and seal those "
+    "set in the web app (default: CALLVAULT_MASTER_KEY or CALLVAULT_MASTER_KEY_FILE).",
 )
 @option(
     "--reconcile-hours",

@@ -433,6 +433,16 @@ class Settings:
         except MasterKeyError as exc:
             raise SettingsError(str(exc)) from None
 
+    def optional_keyring(self) -> Keyring | None:
+        """The master keys if any are set (None if not); SettingsError for keys that are
+        set but cannot be used (a missing or open file, a damaged key)."""
+        from callvault.keys import MasterKeyError, load_keyring
+
+        try:
+            return load_keyring(self.master_key_file)
+        except MasterKeyError as exc:
+            raise SettingsError(str(exc)) from None
+
     def password(self) -> str:
         """The API password, from the environment variable `password_env` names."""
         value = os.environ.get(self.password_env)

@@ -16,6 +16,7 @@ import click
 from callvault.cli._app import CONTEXT_SETTINGS, app
 from callvault.cli._common import Terminated, cli_actor, fail, run_service
 from callvault.cli._options import (
+    PATH,
     archive_options,
     option,
     secure_cookies_option,
@@ -23,6 +24,7 @@ from callvault.cli._options import (
 )
 from callvault.cli._settings import (
     ArchiveSettings,
+    SettingsError,
     settings_or_fail,
 )
 from callvault.index import Index, audit, users
@@ -65,6 +67,14 @@ def _open_index(settings: ArchiveSettings) -> Index:
 @option("--listen", metavar="HOST:PORT", help="Where to serve (default 127.0.0.1:8080).")
 @secure_cookies_option
 @trusted_proxy_option
+@option(
+    "--master-key-file",
+    type=PATH,
+    metavar="FILE",
+    help="File of master keys, to seal the passwords of PBXs added in the web app "
+    "(default: CALLVAULT_MASTER_KEY or CALLVAULT_MASTER_KEY_FILE; without one, PBX "
+    "passwords are set with `callvault pbx`).",
+)
 def web(
     archive: Path | None,
     db: str | None,
@@ -72,6 +82,7 @@ def web(
     listen: str | None,
     secure_cookies: bool | None,
     trusted_proxy: str | None,
+    master_key_file: Path | None,
 ) -> None:
     """Serve the web app and JSON API alone over an existing archive."""
     from callvault import serving
@@ -85,7 +96,12 @@ def web(
         web_listen=listen,
         secure_cookies=secure_cookies,
         trusted_proxy=trusted_proxy,
+        master_key_file=master_key_file,
     )
+    try:
+        keyring = settings.optional_keyring()
+    except SettingsError as exc:
+        fail(str(exc), code=2)
     opened = open_settings_archive(settings)
     index, storage = opened.index, opened.storage
     host, port = settings.web_address()
@@ -103,7 +119,9 @@ def web(
     try:
         if not index.users.list():
             print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
-        application = create_app(index, storage, secure_cookies=settings.secure_cookies)
+        application = create_app(
+            index, storage, secure_cookies=settings.secure_cookies, keyring=keyring
+        )
         # The login limiter and the audit log key on the peer address: X-Forwarded-For is
         # believed from the --trusted-proxy address only, and by default never.
         server = serving.server_for(application, trusted_proxy=settings.trusted_proxy)

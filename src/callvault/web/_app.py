@@ -15,8 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from callvault.archive import ServiceProbe
 from callvault.index import Index, SettingKey
+from callvault.keys import Keyring
 from callvault.storage import Storage
-from callvault.web import _api, _health, _pages
+from callvault.web import _api, _health, _pages, _pbxs
 from callvault.web._context import Clock, WebContext, authenticate
 from callvault.web._security import LoginLimiter, SessionSigner
 
@@ -59,6 +60,7 @@ def create_app(
     clock: Clock | None = None,
     limiter: LoginLimiter | None = None,
     service: ServiceProbe | None = None,
+    keyring: Keyring | None = None,
 ) -> FastAPI:
     """Build the web app over an open index and a storage backend.
 
@@ -67,7 +69,8 @@ def create_app(
     index is used (made on first start), so sessions survive a restart and `callvault web`
     and `callvault serve` over the same archive accept each other's cookies. `clock` and
     `limiter` are for tests. `service` is what `serve` tells about its own work, for
-    ``/readyz`` and ``/metrics``.
+    ``/readyz`` and ``/metrics``. `keyring` seals the passwords of PBXs added through
+    the API (without it, setting a PBX password there is refused).
     """
     now = clock or _utc_now
     if session_secret is None:
@@ -88,9 +91,11 @@ def create_app(
         clock=now,
         secure_cookies=secure_cookies,
         service=service,
+        keyring=keyring,
     )
     app.include_router(_health.router)
     app.include_router(_api.router)
+    app.include_router(_pbxs.router)
     app.include_router(_pages.router)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 

@@ -13,6 +13,7 @@ from callvault.archive import ServiceProbe
 from callvault.index import Index, Position, RecordingRow, SearchFilters
 from callvault.index.schema import RECORDING_STATES
 from callvault.index.users import User
+from callvault.keys import Keyring
 from callvault.ops import MAX_OFFSET, Archive, RecordingPage, search_recordings
 from callvault.storage import Storage
 from callvault.times import TimeFormatError, parse_moment
@@ -40,6 +41,8 @@ class WebContext:
     secure_cookies: bool
     # What a process that archives (serve) tells about itself; None for `callvault web`.
     service: ServiceProbe | None = None
+    # The master keys, to seal the passwords of PBXs registered here; None: not loaded.
+    keyring: Keyring | None = field(default=None, repr=False)
     archive: Archive = field(init=False)
     _recent_plays: dict[tuple[int, int], datetime] = field(default_factory=dict)
     _plays_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -1,0 +1,191 @@
+"""The registry of PBXs in the JSON API, for admins: list, add, change, remove and test.
+
+The same operations as `callvault pbx ...` (`callvault.ops`). Setting a password needs the
+deployment's master key in this process (`--master-key-file` or CALLVAULT_MASTER_KEY of
+`serve` or `web`): without it the answer is 409 saying so. No answer ever carries a
+password, sealed or not, nor the secret path of the PBX's reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Request, Response
+from pydantic import BaseModel, Field
+
+from callvault.index.pbxs import (
+    DEFAULT_MAX_DOWNLOADS,
+    MAX_DOWNLOADS_LIMIT,
+    NoSuchPbx,
+    PbxConfig,
+    PbxRegistryError,
+)
+from callvault.keys import Keyring, MasterKeyError
+from callvault.ops import PbxTest, PbxView, add_pbx, edit_pbx, pbx_view, remove_pbx, test_pbx
+from callvault.web._api import Admin
+from callvault.web._context import check_csrf, context, remote_addr
+
+router = APIRouter(prefix="/api", tags=["pbxs"])
+
+
+PbxName = Annotated[str, Path(min_length=1, max_length=32)]
+
+
+class PbxIn(BaseModel):
+    """A PBX to register: the fields of `callvault pbx add`."""
+
+    name: str = Field(min_length=1, max_length=32, description="Short slug, e.g. paris")
+    url: str = Field(min_length=1, max_length=255, description="https://HOST:PORT")
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256, repr=False)
+    api_version: str = "v1.1.0"
+    pin_sha256: str | None = None
+    ca_file: str | None = Field(default=None, description="A CA file on the server")
+    insecure: bool = False
+    tls_min_version: str = "1.2"
+    timezone: str | None = None
+    max_downloads: int = Field(default=DEFAULT_MAX_DOWNLOADS, ge=1, le=MAX_DOWNLOADS_LIMIT)
+    events_allow: list[str] = Field(default_factory=list)
+
+
+class PbxPatch(BaseModel):
+    """What to change; fields left out stay. Setting one of pin_sha256, ca_file or
+    insecure replaces how the certificate is trusted; null for all three: the system's
+    CAs."""
+
+    url: str | None = Field(default=None, max_length=255)
+    username: str | None = Field(default=None, max_length=64)
+    password: str | None = Field(default=None, min_length=1, max_length=256, repr=False)
+    api_version: str | None = None
+    pin_sha256: str | None = None
+    ca_file: str | None = None
+    insecure: bool | None = None
+    tls_min_version: str | None = None
+    timezone: str | None = None
+    max_downloads: int | None = Field(default=None, ge=1, le=MAX_DOWNLOADS_LIMIT)
+    events_allow: list[str] | None = None
+
+
+_TRUST = ("pin_sha256", "ca_file", "insecure")
+
+
+def _keyring(request: Request) -> Keyring:
+    keyring = context(request).keyring
+    if keyring is None:
+        raise HTTPException(
+            409,
+            "this web app has no master key to seal PBX passwords with: start it with "
+            "--master-key-file (or CALLVAULT_MASTER_KEY), or use `callvault pbx`",
+        )
+    return keyring
+
+
+def _unprocessable(exc: PbxRegistryError) -> HTTPException:
+    return HTTPException(422, str(exc))
+
+
+@router.get("/pbxs")
+def list_pbxs(request: Request, _admin: Admin) -> list[PbxView]:
+    """The registered PBXs, by name."""
+    return [pbx_view(record) for record in context(request).index.pbxs.list()]
+
+
+@router.get("/pbxs/{name}", responses={404: {}})
+def get_pbx(request: Request, _admin: Admin, name: PbxName) -> PbxView:
+    try:
+        return pbx_view(context(request).index.pbxs.require(name))
+    except NoSuchPbx as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@router.post("/pbxs", status_code=201, responses={409: {}, 422: {}})
+def create_pbx(request: Request, principal: Admin, body: PbxIn) -> PbxView:
+    """Register a PBX; its password is sealed with the master key and never returned."""
+    check_csrf(request, principal)
+    ctx = context(request)
+    keyring = _keyring(request)
+    if ctx.index.pbxs.get(body.name) is not None:
+        raise HTTPException(409, f"a PBX named {body.name!r} is registered already")
+    fields = body.model_dump(exclude={"name", "password"})
+    config = PbxConfig(**{**fields, "events_allow": tuple(body.events_allow)})
+    try:
+        record = add_pbx(
+            ctx.index,
+            keyring,
+            body.name,
+            config,
+            body.password,
+            actor=principal.name,
+            remote_addr=remote_addr(request),
+            now=ctx.clock(),
+        )
+    except PbxRegistryError as exc:
+        raise _unprocessable(exc) from None
+    return pbx_view(record)
+
+
+@router.patch("/pbxs/{name}", responses={404: {}, 409: {}, 422: {}})
+def change_pbx(request: Request, principal: Admin, name: PbxName, body: PbxPatch) -> PbxView:
+    """Change a PBX's settings or password; the result is checked as a whole."""
+    check_csrf(request, principal)
+    ctx = context(request)
+    given = body.model_dump(exclude_unset=True)
+    password = given.pop("password", None)
+    changes: dict[str, Any] = dict(given)
+    if any(field in given for field in _TRUST):
+        changes = {"pin_sha256": None, "ca_file": None, "insecure": False, **changes}
+        if changes["insecure"] is None:
+            changes["insecure"] = False
+    if "events_allow" in changes:
+        changes["events_allow"] = tuple(changes["events_allow"] or ())
+    for field in ("url", "username", "api_version", "tls_min_version", "max_downloads"):
+        if field in changes and changes[field] is None:
+            raise HTTPException(422, f"{field} cannot be null")
+    keyring = _keyring(request) if password is not None else None
+    try:
+        edited = edit_pbx(
+            ctx.index,
+            name,
+            changes,
+            password=password,
+            keyring=keyring,
+            actor=principal.name,
+            remote_addr=remote_addr(request),
+            now=ctx.clock(),
+        )
+    except NoSuchPbx as exc:
+        raise HTTPException(404, str(exc)) from None
+    except PbxRegistryError as exc:
+        raise _unprocessable(exc) from None
+    return pbx_view(edited.record)
+
+
+@router.delete("/pbxs/{name}", status_code=204, responses={404: {}})
+def delete_pbx(request: Request, principal: Admin, name: PbxName) -> Response:
+    """Take a PBX off the registry; what was archived from it stays."""
+    check_csrf(request, principal)
+    try:
+        remove_pbx(
+            context(request).index, name, actor=principal.name, remote_addr=remote_addr(request)
+        )
+    except NoSuchPbx as exc:
+        raise HTTPException(404, str(exc)) from None
+    return Response(status_code=204)
+
+
+@router.post("/pbxs/{name}/test", responses={404: {}, 409: {}})
+def test_registered_pbx(request: Request, principal: Admin, name: PbxName) -> PbxTest:
+    """Log in to the PBX once and say what it found (`ok` false with the PBX's error when
+    the login failed). 409 when the same password was refused less than ten minutes ago:
+    testing again could lock this host out of the PBX."""
+    check_csrf(request, principal)
+    ctx = context(request)
+    keyring = _keyring(request)
+    try:
+        record = ctx.index.pbxs.require(name)
+        return asyncio.run(test_pbx(ctx.index, record, keyring, now=ctx.clock()))
+    except NoSuchPbx as exc:
+        raise HTTPException(404, str(exc)) from None
+    except (PbxRegistryError, MasterKeyError) as exc:
+        raise HTTPException(409, str(exc)) from None

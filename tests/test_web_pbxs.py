@@ -1,0 +1,120 @@
+"""The registry of PBXs in the JSON API, over real sockets: admins only, passwords sealed
+with the master key and never returned, every change audited, a login test against the
+real simulator that will not retry a refused password."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from callvault.keys import Keyring, MasterKey
+from callvault.simulator import Simulator
+from support.pbx_sim import SIM_PASSWORD, outcomes
+from support.web import ADMIN, LISTENER_2000, LiveWeb, audit_entries, live_web
+
+KEYRING = Keyring((MasterKey.generate(),), "tests")
+
+
+@pytest.fixture()
+def web(tmp_path: Path) -> Iterator[LiveWeb]:
+    with live_web(tmp_path / "archive", keyring=KEYRING) as live:
+        yield live
+
+
+def pbx_body(sim: Simulator, **more: object) -> dict[str, object]:
+    return {
+        "name": "paris",
+        "url": sim.url,
+        "username": sim.username,
+        "password": SIM_PASSWORD,
+        "api_version": "v2.0.0",
+        "pin_sha256": sim.cert_sha256,
+        **more,
+    }
+
+
+def test_without_a_master_key_a_password_cannot_be_set(tmp_path: Path, sim: Simulator) -> None:
+    with live_web(tmp_path / "archive") as web:
+        admin, _ = web.bearer(ADMIN[0])
+        answer = admin.post("/api/pbxs", json=pbx_body(sim))
+        assert answer.status_code == 409 and "no master key" in answer.json()["detail"]
+        assert admin.get("/api/pbxs").json() == []
+
+
+def test_admins_register_change_and_remove_pbxs_and_never_see_a_password(
+    web: LiveWeb, sim: Simulator
+) -> None:
+    listener, _ = web.bearer(LISTENER_2000[0])
+    assert listener.get("/api/pbxs").status_code == 403
+    assert listener.post("/api/pbxs", json=pbx_body(sim)).status_code == 403
+    admin, _ = web.bearer(ADMIN[0])
+    created = admin.post("/api/pbxs", json=pbx_body(sim, max_downloads=3))
+    assert created.status_code == 201, created.text
+    view = created.json()
+    assert (view["name"], view["tls"], view["max_downloads"]) == ("paris", "pinned", 3)
+    assert admin.post("/api/pbxs", json=pbx_body(sim)).status_code == 409
+    bad = admin.post("/api/pbxs", json=pbx_body(sim, name="lyon", url="ftp://pbx"))
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("--url:")
+    record = web.archive.index.pbxs.require("paris")
+    assert KEYRING.open(record.password_sealed, "pbx:paris:password") == SIM_PASSWORD.encode()
+
+    changed = admin.patch("/api/pbxs/paris", json={"insecure": True, "max_downloads": 1})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["tls"], changed.json()["pin_sha256"]) == ("insecure", None)
+    back = admin.patch("/api/pbxs/paris", json={"insecure": None})  # the system's CAs
+    assert back.json()["tls"] == "verified"
+    assert admin.patch("/api/pbxs/paris", json={"password": "new-Pa55word"}).status_code == 200
+    resealed = web.archive.index.pbxs.require("paris").password_sealed
+    assert resealed != record.password_sealed
+    assert admin.patch("/api/pbxs/paris", json={"url": None}).status_code == 422
+    assert admin.patch("/api/pbxs/lyon", json={"max_downloads": 2}).status_code == 404
+
+    texts = [
+        created.text,
+        changed.text,
+        admin.get("/api/pbxs").text,
+        admin.get("/api/pbxs/paris").text,
+    ]
+    for text in texts:
+        assert SIM_PASSWORD not in text and "new-Pa55word" not in text
+        assert "password" not in text and "events_path" not in text
+    assert admin.delete("/api/pbxs/paris").status_code == 204
+    assert admin.get("/api/pbxs/paris").status_code == 404
+    actions = [(e.action, e.actor) for e in reversed(audit_entries(web, target="paris"))]
+    assert [a for a, _ in actions] == [
+        "pbx_add",
+        "pbx_edit",
+        "pbx_edit",
+        "pbx_edit",
+        "pbx_remove",
+    ]
+    assert {actor for _, actor in actions} == {ADMIN[0]}
+    details = " ".join(e.detail for e in audit_entries(web, target="paris"))
+    assert "changed password" in details and "new-Pa55word" not in details
+
+
+def test_a_browser_session_needs_its_csrf_token(web: LiveWeb, sim: Simulator) -> None:
+    browser = web.login(*ADMIN)
+    refused = browser.post("/api/pbxs", json=pbx_body(sim))
+    assert refused.status_code == 403 and "CSRF" in refused.json()["detail"]
+    csrf = browser.get("/api/me").json()["csrf_token"]
+    made = browser.post("/api/pbxs", json=pbx_body(sim), headers={"X-CSRF-Token": csrf})
+    assert made.status_code == 201
+
+
+def test_testing_a_pbx_logs_in_once_and_pauses_after_a_refusal(
+    web: LiveWeb, sim: Simulator
+) -> None:
+    admin, _ = web.bearer(ADMIN[0])
+    assert admin.post("/api/pbxs", json=pbx_body(sim)).status_code == 201
+    tested = admin.post("/api/pbxs/paris/test").json()
+    assert tested["ok"] is True and tested["report_transport"] == "HTTP"
+    assert admin.get("/api/pbxs/paris").json()["last_test"]["ok"] is True
+    admin.patch("/api/pbxs/paris", json={"password": "wrong-Pa55word"})
+    refused = admin.post("/api/pbxs/paris/test").json()
+    assert refused["ok"] is False and "20003" in refused["error"]
+    again = admin.post("/api/pbxs/paris/test")
+    assert again.status_code == 409 and "not trying it again" in again.json()["detail"]
+    assert outcomes(sim, "login") == ["Success", "20003"]
