@@ -248,3 +248,42 @@ def test_fault_specs() -> None:
     ]:
         with pytest.raises(ValueError, match=words):
             apply_fault(Faults(), bad)
+
+
+def test_a_fleet_of_simulated_pbxs_each_with_its_own_port_serial_password_and_files(
+    tmp_path: Path,
+) -> None:
+    with _simulate(
+        "--pbxs", "3", "--initial-calls", "1", "--calls-per-minute", "600", "--json",
+        data_dir=tmp_path / "fleet",
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        fleet = json.loads(process.stdout.readline())
+        assert [pbx["name"] for pbx in fleet] == ["sim-1", "sim-2", "sim-3"]
+        assert len({pbx["url"] for pbx in fleet}) == 3
+        assert [pbx["serial"] for pbx in fleet] == ["369351034049", "369351034050", "369351034051"]
+        assert len({pbx["password"] for pbx in fleet}) == 3
+        assert len({pbx["cert_sha256"] for pbx in fleet}) == 3
+        for pbx in fleet:
+            context = ssl.create_default_context(cafile=pbx["ca_file"])
+            with httpx.Client(verify=context) as client:
+                wrong = client.post(  # another PBX's password is wrong here
+                    f"{pbx['url']}/api/v1.1.0/login",
+                    json={"username": "api", "password": md5(fleet[0]["password"]), "port": "0"},
+                ).json()
+                assert (wrong["status"] == "Success") == (pbx is fleet[0])
+            [name] = pbx["recordings"]
+            assert (tmp_path / "fleet" / pbx["name"] / "recordings" / name).is_file()
+        # Calls placed in the background are announced with their PBX.
+        line = json.loads(process.stdout.readline())
+        assert line["pbx"] in {"sim-1", "sim-2", "sim-3"} and line["call"]
+        _out, err = _stop(process, signal.SIGTERM)
+    assert err.count("simulator stopped") == 1
+
+
+def test_a_fleet_whose_ports_would_run_out_is_one_clear_line() -> None:
+    runner = CliRunner()
+    _register()
+    result = runner.invoke(app, ["simulate", "--pbxs", "3", "--port", "65534"])
+    assert result.exit_code == 1
+    assert "--port 65534 leaves no room for 3 PBXs" in result.output

@@ -1,4 +1,4 @@
-"""`callvault simulate`: run the PBX simulator until Ctrl-C."""
+"""`callvault simulate`: run the PBX simulator (or a fleet of them, `--pbxs N`) until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,14 @@ from callvault.cli._app import app
 from callvault.cli._common import Terminated, command_name, fail, run_service
 from callvault.pbx import CallDetail
 from callvault.simulator import Simulator, SimulatorConfig, fault_names, parse_faults
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    CallListener = Callable[[CallDetail], None]
+
+# Simulated PBXs in one process: each is an HTTPS server on its own thread.
+MAX_FLEET = 500
 
 
 def _print(text: str = "") -> None:
@@ -58,44 +67,78 @@ def _banner(sim: Simulator, password_given: bool) -> None:
 
 
 def _run(
-    config: SimulatorConfig, *, password_given: bool, initial_calls: int, as_json: bool
+    configs: list[SimulatorConfig], *, password_given: bool, initial_calls: int, as_json: bool
 ) -> None:
-    """Set up and start the simulator, print its details, serve until SIGINT/SIGTERM."""
+    """Set up and start the simulators, print their details, serve until SIGINT/SIGTERM."""
+    sims: list[Simulator] = []
     try:
-        sim = Simulator(config)
-    except Exception as exc:  # bad time zone, unwritable data directory
-        fail(f"cannot set up the simulator: {exc}")
-    try:
-        try:
-            sim.start()
-        except OSError as exc:
-            fail(
-                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}; "
-                "choose another --port"
-            )
-        except RuntimeError as exc:
-            fail(str(exc))
-        for _ in range(initial_calls):
-            sim.place_random_call(answered=True)
+        for config in configs:
+            try:
+                sims.append(Simulator(config))
+            except Exception as exc:  # bad time zone, unwritable data directory
+                fail(f"cannot set up the simulator: {exc}")
+        for sim in sims:
+            try:
+                sim.start()
+            except OSError as exc:
+                fail(
+                    f"cannot listen on {sim.config.host}:{sim.config.port}: "
+                    f"{exc.strerror or exc}; choose another --port"
+                )
+            except RuntimeError as exc:
+                fail(str(exc))
+        for sim in sims:
+            for _ in range(initial_calls):
+                sim.place_random_call(answered=True)
+        fleet = len(sims) > 1
 
-        def announce(cdr: CallDetail) -> None:
-            if as_json:
-                _print(json.dumps({"call": cdr.callid, "recording": cdr.recording}))
-            else:
-                _print(_describe_call(cdr))
+        def announcer(name: str) -> CallListener:
+            def announce(cdr: CallDetail) -> None:
+                if as_json:
+                    line: dict[str, str | None] = {"call": cdr.callid, "recording": cdr.recording}
+                    if fleet:
+                        line = {"pbx": name, **line}
+                    _print(json.dumps(line))
+                else:
+                    _print((f"[{name}] " if fleet else "") + _describe_call(cdr))
+
+            return announce
 
         def ready() -> None:
-            _introduce(sim, password_given=password_given, as_json=as_json)
-            sim.add_call_listener(announce)
+            if fleet:
+                _introduce_fleet(sims, password_given=password_given, as_json=as_json)
+            else:
+                _introduce(sims[0], password_given=password_given, as_json=as_json)
+            for number, sim in enumerate(sims, 1):
+                sim.add_call_listener(announcer(fleet_name(number)))
 
         # SIGTERM and Ctrl-C both stop it (handled explicitly: a shell may start background
         # jobs with SIGINT ignored).
-        if not run_service(lambda stop: _watch(sim, stop), ready=ready):
-            fail("the simulator stopped unexpectedly")
+        if not run_service(lambda stop: _watch(sims, stop), ready=ready):
+            fail("a simulator stopped unexpectedly")
     except Terminated:
         pass
     finally:
-        sim.stop()
+        for sim in sims:
+            sim.stop()
+
+
+def fleet_name(number: int) -> str:
+    """The name a simulated PBX of a fleet is shown under (and suggested for the registry)."""
+    return f"sim-{number}"
+
+
+def _details(sim: Simulator, *, password_given: bool) -> dict[str, object]:
+    return {
+        "url": sim.url,
+        "username": sim.username,
+        "password": None if password_given else sim.password,
+        "cert_sha256": sim.cert_sha256,
+        "ca_file": str(sim.ca_file) if sim.ca_file else None,
+        "recordings": sim.recording_names(),
+        "serial": sim.serial,
+        "timezone": sim.config.timezone,
+    }
 
 
 def _introduce(sim: Simulator, *, password_given: bool, as_json: bool) -> None:
@@ -105,25 +148,46 @@ def _introduce(sim: Simulator, *, password_given: bool, as_json: bool) -> None:
         for cdr in sim.state.cdrs():
             _print(_describe_call(cdr))
         return
-    _print(
-        json.dumps(
-            {
-                "url": sim.url,
-                "username": sim.username,
-                "password": None if password_given else sim.password,
-                "cert_sha256": sim.cert_sha256,
-                "ca_file": str(sim.ca_file) if sim.ca_file else None,
-                "recordings": sim.recording_names(),
-                "serial": sim.serial,
-            }
+    _print(json.dumps(_details(sim, password_given=password_given)))
+
+
+def _introduce_fleet(sims: list[Simulator], *, password_given: bool, as_json: bool) -> None:
+    """The simulated PBXs: one JSON list (each with its `name`), or a table and how to
+    register one of them."""
+    if as_json:
+        _print(
+            json.dumps(
+                [
+                    {"name": fleet_name(number), **_details(sim, password_given=password_given)}
+                    for number, sim in enumerate(sims, 1)
+                ]
+            )
         )
+        return
+    _print(f"callvault simulator: {len(sims)} Yeastar S-Series PBXs")
+    _print(f"  {'NAME':<8} {'URL':<28} {'SERIAL':<14} {'PASSWORD':<24} CERTIFICATE SHA-256")
+    for number, sim in enumerate(sims, 1):
+        password = "(as given)" if password_given else sim.password
+        _print(
+            f"  {fleet_name(number):<8} {sim.url:<28} {sim.serial:<14} {password:<24} "
+            f"{sim.cert_sha256 or '(plain HTTP)'}"
+        )
+    first = sims[0]
+    trust = f" --pin-sha256 {first.cert_sha256}" if first.cert_sha256 else ""
+    secret = "'…'" if password_given else shlex.quote(first.password)
+    _print("Register one in an archive from another terminal:")
+    _print(
+        f"  PBX_PASSWORD={secret} {command_name()} pbx add {fleet_name(1)} --url {first.url} "
+        f"--username {shlex.quote(first.username)} --password-env PBX_PASSWORD{trust} "
+        f"--timezone {first.config.timezone} --archive DIR"
     )
+    _print("Serving until Ctrl-C.")
 
 
-async def _watch(sim: Simulator, stop: asyncio.Event) -> bool:
-    """Until `stop` is set (True), or the simulator stops by itself (False)."""
+async def _watch(sims: list[Simulator], stop: asyncio.Event) -> bool:
+    """Until `stop` is set (True), or a simulator stops by itself (False)."""
     while not stop.is_set():
-        if not sim.running:
+        if not all(sim.running for sim in sims):
             return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -204,7 +268,21 @@ async def _watch(sim: Simulator, stop: asyncio.Event) -> bool:
     ),
 )
 @click.option(
-    "--json", "as_json", is_flag=True, default=False, help="Print the connection details as JSON."
+    "--pbxs",
+    type=click.IntRange(1, MAX_FLEET),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Run N independent PBXs (sim-1 ... sim-N): each on its own port (--port, the next "
+    "ones, or any free with --port 0), with its own serial (counting up from --serial), "
+    f"password, recordings, clock and faults. At most {MAX_FLEET}.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    help="Print the connection details as JSON (a list of them with --pbxs).",
 )
 def simulate(
     host: str,
@@ -221,6 +299,7 @@ def simulate(
     serial: str,
     legacy_tls: bool,
     call_progress: bool,
+    pbxs: int,
     as_json: bool,
 ) -> None:
     """Run a simulated Yeastar S-Series PBX until Ctrl-C: the API, recordings, events, faults."""
@@ -238,24 +317,32 @@ def simulate(
             own_dir = Path(tempfile.mkdtemp(prefix="callvault-sim-"))
         except OSError as exc:
             fail(f"cannot create a temporary directory: {exc.strerror or exc}")
+    if pbxs > 1 and not (serial.isdigit() and len(serial) <= 18):
+        fail("--serial must be digits when --pbxs runs several (their serials count up)")
+    if pbxs > 1 and port and port + pbxs - 1 > 65535:
+        fail(f"--port {port} leaves no room for {pbxs} PBXs; choose a lower one or --port 0")
     try:
-        config = SimulatorConfig(
-            host=host,
-            port=port,
-            tls=not http,
-            username=username,
-            password=password,
-            serial=serial,
-            timezone=timezone,
-            data_dir=own_dir or data_dir,
-            calls_per_minute=max(calls_per_minute, 0.0),
-            seed=seed,
-            faults=faults,
-            legacy_tls=legacy_tls,
-            call_progress_reports=call_progress,
-        )
+        root = own_dir or data_dir
+        configs = [
+            SimulatorConfig(
+                host=host,
+                port=port + number if port else 0,
+                tls=not http,
+                username=username,
+                password=password,
+                serial=str(int(serial) + number).zfill(len(serial)) if pbxs > 1 else serial,
+                timezone=timezone,
+                data_dir=(root / fleet_name(number + 1)) if pbxs > 1 and root else root,
+                calls_per_minute=max(calls_per_minute, 0.0),
+                seed=None if seed is None else seed + number,
+                faults=faults,
+                legacy_tls=legacy_tls,
+                call_progress_reports=call_progress,
+            )
+            for number in range(pbxs)
+        ]
         _run(
-            config,
+            configs,
             password_given=password is not None,
             initial_calls=initial_calls,
             as_json=as_json,
