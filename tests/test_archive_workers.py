@@ -193,8 +193,12 @@ async def test_a_claim_in_flight_at_shutdown_is_handed_back(
     stop = asyncio.Event()
     task = asyncio.create_task(pool.run(stop, grace_s=0.05))
     await until(entered.is_set)
+    workers = [t for t in asyncio.all_tasks() if t.get_name().startswith("callvault-worker-")]
+    assert workers
     stop.set()
-    await asyncio.sleep(0.2)  # past the grace: the worker is cancelled mid-claim
+    # Past the grace the pool cancels its workers, mid-claim; only then may the claim
+    # return (a fixed sleep raced a loaded machine: the claim came back first, once).
+    await until(lambda: all(t.cancelling() or t.done() for t in workers))
     proceed.set()
     await asyncio.wait_for(task, 30)
     row = row_of(index, recording_id)
