@@ -329,7 +329,13 @@ class _GatedRecorder:
         self.settings = self
 
     def record(
-        self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
+        self,
+        cdrs: Sequence[CallDetail],
+        *,
+        source: str,
+        tz: ZoneInfo,
+        now: datetime,
+        pbx_id: int = 0,
     ) -> list[RecordResult]:
         self.entered.set()
         self.release.wait(10)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -21,6 +22,7 @@ from callvault.cli._settings import load_settings
 from callvault.index import open_index
 from callvault.simulator import Simulator
 from support.archive import states, wait_until
+from support.index_data import NOW
 from support.pbx_sim import SIM_PASSWORD, outcomes
 
 WRONG = "not-the-Pa55word"
@@ -231,3 +233,74 @@ def test_serve_asks_which_pbx_when_several_are_registered(
     assert "2 PBXs are registered (lyon, paris)" in line and "--only NAME" in line
     unknown = cli("serve", "--no-web", "--only", "nice", env=registry)
     assert unknown.returncode == 2 and "no PBX named 'nice'" in unknown.stderr
+
+
+def test_serve_given_its_pbx_by_flags_records_it_in_the_registry_and_only_its_jobs(
+    events_sim: Simulator, tmp_path: Path
+) -> None:
+    from callvault.pbx import CallDetail
+    from support.archive import archiver_config as sim_config
+
+    sim = events_sim
+    archive = tmp_path / "archive"
+    db_url = f"sqlite:///{archive / 'callvault.db'}"
+    archive.mkdir()
+    with open_index(db_url) as index:  # another PBX's recording waits in the same index
+        other = CallDetail(callid="1.1", recording="20240501100000-1.1-100-200-Internal.wav")
+        index.calls.record([other], source="event", tz=ZoneInfo("UTC"), now=NOW, pbx_id=999)
+    with Archiver(sim_config(sim, archive)) as archiver:
+        cdr = sim.place_call(talk_seconds=1)
+        index = archiver.index
+        assert index is not None and cdr.recording is not None
+        assert wait_until(lambda: states(index) == {"archived": 1, "pending": 1}), states(index)
+        [main] = index.pbxs.list()
+        assert (main.name, main.config.url, main.given_by_flags) == ("main", sim.url, True)
+        row = index.recordings.by_name(cdr.recording)
+        assert row is not None and row.pbx_id == main.id
+        waiting = index.recordings.by_name(other.recording or "")
+        assert waiting is not None and (waiting.state, waiting.attempts) == ("pending", 0)
+        assert wait_until(lambda: index.pbxs.require("main").serial == sim.serial)
+    # Without the flags, serve says how this archive's PBX is given.
+    served = cli("serve", "--no-web", env={"CALLVAULT_ARCHIVE": str(archive)})
+    assert served.returncode == 2
+    assert "PBX main is this archive's PBX of serve's flags" in served.stderr
+    removed = cli("pbx", "remove", "main", env={"CALLVAULT_ARCHIVE": str(archive)})
+    assert removed.returncode == 1 and "calls of it are archived" in removed.stderr
+
+
+def test_two_pbxs_share_an_index_each_archived_by_its_own_serve(tmp_path: Path) -> None:
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    from callvault.index.pbxs import PbxConfig
+    from callvault.keys import Keyring, MasterKey
+    from callvault.ops import add_pbx
+    from callvault.simulator import SimulatorConfig
+    from support.archive import archiver_config as sim_config
+
+    keyring = Keyring((MasterKey.generate(),), "test")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    db_url = f"sqlite:///{archive / 'callvault.db'}"
+    paris_sim = Simulator(SimulatorConfig(seed=1, event_retry_interval=0.2, serial="100000000001"))
+    lyon_sim = Simulator(SimulatorConfig(seed=1, event_retry_interval=0.2, serial="100000000002"))
+    with paris_sim, lyon_sim, open_index(db_url) as index:
+        for name, sim in (("paris", paris_sim), ("lyon", lyon_sim)):
+            config = PbxConfig(url=sim.url, username=sim.username, pin_sha256=sim.cert_sha256)
+            add_pbx(
+                index, keyring, name, config, sim.password,
+                actor="test", remote_addr="local", now=datetime.now(UTC),
+            )  # fmt: skip
+        paris_config = replace(sim_config(paris_sim, archive), registry_name="paris", node="n1")
+        lyon_config = replace(sim_config(lyon_sim, archive), registry_name="lyon", node="n2")
+        with Archiver(paris_config) as paris, Archiver(lyon_config) as lyon:
+            # Same seed: the two PBXs give their calls the same ids and names.
+            ours = [paris_sim.place_call(talk_seconds=1), lyon_sim.place_call(talk_seconds=1)]
+            assert ours[0].callid == ours[1].callid and ours[0].recording == ours[1].recording
+            assert wait_until(lambda: states(index) == {"archived": 2}), states(index)
+            assert paris.pbx is not None and lyon.pbx is not None
+            for archiver, sim, cdr in ((paris, paris_sim, ours[0]), (lyon, lyon_sim, ours[1])):
+                assert archiver.pbx is not None and cdr.recording is not None
+                row = index.recordings.by_name(cdr.recording, pbx_id=archiver.pbx.id)
+                assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+                assert row.storage_key is not None and row.storage_key.startswith(sim.serial)

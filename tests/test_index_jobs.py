@@ -214,3 +214,26 @@ def test_two_indexes_in_two_threads_never_share_a_job(db_url: str) -> None:
     assert all(claimed), [len(part) for part in claimed]
     with open_index(db_url) as check:
         assert check.recordings.counts_by_state()[ARCHIVED] == 200
+
+
+def test_the_workers_of_one_pbx_take_only_its_jobs(index: Index) -> None:
+    # Two PBXs of one index, with the same call ids and recording names (unique per PBX).
+    paris = queue(index, 2, pbx_id=1)
+    lyon = queue(index, 2, pbx_id=2, now=NOW - timedelta(minutes=1))  # due first
+    assert not set(paris) & set(lyon)
+    assert index.jobs.next_due(1) == NOW and index.jobs.next_due() == NOW - timedelta(minutes=1)
+    jobs = index.jobs.claim(W1, 10, now=NOW, lease=LEASE, pbx_id=1)
+    assert sorted(j.recording_id for j in jobs) == sorted(paris)
+    assert index.jobs.claim(W1, 10, now=NOW, lease=LEASE, pbx_id=1) == []
+    assert index.jobs.next_due(1) is None
+    assert index.recordings.counts_by_state([PENDING], pbx_id=2) == {PENDING: 2}
+    assert index.recordings.counts_by_state([PENDING, DOWNLOADING], pbx_id=1) == {
+        PENDING: 0,
+        DOWNLOADING: 2,
+    }
+    for job in jobs:
+        index.jobs.mark_failed(job.recording_id, worker=W1, reason="gone", now=NOW)
+    [lyon_job, _] = index.jobs.claim(W2, 10, now=NOW, lease=LEASE, pbx_id=2)
+    index.jobs.mark_failed(lyon_job.recording_id, worker=W2, reason="gone", now=NOW)
+    assert index.jobs.requeue([FAILED], now=NOW, pbx_id=2) == 1  # Paris's stay failed
+    assert index.recordings.counts_by_state([FAILED]) == {FAILED: 2}

@@ -27,7 +27,7 @@ from callvault.index.schema import metadata
 from callvault.pbx import CallDetail
 from support.databases import migrate
 
-HEAD = "0006"
+HEAD = "0007"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -427,3 +427,42 @@ def test_upgrade_to_0004_indexes_the_numbers_of_the_calls_already_there(
                 for name in schema.TRIGRAM_INDEXES:
                     found_options = conn.execute(options, {"name": name}).scalar_one()
                     assert found_options == ["gin_pending_list_limit=256"], name
+
+
+def test_upgrade_to_0007_makes_the_pbx_of_before_the_first_of_the_registry(
+    empty_db_url: str,
+) -> None:
+    utc = ZoneInfo("UTC")
+    before = [
+        CallDetail(callid="1.1", callfrom="01637052211", callto="200", recording="a.wav", sn="S1"),
+        CallDetail(callid="1.2", callfrom="300", callto="301", recording="b.wav", sn="S1"),
+    ]
+    with open_index(empty_db_url) as index:
+        index.calls.record(before, source="event", tz=utc, now=NOW)
+        index.settings.set(SettingKey.EVENTS_SECRET_PATH, "callvault-events-kept", NOW)
+        index.settings.set(SettingKey.PBX_TIMEZONE, "Europe/Paris", NOW)
+    migrate(empty_db_url, "0006", down=True)
+    with open_index(empty_db_url) as index:
+        assert index.schema_revision() == HEAD == "0007"
+        [main] = index.pbxs.list()
+        assert (main.name, main.config.url, main.password_sealed) == ("main", "", "")
+        assert (main.events_path, main.serial) == ("callvault-events-kept", "S1")
+        assert main.config.timezone == "Europe/Paris"
+        rows = index.recordings.search(SearchFilters())
+        assert {(row.name, row.pbx_id) for row in rows} == {("a.wav", main.id), ("b.wav", main.id)}
+        # The number search still finds the calls from before, and follows new ones.
+        assert [r.name for r in index.recordings.search(SearchFilters(number="37052"))] == ["a.wav"]
+        # Another PBX may now have the same call id and recording name.
+        again = CallDetail(callid="1.1", callfrom="0170999", callto="200", recording="a.wav")
+        [result] = index.calls.record([again], source="event", tz=utc, now=NOW, pbx_id=99)
+        assert result.new_recording
+        assert index.recordings.by_name("a.wav", pbx_id=99) is not None
+        assert [r.pbx_id for r in index.recordings.search(SearchFilters(number="0170999"))] == [99]
+        [repeat] = index.calls.record(before[:1], source="event", tz=utc, now=NOW, pbx_id=main.id)
+        assert not repeat.new_recording  # still one call per (PBX, call id)
+        assert index.recordings.counts_by_state()["pending"] == 3
+
+
+def test_an_empty_index_gets_no_pbx_at_0007(empty_db_url: str) -> None:
+    with open_index(empty_db_url) as index:
+        assert index.pbxs.list() == []

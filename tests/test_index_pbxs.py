@@ -115,3 +115,37 @@ def test_serial_test_results_and_removal(index: Index) -> None:
     assert [r.name for r in index.pbxs.list()] == ["lyon"]
     with pytest.raises(NoSuchPbx):
         index.pbxs.remove("paris")
+
+
+def test_the_pbx_given_by_flags_is_the_entry_with_id_0(index: Index) -> None:
+    add(index, "main")  # a registered PBX took the name
+    first = index.pbxs.given_at_start(CONFIG, events_path="path-of-the-archive", now=NOW)
+    assert (first.id, first.name, first.given_by_flags, first.config.url) == (
+        0,
+        "main-2",
+        True,
+        "https://127.0.0.1:8088",
+    )
+    assert first.events_path == "path-of-the-archive"
+    # Started again with other flags (the PBX moved): the same entry, brought up to date.
+    moved = replace(CONFIG, url="https://10.0.0.9:8088", max_downloads=4)
+    again = index.pbxs.given_at_start(moved, events_path="path-of-the-archive", now=NOW)
+    assert (again.id, again.config.url, again.config.max_downloads) == (
+        first.id,
+        "https://10.0.0.9:8088",
+        4,
+    )
+    assert [r.name for r in index.pbxs.list()] == ["main", "main-2"]
+    assert not index.pbxs.require("main").given_by_flags
+
+
+def test_a_pbx_whose_calls_are_archived_stays_in_the_registry(index: Index) -> None:
+    from callvault.index.pbxs import PbxInUse
+    from support.index_data import queue
+
+    add(index, "paris")
+    paris = index.pbxs.require("paris")
+    queue(index, 1, pbx_id=paris.id)
+    with pytest.raises(PbxInUse, match="calls of it are archived"):
+        index.pbxs.remove("paris")
+    assert index.pbxs.get("paris") is not None

@@ -281,7 +281,10 @@ def test_statistics_are_gathered_at_open_and_as_the_calls_grow(db_url: str) -> N
         gathered = _gathered(index)
         assert gathered is not None and gathered > 900
         # An older callvault (or any other writer) adds calls without gathering them.
-        older = [{"callid": f"old.{n}", "first_seen_at": NOW, "raw": "{}"} for n in range(1_000)]
+        older = [
+            {"pbx_id": 0, "callid": f"old.{n}", "first_seen_at": NOW, "raw": "{}"}
+            for n in range(1_000)
+        ]
         with index.engine.begin() as conn:
             conn.execute(insert(schema.calls), older)
         assert known(index) == "1500"

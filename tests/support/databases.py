@@ -11,7 +11,7 @@ import itertools
 import os
 import secrets
 
-from sqlalchemy import URL, create_engine, make_url, text
+from sqlalchemy import URL, Connection, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from callvault.index import open_index
@@ -96,13 +96,13 @@ class PgDatabases:
 
 def migrate(url: str, target: str, *, down: bool = False) -> None:
     """Run the index's migrations up or down to `target` on `url`, as `open_index` does (in
-    one write transaction, with SQLite's foreign keys on)."""
+    one write transaction, with SQLite's foreign keys off until it commits)."""
     from alembic import command
     from alembic.config import Config
 
     from callvault.index import sqlite_path
     from callvault.index._db import Database, make_engine
-    from callvault.index._index import MIGRATIONS
+    from callvault.index._index import MIGRATIONS, run_migrations
 
     path = sqlite_path(url)
     if path is not None:
@@ -110,12 +110,15 @@ def migrate(url: str, target: str, *, down: bool = False) -> None:
     db = Database(make_engine(url), url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+
+    def run(conn: Connection) -> None:
+        config.attributes["connection"] = conn
+        if down:
+            command.downgrade(config, target)
+        else:
+            command.upgrade(config, target)
+
     try:
-        with db.write() as conn:
-            config.attributes["connection"] = conn
-            if down:
-                command.downgrade(config, target)
-            else:
-                command.upgrade(config, target)
+        run_migrations(db, run)
     finally:
         db.engine.dispose()

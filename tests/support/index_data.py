@@ -13,8 +13,11 @@ UTC_ZONE = ZoneInfo("UTC")
 WORKER = Worker(process_id=None, name="w1")
 
 
-def queue(index: Index, count: int, *, now: datetime = NOW, start: int = 0) -> list[int]:
-    """Record `count` calls with a recording each (callids ``17000.<n>``); their ids."""
+def queue(
+    index: Index, count: int, *, now: datetime = NOW, start: int = 0, pbx_id: int = 0
+) -> list[int]:
+    """Record `count` calls of the PBX `pbx_id` with a recording each (callids
+    ``17000.<n>``); their ids."""
     results = index.calls.record(
         [
             CallDetail(
@@ -30,6 +33,7 @@ def queue(index: Index, count: int, *, now: datetime = NOW, start: int = 0) -> l
         source="event",
         tz=UTC_ZONE,
         now=now,
+        pbx_id=pbx_id,
     )
     return [r.recording_id for r in results if r.recording_id is not None]
 

@@ -68,6 +68,7 @@ from callvault.archive._service import (
     Archiver,
     ArchiverConfig,
     StartError,
+    given_pbx_entry,
     open_storage,
     save_pbx_timezone,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "create_receiver_app",
     "default_node",
     "drain",
+    "given_pbx_entry",
     "ingest_window",
     "new_secret_path",
     "open_storage",

@@ -55,9 +55,11 @@ async def ingest_window(
     *,
     tz: ZoneInfo,
     clock: Callable[[], datetime],
+    pbx_id: int = 0,
 ) -> tuple[int, int, int]:
-    """Export the CDRs of calls started in [start, end) and record them; returns (calls
-    recorded, newly queued recordings, rows skipped because the index refused them).
+    """Export the CDRs of calls started in [start, end) and record them as the PBX
+    `pbx_id`'s; returns (calls recorded, newly queued recordings, rows skipped because the
+    index refused them).
 
     `start`/`end` are aware datetimes, at most a day apart (one request to the PBX, which is
     asked in its local time, `tz`).
@@ -66,12 +68,12 @@ async def ingest_window(
     rows = [row for row in rows if row.callid]
     if not rows:
         return 0, 0, 0
-    results, skipped = await asyncio.to_thread(_record_valid, index, rows, tz, clock())
+    results, skipped = await asyncio.to_thread(_record_valid, index, rows, tz, clock(), pbx_id)
     return len(results), sum(1 for r in results if r.new_recording), skipped
 
 
 def _record_valid(
-    index: Index, rows: Sequence[CallDetail], tz: ZoneInfo, now: datetime
+    index: Index, rows: Sequence[CallDetail], tz: ZoneInfo, now: datetime, pbx_id: int
 ) -> tuple[list[RecordResult], int]:
     """Record `rows` in one transaction; when the index refuses the batch as invalid
     (ValueError), split it until the refused rows are alone, log and skip them.
@@ -80,7 +82,7 @@ def _record_valid(
     a bad row costs one transaction; each bad row adds about log2(len(rows)) more.
     """
     try:
-        return index.calls.record(rows, source="cdr", tz=tz, now=now), 0
+        return index.calls.record(rows, source="cdr", tz=tz, now=now, pbx_id=pbx_id), 0
     except ValueError as exc:
         if len(rows) == 1:
             row = rows[0]
@@ -92,8 +94,8 @@ def _record_valid(
             )
             return [], 1
     middle = len(rows) // 2
-    first, skipped_first = _record_valid(index, rows[:middle], tz, now)
-    second, skipped_second = _record_valid(index, rows[middle:], tz, now)
+    first, skipped_first = _record_valid(index, rows[:middle], tz, now, pbx_id)
+    second, skipped_second = _record_valid(index, rows[middle:], tz, now, pbx_id)
     return first + second, skipped_first + skipped_second
 
 
@@ -105,6 +107,7 @@ async def backfill(
     until: datetime,
     tz: ZoneInfo,
     pbx: str = "",
+    pbx_id: int = 0,
     clock: Callable[[], datetime] | None = None,
     resume: bool = True,
     on_window: Callable[[datetime, datetime, BackfillStats, int], None] | None = None,
@@ -133,7 +136,9 @@ async def backfill(
     todo = list(windows(first, until))
     total = stats.windows_skipped + len(todo)
     for start, end in todo:
-        calls, queued, skipped = await ingest_window(client, index, start, end, tz=tz, clock=clock)
+        calls, queued, skipped = await ingest_window(
+            client, index, start, end, tz=tz, clock=clock, pbx_id=pbx_id
+        )
         stats.windows += 1
         stats.calls += calls
         stats.queued += queued
@@ -157,6 +162,7 @@ async def reconcile(
     clock: Callable[[], datetime] | None = None,
     on_queued: Callable[[], None] | None = None,
     cdr_export: bool = True,
+    pbx_id: int = 0,
 ) -> BackfillStats:
     """Requeue `failed` recordings and walk the last `hours` of the CDR export.
 
@@ -166,7 +172,7 @@ async def reconcile(
     """
     clock = clock or (lambda: datetime.now(UTC))
     now = clock()
-    requeued = await asyncio.to_thread(index.jobs.requeue, ["failed"], now=now)
+    requeued = await asyncio.to_thread(index.jobs.requeue, ["failed"], now=now, pbx_id=pbx_id)
     if requeued:
         log.info("reconcile: %d failed recordings queued again", requeued)
     stats = BackfillStats(queued=requeued)
@@ -176,7 +182,9 @@ async def reconcile(
         return stats
     # One extra minute at the end: a call that just ended may carry a start a bit ahead.
     for start, end in windows(now - timedelta(hours=hours), now + timedelta(minutes=1)):
-        calls, queued, skipped = await ingest_window(client, index, start, end, tz=tz, clock=clock)
+        calls, queued, skipped = await ingest_window(
+            client, index, start, end, tz=tz, clock=clock, pbx_id=pbx_id
+        )
         stats.windows += 1
         stats.calls += calls
         stats.queued += queued

@@ -34,7 +34,13 @@ class CallRecorder(Protocol):
     """The part of `index.calls` the committer needs."""
 
     def record(
-        self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
+        self,
+        cdrs: Sequence[CallDetail],
+        *,
+        source: str,
+        tz: ZoneInfo,
+        now: datetime,
+        pbx_id: int = 0,
     ) -> list[RecordResult]: ...
 
 
@@ -83,8 +89,10 @@ class GroupCommitter:
         on_committed: Callable[[list[RecordResult]], None] | None = None,
         clock: Callable[[], datetime] = _utcnow,
         last_event_interval_s: float = 1.0,
+        pbx_id: int = 0,
     ) -> None:
         self._index = index
+        self._pbx_id = pbx_id  # the PBX (registry id) whose reports these are
         self._tz = tz
         self._source = source
         self._max_batch = max_batch
@@ -149,7 +157,11 @@ class GroupCommitter:
         now = self._clock()
         try:
             results = self._index.calls.record(
-                [unique[k] for k in keys], source=self._source, tz=self._tz, now=now
+                [unique[k] for k in keys],
+                source=self._source,
+                tz=self._tz,
+                now=now,
+                pbx_id=self._pbx_id,
             )
             by_key: dict[tuple[str, str | None], RecordResult | BaseException] = dict(
                 zip(keys, results, strict=True)
@@ -163,7 +175,11 @@ class GroupCommitter:
             for key in keys:
                 try:
                     by_key[key] = self._index.calls.record(
-                        [unique[key]], source=self._source, tz=self._tz, now=now
+                        [unique[key]],
+                        source=self._source,
+                        tz=self._tz,
+                        now=now,
+                        pbx_id=self._pbx_id,
                     )[0]
                 except InvalidCallDetail as one_exc:
                     by_key[key] = one_exc

@@ -61,6 +61,8 @@ class PoolOptions:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S  # how often the process row is refreshed
     stale_after_s: float = DEFAULT_STALE_AFTER_S  # a silent process's claims are released
     grace_s: float = 20.0  # at shutdown: how long downloads in flight may finish
+    # The PBX (registry id) whose jobs the workers take; None: every job (a library user).
+    pbx_id: int | None = None
 
 
 class Downloads:
@@ -150,6 +152,7 @@ class Downloads:
             on_archived=self._on_archived,
             on_auth_failure=self._on_auth_failure,
             on_failed_attempt=self._on_failed_attempt,
+            pbx_id=options.pbx_id,
             staging=self._staging,
             restart_delays_s=self._restart_delays_s or DEFAULT_RESTART_DELAYS_S,
         )
@@ -246,9 +249,15 @@ class DrainResult:
     stopped: str | None = None
 
 
-def queued_counts(index: Index, states: Sequence[str] = ("pending", "downloading")) -> int:
-    """How many recordings are still waiting or being downloaded."""
-    counts = index.recordings.counts_by_state()
+def queued_counts(
+    index: Index,
+    states: Sequence[str] = ("pending", "downloading"),
+    *,
+    pbx_id: int | None = None,
+) -> int:
+    """How many recordings (of the PBX `pbx_id`, if given) are waiting or being
+    downloaded."""
+    counts = index.recordings.counts_by_state(list(states), pbx_id=pbx_id)
     return sum(counts.get(state, 0) for state in states)
 
 
@@ -296,15 +305,15 @@ async def drain(
         clock=clock,
     )
     async with downloads as pool:
-        total = await asyncio.to_thread(queued_counts, index)
+        total = await asyncio.to_thread(queued_counts, index, pbx_id=options.pbx_id)
         while True:
-            left = await asyncio.to_thread(queued_counts, index)
+            left = await asyncio.to_thread(queued_counts, index, pbx_id=options.pbx_id)
             if on_progress is not None:
                 on_progress(max(0, total - left), total)
             if stop_early.is_set() or pool.fenced.is_set():
                 break
             if not pool.busy:
-                due = await asyncio.to_thread(index.jobs.next_due)
+                due = await asyncio.to_thread(index.jobs.next_due, options.pbx_id)
                 if not pool.busy and (due is None or due > clock() + patience):
                     break
                 if due is not None and due <= clock():

@@ -24,7 +24,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from callvault.archive._receiver import (
 from callvault.archive._session import PbxSession
 from callvault.archive._workers import Archived, WorkerPool
 from callvault.index import Index, RecordResult, SettingKey, open_index
+from callvault.index.pbxs import MAX_DOWNLOADS_LIMIT, PbxRecord
 from callvault.pbx import ApiVersion, CallDetail, Event, PbxClient, TlsOptions
 from callvault.serving import (
     DEFAULT_HEADER_TIMEOUT_S,
@@ -82,11 +83,10 @@ class ArchiverConfig:
     username: str
     password: str = field(repr=False)
     archive: Path
-    # A PBX of the registry (`callvault pbx add`): its name, to note the serial its reports
-    # give, and the secret path of its reports. None: the PBX given by flags, whose reports
-    # go to the path kept in the index's settings.
+    # A PBX of the registry (`callvault pbx add`), by name. None: the PBX these settings
+    # give (the one-PBX shorthand of serve's flags), which becomes the registry's entry of
+    # the archive's own PBX at start (`index.pbxs.given_at_start`).
     registry_name: str | None = None
-    events_path: str | None = field(default=None, repr=False)
     db_url: str | None = None  # default: sqlite file ARCHIVE/callvault.db
     api_version: ApiVersion = ApiVersion.V1_1_0
     tls: TlsOptions | None = None
@@ -161,6 +161,40 @@ class ArchiveDirError(StartError):
         self.errno = exc.errno
 
 
+def given_pbx_entry(
+    index: Index,
+    *,
+    url: str,
+    username: str,
+    api_version: ApiVersion,
+    tls: TlsOptions | None,
+    timezone: ZoneInfo,
+    workers: int = 2,
+    events_allow: Sequence[str] | None = None,
+) -> PbxRecord:
+    """The registry entry of the PBX given by flags (`serve` and `backfill` without a
+    registered PBX), under whose id its calls are recorded: the archive's own PBX, known by
+    its secret report path (see `index.pbxs.given_at_start`). PbxRegistryError for
+    settings the registry refuses."""
+    from callvault.index.pbxs import PbxConfig
+
+    tls = tls or TlsOptions()
+    path = index.settings.setdefault(SettingKey.EVENTS_SECRET_PATH, new_secret_path(), _utcnow())
+    given = PbxConfig(
+        url=url,
+        username=username,
+        api_version=api_version.value,
+        ca_file=str(tls.ca_file) if tls.ca_file is not None else None,
+        pin_sha256=tls.pin_sha256,
+        insecure=tls.insecure,
+        tls_min_version=tls.minimum_version,
+        timezone=timezone.key,
+        max_downloads=max(1, min(workers, MAX_DOWNLOADS_LIMIT)),
+        events_allow=tuple(events_allow or ()),
+    )
+    return index.pbxs.given_at_start(given, events_path=path, now=_utcnow())
+
+
 def save_pbx_timezone(index: Index, tz: ZoneInfo) -> None:
     """Remember in the index the PBX time zone this archive is read with (see
     `SettingKey.PBX_TIMEZONE`: `callvault list` shows and filters times in it unless told
@@ -200,6 +234,7 @@ class Archiver:
         self.events_port: int | None = None
         self.web_port: int | None = None
         self.secret_path: str | None = None
+        self.pbx: PbxRecord | None = None  # its entry in the registry, once started
         self.session: PbxSession | None = None
         self.pool: WorkerPool | None = None
         self.downloads: Downloads | None = None
@@ -292,12 +327,9 @@ class Archiver:
         config = self.config
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.storage.clean_staging, timedelta(hours=1))
-        self.secret_path = config.events_path or await asyncio.to_thread(
-            index.settings.setdefault,
-            SettingKey.EVENTS_SECRET_PATH,
-            new_secret_path(),
-            _utcnow(),
-        )
+        pbx = await asyncio.to_thread(self._registry_entry, index)
+        self.pbx = pbx
+        self.secret_path = pbx.events_path
         await asyncio.to_thread(save_pbx_timezone, index, config.timezone)
         pbx_host = urlsplit(config.pbx_url).hostname or ""
         allowed = await asyncio.to_thread(allow_list_for, pbx_host, config.events_allow)
@@ -338,7 +370,7 @@ class Archiver:
             tz=config.timezone,
             kind="serve",
             node=config.node or default_node(),
-            options=config.pool_options(),
+            options=replace(config.pool_options(), pbx_id=pbx.id),
             session=session,
             on_archived=self._archived,
             on_failed_attempt=self.metrics.failed_attempt,
@@ -391,7 +423,10 @@ class Archiver:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(pool.wake)
 
-        committer = GroupCommitter(index, tz=config.timezone, on_committed=committed)
+        assert self.pbx is not None
+        committer = GroupCommitter(
+            index, tz=config.timezone, on_committed=committed, pbx_id=self.pbx.id
+        )
         self.committer = committer
         committer.start()
 
@@ -486,14 +521,36 @@ class Archiver:
         if self._on_archived is not None:
             self._on_archived(archived)
 
+    def _registry_entry(self, index: Index) -> PbxRecord:
+        """The PBX's entry in the registry: the one named in the config, else the entry of
+        the PBX the config gives (made or brought up to date now). StartError if the
+        registry has no such name, or the config's settings are refused."""
+        from callvault.index.pbxs import PbxRegistryError
+
+        config = self.config
+        try:
+            if config.registry_name is not None:
+                return index.pbxs.require(config.registry_name)
+            return given_pbx_entry(
+                index,
+                url=config.pbx_url,
+                username=config.username,
+                api_version=config.api_version,
+                tls=config.tls,
+                timezone=config.timezone,
+                workers=config.workers,
+                events_allow=config.events_allow,
+            )
+        except PbxRegistryError as exc:
+            raise StartError(str(exc)) from None
+
     def _serial_noting(
         self, committer: GroupCommitter, index: Index
     ) -> Callable[[CallDetail], Coroutine[Any, Any, RecordResult]]:
-        """`committer.commit`, noting in the registry the serial a registered PBX's reports
-        give (once per new value; the registry is not touched for every report)."""
-        name = self.config.registry_name
-        if name is None:
-            return committer.commit
+        """`committer.commit`, noting in the registry the serial the PBX's reports give
+        (once per new value; the registry is not touched for every report)."""
+        assert self.pbx is not None
+        name = self.pbx.name
         noted: set[str] = set()
 
         async def commit(cdr: CallDetail) -> RecordResult:
@@ -556,6 +613,7 @@ class Archiver:
                         tz=config.timezone,
                         on_queued=pool.wake,
                         cdr_export=cdr_export,
+                        pbx_id=self.pbx.id if self.pbx is not None else 0,
                     )
                 except Exception as exc:
                     log.warning(

@@ -138,6 +138,7 @@ class WorkerPool:
         on_archived: Callable[[Archived], None] | None = None,
         on_auth_failure: Callable[[Exception], None] | None = None,
         on_failed_attempt: Callable[[str], None] | None = None,
+        pbx_id: int | None = None,
         rng: random.Random | None = None,
         staging: StagingArea | None = None,
         restart_delays_s: Sequence[float] = DEFAULT_RESTART_DELAYS_S,
@@ -160,6 +161,7 @@ class WorkerPool:
         self._on_archived = on_archived
         self._on_auth_failure = on_auth_failure
         self._on_failed_attempt = on_failed_attempt
+        self._pbx_id = pbx_id
         self._staging = staging
         self._staging_path: Path | None = staging.path if staging is not None else None
         self._rng = rng or random.Random()
@@ -328,6 +330,7 @@ class WorkerPool:
                 now=self._clock(),
                 lease=self._lease,
                 stale_after=self._stale_after,
+                pbx_id=self._pbx_id,
             )
         )
         try:
@@ -341,7 +344,7 @@ class WorkerPool:
     async def _nap(self) -> float:
         """Seconds until the next retry is due, at most `poll_interval_s`."""
         try:
-            due = await asyncio.to_thread(self._index.jobs.next_due)
+            due = await asyncio.to_thread(self._index.jobs.next_due, self._pbx_id)
             if due is None:
                 return self._poll_interval_s
             seconds = (due - self._clock()).total_seconds()

@@ -187,6 +187,16 @@ def _settings(config: Path | None, archive: Path | None, db: str | None, **more:
     return settings_or_fail(config, archive=archive, db=db, **more)
 
 
+def _settings_of(given: dict[str, Any]) -> Settings:
+    """The settings of `pbx add`/`edit`, taking their options out of `given`."""
+    return _settings(
+        given.pop("config"),
+        given.pop("archive"),
+        given.pop("db"),
+        master_key_file=given.pop("master_key_file"),
+    )
+
+
 def _index(settings: Settings) -> Index:
     from callvault.cli._archive_cmds import open_settings_archive
 
@@ -228,12 +238,7 @@ def pbx_add(name: str, **given: Any) -> None:
     """Register a PBX to archive. Its password is sealed with the master key."""
     from callvault.ops import add_pbx
 
-    settings = _settings(
-        given.pop("config"),
-        given.pop("archive"),
-        given.pop("db"),
-        master_key_file=given.pop("master_key_file"),
-    )
+    settings = _settings_of(given)
     keyring = _keyring(settings)
     password = _password(given["password_env"])
     changes = _changes(given)
@@ -272,12 +277,7 @@ def pbx_edit(name: str, **given: Any) -> None:
     """Change a registered PBX's settings or password (only the options given change)."""
     from callvault.ops import edit_pbx
 
-    settings = _settings(
-        given.pop("config"),
-        given.pop("archive"),
-        given.pop("db"),
-        master_key_file=given.pop("master_key_file"),
-    )
+    settings = _settings_of(given)
     password_env = given.pop("password_env")
     keyring = _keyring(settings) if password_env is not None else None
     password = _password(password_env) if password_env is not None else None

@@ -37,6 +37,7 @@ from callvault.archive import (
     StartError,
     backfill,
     drain,
+    given_pbx_entry,
     open_storage,
     save_pbx_timezone,
 )
@@ -150,11 +151,19 @@ def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
         if len(records) > 1:
             names = ", ".join(r.name for r in records)
             fail(
-                f"{len(records)} PBXs are registered ({names}) and one serve archives one PBX "
-                "into an archive for now: choose it with --only NAME",
+                f"{len(records)} PBXs are registered ({names}) and one serve archives one: "
+                "choose it with --only NAME (and give each serve its own --node and "
+                "--events-listen)",
                 code=USAGE_ERROR,
             )
         record = records[0]
+    if record.given_by_flags:
+        fail(
+            f"PBX {record.name} is this archive's PBX of serve's flags: give them as before "
+            "(--pbx, --username, --password-env), or keep its password sealed with "
+            f"`callvault pbx edit {record.name} --url URL --password-env VAR`",
+            code=USAGE_ERROR,
+        )
     try:
         keyring = settings.keyring()
     except SettingsError as exc:
@@ -173,7 +182,7 @@ def archiver_config(
 
     events_host, events_port = settings.events_address()
     web_host, web_port = settings.web_address()
-    registry_name = events_path = None
+    registry_name = None
     if settings.pbx is None:
         record, keyring = _registered(settings, only)
         from callvault.ops import open_password, tls_options
@@ -188,7 +197,7 @@ def archiver_config(
         zone = ZoneInfo(record.config.timezone) if record.config.timezone else settings.tz
         allowed = list(record.config.events_allow) or None
         workers = settings.workers if "workers" in settings.given else record.config.max_downloads
-        registry_name, events_path = record.name, record.events_path
+        registry_name = record.name
     else:
         if only is not None:
             fail("give either --only NAME (a registered PBX) or --pbx URL, not both", code=2)
@@ -206,7 +215,6 @@ def archiver_config(
         password=password,
         archive=archive,
         registry_name=registry_name,
-        events_path=events_path,
         db_url=settings.db_url(),
         api_version=api,
         tls=tls,
@@ -443,12 +451,14 @@ def backfill_command(
     try:
         # `callvault list` shows times in the zone the PBX's local times were read in.
         save_pbx_timezone(index, tz)
+        pbx_id = _given_pbx_id(index, settings, client)
         code = run_terminable(
             _backfill(
                 client,
                 index,
                 storage,
                 settings,
+                pbx_id=pbx_id,
                 start=start,
                 end=end,
                 queue_only=queue_only,
@@ -478,8 +488,29 @@ def backfill_command(
 _STOPPED = "callvault: backfill {how}: no download left claimed, logged out; run it again to resume"
 
 
-def _pool_options(settings: ArchiveSettings) -> PoolOptions:
+def _given_pbx_id(index: Index, settings: ArchiveSettings, client: PbxClient) -> int:
+    """The registry id of the PBX the flags give (its entry made if it has none)."""
+    from callvault.index.pbxs import PbxRegistryError
+
+    try:
+        entry = given_pbx_entry(
+            index,
+            url=client.base_url,
+            username=client.username,
+            api_version=client.api_version,
+            tls=client.tls,
+            timezone=settings.tz,
+            workers=settings.workers,
+            events_allow=settings.events_allow,
+        )
+    except PbxRegistryError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    return entry.id
+
+
+def _pool_options(settings: ArchiveSettings, pbx_id: int) -> PoolOptions:
     return PoolOptions(
+        pbx_id=pbx_id,
         workers=settings.workers,
         lease_s=settings.job_lease_s,
         poll_interval_s=min(settings.poll_interval_s, 1.0),
@@ -498,6 +529,7 @@ async def _backfill(
     end: datetime,
     queue_only: bool,
     resume: bool,
+    pbx_id: int,
 ) -> int:
     console = Console(stderr=True)
     show = console.is_terminal
@@ -536,6 +568,7 @@ async def _backfill(
                         until=end,
                         tz=tz,
                         pbx=settings.pbx or "",
+                        pbx_id=pbx_id,
                         resume=resume,
                         on_window=on_window,
                     )
@@ -568,7 +601,7 @@ async def _backfill(
                     client,
                     tz=tz,
                     node=settings.node,
-                    options=_pool_options(settings),
+                    options=_pool_options(settings, pbx_id),
                     on_progress=on_progress,
                 )
                 failure = result.stopped

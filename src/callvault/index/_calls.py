@@ -77,12 +77,20 @@ class CallStore:
         self._statements = _Statements(db)
 
     def record(
-        self, cdrs: Sequence[CallDetail], *, source: str, tz: ZoneInfo, now: datetime
+        self,
+        cdrs: Sequence[CallDetail],
+        *,
+        source: str,
+        tz: ZoneInfo,
+        now: datetime,
+        pbx_id: int = 0,
     ) -> list[RecordResult]:
-        """Store a batch of call detail records in ONE transaction; queue their recordings.
+        """Store a batch of call detail records of the PBX `pbx_id` (its id in the
+        registry; by default 0, the archive's PBX given by `serve`'s flags, see
+        `callvault.index.pbxs.FLAGS_PBX_ID`) in ONE transaction; queue their recordings.
 
-        Calls are upserted by `callid` (a later report fills in fields, never blanks them;
-        `raw` and `source` stay those of the first report).
+        Calls are upserted by (`pbx_id`, `callid`) (a later report fills in fields, never
+        blanks them; `raw` and `source` stay those of the first report).
         A call's non-empty recording name gets a `pending` recordings row due at `now`
         unless one with that name exists, which is left untouched: re-sent events and
         backfills never duplicate or reset a recording. `source` is "event" or "cdr";
@@ -101,15 +109,15 @@ class CallStore:
             return []
         # A whole batch costs a handful of statements (executemany), not two or three per
         # record: building and running each statement costs far more than SQLite's work.
-        rows = [_call_row(cdr, source=source, tz=tz, now=now) for cdr in cdrs]
+        rows = [_call_row(cdr, source=source, tz=tz, now=now, pbx_id=pbx_id) for cdr in cdrs]
         with self._db.write() as conn:
-            call_ids = self._upsert_calls(conn, rows)
+            call_ids = self._upsert_calls(conn, rows, pbx_id)
             # Each recording name is inserted once, for the first record that carries it.
             first_call: dict[str, int] = {}
             for cdr in cdrs:
                 if cdr.recording:
                     first_call.setdefault(cdr.recording, call_ids[cdr.callid])
-            recording_ids, created = self._insert_recordings(conn, first_call, now)
+            recording_ids, created = self._insert_recordings(conn, first_call, now, pbx_id)
         self._statistics.note_growth(len(rows))
         results: list[RecordResult] = []
         for cdr in cdrs:
@@ -122,7 +130,9 @@ class CallStore:
             results.append(RecordResult(call_ids[cdr.callid], recording_ids[name], new))
         return results
 
-    def _upsert_calls(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:
+    def _upsert_calls(
+        self, conn: Connection, rows: list[dict[str, Any]], pbx_id: int
+    ) -> dict[str, int]:
         """Upsert `rows` (in order) by executemany; the id of every callid among them."""
         # A call reported twice in the batch is upserted in a later round than its first
         # report, so one statement never touches a row twice (PostgreSQL refuses that when
@@ -137,24 +147,26 @@ class CallStore:
             rounds[occurrence].append(row)
         for round_rows in rounds:
             conn.execute(self._statements.upsert_call, round_rows)
-        return _ids_by(conn, self._statements.call_ids, list(seen))
+        return _ids_by(conn, self._statements.call_ids, list(seen), pbx_id)
 
     def _insert_recordings(
-        self, conn: Connection, call_of: dict[str, int], now: datetime
+        self, conn: Connection, call_of: dict[str, int], now: datetime, pbx_id: int
     ) -> tuple[dict[str, int], set[str]]:
         """Insert each name of `call_of` unless it exists: (id by name, names inserted)."""
         if not call_of:
             return {}, set()
         names = list(call_of)
-        existing = _ids_by(conn, self._statements.recording_ids, names)
+        existing = _ids_by(conn, self._statements.recording_ids, names, pbx_id)
         # Names already there stay untouched (re-sent events, backfills). ON CONFLICT still
         # guards against another writer inserting one since (PostgreSQL); on SQLite the
         # write lock (BEGIN IMMEDIATE) rules that out, so `created` is exact there.
         new = [name for name in names if name not in existing]
         if new:
-            rows = [{"name": name, "call_id": call_of[name], "now": now} for name in new]
+            rows = [
+                {"name": name, "call_id": call_of[name], "pbx": pbx_id, "now": now} for name in new
+            ]
             conn.execute(self._statements.insert_recording, rows)
-            existing.update(_ids_by(conn, self._statements.recording_ids, new))
+            existing.update(_ids_by(conn, self._statements.recording_ids, new, pbx_id))
         return existing, set(new)
 
 
@@ -177,10 +189,11 @@ class _Statements:
             updates[name] = func.coalesce(excluded[name], table.c[name])
         # No RETURNING: run with a list of rows, it goes to the driver's executemany.
         self.upsert_call = upsert.on_conflict_do_update(
-            index_elements=[table.c.callid], set_=updates
+            index_elements=[table.c.pbx_id, table.c.callid], set_=updates
         )
         self.call_ids = select(table.c.callid, table.c.id).where(
-            table.c.callid.in_(bindparam("keys", expanding=True))
+            table.c.pbx_id == bindparam("pbx"),
+            table.c.callid.in_(bindparam("keys", expanding=True)),
         )
         r = schema.recordings
         self.insert_recording = (
@@ -188,29 +201,34 @@ class _Statements:
             .values(
                 name=bindparam("name"),
                 call_id=bindparam("call_id"),
+                pbx_id=bindparam("pbx"),
                 state=schema.PENDING,
                 attempts=0,
                 next_attempt_at=bindparam("now", type_=r.c.next_attempt_at.type),
                 created_at=bindparam("now", type_=r.c.created_at.type),
                 updated_at=bindparam("now", type_=r.c.updated_at.type),
             )
-            .on_conflict_do_nothing(index_elements=[r.c.name])
+            .on_conflict_do_nothing(index_elements=[r.c.pbx_id, r.c.name])
         )
         self.recording_ids = select(r.c.name, r.c.id).where(
-            r.c.name.in_(bindparam("keys", expanding=True))
+            r.c.pbx_id == bindparam("pbx"),
+            r.c.name.in_(bindparam("keys", expanding=True)),
         )
 
 
-def _ids_by(conn: Connection, statement: Any, keys: list[str]) -> dict[str, int]:
-    """`statement` (key, id WHERE key IN :keys) for every key, in chunks."""
+def _ids_by(conn: Connection, statement: Any, keys: list[str], pbx_id: int) -> dict[str, int]:
+    """`statement` (key, id WHERE pbx = :pbx AND key IN :keys) for every key, in chunks."""
     ids: dict[str, int] = {}
     for start in range(0, len(keys), _IN_CHUNK):
-        for key, row_id in conn.execute(statement, {"keys": keys[start : start + _IN_CHUNK]}):
+        chunk = {"keys": keys[start : start + _IN_CHUNK], "pbx": pbx_id}
+        for key, row_id in conn.execute(statement, chunk):
             ids[key] = int(row_id)
     return ids
 
 
-def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> dict[str, Any]:
+def _call_row(
+    cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime, pbx_id: int
+) -> dict[str, Any]:
     """The `calls` columns of one record (the parameters of `_Statements.upsert_call`).
 
     Text fields are cut to their column's length (slicing a shorter str returns it as is);
@@ -218,6 +236,7 @@ def _call_row(cdr: CallDetail, *, source: str, tz: ZoneInfo, now: datetime) -> d
     """
     limit = _TRUNCATED
     return {
+        "pbx_id": pbx_id,
         "callid": cdr.callid,
         "pbx_serial": cdr.sn[: limit["sn"]],
         "start_at": parse_pbx_time(cdr.timestart, tz),

@@ -13,10 +13,11 @@ as aware UTC datetimes on every engine.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
@@ -45,7 +46,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration: an index already at it opens without loading Alembic (about a
 # third of a second), so commands such as `callvault list` start quickly. A test checks
 # that this is the head of the migrations.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 
 def open_index(url: str, *, create: bool = True) -> Index:
@@ -208,13 +209,47 @@ class Index:
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
+
+        def upgrade(conn: Connection) -> None:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
         try:
-            # Holding the write lock while migrating keeps two processes from racing on it.
-            with self._db.write() as conn:
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
+            run_migrations(self._db, upgrade)
         except CommandError as exc:
             raise IndexOpenError(
                 f"the index at {redact(self._db.url)} has a schema this callvault does not "
                 f"know (made by a newer version?): {exc}"
             ) from None
+
+
+def run_migrations(db: Database, migrate: Callable[[Connection], None]) -> None:
+    """Run `migrate` (Alembic on the connection it is given) in one write transaction,
+    holding the write lock so that two processes do not race on it.
+
+    On SQLite foreign keys are off meanwhile, as SQLite's own procedure for changing a
+    table has it: a migration that copies a table into a new one (SQLite can change little
+    in place) drops the old one, and with foreign keys on that drop would delete every row
+    referring to it (ON DELETE CASCADE). They can only be switched outside a transaction,
+    and are checked before the migration commits.
+    """
+    if db.dialect != "sqlite":
+        with db.write() as conn:
+            migrate(conn)
+        return
+    with db.engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("PRAGMA foreign_keys = OFF")
+        try:
+            conn.execution_options(callvault_begin="immediate")
+            with conn.begin():
+                migrate(conn)
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise IndexOpenError(
+                        f"migrating the index at {redact(db.url)} would leave {len(broken)} "
+                        "rows pointing at rows that do not exist; nothing was changed"
+                    )
+        finally:
+            raw.execute("PRAGMA foreign_keys = ON")

@@ -32,8 +32,10 @@ class JobStore:
         now: datetime,
         lease: timedelta,
         stale_after: timedelta = DEFAULT_STALE_AFTER,
+        pbx_id: int | None = None,
     ) -> list[Job]:
-        """Atomically take up to `limit` due jobs for `worker`, oldest due first.
+        """Atomically take up to `limit` due jobs for `worker`, oldest due first (of the
+        PBX `pbx_id` only, if given: its downloads go to that PBX).
 
         Due means `pending` with `next_attempt_at <= now`, or `downloading` under a claim
         that no one holds any more: its lease ran out (a crashed or stuck worker), or the
@@ -66,6 +68,8 @@ class JobStore:
                 ),
             ),
         )
+        if pbx_id is not None:
+            due = and_(r.c.pbx_id == pbx_id, due)
         pick = (
             select(r.c.id)
             .where(due)
@@ -277,6 +281,7 @@ class JobStore:
         now: datetime,
         reset_attempts: bool = True,
         since: datetime | None = None,
+        pbx_id: int | None = None,
     ) -> int:
         """Make every recording in `states` (only `failed` and/or `missing`) pending again,
         due at `now`; returns how many. The last error is kept until the next attempt.
@@ -284,7 +289,8 @@ class JobStore:
         With `since`, only recordings the index learned of at or after it: the window is on
         the recording row's `created_at` (this machine's clock), not on the PBX's call time.
         "Does not exist" may have been a PBX still writing the file (a skewed clock, a wrong
-        time zone), so recent give-ups can get another full window.
+        time zone), so recent give-ups can get another full window. With `pbx_id`, only
+        that PBX's recordings.
         """
         now = to_utc(now)
         allowed = {schema.FAILED, schema.MISSING}
@@ -305,16 +311,20 @@ class JobStore:
         statement = update(r).where(r.c.state.in_(list(states)))
         if since is not None:
             statement = statement.where(r.c.created_at >= to_utc(since))
+        if pbx_id is not None:
+            statement = statement.where(r.c.pbx_id == pbx_id)
         with self._db.write() as conn:
             return int(conn.execute(statement.values(**values)).rowcount)
 
-    def next_due(self) -> datetime | None:
-        """When the earliest pending job is due (None if there is none): a worker's nap."""
+    def next_due(self, pbx_id: int | None = None) -> datetime | None:
+        """When the earliest pending job (of the PBX `pbx_id`, if given) is due (None if
+        there is none): a worker's nap."""
         r = schema.recordings
+        query = select(func.min(r.c.next_attempt_at)).where(r.c.state == schema.PENDING)
+        if pbx_id is not None:
+            query = query.where(r.c.pbx_id == pbx_id)
         with self._db.read() as conn:
-            value = conn.execute(
-                select(func.min(r.c.next_attempt_at)).where(r.c.state == schema.PENDING)
-            ).scalar_one_or_none()
+            value = conn.execute(query).scalar_one_or_none()
         return from_db(value)
 
     def _finish(self, recording_id: int, worker: Worker, values: Mapping[str, Any]) -> bool:

@@ -109,6 +109,7 @@ class RecordingRow:
     id: int
     name: str
     call_id: int
+    pbx_id: int  # the PBX of the registry it came from (0: none)
     state: str
     attempts: int
     last_error: str | None

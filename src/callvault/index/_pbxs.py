@@ -13,14 +13,16 @@ from sqlalchemy import Row, delete, insert, select, update
 from callvault.index._db import Database
 from callvault.index.pbxs import (
     CONFIG_FIELDS,
+    FLAGS_PBX_ID,
     NoSuchPbx,
     PbxConfig,
+    PbxInUse,
     PbxRecord,
     PbxRegistryError,
     check_config,
     validate_name,
 )
-from callvault.index.schema import column_length, pbxs
+from callvault.index.schema import calls, column_length, pbxs
 from callvault.times import as_utc, to_utc
 
 _SERIAL_MAX = column_length(pbxs.c.serial)
@@ -115,6 +117,46 @@ class PbxStore:
             row = conn.execute(select(pbxs).where(pbxs.c.name == name)).one()
         return _record(row)
 
+    def given_at_start(self, config: PbxConfig, *, events_path: str, now: datetime) -> PbxRecord:
+        """The registry entry of the archive's PBX that `serve` or `backfill` was given by
+        its flags (the one-PBX shorthand): always the entry with id `FLAGS_PBX_ID` (0),
+        under which calls recorded without a registry are kept too. Made if missing (named
+        ``main``, or ``main-2``... if that name is taken, with `events_path`), and given the
+        flags' settings; its password stays out of the index (given at each start).
+        """
+        config = check_config(config)
+        now = to_utc(now)
+        with self._db.write() as conn:
+            row = conn.execute(select(pbxs).where(pbxs.c.id == FLAGS_PBX_ID)).first()
+            if row is None:
+                taken = set(conn.execute(select(pbxs.c.name)).scalars())
+                name = next(
+                    candidate
+                    for candidate in ("main", *(f"main-{n}" for n in range(2, 10_000)))
+                    if candidate not in taken
+                )
+                conn.execute(
+                    insert(pbxs).values(
+                        id=FLAGS_PBX_ID,
+                        name=name,
+                        **_config_columns(config),
+                        password_sealed="",
+                        events_path=events_path,
+                        serial="",
+                        detail="{}",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+            elif _record(row).config != config:
+                conn.execute(
+                    update(pbxs)
+                    .where(pbxs.c.id == FLAGS_PBX_ID)
+                    .values(**_config_columns(config), updated_at=now)
+                )
+            row = conn.execute(select(pbxs).where(pbxs.c.id == FLAGS_PBX_ID)).one()
+        return _record(row)
+
     def record_test(self, name: str, detail: Mapping[str, Any], *, now: datetime) -> None:
         """Keep what a test of the PBX found (JSON-able), for `pbx show` and the web app."""
         with self._db.write() as conn:
@@ -137,11 +179,20 @@ class PbxStore:
             )
 
     def remove(self, name: str) -> PbxRecord:
-        """Take a PBX off the registry; the removed record, or NoSuchPbx."""
+        """Take a PBX off the registry; the removed record. NoSuchPbx, or PbxInUse when
+        calls of it are archived (they are known by it: taken off, its next calls would be
+        another PBX's, and the call history read again would archive its recordings twice).
+        """
         with self._db.write() as conn:
             row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
             if row is None:
                 raise NoSuchPbx(f"no PBX named {name!r}")
+            pbx_id = row._mapping["id"]
+            if conn.execute(select(calls.c.id).where(calls.c.pbx_id == pbx_id).limit(1)).first():
+                raise PbxInUse(
+                    f"PBX {name!r} cannot be taken off the registry: calls of it are "
+                    "archived, and are known by it"
+                )
             conn.execute(delete(pbxs).where(pbxs.c.name == name))
         return _record(row)
 

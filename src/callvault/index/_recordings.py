@@ -119,9 +119,14 @@ class RecordingStore:
             rows = _search(conn, probe.plan(limit), limit=limit, offset=offset, after=after)
             return rows, _total(conn, probe.plan(None), cap)
 
-    def by_name(self, name: str) -> RecordingRow | None:
-        """The recording with exactly this PBX name, or None."""
-        rows = self._rows(_joined().where(schema.recordings.c.name == name))
+    def by_name(self, name: str, pbx_id: int | None = None) -> RecordingRow | None:
+        """The recording with exactly this name on the PBX `pbx_id` (by default: on any
+        PBX, the first one's), or None."""
+        r = schema.recordings
+        query = _joined().where(r.c.name == name)
+        if pbx_id is not None:
+            query = query.where(r.c.pbx_id == pbx_id)
+        rows = self._rows(query.order_by(r.c.id).limit(1))
         return rows[0] if rows else None
 
     def by_id(self, recording_id: int) -> RecordingRow | None:
@@ -152,16 +157,20 @@ class RecordingStore:
         with self._db.write() as conn:
             conn.execute(update(r).where(r.c.id == recording_id).values(verified_at=now))
 
-    def counts_by_state(self, states: Sequence[str] | None = None) -> dict[str, int]:
-        """How many recordings are in each state (or in each of `states`: a few small ones
-        are counted from the state index without reading the archived millions); every
-        state asked for is present, zeros included."""
+    def counts_by_state(
+        self, states: Sequence[str] | None = None, *, pbx_id: int | None = None
+    ) -> dict[str, int]:
+        """How many recordings (of the PBX `pbx_id`, if given) are in each state (or in
+        each of `states`: a few small ones are counted from the state index without
+        reading the archived millions); every state asked for is present, zeros included."""
         r = schema.recordings
         wanted = list(states) if states is not None else list(schema.RECORDING_STATES)
         counts = dict.fromkeys(wanted, 0)
         query = select(r.c.state, func.count()).group_by(r.c.state)
         if states is not None:
             query = query.where(r.c.state.in_(wanted))
+        if pbx_id is not None:
+            query = query.where(r.c.pbx_id == pbx_id)
         with self._db.read() as conn:
             for state, count in conn.execute(query):
                 counts[state] = int(count)
@@ -660,7 +669,8 @@ def _newest_among(
 
 def _joined() -> Select[Any]:
     r, c = schema.recordings, schema.calls
-    columns = [col for col in r.c] + [col for col in c.c if col.name != "id"]
+    # The call's id and PBX are the recording's call_id and pbx_id.
+    columns = [col for col in r.c] + [col for col in c.c if col.name not in ("id", "pbx_id")]
     return select(*columns).select_from(r.join(c, c.c.id == r.c.call_id))
 
 

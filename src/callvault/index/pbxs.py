@@ -17,6 +17,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?", re.ASCII)
 MAX_DOWNLOADS_LIMIT = 16
+# The registry id of the archive's PBX given by `serve`'s flags (the one-PBX shorthand):
+# the calls recorded without naming a PBX (`index.calls.record`'s default) are its.
+FLAGS_PBX_ID = 0
 DEFAULT_MAX_DOWNLOADS = 2  # each PBX is a small embedded box
 
 
@@ -26,6 +29,10 @@ class PbxRegistryError(ValueError):
 
 class NoSuchPbx(PbxRegistryError):
     """No PBX of that name is registered."""
+
+
+class PbxInUse(PbxRegistryError):
+    """The PBX cannot be taken off the registry: calls of it are archived."""
 
 
 def validate_name(name: str) -> str:
@@ -140,8 +147,9 @@ class PbxRecord:
     """One registered PBX, as the index keeps it.
 
     `password_sealed` is the password sealed with the master key (`callvault.keys`), to be
-    opened with the context `password_context(name)`. `serial` is "" until a report names
-    it; `detail` is what `pbx test` found last.
+    opened with the context `password_context(name)`; "" for the PBX given by `serve`'s
+    flags, whose password is given at each start (`given_by_flags`). `serial` is "" until
+    a report names it; `detail` is what `pbx test` found last.
     """
 
     id: int
@@ -153,6 +161,11 @@ class PbxRecord:
     detail: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+
+    @property
+    def given_by_flags(self) -> bool:
+        """Whether this is the archive's PBX given by `serve`'s flags (no sealed password)."""
+        return self.id == FLAGS_PBX_ID and not self.password_sealed
 
 
 def password_context(name: str) -> str:

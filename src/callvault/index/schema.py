@@ -59,7 +59,10 @@ calls = Table(
     "calls",
     metadata,
     Column("id", Integer, primary_key=True),
-    # Asterisk-style unique id "epoch.seq", as the PBX sends it.
+    # The PBX of the registry (`pbxs.id`) that reported the call; no foreign key: a PBX
+    # taken off the registry leaves its calls archived.
+    Column("pbx_id", Integer, nullable=False),
+    # Asterisk-style unique id "epoch.seq", as the PBX sends it: unique per PBX only.
     Column("callid", String(64), nullable=False),
     Column("pbx_serial", String(64), nullable=False, default=""),
     # Call start: aware UTC, and the PBX's local wall-clock text it came from.
@@ -81,7 +84,7 @@ calls = Table(
     Column("source", String(16), nullable=False, default="event"),  # event | cdr
     Column("first_seen_at", DateTime(timezone=True), nullable=False),
     Column("raw", Text, nullable=False, default="{}"),  # the fields as received, JSON
-    UniqueConstraint("callid", name="uq_calls_callid"),
+    UniqueConstraint("pbx_id", "callid", name="uq_calls_pbx_id_callid"),
 )
 Index("ix_calls_start_at", calls.c.start_at)
 Index("ix_calls_call_from", calls.c.call_from)
@@ -103,6 +106,7 @@ recordings = Table(
     Column("id", Integer, primary_key=True),
     Column("name", String(255), nullable=False),  # exactly as the PBX names it
     Column("call_id", Integer, ForeignKey("calls.id", ondelete="CASCADE"), nullable=False),
+    Column("pbx_id", Integer, nullable=False),  # its call's PBX: a name is unique per PBX
     Column("state", String(16), nullable=False, default=PENDING),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
@@ -124,7 +128,7 @@ recordings = Table(
     Column("verified_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
-    UniqueConstraint("name", name="uq_recordings_name"),
+    UniqueConstraint("pbx_id", "name", name="uq_recordings_pbx_id_name"),
 )
 Index("ix_recordings_state_next", recordings.c.state, recordings.c.next_attempt_at)
 Index("ix_recordings_call_id", recordings.c.call_id)

@@ -39,6 +39,9 @@ class PbxView(JsonResult):
     max_downloads: int
     events_allow: list[str]
     serial: str
+    # The archive's PBX given by `serve --pbx ...` (its login comes from the flags at each
+    # start), rather than registered with its sealed password.
+    given_by_flags: bool
     last_test: dict[str, Any]
     created_at: datetime
     updated_at: datetime
@@ -69,6 +72,7 @@ def pbx_view(record: PbxRecord) -> PbxView:
         max_downloads=config.max_downloads,
         events_allow=list(config.events_allow),
         serial=record.serial,
+        given_by_flags=record.given_by_flags,
         last_test=record.detail,
         created_at=record.created_at,
         updated_at=record.updated_at,
@@ -175,7 +179,16 @@ def remove_pbx(index: Index, name: str, *, actor: str, remote_addr: str) -> PbxR
 
 
 def open_password(record: PbxRecord, keyring: Keyring) -> str:
-    """The PBX's API password; MasterKeyError (one line) if the keys loaded cannot open it."""
+    """The PBX's API password; MasterKeyError (one line) if the keys loaded cannot open it,
+    or if the registry has none (the PBX given by `serve`'s flags)."""
+    from callvault.keys import MasterKeyError
+
+    if record.given_by_flags:
+        raise MasterKeyError(
+            f"PBX {record.name}'s password is not kept: it is given at each start by "
+            "serve's flags (--pbx, --username, --password-env); to keep it sealed instead, "
+            f"set it with `callvault pbx edit {record.name} --url URL --password-env VAR`"
+        )
     return keyring.open(record.password_sealed, password_context(record.name)).decode()
 
 

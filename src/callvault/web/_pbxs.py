@@ -19,6 +19,7 @@ from callvault.index.pbxs import (
     MAX_DOWNLOADS_LIMIT,
     NoSuchPbx,
     PbxConfig,
+    PbxInUse,
     PbxRegistryError,
 )
 from callvault.keys import Keyring, MasterKeyError
@@ -161,7 +162,7 @@ def change_pbx(request: Request, principal: Admin, name: PbxName, body: PbxPatch
     return pbx_view(edited.record)
 
 
-@router.delete("/pbxs/{name}", status_code=204, responses={404: {}})
+@router.delete("/pbxs/{name}", status_code=204, responses={404: {}, 409: {}})
 def delete_pbx(request: Request, principal: Admin, name: PbxName) -> Response:
     """Take a PBX off the registry; what was archived from it stays."""
     check_csrf(request, principal)
@@ -171,6 +172,8 @@ def delete_pbx(request: Request, principal: Admin, name: PbxName) -> Response:
         )
     except NoSuchPbx as exc:
         raise HTTPException(404, str(exc)) from None
+    except PbxInUse as exc:
+        raise HTTPException(409, str(exc)) from None
     return Response(status_code=204)
 
 
