@@ -304,3 +304,42 @@ def test_two_pbxs_share_an_index_each_archived_by_its_own_serve(tmp_path: Path) 
                 row = index.recordings.by_name(cdr.recording, pbx_id=archiver.pbx.id)
                 assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
                 assert row.storage_key is not None and row.storage_key.startswith(sim.serial)
+
+
+def test_list_shows_the_pbx_of_each_recording_and_filters_by_it(
+    tmp_path: Path, registry: dict[str, str]
+) -> None:
+    from callvault.index.pbxs import PbxConfig
+    from callvault.pbx import CallDetail
+
+    archive = Path(registry["CALLVAULT_ARCHIVE"])
+    with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
+        for name in ("lyon", "paris"):
+            index.pbxs.add(
+                name,
+                PbxConfig(url=f"https://{name}.example:8088", username="api"),
+                password_sealed="v1.x.y",
+                events_path=f"path-{name}",
+                now=NOW,
+            )
+            call = CallDetail(
+                callid="1.1",  # the same call id on both: each PBX's own
+                timestart="2024-05-03 10:00:00",
+                callfrom="2001",
+                callto="2002",
+                recording=f"20240503100000-1.1-2001-2002-{name}.wav",
+            )
+            index.calls.record(
+                [call], source="event", tz=ZoneInfo("UTC"), now=NOW,
+                pbx_id=index.pbxs.require(name).id,
+            )  # fmt: skip
+    listed = cli("list", "--timezone", "UTC", env=registry)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[0] == "PBX" and len(lines) == 3
+    assert {line.split()[0] for line in lines[1:]} == {"lyon", "paris"}
+    only = cli("list", "--pbx", "paris", "--json", env=registry)
+    [item] = json.loads(only.stdout)["items"]
+    assert (item["pbx"], item["name"]) == ("paris", "20240503100000-1.1-2001-2002-paris.wav")
+    unknown = cli("list", "--pbx", "nice", env=registry)
+    assert unknown.returncode == 2 and "no PBX named 'nice' (lyon, paris)" in unknown.stderr

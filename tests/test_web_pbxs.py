@@ -118,3 +118,45 @@ def test_testing_a_pbx_logs_in_once_and_pauses_after_a_refusal(
     again = admin.post("/api/pbxs/paris/test")
     assert again.status_code == 409 and "not trying it again" in again.json()["detail"]
     assert outcomes(sim, "login") == ["Success", "20003"]
+
+
+def test_searches_show_and_filter_by_pbx(web: LiveWeb) -> None:
+    from zoneinfo import ZoneInfo
+
+    from callvault.index.pbxs import PbxConfig
+    from callvault.pbx import CallDetail
+
+    index = web.archive.index
+    now = web.clock()
+    for name in ("lyon", "paris"):
+        index.pbxs.add(
+            name,
+            PbxConfig(url=f"https://{name}.example:8088", username="api"),
+            password_sealed="v1.x.y",
+            events_path=f"path-{name}",
+            now=now,
+        )
+    lyon = index.pbxs.require("lyon")
+    call = CallDetail(
+        callid="1.1",
+        timestart="2024-05-03 10:00:00",
+        callfrom="2001",
+        callto="2002",
+        recording="20240503100000-1.1-2001-2002-Internal.wav",
+    )
+    index.calls.record([call], source="event", tz=ZoneInfo("UTC"), now=now, pbx_id=lyon.id)
+    admin, _ = web.bearer(ADMIN[0])
+    everything = admin.get("/api/recordings").json()
+    assert {item["pbx"] for item in everything["items"]} == {"", "lyon"}
+    only = admin.get("/api/recordings", params={"pbx": "lyon"}).json()
+    assert [item["name"] for item in only["items"]] == [call.recording]
+    assert only["items"][0]["pbx"] == "lyon"
+    one = admin.get(f"/api/recordings/{only['items'][0]['id']}").json()
+    assert one["pbx"] == "lyon"
+    unknown = admin.get("/api/recordings", params={"pbx": "nice"})
+    assert unknown.status_code == 422 and "no PBX named 'nice'" in unknown.json()["detail"]
+    browser = web.login(*ADMIN)
+    page = browser.get("/search", params={"pbx": "lyon"}).text
+    assert '<select id="pbx" name="pbx"' in page and "<option selected>lyon</option>" in page
+    assert '<th scope="col">PBX</th>' in page and '<td data-label="PBX">lyon</td>' in page
+    assert "pbx=lyon" in page  # the export keeps the filter

@@ -123,6 +123,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 @option("--until", metavar="TIME", help="...and before this time (a date: through that day).")
 @option("--number", metavar="DIGITS", help="Part of the caller, callee or DID number.")
 @option("--state", metavar="STATE", help=f"Only this state: {', '.join(RECORDING_STATES)}.")
+@option("--pbx", metavar="NAME", help="Only this PBX of the registry (`callvault pbx list`).")
 @option(
     "--limit",
     type=click.IntRange(min=0),
@@ -144,6 +145,7 @@ def list_command(
     until: str | None,
     number: str | None,
     state: str | None,
+    pbx: str | None,
     limit: int,
     after: str | None,
     timezone: str | None,
@@ -151,7 +153,7 @@ def list_command(
     db: str | None,
     config: Path | None,
 ) -> None:
-    """List recordings, newest call first.
+    """List recordings, newest call first (with their PBX when the registry has several).
 
     Times are shown and read in the PBX's zone as serve/backfill saved it (the host's if
     none was saved), or in --timezone.
@@ -171,11 +173,19 @@ def list_command(
             )
     with open_settings_archive(settings) as opened:
         tz = display_timezone(settings, opened)
+        names = {record.id: record.name for record in opened.index.pbxs.list()}
+        pbx_id = None
+        if pbx is not None:
+            pbx_id = next((key for key, name in names.items() if name == pbx), None)
+            if pbx_id is None:
+                known = ", ".join(sorted(names.values())) or "none is registered"
+                fail(f"--pbx: no PBX named {pbx!r} ({known})", code=2)
         filters = SearchFilters(
             since=_moment("--since", since, tz, end=False),
             until=_moment("--until", until, tz, end=True),
             number=number or None,
             state=state,
+            pbx_id=pbx_id,
         )
         if json_output:  # scripts get the total and the next page's cursor, as from the API
             from callvault.ops import search_recordings
@@ -192,8 +202,10 @@ def list_command(
     if not rows:
         print("no recordings match")
         return
+    several = len(names) > 1
     table = [
-        [
+        [names.get(row.pbx_id, "")] * several
+        + [
             row.start_at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
             if row.start_at
             else row.timestart_local,
@@ -207,7 +219,16 @@ def list_command(
         ]
         for row in rows
     ]
-    headers = [f"START ({tz.key})", "STATE", "FROM", "TO", "TYPE", "STATUS", "SIZE", "RECORDING"]
+    headers = ["PBX"] * several + [
+        f"START ({tz.key})",
+        "STATE",
+        "FROM",
+        "TO",
+        "TYPE",
+        "STATUS",
+        "SIZE",
+        "RECORDING",
+    ]
     print(_table(headers, table))
     if more:
         print(

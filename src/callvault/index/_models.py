@@ -215,6 +215,7 @@ class SearchFilters:
     - `scope`: the extension ranges a user may see (see `Scope`); a call matches when its
       caller or callee is an all-digit number inside one of them (no leading zero). None
       means no restriction; an empty list matches nothing.
+    - `pbx_id`: the recordings of that PBX of the registry only.
     """
 
     since: datetime | None = None
@@ -226,3 +227,4 @@ class SearchFilters:
     min_talk_s: int | None = None
     state: str | None = None
     scope: Scope = field(default=None)
+    pbx_id: int | None = None

@@ -270,6 +270,8 @@ class RecordingStore:
             conditions.append(c.c.talk_s >= filters.min_talk_s)
         if filters.state:
             conditions.append(r.c.state == filters.state)
+        if filters.pbx_id is not None:
+            conditions.append(r.c.pbx_id == filters.pbx_id)
         if filters.scope is not None:
             conditions.append(self._scope_matches(filters.scope, walk=walk))
         return conditions

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
         MAX_OFFSET,
         RecordingPage,
         RecordingView,
+        pbx_id_of,
+        pbx_names,
         search_recordings,
     )
     from callvault.ops._requeue import REQUEUE_STATES, RequeueResult, requeue
@@ -75,6 +77,8 @@ _HOMES = {
     "RecordingPage": "_recordings",
     "RecordingView": "_recordings",
     "search_recordings": "_recordings",
+    "pbx_id_of": "_recordings",
+    "pbx_names": "_recordings",
     "PbxTest": "_pbxs",
     "PbxView": "_pbxs",
     "add_pbx": "_pbxs",
@@ -134,6 +138,8 @@ __all__ = [
     "open_archive",
     "open_password",
     "pbx_client",
+    "pbx_id_of",
+    "pbx_names",
     "pbx_view",
     "readiness",
     "remove_pbx",

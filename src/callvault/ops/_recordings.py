@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +24,7 @@ class RecordingView(JsonResult):
     state: str
     call_id: int
     callid: str
+    pbx: str  # the PBX's name in the registry ("" if it has none)
     pbx_serial: str
     start_at: datetime | None
     timestart_local: str
@@ -48,7 +50,9 @@ class RecordingView(JsonResult):
     download_url: str | None
 
     @classmethod
-    def of(cls, row: RecordingRow) -> RecordingView:
+    def of(cls, row: RecordingRow, pbx_names: Mapping[int, str] | None = None) -> RecordingView:
+        """The view of `row`; `pbx_names` (registry id to name, `pbx_names(index)`) names
+        its PBX."""
         archived = row.state == ARCHIVED and row.storage_key is not None
         return cls(
             id=row.id,
@@ -56,6 +60,7 @@ class RecordingView(JsonResult):
             state=row.state,
             call_id=row.call_id,
             callid=row.callid,
+            pbx=(pbx_names or {}).get(row.pbx_id, ""),
             pbx_serial=row.pbx_serial,
             start_at=row.start_at,
             timestart_local=row.timestart_local,
@@ -80,6 +85,16 @@ class RecordingView(JsonResult):
             audio_url=f"/api/recordings/{row.id}/audio" if archived else None,
             download_url=f"/api/recordings/{row.id}/download" if archived else None,
         )
+
+
+def pbx_names(index: Index) -> dict[int, str]:
+    """The name of every PBX of the registry, by id (a handful of rows)."""
+    return {record.id: record.name for record in index.pbxs.list()}
+
+
+def pbx_id_of(index: Index, name: str) -> int:
+    """The registry id of the PBX named `name`; NoSuchPbx (one line) if there is none."""
+    return index.pbxs.require(name).id
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +126,7 @@ def search_recordings(
     """One page of the recordings matching `filters`, after the position `after` (or
     `offset` rows in: keep that to the first pages), with how many match in all. `limit` 0
     means every match (`callvault list --limit 0`), counted exactly."""
+    names = pbx_names(index)
     if limit == 0:
         every = index.recordings.search(filters, limit=2**62, offset=offset, after=after)
         whole = after is None and offset == 0
@@ -120,7 +136,7 @@ def search_recordings(
             limit=0,
             offset=offset,
             next=None,
-            items=[RecordingView.of(row) for row in every],
+            items=[RecordingView.of(row, names) for row in every],
         )
     rows, total = index.recordings.page(
         filters, limit=limit + 1, offset=offset, after=after, cap=None if exact_total else TOTAL_CAP
@@ -133,5 +149,5 @@ def search_recordings(
         limit=limit,
         offset=offset,
         next=rows[-1].position.token() if more and rows else None,
-        items=[RecordingView.of(row) for row in rows],
+        items=[RecordingView.of(row, names) for row in rows],
     )

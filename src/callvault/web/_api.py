@@ -25,6 +25,7 @@ from callvault.ops import (
     RequeueResult,
     VerifyResult,
     archive_status,
+    pbx_names,
     requeue,
     verify_recording,
 )
@@ -103,8 +104,13 @@ def search_params(
         int | None, Query(ge=0, le=10_000_000, description="Talk time at least (seconds)")
     ] = None,
     state: Annotated[StateName | None, Query(description="Archive state")] = None,
+    pbx: Annotated[
+        str | None, Query(max_length=32, description="The PBX, by its name in the registry")
+    ] = None,
 ) -> SearchParams:
-    params = SearchParams(since, until, number, extension, direction, status, min_talk_s, state)
+    params = SearchParams(
+        since, until, number, extension, direction, status, min_talk_s, state, pbx
+    )
     for name, value in params.query_items():
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
             raise HTTPException(422, f"{name}: control characters are not allowed")
@@ -261,7 +267,7 @@ def search(
     (the same page as `callvault list --json`). `total` counts up to 1,000 matches unless
     `exact_total` asks for all: with `total_exact` false, more than `total` match. Page on
     with `after` set to the page's `next` (null on the last page)."""
-    filters = params.filters(principal.user)
+    filters = params.filters(principal.user, context(request).index)
     page = search_page_of(context(request).index, filters, limit, after, offset, exact_total)
     return _answer(page)
 
@@ -274,7 +280,8 @@ def search(
 )
 def recording(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
     """One recording's call fields, archive state and checksum."""
-    return _answer(RecordingView.of(visible_recording(request, principal, recording_id)))
+    row = visible_recording(request, principal, recording_id)
+    return _answer(RecordingView.of(row, pbx_names(context(request).index)))
 
 
 # What browsers send as Sec-Fetch-Site for a request made from this site's own pages, or
@@ -417,7 +424,7 @@ def export_response(
     request: Request, principal: Principal, params: SearchParams, max_files: int
 ) -> Response:
     ctx = context(request)
-    filters = params.filters(principal.user)
+    filters = params.filters(principal.user, context(request).index)
     if filters.state is None or filters.state == ARCHIVED:
         rows = ctx.index.recordings.search(replace(filters, state=ARCHIVED), limit=max_files)
     else:

@@ -14,7 +14,7 @@ from callvault.index import Index, Position, RecordingRow, SearchFilters
 from callvault.index.schema import RECORDING_STATES
 from callvault.index.users import User
 from callvault.keys import Keyring
-from callvault.ops import MAX_OFFSET, Archive, RecordingPage, search_recordings
+from callvault.ops import MAX_OFFSET, Archive, RecordingPage, pbx_id_of, search_recordings
 from callvault.storage import Storage
 from callvault.times import TimeFormatError, parse_moment
 from callvault.web._security import (
@@ -160,10 +160,19 @@ class SearchParams:
     status: str | None = None
     min_talk_s: int | None = None
     state: str | None = None
+    pbx: str | None = None
 
-    def filters(self, user: User) -> SearchFilters:
+    def filters(self, user: User, index: Index) -> SearchFilters:
         if self.state and self.state not in RECORDING_STATES:
             raise HTTPException(422, f"state: use one of {', '.join(RECORDING_STATES)}")
+        pbx_id = None
+        if (self.pbx or "").strip():
+            from callvault.index.pbxs import NoSuchPbx
+
+            try:
+                pbx_id = pbx_id_of(index, (self.pbx or "").strip())
+            except NoSuchPbx as exc:
+                raise HTTPException(422, f"pbx: {exc}") from None
         return SearchFilters(
             since=parse_when(self.since, end=False, field_name="since"),
             until=parse_when(self.until, end=True, field_name="until"),
@@ -174,6 +183,7 @@ class SearchParams:
             min_talk_s=self.min_talk_s,
             state=self.state or None,
             scope=user.scope_ranges,
+            pbx_id=pbx_id,
         )
 
     def query_items(self) -> list[tuple[str, str]]:
@@ -187,6 +197,7 @@ class SearchParams:
             "status",
             "min_talk_s",
             "state",
+            "pbx",
         ):
             value = getattr(self, name)
             if value is not None and str(value) != "":

@@ -315,6 +315,7 @@ SEARCH_LABELS = {
     "status": "Status",
     "min_talk_s": "Min. talk (s)",
     "state": "State",
+    "pbx": "PBX",
 }
 # The date filters (From, To) of the search and audit pages: a start, and an end that
 # counts through its day.
@@ -404,6 +405,7 @@ def _search_params(request: Request) -> tuple[SearchParams, dict[str, str]]:
         status=text("status", 16),
         min_talk_s=min_talk,
         state=state or None,
+        pbx=text("pbx", 32),
     )
     return params, problems
 
@@ -420,7 +422,7 @@ def search_page(request: Request, principal: PageUser) -> HTMLResponse:
     result: RecordingPage | None = None
     if not problems:
         try:
-            filters = params.filters(principal.user)
+            filters = params.filters(principal.user, ctx.index)
             offset = 0 if after else (page - 1) * PAGE_SIZE
             if offset > MAX_OFFSET:
                 raise HTTPException(
@@ -454,6 +456,7 @@ def search_page(request: Request, principal: PageUser) -> HTMLResponse:
         states=RECORDING_STATES,
         archived=ARCHIVED,
         filename=_media.readable_filename,
+        pbxs=sorted(record.name for record in ctx.index.pbxs.list()),
     )
 
 
