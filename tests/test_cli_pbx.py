@@ -304,6 +304,12 @@ def test_two_pbxs_share_an_index_each_archived_by_its_own_serve(tmp_path: Path) 
                 row = index.recordings.by_name(cdr.recording, pbx_id=archiver.pbx.id)
                 assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
                 assert row.storage_key is not None and row.storage_key.startswith(sim.serial)
+            # Each serve reports its own PBX's session; neither overwrites the other's.
+            status = cli("status", "--json", env={"CALLVAULT_ARCHIVE": str(archive)})
+            sessions = {p["name"]: p["session"]["state"] for p in json.loads(status.stdout)["pbxs"]}
+            assert sessions == {"lyon": "ok", "paris": "ok"}, status.stdout
+            text = cli("status", env={"CALLVAULT_ARCHIVE": str(archive)}).stdout
+            assert "PBX sessions:" in text and "paris" in text and "lyon" in text
 
 
 def test_list_shows_the_pbx_of_each_recording_and_filters_by_it(

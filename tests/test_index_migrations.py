@@ -27,7 +27,7 @@ from callvault.index.schema import metadata
 from callvault.pbx import CallDetail
 from support.databases import migrate
 
-HEAD = "0007"
+HEAD = "0008"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -441,13 +441,15 @@ def test_upgrade_to_0007_makes_the_pbx_of_before_the_first_of_the_registry(
         index.calls.record(before, source="event", tz=utc, now=NOW)
         index.settings.set(SettingKey.EVENTS_SECRET_PATH, "callvault-events-kept", NOW)
         index.settings.set(SettingKey.PBX_TIMEZONE, "Europe/Paris", NOW)
+        index.settings.set(SettingKey.PBX_HEALTH, '{"state": "ok", "error": null}', NOW)
     migrate(empty_db_url, "0006", down=True)
     with open_index(empty_db_url) as index:
-        assert index.schema_revision() == HEAD == "0007"
+        assert index.schema_revision() == HEAD
         [main] = index.pbxs.list()
         assert (main.name, main.config.url, main.password_sealed) == ("main", "", "")
         assert (main.events_path, main.serial) == ("callvault-events-kept", "S1")
         assert main.config.timezone == "Europe/Paris"
+        assert main.session == {"state": "ok", "error": None}  # 0008: the session moved
         rows = index.recordings.search(SearchFilters())
         assert {(row.name, row.pbx_id) for row in rows} == {("a.wav", main.id), ("b.wav", main.id)}
         # The number search still finds the calls from before, and follows new ones.

@@ -86,6 +86,41 @@ def test_status_shows_serves_workers_alive_against_configured(archive: Archive) 
     assert status.attention == ["Only 1 of 2 download workers is running."]
 
 
+def test_status_names_the_pbx_whose_session_is_worst(archive: Archive) -> None:
+    from callvault.index.pbxs import PbxConfig
+
+    index = archive.index
+    serve = index.processes.register(
+        node="n1", kind="serve", hostname="h", pid=11, workers=2, now=NOW
+    )
+    index.processes.heartbeat(serve.id, now=NOW, workers_alive=2)
+    for name in ("lyon", "nice", "paris"):
+        config = PbxConfig(url=f"https://{name}.example:8088", username="api")
+        index.pbxs.add(name, config, password_sealed="v1.x", events_path=name, now=NOW)
+    contact = (NOW - timedelta(minutes=2)).isoformat()
+    sessions = {
+        "lyon": {"state": "ok", "error": None, "last_success_at": contact},
+        "paris": {"state": "error", "error": "login: wrong API username or password"},
+    }
+    for name, health in sessions.items():
+        index.pbxs.report_session(index.pbxs.require(name).id, json.dumps(health))
+    status = archive_status(archive, now=NOW + timedelta(seconds=5))
+    assert [(p.name, p.session.state) for p in status.pbxs] == [
+        ("lyon", "ok"),
+        ("nice", "unknown"),  # no serve reported on it
+        ("paris", "error"),
+    ]
+    assert status.pbx_session.summary == (
+        "paris: not working: login: wrong API username or password; no contact yet "
+        "(1 of 3 PBX sessions ok)"
+    )
+    assert status.attention == [
+        "No serve reports on PBX nice: start one for it (`callvault serve --only nice`).",
+        "The session with PBX paris is not working: login: wrong API username or password; "
+        "no contact yet.",
+    ]
+
+
 def test_status_json_is_one_shape_with_utc_times(archive: Archive) -> None:
     queue(archive.index, 1)
     archive.index.settings.set(SettingKey.LAST_EVENT_AT, NOW.isoformat(), NOW)

@@ -354,7 +354,7 @@ class Archiver:
         )
 
         def write_health(value: str) -> None:
-            loop.run_in_executor(None, index.settings.set, SettingKey.PBX_HEALTH, value, _utcnow())
+            loop.run_in_executor(None, index.pbxs.report_session, pbx.id, value)
 
         session = PbxSession(
             client,

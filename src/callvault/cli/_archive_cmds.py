@@ -279,7 +279,12 @@ def print_status(status: ArchiveStatus) -> None:
         f"calls: {status.calls} ({status.calls_with_recording} with a recording, "
         f"{status.calls_without_recording} without: not recorded or not answered)"
     )
-    print(f"PBX session: {status.pbx_session.summary}")
+    if len(status.pbxs) > 1:
+        print("PBX sessions:")
+        for pbx in status.pbxs:
+            print(f"  {pbx.name:<16} {pbx.session.summary}")
+    else:
+        print(f"PBX session: {status.pbx_session.summary}")
     workers = status.workers
     if status.serve == "running":
         print(f"download workers: {workers.alive} of {workers.configured} running")

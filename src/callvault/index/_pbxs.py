@@ -166,6 +166,12 @@ class PbxStore:
                 .values(detail=json.dumps(dict(detail), sort_keys=True), updated_at=to_utc(now))
             )
 
+    def report_session(self, pbx_id: int, health: str) -> None:
+        """Keep the PBX session's health (JSON, as `serve` reports it) in its entry; the
+        entry's `updated_at` is left alone (it says when a person changed it)."""
+        with self._db.write() as conn:
+            conn.execute(update(pbxs).where(pbxs.c.id == pbx_id).values(session=health))
+
     def learn_serial(self, name: str, serial: str, *, now: datetime) -> None:
         """Remember the serial the PBX's reports name it by (when it differs)."""
         serial = serial.strip()[:_SERIAL_MAX]
@@ -214,10 +220,7 @@ def _config_columns(config: PbxConfig) -> dict[str, Any]:
 
 def _record(row: Row[Any]) -> PbxRecord:
     m = row._mapping
-    try:
-        detail = json.loads(m["detail"] or "{}")
-    except ValueError:
-        detail = {}
+    detail, session = _json_object(m["detail"]), _json_object(m["session"])
     return PbxRecord(
         id=int(m["id"]),
         name=str(m["name"]),
@@ -236,10 +239,19 @@ def _record(row: Row[Any]) -> PbxRecord:
         password_sealed=str(m["password_sealed"]),
         events_path=str(m["events_path"]),
         serial=str(m["serial"]),
-        detail=detail if isinstance(detail, dict) else {},
+        detail=detail,
         created_at=_when(m["created_at"]),
         updated_at=_when(m["updated_at"]),
+        session=session,
     )
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _when(value: datetime) -> datetime:

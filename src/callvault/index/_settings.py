@@ -16,7 +16,9 @@ class SettingKey(StrEnum):
     """Every key of the `settings` table (the values are what existing archives hold)."""
 
     EVENTS_SECRET_PATH = "events_secret_path"  # noqa: S105 - the receiver's URL path
-    PBX_HEALTH = "pbx_health"  # the PBX session's health, JSON
+    # The PBX session's health, JSON, as serve wrote it before migration 0008 (which moved
+    # it to each PBX's registry entry, `pbxs.session`).
+    PBX_HEALTH = "pbx_health"
     PBX_TIMEZONE = "pbx_timezone"  # the zone the PBX's local times were read in
     LAST_EVENT_AT = "last_event_at"  # when the last NewCdr was committed, ISO 8601
     WEB_SESSION_SECRET = "web_session_secret"  # noqa: S105 - the key's name, not a secret

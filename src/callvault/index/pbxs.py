@@ -161,6 +161,7 @@ class PbxRecord:
     detail: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    session: dict[str, Any] = field(default_factory=dict)  # as its serve last reported it
 
     @property
     def given_by_flags(self) -> bool:

@@ -258,6 +258,8 @@ pbxs = Table(
     Column("events_allow", Text, nullable=False, default=""),
     Column("serial", String(64), nullable=False, default=""),
     Column("detail", Text, nullable=False, default="{}"),  # what `pbx test` found last, JSON
+    # Its API session's health as the serve archiving it last reported it, JSON.
+    Column("session", Text, nullable=False, default="{}"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("name", name="uq_pbxs_name"),

@@ -60,6 +60,15 @@ class PbxSessionStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class PbxStatus:
+    """A PBX of the registry and its session, as the serve archiving it last reported."""
+
+    name: str
+    serial: str
+    session: PbxSessionStatus
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessStatus:
     """A callvault process that works on the archive (serve, backfill), from its heartbeat."""
 
@@ -102,7 +111,10 @@ class ArchiveStatus(JsonResult):
     failures: list[Failure]
     retrying: list[Failure]
     last_event_at: datetime | None
+    # The session of the PBX (with several PBXs: the one in the worst state, named).
     pbx_session: PbxSessionStatus
+    # Every PBX of the registry with its own session.
+    pbxs: list[PbxStatus]
     pbx_timezone: str | None
     workers: WorkerCount
     processes: list[ProcessStatus]
@@ -142,6 +154,15 @@ def archive_status(
     live_serves = [p for p in processes if p.kind == SERVE and p.alive]
     serve_known = any(p.kind == SERVE for p in processes)
     serve = "running" if live_serves else ("stopped" if serve_known else "never")
+    running = bool(live_serves) if serve_known else None
+    pbxs = [
+        PbxStatus(
+            record.name,
+            record.serial,
+            _session(record.session or None, now=now, serve_running=running, legacy=False),
+        )
+        for record in index.pbxs.list()
+    ]
     status = ArchiveStatus(
         archive=archive.storage.describe(),
         checked_at=now,
@@ -155,11 +176,11 @@ def archive_status(
         failures=[Failure.of(row) for row in index.recordings.recent_failures(failures)],
         retrying=[Failure.of(row) for row in index.recordings.retrying(failures)],
         last_event_at=_moment(index.settings.get(SettingKey.LAST_EVENT_AT)),
-        pbx_session=_session(
-            archive.saved_json(SettingKey.PBX_HEALTH),
-            now=now,
-            serve_running=bool(live_serves) if serve_known else None,
+        pbx_session=_overall(
+            pbxs,
+            _session(archive.saved_json(SettingKey.PBX_HEALTH), now=now, serve_running=running),
         ),
+        pbxs=pbxs,
         pbx_timezone=timezone.key if timezone is not None else None,
         workers=WorkerCount(
             configured=sum(p.workers_configured for p in live_serves),
@@ -190,6 +211,15 @@ def _attention(status: ArchiveStatus) -> list[str]:
         notes.append(
             "No callvault serve has run on this archive: nothing is archived as calls happen."
         )
+    elif len(status.pbxs) > 1:
+        for pbx in status.pbxs:
+            if pbx.session.state == "unknown":
+                notes.append(
+                    f"No serve reports on PBX {pbx.name}: start one for it "
+                    f"(`callvault serve --only {pbx.name}`)."
+                )
+            elif pbx.session.state not in ("ok", "connecting"):
+                notes.append(f"The session with PBX {pbx.name} is {pbx.session.summary}.")
     elif status.pbx_session.state not in ("ok", "connecting"):
         notes.append(f"The PBX session is {status.pbx_session.summary}.")
     workers = status.workers
@@ -238,9 +268,40 @@ def _moment(text: Any) -> datetime | None:
     return value if value.tzinfo is not None else None
 
 
-def _session(health: Any, *, now: datetime, serve_running: bool | None) -> PbxSessionStatus:
+# From the worst to the best: the PBX whose session stands first is the one to look at.
+_SESSION_ORDER = ("error", "degraded", "stopped", "unknown", "connecting", "ok")
+
+
+def _overall(pbxs: list[PbxStatus], before: PbxSessionStatus) -> PbxSessionStatus:
+    """The archive's PBX session in one: the only PBX's; with several, the worst one's,
+    named; with none in the registry, `before` (what serve kept before there was one)."""
+    if not pbxs:
+        return before
+    if len(pbxs) == 1:
+        return pbxs[0].session
+
+    def rank(pbx: PbxStatus) -> int:
+        state = pbx.session.state
+        return _SESSION_ORDER.index(state) if state in _SESSION_ORDER else 0
+
+    worst = min(pbxs, key=rank)
+    working = sum(1 for pbx in pbxs if pbx.session.state == "ok")
+    session = worst.session
+    summary = f"{worst.name}: {session.summary} ({working} of {len(pbxs)} PBX sessions ok)"
+    return replace(session, summary=summary)
+
+
+def _session(
+    health: Any, *, now: datetime, serve_running: bool | None, legacy: bool = True
+) -> PbxSessionStatus:
     """The PBX session from the health `serve` wrote, in words. `serve_running` is None
-    when no serve has registered with this index (an archive from before process rows)."""
+    when no serve has registered with this index (an archive from before process rows).
+    Without `legacy` (a PBX of the registry, not the setting of before), a PBX without
+    health while a serve runs is one no serve has worked on yet."""
+    if not isinstance(health, dict) and not legacy and serve_running:
+        return PbxSessionStatus(
+            "unknown", None, None, None, "no serve has reported on it (none archives it?)"
+        )
     if not isinstance(health, dict):
         if serve_running:
             return PbxSessionStatus("connecting", None, None, None, "serve is starting")
