@@ -468,3 +468,14 @@ def test_upgrade_to_0007_makes_the_pbx_of_before_the_first_of_the_registry(
 def test_an_empty_index_gets_no_pbx_at_0007(empty_db_url: str) -> None:
     with open_index(empty_db_url) as index:
         assert index.pbxs.list() == []
+
+
+def test_0007_down_and_up_again_keeps_the_pbx_of_before(empty_db_url: str) -> None:
+    detail = CallDetail(callid="1.1", callfrom="100", callto="200", recording="a.wav")
+    with open_index(empty_db_url) as index:
+        index.calls.record([detail], source="event", tz=ZoneInfo("UTC"), now=NOW)
+    for _ in range(2):
+        migrate(empty_db_url, "0006", down=True)
+        with open_index(empty_db_url) as index:
+            assert [(p.id, p.name) for p in index.pbxs.list()] == [(0, "main")]
+            assert [r.pbx_id for r in index.recordings.search(SearchFilters())] == [0]
