@@ -349,3 +349,35 @@ def test_list_shows_the_pbx_of_each_recording_and_filters_by_it(
     assert (item["pbx"], item["name"]) == ("paris", "20240503100000-1.1-2001-2002-paris.wav")
     unknown = cli("list", "--pbx", "nice", env=registry)
     assert unknown.returncode == 2 and "no PBX named 'nice' (lyon, paris)" in unknown.stderr
+
+
+def test_backfill_takes_a_registered_pbx_and_flags_never_double_it(
+    sim: Simulator, registry: dict[str, str]
+) -> None:
+    from datetime import date, timedelta
+
+    add_sim(sim, registry)
+    env = {**registry, "CALLVAULT_TIMEZONE": sim.config.timezone}
+    since = (date.today() - timedelta(days=2)).isoformat()  # the simulator's calls are now
+    done = cli("backfill", "--since", since, "--queue-only", env=env)
+    assert done.returncode == 0, done.stderr
+    recorded = len([c for c in sim.state.cdrs() if c.recording])
+    assert f"{recorded} recordings queued" in done.stdout
+    archive = Path(registry["CALLVAULT_ARCHIVE"])
+    with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
+        paris = index.pbxs.require("paris")
+        assert index.recordings.counts_by_state(pbx_id=paris.id)["pending"] == recorded
+        assert [p.name for p in index.pbxs.list()] == ["paris"]  # no entry of flags made
+    # The same PBX given by flags would be recorded a second time, under another entry.
+    assert sim.cert_sha256 is not None
+    flags = {
+        **env,
+        "CALLVAULT_PBX": sim.url,
+        "CALLVAULT_USERNAME": sim.username,
+        "CALLVAULT_PIN_SHA256": sim.cert_sha256,
+        "CALLVAULT_PASSWORD": SIM_PASSWORD,
+    }
+    again = cli("backfill", "--since", since, "--queue-only", env=flags)
+    assert again.returncode == 2
+    assert f"PBX paris is registered with the URL {sim.url}" in again.stderr
+    assert "--only paris" in again.stderr

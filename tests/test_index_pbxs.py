@@ -118,7 +118,7 @@ def test_serial_test_results_and_removal(index: Index) -> None:
 
 
 def test_the_pbx_given_by_flags_is_the_entry_with_id_0(index: Index) -> None:
-    add(index, "main")  # a registered PBX took the name
+    add(index, "main", replace(CONFIG, url="https://10.0.0.1:8088"))  # took the name
     first = index.pbxs.given_at_start(CONFIG, events_path="path-of-the-archive", now=NOW)
     assert (first.id, first.name, first.given_by_flags, first.config.url) == (
         0,
@@ -137,6 +137,10 @@ def test_the_pbx_given_by_flags_is_the_entry_with_id_0(index: Index) -> None:
     )
     assert [r.name for r in index.pbxs.list()] == ["main", "main-2"]
     assert not index.pbxs.require("main").given_by_flags
+    # Flags naming a registered PBX's URL would archive its calls a second time.
+    taken = replace(CONFIG, url="https://10.0.0.1:8088")
+    with pytest.raises(PbxRegistryError, match="PBX main is registered with the URL"):
+        index.pbxs.given_at_start(taken, events_path="path-of-the-archive", now=NOW)
 
 
 def test_a_pbx_whose_calls_are_archived_stays_in_the_registry(index: Index) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 from rich.console import Console
@@ -176,8 +177,6 @@ def archiver_config(
 ) -> ArchiverConfig:
     """The service configuration from the settings (exits with one line on bad ones): the
     PBX the flags give (--pbx ...), else the registered one (`only`, or the only one)."""
-    from zoneinfo import ZoneInfo
-
     from callvault.keys import MasterKeyError
 
     events_host, events_port = settings.events_address()
@@ -390,6 +389,19 @@ def _time_option(flag: str, value: str, tz: tzinfo, *, end: bool) -> datetime:
 )
 @config_option
 @pbx_options
+@option(
+    "--only",
+    metavar="NAME",
+    help="The registered PBX to backfill (`callvault pbx add`), when no --pbx is given "
+    "(default: the only one registered).",
+)
+@option(
+    "--master-key-file",
+    type=PATH,
+    metavar="FILE",
+    help="File of master keys that open the registered PBX's password (default: "
+    "CALLVAULT_MASTER_KEY or CALLVAULT_MASTER_KEY_FILE).",
+)
 @archive_option
 @db_option
 @workers_option
@@ -403,6 +415,8 @@ def backfill_command(
     restart: bool,
     config: Path | None,
     pbx_flags: PbxFlags,
+    only: str | None,
+    master_key_file: Path | None,
     archive: Path | None,
     db: str | None,
     workers: int | None,
@@ -410,7 +424,10 @@ def backfill_command(
     timezone: str | None,
     verbose: bool,
 ) -> None:
-    """Queue (and download) every recording of the CDR history in a date range."""
+    """Queue (and download) every recording of the CDR history in a date range.
+
+    The PBX is the one --pbx (with --username, --password-env...) gives, else the one
+    registered with `callvault pbx add` (--only NAME when there are several)."""
     settings = settings_or_fail(
         config,
         **pbx_flags,
@@ -419,20 +436,38 @@ def backfill_command(
         workers=workers,
         node=node,
         timezone=timezone,
+        master_key_file=master_key_file,
     )
-    _pbx, _user, archive_dir = _require(settings)
-    if not settings.api.has_cdr_export:
+    record = keyring = None
+    if settings.pbx is None:
+        record, keyring = _registered(settings, only)
+        archive_dir = settings.archive_dir()
+        api = ApiVersion(record.config.api_version)
+        tz = ZoneInfo(record.config.timezone) if record.config.timezone else settings.tz
+        pbx_url = record.config.url
+    else:
+        if only is not None:
+            fail("give either --only NAME (a registered PBX) or --pbx URL, not both", code=2)
+        pbx_url, _user, archive_dir = _require(settings)
+        api, tz = settings.api, settings.tz
+    if not api.has_cdr_export:
         # Before anything is made: the archive, the index, a login.
         fail(
-            f"API {settings.api.value} has no CDR export to backfill from (it came with "
+            f"API {api.value} has no CDR export to backfill from (it came with "
             "v1.1.0): give --api-version v1.1.0 or later if the PBX's firmware has it",
             code=USAGE_ERROR,
         )
+    from callvault.keys import MasterKeyError
+
     try:
-        client = settings.pbx_client()
-    except SettingsError as exc:
+        if record is not None and keyring is not None:
+            from callvault.ops import pbx_client
+
+            client = pbx_client(record, keyring)
+        else:
+            client = settings.pbx_client()
+    except (SettingsError, MasterKeyError) as exc:
         fail(str(exc), code=USAGE_ERROR)
-    tz = settings.tz
     start = _time_option("--since", since, tz, end=False)
     end = datetime.now(tz) if until is None else _time_option("--until", until, tz, end=True)
     if end <= start:
@@ -451,13 +486,15 @@ def backfill_command(
     try:
         # `callvault list` shows times in the zone the PBX's local times were read in.
         save_pbx_timezone(index, tz)
-        pbx_id = _given_pbx_id(index, settings, client)
+        pbx_id = record.id if record is not None else _given_pbx_id(index, settings, client)
         code = run_terminable(
             _backfill(
                 client,
                 index,
                 storage,
                 settings,
+                tz=tz,
+                pbx_url=pbx_url,
                 pbx_id=pbx_id,
                 start=start,
                 end=end,
@@ -529,11 +566,12 @@ async def _backfill(
     end: datetime,
     queue_only: bool,
     resume: bool,
+    tz: ZoneInfo,
+    pbx_url: str,
     pbx_id: int,
 ) -> int:
     console = Console(stderr=True)
     show = console.is_terminal
-    tz = settings.tz
     failure: str | None = None
     try:
         async with client:
@@ -567,7 +605,7 @@ async def _backfill(
                         since=start,
                         until=end,
                         tz=tz,
-                        pbx=settings.pbx or "",
+                        pbx=pbx_url,
                         pbx_id=pbx_id,
                         resume=resume,
                         on_window=on_window,

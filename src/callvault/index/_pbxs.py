@@ -123,10 +123,21 @@ class PbxStore:
         under which calls recorded without a registry are kept too. Made if missing (named
         ``main``, or ``main-2``... if that name is taken, with `events_path`), and given the
         flags' settings; its password stays out of the index (given at each start).
+
+        PbxRegistryError if another entry has the flags' URL: that PBX is registered, and
+        its calls recorded under the flags' entry too would be archived twice.
         """
         config = check_config(config)
         now = to_utc(now)
         with self._db.write() as conn:
+            other = conn.execute(
+                select(pbxs.c.name).where(pbxs.c.url == config.url, pbxs.c.id != FLAGS_PBX_ID)
+            ).first()
+            if other is not None:
+                raise PbxRegistryError(
+                    f"PBX {other[0]} is registered with the URL {config.url}: name it with "
+                    f"--only {other[0]} instead of giving --pbx"
+                )
             row = conn.execute(select(pbxs).where(pbxs.c.id == FLAGS_PBX_ID)).first()
             if row is None:
                 taken = set(conn.execute(select(pbxs.c.name)).scalars())
