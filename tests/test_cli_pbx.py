@@ -210,7 +210,7 @@ def test_serve_archives_the_registered_pbx_and_notes_its_serial(
         assert wait_until(lambda: index.pbxs.require("paris").serial == sim.serial)
 
 
-def test_serve_asks_which_pbx_when_several_are_registered(
+def test_backfill_asks_which_pbx_when_several_are_registered(
     sim: Simulator, registry: dict[str, str]
 ) -> None:
     add_sim(sim, registry)
@@ -227,12 +227,15 @@ def test_serve_asks_which_pbx_when_several_are_registered(
         env={**registry, "PBX_PASSWORD": "x"},
     )
     assert again.returncode == 0
-    served = cli("serve", "--no-web", env=registry)
-    assert served.returncode == 2
-    [line] = served.stderr.splitlines()
-    assert "2 PBXs are registered (lyon, paris)" in line and "--only NAME" in line
-    unknown = cli("serve", "--no-web", "--only", "nice", env=registry)
-    assert unknown.returncode == 2 and "no PBX named 'nice'" in unknown.stderr
+    filled = cli("backfill", "--since", "2026-01-01", env=registry)
+    assert filled.returncode == 2
+    [line] = filled.stderr.splitlines()
+    assert "2 PBXs are registered (lyon, paris): choose one with --only NAME" in line
+    for unknown in (
+        cli("backfill", "--only", "nice", "--since", "2026-01-01", env=registry),
+        cli("serve", "--no-web", "--only", "nice", env=registry),
+    ):
+        assert unknown.returncode == 2 and "no PBX named 'nice'" in unknown.stderr
 
 
 def test_serve_given_its_pbx_by_flags_records_it_in_the_registry_and_only_its_jobs(
@@ -381,3 +384,83 @@ def test_backfill_takes_a_registered_pbx_and_flags_never_double_it(
     assert again.returncode == 2
     assert f"PBX paris is registered with the URL {sim.url}" in again.stderr
     assert "--only paris" in again.stderr
+
+
+def test_one_serve_archives_every_registered_pbx(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two PBXs with the same call ids and recording names, one serve: each PBX's reports
+    reach it at its own secret path, each recording comes from its own PBX, each PBX has
+    its own session and download workers."""
+    import httpx
+
+    from callvault.simulator import SimulatorConfig
+
+    key = tmp_path / "master.key"
+    assert cli("keys", "create", "--file", str(key)).returncode == 0
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    env = {"CALLVAULT_ARCHIVE": str(archive), "CALLVAULT_MASTER_KEY_FILE": str(key)}
+    sims = {
+        name: Simulator(SimulatorConfig(seed=1, event_retry_interval=0.2, serial=serial))
+        for name, serial in (("lyon", "100000000002"), ("paris", "100000000001"))
+    }
+    with sims["lyon"], sims["paris"]:
+        for name, sim in sims.items():
+            assert sim.cert_sha256 is not None
+            added = cli(
+                "pbx", "add", name, "--url", sim.url, "--username", sim.username,
+                "--password-env", "PW", "--pin-sha256", sim.cert_sha256,
+                "--timezone", sim.config.timezone, "--max-downloads", "1",
+                env={**env, "PW": sim.password},
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = load_settings(events_listen="127.0.0.1:0", poll_interval_s=0.3)
+        config = archiver_config(settings, web=False)
+        assert [config.registry_name, *(t.registry_name for t in config.more_pbxs)] == [
+            "lyon",
+            "paris",
+        ]
+        with Archiver(config) as archiver:
+            index = archiver.index
+            assert index is not None and len(archiver.lanes) == 2
+            calls = {name: sim.place_call(talk_seconds=1) for name, sim in sims.items()}
+            assert calls["lyon"].recording == calls["paris"].recording  # same names
+            assert wait_until(lambda: states(index) == {"archived": 2}), states(index)
+            for lane in archiver.lanes:
+                assert lane.pbx is not None
+                sim, cdr = sims[lane.pbx.name], calls[lane.pbx.name]
+                assert cdr.recording is not None
+                row = index.recordings.by_name(cdr.recording, pbx_id=lane.pbx.id)
+                assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+                assert row.storage_key is not None and row.storage_key.startswith(sim.serial)
+                assert lane.session_state() == "ok" and lane.workers() == (1, 1)
+            # Each PBX's workers are a registered process of their own.
+            live = sorted(p.node for p in index.processes.all() if p.stopped_at is None)
+            assert [node.rsplit("/", 1)[1] for node in live] == ["lyon", "paris"]
+            base = archiver.events_url.rsplit("/", 1)[0]
+            assert httpx.post(f"{base}/not-a-secret", content=b"{}").status_code == 404
+            status = cli("status", "--json", env=env)
+            sessions = {p["name"]: p["session"]["state"] for p in json.loads(status.stdout)["pbxs"]}
+            assert sessions == {"lyon": "ok", "paris": "ok"}
+
+
+def test_demo_runs_a_fleet_in_the_registry(tmp_path: Path) -> None:
+    demo = subprocess.run(
+        [sys.executable, "-m", "callvault", "demo", "--pbxs", "2", "--dir", str(tmp_path),
+         "--web-port", "0", "--duration", "6", "--calls-per-minute", "0"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr
+    assert "2 simulated PBXs" in demo.stdout
+    assert demo.stdout.count("\narchived  ") == 2  # one call placed on each
+    archive = {"CALLVAULT_ARCHIVE": str(tmp_path / "archive")}
+    listed = cli("list", "--json", env=archive)
+    assert sorted(item["pbx"] for item in json.loads(listed.stdout)["items"]) == [
+        "sim-1",
+        "sim-2",
+    ]
+    assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600

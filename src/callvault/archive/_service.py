@@ -4,6 +4,11 @@
 `start()`/`stop()` pair (or `with Archiver(config) as archiver:`) runs it in a
 background thread for the demo and for tests.
 
+Each PBX it archives (`config.targets()`: the config's own, then `more_pbxs`) is a lane
+(`_Lane`): its registry entry, API client and session, download workers, group committer,
+receiver and reconciliation. The lanes share the events listener (a report goes to the
+lane whose secret path it was posted to), the index, the storage and the web app.
+
 The downloads run as a registered process of kind "serve" on node `config.node` (default
 the host name; see `Downloads`): a restart of the same node takes over the downloads its
 predecessor held at once. The session and reconciliation tasks are supervised: one that
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import socket
 import threading
@@ -38,7 +44,12 @@ from callvault.archive._commit import GroupCommitter
 from callvault.archive._downloads import Downloads, PoolOptions
 from callvault.archive._metrics import ArchiverMetrics, ServiceProbe
 from callvault.archive._policy import RetryPolicy
-from callvault.archive._process import DEFAULT_HEARTBEAT_S, DEFAULT_STALE_AFTER_S, default_node
+from callvault.archive._process import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_STALE_AFTER_S,
+    Fenced,
+    default_node,
+)
 from callvault.archive._receiver import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY,
@@ -75,9 +86,30 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class PbxTarget:
+    """A PBX an archiver archives: how to reach it, and its registry entry by name
+    (`registry_name`; None: the PBX of serve's flags, the registry's entry 0)."""
+
+    pbx_url: str
+    username: str
+    password: str = field(repr=False)
+    registry_name: str | None = None
+    api_version: ApiVersion = ApiVersion.V1_1_0
+    tls: TlsOptions | None = None
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    workers: int = 2  # its download workers: a PBX is a small embedded box
+    events_allow: Sequence[str] | None = None  # default: the PBX host's addresses
+
+
 @dataclass(slots=True)
 class ArchiverConfig:
-    """Everything the service needs; the CLI builds it from `ArchiveSettings`."""
+    """Everything the service needs; the CLI builds it from `ArchiveSettings`.
+
+    The PBX fields (`pbx_url` ... `events_allow`, `workers`, `timezone`) are the first PBX
+    it archives; `more_pbxs` are the others, each with its own session, workers, secret
+    report path and reconciliation, all reports arriving at the one events listener.
+    """
 
     pbx_url: str
     username: str
@@ -125,6 +157,22 @@ class ArchiverConfig:
     client_backoff_base: float = 0.5
     client_backoff_max: float = 8.0
     client_timeout: float = 30.0
+    more_pbxs: tuple[PbxTarget, ...] = ()
+
+    def targets(self) -> list[PbxTarget]:
+        """Every PBX to archive, the first one given by the config's own fields."""
+        first = PbxTarget(
+            pbx_url=self.pbx_url,
+            username=self.username,
+            password=self.password,
+            registry_name=self.registry_name,
+            api_version=self.api_version,
+            tls=self.tls,
+            timezone=self.timezone,
+            workers=self.workers,
+            events_allow=self.events_allow,
+        )
+        return [first, *self.more_pbxs]
 
     def resolved_db_url(self) -> str:
         if self.db_url:
@@ -239,6 +287,7 @@ class Archiver:
         self.pool: WorkerPool | None = None
         self.downloads: Downloads | None = None
         self.committer: GroupCommitter | None = None
+        self.lanes: list[_Lane] = []  # one per PBX, once started (the first is `pbx`...)
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -327,124 +376,60 @@ class Archiver:
         config = self.config
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.storage.clean_staging, timedelta(hours=1))
-        pbx = await asyncio.to_thread(self._registry_entry, index)
-        self.pbx = pbx
-        self.secret_path = pbx.events_path
+        targets = config.targets()
+        node = config.node or default_node()
+        lanes = [
+            _Lane(self, target, node if len(targets) == 1 else f"{node}/{_lane_name(target)}")
+            for target in targets
+        ]
+        for lane in lanes:
+            await asyncio.to_thread(lane.open, index)
+        names = [lane.name for lane in lanes]
+        if len(set(names)) < len(names):
+            raise StartError(f"a PBX is given twice: {', '.join(names)}")
+        self.lanes = lanes
+        first = lanes[0]
+        self.pbx = first.pbx
+        self.secret_path = first.secret_path
         await asyncio.to_thread(save_pbx_timezone, index, config.timezone)
-        pbx_host = urlsplit(config.pbx_url).hostname or ""
-        allowed = await asyncio.to_thread(allow_list_for, pbx_host, config.events_allow)
 
         events_sock = listen("events", config.events_host, config.events_port, hint=_ANOTHER_SERVE)
         sockets.append(events_sock)
         self.events_port = int(events_sock.getsockname()[1])
-
-        client = PbxClient(
-            config.pbx_url,
-            config.username,
-            config.password,
-            api_version=config.api_version,
-            tls=config.tls,
-            events_port=self.events_port,
-            events_url=self.secret_path,
-            transport=self._transport,
-            timeout=config.client_timeout,
-            max_attempts=config.client_max_attempts,
-            backoff_base=config.client_backoff_base,
-            backoff_max=config.client_backoff_max,
-        )
-
-        def write_health(value: str) -> None:
-            loop.run_in_executor(None, index.pbxs.report_session, pbx.id, value)
-
-        session = PbxSession(
-            client,
-            write_health=write_health,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            transport_retry_s=config.login_retry_s,
-        )
-        self.session = session
-        downloads = Downloads(
-            index,
-            self.storage,
-            client,
-            tz=config.timezone,
-            kind="serve",
-            node=config.node or default_node(),
-            options=replace(config.pool_options(), pbx_id=pbx.id),
-            session=session,
-            on_archived=self._archived,
-            on_failed_attempt=self.metrics.failed_attempt,
-        )
-        self.downloads = downloads
+        started: list[_Lane] = []
         try:
-            pool = await downloads.start()
-        except OSError as exc:
-            raise ArchiveDirError(config.archive, exc) from exc
-        self.pool = pool
-        self.metrics.watch(
-            session_state=lambda: str(session.health["state"]),
-            workers=lambda: (pool.configured, pool.alive),
-        )
-        try:
-            await self._serve(
-                stop, index, client, session, downloads, pool, events_sock, allowed, sockets, ready
+            for lane in lanes:
+                await lane.start(index, self.events_port, loop)
+                started.append(lane)
+            self.session, self.downloads = first.session, first.downloads
+            self.pool, self.committer = first.pool, first.committer
+            self.metrics.watch(
+                session_state=lambda: _worst([lane.session_state() for lane in lanes]),
+                workers=lambda: _sum_workers([lane.workers() for lane in lanes]),
             )
+            await self._serve(stop, index, lanes, events_sock, sockets, ready)
         finally:
-            await downloads.stop()
-            await session.close()
-            with contextlib.suppress(Exception):
-                await client.aclose()
+            for lane in reversed(started):
+                await lane.close()
             log.info("stopped")
-        if downloads.fenced.is_set():
-            raise downloads.fenced_error()
+        for lane in lanes:
+            if lane.fenced():
+                raise lane.fenced_error()
 
     async def _serve(
         self,
         stop: asyncio.Event,
         index: Index,
-        client: PbxClient,
-        session: PbxSession,
-        downloads: Downloads,
-        pool: WorkerPool,
+        lanes: list[_Lane],
         events_sock: socket.socket,
-        allowed: SourceAllowList,
         sockets: list[socket.socket],
         ready: Callable[[], None] | None,
     ) -> None:
-        """Receive, reconcile and download until `stop` is set (or the pool is fenced);
+        """Receive, reconcile and download until `stop` is set (or a pool is fenced);
         then stop the servers and commit what was received."""
         config = self.config
         loop = asyncio.get_running_loop()
-        secret_path = self.secret_path
-        assert secret_path is not None and self.events_port is not None
-
-        def committed(results: list[RecordResult]) -> None:
-            if any(r.new_recording for r in results):
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(pool.wake)
-
-        assert self.pbx is not None
-        committer = GroupCommitter(
-            index, tz=config.timezone, on_committed=committed, pbx_id=self.pbx.id
-        )
-        self.committer = committer
-        committer.start()
-
-        def bootup(_event: Event) -> None:
-            # Called on the receiver's own loop (see _ReceiverThread): the session lives here.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(session.request_relogin)
-
-        receiver = create_receiver_app(
-            secret_path=secret_path,
-            allowed=allowed,
-            commit=self._serial_noting(committer, index),
-            on_bootup=bootup,
-            on_answer=self.metrics.event,
-            max_body=config.max_event_body,
-            body_timeout_s=config.event_body_timeout_s,
-            tz=config.timezone,
-        )
+        receiver = lanes[0].receiver if len(lanes) == 1 else _by_report_path(lanes)
         events_server = server_for(receiver, header_timeout_s=config.event_header_timeout_s)
         servers: list[tuple[Server, asyncio.Future[None]]] = [
             (
@@ -454,6 +439,7 @@ class Archiver:
         ]
         work_stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
+        fenced = [lane.fenced_event() for lane in lanes]
         try:
             web_server = self._web_server(index, sockets)
             if web_server is not None:
@@ -463,24 +449,15 @@ class Archiver:
                         asyncio.create_task(web_server[0].serve(sockets=[web_server[1]])),
                     )
                 )
-            log.info(
-                "receiving PBX events on %s:%d (secret path, sources %s)",
-                config.events_host,
-                self.events_port,
-                allowed,
-            )
-            tasks = [
-                asyncio.create_task(
-                    _supervised("the PBX session", lambda: session.run(work_stop), work_stop)
-                ),
-                asyncio.create_task(
-                    _supervised(
-                        "reconciliation",
-                        lambda: self._reconcile_loop(client, index, pool, session, work_stop),
-                        work_stop,
-                    )
-                ),
-            ]
+            for lane in lanes:
+                log.info(
+                    "receiving the events of %s on %s:%d (secret path, sources %s)",
+                    lane.describe(),
+                    config.events_host,
+                    self.events_port,
+                    lane.allowed,
+                )
+                tasks += lane.tasks(index, work_stop)
             while not events_server.started and not stop.is_set():
                 if servers[0][1].done():
                     servers[0][1].result()
@@ -490,16 +467,19 @@ class Archiver:
             # The receiver starts on its own thread and is up in a few ms, often before the
             # login is done; a call placed in between would reach us only by reconciliation.
             deadline = loop.time() + _FIRST_LOGIN_WAIT_S
-            while session.health["state"] == "connecting" and loop.time() < deadline:
-                if stop.is_set() or downloads.fenced.is_set():
+            while (
+                any(lane.session_state() == "connecting" for lane in lanes)
+                and loop.time() < deadline
+            ):
+                if stop.is_set() or any(event.is_set() for event in fenced):
                     break
                 await asyncio.sleep(0.01)
             self._ready.set()
             if ready is not None:
                 ready()
-            await _first(stop, downloads.fenced)
+            await _first(stop, *fenced)
         finally:
-            if downloads.fenced.is_set():
+            if any(event.is_set() for event in fenced):
                 log.error("shutting down: this process may no longer download (see above)")
             else:
                 log.info("shutting down: no new events; finishing the jobs in progress")
@@ -508,7 +488,8 @@ class Archiver:
             for _server, task in servers:
                 with contextlib.suppress(Exception):
                     await task
-            await asyncio.to_thread(committer.stop)
+            for lane in lanes:
+                await lane.stop_intake()
             work_stop.set()
             for task in tasks:
                 task.cancel()
@@ -520,50 +501,6 @@ class Archiver:
         self.metrics.archived_one(archived.seconds, archived.queued_at, archived.at)
         if self._on_archived is not None:
             self._on_archived(archived)
-
-    def _registry_entry(self, index: Index) -> PbxRecord:
-        """The PBX's entry in the registry: the one named in the config, else the entry of
-        the PBX the config gives (made or brought up to date now). StartError if the
-        registry has no such name, or the config's settings are refused."""
-        from callvault.index.pbxs import PbxRegistryError
-
-        config = self.config
-        try:
-            if config.registry_name is not None:
-                return index.pbxs.require(config.registry_name)
-            return given_pbx_entry(
-                index,
-                url=config.pbx_url,
-                username=config.username,
-                api_version=config.api_version,
-                tls=config.tls,
-                timezone=config.timezone,
-                workers=config.workers,
-                events_allow=config.events_allow,
-            )
-        except PbxRegistryError as exc:
-            raise StartError(str(exc)) from None
-
-    def _serial_noting(
-        self, committer: GroupCommitter, index: Index
-    ) -> Callable[[CallDetail], Coroutine[Any, Any, RecordResult]]:
-        """`committer.commit`, noting in the registry the serial the PBX's reports give
-        (once per new value; the registry is not touched for every report)."""
-        assert self.pbx is not None
-        name = self.pbx.name
-        noted: set[str] = set()
-
-        async def commit(cdr: CallDetail) -> RecordResult:
-            result = await committer.commit(cdr)
-            if cdr.sn and cdr.sn not in noted:
-                noted.add(cdr.sn)
-                try:
-                    await asyncio.to_thread(index.pbxs.learn_serial, name, cdr.sn, now=_utcnow())
-                except Exception:
-                    log.exception("could not note PBX %s's serial in the registry", name)
-            return result
-
-        return commit
 
     def _web_server(
         self, index: Index, sockets: list[socket.socket]
@@ -584,46 +521,6 @@ class Archiver:
         self.web_port = int(sock.getsockname()[1])
         log.info("web app on http://%s:%d/", config.web_host, self.web_port)
         return server_for(app, trusted_proxy=config.web_trusted_proxy), sock
-
-    async def _reconcile_loop(
-        self,
-        client: PbxClient,
-        index: Index,
-        pool: WorkerPool,
-        session: PbxSession,
-        stop: asyncio.Event,
-    ) -> None:
-        config = self.config
-        cdr_export = client.api_version.has_cdr_export
-        if not cdr_export:
-            log.warning(
-                "API %s has no CDR export: calls whose events are missed while serve is down "
-                "are not found again (use API v1.1.0 or later if the firmware has it)",
-                client.api_version.value,
-            )
-        first = True
-        while not stop.is_set():
-            if not first or config.reconcile_at_start:
-                await session.ready.wait()
-                try:
-                    await reconcile(
-                        client,
-                        index,
-                        hours=config.reconcile_hours,
-                        tz=config.timezone,
-                        on_queued=pool.wake,
-                        cdr_export=cdr_export,
-                        pbx_id=self.pbx.id if self.pbx is not None else 0,
-                    )
-                except Exception as exc:
-                    log.warning(
-                        "reconcile failed (next try in %.0f s): %s",
-                        config.reconcile_interval_s,
-                        exc,
-                    )
-            first = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=config.reconcile_interval_s)
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -665,3 +562,281 @@ async def _supervised(
             )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
+def _lane_name(target: PbxTarget) -> str:
+    return target.registry_name or "main"
+
+
+# The session states, from the worst to the best (what a summary of several shows).
+_STATE_ORDER = ("error", "degraded", "stopped", "connecting", "ok")
+
+
+def _worst(states: Sequence[str]) -> str:
+    known = [state for state in states if state in _STATE_ORDER]
+    return min(known, key=_STATE_ORDER.index) if known else "connecting"
+
+
+def _sum_workers(counts: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    return sum(c for c, _ in counts), sum(a for _, a in counts)
+
+
+def _by_report_path(lanes: Sequence[_Lane]) -> Any:
+    """One receiver for the reports of several PBXs: each goes to the receiver of the PBX
+    whose secret path it was posted to; anything else to the first one's, which refuses it
+    (403 from an address no PBX may post from, else 404) and logs it."""
+    routes = [(lane.secret_path.strip("/").encode(), lane.receiver) for lane in lanes]
+    fallback = lanes[0].receiver
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope["path"].encode()
+            path = raw.split(b"?", 1)[0].strip(b"/")
+            for secret, receiver in routes:
+                if hmac.compare_digest(path, secret):
+                    await receiver(scope, receive, send)
+                    return
+        await fallback(scope, receive, send)
+
+    return app
+
+
+class _Lane:
+    """One PBX of a running archiver: its registry entry, API client and session, download
+    workers (a registered process of its own), group committer, report receiver and
+    reconciliation. One broken PBX stops nothing of the others'."""
+
+    def __init__(self, archiver: Archiver, target: PbxTarget, node: str) -> None:
+        self._archiver = archiver
+        self.target = target
+        self.node = node
+        self.pbx: PbxRecord | None = None
+        self.allowed: SourceAllowList | None = None
+        self.client: PbxClient | None = None
+        self.session: PbxSession | None = None
+        self.downloads: Downloads | None = None
+        self.pool: WorkerPool | None = None
+        self.committer: GroupCommitter | None = None
+        self.receiver: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.pbx.name if self.pbx is not None else _lane_name(self.target)
+
+    @property
+    def secret_path(self) -> str:
+        assert self.pbx is not None
+        return self.pbx.events_path
+
+    def describe(self) -> str:
+        return f"PBX {self.name} ({self.target.pbx_url})"
+
+    def open(self, index: Index) -> None:
+        """Its registry entry (the one named, else the entry of the PBX of the flags, made
+        or brought up to date now) and who may post its reports. StartError if the registry
+        has no such name or refuses the flags."""
+        from callvault.index.pbxs import PbxRegistryError
+
+        target = self.target
+        try:
+            if target.registry_name is not None:
+                self.pbx = index.pbxs.require(target.registry_name)
+            else:
+                self.pbx = given_pbx_entry(
+                    index,
+                    url=target.pbx_url,
+                    username=target.username,
+                    api_version=target.api_version,
+                    tls=target.tls,
+                    timezone=target.timezone,
+                    workers=target.workers,
+                    events_allow=target.events_allow,
+                )
+        except PbxRegistryError as exc:
+            raise StartError(str(exc)) from None
+        host = urlsplit(target.pbx_url).hostname or ""
+        self.allowed = allow_list_for(host, target.events_allow)
+
+    async def start(self, index: Index, events_port: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Log-in client, session, download workers, committer and receiver."""
+        archiver, config, target, pbx = self._archiver, self._archiver.config, self.target, self.pbx
+        assert pbx is not None and self.allowed is not None
+        client = PbxClient(
+            target.pbx_url,
+            target.username,
+            target.password,
+            api_version=target.api_version,
+            tls=target.tls,
+            events_port=events_port,
+            events_url=pbx.events_path,
+            transport=archiver._transport,
+            timeout=config.client_timeout,
+            max_attempts=config.client_max_attempts,
+            backoff_base=config.client_backoff_base,
+            backoff_max=config.client_backoff_max,
+        )
+        self.client = client
+
+        def write_health(value: str) -> None:
+            loop.run_in_executor(None, index.pbxs.report_session, pbx.id, value)
+
+        session = PbxSession(
+            client,
+            write_health=write_health,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            transport_retry_s=config.login_retry_s,
+        )
+        self.session = session
+        options = replace(config.pool_options(), workers=target.workers, pbx_id=pbx.id)
+        downloads = Downloads(
+            index,
+            archiver.storage,
+            client,
+            tz=target.timezone,
+            kind="serve",
+            node=self.node,
+            options=options,
+            session=session,
+            on_archived=archiver._archived,
+            on_failed_attempt=archiver.metrics.failed_attempt,
+        )
+        self.downloads = downloads
+        try:
+            pool = await downloads.start()
+        except OSError as exc:
+            raise ArchiveDirError(config.archive, exc) from exc
+        self.pool = pool
+
+        def committed(results: list[RecordResult]) -> None:
+            if any(r.new_recording for r in results):
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(pool.wake)
+
+        committer = GroupCommitter(index, tz=target.timezone, on_committed=committed, pbx_id=pbx.id)
+        self.committer = committer
+        committer.start()
+
+        def bootup(_event: Event) -> None:
+            # Called on the receiver's own loop (see _ReceiverThread): the session lives here.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(session.request_relogin)
+
+        self.receiver = create_receiver_app(
+            secret_path=pbx.events_path,
+            allowed=self.allowed,
+            commit=self._serial_noting(committer, index),
+            on_bootup=bootup,
+            on_answer=archiver.metrics.event,
+            max_body=config.max_event_body,
+            body_timeout_s=config.event_body_timeout_s,
+            tz=target.timezone,
+        )
+
+    def tasks(self, index: Index, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+        """Its session upkeep and reconciliation, each supervised."""
+        session = self.session
+        assert session is not None
+        many = len(self._archiver.config.more_pbxs) > 0
+        suffix = f" of PBX {self.name}" if many else ""
+        return [
+            asyncio.create_task(
+                _supervised(f"the PBX session{suffix}", lambda: session.run(stop), stop)
+            ),
+            asyncio.create_task(
+                _supervised(
+                    f"reconciliation{suffix}", lambda: self._reconcile_loop(index, stop), stop
+                )
+            ),
+        ]
+
+    def session_state(self) -> str:
+        return str(self.session.health["state"]) if self.session is not None else "connecting"
+
+    def workers(self) -> tuple[int, int]:
+        return (self.pool.configured, self.pool.alive) if self.pool is not None else (0, 0)
+
+    def fenced_event(self) -> asyncio.Event:
+        assert self.downloads is not None
+        return self.downloads.fenced
+
+    def fenced(self) -> bool:
+        return self.downloads is not None and self.downloads.fenced.is_set()
+
+    def fenced_error(self) -> Fenced:
+        assert self.downloads is not None
+        return self.downloads.fenced_error()
+
+    async def stop_intake(self) -> None:
+        """Commit what was received (the receiver has stopped)."""
+        if self.committer is not None:
+            await asyncio.to_thread(self.committer.stop)
+
+    async def close(self) -> None:
+        """Finish or hand back the downloads in progress, log out (and stop the committer,
+        if a later PBX's start failed before the receiver ran)."""
+        await self.stop_intake()
+        if self.downloads is not None:
+            await self.downloads.stop()
+        if self.session is not None:
+            await self.session.close()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+    def _serial_noting(
+        self, committer: GroupCommitter, index: Index
+    ) -> Callable[[CallDetail], Coroutine[Any, Any, RecordResult]]:
+        """`committer.commit`, noting in the registry the serial the PBX's reports give
+        (once per new value; the registry is not touched for every report)."""
+        name = self.name
+        noted: set[str] = set()
+
+        async def commit(cdr: CallDetail) -> RecordResult:
+            result = await committer.commit(cdr)
+            if cdr.sn and cdr.sn not in noted:
+                noted.add(cdr.sn)
+                try:
+                    await asyncio.to_thread(index.pbxs.learn_serial, name, cdr.sn, now=_utcnow())
+                except Exception:
+                    log.exception("could not note PBX %s's serial in the registry", name)
+            return result
+
+        return commit
+
+    async def _reconcile_loop(self, index: Index, stop: asyncio.Event) -> None:
+        config = self._archiver.config
+        client, session, pool, pbx = self.client, self.session, self.pool, self.pbx
+        assert client is not None and session is not None and pool is not None
+        assert pbx is not None
+        cdr_export = client.api_version.has_cdr_export
+        if not cdr_export:
+            log.warning(
+                "API %s has no CDR export: calls of %s whose events are missed while serve is "
+                "down are not found again (use API v1.1.0 or later if the firmware has it)",
+                client.api_version.value,
+                self.describe(),
+            )
+        first = True
+        while not stop.is_set():
+            if not first or config.reconcile_at_start:
+                await session.ready.wait()
+                try:
+                    await reconcile(
+                        client,
+                        index,
+                        hours=config.reconcile_hours,
+                        tz=self.target.timezone,
+                        on_queued=pool.wake,
+                        cdr_export=cdr_export,
+                        pbx_id=pbx.id,
+                    )
+                except Exception as exc:
+                    log.warning(
+                        "reconcile of %s failed (next try in %.0f s): %s",
+                        self.describe(),
+                        config.reconcile_interval_s,
+                        exc,
+                    )
+            first = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=config.reconcile_interval_s)

@@ -2,7 +2,10 @@
 
 Starts a simulated PBX (HTTPS, self-signed certificate, calls every few seconds), runs the
 archiver against it with the certificate pinned, serves the web app, creates an admin user
-and prints its password once, and reports every recording as it is archived.
+and prints its password once, and reports every recording as it is archived. With
+``--pbxs N``, N simulated PBXs (``sim-1`` ...), registered in the archive's registry of
+PBXs with their passwords sealed under a master key the demo keeps in its directory, all
+archived by the one archiver.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import click
@@ -79,8 +84,19 @@ def _check_web_port(port: int) -> None:
     metavar="SECONDS",
     help="Stop after this many seconds (default 0: run until Ctrl-C).",
 )
-def demo(directory: Path, calls_per_minute: float, web_port: int, duration: float) -> None:
-    """Run a simulated PBX, archive its recordings as calls end, and serve the web app."""
+@click.option(
+    "--pbxs",
+    type=click.IntRange(1, 20),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Simulated PBXs (sim-1 ... sim-N), all archived by the one archiver.",
+)
+def demo(
+    directory: Path, calls_per_minute: float, web_port: int, duration: float, pbxs: int
+) -> None:
+    """Run a simulated PBX (or several), archive its recordings as calls end, and serve the
+    web app."""
     from callvault.archive import Archived, Archiver, ArchiverConfig, StartError
     from callvault.index import users
     from callvault.pbx import TlsOptions
@@ -98,15 +114,21 @@ def demo(directory: Path, calls_per_minute: float, web_port: int, duration: floa
     except OSError as exc:
         fail(f"cannot create {directory}: {exc.strerror}")
 
-    simulator = Simulator(
-        SimulatorConfig(
-            port=0,
-            data_dir=directory / "pbx",
-            calls_per_minute=calls_per_minute,
-            timezone="UTC",
+    simulators = [
+        Simulator(
+            SimulatorConfig(
+                port=0,
+                data_dir=directory / ("pbx" if pbxs == 1 else f"pbx-sim-{n + 1}"),
+                calls_per_minute=calls_per_minute / pbxs,
+                timezone="UTC",
+                serial=str(369351034049 + n),
+            )
         )
-    )
-    simulator.start()
+        for n in range(pbxs)
+    ]
+    simulator = simulators[0]
+    for sim in simulators:
+        sim.start()
     try:
         config = ArchiverConfig(
             pbx_url=simulator.url,
@@ -120,6 +142,8 @@ def demo(directory: Path, calls_per_minute: float, web_port: int, duration: floa
             web_host=WEB_HOST,
             web_port=web_port,
         )
+        if pbxs > 1:
+            config = _fleet_config(config, simulators, directory)
 
         def report(item: Archived) -> None:
             print(f"archived  {item.name}  {item.size:,} bytes  sha256 {item.sha256[:16]}…")
@@ -142,23 +166,82 @@ def demo(directory: Path, calls_per_minute: float, web_port: int, duration: floa
             serving_port = archiver.web_port
 
             def ready() -> None:
-                _print_banner(archive, simulator.url, serving_port, password)
-                for _ in range(3):
-                    simulator.place_random_call(answered=True)
+                urls = ", ".join(sim.url for sim in simulators)
+                _print_banner(archive, urls, serving_port, password, pbxs=pbxs)
+                for sim in simulators:
+                    for _ in range(3 if pbxs == 1 else 1):
+                        sim.place_random_call(answered=True)
 
             with contextlib.suppress(Terminated):
                 run_service(lambda stop: _until(stop, duration), ready=ready)
         finally:
             archiver.stop()
     finally:
-        simulator.stop()
+        for sim in simulators:
+            sim.stop()
     print(f"\nStopped. The archive stays in {archive}; look at it with:")
     print(f"  {command_name()} list --archive {archive}")
 
 
-def _print_banner(archive: Path, pbx_url: str, web_port: int | None, password: str) -> None:
-    print("callvault demo: a simulated PBX, the archiver and the web app are running.")
-    print(f"  simulated PBX   {pbx_url} (certificate pinned)")
+def _fleet_config(config: Any, simulators: list[Any], directory: Path) -> Any:
+    """The archiver's config for several simulated PBXs: each registered as sim-N (its
+    address and password brought up to date: they are new on every run), under a master
+    key the demo keeps in its directory."""
+    from dataclasses import replace
+
+    from callvault.archive import PbxTarget
+    from callvault.index import open_index
+    from callvault.index.pbxs import PbxConfig
+    from callvault.keys import create_key_file, read_key_file
+    from callvault.ops import add_pbx, edit_pbx
+    from callvault.pbx import TlsOptions
+
+    key = directory / "master.key"
+    if not key.exists():
+        create_key_file(key)
+    keyring = read_key_file(key)
+    targets = []
+    with open_index(config.resolved_db_url()) as index:
+        for number, sim in enumerate(simulators, 1):
+            name = f"sim-{number}"
+            settings = PbxConfig(
+                url=sim.url, username=sim.username, pin_sha256=sim.cert_sha256, timezone="UTC"
+            )
+            now = datetime.now(UTC)
+            if index.pbxs.get(name) is None:
+                add_pbx(
+                    index, keyring, name, settings, sim.password,
+                    actor="demo", remote_addr="local", now=now,
+                )  # fmt: skip
+            else:
+                changes = {"url": sim.url, "pin_sha256": sim.cert_sha256}
+                edit_pbx(
+                    index, name, changes, password=sim.password, keyring=keyring,
+                    actor="demo", remote_addr="local", now=now,
+                )  # fmt: skip
+            targets.append(
+                PbxTarget(
+                    pbx_url=sim.url,
+                    username=sim.username,
+                    password=sim.password,
+                    registry_name=name,
+                    tls=TlsOptions(pin_sha256=sim.cert_sha256),
+                    timezone=ZoneInfo("UTC"),
+                )
+            )
+    first = targets[0]
+    return replace(config, registry_name=first.registry_name, more_pbxs=tuple(targets[1:]))
+
+
+def _print_banner(
+    archive: Path, pbx_url: str, web_port: int | None, password: str, *, pbxs: int = 1
+) -> None:
+    if pbxs == 1:
+        print("callvault demo: a simulated PBX, the archiver and the web app are running.")
+        print(f"  simulated PBX   {pbx_url} (certificate pinned)")
+    else:
+        print(f"callvault demo: {pbxs} simulated PBXs, the archiver and the web app are running.")
+        print(f"  simulated PBXs  sim-1 ... sim-{pbxs}: {pbx_url} (certificates pinned)")
     print(f"  archive         {archive}")
     print(f"  web app         http://127.0.0.1:{web_port}/")
     print(f"  log in as       {DEMO_USER} / {password}   (shown once; a new one every run)")

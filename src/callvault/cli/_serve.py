@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from callvault.archive import (
     ArchiverConfig,
     BackfillStats,
     Fenced,
+    PbxTarget,
     PoolOptions,
     RetryPolicy,
     StartError,
@@ -152,9 +153,7 @@ def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
         if len(records) > 1:
             names = ", ".join(r.name for r in records)
             fail(
-                f"{len(records)} PBXs are registered ({names}) and one serve archives one: "
-                "choose it with --only NAME (and give each serve its own --node and "
-                "--events-listen)",
+                f"{len(records)} PBXs are registered ({names}): choose one with --only NAME",
                 code=USAGE_ERROR,
             )
         record = records[0]
@@ -172,33 +171,84 @@ def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
     return record, keyring
 
 
-def archiver_config(
-    settings: ArchiveSettings, *, web: bool, only: str | None = None
-) -> ArchiverConfig:
-    """The service configuration from the settings (exits with one line on bad ones): the
-    PBX the flags give (--pbx ...), else the registered one (`only`, or the only one)."""
+def _registered_all(settings: ArchiveSettings, only: Sequence[str]) -> list[PbxTarget]:
+    """The registered PBXs `serve` archives (`only`, else every one with its password
+    sealed), ready to log in; exits with one line when there is none or one cannot be."""
+    from callvault.index.pbxs import PbxRegistryError
     from callvault.keys import MasterKeyError
+    from callvault.ops import open_password, tls_options
 
-    events_host, events_port = settings.events_address()
-    web_host, web_port = settings.web_address()
-    registry_name = None
-    if settings.pbx is None:
-        record, keyring = _registered(settings, only)
-        from callvault.ops import open_password, tls_options
-
+    if len(only) == 1:
+        records = [_registered(settings, only[0])[0]]
+    else:
+        try:
+            with open_index(settings.db_url()) as index:
+                records = [index.pbxs.require(name) for name in dict.fromkeys(only)]
+                registered = index.pbxs.list()
+        except IndexFailure as exc:
+            fail(str(exc))
+        except PbxRegistryError as exc:
+            fail(str(exc), code=USAGE_ERROR)
+        if not only:
+            records = [r for r in registered if not r.given_by_flags]
+            skipped = [r.name for r in registered if r.given_by_flags]
+            if not records:  # only the PBX of the flags, or none: say what to do
+                records = [_registered(settings, None)[0]]
+            elif skipped:
+                print(
+                    f"callvault: PBX {skipped[0]} is given by serve's flags: archive it with "
+                    "a serve of its own (--pbx ...), or seal its password with `callvault "
+                    f"pbx edit {skipped[0]} --url URL --password-env VAR`",
+                    file=sys.stderr,
+                )
+        for record in records:
+            if record.given_by_flags:
+                _registered(settings, record.name)  # exits: it says what to do
+    try:
+        keyring = settings.keyring()
+    except SettingsError as exc:
+        fail(f"the registered PBXs' passwords are sealed: {exc}", code=USAGE_ERROR)
+    targets = []
+    for record in records:
         try:
             password = open_password(record, keyring)
         except MasterKeyError as exc:
             fail(str(exc), code=USAGE_ERROR)
-        pbx, username, archive = record.config.url, record.config.username, settings.archive_dir()
-        api = ApiVersion(record.config.api_version)
-        tls = tls_options(record.config)
-        zone = ZoneInfo(record.config.timezone) if record.config.timezone else settings.tz
-        allowed = list(record.config.events_allow) or None
-        workers = settings.workers if "workers" in settings.given else record.config.max_downloads
-        registry_name = record.name
+        config = record.config
+        targets.append(
+            PbxTarget(
+                pbx_url=config.url,
+                username=config.username,
+                password=password,
+                registry_name=record.name,
+                api_version=ApiVersion(config.api_version),
+                tls=tls_options(config),
+                timezone=ZoneInfo(config.timezone) if config.timezone else settings.tz,
+                workers=settings.workers if "workers" in settings.given else config.max_downloads,
+                events_allow=list(config.events_allow) or None,
+            )
+        )
+    return targets
+
+
+def archiver_config(
+    settings: ArchiveSettings, *, web: bool, only: Sequence[str] = ()
+) -> ArchiverConfig:
+    """The service configuration from the settings (exits with one line on bad ones): the
+    PBX the flags give (--pbx ...), else the registered ones (`only`, or every one)."""
+    events_host, events_port = settings.events_address()
+    web_host, web_port = settings.web_address()
+    registry_name = None
+    more: tuple[PbxTarget, ...] = ()
+    if settings.pbx is None:
+        first, *rest = _registered_all(settings, only)
+        more = tuple(rest)
+        pbx, username, password = first.pbx_url, first.username, first.password
+        archive = settings.archive_dir()
+        api, tls, zone, allowed = first.api_version, first.tls, first.timezone, first.events_allow
+        workers, registry_name = first.workers, first.registry_name
     else:
-        if only is not None:
+        if only:
             fail("give either --only NAME (a registered PBX) or --pbx URL, not both", code=2)
         pbx, username, archive = _require(settings)
         try:
@@ -214,6 +264,7 @@ def archiver_config(
         password=password,
         archive=archive,
         registry_name=registry_name,
+        more_pbxs=more,
         db_url=settings.db_url(),
         api_version=api,
         tls=tls,
@@ -266,8 +317,9 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
 @option(
     "--only",
     metavar="NAME",
-    help="The registered PBX to archive (`callvault pbx add`), when no --pbx is given "
-    "(default: the only one registered).",
+    multiple=True,
+    help="A registered PBX to archive (`callvault pbx add`; repeatable), when no --pbx is "
+    "given (default: every one registered with its password).",
 )
 @option(
     "--master-key-file",
@@ -297,15 +349,16 @@ def serve_command(
     no_web: bool,
     secure_cookies: bool | None,
     trusted_proxy: str | None,
-    only: str | None,
+    only: tuple[str, ...],
     master_key_file: Path | None,
     reconcile_hours: int | None,
     verbose: bool,
 ) -> None:
     """Archive every recording as calls end: receive events, download, store, index.
 
-    The PBX is the one --pbx (with --username, --password-env...) gives, else the one
-    registered with `callvault pbx add` (--only NAME when there are several)."""
+    The PBX is the one --pbx (with --username, --password-env...) gives, else every PBX
+    registered with `callvault pbx add` (or those named with --only): one events listener
+    for all, each PBX with its own session, download workers and secret report path."""
     settings = settings_or_fail(
         config,
         **pbx_flags,
@@ -337,9 +390,15 @@ def serve_command(
                 if (archiver.web_port)
                 else ""
             )
+            what = service_config.pbx_url
+            if service_config.more_pbxs:
+                names = [service_config.registry_name or "main"] + [
+                    t.registry_name or "main" for t in service_config.more_pbxs
+                ]
+                what = f"{len(names)} PBXs ({', '.join(names)})"
             log.info(
                 "callvault serve: archiving %s into %s; events on %s:%s%s",
-                service_config.pbx_url,
+                what,
                 service_config.archive,
                 service_config.events_host,
                 archiver.events_port,
