@@ -18,7 +18,7 @@ PBXs in one index, a call is known by (PBX, call id) and a recording by (PBX, na
   (the first start with flags makes it).
 
 PostgreSQL adds the columns with a default (no rewrite), then builds the two new unique
-indexes (about a minute for ten million calls). SQLite cannot drop a table's UNIQUE
+indexes (2 s for a million calls on a 2-core machine). SQLite cannot drop a table's UNIQUE
 constraint in place: ``calls`` and ``recordings`` are copied into new tables (17 and 20 s
 for a million calls, 1.8 GB, on a 2-core machine), with foreign keys off for the copy (see
 `run_migrations`); the triggers that keep the number search's FTS5 table in step with
