@@ -464,3 +464,48 @@ def test_demo_runs_a_fleet_in_the_registry(tmp_path: Path) -> None:
         "sim-2",
     ]
     assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_requeue_and_verify_take_one_pbx(registry: dict[str, str]) -> None:
+    from datetime import timedelta
+
+    from callvault.index import Worker
+    from callvault.index.pbxs import PbxConfig
+    from callvault.pbx import CallDetail
+
+    archive = Path(registry["CALLVAULT_ARCHIVE"])
+    worker = Worker(process_id=None, name="w")
+    with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
+        for name in ("lyon", "paris"):
+            record = index.pbxs.add(
+                name,
+                PbxConfig(url=f"https://{name}.example:8088", username="api"),
+                password_sealed="v1.x.y",
+                events_path=f"path-{name}",
+                now=NOW,
+            )
+            index.pbxs.learn_serial(name, f"SN-{name}", now=NOW)
+            calls = [
+                CallDetail(callid=f"1.{n}", sn=f"SN-{name}", recording=f"{name}-{n}.wav")
+                for n in (1, 2)
+            ]
+            index.calls.record(calls, source="event", tz=ZoneInfo("UTC"), now=NOW, pbx_id=record.id)
+            gone, kept = index.jobs.claim(
+                worker, 2, now=NOW, lease=timedelta(minutes=5), pbx_id=record.id
+            )
+            index.jobs.mark_failed(gone.recording_id, worker=worker, reason="gone", now=NOW)
+            index.jobs.mark_archived(
+                kept.recording_id, worker=worker, size=4, sha256="0" * 64,
+                storage_key=f"SN-{name}/2024/05/01/{name}-2.wav", content_type="audio/wav", now=NOW,
+            )  # fmt: skip
+    queued = cli("requeue", "--pbx", "paris", "--json", env=registry)
+    assert queued.returncode == 0, queued.stderr
+    assert json.loads(queued.stdout)["requeued"] == {"failed": 1, "missing": 0}
+    listed = json.loads(cli("list", "--state", "failed", "--json", env=registry).stdout)
+    assert [item["pbx"] for item in listed["items"]] == ["lyon"]  # Lyon's stays given up
+    checked = cli("verify", "--pbx", "lyon", "--json", env=registry)
+    report = json.loads(checked.stdout)
+    assert checked.returncode == 1 and report["checked"] == 1
+    assert [item["name"] for item in report["missing"]] == ["lyon-2.wav"]
+    unknown = cli("requeue", "--pbx", "nice", env=registry)
+    assert unknown.returncode == 2 and "--pbx: no PBX named 'nice'" in unknown.stderr

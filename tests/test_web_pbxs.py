@@ -160,3 +160,23 @@ def test_searches_show_and_filter_by_pbx(web: LiveWeb) -> None:
     assert '<select id="pbx" name="pbx"' in page and "<option selected>lyon</option>" in page
     assert '<th scope="col">PBX</th>' in page and '<td data-label="PBX">lyon</td>' in page
     assert "pbx=lyon" in page  # the export keeps the filter
+
+
+def test_requeue_through_the_api_takes_one_pbx(web: LiveWeb) -> None:
+    from callvault.index.pbxs import PbxConfig
+
+    web.archive.index.pbxs.add(
+        "lyon",
+        PbxConfig(url="https://lyon.example:8088", username="api"),
+        password_sealed="v1.x.y",
+        events_path="path-lyon",
+        now=web.clock(),
+    )
+    admin, _ = web.bearer(ADMIN[0])
+    # The archive's failed recording is not Lyon's: nothing of Lyon's to queue again.
+    lyon = admin.post("/api/requeue", json={"pbx": "lyon"})
+    assert lyon.status_code == 200 and lyon.json()["requeued"] == {"failed": 0, "missing": 0}
+    unknown = admin.post("/api/requeue", json={"pbx": "nice"})
+    assert unknown.status_code == 422 and "no PBX named 'nice'" in unknown.json()["detail"]
+    everything = admin.post("/api/requeue", json={})
+    assert everything.json()["requeued"]["failed"] == 1

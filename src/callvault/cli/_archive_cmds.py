@@ -35,6 +35,7 @@ from callvault.index.schema import RECORDING_STATES
 from callvault.ops import Archive, ArchiveError, open_archive
 
 if TYPE_CHECKING:
+    from callvault.index.pbxs import PbxRecord
     from callvault.ops import ArchiveStatus
 from callvault.times import FORMATS, TimeFormatError, parse_moment
 
@@ -313,11 +314,24 @@ def _disk(status: ArchiveStatus) -> str:
     return f" ({human_size(usage.free)} free on its disk)"
 
 
+def _pbx_named(opened: Archive, name: str | None) -> PbxRecord | None:
+    """The registered PBX `--pbx` names (None without one); exits 2 for a name it lacks."""
+    if name is None:
+        return None
+    from callvault.index.pbxs import NoSuchPbx
+
+    try:
+        return opened.index.pbxs.require(name)
+    except NoSuchPbx as exc:
+        fail(f"--pbx: {exc}", code=2)
+
+
 @app.command("verify")
+@option("--pbx", metavar="NAME", help="Only this PBX's recordings (`callvault pbx list`).")
 @json_option
 @archive_options
 def verify_command(
-    json_output: bool, archive: Path | None, db: str | None, config: Path | None
+    pbx: str | None, json_output: bool, archive: Path | None, db: str | None, config: Path | None
 ) -> None:
     """Re-hash every archived file; report mismatched or missing ones (exit 1 if any) and
     files the index does not know."""
@@ -325,7 +339,8 @@ def verify_command(
     with open_settings_archive(settings) as opened:
         from callvault.ops import verify_archive
 
-        report = verify_archive(opened, now=datetime.now(UTC))
+        record = _pbx_named(opened, pbx)
+        report = verify_archive(opened, now=datetime.now(UTC), pbx=record)
     if json_output:
         _print_json(report.to_json())
     else:
@@ -363,11 +378,13 @@ def verify_command(
     help="Only recordings first queued from this time (in the PBX's zone as "
     f"serve/backfill saved it, or CALLVAULT_TIMEZONE): {FORMATS}.",
 )
+@option("--pbx", metavar="NAME", help="Only this PBX's recordings (`callvault pbx list`).")
 @json_option
 @archive_options
 def requeue_command(
     state: tuple[str, ...],
     since: str | None,
+    pbx: str | None,
     json_output: bool,
     archive: Path | None,
     db: str | None,
@@ -389,10 +406,19 @@ def requeue_command(
     with open_settings_archive(settings, check=True) as opened:
         tz = display_timezone(settings, opened)
         first = _moment("--since", since, tz, end=False)
-        result = requeue(opened, states, now=datetime.now(UTC), since=first)
+        record = _pbx_named(opened, pbx)
+        result = requeue(
+            opened,
+            states,
+            now=datetime.now(UTC),
+            since=first,
+            pbx_id=record.id if record is not None else None,
+        )
         from callvault.index import audit
 
         counts = ", ".join(f"{state}={count}" for state, count in result.requeued.items())
+        if record is not None:
+            counts += f" pbx={record.name}"
         opened.index.audit.record(cli_actor(), audit.REQUEUE, "recordings", counts, "local")
         serving = serve_is_running(opened)
     if json_output:

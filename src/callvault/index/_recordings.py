@@ -134,16 +134,17 @@ class RecordingStore:
         rows = self._rows(_joined().where(schema.recordings.c.id == recording_id))
         return rows[0] if rows else None
 
-    def archived(self, batch: int = 500) -> Iterator[RecordingRow]:
-        """Every archived recording, by id, read in batches (no long-held transaction)."""
+    def archived(self, batch: int = 500, *, pbx_id: int | None = None) -> Iterator[RecordingRow]:
+        """Every archived recording (of the PBX `pbx_id`, if given), by id, read in batches
+        (no long-held transaction)."""
         r = schema.recordings
         last_id = 0
+        where = [r.c.state == schema.ARCHIVED]
+        if pbx_id is not None:
+            where.append(r.c.pbx_id == pbx_id)
         while True:
             rows = self._rows(
-                _joined()
-                .where(r.c.state == schema.ARCHIVED, r.c.id > last_id)
-                .order_by(r.c.id)
-                .limit(batch)
+                _joined().where(*where, r.c.id > last_id).order_by(r.c.id).limit(batch)
             )
             if not rows:
                 return

@@ -28,14 +28,15 @@ def requeue(
     *,
     now: datetime,
     since: datetime | None = None,
+    pbx_id: int | None = None,
 ) -> RequeueResult:
     """Make the recordings in `states` pending again, each with a fresh run of attempts;
-    with `since`, only those the index learned of at or after it. ValueError for a state
-    that cannot be queued again."""
+    with `since`, only those the index learned of at or after it; with `pbx_id`, only that
+    PBX's. ValueError for a state that cannot be queued again."""
     wanted = list(dict.fromkeys(states))
     unknown = [state for state in wanted if state not in REQUEUE_STATES]
     if unknown:
         raise ValueError(f"{unknown[0]!r}: only failed and missing can be queued again")
     jobs = archive.index.jobs
-    counts = {state: jobs.requeue([state], now=now, since=since) for state in wanted}
+    counts = {state: jobs.requeue([state], now=now, since=since, pbx_id=pbx_id) for state in wanted}
     return RequeueResult(requeued=counts, since=since)

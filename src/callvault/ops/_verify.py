@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from callvault.index import RecordingRow
+from callvault.index.pbxs import PbxRecord
 from callvault.index.schema import ARCHIVED
 from callvault.ops._archive import Archive
 from callvault.ops._json import JsonResult
@@ -83,13 +84,15 @@ def verify_archive(
     *,
     now: datetime,
     progress: Callable[[VerifyResult], None] | None = None,
+    pbx: PbxRecord | None = None,
 ) -> VerifyReport:
-    """Verify every archived recording, then list the stored files nobody points to."""
+    """Verify every archived recording (of `pbx` only, if given), then list the stored
+    files nobody points to (for one PBX: those under its serial, if it is known)."""
     checked = ok = 0
     mismatched: list[VerifyResult] = []
     missing: list[VerifyResult] = []
     known: set[str] = set()
-    for row in archive.index.recordings.archived():
+    for row in archive.index.recordings.archived(pbx_id=pbx.id if pbx is not None else None):
         checked += 1
         if row.storage_key:
             known.add(row.storage_key)
@@ -103,5 +106,9 @@ def verify_archive(
         if progress is not None:
             progress(outcome)
     storage = archive.storage
-    unindexed = [key for key in storage.list() if key not in known]
+    if pbx is None:
+        listed = list(storage.list())
+    else:
+        listed = list(storage.list(f"{pbx.serial}/")) if pbx.serial else []
+    unindexed = [key for key in listed if key not in known]
     return VerifyReport(checked, ok, mismatched, missing, unindexed)

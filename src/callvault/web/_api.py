@@ -25,6 +25,7 @@ from callvault.ops import (
     RequeueResult,
     VerifyResult,
     archive_status,
+    pbx_id_of,
     pbx_names,
     requeue,
     verify_recording,
@@ -501,6 +502,9 @@ class RequeueIn(BaseModel):
         max_length=40,
         description="Only recordings first queued from this time (UTC unless it says)",
     )
+    pbx: str | None = Field(
+        default=None, max_length=32, description="Only this PBX's, by its name in the registry"
+    )
 
 
 def run_requeue(
@@ -508,11 +512,23 @@ def run_requeue(
     principal: Principal,
     states: Sequence[str] = REQUEUE_STATES,
     since: datetime | None = None,
+    pbx: str | None = None,
 ) -> RequeueResult:
-    """Shared by the API and the status page: queue recordings given up on again, audit it."""
+    """Shared by the API and the status page: queue recordings given up on again (of the
+    PBX named `pbx` only, if given: 422 if the registry has no such name), audit it."""
     ctx = context(request)
-    result = requeue(ctx.archive, states, now=ctx.clock(), since=since)
+    pbx_id = None
+    if pbx:
+        from callvault.index.pbxs import NoSuchPbx
+
+        try:
+            pbx_id = pbx_id_of(ctx.index, pbx)
+        except NoSuchPbx as exc:
+            raise HTTPException(422, f"pbx: {exc}") from None
+    result = requeue(ctx.archive, states, now=ctx.clock(), since=since, pbx_id=pbx_id)
     counts = ", ".join(f"{state}={count}" for state, count in result.requeued.items())
+    if pbx:
+        counts += f" pbx={pbx}"
     record_audit(request, principal.name, audit.REQUEUE, "recordings", counts)
     return result
 
@@ -527,7 +543,7 @@ def requeue_recordings(
     check_csrf(request, principal)
     body = body or RequeueIn()
     since = parse_when(body.since, end=False, field_name="since")
-    return _answer(run_requeue(request, principal, body.states, since))
+    return _answer(run_requeue(request, principal, body.states, since, body.pbx))
 
 
 @router.get("/users", tags=["admin"])
