@@ -442,6 +442,12 @@ def test_one_serve_archives_every_registered_pbx(
             assert [node.rsplit("/", 1)[1] for node in live] == ["lyon", "paris"]
             base = archiver.events_url.rsplit("/", 1)[0]
             assert httpx.post(f"{base}/not-a-secret", content=b"{}").status_code == 404
+            text, _ = archiver.metrics.exposition()
+            for name in ("lyon", "paris"):
+                assert (
+                    f'callvault_pbx_session_state{{pbx="{name}",state="ok"}} 1.0' in text.decode()
+                )
+                assert f'callvault_workers{{pbx="{name}",state="alive"}} 1.0' in text.decode()
             status = cli("status", "--json", env=env)
             sessions = {p["name"]: p["session"]["state"] for p in json.loads(status.stdout)["pbxs"]}
             assert sessions == {"lyon": "ok", "paris": "ok"}

@@ -99,8 +99,8 @@ def test_serve_counts_reports_and_downloads_and_is_ready_while_it_works(
     assert sample(text, "callvault_recordings_archived_total") == 3
     assert sample(text, "callvault_download_seconds_count") == 3
     assert sample(text, "callvault_report_to_archived_seconds_count") == 3
-    assert sample(text, 'callvault_pbx_session_state{state="ok"}') == 1.0
-    assert sample(text, 'callvault_workers{state="alive"}') == 2.0
+    assert sample(text, 'callvault_pbx_session_state{pbx="main",state="ok"}') == 1.0
+    assert sample(text, 'callvault_workers{pbx="main",state="alive"}') == 2.0
     assert sample(text, 'callvault_recordings_waiting{state="pending"}') == 0.0
     assert sample(text, "callvault_last_report_timestamp_seconds") > 0
     assert "_created" not in text

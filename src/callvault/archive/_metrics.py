@@ -29,6 +29,18 @@ if TYPE_CHECKING:
 # The states the PBX session reports (see PbxSession); one gauge per state, 1 for the
 # current one, as Prometheus's "enum" pattern has it.
 SESSION_STATES = ("connecting", "ok", "degraded", "error", "stopped")
+_WORST_FIRST = ("error", "degraded", "stopped", "connecting", "ok")
+
+
+@dataclass(frozen=True, slots=True)
+class PbxFigures:
+    """What a scrape reads of one PBX the archiver archives."""
+
+    pbx: str
+    session_state: str
+    workers_configured: int
+    workers_alive: int
+
 
 # Seconds: a download of a long recording over a slow link is minutes; the wait from
 # report to archived is a second when all is well, hours when the PBX was away.
@@ -83,17 +95,13 @@ class ArchiverMetrics:
         )
         for outcome in ("stored", "refused", "failed", "other"):
             self.events.labels(outcome)
-        self._session_state: Callable[[], str] = lambda: "connecting"
-        self._workers: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self._pbxs: Callable[[], list[PbxFigures]] = list
         self.registry.register(_Live(self))
 
-    def watch(
-        self, *, session_state: Callable[[], str], workers: Callable[[], tuple[int, int]]
-    ) -> None:
-        """Read these when scraped: the session's state and (configured, alive) workers.
-        Called once the archiver has them."""
-        self._session_state = session_state
-        self._workers = workers
+    def watch(self, pbxs: Callable[[], list[PbxFigures]]) -> None:
+        """Read these when scraped: each PBX's session state and workers. Called once the
+        archiver has them."""
+        self._pbxs = pbxs
 
     def event(self, status: int) -> None:
         """Count a report answered with HTTP `status`."""
@@ -118,10 +126,15 @@ class ArchiverMetrics:
         self.download_failures.labels(kind).inc()
 
     def session_state(self) -> str:
-        return self._session_state()
+        """The worst session state among the PBXs ("connecting" before there are any)."""
+        states = [figures.session_state for figures in self._pbxs()]
+        known = [state for state in states if state in _WORST_FIRST]
+        return min(known, key=_WORST_FIRST.index) if known else "connecting"
 
     def workers(self) -> tuple[int, int]:
-        return self._workers()
+        """Download workers of every PBX: (configured, alive)."""
+        figures = self._pbxs()
+        return sum(f.workers_configured for f in figures), sum(f.workers_alive for f in figures)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text a scrape gets, and its content type."""
@@ -139,22 +152,24 @@ class _Live:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        metrics = self._metrics
-        state = metrics._session_state()
+        pbxs = self._metrics._pbxs()
         session = GaugeMetricFamily(
             "callvault_pbx_session_state",
-            "The PBX API session of this process: 1 for the state it is in.",
-            labels=["state"],
+            "Each PBX's API session in this process: 1 for the state it is in.",
+            labels=["pbx", "state"],
         )
-        for name in SESSION_STATES:
-            session.add_metric([name], 1.0 if name == state else 0.0)
-        yield session
-        configured, alive = metrics._workers()
         workers = GaugeMetricFamily(
-            "callvault_workers", "Download workers, configured and alive.", labels=["state"]
+            "callvault_workers",
+            "Each PBX's download workers, configured and alive.",
+            labels=["pbx", "state"],
         )
-        workers.add_metric(["configured"], configured)
-        workers.add_metric(["alive"], alive)
+        for figures in pbxs:
+            for name in SESSION_STATES:
+                value = 1.0 if name == figures.session_state else 0.0
+                session.add_metric([figures.pbx, name], value)
+            workers.add_metric([figures.pbx, "configured"], figures.workers_configured)
+            workers.add_metric([figures.pbx, "alive"], figures.workers_alive)
+        yield session
         yield workers
 
 

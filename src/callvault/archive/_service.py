@@ -42,7 +42,7 @@ import httpx
 from callvault.archive._backfill import reconcile
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._downloads import Downloads, PoolOptions
-from callvault.archive._metrics import ArchiverMetrics, ServiceProbe
+from callvault.archive._metrics import ArchiverMetrics, PbxFigures, ServiceProbe
 from callvault.archive._policy import RetryPolicy
 from callvault.archive._process import (
     DEFAULT_HEARTBEAT_S,
@@ -403,10 +403,7 @@ class Archiver:
                 started.append(lane)
             self.session, self.downloads = first.session, first.downloads
             self.pool, self.committer = first.pool, first.committer
-            self.metrics.watch(
-                session_state=lambda: _worst([lane.session_state() for lane in lanes]),
-                workers=lambda: _sum_workers([lane.workers() for lane in lanes]),
-            )
+            self.metrics.watch(lambda: [lane.figures() for lane in lanes])
             await self._serve(stop, index, lanes, events_sock, sockets, ready)
         finally:
             for lane in reversed(started):
@@ -566,19 +563,6 @@ async def _supervised(
 
 def _lane_name(target: PbxTarget) -> str:
     return target.registry_name or "main"
-
-
-# The session states, from the worst to the best (what a summary of several shows).
-_STATE_ORDER = ("error", "degraded", "stopped", "connecting", "ok")
-
-
-def _worst(states: Sequence[str]) -> str:
-    known = [state for state in states if state in _STATE_ORDER]
-    return min(known, key=_STATE_ORDER.index) if known else "connecting"
-
-
-def _sum_workers(counts: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    return sum(c for c, _ in counts), sum(a for _, a in counts)
 
 
 def _by_report_path(lanes: Sequence[_Lane]) -> Any:
@@ -751,6 +735,10 @@ class _Lane:
 
     def session_state(self) -> str:
         return str(self.session.health["state"]) if self.session is not None else "connecting"
+
+    def figures(self) -> PbxFigures:
+        configured, alive = self.workers()
+        return PbxFigures(self.name, self.session_state(), configured, alive)
 
     def workers(self) -> tuple[int, int]:
         return (self.pool.configured, self.pool.alive) if self.pool is not None else (0, 0)
