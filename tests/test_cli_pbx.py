@@ -515,3 +515,17 @@ def test_requeue_and_verify_take_one_pbx(registry: dict[str, str]) -> None:
     assert [item["name"] for item in report["missing"]] == ["lyon-2.wav"]
     unknown = cli("requeue", "--pbx", "nice", env=registry)
     assert unknown.returncode == 2 and "--pbx: no PBX named 'nice'" in unknown.stderr
+
+
+def test_user_add_takes_the_pbxs_a_user_may_see(registry: dict[str, str]) -> None:
+    env = {**registry, "PW": "carol-password-1"}
+    added = cli(
+        "user", "add", "carol", "--role", "listener", "--pbxs", "paris, lyon",
+        "--password-env", "PW", env=env,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "added listener carol (all extensions of PBX lyon, paris)" in added.stdout
+    [carol] = json.loads(cli("user", "list", "--json", env=registry).stdout)
+    assert carol["pbxs"] == ["lyon", "paris"]
+    bad = cli("user", "add", "dan", "--role", "listener", "--pbxs", "Paris!", env=env)
+    assert bad.returncode == 2 and "bad PBX 'Paris!'" in bad.stderr

@@ -180,3 +180,52 @@ def test_requeue_through_the_api_takes_one_pbx(web: LiveWeb) -> None:
     assert unknown.status_code == 422 and "no PBX named 'nice'" in unknown.json()["detail"]
     everything = admin.post("/api/requeue", json={})
     assert everything.json()["requeued"]["failed"] == 1
+
+
+def test_a_user_limited_to_a_pbx_sees_only_its_calls(web: LiveWeb) -> None:
+    import io
+    import zipfile
+    from zoneinfo import ZoneInfo
+
+    from callvault.index.pbxs import PbxConfig
+    from callvault.pbx import CallDetail
+
+    index = web.archive.index
+    now = web.clock()
+    lyon = index.pbxs.add(
+        "lyon",
+        PbxConfig(url="https://lyon.example:8088", username="api"),
+        password_sealed="v1.x.y",
+        events_path="path-lyon",
+        now=now,
+    )
+    call = CallDetail(
+        callid="1.1",
+        timestart="2024-05-03 10:00:00",
+        callfrom="2001",
+        callto="2002",
+        recording="20240503100000-1.1-2001-2002-Internal.wav",
+    )
+    index.calls.record([call], source="event", tz=ZoneInfo("UTC"), now=now, pbx_id=lyon.id)
+    index.users.add("louise", "listener", "louise-password-1", "", pbxs="lyon")
+    louise, _ = web.bearer("louise")
+    seen = louise.get("/api/recordings").json()
+    assert [item["pbx"] for item in seen["items"]] == ["lyon"]
+    assert seen["total"] == 1
+    others = web.bearer(ADMIN[0])[0].get("/api/recordings").json()["items"]
+    elsewhere = next(item for item in others if item["pbx"] != "lyon")
+    assert louise.get(f"/api/recordings/{elsewhere['id']}").status_code == 404
+    assert louise.get(f"/api/recordings/{elsewhere['id']}/audio").status_code == 404
+
+    def exported(client: object) -> list[str]:
+        answer = client.get("/api/export")  # type: ignore[attr-defined]
+        return zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
+
+    # Lyon's one recording is not archived yet: nothing of the others' may be exported.
+    assert exported(louise) == ["manifest.csv"]
+    assert len(exported(web.bearer(ADMIN[0])[0])) > 1
+    assert louise.get("/api/me").status_code == 200
+    [listed] = [
+        u for u in web.bearer(ADMIN[0])[0].get("/api/users").json() if u["name"] == "louise"
+    ]
+    assert listed["pbxs"] == ["lyon"]

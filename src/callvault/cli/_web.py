@@ -152,6 +152,12 @@ def web(
     help="Extensions they may see, e.g. 1000-1099,2001 (default: all).",
 )
 @option(
+    "--pbxs",
+    default="",
+    metavar="NAMES",
+    help="PBXs whose calls they may see, e.g. paris,lyon (default: all).",
+)
+@option(
     "--password-env",
     metavar="VAR",
     help="Environment variable holding the password (default: generate one and print it).",
@@ -161,6 +167,7 @@ def user_add(
     name: str,
     role: str,
     scope: str,
+    pbxs: str,
     password_env: str | None,
     archive: Path | None,
     db: str | None,
@@ -171,17 +178,18 @@ def user_add(
         users.validate_name(name)
         users.validate_role(role)
         users.parse_scope(scope)
+        users.parse_pbxs(pbxs)
     except users.UserError as exc:
         fail(str(exc), code=2)
     password = _password_from(password_env)
     index = _open_index(settings_or_fail(config, archive=archive, db=db))
     try:
-        user = index.users.add(name, role, password, scope)
+        user = index.users.add(name, role, password, scope, pbxs=pbxs)
         index.audit.record(
             cli_actor(),
             audit.USER_ADD,
             user.name,
-            f"role={user.role} scope={user.scope or '(all)'}",
+            f"role={user.role} scope={user.scope or '(all)'} pbxs={','.join(user.pbxs) or '(all)'}",
             "local",
         )
     except users.UserError as exc:
@@ -189,6 +197,8 @@ def user_add(
     finally:
         index.close()
     scope_text = user.scope or "all extensions"
+    if user.pbxs:
+        scope_text += f" of PBX {', '.join(user.pbxs)}"
     print(f"added {user.role} {user.name} ({scope_text})")
     if password_env is None:
         print(f"password for {user.name} (shown once): {password}")
@@ -240,6 +250,7 @@ def user_list(as_json: bool, archive: Path | None, db: str | None, config: Path 
                         "name": u.name,
                         "role": u.role,
                         "scope": u.scope,
+                        "pbxs": list(u.pbxs),
                         "created_at": u.created_at.isoformat(),
                     }
                     for u in found
@@ -250,7 +261,8 @@ def user_list(as_json: bool, archive: Path | None, db: str | None, config: Path 
     if not found:
         print("no users")
     for u in found:
-        print(f"{u.name:<24} {u.role:<9} {u.scope or 'all'}")
+        pbxs = f" (PBX {','.join(u.pbxs)})" if u.pbxs else ""
+        print(f"{u.name:<24} {u.role:<9} {u.scope or 'all'}{pbxs}")
 
 
 @user_app.command("remove")

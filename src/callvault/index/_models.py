@@ -216,6 +216,8 @@ class SearchFilters:
       caller or callee is an all-digit number inside one of them (no leading zero). None
       means no restriction; an empty list matches nothing.
     - `pbx_id`: the recordings of that PBX of the registry only.
+    - `pbx_scope`: the PBXs (registry ids) a user may see; None means every PBX, an empty
+      list none.
     """
 
     since: datetime | None = None
@@ -228,3 +230,4 @@ class SearchFilters:
     state: str | None = None
     scope: Scope = field(default=None)
     pbx_id: int | None = None
+    pbx_scope: list[int] | None = None

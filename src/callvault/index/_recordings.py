@@ -273,6 +273,8 @@ class RecordingStore:
             conditions.append(r.c.state == filters.state)
         if filters.pbx_id is not None:
             conditions.append(r.c.pbx_id == filters.pbx_id)
+        if filters.pbx_scope is not None:
+            conditions.append(r.c.pbx_id.in_(filters.pbx_scope) if filters.pbx_scope else false())
         if filters.scope is not None:
             conditions.append(self._scope_matches(filters.scope, walk=walk))
         return conditions

@@ -33,6 +33,7 @@ from callvault.index.users import (
     User,
     UserError,
     format_scope,
+    parse_pbxs,
     parse_scope,
     validate_name,
     validate_password,
@@ -51,6 +52,7 @@ _USER_COLUMNS = (
     users.c.name,
     users.c.role,
     users.c.scope,
+    users.c.pbxs,
     users.c.created_at,
     users.c.disabled_at,
 )
@@ -109,6 +111,7 @@ def _user_from_row(row: Any) -> User:
         created_at=from_db(row.created_at) or _now(),
         disabled_at=from_db(row.disabled_at),
         scope_ranges=parse_scope(scope),
+        pbxs=parse_pbxs(str(getattr(row, "pbxs", "") or "")),
     )
 
 
@@ -149,15 +152,19 @@ class UserStore:
         scope: str = "",
         *,
         now: datetime | None = None,
+        pbxs: str = "",
     ) -> User:
-        """Create a user; the scope text is checked and stored in canonical form.
+        """Create a user; the scope text is checked and stored in canonical form, as are
+        the names of the PBXs they may see (`pbxs`, "" for every PBX).
 
-        Raises `UserError` on a bad name, role, password or scope, or an existing name.
+        Raises `UserError` on a bad name, role, password, scope or PBX name, or an
+        existing name.
         """
         validate_name(name)
         validate_role(role)
         validate_password(password)
         canonical = format_scope(parse_scope(scope))
+        pbx_names = ",".join(parse_pbxs(pbxs))
         password_hash = _hash_password(password)
         with self._db.write() as conn:
             if _user_where(conn, users.c.name == name) is not None:
@@ -168,6 +175,7 @@ class UserStore:
                     password_hash=password_hash,
                     role=role,
                     scope=canonical,
+                    pbxs=pbx_names,
                     created_at=to_utc(now or _now()),
                     session_epoch=_new_session_epoch(),
                 )

@@ -165,6 +165,9 @@ users = Table(
     Column("role", String(16), nullable=False),  # admin | listener
     # Extensions whose calls the user may see, e.g. "1000-1099,2001"; empty = every call.
     Column("scope", Text, nullable=False, default=""),
+    # PBXs of the registry whose calls the user may see, by name, e.g. "paris,lyon";
+    # empty = every PBX. `scope` applies within them.
+    Column("pbxs", Text, nullable=False, default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("disabled_at", DateTime(timezone=True), nullable=True),
     # Random, in every session cookie of the user; a new one (a new password, a new user)

@@ -67,6 +67,7 @@ class User:
     created_at: datetime
     disabled_at: datetime | None = None
     scope_ranges: Scope = None
+    pbxs: tuple[str, ...] = ()  # the PBXs whose calls they may see; () = every PBX
 
     @property
     def is_admin(self) -> bool:
@@ -114,6 +115,20 @@ def parse_scope(text: str) -> Scope:
             raise UserError(f"bad scope range {part!r}: the end is below the start")
         ranges.append((low, high))
     return ranges or None
+
+
+def parse_pbxs(text: str) -> tuple[str, ...]:
+    """The PBX names of a user's PBX scope, ``"paris, lyon"`` -> ``("lyon", "paris")``;
+    empty for every PBX. UserError for a part that is not a PBX name."""
+    from callvault.index.pbxs import PbxRegistryError, validate_name
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        try:
+            validate_name(name)
+        except PbxRegistryError:
+            raise UserError(f"bad PBX {name!r:.40}: give PBX names, e.g. paris,lyon") from None
+    return tuple(sorted(set(names)))
 
 
 def format_scope(ranges: Sequence[tuple[int, int]] | None) -> str:

@@ -135,6 +135,9 @@ class UserOut(BaseModel):
     name: str
     role: str
     scope: str
+    pbxs: list[str] = Field(
+        default_factory=list, description="The PBXs whose calls they may see; empty: every PBX"
+    )
     created_at: datetime
 
 
@@ -149,6 +152,9 @@ class UserIn(BaseModel):
         repr=False,
     )
     scope: str = Field(default="", max_length=1000, description='e.g. "1000-1099,2001"')
+    pbxs: str = Field(
+        default="", max_length=1000, description='PBXs they may see, e.g. "paris,lyon" (all)'
+    )
 
 
 class UserCreated(BaseModel):
@@ -202,7 +208,12 @@ class AuditPage(BaseModel):
 
 def user_out(user: users.User) -> UserOut:
     return UserOut(
-        id=user.id, name=user.name, role=user.role, scope=user.scope, created_at=user.created_at
+        id=user.id,
+        name=user.name,
+        role=user.role,
+        scope=user.scope,
+        pbxs=list(user.pbxs),
+        created_at=user.created_at,
     )
 
 
@@ -559,7 +570,7 @@ def add_user(request: Request, principal: Principal, body: UserIn) -> UserCreate
     if index.users.get(body.name) is not None:
         raise HTTPException(409, f"user {body.name!r} already exists")
     try:
-        user = index.users.add(body.name, body.role, password, body.scope)
+        user = index.users.add(body.name, body.role, password, body.scope, pbxs=body.pbxs)
     except users.UserError as exc:
         raise HTTPException(422, str(exc)) from None
     record_audit(
@@ -567,7 +578,7 @@ def add_user(request: Request, principal: Principal, body: UserIn) -> UserCreate
         principal.name,
         audit.USER_ADD,
         user.name,
-        f"role={user.role} scope={user.scope or '(all)'}",
+        f"role={user.role} scope={user.scope or '(all)'} pbxs={','.join(user.pbxs) or '(all)'}",
     )
     return UserCreated(user=user_out(user), password=password if generated else None)
 

@@ -184,6 +184,7 @@ class SearchParams:
             state=self.state or None,
             scope=user.scope_ranges,
             pbx_id=pbx_id,
+            pbx_scope=pbx_scope_of(user, index),
         )
 
     def query_items(self) -> list[tuple[str, str]]:
@@ -234,10 +235,24 @@ def search_page_of(
     )
 
 
+def pbx_scope_of(user: User, index: Index) -> list[int] | None:
+    """The registry ids of the PBXs `user` may see; None for every PBX (names the registry
+    no longer has count for nothing)."""
+    if not user.pbxs:
+        return None
+    wanted = set(user.pbxs)
+    return sorted(record.id for record in index.pbxs.list() if record.name in wanted)
+
+
 def visible_recording(request: Request, principal: Principal, recording_id: int) -> RecordingRow:
-    """The recording if it exists and is within the user's scope; else 404 (same answer for
-    both, so a listener cannot tell an out-of-scope recording from a missing one)."""
-    row = context(request).index.recordings.by_id(recording_id)
+    """The recording if it exists and is within the user's scope (extensions and PBXs);
+    else 404 (same answer for both, so a listener cannot tell an out-of-scope recording
+    from a missing one)."""
+    index = context(request).index
+    row = index.recordings.by_id(recording_id)
     if row is None or not principal.user.may_see(row.call_from, row.call_to):
+        raise HTTPException(404, "no such recording")
+    allowed = pbx_scope_of(principal.user, index)
+    if allowed is not None and row.pbx_id not in allowed:
         raise HTTPException(404, "no such recording")
     return row
