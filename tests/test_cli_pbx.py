@@ -529,3 +529,25 @@ def test_user_add_takes_the_pbxs_a_user_may_see(registry: dict[str, str]) -> Non
     assert carol["pbxs"] == ["lyon", "paris"]
     bad = cli("user", "add", "dan", "--role", "listener", "--pbxs", "Paris!", env=env)
     assert bad.returncode == 2 and "bad PBX 'Paris!'" in bad.stderr
+
+
+def test_only_a_refused_login_pauses_testing_and_changing_it_ends_the_pause(
+    sim: Simulator, registry: dict[str, str]
+) -> None:
+    add_sim(sim, registry)
+    # Not a refused password: a certificate that does not match. Fixed, it tests at once.
+    assert cli("pbx", "edit", "paris", "--pin-sha256", "00" * 32, env=registry).returncode == 0
+    mistrusted = cli("pbx", "test", "paris", env=registry)
+    assert mistrusted.returncode == 1 and "not trying it again" not in mistrusted.stderr
+    assert sim.cert_sha256 is not None
+    assert (
+        cli("pbx", "edit", "paris", "--pin-sha256", sim.cert_sha256, env=registry).returncode == 0
+    )
+    assert cli("pbx", "test", "paris", env=registry).returncode == 0
+    # A refused user name: set right, the pause ends.
+    assert cli("pbx", "edit", "paris", "--username", "nobody", env=registry).returncode == 0
+    assert cli("pbx", "test", "paris", env=registry).returncode == 1
+    paused = cli("pbx", "test", "paris", env=registry)
+    assert "not trying it again" in paused.stderr and "--username NAME" in paused.stderr
+    assert cli("pbx", "edit", "paris", "--username", sim.username, env=registry).returncode == 0
+    assert cli("pbx", "test", "paris", env=registry).returncode == 0

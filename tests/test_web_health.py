@@ -104,3 +104,9 @@ def test_serve_counts_reports_and_downloads_and_is_ready_while_it_works(
     assert sample(text, 'callvault_recordings_waiting{state="pending"}') == 0.0
     assert sample(text, "callvault_last_report_timestamp_seconds") > 0
     assert "_created" not in text
+
+
+def test_load_balancers_may_ask_with_head(web: LiveWeb) -> None:
+    anonymous = web.client()
+    assert anonymous.head("/healthz").status_code == 200
+    assert anonymous.head("/readyz").status_code == 200

@@ -46,8 +46,9 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 MASTER_KEY_ENV = "CALLVAULT_MASTER_KEY"
 HOW_TO_MAKE_ONE = (
-    "make one with `callvault keys create --file /etc/callvault/master.key` and name it "
-    "with --master-key-file, CALLVAULT_MASTER_KEY_FILE or master_key_file in the config file"
+    "name the key file the passwords were sealed with (--master-key-file, "
+    "CALLVAULT_MASTER_KEY_FILE or master_key_file in the config file), or for a new "
+    "deployment make one with `callvault keys create --file /etc/callvault/master.key`"
 )
 
 
@@ -205,7 +206,9 @@ def require_keyring(key_file: Path | None, environ: Mapping[str, str] | None = N
     """`load_keyring`, or MasterKeyError saying how to make a key when none is set."""
     keyring = load_keyring(key_file, environ)
     if keyring is None:
-        raise MasterKeyError("no master key to seal the PBX passwords with: " + HOW_TO_MAKE_ONE)
+        raise MasterKeyError(
+            "no master key (it seals and opens the PBX passwords): " + HOW_TO_MAKE_ONE
+        )
     return keyring
 
 

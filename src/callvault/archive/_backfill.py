@@ -163,6 +163,7 @@ async def reconcile(
     on_queued: Callable[[], None] | None = None,
     cdr_export: bool = True,
     pbx_id: int = 0,
+    label: str = "",
 ) -> BackfillStats:
     """Requeue `failed` recordings and walk the last `hours` of the CDR export.
 
@@ -173,8 +174,9 @@ async def reconcile(
     clock = clock or (lambda: datetime.now(UTC))
     now = clock()
     requeued = await asyncio.to_thread(index.jobs.requeue, ["failed"], now=now, pbx_id=pbx_id)
+    what = f"reconcile of {label}" if label else "reconcile"
     if requeued:
-        log.info("reconcile: %d failed recordings queued again", requeued)
+        log.info("%s: %d failed recordings queued again", what, requeued)
     stats = BackfillStats(queued=requeued)
     if not cdr_export:
         if requeued and on_queued is not None:
@@ -192,11 +194,9 @@ async def reconcile(
     if stats.queued and on_queued is not None:
         on_queued()
     if stats.queued - requeued:
-        log.info(
-            "reconcile: %d recordings whose events were missed queued", stats.queued - requeued
-        )
+        log.info("%s: %d recordings whose events were missed queued", what, stats.queued - requeued)
     if stats.skipped:
-        log.warning("reconcile: %d CDR rows the index refused were skipped", stats.skipped)
+        log.warning("%s: %d CDR rows the index refused were skipped", what, stats.skipped)
     return stats
 
 

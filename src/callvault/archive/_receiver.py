@@ -101,7 +101,10 @@ class SourceAllowList:
         return any(address in network for network in self.networks)
 
     def __repr__(self) -> str:
-        return f"SourceAllowList({', '.join(str(n) for n in self.networks)})"
+        return f"SourceAllowList({self})"
+
+    def __str__(self) -> str:
+        return ", ".join(str(n) for n in self.networks) or "none"
 
 
 def resolve_addresses(host: str) -> list[str]:

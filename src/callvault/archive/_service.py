@@ -448,7 +448,7 @@ class Archiver:
                 )
             for lane in lanes:
                 log.info(
-                    "receiving the events of %s on %s:%d (secret path, sources %s)",
+                    "receiving the events of %s on %s:%d (secret path; from %s)",
                     lane.describe(),
                     config.events_host,
                     self.events_port,
@@ -669,6 +669,7 @@ class _Lane:
             write_health=write_health,
             heartbeat_interval_s=config.heartbeat_interval_s,
             transport_retry_s=config.login_retry_s,
+            label=self._label(),
         )
         self.session = session
         options = replace(config.pool_options(), workers=target.workers, pbx_id=pbx.id)
@@ -716,12 +717,18 @@ class _Lane:
             tz=target.timezone,
         )
 
+    def _several(self) -> bool:
+        return len(self._archiver.config.more_pbxs) > 0
+
+    def _label(self) -> str:
+        """How log lines name this PBX: "the PBX" when it is the only one."""
+        return f"PBX {self.name}" if self._several() else "the PBX"
+
     def tasks(self, index: Index, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         """Its session upkeep and reconciliation, each supervised."""
         session = self.session
         assert session is not None
-        many = len(self._archiver.config.more_pbxs) > 0
-        suffix = f" of PBX {self.name}" if many else ""
+        suffix = f" of PBX {self.name}" if self._several() else ""
         return [
             asyncio.create_task(
                 _supervised(f"the PBX session{suffix}", lambda: session.run(stop), stop)
@@ -817,6 +824,7 @@ class _Lane:
                         on_queued=pool.wake,
                         cdr_export=cdr_export,
                         pbx_id=pbx.id,
+                        label=self._label() if self._several() else "",
                     )
                 except Exception as exc:
                     log.warning(

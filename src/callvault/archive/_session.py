@@ -64,8 +64,10 @@ class PbxSession:
         login_failed_pause_s: float = 900.0,
         login_failed_pause_max_s: float = 6 * 3600.0,
         transport_retry_s: tuple[float, ...] = (2.0, 5.0, 15.0, 30.0, 60.0),
+        label: str = "the PBX",
     ) -> None:
         self._client = client
+        self._label = label  # which PBX, in log lines ("PBX paris" when there are several)
         self._write_health = write_health
         self._heartbeat_interval_s = heartbeat_interval_s
         self._lockout_pause_s = lockout_pause_s
@@ -153,7 +155,7 @@ class PbxSession:
                 min(self._transport_failures, len(self._transport_retry_s) - 1)
             ]
             self._transport_failures += 1
-            log.warning("login failed: %s; next attempt in %.0f s", exc, delay)
+            log.warning("login to %s failed: %s; next attempt in %.0f s", self._label, exc, delay)
             self._set_health("error", f"cannot log in to the PBX: {exc}")
             return delay
         self.logins += 1
@@ -161,7 +163,7 @@ class PbxSession:
         self._login_failures = 0
         self._transport_failures = 0
         self._poke.clear()
-        log.info("logged in to the PBX")
+        log.info("logged in to %s", self._label)
         self._set_health("ok", None)
         self.ready.set()
         return 0.0
@@ -177,7 +179,7 @@ class PbxSession:
             self.report_auth_failure(exc)
             return 0.0
         except PbxError as exc:
-            log.warning("heartbeat failed: %s", exc)
+            log.warning("heartbeat to %s failed: %s", self._label, exc)
             self._set_health("error", f"heartbeat failed: {exc}")
             return min(30.0, self._heartbeat_interval_s)
         self._set_health("ok", None)
@@ -196,7 +198,7 @@ class PbxSession:
             what = "the PBX refused the API username or password"
         self._paused_until = max(self._paused_until, time.monotonic() + pause)
         text = f"{what} ({exc}); downloads paused, next login attempt in {pause / 60:.0f} min"
-        log.error("%s", text)
+        log.error("%s: %s", self._label, text)
         self._set_health("error", text)
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:

@@ -110,7 +110,8 @@ def demo(
     directory = directory.resolve()
     archive = directory / "archive"
     try:
-        archive.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        archive.mkdir(mode=0o700, exist_ok=True)  # its owner's alone, as serve makes one
     except OSError as exc:
         fail(f"cannot create {directory}: {exc.strerror}")
 

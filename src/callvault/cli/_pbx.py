@@ -167,11 +167,10 @@ def _changes(given: dict[str, Any]) -> dict[str, Any]:
         chosen.append("trust_system")
     if len(chosen) > 1:
         flags = " and ".join("--" + name.replace("_", "-") for name in chosen)
-        fail(
-            "choose only one of --ca-file, --pin-sha256, --insecure and --trust-system, "
-            f"not {flags}",
-            code=USAGE_ERROR,
+        options = "--ca-file, --pin-sha256" + (
+            ", --insecure and --trust-system" if "trust_system" in given else " and --insecure"
         )
+        fail(f"choose only one of {options}, not {flags}", code=USAGE_ERROR)
     if chosen:
         changes.update(ca_file=None, pin_sha256=None, insecure=False)
         if chosen[0] == "ca_file":
@@ -362,6 +361,8 @@ def pbx_show(
         if key == "last_test":
             continue
         shown = ", ".join(value) if isinstance(value, list) else value
+        if key == "events_allow" and not value:
+            shown = "its own address"
         print(f"{key.replace('_', ' '):<16} {'-' if shown in (None, '') else shown}")
     test = view.last_test
     if not test:
@@ -376,7 +377,8 @@ def pbx_show(
 @click.argument("name")
 @archive_options
 def pbx_remove(name: str, archive: Path | None, db: str | None, config: Path | None) -> None:
-    """Take a PBX off the registry; what was archived from it stays."""
+    """Take a PBX off the registry (refused while calls of it are archived: they are known
+    by it)."""
     from callvault.ops import remove_pbx
 
     index = _index(_settings(config, archive, db))

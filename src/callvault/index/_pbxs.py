@@ -208,7 +208,8 @@ class PbxStore:
             if conn.execute(select(calls.c.id).where(calls.c.pbx_id == pbx_id).limit(1)).first():
                 raise PbxInUse(
                     f"PBX {name!r} cannot be taken off the registry: calls of it are "
-                    "archived, and are known by it"
+                    "archived, and are known by it; to stop archiving it, name the PBXs "
+                    "serve archives with --only"
                 )
             conn.execute(delete(pbxs).where(pbxs.c.name == name))
         return _record(row)

@@ -112,14 +112,12 @@ class IndexCollector:
         for state, count in waiting.items():
             recordings.add_metric([state], count)
         yield recordings
-        moment = _timestamp(last_event)
-        if moment is not None:
-            last = GaugeMetricFamily(
-                "callvault_last_report_timestamp_seconds",
-                "When the last report of a call was committed to the index (Unix time).",
-            )
-            last.add_metric([], moment)
-            yield last
+        last = GaugeMetricFamily(
+            "callvault_last_report_timestamp_seconds",
+            "When the last report of a call was committed to the index (Unix time; 0 for never).",
+        )
+        last.add_metric([], _timestamp(last_event) or 0.0)
+        yield last
 
 
 def _timestamp(text: str | None) -> float | None:

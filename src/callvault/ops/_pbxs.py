@@ -19,7 +19,7 @@ from callvault.index import Index, audit
 from callvault.index.pbxs import PbxConfig, PbxRecord, PbxRegistryError, password_context
 from callvault.keys import Keyring
 from callvault.ops._json import JsonResult
-from callvault.pbx import ApiVersion, ErrorKind, PbxClient, PbxError, TlsOptions
+from callvault.pbx import ApiVersion, LoginFailed, LoginLockedOut, PbxClient, PbxError, TlsOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +172,7 @@ def edit_pbx(
 
 
 def remove_pbx(index: Index, name: str, *, actor: str, remote_addr: str) -> PbxRecord:
-    """Take a PBX off the registry (its calls and recordings stay archived); audited."""
+    """Take a PBX off the registry (PbxInUse while calls of it are archived); audited."""
     record = index.pbxs.remove(name)
     index.audit.record(actor, audit.PBX_REMOVE, name, _described(record.config), remote_addr)
     return record
@@ -241,10 +241,12 @@ class RefusedRecently(PbxRegistryError):
 
 
 def _password_tag(record: PbxRecord) -> str:
-    """Tells one sealed password from another (each seal is different), revealing nothing."""
+    """Tells one login (URL, user, sealed password: each seal is different) from another,
+    revealing nothing."""
     import hashlib
 
-    return hashlib.sha256(record.password_sealed.encode()).hexdigest()[:16]
+    login = f"{record.config.url}\0{record.config.username}\0{record.password_sealed}"
+    return hashlib.sha256(login.encode()).hexdigest()[:16]
 
 
 async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: datetime) -> PbxTest:
@@ -252,12 +254,10 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
     PBX's lockout twice), read a day of its call history, log out; keep and return what
     was found. Asks for no reports, so a running `serve` keeps receiving them.
 
-    RefusedRecently if the PBX refused this same password less than ten minutes ago: testing
-    again and again would lock this host out of the PBX."""
+    RefusedRecently if the PBX refused this same login (URL, user and password) less than
+    ten minutes ago: testing again and again would lock this host out of the PBX."""
     last = record.detail
-    if last.get("error_kind") == ErrorKind.LOGIN_REFUSED.value and last.get(
-        "password_tag"
-    ) == _password_tag(record):
+    if last.get("password_refused") and last.get("password_tag") == _password_tag(record):
         try:
             refused_at: datetime | None = datetime.fromisoformat(str(last.get("tested_at")))
         except ValueError:
@@ -267,14 +267,15 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
             raise RefusedRecently(
                 f"PBX {record.name} refused this password at {refused_at:%H:%M:%S} UTC "
                 f"({last.get('error')}); not trying it again before {again:%H:%M:%S} UTC, "
-                "as five refusals lock this host out: set the right one with "
-                f"`callvault pbx edit {record.name} --password-env VAR`"
+                "as five refusals lock this host out: set the right user or password with "
+                f"`callvault pbx edit {record.name} --username NAME --password-env VAR`"
             )
     started = time.monotonic()
     transport: str | None = None
     calls: int | None = None
     error: str | None = None
     kind: str | None = None
+    refused = False
     tz = ZoneInfo(record.config.timezone or "UTC")
     try:
         async with pbx_client(record, keyring, max_attempts=1) as client:
@@ -285,6 +286,7 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
             await client.logout()
     except PbxError as exc:
         error, kind = str(exc), exc.kind.value
+        refused = isinstance(exc, LoginFailed | LoginLockedOut)
     result = PbxTest(
         name=record.name,
         ok=error is None,
@@ -298,6 +300,8 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
         error_kind=kind,
     )
     index.pbxs.record_test(
-        record.name, {**result.to_json(), "password_tag": _password_tag(record)}, now=now
+        record.name,
+        {**result.to_json(), "password_tag": _password_tag(record), "password_refused": refused},
+        now=now,
     )
     return result

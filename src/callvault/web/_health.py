@@ -51,6 +51,19 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if result.ready else 503)
 
 
+# HEAD, which some load balancers' health checks send: the status alone (left out of the
+# OpenAPI document, where each operation is one method).
+@router.head("/healthz", include_in_schema=False)
+async def healthz_head() -> Response:
+    return Response(status_code=200)
+
+
+@router.head("/readyz", include_in_schema=False)
+async def readyz_head(request: Request) -> Response:
+    answer = await readyz(request)
+    return Response(status_code=answer.status_code)
+
+
 @router.get(
     "/metrics",
     summary="Prometheus metrics (admins: an API token as Bearer)",

@@ -164,7 +164,8 @@ def change_pbx(request: Request, principal: Admin, name: PbxName, body: PbxPatch
 
 @router.delete("/pbxs/{name}", status_code=204, responses={404: {}, 409: {}})
 def delete_pbx(request: Request, principal: Admin, name: PbxName) -> Response:
-    """Take a PBX off the registry; what was archived from it stays."""
+    """Take a PBX off the registry; 409 while calls of it are archived (they are known by
+    it)."""
     check_csrf(request, principal)
     try:
         remove_pbx(
