@@ -595,3 +595,23 @@ def test_clean_staging_handles_directories(tmp_path: Path) -> None:
         live.close()
     assert storage.clean_staging(timedelta(hours=1), now=now + timedelta(hours=2)) == 1
     assert list(staging.iterdir()) == []
+
+
+async def test_two_pbxs_without_serials_never_share_a_file(
+    index: Index, storage: LocalStorage
+) -> None:
+    """Two PBXs that send no serial may give two recordings the same name: each is filed
+    under its own PBX, never taken for a copy of the other's already stored."""
+    ids = {}
+    for pbx_id in (1, 2):
+        call = CallDetail(callid=CALLID, recording=NAME, timestart="2024-05-01 10:00:00")
+        [result] = index.calls.record([call], source="event", tz=TZ, now=NOW, pbx_id=pbx_id)
+        assert result.recording_id is not None
+        ids[pbx_id] = result.recording_id
+    for pbx_id in (1, 2):
+        pool = pool_for(index, storage, Downloader(), Clock(NOW), pbx_id=pbx_id)
+        async with Running(pool):
+            await until(lambda: row_of(index, ids[pbx_id]).state == ARCHIVED)  # noqa: B023
+    keys = {pbx_id: row_of(index, ids[pbx_id]).storage_key for pbx_id in (1, 2)}
+    assert keys[1].startswith("pbx-1/") and keys[2].startswith("pbx-2/")
+    assert row_of(index, ids[2]).attempts == 1  # downloaded, not found "already stored"

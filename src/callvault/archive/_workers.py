@@ -474,8 +474,14 @@ class WorkerPool:
                 log.error("%s: the on_archived callback failed: %s", job.name, _describe(exc))
 
     async def _storage_key(self, job: Job) -> str:
-        """The key fixed for this recording at its first attempt (fixed now if this is it)."""
-        wanted = recording_key(job.pbx_serial, self._start_local(job), job.name)
+        """The key fixed for this recording at its first attempt (fixed now if this is it).
+
+        A call without a serial is filed under ``unknown``, or, for a registered PBX other
+        than the archive's own of serve's flags, under ``pbx-<its id>``: two PBXs without
+        serials may give two recordings the same name, and the second would otherwise be
+        taken for a copy of the first already stored."""
+        serial = job.pbx_serial or (f"pbx-{self._pbx_id}" if self._pbx_id else "")
+        wanted = recording_key(serial, self._start_local(job), job.name)
         key = await asyncio.to_thread(
             self._index.jobs.reserve_storage_key, job.recording_id, wanted
         )
