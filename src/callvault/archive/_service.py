@@ -221,9 +221,10 @@ def given_pbx_entry(
     events_allow: Sequence[str] | None = None,
 ) -> PbxRecord:
     """The registry entry of the PBX given by flags (`serve` and `backfill` without a
-    registered PBX), under whose id its calls are recorded: the archive's own PBX, known by
-    its secret report path (see `index.pbxs.given_at_start`). PbxRegistryError for
-    settings the registry refuses."""
+    registered PBX), under whose id its calls are recorded: the archive's own PBX, entry 0,
+    its reports posted to the archive's secret path (see `index.pbxs.given_at_start`).
+    PbxRegistryError for settings the registry refuses, or the URL of a PBX registered
+    under a name."""
     from callvault.index.pbxs import PbxConfig
 
     tls = tls or TlsOptions()
