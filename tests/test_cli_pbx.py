@@ -123,6 +123,7 @@ def test_a_registered_pbx_is_tested_and_its_password_never_shows(
     assert outcomes(sim, "login") == ["Success"] and outcomes(sim, "logout") == ["Success"]
 
     listed = cli("pbx", "list", "--json", env=registry)
+    assert "password" not in listed.stdout  # not even the name of one
     [view] = json.loads(listed.stdout)
     assert view["name"] == "paris" and view["tls"] == "pinned"
     assert view["last_test"]["ok"] is True and view["last_test"]["calls_last_day"] == calls
