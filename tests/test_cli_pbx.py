@@ -22,7 +22,7 @@ from callvault.cli._settings import load_settings
 from callvault.index import open_index
 from callvault.simulator import Simulator
 from support.archive import states, wait_until
-from support.index_data import NOW
+from support.index_data import NOW, register_pbx
 from support.pbx_sim import SIM_PASSWORD, outcomes
 
 WRONG = "not-the-Pa55word"
@@ -319,19 +319,12 @@ def test_two_pbxs_share_an_index_each_archived_by_its_own_serve(tmp_path: Path) 
 def test_list_shows_the_pbx_of_each_recording_and_filters_by_it(
     tmp_path: Path, registry: dict[str, str]
 ) -> None:
-    from callvault.index.pbxs import PbxConfig
     from callvault.pbx import CallDetail
 
     archive = Path(registry["CALLVAULT_ARCHIVE"])
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
         for name in ("lyon", "paris"):
-            index.pbxs.add(
-                name,
-                PbxConfig(url=f"https://{name}.example:8088", username="api"),
-                password_sealed="v1.x.y",
-                events_path=f"path-{name}",
-                now=NOW,
-            )
+            pbx = register_pbx(index, name)
             call = CallDetail(
                 callid="1.1",  # the same call id on both: each PBX's own
                 timestart="2024-05-03 10:00:00",
@@ -341,7 +334,7 @@ def test_list_shows_the_pbx_of_each_recording_and_filters_by_it(
             )
             index.calls.record(
                 [call], source="event", tz=ZoneInfo("UTC"), now=NOW,
-                pbx_id=index.pbxs.require(name).id,
+                pbx_id=pbx.id,
             )  # fmt: skip
     listed = cli("list", "--timezone", "UTC", env=registry)
     assert listed.returncode == 0, listed.stderr
@@ -477,20 +470,13 @@ def test_requeue_and_verify_take_one_pbx(registry: dict[str, str]) -> None:
     from datetime import timedelta
 
     from callvault.index import Worker
-    from callvault.index.pbxs import PbxConfig
     from callvault.pbx import CallDetail
 
     archive = Path(registry["CALLVAULT_ARCHIVE"])
     worker = Worker(process_id=None, name="w")
     with open_index(f"sqlite:///{archive / 'callvault.db'}") as index:
         for name in ("lyon", "paris"):
-            record = index.pbxs.add(
-                name,
-                PbxConfig(url=f"https://{name}.example:8088", username="api"),
-                password_sealed="v1.x.y",
-                events_path=f"path-{name}",
-                now=NOW,
-            )
+            record = register_pbx(index, name)
             index.pbxs.learn_serial(name, f"SN-{name}", now=NOW)
             calls = [
                 CallDetail(callid=f"1.{n}", sn=f"SN-{name}", recording=f"{name}-{n}.wav")

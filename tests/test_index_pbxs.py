@@ -29,7 +29,7 @@ def test_a_pbx_is_kept_in_canonical_form(index: Index) -> None:
         pin_sha256=PIN,
         timezone="Europe/Paris",
         max_downloads=3,
-        events_allow=("10.0.0.0/8", " 192.0.2.7 "),
+        events_allow=("127.0.0.0/8", " 127.0.0.7 "),
     )
     record = index.pbxs.add(
         "paris", config, password_sealed="v1.sealed", events_path="secret-1", now=NOW
@@ -41,7 +41,7 @@ def test_a_pbx_is_kept_in_canonical_form(index: Index) -> None:
         pin_sha256="ab" * 32,
         timezone="Europe/Paris",
         max_downloads=3,
-        events_allow=("10.0.0.0/8", "192.0.2.7"),
+        events_allow=("127.0.0.0/8", "127.0.0.7"),
     )
     assert (record.serial, record.detail, record.created_at) == ("", {}, NOW)
     assert index.pbxs.get("paris") == record
@@ -118,7 +118,7 @@ def test_serial_test_results_and_removal(index: Index) -> None:
 
 
 def test_the_pbx_given_by_flags_is_the_entry_with_id_0(index: Index) -> None:
-    add(index, "main", replace(CONFIG, url="https://10.0.0.1:8088"))  # took the name
+    add(index, "main", replace(CONFIG, url="https://127.0.0.2:8088"))  # took the name
     first = index.pbxs.given_at_start(CONFIG, events_path="path-of-the-archive", now=NOW)
     assert (first.id, first.name, first.given_by_flags, first.config.url) == (
         0,
@@ -128,17 +128,17 @@ def test_the_pbx_given_by_flags_is_the_entry_with_id_0(index: Index) -> None:
     )
     assert first.events_path == "path-of-the-archive"
     # Started again with other flags (the PBX moved): the same entry, brought up to date.
-    moved = replace(CONFIG, url="https://10.0.0.9:8088", max_downloads=4)
+    moved = replace(CONFIG, url="https://127.0.0.9:8088", max_downloads=4)
     again = index.pbxs.given_at_start(moved, events_path="path-of-the-archive", now=NOW)
     assert (again.id, again.config.url, again.config.max_downloads) == (
         first.id,
-        "https://10.0.0.9:8088",
+        "https://127.0.0.9:8088",
         4,
     )
     assert [r.name for r in index.pbxs.list()] == ["main", "main-2"]
     assert not index.pbxs.require("main").given_by_flags
     # Flags naming a registered PBX's URL would archive its calls a second time.
-    taken = replace(CONFIG, url="https://10.0.0.1:8088")
+    taken = replace(CONFIG, url="https://127.0.0.2:8088")
     with pytest.raises(PbxRegistryError, match="PBX main is registered with the URL"):
         index.pbxs.given_at_start(taken, events_path="path-of-the-archive", now=NOW)
 

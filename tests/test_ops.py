@@ -21,7 +21,7 @@ from callvault.ops import (
     verify_recording,
 )
 from callvault.storage import LocalStorage
-from support.index_data import NOW, queue
+from support.index_data import NOW, queue, register_pbx
 
 LEASE = timedelta(minutes=5)
 
@@ -87,7 +87,6 @@ def test_status_shows_serves_workers_alive_against_configured(archive: Archive) 
 
 
 def test_status_names_the_pbx_whose_session_is_worst(archive: Archive) -> None:
-    from callvault.index.pbxs import PbxConfig
 
     index = archive.index
     serve = index.processes.register(
@@ -95,8 +94,7 @@ def test_status_names_the_pbx_whose_session_is_worst(archive: Archive) -> None:
     )
     index.processes.heartbeat(serve.id, now=NOW, workers_alive=2)
     for name in ("lyon", "nice", "paris"):
-        config = PbxConfig(url=f"https://{name}.example:8088", username="api")
-        index.pbxs.add(name, config, password_sealed="v1.x", events_path=name, now=NOW)
+        register_pbx(index, name)
     contact = (NOW - timedelta(minutes=2)).isoformat()
     sessions = {
         "lyon": {"state": "ok", "error": None, "last_success_at": contact},

@@ -11,6 +11,7 @@ import pytest
 
 from callvault.keys import Keyring, MasterKey
 from callvault.simulator import Simulator
+from support.index_data import register_pbx
 from support.pbx_sim import SIM_PASSWORD, outcomes
 from support.web import ADMIN, LISTENER_2000, LiveWeb, audit_entries, live_web
 
@@ -123,20 +124,11 @@ def test_testing_a_pbx_logs_in_once_and_pauses_after_a_refusal(
 def test_searches_show_and_filter_by_pbx(web: LiveWeb) -> None:
     from zoneinfo import ZoneInfo
 
-    from callvault.index.pbxs import PbxConfig
     from callvault.pbx import CallDetail
 
     index = web.archive.index
     now = web.clock()
-    for name in ("lyon", "paris"):
-        index.pbxs.add(
-            name,
-            PbxConfig(url=f"https://{name}.example:8088", username="api"),
-            password_sealed="v1.x.y",
-            events_path=f"path-{name}",
-            now=now,
-        )
-    lyon = index.pbxs.require("lyon")
+    lyon, _paris = (register_pbx(index, name, now) for name in ("lyon", "paris"))
     call = CallDetail(
         callid="1.1",
         timestart="2024-05-03 10:00:00",
@@ -163,15 +155,8 @@ def test_searches_show_and_filter_by_pbx(web: LiveWeb) -> None:
 
 
 def test_requeue_through_the_api_takes_one_pbx(web: LiveWeb) -> None:
-    from callvault.index.pbxs import PbxConfig
 
-    web.archive.index.pbxs.add(
-        "lyon",
-        PbxConfig(url="https://lyon.example:8088", username="api"),
-        password_sealed="v1.x.y",
-        events_path="path-lyon",
-        now=web.clock(),
-    )
+    register_pbx(web.archive.index, "lyon", web.clock())
     admin, _ = web.bearer(ADMIN[0])
     # The archive's failed recording is not Lyon's: nothing of Lyon's to queue again.
     lyon = admin.post("/api/requeue", json={"pbx": "lyon"})
@@ -187,18 +172,11 @@ def test_a_user_limited_to_a_pbx_sees_only_its_calls(web: LiveWeb) -> None:
     import zipfile
     from zoneinfo import ZoneInfo
 
-    from callvault.index.pbxs import PbxConfig
     from callvault.pbx import CallDetail
 
     index = web.archive.index
     now = web.clock()
-    lyon = index.pbxs.add(
-        "lyon",
-        PbxConfig(url="https://lyon.example:8088", username="api"),
-        password_sealed="v1.x.y",
-        events_path="path-lyon",
-        now=now,
-    )
+    lyon = register_pbx(index, "lyon", now)
     call = CallDetail(
         callid="1.1",
         timestart="2024-05-03 10:00:00",

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from callvault.index import Index, Worker
+from callvault.index.pbxs import PbxConfig, PbxRecord
 from callvault.pbx._types import CallDetail
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -47,5 +48,17 @@ def archive(index: Index, recording_id: int, worker: Worker, now: datetime = NOW
         sha256="b" * 64,
         storage_key=f"SN9/2024/05/01/{recording_id}.wav",
         content_type="audio/wav",
+        now=now,
+    )
+
+
+def register_pbx(index: Index, name: str, now: datetime = NOW) -> PbxRecord:
+    """A PBX `name` in the registry, at https://NAME.example:8088 (never reached), with a
+    made-up sealed password: for tests of what is kept per PBX."""
+    return index.pbxs.add(
+        name,
+        PbxConfig(url=f"https://{name}.example:8088", username="api"),
+        password_sealed="v1.x.y",
+        events_path=f"path-{name}",
         now=now,
     )

@@ -125,6 +125,18 @@ def _policy(settings: ArchiveSettings) -> RetryPolicy:
     )
 
 
+def _refuse_flags_entry(record: Any) -> None:
+    """Exit with one line if `record` is the archive's PBX of serve's flags: its password is
+    not kept, so the registry alone cannot log in to it."""
+    if record.given_by_flags:
+        fail(
+            f"PBX {record.name} is this archive's PBX of serve's flags: give them as before "
+            "(--pbx, --username, --password-env), or keep its password sealed with "
+            f"`callvault pbx edit {record.name} --url URL --password-env VAR`",
+            code=USAGE_ERROR,
+        )
+
+
 def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
     """The registered PBX `serve` archives, and the keys that open its password: `only`,
     else the one there is; exits with one line when that cannot be told."""
@@ -157,13 +169,7 @@ def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
                 code=USAGE_ERROR,
             )
         record = records[0]
-    if record.given_by_flags:
-        fail(
-            f"PBX {record.name} is this archive's PBX of serve's flags: give them as before "
-            "(--pbx, --username, --password-env), or keep its password sealed with "
-            f"`callvault pbx edit {record.name} --url URL --password-env VAR`",
-            code=USAGE_ERROR,
-        )
+    _refuse_flags_entry(record)
     try:
         keyring = settings.keyring()
     except SettingsError as exc:
@@ -202,8 +208,7 @@ def _registered_all(settings: ArchiveSettings, only: Sequence[str]) -> list[PbxT
                     file=sys.stderr,
                 )
         for record in records:
-            if record.given_by_flags:
-                _registered(settings, record.name)  # exits: it says what to do
+            _refuse_flags_entry(record)
     try:
         keyring = settings.keyring()
     except SettingsError as exc:
