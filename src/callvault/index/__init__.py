@@ -12,7 +12,8 @@ The `Index` has one store per subject, each method one short transaction:
   sessions (rules and data classes in `callvault.index.users`);
 - `index.audit`: the audit log (actions and entries in `callvault.index.audit`);
 - `index.processes`: the registry of processes whose workers claim jobs;
-- `index.pbxs`: the registry of PBXs (rules and data classes in `callvault.index.pbxs`).
+- `index.pbxs`: the registry of PBXs (rules and data classes in `callvault.index.pbxs`);
+- `index.leases`: which node owns each PBX's API session, with fencing tokens.
 
 Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
 and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be
@@ -42,6 +43,7 @@ from callvault.index._models import (
     ArchivedCopy,
     DayCount,
     Job,
+    Lease,
     Position,
     ProcessInfo,
     RecordingRow,
@@ -66,6 +68,7 @@ __all__ = [
     "IndexOpenError",
     "InvalidCallDetail",
     "Job",
+    "Lease",
     "Position",
     "ProcessInfo",
     "RecordResult",

@@ -1,7 +1,8 @@
 """`open_index` and the `Index`: every call and recording the archiver knows about.
 
 The `Index` owns the engine and exposes one store per subject (`calls`, `jobs`,
-`recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`, `pbxs`). Every
+`recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`, `pbxs`,
+`leases`). Every
 store method is synchronous SQLAlchemy Core in one short transaction, safe to call from
 several threads (one connection per call from the engine's pool) and from several
 processes on the same database; see `callvault.index._db` for how writes queue.
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from callvault.index._audit import AuditStore
     from callvault.index._calls import CallStore
     from callvault.index._jobs import JobStore
+    from callvault.index._leases import LeaseStore
     from callvault.index._pbxs import PbxStore
     from callvault.index._processes import ProcessStore
     from callvault.index._users import SessionStore, TokenStore, UserStore
@@ -46,7 +48,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration: an index already at it opens without loading Alembic (about a
 # third of a second), so commands such as `callvault list` start quickly. A test checks
 # that this is the head of the migrations.
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 
 
 def open_index(url: str, *, create: bool = True) -> Index:
@@ -149,6 +151,12 @@ class Index:
         from callvault.index._pbxs import PbxStore
 
         return PbxStore(self._db)
+
+    @functools.cached_property
+    def leases(self) -> LeaseStore:
+        from callvault.index._leases import LeaseStore
+
+        return LeaseStore(self._db)
 
     @functools.cached_property
     def processes(self) -> ProcessStore:

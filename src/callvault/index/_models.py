@@ -71,6 +71,22 @@ class ProcessInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """One row of `pbx_leases`: the node that owns a PBX's API session, until when, and
+    the fencing token of that ownership (see `index.leases`)."""
+
+    pbx_id: int
+    node: str | None  # None: released, free for any node
+    token: int
+    acquired_at: datetime | None
+    expires_at: datetime | None
+
+    def held(self, now: datetime) -> bool:
+        """Whether some node holds it at `now` (not released, not expired)."""
+        return self.node is not None and self.expires_at is not None and self.expires_at > now
+
+
+@dataclass(frozen=True, slots=True)
 class DayCount:
     """Calls started on one day (UTC)."""
 

@@ -34,6 +34,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 # Naming convention so Alembic migrations get stable constraint names on every engine.
@@ -268,4 +269,22 @@ pbxs = Table(
     UniqueConstraint("name", name="uq_pbxs_name"),
     UniqueConstraint("events_path", name="uq_pbxs_events_path"),
     sqlite_autoincrement=True,
+)
+
+# Which node owns each PBX's API session (see `index.leases`): made on first acquisition.
+pbx_leases = Table(
+    "pbx_leases",
+    metadata,
+    Column(
+        "pbx_id",
+        Integer,
+        ForeignKey("pbxs.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("node", String(128), nullable=True),  # None: released
+    # Acquisitions so far: the fencing token of the current holder.
+    Column("token", BigInteger, nullable=False, server_default=text("0")),
+    Column("acquired_at", DateTime(timezone=True), nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
 )

@@ -1,0 +1,113 @@
+"""`index.leases`: which node owns each PBX's API session, as leases with fencing tokens.
+
+A PBX sends its reports to the address that logged in, and a random may only be used from
+the address that asked for it: so exactly one node at a time may hold a PBX's session. A
+node takes a PBX with `acquire` (when it is free, its lease has expired, or the holder is
+an earlier incarnation of the same node), keeps it with `renew` before `expires_at`, and
+gives it up with `release`. Every acquisition adds one to the row's `token`; `renew` and
+`release` only act while the row still carries the caller's token, so a holder that was
+paused or cut off past its lease learns it has lost the PBX (False) instead of taking it
+back from the node that has it now.
+
+Times are the callers' clocks (as for process heartbeats): the nodes' clocks must agree to
+within a small part of the lease (NTP does).
+"""
+
+from __future__ import annotations
+
+import builtins
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from callvault.index._db import Database
+from callvault.index._models import Lease
+from callvault.index.schema import column_length, pbx_leases
+from callvault.times import as_utc as from_db
+from callvault.times import to_utc
+
+_NODE_MAX = column_length(pbx_leases.c.node)
+
+
+class LeaseStore:
+    """Rows of `pbx_leases`, as `Lease`."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def acquire(self, pbx_id: int, *, node: str, now: datetime, ttl: timedelta) -> Lease | None:
+        """Take the PBX `pbx_id` for `node` until `now + ttl`, if it is free, its lease has
+        expired, or `node` itself holds it (a restart of the node takes its PBXs back at
+        once); the new lease, with a new fencing token, or None when another node holds it."""
+        now, node = to_utc(now), node[:_NODE_MAX]
+        t = pbx_leases
+        make = pg_insert if self._db.dialect == "postgresql" else sqlite_insert
+        with self._db.write() as conn:
+            conn.execute(make(t).values(pbx_id=pbx_id, token=0).on_conflict_do_nothing())
+            result = conn.execute(
+                update(t)
+                .where(
+                    t.c.pbx_id == pbx_id,
+                    or_(t.c.node.is_(None), t.c.expires_at <= now, t.c.node == node),
+                )
+                .values(node=node, token=t.c.token + 1, acquired_at=now, expires_at=now + ttl)
+            )
+            if result.rowcount != 1:
+                return None
+            row = conn.execute(select(t).where(t.c.pbx_id == pbx_id)).one()
+        return _lease(row)
+
+    def renew(
+        self, pbx_id: int, *, node: str, token: int, now: datetime, ttl: timedelta
+    ) -> datetime | None:
+        """Extend `node`'s lease of `pbx_id` to `now + ttl`; the new expiry, or None if the
+        lease is no longer this one (taken over: the caller must stop working on the PBX).
+        A lease that expired but was not taken by another node is renewed."""
+        until = to_utc(now) + ttl
+        t = pbx_leases
+        with self._db.write() as conn:
+            result = conn.execute(
+                update(t).where(_ours(pbx_id, node[:_NODE_MAX], token)).values(expires_at=until)
+            )
+        return until if result.rowcount == 1 else None
+
+    def release(self, pbx_id: int, *, node: str, token: int) -> bool:
+        """Give the PBX up (a clean stop, or a rebalance), for any node to take at once;
+        False if it was no longer this lease."""
+        t = pbx_leases
+        with self._db.write() as conn:
+            result = conn.execute(
+                update(t)
+                .where(_ours(pbx_id, node[:_NODE_MAX], token))
+                .values(node=None, expires_at=None)
+            )
+        return result.rowcount == 1
+
+    def all(self) -> builtins.list[Lease]:
+        """Every lease row, by PBX id."""
+        with self._db.read() as conn:
+            rows = conn.execute(select(pbx_leases).order_by(pbx_leases.c.pbx_id))
+            return [_lease(row) for row in rows]
+
+    def get(self, pbx_id: int) -> Lease | None:
+        with self._db.read() as conn:
+            row = conn.execute(select(pbx_leases).where(pbx_leases.c.pbx_id == pbx_id)).first()
+        return None if row is None else _lease(row)
+
+
+def _ours(pbx_id: int, node: str, token: int) -> Any:
+    t = pbx_leases
+    return and_(t.c.pbx_id == pbx_id, t.c.node == node, t.c.token == token)
+
+
+def _lease(row: Any) -> Lease:
+    return Lease(
+        pbx_id=int(row.pbx_id),
+        node=None if row.node is None else str(row.node),
+        token=int(row.token),
+        acquired_at=from_db(row.acquired_at),
+        expires_at=from_db(row.expires_at),
+    )
