@@ -149,6 +149,32 @@ async def test_allowedip(sim: Simulator, tmp_path: Path) -> None:
     assert outcomes(sim, "recording/get_random").count("20015") == 1
 
 
+async def test_every_connection_leaves_from_the_local_address(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node bound to its own address (serve --bind): the login, the random and the
+    download all come from it, so the PBX's rule that a random is used from the address
+    that logged in holds; the download is refused from any other address."""
+    call = sim.place_call()
+    assert call.recording
+    seen: dict[str, set[str]] = {}
+    for handler in ("login", "recording_get_random", "recording_download"):
+
+        def note(request: Request, handler: str = handler) -> None:
+            assert request.client is not None
+            seen.setdefault(handler, set()).add(request.client.host)
+
+        after_sim_answer(monkeypatch, handler, note)
+    async with sim_client(sim, local_address="127.0.0.2") as pbx:
+        result = await pbx.download_recording(call.recording, tmp_path)
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    assert seen == {
+        "login": {"127.0.0.2"},
+        "recording_get_random": {"127.0.0.2"},
+        "recording_download": {"127.0.0.2"},
+    }
+
+
 # ------------------------------------------------------------------ randoms
 
 

@@ -182,8 +182,10 @@ class PbxClient:
     a token and logs out on exit. `transport` replaces the network (httpx.MockTransport in
     tests). `events_*` ask the PBX to push reports to this host (without them the login
     sends port "0": no reports; a v2 PBX would otherwise push to port 8260); `events_ip` is
-    the heartbeat's ``ipaddr`` (default: the local address of the route to the PBX);
-    `report_format` is the login ``version`` (by default the well-formed JSON format of the
+    the heartbeat's ``ipaddr`` (default: `local_address`, else the local address of the
+    route to the PBX); `local_address` is the address every connection to the PBX leaves
+    from (a node of several on one host: the PBX sends reports to, and accepts randoms
+    from, the address that logged in); `report_format` is the login ``version`` (by default the well-formed JSON format of the
     API version when events are asked for; v1.0.1 has none and sends the legacy format).
     After a wrong password (20003), or a login refused for any other reason than the
     network, no login is sent for `login_failure_pause` seconds, whoever asks: calls fail
@@ -209,6 +211,7 @@ class PbxClient:
         backoff_base: float = 0.5,
         backoff_max: float = 8.0,
         events_ip: str | None = None,
+        local_address: str | None = None,
         login_failure_pause: float = 600.0,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
@@ -233,7 +236,8 @@ class PbxClient:
             report_format = self.api_version.report_format
         self.report_format = report_format
         self.allowedip = allowedip.strip() if allowedip and allowedip.strip() else None
-        self.events_ip = events_ip
+        self.local_address = local_address.strip() if local_address else None
+        self.events_ip = events_ip or self.local_address
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.max_attempts = max_attempts
@@ -250,6 +254,8 @@ class PbxClient:
         # a worker thread (SocketBody): the asyncio TLS stack costs an await per 16 KiB record.
         self._transport = transport
         self._timeout = timeout
+        if transport is None and self.local_address is not None:
+            transport = httpx.AsyncHTTPTransport(verify=verify, local_address=self.local_address)
         self._http = httpx.AsyncClient(
             transport=transport,
             verify=verify,
@@ -704,6 +710,7 @@ class PbxClient:
                 socket_timeout=self._timeout,
                 headers=dict(headers.items()),
                 context=context,
+                local_address=self.local_address,
             )
         request = self._http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
         try:

@@ -323,8 +323,10 @@ class SocketBody:
         tls: TlsOptions,
         timeout: float,
         context: str,
+        local_address: str | None = None,
     ) -> None:
         self._url = url
+        self._local_address = local_address
         self._ssl_context = ssl_context
         self._tls = tls
         self._timeout = timeout
@@ -348,9 +350,11 @@ class SocketBody:
         socket_timeout: float,
         headers: dict[str, str],
         context: str,
+        local_address: str | None = None,
     ) -> SocketBody:
-        """Connect, send the GET and return once the response headers have arrived."""
-        body = cls(url, ssl_context, tls, socket_timeout, context)
+        """Connect (from `local_address`, if given), send the GET and return once the
+        response headers have arrived."""
+        body = cls(url, ssl_context, tls, socket_timeout, context, local_address)
 
         def connect_and_send() -> None:
             try:
@@ -402,7 +406,10 @@ class SocketBody:
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
-            raw = socket.create_connection((host, port), timeout=self._timeout)
+            source = None if self._local_address is None else (self._local_address, 0)
+            raw = socket.create_connection(
+                (host, port), timeout=self._timeout, source_address=source
+            )
         except OSError as exc:
             raise self._error(exc, "connect") from None
         self._adopt(raw)
