@@ -185,8 +185,9 @@ class PbxClient:
     the heartbeat's ``ipaddr`` (default: `local_address`, else the local address of the
     route to the PBX); `local_address` is the address every connection to the PBX leaves
     from (a node of several on one host: the PBX sends reports to, and accepts randoms
-    from, the address that logged in); `report_format` is the login ``version`` (by default the well-formed JSON format of the
-    API version when events are asked for; v1.0.1 has none and sends the legacy format).
+    from, the address that logged in); `report_format` is the login ``version`` (by
+    default the well-formed JSON format of the API version when events are asked for;
+    v1.0.1 has none and sends the legacy format).
     After a wrong password (20003), or a login refused for any other reason than the
     network, no login is sent for `login_failure_pause` seconds, whoever asks: calls fail
     at once instead. `sleep` and `clock` (monotonic seconds) are injectable for tests.
