@@ -222,8 +222,12 @@ def test_a_killed_serves_download_resumes_within_seconds_of_the_restart(
     with open_index(db_url) as index:
         row = index.recordings.by_name(name)
         assert row is not None and row.attempts == 2 and row.sha256 == sim.recording_sha256(name)
-        nodes = {p.id: (p.node, p.stopped_at is not None) for p in index.processes.all()}
-    assert len(nodes) == 2 and all(stopped for _node, stopped in nodes.values())
+        rows = index.processes.all()
+        [lease] = index.leases.all()
+    # Two serves' download workers and two node rows, all stopped; the PBX released.
+    assert sorted(p.kind for p in rows) == ["node", "node", "serve", "serve"]
+    assert all(p.stopped_at is not None for p in rows)
+    assert lease.node is None and lease.token == 2
     assert [p.name for p in archive.rglob("*.wav")] == [name]
     assert "Traceback" not in serve.log_text()
 
@@ -279,7 +283,7 @@ def test_serve_after_jobs_that_killed_its_workers_stops_with_exit_0(
                 live = index.processes.live(
                     now=datetime.now(UTC), stale_after=timedelta(seconds=30)
                 )
-            return [(p.workers_alive, p.workers_configured) for p in live]
+            return [(p.workers_alive, p.workers_configured) for p in live if p.kind == "serve"]
 
         assert wait_until(lambda: workers() == [(2, 2)], 30), workers()
         assert serve.terminate() == 0, serve.log_text()
@@ -293,9 +297,9 @@ def test_serve_after_jobs_that_killed_its_workers_stops_with_exit_0(
 def test_a_serve_whose_registration_is_taken_over_stops_with_one_line(
     events_sim: Simulator, tmp_path: Path, db_url: str
 ) -> None:
-    """A second start of the same node (here: its row registered by hand) ends the first
-    one's registration: at its next heartbeat it stops downloading, shuts down and exits 1
-    with one line saying why and what to do."""
+    """A second start of the same node (here: its node row registered by hand, as a start
+    does first) ends the first one's registration: at its next heartbeat it stops
+    downloading, shuts down and exits 1 with one line saying why and what to do."""
     sim = events_sim
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -307,10 +311,10 @@ def test_a_serve_whose_registration_is_taken_over_stops_with_one_line(
         with open_index(db_url) as index:
             index.processes.register(
                 node="site-1",
-                kind="serve",
+                kind="node",
                 hostname="elsewhere",
                 pid=1,
-                workers=2,
+                workers=0,
                 now=datetime.now(UTC),
             )
         assert serve.process is not None

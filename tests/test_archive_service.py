@@ -52,9 +52,12 @@ def test_event_to_archived_bytes_equal_the_pbx(
             assert row.size == path.stat().st_size
         [pbx] = index.pbxs.list()  # the PBX of the flags, with its session's health
         assert pbx.session["state"] in ("ok", "stopped")
-        [process] = index.processes.all()
+        [process, node] = sorted(index.processes.all(), key=lambda p: p.kind, reverse=True)
         assert (process.kind, process.workers_configured) == ("serve", 2)
         assert process.stopped_at is not None  # a clean stop
+        assert (node.kind, node.stopped_at is not None) == ("node", True)
+        [lease] = index.leases.all()  # the node held the PBX, and released it at the end
+        assert (lease.pbx_id, lease.node, lease.token) == (pbx.id, None, 1)
     staging = archive / ".callvault-incoming"
     assert not staging.exists() or list(staging.iterdir()) == []
 

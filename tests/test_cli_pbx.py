@@ -432,7 +432,9 @@ def test_one_serve_archives_every_registered_pbx(
                 assert row.storage_key is not None and row.storage_key.startswith(sim.serial)
                 assert lane.session_state() == "ok" and lane.workers() == (1, 1)
             # Each PBX's workers are a registered process of their own.
-            live = sorted(p.node for p in index.processes.all() if p.stopped_at is None)
+            live = sorted(
+                p.node for p in index.processes.all() if p.stopped_at is None and p.kind == "serve"
+            )
             assert [node.rsplit("/", 1)[1] for node in live] == ["lyon", "paris"]
             base = archiver.events_url.rsplit("/", 1)[0]
             assert httpx.post(f"{base}/not-a-secret", content=b"{}").status_code == 404

@@ -7,9 +7,8 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
-from tests.support.index_data import register_pbx
-
 from callvault.index import Index
+from support.index_data import register_pbx
 
 NOW = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
 TTL = timedelta(seconds=15)
@@ -99,3 +98,11 @@ def test_racing_nodes_never_both_win(index: Index) -> None:
     winners = sorted(pbx_id for ids in won.values() for pbx_id in ids)
     assert winners == sorted(pbx.id for pbx in pbxs)
     assert {lease.token for lease in index.leases.all()} == {1}
+
+
+def test_a_lease_of_a_node_known_dead_is_taken_at_once(index: Index) -> None:
+    pbx = register_pbx(index, "paris")
+    assert index.leases.acquire(pbx.id, node="a", now=NOW, ttl=TTL) is not None
+    assert index.leases.acquire(pbx.id, node="b", now=NOW, ttl=TTL, dead=["c"]) is None
+    b = index.leases.acquire(pbx.id, node="b", now=NOW, ttl=TTL, dead=["a"])
+    assert b is not None and (b.node, b.token) == ("b", 2)

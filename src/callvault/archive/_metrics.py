@@ -6,7 +6,8 @@ process, as in tests, do not add up). Two kinds of figures:
 - counted as they happen, in this process since it started: reports received by outcome,
   recordings archived, failed download attempts by kind, how long a download took and how
   long a recording waited from its report (or call-history row) to being archived;
-- read when scraped: the PBX session's state and the download workers alive.
+- read when scraped: which PBXs this node works on (holds the lease of), and of those the
+  API session's state and the download workers alive.
 
 What the index says (recordings waiting, the last report) is added by the web app's
 `/metrics` from `callvault.ops` (`IndexCollector`), in `serve` and `callvault web` alike.
@@ -40,6 +41,7 @@ class PbxFigures:
     session_state: str
     workers_configured: int
     workers_alive: int
+    owned: bool = True  # whether this node works on it (holds its lease)
 
 
 # Seconds: a download of a long recording over a slow link is minutes; the wait from
@@ -126,14 +128,15 @@ class ArchiverMetrics:
         self.download_failures.labels(kind).inc()
 
     def session_state(self) -> str:
-        """The worst session state among the PBXs ("connecting" before there are any)."""
-        states = [figures.session_state for figures in self._pbxs()]
+        """The worst session state among the PBXs this node works on ("connecting" before
+        there are any)."""
+        states = [figures.session_state for figures in self._pbxs() if figures.owned]
         known = [state for state in states if state in _WORST_FIRST]
         return min(known, key=_WORST_FIRST.index) if known else "connecting"
 
     def workers(self) -> tuple[int, int]:
-        """Download workers of every PBX: (configured, alive)."""
-        figures = self._pbxs()
+        """Download workers of every PBX this node works on: (configured, alive)."""
+        figures = [f for f in self._pbxs() if f.owned]
         return sum(f.workers_configured for f in figures), sum(f.workers_alive for f in figures)
 
     def exposition(self) -> tuple[bytes, str]:
@@ -163,12 +166,21 @@ class _Live:
             "Each PBX's download workers, configured and alive.",
             labels=["pbx", "state"],
         )
+        owned = GaugeMetricFamily(
+            "callvault_pbx_owned",
+            "1 for each PBX this node works on (holds the lease of), 0 for the others'.",
+            labels=["pbx"],
+        )
         for figures in pbxs:
+            owned.add_metric([figures.pbx], 1.0 if figures.owned else 0.0)
+            if not figures.owned:
+                continue
             for name in SESSION_STATES:
                 value = 1.0 if name == figures.session_state else 0.0
                 session.add_metric([figures.pbx, name], value)
             workers.add_metric([figures.pbx, "configured"], figures.workers_configured)
             workers.add_metric([figures.pbx, "alive"], figures.workers_alive)
+        yield owned
         yield session
         yield workers
 

@@ -182,9 +182,10 @@ class ProcessRegistration:
     def fenced_reason(self) -> str:
         """Why this process must stop downloading, in one line for the log."""
         info = self.info
+        what = "serve" if info.kind == "node" else info.kind  # a serve's own node row
         return (
             f"process {info.id} (node {info.node}, {info.kind}, pid {info.pid}) was marked "
-            f"stopped in the index by another process: another {info.kind} of node "
+            f"stopped in the index by another process: another {what} of node "
             f"{info.node} started, or this one was taken for dead; its downloads stop at once "
-            f"(run one {info.kind} per node: give each its own --node)"
+            f"(run one {what} per node: give each its own --node)"
         )

@@ -5,9 +5,15 @@
 background thread for the demo and for tests.
 
 Each PBX it archives (`config.targets()`: the config's own, then `more_pbxs`) is a lane
-(`_Lane`): its registry entry, API client and session, download workers, group committer,
-receiver and reconciliation. The lanes share the events listener (a report goes to the
-lane whose secret path it was posted to), the index, the storage and the web app.
+(`_Lane`). Its intake, a report receiver and a group committer, runs for as long as the
+service does: any node takes any PBX's reports and commits them to the index. Its work,
+the API client and session, download workers and reconciliation, runs only while this
+node holds the PBX's lease (`Ownership`, in `_ownership`): with several nodes on one
+PostgreSQL index, each PBX is worked on by one node at a time, spread evenly, and taken
+over within seconds when its node dies. One node alone holds every lease. The lanes share
+the events listener (a report goes to the lane whose secret path it was posted to), the
+index, the storage and the web app. On PostgreSQL a commit of new jobs wakes the owner's
+workers through a notice (`index.notices`).
 
 The downloads run as a registered process of kind "serve" on node `config.node` (default
 the host name; see `Downloads`): a restart of the same node takes over the downloads its
@@ -18,7 +24,7 @@ ended by another process), it stops downloading at once, shuts down and `run` ra
 
 Shutdown order (SIGTERM/SIGINT in the CLI, `stop()` in process): stop accepting events,
 commit what was received, let in-flight downloads finish (or release them), mark the
-process stopped, log out.
+process stopped, log out, release the leases (another node takes them at once).
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ from callvault.archive._backfill import reconcile
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._downloads import Downloads, PoolOptions
 from callvault.archive._metrics import ArchiverMetrics, PbxFigures, ServiceProbe
+from callvault.archive._ownership import (
+    DEFAULT_LEASE_RENEW_S,
+    DEFAULT_LEASE_TTL_S,
+    Ownership,
+)
 from callvault.archive._policy import RetryPolicy
 from callvault.archive._process import (
     DEFAULT_HEARTBEAT_S,
@@ -60,7 +71,7 @@ from callvault.archive._receiver import (
 )
 from callvault.archive._session import PbxSession
 from callvault.archive._workers import Archived, WorkerPool
-from callvault.index import Index, RecordResult, SettingKey, open_index
+from callvault.index import Index, Lease, RecordResult, SettingKey, open_index
 from callvault.index.pbxs import MAX_DOWNLOADS_LIMIT, PbxRecord
 from callvault.pbx import ApiVersion, CallDetail, Event, PbxClient, TlsOptions
 from callvault.serving import (
@@ -158,6 +169,13 @@ class ArchiverConfig:
     client_backoff_max: float = 8.0
     client_timeout: float = 30.0
     more_pbxs: tuple[PbxTarget, ...] = ()
+    # Several nodes on one index: each PBX is leased to one node (see `_ownership`),
+    # renewed every lease_renew_s seconds, taken over lease_ttl_s after its node went quiet.
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+    lease_renew_s: float = DEFAULT_LEASE_RENEW_S
+    # The address this node's connections to the PBXs leave from (serve --bind); None: the
+    # system's choice.
+    bind: str | None = None
 
     def targets(self) -> list[PbxTarget]:
         """Every PBX to archive, the first one given by the config's own fields."""
@@ -284,16 +302,31 @@ class Archiver:
         self.web_port: int | None = None
         self.secret_path: str | None = None
         self.pbx: PbxRecord | None = None  # its entry in the registry, once started
-        self.session: PbxSession | None = None
-        self.pool: WorkerPool | None = None
-        self.downloads: Downloads | None = None
-        self.committer: GroupCommitter | None = None
         self.lanes: list[_Lane] = []  # one per PBX, once started (the first is `pbx`...)
+        self.ownership: Ownership | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
+
+    # The first PBX's parts (None while this node does not work on it).
+
+    @property
+    def session(self) -> PbxSession | None:
+        return self.lanes[0].session if self.lanes else None
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        return self.lanes[0].pool if self.lanes else None
+
+    @property
+    def downloads(self) -> Downloads | None:
+        return self.lanes[0].downloads if self.lanes else None
+
+    @property
+    def committer(self) -> GroupCommitter | None:
+        return self.lanes[0].committer if self.lanes else None
 
     # -- in-process use (demo, tests) ----------------------------------------------------
 
@@ -397,33 +430,43 @@ class Archiver:
         events_sock = listen("events", config.events_host, config.events_port, hint=_ANOTHER_SERVE)
         sockets.append(events_sock)
         self.events_port = int(events_sock.getsockname()[1])
+        ownership = Ownership(
+            index,
+            lanes,
+            node=node,
+            ttl_s=config.lease_ttl_s,
+            renew_s=config.lease_renew_s,
+        )
+        self.ownership = ownership
         started: list[_Lane] = []
         try:
             for lane in lanes:
-                await lane.start(index, self.events_port, loop)
+                lane.start_intake(index, self.events_port, ownership, loop)
                 started.append(lane)
-            self.session, self.downloads = first.session, first.downloads
-            self.pool, self.committer = first.pool, first.committer
             self.metrics.watch(lambda: [lane.figures() for lane in lanes])
-            await self._serve(stop, index, lanes, events_sock, sockets, ready)
+            await ownership.register()
+            await ownership.tick()  # alone, it wins every PBX now
+            await self._serve(stop, index, lanes, ownership, events_sock, sockets, ready)
         finally:
+            with contextlib.suppress(Exception):
+                await ownership.close()
             for lane in reversed(started):
                 await lane.close()
             log.info("stopped")
-        for lane in lanes:
-            if lane.fenced():
-                raise lane.fenced_error()
+        if ownership.fenced.is_set():
+            raise Fenced(ownership.fenced_reason or "this node was superseded")
 
     async def _serve(
         self,
         stop: asyncio.Event,
         index: Index,
         lanes: list[_Lane],
+        ownership: Ownership,
         events_sock: socket.socket,
         sockets: list[socket.socket],
         ready: Callable[[], None] | None,
     ) -> None:
-        """Receive, reconcile and download until `stop` is set (or a pool is fenced);
+        """Receive, reconcile and download until `stop` is set (or the node is fenced);
         then stop the servers and commit what was received."""
         config = self.config
         loop = asyncio.get_running_loop()
@@ -437,7 +480,7 @@ class Archiver:
         ]
         work_stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
-        fenced = [lane.fenced_event() for lane in lanes]
+        fenced = [ownership.fenced]
         try:
             web_server = self._web_server(index, sockets)
             if web_server is not None:
@@ -455,7 +498,12 @@ class Archiver:
                     self.events_port,
                     lane.allowed,
                 )
-                tasks += lane.tasks(index, work_stop)
+            tasks.append(
+                asyncio.create_task(
+                    _supervised("the PBX leases", lambda: ownership.run(work_stop), work_stop)
+                )
+            )
+            tasks.append(asyncio.create_task(self._hear_notices(index, lanes, work_stop)))
             while not events_server.started and not stop.is_set():
                 if servers[0][1].done():
                     servers[0][1].result()
@@ -466,7 +514,7 @@ class Archiver:
             # login is done; a call placed in between would reach us only by reconciliation.
             deadline = loop.time() + _FIRST_LOGIN_WAIT_S
             while (
-                any(lane.session_state() == "connecting" for lane in lanes)
+                any(lane.working and lane.session_state() == "connecting" for lane in lanes)
                 and loop.time() < deadline
             ):
                 if stop.is_set() or any(event.is_set() for event in fenced):
@@ -494,6 +542,29 @@ class Archiver:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _hear_notices(self, index: Index, lanes: list[_Lane], stop: asyncio.Event) -> None:
+        """Wake the workers of a PBX this node works on when any node commits new jobs of
+        it (PostgreSQL; on SQLite the committing node is the working one)."""
+        if not index.notices.supported:
+            return
+        loop = asyncio.get_running_loop()
+        by_id = {lane.pbx_id: lane for lane in lanes}
+        done = threading.Event()
+
+        def heard(pbx_id: int) -> None:
+            lane = by_id.get(pbx_id)
+            if lane is not None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(lane.wake)
+
+        listener = asyncio.ensure_future(asyncio.to_thread(index.notices.listen, heard, done))
+        try:
+            await stop.wait()
+        finally:
+            done.set()
+            with contextlib.suppress(Exception):
+                await listener
 
     def _archived(self, archived: Archived) -> None:
         self.metrics.archived_one(archived.seconds, archived.queued_at, archived.at)
@@ -587,9 +658,11 @@ def _by_report_path(lanes: Sequence[_Lane]) -> Any:
 
 
 class _Lane:
-    """One PBX of a running archiver: its registry entry, API client and session, download
-    workers (a registered process of its own), group committer, report receiver and
-    reconciliation. One broken PBX stops nothing of the others'."""
+    """One PBX of a running archiver. Its intake (report receiver and group committer)
+    runs as long as the service; its work (API client and session, download workers as a
+    registered process of their own, reconciliation) while this node holds its lease
+    (`start_work` / `stop_work`, driven by `Ownership`). One broken PBX stops nothing of
+    the others'."""
 
     def __init__(self, archiver: Archiver, target: PbxTarget, node: str) -> None:
         self._archiver = archiver
@@ -597,21 +670,41 @@ class _Lane:
         self.node = node
         self.pbx: PbxRecord | None = None
         self.allowed: SourceAllowList | None = None
+        self.committer: GroupCommitter | None = None
+        self.receiver: Any = None
+        # Its lease, while this node holds it (see `Ownership`), and the monotonic time
+        # after which it may not talk to the PBX unless the lease was renewed.
+        self.lease: Lease | None = None
+        self.lease_deadline = 0.0
         self.client: PbxClient | None = None
         self.session: PbxSession | None = None
         self.downloads: Downloads | None = None
         self.pool: WorkerPool | None = None
-        self.committer: GroupCommitter | None = None
-        self.receiver: Any = None
+        self._index: Index | None = None
+        self._events_port = 0
+        self._ownership: Ownership | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._work_stop: asyncio.Event | None = None
+        self._work_tasks: list[asyncio.Task[None]] = []
 
     @property
     def name(self) -> str:
         return self.pbx.name if self.pbx is not None else _lane_name(self.target)
 
     @property
+    def pbx_id(self) -> int:
+        assert self.pbx is not None
+        return self.pbx.id
+
+    @property
     def secret_path(self) -> str:
         assert self.pbx is not None
         return self.pbx.events_path
+
+    @property
+    def working(self) -> bool:
+        """Whether this node works on the PBX now (holds its lease, its workers run)."""
+        return self.pool is not None
 
     def describe(self) -> str:
         return f"PBX {self.name} ({self.target.pbx_url})"
@@ -642,23 +735,99 @@ class _Lane:
         host = urlsplit(target.pbx_url).hostname or ""
         self.allowed = allow_list_for(host, target.events_allow)
 
-    async def start(self, index: Index, events_port: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Log-in client, session, download workers, committer and receiver."""
+    # -- intake: always ------------------------------------------------------------------
+
+    def start_intake(
+        self,
+        index: Index,
+        events_port: int,
+        ownership: Ownership,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """The group committer and the report receiver: reports of this PBX are taken and
+        committed here whoever works on it; new jobs wake its workers, here or (through a
+        notice) on the node that holds it."""
         archiver, config, target, pbx = self._archiver, self._archiver.config, self.target, self.pbx
         assert pbx is not None and self.allowed is not None
+        self._index, self._events_port, self._ownership, self._loop = (
+            index,
+            events_port,
+            ownership,
+            loop,
+        )
+        notices = index.notices
+
+        def committed(results: list[RecordResult]) -> None:
+            if any(r.new_recording for r in results):
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self.wake)
+                if notices.supported:
+                    try:
+                        notices.announce(pbx.id)
+                    except Exception as exc:  # the owner finds the jobs by polling
+                        log.warning("cannot announce new jobs of PBX %s: %s", self.name, exc)
+
+        committer = GroupCommitter(index, tz=target.timezone, on_committed=committed, pbx_id=pbx.id)
+        self.committer = committer
+        committer.start()
+
+        def bootup(_event: Event) -> None:
+            # Called on the receiver's own loop (see _ReceiverThread): the session lives here.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._request_relogin)
+
+        self.receiver = create_receiver_app(
+            secret_path=pbx.events_path,
+            allowed=self.allowed,
+            commit=self._serial_noting(committer, index),
+            on_bootup=bootup,
+            on_answer=archiver.metrics.event,
+            max_body=config.max_event_body,
+            body_timeout_s=config.event_body_timeout_s,
+            tz=target.timezone,
+        )
+
+    def wake(self) -> None:
+        """New jobs: wake the workers, if this node works on the PBX."""
+        if self.pool is not None:
+            self.pool.wake()
+
+    def _request_relogin(self) -> None:
+        if self.session is not None:
+            self.session.request_relogin()
+
+    async def stop_intake(self) -> None:
+        """Commit what was received (the receiver has stopped)."""
+        if self.committer is not None:
+            await asyncio.to_thread(self.committer.stop)
+
+    # -- work: while this node holds the lease -------------------------------------------
+
+    def _may_talk(self) -> str | None:
+        ownership = self._ownership
+        return None if ownership is None else ownership.may_talk(self)
+
+    async def start_work(self) -> None:
+        """Log-in client, session, download workers and reconciliation (the login itself
+        happens in the session's task)."""
+        archiver, config, target, pbx = self._archiver, self._archiver.config, self.target, self.pbx
+        index, loop = self._index, self._loop
+        assert pbx is not None and index is not None and loop is not None
         client = PbxClient(
             target.pbx_url,
             target.username,
             target.password,
             api_version=target.api_version,
             tls=target.tls,
-            events_port=events_port,
+            events_port=self._events_port,
             events_url=pbx.events_path,
             transport=archiver._transport,
             timeout=config.client_timeout,
             max_attempts=config.client_max_attempts,
             backoff_base=config.client_backoff_base,
             backoff_max=config.client_backoff_max,
+            local_address=config.bind,
+            guard=self._may_talk,
         )
         self.client = client
 
@@ -686,37 +855,54 @@ class _Lane:
             on_archived=archiver._archived,
             on_failed_attempt=archiver.metrics.failed_attempt,
         )
-        self.downloads = downloads
         try:
             pool = await downloads.start()
-        except OSError as exc:
-            raise ArchiveDirError(config.archive, exc) from exc
-        self.pool = pool
+        except BaseException as exc:
+            self.session = self.client = None
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            if isinstance(exc, OSError):
+                raise ArchiveDirError(config.archive, exc) from exc
+            raise
+        self.downloads, self.pool = downloads, pool
+        stop = self._work_stop = asyncio.Event()
+        self._work_tasks = self._tasks(index, stop)
 
-        def committed(results: list[RecordResult]) -> None:
-            if any(r.new_recording for r in results):
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(pool.wake)
+    async def stop_work(self, *, reason: str, graceful: bool) -> None:
+        """Stop working on the PBX: downloads in flight finish (`graceful`; else they are
+        cancelled and handed back at once), the session logs out (`graceful` only: the PBX
+        may be another node's by now, and its login ended this node's token already)."""
+        if self._work_stop is not None:
+            self._work_stop.set()
+        for task in self._work_tasks:
+            task.cancel()
+        for task in self._work_tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._work_tasks, self._work_stop = [], None
+        downloads, session, client = self.downloads, self.session, self.client
+        if downloads is not None:
+            if not graceful and downloads.pool is not None:
+                downloads.pool.fence(reason)
+            await downloads.stop()
+        if session is not None and graceful:
+            await session.close()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                if graceful:
+                    await client.aclose()  # logs out, if the session has not
+                else:
+                    await client.close_connections()
+        self.downloads = self.pool = None
+        self.session = self.client = None
 
-        committer = GroupCommitter(index, tz=target.timezone, on_committed=committed, pbx_id=pbx.id)
-        self.committer = committer
-        committer.start()
-
-        def bootup(_event: Event) -> None:
-            # Called on the receiver's own loop (see _ReceiverThread): the session lives here.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(session.request_relogin)
-
-        self.receiver = create_receiver_app(
-            secret_path=pbx.events_path,
-            allowed=self.allowed,
-            commit=self._serial_noting(committer, index),
-            on_bootup=bootup,
-            on_answer=archiver.metrics.event,
-            max_body=config.max_event_body,
-            body_timeout_s=config.event_body_timeout_s,
-            tz=target.timezone,
-        )
+    def work_fenced(self) -> str | None:
+        """Why the workers stopped on their own (their process row was ended by another
+        process), or None."""
+        downloads = self.downloads
+        if downloads is None or downloads.pool is None or not downloads.fenced.is_set():
+            return None
+        return str(downloads.fenced_error())
 
     def _several(self) -> bool:
         return len(self._archiver.config.more_pbxs) > 0
@@ -725,7 +911,7 @@ class _Lane:
         """How log lines name this PBX: "the PBX" when it is the only one."""
         return f"PBX {self.name}" if self._several() else "the PBX"
 
-    def tasks(self, index: Index, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+    def _tasks(self, index: Index, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         """Its session upkeep and reconciliation, each supervised."""
         session = self.session
         assert session is not None
@@ -746,38 +932,16 @@ class _Lane:
 
     def figures(self) -> PbxFigures:
         configured, alive = self.workers()
-        return PbxFigures(self.name, self.session_state(), configured, alive)
+        return PbxFigures(self.name, self.session_state(), configured, alive, self.working)
 
     def workers(self) -> tuple[int, int]:
         return (self.pool.configured, self.pool.alive) if self.pool is not None else (0, 0)
 
-    def fenced_event(self) -> asyncio.Event:
-        assert self.downloads is not None
-        return self.downloads.fenced
-
-    def fenced(self) -> bool:
-        return self.downloads is not None and self.downloads.fenced.is_set()
-
-    def fenced_error(self) -> Fenced:
-        assert self.downloads is not None
-        return self.downloads.fenced_error()
-
-    async def stop_intake(self) -> None:
-        """Commit what was received (the receiver has stopped)."""
-        if self.committer is not None:
-            await asyncio.to_thread(self.committer.stop)
-
     async def close(self) -> None:
-        """Finish or hand back the downloads in progress, log out (and stop the committer,
-        if a later PBX's start failed before the receiver ran)."""
+        """Stop working (if still working) and commit what was received."""
+        if self.working:
+            await self.stop_work(reason="shutting down", graceful=True)
         await self.stop_intake()
-        if self.downloads is not None:
-            await self.downloads.stop()
-        if self.session is not None:
-            await self.session.close()
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                await self.client.aclose()
 
     def _serial_noting(
         self, committer: GroupCommitter, index: Index

@@ -61,7 +61,7 @@ from callvault.archive._policy import (
 from callvault.archive._process import DEFAULT_STALE_AFTER_S
 from callvault.archive._session import PbxSession
 from callvault.index import Index, Job, Worker
-from callvault.pbx import DownloadResult, ErrorKind, PbxError, error_kind
+from callvault.pbx import DownloadResult, ErrorKind, PbxError, SessionWithdrawn, error_kind
 from callvault.storage import StagingArea, Storage, StoredObject, recording_key
 from callvault.times import MAX_DURATION_S
 
@@ -516,6 +516,12 @@ class WorkerPool:
 
     async def _failed_attempt(self, job: Job, worker: Worker, exc: Exception, step: str) -> None:
         """Decide and record what follows a failed attempt (see the module docstring)."""
+        if isinstance(exc, SessionWithdrawn):
+            # This node may no longer talk to the PBX (another holds it now): hand the job
+            # back for whoever holds the PBX, and stop claiming.
+            await self._release(job, worker, str(exc))
+            self.fence(str(exc))
+            return
         kind = error_kind(exc)
         error = _describe(exc, step)
         if self._on_failed_attempt is not None:

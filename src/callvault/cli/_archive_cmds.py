@@ -280,12 +280,20 @@ def print_status(status: ArchiveStatus) -> None:
         f"calls: {status.calls} ({status.calls_with_recording} with a recording, "
         f"{status.calls_without_recording} without: not recorded or not answered)"
     )
+    several_nodes = len(status.nodes) > 1
     if len(status.pbxs) > 1:
         print("PBX sessions:")
         for pbx in status.pbxs:
-            print(f"  {pbx.name:<16} {pbx.session.summary}")
+            where = f" (on {pbx.node})" if several_nodes and pbx.node else ""
+            print(f"  {pbx.name:<16} {pbx.session.summary}{where}")
     else:
         print(f"PBX session: {status.pbx_session.summary}")
+    if several_nodes:
+        print("nodes:")
+        for node in status.nodes:
+            held = ", ".join(node.pbxs) or "no PBX"
+            beat = ago(node.heartbeat_at, now)
+            print(f"  {node.name:<16} {node.hostname}, heartbeat {beat}: {held}")
     workers = status.workers
     if status.serve == "running":
         print(f"download workers: {workers.alive} of {workers.configured} running")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, tzinfo
@@ -89,6 +90,12 @@ node_option = option(
     "--node",
     metavar="NAME",
     help="This machine's name among several sharing one index (default the host name).",
+)
+bind_option = option(
+    "--bind",
+    metavar="ADDRESS",
+    help="This node's IP address: connections to the PBXs leave from it, and the events "
+    "listener and web app listen on it unless --events-listen/--web-listen say otherwise.",
 )
 verbose_option = click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 
@@ -243,6 +250,12 @@ def archiver_config(
     PBX the flags give (--pbx ...), else the registered ones (`only`, or every one)."""
     events_host, events_port = settings.events_address()
     web_host, web_port = settings.web_address()
+    if settings.lease_renew_s >= settings.lease_ttl_s:
+        fail(
+            f"lease_renew_s ({settings.lease_renew_s:g}) must be shorter than lease_ttl_s "
+            f"({settings.lease_ttl_s:g}): a node would lose its PBXs between two renewals",
+            code=USAGE_ERROR,
+        )
     registry_name = None
     more: tuple[PbxTarget, ...] = ()
     if settings.pbx is None:
@@ -278,6 +291,9 @@ def archiver_config(
         events_allow=allowed,
         workers=workers,
         node=settings.node,
+        bind=_local_address(settings.bind),
+        lease_ttl_s=settings.lease_ttl_s,
+        lease_renew_s=settings.lease_renew_s,
         timezone=zone,
         reconcile_hours=float(settings.reconcile_hours),
         reconcile_interval_s=float(settings.reconcile_interval_s),
@@ -289,6 +305,23 @@ def archiver_config(
         web_port=web_port if web else None,
         web_trusted_proxy=settings.trusted_proxy,
     )
+
+
+def _local_address(address: str | None) -> str | None:
+    """`address` if this machine has it (exits with one line if not)."""
+    if address is None:
+        return None
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError as exc:
+        fail(
+            f"--bind {address}: not an address of this machine ({exc.strerror or exc}); "
+            "give one that `ip addr` lists",
+            code=USAGE_ERROR,
+        )
+    return address
 
 
 def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
@@ -312,6 +345,7 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
 @events_allow_option
 @workers_option
 @node_option
+@bind_option
 @timezone_option
 @option(
     "--web-listen", metavar="HOST:PORT", help="Where the web app listens (default 127.0.0.1:8080)."
@@ -349,6 +383,7 @@ def serve_command(
     events_allow: tuple[str, ...],
     workers: int | None,
     node: str | None,
+    bind: str | None,
     timezone: str | None,
     web_listen: str | None,
     no_web: bool,
@@ -373,6 +408,7 @@ def serve_command(
         events_allow=list(events_allow) or None,
         workers=workers,
         node=node,
+        bind=bind,
         timezone=timezone,
         web_listen=web_listen,
         secure_cookies=secure_cookies,

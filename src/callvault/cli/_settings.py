@@ -194,6 +194,21 @@ def _trusted_proxy(value: Any) -> str | None:
         ) from None
 
 
+def _bind(value: Any) -> str | None:
+    text = _text(value)
+    if not text:
+        return None
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r:.60} is not an IP address (one of this machine's)") from None
+    if address.is_unspecified:
+        raise ValueError(f"{text} is every address: give one of this machine's")
+    return str(address)
+
+
 def _networks(value: Any) -> list[str]:
     entries = [str(item).strip() for item in _items(value)]
     for entry in entries:
@@ -280,6 +295,7 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     "master_key_file": _optional_path,
     # Services
     "node": _node,
+    "bind": _bind,
     "events_listen": _host_port,
     "events_allow": _networks,
     "workers": _integer(1, 64),
@@ -299,6 +315,8 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     "transient_backoff_s": _number(positive=True),
     "transient_backoff_max_s": _number(positive=True),
     "transient_max_attempts": _integer(1),
+    "lease_ttl_s": _number(positive=True),
+    "lease_renew_s": _number(positive=True),
 }
 
 
@@ -324,6 +342,9 @@ class Settings:
     master_key_file: Path | None = None
     # Services
     node: str | None = None  # this machine's name among several (default: the host name)
+    # This node's address: its connections to the PBXs leave from it, and its listeners
+    # listen on it unless told another host (see `events_address`, `web_address`).
+    bind: str | None = None
     events_listen: str = "0.0.0.0:8260"  # all addresses: the PBX must reach it
     events_allow: list[str] | None = None
     workers: int = 2
@@ -346,6 +367,9 @@ class Settings:
     transient_backoff_s: float = 5.0
     transient_backoff_max_s: float = 900.0
     transient_max_attempts: int = 12
+    # Several nodes: how long a node's hold on a PBX lasts, and how often it is renewed.
+    lease_ttl_s: float = 15.0
+    lease_renew_s: float = 5.0
     # Which options a flag, the environment or the config file gave (not a default).
     given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -406,12 +430,20 @@ class Settings:
         return sorted({str(info[4][0]) for info in infos})
 
     def events_address(self) -> tuple[str, int]:
-        """`events_listen` as (host, port)."""
-        return split_host_port(self.events_listen)
+        """`events_listen` as (host, port); with `bind` and no `events_listen` given, the
+        host is that address."""
+        host, port = split_host_port(self.events_listen)
+        if self.bind is not None and "events_listen" not in self.given:
+            host = self.bind
+        return host, port
 
     def web_address(self) -> tuple[str, int]:
-        """`web_listen` as (host, port)."""
-        return split_host_port(self.web_listen)
+        """`web_listen` as (host, port); with `bind` and no `web_listen` given, the host
+        is that address."""
+        host, port = split_host_port(self.web_listen)
+        if self.bind is not None and "web_listen" not in self.given:
+            host = self.bind
+        return host, port
 
     # -- the PBX ------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ The `Index` has one store per subject, each method one short transaction:
 - `index.audit`: the audit log (actions and entries in `callvault.index.audit`);
 - `index.processes`: the registry of processes whose workers claim jobs;
 - `index.pbxs`: the registry of PBXs (rules and data classes in `callvault.index.pbxs`);
-- `index.leases`: which node owns each PBX's API session, with fencing tokens.
+- `index.leases`: which node owns each PBX's API session, with fencing tokens;
+- `index.notices`: "this PBX has new jobs", from node to node (PostgreSQL's NOTIFY).
 
 Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
 and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be

@@ -2,7 +2,7 @@
 
 The `Index` owns the engine and exposes one store per subject (`calls`, `jobs`,
 `recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`, `pbxs`,
-`leases`). Every
+`leases`, `notices`). Every
 store method is synchronous SQLAlchemy Core in one short transaction, safe to call from
 several threads (one connection per call from the engine's pool) and from several
 processes on the same database; see `callvault.index._db` for how writes queue.
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from callvault.index._calls import CallStore
     from callvault.index._jobs import JobStore
     from callvault.index._leases import LeaseStore
+    from callvault.index._notices import JobNotices
     from callvault.index._pbxs import PbxStore
     from callvault.index._processes import ProcessStore
     from callvault.index._users import SessionStore, TokenStore, UserStore
@@ -157,6 +158,12 @@ class Index:
         from callvault.index._leases import LeaseStore
 
         return LeaseStore(self._db)
+
+    @functools.cached_property
+    def notices(self) -> JobNotices:
+        from callvault.index._notices import JobNotices
+
+        return JobNotices(self._db)
 
     @functools.cached_property
     def processes(self) -> ProcessStore:

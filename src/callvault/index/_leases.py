@@ -16,12 +16,11 @@ within a small part of the lease (NTP does).
 from __future__ import annotations
 
 import builtins
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from callvault.index._db import Database
 from callvault.index._models import Lease
@@ -38,20 +37,29 @@ class LeaseStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def acquire(self, pbx_id: int, *, node: str, now: datetime, ttl: timedelta) -> Lease | None:
+    def acquire(
+        self,
+        pbx_id: int,
+        *,
+        node: str,
+        now: datetime,
+        ttl: timedelta,
+        dead: Collection[str] = (),
+    ) -> Lease | None:
         """Take the PBX `pbx_id` for `node` until `now + ttl`, if it is free, its lease has
-        expired, or `node` itself holds it (a restart of the node takes its PBXs back at
-        once); the new lease, with a new fencing token, or None when another node holds it."""
+        expired, `node` itself holds it (a restart of the node takes its PBXs back at
+        once), or a node of `dead` holds it (one the process registry knows stopped); the
+        new lease, with a new fencing token, or None when another node holds it."""
         now, node = to_utc(now), node[:_NODE_MAX]
+        holders = [node, *(name[:_NODE_MAX] for name in dead)]
         t = pbx_leases
-        make = pg_insert if self._db.dialect == "postgresql" else sqlite_insert
         with self._db.write() as conn:
-            conn.execute(make(t).values(pbx_id=pbx_id, token=0).on_conflict_do_nothing())
+            conn.execute(self._db.insert(t).values(pbx_id=pbx_id, token=0).on_conflict_do_nothing())
             result = conn.execute(
                 update(t)
                 .where(
                     t.c.pbx_id == pbx_id,
-                    or_(t.c.node.is_(None), t.c.expires_at <= now, t.c.node == node),
+                    or_(t.c.node.is_(None), t.c.expires_at <= now, t.c.node.in_(holders)),
                 )
                 .values(node=node, token=t.c.token + 1, acquired_at=now, expires_at=now + ttl)
             )

@@ -15,6 +15,7 @@ from callvault.times import ago
 
 # The process kind of `callvault serve` in the process registry.
 SERVE = "serve"
+NODE = "node"  # a serve's own row, as a node of the deployment (see archive._ownership)
 # Below this share of free disk, the status says the disk is almost full.
 LOW_DISK_SHARE = 0.10
 
@@ -66,6 +67,17 @@ class PbxStatus:
     name: str
     serial: str
     session: PbxSessionStatus
+    node: str | None = None  # the node that holds it (works on it) now, if any
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A live `serve` node (its own row in the process registry) and the PBXs it holds."""
+
+    name: str
+    hostname: str
+    heartbeat_at: datetime
+    pbxs: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +127,8 @@ class ArchiveStatus(JsonResult):
     pbx_session: PbxSessionStatus
     # Every PBX of the registry with its own session.
     pbxs: list[PbxStatus]
+    # The live serve nodes, each with the PBXs it works on.
+    nodes: list[NodeStatus]
     pbx_timezone: str | None
     workers: WorkerCount
     processes: list[ProcessStatus]
@@ -152,16 +166,34 @@ def archive_status(
         _process(info, now=now, stale_after=stale_after) for info in index.processes.all(limit=20)
     ]
     live_serves = [p for p in processes if p.kind == SERVE and p.alive]
-    serve_known = any(p.kind == SERVE for p in processes)
-    serve = "running" if live_serves else ("stopped" if serve_known else "never")
-    running = bool(live_serves) if serve_known else None
+    live_nodes = [p for p in processes if p.kind == NODE and p.alive]
+    serve_known = any(p.kind in (SERVE, NODE) for p in processes)
+    serve = "running" if live_serves or live_nodes else ("stopped" if serve_known else "never")
+    running = bool(live_serves or live_nodes) if serve_known else None
+    records = index.pbxs.list()
+    names = {record.id: record.name for record in records}
+    holders = {
+        lease.pbx_id: lease.node
+        for lease in index.leases.all()
+        if lease.held(now) and lease.node is not None
+    }
     pbxs = [
         PbxStatus(
             record.name,
             record.serial,
             _session(record.session or None, now=now, serve_running=running, legacy=False),
+            holders.get(record.id),
         )
-        for record in index.pbxs.list()
+        for record in records
+    ]
+    nodes = [
+        NodeStatus(
+            info.node,
+            info.hostname,
+            info.heartbeat_at,
+            sorted(names[pbx_id] for pbx_id, node in holders.items() if node == info.node),
+        )
+        for info in sorted(live_nodes, key=lambda info: info.node)
     ]
     status = ArchiveStatus(
         archive=archive.storage.describe(),
@@ -181,6 +213,7 @@ def archive_status(
             _session(archive.saved_json(SettingKey.PBX_HEALTH), now=now, serve_running=running),
         ),
         pbxs=pbxs,
+        nodes=nodes,
         pbx_timezone=timezone.key if timezone is not None else None,
         workers=WorkerCount(
             configured=sum(p.workers_configured for p in live_serves),

@@ -58,6 +58,7 @@ from callvault.pbx._errors import (
     RandomInvalid,
     RecordingNotFound,
     RequestRejected,
+    SessionWithdrawn,
     TokenError,
     UnsafeRecordingName,
     error_for_errno,
@@ -185,7 +186,9 @@ class PbxClient:
     the heartbeat's ``ipaddr`` (default: `local_address`, else the local address of the
     route to the PBX); `local_address` is the address every connection to the PBX leaves
     from (a node of several on one host: the PBX sends reports to, and accepts randoms
-    from, the address that logged in); `report_format` is the login ``version`` (by
+    from, the address that logged in); `guard`, called before every request but a logout,
+    returns why the client may not talk to the PBX now (SessionWithdrawn) or None;
+    `report_format` is the login ``version`` (by
     default the well-formed JSON format of the API version when events are asked for;
     v1.0.1 has none and sends the legacy format).
     After a wrong password (20003), or a login refused for any other reason than the
@@ -213,6 +216,7 @@ class PbxClient:
         backoff_max: float = 8.0,
         events_ip: str | None = None,
         local_address: str | None = None,
+        guard: Callable[[], str | None] | None = None,
         login_failure_pause: float = 600.0,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
@@ -238,6 +242,7 @@ class PbxClient:
         self.report_format = report_format
         self.allowedip = allowedip.strip() if allowedip and allowedip.strip() else None
         self.local_address = local_address.strip() if local_address else None
+        self.guard = guard
         self.events_ip = events_ip or self.local_address
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -315,6 +320,12 @@ class PbxClient:
                 log.debug("logout on close failed: %s", exc)
         await self._http.aclose()
 
+    async def close_connections(self) -> None:
+        """Close the connections without logging out: for an owner that may no longer talk
+        to the PBX (the token is forgotten, the PBX lets it expire)."""
+        self._token = None
+        await self._http.aclose()
+
     def _url(self, endpoint: str, query: dict[str, str] | None = None) -> httpx.URL:
         url = f"{self._base_str}/api/{self.api_version.value}/{endpoint}"
         if query:
@@ -330,6 +341,10 @@ class PbxClient:
         self, endpoint: str, body: dict[str, str] | None, token: str | None, context: str
     ) -> dict[str, Any]:
         """POST one API request; return the JSON of a Success answer or raise its error."""
+        if self.guard is not None and endpoint != "logout":
+            withheld = self.guard()
+            if withheld is not None:
+                raise SessionWithdrawn(f"{context}: not sent: {withheld}")
         url = self._url(endpoint, {"token": token} if token is not None else None)
         content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:

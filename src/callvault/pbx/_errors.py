@@ -120,6 +120,11 @@ class PbxTlsError(PbxTransportError):
     """The TLS handshake failed or the PBX's certificate is not the trusted one."""
 
 
+class SessionWithdrawn(PbxError):
+    """The client may not talk to the PBX now: its owner withdrew it (in the archiver, the
+    node lost the PBX to another node). Nothing was sent; whoever holds the PBX now goes on."""
+
+
 class PbxProtocolError(PbxError):
     """The PBX answered with something that is not the documented API response."""
 

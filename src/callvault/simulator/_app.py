@@ -414,34 +414,35 @@ class PbxHttp:
         given = request.path_params["version"]
         version = API_VERSION_ALIASES.get(given, given)
         endpoint = request.path_params["endpoint"]
+        ip = _client_ip(request)
         self.state.note_path(request.url.path)
         if self.state.faults.slow_seconds > 0:
             await asyncio.sleep(self.state.faults.slow_seconds)
         # A failing web server in front of the API fails every request, preflights included.
         injected = self._injected_failure(request.url.path)
         if injected is not None:
-            self.state.log(endpoint, injected[1])
+            self.state.log(endpoint, injected[1], ip)
             return injected[0]
         # Spec 3.1: the lockout blocks the source IP, not only its logins; checked before
         # anything of the request is read.
-        if self.state.is_locked_out(_client_ip(request)):
-            self.state.log(endpoint, "20002")
+        if self.state.is_locked_out(ip):
+            self.state.log(endpoint, "20002", ip)
             return failed("20002")
         if request.method == "OPTIONS":  # CORS preflight
             return Response(b"", headers=BASE_HEADERS)
         if not endpoint.strip("/"):  # /api/v1.1.0/: no request id at all
-            self.state.log(endpoint, "20009")
+            self.state.log(endpoint, "20009", ip)
             return failed("20009")
         handler = self.handlers(version).get(endpoint)
         if handler is None:
-            self.state.log(endpoint, "10003")
+            self.state.log(endpoint, "10003", ip)
             return failed("10003")
         try:
             response, outcome = await handler(request, version)
         except ApiFailure as failure:
-            self.state.log(endpoint, failure.errno)
+            self.state.log(endpoint, failure.errno, ip)
             return failed(failure.errno)
-        self.state.log(endpoint, outcome)
+        self.state.log(endpoint, outcome, ip)
         return response
 
     async def elsewhere(self, request: Request) -> Response:

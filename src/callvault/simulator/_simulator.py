@@ -262,6 +262,12 @@ class Simulator:
             return list(self.state.request_log)
 
     @property
+    def request_sources(self) -> list[tuple[str, str, str]]:
+        """Every API request answered, in order, as (client IP, endpoint, outcome)."""
+        with self.state.lock:
+            return list(self.state.request_sources)
+
+    @property
     def request_paths(self) -> list[str]:
         """The URL path (without the query) of every API request, in order of arrival."""
         with self.state.lock:

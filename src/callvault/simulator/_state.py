@@ -182,6 +182,7 @@ class PbxState:
         self.events_queued = 0
         self._channel_seq = 0
         self.request_log: list[tuple[str, str]] = []
+        self.request_sources: list[tuple[str, str, str]] = []  # (ip, endpoint, outcome)
         self.request_paths: list[str] = []
 
     def __repr__(self) -> str:
@@ -203,10 +204,12 @@ class PbxState:
         with self.lock:
             self.request_paths.append(path)
 
-    def log(self, endpoint: str, outcome: str) -> None:
-        """Remember one answered request: (endpoint, errno or "Success" or an HTTP fault)."""
+    def log(self, endpoint: str, outcome: str, ip: str = "") -> None:
+        """Remember one answered request: (endpoint, errno or "Success" or an HTTP fault),
+        and who sent it (`request_sources`)."""
         with self.lock:
             self.request_log.append((endpoint, outcome))
+            self.request_sources.append((ip, endpoint, outcome))
 
     def chance(self, rate: float) -> bool:
         """True with probability `rate`, from the seeded RNG."""

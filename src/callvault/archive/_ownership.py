@@ -1,0 +1,279 @@
+"""Which PBXs this node works on, when several nodes share one index.
+
+A PBX sends its reports to the address that logged in, and takes a random only from the
+address that asked for it: its API session must be one node's at a time. `Ownership`
+runs on every `serve` node and decides, with the leases of `index.leases`, which of the
+node's PBXs (its lanes) it works on: logs in to, downloads from, reconciles. Reports are
+received and committed by every node for every PBX, whoever owns it.
+
+Every `renew_s` seconds (`tick`):
+
+1. a lane whose lease ran out by this process's own monotonic clock stops at once: the
+   process was paused (SIGSTOP, a frozen VM) or could not reach the index for a whole
+   lease, and another node may hold the PBX by now. The PBX client's guard refuses every
+   request meanwhile (`may_talk`), so nothing is sent to the PBX even before the stop;
+2. the node's own row in the process registry gets its heartbeat (kind "node": the live
+   nodes are what the PBXs are spread over). A heartbeat refused means a newer start of
+   this node took over: everything stops (`fenced`);
+3. every lease held is renewed; one that cannot be (another node holds it now: fencing
+   by token) stops its lane at once;
+4. the share is ceil(PBXs / live nodes): a node over it gives the surplus up (a clean
+   stop, then a release, for another node to take at once); a node under it takes free or
+   expired leases, trying PBXs in an order of its own (a hash of node and PBX) so that
+   nodes starting together mostly try different ones.
+
+A node that dies holds its PBXs until their leases expire (`ttl_s`, 15 s): the others take
+them within `ttl_s + renew_s` seconds; at once if the registry already knows it is gone
+(a start on its host found its pid gone). A node that stops cleanly releases them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from callvault.archive._process import ProcessRegistration
+from callvault.index import Index, Lease
+
+log = logging.getLogger("callvault.archive")
+
+DEFAULT_LEASE_TTL_S = 15.0
+DEFAULT_LEASE_RENEW_S = 5.0
+# What a node's process row is registered as.
+NODE_KIND = "node"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class OwnedLane(Protocol):
+    """What `Ownership` needs of a lane (a PBX of this node)."""
+
+    @property
+    def pbx_id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    lease: Lease | None
+    lease_deadline: float  # monotonic seconds: past it, the lane may not talk to its PBX
+
+    async def start_work(self) -> None: ...
+
+    async def stop_work(self, *, reason: str, graceful: bool) -> None: ...
+
+    def work_fenced(self) -> str | None: ...
+
+
+class Ownership:
+    """Wins, keeps and gives up this node's PBXs (see the module docstring)."""
+
+    def __init__(
+        self,
+        index: Index,
+        lanes: Sequence[OwnedLane],
+        *,
+        node: str,
+        ttl_s: float = DEFAULT_LEASE_TTL_S,
+        renew_s: float = DEFAULT_LEASE_RENEW_S,
+        clock: Callable[[], datetime] = _utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < renew_s < ttl_s:
+            raise ValueError("the lease must be renewed more often than it lasts")
+        self._index = index
+        self._lanes = list(lanes)
+        self.node = node
+        self._ttl = timedelta(seconds=ttl_s)
+        self._ttl_s = ttl_s
+        self.renew_s = renew_s
+        self._clock = clock
+        self._monotonic = monotonic
+        self.registration: ProcessRegistration | None = None
+        self.fenced = asyncio.Event()
+        self.fenced_reason: str | None = None
+        self.live_nodes = 1
+
+    def held(self) -> list[OwnedLane]:
+        return [lane for lane in self._lanes if lane.lease is not None]
+
+    def may_talk(self, lane: OwnedLane) -> str | None:
+        """None if `lane` may talk to its PBX now; else why not (the client's guard)."""
+        if lane.lease is None:
+            return f"this node ({self.node}) does not hold PBX {lane.name}"
+        if self._monotonic() >= lane.lease_deadline:
+            return f"this node's lease of PBX {lane.name} ran out before it was renewed"
+        return None
+
+    async def register(self) -> None:
+        """Register this node's row (a newer start of the same node supersedes the old)."""
+        self.registration = await asyncio.to_thread(
+            ProcessRegistration.register,
+            self._index,
+            node=self.node,
+            kind=NODE_KIND,
+            workers=0,
+            clock=self._clock,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every `renew_s` seconds until `stop` is set or the node is fenced."""
+        while not stop.is_set() and not self.fenced.is_set():
+            started = self._monotonic()
+            await self.tick()
+            wait = max(0.05, self.renew_s - (self._monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+
+    async def tick(self) -> None:
+        """One round: stop what ran out, heartbeat, renew, then give up or take PBXs."""
+        for lane in self.held():
+            why = self.may_talk(lane) or lane.work_fenced()
+            if why is not None:
+                await self._lose(lane, why)
+        registration = self.registration
+        assert registration is not None, "register() first"
+        alive = await asyncio.to_thread(
+            registration.heartbeat,
+            workers_alive=0,  # a node row has no workers: its lanes' rows do
+            detail={"pbxs": sorted(lane.name for lane in self.held())},
+        )
+        if not alive:
+            registration.stopped = True
+            self.fenced_reason = registration.fenced_reason()
+            log.error("%s", self.fenced_reason)
+            self.fenced.set()
+            for lane in self.held():
+                await self._lose(lane, "this node was superseded")
+            return
+        await self._renew_all()
+        await self._rebalance()
+
+    async def _renew_all(self) -> None:
+        for lane in self.held():
+            lease = lane.lease
+            assert lease is not None
+            started = self._monotonic()
+            try:
+                until = await asyncio.to_thread(
+                    self._index.leases.renew,
+                    lane.pbx_id,
+                    node=self.node,
+                    token=lease.token,
+                    now=self._clock(),
+                    ttl=self._ttl,
+                )
+            except Exception as exc:  # the index is away: the local deadline decides
+                log.warning("cannot renew the lease of PBX %s: %s", lane.name, exc)
+                continue
+            if until is None:
+                await self._lose(lane, f"another node holds PBX {lane.name} now")
+            else:
+                lane.lease_deadline = started + self._ttl_s
+
+    async def _rebalance(self) -> None:
+        now = self._clock()
+        live = await asyncio.to_thread(self._index.processes.live, now=now, stale_after=self._ttl)
+        nodes = {info.node for info in live if info.kind == NODE_KIND} | {self.node}
+        self.live_nodes = len(nodes)
+        share = math.ceil(len(self._lanes) / len(nodes))
+        held = self.held()
+        if len(held) > share:
+            # The most recently won go first: the longest held keep their sessions.
+            surplus = sorted(held, key=lambda lane: _acquired(lane), reverse=True)
+            for lane in surplus[: len(held) - share]:
+                await self._give_up(lane, f"{len(nodes)} nodes share the PBXs now")
+            return
+        if len(held) == share:
+            return
+        leases = {lease.pbx_id: lease for lease in await asyncio.to_thread(self._index.leases.all)}
+        wanted = share - len(held)
+        for lane in sorted(self._lanes, key=lambda lane: self._preference(lane.pbx_id)):
+            if wanted == 0:
+                break
+            if lane.lease is not None:
+                continue
+            known = leases.get(lane.pbx_id)
+            dead: tuple[str, ...] = ()
+            if known is not None and known.held(now) and known.node != self.node:
+                if known.node in nodes:
+                    continue  # a live node's
+                # Held by a node the registry knows stopped (killed, and found gone by a
+                # start on its host): no need to wait for its lease to run out.
+                dead = (str(known.node),)
+            if await self._take(lane, dead):
+                wanted -= 1
+
+    def _preference(self, pbx_id: int) -> bytes:
+        return hashlib.sha256(f"{self.node}/{pbx_id}".encode()).digest()
+
+    async def _take(self, lane: OwnedLane, dead: tuple[str, ...] = ()) -> bool:
+        started = self._monotonic()
+        lease = await asyncio.to_thread(
+            self._index.leases.acquire,
+            lane.pbx_id,
+            node=self.node,
+            now=self._clock(),
+            ttl=self._ttl,
+            dead=dead,
+        )
+        if lease is None:
+            return False
+        lane.lease = lease
+        lane.lease_deadline = started + self._ttl_s
+        log.info("node %s took PBX %s (lease %d)", self.node, lane.name, lease.token)
+        try:
+            await lane.start_work()
+        except Exception as exc:
+            log.error("PBX %s could not be started on this node: %s", lane.name, exc)
+            await self._give_up(lane, "it could not be started here")
+            return False
+        return True
+
+    async def _lose(self, lane: OwnedLane, reason: str) -> None:
+        """Stop work on a PBX at once: it is (or may be) another node's now."""
+        log.warning("node %s stops working on PBX %s: %s", self.node, lane.name, reason)
+        lane.lease = None
+        await lane.stop_work(reason=reason, graceful=False)
+
+    async def _give_up(self, lane: OwnedLane, reason: str) -> None:
+        """Stop work on a PBX cleanly, then release it for another node to take at once."""
+        lease = lane.lease
+        if lease is None:
+            return
+        log.info("node %s hands PBX %s over: %s", self.node, lane.name, reason)
+        await lane.stop_work(reason=reason, graceful=True)
+        lane.lease = None
+        try:
+            await asyncio.to_thread(
+                self._index.leases.release, lane.pbx_id, node=self.node, token=lease.token
+            )
+        except Exception as exc:  # it expires on its own
+            log.warning("cannot release the lease of PBX %s: %s", lane.name, exc)
+
+    async def close(self) -> None:
+        """At shutdown: hand every PBX over (together: each lets its downloads finish),
+        then mark the node stopped."""
+        await asyncio.gather(
+            *(self._give_up(lane, "this node is shutting down") for lane in self.held())
+        )
+        if self.registration is not None and not self.registration.stopped:
+            try:
+                await asyncio.to_thread(self.registration.stop)
+            except Exception as exc:
+                log.warning("could not mark this node stopped in the index: %s", exc)
+
+
+def _acquired(lane: OwnedLane) -> datetime:
+    lease = lane.lease
+    if lease is None or lease.acquired_at is None:
+        return datetime.min.replace(tzinfo=UTC)
+    return lease.acquired_at

@@ -1,0 +1,231 @@
+"""Several `serve` nodes on one PostgreSQL index, as separate processes, each bound to its
+own loopback address so that the simulated PBXs see three different clients.
+
+The PBXs are spread evenly; a node killed with SIGKILL has its PBXs taken over by the
+others once its leases expire, and gets its share back when it starts again; a node paused
+with SIGSTOP stops talking to its PBXs the moment it wakes, before anything else, and
+hands them over. Throughout, every call is archived exactly once, byte for byte, and no
+PBX is ever used by two nodes at once: the simulated PBX, like a real one, keeps one API
+session per user and answers 20004 to a token a newer login replaced, and it never does.
+
+PostgreSQL only: several machines cannot share a SQLite file. The leases are shortened
+(3 s, renewed every 0.5 s) and the pause is 8 s instead of a minute, to keep the test short.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from callvault.index import open_index
+from callvault.index.pbxs import PbxConfig
+from callvault.keys import create_key_file, load_keyring
+from callvault.ops import add_pbx
+from callvault.simulator import Simulator, SimulatorConfig
+from support.archive import ServeProcess, file_sha256, outer_env, wait_until
+from support.databases import PgDatabases
+
+ADDRESSES = {"n1": "127.0.0.1", "n2": "127.0.0.2", "n3": "127.0.0.3"}
+PBXS = 6
+TTL_S, RENEW_S = 3.0, 0.5
+
+
+@pytest.fixture
+def sims() -> Iterator[dict[str, Simulator]]:
+    started = {
+        f"site-{n}": Simulator(
+            SimulatorConfig(seed=n, event_retry_interval=0.2, serial=f"10000000000{n}")
+        ).start()
+        for n in range(1, PBXS + 1)
+    }
+    try:
+        yield started
+    finally:
+        for sim in started.values():
+            sim.stop()
+
+
+def _holders(db_url: str) -> dict[int, str | None]:
+    now = datetime.now(UTC)
+    with open_index(db_url) as index:
+        return {
+            lease.pbx_id: lease.node if lease.held(now) else None for lease in index.leases.all()
+        }
+
+
+def _spread(db_url: str, nodes: set[str]) -> bool:
+    """Every PBX held, by exactly `nodes`, evenly."""
+    holders = _holders(db_url)
+    if len(holders) != PBXS or set(holders.values()) != nodes:
+        return False
+    counts = [list(holders.values()).count(node) for node in nodes]
+    return max(counts) - min(counts) <= 1
+
+
+def _archived(db_url: str, count: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with open_index(db_url) as index:
+            states = index.recordings.counts_by_state()
+        return states.get("archived", 0) == count and sum(states.values()) == count
+
+    return check
+
+
+def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
+    pg_databases: PgDatabases, sims: dict[str, Simulator], tmp_path: Path
+) -> None:
+    db_url = pg_databases.empty_shared()
+    archive = tmp_path / "archive"  # one storage for all nodes, as a bucket would be
+    key_file = tmp_path / "master.key"
+    create_key_file(key_file)
+    keyring = load_keyring(key_file, environ={})
+    assert keyring is not None
+    with open_index(db_url) as index:
+        for name, sim in sims.items():
+            config = PbxConfig(
+                url=sim.url,
+                username=sim.username,
+                pin_sha256=sim.cert_sha256,
+                timezone=sim.config.timezone,
+            )
+            add_pbx(
+                index,
+                keyring,
+                name,
+                config,
+                sim.password,
+                actor="test",
+                remote_addr="127.0.0.1",
+                now=datetime.now(UTC),
+            )
+    env = outer_env()
+    env.update(
+        {
+            "CALLVAULT_ARCHIVE": str(archive),
+            "CALLVAULT_DB": db_url,
+            "CALLVAULT_MASTER_KEY_FILE": str(key_file),
+            "CALLVAULT_LEASE_TTL_S": str(TTL_S),
+            "CALLVAULT_LEASE_RENEW_S": str(RENEW_S),
+            "CALLVAULT_POLL_INTERVAL_S": "0.3",
+            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
+            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
+            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.2",
+            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "1",
+            "CALLVAULT_TRANSIENT_MAX_ATTEMPTS": "100",
+            "CALLVAULT_RECONCILE_HOURS": "1",
+            "CALLVAULT_RECONCILE_INTERVAL_S": "10",
+        }
+    )
+    nodes: dict[str, ServeProcess] = {}
+    for node, address in ADDRESSES.items():
+        logs = tmp_path / node
+        logs.mkdir()
+        nodes[node] = ServeProcess(env, logs, "--node", node, "--bind", address)
+    placed: list[tuple[Simulator, str]] = []
+
+    def place_calls() -> None:
+        for sim in sims.values():
+            cdr = sim.place_call(talk_seconds=1)
+            assert cdr.recording is not None
+            placed.append((sim, cdr.recording))
+
+    def logs() -> str:
+        return "\n".join(f"== {n}\n{p.log_text()}" for n, p in nodes.items())
+
+    def spread(over: set[str]) -> Callable[[], bool]:
+        def check() -> bool:
+            for name in over:  # a node that died gives up the wait at once
+                assert nodes[name].running(), logs()
+            return _spread(db_url, over)
+
+        return check
+
+    try:
+        for process in nodes.values():
+            process.start()
+        assert wait_until(spread(set(ADDRESSES)), 60), logs()
+        # status says which node works on which PBX.
+        shown = subprocess.run(
+            [sys.executable, "-m", "callvault", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        report = json.loads(shown.stdout)
+        assert [node["name"] for node in report["nodes"]] == sorted(ADDRESSES)
+        held = {name: node["name"] for node in report["nodes"] for name in node["pbxs"]}
+        assert (
+            sorted(held) == sorted(sims) and {p["name"]: p["node"] for p in report["pbxs"]} == held
+        )
+        assert report["serve"] == "running"
+        place_calls()
+        assert wait_until(_archived(db_url, len(placed)), 60), logs()
+
+        # SIGKILL n1 with calls in flight: n2 and n3 take its PBXs once its leases expire.
+        place_calls()
+        nodes["n1"].kill()
+        killed_at = time.monotonic()
+        assert wait_until(spread({"n2", "n3"}), 30), logs()
+        failover_s = time.monotonic() - killed_at
+        assert failover_s < 30
+        assert wait_until(_archived(db_url, len(placed)), 90), logs()
+        # Started again, it gets its share back.
+        nodes["n1"].start()
+        assert wait_until(spread(set(ADDRESSES)), 60), logs()
+
+        # SIGSTOP n2: its PBXs go to n1 and n3; woken, it stops talking to them at once.
+        paused = nodes["n2"]
+        assert paused.process is not None
+        paused.process.send_signal(signal.SIGSTOP)
+        paused_at = time.monotonic()
+        try:
+            place_calls()
+            assert wait_until(spread({"n1", "n3"}), 30), logs()
+            time.sleep(max(0.0, 8.0 - (time.monotonic() - paused_at)))
+        finally:
+            paused.process.send_signal(signal.SIGCONT)
+        assert wait_until(spread(set(ADDRESSES)), 60), logs()
+        assert "ran out before it was renewed" in paused.log_text(), logs()
+        place_calls()
+        assert wait_until(_archived(db_url, len(placed)), 90), logs()
+        for process in nodes.values():
+            assert process.terminate() == 0, logs()
+    finally:
+        for process in nodes.values():
+            if process.running():
+                process.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+            process.stop()
+
+    # Every call archived once, byte for byte, each file stored once.
+    with open_index(db_url) as index:
+        rows = {}
+        for sim, name in placed:
+            [pbx] = [p for p in index.pbxs.list() if p.config.url == sim.url]
+            row = index.recordings.by_name(name, pbx_id=pbx.id)
+            assert row is not None and row.state == "archived", name
+            assert row.sha256 == sim.recording_sha256(name)
+            assert row.storage_key is not None
+            assert file_sha256(archive / row.storage_key) == row.sha256
+            rows[(pbx.id, name)] = row
+        assert index.recordings.counts_by_state().get("archived") == len(placed) == len(rows)
+        assert all(lease.node is None for lease in index.leases.all())  # all released
+    assert len(list(archive.rglob("*.wav"))) == len(placed)
+    # No PBX was used by two nodes at once (a replaced token would have been answered
+    # 20004), and every node spoke to the PBXs from its own address.
+    for name, sim in sims.items():
+        sources = sim.request_sources
+        assert [s for s in sources if s[2] == "20004"] == [], name
+        assert {ip for ip, _endpoint, _outcome in sources} <= set(ADDRESSES.values())
+    used = {ip for sim in sims.values() for ip, _e, _o in sim.request_sources}
+    assert used == set(ADDRESSES.values())
+    assert "Traceback" not in logs()
