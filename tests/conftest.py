@@ -28,7 +28,13 @@ from support.databases import PgDatabases, pg_server_url
 # another): `connect` (a fake PBX over real HTTP), `sim` (the simulator over HTTPS) and
 # `browser` (a headless Chromium for the web pages), `events_sim` (the simulator, re-sending
 # unanswered reports quickly, for the archiver).
-pytest_plugins = ["support.pbx_fakes", "support.pbx_sim", "support.browser", "support.archive"]
+pytest_plugins = [
+    "support.pbx_fakes",
+    "support.pbx_sim",
+    "support.browser",
+    "support.archive",
+    "support.s3",
+]
 
 # Settings of the test suite itself (CALLVAULT_TEST_PG_URL, CALLVAULT_TEST_SEED), not of
 # callvault: these are read from the outer environment on purpose.

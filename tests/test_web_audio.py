@@ -38,9 +38,12 @@ from support.web import (
 )
 
 
-@pytest.fixture()
-def web(tmp_path: Path) -> Iterator[LiveWeb]:
-    with live_web(tmp_path / "archive") as live:
+@pytest.fixture(params=["local", "s3"])
+def web(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveWeb]:
+    """The web app over the standard archive, its recordings in a directory or in a bucket
+    of the S3 server (playback, ranges and exports then read from the bucket)."""
+    storage = request.getfixturevalue("s3_storage") if request.param == "s3" else None
+    with live_web(tmp_path / "archive", storage=storage) as live:
         yield live
 
 

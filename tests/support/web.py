@@ -36,7 +36,7 @@ from callvault.index import (
 )
 from callvault.keys import Keyring
 from callvault.pbx._types import CallDetail
-from callvault.storage import LocalStorage, recording_key
+from callvault.storage import LocalStorage, Storage, recording_key
 from callvault.web import create_app
 
 T0 = datetime(2024, 5, 1, 9, 0, 0, tzinfo=UTC)
@@ -76,7 +76,7 @@ def make_wav(seconds: float, freq: float = 440.0, rate: int = 8000) -> bytes:
 class WebArchive:
     root: Path
     index: Index
-    storage: LocalStorage
+    storage: Storage
     audio: dict[int, bytes] = field(default_factory=dict)  # recording id -> archived bytes
     _seq: int = 0
 
@@ -186,10 +186,11 @@ class WebArchive:
         assert result.recording_id is None
 
 
-def build_archive(root: Path) -> WebArchive:
-    """The standard test archive: six calls across extensions 1000s and 2000s, three users."""
+def build_archive(root: Path, storage: Storage | None = None) -> WebArchive:
+    """The standard test archive: six calls across extensions 1000s and 2000s, three users
+    (the recordings in `storage`, by default a directory in `root`)."""
     index = open_index(f"sqlite:///{root / 'callvault.db'}")
-    archive = WebArchive(root, index, LocalStorage(root))
+    archive = WebArchive(root, index, storage if storage is not None else LocalStorage(root))
     archive.add(start=T0, call_from="1001", call_to="1003", talk_s=30, seconds=2.0)
     archive.add(
         start=T0 + timedelta(days=1, hours=1),
@@ -316,9 +317,13 @@ def login(client: httpx.Client, name: str, password: str) -> httpx.Response:
 
 @contextmanager
 def live_web(
-    root: Path, *, secure_cookies: bool = False, keyring: Keyring | None = None
+    root: Path,
+    *,
+    secure_cookies: bool = False,
+    keyring: Keyring | None = None,
+    storage: Storage | None = None,
 ) -> Iterator[LiveWeb]:
-    archive = build_archive(root)
+    archive = build_archive(root, storage)
     clock = FakeClock(T0 + timedelta(days=10))
     app = create_app(
         archive.index,

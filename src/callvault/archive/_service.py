@@ -81,7 +81,7 @@ from callvault.serving import (
     listen,
     server_for,
 )
-from callvault.storage import LocalStorage, Storage
+from callvault.storage import Storage, open_storage_url
 
 log = logging.getLogger("callvault.archive")
 
@@ -126,6 +126,8 @@ class ArchiverConfig:
     username: str
     password: str = field(repr=False)
     archive: Path
+    # Where the recordings are kept (file:///DIR, s3://BUCKET/PREFIX); None: `archive`.
+    storage_url: str | None = None
     # A PBX of the registry (`callvault pbx add`), by name. None: the PBX these settings
     # give (the one-PBX shorthand of serve's flags), which becomes the registry's entry of
     # the archive's own PBX at start (`index.pbxs.given_at_start`).
@@ -269,11 +271,14 @@ def save_pbx_timezone(index: Index, tz: ZoneInfo) -> None:
     index.settings.set(SettingKey.PBX_TIMEZONE, tz.key, _utcnow())
 
 
-def open_storage(path: Path) -> Storage:
-    """The archive's storage (a `LocalStorage` in `path`), made if missing;
-    `ArchiveDirError` if unusable."""
+def open_storage(path: Path, url: str | None = None) -> Storage:
+    """The archive's storage: the one `url` names (``file:///DIR``, ``s3://BUCKET/P``),
+    by default the directory `path` itself, where downloads in progress are staged in any
+    case. `ArchiveDirError` if a directory is unusable, StartError for a bad URL."""
     try:
-        return LocalStorage(path)
+        return open_storage_url(url, path)
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
     except OSError as exc:
         raise ArchiveDirError(path, exc) from exc
 
@@ -297,7 +302,7 @@ class Archiver:
         self._on_archived = on_archived
         self.metrics = ArchiverMetrics()
         self.index: Index | None = None
-        self.storage = open_storage(config.archive)  # ArchiveDirError if unusable
+        self.storage = open_storage(config.archive, config.storage_url)  # ArchiveDirError...
         self.events_port: int | None = None
         self.web_port: int | None = None
         self.secret_path: str | None = None

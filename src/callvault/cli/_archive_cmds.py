@@ -22,7 +22,14 @@ import click
 
 from callvault.cli._app import app
 from callvault.cli._common import cli_actor, fail, plural
-from callvault.cli._options import archive_options, json_option, option, show_timezone_option
+from callvault.cli._options import (
+    archive_options,
+    flag,
+    json_option,
+    option,
+    show_timezone_option,
+    storage_option,
+)
 from callvault.cli._settings import (
     USAGE_ERROR,
     Settings,
@@ -55,7 +62,7 @@ def open_settings_archive(
     except SettingsError as exc:
         fail(str(exc), code=USAGE_ERROR)
     try:
-        opened = open_archive(directory, url, create=create)
+        opened = open_archive(directory, url, create=create, storage_url=settings.storage)
     except ArchiveError as exc:
         fail(str(exc))
     if check:
@@ -241,12 +248,17 @@ def list_command(
 @app.command("status")
 @json_option
 @archive_options
+@storage_option
 def status_command(
-    json_output: bool, archive: Path | None, db: str | None, config: Path | None
+    json_output: bool,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
+    storage: str | None,
 ) -> None:
     """The archive at a glance: recordings by state, failures with reasons, the PBX
     session, the workers of serve, the last event, disk use and the index's health."""
-    settings = settings_or_fail(config, archive=archive, db=db)
+    settings = settings_or_fail(config, archive=archive, db=db, storage=storage)
     with open_settings_archive(settings) as opened:
         from callvault.ops import archive_status
 
@@ -336,19 +348,33 @@ def _pbx_named(opened: Archive, name: str | None) -> PbxRecord | None:
 
 @app.command("verify")
 @option("--pbx", metavar="NAME", help="Only this PBX's recordings (`callvault pbx list`).")
+@flag(
+    "--deep",
+    help="Read every recording back and hash it, also where the storage recorded its "
+    "checksum at upload (an S3 bucket; without --deep that record is compared, nothing "
+    "is downloaded).",
+)
 @json_option
 @archive_options
+@storage_option
 def verify_command(
-    pbx: str | None, json_output: bool, archive: Path | None, db: str | None, config: Path | None
+    pbx: str | None,
+    deep: bool | None,
+    json_output: bool,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
+    storage: str | None,
 ) -> None:
-    """Re-hash every archived file; report mismatched or missing ones (exit 1 if any) and
-    files the index does not know."""
-    settings = settings_or_fail(config, archive=archive, db=db)
+    """Check every archived recording against the index (its bytes re-hashed, or in a
+    bucket the checksum recorded at upload unless --deep); report mismatched or missing
+    ones (exit 1 if any) and files the index does not know."""
+    settings = settings_or_fail(config, archive=archive, db=db, storage=storage)
     with open_settings_archive(settings) as opened:
         from callvault.ops import verify_archive
 
         record = _pbx_named(opened, pbx)
-        report = verify_archive(opened, now=datetime.now(UTC), pbx=record)
+        report = verify_archive(opened, now=datetime.now(UTC), pbx=record, deep=bool(deep))
     if json_output:
         _print_json(report.to_json())
     else:

@@ -146,6 +146,13 @@ db_option = option(
     "(default ARCHIVE/callvault.db).",
 )
 archive_options = _apply(archive_option, db_option, config_option)
+storage_option = option(
+    "--storage",
+    metavar="URL",
+    help="Where the recordings are kept: file:///DIR or s3://BUCKET/PREFIX (endpoint and "
+    "credentials the AWS ways: AWS_ENDPOINT_URL, AWS_PROFILE...) (default the archive "
+    "directory).",
+)
 
 timezone_option = option(
     "--timezone",

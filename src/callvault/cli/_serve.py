@@ -55,6 +55,7 @@ from callvault.cli._options import (
     option,
     pbx_options,
     secure_cookies_option,
+    storage_option,
     timezone_option,
     trusted_proxy_option,
 )
@@ -281,6 +282,7 @@ def archiver_config(
         username=username,
         password=password,
         archive=archive,
+        storage_url=settings.storage,
         registry_name=registry_name,
         more_pbxs=more,
         db_url=settings.db_url(),
@@ -341,6 +343,7 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
 @pbx_options
 @archive_option
 @db_option
+@storage_option
 @events_listen_option
 @events_allow_option
 @workers_option
@@ -379,6 +382,7 @@ def serve_command(
     pbx_flags: PbxFlags,
     archive: Path | None,
     db: str | None,
+    storage: str | None,
     events_listen: str | None,
     events_allow: tuple[str, ...],
     workers: int | None,
@@ -404,6 +408,7 @@ def serve_command(
         **pbx_flags,
         archive=archive,
         db=db,
+        storage=storage,
         events_listen=events_listen,
         events_allow=list(events_allow) or None,
         workers=workers,
@@ -504,6 +509,7 @@ def _time_option(flag: str, value: str, tz: tzinfo, *, end: bool) -> datetime:
 )
 @archive_option
 @db_option
+@storage_option
 @workers_option
 @node_option
 @timezone_option
@@ -519,6 +525,7 @@ def backfill_command(
     master_key_file: Path | None,
     archive: Path | None,
     db: str | None,
+    storage: str | None,
     workers: int | None,
     node: str | None,
     timezone: str | None,
@@ -533,6 +540,7 @@ def backfill_command(
         **pbx_flags,
         archive=archive,
         db=db,
+        storage=storage,
         workers=workers,
         node=node,
         timezone=timezone,
@@ -576,7 +584,7 @@ def backfill_command(
     if sys.stderr.isatty() and not verbose:
         logging.getLogger("callvault").setLevel(logging.WARNING)
     try:
-        storage = open_storage(archive_dir)
+        store = open_storage(archive_dir, settings.storage)
     except StartError as exc:
         fail(str(exc))
     try:
@@ -591,7 +599,7 @@ def backfill_command(
             _backfill(
                 client,
                 index,
-                storage,
+                store,
                 settings,
                 tz=tz,
                 pbx_url=pbx_url,

@@ -194,6 +194,16 @@ def _trusted_proxy(value: Any) -> str | None:
         ) from None
 
 
+def _storage(value: Any) -> str | None:
+    text = _text(value)
+    if not text:
+        return None
+    from callvault.storage import parse_storage_url
+
+    parse_storage_url(text)  # ValueError, one line
+    return text
+
+
 def _bind(value: Any) -> str | None:
     text = _text(value)
     if not text:
@@ -292,6 +302,7 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     # The archive
     "archive": _optional_path,
     "db": _optional_text,
+    "storage": _storage,
     "master_key_file": _optional_path,
     # Services
     "node": _node,
@@ -337,6 +348,9 @@ class Settings:
     # The archive
     archive: Path | None = None
     db: str | None = field(default=None, repr=False)  # a PostgreSQL URL may carry a password
+    # Where the recordings are kept: file:///DIR or s3://BUCKET/PREFIX; None: the archive
+    # directory itself (which holds the staging area of downloads in any case).
+    storage: str | None = None
     # The file of master keys that seal the registered PBXs' passwords (callvault.keys);
     # CALLVAULT_MASTER_KEY, holding a key itself, takes precedence.
     master_key_file: Path | None = None

@@ -20,6 +20,7 @@ from callvault.cli._options import (
     archive_options,
     option,
     secure_cookies_option,
+    storage_option,
     trusted_proxy_option,
 )
 from callvault.cli._settings import (
@@ -64,6 +65,7 @@ def _open_index(settings: ArchiveSettings) -> Index:
 
 @app.command("web")
 @archive_options
+@storage_option
 @option("--listen", metavar="HOST:PORT", help="Where to serve (default 127.0.0.1:8080).")
 @secure_cookies_option
 @trusted_proxy_option
@@ -79,6 +81,7 @@ def web(
     archive: Path | None,
     db: str | None,
     config: Path | None,
+    storage: str | None,
     listen: str | None,
     secure_cookies: bool | None,
     trusted_proxy: str | None,
@@ -93,6 +96,7 @@ def web(
         config,
         archive=archive,
         db=db,
+        storage=storage,
         web_listen=listen,
         secure_cookies=secure_cookies,
         trusted_proxy=trusted_proxy,
@@ -103,7 +107,7 @@ def web(
     except SettingsError as exc:
         fail(str(exc), code=2)
     opened = open_settings_archive(settings)
-    index, storage = opened.index, opened.storage
+    index, store = opened.index, opened.storage
     host, port = settings.web_address()
     # Bound before anything is said: a busy port is one line, never "serving" then an error.
     try:
@@ -120,7 +124,7 @@ def web(
         if not index.users.list():
             print("callvault: no users yet: add one with `callvault user add NAME --role admin`")
         application = create_app(
-            index, storage, secure_cookies=settings.secure_cookies, keyring=keyring
+            index, store, secure_cookies=settings.secure_cookies, keyring=keyring
         )
         # The login limiter and the audit log key on the peer address: X-Forwarded-For is
         # believed from the --trusted-proxy address only, and by default never.

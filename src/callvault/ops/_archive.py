@@ -9,7 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from callvault.index import Index, IndexMissingError, IndexOpenError, SettingKey, open_index
-from callvault.storage import LocalStorage, Storage
+from callvault.storage import Storage, open_storage_url
 
 
 class ArchiveError(Exception):
@@ -53,12 +53,15 @@ class Archive:
             return text
 
 
-def open_archive(directory: Path, db_url: str, *, create: bool = False) -> Archive:
+def open_archive(
+    directory: Path, db_url: str, *, create: bool = False, storage_url: str | None = None
+) -> Archive:
     """Open an EXISTING archive directory's index and storage.
 
     With `create`, a directory without an index yet gets an empty one (users can be added
     before anything is archived); without it, a missing index is an `ArchiveError` saying
-    how to make one. Every failure is one line (`ArchiveError`); a damaged index raises
+    how to make one. `storage_url` names where the recordings are (None: `directory`).
+    Every failure is one line (`ArchiveError`); a damaged index raises
     `callvault.index.IndexCorruptError` (also one line) when it is first read.
     """
     if not directory.is_dir():
@@ -72,7 +75,10 @@ def open_archive(directory: Path, db_url: str, *, create: bool = False) -> Archi
     except IndexOpenError as exc:
         raise ArchiveError(str(exc)) from None
     try:
-        storage = LocalStorage(directory)
+        storage = open_storage_url(storage_url, directory)
+    except ValueError as exc:
+        index.close()
+        raise ArchiveError(str(exc)) from None
     except OSError as exc:
         index.close()
         raise ArchiveError(

@@ -15,7 +15,7 @@ from callvault.index.pbxs import PbxRecord
 from callvault.index.schema import ARCHIVED
 from callvault.ops._archive import Archive
 from callvault.ops._json import JsonResult
-from callvault.storage import UnsafeNameError
+from callvault.storage import StorageError, UnsafeNameError
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +34,14 @@ class VerifyResult(JsonResult):
     error: str | None = None
 
 
-def verify_recording(archive: Archive, row: RecordingRow, *, now: datetime) -> VerifyResult:
-    """Re-read the archived file of `row`; note a match in the index (`verified_at`)."""
+def verify_recording(
+    archive: Archive, row: RecordingRow, *, now: datetime, deep: bool = True
+) -> VerifyResult:
+    """Compare the archived object of `row` with the index; note a match (`verified_at`).
+
+    The bytes are read back and hashed, unless `deep` is False and the storage recorded
+    the object's SHA-256 when it was written (an S3 bucket): then that record is compared,
+    without downloading."""
     storage = archive.storage
 
     def result(ok: bool, actual: str | None, size: int | None, error: str | None) -> VerifyResult:
@@ -47,13 +53,16 @@ def verify_recording(archive: Archive, row: RecordingRow, *, now: datetime) -> V
         # A pending recording's key names where it will go, not a file.
         return result(False, None, None, "not archived")
     try:
-        stored = storage.checksum(row.storage_key)
+        recorded = None if deep else storage.recorded_checksum(row.storage_key)
+        stored = recorded if recorded is not None else storage.checksum(row.storage_key)
     except (FileNotFoundError, NotADirectoryError):
         return result(False, None, None, "the archived file is missing from storage")
     except UnsafeNameError:
         return result(False, None, None, "the recording's storage key is not valid")
     except OSError as exc:
         return result(False, None, None, f"cannot read it: {exc.strerror or type(exc).__name__}")
+    except StorageError as exc:
+        return result(False, None, None, f"cannot read it: {exc}")
     if stored.sha256 != row.sha256 or (row.size is not None and stored.size != row.size):
         return result(
             False, stored.sha256, stored.size, "the file's bytes differ from the archived checksum"
@@ -85,9 +94,11 @@ def verify_archive(
     now: datetime,
     progress: Callable[[VerifyResult], None] | None = None,
     pbx: PbxRecord | None = None,
+    deep: bool = False,
 ) -> VerifyReport:
-    """Verify every archived recording (of `pbx` only, if given), then list the stored
-    files nobody points to (for one PBX: those under its serial, if it is known)."""
+    """Verify every archived recording (of `pbx` only, if given; `deep`: see
+    `verify_recording`), then list the stored files nobody points to (for one PBX: those
+    under its serial, if it is known)."""
     checked = ok = 0
     mismatched: list[VerifyResult] = []
     missing: list[VerifyResult] = []
@@ -96,7 +107,7 @@ def verify_archive(
         checked += 1
         if row.storage_key:
             known.add(row.storage_key)
-        outcome = verify_recording(archive, row, now=now)
+        outcome = verify_recording(archive, row, now=now, deep=deep)
         if outcome.ok:
             ok += 1
         elif outcome.actual_sha256 is not None:

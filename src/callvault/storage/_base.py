@@ -56,7 +56,8 @@ class StoredObject:
 
 @runtime_checkable
 class Storage(Protocol):
-    """Bytes by key (``serial/YYYY/MM/DD/name``); a later S3 backend implements the same.
+    """Bytes by key (``serial/YYYY/MM/DD/name``): `LocalStorage` (a directory) and
+    `S3Storage` (a bucket) implement it.
 
     Writes are atomic and durable: an object is either absent or complete, never partial.
     A key never silently changes content: writing different bytes to it raises
@@ -87,6 +88,12 @@ class Storage(Protocol):
     def checksum(self, key: str) -> StoredObject:
         """Read the whole object and return its size and SHA-256 (FileNotFoundError if
         absent): what `callvault verify` compares with the index."""
+        ...
+
+    def recorded_checksum(self, key: str) -> StoredObject | None:
+        """Size and SHA-256 as the storage recorded them when the object was written,
+        without reading it (an S3 object's metadata); None when it keeps none (a local
+        file: `checksum` reads it). FileNotFoundError if absent."""
         ...
 
     def list(self, prefix: str = "") -> Iterator[str]:

@@ -447,6 +447,13 @@ class LocalStorage:
             modified_at=datetime.fromtimestamp(info.st_mtime, UTC),
         )
 
+    def recorded_checksum(self, key: str) -> StoredObject | None:
+        """None: a file keeps no checksum of its own (`checksum` reads it);
+        FileNotFoundError if absent."""
+        if self.stat(key) is None:
+            raise FileNotFoundError(key)
+        return None
+
     def checksum(self, key: str) -> StoredObject:
         """Read the whole file of `key` and return its size and SHA-256."""
         return self._existing(key, self.local_path(key))
