@@ -15,7 +15,9 @@ Public API::
         .start() / .stop() / with ...:     # in a background thread (demo, tests)
         .events_url, .events_port, .web_port, .secret_path, .index, .storage,
         .session, .pool, .downloads, .committer
-    open_storage(path) -> Storage; save_pbx_timezone(index, tz)
+    open_storage(path, url=None) -> Storage; save_pbx_timezone(index, tz)
+    storage_url_for(index, given, archive_dir, adopt=False) -> str | None  # where the
+        # recordings are (StorageMismatch: not where --storage says); same_place(a, b, dir)
     StartError, ArchiveDirError, Fenced        # one-line errors for people
 
     Downloads(index, storage, client, *, tz, kind, node, options=PoolOptions(),
@@ -74,6 +76,7 @@ from callvault.archive._service import (
     save_pbx_timezone,
 )
 from callvault.archive._session import PbxSession
+from callvault.archive._where import StorageMismatch, same_place, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
 
 __all__ = [
@@ -97,6 +100,7 @@ __all__ = [
     "ServiceProbe",
     "SourceAllowList",
     "StartError",
+    "StorageMismatch",
     "WorkerPool",
     "after_not_found",
     "after_permanent",
@@ -113,6 +117,8 @@ __all__ = [
     "process_alive",
     "queued_counts",
     "reconcile",
+    "same_place",
     "save_pbx_timezone",
+    "storage_url_for",
     "validate_cdr",
 ]

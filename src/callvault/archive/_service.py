@@ -70,6 +70,7 @@ from callvault.archive._receiver import (
     new_secret_path,
 )
 from callvault.archive._session import PbxSession
+from callvault.archive._where import StorageMismatch, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
 from callvault.index import Index, Lease, RecordResult, SettingKey, open_index
 from callvault.index.pbxs import MAX_DOWNLOADS_LIMIT, PbxRecord
@@ -398,11 +399,23 @@ class Archiver:
         self.index = index
         sockets: list[socket.socket] = []
         try:
+            await asyncio.to_thread(self._storage_of_the_index, index)
             await self._run(stop, index, loop, sockets, ready)
         finally:
             for sock in sockets:
                 sock.close()
             await asyncio.to_thread(index.close)
+
+    def _storage_of_the_index(self, index: Index) -> None:
+        """Use the storage where the index's recordings are (the one it remembers when no
+        --storage was given); StartError if --storage names another place."""
+        config = self.config
+        try:
+            url = storage_url_for(index, config.storage_url, config.archive, adopt=True)
+        except StorageMismatch as exc:
+            raise StartError(str(exc)) from None
+        if url != config.storage_url:
+            self.storage = open_storage(config.archive, url)
 
     async def _run(
         self,

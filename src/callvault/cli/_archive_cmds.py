@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from callvault.cli._app import app
+from callvault.cli._app import CONTEXT_SETTINGS, app
 from callvault.cli._common import cli_actor, fail, plural
 from callvault.cli._options import (
     archive_options,
@@ -473,3 +473,100 @@ def serve_is_running(archive: Archive) -> bool:
 
     live = archive.index.processes.live(now=datetime.now(UTC), stale_after=DEFAULT_STALE_AFTER)
     return any(process.kind == "serve" for process in live)
+
+
+@app.group("storage", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+def storage_app() -> None:
+    """Where the recordings are kept."""
+
+
+@storage_app.command("migrate")
+@option(
+    "--to",
+    "target_url",
+    required=True,
+    metavar="URL",
+    help="Where to copy the recordings: s3://BUCKET/PREFIX (or file:///DIR).",
+)
+@json_option
+@archive_options
+@storage_option
+def storage_migrate_command(
+    target_url: str,
+    json_output: bool,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
+    storage: str | None,
+) -> None:
+    """Copy every archived recording to another storage, checking each copy against the
+    index, then switch the index over to it (every command and node then uses it). Run it
+    again to resume; the recordings already copied are skipped. Stop serve first; the
+    source is left as it was."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from callvault.archive import same_place
+    from callvault.index import SettingKey
+    from callvault.ops import ArchiveError, migrate_storage
+    from callvault.storage import open_storage_url, parse_storage_url
+
+    try:
+        parse_storage_url(target_url)
+    except ValueError as exc:
+        fail(f"--to: {exc}", code=USAGE_ERROR)
+    settings = settings_or_fail(config, archive=archive, db=db, storage=storage)
+    with open_settings_archive(settings, check=True) as opened:
+        directory = settings.archive_dir()
+        current = opened.index.settings.get(SettingKey.STORAGE_URL)
+        if same_place(target_url, current, directory):
+            fail(f"the recordings are in {opened.storage.describe()} already", code=USAGE_ERROR)
+        try:
+            target = open_storage_url(target_url, directory)
+        except (ValueError, OSError) as exc:
+            fail(f"--to: {exc}", code=USAGE_ERROR)
+        problem = target.check()
+        if problem is not None:
+            fail(f"cannot store in {target.describe()}: {problem}")
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("copying recordings"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=json_output or not console.is_terminal,
+        ) as bar:
+            task = bar.add_task("copy", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            try:
+                report = migrate_storage(
+                    opened,
+                    target,
+                    target_url,
+                    actor=cli_actor(),
+                    now=lambda: datetime.now(UTC),
+                    progress=progress,
+                )
+            except ArchiveError as exc:
+                fail(str(exc))
+    if json_output:
+        _print_json(report.to_json())
+    else:
+        for failure in report.failed:
+            print(f"FAILED {failure.name}  {failure.storage_key}: {failure.error}")
+        print(
+            f"{report.recordings} recordings: {report.copied} copied, "
+            f"{report.already_there} already in {report.target}, {len(report.failed)} failed"
+        )
+        if report.switched:
+            print(
+                f"switched: the recordings are now read and written in {report.target}; "
+                f"the copies in {report.source} are kept (remove them once you are sure)"
+            )
+        else:
+            print("not switched: fix what failed and run it again (what was copied stays)")
+    raise SystemExit(0 if report.switched else 1)

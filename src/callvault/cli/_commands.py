@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, str] = {
     "serve": "_serve",
     "simulate": "_simulate",
     "status": "_archive_cmds",
+    "storage": "_archive_cmds",
     "token": "_web",
     "user": "_web",
     "verify": "_archive_cmds",

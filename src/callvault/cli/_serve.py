@@ -38,11 +38,13 @@ from callvault.archive import (
     PoolOptions,
     RetryPolicy,
     StartError,
+    StorageMismatch,
     backfill,
     drain,
     given_pbx_entry,
     open_storage,
     save_pbx_timezone,
+    storage_url_for,
 )
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, fail, plural, run_service, run_terminable
@@ -584,12 +586,14 @@ def backfill_command(
     if sys.stderr.isatty() and not verbose:
         logging.getLogger("callvault").setLevel(logging.WARNING)
     try:
-        store = open_storage(archive_dir, settings.storage)
-    except StartError as exc:
-        fail(str(exc))
-    try:
         index = open_index(settings.db_url())
     except IndexFailure as exc:
+        fail(str(exc))
+    try:
+        where = storage_url_for(index, settings.storage, archive_dir, adopt=True)
+        store = open_storage(archive_dir, where)
+    except (StartError, StorageMismatch) as exc:
+        index.close()
         fail(str(exc))
     try:
         # `callvault list` shows times in the zone the PBX's local times were read in.

@@ -24,6 +24,9 @@ class SettingKey(StrEnum):
     WEB_SESSION_SECRET = "web_session_secret"  # noqa: S105 - the key's name, not a secret
     BACKFILL_PROGRESS = "backfill_progress"  # how far `backfill` got, JSON
     STATISTICS_CALLS = "statistics_calls"  # calls at the planner's last ANALYZE
+    # Where the recordings are kept when not in the archive directory (file:///DIR or
+    # s3://BUCKET/PREFIX): set by the first serve given --storage, or by `storage migrate`.
+    STORAGE_URL = "storage_url"
 
 
 class SettingsStore:

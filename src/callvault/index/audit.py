@@ -30,6 +30,7 @@ REQUEUE = "requeue"  # recordings given up on were queued again
 PBX_ADD = "pbx_add"
 PBX_EDIT = "pbx_edit"
 PBX_REMOVE = "pbx_remove"
+STORAGE_MIGRATE = "storage_migrate"  # the recordings were copied to another storage
 ACTIONS = (
     LOGIN,
     LOGIN_FAILED,
@@ -49,6 +50,7 @@ ACTIONS = (
     PBX_ADD,
     PBX_EDIT,
     PBX_REMOVE,
+    STORAGE_MIGRATE,
 )
 
 CSV_HEADER = ("id", "at", "actor", "action", "target", "detail", "remote_addr")

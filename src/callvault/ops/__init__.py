@@ -11,6 +11,7 @@ what both `--json` and the web API print, so the two never disagree:
     search_recordings(index, filters, limit=...) -> RecordingPage  # list --json, GET .../recordings
     readiness(index, storage, ...) -> Readiness, metrics_registry(index, ...)  # /readyz, /metrics
     add_pbx / edit_pbx / remove_pbx / test_pbx, pbx_view(record) -> PbxView  # callvault pbx ...
+    migrate_storage(archive, target, url, ...) -> MigrationReport  # callvault storage migrate
 
 The layer sits above the archiver and below the web app and the command line.
 """
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
         WorkerCount,
         archive_status,
     )
+    from callvault.ops._storage import MigrationFailure, MigrationReport, migrate_storage
     from callvault.ops._verify import VerifyReport, VerifyResult, verify_archive, verify_recording
     from callvault.ops._words import human_size
 
@@ -100,6 +102,9 @@ _HOMES = {
     "ProcessStatus": "_status",
     "WorkerCount": "_status",
     "archive_status": "_status",
+    "MigrationFailure": "_storage",
+    "MigrationReport": "_storage",
+    "migrate_storage": "_storage",
     "VerifyReport": "_verify",
     "VerifyResult": "_verify",
     "verify_archive": "_verify",
@@ -120,6 +125,8 @@ __all__ = [
     "Failure",
     "IndexCollector",
     "JsonResult",
+    "MigrationFailure",
+    "MigrationReport",
     "PbxSessionStatus",
     "PbxStatus",
     "PbxTest",
@@ -138,6 +145,7 @@ __all__ = [
     "human_size",
     "json_ready",
     "metrics_registry",
+    "migrate_storage",
     "open_archive",
     "open_password",
     "pbx_client",

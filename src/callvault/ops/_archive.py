@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from callvault.archive import StorageMismatch, storage_url_for
 from callvault.index import Index, IndexMissingError, IndexOpenError, SettingKey, open_index
 from callvault.storage import Storage, open_storage_url
 
@@ -75,8 +76,8 @@ def open_archive(
     except IndexOpenError as exc:
         raise ArchiveError(str(exc)) from None
     try:
-        storage = open_storage_url(storage_url, directory)
-    except ValueError as exc:
+        storage = open_storage_url(storage_url_for(index, storage_url, directory), directory)
+    except (ValueError, StorageMismatch) as exc:
         index.close()
         raise ArchiveError(str(exc)) from None
     except OSError as exc:

@@ -1,0 +1,133 @@
+"""`callvault storage migrate`: copy an archive's recordings into another storage (a
+bucket), verified, resumable, then switch the index over to it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from callvault.index import SettingKey, audit
+from callvault.ops._archive import Archive, ArchiveError
+from callvault.ops._json import JsonResult
+from callvault.storage import ConflictError, Storage, StorageError, StoredObject
+
+AUDIT_ACTION = audit.STORAGE_MIGRATE
+# A serve whose heartbeat is younger than this is taken as running.
+_RUNNING_WITHIN = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationFailure:
+    """A recording that could not be copied, and why."""
+
+    name: str
+    storage_key: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport(JsonResult):
+    """What a migration did. `switched`: the index now reads the recordings from `target`
+    (only when every one is there, verified)."""
+
+    source: str
+    target: str
+    recordings: int
+    copied: int
+    already_there: int
+    failed: list[MigrationFailure] = field(default_factory=list)
+    switched: bool = False
+
+
+def migrate_storage(
+    archive: Archive,
+    target: Storage,
+    target_url: str,
+    *,
+    actor: str,
+    now: Callable[[], datetime],
+    progress: Callable[[int, int], None] | None = None,
+) -> MigrationReport:
+    """Copy every archived recording from the archive's storage into `target` and check
+    each copy against the index's size and SHA-256. Copies already there and right are
+    skipped (a second run resumes). When all are there, the index remembers `target_url`
+    (`SettingKey.STORAGE_URL`): from then on every command and node reads and writes
+    there. The source is left as it was. ArchiveError (one line) if a serve is running:
+    what it archived meanwhile would stay behind."""
+    index, source = archive.index, archive.storage
+    running = [
+        info.node
+        for info in index.processes.live(now=now(), stale_after=_RUNNING_WITHIN)
+        if info.kind in ("serve", "node")
+    ]
+    if running:
+        raise ArchiveError(
+            f"serve is running (node {', '.join(sorted(set(running)))}): stop it on every "
+            "node first, or the recordings it archives meanwhile stay behind"
+        )
+    total = index.recordings.counts_by_state(["archived"]).get("archived", 0)
+    copied = already = done = 0
+    failed: list[MigrationFailure] = []
+    for row in index.recordings.archived():
+        done += 1
+        key = row.storage_key or ""
+        try:
+            present = _present(target, key)
+            if present is not None and _matches(present, row.size, row.sha256):
+                already += 1
+            else:
+                with source.open(key) as stream:
+                    stored = target.put(key, stream)
+                if not _matches(stored, row.size, row.sha256):
+                    failed.append(
+                        MigrationFailure(
+                            row.name,
+                            key,
+                            f"the copy has sha256 {stored.sha256}, size {stored.size}; the "
+                            f"index says {row.sha256}, {row.size} (run `callvault verify`)",
+                        )
+                    )
+                else:
+                    copied += 1
+        except FileNotFoundError:
+            failed.append(MigrationFailure(row.name, key, "missing from the archive's storage"))
+        except ConflictError:
+            failed.append(MigrationFailure(row.name, key, "the target holds other bytes there"))
+        except (StorageError, OSError, ValueError) as exc:
+            failed.append(MigrationFailure(row.name, key, str(exc) or type(exc).__name__))
+        if progress is not None:
+            progress(done, total)
+    switched = not failed
+    report = MigrationReport(
+        source=source.describe(),
+        target=target.describe(),
+        recordings=done,
+        copied=copied,
+        already_there=already,
+        failed=failed,
+        switched=switched,
+    )
+    if switched:
+        index.settings.set(SettingKey.STORAGE_URL, target_url, now())
+    index.audit.record(
+        actor,
+        AUDIT_ACTION,
+        target.describe(),
+        f"{copied} copied, {already} already there, {len(failed)} failed; "
+        + ("switched" if switched else "not switched"),
+        "",
+    )
+    return report
+
+
+def _present(target: Storage, key: str) -> StoredObject | None:
+    try:
+        recorded = target.recorded_checksum(key)
+    except FileNotFoundError:
+        return None
+    return recorded if recorded is not None else target.checksum(key)
+
+
+def _matches(stored: StoredObject, size: int | None, sha256: str | None) -> bool:
+    return stored.sha256 == sha256 and (size is None or stored.size == size)
