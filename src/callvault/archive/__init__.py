@@ -34,6 +34,7 @@ Public API::
     RetryPolicy, after_not_found, after_transient, after_permanent  # pure decisions
 """
 
+from callvault.archive._alerts import Alerter, AlertSettings, Notice, parse_recipients
 from callvault.archive._backfill import BackfillStats, backfill, ingest_window, reconcile
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._downloads import (
@@ -81,6 +82,8 @@ from callvault.archive._workers import Archived, WorkerPool
 
 __all__ = [
     "DEFAULT_PATIENCE_S",
+    "AlertSettings",
+    "Alerter",
     "ArchiveDirError",
     "Archived",
     "Archiver",
@@ -92,6 +95,7 @@ __all__ = [
     "DrainResult",
     "Fenced",
     "GroupCommitter",
+    "Notice",
     "PbxSession",
     "PbxTarget",
     "PoolOptions",
@@ -114,6 +118,7 @@ __all__ = [
     "ingest_window",
     "new_secret_path",
     "open_storage",
+    "parse_recipients",
     "process_alive",
     "queued_counts",
     "reconcile",

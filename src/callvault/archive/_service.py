@@ -45,6 +45,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from callvault.archive._alerts import Alerter, AlertSettings
 from callvault.archive._backfill import reconcile
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._downloads import Downloads, PoolOptions
@@ -179,6 +180,8 @@ class ArchiverConfig:
     # The address this node's connections to the PBXs leave from (serve --bind); None: the
     # system's choice.
     bind: str | None = None
+    # Where alerts go (a webhook, e-mail); None or nothing configured: no alerts.
+    alerts: AlertSettings | None = None
 
     def targets(self) -> list[PbxTarget]:
         """Every PBX to archive, the first one given by the config's own fields."""
@@ -310,6 +313,7 @@ class Archiver:
         self.pbx: PbxRecord | None = None  # its entry in the registry, once started
         self.lanes: list[_Lane] = []  # one per PBX, once started (the first is `pbx`...)
         self.ownership: Ownership | None = None
+        self.alerter: Alerter | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -522,6 +526,14 @@ class Archiver:
                 )
             )
             tasks.append(asyncio.create_task(self._hear_notices(index, lanes, work_stop)))
+            if config.alerts is not None and config.alerts.enabled:
+                alerter = Alerter(index, self.storage, config.alerts, node=ownership.node)
+                self.alerter = alerter
+                tasks.append(
+                    asyncio.create_task(
+                        _supervised("the alerts", lambda: alerter.run(work_stop), work_stop)
+                    )
+                )
             while not events_server.started and not stop.is_set():
                 if servers[0][1].done():
                     servers[0][1].result()

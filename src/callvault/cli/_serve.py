@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy.exc import SQLAlchemyError
 
 from callvault.archive import (
+    AlertSettings,
     Archiver,
     ArchiverConfig,
     BackfillStats,
@@ -296,6 +297,7 @@ def archiver_config(
         workers=workers,
         node=settings.node,
         bind=_local_address(settings.bind),
+        alerts=_alerts(settings),
         lease_ttl_s=settings.lease_ttl_s,
         lease_renew_s=settings.lease_renew_s,
         timezone=zone,
@@ -309,6 +311,13 @@ def archiver_config(
         web_port=web_port if web else None,
         web_trusted_proxy=settings.trusted_proxy,
     )
+
+
+def _alerts(settings: ArchiveSettings) -> AlertSettings | None:
+    try:
+        return settings.alert_settings()
+    except SettingsError as exc:
+        fail(str(exc), code=USAGE_ERROR)
 
 
 def _local_address(address: str | None) -> str | None:

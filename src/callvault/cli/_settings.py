@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if TYPE_CHECKING:
+    from callvault.archive import AlertSettings
     from callvault.keys import Keyring
     from callvault.pbx import ApiVersion, PbxClient, TlsOptions
 
@@ -204,6 +205,25 @@ def _storage(value: Any) -> str | None:
     return text
 
 
+def _webhook(value: Any) -> str | None:
+    text = _text(value)
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r:.80} is not an http:// or https:// URL")
+    return text
+
+
+def _addresses(value: Any) -> list[str]:
+    found = [part.strip() for item in _items(value) for part in str(item).split(",")]
+    found = [address for address in found if address]
+    for address in found:
+        if "@" not in address or any(ch.isspace() for ch in address):
+            raise ValueError(f"{address!r:.80} is not an e-mail address")
+    return found
+
+
 def _bind(value: Any) -> str | None:
     text = _text(value)
     if not text:
@@ -328,6 +348,15 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     "transient_max_attempts": _integer(1),
     "lease_ttl_s": _number(positive=True),
     "lease_renew_s": _number(positive=True),
+    # Alerts (serve)
+    "alert_webhook": _webhook,
+    "alert_smtp": _host_port,
+    "alert_smtp_starttls": _boolean,
+    "alert_smtp_user": _optional_text,
+    "alert_smtp_password_env": _variable_name,
+    "alert_email_from": _optional_text,
+    "alert_email_to": _addresses,
+    "alert_pbx_down_minutes": _number(at_least=0),
 }
 
 
@@ -384,6 +413,16 @@ class Settings:
     # Several nodes: how long a node's hold on a PBX lasts, and how often it is renewed.
     lease_ttl_s: float = 15.0
     lease_renew_s: float = 5.0
+    # Alerts: a webhook URL and/or e-mail through an SMTP server (HOST:PORT); the SMTP
+    # password is read from the environment variable alert_smtp_password_env names.
+    alert_webhook: str | None = None
+    alert_smtp: str | None = None
+    alert_smtp_starttls: bool = False
+    alert_smtp_user: str | None = None
+    alert_smtp_password_env: str = "CALLVAULT_SMTP_PASSWORD"  # noqa: S105 - a variable's name
+    alert_email_from: str | None = None
+    alert_email_to: list[str] | None = None
+    alert_pbx_down_minutes: float = 10.0
     # Which options a flag, the environment or the config file gave (not a default).
     given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -488,6 +527,32 @@ class Settings:
             return load_keyring(self.master_key_file)
         except MasterKeyError as exc:
             raise SettingsError(str(exc)) from None
+
+    def alert_settings(self) -> AlertSettings | None:
+        """Where alerts go, or None when none is configured. SettingsError (one line) for
+        e-mail without recipients, or recipients without a server."""
+        from callvault.archive import AlertSettings
+
+        to = tuple(self.alert_email_to or ())
+        if bool(self.alert_smtp) != bool(to):
+            raise SettingsError(
+                "alert e-mail needs both alert_smtp (the server, HOST:PORT) and "
+                "alert_email_to (the recipients)"
+            )
+        if not self.alert_webhook and not to:
+            return None
+        host, port = split_host_port(self.alert_smtp) if self.alert_smtp else (None, 25)
+        return AlertSettings(
+            webhook_url=self.alert_webhook,
+            smtp_host=host,
+            smtp_port=port,
+            smtp_starttls=self.alert_smtp_starttls,
+            smtp_user=self.alert_smtp_user,
+            smtp_password=os.environ.get(self.alert_smtp_password_env) or None,
+            email_from=self.alert_email_from or "callvault@localhost",
+            email_to=to,
+            pbx_down_after_s=self.alert_pbx_down_minutes * 60,
+        )
 
     def password(self) -> str:
         """The API password, from the environment variable `password_env` names."""

@@ -14,7 +14,8 @@ The `Index` has one store per subject, each method one short transaction:
 - `index.processes`: the registry of processes whose workers claim jobs;
 - `index.pbxs`: the registry of PBXs (rules and data classes in `callvault.index.pbxs`);
 - `index.leases`: which node owns each PBX's API session, with fencing tokens;
-- `index.notices`: "this PBX has new jobs", from node to node (PostgreSQL's NOTIFY).
+- `index.notices`: "this PBX has new jobs", from node to node (PostgreSQL's NOTIFY);
+- `index.alerts`: what is wrong now, each told once and cleared once across nodes.
 
 Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
 and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be
@@ -32,6 +33,7 @@ from callvault.index._db import sqlite_path
 if TYPE_CHECKING:
     from callvault.index._calls import call_detail_problem
     from callvault.index._jobs import DEFAULT_STALE_AFTER
+from callvault.index._alerts import Alert
 from callvault.index._errors import (
     IndexCorruptError,
     IndexFailure,
@@ -60,6 +62,7 @@ from callvault.index._settings import SettingKey
 __all__ = [
     "DEFAULT_STALE_AFTER",
     "TOTAL_CAP",
+    "Alert",
     "ArchivedCopy",
     "DayCount",
     "Index",

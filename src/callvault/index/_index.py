@@ -2,7 +2,7 @@
 
 The `Index` owns the engine and exposes one store per subject (`calls`, `jobs`,
 `recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`, `pbxs`,
-`leases`, `notices`). Every
+`leases`, `notices`, `alerts`). Every
 store method is synchronous SQLAlchemy Core in one short transaction, safe to call from
 several threads (one connection per call from the engine's pool) and from several
 processes on the same database; see `callvault.index._db` for how writes queue.
@@ -36,6 +36,7 @@ from callvault.index._settings import SettingsStore
 from callvault.index._statistics import Statistics
 
 if TYPE_CHECKING:
+    from callvault.index._alerts import AlertStore
     from callvault.index._audit import AuditStore
     from callvault.index._calls import CallStore
     from callvault.index._jobs import JobStore
@@ -49,7 +50,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration: an index already at it opens without loading Alembic (about a
 # third of a second), so commands such as `callvault list` start quickly. A test checks
 # that this is the head of the migrations.
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0011"
 
 
 def open_index(url: str, *, create: bool = True) -> Index:
@@ -140,6 +141,12 @@ class Index:
         from callvault.index._users import SessionStore
 
         return SessionStore(self._db)
+
+    @functools.cached_property
+    def alerts(self) -> AlertStore:
+        from callvault.index._alerts import AlertStore
+
+        return AlertStore(self._db)
 
     @functools.cached_property
     def audit(self) -> AuditStore:

@@ -288,3 +288,15 @@ pbx_leases = Table(
     Column("acquired_at", DateTime(timezone=True), nullable=True),
     Column("expires_at", DateTime(timezone=True), nullable=True),
 )
+
+# Alerts (see `index.alerts`): a condition, when it was first seen, told and cleared.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("key", String(160), primary_key=True),  # e.g. pbx:paris:down, node:site-2:gone
+    Column("summary", Text, nullable=False, server_default=text("''")),
+    Column("detail", Text, nullable=False, server_default=text("''")),
+    Column("first_seen_at", DateTime(timezone=True), nullable=False),
+    Column("fired_at", DateTime(timezone=True), nullable=True),  # told (None: not yet)
+    Column("resolved_at", DateTime(timezone=True), nullable=True),  # cleared
+)
