@@ -249,3 +249,25 @@ def test_alert_settings_from_the_configuration(monkeypatch: pytest.MonkeyPatch) 
     assert "smtp-secret" not in repr(settings)
     with pytest.raises(SettingsError, match="needs both alert_smtp"):
         Settings(alert_email_to=["ops@example.org"]).alert_settings()
+
+
+def test_serve_tells_that_its_pbx_is_down(
+    events_sim: Any, tmp_path: Path, hook: Hook, db_url: str
+) -> None:
+    """The alerter runs inside serve: a PBX that cannot be reached is told by webhook."""
+    from callvault.archive import Archiver
+    from support.archive import archiver_config, wait_until
+
+    alerts = AlertSettings(webhook_url=hook.url, pbx_down_after_s=0.5, interval_s=0.2)
+    config = archiver_config(
+        events_sim,
+        tmp_path / "archive",
+        db_url=db_url,
+        pbx_url="https://127.0.0.1:9",
+        alerts=alerts,
+    )
+    with Archiver(config):
+        assert wait_until(lambda: bool(hook.bodies), 20), hook.bodies
+    [body] = hook.bodies[:1]
+    assert body["status"] == "firing"
+    assert [a["key"] for a in body["alerts"]] == ["pbx:main:down"]
