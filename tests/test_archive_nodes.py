@@ -42,7 +42,14 @@ TTL_S, RENEW_S = 3.0, 0.5
 def sims() -> Iterator[dict[str, Simulator]]:
     started = {
         f"site-{n}": Simulator(
-            SimulatorConfig(seed=n, event_retry_interval=0.2, serial=f"10000000000{n}")
+            SimulatorConfig(
+                seed=n,
+                event_retry_interval=0.2,
+                serial=f"10000000000{n}",
+                # A login ends the user's earlier tokens: a node still using a session that
+                # another node logged in to since would be answered 20004.
+                invalidate_previous_tokens_on_login=True,
+            )
         ).start()
         for n in range(1, PBXS + 1)
     }
