@@ -26,6 +26,7 @@ import pytest
 from sqlalchemy import update
 
 from callvault.archive import RetryPolicy, WorkerPool
+from callvault.archive._metrics import ArchiverMetrics
 from callvault.archive._workers import staging_tag
 from callvault.index import Index, Worker, open_index
 from callvault.index.schema import ARCHIVED, DOWNLOADING, FAILED, MISSING, PENDING, calls
@@ -431,6 +432,42 @@ async def test_a_bug_in_a_storage_backend_fails_the_job_not_the_worker(
     assert "KeyError" in (row_of(index, recording_id).last_error or "")
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert errors and all(NAME in r.getMessage() for r in errors)
+
+
+async def test_a_storage_that_fails_is_counted_as_such_and_the_job_retried(
+    index: Index, storage: LocalStorage
+) -> None:
+    """A put that fails (a full disk, a bucket that does not answer) is a transient failure
+    of the step "store" (what /metrics counts as a storage error): tried again later."""
+    recording_id = record(index, NOW)
+    failures: list[tuple[str, str]] = []
+
+    class FullOnce(LocalStorage):
+        full = True
+
+        def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+            if FullOnce.full:
+                FullOnce.full = False
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().put_file(key, src, sha256=sha256)
+
+    pool = pool_for(
+        index,
+        FullOnce(storage.root),
+        Downloader(),
+        Clock(NOW),
+        on_failed_attempt=lambda kind, step: failures.append((kind, step)),
+    )
+    async with Running(pool):
+        await until(lambda: bool(failures))
+        await until(lambda: row_of(index, recording_id).state == PENDING)
+    assert failures == [("transient", "store")]
+    assert "No space left" in (row_of(index, recording_id).last_error or "")
+    metrics = ArchiverMetrics()
+    metrics.failed_attempt(*failures[0])
+    metrics.failed_attempt("transient", "download")
+    text = metrics.exposition()[0].decode()
+    assert "callvault_storage_errors_total 1.0" in text
 
 
 async def test_a_worker_that_dies_anyway_is_restarted(

@@ -33,6 +33,7 @@ def test_keys_are_those_existing_archives_hold(index: Index) -> None:
         "WEB_SESSION_SECRET": "web_session_secret",
         "BACKFILL_PROGRESS": "backfill_progress",
         "STATISTICS_CALLS": "statistics_calls",
+        "STORAGE_URL": "storage_url",
     }
     with index.engine.begin() as conn:
         conn.exec_driver_sql(

@@ -72,6 +72,10 @@ def test_metrics_are_for_admins_and_count_what_waits(web: LiveWeb) -> None:
     assert sample(text, 'callvault_recordings_waiting{state="failed"}') == 1.0
     assert "archived" not in re.findall(r'recordings_waiting\{state="(\w+)"', text)
     assert "callvault_events_total" not in text  # the web app alone receives no reports
+    # Per PBX (the archive's own, `main`), how far downloads lag, and no serve node yet.
+    assert sample(text, 'callvault_recordings_waiting_by_pbx{pbx="0",state="pending"}') == 1.0
+    assert sample(text, "callvault_queue_lag_seconds") > 0
+    assert sample(text, 'callvault_nodes{state="live"}') == 0.0
 
 
 def test_serve_counts_reports_and_downloads_and_is_ready_while_it_works(
@@ -100,6 +104,10 @@ def test_serve_counts_reports_and_downloads_and_is_ready_while_it_works(
     assert sample(text, "callvault_download_seconds_count") == 3
     assert sample(text, "callvault_report_to_archived_seconds_count") == 3
     assert sample(text, 'callvault_pbx_session_state{pbx="main",state="ok"}') == 1.0
+    assert sample(text, 'callvault_pbx_owned{pbx="main"}') == 1.0
+    assert sample(text, 'callvault_nodes{state="live"}') == 1.0
+    assert sample(text, "callvault_queue_lag_seconds") == 0.0
+    assert sample(text, "callvault_storage_errors_total") == 0.0
     assert sample(text, 'callvault_workers{pbx="main",state="alive"}') == 2.0
     assert sample(text, 'callvault_recordings_waiting{state="pending"}') == 0.0
     assert sample(text, "callvault_last_report_timestamp_seconds") > 0

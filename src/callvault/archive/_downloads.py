@@ -84,7 +84,7 @@ class Downloads:
         session: PbxSession | None = None,
         on_archived: Callable[[Archived], None] | None = None,
         on_auth_failure: Callable[[Exception], None] | None = None,
-        on_failed_attempt: Callable[[str], None] | None = None,
+        on_failed_attempt: Callable[[str, str], None] | None = None,
         clock: Callable[[], datetime] = _utcnow,
         restart_delays_s: Sequence[float] | None = None,
     ) -> None:

@@ -95,6 +95,11 @@ class ArchiverMetrics:
             buckets=_WAIT_BUCKETS,
             registry=self.registry,
         )
+        self.storage_errors = Counter(
+            "callvault_storage_errors",
+            "Downloads whose recording could not be stored (the disk or bucket failed).",
+            registry=self.registry,
+        )
         for outcome in ("stored", "refused", "failed", "other"):
             self.events.labels(outcome)
         self._pbxs: Callable[[], list[PbxFigures]] = list
@@ -124,8 +129,12 @@ class ArchiverMetrics:
         if queued_at is not None:
             self.wait_seconds.observe(max(0.0, (now - queued_at).total_seconds()))
 
-    def failed_attempt(self, kind: str) -> None:
+    def failed_attempt(self, kind: str, step: str = "download") -> None:
+        """Count a failed attempt of `kind`; one whose `step` was storing it also counts as
+        a storage error."""
         self.download_failures.labels(kind).inc()
+        if step == "store":
+            self.storage_errors.inc()
 
     def session_state(self) -> str:
         """The worst session state among the PBXs this node works on ("connecting" before

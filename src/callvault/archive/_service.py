@@ -466,9 +466,12 @@ class Archiver:
                 lane.start_intake(index, self.events_port, ownership, loop)
                 started.append(lane)
             self.metrics.watch(lambda: [lane.figures() for lane in lanes])
+            # Every port is bound before any work starts: a busy web port stops the start
+            # before a single login or download.
+            web = self._web_server(index, sockets)
             await ownership.register()
             await ownership.tick()  # alone, it wins every PBX now
-            await self._serve(stop, index, lanes, ownership, events_sock, sockets, ready)
+            await self._serve(stop, index, lanes, ownership, events_sock, web, ready)
         finally:
             with contextlib.suppress(Exception):
                 await ownership.close()
@@ -485,7 +488,7 @@ class Archiver:
         lanes: list[_Lane],
         ownership: Ownership,
         events_sock: socket.socket,
-        sockets: list[socket.socket],
+        web_server: tuple[Server, socket.socket] | None,
         ready: Callable[[], None] | None,
     ) -> None:
         """Receive, reconcile and download until `stop` is set (or the node is fenced);
@@ -504,7 +507,6 @@ class Archiver:
         tasks: list[asyncio.Task[None]] = []
         fenced = [ownership.fenced]
         try:
-            web_server = self._web_server(index, sockets)
             if web_server is not None:
                 servers.append(
                     (

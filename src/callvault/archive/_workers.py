@@ -137,7 +137,7 @@ class WorkerPool:
         clock: Callable[[], datetime] = _utcnow,
         on_archived: Callable[[Archived], None] | None = None,
         on_auth_failure: Callable[[Exception], None] | None = None,
-        on_failed_attempt: Callable[[str], None] | None = None,
+        on_failed_attempt: Callable[[str, str], None] | None = None,
         pbx_id: int | None = None,
         rng: random.Random | None = None,
         staging: StagingArea | None = None,
@@ -526,7 +526,7 @@ class WorkerPool:
         error = _describe(exc, step)
         if self._on_failed_attempt is not None:
             with contextlib.suppress(Exception):
-                self._on_failed_attempt(kind.value)
+                self._on_failed_attempt(kind.value, step)
         if kind is ErrorKind.LOGIN_REFUSED:
             if self._on_auth_failure is not None:
                 self._on_auth_failure(exc)

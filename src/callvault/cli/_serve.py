@@ -595,12 +595,17 @@ def backfill_command(
     if sys.stderr.isatty() and not verbose:
         logging.getLogger("callvault").setLevel(logging.WARNING)
     try:
+        store = open_storage(archive_dir, settings.storage)  # the directory is usable
+    except StartError as exc:
+        fail(str(exc))
+    try:
         index = open_index(settings.db_url())
     except IndexFailure as exc:
         fail(str(exc))
     try:
         where = storage_url_for(index, settings.storage, archive_dir, adopt=True)
-        store = open_storage(archive_dir, where)
+        if where != settings.storage:  # the index knows where its recordings are
+            store = open_storage(archive_dir, where)
     except (StartError, StorageMismatch) as exc:
         index.close()
         fail(str(exc))

@@ -177,6 +177,28 @@ class RecordingStore:
                 counts[state] = int(count)
         return counts
 
+    def waiting_by_pbx(self) -> dict[tuple[int, str], int]:
+        """Recordings not archived, per (PBX id, state), from the state index."""
+        r = schema.recordings
+        query = (
+            select(r.c.pbx_id, r.c.state, func.count())
+            .where(r.c.state.in_([s for s in schema.RECORDING_STATES if s != schema.ARCHIVED]))
+            .group_by(r.c.pbx_id, r.c.state)
+        )
+        with self._db.read() as conn:
+            return {(int(pbx), str(state)): int(n) for pbx, state, n in conn.execute(query)}
+
+    def oldest_due(self, now: datetime) -> datetime | None:
+        """When the oldest recording that is due for a download now was queued (None if
+        none is): how far the downloads lag behind."""
+        r = schema.recordings
+        query = select(func.min(r.c.created_at)).where(
+            r.c.state == schema.PENDING,
+            or_(r.c.next_attempt_at.is_(None), r.c.next_attempt_at <= to_utc(now)),
+        )
+        with self._db.read() as conn:
+            return from_db(conn.execute(query).scalar())
+
     def recent_failures(self, limit: int = 20) -> list[RecordingRow]:
         """The latest recordings given up on (`failed` or `missing`), newest first."""
         r = schema.recordings

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from callvault.index import Index, SettingKey
@@ -22,6 +22,9 @@ from callvault.storage import Storage
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+# A node row's heartbeat within this is live; older (not stopped) and within a day, gone.
+_NODE_LIVE = timedelta(seconds=30)
+_NODE_HISTORY = timedelta(days=1)
 # The PBX session states in which the archiver is doing its work (degraded: logged in,
 # with errors it is retrying).
 WORKING_SESSION_STATES = ("ok", "degraded")
@@ -80,9 +83,9 @@ def _storage_check(storage: Storage) -> Check:
 
 class IndexCollector:
     """Prometheus figures read from the index when scraped (a custom collector):
-    recordings waiting in each state but archived (counted from the state index, without
-    reading the archived millions), when the last report was committed, and whether the
-    index answered."""
+    recordings waiting in each state but archived, in all and per PBX (counted from the
+    state index, without reading the archived millions), how far downloads lag, when the
+    last report was committed, the live and gone nodes, and whether the index answered."""
 
     def __init__(self, index: Index) -> None:
         self._index = index
@@ -118,6 +121,48 @@ class IndexCollector:
         )
         last.add_metric([], _timestamp(last_event) or 0.0)
         yield last
+        yield from self._fleet()
+
+    def _fleet(self) -> Iterator[Any]:
+        """Per PBX and per node: recordings waiting, how far downloads lag, live nodes."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        index = self._index
+        now = datetime.now(UTC)
+        names = {record.id: record.name for record in index.pbxs.list()}
+        by_pbx = GaugeMetricFamily(
+            "callvault_recordings_waiting_by_pbx",
+            "Recordings not archived, by PBX and state.",
+            labels=["pbx", "state"],
+        )
+        for (pbx_id, state), count in sorted(index.recordings.waiting_by_pbx().items()):
+            by_pbx.add_metric([names.get(pbx_id, str(pbx_id)), state], count)
+        yield by_pbx
+        lag = GaugeMetricFamily(
+            "callvault_queue_lag_seconds",
+            "How long the oldest recording due for a download now has waited (0: none).",
+        )
+        oldest = index.recordings.oldest_due(now)
+        lag.add_metric([], max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
+        yield lag
+        nodes = GaugeMetricFamily(
+            "callvault_nodes",
+            "serve nodes: live (a heartbeat within 30 s), and gone (silent without having "
+            "stopped, within a day).",
+            labels=["state"],
+        )
+        live = gone = 0
+        for info in index.processes.all(limit=500):
+            if info.kind != "node" or info.stopped_at is not None:
+                continue
+            silent = now - info.heartbeat_at
+            if silent <= _NODE_LIVE:
+                live += 1
+            elif silent <= _NODE_HISTORY:
+                gone += 1
+        nodes.add_metric(["live"], live)
+        nodes.add_metric(["gone"], gone)
+        yield nodes
 
 
 def _timestamp(text: str | None) -> float | None:
