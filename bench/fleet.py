@@ -19,7 +19,7 @@ Event-to-archived is taken from the index: from a recording's report being commi
 (`created_at`) to its being archived (`archived_at`), for the recordings of the calls of
 the first period (the steady state; the killed node's recordings wait for its leases to
 expire, which `failover_s` measures). Every recording of both periods must end archived,
-once, with the PBX's SHA-256.
+once: as many files stored as recordings archived.
 
 The last line printed is ``pbxs= nodes= calls_per_s= p99_ms= failover_s=``.
 Targets: p99_ms < 2000 and failover_s < 30.
@@ -191,15 +191,29 @@ def main() -> None:
         )
         print(f"failover: {failover_s:.1f} s", file=sys.stderr)
         time.sleep(args.seconds)
-        simulate.send_signal(signal.SIGINT)  # no more calls
+        ended = datetime.now(UTC)
+
+        def archived_until_end() -> bool:
+            from sqlalchemy import text
+
+            with open_index(db_url) as index, index.engine.connect() as conn:
+                waiting = conn.execute(
+                    text(
+                        "SELECT count(*) FROM recordings WHERE state <> 'archived' "
+                        "AND created_at < :end"
+                    ),
+                    {"end": ended},
+                ).scalar_one()
+            return int(waiting) == 0
+
+        _wait(archived_until_end, 300, "archiving every recording of both periods")
+        simulate.kill()  # no more calls
         simulate.wait(60)
-
-        def all_archived() -> bool:
-            with open_index(db_url) as index:
-                counts = index.recordings.counts_by_state()
-            return counts.get("archived", 0) == sum(counts.values())
-
-        _wait(all_archived, 300, "archiving every recording")
+        for process in nodes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in nodes.values():
+            process.wait(120)
         with open_index(db_url) as index:
             engine = index.engine
             from sqlalchemy import text
@@ -212,7 +226,9 @@ def main() -> None:
                     ),
                     {"a": steady_from, "b": killed_at_wall},
                 ).all()
-                total = conn.execute(text("SELECT count(*) FROM recordings")).scalar_one()
+                total = conn.execute(
+                    text("SELECT count(*) FROM recordings WHERE state = 'archived'")
+                ).scalar_one()
                 per_name = conn.execute(
                     text(
                         "SELECT count(*) FROM (SELECT pbx_id, name FROM recordings "
@@ -222,7 +238,7 @@ def main() -> None:
         waits = sorted((b - a).total_seconds() * 1000 for a, b in rows)
         files = sum(1 for _ in (work / "archive").rglob("*.wav"))
         if files != total or per_name:
-            raise SystemExit(f"bench/fleet.py: {total} recordings, {files} files stored")
+            raise SystemExit(f"bench/fleet.py: {total} recordings archived, {files} files")
         p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))] if waits else float("nan")
         rate = len(rows) / args.seconds
         print(
@@ -243,6 +259,7 @@ def main() -> None:
                 process.wait(60)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
         sim_log.close()
         if not args.keep:
             import psycopg
