@@ -5,6 +5,7 @@ stops talking to its PBXs before anything else, then finds it has lost them."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -104,7 +105,8 @@ async def test_a_node_that_joins_gets_its_share(index: Index) -> None:
     await b.tick()  # all held by a: b waits
     assert held(b) == set()
     clock.advance(RENEW_S)
-    await a.tick()  # two live nodes: a keeps ceil(5/2) = 3 and releases the newest 2
+    await a.tick()  # two live nodes: a keeps ceil(5/2) = 3 and hands the newest 2 over
+    await a.settle()  # (in the background: their downloads may finish first)
     await b.tick()
     assert len(held(a)) == 3 and len(held(b)) == 2
     assert held(a) | held(b) == set(ids)
@@ -121,6 +123,7 @@ async def test_a_dead_nodes_pbxs_are_taken_over_once_their_leases_expire(index: 
     await a.tick()
     await b.tick()
     await a.tick()
+    await a.settle()
     await b.tick()
     assert len(held(a)) == 2 and len(held(b)) == 2
     a_had = held(a)
@@ -152,6 +155,7 @@ async def test_a_dead_nodes_pbxs_are_taken_over_once_their_leases_expire(index: 
     # Two live nodes again: b hands two back in a clean way, and a takes them.
     clock.advance(RENEW_S)
     await b.tick()
+    await b.settle()
     await a.tick()
     assert len(held(a)) == 2 and len(held(b)) == 2 and held(a) | held(b) == set(ids)
 
@@ -221,3 +225,33 @@ async def test_the_pbxs_of_a_node_the_registry_knows_stopped_are_taken_at_once(
     await b.register()
     await b.tick()
     assert held(b) == set(ids)
+
+
+async def test_a_slow_hand_over_does_not_hold_up_the_renewals(index: Index) -> None:
+    """Handing a PBX over waits for its downloads (up to the shutdown grace); meanwhile the
+    other leases are renewed on time, and so is the one being handed over."""
+    ids = [register_pbx(index, f"p{i}").id for i in range(4)]
+    clock = Clock()
+    a, b = node(index, "a", ids, clock), node(index, "b", ids, clock)
+    await a.register()
+    await a.tick()
+    finish = asyncio.Event()
+
+    async def slow_stop(*, reason: str, graceful: bool) -> None:
+        await finish.wait()
+
+    for lane in a._lanes:
+        lane.stop_work = slow_stop  # type: ignore[method-assign]
+    await b.register()
+    clock.advance(RENEW_S)
+    await a.tick()  # starts handing two over, and does not wait for them
+    assert len(held(a)) == 2
+    for _ in range(4):  # longer than a lease: still renewed, none taken by b
+        clock.advance(RENEW_S)
+        await asyncio.wait_for(a.tick(), 5)
+        await b.tick()
+        assert set(holders(index, clock.now).values()) == {"a"}
+    finish.set()
+    await a.settle()
+    await b.tick()
+    assert len(held(a)) == 2 and len(held(b)) == 2

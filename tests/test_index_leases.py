@@ -106,3 +106,19 @@ def test_a_lease_of_a_node_known_dead_is_taken_at_once(index: Index) -> None:
     assert index.leases.acquire(pbx.id, node="b", now=NOW, ttl=TTL, dead=["c"]) is None
     b = index.leases.acquire(pbx.id, node="b", now=NOW, ttl=TTL, dead=["a"])
     assert b is not None and (b.node, b.token) == ("b", 2)
+
+
+def test_many_leases_are_renewed_in_one_go_and_only_those_still_held(index: Index) -> None:
+    pbxs = [register_pbx(index, f"p{i}") for i in range(3)]
+    leases = [index.leases.acquire(pbx.id, node="a", now=NOW, ttl=TTL) for pbx in pbxs]
+    assert all(lease is not None for lease in leases)
+    tokens = {lease.pbx_id: lease.token for lease in leases if lease is not None}
+    lost = pbxs[1].id
+    later = NOW + 2 * TTL
+    assert index.leases.acquire(lost, node="b", now=later, ttl=TTL) is not None
+    renewed = index.leases.renew_many(tokens, node="a", now=later, ttl=TTL)
+    assert renewed == set(tokens) - {lost}
+    for pbx_id in renewed:
+        lease = index.leases.get(pbx_id)
+        assert lease is not None and lease.expires_at == later + TTL
+    assert index.leases.renew_many({}, node="a", now=later, ttl=TTL) == set()

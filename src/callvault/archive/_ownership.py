@@ -101,8 +101,20 @@ class Ownership:
         self.fenced = asyncio.Event()
         self.fenced_reason: str | None = None
         self.live_nodes = 1
+        # Lanes being handed over: their downloads finish in the background (up to the
+        # shutdown grace) while the lease is still renewed; then it is released.
+        self._handing_over: dict[int, asyncio.Task[None]] = {}
 
     def held(self) -> list[OwnedLane]:
+        """The lanes this node works on (those being handed over excluded)."""
+        return [
+            lane
+            for lane in self._lanes
+            if lane.lease is not None and lane.pbx_id not in self._handing_over
+        ]
+
+    def _leased(self) -> list[OwnedLane]:
+        """Every lane whose lease this node holds, those being handed over included."""
         return [lane for lane in self._lanes if lane.lease is not None]
 
     def may_talk(self, lane: OwnedLane) -> str | None:
@@ -134,8 +146,10 @@ class Ownership:
                 await asyncio.wait_for(stop.wait(), timeout=wait)
 
     async def tick(self) -> None:
-        """One round: stop what ran out, heartbeat, renew, then give up or take PBXs."""
-        for lane in self.held():
+        """One round: stop what ran out, heartbeat, renew, then give up or take PBXs.
+        Nothing in it waits for downloads: a lease must be renewed in time whatever the
+        lanes are doing (hand-overs finish in the background)."""
+        for lane in self._leased():
             why = self.may_talk(lane) or lane.work_fenced()
             if why is not None:
                 await self._lose(lane, why)
@@ -151,33 +165,35 @@ class Ownership:
             self.fenced_reason = registration.fenced_reason()
             log.error("%s", self.fenced_reason)
             self.fenced.set()
-            for lane in self.held():
+            for lane in self._leased():
                 await self._lose(lane, "this node was superseded")
             return
         await self._renew_all()
         await self._rebalance()
 
     async def _renew_all(self) -> None:
-        for lane in self.held():
-            lease = lane.lease
-            assert lease is not None
-            started = self._monotonic()
-            try:
-                until = await asyncio.to_thread(
-                    self._index.leases.renew,
-                    lane.pbx_id,
-                    node=self.node,
-                    token=lease.token,
-                    now=self._clock(),
-                    ttl=self._ttl,
-                )
-            except Exception as exc:  # the index is away: the local deadline decides
-                log.warning("cannot renew the lease of PBX %s: %s", lane.name, exc)
-                continue
-            if until is None:
-                await self._lose(lane, f"another node holds PBX {lane.name} now")
-            else:
+        """Renew every lease held, in one statement."""
+        leased = self._leased()
+        tokens = {lane.pbx_id: lane.lease.token for lane in leased if lane.lease is not None}
+        if not tokens:
+            return
+        started = self._monotonic()
+        try:
+            renewed = await asyncio.to_thread(
+                self._index.leases.renew_many,
+                tokens,
+                node=self.node,
+                now=self._clock(),
+                ttl=self._ttl,
+            )
+        except Exception as exc:  # the index is away: the local deadlines decide
+            log.warning("cannot renew this node's leases: %s", exc)
+            return
+        for lane in leased:
+            if lane.pbx_id in renewed:
                 lane.lease_deadline = started + self._ttl_s
+            else:
+                await self._lose(lane, f"another node holds PBX {lane.name} now")
 
     async def _rebalance(self) -> None:
         now = self._clock()
@@ -242,29 +258,51 @@ class Ownership:
         """Stop work on a PBX at once: it is (or may be) another node's now."""
         log.warning("node %s stops working on PBX %s: %s", self.node, lane.name, reason)
         lane.lease = None
+        handing = self._handing_over.pop(lane.pbx_id, None)
+        if handing is not None:
+            handing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await handing
         await lane.stop_work(reason=reason, graceful=False)
 
     async def _give_up(self, lane: OwnedLane, reason: str) -> None:
-        """Stop work on a PBX cleanly, then release it for another node to take at once."""
-        lease = lane.lease
-        if lease is None:
+        """Hand a PBX over: its work stops cleanly in the background (downloads in flight
+        finish), the lease still renewed meanwhile; then it is released for another node
+        to take at once."""
+        if lane.lease is None or lane.pbx_id in self._handing_over:
             return
         log.info("node %s hands PBX %s over: %s", self.node, lane.name, reason)
-        await lane.stop_work(reason=reason, graceful=True)
-        lane.lease = None
+        self._handing_over[lane.pbx_id] = asyncio.create_task(self._hand_over(lane, reason))
+
+    async def _hand_over(self, lane: OwnedLane, reason: str) -> None:
         try:
-            await asyncio.to_thread(
-                self._index.leases.release, lane.pbx_id, node=self.node, token=lease.token
-            )
-        except Exception as exc:  # it expires on its own
-            log.warning("cannot release the lease of PBX %s: %s", lane.name, exc)
+            await lane.stop_work(reason=reason, graceful=True)
+        finally:
+            lease = lane.lease
+            lane.lease = None
+            self._handing_over.pop(lane.pbx_id, None)
+            if lease is not None:
+                try:
+                    await asyncio.to_thread(
+                        self._index.leases.release,
+                        lane.pbx_id,
+                        node=self.node,
+                        token=lease.token,
+                    )
+                except Exception as exc:  # it expires on its own
+                    log.warning("cannot release the lease of PBX %s: %s", lane.name, exc)
+
+    async def settle(self) -> None:
+        """Wait for the hand-overs in progress to end."""
+        while self._handing_over:
+            await asyncio.gather(*self._handing_over.values(), return_exceptions=True)
 
     async def close(self) -> None:
         """At shutdown: hand every PBX over (together: each lets its downloads finish),
         then mark the node stopped."""
-        await asyncio.gather(
-            *(self._give_up(lane, "this node is shutting down") for lane in self.held())
-        )
+        for lane in self.held():
+            await self._give_up(lane, "this node is shutting down")
+        await self.settle()
         if self.registration is not None and not self.registration.stopped:
             try:
                 await asyncio.to_thread(self.registration.stop)

@@ -16,11 +16,11 @@ within a small part of the lease (NTP does).
 from __future__ import annotations
 
 import builtins
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select, tuple_, update
 
 from callvault.index._db import Database
 from callvault.index._models import Lease
@@ -81,6 +81,27 @@ class LeaseStore:
                 update(t).where(_ours(pbx_id, node[:_NODE_MAX], token)).values(expires_at=until)
             )
         return until if result.rowcount == 1 else None
+
+    def renew_many(
+        self, tokens: Mapping[int, int], *, node: str, now: datetime, ttl: timedelta
+    ) -> set[int]:
+        """`renew` for several leases of `node` (PBX id -> token) in one statement; the ids
+        of those renewed (the others were taken over)."""
+        if not tokens:
+            return set()
+        until = to_utc(now) + ttl
+        t = pbx_leases
+        with self._db.write() as conn:
+            rows = conn.execute(
+                update(t)
+                .where(
+                    t.c.node == node[:_NODE_MAX],
+                    tuple_(t.c.pbx_id, t.c.token).in_(list(tokens.items())),
+                )
+                .values(expires_at=until)
+                .returning(t.c.pbx_id)
+            )
+            return {int(row.pbx_id) for row in rows}
 
     def release(self, pbx_id: int, *, node: str, token: int) -> bool:
         """Give the PBX up (a clean stop, or a rebalance), for any node to take at once;
