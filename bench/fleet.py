@@ -16,10 +16,10 @@ held by a live node again (``failover_s``), lets calls run for another ``--secon
 waits for every recording to be archived.
 
 Event-to-archived is taken from the index: from a recording's report being committed
-(`created_at`) to its being archived (`archived_at`), for the recordings of the calls of
-the first period (the steady state; the killed node's recordings wait for its leases to
-expire, which `failover_s` measures). Every recording of both periods must end archived,
-once: as many files stored as recordings archived.
+(`created_at`) to its being archived (`archived_at`), for the recordings queued in the
+first period but its last 10 s (the steady state; the killed node's recordings wait for
+its leases to expire, which `failover_s` measures). Every recording of both periods must
+end archived, once: as many files stored as recordings archived.
 
 The last line printed is ``pbxs= nodes= calls_per_s= p99_ms= failover_s=``.
 Targets: p99_ms < 2000 and failover_s < 30.
@@ -38,9 +38,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cli_startup import command_env, ensure_database
@@ -49,6 +50,9 @@ from callvault.index import open_index
 from callvault.index.pbxs import PbxConfig
 from callvault.keys import create_key_file, load_keyring
 from callvault.ops import add_pbx
+
+# Recordings queued this close to the kill are left out of the steady state.
+_MARGIN_S = 10.0
 
 
 def _free_port(host: str) -> int:
@@ -112,6 +116,8 @@ def main() -> None:
     try:
         assert simulate.stdout is not None
         pbxs = json.loads(simulate.stdout.readline())
+        # Then a line per call: read them all, or the pipe fills and every PBX stalls.
+        threading.Thread(target=simulate.stdout.read, daemon=True).start()
         key_file = work / "master.key"
         create_key_file(key_file)
         keyring = load_keyring(key_file, environ={})
@@ -224,7 +230,9 @@ def main() -> None:
                         "SELECT created_at, archived_at FROM recordings "
                         "WHERE created_at >= :a AND created_at < :b"
                     ),
-                    {"a": steady_from, "b": killed_at_wall},
+                    # Those queued in the last seconds before the kill may be a killed
+                    # node's downloads in flight: failover_s measures those.
+                    {"a": steady_from, "b": killed_at_wall - timedelta(seconds=_MARGIN_S)},
                 ).all()
                 total = conn.execute(
                     text("SELECT count(*) FROM recordings WHERE state = 'archived'")
@@ -240,7 +248,7 @@ def main() -> None:
         if files != total or per_name:
             raise SystemExit(f"bench/fleet.py: {total} recordings archived, {files} files")
         p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))] if waits else float("nan")
-        rate = len(rows) / args.seconds
+        rate = len(rows) / (args.seconds - _MARGIN_S)
         print(
             f"steady state: {len(rows)} recordings in {args.seconds:.0f} s, "
             f"median {statistics.median(waits):.0f} ms; {total} archived in all",
