@@ -473,8 +473,10 @@ class Archiver:
             await ownership.tick()  # alone, it wins every PBX now
             await self._serve(stop, index, lanes, ownership, events_sock, web, ready)
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 await ownership.close()
+            except Exception as exc:  # the lanes still stop below; the leases expire
+                log.error("handing the PBXs over at shutdown failed: %s", exc, exc_info=exc)
             for lane in reversed(started):
                 await lane.close()
             log.info("stopped")
