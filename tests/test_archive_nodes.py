@@ -1,19 +1,23 @@
 """Several `serve` nodes on one PostgreSQL index, as separate processes, each bound to its
 own loopback address so that the simulated PBXs see three different clients.
 
-The PBXs are spread evenly; a node killed with SIGKILL has its PBXs taken over by the
-others once its leases expire, and gets its share back when it starts again; a node paused
-with SIGSTOP stops talking to its PBXs the moment it wakes, before anything else, and
-hands them over. Throughout, every call is archived exactly once, byte for byte, and no
-PBX is ever used by two nodes at once: the simulated PBX, like a real one, keeps one API
-session per user and answers 20004 to a token a newer login replaced, and it never does.
+The PBXs, with faults on (downloads dropped, web servers failing), are spread evenly; a
+node killed with SIGKILL has its PBXs taken over by the others once its leases expire,
+and gets its share back when it starts again; a node paused with SIGSTOP stops talking
+to its PBXs the moment it wakes, before anything else, and hands them over. Throughout,
+every call is archived exactly once, byte for byte, and no PBX is ever used by two nodes
+at once: the simulated PBX is set to keep one API session per user (whether a real one
+does is not documented) and answers 20004 to a token a newer login replaced; it never
+does here.
 
-PostgreSQL only: several machines cannot share a SQLite file. The leases are shortened
+PostgreSQL only: several machines cannot share a SQLite file. The recordings go to one
+bucket of the S3 server (support.s3). The leases are shortened
 (3 s, renewed every 0.5 s) and the pause is 8 s instead of a minute, to keep the test short.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -30,8 +34,9 @@ from callvault.index.pbxs import PbxConfig
 from callvault.keys import create_key_file, load_keyring
 from callvault.ops import add_pbx
 from callvault.simulator import Simulator, SimulatorConfig
-from support.archive import ServeProcess, file_sha256, outer_env, wait_until
+from support.archive import ServeProcess, outer_env, wait_until
 from support.databases import PgDatabases
+from support.s3 import S3Server
 
 ADDRESSES = {"n1": "127.0.0.1", "n2": "127.0.0.2", "n3": "127.0.0.3"}
 PBXS = 6
@@ -53,6 +58,9 @@ def sims() -> Iterator[dict[str, Simulator]]:
         ).start()
         for n in range(1, PBXS + 1)
     }
+    for sim in started.values():  # faults on: dropped downloads, failing web servers
+        sim.faults.drop_rate = 0.1
+        sim.faults.error_5xx_rate = 0.05
     try:
         yield started
     finally:
@@ -87,10 +95,11 @@ def _archived(db_url: str, count: int) -> Callable[[], bool]:
 
 
 def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
-    pg_databases: PgDatabases, sims: dict[str, Simulator], tmp_path: Path
+    pg_databases: PgDatabases, sims: dict[str, Simulator], s3_server: S3Server, tmp_path: Path
 ) -> None:
     db_url = pg_databases.empty_shared()
-    archive = tmp_path / "archive"  # one storage for all nodes, as a bucket would be
+    bucket = s3_server.new_bucket()  # one storage for all nodes
+    archive = tmp_path / "archive"  # the nodes' local staging
     key_file = tmp_path / "master.key"
     create_key_file(key_file)
     keyring = load_keyring(key_file, environ={})
@@ -116,7 +125,9 @@ def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
     env = outer_env()
     env.update(
         {
+            **s3_server.env(),
             "CALLVAULT_ARCHIVE": str(archive),
+            "CALLVAULT_STORAGE": f"s3://{bucket}/recordings",
             "CALLVAULT_DB": db_url,
             "CALLVAULT_MASTER_KEY_FILE": str(key_file),
             "CALLVAULT_LEASE_TTL_S": str(TTL_S),
@@ -213,7 +224,9 @@ def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
                 process.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
             process.stop()
 
-    # Every call archived once, byte for byte, each file stored once.
+    # Every call archived once, byte for byte, each object stored once.
+    client = s3_server.client()
+    objects = client.list_objects_v2(Bucket=bucket, Prefix="recordings/").get("Contents", [])
     with open_index(db_url) as index:
         rows = {}
         for sim, name in placed:
@@ -222,17 +235,21 @@ def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
             assert row is not None and row.state == "archived", name
             assert row.sha256 == sim.recording_sha256(name)
             assert row.storage_key is not None
-            assert file_sha256(archive / row.storage_key) == row.sha256
+            body = client.get_object(Bucket=bucket, Key=f"recordings/{row.storage_key}")["Body"]
+            assert hashlib.sha256(body.read()).hexdigest() == row.sha256
             rows[(pbx.id, name)] = row
         assert index.recordings.counts_by_state().get("archived") == len(placed) == len(rows)
         assert all(lease.node is None for lease in index.leases.all())  # all released
-    assert len(list(archive.rglob("*.wav"))) == len(placed)
+    assert len(objects) == len(placed)
+    assert list(archive.rglob("*.wav")) == []  # nothing of the recordings on local disk
     # No PBX was used by two nodes at once (a replaced token would have been answered
     # 20004), and every node spoke to the PBXs from its own address.
     for name, sim in sims.items():
         sources = sim.request_sources
         assert [s for s in sources if s[2] == "20004"] == [], name
         assert {ip for ip, _endpoint, _outcome in sources} <= set(ADDRESSES.values())
+    faults = [o for sim in sims.values() for _ip, _e, o in sim.request_sources]
+    assert any(o == "dropped" for o in faults) and any(o.startswith("HTTP 5") for o in faults)
     used = {ip for sim in sims.values() for ip, _e, _o in sim.request_sources}
     assert used == set(ADDRESSES.values())
     assert "Traceback" not in logs()
