@@ -271,3 +271,10 @@ def test_serve_tells_that_its_pbx_is_down(
     [body] = hook.bodies[:1]
     assert body["status"] == "firing"
     assert [a["key"] for a in body["alerts"]] == ["pbx:main:down"]
+
+
+def test_the_webhook_url_is_kept_out_of_reprs() -> None:
+    """A hook URL often carries its secret in the path (Slack, Teams...)."""
+    url = "https://hooks.example/services/T000/B000/secret-part"
+    assert "secret-part" not in repr(Settings(alert_webhook=url))
+    assert "secret-part" not in repr(AlertSettings(webhook_url=url))

@@ -51,7 +51,7 @@ _NODE_HISTORY = timedelta(days=1)
 class AlertSettings:
     """Where alerts go and when conditions count (the CLI builds it from the settings)."""
 
-    webhook_url: str | None = None
+    webhook_url: str | None = field(default=None, repr=False)  # its path may be a secret
     smtp_host: str | None = None
     smtp_port: int = 25
     smtp_starttls: bool = False

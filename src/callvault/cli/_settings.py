@@ -415,7 +415,7 @@ class Settings:
     lease_renew_s: float = 5.0
     # Alerts: a webhook URL and/or e-mail through an SMTP server (HOST:PORT); the SMTP
     # password is read from the environment variable alert_smtp_password_env names.
-    alert_webhook: str | None = None
+    alert_webhook: str | None = field(default=None, repr=False)  # its path may be a secret
     alert_smtp: str | None = None
     alert_smtp_starttls: bool = False
     alert_smtp_user: str | None = None
