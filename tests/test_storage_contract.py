@@ -221,3 +221,19 @@ def test_storage_urls(tmp_path: Path) -> None:
     assert isinstance(elsewhere, LocalStorage) and elsewhere.root == tmp_path / "elsewhere"
     bucket = open_storage_url("s3://recordings/site-a", tmp_path)
     assert isinstance(bucket, S3Storage) and bucket.describe() == "s3://recordings/site-a"
+
+
+def test_a_failed_multipart_upload_is_one_line_and_keeps_the_file(
+    s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from boto3.exceptions import S3UploadFailedError
+
+    def fails(*_args: Any, **_kwargs: Any) -> None:
+        raise S3UploadFailedError("Failed to upload x: An error occurred (SlowDown)\nretry")
+
+    monkeypatch.setattr(s3_storage.client, "upload_file", fails)
+    src = staged(s3_storage, AUDIO)
+    with pytest.raises(StorageError) as info:
+        s3_storage.put_file(KEY, src)
+    assert "SlowDown" in str(info.value) and "\n" not in str(info.value)
+    assert src.exists()  # for the next attempt

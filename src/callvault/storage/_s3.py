@@ -102,6 +102,7 @@ class S3Storage:
     def _call(self, what: str, operation: Callable[[], T]) -> T:
         """Run one request; FileNotFoundError for a missing object, else StorageError
         (one line) for anything the server or the network says."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
@@ -118,8 +119,9 @@ class S3Storage:
                 f"{what}: no credentials for {self.describe()}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
             ) from None
-        except BotoCoreError as exc:
-            raise StorageError(f"{what}: {self.describe()}: {exc}") from None
+        except (BotoCoreError, Boto3Error) as exc:  # Boto3Error: a failed multipart upload
+            reason = " ".join(str(exc).split())
+            raise StorageError(f"{what}: {self.describe()}: {reason}") from None
 
     # -- writing ---------------------------------------------------------------------------
 
