@@ -34,54 +34,115 @@ Public API::
     RetryPolicy, after_not_found, after_transient, after_permanent  # pure decisions
 """
 
-from callvault.archive._alerts import Alerter, AlertSettings, Notice, parse_recipients
-from callvault.archive._backfill import BackfillStats, backfill, ingest_window, reconcile
-from callvault.archive._commit import GroupCommitter
-from callvault.archive._downloads import (
-    DEFAULT_PATIENCE_S,
-    Downloads,
-    DrainResult,
-    PoolOptions,
-    drain,
-    queued_counts,
-)
-from callvault.archive._metrics import ArchiverMetrics, ServiceProbe
-from callvault.archive._policy import (
-    Decision,
-    RetryPolicy,
-    after_not_found,
-    after_permanent,
-    after_transient,
-)
-from callvault.archive._process import (
-    Fenced,
-    ProcessRegistration,
-    backfill_node,
-    default_node,
-    process_alive,
-)
-from callvault.archive._receiver import (
-    SourceAllowList,
-    create_receiver_app,
-    new_secret_path,
-    validate_cdr,
-)
-from callvault.archive._service import (
-    ArchiveDirError,
-    Archiver,
-    ArchiverConfig,
-    PbxTarget,
-    StartError,
-    given_pbx_entry,
-    open_storage,
-    save_pbx_timezone,
-)
-from callvault.archive._session import PbxSession
-from callvault.archive._where import StorageMismatch, same_place, storage_url_for
-from callvault.archive._workers import Archived, WorkerPool
+from typing import TYPE_CHECKING
+
+from callvault._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from callvault.archive._alerts import Alerter, AlertSettings, Notice
+    from callvault.archive._backfill import BackfillStats, backfill, ingest_window, reconcile
+    from callvault.archive._commit import GroupCommitter
+    from callvault.archive._downloads import (
+        DEFAULT_PATIENCE_S,
+        Downloads,
+        DrainResult,
+        PoolOptions,
+        drain,
+        queued_counts,
+    )
+    from callvault.archive._metrics import ArchiverMetrics, ServiceProbe
+    from callvault.archive._policy import (
+        Decision,
+        RetryPolicy,
+        after_not_found,
+        after_permanent,
+        after_transient,
+    )
+    from callvault.archive._process import (
+        NODE_KIND,
+        Fenced,
+        ProcessRegistration,
+        backfill_node,
+        default_node,
+        process_alive,
+    )
+    from callvault.archive._receiver import (
+        SourceAllowList,
+        create_receiver_app,
+        new_secret_path,
+        validate_cdr,
+    )
+    from callvault.archive._service import (
+        ArchiveDirError,
+        Archiver,
+        ArchiverConfig,
+        PbxTarget,
+        StartError,
+        given_pbx_entry,
+        open_storage,
+        save_pbx_timezone,
+    )
+    from callvault.archive._session import PbxSession
+    from callvault.archive._where import StorageMismatch, same_place, storage_url_for
+    from callvault.archive._workers import Archived, WorkerPool
+
+# Each name is imported from its module on first use: `callvault list` (which asks
+# `storage_url_for` where the recordings are) does not load the archiver and its PBX
+# client.
+_HOMES = {
+    "Alerter": "_alerts",
+    "AlertSettings": "_alerts",
+    "Notice": "_alerts",
+    "BackfillStats": "_backfill",
+    "backfill": "_backfill",
+    "ingest_window": "_backfill",
+    "reconcile": "_backfill",
+    "GroupCommitter": "_commit",
+    "DEFAULT_PATIENCE_S": "_downloads",
+    "Downloads": "_downloads",
+    "DrainResult": "_downloads",
+    "PoolOptions": "_downloads",
+    "drain": "_downloads",
+    "queued_counts": "_downloads",
+    "ArchiverMetrics": "_metrics",
+    "ServiceProbe": "_metrics",
+    "Decision": "_policy",
+    "RetryPolicy": "_policy",
+    "after_not_found": "_policy",
+    "after_permanent": "_policy",
+    "after_transient": "_policy",
+    "NODE_KIND": "_process",
+    "Fenced": "_process",
+    "ProcessRegistration": "_process",
+    "backfill_node": "_process",
+    "default_node": "_process",
+    "process_alive": "_process",
+    "SourceAllowList": "_receiver",
+    "create_receiver_app": "_receiver",
+    "new_secret_path": "_receiver",
+    "validate_cdr": "_receiver",
+    "ArchiveDirError": "_service",
+    "Archiver": "_service",
+    "ArchiverConfig": "_service",
+    "PbxTarget": "_service",
+    "StartError": "_service",
+    "given_pbx_entry": "_service",
+    "open_storage": "_service",
+    "save_pbx_timezone": "_service",
+    "PbxSession": "_session",
+    "StorageMismatch": "_where",
+    "same_place": "_where",
+    "storage_url_for": "_where",
+    "Archived": "_workers",
+    "WorkerPool": "_workers",
+}
+
+__getattr__ = lazy_exports(__name__, _HOMES)
+
 
 __all__ = [
     "DEFAULT_PATIENCE_S",
+    "NODE_KIND",
     "AlertSettings",
     "Alerter",
     "ArchiveDirError",
@@ -118,7 +179,6 @@ __all__ = [
     "ingest_window",
     "new_secret_path",
     "open_storage",
-    "parse_recipients",
     "process_alive",
     "queued_counts",
     "reconcile",

@@ -28,7 +28,7 @@ import contextlib
 import email.policy
 import logging
 import smtplib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from callvault.archive._process import NODE_KIND
 from callvault.index import Alert, Index
 from callvault.storage import Storage
 
@@ -107,7 +108,6 @@ class Alerter:
         self.node = node
         self._clock = clock
         self._transport = transport
-        self.delivered: list[Notice] = []  # what this process sent, for status and tests
 
     async def run(self, stop: asyncio.Event) -> None:
         """Evaluate and deliver every `interval_s` seconds until `stop` is set."""
@@ -127,7 +127,6 @@ class Alerter:
                 for alert in notice.alerts:  # tell it again next round
                     if alert.fired_at is not None:
                         self._index.alerts.unclaim(alert.key, fired_at=alert.fired_at)
-        self.delivered.extend(sent)
         return sent
 
     # -- the conditions --------------------------------------------------------------------
@@ -153,7 +152,7 @@ class Alerter:
                 0.0,
             )
         for info in self._index.processes.all(limit=200):
-            if info.kind != "node" or info.stopped_at is not None:
+            if info.kind != NODE_KIND or info.stopped_at is not None:
                 continue
             silent = now - info.heartbeat_at
             if timedelta(seconds=s.node_gone_after_s) <= silent <= _NODE_HISTORY:
@@ -302,8 +301,3 @@ def _email_body(notice: Notice, node: str) -> str:
         lines.append("")
     lines.append(f"-- callvault, node {node}")
     return "\n".join(lines)
-
-
-def parse_recipients(values: Sequence[str]) -> tuple[str, ...]:
-    """E-mail addresses from a list whose items may hold several, comma-separated."""
-    return tuple(part.strip() for value in values for part in str(value).split(",") if part.strip())

@@ -33,6 +33,9 @@ from callvault.index.schema import column_length, processes
 
 log = logging.getLogger("callvault.archive")
 
+# The kind of a serve's own row, as a node of the deployment (see `_ownership`); its
+# download workers register as kind "serve".
+NODE_KIND = "node"
 # How often a registered process sends its heartbeat, and when others stop waiting for it.
 DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_STALE_AFTER_S = 30.0
@@ -182,7 +185,7 @@ class ProcessRegistration:
     def fenced_reason(self) -> str:
         """Why this process must stop downloading, in one line for the log."""
         info = self.info
-        what = "serve" if info.kind == "node" else info.kind  # a serve's own node row
+        what = "serve" if info.kind == NODE_KIND else info.kind  # a serve's own node row
         return (
             f"process {info.id} (node {info.node}, {info.kind}, pid {info.pid}) was marked "
             f"stopped in the index by another process: another {what} of node "

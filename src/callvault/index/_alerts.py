@@ -114,21 +114,12 @@ class AlertStore:
             done = conn.execute(select(t).where(t.c.key == key)).one()
         return _alert(done)
 
-    def open(self, prefix: str = "") -> builtins.list[Alert]:
-        """Alerts not cleared whose key starts with `prefix`, by key."""
+    def open(self) -> builtins.list[Alert]:
+        """Alerts not cleared, by key."""
         t = alerts
         query = select(t).where(t.c.resolved_at.is_(None))
-        if prefix:
-            query = query.where(t.c.key.startswith(prefix, autoescape=True))
         with self._db.read() as conn:
             return [_alert(row) for row in conn.execute(query.order_by(t.c.key))]
-
-    def all(self, limit: int = 100) -> builtins.list[Alert]:
-        """The latest alerts, told or not, cleared or not, newest first."""
-        t = alerts
-        with self._db.read() as conn:
-            rows = conn.execute(select(t).order_by(t.c.first_seen_at.desc()).limit(limit))
-            return [_alert(row) for row in rows]
 
 
 def _alert(row: Any) -> Alert:

@@ -74,13 +74,8 @@ class LeaseStore:
         """Extend `node`'s lease of `pbx_id` to `now + ttl`; the new expiry, or None if the
         lease is no longer this one (taken over: the caller must stop working on the PBX).
         A lease that expired but was not taken by another node is renewed."""
-        until = to_utc(now) + ttl
-        t = pbx_leases
-        with self._db.write() as conn:
-            result = conn.execute(
-                update(t).where(_ours(pbx_id, node[:_NODE_MAX], token)).values(expires_at=until)
-            )
-        return until if result.rowcount == 1 else None
+        renewed = self.renew_many({pbx_id: token}, node=node, now=now, ttl=ttl)
+        return to_utc(now) + ttl if pbx_id in renewed else None
 
     def renew_many(
         self, tokens: Mapping[int, int], *, node: str, now: datetime, ttl: timedelta

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from callvault.archive import NODE_KIND
 from callvault.index import Index, SettingKey
 from callvault.ops._json import JsonResult
 from callvault.storage import Storage
@@ -153,7 +154,7 @@ class IndexCollector:
         )
         live = gone = 0
         for info in index.processes.all(limit=500):
-            if info.kind != "node" or info.stopped_at is not None:
+            if info.kind != NODE_KIND or info.stopped_at is not None:
                 continue
             silent = now - info.heartbeat_at
             if silent <= _NODE_LIVE:

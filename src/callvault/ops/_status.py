@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from callvault.archive import NODE_KIND
 from callvault.index import DEFAULT_STALE_AFTER, ProcessInfo, RecordingRow, SettingKey
 from callvault.index.schema import RECORDING_STATES
 from callvault.ops._archive import Archive
@@ -15,7 +16,6 @@ from callvault.times import ago
 
 # The process kind of `callvault serve` in the process registry.
 SERVE = "serve"
-NODE = "node"  # a serve's own row, as a node of the deployment (see archive._ownership)
 # Below this share of free disk, the status says the disk is almost full.
 LOW_DISK_SHARE = 0.10
 
@@ -166,8 +166,8 @@ def archive_status(
         _process(info, now=now, stale_after=stale_after) for info in index.processes.all(limit=20)
     ]
     live_serves = [p for p in processes if p.kind == SERVE and p.alive]
-    live_nodes = [p for p in processes if p.kind == NODE and p.alive]
-    serve_known = any(p.kind in (SERVE, NODE) for p in processes)
+    live_nodes = [p for p in processes if p.kind == NODE_KIND and p.alive]
+    serve_known = any(p.kind in (SERVE, NODE_KIND) for p in processes)
     serve = "running" if live_serves or live_nodes else ("stopped" if serve_known else "never")
     running = bool(live_serves or live_nodes) if serve_known else None
     records = index.pbxs.list()

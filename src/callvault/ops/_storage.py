@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from callvault.archive import NODE_KIND
 from callvault.index import SettingKey, audit
 from callvault.ops._archive import Archive, ArchiveError
 from callvault.ops._json import JsonResult
@@ -59,7 +60,7 @@ def migrate_storage(
     running = [
         info.node
         for info in index.processes.live(now=now(), stale_after=_RUNNING_WITHIN)
-        if info.kind in ("serve", "node")
+        if info.kind in ("serve", NODE_KIND)
     ]
     if running:
         raise ArchiveError(

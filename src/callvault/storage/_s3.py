@@ -307,9 +307,6 @@ class S3Storage:
     def clean_staging(self, older_than: timedelta) -> int:
         return self._local.clean_staging(older_than)
 
-    def staging_dir(self) -> Path:
-        return self._local.staging_dir()
-
 
 class _Body(io.RawIOBase):
     """A response body as a binary file (read, readinto, close, context manager)."""
