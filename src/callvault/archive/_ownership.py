@@ -30,24 +30,25 @@ them within `ttl_s + renew_s` seconds; at once if the registry already knows it 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from callvault.archive._process import ProcessRegistration
+from callvault.archive._process import NODE_KIND, ProcessRegistration
 from callvault.index import Index, Lease
 
 log = logging.getLogger("callvault.archive")
+T = TypeVar("T")
 
 DEFAULT_LEASE_TTL_S = 15.0
 DEFAULT_LEASE_RENEW_S = 5.0
-# What a node's process row is registered as.
-NODE_KIND = "node"
 
 
 def _utcnow() -> datetime:
@@ -104,6 +105,19 @@ class Ownership:
         # Lanes being handed over: their downloads finish in the background (up to the
         # shutdown grace) while the lease is still renewed; then it is released.
         self._handing_over: dict[int, asyncio.Task[None]] = {}
+        # Its index calls run on a thread of its own: in the loop's shared pool they could
+        # queue behind downloads reading a stalled PBX for their whole timeout, and the
+        # leases would run out meanwhile.
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="callvault-leases"
+        )
+
+    async def _blocking(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a blocking call on this ownership's own thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, functools.partial(function, *args, **kwargs)
+        )
 
     def held(self) -> list[OwnedLane]:
         """The lanes this node works on (those being handed over excluded)."""
@@ -127,7 +141,7 @@ class Ownership:
 
     async def register(self) -> None:
         """Register this node's row (a newer start of the same node supersedes the old)."""
-        self.registration = await asyncio.to_thread(
+        self.registration = await self._blocking(
             ProcessRegistration.register,
             self._index,
             node=self.node,
@@ -155,7 +169,7 @@ class Ownership:
                 await self._lose(lane, why)
         registration = self.registration
         assert registration is not None, "register() first"
-        alive = await asyncio.to_thread(
+        alive = await self._blocking(
             registration.heartbeat,
             workers_alive=0,  # a node row has no workers: its lanes' rows do
             detail={"pbxs": sorted(lane.name for lane in self.held())},
@@ -179,7 +193,7 @@ class Ownership:
             return
         started = self._monotonic()
         try:
-            renewed = await asyncio.to_thread(
+            renewed = await self._blocking(
                 self._index.leases.renew_many,
                 tokens,
                 node=self.node,
@@ -197,7 +211,7 @@ class Ownership:
 
     async def _rebalance(self) -> None:
         now = self._clock()
-        live = await asyncio.to_thread(self._index.processes.live, now=now, stale_after=self._ttl)
+        live = await self._blocking(self._index.processes.live, now=now, stale_after=self._ttl)
         nodes = {info.node for info in live if info.kind == NODE_KIND} | {self.node}
         self.live_nodes = len(nodes)
         share = math.ceil(len(self._lanes) / len(nodes))
@@ -210,7 +224,7 @@ class Ownership:
             return
         if len(held) == share:
             return
-        leases = {lease.pbx_id: lease for lease in await asyncio.to_thread(self._index.leases.all)}
+        leases = {lease.pbx_id: lease for lease in await self._blocking(self._index.leases.all)}
         wanted = share - len(held)
         for lane in sorted(self._lanes, key=lambda lane: self._preference(lane.pbx_id)):
             if wanted == 0:
@@ -233,7 +247,7 @@ class Ownership:
 
     async def _take(self, lane: OwnedLane, dead: tuple[str, ...] = ()) -> bool:
         started = self._monotonic()
-        lease = await asyncio.to_thread(
+        lease = await self._blocking(
             self._index.leases.acquire,
             lane.pbx_id,
             node=self.node,
@@ -283,7 +297,7 @@ class Ownership:
             self._handing_over.pop(lane.pbx_id, None)
             if lease is not None:
                 try:
-                    await asyncio.to_thread(
+                    await self._blocking(
                         self._index.leases.release,
                         lane.pbx_id,
                         node=self.node,
@@ -305,9 +319,10 @@ class Ownership:
         await self.settle()
         if self.registration is not None and not self.registration.stopped:
             try:
-                await asyncio.to_thread(self.registration.stop)
+                await self._blocking(self.registration.stop)
             except Exception as exc:
                 log.warning("could not mark this node stopped in the index: %s", exc)
+        self._thread.shutdown(wait=False)
 
 
 def _acquired(lane: OwnedLane) -> datetime:

@@ -592,13 +592,17 @@ class Archiver:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(lane.wake)
 
-        listener = asyncio.ensure_future(asyncio.to_thread(index.notices.listen, heard, done))
+        # A thread of its own: it listens for as long as serve runs, and must not hold one
+        # of the loop's shared workers.
+        listener = threading.Thread(
+            target=index.notices.listen, args=(heard, done), name="callvault-notices", daemon=True
+        )
+        listener.start()
         try:
             await stop.wait()
         finally:
             done.set()
-            with contextlib.suppress(Exception):
-                await listener
+            await asyncio.to_thread(listener.join, 5.0)
 
     def _archived(self, archived: Archived) -> None:
         self.metrics.archived_one(archived.seconds, archived.queued_at, archived.at)
