@@ -170,6 +170,17 @@ def test_edits_and_removal_are_audited_without_secrets(
     assert "--insecure: the PBX's certificate is not checked" in edited.stderr
     both = cli("pbx", "edit", "paris", "--insecure", "--pin-sha256", "ab" * 32, env=registry)
     assert both.returncode == 2 and "choose only one" in both.stderr
+    # Reports to a balancer: shown as the PBX is given it; '' goes back to the default.
+    balanced = cli("pbx", "edit", "paris", "--report-url", "http://LB.example:8260", env=registry)
+    assert balanced.returncode == 0, balanced.stderr
+    shown = cli("pbx", "show", "paris", env=registry).stdout
+    assert "report url       lb.example:8260" in shown
+    wrong = cli("pbx", "edit", "paris", "--report-url", "lb.example:8260/x", env=registry)
+    assert wrong.returncode == 2 and "secret path is added" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and len(wrong.stderr.splitlines()) == 1
+    assert cli("pbx", "edit", "paris", "--report-url", "", env=registry).returncode == 0
+    shown = cli("pbx", "show", "paris", "--json", env=registry).stdout
+    assert json.loads(shown)["report_url"] is None
     nothing = cli("pbx", "edit", "paris", env=registry)
     assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
     missing = cli("pbx", "show", "lyon", env=registry)
@@ -181,7 +192,9 @@ def test_edits_and_removal_are_audited_without_secrets(
         logged = list(reversed(index.audit.query()))  # oldest first
     entries = [(e.action, e.target) for e in logged]
     details = " ".join(e.detail for e in logged)
-    assert entries == [("pbx_add", "paris"), ("pbx_edit", "paris"), ("pbx_remove", "paris")]
+    assert entries == [("pbx_add", "paris")] + [("pbx_edit", "paris")] * 3 + [
+        ("pbx_remove", "paris")
+    ]
     assert all(e.actor.startswith("cli") for e in logged)
     assert "max_downloads=3" in details and SIM_PASSWORD not in details
 

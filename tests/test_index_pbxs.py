@@ -30,6 +30,7 @@ def test_a_pbx_is_kept_in_canonical_form(index: Index) -> None:
         timezone="Europe/Paris",
         max_downloads=3,
         events_allow=("127.0.0.0/8", " 127.0.0.7 "),
+        report_url=" http://Balancer.example:8260/ ",
     )
     record = index.pbxs.add(
         "paris", config, password_sealed="v1.sealed", events_path="secret-1", now=NOW
@@ -42,6 +43,7 @@ def test_a_pbx_is_kept_in_canonical_form(index: Index) -> None:
         timezone="Europe/Paris",
         max_downloads=3,
         events_allow=("127.0.0.0/8", "127.0.0.7"),
+        report_url="balancer.example:8260",  # as the PBX is given it, its path added
     )
     assert (record.serial, record.detail, record.created_at) == ("", {}, NOW)
     assert index.pbxs.get("paris") == record
@@ -74,6 +76,11 @@ def test_names_are_short_slugs_and_unique(index: Index) -> None:
         ({"max_downloads": 0}, "--max-downloads"),
         ({"max_downloads": 17}, "--max-downloads"),
         ({"events_allow": ("pbx.example",)}, "--events-allow"),
+        ({"report_url": "https://lb:8260"}, "plain HTTP"),
+        ({"report_url": "lb"}, "names no host and port"),
+        ({"report_url": "lb:port"}, "is not an address"),
+        ({"report_url": "lb:8260/report"}, "secret path is added"),
+        ({"report_url": "lb:8260", "api_version": "v1.0.1"}, "v1.0.1 only takes a path"),
     ],
 )
 def test_each_bad_setting_is_one_line_naming_it(change: dict[str, object], words: str) -> None:

@@ -858,7 +858,14 @@ class _Lane:
             api_version=target.api_version,
             tls=target.tls,
             events_port=self._events_port,
-            events_url=pbx.events_path,
+            # Reports go to the node that logged in, or wherever the registry says (an
+            # absolute address, e.g. a load balancer: any node takes any PBX's reports).
+            events_url=(
+                pbx.events_path
+                if pbx.config.report_url is None
+                else f"{pbx.config.report_url}/{pbx.events_path}"
+            ),
+            events_urltag=pbx.config.report_url is not None,
             transport=archiver._transport,
             timeout=config.client_timeout,
             max_attempts=config.client_max_attempts,

@@ -105,6 +105,17 @@ def _connection_options(*, adding: bool) -> Decorator[Any]:
             help="Addresses or networks allowed to post its reports, comma-separated "
             "(default: the PBX's own address).",
         ),
+        option(
+            "--report-url",
+            metavar="HOST:PORT",
+            help="Where it posts its reports, e.g. a load balancer before several nodes "
+            "(its secret path is added; API v1.1.0 or later)"
+            + (
+                " (default: the node that logged in)."
+                if adding
+                else "; '' for the node that logged in again."
+            ),
+        ),
     ]
     if not adding:
         decorators.append(
@@ -157,6 +168,8 @@ def _changes(given: dict[str, Any]) -> dict[str, Any]:
         changes["max_downloads"] = given["max_downloads"]
     if given.get("events_allow") is not None:
         changes["events_allow"] = tuple(given["events_allow"].split(","))
+    if given.get("report_url") is not None:
+        changes["report_url"] = given["report_url"].strip() or None
     trust = [
         ("ca_file", given.get("ca_file")),
         ("pin_sha256", given.get("pin_sha256")),
@@ -363,6 +376,8 @@ def pbx_show(
         shown = ", ".join(value) if isinstance(value, list) else value
         if key == "events_allow" and not value:
             shown = "its own address"
+        if key == "report_url" and not value:
+            shown = "the node that logged in"
         print(f"{key.replace('_', ' '):<16} {'-' if shown in (None, '') else shown}")
     test = view.last_test
     if not test:

@@ -227,6 +227,7 @@ def _config_columns(config: PbxConfig) -> dict[str, Any]:
         "timezone": config.timezone,
         "max_downloads": config.max_downloads,
         "events_allow": ",".join(config.events_allow),
+        "report_url": config.report_url,
     }
 
 
@@ -247,6 +248,7 @@ def _record(row: Row[Any]) -> PbxRecord:
             timezone=m["timezone"],
             max_downloads=int(m["max_downloads"]),
             events_allow=tuple(e for e in str(m["events_allow"]).split(",") if e),
+            report_url=m["report_url"],
         ),
         password_sealed=str(m["password_sealed"]),
         events_path=str(m["events_path"]),

@@ -59,6 +59,9 @@ class PbxConfig:
     timezone: str | None = None
     max_downloads: int = DEFAULT_MAX_DOWNLOADS
     events_allow: tuple[str, ...] = ()
+    # HOST:PORT it posts its reports to (login's urltag=1: an address that reaches any
+    # node, e.g. a load balancer); None: the address of the node that logged in.
+    report_url: str | None = None
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(PbxConfig))
@@ -128,6 +131,14 @@ def check_config(config: PbxConfig) -> PbxConfig:
             raise PbxRegistryError(
                 f"--events-allow: {entry!r:.60} is not an IP address or network"
             ) from None
+    report_url = None
+    if config.report_url is not None and config.report_url.strip():
+        report_url = check_report_url(config.report_url)
+        if api_version == ApiVersion.V1_0_1.value:
+            raise PbxRegistryError(
+                "--report-url: API v1.0.1 only takes a path for its reports, not an address: "
+                "use v1.1.0 or later, or leave --report-url out"
+            )
     return PbxConfig(
         url=url,
         username=username,
@@ -139,7 +150,34 @@ def check_config(config: PbxConfig) -> PbxConfig:
         timezone=config.timezone,
         max_downloads=config.max_downloads,
         events_allow=allow,
+        report_url=report_url,
     )
+
+
+def check_report_url(value: str) -> str:
+    """`value` (``HOST:PORT``, or ``http://HOST:PORT``) as ``HOST:PORT``, the form the
+    PBX is given; PbxRegistryError saying what is wrong. The PBX posts its reports in
+    plain HTTP, to this address followed by the PBX's secret path."""
+    from urllib.parse import urlsplit
+
+    text = value.strip()
+    hint = "give HOST:PORT, e.g. balancer.example.com:8260, where the PBX can reach a node"
+    if "://" in text and not text.lower().startswith("http://"):
+        raise PbxRegistryError(f"--report-url: the PBX posts its reports in plain HTTP; {hint}")
+    try:
+        parts = urlsplit(text if "://" in text else f"http://{text}")
+        port = parts.port
+    except ValueError:
+        raise PbxRegistryError(f"--report-url: {text!r:.60} is not an address; {hint}") from None
+    if not parts.hostname or port is None or port == 0:
+        raise PbxRegistryError(f"--report-url: {text!r:.60} names no host and port; {hint}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise PbxRegistryError(
+            f"--report-url: {text!r:.60} has more than a host and port (the PBX's secret "
+            f"path is added to it); {hint}"
+        )
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,6 +260,9 @@ pbxs = Table(
     # own address; otherwise addresses or networks, comma-separated).
     Column("events_path", String(64), nullable=False),
     Column("events_allow", Text, nullable=False, default=""),
+    # HOST:PORT it is told to post its reports to (e.g. a load balancer before the nodes);
+    # NULL: the node that logged in.
+    Column("report_url", String(255), nullable=True),
     Column("serial", String(64), nullable=False, default=""),
     Column("detail", Text, nullable=False, default="{}"),  # what `pbx test` found last, JSON
     # Its API session's health as the serve archiving it last reported it, JSON.

@@ -38,6 +38,7 @@ class PbxView(JsonResult):
     timezone: str | None
     max_downloads: int
     events_allow: list[str]
+    report_url: str | None  # HOST:PORT its reports go to; None: the node that logged in
     serial: str
     # The archive's PBX given by `serve --pbx ...` (its login comes from the flags at each
     # start), rather than registered with its sealed password.
@@ -75,6 +76,7 @@ def pbx_view(record: PbxRecord) -> PbxView:
         timezone=config.timezone,
         max_downloads=config.max_downloads,
         events_allow=list(config.events_allow),
+        report_url=config.report_url,
         serial=record.serial,
         given_by_flags=record.given_by_flags,
         last_test={k: v for k, v in record.detail.items() if k not in _TEST_BOOKKEEPING},

@@ -48,6 +48,9 @@ class PbxIn(BaseModel):
     timezone: str | None = None
     max_downloads: int = Field(default=DEFAULT_MAX_DOWNLOADS, ge=1, le=MAX_DOWNLOADS_LIMIT)
     events_allow: list[str] = Field(default_factory=list)
+    report_url: str | None = Field(
+        default=None, max_length=255, description="HOST:PORT its reports go to"
+    )
 
 
 class PbxPatch(BaseModel):
@@ -66,6 +69,7 @@ class PbxPatch(BaseModel):
     timezone: str | None = None
     max_downloads: int | None = Field(default=None, ge=1, le=MAX_DOWNLOADS_LIMIT)
     events_allow: list[str] | None = None
+    report_url: str | None = Field(default=None, max_length=255)
 
 
 _TRUST = ("pin_sha256", "ca_file", "insecure")
