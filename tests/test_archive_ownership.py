@@ -6,8 +6,11 @@ stops talking to its PBXs before anything else, then finds it has lost them."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -255,3 +258,32 @@ async def test_a_slow_hand_over_does_not_hold_up_the_renewals(index: Index) -> N
     await a.settle()
     await b.tick()
     assert len(held(a)) == 2 and len(held(b)) == 2
+
+
+async def test_a_round_stopped_while_taking_a_pbx_gives_the_lease_back(
+    index: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels the round mid-statement: the lease it won in the index anyway is
+    released, not left held by a node that no longer knows it has it."""
+    ids = [register_pbx(index, f"p{i}").id for i in range(2)]
+    clock = Clock()
+    a = node(index, "a", ids, clock)
+    await a.register()
+    acquire = index.leases.acquire
+    entered = threading.Event()
+
+    def slow_acquire(*args: Any, **kwargs: Any) -> Lease | None:
+        entered.set()
+        time.sleep(0.3)
+        return acquire(*args, **kwargs)
+
+    monkeypatch.setattr(index.leases, "acquire", slow_acquire)
+    round_ = asyncio.create_task(a.tick())
+    assert await asyncio.to_thread(entered.wait, 5)
+    round_.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+    await asyncio.sleep(0.6)  # the statement has ended on its thread by now, either way
+    assert held(a) == set()
+    assert set(holders(index, clock.now).values()) <= {None}
+    await a.close()

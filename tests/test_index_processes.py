@@ -47,6 +47,17 @@ def test_register_heartbeat_stop_and_listing(index: Index) -> None:
     assert (stopped.stopped_at, stopped.workers_alive) == (later, 0)
 
 
+def test_not_stopped_lists_every_unstopped_row_however_many_came_after(index: Index) -> None:
+    node = register(index, node="node-a", kind="node")
+    serves = [register(index, node=f"node-{n}", pid=200 + n) for n in range(60)]
+    index.processes.stop(serves[0], now=NOW)
+    # `all` shows the latest rows only; the node row is older than 50 of them.
+    assert node not in {info.id for info in index.processes.all()}
+    assert [info.id for info in index.processes.not_stopped(kind="node")] == [node]
+    unstopped = [info.id for info in index.processes.not_stopped()]
+    assert unstopped == [node, *serves[1:]]
+
+
 def test_a_new_start_of_a_node_supersedes_its_earlier_incarnation(index: Index) -> None:
     old = register(index, "node-a", "serve")
     other_kind = register(index, "node-a", "backfill")

@@ -151,9 +151,7 @@ class Alerter:
                 "once the cause is fixed",
                 0.0,
             )
-        for info in self._index.processes.all(limit=200):
-            if info.kind != NODE_KIND or info.stopped_at is not None:
-                continue
+        for info in self._index.processes.not_stopped(kind=NODE_KIND):
             silent = now - info.heartbeat_at
             if timedelta(seconds=s.node_gone_after_s) <= silent <= _NODE_HISTORY:
                 found[f"node:{info.node}:gone"] = (

@@ -247,14 +247,28 @@ class Ownership:
 
     async def _take(self, lane: OwnedLane, dead: tuple[str, ...] = ()) -> bool:
         started = self._monotonic()
-        lease = await self._blocking(
-            self._index.leases.acquire,
-            lane.pbx_id,
-            node=self.node,
-            now=self._clock(),
-            ttl=self._ttl,
-            dead=dead,
+        acquiring = asyncio.ensure_future(
+            self._blocking(
+                self._index.leases.acquire,
+                lane.pbx_id,
+                node=self.node,
+                now=self._clock(),
+                ttl=self._ttl,
+                dead=dead,
+            )
         )
+        try:
+            lease = await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            # Stopped mid-round (shutdown): the statement runs to its end on its thread
+            # regardless. A lease it won is given back, not left held until it expires.
+            with contextlib.suppress(Exception):
+                won = await acquiring
+                if won is not None:
+                    await self._blocking(
+                        self._index.leases.release, lane.pbx_id, node=self.node, token=won.token
+                    )
+            raise
         if lease is None:
             return False
         lane.lease = lease

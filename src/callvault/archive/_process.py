@@ -106,8 +106,8 @@ def reap_dead_local(index: Index, *, hostname: str, now: datetime) -> int:
     """Mark stopped the live rows of `hostname` whose process is gone; how many."""
     registered: dict[int, list[datetime]] = {}
     stored_hostname = hostname[: column_length(processes.c.hostname)]
-    for info in index.processes.all(limit=500):
-        if info.stopped_at is None and info.hostname == stored_hostname:
+    for info in index.processes.not_stopped():
+        if info.hostname == stored_hostname:
             registered.setdefault(info.pid, []).append(info.started_at)
 
     def is_alive(pid: int) -> bool:

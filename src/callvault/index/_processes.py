@@ -134,6 +134,16 @@ class ProcessStore:
         with self._db.read() as conn:
             return [_info(row) for row in conn.execute(query)]
 
+    def not_stopped(self, *, kind: str | None = None) -> builtins.list[ProcessInfo]:
+        """Processes (of `kind`, if given) whose row is not stopped, live or silent, by id:
+        however many processes a fleet runs, unlike `all`'s latest few."""
+        p = processes
+        query = select(p).where(p.c.stopped_at.is_(None)).order_by(p.c.id)
+        if kind is not None:
+            query = query.where(p.c.kind == kind)
+        with self._db.read() as conn:
+            return [_info(row) for row in conn.execute(query)]
+
     def all(self, limit: int = 50) -> builtins.list[ProcessInfo]:
         """The latest `limit` processes, stopped ones included, newest first."""
         p = processes

@@ -153,9 +153,7 @@ class IndexCollector:
             labels=["state"],
         )
         live = gone = 0
-        for info in index.processes.all(limit=500):
-            if info.kind != NODE_KIND or info.stopped_at is not None:
-                continue
+        for info in index.processes.not_stopped(kind=NODE_KIND):
             silent = now - info.heartbeat_at
             if silent <= _NODE_LIVE:
                 live += 1

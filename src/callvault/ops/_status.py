@@ -162,8 +162,15 @@ def archive_status(
     counts = index.recordings.counts_by_state()
     calls, recorded = index.recordings.call_totals()
     timezone = archive.saved_timezone()
+    # Every live process (a fleet has one per node and one per PBX it works on), then the
+    # latest of the others, up to 20 rows in all.
+    live = index.processes.live(now=now, stale_after=stale_after)
+    live_ids = {info.id for info in live}
+    recent = [info for info in index.processes.all(limit=20) if info.id not in live_ids]
     processes = [
-        _process(info, now=now, stale_after=stale_after) for info in index.processes.all(limit=20)
+        _process(info, now=now, stale_after=stale_after)
+        for info in sorted(live, key=lambda info: info.id, reverse=True)
+        + recent[: max(0, 20 - len(live))]
     ]
     live_serves = [p for p in processes if p.kind == SERVE and p.alive]
     live_nodes = [p for p in processes if p.kind == NODE_KIND and p.alive]
