@@ -101,6 +101,35 @@ def test_login_is_rate_limited_per_address_and_user(web: LiveWeb) -> None:
     assert login(client, *ADMIN).status_code == 303
 
 
+def test_the_limit_and_plays_count_across_every_app_over_the_index(web: LiveWeb) -> None:
+    """Two web apps over one index (two nodes): failures on one throttle the other, and a
+    play started on one is not audited again when the player's next request lands on the
+    other."""
+    other_app = create_app(web.archive.index, web.archive.storage, clock=web.clock)
+    with serve(other_app) as other_base:
+        other = httpx.Client(base_url=other_base, timeout=10)
+        for _ in range(3):
+            assert login(web.client(), ADMIN[0], "guess-guess").status_code == 401
+        for _ in range(2):
+            assert login(other, ADMIN[0], "guess-guess").status_code == 401
+        assert login(web.client(), *ADMIN).status_code == 429
+        assert login(other, *ADMIN).status_code == 429
+        assert len(audit_entries(web, action=audit.LOGIN_THROTTLED)) == 1  # once for both
+        web.clock.advance(timedelta(minutes=16))
+        assert login(other, *ADMIN).status_code == 303
+
+        row = rows_by_from(web.archive)["2001"]
+        url = f"/api/recordings/{row.id}/audio"
+        here, _secret = web.bearer(LISTENER_2000[0])
+        there = httpx.Client(base_url=other_base, timeout=10, headers=here.headers)
+        assert here.get(url, headers={"Range": "bytes=0-"}).status_code == 206
+        assert there.get(url, headers={"Range": "bytes=500-"}).status_code == 206
+        assert len(audit_entries(web, action=audit.PLAY)) == 1
+        web.clock.advance(timedelta(seconds=31))
+        assert there.get(url, headers={"Range": "bytes=0-"}).status_code == 206
+        assert len(audit_entries(web, action=audit.PLAY)) == 2
+
+
 def test_throttled_logins_write_one_audit_row_per_address_and_window(web: LiveWeb) -> None:
     client = web.client()
     for _ in range(5):

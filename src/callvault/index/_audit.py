@@ -66,6 +66,39 @@ class AuditStore:
         with self._db.read() as conn:
             return [_entry(row) for row in conn.execute(stmt)]
 
+    def recent(
+        self,
+        action: str,
+        *,
+        since: datetime,
+        remote_addr: str | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+        detail: str | None = None,
+        after_id: int = 0,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """The latest entries of `action` written since `since` (and after the entry
+        `after_id`), newest first, those matching every value given exactly (`target`
+        without regard to case, as user names are). What the web app counts across all its
+        processes: failed logins for its rate limit, plays for their de-duplication."""
+        query = select(audit_log).where(
+            audit_log.c.action == action,
+            audit_log.c.at >= _utc(since),
+            audit_log.c.id > after_id,
+        )
+        if remote_addr is not None:
+            query = query.where(audit_log.c.remote_addr == remote_addr[:_REMOTE_ADDR_MAX])
+        if actor is not None:
+            query = query.where(audit_log.c.actor == actor[:_ACTOR_MAX])
+        if target is not None:
+            query = query.where(func.lower(audit_log.c.target) == target[:_TARGET_MAX].lower())
+        if detail is not None:
+            query = query.where(audit_log.c.detail == detail)
+        query = query.order_by(audit_log.c.at.desc(), audit_log.c.id.desc()).limit(limit)
+        with self._db.read() as conn:
+            return [_entry(row) for row in conn.execute(query)]
+
     def count(self, where: AuditFilter | None = None) -> int:
         """How many entries match the filter."""
         stmt = _filtered(select(func.count()).select_from(audit_log), where or AuditFilter())

@@ -350,7 +350,7 @@ def audio_response(
         raise HTTPException(404, "the archived file is missing from storage") from None
     if download:
         record_audit(request, principal.name, audit.DOWNLOAD, row.name, f"id={row.id}")
-    elif ctx.first_play(principal.user.id, row.id):
+    elif ctx.first_play(principal.name, row.id):
         # Whatever the range: `bytes=1-` is the whole recording but its first byte. The
         # player's later range requests (seeks) fall in the de-duplication window.
         record_audit(request, principal.name, audit.PLAY, row.name, f"id={row.id}")

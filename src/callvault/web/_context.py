@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -10,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import HTTPException, Request
 
 from callvault.archive import ServiceProbe
-from callvault.index import Index, Position, RecordingRow, SearchFilters
+from callvault.index import Index, Position, RecordingRow, SearchFilters, audit
 from callvault.index.schema import RECORDING_STATES
 from callvault.index.users import User
 from callvault.keys import Keyring
@@ -44,14 +43,14 @@ class WebContext:
     # The master keys, to seal the passwords of PBXs registered here; None: not loaded.
     keyring: Keyring | None = field(default=None, repr=False)
     archive: Archive = field(init=False)
-    _recent_plays: dict[tuple[int, int], datetime] = field(default_factory=dict)
-    _plays_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         # The operations shared with the command line (callvault.ops) run on this.
         self.archive = Archive(self.index, self.storage)
-        # Sessions live in this index: issued for its users, logged out in it.
+        # Sessions live in this index: issued for its users, logged out in it; failed
+        # logins are counted in its audit log.
         self.signer.attach(self.index)
+        self.limiter.attach(self.index)
 
     def __repr__(self) -> str:
         return "WebContext(...)"
@@ -67,16 +66,13 @@ class WebContext:
         registry = metrics_registry(self.index, *more)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
-    def first_play(self, user_id: int, recording_id: int) -> bool:
-        """True unless this user started playing this recording moments ago."""
-        now = self.clock()
-        with self._plays_lock:
-            cutoff = now - PLAY_DEDUPE_WINDOW
-            self._recent_plays = {k: t for k, t in self._recent_plays.items() if t > cutoff}
-            if (user_id, recording_id) in self._recent_plays:
-                return False
-            self._recent_plays[(user_id, recording_id)] = now
-            return True
+    def first_play(self, actor: str, recording_id: int) -> bool:
+        """True unless this user started playing this recording moments ago (as the audit
+        log says: on whichever node that play was served)."""
+        since = self.clock() - PLAY_DEDUPE_WINDOW
+        return not self.index.audit.recent(
+            audit.PLAY, since=since, actor=actor, detail=f"id={recording_id}", limit=1
+        )
 
 
 @dataclass(frozen=True, slots=True)

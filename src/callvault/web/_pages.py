@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 import secrets
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -147,38 +146,6 @@ async def _form(request: Request) -> dict[str, str]:
     return {key: value for key, value in form.items() if isinstance(value, str)}
 
 
-class _ThrottleNotes:
-    """When each address was last audited as throttled, so that a script hammering the
-    login form while it is refused adds one "login throttled" entry per throttle window,
-    not one per attempt. Kept in memory like the limiter itself."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, datetime] = {}
-        self._lock = threading.Lock()
-
-    def first(self, address: str, now: datetime, wait_s: int) -> bool:
-        """True if this refusal starts a new window for `address` (then audit it)."""
-        with self._lock:
-            self._until = {a: t for a, t in self._until.items() if t > now}
-            if address in self._until:
-                return False
-            self._until[address] = now + timedelta(seconds=wait_s)
-            return True
-
-
-_THROTTLE_NOTES_LOCK = threading.Lock()
-
-
-def _throttle_notes(request: Request) -> _ThrottleNotes:
-    state = request.app.state
-    with _THROTTLE_NOTES_LOCK:
-        notes = getattr(state, "callvault_throttle_notes", None)
-        if not isinstance(notes, _ThrottleNotes):
-            notes = _ThrottleNotes()
-            state.callvault_throttle_notes = notes
-        return notes
-
-
 router = APIRouter(include_in_schema=False)
 
 
@@ -245,7 +212,7 @@ async def login(request: Request) -> Response:
     address = remote_addr(request)
     wait = ctx.limiter.retry_after(address, name)
     if wait is not None:
-        if _throttle_notes(request).first(address, ctx.clock(), wait):
+        if ctx.limiter.first_refusal(address):
             record_audit(request, name, audit.LOGIN_THROTTLED, name, f"retry after {wait} s")
         response = _login_page(
             request,
@@ -258,7 +225,6 @@ async def login(request: Request) -> Response:
         return response
     user = ctx.index.users.verify_password(name, password) if name and password else None
     if user is None:
-        ctx.limiter.failed(address, name)
         record_audit(request, name, audit.LOGIN_FAILED, name, "wrong name or password")
         return _login_page(
             request,
@@ -267,7 +233,6 @@ async def login(request: Request) -> Response:
             next_url=next_url,
             name=name,
         )
-    ctx.limiter.succeeded(address, name)
     _session, cookie = ctx.signer.issue(user.id)
     record_audit(request, user.name, audit.LOGIN, user.name, "session")
     redirect = RedirectResponse(_safe_next(next_url), status_code=303)

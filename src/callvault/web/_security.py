@@ -20,13 +20,11 @@ import hashlib
 import hmac
 import json
 import secrets
-import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from callvault.index import Index
+from callvault.index import Index, audit
 from callvault.index.users import User
 
 SESSION_COOKIE = "cv_session"
@@ -169,11 +167,13 @@ class SessionSigner:
 
 
 class LoginLimiter:
-    """Counts failed logins per (address, user name) and per address in a sliding window.
+    """Refuses logins after too many failures, counted in the audit log, so that every
+    process of the web app, on every node, counts the same ones.
 
-    After `per_user` failures for one name from one address, or `per_address` failures
-    from one address in all, further attempts from there are refused until the oldest
-    failure leaves the window. A success clears the failures of that name and address.
+    After `per_user` failures for one name from one address since its last success
+    there, or `per_address` failures from one address in all, within `window`, further
+    attempts from there are refused until the oldest of those failures leaves the
+    window. The login page writes the entries it counts (`login_failed`, `login`).
     """
 
     def __init__(
@@ -183,45 +183,54 @@ class LoginLimiter:
         per_user: int = 5,
         per_address: int = 20,
         window: timedelta = timedelta(minutes=15),
+        index: Index | None = None,
     ) -> None:
         self._clock = clock
         self._per_user = per_user
         self._per_address = per_address
         self._window = window
-        self._failures: dict[tuple[str, str], deque[datetime]] = {}
-        self._lock = threading.Lock()
+        self._index_or_none = index
 
-    def _prune(self, now: datetime) -> None:
-        cutoff = now - self._window
-        for key in list(self._failures):
-            times = self._failures[key]
-            while times and times[0] <= cutoff:
-                times.popleft()
-            if not times:
-                del self._failures[key]
+    def attach(self, index: Index) -> None:
+        """Count in `index`'s audit log (the web app's, once it is made)."""
+        self._index_or_none = index
+
+    def _index(self) -> Index:
+        if self._index_or_none is None:
+            raise RuntimeError("LoginLimiter used before an index was attached")
+        return self._index_or_none
 
     def retry_after(self, address: str, user: str) -> int | None:
         """Seconds until a login from `address` as `user` may be tried, or None if now."""
         now = self._clock()
-        with self._lock:
-            self._prune(now)
-            blocked_until: list[datetime] = []
-            user_times = self._failures.get((address, "u:" + user.lower()), deque())
-            if len(user_times) >= self._per_user:
-                blocked_until.append(user_times[-self._per_user] + self._window)
-            address_times = self._failures.get((address, "*"), deque())
-            if len(address_times) >= self._per_address:
-                blocked_until.append(address_times[-self._per_address] + self._window)
+        since = now - self._window
+        log = self._index().audit
+        blocked_until: list[datetime] = []
+        success = log.recent(audit.LOGIN, since=since, remote_addr=address, target=user, limit=1)
+        user_failures = log.recent(
+            audit.LOGIN_FAILED,
+            since=since,
+            remote_addr=address,
+            target=user,
+            after_id=success[0].id if success else 0,
+            limit=self._per_user,
+        )
+        if len(user_failures) >= self._per_user:
+            blocked_until.append(user_failures[-1].at + self._window)
+        address_failures = log.recent(
+            audit.LOGIN_FAILED, since=since, remote_addr=address, limit=self._per_address
+        )
+        if len(address_failures) >= self._per_address:
+            blocked_until.append(address_failures[-1].at + self._window)
         if not blocked_until:
             return None
         return max(1, int((max(blocked_until) - now).total_seconds()) + 1)
 
-    def failed(self, address: str, user: str) -> None:
-        now = self._clock()
-        with self._lock:
-            self._failures.setdefault((address, "u:" + user.lower()), deque()).append(now)
-            self._failures.setdefault((address, "*"), deque()).append(now)
-
-    def succeeded(self, address: str, user: str) -> None:
-        with self._lock:
-            self._failures.pop((address, "u:" + user.lower()), None)
+    def first_refusal(self, address: str) -> bool:
+        """Whether no refusal from `address` was audited within the window: a script
+        hammering the login form adds one `login_throttled` entry per window, not one per
+        attempt."""
+        since = self._clock() - self._window
+        return not self._index().audit.recent(
+            audit.LOGIN_THROTTLED, since=since, remote_addr=address, limit=1
+        )
