@@ -161,6 +161,11 @@ def _spread(db_url: str, pbxs: int, nodes: set[str]) -> bool:
     return max(counts) - min(counts) <= 1
 
 
+def _logged_in(db_url: str) -> bool:
+    with open_index(db_url) as index:
+        return all(pbx.session.get("state") == "ok" for pbx in index.pbxs.list())
+
+
 def _archived(db_url: str, count: int) -> Callable[[], bool]:
     def check() -> bool:
         with open_index(db_url) as index:
@@ -350,10 +355,12 @@ def test_reports_through_a_load_balancer_reach_the_owner_through_the_database(
         env = _node_env(
             db_url, key_file, tmp_path / "archive", CALLVAULT_RECONCILE_INTERVAL_S="3600"
         )
+        for node in ports:
+            (tmp_path / node).mkdir()
         nodes = {
             node: ServeProcess(
                 env,
-                tmp_path,
+                tmp_path / node,
                 "--node",
                 node,
                 "--bind",
@@ -371,6 +378,9 @@ def test_reports_through_a_load_balancer_reach_the_owner_through_the_database(
             for process in nodes.values():
                 process.start()
             assert wait_until(lambda: _spread(db_url, 2, set(ports)), 60), logs()
+            # Logged in: the PBXs know where to post (a call ended before would be found
+            # by reconciliation, not reported).
+            assert wait_until(lambda: _logged_in(db_url), 30), logs()
             placed = [
                 (sim, sim.place_call(talk_seconds=1).recording)
                 for _ in range(4)

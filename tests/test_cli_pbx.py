@@ -8,10 +8,13 @@ the serve test runs the archiver in-process from the same settings `serve` reads
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -394,7 +397,7 @@ def test_backfill_takes_a_registered_pbx_and_flags_never_double_it(
 
 
 def test_one_serve_archives_every_registered_pbx(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two PBXs with the same call ids and recording names, one serve: each PBX's reports
     reach it at its own secret path, each recording comes from its own PBX, each PBX has
@@ -430,6 +433,7 @@ def test_one_serve_archives_every_registered_pbx(
             "lyon",
             "paris",
         ]
+        caplog.set_level(logging.INFO, logger="callvault.archive")
         with Archiver(config) as archiver:
             index = archiver.index
             assert index is not None and len(archiver.lanes) == 2
@@ -444,6 +448,9 @@ def test_one_serve_archives_every_registered_pbx(
                 assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
                 assert row.storage_key is not None and row.storage_key.startswith(sim.serial)
                 assert lane.session_state() == "ok" and lane.workers() == (1, 1)
+                # The log says which PBX each recording came from.
+                said = f"archived {cdr.recording} (PBX {lane.pbx.name}) ("
+                assert any(said in r.getMessage() for r in caplog.records), said
             # Each PBX's workers are a registered process of their own.
             live = sorted(
                 p.node for p in index.processes.all() if p.stopped_at is None and p.kind == "serve"
@@ -553,3 +560,87 @@ def test_only_a_refused_login_pauses_testing_and_changing_it_ends_the_pause(
     assert "not trying it again" in paused.stderr and "--username NAME" in paused.stderr
     assert cli("pbx", "edit", "paris", "--username", sim.username, env=registry).returncode == 0
     assert cli("pbx", "test", "paris", env=registry).returncode == 0
+
+
+def test_a_running_serve_follows_the_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PBXs added, changed and removed while serve runs are archived, re-opened with
+    their new settings and let go, without a restart; one whose password this node
+    cannot open is said once and leaves the others alone."""
+    from callvault.simulator import SimulatorConfig
+
+    key = tmp_path / "master.key"
+    other_key = tmp_path / "other.key"
+    for path in (key, other_key):
+        assert cli("keys", "create", "--file", str(path)).returncode == 0
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    env = {"CALLVAULT_ARCHIVE": str(archive), "CALLVAULT_MASTER_KEY_FILE": str(key)}
+    sims = {
+        name: Simulator(SimulatorConfig(seed=n, event_retry_interval=0.2, serial=f"20000000000{n}"))
+        for n, name in enumerate(("paris", "lyon", "nice", "brest"), start=1)
+    }
+
+    def add(name: str, environment: dict[str, str] = env) -> None:
+        sim = sims[name]
+        assert sim.cert_sha256 is not None
+        added = cli(
+            "pbx", "add", name, "--url", sim.url, "--username", sim.username,
+            "--password-env", "PW", "--pin-sha256", sim.cert_sha256,
+            "--timezone", sim.config.timezone, "--max-downloads", "1",
+            env={**environment, "PW": sim.password},
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+
+    for sim in sims.values():
+        sim.start()
+    try:
+        add("paris")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = load_settings(
+            events_listen="127.0.0.1:0", poll_interval_s=0.3, registry_poll_s=0.3
+        )
+        with Archiver(archiver_config(settings, web=False)) as archiver:
+            index = archiver.index
+            assert index is not None
+
+            def lane(name: str) -> Any:
+                return next((x for x in archiver.lanes if x.name == name), None)
+
+            add("lyon")
+            assert wait_until(lambda: lane("lyon") is not None and lane("lyon").working)
+            cdr = sims["lyon"].place_call(talk_seconds=1)
+            assert wait_until(lambda: states(index) == {"archived": 1}), states(index)
+            assert cdr.recording is not None
+            [lyon] = [p for p in index.pbxs.list() if p.name == "lyon"]
+            assert index.recordings.by_name(cdr.recording, pbx_id=lyon.id) is not None
+
+            # Changed: its lane opens again with the new settings.
+            before = lane("lyon")
+            assert cli("pbx", "edit", "lyon", "--max-downloads", "2", env=env).returncode == 0
+            assert wait_until(lambda: lane("lyon") not in (None, before) and lane("lyon").working)
+            assert lane("lyon").workers() == (2, 2) and not before.working
+
+            # Removed: handed over and let go, its lease released.
+            add("nice")
+            assert wait_until(lambda: lane("nice") is not None and lane("nice").working)
+            assert cli("pbx", "remove", "nice", env=env).returncode == 0
+            assert wait_until(lambda: lane("nice") is None)
+            assert [lease.node for lease in index.leases.all() if lease.node is not None] == [
+                archiver.ownership.node,  # type: ignore[union-attr]
+            ] * 2  # paris and lyon
+
+            # Sealed with another master key: said once, the others carry on.
+            with caplog.at_level(logging.ERROR, logger="callvault.archive"):
+                add("brest", {**env, "CALLVAULT_MASTER_KEY_FILE": str(other_key)})
+                time.sleep(1.5)  # several rounds
+                sims["paris"].place_call(talk_seconds=1)
+                assert wait_until(lambda: states(index) == {"archived": 2}), states(index)
+            told = [r.getMessage() for r in caplog.records if "brest" in r.getMessage()]
+            assert len(told) == 1 and "cannot be archived" in told[0], told
+            assert lane("brest") is None
+    finally:
+        for sim in sims.values():
+            sim.stop()

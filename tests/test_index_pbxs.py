@@ -112,9 +112,16 @@ def test_an_edit_changes_what_is_given_and_is_checked_whole(index: Index) -> Non
 def test_serial_test_results_and_removal(index: Index) -> None:
     add(index, "paris")
     add(index, "lyon")
+    revision = index.pbxs.require("paris").revision
     index.pbxs.learn_serial("paris", " 369351034049 ", now=NOW)
     index.pbxs.record_test("paris", {"ok": True, "calls_last_day": 3}, now=NOW)
     paris = index.pbxs.require("paris")
+    # Neither is a change of its settings, for a running serve.
+    assert paris.revision == revision
+    edited = index.pbxs.update("paris", {"max_downloads": 3}, now=NOW)
+    assert edited.revision != revision
+    resealed = index.pbxs.update("paris", {}, password_sealed="v1.other", now=NOW)
+    assert resealed.revision not in (revision, edited.revision)
     assert paris.serial == "369351034049" and paris.detail == {"ok": True, "calls_last_day": 3}
     with pytest.raises(NoSuchPbx, match=r"no PBX named 'nice' \(lyon, paris\)"):
         index.pbxs.require("nice")

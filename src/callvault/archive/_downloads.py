@@ -63,6 +63,7 @@ class PoolOptions:
     grace_s: float = 20.0  # at shutdown: how long downloads in flight may finish
     # The PBX (registry id) whose jobs the workers take; None: every job (a library user).
     pbx_id: int | None = None
+    label: str = ""  # the PBX's name in log lines; "" when the process archives only one
 
 
 class Downloads:
@@ -155,6 +156,7 @@ class Downloads:
             pbx_id=options.pbx_id,
             staging=self._staging,
             restart_delays_s=self._restart_delays_s or DEFAULT_RESTART_DELAYS_S,
+            label=options.label,
         )
         self.pool = pool
         self._pool_task = asyncio.create_task(

@@ -105,6 +105,8 @@ class Ownership:
         # Lanes being handed over: their downloads finish in the background (up to the
         # shutdown grace) while the lease is still renewed; then it is released.
         self._handing_over: dict[int, asyncio.Task[None]] = {}
+        # Lanes on their way out (taken off the registry): never taken again.
+        self._retiring: set[int] = set()
         # Its index calls run on a thread of its own: in the loop's shared pool they could
         # queue behind downloads reading a stalled PBX for their whole timeout, and the
         # leases would run out meanwhile.
@@ -118,6 +120,24 @@ class Ownership:
         return await loop.run_in_executor(
             self._thread, functools.partial(function, *args, **kwargs)
         )
+
+    def add_lane(self, lane: OwnedLane) -> None:
+        """A PBX added to the registry: the next rounds count it and spread it."""
+        self._lanes.append(lane)
+
+    async def remove_lane(self, lane: OwnedLane, reason: str) -> None:
+        """A PBX taken off the registry (or changed): handed over if held (its downloads
+        finish, its lease is renewed meanwhile, then released), then forgotten."""
+        self._retiring.add(lane.pbx_id)
+        try:
+            await self._give_up(lane, reason)
+            handing = self._handing_over.get(lane.pbx_id)
+            if handing is not None:
+                await asyncio.gather(handing, return_exceptions=True)
+        finally:
+            self._retiring.discard(lane.pbx_id)
+            if lane in self._lanes:
+                self._lanes.remove(lane)
 
     def held(self) -> list[OwnedLane]:
         """The lanes this node works on (those being handed over excluded)."""
@@ -229,7 +249,7 @@ class Ownership:
         for lane in sorted(self._lanes, key=lambda lane: self._preference(lane.pbx_id)):
             if wanted == 0:
                 break
-            if lane.lease is not None:
+            if lane.lease is not None or lane.pbx_id in self._retiring:
                 continue
             known = leases.get(lane.pbx_id)
             dead: tuple[str, ...] = ()

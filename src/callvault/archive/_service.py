@@ -35,7 +35,7 @@ import hmac
 import logging
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -113,6 +113,14 @@ class PbxTarget:
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     workers: int = 2  # its download workers: a PBX is a small embedded box
     events_allow: Sequence[str] | None = None  # default: the PBX host's addresses
+    # Its registry entry's settings and password, digested (`PbxRecord.revision`): a
+    # target with another revision is the same PBX with other settings.
+    revision: str | None = None
+
+
+# What the registry says to archive now, by PBX name: its target, or why it cannot be
+# archived (then a lane already running for it is left as it is).
+RegistryView = Mapping[str, PbxTarget | str]
 
 
 @dataclass(slots=True)
@@ -182,6 +190,12 @@ class ArchiverConfig:
     bind: str | None = None
     # Where alerts go (a webhook, e-mail); None or nothing configured: no alerts.
     alerts: AlertSettings | None = None
+    # The registry as it is now (called on a worker thread with the archiver's index)
+    # and how often to look: PBXs added, changed or removed are picked up while running.
+    # None: the PBXs given at start are archived until it stops.
+    registry: Callable[[Index], RegistryView] | None = field(default=None, repr=False)
+    registry_poll_s: float = 15.0
+    pbx_revision: str | None = None  # the first PBX's (see PbxTarget.revision)
 
     def targets(self) -> list[PbxTarget]:
         """Every PBX to archive, the first one given by the config's own fields."""
@@ -195,6 +209,7 @@ class ArchiverConfig:
             timezone=self.timezone,
             workers=self.workers,
             events_allow=self.events_allow,
+            revision=self.pbx_revision,
         )
         return [first, *self.more_pbxs]
 
@@ -319,6 +334,7 @@ class Archiver:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
+        self._loop_of_lanes: asyncio.AbstractEventLoop | None = None
 
     # The first PBX's parts (None while this node does not work on it).
 
@@ -461,11 +477,12 @@ class Archiver:
         )
         self.ownership = ownership
         started: list[_Lane] = []
+        self._loop_of_lanes = loop
         try:
             for lane in lanes:
                 lane.start_intake(index, self.events_port, ownership, loop)
                 started.append(lane)
-            self.metrics.watch(lambda: [lane.figures() for lane in lanes])
+            self.metrics.watch(lambda: [lane.figures() for lane in self.lanes])
             # Every port is bound before any work starts: a busy web port stops the start
             # before a single login or download.
             web = self._web_server(index, sockets)
@@ -477,8 +494,11 @@ class Archiver:
                 await ownership.close()
             except Exception as exc:  # the lanes still stop below; the leases expire
                 log.error("handing the PBXs over at shutdown failed: %s", exc, exc_info=exc)
-            for lane in reversed(started):
-                await lane.close()
+            # The lanes started here, and those the registry added since (a lane taken
+            # off the registry was closed then, and left the list).
+            for lane in reversed([*started, *(x for x in self.lanes if x not in started)]):
+                if lane in self.lanes:
+                    await lane.close()
             log.info("stopped")
         if ownership.fenced.is_set():
             raise Fenced(ownership.fenced_reason or "this node was superseded")
@@ -497,7 +517,11 @@ class Archiver:
         then stop the servers and commit what was received."""
         config = self.config
         loop = asyncio.get_running_loop()
-        receiver = lanes[0].receiver if len(lanes) == 1 else _by_report_path(lanes)
+        receiver = (
+            lanes[0].receiver
+            if len(lanes) == 1 and config.registry is None
+            else _by_report_path(lambda: self.lanes)
+        )
         events_server = server_for(receiver, header_timeout_s=config.event_header_timeout_s)
         servers: list[tuple[Server, asyncio.Future[None]]] = [
             (
@@ -529,7 +553,18 @@ class Archiver:
                     _supervised("the PBX leases", lambda: ownership.run(work_stop), work_stop)
                 )
             )
-            tasks.append(asyncio.create_task(self._hear_notices(index, lanes, work_stop)))
+            tasks.append(asyncio.create_task(self._hear_notices(index, work_stop)))
+            if config.registry is not None:
+                follow = config.registry
+                tasks.append(
+                    asyncio.create_task(
+                        _supervised(
+                            "following the registry",
+                            lambda: self._follow_registry(follow, index, ownership, work_stop),
+                            work_stop,
+                        )
+                    )
+                )
             if config.alerts is not None and config.alerts.enabled:
                 alerter = Alerter(index, self.storage, config.alerts, node=ownership.node)
                 self.alerter = alerter
@@ -577,20 +612,22 @@ class Archiver:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _hear_notices(self, index: Index, lanes: list[_Lane], stop: asyncio.Event) -> None:
+    async def _hear_notices(self, index: Index, stop: asyncio.Event) -> None:
         """Wake the workers of a PBX this node works on when any node commits new jobs of
         it (PostgreSQL; on SQLite the committing node is the working one)."""
         if not index.notices.supported:
             return
         loop = asyncio.get_running_loop()
-        by_id = {lane.pbx_id: lane for lane in lanes}
         done = threading.Event()
 
+        def wake(pbx_id: int) -> None:
+            for lane in self.lanes:
+                if lane.pbx is not None and lane.pbx.id == pbx_id:
+                    lane.wake()
+
         def heard(pbx_id: int) -> None:
-            lane = by_id.get(pbx_id)
-            if lane is not None:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(lane.wake)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake, pbx_id)
 
         # A thread of its own: it listens for as long as serve runs, and must not hold one
         # of the loop's shared workers.
@@ -603,6 +640,67 @@ class Archiver:
         finally:
             done.set()
             await asyncio.to_thread(listener.join, 5.0)
+
+    async def _follow_registry(
+        self,
+        follow: Callable[[Index], RegistryView],
+        index: Index,
+        ownership: Ownership,
+        stop: asyncio.Event,
+    ) -> None:
+        """Every `registry_poll_s` seconds, bring the lanes in line with the registry: a
+        PBX added gets a lane (its reports are taken at once; the next ownership round
+        spreads it), one removed is handed over and its lane closed, one changed is
+        closed and opened again with its new settings."""
+        told: dict[str, str] = {}  # the problem last logged for a PBX that cannot be used
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.config.registry_poll_s)
+            if stop.is_set():
+                return
+            wanted = await asyncio.to_thread(follow, index)
+            await self._apply_registry(wanted, index, ownership, told)
+
+    async def _apply_registry(
+        self, wanted: RegistryView, index: Index, ownership: Ownership, told: dict[str, str]
+    ) -> None:
+        for lane in list(self.lanes):
+            entry = wanted.get(lane.name)
+            if entry is None:
+                await self._retire(lane, ownership, "it was taken off the registry")
+            elif isinstance(entry, PbxTarget) and entry != lane.target:
+                await self._retire(lane, ownership, "its settings changed")
+        running = {lane.name for lane in self.lanes}
+        for name, entry in wanted.items():
+            if isinstance(entry, str):
+                if told.get(name) != entry:
+                    log.error("PBX %s cannot be archived: %s", name, entry)
+                    told[name] = entry
+                continue
+            if name in running:
+                continue
+            lane = _Lane(self, entry, f"{ownership.node}/{name}")
+            try:
+                await asyncio.to_thread(lane.open, index)
+            except StartError as exc:
+                if told.get(name) != str(exc):
+                    log.error("PBX %s cannot be archived: %s", name, exc)
+                    told[name] = str(exc)
+                continue
+            told.pop(name, None)
+            assert self.events_port is not None and self._loop_of_lanes is not None
+            lane.start_intake(index, self.events_port, ownership, self._loop_of_lanes)
+            self.lanes.append(lane)
+            ownership.add_lane(lane)
+            log.info("%s is archived from now on (registry)", lane.describe())
+
+    async def _retire(self, lane: _Lane, ownership: Ownership, reason: str) -> None:
+        """Stop archiving a PBX: hand it over if this node works on it (its downloads
+        finish, its lease is released), then stop taking its reports."""
+        log.info("%s: %s; its lane here closes", lane.describe(), reason)
+        await ownership.remove_lane(lane, reason)
+        self.lanes.remove(lane)
+        await lane.close()
 
     def _archived(self, archived: Archived) -> None:
         self.metrics.archived_one(archived.seconds, archived.queued_at, archived.at)
@@ -675,22 +773,26 @@ def _lane_name(target: PbxTarget) -> str:
     return target.registry_name or "main"
 
 
-def _by_report_path(lanes: Sequence[_Lane]) -> Any:
-    """One receiver for the reports of several PBXs: each goes to the receiver of the PBX
-    whose secret path it was posted to; anything else to the first one's, which refuses it
-    (403 from an address no PBX may post from, else 404) and logs it."""
-    routes = [(lane.secret_path.strip("/").encode(), lane.receiver) for lane in lanes]
-    fallback = lanes[0].receiver
+def _by_report_path(lanes: Callable[[], Sequence[_Lane]]) -> Any:
+    """One receiver for the reports of several PBXs (`lanes()`: those archived now): each
+    goes to the receiver of the PBX whose secret path it was posted to; anything else to
+    the first one's, which refuses it (403 from an address no PBX may post from, else 404)
+    and logs it."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        current = [lane for lane in lanes() if lane.receiver is not None]
         if scope["type"] == "http":
             raw = scope.get("raw_path") or scope["path"].encode()
             path = raw.split(b"?", 1)[0].strip(b"/")
-            for secret, receiver in routes:
-                if hmac.compare_digest(path, secret):
-                    await receiver(scope, receive, send)
+            for lane in current:
+                if hmac.compare_digest(path, lane.secret_path.strip("/").encode()):
+                    await lane.receiver(scope, receive, send)
                     return
-        await fallback(scope, receive, send)
+        if current:
+            await current[0].receiver(scope, receive, send)
+        elif scope["type"] == "http":  # no PBX archived here (the registry is empty)
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
 
     return app
 
@@ -724,6 +826,7 @@ class _Lane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._work_stop: asyncio.Event | None = None
         self._work_tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -887,7 +990,12 @@ class _Lane:
             label=self._label(),
         )
         self.session = session
-        options = replace(config.pool_options(), workers=target.workers, pbx_id=pbx.id)
+        options = replace(
+            config.pool_options(),
+            workers=target.workers,
+            pbx_id=pbx.id,
+            label=self.name if self._several() else "",
+        )
         downloads = Downloads(
             index,
             archiver.storage,
@@ -916,7 +1024,13 @@ class _Lane:
     async def stop_work(self, *, reason: str, graceful: bool) -> None:
         """Stop working on the PBX: downloads in flight finish (`graceful`; else they are
         cancelled and handed back at once), the session logs out (`graceful` only: the PBX
-        may be another node's by now, and its login ended this node's token already)."""
+        may be another node's by now, and its login ended this node's token already).
+        One stop at a time: a second (a lost lease while the registry closes the lane)
+        waits for the first, and finds nothing left to stop."""
+        async with self._stopping:
+            await self._stop_work(reason=reason, graceful=graceful)
+
+    async def _stop_work(self, *, reason: str, graceful: bool) -> None:
         if self._work_stop is not None:
             self._work_stop.set()
         for task in self._work_tasks:
@@ -950,7 +1064,8 @@ class _Lane:
         return str(downloads.fenced_error())
 
     def _several(self) -> bool:
-        return len(self._archiver.config.more_pbxs) > 0
+        archiver = self._archiver
+        return len(archiver.config.more_pbxs) > 0 or len(archiver.lanes) > 1
 
     def _label(self) -> str:
         """How log lines name this PBX: "the PBX" when it is the only one."""

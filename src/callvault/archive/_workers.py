@@ -142,10 +142,12 @@ class WorkerPool:
         rng: random.Random | None = None,
         staging: StagingArea | None = None,
         restart_delays_s: Sequence[float] = DEFAULT_RESTART_DELAYS_S,
+        label: str = "",
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker is needed")
         self._index = index
+        self._label = label  # the PBX's name, for log lines; "" when it is the only one
         self._storage = storage
         self._client = client
         self._session = session
@@ -211,6 +213,10 @@ class WorkerPool:
         if self._process_id is not None:
             return Worker(process_id=self._process_id, name=f"p{self._process_id}:w{number}")
         return Worker(process_id=None, name=f"{self._prefix}:{number}")
+
+    def _job(self, job: Job) -> str:
+        """How log lines name a recording: with its PBX when the process has several."""
+        return f"{job.name} (PBX {self._label})" if self._label else job.name
 
     def fence(self, reason: str) -> None:
         """Stop downloading at once: this process's claims may be another's already
@@ -386,10 +392,10 @@ class WorkerPool:
                     lease=self._lease,
                 )
             except Exception as exc:  # try again next time; the lease has some left
-                log.warning("%s: cannot renew the claim: %s", job.name, _describe(exc))
+                log.warning("%s: cannot renew the claim: %s", self._job(job), _describe(exc))
                 continue
             if not held:
-                log.warning("%s: the claim was lost while working on it", job.name)
+                log.warning("%s: the claim was lost while working on it", self._job(job))
                 return
 
     async def _attempt(self, job: Job, worker: Worker) -> None:
@@ -405,7 +411,7 @@ class WorkerPool:
             key = await self._storage_key(job)
             stored = await asyncio.to_thread(self._already_stored, key)
             if stored is not None and stored.sha256 is not None:
-                log.info("%s: already stored as %s; archiving that copy", job.name, key)
+                log.info("%s: already stored as %s; archiving that copy", self._job(job), key)
                 digest = stored.sha256
                 content_type = await asyncio.to_thread(self._sniff, key)
             else:
@@ -452,10 +458,12 @@ class WorkerPool:
         if self._session is not None:
             self._session.report_success()
         if not still_ours:
-            log.warning("%s: stored, but archived by another worker meanwhile", job.name)
+            log.warning("%s: stored, but archived by another worker meanwhile", self._job(job))
             return
         self.archived += 1
-        log.info("archived %s (%d bytes, sha256 %s) as %s", job.name, stored.size, digest, key)
+        log.info(
+            "archived %s (%d bytes, sha256 %s) as %s", self._job(job), stored.size, digest, key
+        )
         if self._on_archived is not None:
             try:
                 self._on_archived(
@@ -471,7 +479,7 @@ class WorkerPool:
                     )
                 )
             except Exception as exc:
-                log.error("%s: the on_archived callback failed: %s", job.name, _describe(exc))
+                log.error("%s: the on_archived callback failed: %s", self._job(job), _describe(exc))
 
     async def _storage_key(self, job: Job) -> str:
         """The key fixed for this recording at its first attempt (fixed now if this is it).
@@ -570,14 +578,14 @@ class WorkerPool:
                 )
             await self._apply(job, worker, decision, not_found=False, now=now)
         except Exception as second:  # the lease runs out and the job is claimable again
-            log.error("%s: cannot record the outcome: %s", job.name, _describe(second))
+            log.error("%s: cannot record the outcome: %s", self._job(job), _describe(second))
 
     async def _apply(
         self, job: Job, worker: Worker, decision: Decision, *, not_found: bool, now: datetime
     ) -> None:
         try:
             if decision.action == GIVE_UP_MISSING:
-                log.error("%s: missing: %s", job.name, decision.reason)
+                log.error("%s: missing: %s", self._job(job), decision.reason)
                 await asyncio.to_thread(
                     self._index.jobs.mark_missing,
                     job.recording_id,
@@ -586,7 +594,7 @@ class WorkerPool:
                     now=now,
                 )
             elif decision.action == GIVE_UP_FAILED:
-                log.error("%s: failed: %s", job.name, decision.reason)
+                log.error("%s: failed: %s", self._job(job), decision.reason)
                 await asyncio.to_thread(
                     self._index.jobs.mark_failed,
                     job.recording_id,
@@ -617,7 +625,9 @@ class WorkerPool:
                     not_found=not_found,
                 )
         except Exception as exc:  # the lease runs out and the job is claimable again
-            log.error("%s: cannot record the outcome in the index: %s", job.name, _describe(exc))
+            log.error(
+                "%s: cannot record the outcome in the index: %s", self._job(job), _describe(exc)
+            )
 
     async def _call_end_and_queued(self, job: Job) -> tuple[datetime | None, datetime | None]:
         """When the call ended (by the PBX's clock) and, for a call reported by its NewCdr

@@ -37,6 +37,7 @@ from callvault.archive import (
     Fenced,
     PbxTarget,
     PoolOptions,
+    RegistryView,
     RetryPolicy,
     StartError,
     StorageMismatch,
@@ -69,6 +70,8 @@ from callvault.cli._settings import (
     settings_or_fail,
 )
 from callvault.index import Index, IndexFailure, open_index
+from callvault.index.pbxs import PbxRecord
+from callvault.keys import Keyring
 from callvault.pbx import ApiVersion, AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
 from callvault.serving import ListenError
 from callvault.storage import Storage
@@ -193,7 +196,6 @@ def _registered_all(settings: ArchiveSettings, only: Sequence[str]) -> list[PbxT
     sealed), ready to log in; exits with one line when there is none or one cannot be."""
     from callvault.index.pbxs import PbxRegistryError
     from callvault.keys import MasterKeyError
-    from callvault.ops import open_password, tls_options
 
     if len(only) == 1:
         records = [_registered(settings, only[0])[0]]
@@ -227,24 +229,54 @@ def _registered_all(settings: ArchiveSettings, only: Sequence[str]) -> list[PbxT
     targets = []
     for record in records:
         try:
-            password = open_password(record, keyring)
+            targets.append(_target_of(record, keyring, settings))
         except MasterKeyError as exc:
             fail(str(exc), code=USAGE_ERROR)
-        config = record.config
-        targets.append(
-            PbxTarget(
-                pbx_url=config.url,
-                username=config.username,
-                password=password,
-                registry_name=record.name,
-                api_version=ApiVersion(config.api_version),
-                tls=tls_options(config),
-                timezone=ZoneInfo(config.timezone) if config.timezone else settings.tz,
-                workers=settings.workers if "workers" in settings.given else config.max_downloads,
-                events_allow=list(config.events_allow) or None,
-            )
-        )
     return targets
+
+
+def _target_of(record: PbxRecord, keyring: Keyring, settings: ArchiveSettings) -> PbxTarget:
+    """How the archiver reaches a registered PBX; MasterKeyError if its password cannot
+    be opened."""
+    from callvault.ops import open_password, tls_options
+
+    config = record.config
+    return PbxTarget(
+        pbx_url=config.url,
+        username=config.username,
+        password=open_password(record, keyring),
+        registry_name=record.name,
+        api_version=ApiVersion(config.api_version),
+        tls=tls_options(config),
+        timezone=ZoneInfo(config.timezone) if config.timezone else settings.tz,
+        workers=settings.workers if "workers" in settings.given else config.max_downloads,
+        events_allow=list(config.events_allow) or None,
+        revision=record.revision,
+    )
+
+
+def _registry_view(
+    settings: ArchiveSettings, only: Sequence[str]
+) -> Callable[[Index], RegistryView]:
+    """What a running serve re-reads of the registry: the PBXs it archives (`only`, else
+    every one with its password sealed), each ready to log in or with why it cannot."""
+    from callvault.keys import MasterKeyError
+
+    keyring = settings.keyring()  # already opened once at start: no error now
+    names = set(only)
+
+    def view(index: Index) -> RegistryView:
+        found: dict[str, PbxTarget | str] = {}
+        for record in index.pbxs.list():
+            if record.given_by_flags or (names and record.name not in names):
+                continue
+            try:
+                found[record.name] = _target_of(record, keyring, settings)
+            except MasterKeyError as exc:
+                found[record.name] = str(exc)
+        return found
+
+    return view
 
 
 def archiver_config(
@@ -262,9 +294,12 @@ def archiver_config(
         )
     registry_name = None
     more: tuple[PbxTarget, ...] = ()
+    registry: Callable[[Index], RegistryView] | None = None
+    revision: str | None = None
     if settings.pbx is None:
         first, *rest = _registered_all(settings, only)
         more = tuple(rest)
+        registry, revision = _registry_view(settings, only), first.revision
         pbx, username, password = first.pbx_url, first.username, first.password
         archive = settings.archive_dir()
         api, tls, zone, allowed = first.api_version, first.tls, first.timezone, first.events_allow
@@ -298,6 +333,9 @@ def archiver_config(
         node=settings.node,
         bind=_local_address(settings.bind),
         alerts=_alerts(settings),
+        registry=registry,
+        registry_poll_s=settings.registry_poll_s,
+        pbx_revision=revision,
         lease_ttl_s=settings.lease_ttl_s,
         lease_renew_s=settings.lease_renew_s,
         timezone=zone,

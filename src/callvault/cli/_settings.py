@@ -348,6 +348,7 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     "transient_max_attempts": _integer(1),
     "lease_ttl_s": _number(positive=True),
     "lease_renew_s": _number(positive=True),
+    "registry_poll_s": _number(positive=True),
     # Alerts (serve)
     "alert_webhook": _webhook,
     "alert_smtp": _host_port,
@@ -413,6 +414,7 @@ class Settings:
     # Several nodes: how long a node's hold on a PBX lasts, and how often it is renewed.
     lease_ttl_s: float = 15.0
     lease_renew_s: float = 5.0
+    registry_poll_s: float = 15.0
     # Alerts: a webhook URL and/or e-mail through an SMTP server (HOST:PORT); the SMTP
     # password is read from the environment variable alert_smtp_password_env names.
     alert_webhook: str | None = field(default=None, repr=False)  # its path may be a secret

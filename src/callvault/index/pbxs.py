@@ -9,6 +9,8 @@ every field, for the command line and the web app alike.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -200,6 +202,13 @@ class PbxRecord:
     created_at: datetime
     updated_at: datetime
     session: dict[str, Any] = field(default_factory=dict)  # as its serve last reported it
+
+    @property
+    def revision(self) -> str:
+        """Changes when the settings or the password do, and only then (not when its
+        serial is noted or it is tested): what a running archiver compares."""
+        settings = json.dumps([getattr(self.config, name) for name in CONFIG_FIELDS], default=str)
+        return hashlib.sha256(f"{settings}\n{self.password_sealed}".encode()).hexdigest()
 
     @property
     def given_by_flags(self) -> bool:

@@ -87,11 +87,11 @@ class LocalStagingArea:
 
     def close(self) -> None:
         """Remove the directory (a clean exit), then let go of its lock; idempotent."""
-        if self._fd is None:
+        fd, self._fd = self._fd, None  # taken first: two threads closing close it once
+        if fd is None:
             return
         shutil.rmtree(self._path, ignore_errors=True)
-        os.close(self._fd)
-        self._fd = None
+        os.close(fd)
 
     def __repr__(self) -> str:
         return f"LocalStagingArea({str(self._path)!r})"
