@@ -287,3 +287,27 @@ async def test_a_round_stopped_while_taking_a_pbx_gives_the_lease_back(
     assert held(a) == set()
     assert set(holders(index, clock.now).values()) <= {None}
     await a.close()
+
+
+async def test_taking_many_pbxs_spans_rounds_so_the_held_ones_are_renewed(
+    index: Index,
+) -> None:
+    """Starting work on a PBX takes time (here 1 s each, by the node's clock): a round
+    takes PBXs for half a renewal at most, and the next round renews those first."""
+    ids = [register_pbx(index, f"p{i}").id for i in range(8)]
+    clock = Clock()
+    a = node(index, "a", ids, clock)
+
+    async def slow_start() -> None:
+        clock.advance(1.0)
+
+    for lane in a._lanes:
+        lane.start_work = slow_start  # type: ignore[method-assign]
+    await a.register()
+    taken = []
+    for _ in range(3):
+        await a.tick()
+        taken.append(len(held(a)))
+        assert all(a.may_talk(lane) is None for lane in a.held())  # none ran out
+        clock.advance(RENEW_S - 3.0)
+    assert taken == [3, 6, 8]

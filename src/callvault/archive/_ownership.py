@@ -20,7 +20,8 @@ Every `renew_s` seconds (`tick`):
 4. the share is ceil(PBXs / live nodes): a node over it gives the surplus up (a clean
    stop, then a release, for another node to take at once); a node under it takes free or
    expired leases, trying PBXs in an order of its own (a hash of node and PBX) so that
-   nodes starting together mostly try different ones.
+   nodes starting together mostly try different ones, for at most half a renewal per
+   round (starting work on a PBX takes time: the leases already held come first).
 
 A node that dies holds its PBXs until their leases expire (`ttl_s`, 15 s): the others take
 them within `ttl_s + renew_s` seconds; at once if the registry already knows it is gone
@@ -246,8 +247,12 @@ class Ownership:
             return
         leases = {lease.pbx_id: lease for lease in await self._blocking(self._index.leases.all)}
         wanted = share - len(held)
+        # Taking a PBX starts its work (a client, a process row, workers): many at once
+        # could hold this round past the leases already held. Half a renewal at most; the
+        # rest is taken in the next rounds, after their renewal.
+        budget_ends = self._monotonic() + self.renew_s / 2
         for lane in sorted(self._lanes, key=lambda lane: self._preference(lane.pbx_id)):
-            if wanted == 0:
+            if wanted == 0 or self._monotonic() > budget_ends:
                 break
             if lane.lease is not None or lane.pbx_id in self._retiring:
                 continue
