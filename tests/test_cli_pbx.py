@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -644,3 +645,48 @@ def test_a_running_serve_follows_the_registry(
     finally:
         for sim in sims.values():
             sim.stop()
+
+
+def test_backfill_while_serve_runs_is_done_by_the_node_with_its_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PBX a running serve holds is never logged in to a second time: `backfill` asks
+    the node, which reads the history with its own session; the command follows it and
+    says what it queued; the node's workers download."""
+    from callvault.simulator import SimulatorConfig
+
+    key = tmp_path / "master.key"
+    assert cli("keys", "create", "--file", str(key)).returncode == 0
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    env = {"CALLVAULT_ARCHIVE": str(archive), "CALLVAULT_MASTER_KEY_FILE": str(key)}
+    with Simulator(SimulatorConfig(seed=5, event_retry_interval=0.2)) as sim:
+        sim.clock.advance(-72 * 3600)  # three days ago: older than reconciliation looks
+        try:
+            old = [sim.place_call(talk_seconds=1) for _ in range(3)]
+        finally:
+            sim.clock.advance(72 * 3600)
+        add_sim(sim, env, password=sim.password)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = load_settings(events_listen="127.0.0.1:0", poll_interval_s=0.3)
+        with Archiver(archiver_config(settings, web=False)) as archiver:
+            index = archiver.index
+            assert index is not None
+            assert wait_until(lambda: archiver.lanes[0].session_state() == "ok")
+            assert states(index) == {}  # reconciliation looks back two days only
+            since = (datetime.now(ZoneInfo(sim.config.timezone)) - timedelta(days=4)).date()
+            done = cli(
+                "backfill", "--since", since.isoformat(),
+                env={**env, "CALLVAULT_TIMEZONE": sim.config.timezone},
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert "is archived by node" in done.stderr and "runs there" in done.stderr
+            assert "3 recordings queued, downloaded by node" in done.stdout, done.stdout
+            assert wait_until(lambda: states(index) == {"archived": 3}), states(index)
+            for cdr in old:
+                assert cdr.recording is not None
+                row = index.recordings.by_name(cdr.recording, pbx_id=archiver.lanes[0].pbx_id)
+                assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+        logins = [s for s in sim.request_sources if s[1] == "login"]
+        assert len(logins) == 1, logins  # the node's only

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import socket
@@ -46,7 +47,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from callvault.archive._alerts import Alerter, AlertSettings
-from callvault.archive._backfill import reconcile
+from callvault.archive._backfill import BackfillStats, backfill, reconcile
 from callvault.archive._commit import GroupCommitter
 from callvault.archive._downloads import Downloads, PoolOptions
 from callvault.archive._metrics import ArchiverMetrics, PbxFigures, ServiceProbe
@@ -73,9 +74,19 @@ from callvault.archive._receiver import (
 from callvault.archive._session import PbxSession
 from callvault.archive._where import StorageMismatch, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
-from callvault.index import Index, Lease, RecordResult, SettingKey, open_index
+from callvault.index import BackfillRequest, Index, Lease, RecordResult, SettingKey, open_index
 from callvault.index.pbxs import MAX_DOWNLOADS_LIMIT, PbxRecord
-from callvault.pbx import ApiVersion, CallDetail, Event, PbxClient, TlsOptions
+from callvault.pbx import (
+    ApiVersion,
+    AuthError,
+    CallDetail,
+    Event,
+    PbxBusy,
+    PbxClient,
+    PbxTransportError,
+    SessionWithdrawn,
+    TlsOptions,
+)
 from callvault.serving import (
     DEFAULT_HEADER_TIMEOUT_S,
     Server,
@@ -1085,6 +1096,11 @@ class _Lane:
                     f"reconciliation{suffix}", lambda: self._reconcile_loop(index, stop), stop
                 )
             ),
+            asyncio.create_task(
+                _supervised(
+                    f"backfill requests{suffix}", lambda: self._requests_loop(index, stop), stop
+                )
+            ),
         ]
 
     def session_state(self) -> str:
@@ -1122,6 +1138,105 @@ class _Lane:
             return result
 
         return commit
+
+    async def _requests_loop(self, index: Index, stop: asyncio.Event) -> None:
+        """Run the backfills asked of this PBX (`callvault backfill` while a node holds
+        it), one at a time, with this node's session: the PBX sees no second login. A
+        request stopped by a hand-over, or by a fault that may pass, waits for the next
+        round (here, or on the PBX's next holder); it resumes where it got to."""
+        config = self._archiver.config
+        client, session, pool, pbx = self.client, self.session, self.pool, self.pbx
+        assert client is not None and session is not None and pool is not None
+        assert pbx is not None
+        while not stop.is_set():
+            await session.ready.wait()
+            request = await asyncio.to_thread(
+                index.backfills.claim, pbx.id, node=self.node, now=_utcnow()
+            )
+            if request is not None:
+                await self._run_request(request, index, client, pool.wake)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=config.poll_interval_s)
+
+    async def _run_request(
+        self,
+        request: BackfillRequest,
+        index: Index,
+        client: PbxClient,
+        wake: Callable[[], None],
+    ) -> None:
+        log.info(
+            "backfill of %s from %s to %s, asked by %s",
+            self.describe(),
+            request.since.isoformat(),
+            request.until.isoformat(),
+            request.requested_by or "someone",
+        )
+        loop = asyncio.get_running_loop()
+
+        def figures(stats: BackfillStats, total: int) -> dict[str, int]:
+            return {
+                "windows_done": stats.windows + stats.windows_skipped,
+                "windows": total,
+                "calls": stats.calls,
+                "queued": stats.queued,
+                "skipped": stats.skipped,
+            }
+
+        def on_window(_a: datetime, _b: datetime, stats: BackfillStats, total: int) -> None:
+            loop.run_in_executor(None, index.backfills.progress, request.id, figures(stats, total))
+
+        try:
+            stats = await backfill(
+                client,
+                index,
+                since=request.since,
+                until=request.until,
+                tz=self.target.timezone,
+                pbx=self.target.pbx_url,
+                pbx_id=request.pbx_id,
+                on_window=on_window,
+                on_queued=wake,
+            )
+        except asyncio.CancelledError:  # a hand-over or shutdown: the next holder resumes
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(index.backfills.release, request.id)
+            raise
+        except (PbxTransportError, PbxBusy, AuthError, SessionWithdrawn) as exc:
+            log.warning("backfill of %s paused, tried again soon: %s", self.describe(), exc)
+            await asyncio.to_thread(index.backfills.release, request.id, error=str(exc))
+            await asyncio.sleep(self._archiver.config.poll_interval_s)
+            return
+        except Exception as exc:  # cannot succeed as asked (e.g. the PBX refuses the range)
+            log.error("backfill of %s failed: %s", self.describe(), exc)
+            await asyncio.to_thread(
+                functools.partial(
+                    index.backfills.finish,
+                    request.id,
+                    ok=False,
+                    progress=request.progress,
+                    error=str(exc),
+                    now=_utcnow(),
+                )
+            )
+            return
+        total = stats.windows + stats.windows_skipped
+        await asyncio.to_thread(
+            functools.partial(
+                index.backfills.finish,
+                request.id,
+                ok=True,
+                progress=figures(stats, total),
+                now=_utcnow(),
+            )
+        )
+        log.info(
+            "backfill of %s done: %d calls, %d recordings queued",
+            self.describe(),
+            stats.calls,
+            stats.queued,
+        )
 
     async def _reconcile_loop(self, index: Index, stop: asyncio.Event) -> None:
         config = self._archiver.config

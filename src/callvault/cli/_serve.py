@@ -18,8 +18,9 @@ import functools
 import logging
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -30,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy.exc import SQLAlchemyError
 
 from callvault.archive import (
+    NODE_KIND,
     AlertSettings,
     Archiver,
     ArchiverConfig,
@@ -49,7 +51,14 @@ from callvault.archive import (
     storage_url_for,
 )
 from callvault.cli._app import app
-from callvault.cli._common import Terminated, fail, plural, run_service, run_terminable
+from callvault.cli._common import (
+    Terminated,
+    cli_actor,
+    fail,
+    plural,
+    run_service,
+    run_terminable,
+)
 from callvault.cli._options import (
     PATH,
     PbxFlags,
@@ -69,7 +78,7 @@ from callvault.cli._settings import (
     SettingsError,
     settings_or_fail,
 )
-from callvault.index import Index, IndexFailure, open_index
+from callvault.index import DEFAULT_STALE_AFTER, Index, IndexFailure, open_index
 from callvault.index.pbxs import PbxRecord
 from callvault.keys import Keyring
 from callvault.pbx import ApiVersion, AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
@@ -648,6 +657,11 @@ def backfill_command(
         index.close()
         fail(str(exc))
     try:
+        holder = _working_node(index, record.id) if record is not None else None
+        if record is not None and holder is not None:
+            # A serve node holds the PBX: it reads the history with its own session.
+            code = _ask_the_node(index, record.name, record.id, holder, start, end)
+            raise SystemExit(code)
         # `callvault list` shows times in the zone the PBX's local times were read in.
         save_pbx_timezone(index, tz)
         pbx_id = record.id if record is not None else _given_pbx_id(index, settings, client)
@@ -687,6 +701,98 @@ def backfill_command(
 
 
 _STOPPED = "callvault: backfill {how}: no download left claimed, logged out; run it again to resume"
+
+# How long a backfill asked of a node may wait for a node to take it up.
+_UNCLAIMED_PATIENCE_S = 60.0
+
+
+def _working_node(index: Index, pbx_id: int) -> str | None:
+    """The live `serve` node that holds the PBX's lease now, if any."""
+    now = datetime.now(UTC)
+    lease = index.leases.get(pbx_id)
+    if lease is None or lease.node is None or not lease.held(now):
+        return None
+    live = index.processes.live(now=now, stale_after=DEFAULT_STALE_AFTER)
+    alive = {info.node for info in live if info.kind == NODE_KIND}
+    return lease.node if lease.node in alive else None
+
+
+def _ask_the_node(
+    index: Index, name: str, pbx_id: int, node: str, start: datetime, end: datetime
+) -> int:
+    """Ask the node holding the PBX to backfill, and follow it until it is done: a second
+    login from here might end the node's session (one token per user on some firmware)."""
+    request = index.backfills.submit(
+        pbx_id, since=start, until=end, by=cli_actor(), now=datetime.now(UTC)
+    )
+    print(
+        f"backfill: PBX {name} is archived by node {node}: the backfill runs there, with its "
+        f"session (request {request.id})",
+        file=sys.stderr,
+        flush=True,
+    )
+    console = Console(stderr=True)
+    waited_from = time.monotonic()
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("CDR windows", total=None)
+            while True:
+                current = index.backfills.get(request.id)
+                if current is None:
+                    print("callvault: error: the backfill request was removed", file=sys.stderr)
+                    return 1
+                figures = current.progress
+                progress.update(
+                    task,
+                    total=figures.get("windows") or None,
+                    completed=figures.get("windows_done", 0),
+                    description=f"CDR windows ({figures.get('queued', 0)} queued)",
+                )
+                if current.finished:
+                    break
+                if current.state == "running":
+                    waited_from = time.monotonic()
+                elif time.monotonic() - waited_from > _UNCLAIMED_PATIENCE_S:
+                    progress.stop()
+                    why = f" (last try: {current.error})" if current.error else ""
+                    print(
+                        f"callvault: error: no node has taken the backfill up for "
+                        f"{_UNCLAIMED_PATIENCE_S:.0f} s{why}; it stays asked (request "
+                        f"{request.id}) and runs when a node works on PBX {name}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        print(
+            f"callvault: backfill goes on on the node (request {request.id}); "
+            "`callvault status` shows the recordings it queues",
+            file=sys.stderr,
+        )
+        return 130
+    figures = current.progress
+    if current.state == "failed":
+        print(
+            f"callvault: error: backfill failed on node {current.node}: {current.error}",
+            file=sys.stderr,
+        )
+        return 1
+    skipped = int(figures.get("skipped", 0))
+    print(
+        f"backfill: {plural(int(figures.get('calls', 0)), 'call')} in "
+        f"{plural(int(figures.get('windows', 0)), 'window')}{_skipped(skipped)}; "
+        f"{plural(int(figures.get('queued', 0)), 'recording')} queued, downloaded by node "
+        f"{current.node}",
+        flush=True,
+    )
+    return 0
 
 
 def _given_pbx_id(index: Index, settings: ArchiveSettings, client: PbxClient) -> int:

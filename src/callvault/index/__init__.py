@@ -15,7 +15,8 @@ The `Index` has one store per subject, each method one short transaction:
 - `index.pbxs`: the registry of PBXs (rules and data classes in `callvault.index.pbxs`);
 - `index.leases`: which node owns each PBX's API session, with fencing tokens;
 - `index.notices`: "this PBX has new jobs", from node to node (PostgreSQL's NOTIFY);
-- `index.alerts`: what is wrong now, each told once and cleared once across nodes.
+- `index.alerts`: what is wrong now, each told once and cleared once across nodes;
+- `index.backfills`: history to archive, asked of the node that works on a PBX.
 
 Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
 and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from callvault.index._calls import call_detail_problem
     from callvault.index._jobs import DEFAULT_STALE_AFTER
 from callvault.index._alerts import Alert
+from callvault.index._backfills import BackfillRequest
 from callvault.index._errors import (
     IndexCorruptError,
     IndexFailure,
@@ -64,6 +66,7 @@ __all__ = [
     "TOTAL_CAP",
     "Alert",
     "ArchivedCopy",
+    "BackfillRequest",
     "DayCount",
     "Index",
     "IndexCorruptError",

@@ -2,7 +2,7 @@
 
 The `Index` owns the engine and exposes one store per subject (`calls`, `jobs`,
 `recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`, `pbxs`,
-`leases`, `notices`, `alerts`). Every
+`leases`, `notices`, `alerts`, `backfills`). Every
 store method is synchronous SQLAlchemy Core in one short transaction, safe to call from
 several threads (one connection per call from the engine's pool) and from several
 processes on the same database; see `callvault.index._db` for how writes queue.
@@ -38,6 +38,7 @@ from callvault.index._statistics import Statistics
 if TYPE_CHECKING:
     from callvault.index._alerts import AlertStore
     from callvault.index._audit import AuditStore
+    from callvault.index._backfills import BackfillStore
     from callvault.index._calls import CallStore
     from callvault.index._jobs import JobStore
     from callvault.index._leases import LeaseStore
@@ -50,7 +51,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration: an index already at it opens without loading Alembic (about a
 # third of a second), so commands such as `callvault list` start quickly. A test checks
 # that this is the head of the migrations.
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0013"
 
 
 def open_index(url: str, *, create: bool = True) -> Index:
@@ -159,6 +160,12 @@ class Index:
         from callvault.index._pbxs import PbxStore
 
         return PbxStore(self._db)
+
+    @functools.cached_property
+    def backfills(self) -> BackfillStore:
+        from callvault.index._backfills import BackfillStore
+
+        return BackfillStore(self._db)
 
     @functools.cached_property
     def leases(self) -> LeaseStore:

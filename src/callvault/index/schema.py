@@ -293,6 +293,30 @@ pbx_leases = Table(
 )
 
 # Alerts (see `index.alerts`): a condition, when it was first seen, told and cleared.
+# History to archive, asked of the node that works on a PBX (`callvault backfill` while
+# `serve` runs): that node reads it with its own API session, so the PBX never sees a
+# second login. One row per request; `progress` is JSON (windows done and in all, calls,
+# queued).
+BACKFILL_STATES = ("waiting", "running", "done", "failed")
+backfill_requests = Table(
+    "backfill_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("pbx_id", Integer, ForeignKey("pbxs.id", ondelete="CASCADE"), nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False),
+    Column("until", DateTime(timezone=True), nullable=False),
+    Column("requested_by", String(64), nullable=False, server_default=text("''")),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("state", String(16), nullable=False),  # one of BACKFILL_STATES
+    Column("node", String(128), nullable=True),  # the node working on it (or that did)
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("progress", Text, nullable=False, server_default=text("'{}'")),
+    Column("error", Text, nullable=False, server_default=text("''")),
+    sqlite_autoincrement=True,
+)
+Index("ix_backfill_requests_pbx_state", backfill_requests.c.pbx_id, backfill_requests.c.state)
+
 alerts = Table(
     "alerts",
     metadata,
