@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from callvault.archive._ownership import Ownership
+from callvault.archive._ownership import MAX_TAKEN_PER_ROUND, Ownership
 from callvault.index import Index, Lease
 from support.index_data import register_pbx
 
@@ -185,6 +186,7 @@ async def test_workers_fenced_by_another_process_give_the_pbx_up(index: Index) -
     a = node(index, "a", [pbx_id], clock)
     await a.register()
     await a.tick()
+    await a.settle()  # its work started (in the background)
     [lane] = a.held()
     assert isinstance(lane, FakeLane)
     lane.fenced_by_workers = "process 9 was marked stopped by another process"
@@ -289,25 +291,47 @@ async def test_a_round_stopped_while_taking_a_pbx_gives_the_lease_back(
     await a.close()
 
 
-async def test_taking_many_pbxs_spans_rounds_so_the_held_ones_are_renewed(
-    index: Index,
-) -> None:
-    """Starting work on a PBX takes time (here 1 s each, by the node's clock): a round
-    takes PBXs for half a renewal at most, and the next round renews those first."""
-    ids = [register_pbx(index, f"p{i}").id for i in range(8)]
+async def test_taking_many_pbxs_never_holds_up_a_round(index: Index) -> None:
+    """Starting work on a PBX takes time (here 0.3 s each): it runs in the background, at
+    most MAX_TAKEN_PER_ROUND at once, and a round never waits for it, so the leases held
+    are renewed on time however many PBXs a node takes over."""
+    ids = [register_pbx(index, f"p{i}").id for i in range(MAX_TAKEN_PER_ROUND + 4)]
     clock = Clock()
     a = node(index, "a", ids, clock)
+    running = 0
+    most = 0
+    started: list[int] = []
 
-    async def slow_start() -> None:
-        clock.advance(1.0)
+    def slow_start(lane_id: int) -> Callable[[], Awaitable[None]]:
+        async def start() -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.3)
+            running -= 1
+            started.append(lane_id)
+
+        return start
 
     for lane in a._lanes:
-        lane.start_work = slow_start  # type: ignore[method-assign]
+        lane.start_work = slow_start(lane.pbx_id)  # type: ignore[method-assign]
     await a.register()
     taken = []
     for _ in range(3):
+        round_started = time.monotonic()
         await a.tick()
+        assert time.monotonic() - round_started < 0.25  # no wait for the starts
         taken.append(len(held(a)))
-        assert all(a.may_talk(lane) is None for lane in a.held())  # none ran out
-        clock.advance(RENEW_S - 3.0)
-    assert taken == [3, 6, 8]
+        clock.advance(RENEW_S)
+    # The first round's starts still ran during the next rounds: no room for more.
+    assert taken == [MAX_TAKEN_PER_ROUND] * 3
+    await a.settle()
+    await a.tick()
+    assert len(held(a)) == len(ids)
+    await a.settle()
+    assert sorted(started) == sorted(ids) and most == MAX_TAKEN_PER_ROUND
+    # A lease lost while its work is starting: the start is called off first.
+    lost = next(lane for lane in a._lanes if lane.lease is not None)
+    await a._lose(lost, "test")
+    assert lost.lease is None and lost.events[-1] == "stop-at-once"
+    await a.close()

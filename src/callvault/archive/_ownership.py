@@ -20,8 +20,9 @@ Every `renew_s` seconds (`tick`):
 4. the share is ceil(PBXs / live nodes): a node over it gives the surplus up (a clean
    stop, then a release, for another node to take at once); a node under it takes free or
    expired leases, trying PBXs in an order of its own (a hash of node and PBX) so that
-   nodes starting together mostly try different ones, for at most half a renewal per
-   round (starting work on a PBX takes time: the leases already held come first).
+   nodes starting together mostly try different ones. Work on a PBX won starts in the
+   background (it takes time, and the next renewal must not wait for it), at most
+   `MAX_TAKEN_PER_ROUND` at once; leases are won for half a renewal at most per round.
 
 A node that dies holds its PBXs until their leases expire (`ttl_s`, 15 s): the others take
 them within `ttl_s + renew_s` seconds; at once if the registry already knows it is gone
@@ -50,6 +51,8 @@ T = TypeVar("T")
 
 DEFAULT_LEASE_TTL_S = 15.0
 DEFAULT_LEASE_RENEW_S = 5.0
+# The most PBXs one round takes (their work then starts all at once).
+MAX_TAKEN_PER_ROUND = 16
 
 
 def _utcnow() -> datetime:
@@ -106,6 +109,8 @@ class Ownership:
         # Lanes being handed over: their downloads finish in the background (up to the
         # shutdown grace) while the lease is still renewed; then it is released.
         self._handing_over: dict[int, asyncio.Task[None]] = {}
+        # Lanes whose work is starting, in the background: a round never waits for it.
+        self._starting: dict[int, asyncio.Task[None]] = {}
         # Lanes on their way out (taken off the registry): never taken again.
         self._retiring: set[int] = set()
         # Its index calls run on a thread of its own: in the loop's shared pool they could
@@ -247,12 +252,15 @@ class Ownership:
             return
         leases = {lease.pbx_id: lease for lease in await self._blocking(self._index.leases.all)}
         wanted = share - len(held)
-        # Taking a PBX starts its work (a client, a process row, workers): many at once
-        # could hold this round past the leases already held. Half a renewal at most; the
-        # rest is taken in the next rounds, after their renewal.
+        # Taking a PBX starts its work (a client, a process row, workers), which takes time
+        # on a loaded machine: it runs in the background, never in the round (whose next
+        # renewal must not wait for it), at most MAX_TAKEN_PER_ROUND at once. The leases
+        # are won for half a renewal at most.
         budget_ends = self._monotonic() + self.renew_s / 2
+        room = min(wanted, MAX_TAKEN_PER_ROUND - len(self._starting))
+        won: list[OwnedLane] = []
         for lane in sorted(self._lanes, key=lambda lane: self._preference(lane.pbx_id)):
-            if wanted == 0 or self._monotonic() > budget_ends:
+            if len(won) >= room or self._monotonic() > budget_ends:
                 break
             if lane.lease is not None or lane.pbx_id in self._retiring:
                 continue
@@ -264,13 +272,16 @@ class Ownership:
                 # Held by a node the registry knows stopped (killed, and found gone by a
                 # start on its host): no need to wait for its lease to run out.
                 dead = (str(known.node),)
-            if await self._take(lane, dead):
-                wanted -= 1
+            if await self._acquire(lane, dead):
+                won.append(lane)
+        for lane in won:
+            self._starting[lane.pbx_id] = asyncio.create_task(self._start(lane))
 
     def _preference(self, pbx_id: int) -> bytes:
         return hashlib.sha256(f"{self.node}/{pbx_id}".encode()).digest()
 
-    async def _take(self, lane: OwnedLane, dead: tuple[str, ...] = ()) -> bool:
+    async def _acquire(self, lane: OwnedLane, dead: tuple[str, ...] = ()) -> bool:
+        """Win the PBX's lease (its work is not started yet: `_start`)."""
         started = self._monotonic()
         acquiring = asyncio.ensure_future(
             self._blocking(
@@ -299,18 +310,35 @@ class Ownership:
         lane.lease = lease
         lane.lease_deadline = started + self._ttl_s
         log.info("node %s took PBX %s (lease %d)", self.node, lane.name, lease.token)
+        return True
+
+    async def _start(self, lane: OwnedLane) -> None:
+        """Start working on a PBX whose lease was won (a background task of its own);
+        hand it over if that fails."""
         try:
             await lane.start_work()
         except Exception as exc:
+            self._starting.pop(lane.pbx_id, None)
             log.error("PBX %s could not be started on this node: %s", lane.name, exc)
             await self._give_up(lane, "it could not be started here")
-            return False
-        return True
+        finally:
+            self._starting.pop(lane.pbx_id, None)
+
+    async def _started(self, lane: OwnedLane) -> None:
+        """Wait for the start of the lane's work, if it is starting."""
+        starting = self._starting.get(lane.pbx_id)
+        if starting is not None:
+            await asyncio.gather(starting, return_exceptions=True)
 
     async def _lose(self, lane: OwnedLane, reason: str) -> None:
         """Stop work on a PBX at once: it is (or may be) another node's now."""
         log.warning("node %s stops working on PBX %s: %s", self.node, lane.name, reason)
         lane.lease = None
+        starting = self._starting.pop(lane.pbx_id, None)
+        if starting is not None:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
         handing = self._handing_over.pop(lane.pbx_id, None)
         if handing is not None:
             handing.cancel()
@@ -329,6 +357,7 @@ class Ownership:
 
     async def _hand_over(self, lane: OwnedLane, reason: str) -> None:
         try:
+            await self._started(lane)
             await lane.stop_work(reason=reason, graceful=True)
         finally:
             lease = lane.lease
@@ -346,9 +375,11 @@ class Ownership:
                     log.warning("cannot release the lease of PBX %s: %s", lane.name, exc)
 
     async def settle(self) -> None:
-        """Wait for the hand-overs in progress to end."""
-        while self._handing_over:
-            await asyncio.gather(*self._handing_over.values(), return_exceptions=True)
+        """Wait for the starts and hand-overs in progress to end."""
+        while self._starting or self._handing_over:
+            await asyncio.gather(
+                *self._starting.values(), *self._handing_over.values(), return_exceptions=True
+            )
 
     async def close(self) -> None:
         """At shutdown: hand every PBX over (together: each lets its downloads finish),

@@ -498,7 +498,8 @@ class Archiver:
             # before a single login or download.
             web = self._web_server(index, sockets)
             await ownership.register()
-            await ownership.tick()  # alone, it wins every PBX now
+            await ownership.tick()  # alone, it wins the PBXs now (MAX_TAKEN_PER_ROUND first)
+            await ownership.settle()  # their work started: "ready" waits for their logins
             await self._serve(stop, index, lanes, ownership, events_sock, web, ready)
         finally:
             try:
