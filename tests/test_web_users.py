@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from callvault.cli import _web, app
 from callvault.index import audit, open_index
+from support.index_data import register_pbx
 from support.web import ADMIN, LISTENER_2000, T0, LiveWeb, audit_entries, csrf_of, live_web, login
 
 runner = CliRunner()
@@ -233,3 +234,20 @@ def test_answers_with_secrets_are_not_cached_and_reprs_hide_them(web: LiveWeb) -
     user = {"id": 1, "name": "x", "role": "admin", "scope": "", "created_at": T0}
     made = UserCreated.model_validate({"user": user, "password": "Gen-Pw-4567"})
     assert "Gen-Pw-4567" not in repr(made)
+
+
+def test_admin_page_limits_a_new_user_to_some_pbxs(web: LiveWeb) -> None:
+    index = web.archive.index
+    register_pbx(index, "paris")
+    register_pbx(index, "lyon")
+    admin = web.login(*ADMIN)
+    csrf = csrf_of(admin.get("/admin").text)
+    form = {"name": "carl", "role": "listener", "pbxs": "paris", "csrf": csrf}
+    made = admin.post("/admin/users", data=form)
+    assert made.status_code == 200, made.text
+    user = index.users.get("carl")
+    assert user is not None and user.pbxs == ("paris",)
+    assert '<td data-label="PBXs">paris</td>' in admin.get("/admin").text
+    unknown = admin.post("/admin/users", data={**form, "name": "dora", "pbxs": "nice"})
+    assert unknown.status_code == 422 and "nice" in unknown.text
+    assert index.users.get("dora") is None

@@ -556,6 +556,7 @@ async def admin_add_user(request: Request, principal: PageAdmin) -> HTMLResponse
             role=form.get("role", ""),
             password=form.get("password") or None,
             scope=form.get("scope", ""),
+            pbxs=form.get("pbxs", ""),
         )
         created = _api.add_user(request, principal, body)
     except ValidationError as exc:
