@@ -529,6 +529,9 @@ def test_requeue_and_verify_take_one_pbx(registry: dict[str, str]) -> None:
 
 def test_user_add_takes_the_pbxs_a_user_may_see(registry: dict[str, str]) -> None:
     env = {**registry, "PW": "carol-password-1"}
+    with open_index(f"sqlite:///{registry['CALLVAULT_ARCHIVE']}/callvault.db") as index:
+        for name in ("paris", "lyon"):
+            register_pbx(index, name)
     added = cli(
         "user", "add", "carol", "--role", "listener", "--pbxs", "paris, lyon",
         "--password-env", "PW", env=env,
@@ -539,6 +542,9 @@ def test_user_add_takes_the_pbxs_a_user_may_see(registry: dict[str, str]) -> Non
     assert carol["pbxs"] == ["lyon", "paris"]
     bad = cli("user", "add", "dan", "--role", "listener", "--pbxs", "Paris!", env=env)
     assert bad.returncode == 2 and "bad PBX 'Paris!'" in bad.stderr
+    # A name the registry has not (a typo) would make a user who sees nothing.
+    typo = cli("user", "add", "dan", "--role", "listener", "--pbxs", "pariss", env=env)
+    assert typo.returncode == 1 and "no PBX named 'pariss' (lyon, paris)" in typo.stderr
 
 
 def test_only_a_refused_login_pauses_testing_and_changing_it_ends_the_pause(

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
 from callvault.index._db import Database
 from callvault.index.schema import api_tokens, column_length, users, web_sessions
+from callvault.index.schema import pbxs as pbxs_table
 from callvault.times import as_utc as from_db
 from callvault.times import to_utc
 
@@ -169,6 +170,8 @@ class UserStore:
         with self._db.write() as conn:
             if _user_where(conn, users.c.name == name) is not None:
                 raise UserError(f"user {name!r} already exists")
+            if pbx_names:
+                _check_registered(conn, pbx_names.split(","))
             conn.execute(
                 insert(users).values(
                     name=name,
@@ -462,3 +465,13 @@ class SessionStore:
         """End every session of a user; how many there were."""
         with self._db.write() as conn:
             return _end_sessions_of(conn, user_id)
+
+
+def _check_registered(conn: Connection, names: list[str]) -> None:
+    """UserError naming the first of `names` the registry of PBXs has not (a typo would
+    make a user who sees nothing)."""
+    known = {str(name) for name in conn.execute(select(pbxs_table.c.name)).scalars()}
+    for name in names:
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none is registered yet"
+            raise UserError(f"no PBX named {name!r} ({listed})")
