@@ -271,15 +271,15 @@ async def test_a_round_stopped_while_taking_a_pbx_gives_the_lease_back(
     clock = Clock()
     a = node(index, "a", ids, clock)
     await a.register()
-    acquire = index.leases.acquire
+    acquire = index.leases.acquire_many
     entered = threading.Event()
 
-    def slow_acquire(*args: Any, **kwargs: Any) -> Lease | None:
+    def slow_acquire(*args: Any, **kwargs: Any) -> list[Lease]:
         entered.set()
         time.sleep(0.3)
         return acquire(*args, **kwargs)
 
-    monkeypatch.setattr(index.leases, "acquire", slow_acquire)
+    monkeypatch.setattr(index.leases, "acquire_many", slow_acquire)
     round_ = asyncio.create_task(a.tick())
     assert await asyncio.to_thread(entered.wait, 5)
     round_.cancel()

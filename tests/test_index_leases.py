@@ -122,3 +122,22 @@ def test_many_leases_are_renewed_in_one_go_and_only_those_still_held(index: Inde
         lease = index.leases.get(pbx_id)
         assert lease is not None and lease.expires_at == later + TTL
     assert index.leases.renew_many({}, node="a", now=later, ttl=TTL) == set()
+
+
+def test_several_are_taken_in_one_statement_but_never_a_live_holders(index: Index) -> None:
+    free, live, dead, own = (register_pbx(index, name).id for name in ("a1", "a2", "a3", "a4"))
+    for pbx_id, node in ((live, "b"), (dead, "c"), (own, "a")):
+        assert index.leases.acquire(pbx_id, node=node, now=NOW, ttl=TTL) is not None
+    later = NOW + TTL / 2  # every lease still held
+    won = index.leases.acquire_many(
+        [free, live, dead, own], node="a", now=later, ttl=TTL, dead=["c"]
+    )
+    assert [(lease.pbx_id, lease.node) for lease in won] == [
+        (free, "a"),
+        (dead, "a"),
+        (own, "a"),
+    ]
+    assert [lease.token for lease in won] == [1, 2, 2]  # a new token for each
+    held_by_b = index.leases.get(live)
+    assert held_by_b is not None and held_by_b.node == "b" and held_by_b.token == 1
+    assert index.leases.acquire_many([], node="a", now=later, ttl=TTL) == []

@@ -22,7 +22,7 @@ Every `renew_s` seconds (`tick`):
    expired leases, trying PBXs in an order of its own (a hash of node and PBX) so that
    nodes starting together mostly try different ones. Work on a PBX won starts in the
    background (it takes time, and the next renewal must not wait for it), at most
-   `MAX_TAKEN_PER_ROUND` at once; leases are won for half a renewal at most per round.
+   `MAX_TAKEN_PER_ROUND` at once; the leases of a round are won in one statement.
 
 A node that dies holds its PBXs until their leases expire (`ttl_s`, 15 s): the others take
 them within `ttl_s + renew_s` seconds; at once if the registry already knows it is gone
@@ -255,62 +255,65 @@ class Ownership:
         # Taking a PBX starts its work (a client, a process row, workers), which takes time
         # on a loaded machine: it runs in the background, never in the round (whose next
         # renewal must not wait for it), at most MAX_TAKEN_PER_ROUND at once. The leases
-        # are won for half a renewal at most.
-        budget_ends = self._monotonic() + self.renew_s / 2
+        # are won in one statement.
         room = min(wanted, MAX_TAKEN_PER_ROUND - len(self._starting))
-        won: list[OwnedLane] = []
+        candidates: list[OwnedLane] = []
+        dead: set[str] = set()
         for lane in sorted(self._lanes, key=lambda lane: self._preference(lane.pbx_id)):
-            if len(won) >= room or self._monotonic() > budget_ends:
+            if len(candidates) >= room:
                 break
             if lane.lease is not None or lane.pbx_id in self._retiring:
                 continue
             known = leases.get(lane.pbx_id)
-            dead: tuple[str, ...] = ()
             if known is not None and known.held(now) and known.node != self.node:
                 if known.node in nodes:
                     continue  # a live node's
-                # Held by a node the registry knows stopped (killed, and found gone by a
-                # start on its host): no need to wait for its lease to run out.
-                dead = (str(known.node),)
-            if await self._acquire(lane, dead):
-                won.append(lane)
-        for lane in won:
+                # Held by a node that is not live (killed, or found gone by a start on its
+                # host): no need to wait for its lease to run out.
+                dead.add(str(known.node))
+            candidates.append(lane)
+        for lane in await self._acquire(candidates, dead):
             self._starting[lane.pbx_id] = asyncio.create_task(self._start(lane))
 
     def _preference(self, pbx_id: int) -> bytes:
         return hashlib.sha256(f"{self.node}/{pbx_id}".encode()).digest()
 
-    async def _acquire(self, lane: OwnedLane, dead: tuple[str, ...] = ()) -> bool:
-        """Win the PBX's lease (its work is not started yet: `_start`)."""
+    async def _acquire(self, lanes: list[OwnedLane], dead: set[str]) -> list[OwnedLane]:
+        """Win the leases of `lanes` that can be won, in one statement; the lanes won
+        (their work is not started yet: `_start`)."""
+        if not lanes:
+            return []
         started = self._monotonic()
         acquiring = asyncio.ensure_future(
             self._blocking(
-                self._index.leases.acquire,
-                lane.pbx_id,
+                self._index.leases.acquire_many,
+                [lane.pbx_id for lane in lanes],
                 node=self.node,
                 now=self._clock(),
                 ttl=self._ttl,
-                dead=dead,
+                dead=sorted(dead),
             )
         )
         try:
-            lease = await asyncio.shield(acquiring)
+            leases = await asyncio.shield(acquiring)
         except asyncio.CancelledError:
             # Stopped mid-round (shutdown): the statement runs to its end on its thread
-            # regardless. A lease it won is given back, not left held until it expires.
+            # regardless. The leases it won are given back, not left held until they expire.
             with contextlib.suppress(Exception):
-                won = await acquiring
-                if won is not None:
+                for won in await acquiring:
                     await self._blocking(
-                        self._index.leases.release, lane.pbx_id, node=self.node, token=won.token
+                        self._index.leases.release, won.pbx_id, node=self.node, token=won.token
                     )
             raise
-        if lease is None:
-            return False
-        lane.lease = lease
-        lane.lease_deadline = started + self._ttl_s
-        log.info("node %s took PBX %s (lease %d)", self.node, lane.name, lease.token)
-        return True
+        by_id = {lane.pbx_id: lane for lane in lanes}
+        taken = []
+        for lease in leases:
+            lane = by_id[lease.pbx_id]
+            lane.lease = lease
+            lane.lease_deadline = started + self._ttl_s
+            log.info("node %s took PBX %s (lease %d)", self.node, lane.name, lease.token)
+            taken.append(lane)
+        return taken
 
     async def _start(self, lane: OwnedLane) -> None:
         """Start working on a PBX whose lease was won (a background task of its own);
