@@ -570,3 +570,79 @@ def storage_migrate_command(
         else:
             print("not switched: fix what failed and run it again (what was copied stays)")
     raise SystemExit(0 if report.switched else 1)
+
+
+@app.group("index", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+def index_app() -> None:
+    """The archive's database as a whole."""
+
+
+@index_app.command("copy")
+@option(
+    "--to",
+    "target_url",
+    required=True,
+    metavar="URL",
+    help="The new, empty database, e.g. postgresql+psycopg://callvault@dbhost/callvault.",
+)
+@json_option
+@archive_options
+def index_copy_command(
+    target_url: str, json_output: bool, archive: Path | None, db: str | None, config: Path | None
+) -> None:
+    """Copy the whole index (calls, recordings, PBXs, users, audit log...) into another,
+    empty database, e.g. from SQLite to PostgreSQL to run several nodes; then check every
+    table's row count. The source is left as it was; give every command and node the new
+    URL afterwards (--db, CALLVAULT_DB). Stop serve first."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from callvault.index import IndexCopyError, IndexFailure, open_index, redact
+    from callvault.ops import ArchiveError, copy_index
+
+    settings = settings_or_fail(config, archive=archive, db=db)
+    if settings.db_url() == target_url:
+        fail("--to names the index being copied: give a new, empty database", code=USAGE_ERROR)
+    with open_settings_archive(settings, check=True) as opened:
+        try:
+            target = open_index(target_url)
+        except IndexFailure as exc:
+            fail(f"--to: {exc}")
+        try:
+            console = Console(stderr=True)
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                disable=json_output or not console.is_terminal,
+            ) as bar:
+                task = bar.add_task("copying the index", total=None)
+
+                def progress(table: str, done: int, total: int) -> None:
+                    bar.update(task, description=f"copying {table}", completed=done, total=total)
+
+                try:
+                    report = copy_index(
+                        opened,
+                        target,
+                        target_url,
+                        actor=cli_actor(),
+                        now=lambda: datetime.now(UTC),
+                        progress=progress,
+                    )
+                except (ArchiveError, IndexCopyError) as exc:
+                    fail(str(exc))
+        finally:
+            target.close()
+    if json_output:
+        _print_json(report.to_json())
+        return
+    for table, rows in report.rows.items():
+        if rows:
+            print(f"{table:<20} {rows:>10} rows")
+    print(
+        f"copied {sum(report.rows.values())} rows into {redact(target_url)}, each table "
+        "checked; use it from now on (--db, or db in the config file) on every node"
+    )

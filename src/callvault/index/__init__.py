@@ -29,13 +29,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from callvault._lazy import lazy_exports
-from callvault.index._db import sqlite_path
+from callvault.index._db import redact, sqlite_path
 
 if TYPE_CHECKING:
     from callvault.index._calls import call_detail_problem
     from callvault.index._jobs import DEFAULT_STALE_AFTER
 from callvault.index._alerts import Alert
 from callvault.index._backfills import BackfillRequest
+from callvault.index._copy import IndexCopyError
 from callvault.index._errors import (
     IndexCorruptError,
     IndexFailure,
@@ -69,6 +70,7 @@ __all__ = [
     "BackfillRequest",
     "DayCount",
     "Index",
+    "IndexCopyError",
     "IndexCorruptError",
     "IndexFailure",
     "IndexMissingError",
@@ -87,6 +89,7 @@ __all__ = [
     "Worker",
     "call_detail_problem",
     "open_index",
+    "redact",
     "sqlite_path",
 ]
 

@@ -199,6 +199,27 @@ class Index:
         """The database engine: "sqlite" or "postgresql"."""
         return cast(Literal["sqlite", "postgresql"], self._db.dialect)
 
+    @property
+    def redacted_url(self) -> str:
+        """Where the index is, as it may be shown (without a password)."""
+        return redact(self._db.url)
+
+    def copy_into(
+        self, target: Index, *, progress: Callable[[str, int, int], None] | None = None
+    ) -> dict[str, int]:
+        """Copy every row of this index into `target`, an empty index (see
+        `callvault.index._copy`); the rows copied per table. IndexCopyError (one line) if
+        `target` holds rows already. `progress(table, done, total)` after each batch."""
+        from callvault.index._copy import copy_rows
+
+        return copy_rows(self._db, target._db, progress=progress)
+
+    def row_counts(self) -> dict[str, int]:
+        """How many rows each table holds."""
+        from callvault.index._copy import row_counts
+
+        return row_counts(self._db)
+
     def check(self, *, quick: bool = True) -> list[str]:
         """Problems the database finds in itself; [] when it is fine.
 

@@ -31,6 +31,7 @@ PBX_ADD = "pbx_add"
 PBX_EDIT = "pbx_edit"
 PBX_REMOVE = "pbx_remove"
 STORAGE_MIGRATE = "storage_migrate"  # the recordings were copied to another storage
+INDEX_COPY = "index_copy"  # the whole index was copied into another database
 ACTIONS = (
     LOGIN,
     LOGIN_FAILED,
@@ -51,6 +52,7 @@ ACTIONS = (
     PBX_EDIT,
     PBX_REMOVE,
     STORAGE_MIGRATE,
+    INDEX_COPY,
 )
 
 CSV_HEADER = ("id", "at", "actor", "action", "target", "detail", "remote_addr")

@@ -12,6 +12,7 @@ what both `--json` and the web API print, so the two never disagree:
     readiness(index, storage, ...) -> Readiness, metrics_registry(index, ...)  # /readyz, /metrics
     add_pbx / edit_pbx / remove_pbx / test_pbx, pbx_view(record) -> PbxView  # callvault pbx ...
     migrate_storage(archive, target, url, ...) -> MigrationReport  # callvault storage migrate
+    copy_index(archive, target, url, ...) -> IndexCopyReport  # callvault index copy
 
 The layer sits above the archiver and below the web app and the command line.
 """
@@ -22,6 +23,7 @@ from callvault._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from callvault.ops._archive import Archive, ArchiveError, open_archive
+    from callvault.ops._copy import IndexCopyReport, copy_index
     from callvault.ops._health import (
         Check,
         IndexCollector,
@@ -102,6 +104,8 @@ _HOMES = {
     "ProcessStatus": "_status",
     "WorkerCount": "_status",
     "archive_status": "_status",
+    "IndexCopyReport": "_copy",
+    "copy_index": "_copy",
     "MigrationFailure": "_storage",
     "MigrationReport": "_storage",
     "migrate_storage": "_storage",
@@ -124,6 +128,7 @@ __all__ = [
     "Check",
     "Failure",
     "IndexCollector",
+    "IndexCopyReport",
     "JsonResult",
     "MigrationFailure",
     "MigrationReport",
@@ -141,6 +146,7 @@ __all__ = [
     "WorkerCount",
     "add_pbx",
     "archive_status",
+    "copy_index",
     "edit_pbx",
     "human_size",
     "json_ready",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -11,6 +12,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from callvault.archive import StorageMismatch, storage_url_for
 from callvault.index import Index, IndexMissingError, IndexOpenError, SettingKey, open_index
 from callvault.storage import Storage, open_storage_url
+
+# A serve whose heartbeat is younger than this is taken as running.
+_RUNNING_WITHIN = timedelta(seconds=30)
 
 
 class ArchiveError(Exception):
@@ -42,6 +46,22 @@ class Archive:
             return ZoneInfo(name)
         except (ZoneInfoNotFoundError, ValueError):
             return None
+
+    def refuse_while_serving(self, now: datetime, why: str) -> None:
+        """ArchiveError naming the nodes if a `serve` works on this archive now (a
+        heartbeat within 30 s): `why` says what its work meanwhile would spoil."""
+        from callvault.archive import NODE_KIND
+
+        running = [
+            info.node
+            for info in self.index.processes.live(now=now, stale_after=_RUNNING_WITHIN)
+            if info.kind in ("serve", NODE_KIND)
+        ]
+        if running:
+            raise ArchiveError(
+                f"serve is running (node {', '.join(sorted(set(running)))}): stop it on every "
+                f"node first, or {why}"
+            )
 
     def saved_json(self, key: SettingKey) -> Any:
         """A setting holding JSON (the PBX session health), parsed; its text if not JSON."""

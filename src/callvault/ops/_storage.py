@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from callvault.archive import NODE_KIND
 from callvault.index import SettingKey, audit
-from callvault.ops._archive import Archive, ArchiveError
+from callvault.ops._archive import Archive
 from callvault.ops._json import JsonResult
 from callvault.storage import ConflictError, Storage, StorageError, StoredObject
 
 AUDIT_ACTION = audit.STORAGE_MIGRATE
-# A serve whose heartbeat is younger than this is taken as running.
-_RUNNING_WITHIN = timedelta(seconds=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +54,7 @@ def migrate_storage(
     there. The source is left as it was. ArchiveError (one line) if a serve is running:
     what it archived meanwhile would stay behind."""
     index, source = archive.index, archive.storage
-    running = [
-        info.node
-        for info in index.processes.live(now=now(), stale_after=_RUNNING_WITHIN)
-        if info.kind in ("serve", NODE_KIND)
-    ]
-    if running:
-        raise ArchiveError(
-            f"serve is running (node {', '.join(sorted(set(running)))}): stop it on every "
-            "node first, or the recordings it archives meanwhile stay behind"
-        )
+    archive.refuse_while_serving(now(), "the recordings it archives meanwhile stay behind")
     total = index.recordings.counts_by_state(["archived"]).get("archived", 0)
     copied = already = done = 0
     failed: list[MigrationFailure] = []
