@@ -514,3 +514,30 @@ def test_receiver_answers_400_not_503_for_a_report_the_index_refuses(
     assert all(secret not in r.getMessage() for r in caplog.records)
     assert all("\n" not in r.getMessage() for r in refusals)
     assert sum(index.recordings.counts_by_state().values()) == 1
+
+
+async def test_a_report_whose_sender_is_unknown_is_refused_in_plain_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server could not tell who sent it (the connection closed before it was read:
+    seen under heavy load): refused, and the log says so instead of 'source None'."""
+
+    async def commit(cdr: CallDetail) -> RecordResult:  # pragma: no cover - never called
+        raise AssertionError("committed")
+
+    receiver = create_receiver_app(
+        secret_path="secret", allowed=SourceAllowList(["127.0.0.1"]), commit=commit
+    )
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/secret", "headers": [], "client": None}
+    with caplog.at_level(logging.WARNING, logger="callvault.archive"):
+        await receiver(scope, receive, send)
+    assert sent[0]["status"] == 403
+    assert "its sender's address is unknown" in caplog.text and "None" not in caplog.text

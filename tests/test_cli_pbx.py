@@ -146,7 +146,9 @@ def test_a_refused_password_is_tried_once_and_not_again_for_ten_minutes(
     add_sim(sim, registry, password=WRONG)
     first = cli("pbx", "test", "paris", env=registry)
     assert first.returncode == 1
-    assert first.stderr.splitlines()[-1].startswith("callvault: error: PBX paris: login:")
+    # One line, the command's own (not the client's log line before it as well).
+    assert first.stderr.startswith("callvault: error: PBX paris: login:"), first.stderr
+    assert len(first.stderr.strip().splitlines()) == 1
     assert outcomes(sim, "login") == ["20003"]
     again = cli("pbx", "test", "paris", env=registry)
     assert again.returncode == 1 and "not trying it again before" in again.stderr
@@ -525,6 +527,17 @@ def test_requeue_and_verify_take_one_pbx(registry: dict[str, str]) -> None:
     assert [item["name"] for item in report["missing"]] == ["lyon-2.wav"]
     unknown = cli("requeue", "--pbx", "nice", env=registry)
     assert unknown.returncode == 2 and "--pbx: no PBX named 'nice'" in unknown.stderr
+    # status of one PBX: its recordings, calls, failures and bytes only.
+    whole = json.loads(cli("status", "--json", env=registry).stdout)
+    lyon = json.loads(cli("status", "--pbx", "lyon", "--json", env=registry).stdout)
+    assert whole["recordings"]["archived"] == 2 and whole["calls"] == 4
+    assert lyon["recordings"]["archived"] == 1 and lyon["recordings"]["failed"] == 1
+    assert lyon["calls"] == 2 and lyon["bytes_stored"] == 4
+    assert [f["name"] for f in lyon["failures"]] == ["lyon-1.wav"]
+    assert [p["name"] for p in lyon["pbxs"]] == ["lyon"]
+    shown = cli("status", "--pbx", "lyon", env=registry).stdout
+    assert "recordings: pending 0, downloading 0, archived 1" in shown, shown
+    assert cli("status", "--pbx", "nice", env=registry).returncode == 2
 
 
 def test_user_add_takes_the_pbxs_a_user_may_see(registry: dict[str, str]) -> None:

@@ -252,6 +252,9 @@ def create_receiver_app(
     ) -> tuple[int, str]:
         client = scope.get("client")
         source = client[0] if client else None
+        if source is None:  # the server could not tell who sent it (gone already)
+            log.warning("event refused: its sender's address is unknown (it hung up early)")
+            return 403, "this address may not post events"
         if not allowed.allows(source):
             log.warning("event refused: source %s is not allowed to post events", source)
             return 403, "this address may not post events"

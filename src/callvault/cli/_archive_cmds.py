@@ -246,10 +246,12 @@ def list_command(
 
 
 @app.command("status")
+@option("--pbx", metavar="NAME", help="Only this PBX's recordings, calls and session.")
 @json_option
 @archive_options
 @storage_option
 def status_command(
+    pbx: str | None,
     json_output: bool,
     archive: Path | None,
     db: str | None,
@@ -262,7 +264,10 @@ def status_command(
     with open_settings_archive(settings) as opened:
         from callvault.ops import archive_status
 
-        status = archive_status(opened, now=datetime.now(UTC))
+        record = _pbx_named(opened, pbx)
+        status = archive_status(
+            opened, now=datetime.now(UTC), pbx_id=None if record is None else record.id
+        )
     if json_output:
         _print_json(status.to_json())
     else:

@@ -199,43 +199,43 @@ class RecordingStore:
         with self._db.read() as conn:
             return from_db(conn.execute(query).scalar())
 
-    def recent_failures(self, limit: int = 20) -> list[RecordingRow]:
-        """The latest recordings given up on (`failed` or `missing`), newest first."""
+    def recent_failures(self, limit: int = 20, *, pbx_id: int | None = None) -> list[RecordingRow]:
+        """The latest recordings given up on (`failed` or `missing`), newest first (of the
+        PBX `pbx_id`, if given)."""
         r = schema.recordings
-        query = (
-            _joined()
-            .where(r.c.state.in_([schema.FAILED, schema.MISSING]))
-            .order_by(r.c.updated_at.desc(), r.c.id.desc())
-            .limit(limit)
-        )
-        return self._rows(query)
+        query = _joined().where(r.c.state.in_([schema.FAILED, schema.MISSING]))
+        if pbx_id is not None:
+            query = query.where(r.c.pbx_id == pbx_id)
+        return self._rows(query.order_by(r.c.updated_at.desc(), r.c.id.desc()).limit(limit))
 
-    def retrying(self, limit: int = 20) -> list[RecordingRow]:
+    def retrying(self, limit: int = 20, *, pbx_id: int | None = None) -> list[RecordingRow]:
         """Pending recordings whose last attempt failed (they will be tried again)."""
         r = schema.recordings
-        query = (
-            _joined()
-            .where(r.c.state == schema.PENDING, r.c.last_error.is_not(None))
-            .order_by(r.c.updated_at.desc(), r.c.id.desc())
-            .limit(limit)
-        )
-        return self._rows(query)
+        query = _joined().where(r.c.state == schema.PENDING, r.c.last_error.is_not(None))
+        if pbx_id is not None:
+            query = query.where(r.c.pbx_id == pbx_id)
+        return self._rows(query.order_by(r.c.updated_at.desc(), r.c.id.desc()).limit(limit))
 
-    def bytes_stored(self) -> int:
-        """Total size of every archived recording, in bytes."""
+    def bytes_stored(self, *, pbx_id: int | None = None) -> int:
+        """Total size of every archived recording (of the PBX `pbx_id`), in bytes."""
         r = schema.recordings
+        query = select(func.coalesce(func.sum(r.c.size), 0)).where(r.c.state == schema.ARCHIVED)
+        if pbx_id is not None:
+            query = query.where(r.c.pbx_id == pbx_id)
         with self._db.read() as conn:
-            value = conn.execute(
-                select(func.coalesce(func.sum(r.c.size), 0)).where(r.c.state == schema.ARCHIVED)
-            ).scalar_one()
-        return int(value)
+            return int(conn.execute(query).scalar_one())
 
-    def call_totals(self) -> tuple[int, int]:
+    def call_totals(self, *, pbx_id: int | None = None) -> tuple[int, int]:
         """(calls, calls with a recording): why there are more calls than recordings."""
         c, r = schema.calls, schema.recordings
-        with_recording = select(func.count(func.distinct(r.c.call_id))).scalar_subquery()
+        recorded_query = select(func.count(func.distinct(r.c.call_id)))
+        calls_query = select(func.count(c.c.id))
+        if pbx_id is not None:
+            recorded_query = recorded_query.where(r.c.pbx_id == pbx_id)
+            calls_query = calls_query.where(c.c.pbx_id == pbx_id)
+        with_recording = recorded_query.scalar_subquery()
         with self._db.read() as conn:
-            calls, recorded = conn.execute(select(func.count(c.c.id), with_recording)).one()
+            calls, recorded = conn.execute(calls_query.add_columns(with_recording)).one()
         return int(calls), int(recorded)
 
     def calls_per_day(self, *, days: int, today: date) -> list[DayCount]:

@@ -154,13 +154,15 @@ def archive_status(
     now: datetime,
     failures: int = 20,
     stale_after: timedelta = DEFAULT_STALE_AFTER,
+    pbx_id: int | None = None,
 ) -> ArchiveStatus:
     """The archive's status now (reads the index; the quick check costs seconds on a very
-    large SQLite file)."""
+    large SQLite file); with `pbx_id`, the recordings, calls, failures and session of that
+    PBX only (the nodes and processes stay the deployment's)."""
     index = archive.index
     problems = index.check(quick=True)
-    counts = index.recordings.counts_by_state()
-    calls, recorded = index.recordings.call_totals()
+    counts = index.recordings.counts_by_state(pbx_id=pbx_id)
+    calls, recorded = index.recordings.call_totals(pbx_id=pbx_id)
     timezone = archive.saved_timezone()
     # Every live process (a fleet has one per node and one per PBX it works on), then the
     # latest of the others, up to 20 rows in all.
@@ -177,7 +179,7 @@ def archive_status(
     serve_known = any(p.kind in (SERVE, NODE_KIND) for p in processes)
     serve = "running" if live_serves or live_nodes else ("stopped" if serve_known else "never")
     running = bool(live_serves or live_nodes) if serve_known else None
-    records = index.pbxs.list()
+    records = [r for r in index.pbxs.list() if pbx_id is None or r.id == pbx_id]
     names = {record.id: record.name for record in records}
     holders = {
         lease.pbx_id: lease.node
@@ -210,10 +212,12 @@ def archive_status(
         calls=calls,
         calls_with_recording=recorded,
         calls_without_recording=max(0, calls - recorded),
-        bytes_stored=index.recordings.bytes_stored(),
+        bytes_stored=index.recordings.bytes_stored(pbx_id=pbx_id),
         storage=archive.storage.usage(),
-        failures=[Failure.of(row) for row in index.recordings.recent_failures(failures)],
-        retrying=[Failure.of(row) for row in index.recordings.retrying(failures)],
+        failures=[
+            Failure.of(row) for row in index.recordings.recent_failures(failures, pbx_id=pbx_id)
+        ],
+        retrying=[Failure.of(row) for row in index.recordings.retrying(failures, pbx_id=pbx_id)],
         last_event_at=_moment(index.settings.get(SettingKey.LAST_EVENT_AT)),
         pbx_session=_overall(
             pbxs,
