@@ -20,9 +20,10 @@ Every `renew_s` seconds (`tick`):
 4. the share is ceil(PBXs / live nodes): a node over it gives the surplus up (a clean
    stop, then a release, for another node to take at once); a node under it takes free or
    expired leases, trying PBXs in an order of its own (a hash of node and PBX) so that
-   nodes starting together mostly try different ones. Work on a PBX won starts in the
-   background (it takes time, and the next renewal must not wait for it), at most
-   `MAX_TAKEN_PER_ROUND` at once; the leases of a round are won in one statement.
+   nodes starting together mostly try different ones. The leases of a round (up to
+   `MAX_TAKEN_PER_ROUND`) are won in one statement; work on the PBXs won starts in the
+   background (it takes time, and the next renewal must not wait for it), `MAX_STARTING`
+   at once.
 
 A node that dies holds its PBXs until their leases expire (`ttl_s`, 15 s): the others take
 them within `ttl_s + renew_s` seconds; at once if the registry already knows it is gone
@@ -51,8 +52,10 @@ T = TypeVar("T")
 
 DEFAULT_LEASE_TTL_S = 15.0
 DEFAULT_LEASE_RENEW_S = 5.0
-# The most PBXs one round takes (their work then starts all at once).
-MAX_TAKEN_PER_ROUND = 16
+# The most PBXs one round takes (their leases in one statement), and the most whose work
+# starts at once (the others wait their turn, their leases held and renewed).
+MAX_TAKEN_PER_ROUND = 64
+MAX_STARTING = 16
 
 
 def _utcnow() -> datetime:
@@ -111,6 +114,7 @@ class Ownership:
         self._handing_over: dict[int, asyncio.Task[None]] = {}
         # Lanes whose work is starting, in the background: a round never waits for it.
         self._starting: dict[int, asyncio.Task[None]] = {}
+        self._start_slots = asyncio.Semaphore(MAX_STARTING)
         # Lanes on their way out (taken off the registry): never taken again.
         self._retiring: set[int] = set()
         # Its index calls run on a thread of its own: in the loop's shared pool they could
@@ -254,9 +258,10 @@ class Ownership:
         wanted = share - len(held)
         # Taking a PBX starts its work (a client, a process row, workers), which takes time
         # on a loaded machine: it runs in the background, never in the round (whose next
-        # renewal must not wait for it), at most MAX_TAKEN_PER_ROUND at once. The leases
-        # are won in one statement.
-        room = min(wanted, MAX_TAKEN_PER_ROUND - len(self._starting))
+        # renewal must not wait for it), MAX_STARTING at once. The leases are won first,
+        # in one statement: a dead node's PBXs have a new home at once, and the PBXs wait
+        # for their turn to start there.
+        room = min(wanted, MAX_TAKEN_PER_ROUND)
         candidates: list[OwnedLane] = []
         dead: set[str] = set()
         for lane in sorted(self._lanes, key=lambda lane: self._preference(lane.pbx_id)):
@@ -319,7 +324,8 @@ class Ownership:
         """Start working on a PBX whose lease was won (a background task of its own);
         hand it over if that fails."""
         try:
-            await lane.start_work()
+            async with self._start_slots:
+                await lane.start_work()
         except Exception as exc:
             self._starting.pop(lane.pbx_id, None)
             log.error("PBX %s could not be started on this node: %s", lane.name, exc)
