@@ -399,6 +399,18 @@ def test_backfill_takes_a_registered_pbx_and_flags_never_double_it(
     assert "--only paris" in again.stderr
 
 
+def add_one_download_pbx(name: str, sim: Simulator, env: dict[str, str]) -> None:
+    """`pbx add NAME` for `sim`, one download at a time."""
+    assert sim.cert_sha256 is not None
+    added = cli(
+        "pbx", "add", name, "--url", sim.url, "--username", sim.username,
+        "--password-env", "PW", "--pin-sha256", sim.cert_sha256,
+        "--timezone", sim.config.timezone, "--max-downloads", "1",
+        env={**env, "PW": sim.password},
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+
+
 def test_one_serve_archives_every_registered_pbx(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -420,14 +432,7 @@ def test_one_serve_archives_every_registered_pbx(
     }
     with sims["lyon"], sims["paris"]:
         for name, sim in sims.items():
-            assert sim.cert_sha256 is not None
-            added = cli(
-                "pbx", "add", name, "--url", sim.url, "--username", sim.username,
-                "--password-env", "PW", "--pin-sha256", sim.cert_sha256,
-                "--timezone", sim.config.timezone, "--max-downloads", "1",
-                env={**env, "PW": sim.password},
-            )  # fmt: skip
-            assert added.returncode == 0, added.stderr
+            add_one_download_pbx(name, sim, env)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         settings = load_settings(events_listen="127.0.0.1:0", poll_interval_s=0.3)
@@ -603,15 +608,7 @@ def test_a_running_serve_follows_the_registry(
     }
 
     def add(name: str, environment: dict[str, str] = env) -> None:
-        sim = sims[name]
-        assert sim.cert_sha256 is not None
-        added = cli(
-            "pbx", "add", name, "--url", sim.url, "--username", sim.username,
-            "--password-env", "PW", "--pin-sha256", sim.cert_sha256,
-            "--timezone", sim.config.timezone, "--max-downloads", "1",
-            env={**environment, "PW": sim.password},
-        )  # fmt: skip
-        assert added.returncode == 0, added.stderr
+        add_one_download_pbx(name, sims[name], environment)
 
     for sim in sims.values():
         sim.start()

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import click
 
 from callvault.cli._app import CONTEXT_SETTINGS, app
-from callvault.cli._common import cli_actor, fail, plural
+from callvault.cli._common import cli_actor, counting_bar, fail, plural
 from callvault.cli._options import (
     archive_options,
     flag,
@@ -508,8 +508,6 @@ def storage_migrate_command(
     index, then switch the index over to it (every command and node then uses it). Run it
     again to resume; the recordings already copied are skipped. Stop serve first; the
     source is left as it was."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from callvault.archive import same_place
     from callvault.index import SettingKey
@@ -533,16 +531,8 @@ def storage_migrate_command(
         problem = target.check()
         if problem is not None:
             fail(f"cannot store in {target.describe()}: {problem}")
-        console = Console(stderr=True)
-        with Progress(
-            TextColumn("copying recordings"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            disable=json_output or not console.is_terminal,
-        ) as bar:
-            task = bar.add_task("copy", total=None)
+        with counting_bar(quiet=json_output) as bar:
+            task = bar.add_task("copying recordings", total=None)
 
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
@@ -599,8 +589,6 @@ def index_copy_command(
     empty database, e.g. from SQLite to PostgreSQL to run several nodes; then check every
     table's row count. The source is left as it was; give every command and node the new
     URL afterwards (--db, CALLVAULT_DB). Stop serve first."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from callvault.index import IndexCopyError, IndexFailure, open_index, redact
     from callvault.ops import ArchiveError, copy_index
@@ -614,15 +602,7 @@ def index_copy_command(
         except IndexFailure as exc:
             fail(f"--to: {exc}")
         try:
-            console = Console(stderr=True)
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                disable=json_output or not console.is_terminal,
-            ) as bar:
+            with counting_bar(quiet=json_output) as bar:
                 task = bar.add_task("copying the index", total=None)
 
                 def progress(table: str, done: int, total: int) -> None:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 if TYPE_CHECKING:
     import asyncio
 
+    from rich.progress import Progress
+
 T = TypeVar("T")
 
 
@@ -168,3 +170,21 @@ def run_service(
         if forced:
             raise Terminated from None
         raise
+
+
+def counting_bar(*, quiet: bool = False) -> Progress:
+    """The progress bar of the long commands (migrate, copy, backfill): a description, a
+    bar, done of total and the time taken, on stderr; off when `quiet` or when stderr is
+    not a terminal (a script's log gets no bar)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    )

@@ -26,8 +26,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import SQLAlchemyError
 
 from callvault.archive import (
@@ -54,6 +52,7 @@ from callvault.cli._app import app
 from callvault.cli._common import (
     Terminated,
     cli_actor,
+    counting_bar,
     fail,
     plural,
     run_service,
@@ -731,17 +730,9 @@ def _ask_the_node(
         file=sys.stderr,
         flush=True,
     )
-    console = Console(stderr=True)
     waited_from = time.monotonic()
     try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not console.is_terminal,
-        ) as progress:
+        with counting_bar() as progress:
             task = progress.add_task("CDR windows", total=None)
             while True:
                 current = index.backfills.get(request.id)
@@ -840,8 +831,6 @@ async def _backfill(
     pbx_url: str,
     pbx_id: int,
 ) -> int:
-    console = Console(stderr=True)
-    show = console.is_terminal
     failure: str | None = None
     try:
         async with client:
@@ -850,14 +839,7 @@ async def _backfill(
             except PbxError as exc:
                 print(f"callvault: error: {exc}", file=sys.stderr, flush=True)
                 return 1
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                disable=not show,
-            ) as progress:
+            with counting_bar() as progress:
                 windows_task = progress.add_task("CDR windows", total=None)
 
                 def on_window(_a: datetime, _b: datetime, stats: BackfillStats, total: int) -> None:
