@@ -102,10 +102,13 @@ class BackfillStore:
         return _request(row)
 
     def progress(self, request_id: int, progress: Mapping[str, Any]) -> None:
+        """Note how far a running request got (ignored once it is finished: a late note
+        never overwrites the final figures)."""
+        t = backfill_requests
         with self._db.write() as conn:
             conn.execute(
-                update(backfill_requests)
-                .where(backfill_requests.c.id == request_id)
+                update(t)
+                .where(t.c.id == request_id, t.c.state == RUNNING)
                 .values(progress=json.dumps(dict(progress), sort_keys=True))
             )
 
