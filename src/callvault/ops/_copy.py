@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from callvault.index import Index, audit, redact
+from callvault.index import Index, IndexCopyError, audit, redact
 from callvault.ops._archive import Archive
 from callvault.ops._json import JsonResult
 
@@ -43,7 +43,9 @@ def copy_index(
     there = target.row_counts()
     wrong = [name for name, rows in copied.items() if there.get(name) != rows]
     if wrong:  # pragma: no cover - only a database that loses committed rows
-        raise RuntimeError(f"the copy of table {wrong[0]} does not hold every row")
+        raise IndexCopyError(
+            f"the copy of table {wrong[0]} does not hold every row: do not use the target"
+        )
     detail = f"{sum(copied.values())} rows into {redact(target_url)}"
     source.audit.record(actor, AUDIT_ACTION, "index", detail, "", at=now())
     target.audit.record(actor, AUDIT_ACTION, "index", detail, "", at=now())
