@@ -327,7 +327,6 @@ class Ownership:
             async with self._start_slots:
                 await lane.start_work()
         except Exception as exc:
-            self._starting.pop(lane.pbx_id, None)
             log.error("PBX %s could not be started on this node: %s", lane.name, exc)
             await self._give_up(lane, "it could not be started here")
         finally:

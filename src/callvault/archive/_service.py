@@ -345,7 +345,6 @@ class Archiver:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
-        self._loop_of_lanes: asyncio.AbstractEventLoop | None = None
 
     # The first PBX's parts (None while this node does not work on it).
 
@@ -487,12 +486,9 @@ class Archiver:
             renew_s=config.lease_renew_s,
         )
         self.ownership = ownership
-        started: list[_Lane] = []
-        self._loop_of_lanes = loop
         try:
             for lane in lanes:
                 lane.start_intake(index, self.events_port, ownership, loop)
-                started.append(lane)
             self.metrics.watch(lambda: [lane.figures() for lane in self.lanes])
             # Every port is bound before any work starts: a busy web port stops the start
             # before a single login or download.
@@ -506,11 +502,11 @@ class Archiver:
                 await ownership.close()
             except Exception as exc:  # the lanes still stop below; the leases expire
                 log.error("handing the PBXs over at shutdown failed: %s", exc, exc_info=exc)
-            # The lanes started here, and those the registry added since (a lane taken
-            # off the registry was closed then, and left the list).
-            for lane in reversed([*started, *(x for x in self.lanes if x not in started)]):
-                if lane in self.lanes:
-                    await lane.close()
+            # Every lane still archived: those opened here and those the registry added
+            # since (one taken off the registry was closed then, and left the list). A
+            # lane whose intake never started has nothing to close but its name.
+            for lane in reversed(self.lanes):
+                await lane.close()
             log.info("stopped")
         if ownership.fenced.is_set():
             raise Fenced(ownership.fenced_reason or "this node was superseded")
@@ -700,8 +696,8 @@ class Archiver:
                     told[name] = str(exc)
                 continue
             told.pop(name, None)
-            assert self.events_port is not None and self._loop_of_lanes is not None
-            lane.start_intake(index, self.events_port, ownership, self._loop_of_lanes)
+            assert self.events_port is not None
+            lane.start_intake(index, self.events_port, ownership, asyncio.get_running_loop())
             self.lanes.append(lane)
             ownership.add_lane(lane)
             log.info("%s is archived from now on (registry)", lane.describe())

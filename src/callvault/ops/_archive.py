@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from callvault.archive import StorageMismatch, storage_url_for
+from callvault.archive import NODE_KIND, StorageMismatch, storage_url_for
 from callvault.index import Index, IndexMissingError, IndexOpenError, SettingKey, open_index
 from callvault.storage import Storage, open_storage_url
 
@@ -50,8 +50,6 @@ class Archive:
     def refuse_while_serving(self, now: datetime, why: str) -> None:
         """ArchiveError naming the nodes if a `serve` works on this archive now (a
         heartbeat within 30 s): `why` says what its work meanwhile would spoil."""
-        from callvault.archive import NODE_KIND
-
         running = [
             info.node
             for info in self.index.processes.live(now=now, stale_after=_RUNNING_WITHIN)
