@@ -419,10 +419,10 @@ async def test_a_bug_in_a_storage_backend_fails_the_job_not_the_worker(
     normal = record(index, NOW, callid="1714600740.9", recording="good.wav")
 
     class Broken(LocalStorage):
-        def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+        def put_file(self, key: str, src: Path, **given: Any) -> StoredObject:
             if key.endswith(NAME):
                 raise KeyError("a bug in a storage backend")
-            return super().put_file(key, src, sha256=sha256)
+            return super().put_file(key, src, **given)
 
     broken = Broken(storage.root)
     caplog.set_level(logging.INFO, logger="callvault.archive")
@@ -445,11 +445,11 @@ async def test_a_storage_that_fails_is_counted_as_such_and_the_job_retried(
     class FullOnce(LocalStorage):
         full = True
 
-        def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+        def put_file(self, key: str, src: Path, **given: Any) -> StoredObject:
             if FullOnce.full:
                 FullOnce.full = False
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return super().put_file(key, src, sha256=sha256)
+            return super().put_file(key, src, **given)
 
     pool = pool_for(
         index,
@@ -525,7 +525,7 @@ async def test_a_failing_callback_is_logged_with_the_name_and_the_job_settled(
 
 
 class FullDisk(LocalStorage):
-    def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+    def put_file(self, key: str, src: Path, **_: Any) -> StoredObject:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 

@@ -258,6 +258,7 @@ def test_status(archive: tuple[Path, dict[str, bytes]]) -> None:
         "archived": 2,
         "failed": 1,
         "missing": 0,
+        "deleted": 0,
     }
     assert report["recordings_total"] == 4
     assert (report["calls"], report["calls_with_recording"]) == (4, 4)

@@ -29,7 +29,11 @@ def test_record_query_count_and_csv(index: Index) -> None:
         target="alice",
         detail="",
         remote_addr="127.0.0.1",
+        seq=1,
+        hash=audit.entry_hash(audit.GENESIS, 1, T0, "alice", audit.LOGIN, "alice", "", "127.0.0.1"),
     )
+    assert [e.seq for e in newest] == [3, 2, 1]
+    assert index.audit.head() == (3, newest[0].hash)
     assert index.audit.count() == 3
     assert index.audit.count(audit.AuditFilter(actor="bob")) == 2
     only_play = index.audit.query(audit.AuditFilter(action=audit.PLAY))

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from callvault.index import SearchFilters, audit, open_index
+from callvault.ops import verify_audit
 from support.databases import PgDatabases
 from support.web import build_archive
 
@@ -55,6 +56,10 @@ def test_a_sqlite_index_is_copied_into_postgresql_whole(
         assert theirs == mine and len(mine) == 6
         assert target.users.verify_password("alice", "alice-password-1") is not None
         assert target.users.get("bob") == source.users.get("bob")
+        # The audit chain holds on the copy: same entries, hashes and attestations.
+        copied_chain = verify_audit(target, now=datetime.now(UTC))
+        assert copied_chain.ok, copied_chain.problems
+        assert copied_chain.recordings == verify_audit(source, now=datetime.now(UTC)).recordings
         # The number search works on the copy (PostgreSQL's trigram index).
         found = target.recordings.search(SearchFilters(number="1234567"), limit=50)
         assert [r.call_from for r in found] == ["0612345678"]

@@ -137,6 +137,7 @@ def test_give_up_and_requeue(index: Index) -> None:
         ARCHIVED: 0,
         FAILED: 1,
         MISSING: 1,
+        "deleted": 0,
     }
     failures = index.recordings.recent_failures(10)
     assert {(f.name.split("-")[1], f.state, f.last_error) for f in failures} == {

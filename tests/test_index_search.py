@@ -162,7 +162,7 @@ def test_calls_per_day_counts_utc_days_with_zeros(calls: Index) -> None:
 
 def test_totals_of_an_empty_index(index: Index) -> None:
     assert index.recordings.counts_by_state() == dict.fromkeys(
-        ["pending", "downloading", "archived", "failed", "missing"], 0
+        ["pending", "downloading", "archived", "failed", "missing", "deleted"], 0
     )
     assert index.recordings.bytes_stored() == 0
     assert index.recordings.recent_failures() == [] and index.recordings.retrying() == []

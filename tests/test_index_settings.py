@@ -34,6 +34,8 @@ def test_keys_are_those_existing_archives_hold(index: Index) -> None:
         "BACKFILL_PROGRESS": "backfill_progress",
         "STATISTICS_CALLS": "statistics_calls",
         "STORAGE_URL": "storage_url",
+        "AUDIT_VERIFIED": "audit_verified",
+        "RETENTION_PASS_AT": "retention_pass_at",
     }
     with index.engine.begin() as conn:
         conn.exec_driver_sql(

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import event, func, select
 
 from callvault.index import Index, open_index, users
-from callvault.index.schema import api_tokens, web_sessions
+from callvault.index.schema import api_tokens, column_length, web_sessions
 from callvault.index.schema import users as users_table
-from support.index_data import NOW
+from support.index_data import NOW, register_pbx
 
 HOUR = timedelta(hours=1)
 
@@ -131,6 +131,91 @@ def test_the_last_admin_and_oneself_cannot_be_removed(index: Index) -> None:
     assert index.users.remove("dave").id == dave.id
     assert [u.name for u in index.users.list()] == ["bob", "carol"]
     assert isinstance(users.LastAdminError("x"), users.UserError)
+
+
+@pytest.mark.parametrize(
+    ("given", "stored", "admin", "listen", "may_audit"),
+    [
+        ("admin", "admin", True, True, True),
+        ("listener", "listener", False, True, False),
+        ("auditor", "auditor", False, False, True),
+        ("auditor,listener", "auditor,listener", False, True, True),
+        (" listener , auditor", "auditor,listener", False, True, True),
+        ("auditor,auditor", "auditor", False, False, True),
+    ],
+)
+def test_roles_and_what_they_allow(
+    given: str, stored: str, admin: bool, listen: bool, may_audit: bool
+) -> None:
+    assert users.validate_role(given) == stored
+    user = users.User(1, "u", users.validate_role(given), "", NOW)
+    assert (user.is_admin, user.can_listen, user.can_audit) == (admin, listen, may_audit)
+    assert stored in users.ROLE_CHOICES
+
+
+@pytest.mark.parametrize("role", ["", "root", "Admin", "auditor,", "listener+auditor"])
+def test_a_role_that_is_not_one_is_refused(role: str) -> None:
+    with pytest.raises(users.UserError, match="bad role"):
+        users.validate_role(role)
+
+
+def test_admin_stands_alone() -> None:
+    with pytest.raises(users.UserError, match="admin includes every other role"):
+        users.validate_role("admin,listener")
+
+
+def test_every_role_fits_its_column_and_reads_back(index: Index) -> None:
+    assert max(len(role) for role in users.ROLE_CHOICES) <= column_length(users_table.c.role)
+    for n, role in enumerate(users.ROLE_CHOICES):
+        index.users.add(f"user{n}", role, "password-1")
+    dora = index.users.add("dora", "listener,auditor", "password-1")
+    assert dora.role == "auditor,listener" and dora.can_listen and dora.can_audit
+    assert index.users.get("dora") == dora
+    stored = {u.name: u.role for u in index.users.list()}
+    assert stored == {"dora": "auditor,listener"} | {
+        f"user{n}": role for n, role in enumerate(users.ROLE_CHOICES)
+    }
+    assert index.users.count_admins() == 1
+
+
+def test_edit_changes_role_scope_and_pbxs_but_never_the_last_admin_nor_ones_own_role(
+    index: Index,
+) -> None:
+    register_pbx(index, "paris")
+    alice = index.users.add("alice", "admin", "alice-password")
+    index.users.add("bob", "listener", "bob-password", "2000-2099")
+    before, after = index.users.edit("bob", role="listener,auditor", acting=alice)
+    assert (before.role, after.role, after.scope) == ("listener", "auditor,listener", "2000-2099")
+    assert users.describe_change(before, after) == "role=listener->auditor,listener"
+    before, after = index.users.edit("bob", scope=" 7, 1000-1099", pbxs="paris")
+    assert (after.scope, after.pbxs, after.role) == ("7,1000-1099", ("paris",), "auditor,listener")
+    assert users.describe_change(before, after) == (
+        "scope=2000-2099->7,1000-1099 pbxs=(all)->paris"
+    )
+    before, after = index.users.edit("bob", scope="", pbxs="")
+    assert users.describe_change(before, after) == "scope=7,1000-1099->(all) pbxs=paris->(all)"
+    assert index.users.edit("bob", role="auditor,listener") == (after, after)
+    assert users.describe_change(after, after) == ""
+    with pytest.raises(users.LastAdminError, match="last admin"):
+        index.users.edit("alice", role="auditor")
+    with pytest.raises(users.SelfRemovalError, match="your own role"):
+        index.users.edit("alice", role="listener", acting=alice)
+    with pytest.raises(users.NoSuchUser):
+        index.users.edit("nobody", role="listener")
+    with pytest.raises(users.UserError, match="bad role"):
+        index.users.edit("bob", role="boss")
+    with pytest.raises(users.UserError, match="bad scope"):
+        index.users.edit("bob", scope="9-1")
+    with pytest.raises(users.UserError, match="no PBX named 'lyon'"):
+        index.users.edit("bob", pbxs="lyon")
+    assert index.users.get("alice") == alice
+    # With a second admin, the first may become an auditor: one enabled admin is left.
+    carol = index.users.add("carol", "admin", "carol-password")
+    _before, demoted = index.users.edit("alice", role="auditor", acting=carol)
+    assert not demoted.is_admin and demoted.can_audit and not demoted.can_listen
+    assert index.users.count_admins() == 1
+    with pytest.raises(users.LastAdminError):
+        index.users.edit("carol", role="listener", acting=demoted)
 
 
 def _removals_at_once(db_url: str) -> list[str]:

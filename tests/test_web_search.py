@@ -194,7 +194,7 @@ FORMATS = "use YYYY-MM-DD or YYYY-MM-DD hh:mm[:ss]"
             {"state": "lost"},
             "state",
             "State: 'lost' is not an archive state: use one of pending, downloading, "
-            "archived, failed, missing",
+            "archived, failed, missing, deleted",
         ),
     ],
     ids=["from", "to", "min-talk", "state"],

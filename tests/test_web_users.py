@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from click.testing import CliRunner
@@ -16,7 +17,17 @@ from click.testing import CliRunner
 from callvault.cli import _web, app
 from callvault.index import audit, open_index
 from support.index_data import register_pbx
-from support.web import ADMIN, LISTENER_2000, T0, LiveWeb, audit_entries, csrf_of, live_web, login
+from support.web import (
+    ADMIN,
+    LISTENER_2000,
+    T0,
+    LiveWeb,
+    audit_entries,
+    csrf_of,
+    elements,
+    live_web,
+    login,
+)
 
 runner = CliRunner()
 
@@ -251,3 +262,126 @@ def test_admin_page_limits_a_new_user_to_some_pbxs(web: LiveWeb) -> None:
     unknown = admin.post("/admin/users", data={**form, "name": "dora", "pbxs": "nice"})
     assert unknown.status_code == 422 and "nice" in unknown.text
     assert index.users.get("dora") is None
+
+
+def test_cli_adds_changes_and_lists_auditors(tmp_path: Path) -> None:
+    archive = str(tmp_path)
+    assert _cli("user", "add", "alice", "--role", "admin", "--archive", archive)[0] == 0
+    code, out, err = _cli("user", "add", "dora", "--role", "auditor", "--archive", archive)
+    assert code == 0, err
+    assert out.splitlines()[0] == "added auditor dora (all extensions)"
+    code, out, err = _cli(
+        "user", "add", "eric", "--role", "listener,auditor", "--scope", "2000-2099",
+        "--archive", archive,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines()[0] == "added auditor,listener eric (2000-2099)"
+    assert _cli("user", "add", "bob", "--role", "listener", "--archive", archive)[0] == 0
+    code, out, _ = _cli("user", "list", "--json", "--archive", archive)
+    assert [(u["name"], u["role"]) for u in json.loads(out)] == [
+        ("alice", "admin"),
+        ("bob", "listener"),
+        ("dora", "auditor"),
+        ("eric", "auditor,listener"),
+    ]
+    code, out, _ = _cli("user", "list", "--archive", archive)
+    assert "eric                     auditor,listener 2000-2099" in out.splitlines()
+
+    code, out, err = _cli(
+        "user", "edit", "bob", "--role", "auditor,listener", "--scope", "3000-3099",
+        "--archive", archive,
+    )  # fmt: skip
+    assert (code, out) == (
+        0,
+        "changed bob: role=listener->auditor,listener scope=(all)->3000-3099\n",
+    )
+    assert _cli("user", "edit", "bob", "--scope", "3000-3099", "--archive", archive)[1] == (
+        "bob unchanged\n"
+    )
+    code, _, err = _cli("user", "edit", "alice", "--role", "auditor", "--archive", archive)
+    assert (code, err) == (
+        1,
+        "callvault: error: 'alice' is the last admin: make another admin first\n",
+    )
+    code, _, err = _cli("user", "edit", "bob", "--archive", archive)
+    assert code == 2 and "say what to change" in err
+    code, _, err = _cli("user", "edit", "bob", "--role", "boss", "--archive", archive)
+    assert code == 2 and "bad role 'boss'" in err and "auditor,listener" in err
+    code, _, err = _cli("user", "edit", "nobody", "--role", "auditor", "--archive", archive)
+    assert (code, err) == (1, "callvault: error: no user named 'nobody'\n")
+    code, out, _ = _cli("user", "add", "--help")
+    assert "auditor,listener" in " ".join(out.split())
+
+    index = open_index(f"sqlite:///{tmp_path / 'callvault.db'}")
+    try:
+        bob = index.users.get("bob")
+        assert bob is not None and bob.can_listen and bob.can_audit and not bob.is_admin
+        [edit] = index.audit.query(audit.AuditFilter(action=audit.USER_EDIT))
+        assert edit.actor.startswith("cli") and edit.target == "bob"
+        assert edit.detail == "role=listener->auditor,listener scope=(all)->3000-3099"
+        added = index.audit.query(audit.AuditFilter(action=audit.USER_ADD, target="eric"))
+        assert added[0].detail == "role=auditor,listener scope=2000-2099 pbxs=(all)"
+    finally:
+        index.close()
+
+
+def test_the_api_offers_every_role_the_index_keeps() -> None:
+    from callvault.index import users
+    from callvault.web._api import RoleName
+
+    assert get_args(RoleName) == users.ROLE_CHOICES
+
+
+def test_admins_change_roles_over_the_api_and_the_admin_page(web: LiveWeb) -> None:
+    bob = web.login(*LISTENER_2000)
+    admin, _ = web.bearer(ADMIN[0])
+    changed = admin.patch("/api/users/bob", json={"role": "auditor,listener"})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["role"], changed.json()["scope"]) == ("auditor,listener", "2000-2099")
+    assert bob.get("/api/me").json()["role"] == "auditor,listener"  # at once
+    assert bob.get("/api/audit").status_code == 200
+    assert admin.patch("/api/users/bob", json={"role": "auditor"}).status_code == 200
+    assert bob.get("/api/recordings").status_code == 403
+    own = admin.patch("/api/users/alice", json={"role": "listener"})
+    assert own.status_code == 409 and "your own role" in own.json()["detail"]
+    assert admin.patch("/api/users/nobody", json={"role": "listener"}).status_code == 404
+    assert admin.patch("/api/users/bob", json={"scope": "9-1"}).status_code == 422
+    assert admin.patch("/api/users/bob", json={"role": "boss"}).status_code == 422
+    assert bob.patch("/api/users/carol", json={"role": "admin"}).status_code == 403
+    made = admin.post("/api/users", json={"name": "dora", "role": "auditor"})
+    assert made.status_code == 201 and made.json()["user"]["role"] == "auditor"
+
+    page = web.login(*ADMIN)
+    admin_page = page.get("/admin").text
+    csrf = csrf_of(admin_page)
+    options = [text for _attrs, text in elements(admin_page, "option")]
+    assert options[:4] == ["listener", "auditor", "auditor,listener", "admin"]
+    saved = page.post(
+        "/admin/users/carol/edit",
+        data={"role": "auditor", "scope": "", "pbxs": "", "csrf": csrf},
+    )
+    assert saved.status_code == 200, saved.text
+    assert "User carol saved." in saved.text
+    carol = web.archive.index.users.get("carol")
+    assert carol is not None and (carol.role, carol.scope) == ("auditor", "")
+    # An admin's own role cannot be chosen on the page; the rest of the row can be saved.
+    [(own_role, _)] = [
+        found for found in elements(saved.text, "select", name="role") if "disabled" in found[0]
+    ]
+    assert own_role["title"] == "Another admin can change your role"
+    kept = page.post("/admin/users/alice/edit", data={"scope": "", "pbxs": "", "csrf": csrf})
+    assert kept.status_code == 200 and "User alice saved." in kept.text
+    refused = page.post(
+        "/admin/users/alice/edit", data={"role": "listener", "scope": "", "csrf": csrf}
+    )
+    assert refused.status_code == 409 and "your own role" in refused.text
+    assert (
+        page.post("/admin/users/carol/edit", data={"role": "auditor", "csrf": "wrong"}).status_code
+        == 403
+    )
+    edits = audit_entries(web, action=audit.USER_EDIT)
+    assert [(e.actor, e.target, e.detail) for e in reversed(edits)] == [
+        ("alice", "bob", "role=listener->auditor,listener"),
+        ("alice", "bob", "role=auditor,listener->auditor"),
+        ("alice", "carol", "role=listener->auditor scope=1000-1099->(all)"),
+    ]

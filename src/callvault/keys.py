@@ -238,3 +238,142 @@ def create_key_file(path: Path) -> MasterKey:
     finally:
         os.close(fd)
     return key
+
+
+# The deployment's signing keys (Ed25519): what signs the audit log's checkpoints and the
+# manifests of exports, so that anyone holding the public key can check them offline.
+#
+# Formats (stable: they are stored, printed and put in exports):
+#
+# * a public key's *fingerprint*: the SHA-256, in hex, of its DER SubjectPublicKeyInfo,
+#   the same bytes as ``openssl pkey -pubin -in key.pem -outform DER | sha256sum``, so
+#   that it can be compared with standard tools; its *id* is the first 16 hex digits;
+# * a public key as text: PEM (``-----BEGIN PUBLIC KEY-----``), which OpenSSL reads;
+# * a signature: the 64 raw bytes of Ed25519 (RFC 8032), Base64 (standard, padded) where
+#   it is text;
+# * the private key kept in the index: its 32 raw bytes sealed with the master keyring
+#   under the context ``signing-key:<id>``.
+
+SIGNATURE_BYTES = 64
+
+
+def signing_context(key_id: str) -> str:
+    """The context a signing key's private half is sealed under (see `Keyring.seal`)."""
+    return f"signing-key:{key_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    """An Ed25519 public key: `raw` (32 bytes), its `fingerprint` and `id`."""
+
+    raw: bytes
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != 32:
+            raise MasterKeyError(f"an Ed25519 public key is 32 bytes, not {len(self.raw)}")
+        object.__setattr__(self, "fingerprint", hashlib.sha256(self._der()).hexdigest())
+
+    @property
+    def id(self) -> str:
+        return self.fingerprint[:16]
+
+    def _der(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        key = Ed25519PublicKey.from_public_bytes(self.raw)
+        return key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def pem(self) -> str:
+        """The key as PEM text (what ``openssl pkeyutl -verify -pubin -inkey`` reads)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        key = Ed25519PublicKey.from_public_bytes(self.raw)
+        return key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+
+    def b64(self) -> str:
+        return base64.b64encode(self.raw).decode("ascii")
+
+    @classmethod
+    def from_b64(cls, text: str) -> PublicKey:
+        try:
+            return cls(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise MasterKeyError("not a public key (Base64 of 32 bytes expected)") from None
+
+    @classmethod
+    def from_pem(cls, text: str, *, where: str) -> PublicKey:
+        """The key in PEM text `text`; MasterKeyError naming `where` it came from."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            key = serialization.load_pem_public_key(text.encode("ascii", "replace"))
+        except (ValueError, TypeError):
+            raise MasterKeyError(f"{where}: not a PEM public key") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise MasterKeyError(f"{where}: not an Ed25519 public key")
+        return cls(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """Whether `signature` is this key's signature of `message`."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        if len(signature) != SIGNATURE_BYTES:
+            return False
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """An Ed25519 private key; `secret` is never shown (not in repr either)."""
+
+    secret: bytes = field(repr=False)
+    public: PublicKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        if len(self.secret) != 32:
+            raise MasterKeyError(f"an Ed25519 private key is 32 bytes, not {len(self.secret)}")
+        public = Ed25519PrivateKey.from_private_bytes(self.secret).public_key()
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        object.__setattr__(self, "public", PublicKey(raw))
+
+    @property
+    def id(self) -> str:
+        return self.public.id
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(os.urandom(32))
+
+    def sign(self, message: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of `message`."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey.from_private_bytes(self.secret).sign(message)
+
+    def sealed(self, keyring: Keyring) -> str:
+        """The private key sealed with the keyring's primary key, for the index."""
+        return keyring.seal(self.secret, signing_context(self.id))
+
+    @classmethod
+    def unsealed(cls, sealed: str, key_id: str, keyring: Keyring) -> SigningKey:
+        """The key `sealed` returned; MasterKeyError if it does not open or is not `key_id`."""
+        key = cls(keyring.open(sealed, signing_context(key_id)))
+        if key.id != key_id:
+            raise MasterKeyError(f"signing key {key_id}: the sealed key is another key")
+        return key

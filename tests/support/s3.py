@@ -57,9 +57,22 @@ class S3Server:
             region_name=REGION,
         )
 
-    def new_bucket(self) -> str:
+    def new_bucket(self, *, object_lock: str | None = None) -> str:
+        """A new bucket; with `object_lock` ("GOVERNANCE" or "COMPLIANCE"), made with
+        Object Lock enabled and that default retention mode."""
         name = f"callvault-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
+        client = self.client()
+        if object_lock is None:
+            client.create_bucket(Bucket=name)
+            return name
+        client.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+        client.put_object_lock_configuration(
+            Bucket=name,
+            ObjectLockConfiguration={
+                "ObjectLockEnabled": "Enabled",
+                "Rule": {"DefaultRetention": {"Mode": object_lock, "Days": 1}},
+            },
+        )
         return name
 
 

@@ -207,6 +207,15 @@ class ArchiverConfig:
     registry: Callable[[Index], RegistryView] | None = field(default=None, repr=False)
     registry_poll_s: float = 15.0
     pbx_revision: str | None = None  # the first PBX's (see PbxTarget.revision)
+    # Signs the audit chain's head (called on a worker thread with the archiver's index
+    # and the time) every checkpoint_interval_s; None: no checkpoints from this node
+    # (no master key to open the signing key with).
+    checkpoint: Callable[[Index, datetime], None] | None = field(default=None, repr=False)
+    checkpoint_interval_s: float = 300.0
+    # The retention pass (called on a worker thread with the index, the storage and the
+    # time); one node a day runs it (`retention_every_s`), the others skip their turn.
+    retention: Callable[[Index, Storage, datetime], None] | None = field(default=None, repr=False)
+    retention_every_s: float = 86_400.0
 
     def targets(self) -> list[PbxTarget]:
         """Every PBX to archive, the first one given by the config's own fields."""
@@ -573,6 +582,28 @@ class Archiver:
                         )
                     )
                 )
+            if config.checkpoint is not None:
+                sign = config.checkpoint
+                tasks.append(
+                    asyncio.create_task(
+                        _supervised(
+                            "the audit checkpoints",
+                            lambda: _checkpoints(sign, index, config, work_stop),
+                            work_stop,
+                        )
+                    )
+                )
+            if config.retention is not None:
+                keep = config.retention
+                tasks.append(
+                    asyncio.create_task(
+                        _supervised(
+                            "the retention pass",
+                            lambda: _retention(keep, index, self.storage, config, work_stop),
+                            work_stop,
+                        )
+                    )
+                )
             if config.alerts is not None and config.alerts.enabled:
                 alerter = Alerter(index, self.storage, config.alerts, node=ownership.node)
                 self.alerter = alerter
@@ -775,6 +806,46 @@ async def _supervised(
             )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
+async def _checkpoints(
+    sign: Callable[[Index, datetime], None],
+    index: Index,
+    config: ArchiverConfig,
+    stop: asyncio.Event,
+) -> None:
+    """Sign the audit chain's head now and every `checkpoint_interval_s` (a failure is
+    raised to the supervisor, which logs it and starts this again)."""
+    while not stop.is_set():
+        await asyncio.to_thread(sign, index, datetime.now(UTC))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=config.checkpoint_interval_s)
+
+
+# How often a node asks whether the retention pass is its turn.
+_RETENTION_LOOK_S = 600.0
+
+
+async def _retention(
+    run: Callable[[Index, Storage, datetime], None],
+    index: Index,
+    storage: Storage,
+    config: ArchiverConfig,
+    stop: asyncio.Event,
+) -> None:
+    """Run the retention pass when it is this node's turn: once in `retention_every_s`
+    across all nodes (`settings.claim_turn`)."""
+    every = timedelta(seconds=config.retention_every_s)
+    while not stop.is_set():
+        now = datetime.now(UTC)
+        if await asyncio.to_thread(
+            index.settings.claim_turn, SettingKey.RETENTION_PASS_AT, now=now, every=every
+        ):
+            await asyncio.to_thread(run, index, storage, now)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                stop.wait(), timeout=min(_RETENTION_LOOK_S, config.retention_every_s)
+            )
 
 
 def _lane_name(target: PbxTarget) -> str:

@@ -398,6 +398,18 @@ class WorkerPool:
                 log.warning("%s: the claim was lost while working on it", self._job(job))
                 return
 
+    def _store(self, job: Job, key: str, path: Path, sha256: str) -> StoredObject:
+        """Put the verified download in storage; where the storage locks (a bucket with
+        Object Lock), until its retention policy lets it go, and under the storage's
+        legal hold if a hold already keeps it."""
+        until = None
+        if self._storage.locks:
+            until = self._index.retention.expiry_for(job.recording_id)
+        stored = self._storage.put_file(key, path, sha256=sha256, retain_until=until)
+        if self._storage.locks and self._index.retention.is_held(job.recording_id):
+            self._storage.legal_hold(key, True)
+        return stored
+
     async def _attempt(self, job: Job, worker: Worker) -> None:
         staging = self._staging_path
         if staging is None:
@@ -418,9 +430,7 @@ class WorkerPool:
                 result = await self._client.download_recording(job.name, staging, filename=filename)
                 content_type = result.content_type
                 step = "store"
-                stored = await asyncio.to_thread(
-                    self._storage.put_file, key, result.path, sha256=result.sha256
-                )
+                stored = await asyncio.to_thread(self._store, job, key, result.path, result.sha256)
                 digest = stored.sha256 or result.sha256
             step = "index"
             now = self._clock()

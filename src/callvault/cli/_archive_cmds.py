@@ -359,12 +359,18 @@ def _pbx_named(opened: Archive, name: str | None) -> PbxRecord | None:
     "checksum at upload (an S3 bucket; without --deep that record is compared, nothing "
     "is downloaded).",
 )
+@flag(
+    "--relock",
+    help="Where the bucket's Object Lock disagrees with the retention policy or the "
+    "holds, set it right (a retention date extended, a legal hold placed or lifted).",
+)
 @json_option
 @archive_options
 @storage_option
 def verify_command(
     pbx: str | None,
     deep: bool | None,
+    relock: bool | None,
     json_output: bool,
     archive: Path | None,
     db: str | None,
@@ -372,14 +378,17 @@ def verify_command(
     storage: str | None,
 ) -> None:
     """Check every archived recording against the index (its bytes re-hashed, or in a
-    bucket the checksum recorded at upload unless --deep); report mismatched or missing
-    ones (exit 1 if any) and files the index does not know."""
+    bucket the checksum recorded at upload unless --deep) and, in a bucket with Object
+    Lock, its lock against the retention policy and holds; report mismatched, missing or
+    wrongly locked ones (exit 1 if any) and files the index does not know."""
     settings = settings_or_fail(config, archive=archive, db=db, storage=storage)
     with open_settings_archive(settings) as opened:
         from callvault.ops import verify_archive
 
         record = _pbx_named(opened, pbx)
-        report = verify_archive(opened, now=datetime.now(UTC), pbx=record, deep=bool(deep))
+        report = verify_archive(
+            opened, now=datetime.now(UTC), pbx=record, deep=bool(deep), relock=bool(relock)
+        )
     if json_output:
         _print_json(report.to_json())
     else:
@@ -391,12 +400,16 @@ def verify_command(
             )
         for item in report.missing:
             print(f"MISSING  {item.name}  {_located(opened, item.storage_key)}  ({item.error})")
+        for lock in report.locks:
+            state = "FIXED   " if lock.fixed else "LOCK    "
+            print(f"{state} {lock.name}  {_located(opened, lock.storage_key)}  {lock.problem}")
         for key in report.unindexed:
             where = _located(opened, key)
             print(f"UNINDEXED {where}  (a file no archived recording points to; kept)")
         print(
             f"verified {report.checked} archived recordings: {report.ok} ok, "
             f"{len(report.mismatched)} mismatched, {len(report.missing)} missing"
+            + (f", {plural(len(report.locks), 'lock problem')}" if report.locks else "")
             + (f"; {plural(len(report.unindexed), 'unindexed file')}" if report.unindexed else "")
         )
     if report.problems:

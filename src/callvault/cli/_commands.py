@@ -10,21 +10,28 @@ from __future__ import annotations
 import importlib
 
 COMMAND_MODULES: dict[str, str] = {
+    "audit": "_compliance",
     "backfill": "_serve",
     "cdr": "_fetch",
     "demo": "_demo",
+    "delete": "_retention",
     "fetch": "_fetch",
+    "hold": "_retention",
+    "index": "_archive_cmds",
     "keys": "_pbx",
     "list": "_archive_cmds",
     "pbx": "_pbx",
     "requeue": "_archive_cmds",
+    "retention": "_retention",
     "serve": "_serve",
     "simulate": "_simulate",
     "status": "_archive_cmds",
     "storage": "_archive_cmds",
+    "subject": "_retention",
     "token": "_web",
     "user": "_web",
     "verify": "_archive_cmds",
+    "verify-export": "_compliance",
     "web": "_web",
 }
 

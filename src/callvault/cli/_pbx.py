@@ -19,7 +19,7 @@ import click
 
 from callvault.cli._app import CONTEXT_SETTINGS, app
 from callvault.cli._common import cli_actor, fail, run_terminable
-from callvault.cli._options import PATH, Decorator, archive_options, config_option, flag, option
+from callvault.cli._options import PATH, Decorator, archive_options, flag, option
 from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
 from callvault.index import Index
 from callvault.index.pbxs import DEFAULT_MAX_DOWNLOADS, PbxConfig, PbxRegistryError
@@ -474,12 +474,93 @@ def keys_create(path: Path) -> None:
 
 
 @keys_app.command("show")
+@click.option(
+    "--pem",
+    is_flag=True,
+    default=False,
+    help="Print only the signing key's public key, PEM, for `> deployment.pem`.",
+)
 @master_key_file_option
-@config_option
-def keys_show(master_key_file: Path | None, config: Path | None) -> None:
-    """Show which master keys are loaded, by id (never the keys)."""
-    settings = settings_or_fail(config, master_key_file=master_key_file)
+@archive_options
+def keys_show(
+    pem: bool,
+    master_key_file: Path | None,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
+) -> None:
+    """Show which master keys are loaded, by id (never the keys), and the deployment's
+    signing keys: the public keys that check its audit checkpoints and signed exports
+    (the first is made now, if the master key is loaded and there is none yet)."""
+    from callvault.keys import MasterKeyError
+    from callvault.ops import public_keys, signer
+
+    settings = _settings(config, archive, db, master_key_file=master_key_file)
+    try:
+        keyring = settings.optional_keyring()
+    except SettingsError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    try:
+        settings.db_url()
+    except SettingsError:  # no archive given: the master keys only
+        index = None
+    else:
+        index = _index(settings)
+    keys = []
+    try:
+        if index is not None and keyring is not None:
+            signer(index, keyring, now=_now(), actor=cli_actor())
+        keys = [] if index is None else public_keys(index)
+    except MasterKeyError as exc:
+        fail(str(exc))
+    finally:
+        if index is not None:
+            index.close()
+    if pem:
+        active = next((key for key in keys if key.active), None)
+        if active is None:
+            fail("no signing key yet: load the master key (--master-key-file) to make one")
+        print(active.pem, end="")
+        return
+    if keyring is None:
+        print("master keys: none loaded (--master-key-file, CALLVAULT_MASTER_KEY_FILE)")
+    else:
+        ids = keyring.ids()
+        print(f"master keys from {keyring.source}: {ids[0]} (seals new secrets)", end="")
+        print(
+            "".join(f", {key_id}" for key_id in ids[1:]) + ("" if len(ids) == 1 else " (open only)")
+        )
+    if index is None:
+        print("signing keys: kept in the index (give --archive or --db to see them)")
+    elif not keys:
+        print("signing keys: none yet (made when the master key is loaded)")
+    for key in keys:
+        state = "signs" if key.active else f"retired {key.retired_at:%Y-%m-%d}"
+        print(f"signing key {key.id} ({state}, made {key.created_at:%Y-%m-%d %H:%M} UTC)")
+        print(f"  fingerprint sha256:{key.fingerprint}")
+        if key.active:
+            print("  " + key.pem.strip().replace("\n", "\n  "))
+
+
+@keys_app.command("rotate-signing")
+@master_key_file_option
+@archive_options
+def keys_rotate_signing(
+    master_key_file: Path | None, archive: Path | None, db: str | None, config: Path | None
+) -> None:
+    """Make a new signing key for audit checkpoints and exports; the old ones are retired
+    (kept, so that what they signed can still be checked)."""
+    from callvault.keys import MasterKeyError
+    from callvault.ops import rotate_signing_key
+
+    settings = _settings(config, archive, db, master_key_file=master_key_file)
     keyring = _keyring(settings)
-    ids = keyring.ids()
-    print(f"master keys from {keyring.source}: {ids[0]} (seals new secrets)", end="")
-    print("".join(f", {key_id}" for key_id in ids[1:]) + ("" if len(ids) == 1 else " (open only)"))
+    index = _index(settings)
+    try:
+        key = rotate_signing_key(index, keyring, now=_now(), actor=cli_actor())
+    except MasterKeyError as exc:
+        fail(str(exc))
+    finally:
+        index.close()
+    print(f"signing key {key.id} now signs (fingerprint sha256:{key.public.fingerprint})")
+    print("publish its public key (`callvault keys show --pem`) where auditors will find it")

@@ -341,6 +341,8 @@ def archiver_config(
         node=settings.node,
         bind=_local_address(settings.bind),
         alerts=_alerts(settings),
+        checkpoint=_checkpoint(settings),
+        retention=_retention_pass,
         registry=registry,
         registry_poll_s=settings.registry_poll_s,
         pbx_revision=revision,
@@ -357,6 +359,35 @@ def archiver_config(
         web_port=web_port if web else None,
         web_trusted_proxy=settings.trusted_proxy,
     )
+
+
+def _checkpoint(settings: ArchiveSettings) -> Callable[[Index, datetime], None] | None:
+    """What signs the audit chain's head on this node: the deployment's signing key,
+    opened with the master key (None without one: another node, or `audit verify`, signs)."""
+    try:
+        keyring = settings.optional_keyring()
+    except SettingsError as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    if keyring is None:
+        return None
+
+    def sign(index: Index, now: datetime) -> None:
+        from callvault.ops import signer, write_checkpoint
+
+        write_checkpoint(index, signer(index, keyring, now=now), now=now)
+
+    return sign
+
+
+def _retention_pass(index: Index, storage: Storage, now: datetime) -> None:
+    """Serve's daily retention pass (see `callvault.ops.run_retention`), logged."""
+    from callvault.ops import Archive, run_retention
+
+    report = run_retention(Archive(index, storage), now=now)
+    if report.deleted or report.purged or report.purge_failures:
+        log.info("%s", report.summary())
+    for failure in report.purge_failures:
+        log.warning("not removed yet (tried again by the next pass): %s", failure)
 
 
 def _alerts(settings: ArchiveSettings) -> AlertSettings | None:

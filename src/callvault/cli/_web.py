@@ -33,7 +33,7 @@ from callvault.index import Index, audit, users
 
 @app.group("user", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
 def user_app() -> None:
-    """Add, list and remove the web app's users; set a new password."""
+    """Add, change, list and remove the web app's users; set a new password."""
 
 
 @app.group("token", context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
@@ -146,9 +146,15 @@ def web(
         index.close()
 
 
+ROLE_HELP = (
+    "listener (search, play, download, export), auditor (the audit log and its "
+    "verification, no recording), auditor,listener (both), or admin (everything)."
+)
+
+
 @user_app.command("add")
 @click.argument("name")
-@option("--role", required=True, metavar="ROLE", help="admin or listener.")
+@option("--role", required=True, metavar="ROLE", help=ROLE_HELP)
 @option(
     "--scope",
     default="",
@@ -180,7 +186,7 @@ def user_add(
     """Add a web user. Without --password-env a password is generated and printed once."""
     try:
         users.validate_name(name)
-        users.validate_role(role)
+        role = users.validate_role(role)
         users.parse_scope(scope)
         users.parse_pbxs(pbxs)
     except users.UserError as exc:
@@ -206,6 +212,52 @@ def user_add(
     print(f"added {user.role} {user.name} ({scope_text})")
     if password_env is None:
         print(f"password for {user.name} (shown once): {password}")
+
+
+@user_app.command("edit")
+@click.argument("name")
+@option("--role", metavar="ROLE", help=ROLE_HELP + " (default: unchanged)")
+@option(
+    "--scope",
+    metavar="RANGES",
+    help='Extensions they may see, e.g. 1000-1099,2001; "" for all (default: unchanged).',
+)
+@option(
+    "--pbxs",
+    metavar="NAMES",
+    help='PBXs whose calls they may see, e.g. paris,lyon; "" for all (default: unchanged).',
+)
+@archive_options
+def user_edit(
+    name: str,
+    role: str | None,
+    scope: str | None,
+    pbxs: str | None,
+    archive: Path | None,
+    db: str | None,
+    config: Path | None,
+) -> None:
+    """Change a web user's role, scope or PBXs; it holds at once, in every session (never
+    the last admin's role)."""
+    if role is None and scope is None and pbxs is None:
+        fail("say what to change: --role, --scope or --pbxs", code=2)
+    try:
+        role = None if role is None else users.validate_role(role)
+        users.parse_scope(scope or "")
+        users.parse_pbxs(pbxs or "")
+    except users.UserError as exc:
+        fail(str(exc), code=2)
+    index = _open_index(settings_or_fail(config, archive=archive, db=db))
+    try:
+        before, after = index.users.edit(name, role=role, scope=scope, pbxs=pbxs)
+        change = users.describe_change(before, after)
+        if change:
+            index.audit.record(cli_actor(), audit.USER_EDIT, name, change, "local")
+    except users.UserError as exc:
+        fail(str(exc))
+    finally:
+        index.close()
+    print(f"changed {name}: {change}" if change else f"{name} unchanged")
 
 
 @user_app.command("passwd")
@@ -266,7 +318,7 @@ def user_list(as_json: bool, archive: Path | None, db: str | None, config: Path 
         print("no users")
     for u in found:
         pbxs = f" (PBX {','.join(u.pbxs)})" if u.pbxs else ""
-        print(f"{u.name:<24} {u.role:<9} {u.scope or 'all'}{pbxs}")
+        print(f"{u.name:<24} {u.role:<16} {u.scope or 'all'}{pbxs}")
 
 
 @user_app.command("remove")

@@ -16,7 +16,10 @@ The `Index` has one store per subject, each method one short transaction:
 - `index.leases`: which node owns each PBX's API session, with fencing tokens;
 - `index.notices`: "this PBX has new jobs", from node to node (PostgreSQL's NOTIFY);
 - `index.alerts`: what is wrong now, each told once and cleared once across nodes;
-- `index.backfills`: history to archive, asked of the node that works on a PBX.
+- `index.backfills`: history to archive, asked of the node that works on a PBX;
+- `index.signing_keys`: the deployment's Ed25519 keys (the private half sealed);
+- `index.retention`: the retention policy's versions, legal holds, deleting recordings
+  (rules and data types in `callvault.index.retention`).
 
 Errors: `IndexFailure` (one line for a person) with `IndexOpenError`, `IndexMissingError`
 and `IndexCorruptError`; `InvalidCallDetail` (a ValueError) for a record that cannot be
@@ -56,6 +59,7 @@ from callvault.index._models import (
     RecordResult,
     Scope,
     SearchFilters,
+    SubjectCall,
     Total,
     Worker,
 )
@@ -85,6 +89,7 @@ __all__ = [
     "Scope",
     "SearchFilters",
     "SettingKey",
+    "SubjectCall",
     "Total",
     "Worker",
     "call_detail_problem",

@@ -14,10 +14,17 @@ from sqlalchemy import Connection, bindparam, case, func, literal_column, select
 from callvault.index import schema
 from callvault.index._db import Database
 from callvault.index._errors import InvalidCallDetail
-from callvault.index._models import RecordResult
+from callvault.index._models import RecordResult, SubjectCall
 from callvault.index._statistics import Statistics
 from callvault.pbx import CallDetail
-from callvault.times import MAX_DURATION_S, PBX_FORMAT, parse_pbx_time, pbx_time_problem, to_utc
+from callvault.times import (
+    MAX_DURATION_S,
+    PBX_FORMAT,
+    as_utc,
+    parse_pbx_time,
+    pbx_time_problem,
+    to_utc,
+)
 
 # CallDetail field -> the column it is stored in. Over-long identifiers (`IDENTITY_FIELDS`)
 # are refused before anything is written; the other text fields are cut to the column's
@@ -129,6 +136,64 @@ class CallStore:
             created.discard(name)  # a second record with the same name finds it existing
             results.append(RecordResult(call_ids[cdr.callid], recording_ids[name], new))
         return results
+
+    def with_number_ending(self, digits: str, *, limit: int = 100_000) -> list[SubjectCall]:
+        """Calls whose caller, callee or DID ends with `digits` (a data subject's number;
+        read by scanning the calls: a rare request), with their recording if any, newest
+        first."""
+        c, r = schema.calls, schema.recordings
+        pattern = "%" + digits
+        query = (
+            select(
+                c.c.id,
+                c.c.pbx_id,
+                c.c.start_at,
+                c.c.call_from,
+                c.c.call_to,
+                c.c.did,
+                c.c.direction,
+                c.c.status,
+                r.c.id.label("recording_id"),
+                r.c.name.label("recording_name"),
+                r.c.state.label("recording_state"),
+            )
+            .select_from(c.outerjoin(r, r.c.call_id == c.c.id))
+            .where(c.c.call_from.like(pattern) | c.c.call_to.like(pattern) | c.c.did.like(pattern))
+            .order_by(c.c.start_at.desc(), c.c.id.desc())
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [
+                SubjectCall(
+                    call_id=int(row.id),
+                    pbx_id=int(row.pbx_id),
+                    start_at=as_utc(row.start_at),
+                    call_from=row.call_from,
+                    call_to=row.call_to,
+                    did=row.did,
+                    direction=row.direction,
+                    status=row.status,
+                    recording_id=None if row.recording_id is None else int(row.recording_id),
+                    recording_name=row.recording_name,
+                    recording_state=row.recording_state,
+                )
+                for row in conn.execute(query)
+            ]
+
+    def scrub_numbers(self, call_ids: Sequence[int]) -> int:
+        """Blank the caller, callee, DID and raw fields of these calls (a data subject's
+        erasure: nothing personal stays in a tombstone); how many."""
+        c = schema.calls
+        ids = sorted(set(call_ids))
+        done = 0
+        with self._db.write() as conn:
+            for start in range(0, len(ids), 500):
+                done += conn.execute(
+                    c.update()
+                    .where(c.c.id.in_(ids[start : start + 500]))
+                    .values(call_from="", call_to="", did="", raw="{}")
+                ).rowcount
+        return int(done)
 
     def _upsert_calls(
         self, conn: Connection, rows: list[dict[str, Any]], pbx_id: int

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Table, func, insert, select, text
+from sqlalchemy import DateTime, Integer, Table, func, insert, select, text
 
 from callvault.index._db import Database
 from callvault.index.schema import metadata
@@ -93,6 +93,8 @@ def _move_sequence(conn: Any, table: Table) -> None:
     """Past the copied ids: the next row made on PostgreSQL gets a new one."""
     keys = list(table.primary_key.columns)
     if len(keys) != 1 or keys[0].name != "id" or keys[0].autoincrement is False:
+        return
+    if not isinstance(keys[0].type, Integer):  # e.g. signing_keys: named by fingerprint
         return
     conn.execute(
         text(

@@ -2,7 +2,7 @@
 
 The `Index` owns the engine and exposes one store per subject (`calls`, `jobs`,
 `recordings`, `settings`, `users`, `tokens`, `sessions`, `audit`, `processes`, `pbxs`,
-`leases`, `notices`, `alerts`, `backfills`). Every
+`leases`, `notices`, `alerts`, `backfills`, `signing_keys`, `retention`). Every
 store method is synchronous SQLAlchemy Core in one short transaction, safe to call from
 several threads (one connection per call from the engine's pool) and from several
 processes on the same database; see `callvault.index._db` for how writes queue.
@@ -45,13 +45,15 @@ if TYPE_CHECKING:
     from callvault.index._notices import JobNotices
     from callvault.index._pbxs import PbxStore
     from callvault.index._processes import ProcessStore
+    from callvault.index._retention import RetentionStore
+    from callvault.index._signing import SigningKeyStore
     from callvault.index._users import SessionStore, TokenStore, UserStore
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration: an index already at it opens without loading Alembic (about a
 # third of a second), so commands such as `callvault list` start quickly. A test checks
 # that this is the head of the migrations.
-SCHEMA_REVISION = "0013"
+SCHEMA_REVISION = "0015"
 
 
 def open_index(url: str, *, create: bool = True) -> Index:
@@ -178,6 +180,18 @@ class Index:
         from callvault.index._notices import JobNotices
 
         return JobNotices(self._db)
+
+    @functools.cached_property
+    def retention(self) -> RetentionStore:
+        from callvault.index._retention import RetentionStore
+
+        return RetentionStore(self._db)
+
+    @functools.cached_property
+    def signing_keys(self) -> SigningKeyStore:
+        from callvault.index._signing import SigningKeyStore
+
+        return SigningKeyStore(self._db)
 
     @functools.cached_property
     def processes(self) -> ProcessStore:

@@ -6,9 +6,21 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 
-from callvault.index import schema
+from callvault.index import audit, schema
+from callvault.index._audit import NewEntry, append
 from callvault.index._db import Database
 from callvault.index._models import ArchivedCopy, Job, Worker
 from callvault.times import as_utc as from_db
@@ -178,7 +190,13 @@ class JobStore:
         """Record a durable copy. Only if `worker` still holds the claim (returns False
         otherwise, and changes nothing); clears the claim, the error and `missing_since`."""
         values = _archived(size, sha256, storage_key, content_type, to_utc(now))
-        return self._finish(recording_id, worker, values)
+        statement = (
+            update(schema.recordings)
+            .where(*_held_by(recording_id, worker))
+            .values(**_NO_CLAIM, **values)
+        )
+        with self._db.write() as conn:
+            return _attested(conn, statement, now) == 1
 
     def mark_archived_unclaimed(
         self,
@@ -204,7 +222,7 @@ class JobStore:
             .values(**_NO_CLAIM, **values)
         )
         with self._db.write() as conn:
-            return bool(conn.execute(statement).rowcount == 1)
+            return _attested(conn, statement, now) == 1
 
     def mark_archived_many(self, copies: Sequence[ArchivedCopy], *, now: datetime) -> int:
         """Record many durable copies in one transaction (an import, a bulk load); recordings
@@ -230,8 +248,14 @@ class JobStore:
             }
             for copy in copies
         ]
+        r = schema.recordings
+        ids = [copy.recording_id for copy in copies]
+        attest = select(*_ATTESTED).where(
+            r.c.id.in_(ids), r.c.audit_seq.is_(None), r.c.archived_at == values["archived_at"]
+        )
         with self._db.write() as conn:
-            return int(conn.execute(statement, rows).rowcount)
+            conn.execute(statement, rows)  # (executemany: no RETURNING)
+            return _attest(conn, conn.execute(attest).all(), now)
 
     def mark_retry(
         self,
@@ -365,6 +389,48 @@ def _held_by(recording_id: int, worker: Worker) -> tuple[ColumnElement[bool], ..
         r.c.claimed_by == worker.name,
         process,
     )
+
+
+# What an `ARCHIVE` audit entry attests of a recording.
+_ATTESTED = (
+    schema.recordings.c.id,
+    schema.recordings.c.pbx_id,
+    schema.recordings.c.name,
+    schema.recordings.c.storage_key,
+    schema.recordings.c.sha256,
+    schema.recordings.c.size,
+)
+
+
+def _attested(conn: Connection, statement: Update, now: datetime) -> int:
+    """Run `statement` (an update that archives recordings) and chain an `ARCHIVE` audit
+    entry for each recording it archived; how many."""
+    return _attest(conn, conn.execute(statement.returning(*_ATTESTED)).all(), now)
+
+
+def _attest(conn: Connection, archived: Sequence[Any], now: datetime) -> int:
+    """Chain an `ARCHIVE` entry for each of the `archived` rows (`_ATTESTED`) and point the
+    recording at it; how many."""
+    r = schema.recordings
+    entries = [
+        NewEntry(
+            at=to_utc(now),
+            actor=audit.SYSTEM_ACTOR,
+            action=audit.ARCHIVE,
+            target=str(row.name),
+            detail=audit.attestation(
+                int(row.id), int(row.pbx_id), row.name, row.storage_key, row.sha256, int(row.size)
+            ),
+        )
+        for row in archived
+    ]
+    seqs = append(conn, entries)
+    if seqs:
+        conn.execute(
+            update(r).where(r.c.id == bindparam("recording_id")).values(audit_seq=bindparam("seq")),
+            [{"recording_id": row.id, "seq": seq} for row, seq in zip(archived, seqs, strict=True)],
+        )
+    return len(archived)
 
 
 def _archived(

@@ -142,6 +142,10 @@ class RecordingRow:
     verified_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    audit_seq: int | None  # the audit chain's entry attesting it (see `index.audit`)
+    deleted_at: datetime | None  # deleted (state "deleted"): when, and `deletion` why (JSON)
+    purged_at: datetime | None  # ...and when its stored object was removed
+    deletion: str | None
     # calls
     callid: str
     pbx_serial: str
@@ -247,3 +251,20 @@ class SearchFilters:
     scope: Scope = field(default=None)
     pbx_id: int | None = None
     pbx_scope: list[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectCall:
+    """A call of a data subject's number, with its recording if it has one."""
+
+    call_id: int
+    pbx_id: int
+    start_at: datetime | None
+    call_from: str
+    call_to: str
+    did: str
+    direction: str
+    status: str
+    recording_id: int | None
+    recording_name: str | None
+    recording_state: str | None

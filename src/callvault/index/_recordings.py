@@ -46,6 +46,8 @@ _DATETIME_FIELDS = (
     "missing_since",
     "archived_at",
     "verified_at",
+    "deleted_at",
+    "purged_at",
     "created_at",
     "updated_at",
     "start_at",
@@ -134,6 +136,15 @@ class RecordingStore:
         rows = self._rows(_joined().where(schema.recordings.c.id == recording_id))
         return rows[0] if rows else None
 
+    def by_ids(self, recording_ids: Sequence[int]) -> list[RecordingRow]:
+        """The recordings with these ids (those that exist), by id."""
+        ids = sorted(set(recording_ids))
+        rows: list[RecordingRow] = []
+        for start in range(0, len(ids), 500):
+            batch = ids[start : start + 500]
+            rows += self._rows(_joined().where(schema.recordings.c.id.in_(batch)))
+        return sorted(rows, key=lambda row: row.id)
+
     def archived(self, batch: int = 500, *, pbx_id: int | None = None) -> Iterator[RecordingRow]:
         """Every archived recording (of the PBX `pbx_id`, if given), by id, read in batches
         (no long-held transaction)."""
@@ -182,7 +193,7 @@ class RecordingStore:
         r = schema.recordings
         query = (
             select(r.c.pbx_id, r.c.state, func.count())
-            .where(r.c.state.in_([s for s in schema.RECORDING_STATES if s != schema.ARCHIVED]))
+            .where(r.c.state.in_(schema.WAITING_STATES))
             .group_by(r.c.pbx_id, r.c.state)
         )
         with self._db.read() as conn:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from callvault.index import schema
 from callvault.index._db import Database
@@ -27,6 +27,10 @@ class SettingKey(StrEnum):
     # Where the recordings are kept when not in the archive directory (file:///DIR or
     # s3://BUCKET/PREFIX): set by the first serve given --storage, or by `storage migrate`.
     STORAGE_URL = "storage_url"
+    # The last check of the audit chain (`callvault audit verify`, the audit page), JSON.
+    AUDIT_VERIFIED = "audit_verified"
+    # When a serve node last began the daily retention pass (ISO 8601): one node a day.
+    RETENTION_PASS_AT = "retention_pass_at"  # noqa: S105 - a time, not a password
 
 
 class SettingsStore:
@@ -72,3 +76,25 @@ class SettingsStore:
         with self._db.write() as conn:
             conn.execute(statement)
             return str(conn.execute(select(s.c.value).where(s.c.key == name)).scalar_one())
+
+    def claim_turn(self, key: SettingKey, *, now: datetime, every: timedelta) -> bool:
+        """Whether this caller takes the turn stored under `key` (an ISO time): it does if
+        none was taken in the last `every`, and then stores `now`. Atomic across
+        processes and nodes: of several callers at once, one gets the turn."""
+        s = schema.settings
+        name = SettingKey(key).value
+        stamp = to_utc(now).isoformat()
+        previous = self.setdefault(key, "", now)
+        if previous:
+            try:
+                if datetime.fromisoformat(previous) > to_utc(now) - every:
+                    return False
+            except ValueError:
+                pass  # not a time: take the turn
+        with self._db.write() as conn:
+            taken = conn.execute(
+                update(s)
+                .where(s.c.key == name, s.c.value == previous)
+                .values(value=stamp, updated_at=to_utc(now))
+            ).rowcount
+        return bool(taken == 1)

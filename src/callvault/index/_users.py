@@ -162,7 +162,7 @@ class UserStore:
         existing name.
         """
         validate_name(name)
-        validate_role(role)
+        role = validate_role(role)
         validate_password(password)
         canonical = format_scope(parse_scope(scope))
         pbx_names = ",".join(parse_pbxs(pbxs))
@@ -235,6 +235,56 @@ class UserStore:
             _end_sessions_of(conn, target.id)
             conn.execute(delete(users).where(users.c.id == target.id))
         return target
+
+    def edit(
+        self,
+        name: str,
+        *,
+        role: str | None = None,
+        scope: str | None = None,
+        pbxs: str | None = None,
+        acting: User | None = None,
+    ) -> tuple[User, User]:
+        """Change a user's role, scope or PBXs (None: leave it); the user before and after.
+
+        Checked and made canonical as `add` does. Refused with `SelfRemovalError` when
+        `acting` (the user asking, if a user asks) would change their own role, and with
+        `LastAdminError` when the last enabled admin would stop being one; `NoSuchUser`
+        when there is no such user. Every request re-reads its user: the change holds at
+        once, in every session.
+        """
+        role = None if role is None else validate_role(role)
+        canonical = None if scope is None else format_scope(parse_scope(scope))
+        pbx_names = None if pbxs is None else ",".join(parse_pbxs(pbxs))
+        with self._db.write() as conn:
+            before = _user_where(conn, users.c.name == name)
+            if before is None:
+                raise NoSuchUser(f"no user named {name!r}")
+            values: dict[str, str] = {}
+            if role is not None and role != before.role:
+                if acting is not None and acting.id == before.id:
+                    raise SelfRemovalError("you cannot change your own role: ask another admin")
+                if before.is_admin and before.disabled_at is None:
+                    # As in `remove`: a concurrent demotion waits for this one, then counts.
+                    admins = conn.execute(
+                        select(users.c.id).where(*_ENABLED_ADMIN).with_for_update()
+                    ).all()
+                    if len(admins) <= 1:
+                        raise LastAdminError(
+                            f"{name!r} is the last admin: make another admin first"
+                        )
+                values["role"] = role
+            if canonical is not None:
+                values["scope"] = canonical
+            if pbx_names is not None:
+                if pbx_names:
+                    _check_registered(conn, pbx_names.split(","))
+                values["pbxs"] = pbx_names
+            if values:
+                conn.execute(update(users).where(users.c.id == before.id).values(**values))
+            after = _user_where(conn, users.c.id == before.id)
+        assert after is not None
+        return before, after
 
     def set_password(self, name: str, password: str) -> bool:
         """Set a user's password and end all their web sessions; False if there is no such

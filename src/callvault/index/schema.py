@@ -54,7 +54,13 @@ DOWNLOADING = "downloading"
 ARCHIVED = "archived"
 FAILED = "failed"  # gave up after transient errors; `last_error` says why; retried by reconcile
 MISSING = "missing"  # the PBX said the file does not exist for long enough to believe it
-RECORDING_STATES = (PENDING, DOWNLOADING, ARCHIVED, FAILED, MISSING)
+# Deleted by the retention policy, an admin or a data-subject request: the row stays as a
+# tombstone (hash, size, key, when and why: `deleted_at`, `deletion`); `purged_at` says
+# when the stored object was removed.
+DELETED = "deleted"
+RECORDING_STATES = (PENDING, DOWNLOADING, ARCHIVED, FAILED, MISSING, DELETED)
+# Those still waiting for (or given up on) a durable copy.
+WAITING_STATES = (PENDING, DOWNLOADING, FAILED, MISSING)
 
 calls = Table(
     "calls",
@@ -129,11 +135,18 @@ recordings = Table(
     Column("verified_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The audit chain's `archive` entry that attests this recording's hash, size and key
+    # (its `seq`); None until archived, and for recordings archived before the chain began.
+    Column("audit_seq", BigInteger, nullable=True),
+    Column("deleted_at", DateTime(timezone=True), nullable=True),
+    Column("purged_at", DateTime(timezone=True), nullable=True),
+    Column("deletion", Text, nullable=True),  # why it was deleted, JSON
     UniqueConstraint("pbx_id", "name", name="uq_recordings_pbx_id_name"),
 )
 Index("ix_recordings_state_next", recordings.c.state, recordings.c.next_attempt_at)
 Index("ix_recordings_call_id", recordings.c.call_id)
 Index("ix_recordings_claim_process_id", recordings.c.claim_process_id)
+Index("ix_recordings_audit_seq", recordings.c.audit_seq)
 
 # Every process that claims jobs (`serve`, `backfill`...), one row per start; ids are never
 # reused (AUTOINCREMENT on SQLite). A new start of the same node and kind marks the earlier
@@ -163,7 +176,7 @@ users = Table(
     Column("id", Integer, primary_key=True),
     Column("name", String(64), nullable=False),
     Column("password_hash", String(255), nullable=False),  # argon2
-    Column("role", String(16), nullable=False),  # admin | listener
+    Column("role", String(16), nullable=False),  # admin, listener, auditor, auditor,listener
     # Extensions whose calls the user may see, e.g. "1000-1099,2001"; empty = every call.
     Column("scope", Text, nullable=False, default=""),
     # PBXs of the registry whose calls the user may see, by name, e.g. "paris,lyon";
@@ -202,8 +215,52 @@ audit_log = Table(
     Column("target", String(255), nullable=False, default=""),  # recording name, user name...
     Column("detail", Text, nullable=False, default=""),
     Column("remote_addr", String(64), nullable=False, default=""),
+    # The hash chain (see `index.audit`): the entry's place, 1, 2, 3... with no gaps, and
+    # SHA-256(previous entry's hash, this entry's fields). None only for entries written
+    # by hand outside callvault, which `audit verify` reports.
+    Column("seq", BigInteger, nullable=True),
+    Column("hash", String(64), nullable=True),
 )
 Index("ix_audit_log_at", audit_log.c.at)
+Index("ix_audit_log_seq", audit_log.c.seq, unique=True)
+
+# The head of the audit chain: one row (id 1), the last entry's seq and hash. Appending
+# updates it first, which queues concurrent writers (on every node) on its row lock.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+)
+
+# Signed checkpoints of the audit chain: "the chain up to entry `seq` has hash `hash`",
+# signed by the deployment's signing key `key_id` (Ed25519, Base64 `signature`).
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("signature", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+Index("ix_audit_checkpoints_seq", audit_checkpoints.c.seq)
+
+# The deployment's signing keys (Ed25519; see `callvault.keys`): the public half as
+# Base64, the private half sealed with the master key. The newest key not retired signs.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("id", String(16), primary_key=True),  # the first 16 hex digits of the fingerprint
+    Column("public_key", Text, nullable=False),
+    Column("private_sealed", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("retired_at", DateTime(timezone=True), nullable=True),
+)
 
 # Live web sessions: a session cookie is honoured only while its row is here (and unexpired),
 # so the signing secret alone cannot make a session for a user who never logged in. Only the
@@ -327,3 +384,44 @@ alerts = Table(
     Column("fired_at", DateTime(timezone=True), nullable=True),  # told (None: not yet)
     Column("resolved_at", DateTime(timezone=True), nullable=True),  # cleared
 )
+
+# The retention policy's versions: each change of the rules is a new row (id = version);
+# the newest is in force. `rules` is JSON (see `callvault.index.retention`).
+retention_policies = Table(
+    "retention_policies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("rules", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(64), nullable=False, server_default=text("''")),
+    Column("note", Text, nullable=False, server_default=text("''")),
+    sqlite_autoincrement=True,
+)
+
+# Legal holds and the recordings each holds; a held recording is never deleted.
+holds = Table(
+    "holds",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("case_name", String(128), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("selection", Text, nullable=False, server_default=text("''")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(64), nullable=False, server_default=text("''")),
+    Column("released_at", DateTime(timezone=True), nullable=True),
+    Column("released_by", String(64), nullable=True),
+    Column("release_reason", Text, nullable=True),
+    sqlite_autoincrement=True,
+)
+hold_recordings = Table(
+    "hold_recordings",
+    metadata,
+    Column("hold_id", Integer, ForeignKey("holds.id", ondelete="CASCADE"), primary_key=True),
+    Column(
+        "recording_id",
+        Integer,
+        ForeignKey("recordings.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+)
+Index("ix_hold_recordings_recording_id", hold_recordings.c.recording_id)

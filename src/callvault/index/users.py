@@ -1,10 +1,15 @@
 """Web users, their roles and scopes, and API tokens: the data and the rules without a
 database. The stores are `index.users`, `index.tokens` and `index.sessions`.
 
-A user is an ``admin`` (everything) or a ``listener`` (search, play, download and export
-within their scope). A scope is a list of extensions and ranges, written ``"1000-1099,2001"``;
-empty text means every call. Passwords are kept only as argon2 hashes and API tokens only as
-the SHA-256 of the token: the secret itself is shown once, when it is made, and never again.
+A user's role is ``admin`` (everything), ``listener`` (search, play, download and export
+within their scope), ``auditor`` (the audit log, its verification and the signing key; no
+recording), or both of the last two, written ``auditor,listener`` (`validate_role` gives
+the canonical text of any order; admin stands alone, as it includes every other). The
+`User` properties `is_admin`, `can_listen` and `can_audit` say what a role allows.
+
+A scope is a list of extensions and ranges, written ``"1000-1099,2001"``; empty text means
+every call. Passwords are kept only as argon2 hashes and API tokens only as the SHA-256 of
+the token: the secret itself is shown once, when it is made, and never again.
 
 Web sessions: a session is a row of ``web_sessions`` (made at login, deleted at logout)
 and each user has a random ``session_epoch`` that every session cookie of theirs carries; a
@@ -26,7 +31,11 @@ from callvault.index.schema import users as _users_table
 
 ADMIN = "admin"
 LISTENER = "listener"
-ROLES = (ADMIN, LISTENER)
+AUDITOR = "auditor"
+ROLES = (ADMIN, LISTENER, AUDITOR)  # each role alone; listener and auditor also together
+AUDITOR_LISTENER = f"{AUDITOR},{LISTENER}"
+# Every role text `users.role` may hold (canonical), the safer first.
+ROLE_CHOICES = (LISTENER, AUDITOR, AUDITOR_LISTENER, ADMIN)
 
 NAME_MAX = column_length(_users_table.c.name)
 # A name appears in URLs, the audit log and CLI output: keep it plain.
@@ -50,7 +59,7 @@ class LastAdminError(UserError):
 
 
 class SelfRemovalError(UserError):
-    """A user tried to remove themselves."""
+    """A user tried to remove themselves, or to change their own role."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +79,24 @@ class User:
     pbxs: tuple[str, ...] = ()  # the PBXs whose calls they may see; () = every PBX
 
     @property
+    def roles(self) -> frozenset[str]:
+        """The roles of `role` (``"auditor,listener"`` -> both)."""
+        return frozenset(part.strip() for part in self.role.split(","))
+
+    @property
     def is_admin(self) -> bool:
-        return self.role == ADMIN
+        """Users, tokens, PBXs, the status page; and everything the other roles may."""
+        return ADMIN in self.roles
+
+    @property
+    def can_listen(self) -> bool:
+        """Search, play, download, verify and export recordings (within the scope)."""
+        return self.is_admin or LISTENER in self.roles
+
+    @property
+    def can_audit(self) -> bool:
+        """Read and export the audit log, and verify its chain."""
+        return self.is_admin or AUDITOR in self.roles
 
     def may_see(self, *numbers: str) -> bool:
         """Whether a call between these numbers is within this user's scope."""
@@ -161,9 +186,28 @@ def validate_name(name: str) -> str:
 
 
 def validate_role(role: str) -> str:
-    if role not in ROLES:
-        raise UserError(f"bad role {role!r}: use one of {', '.join(ROLES)}")
-    return role
+    """The canonical text of a role: one of `ROLE_CHOICES` (``"listener, auditor"`` ->
+    ``"auditor,listener"``); UserError for anything else."""
+    parts = {part.strip() for part in role.split(",")}
+    if not parts <= set(ROLES):
+        raise UserError(f"bad role {role!r:.40}: use one of {', '.join(ROLE_CHOICES)}")
+    if ADMIN in parts and len(parts) > 1:
+        raise UserError("admin includes every other role: give it alone")
+    return ",".join(name for name in (ADMIN, AUDITOR, LISTENER) if name in parts)
+
+
+def describe_change(before: User, after: User) -> str:
+    """What an edit changed, for the audit log: ``role=listener->auditor,listener``, with
+    ``scope=`` and ``pbxs=`` alike (``(all)`` for empty); "" if nothing changed."""
+    parts = []
+    for field, was, now in (
+        ("role", before.role, after.role),
+        ("scope", before.scope, after.scope),
+        ("pbxs", ",".join(before.pbxs), ",".join(after.pbxs)),
+    ):
+        if was != now:
+            parts.append(f"{field}={was or '(all)'}->{now or '(all)'}")
+    return " ".join(parts)
 
 
 def validate_password(password: str) -> str:

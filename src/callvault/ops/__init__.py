@@ -13,6 +13,12 @@ what both `--json` and the web API print, so the two never disagree:
     add_pbx / edit_pbx / remove_pbx / test_pbx, pbx_view(record) -> PbxView  # callvault pbx ...
     migrate_storage(archive, target, url, ...) -> MigrationReport  # callvault storage migrate
     copy_index(archive, target, url, ...) -> IndexCopyReport  # callvault index copy
+    run_retention(archive, now=..., dry_run=...) -> RetentionReport  # retention run, serve
+    set_policy / place_hold / delete_now  # callvault retention set, hold add, delete
+    find_subject / erase_subject  # callvault subject find|export|erase (GDPR)
+    stream_export(rows, storage, key=...) -> ZIP chunks; verify_export(path)  # signed exports
+    verify_audit(index, now=...) -> AuditVerification  # callvault audit verify, the audit page
+    signer / rotate_signing_key / public_keys / write_checkpoint  # callvault keys ...
 
 The layer sits above the archiver and below the web app and the command line.
 """
@@ -23,7 +29,29 @@ from callvault._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from callvault.ops._archive import Archive, ArchiveError, open_archive
+    from callvault.ops._audit import (
+        AuditProblem,
+        AuditVerification,
+        ChainBrokenError,
+        PublicKeyView,
+        last_verification,
+        parse_public_key,
+        public_keys,
+        record_verification,
+        rotate_signing_key,
+        signer,
+        verify_audit,
+        write_checkpoint,
+    )
     from callvault.ops._copy import IndexCopyReport, copy_index
+    from callvault.ops._exports import (
+        ExportError,
+        ExportVerification,
+        readable_filename,
+        safe_filename,
+        stream_export,
+        verify_export,
+    )
     from callvault.ops._health import (
         Check,
         IndexCollector,
@@ -53,6 +81,16 @@ if TYPE_CHECKING:
         search_recordings,
     )
     from callvault.ops._requeue import REQUEUE_STATES, RequeueResult, requeue
+    from callvault.ops._retention import (
+        DeleteReport,
+        RetentionReport,
+        delete_now,
+        parse_policy_text,
+        place_hold,
+        release_hold,
+        run_retention,
+        set_policy,
+    )
     from callvault.ops._status import (
         ArchiveStatus,
         Failure,
@@ -63,6 +101,12 @@ if TYPE_CHECKING:
         archive_status,
     )
     from callvault.ops._storage import MigrationFailure, MigrationReport, migrate_storage
+    from callvault.ops._subjects import (
+        SubjectErasure,
+        SubjectFindings,
+        erase_subject,
+        find_subject,
+    )
     from callvault.ops._verify import VerifyReport, VerifyResult, verify_archive, verify_recording
     from callvault.ops._words import human_size
 
@@ -71,6 +115,18 @@ _HOMES = {
     "Archive": "_archive",
     "ArchiveError": "_archive",
     "open_archive": "_archive",
+    "AuditProblem": "_audit",
+    "AuditVerification": "_audit",
+    "ChainBrokenError": "_audit",
+    "PublicKeyView": "_audit",
+    "last_verification": "_audit",
+    "parse_public_key": "_audit",
+    "public_keys": "_audit",
+    "record_verification": "_audit",
+    "rotate_signing_key": "_audit",
+    "signer": "_audit",
+    "verify_audit": "_audit",
+    "write_checkpoint": "_audit",
     "Check": "_health",
     "IndexCollector": "_health",
     "Readiness": "_health",
@@ -94,6 +150,18 @@ _HOMES = {
     "remove_pbx": "_pbxs",
     "test_pbx": "_pbxs",
     "tls_options": "_pbxs",
+    "DeleteReport": "_retention",
+    "RetentionReport": "_retention",
+    "delete_now": "_retention",
+    "parse_policy_text": "_retention",
+    "place_hold": "_retention",
+    "release_hold": "_retention",
+    "run_retention": "_retention",
+    "set_policy": "_retention",
+    "SubjectErasure": "_subjects",
+    "SubjectFindings": "_subjects",
+    "erase_subject": "_subjects",
+    "find_subject": "_subjects",
     "REQUEUE_STATES": "_requeue",
     "RequeueResult": "_requeue",
     "requeue": "_requeue",
@@ -105,6 +173,12 @@ _HOMES = {
     "WorkerCount": "_status",
     "archive_status": "_status",
     "IndexCopyReport": "_copy",
+    "ExportError": "_exports",
+    "ExportVerification": "_exports",
+    "readable_filename": "_exports",
+    "safe_filename": "_exports",
+    "stream_export": "_exports",
+    "verify_export": "_exports",
     "copy_index": "_copy",
     "MigrationFailure": "_storage",
     "MigrationReport": "_storage",
@@ -125,7 +199,13 @@ __all__ = [
     "Archive",
     "ArchiveError",
     "ArchiveStatus",
+    "AuditProblem",
+    "AuditVerification",
+    "ChainBrokenError",
     "Check",
+    "DeleteReport",
+    "ExportError",
+    "ExportVerification",
     "Failure",
     "IndexCollector",
     "IndexCopyReport",
@@ -137,33 +217,57 @@ __all__ = [
     "PbxTest",
     "PbxView",
     "ProcessStatus",
+    "PublicKeyView",
     "Readiness",
     "RecordingPage",
     "RecordingView",
     "RequeueResult",
+    "RetentionReport",
+    "SubjectErasure",
+    "SubjectFindings",
     "VerifyReport",
     "VerifyResult",
     "WorkerCount",
     "add_pbx",
     "archive_status",
     "copy_index",
+    "delete_now",
     "edit_pbx",
+    "erase_subject",
+    "find_subject",
     "human_size",
     "json_ready",
+    "last_verification",
     "metrics_registry",
     "migrate_storage",
     "open_archive",
     "open_password",
+    "parse_policy_text",
+    "parse_public_key",
     "pbx_client",
     "pbx_id_of",
     "pbx_names",
     "pbx_view",
+    "place_hold",
+    "public_keys",
+    "readable_filename",
     "readiness",
+    "record_verification",
+    "release_hold",
     "remove_pbx",
     "requeue",
+    "rotate_signing_key",
+    "run_retention",
+    "safe_filename",
     "search_recordings",
+    "set_policy",
+    "signer",
+    "stream_export",
     "test_pbx",
     "tls_options",
     "verify_archive",
+    "verify_audit",
+    "verify_export",
     "verify_recording",
+    "write_checkpoint",
 ]

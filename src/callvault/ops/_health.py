@@ -94,13 +94,11 @@ class IndexCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from callvault.index.schema import ARCHIVED, RECORDING_STATES
+        from callvault.index.schema import WAITING_STATES
 
         up = GaugeMetricFamily("callvault_index_up", "1 when the index answered this scrape.")
         try:
-            waiting = self._index.recordings.counts_by_state(
-                [state for state in RECORDING_STATES if state != ARCHIVED]
-            )
+            waiting = self._index.recordings.counts_by_state(list(WAITING_STATES))
             last_event = self._index.settings.get(SettingKey.LAST_EVENT_AT)
         except Exception:  # a scrape answers even when the index does not
             up.add_metric([], 0.0)

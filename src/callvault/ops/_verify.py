@@ -12,6 +12,7 @@ from datetime import datetime
 
 from callvault.index import RecordingRow
 from callvault.index.pbxs import PbxRecord
+from callvault.index.retention import RetentionPolicy
 from callvault.index.schema import ARCHIVED
 from callvault.ops._archive import Archive
 from callvault.ops._json import JsonResult
@@ -72,20 +73,36 @@ def verify_recording(
 
 
 @dataclass(frozen=True, slots=True)
+class LockProblem(JsonResult):
+    """An object whose storage lock (S3 Object Lock) disagrees with callvault's rules:
+    retained less long than its retention policy says, or its legal hold not matching
+    callvault's holds. `fixed` when `relock` set it right."""
+
+    id: int
+    name: str
+    storage_key: str
+    problem: str
+    fixed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyReport(JsonResult):
-    """The whole archive checked: `mismatched` and `missing` are problems (`callvault
-    verify` exits 1); `unindexed` files are in storage but no archived recording points to
-    them (a crash between storing and indexing leaves one; the next attempt reuses it)."""
+    """The whole archive checked: `mismatched`, `missing` and `locks` not fixed are
+    problems (`callvault verify` exits 1); `unindexed` files are in storage but no
+    archived recording points to them (a crash between storing and indexing leaves one;
+    the next attempt reuses it)."""
 
     checked: int
     ok: int
     mismatched: list[VerifyResult] = field(default_factory=list)
     missing: list[VerifyResult] = field(default_factory=list)
     unindexed: list[str] = field(default_factory=list)
+    locks: list[LockProblem] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
-        return len(self.mismatched) + len(self.missing)
+        unfixed = [lock for lock in self.locks if not lock.fixed]
+        return len(self.mismatched) + len(self.missing) + len(unfixed)
 
 
 def verify_archive(
@@ -95,14 +112,20 @@ def verify_archive(
     progress: Callable[[VerifyResult], None] | None = None,
     pbx: PbxRecord | None = None,
     deep: bool = False,
+    relock: bool = False,
 ) -> VerifyReport:
     """Verify every archived recording (of `pbx` only, if given; `deep`: see
-    `verify_recording`), then list the stored files nobody points to (for one PBX: those
-    under its serial, if it is known)."""
+    `verify_recording`), and where the storage locks, that its lock agrees with the
+    retention policy and the holds (`relock`: set it right where it can be: a retention
+    date extended, a legal hold placed or lifted); then list the stored files nobody
+    points to (for one PBX: those under its serial, if it is known)."""
     checked = ok = 0
     mismatched: list[VerifyResult] = []
     missing: list[VerifyResult] = []
+    locks: list[LockProblem] = []
     known: set[str] = set()
+    locking = archive.storage.locks
+    policy = archive.index.retention.current() if locking else None
     for row in archive.index.recordings.archived(pbx_id=pbx.id if pbx is not None else None):
         checked += 1
         if row.storage_key:
@@ -114,6 +137,8 @@ def verify_archive(
             mismatched.append(outcome)
         else:
             missing.append(outcome)
+        if locking and outcome.ok and row.storage_key:
+            locks += _lock_problems(archive, row, policy, relock=relock)
         if progress is not None:
             progress(outcome)
     storage = archive.storage
@@ -122,4 +147,44 @@ def verify_archive(
     else:
         listed = list(storage.list(f"{pbx.serial}/")) if pbx.serial else []
     unindexed = [key for key in listed if key not in known]
-    return VerifyReport(checked, ok, mismatched, missing, unindexed)
+    return VerifyReport(checked, ok, mismatched, missing, unindexed, locks)
+
+
+def _lock_problems(
+    archive: Archive, row: RecordingRow, policy: RetentionPolicy | None, *, relock: bool
+) -> list[LockProblem]:
+    """How the object's lock disagrees with the policy and the holds (fixed if asked)."""
+    storage, key = archive.storage, row.storage_key or ""
+    try:
+        state = storage.lock_state(key)
+    except (OSError, StorageError) as exc:
+        return [LockProblem(row.id, row.name, key, f"its lock cannot be read: {exc}")]
+    if state is None:
+        return []
+    found: list[LockProblem] = []
+    expiry = archive.index.retention.expiry_for(row.id, policy)
+    if expiry is not None and (state.retain_until is None or state.retain_until < expiry):
+        kept = f"{state.retain_until:%Y-%m-%d}" if state.retain_until else "no date"
+        problem = f"locked until {kept}, but its policy keeps it until {expiry:%Y-%m-%d}"
+        found.append(_fix(row, key, problem, relock, lambda: storage.retain(key, expiry)))
+    held = archive.index.retention.is_held(row.id)
+    if held != state.legal_hold:
+        problem = (
+            "held in callvault but the bucket's legal hold is off"
+            if held
+            else "the bucket's legal hold is on but no hold in callvault keeps it"
+        )
+        found.append(_fix(row, key, problem, relock, lambda: storage.legal_hold(key, held)))
+    return found
+
+
+def _fix(
+    row: RecordingRow, key: str, problem: str, relock: bool, action: Callable[[], None]
+) -> LockProblem:
+    if not relock:
+        return LockProblem(row.id, row.name, key, problem)
+    try:
+        action()
+    except (OSError, StorageError) as exc:
+        return LockProblem(row.id, row.name, key, f"{problem}; not fixed: {exc}")
+    return LockProblem(row.id, row.name, key, problem, fixed=True)

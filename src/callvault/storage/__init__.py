@@ -12,6 +12,7 @@ from pathlib import Path
 
 from callvault.storage._base import (
     ConflictError,
+    ObjectLock,
     StagingArea,
     Storage,
     StorageError,
@@ -35,6 +36,7 @@ __all__ = [
     "ConflictError",
     "LocalStagingArea",
     "LocalStorage",
+    "ObjectLock",
     "S3Storage",
     "StagingArea",
     "Storage",

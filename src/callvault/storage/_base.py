@@ -54,6 +54,17 @@ class StoredObject:
     modified_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectLock:
+    """What keeps a stored object from being deleted by the storage itself (S3 Object
+    Lock): a retention `mode` (GOVERNANCE or COMPLIANCE) until `retain_until`, and a
+    legal hold."""
+
+    mode: str | None
+    retain_until: datetime | None
+    legal_hold: bool
+
+
 @runtime_checkable
 class Storage(Protocol):
     """Bytes by key (``serial/YYYY/MM/DD/name``): `LocalStorage` (a directory) and
@@ -64,8 +75,35 @@ class Storage(Protocol):
     `ConflictError`, writing the same bytes again is a no-op.
     """
 
-    def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
-        """Move the finished file `src` into place under `key` (consumes `src`)."""
+    def put_file(
+        self,
+        key: str,
+        src: Path,
+        *,
+        sha256: str | None = None,
+        retain_until: datetime | None = None,
+    ) -> StoredObject:
+        """Move the finished file `src` into place under `key` (consumes `src`); where the
+        storage `locks`, it refuses to delete the object before `retain_until`."""
+        ...
+
+    @property
+    def locks(self) -> bool:
+        """Whether the storage itself can refuse deletions (a bucket with Object Lock);
+        False for a directory, where callvault alone enforces retention."""
+        ...
+
+    def lock_state(self, key: str) -> ObjectLock | None:
+        """The object's lock (None where the storage does not lock; FileNotFoundError if
+        absent)."""
+        ...
+
+    def retain(self, key: str, until: datetime) -> None:
+        """Keep the object from deletion until `until` (never shortens a lock)."""
+        ...
+
+    def legal_hold(self, key: str, on: bool) -> None:
+        """Place (or lift) the storage's own legal hold on the object."""
         ...
 
     def put(self, key: str, stream: BinaryIO) -> StoredObject:

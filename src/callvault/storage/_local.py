@@ -36,6 +36,7 @@ from uuid import uuid4
 from callvault.storage._base import (
     _CHUNK,
     ConflictError,
+    ObjectLock,
     Storage,
     StorageUsage,
     StoredObject,
@@ -212,7 +213,26 @@ class LocalStorage:
 
     # -- writing --------------------------------------------------------------------------
 
-    def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+    # A directory does not lock: retention and holds are callvault's to keep.
+    locks = False
+
+    def lock_state(self, key: str) -> ObjectLock | None:
+        return None
+
+    def retain(self, key: str, until: datetime) -> None:
+        return None
+
+    def legal_hold(self, key: str, on: bool) -> None:
+        return None
+
+    def put_file(
+        self,
+        key: str,
+        src: Path,
+        *,
+        sha256: str | None = None,
+        retain_until: datetime | None = None,
+    ) -> StoredObject:
         """Move the complete file `src` into place under `key`, durably; `src` is consumed.
 
         `src` should be in `staging_dir()`; from another filesystem it is copied there

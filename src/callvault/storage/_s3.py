@@ -20,6 +20,12 @@ without downloading (``callvault verify``), `checksum` downloads and hashes
 
 The staging area of downloads in progress stays on local disk (the archive directory):
 a download is checked before anything reaches the bucket.
+
+Object Lock: on a bucket made with Object Lock enabled, each recording is uploaded with
+a retention date (its retention policy's expiry) in the bucket's default retention mode
+(GOVERNANCE if it has none), and a legal hold placed in callvault becomes the object's
+legal hold, so that the bucket itself refuses to delete it early, whoever asks.
+Deleting then removes every version of the key (a plain DELETE would only hide it).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from urllib.parse import urlsplit
 
 from callvault.storage._base import (
     ConflictError,
+    ObjectLock,
     StorageError,
     StorageUsage,
     StoredObject,
@@ -71,6 +78,7 @@ class S3Storage:
         # Downloads in progress are staged on local disk, as with local storage.
         self._local = LocalStorage(work_dir)
         self._client = client
+        self._lock_mode: str | None = None  # the bucket's (None: not looked up yet)
 
     def __repr__(self) -> str:
         return f"S3Storage({self.describe()!r})"
@@ -123,9 +131,86 @@ class S3Storage:
             reason = " ".join(str(exc).split())
             raise StorageError(f"{what}: {self.describe()}: {reason}") from None
 
+    # -- Object Lock -----------------------------------------------------------------------
+
+    def _bucket_lock_mode(self) -> str:
+        """The retention mode objects get ("" when the bucket has no Object Lock)."""
+        if self._lock_mode is None:
+            try:
+                answer = self._call(
+                    "reading the bucket's Object Lock configuration",
+                    lambda: self.client.get_object_lock_configuration(Bucket=self.bucket),
+                )
+            except StorageError as exc:
+                if "ObjectLockConfigurationNotFound" not in str(exc):
+                    raise
+                answer = {}
+            except FileNotFoundError:
+                answer = {}
+            config = answer.get("ObjectLockConfiguration") or {}
+            if config.get("ObjectLockEnabled") != "Enabled":
+                self._lock_mode = ""
+            else:
+                default = (config.get("Rule") or {}).get("DefaultRetention") or {}
+                self._lock_mode = str(default.get("Mode") or "GOVERNANCE")
+        return self._lock_mode
+
+    @property
+    def locks(self) -> bool:
+        return bool(self._bucket_lock_mode())
+
+    def lock_state(self, key: str) -> ObjectLock | None:
+        if not self.locks:
+            return None
+        full = self._full(key)
+        head = self._call(
+            f"looking up {key}", lambda: self.client.head_object(Bucket=self.bucket, Key=full)
+        )
+        until = head.get("ObjectLockRetainUntilDate")
+        return ObjectLock(
+            mode=head.get("ObjectLockMode"),
+            retain_until=until if isinstance(until, datetime) else None,
+            legal_hold=head.get("ObjectLockLegalHoldStatus") == "ON",
+        )
+
+    def retain(self, key: str, until: datetime) -> None:
+        mode = self._bucket_lock_mode()
+        if not mode:
+            return
+        current = self.lock_state(key)
+        if current is not None and current.retain_until and current.retain_until >= until:
+            return  # never shortened
+        full = self._full(key)
+        self._call(
+            f"locking {key}",
+            lambda: self.client.put_object_retention(
+                Bucket=self.bucket,
+                Key=full,
+                Retention={"Mode": mode, "RetainUntilDate": until},
+            ),
+        )
+
+    def legal_hold(self, key: str, on: bool) -> None:
+        if not self.locks:
+            return
+        full = self._full(key)
+        self._call(
+            f"{'placing' if on else 'lifting'} the legal hold of {key}",
+            lambda: self.client.put_object_legal_hold(
+                Bucket=self.bucket, Key=full, LegalHold={"Status": "ON" if on else "OFF"}
+            ),
+        )
+
     # -- writing ---------------------------------------------------------------------------
 
-    def put_file(self, key: str, src: Path, *, sha256: str | None = None) -> StoredObject:
+    def put_file(
+        self,
+        key: str,
+        src: Path,
+        *,
+        sha256: str | None = None,
+        retain_until: datetime | None = None,
+    ) -> StoredObject:
         """Upload the complete file `src` under `key` (see the module docstring); `src` is
         removed once the object is confirmed."""
         full = self._full(key)
@@ -147,18 +232,19 @@ class S3Storage:
             max_concurrency=4,
             use_threads=True,
         )
+        extra: dict[str, Any] = {
+            "ChecksumAlgorithm": "SHA256",
+            "Metadata": {_META_SHA256: sha256},
+            "ContentType": _content_type(key),
+        }
+        mode = self._bucket_lock_mode() if retain_until is not None else ""
+        if mode:
+            extra["ObjectLockMode"] = mode
+            extra["ObjectLockRetainUntilDate"] = retain_until
         self._call(
             f"uploading {key}",
             lambda: self.client.upload_file(
-                str(src),
-                self.bucket,
-                full,
-                ExtraArgs={
-                    "ChecksumAlgorithm": "SHA256",
-                    "Metadata": {_META_SHA256: sha256},
-                    "ContentType": _content_type(key),
-                },
-                Config=transfer,
+                str(src), self.bucket, full, ExtraArgs=extra, Config=transfer
             ),
         )
         stored = self._head(key)
@@ -186,13 +272,41 @@ class S3Storage:
             area.close()
 
     def delete(self, key: str) -> bool:
-        """Remove the object; False if it was absent."""
+        """Remove the object; False if it was absent. On a bucket with Object Lock every
+        version of the key is removed (StorageError, naming the lock, while it holds)."""
         if self._head(key) is None:
             return False
         full = self._full(key)
-        self._call(
-            f"deleting {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=full)
+        if not self.locks:
+            self._call(
+                f"deleting {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=full)
+            )
+            return True
+        listed = self._call(
+            f"listing the versions of {key}",
+            lambda: self.client.list_object_versions(Bucket=self.bucket, Prefix=full),
         )
+        versions = [
+            str(item["VersionId"])
+            for group in ("Versions", "DeleteMarkers")
+            for item in listed.get(group) or []
+            if item.get("Key") == full
+        ]
+        for version in versions:
+            try:
+                self._call(
+                    f"deleting {key}",
+                    lambda version=version: self.client.delete_object(  # type: ignore[misc]
+                        Bucket=self.bucket, Key=full, VersionId=version
+                    ),
+                )
+            except StorageError as exc:
+                if "AccessDenied" in str(exc):
+                    raise StorageError(
+                        f"deleting {key}: the bucket's Object Lock keeps it (a retention date "
+                        "not reached, or a legal hold)"
+                    ) from None
+                raise
         return True
 
     # -- reading ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -13,21 +14,31 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from callvault.index import RecordingRow, audit, users
+from callvault.index import Index, RecordingRow, audit, users
 from callvault.index.schema import ARCHIVED
+from callvault.keys import MasterKeyError
 from callvault.ops import (
     MAX_OFFSET,
     REQUEUE_STATES,
     ArchiveStatus,
+    AuditVerification,
     JsonResult,
+    PublicKeyView,
     RecordingPage,
     RecordingView,
     RequeueResult,
     VerifyResult,
     archive_status,
+    last_verification,
     pbx_id_of,
     pbx_names,
+    public_keys,
+    readable_filename,
+    record_verification,
     requeue,
+    signer,
+    stream_export,
+    verify_audit,
     verify_recording,
 )
 from callvault.times import FORMATS
@@ -40,6 +51,9 @@ from callvault.web._context import (
     context,
     parse_when,
     record_audit,
+    remote_addr,
+    require_auditor,
+    require_listener,
     search_page_of,
     visible_recording,
 )
@@ -70,6 +84,18 @@ def api_user(
 def api_admin(principal: Annotated[Principal, Depends(api_user)]) -> Principal:
     if not principal.user.is_admin:
         raise HTTPException(403, "admins only")
+    return principal
+
+
+def api_listener(principal: Annotated[Principal, Depends(api_user)]) -> Principal:
+    """A user who may search and hear recordings (listener, admin); 403 otherwise."""
+    require_listener(principal.user)
+    return principal
+
+
+def api_auditor(principal: Annotated[Principal, Depends(api_user)]) -> Principal:
+    """A user who may read and verify the audit log (auditor, admin); 403 otherwise."""
+    require_auditor(principal.user)
     return principal
 
 
@@ -141,9 +167,15 @@ class UserOut(BaseModel):
     created_at: datetime
 
 
+RoleName = Literal["listener", "auditor", "auditor,listener", "admin"]  # users.ROLE_CHOICES
+
+
 class UserIn(BaseModel):
     name: str = Field(min_length=1, max_length=64)
-    role: Literal["admin", "listener"]
+    role: RoleName = Field(
+        description="listener: search, play, download and export; auditor: the audit log "
+        "and its verification, no recording; auditor,listener: both; admin: everything"
+    )
     password: str | None = Field(
         default=None,
         min_length=8,
@@ -155,6 +187,14 @@ class UserIn(BaseModel):
     pbxs: str = Field(
         default="", max_length=1000, description='PBXs they may see, e.g. "paris,lyon" (all)'
     )
+
+
+class UserEdit(BaseModel):
+    """What to change of a user; a field left out stays as it is."""
+
+    role: RoleName | None = None
+    scope: str | None = Field(default=None, max_length=1000, description='"" for every call')
+    pbxs: str | None = Field(default=None, max_length=1000, description='"" for every PBX')
 
 
 class UserCreated(BaseModel):
@@ -206,6 +246,51 @@ class AuditPage(BaseModel):
     items: list[AuditOut]
 
 
+class AuditProblemOut(BaseModel):
+    kind: str = Field(description="altered, missing, inserted, checkpoint or recording")
+    message: str
+    seq: int | None = Field(description="The audit entry where it was found")
+    recording: int | None = Field(description="The recording it concerns")
+
+
+class AuditVerificationOut(BaseModel):
+    """What a verification of the audit chain checked and found (as `callvault audit
+    verify --json` prints it, with `ok` and `summary`)."""
+
+    ok: bool
+    summary: str
+    at: datetime
+    entries: int
+    head_seq: int
+    checkpoints: int
+    last_checkpoint_seq: int | None
+    last_checkpoint_at: datetime | None
+    recordings: int
+    recordings_before_chain: int
+    keys: list[str]
+    problems: list[AuditProblemOut]
+    more_problems: int
+
+
+class LastVerificationOut(BaseModel):
+    """The outcome of the last verification of the audit chain, by whoever ran it."""
+
+    at: datetime
+    by: str
+    ok: bool
+    entries: int | None = None
+    summary: str
+
+
+class PublicKeyOut(BaseModel):
+    id: str
+    fingerprint: str = Field(description="SHA-256 of the DER public key")
+    pem: str
+    created_at: datetime
+    retired_at: datetime | None
+    active: bool = Field(description="Whether it signs now (the others are retired)")
+
+
 def user_out(user: users.User) -> UserOut:
     return UserOut(
         id=user.id,
@@ -233,9 +318,13 @@ def describe_filters(params: SearchParams) -> str:
     return urlencode(params.query_items()) or "(all)"
 
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/api")
 AnyUser = Annotated[Principal, Depends(api_user)]
 Admin = Annotated[Principal, Depends(api_admin)]
+Listener = Annotated[Principal, Depends(api_listener)]
+Auditor = Annotated[Principal, Depends(api_auditor)]
 RecordingId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
@@ -255,7 +344,7 @@ def _answer(result: JsonResult) -> JSONResponse:
 @router.get("/recordings", tags=["recordings"], response_model=RecordingPage)
 def search(
     request: Request,
-    principal: AnyUser,
+    principal: Listener,
     params: Annotated[SearchParams, Depends(search_params)],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     after: Annotated[
@@ -290,7 +379,7 @@ def search(
     response_model=RecordingView,
     responses={404: {}},
 )
-def recording(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
+def recording(request: Request, principal: Listener, recording_id: RecordingId) -> Response:
     """One recording's call fields, archive state and checksum."""
     row = visible_recording(request, principal, recording_id)
     return _answer(RecordingView.of(row, pbx_names(context(request).index)))
@@ -336,7 +425,7 @@ def audio_response(
     }
     if row.sha256:
         headers["ETag"] = f'"{row.sha256}"'
-    filename = _media.readable_filename(row)
+    filename = readable_filename(row)
     headers["Content-Disposition"] = _media.content_disposition(filename, inline=not download)
     try:
         byte_range = _media.parse_range(request.headers.get("range"), size)
@@ -390,7 +479,7 @@ _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
     response_class=Response,
     responses=_AUDIO_RESPONSES,
 )
-def audio(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
+def audio(request: Request, principal: Listener, recording_id: RecordingId) -> Response:
     """Stream the audio for a player; honours `Range: bytes=...` (one range)."""
     refuse_cross_site(request, principal)  # a play is audited in the user's name too
     row = visible_recording(request, principal, recording_id)
@@ -403,7 +492,7 @@ def audio(request: Request, principal: AnyUser, recording_id: RecordingId) -> Re
     response_class=Response,
     responses=_AUDIO_RESPONSES,
 )
-def download(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
+def download(request: Request, principal: Listener, recording_id: RecordingId) -> Response:
     """The audio as an attachment named after the call's time, caller and callee."""
     refuse_cross_site(request, principal)
     row = visible_recording(request, principal, recording_id)
@@ -425,7 +514,7 @@ def run_verify(request: Request, principal: Principal, row: RecordingRow) -> Ver
     response_model=VerifyResult,
     responses={404: {}},
 )
-def verify(request: Request, principal: AnyUser, recording_id: RecordingId) -> Response:
+def verify(request: Request, principal: Listener, recording_id: RecordingId) -> Response:
     """Re-read the archived file now and compare it with its recorded SHA-256 and size."""
     check_csrf(request, principal)
     row = visible_recording(request, principal, recording_id)
@@ -441,16 +530,24 @@ def export_response(
         rows = ctx.index.recordings.search(replace(filters, state=ARCHIVED), limit=max_files)
     else:
         rows = []
+    now = ctx.clock()
+    key = None
+    if ctx.keyring is not None:
+        try:
+            key = signer(ctx.index, ctx.keyring, now=now)
+        except MasterKeyError as exc:
+            log.error("the export is not signed: %s", exc)
+    signed = f"signed by key {key.id}" if key is not None else "not signed (no master key)"
     record_audit(
         request,
         principal.name,
         audit.EXPORT,
         f"{len(rows)} recordings",
-        describe_filters(params),
+        f"{describe_filters(params)}; {signed}",
     )
-    stamp = ctx.clock().strftime("%Y%m%d-%H%M%S")
+    stamp = now.strftime("%Y%m%d-%H%M%S")
     return StreamingResponse(
-        _media.stream_zip(rows, ctx.storage),
+        stream_export(rows, ctx.storage, pbx_names=pbx_names(ctx.index), key=key, now=now),
         media_type="application/zip",
         headers={
             "Content-Disposition": _media.content_disposition(f"callvault-export-{stamp}.zip"),
@@ -472,7 +569,9 @@ def export(
     max_files: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     """A ZIP of the archived recordings matching the filters (newest first, at most
-    `max_files`) with `manifest.csv` giving each file's SHA-256; streamed as it is made."""
+    `max_files`) with `manifest.csv` giving each file's SHA-256 and `SHA256SUMS`, both
+    signed with the deployment's Ed25519 key (when the web app has the master key);
+    streamed as it is made. `callvault verify-export` checks it offline."""
     refuse_cross_site(request, principal)
     return export_response(request, principal, params, max_files)
 
@@ -583,6 +682,25 @@ def add_user(request: Request, principal: Principal, body: UserIn) -> UserCreate
     return UserCreated(user=user_out(user), password=password if generated else None)
 
 
+def edit_user(request: Request, principal: Principal, name: str, body: UserEdit) -> users.User:
+    """Shared by the API and the admin page: change a user's role, scope or PBXs (the
+    library refuses your own role and the last admin's), audit what changed."""
+    try:
+        before, after = context(request).index.users.edit(
+            name, role=body.role, scope=body.scope, pbxs=body.pbxs, acting=principal.user
+        )
+    except users.NoSuchUser:
+        raise HTTPException(404, "no such user") from None
+    except (users.SelfRemovalError, users.LastAdminError) as exc:
+        raise HTTPException(409, str(exc)) from None
+    except users.UserError as exc:  # a bad scope, an unknown PBX
+        raise HTTPException(422, str(exc)) from None
+    change = users.describe_change(before, after)
+    if change:
+        record_audit(request, principal.name, audit.USER_EDIT, name, change)
+    return after
+
+
 def remove_user(request: Request, principal: Principal, name: str) -> None:
     """Shared by the API and the admin page: remove a user (the library refuses removing
     yourself or the last admin), audit it."""
@@ -628,6 +746,19 @@ def create_user(request: Request, principal: Admin, body: UserIn) -> UserCreated
     """Add a user; with no password one is generated and returned this once."""
     check_csrf(request, principal)
     return add_user(request, principal, body)
+
+
+@router.patch("/users/{name}", tags=["admin"], responses={404: {}, 409: {}, 422: {}})
+def change_user(
+    request: Request,
+    principal: Admin,
+    name: Annotated[str, Path(max_length=64)],
+    body: UserEdit,
+) -> UserOut:
+    """Change a user's role, scope or PBXs (what the body names); it holds at once, in
+    every session. 409 for your own role, or the last admin's."""
+    check_csrf(request, principal)
+    return user_out(edit_user(request, principal, name, body))
 
 
 @router.delete("/users/{name}", tags=["admin"], status_code=204, responses={404: {}, 409: {}})
@@ -681,10 +812,10 @@ def audit_filter(
 AuditWhere = Annotated[audit.AuditFilter, Depends(audit_filter)]
 
 
-@router.get("/audit", tags=["admin"])
+@router.get("/audit", tags=["audit"])
 def audit_log(
     request: Request,
-    _admin: Admin,
+    _auditor: Auditor,
     where: AuditWhere,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
@@ -734,10 +865,92 @@ def audit_csv_response(
 
 @router.get(
     "/audit.csv",
-    tags=["admin"],
+    tags=["audit"],
     response_class=Response,
     responses={200: {"content": {"text/csv": {}}}},
 )
-def audit_csv(request: Request, admin: Admin, where: AuditWhere) -> Response:
+def audit_csv(request: Request, auditor: Auditor, where: AuditWhere) -> Response:
     """The filtered audit log as CSV, oldest first (the export is itself audited)."""
-    return audit_csv_response(request, admin, where)
+    return audit_csv_response(request, auditor, where)
+
+
+def run_audit_verification(request: Request, principal: Principal) -> AuditVerification:
+    """Shared by the API and the audit page: check the audit chain now, audit the check
+    (in the chain it checked) and keep its outcome as the last verification."""
+    ctx = context(request)
+    report = verify_audit(ctx.index, now=ctx.clock())
+    record_verification(ctx.index, report, actor=principal.name, remote_addr=remote_addr(request))
+    return report
+
+
+def verification_json(report: AuditVerification) -> dict[str, Any]:
+    """A verification as the API answers it: `to_json()` with `ok` and `summary`."""
+    return {"ok": report.ok, "summary": report.summary(), **report.to_json()}
+
+
+@router.post("/audit/verify", tags=["audit"], response_model=AuditVerificationOut)
+def verify_audit_chain(request: Request, principal: Auditor) -> Response:
+    """Check the audit chain now: every entry against the one before it, the signed
+    checkpoints, and every archived recording against what its entry attests. `ok` is
+    false when something was altered, removed or inserted; `problems` says where (the
+    first is where the log was first changed). The check is itself audited."""
+    check_csrf(request, principal)
+    return JSONResponse(verification_json(run_audit_verification(request, principal)))
+
+
+@router.get("/audit/verification", tags=["audit"], response_model=LastVerificationOut | None)
+def last_audit_verification(request: Request, _auditor: Auditor) -> Response:
+    """The last verification of the audit chain (from the web app, the API or `callvault
+    audit verify`): when, by whom, its outcome; null if it was never checked."""
+    return JSONResponse(last_verification(context(request).index))
+
+
+@router.get("/keys", tags=["keys"])
+def signing_keys(request: Request, _user: AnyUser) -> list[PublicKeyOut]:
+    """The public keys that sign the audit log's checkpoints and exports, newest first;
+    the active one signs now, the retired ones are kept to check what they signed."""
+    return [
+        PublicKeyOut(
+            id=key.id,
+            fingerprint=key.fingerprint,
+            pem=key.pem,
+            created_at=key.created_at,
+            retired_at=key.retired_at,
+            active=key.active,
+        )
+        for key in public_keys(context(request).index)
+    ]
+
+
+@router.get(
+    "/keys/signing.pem",
+    tags=["keys"],
+    response_class=Response,
+    responses={200: {"content": {"application/x-pem-file": {}}}, 404: {}},
+)
+def signing_key_pem(request: Request, _user: AnyUser) -> Response:
+    """The active signing key's public key (PEM), to keep outside callvault: `callvault
+    audit verify --public-key FILE` then checks the log against it."""
+    key = active_key(context(request).index)
+    if key is None:
+        raise HTTPException(
+            404,
+            "there is no signing key yet: the first is made when the audit log is first "
+            "signed (by a serve node with the master key, or `callvault audit verify "
+            "--master-key-file FILE`)",
+        )
+    return Response(
+        key.pem,
+        media_type="application/x-pem-file",
+        headers={
+            "Content-Disposition": _media.content_disposition(
+                f"callvault-signing-key-{key.id}.pem"
+            ),
+            "Cache-Control": "no-cache",
+        },
+    )
+
+
+def active_key(index: Index) -> PublicKeyView | None:
+    """The signing key that signs now, or None if there is none yet."""
+    return next((key for key in public_keys(index) if key.active), None)

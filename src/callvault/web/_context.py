@@ -116,6 +116,28 @@ def authenticate(request: Request) -> Principal | None:
     return Principal(user, session, ctx.signer.csrf_token(session))
 
 
+def home_of(user: User) -> str:
+    """Where a user starts: the search, or for an auditor who is no listener the audit log."""
+    return "/search" if user.can_listen or not user.can_audit else "/admin/audit"
+
+
+def require_listener(user: User) -> None:
+    """403 unless the user may search and hear recordings (a listener or an admin): every
+    way to a recording (search, export, a recording, its audio) goes through this."""
+    if not user.can_listen:
+        raise HTTPException(
+            403,
+            f"your role ({user.role}) may not search, play or download recordings: "
+            "that needs the listener role",
+        )
+
+
+def require_auditor(user: User) -> None:
+    """403 unless the user may read the audit log and verify it (an auditor or an admin)."""
+    if not user.can_audit:
+        raise HTTPException(403, "the audit log is for auditors and admins")
+
+
 def check_csrf(request: Request, principal: Principal, form_token: str | None = None) -> None:
     """Refuse a state-changing request made with a session cookie but no valid CSRF token."""
     if principal.session is None:
@@ -159,6 +181,9 @@ class SearchParams:
     pbx: str | None = None
 
     def filters(self, user: User, index: Index) -> SearchFilters:
+        """The filters of a search within the user's scope; 403 for a user who may not
+        search (`require_listener`), 422 for a value that cannot be read."""
+        require_listener(user)
         if self.state and self.state not in RECORDING_STATES:
             raise HTTPException(422, f"state: use one of {', '.join(RECORDING_STATES)}")
         pbx_id = None
@@ -243,7 +268,8 @@ def pbx_scope_of(user: User, index: Index) -> list[int] | None:
 def visible_recording(request: Request, principal: Principal, recording_id: int) -> RecordingRow:
     """The recording if it exists and is within the user's scope (extensions and PBXs);
     else 404 (same answer for both, so a listener cannot tell an out-of-scope recording
-    from a missing one)."""
+    from a missing one). 403 for a user who may not hear recordings at all."""
+    require_listener(principal.user)
     index = context(request).index
     row = index.recordings.by_id(recording_id)
     if row is None or not principal.user.may_see(row.call_from, row.call_to):

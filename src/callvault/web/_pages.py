@@ -29,18 +29,29 @@ from callvault.index.schema import (
     PENDING,
     RECORDING_STATES,
 )
-from callvault.ops import MAX_OFFSET, REQUEUE_STATES, RecordingPage, archive_status, human_size
+from callvault.ops import (
+    MAX_OFFSET,
+    REQUEUE_STATES,
+    RecordingPage,
+    archive_status,
+    human_size,
+    last_verification,
+    readable_filename,
+)
 from callvault.times import ago
-from callvault.web import _api, _media
+from callvault.web import _api
 from callvault.web._context import (
     Principal,
     SearchParams,
     authenticate,
     check_csrf,
     context,
+    home_of,
     parse_when,
     record_audit,
     remote_addr,
+    require_auditor,
+    require_listener,
     search_page_of,
     visible_recording,
 )
@@ -72,8 +83,14 @@ def page_admin(principal: Annotated[Principal, Depends(page_user)]) -> Principal
     return principal
 
 
+def page_auditor(principal: Annotated[Principal, Depends(page_user)]) -> Principal:
+    require_auditor(principal.user)
+    return principal
+
+
 PageUser = Annotated[Principal, Depends(page_user)]
 PageAdmin = Annotated[Principal, Depends(page_admin)]
+PageAuditor = Annotated[Principal, Depends(page_auditor)]
 
 
 def human_time(value: Any) -> str:
@@ -122,6 +139,7 @@ def render(
         template,
         {
             "me": principal.user if principal else None,
+            "home": home_of(principal.user) if principal else "/search",
             "csrf": principal.csrf if principal else "",
             "csrf_field": CSRF_FIELD,
             **values,
@@ -150,8 +168,10 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/")
-def home() -> RedirectResponse:
-    return RedirectResponse("/search", status_code=303)
+def home(request: Request) -> RedirectResponse:
+    """The search, or the audit log for an auditor who is no listener."""
+    principal = authenticate(request)
+    return RedirectResponse(home_of(principal.user) if principal else "/search", status_code=303)
 
 
 @router.get("/favicon.ico")
@@ -235,7 +255,10 @@ async def login(request: Request) -> Response:
         )
     _session, cookie = ctx.signer.issue(user.id)
     record_audit(request, user.name, audit.LOGIN, user.name, "session")
-    redirect = RedirectResponse(_safe_next(next_url), status_code=303)
+    target = _safe_next(next_url)
+    if target == "/search":  # the default: where this user starts
+        target = home_of(user)
+    redirect = RedirectResponse(target, status_code=303)
     redirect.set_cookie(
         SESSION_COOKIE,
         cookie,
@@ -379,7 +402,9 @@ def _search_params(request: Request) -> tuple[SearchParams, dict[str, str]]:
 def search_page(request: Request, principal: PageUser) -> HTMLResponse:
     """The search form and its results. A query that cannot run (a date or a number that
     cannot be read) is refused with 422 and the reasons, each naming its field as labelled,
-    and shows no results: never "0 recordings" for a search that did not happen."""
+    and shows no results: never "0 recordings" for a search that did not happen. 403 for
+    a user who may not search (an auditor who is no listener)."""
+    require_listener(principal.user)
     ctx = context(request)
     params, problems = _search_params(request)
     page = _page_number(request.query_params.get("page", "1"))
@@ -420,7 +445,7 @@ def search_page(request: Request, principal: PageUser) -> HTMLResponse:
         export_url="/api/export" + (f"?{base_query}" if base_query else ""),
         states=RECORDING_STATES,
         archived=ARCHIVED,
-        filename=_media.readable_filename,
+        filename=readable_filename,
         pbxs=sorted(record.name for record in ctx.index.pbxs.list()),
     )
 
@@ -435,7 +460,7 @@ def _call_page(
         principal,
         row=row,
         archived=row.state == ARCHIVED and row.storage_key is not None,
-        filename=_media.readable_filename(row),
+        filename=readable_filename(row),
         **extra,
     )
 
@@ -531,7 +556,7 @@ def _admin_page(
         status_code=status_code,
         users=index.users.list(),
         tokens=index.tokens.list(),
-        roles=(users.LISTENER, users.ADMIN),  # the safer role first
+        roles=users.ROLE_CHOICES,  # the safer first
         **extra,
     )
 
@@ -541,6 +566,7 @@ def admin_page(request: Request, principal: PageAdmin) -> HTMLResponse:
     message = request.query_params.get("done")
     messages = {
         "user_removed": "User removed.",
+        "user_unchanged": "Nothing to change.",
         "token_revoked": "Token revoked.",
     }
     return _admin_page(request, principal, message=messages.get(message or ""))
@@ -571,6 +597,26 @@ async def admin_add_user(request: Request, principal: PageAdmin) -> HTMLResponse
         new_password=created.password,
         new_password_user=created.user.name,
     )
+
+
+@router.post("/admin/users/{name}/edit")
+async def admin_edit_user(request: Request, principal: PageAdmin, name: str) -> Response:
+    """A user's role, scope and PBXs as the admin page's form gives them (all three)."""
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    try:
+        body = _api.UserEdit(
+            role=form.get("role") or None,
+            scope=form.get("scope", ""),
+            pbxs=form.get("pbxs", ""),
+        )
+        after = _api.edit_user(request, principal, name[:64], body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _admin_page(request, principal, 422, error=problems)
+    except HTTPException as exc:
+        return _admin_page(request, principal, exc.status_code, error=str(exc.detail))
+    return _admin_page(request, principal, message=f"User {after.name} saved.")
 
 
 @router.post("/admin/users/{name}/remove")
@@ -630,9 +676,40 @@ AUDIT_LABELS = {
 
 
 @router.get("/admin/audit")
-def audit_page(request: Request, principal: PageAdmin) -> HTMLResponse:
+def audit_page(request: Request, principal: PageAuditor) -> HTMLResponse:
     """The audit log, filtered; a date that cannot be read refuses the query (422), as on
     the search page, instead of showing an empty log."""
+    return _audit_page(request, principal)
+
+
+@router.post("/admin/audit/verify")
+async def audit_verify_page(request: Request, principal: PageAuditor) -> HTMLResponse:
+    """The audit page's "Verify now": check the chain, audit the check, show what it found
+    (with the log as it is now, unfiltered)."""
+    form = await _form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    report = _api.run_audit_verification(request, principal)
+    return _audit_page(request, principal, verification=report)
+
+
+def _last_verified(request: Request) -> dict[str, Any] | None:
+    """The last verification for the page: its time as a datetime, who, ok, summary."""
+    last = last_verification(context(request).index)
+    if last is None:
+        return None
+    try:
+        at: datetime | None = datetime.fromisoformat(str(last.get("at")))
+    except ValueError:
+        at = None
+    return {
+        "at": at,
+        "by": str(last.get("by") or "someone"),
+        "ok": last.get("ok") is True,
+        "summary": str(last.get("summary") or ""),
+    }
+
+
+def _audit_page(request: Request, principal: Principal, **extra: Any) -> HTMLResponse:
     form = _FormValues.of(request, AUDIT_LABELS)
     page = _page_number(request.query_params.get("page", "1"))
     problems = _date_problems(form.values, AUDIT_LABELS)
@@ -665,6 +742,9 @@ def audit_page(request: Request, principal: PageAdmin) -> HTMLResponse:
         actions=audit.ACTIONS,
         base_query=base_query,
         csv_url="/api/audit.csv" + (f"?{base_query}" if base_query else ""),
+        last_verified=_last_verified(request),
+        signing_key=_api.active_key(context(request).index),
+        **extra,
     )
 
 
