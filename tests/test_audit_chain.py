@@ -9,13 +9,15 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import DBAPIError
 
-from callvault.index import ArchivedCopy, Index, Worker, audit
+from callvault.index import ArchivedCopy, Index, SearchFilters, Worker, audit, open_index
 from callvault.index.schema import audit_checkpoints, audit_head, audit_log, recordings
 from callvault.keys import Keyring, MasterKey, SigningKey
 from callvault.ops import (
@@ -26,6 +28,8 @@ from callvault.ops import (
     verify_audit,
     write_checkpoint,
 )
+from callvault.simulator import Simulator
+from support.databases import PgDatabases
 from support.index_data import NOW, queue
 from support.index_data import archive as archive_job
 
@@ -302,3 +306,68 @@ def test_cli_verify_names_the_altered_entry_and_keys_show_prints_an_openssl_key(
     wrong.write_text("not a key")
     refused = run("audit", "verify", "--public-key", str(wrong))
     assert refused.returncode == 2 and "not a PEM public key" in refused.stderr
+
+
+def test_serve_signs_checkpoints_and_runs_the_retention_pass(
+    events_sim: Simulator, tmp_path: Path
+) -> None:
+    """The archiver's own tasks, as `serve` wires them: the chain's head signed every
+    interval, and the retention pass run when it is this node's turn."""
+    from callvault.archive import Archiver
+    from callvault.cli._serve import _retention_pass
+    from callvault.ops import set_policy
+    from support.archive import archiver_config, states, wait_until
+
+    root = tmp_path / "archive"
+    root.mkdir()
+
+    def sign(index: Index, now: datetime) -> None:
+        write_checkpoint(index, signer(index, KEYRING, now=now), now=now)
+
+    config = archiver_config(
+        events_sim,
+        root,
+        checkpoint=sign,
+        checkpoint_interval_s=0.2,
+        retention=_retention_pass,
+        retention_every_s=0.5,
+    )
+    with Archiver(config) as archiver:
+        index = archiver.index
+        assert index is not None
+        events_sim.place_call(talk_seconds=1)
+        assert wait_until(lambda: states(index) == {"archived": 1}), states(index)
+        assert wait_until(lambda: index.audit.last_checkpoint_seq() == index.audit.head()[0])
+        # A policy under which the recording expired a while ago: the next turn deletes it.
+        set_policy(index, [{"name": "all", "keep": "0d"}], actor="t", note="", now=NOW)
+        assert wait_until(lambda: states(index) == {"deleted": 1}, timeout=30), states(index)
+        [row] = index.recordings.search(SearchFilters(), limit=5)
+        assert row.purged_at is not None
+        # The deletion is in the chain, and signed in its turn.
+        assert wait_until(lambda: index.audit.last_checkpoint_seq() == index.audit.head()[0])
+        assert verify_audit(index, now=datetime.now(UTC)).ok
+
+
+def test_a_writer_frozen_while_holding_the_chain_does_not_stop_the_others(
+    pg_databases: PgDatabases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a process frozen (SIGSTOP, a paused VM) inside an append holds the
+    head's lock: the server ends its transaction after HEAD_LOCK_IDLE_S, and the other
+    writers go on; the frozen one's commit then fails."""
+    import callvault.index._audit as chain
+
+    monkeypatch.setattr(chain, "HEAD_LOCK_IDLE_S", 1.0)
+    url = pg_databases.create()
+    with open_index(url) as index:
+        index.audit.record("first", audit.LOGIN, at=NOW)
+        frozen = index.engine.connect()
+        transaction = frozen.begin()
+        chain.append(frozen, [chain.NewEntry(NOW, "frozen", audit.PLAY)])  # lock held, idle
+        started = time.monotonic()
+        index.audit.record("other", audit.LOGIN, at=NOW)  # waits for the server to end it
+        assert time.monotonic() - started < 10
+        with pytest.raises(DBAPIError):
+            transaction.commit()
+        frozen.close()
+        assert [e.actor for e in index.audit.chain()] == ["first", "other"]
+        assert verify_audit(index, now=NOW).ok

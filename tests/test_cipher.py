@@ -567,3 +567,17 @@ def test_tink_agrees_on_the_edge_cases(tink: Tink, four_segments: tuple[bytes, b
 def test_module_constants() -> None:
     assert (cipher.DATA_KEY_BYTES, cipher.SEGMENT_SIZE, cipher.HEADER_SIZE) == (32, 65536, 40)
     assert len(new_data_key()) == 32 and new_data_key() != new_data_key()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65480, 65481, 3 * 65536 + 7])
+def test_decrypt_file_reads_a_stream_once_in_order(size: int) -> None:
+    key = cipher.new_data_key()
+    plaintext = pattern(size, seed=size)
+    sealed = encrypt(key, plaintext, b"ad")
+    chunks = list(cipher.decrypt_file(key, io.BytesIO(sealed), len(sealed), b"ad"))
+    assert b"".join(chunks) == plaintext
+    # A stream shorter than the size it was said to have: one line, not a short plaintext.
+    if size > 100:
+        short = io.BytesIO(sealed[:-100])
+        with pytest.raises(CipherError, match="not the size it was said to be"):
+            b"".join(cipher.decrypt_file(key, short, len(sealed), b"ad"))

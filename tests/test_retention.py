@@ -274,3 +274,12 @@ def test_the_commands(built: WebArchive) -> None:
     assert noise.returncode == 2 and "not a phone number" in noise.stderr
     history = cli(root, "retention", "history")
     assert history.stdout.startswith("v1 ")
+
+
+def test_a_period_past_the_calendar_is_refused_at_once() -> None:
+    with pytest.raises(RetentionError, match="longer than 1000 years: say forever"):
+        parse_rules([{"name": "a", "keep": "99999y"}])
+    [rule] = parse_rules([{"name": "a", "keep": "1000y"}])
+    # A date past year 9999 cannot be written: such a recording is kept (no expiry).
+    assert rule.keep.expiry(datetime(9500, 1, 1, tzinfo=UTC)) is None
+    assert rule.keep.expiry(T0) == T0.replace(year=T0.year + 1000)

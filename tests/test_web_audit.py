@@ -133,3 +133,17 @@ def test_audit_page_filters_by_date_and_refuses_what_it_cannot_read(web: LiveWeb
     assert elements(refused.text, "a", id="audit-csv") == []
     [(until, _)] = elements(refused.text, "input", name="until")
     assert (until["type"], until["value"], until["aria-invalid"]) == ("text", "tomorrow", "true")
+
+
+def test_the_audit_page_leaves_out_callvaults_own_entries_unless_asked(web: LiveWeb) -> None:
+    admin = web.login(*ADMIN)
+    # The standard archive's recordings were archived: one `archive` entry each.
+    archived = web.archive.index.audit.count(audit.AuditFilter(action=audit.ARCHIVE))
+    assert archived == len(web.archive.audio) > 0
+    cell = '<td data-label="Action">archive</td>'
+    people = admin.get("/admin/audit")
+    assert people.status_code == 200 and cell not in people.text
+    everything = admin.get("/admin/audit", params={"own": "1"})
+    assert everything.text.count(cell) == archived
+    only = admin.get("/admin/audit", params={"action": audit.ARCHIVE})
+    assert only.text.count(cell) == archived

@@ -126,7 +126,7 @@ def test_an_auditor_starts_on_the_audit_log_and_sees_only_what_they_may_use(
     assert client.get("/").headers["location"] == "/admin/audit"
     page = client.get("/admin/audit")
     assert page.status_code == 200
-    assert _nav(page.text) == ["Audit log"]
+    assert _nav(page.text) == ["Audit log", "Retention", "Holds"]
     assert [a["href"] for a, _ in elements(page.text, "a", class_="brand")] == ["/admin/audit"]
     row = rows_by_from(web.archive)["2001"]
     for path in ("/search", f"/recordings/{row.id}", "/admin", "/status"):
@@ -137,10 +137,18 @@ def test_an_auditor_starts_on_the_audit_log_and_sees_only_what_they_may_use(
     # A listener and auditor starts on the search, and has both in the menu.
     both = web.client()
     assert login(both, *AUDITOR_LISTENER).headers["location"] == "/search"
-    assert _nav(both.get("/search").text) == ["Search", "Audit log"]
+    assert _nav(both.get("/search").text) == ["Search", "Audit log", "Retention", "Holds"]
     # An admin has everything.
     admin = web.login(*ADMIN)
-    assert _nav(admin.get("/search").text) == ["Search", "Status", "Users & tokens", "Audit log"]
+    assert _nav(admin.get("/search").text) == [
+        "Search",
+        "Status",
+        "Users & tokens",
+        "Audit log",
+        "Retention",
+        "Holds",
+        "Data subjects",
+    ]
 
 
 def test_the_audit_page_verifies_the_chain_and_says_when_it_was_last_verified(

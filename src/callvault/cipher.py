@@ -90,6 +90,12 @@ class CipherError(ValueError):
     ("segment 1 of 4" is segment 0 above)."""
 
 
+def recording_associated_data(recording_id: int) -> bytes:
+    """The associated data callvault encrypts recording `recording_id`'s file with, so that
+    a file moved onto another recording does not open."""
+    return f"callvault recording {recording_id}".encode()
+
+
 def new_data_key() -> bytes:
     """A new random data key for one recording."""
     return os.urandom(DATA_KEY_BYTES)
@@ -427,3 +433,37 @@ def _decrypt(
                 plain = plain[max(start - base, 0) : end - base]
             yield plain
         segment = upto + 1
+
+
+def decrypt_file(
+    data_key: bytes,
+    src: BinaryIO,
+    ciphertext_size: int,
+    associated_data: bytes = b"",
+    *,
+    segment_size: int = SEGMENT_SIZE,
+) -> Iterator[bytes]:
+    """The whole plaintext of the file `src` (read from its start, once, in order), one
+    chunk per segment, every segment authenticated: `decrypt_all` over a stream, for a
+    file read through (a check, an export) rather than a range."""
+    position = 0
+
+    def read_at(offset: int, length: int) -> bytes:
+        nonlocal position
+        if offset != position:
+            raise ValueError(f"decrypt_file reads in order: asked for {offset}, at {position}")
+        parts: list[bytes] = []
+        wanted = length
+        while wanted > 0:
+            chunk = src.read(wanted)
+            if not chunk:
+                break
+            parts.append(chunk)
+            wanted -= len(chunk)
+        data = b"".join(parts)
+        position += len(data)
+        return data
+
+    return decrypt_all(
+        data_key, read_at, ciphertext_size, associated_data, segment_size=segment_size
+    )

@@ -212,6 +212,12 @@ def require_keyring(key_file: Path | None, environ: Mapping[str, str] | None = N
     return keyring
 
 
+def recording_context(recording_id: int) -> str:
+    """The context a recording's data key (encryption at rest, `callvault.cipher`) is
+    sealed under: bound to its row, so a sealed key copied to another row does not open."""
+    return f"recording:{recording_id}"
+
+
 def create_key_file(path: Path) -> MasterKey:
     """Write a new key to a new file `path`, readable by its owner only (never replacing a
     file: that would lose the key the index's secrets are sealed with)."""

@@ -38,6 +38,7 @@ from callvault.archive._workers import (
     staging_tag,
 )
 from callvault.index import Index
+from callvault.keys import Keyring
 from callvault.storage import StagingArea, Storage
 
 log = logging.getLogger("callvault.archive")
@@ -64,6 +65,9 @@ class PoolOptions:
     # The PBX (registry id) whose jobs the workers take; None: every job (a library user).
     pbx_id: int | None = None
     label: str = ""  # the PBX's name in log lines; "" when the process archives only one
+    # Encryption at rest: `keyring` opens (and with `encrypt`, seals) recordings' data keys.
+    keyring: Keyring | None = field(default=None, repr=False)
+    encrypt: bool = False
 
 
 class Downloads:
@@ -157,6 +161,8 @@ class Downloads:
             staging=self._staging,
             restart_delays_s=self._restart_delays_s or DEFAULT_RESTART_DELAYS_S,
             label=options.label,
+            keyring=options.keyring,
+            encrypt=options.encrypt,
         )
         self.pool = pool
         self._pool_task = asyncio.create_task(

@@ -76,6 +76,7 @@ from callvault.archive._where import StorageMismatch, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
 from callvault.index import BackfillRequest, Index, Lease, RecordResult, SettingKey, open_index
 from callvault.index.pbxs import MAX_DOWNLOADS_LIMIT, PbxRecord
+from callvault.keys import Keyring
 from callvault.pbx import (
     ApiVersion,
     AuthError,
@@ -216,6 +217,11 @@ class ArchiverConfig:
     # time); one node a day runs it (`retention_every_s`), the others skip their turn.
     retention: Callable[[Index, Storage, datetime], None] | None = field(default=None, repr=False)
     retention_every_s: float = 86_400.0
+    # Encryption at rest: every recording archived from now on is encrypted under its own
+    # data key, sealed with `keyring` (see `callvault.archive._workers`). `keyring` also
+    # opens the data keys of encrypted copies already stored, with `encrypt` off.
+    encrypt: bool = False
+    keyring: Keyring | None = field(default=None, repr=False)
 
     def targets(self) -> list[PbxTarget]:
         """Every PBX to archive, the first one given by the config's own fields."""
@@ -248,6 +254,8 @@ class ArchiverConfig:
             heartbeat_s=self.process_heartbeat_s,
             stale_after_s=self.stale_after_s,
             grace_s=self.shutdown_grace_s,
+            keyring=self.keyring,
+            encrypt=self.encrypt,
         )
 
 

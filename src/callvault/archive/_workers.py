@@ -16,6 +16,15 @@ For each job:
 2. `storage.put_file` moves it into place atomically under that key;
 3. `index.jobs.mark_archived` with size and SHA-256, only then is it archived.
 
+With encryption at rest (`encrypt`, serve's ``--encrypt``), the recording's data key is
+made, sealed with the master keyring and fixed in the index first (`jobs.reserve_data_key`:
+a crash after storing the file never loses the key it was encrypted with); step 1 then
+writes the body encrypted as it arrives (`callvault.cipher`, through the client's
+`transform`: the plaintext never reaches the disk), while the client's checks, size and
+SHA-256 are the plaintext's. The ciphertext is stored; the index gets the plaintext's size
+and SHA-256 (as the PBX sent it) and the sealed data key. A file already stored under a
+reserved data key is decrypted (every segment authenticated) to learn its plaintext's hash.
+
 While a job runs its claim is renewed every third of the lease, so a download longer than
 the lease is not handed to another worker. If the claim was lost anyway (the index was
 unreachable for a whole lease) but the file got stored, the recording is still archived
@@ -36,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno as errnos
+import hashlib
 import logging
 import os
 import random
@@ -49,6 +59,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Protocol
 
+from callvault import cipher
 from callvault.archive._policy import (
     GIVE_UP_FAILED,
     GIVE_UP_MISSING,
@@ -61,7 +72,15 @@ from callvault.archive._policy import (
 from callvault.archive._process import DEFAULT_STALE_AFTER_S
 from callvault.archive._session import PbxSession
 from callvault.index import Index, Job, Worker
-from callvault.pbx import DownloadResult, ErrorKind, PbxError, SessionWithdrawn, error_kind
+from callvault.keys import Keyring, recording_context
+from callvault.pbx import (
+    DownloadResult,
+    ErrorKind,
+    PbxError,
+    SessionWithdrawn,
+    StreamTransform,
+    error_kind,
+)
 from callvault.storage import StagingArea, Storage, StoredObject, recording_key
 from callvault.times import MAX_DURATION_S
 
@@ -77,7 +96,12 @@ class Downloader(Protocol):
     """The part of `PbxClient` the workers use."""
 
     async def download_recording(
-        self, name: str, dest_dir: Path, *, filename: str | None = None
+        self,
+        name: str,
+        dest_dir: Path,
+        *,
+        filename: str | None = None,
+        transform: Callable[[], StreamTransform] | None = None,
     ) -> DownloadResult: ...
 
 
@@ -143,9 +167,15 @@ class WorkerPool:
         staging: StagingArea | None = None,
         restart_delays_s: Sequence[float] = DEFAULT_RESTART_DELAYS_S,
         label: str = "",
+        keyring: Keyring | None = None,
+        encrypt: bool = False,
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker is needed")
+        if encrypt and keyring is None:
+            raise ValueError("encryption at rest needs a master key")
+        self._keyring = keyring  # opens (and with `encrypt`, seals) recordings' data keys
+        self._encrypt = encrypt
         self._index = index
         self._label = label  # the PBX's name, for log lines; "" when it is the only one
         self._storage = storage
@@ -398,7 +428,7 @@ class WorkerPool:
                 log.warning("%s: the claim was lost while working on it", self._job(job))
                 return
 
-    def _store(self, job: Job, key: str, path: Path, sha256: str) -> StoredObject:
+    def _store(self, job: Job, key: str, path: Path, sha256: str | None) -> StoredObject:
         """Put the verified download in storage; where the storage locks (a bucket with
         Object Lock), until its retention policy lets it go, and under the storage's
         legal hold if a hold already keeps it."""
@@ -422,27 +452,47 @@ class WorkerPool:
         try:
             key = await self._storage_key(job)
             stored = await asyncio.to_thread(self._already_stored, key)
+            data_key: str | None = None
             if stored is not None and stored.sha256 is not None:
                 log.info("%s: already stored as %s; archiving that copy", self._job(job), key)
-                digest = stored.sha256
-                content_type = await asyncio.to_thread(self._sniff, key)
+                digest, size, content_type, data_key = await asyncio.to_thread(
+                    self._stored_copy, job, key, stored.sha256, stored.size
+                )
+            elif self._encrypt:
+                data_key, open_key = await asyncio.to_thread(self._data_key, job)
+                associated = cipher.recording_associated_data(job.recording_id)
+
+                def sealer() -> cipher.Encryptor:
+                    return cipher.Encryptor(open_key, associated)
+
+                # Encrypted as it arrives: the plaintext never reaches the disk.
+                result = await self._client.download_recording(
+                    job.name, staging, filename=filename, transform=sealer
+                )
+                content_type = result.content_type
+                step = "store"
+                stored = await asyncio.to_thread(
+                    self._store, job, key, result.path, result.stored_sha256
+                )
+                digest, size = result.sha256, result.size
             else:
                 result = await self._client.download_recording(job.name, staging, filename=filename)
                 content_type = result.content_type
                 step = "store"
                 stored = await asyncio.to_thread(self._store, job, key, result.path, result.sha256)
-                digest = stored.sha256 or result.sha256
+                digest, size = stored.sha256 or result.sha256, stored.size
             step = "index"
             now = self._clock()
             still_ours = await asyncio.to_thread(
                 self._index.jobs.mark_archived,
                 job.recording_id,
                 worker=worker,
-                size=stored.size,
+                size=size,
                 sha256=digest,
                 storage_key=key,
                 content_type=content_type,
                 now=now,
+                data_key=data_key,
             )
             if not still_ours:
                 # The claim ran out meanwhile, but the bytes are stored: archived unless
@@ -450,11 +500,12 @@ class WorkerPool:
                 still_ours = await asyncio.to_thread(
                     self._index.jobs.mark_archived_unclaimed,
                     job.recording_id,
-                    size=stored.size,
+                    size=size,
                     sha256=digest,
                     storage_key=key,
                     content_type=content_type,
                     now=now,
+                    data_key=data_key,
                 )
         except asyncio.CancelledError:
             await self._release(job, worker, "interrupted by shutdown")
@@ -472,7 +523,12 @@ class WorkerPool:
             return
         self.archived += 1
         log.info(
-            "archived %s (%d bytes, sha256 %s) as %s", self._job(job), stored.size, digest, key
+            "archived %s (%d bytes, sha256 %s) as %s%s",
+            self._job(job),
+            size,
+            digest,
+            key,
+            " (encrypted)" if data_key is not None else "",
         )
         if self._on_archived is not None:
             try:
@@ -481,7 +537,7 @@ class WorkerPool:
                         job.recording_id,
                         job.name,
                         key,
-                        stored.size,
+                        size,
                         digest,
                         now,
                         seconds=time.monotonic() - started,
@@ -515,12 +571,55 @@ class WorkerPool:
         except FileNotFoundError:
             return None
 
+    def _data_key(self, job: Job) -> tuple[str, bytes]:
+        """The recording's data key, sealed and open: the one reserved for it in the index
+        (an earlier attempt's), else a new one, reserved now, before anything is stored."""
+        keyring = self._keyring
+        assert keyring is not None
+        context = recording_context(job.recording_id)
+        sealed = self._index.jobs.reserve_data_key(
+            job.recording_id, keyring.seal(cipher.new_data_key(), context)
+        )
+        if sealed is None:
+            raise RuntimeError("the recording is no longer in the index")
+        return sealed, keyring.open(sealed, context)  # MasterKeyError: one line
+
+    def _stored_copy(
+        self, job: Job, key: str, sha256: str, size: int
+    ) -> tuple[str, int, str, str | None]:
+        """SHA-256, size, type and sealed data key of the plaintext of the file already
+        stored under `key`: the file as it is, or, if the index holds a data key reserved
+        for it and the file is not a plain RIFF file, the file decrypted with that key."""
+        sealed = self._index.jobs.reserved_data_key(job.recording_id)
+        if sealed is None:
+            return sha256, size, self._sniff(key), None
+        with self._storage.open(key) as handle:
+            head = handle.read(4)
+        if head == b"RIFF":  # stored in clear after all (encryption was turned off)
+            return sha256, size, self._sniff(key), None
+        if self._keyring is None:
+            raise cipher.CipherError(
+                f"{key} is stored encrypted: a master key is needed to archive it "
+                "(set CALLVAULT_MASTER_KEY or master_key_file)"
+            )
+        data_key = self._keyring.open(sealed, recording_context(job.recording_id))
+        digest = hashlib.sha256()
+        plain = 0
+        first = b""
+        with self._storage.open(key) as handle:
+            for chunk in cipher.decrypt_file(
+                data_key, handle, size, cipher.recording_associated_data(job.recording_id)
+            ):
+                if not first:
+                    first = bytes(chunk[:12])
+                digest.update(chunk)
+                plain += len(chunk)
+        return digest.hexdigest(), plain, _sniffed(first), sealed
+
     def _sniff(self, key: str) -> str:
         with self._storage.open(key) as handle:
             head = handle.read(12)
-        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-            return "audio/x-wav"
-        return "application/octet-stream"
+        return _sniffed(head)
 
     def _start_local(self, job: Job) -> datetime:
         """The call's start in the PBX's zone (for the storage key's date); now if unknown
@@ -679,6 +778,12 @@ class WorkerPool:
         # Shielded: the release must reach the index even while we are being cancelled.
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.shield(self._retry_now(job, worker, error))
+
+
+def _sniffed(head: bytes) -> str:
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "audio/x-wav"
+    return "application/octet-stream"
 
 
 def _extension(name: str) -> str:

@@ -23,6 +23,7 @@ import click
 from callvault.cli._app import CONTEXT_SETTINGS, app
 from callvault.cli._common import cli_actor, counting_bar, fail, plural
 from callvault.cli._options import (
+    PATH,
     archive_options,
     flag,
     json_option,
@@ -48,9 +49,12 @@ from callvault.times import FORMATS, TimeFormatError, parse_moment
 
 
 def open_settings_archive(
-    settings: Settings, *, create: bool = False, check: bool = False
+    settings: Settings, *, create: bool = False, check: bool = False, keys: bool = False
 ) -> Archive:
     """The archive the settings name, or exit with one clear line.
+
+    With `keys`, the master keys (if any are set) are loaded into it: they open encrypted
+    recordings (`verify`, exports); keys that are set but unusable end it with one line.
 
     With `check`, the index's quick check runs first (seconds on a very large SQLite file):
     commands that change the index (requeue, users, tokens) must not report success on a
@@ -59,10 +63,13 @@ def open_settings_archive(
     try:
         directory = settings.archive_dir()
         url = settings.db_url()
+        keyring = settings.optional_keyring() if keys else None
     except SettingsError as exc:
         fail(str(exc), code=USAGE_ERROR)
     try:
-        opened = open_archive(directory, url, create=create, storage_url=settings.storage)
+        opened = open_archive(
+            directory, url, create=create, storage_url=settings.storage, keyring=keyring
+        )
     except ArchiveError as exc:
         fail(str(exc))
     if check:
@@ -364,6 +371,13 @@ def _pbx_named(opened: Archive, name: str | None) -> PbxRecord | None:
     help="Where the bucket's Object Lock disagrees with the retention policy or the "
     "holds, set it right (a retention date extended, a legal hold placed or lifted).",
 )
+@option(
+    "--master-key-file",
+    type=PATH,
+    metavar="FILE",
+    help="Master keys: they open encrypted recordings (default: CALLVAULT_MASTER_KEY or "
+    "CALLVAULT_MASTER_KEY_FILE).",
+)
 @json_option
 @archive_options
 @storage_option
@@ -371,6 +385,7 @@ def verify_command(
     pbx: str | None,
     deep: bool | None,
     relock: bool | None,
+    master_key_file: Path | None,
     json_output: bool,
     archive: Path | None,
     db: str | None,
@@ -380,9 +395,12 @@ def verify_command(
     """Check every archived recording against the index (its bytes re-hashed, or in a
     bucket the checksum recorded at upload unless --deep) and, in a bucket with Object
     Lock, its lock against the retention policy and holds; report mismatched, missing or
-    wrongly locked ones (exit 1 if any) and files the index does not know."""
-    settings = settings_or_fail(config, archive=archive, db=db, storage=storage)
-    with open_settings_archive(settings) as opened:
+    wrongly locked ones (exit 1 if any) and files the index does not know. Encrypted
+    recordings are always read back, decrypted and their plaintext hashed."""
+    settings = settings_or_fail(
+        config, archive=archive, db=db, storage=storage, master_key_file=master_key_file
+    )
+    with open_settings_archive(settings, keys=True) as opened:
         from callvault.ops import verify_archive
 
         record = _pbx_named(opened, pbx)
@@ -393,6 +411,9 @@ def verify_command(
         _print_json(report.to_json())
     else:
         for item in report.mismatched:
+            if item.unreadable:
+                print(f"MISMATCH {item.name}  {_located(opened, item.storage_key)}  ({item.error})")
+                continue
             print(
                 f"MISMATCH {item.name}  {_located(opened, item.storage_key)}  "
                 f"expected sha256 {item.expected_sha256} size {item.expected_size}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -540,6 +541,50 @@ def keys_show(
         print(f"  fingerprint sha256:{key.fingerprint}")
         if key.active:
             print("  " + key.pem.strip().replace("\n", "\n  "))
+
+
+@keys_app.command("rotate")
+@master_key_file_option
+@archive_options
+def keys_rotate(
+    master_key_file: Path | None, archive: Path | None, db: str | None, config: Path | None
+) -> None:
+    """Re-seal under the primary master key (the first in the key file) everything older
+    keys sealed: encrypted recordings' data keys (the audio is not re-encrypted), the PBX
+    passwords and the signing keys. Resumable: run it again after an interruption. When
+    it reports nothing left, the old keys can be removed from the key file."""
+    from callvault.cli._common import counting_bar, plural
+    from callvault.ops import rotate_master_keys
+
+    settings = _settings(config, archive, db, master_key_file=master_key_file)
+    keyring = _keyring(settings)
+    index = _index(settings)
+    try:
+        with counting_bar() as bar:
+            task = bar.add_task("re-sealing recordings' data keys", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = rotate_master_keys(
+                index, keyring, now=_now(), actor=cli_actor(), progress=progress
+            )
+    finally:
+        index.close()
+    print(
+        f"re-sealed under master key {report.primary}: {plural(report.recordings, 'data key')} "
+        f"of recordings, {plural(report.pbx_passwords, 'PBX password')}, "
+        f"{plural(report.signing_keys, 'signing key')}"
+    )
+    for message in report.failed:
+        print(f"NOT RE-SEALED {message}", file=sys.stderr)
+    if report.failures or report.remaining:
+        fail(
+            f"{report.failures} sealed values did not open and {report.remaining} remain under "
+            "other keys: keep the old keys until they are re-sealed (add the missing key and "
+            "run `callvault keys rotate` again)"
+        )
+    print("nothing is sealed under another key now: the old keys can be removed")
 
 
 @keys_app.command("rotate-signing")

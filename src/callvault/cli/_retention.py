@@ -439,7 +439,7 @@ def subject_export(
     target = out.expanduser()
     if target.exists():
         fail(f"{target} exists: choose a new file", code=USAGE_ERROR)
-    with open_settings_archive(settings) as opened:
+    with open_settings_archive(settings, keys=True) as opened:
         findings = _findings(opened, number)
         rows = opened.index.recordings.by_ids(findings.archived_ids)
         now = _now()
@@ -450,7 +450,12 @@ def subject_export(
         partial = target.with_name(target.name + ".partial")
         with partial.open("wb") as sink:
             for chunk in stream_export(
-                rows, opened.storage, pbx_names=pbx_names(opened.index), key=key, now=now
+                rows,
+                opened.storage,
+                pbx_names=pbx_names(opened.index),
+                key=key,
+                now=now,
+                keyring=opened.keyring,
             ):
                 sink.write(chunk)
         partial.rename(target)

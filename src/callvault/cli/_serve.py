@@ -64,6 +64,7 @@ from callvault.cli._options import (
     archive_option,
     config_option,
     db_option,
+    flag,
     option,
     pbx_options,
     secure_cookies_option,
@@ -358,7 +359,19 @@ def archiver_config(
         web_host=web_host if web else None,
         web_port=web_port if web else None,
         web_trusted_proxy=settings.trusted_proxy,
+        encrypt=settings.encrypt,
+        keyring=_encryption_keys(settings),
     )
+
+
+def _encryption_keys(settings: ArchiveSettings) -> Keyring | None:
+    """The master keys the workers seal new recordings' data keys with (with `encrypt`),
+    or open those of encrypted copies already stored with; exits with one line when
+    `encrypt` is on without a usable master key."""
+    try:
+        return settings.encryption() or settings.optional_keyring()
+    except SettingsError as exc:
+        fail(str(exc), code=USAGE_ERROR)
 
 
 def _checkpoint(settings: ArchiveSettings) -> Callable[[Index, datetime], None] | None:
@@ -464,6 +477,11 @@ def _web_factory(settings: ArchiveSettings) -> Callable[..., Any] | None:
     metavar="N",
     help="Hours of CDR history reconciled (default 48).",
 )
+@flag(
+    "--encrypt",
+    help="Encrypt every recording archived from now on at rest, each under its own data "
+    "key sealed with the master key (which must be set). Env CALLVAULT_ENCRYPT=1.",
+)
 @verbose_option
 def serve_command(
     config: Path | None,
@@ -484,6 +502,7 @@ def serve_command(
     only: tuple[str, ...],
     master_key_file: Path | None,
     reconcile_hours: int | None,
+    encrypt: bool | None,
     verbose: bool,
 ) -> None:
     """Archive every recording as calls end: receive events, download, store, index.
@@ -508,6 +527,7 @@ def serve_command(
         trusted_proxy=trusted_proxy,
         reconcile_hours=reconcile_hours,
         master_key_file=master_key_file,
+        encrypt=encrypt,
     )
     factory = None if no_web else _web_factory(settings)
     service_config = archiver_config(settings, web=factory is not None, only=only)
@@ -601,6 +621,11 @@ def _time_option(flag: str, value: str, tz: tzinfo, *, end: bool) -> datetime:
 @workers_option
 @node_option
 @timezone_option
+@flag(
+    "--encrypt",
+    help="Encrypt the recordings it downloads at rest, like serve --encrypt (needs the "
+    "master key). Env CALLVAULT_ENCRYPT=1.",
+)
 @verbose_option
 def backfill_command(
     since: str,
@@ -617,6 +642,7 @@ def backfill_command(
     workers: int | None,
     node: str | None,
     timezone: str | None,
+    encrypt: bool | None,
     verbose: bool,
 ) -> None:
     """Queue (and download) every recording of the CDR history in a date range.
@@ -633,7 +659,9 @@ def backfill_command(
         node=node,
         timezone=timezone,
         master_key_file=master_key_file,
+        encrypt=encrypt,
     )
+    _encryption_keys(settings)  # --encrypt without a master key: one line, before anything
     record = keyring = None
     if settings.pbx is None:
         record, keyring = _registered(settings, only)
@@ -845,6 +873,8 @@ def _pool_options(settings: ArchiveSettings, pbx_id: int) -> PoolOptions:
         poll_interval_s=min(settings.poll_interval_s, 1.0),
         policy=_policy(settings),
         grace_s=_STOP_GRACE_S,
+        encrypt=settings.encrypt,
+        keyring=_encryption_keys(settings),
     )
 
 

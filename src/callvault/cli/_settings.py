@@ -324,6 +324,7 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     "db": _optional_text,
     "storage": _storage,
     "master_key_file": _optional_path,
+    "encrypt": _boolean,
     # Services
     "node": _node,
     "bind": _bind,
@@ -384,6 +385,10 @@ class Settings:
     # The file of master keys that seal the registered PBXs' passwords (callvault.keys);
     # CALLVAULT_MASTER_KEY, holding a key itself, takes precedence.
     master_key_file: Path | None = None
+    # Encryption at rest: archive every recording encrypted under its own data key, sealed
+    # with the master keys (which must then be set). Recordings already stored stay as
+    # they are; reading either kind needs no setting (only the keys, for encrypted ones).
+    encrypt: bool = False
     # Services
     node: str | None = None  # this machine's name among several (default: the host name)
     # This node's address: its connections to the PBXs leave from it, and its listeners
@@ -529,6 +534,20 @@ class Settings:
             return load_keyring(self.master_key_file)
         except MasterKeyError as exc:
             raise SettingsError(str(exc)) from None
+
+    def encryption(self) -> Keyring | None:
+        """The master keys that seal the data keys of new recordings when `encrypt` is on
+        (SettingsError, one line, when it is on without a usable master key); None when
+        it is off."""
+        if not self.encrypt:
+            return None
+        keyring = self.optional_keyring()
+        if keyring is None:
+            raise SettingsError(
+                "encryption at rest (encrypt) needs a master key: set CALLVAULT_MASTER_KEY or "
+                "master_key_file (make one with `callvault keys create --file FILE`)"
+            )
+        return keyring
 
     def alert_settings(self) -> AlertSettings | None:
         """Where alerts go, or None when none is configured. SettingsError (one line) for

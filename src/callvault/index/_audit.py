@@ -44,6 +44,11 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# How long (seconds) PostgreSQL lets a transaction that holds the chain's head sit idle
+# before it ends it (see `append`).
+HEAD_LOCK_IDLE_S = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class NewEntry:
     """An entry to append (`append`); values are cut to their columns' lengths there."""
@@ -83,26 +88,41 @@ def append(conn: Connection, entries: Sequence[NewEntry]) -> list[int]:
     """
     if not entries:
         return []
-    locked = conn.execute(
-        update(audit_head)
-        .where(audit_head.c.id == 1)
-        .values(seq=audit_head.c.seq)
-        .returning(audit_head.c.seq, audit_head.c.hash)
-    ).first()
-    if locked is None:
-        seq, previous = _start_chain(conn, entries[0].at)
-    else:
-        seq, previous = int(locked.seq), str(locked.hash)
+    if conn.dialect.name == "postgresql":
+        # The head's lock queues every audit write of every node: a process frozen while
+        # holding it (SIGSTOP, a paused VM) must not stop them all. The server ends such
+        # a transaction, and the lock with it, once it has waited this long for its
+        # client; the frozen writer's commit then fails, and it retries.
+        conn.exec_driver_sql(
+            f"SET LOCAL idle_in_transaction_session_timeout = '{int(HEAD_LOCK_IDLE_S * 1000)}ms'"
+        )
+    head = _lock_head(conn)
+    first: list[NewEntry] = []
+    if head is None:
+        head, first = _start_chain(conn, entries[0].at)
+    seq, previous = head
     rows: list[dict[str, Any]] = []
-    for entry in entries:
+    for entry in [*first, *entries]:
         seq += 1
         values = _values(entry)
         previous = entry_hash(previous, seq, **values)
         rows.append({"seq": seq, "hash": previous, **values})
     conn.execute(insert(audit_log), rows)
-    seqs = [row["seq"] for row in rows]
     conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=previous))
-    return seqs
+    return [row["seq"] for row in rows[len(first) :]]
+
+
+def _lock_head(conn: Connection) -> tuple[int, str] | None:
+    """The head's seq and hash, its row locked until the transaction ends (None: no head
+    yet). The no-op update takes the lock on every engine; a writer that waited for it
+    reads the head as the one before it left it."""
+    row = conn.execute(
+        update(audit_head)
+        .where(audit_head.c.id == 1)
+        .values(seq=audit_head.c.seq)
+        .returning(audit_head.c.seq, audit_head.c.hash)
+    ).first()
+    return None if row is None else (int(row.seq), str(row.hash))
 
 
 def _values(entry: NewEntry) -> dict[str, Any]:
@@ -116,27 +136,24 @@ def _values(entry: NewEntry) -> dict[str, Any]:
     }
 
 
-def _start_chain(conn: Connection, at: datetime) -> tuple[int, str]:
-    """Make the head row (or wait for whoever made it) and chain what came before."""
+def _start_chain(conn: Connection, at: datetime) -> tuple[tuple[int, str], list[NewEntry]]:
+    """Make the head row (or wait for whoever made it) and chain what came before: the
+    head, and the entries to chain before the caller's (a `CHAIN_START`, if any)."""
     insert_or_not: Any
     if conn.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as insert_or_not
     else:
         from sqlalchemy.dialects.postgresql import insert as insert_or_not
-    conn.execute(  # if another writer made it meanwhile, the update below waits for it
+    conn.execute(  # if another writer made it meanwhile, the lock below waits for it
         insert_or_not(audit_head)
         .values(id=1, seq=0, hash=GENESIS, started_at=_utc(at))
         .on_conflict_do_nothing()
     )
-    head = conn.execute(
-        update(audit_head)
-        .where(audit_head.c.id == 1)
-        .values(seq=audit_head.c.seq)
-        .returning(audit_head.c.seq, audit_head.c.hash)
-    ).one()
-    seq, previous = int(head.seq), str(head.hash)
+    head = _lock_head(conn)
+    assert head is not None
+    seq, previous = head
     if seq:
-        return seq, previous
+        return head, []
     unchained = conn.execute(
         select(audit_log).where(audit_log.c.seq.is_(None)).order_by(audit_log.c.id)
     ).all()
@@ -156,15 +173,11 @@ def _start_chain(conn: Connection, at: datetime) -> tuple[int, str]:
             update(audit_log).where(audit_log.c.id == row.id).values(seq=seq, hash=previous)
         )
     before = conn.execute(select(func.max(recordings.c.id))).scalar() or 0
-    if before:  # an archive from before the chain: say which recordings it had
-        start = NewEntry(
-            _utc(at), SYSTEM_ACTOR, CHAIN_START, "audit_log", f'{{"recordings_before":{before}}}'
-        )
-        seq += 1
-        values = _values(start)
-        previous = entry_hash(previous, seq, **values)
-        conn.execute(insert(audit_log).values(seq=seq, hash=previous, **values))
-    return seq, previous
+    if not before:
+        return (seq, previous), []
+    # An archive from before the chain: say which recordings it had.
+    detail = f'{{"recordings_before":{before}}}'
+    return (seq, previous), [NewEntry(_utc(at), SYSTEM_ACTOR, CHAIN_START, "audit_log", detail)]
 
 
 class AuditStore:
@@ -399,6 +412,8 @@ class AuditStore:
 def _filtered(query: Select[Any], where: AuditFilter) -> Select[Any]:
     if where.actor:
         query = query.where(audit_log.c.actor == where.actor)
+    if where.not_actor:
+        query = query.where(audit_log.c.actor != where.not_actor)
     if where.action:
         query = query.where(audit_log.c.action == where.action)
     if where.target:

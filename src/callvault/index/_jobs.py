@@ -176,6 +176,32 @@ class JobStore:
             ).scalar_one_or_none()
         return None if value is None else str(value)
 
+    def reserve_data_key(self, recording_id: int, sealed: str) -> str | None:
+        """Fix the sealed data key of a recording to be stored encrypted, before its file
+        is stored; return the one it has (the first given wins, like `reserve_storage_key`),
+        so a crash between storing the file and `mark_archived` does not lose the key the
+        stored file was encrypted with. None if there is no such recording."""
+        r = schema.recordings
+        with self._db.write() as conn:
+            conn.execute(
+                update(r)
+                .where(r.c.id == recording_id, r.c.data_key.is_(None))
+                .values(data_key=sealed)
+            )
+            value = conn.execute(
+                select(r.c.data_key).where(r.c.id == recording_id)
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def reserved_data_key(self, recording_id: int) -> str | None:
+        """The sealed data key reserved (or recorded) for a recording, if any."""
+        r = schema.recordings
+        with self._db.read() as conn:
+            value = conn.execute(
+                select(r.c.data_key).where(r.c.id == recording_id)
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
     def mark_archived(
         self,
         recording_id: int,
@@ -186,10 +212,13 @@ class JobStore:
         storage_key: str,
         content_type: str,
         now: datetime,
+        data_key: str | None = None,
     ) -> bool:
         """Record a durable copy. Only if `worker` still holds the claim (returns False
-        otherwise, and changes nothing); clears the claim, the error and `missing_since`."""
-        values = _archived(size, sha256, storage_key, content_type, to_utc(now))
+        otherwise, and changes nothing); clears the claim, the error and `missing_since`.
+        `size` and `sha256` are the plaintext's (as the PBX sent it); `data_key`, sealed,
+        is what the stored file is encrypted with (None: it is stored in clear)."""
+        values = _archived(size, sha256, storage_key, content_type, to_utc(now), data_key)
         statement = (
             update(schema.recordings)
             .where(*_held_by(recording_id, worker))
@@ -207,6 +236,7 @@ class JobStore:
         storage_key: str,
         content_type: str,
         now: datetime,
+        data_key: str | None = None,
     ) -> bool:
         """Record a durable copy made by a worker that lost its claim meanwhile.
 
@@ -215,7 +245,7 @@ class JobStore:
         archived and its own `mark_archived` changes nothing.
         """
         r = schema.recordings
-        values = _archived(size, sha256, storage_key, content_type, to_utc(now))
+        values = _archived(size, sha256, storage_key, content_type, to_utc(now), data_key)
         statement = (
             update(r)
             .where(r.c.id == recording_id, r.c.state != schema.ARCHIVED)
@@ -434,11 +464,17 @@ def _attest(conn: Connection, archived: Sequence[Any], now: datetime) -> int:
 
 
 def _archived(
-    size: int, sha256: str, storage_key: str, content_type: str, now: datetime
+    size: int,
+    sha256: str,
+    storage_key: str,
+    content_type: str,
+    now: datetime,
+    data_key: str | None = None,
 ) -> dict[str, Any]:
     """The column values of a recording whose durable copy is recorded at `now` (UTC)."""
     return {
         "state": schema.ARCHIVED,
+        "data_key": data_key,
         "size": size,
         "sha256": sha256,
         "storage_key": storage_key,

@@ -146,6 +146,9 @@ class RecordingRow:
     deleted_at: datetime | None  # deleted (state "deleted"): when, and `deletion` why (JSON)
     purged_at: datetime | None  # ...and when its stored object was removed
     deletion: str | None
+    # The data key the stored file is encrypted with, sealed (see `callvault.cipher` and
+    # `callvault.keys`); None: stored in clear. Never logged or shown.
+    data_key: str | None = field(repr=False)
     # calls
     callid: str
     pbx_serial: str

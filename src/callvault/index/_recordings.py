@@ -162,6 +162,50 @@ class RecordingStore:
             yield from rows
             last_id = rows[-1].id
 
+    def sealed_data_keys(
+        self, *, not_under: str, after_id: int = 0, limit: int = 500
+    ) -> list[tuple[int, str]]:
+        """(id, sealed data key) of recordings whose data key is sealed with a master key
+        other than `not_under` (a key id), by id from after `after_id`: what `callvault keys
+        rotate` re-seals, a batch at a time."""
+        r = schema.recordings
+        query = (
+            select(r.c.id, r.c.data_key)
+            .where(
+                r.c.id > after_id,
+                r.c.data_key.is_not(None),
+                not_(r.c.data_key.startswith(f"v1.{not_under}.", autoescape=True)),
+            )
+            .order_by(r.c.id)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [(int(row.id), str(row.data_key)) for row in conn.execute(query)]
+
+    def count_sealed_data_keys(self, *, not_under: str | None = None) -> int:
+        """How many recordings have a data key (sealed with another key than `not_under`)."""
+        r = schema.recordings
+        query = select(func.count()).select_from(r).where(r.c.data_key.is_not(None))
+        if not_under is not None:
+            query = query.where(not_(r.c.data_key.startswith(f"v1.{not_under}.", autoescape=True)))
+        with self._db.read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def reseal_data_keys(self, changes: Sequence[tuple[int, str, str]]) -> int:
+        """Replace sealed data keys: (id, old sealed value, new sealed value) each, only
+        where the row still holds the old value (a concurrent change wins); how many."""
+        r = schema.recordings
+        done = 0
+        with self._db.write() as conn:
+            for recording_id, old, new in changes:
+                result = conn.execute(
+                    update(r)
+                    .where(r.c.id == recording_id, r.c.data_key == old)
+                    .values(data_key=new)
+                )
+                done += result.rowcount or 0
+        return done
+
     def mark_verified(self, recording_id: int, now: datetime) -> None:
         """Note that the archived file was re-hashed and matched at `now`."""
         now = to_utc(now)

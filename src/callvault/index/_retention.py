@@ -25,6 +25,7 @@ from callvault.index.retention import (
     RetentionError,
     RetentionPolicy,
     RetentionRule,
+    call_facts,
     parse_rules,
 )
 from callvault.times import as_utc, to_utc
@@ -143,10 +144,7 @@ class RetentionStore:
             row = conn.execute(query).first()
         if row is None:
             return None
-        call = {
-            name: getattr(row, name)
-            for name in ("call_from", "call_to", "did", "direction", "status")
-        }
+        call = call_facts(row)
         rule = policy.rule_for(call, row.pbx_name or "")
         start = as_utc(row.start_at) or as_utc(row.archived_at) or as_utc(row.created_at)
         return None if rule is None or start is None else rule.keep.expiry(start)
@@ -312,13 +310,7 @@ class RetentionStore:
                     name=str(row.name),
                     start_at=as_utc(row.start_at),
                     archived_at=as_utc(row.archived_at),
-                    call={
-                        "call_from": row.call_from,
-                        "call_to": row.call_to,
-                        "did": row.did,
-                        "direction": row.direction,
-                        "status": row.status,
-                    },
+                    call=call_facts(row),
                 )
                 for row in conn.execute(query)
             ]
@@ -353,6 +345,9 @@ class RetentionStore:
                     claimed_until=None,
                     claim_process_id=None,
                     next_attempt_at=None,
+                    # An encrypted recording's key goes with it: a copy of its object
+                    # (a backup, a bucket version) can no longer be read.
+                    data_key=None,
                 )
                 .returning(r.c.id, r.c.pbx_id, r.c.name, r.c.storage_key, r.c.sha256, r.c.size)
             ).first()

@@ -60,6 +60,17 @@ class SigningKeyStore:
         """The key that signs: the newest not retired (None if there is none)."""
         return next((key for key in self.all() if key.retired_at is None), None)
 
+    def reseal(self, key_id: str, old: str, new: str) -> bool:
+        """Replace the sealed private half of `key_id` (re-sealed under another master
+        key), only if it still is `old`; whether it was replaced."""
+        with self._db.write() as conn:
+            result = conn.execute(
+                update(signing_keys)
+                .where(signing_keys.c.id == key_id, signing_keys.c.private_sealed == old)
+                .values(private_sealed=new)
+            )
+        return (result.rowcount or 0) == 1
+
     def retire_all_but(self, key_id: str, *, now: datetime) -> list[str]:
         """Retire every key but `key_id` (after a new key was made); the ids retired."""
         with self._db.write() as conn:

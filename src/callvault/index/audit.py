@@ -56,6 +56,7 @@ CHAIN_START = "audit_chain_start"  # the hash chain began (entries before it wer
 AUDIT_VERIFY = "audit_verify"  # someone checked the chain (and said what was found)
 SIGNING_KEY_CREATE = "signing_key_create"
 SIGNING_KEY_RETIRE = "signing_key_retire"
+KEYS_ROTATE = "keys_rotate"  # sealed values re-sealed under the primary master key
 RETENTION_SET = "retention_set"  # a new version of the retention policy (its rules)
 RETENTION_RUN = "retention_run"  # a retention pass: how many deleted, by which rules
 DELETE = "delete"  # a recording deleted: by the policy, an admin (with a reason), a request
@@ -89,6 +90,7 @@ ACTIONS = (
     AUDIT_VERIFY,
     SIGNING_KEY_CREATE,
     SIGNING_KEY_RETIRE,
+    KEYS_ROTATE,
     RETENTION_SET,
     RETENTION_RUN,
     DELETE,
@@ -184,6 +186,7 @@ class AuditFilter:
     """Which entries to read; every field is optional and they combine with AND."""
 
     actor: str | None = None
+    not_actor: str | None = None  # leave out this actor's entries (e.g. SYSTEM_ACTOR's)
     action: str | None = None
     target: str | None = None  # substring
     since: datetime | None = None

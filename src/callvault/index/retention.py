@@ -39,7 +39,16 @@ from callvault.index.users import UserError, in_scope, parse_scope
 _KEEP_RE = re.compile(r"^\s*(\d{1,5})\s*([dmy])\s*$")
 _RULE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/+-]{0,63}$")
 FOREVER = "forever"
+MAX_YEARS = 1000  # a longer period is "forever" (and past it dates leave the calendar)
+_KEEP_MAX = {"d": MAX_YEARS * 366, "m": MAX_YEARS * 12, "y": MAX_YEARS}
 RULE_FIELDS = ("name", "keep", "pbx", "direction", "status", "numbers")
+# What a rule looks at of a call (the names of `calls` columns).
+CALL_FIELDS = ("call_from", "call_to", "did", "direction", "status")
+
+
+def call_facts(row: Any) -> dict[str, Any]:
+    """The `CALL_FIELDS` of a row (a database row or a `RecordingRow`), for `matches`."""
+    return {name: getattr(row, name) for name in CALL_FIELDS}
 
 
 class RetentionError(ValueError):
@@ -62,20 +71,31 @@ class Keep:
             raise RetentionError(
                 f"{where}: keep {text!r} is not a period: use e.g. 90d, 18m, 7y or forever"
             )
-        return cls(int(match.group(1)), match.group(2))
+        count, unit = int(match.group(1)), match.group(2)
+        if count > _KEEP_MAX[unit]:
+            raise RetentionError(
+                f"{where}: keep {text!r} is longer than {MAX_YEARS} years: say forever"
+            )
+        return cls(count, unit)
 
     def __str__(self) -> str:
         return FOREVER if self.count is None else f"{self.count}{self.unit}"
 
     def expiry(self, start: datetime) -> datetime | None:
-        """When something that began at `start` has been kept long enough (None: never)."""
+        """When something that began at `start` has been kept long enough (None: never,
+        which is also the answer past the calendar's last year, 9999)."""
         if self.count is None:
             return None
         if self.unit == "d":
-            return start + timedelta(days=self.count)
+            try:
+                return start + timedelta(days=self.count)
+            except OverflowError:
+                return None
         months = self.count * (12 if self.unit == "y" else 1)
         year, month = divmod(start.month - 1 + months, 12)
         year += start.year
+        if year > datetime.max.year:
+            return None
         day = min(start.day, calendar.monthrange(year, month + 1)[1])
         return start.replace(year=year, month=month + 1, day=day)
 

@@ -141,6 +141,9 @@ recordings = Table(
     Column("deleted_at", DateTime(timezone=True), nullable=True),
     Column("purged_at", DateTime(timezone=True), nullable=True),
     Column("deletion", Text, nullable=True),  # why it was deleted, JSON
+    # Encryption at rest: the recording's data key sealed with the master keyring
+    # (context ``recording:<id>``); NULL when the stored file is the plaintext.
+    Column("data_key", Text, nullable=True),
     UniqueConstraint("pbx_id", "name", name="uq_recordings_pbx_id_name"),
 )
 Index("ix_recordings_state_next", recordings.c.state, recordings.c.next_attempt_at)

@@ -17,8 +17,10 @@ what both `--json` and the web API print, so the two never disagree:
     set_policy / place_hold / delete_now  # callvault retention set, hold add, delete
     find_subject / erase_subject  # callvault subject find|export|erase (GDPR)
     stream_export(rows, storage, key=...) -> ZIP chunks; verify_export(path)  # signed exports
+    open_recording / read_recording_range(storage, row, keyring, ...)  # audio, decrypted
     verify_audit(index, now=...) -> AuditVerification  # callvault audit verify, the audit page
     signer / rotate_signing_key / public_keys / write_checkpoint  # callvault keys ...
+    rotate_master_keys(index, keyring, now=..., actor=...) -> RotationReport  # keys rotate
 
 The layer sits above the archiver and below the web app and the command line.
 """
@@ -29,6 +31,13 @@ from callvault._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from callvault.ops._archive import Archive, ArchiveError, open_archive
+    from callvault.ops._audio import (
+        RecordingUnreadable,
+        open_recording,
+        read_head,
+        read_recording_range,
+        recording_size,
+    )
     from callvault.ops._audit import (
         AuditProblem,
         AuditVerification,
@@ -60,6 +69,7 @@ if TYPE_CHECKING:
         readiness,
     )
     from callvault.ops._json import JsonResult, json_ready
+    from callvault.ops._keys import RotationReport, pending_rotation, rotate_master_keys
     from callvault.ops._pbxs import (
         PbxTest,
         PbxView,
@@ -84,7 +94,9 @@ if TYPE_CHECKING:
     from callvault.ops._retention import (
         DeleteReport,
         RetentionReport,
+        check_rules,
         delete_now,
+        draft_policy,
         parse_policy_text,
         place_hold,
         release_hold,
@@ -115,6 +127,11 @@ _HOMES = {
     "Archive": "_archive",
     "ArchiveError": "_archive",
     "open_archive": "_archive",
+    "RecordingUnreadable": "_audio",
+    "open_recording": "_audio",
+    "read_head": "_audio",
+    "read_recording_range": "_audio",
+    "recording_size": "_audio",
     "AuditProblem": "_audit",
     "AuditVerification": "_audit",
     "ChainBrokenError": "_audit",
@@ -140,6 +157,9 @@ _HOMES = {
     "search_recordings": "_recordings",
     "pbx_id_of": "_recordings",
     "pbx_names": "_recordings",
+    "RotationReport": "_keys",
+    "pending_rotation": "_keys",
+    "rotate_master_keys": "_keys",
     "PbxTest": "_pbxs",
     "PbxView": "_pbxs",
     "add_pbx": "_pbxs",
@@ -152,7 +172,9 @@ _HOMES = {
     "tls_options": "_pbxs",
     "DeleteReport": "_retention",
     "RetentionReport": "_retention",
+    "check_rules": "_retention",
     "delete_now": "_retention",
+    "draft_policy": "_retention",
     "parse_policy_text": "_retention",
     "place_hold": "_retention",
     "release_hold": "_retention",
@@ -220,9 +242,11 @@ __all__ = [
     "PublicKeyView",
     "Readiness",
     "RecordingPage",
+    "RecordingUnreadable",
     "RecordingView",
     "RequeueResult",
     "RetentionReport",
+    "RotationReport",
     "SubjectErasure",
     "SubjectFindings",
     "VerifyReport",
@@ -230,8 +254,10 @@ __all__ = [
     "WorkerCount",
     "add_pbx",
     "archive_status",
+    "check_rules",
     "copy_index",
     "delete_now",
+    "draft_policy",
     "edit_pbx",
     "erase_subject",
     "find_subject",
@@ -242,20 +268,26 @@ __all__ = [
     "migrate_storage",
     "open_archive",
     "open_password",
+    "open_recording",
     "parse_policy_text",
     "parse_public_key",
     "pbx_client",
     "pbx_id_of",
     "pbx_names",
     "pbx_view",
+    "pending_rotation",
     "place_hold",
     "public_keys",
+    "read_head",
+    "read_recording_range",
     "readable_filename",
     "readiness",
     "record_verification",
+    "recording_size",
     "release_hold",
     "remove_pbx",
     "requeue",
+    "rotate_master_keys",
     "rotate_signing_key",
     "run_retention",
     "safe_filename",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from callvault.archive import NODE_KIND, StorageMismatch, storage_url_for
 from callvault.index import Index, IndexMissingError, IndexOpenError, SettingKey, open_index
+from callvault.keys import Keyring
 from callvault.storage import Storage, open_storage_url
 
 # A serve whose heartbeat is younger than this is taken as running.
@@ -27,6 +28,9 @@ class Archive:
 
     index: Index
     storage: Storage
+    # The master keys, where the caller loaded them: they open the data keys of encrypted
+    # recordings (`callvault.ops._audio`); None: encrypted recordings cannot be read.
+    keyring: Keyring | None = field(default=None, repr=False)
 
     def close(self) -> None:
         self.index.close()
@@ -73,13 +77,19 @@ class Archive:
 
 
 def open_archive(
-    directory: Path, db_url: str, *, create: bool = False, storage_url: str | None = None
+    directory: Path,
+    db_url: str,
+    *,
+    create: bool = False,
+    storage_url: str | None = None,
+    keyring: Keyring | None = None,
 ) -> Archive:
     """Open an EXISTING archive directory's index and storage.
 
     With `create`, a directory without an index yet gets an empty one (users can be added
     before anything is archived); without it, a missing index is an `ArchiveError` saying
-    how to make one. `storage_url` names where the recordings are (None: `directory`).
+    how to make one. `storage_url` names where the recordings are (None: `directory`);
+    `keyring` opens encrypted recordings.
     Every failure is one line (`ArchiveError`); a damaged index raises
     `callvault.index.IndexCorruptError` (also one line) when it is first read.
     """
@@ -103,4 +113,4 @@ def open_archive(
         raise ArchiveError(
             f"cannot use the archive directory {directory}: {exc.strerror}"
         ) from None
-    return Archive(index=index, storage=storage)
+    return Archive(index=index, storage=storage, keyring=keyring)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
+import logging
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -38,11 +40,13 @@ from pathlib import Path
 
 from callvault.index import RecordingRow
 from callvault.index.audit import csv_safe_row
-from callvault.keys import PublicKey, SigningKey
+from callvault.keys import Keyring, PublicKey, SigningKey
+from callvault.ops._audio import RecordingUnreadable, open_recording
 from callvault.ops._json import JsonResult
 from callvault.storage import Storage
 
 CHUNK = 64 * 1024
+log = logging.getLogger("callvault.ops")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9+._-]+")
 
 MANIFEST_NAME = "manifest.csv"
@@ -159,11 +163,16 @@ def stream_export(
     key: SigningKey | None = None,
     now: datetime | None = None,
     on_done: Callable[[int, int], None] | None = None,
+    keyring: Keyring | None = None,
 ) -> Iterator[bytes]:
     """The export of `rows` (see the module docstring), yielded chunk by chunk, signed with
-    `key` if given. Each file is hashed as it is streamed. A recording whose file cannot be
-    read is listed in the manifest with an empty file and hash. `on_done(files, bytes)`
-    runs at the end."""
+    `key` if given. Each file is hashed as it is streamed; encrypted recordings are
+    decrypted with `keyring` (the ZIP holds the audio as the PBX sent it). A recording
+    whose file cannot be read (missing, or encrypted and its key or first segment does not
+    open) is listed in the manifest with an empty file and hash and ``matches_index`` no;
+    one whose later segment fails to authenticate ends where it failed, and the manifest
+    gives the size and hash of what the ZIP holds, ``matches_index`` no. `on_done(files,
+    bytes)` runs at the end."""
     made = now or datetime.now(UTC)
     sink = _Sink()
     archive = zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED)
@@ -182,23 +191,29 @@ def stream_export(
         path = f"recordings/{filename}"
         digest = hashlib.sha256()
         size = 0
+        stream: Iterator[bytes] | None
         try:
-            assert row.storage_key is not None
-            stream = storage.open(row.storage_key)
-        except (AssertionError, OSError, ValueError):
+            chunks = open_recording(storage, row, keyring)
+            first = next(chunks, b"")  # an encrypted file's key and first segment checked
+            stream = itertools.chain((first,), chunks)
+        except (RecordingUnreadable, OSError, ValueError) as exc:
+            log.error("export: recording %d left out: %s", row.id, exc)
             stream = None
         if stream is not None:
             info = zipfile.ZipInfo(path, date_time=_zip_time(row.start_at or made))
             info.compress_type = zipfile.ZIP_STORED
             info.file_size = row.size or 0
             large = (row.size or 0) >= zipfile.ZIP64_LIMIT
-            with stream, archive.open(info, mode="w", force_zip64=large) as entry:
-                while chunk := stream.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    entry.write(chunk)
-                    if pending := sink.drain():
-                        yield pending
+            with archive.open(info, mode="w", force_zip64=large) as entry:
+                try:
+                    for chunk in stream:
+                        digest.update(chunk)
+                        size += len(chunk)
+                        entry.write(chunk)
+                        if pending := sink.drain():
+                            yield pending
+                except (RecordingUnreadable, OSError) as exc:
+                    log.error("export: recording %d cut short: %s", row.id, exc)
             files += 1
             total += size
             sums.append(f"{digest.hexdigest()}  {path}\n")

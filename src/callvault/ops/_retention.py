@@ -31,6 +31,7 @@ from callvault.index.retention import (
     Hold,
     RetentionError,
     RetentionPolicy,
+    RetentionRule,
     parse_rules,
 )
 from callvault.ops._archive import Archive
@@ -62,11 +63,9 @@ def parse_policy_text(text: str, *, where: str) -> list[object]:
     return data
 
 
-def set_policy(
-    index: Index, rules: Sequence[object], *, actor: str, note: str, now: datetime
-) -> RetentionPolicy:
-    """Check the rules (RetentionError naming the first bad one), check that every PBX a
-    rule names is registered, and make them the policy in force (audited)."""
+def check_rules(index: Index, rules: Sequence[object]) -> tuple[RetentionRule, ...]:
+    """The rules parsed (RetentionError naming the first bad one), every PBX a rule names
+    registered."""
     parsed = parse_rules(list(rules))
     known = set(pbx_names(index).values())
     for rule in parsed:
@@ -75,7 +74,31 @@ def set_policy(
                 raise RetentionError(
                     f"rule {rule.name}: no PBX is registered as {name!r} (`callvault pbx list`)"
                 )
-    return index.retention.set_policy(parsed, actor=actor, note=note, now=now)
+    return parsed
+
+
+def draft_policy(index: Index, rules: Sequence[object], *, now: datetime) -> RetentionPolicy:
+    """Rules not saved, as the version they would become: for a dry run
+    (`run_retention(..., policy=draft)`) before saving."""
+    parsed = check_rules(index, rules)
+    current = index.retention.current()
+    return RetentionPolicy(1 + (current.version if current else 0), parsed, now, "", "")
+
+
+def set_policy(
+    index: Index,
+    rules: Sequence[object],
+    *,
+    actor: str,
+    note: str,
+    now: datetime,
+    remote_addr: str = "",
+) -> RetentionPolicy:
+    """Check the rules (`check_rules`) and make them the policy in force (audited)."""
+    parsed = check_rules(index, rules)
+    return index.retention.set_policy(
+        parsed, actor=actor, note=note, now=now, remote_addr=remote_addr
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +123,7 @@ class RetentionReport(JsonResult):
     purged: int  # stored objects removed (this pass's and earlier ones')
     purge_failures: list[str] = field(default_factory=list)
     recordings: list[Expired] = field(default_factory=list)  # the first LISTED
+    draft: bool = False  # rules not saved yet, tried
 
     def summary(self) -> str:
         if self.policy_version is None:
@@ -107,9 +131,15 @@ class RetentionReport(JsonResult):
         verb = "would delete" if self.dry_run else "deleted"
         rules = ", ".join(f"{count} by {rule}" for rule, count in sorted(self.by_rule.items()))
         held = f"; {self.held} expired but held" if self.held else ""
+        which = (
+            f"these rules (v{self.policy_version} once saved)"
+            if self.draft
+            else f"retention (policy v{self.policy_version})"
+        )
         return (
-            f"retention (policy v{self.policy_version}) {verb} {self.deleted} of "
-            f"{self.checked} recordings" + (f" ({rules})" if rules else "") + held
+            f"{which} {verb} {self.deleted} of {self.checked} recordings"
+            + (f" ({rules})" if rules else "")
+            + held
         )
 
 
@@ -119,11 +149,18 @@ def run_retention(
     now: datetime,
     actor: str = audit.SYSTEM_ACTOR,
     dry_run: bool = False,
+    policy: RetentionPolicy | None = None,
+    remote_addr: str = "",
 ) -> RetentionReport:
     """Delete every archived recording whose rule's period has run out and that no hold
-    keeps (only list them with `dry_run`); then remove stored objects still left over."""
+    keeps (only list them with `dry_run`); then remove stored objects still left over.
+    `policy`: a draft to try instead of the policy in force (`draft_policy`; a dry run
+    only)."""
+    draft = policy is not None
+    if draft and not dry_run:
+        raise ValueError("a policy not saved can only be tried (dry_run)")
     index = archive.index
-    policy = index.retention.current()
+    policy = policy or index.retention.current()
     names = pbx_names(index)
     checked = deleted = held = 0
     by_rule: dict[str, int] = {}
@@ -154,7 +191,7 @@ def run_retention(
                     listed.append(
                         Expired(candidate.recording_id, candidate.name, rule.name, expiry)
                     )
-        held = _expired_but_held(index, policy, names, now)
+        held = _expired_but_held(index, policy, now)
     purged, failures = (0, []) if dry_run else _purge_left_over(archive, now)
     report = RetentionReport(
         at=now,
@@ -167,37 +204,23 @@ def run_retention(
         purged=purged,
         purge_failures=failures,
         recordings=listed,
+        draft=draft,
     )
     if not dry_run and (deleted or purged):
-        index.audit.record(actor, audit.RETENTION_RUN, "recordings", report.summary(), at=now)
+        index.audit.record(
+            actor, audit.RETENTION_RUN, "recordings", report.summary(), remote_addr, at=now
+        )
     return report
 
 
-def _expired_but_held(
-    index: Index, policy: RetentionPolicy, names: dict[int, str], now: datetime
-) -> int:
-    """How many recordings held now would have expired (for the report)."""
-    held = 0
+def _expired_but_held(index: Index, policy: RetentionPolicy, now: datetime) -> int:
+    """How many archived recordings a hold keeps that the policy would let go now."""
+    held: set[int] = set()
     for hold in index.retention.holds(active_only=True):
-        ids = index.retention.held_recordings(hold.id)
-        for row in index.recordings.by_ids(ids):
-            if row.state != "archived":
-                continue
-            rule = policy.rule_for(
-                {
-                    "call_from": row.call_from,
-                    "call_to": row.call_to,
-                    "did": row.did,
-                    "direction": row.direction,
-                    "status": row.status,
-                },
-                names.get(row.pbx_id, ""),
-            )
-            start = row.start_at or row.archived_at
-            expiry = None if rule is None or start is None else rule.keep.expiry(start)
-            if expiry is not None and expiry <= now:
-                held += 1
-    return held
+        held.update(index.retention.held_recordings(hold.id))
+    archived = [row.id for row in index.recordings.by_ids(sorted(held)) if row.state == "archived"]
+    expiries = (index.retention.expiry_for(recording_id, policy) for recording_id in archived)
+    return sum(1 for expiry in expiries if expiry is not None and expiry <= now)
 
 
 def _purge(archive: Archive, recording_id: int, key: str, now: datetime) -> bool:

@@ -62,19 +62,26 @@ def migrate_storage(
         done += 1
         key = row.storage_key or ""
         try:
+            # An encrypted recording's file is compared with the source's ciphertext (the
+            # index holds the plaintext's hash): the bytes are copied as they are.
+            size, sha256 = row.size, row.sha256
+            if row.data_key is not None:
+                original = source.checksum(key)
+                size, sha256 = original.size, original.sha256
             present = _present(target, key)
-            if present is not None and _matches(present, row.size, row.sha256):
+            if present is not None and _matches(present, size, sha256):
                 already += 1
             else:
                 with source.open(key) as stream:
                     stored = target.put(key, stream)
-                if not _matches(stored, row.size, row.sha256):
+                if not _matches(stored, size, sha256):
                     failed.append(
                         MigrationFailure(
                             row.name,
                             key,
-                            f"the copy has sha256 {stored.sha256}, size {stored.size}; the "
-                            f"index says {row.sha256}, {row.size} (run `callvault verify`)",
+                            f"the copy has sha256 {stored.sha256}, size {stored.size}; "
+                            f"{'the source has' if row.data_key else 'the index says'} "
+                            f"{sha256}, {size} (run `callvault verify`)",
                         )
                     )
                 else:

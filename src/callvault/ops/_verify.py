@@ -6,6 +6,7 @@ The same check for one recording (the call page's "Verify now", `POST
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,8 +16,9 @@ from callvault.index.pbxs import PbxRecord
 from callvault.index.retention import RetentionPolicy
 from callvault.index.schema import ARCHIVED
 from callvault.ops._archive import Archive
+from callvault.ops._audio import RecordingUnreadable, open_recording
 from callvault.ops._json import JsonResult
-from callvault.storage import StorageError, UnsafeNameError
+from callvault.storage import StorageError, StoredObject, UnsafeNameError
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,9 @@ class VerifyResult(JsonResult):
     actual_size: int | None
     storage_key: str | None
     error: str | None = None
+    # An encrypted recording that could not be decrypted (its file altered, truncated,
+    # reordered or moved; or no master key that opens its data key): counted as mismatched.
+    unreadable: bool = False
 
 
 def verify_recording(
@@ -42,17 +47,41 @@ def verify_recording(
 
     The bytes are read back and hashed, unless `deep` is False and the storage recorded
     the object's SHA-256 when it was written (an S3 bucket): then that record is compared,
-    without downloading."""
+    without downloading. An encrypted recording (`row.data_key`) is always read back and
+    decrypted with the archive's keyring, every segment authenticated, and the plaintext
+    hashed: the storage's record is the ciphertext's, the index's the plaintext's."""
     storage = archive.storage
 
-    def result(ok: bool, actual: str | None, size: int | None, error: str | None) -> VerifyResult:
+    def result(
+        ok: bool, actual: str | None, size: int | None, error: str | None, bad: bool = False
+    ) -> VerifyResult:
         return VerifyResult(
-            row.id, row.name, ok, row.sha256, actual, row.size, size, row.storage_key, error
+            row.id, row.name, ok, row.sha256, actual, row.size, size, row.storage_key, error, bad
         )
 
     if row.state != ARCHIVED or row.storage_key is None:
         # A pending recording's key names where it will go, not a file.
         return result(False, None, None, "not archived")
+    if row.data_key is not None:
+        try:
+            digest = hashlib.sha256()
+            plain = 0
+            for chunk in open_recording(storage, row, archive.keyring):
+                digest.update(chunk)
+                plain += len(chunk)
+            stored = StoredObject(row.storage_key, plain, digest.hexdigest(), now)
+        except RecordingUnreadable as exc:
+            return result(False, None, None, f"cannot decrypt it: {exc}", bad=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return result(False, None, None, "the archived file is missing from storage")
+        except UnsafeNameError:
+            return result(False, None, None, "the recording's storage key is not valid")
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            return result(False, None, None, f"cannot read it: {why}")
+        except StorageError as exc:
+            return result(False, None, None, f"cannot read it: {exc}")
+        return _compared(archive, row, stored, now, result)
     try:
         recorded = None if deep else storage.recorded_checksum(row.storage_key)
         stored = recorded if recorded is not None else storage.checksum(row.storage_key)
@@ -64,6 +93,16 @@ def verify_recording(
         return result(False, None, None, f"cannot read it: {exc.strerror or type(exc).__name__}")
     except StorageError as exc:
         return result(False, None, None, f"cannot read it: {exc}")
+    return _compared(archive, row, stored, now, result)
+
+
+def _compared(
+    archive: Archive,
+    row: RecordingRow,
+    stored: StoredObject,
+    now: datetime,
+    result: Callable[[bool, str | None, int | None, str | None], VerifyResult],
+) -> VerifyResult:
     if stored.sha256 != row.sha256 or (row.size is not None and stored.size != row.size):
         return result(
             False, stored.sha256, stored.size, "the file's bytes differ from the archived checksum"
@@ -133,7 +172,7 @@ def verify_archive(
         outcome = verify_recording(archive, row, now=now, deep=deep)
         if outcome.ok:
             ok += 1
-        elif outcome.actual_sha256 is not None:
+        elif outcome.actual_sha256 is not None or outcome.unreadable:
             mismatched.append(outcome)
         else:
             missing.append(outcome)

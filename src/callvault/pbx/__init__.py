@@ -72,6 +72,7 @@ from callvault.pbx._types import (
     Event,
     EventFormat,
     NewCdrEvent,
+    StreamTransform,
     normalise_status,
 )
 from callvault.pbx._urls import check_pbx_url
@@ -129,6 +130,7 @@ __all__ = [
     "RecordingNotFound",
     "RequestRejected",
     "SessionWithdrawn",
+    "StreamTransform",
     "SyncPbxClient",
     "TlsOptions",
     "TokenError",

@@ -67,7 +67,7 @@ from callvault.pbx._errors import (
 from callvault.pbx._gate import SessionGate
 from callvault.pbx._mapping import origin_of, transport_error
 from callvault.pbx._tls import TlsOptions, build_ssl_context, speaks_tls
-from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult
+from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult, StreamTransform
 from callvault.pbx._urls import check_pbx_url, strip_query, url_for_humans
 from callvault.times import windows
 
@@ -649,8 +649,12 @@ class PbxClient:
         *,
         filename: str | None = None,
         progress: ProgressCallback | None = None,
+        transform: Callable[[], StreamTransform] | None = None,
     ) -> DownloadResult:
         """Download one recording into ``dest_dir/(filename or name)``, verified and durable.
+
+        With `transform`, each attempt's body is written through a new transform from it
+        (e.g. encrypted as it arrives); the result's size and SHA-256 are the body's.
 
         Every attempt asks for a fresh random and uses it at once; the body streams to a
         temporary file in ``dest_dir`` (constant memory), is checked (JSON error, RIFF/WAVE,
@@ -669,7 +673,7 @@ class PbxClient:
         context = f"recording {name}"
 
         async def once() -> DownloadResult:
-            return await self._download_once(name, target, context, progress)
+            return await self._download_once(name, target, context, progress, transform)
 
         try:
             return await self._retrying(once, context)
@@ -685,7 +689,12 @@ class PbxClient:
             raise
 
     async def _download_once(
-        self, name: str, target: Path, context: str, progress: ProgressCallback | None
+        self,
+        name: str,
+        target: Path,
+        context: str,
+        progress: ProgressCallback | None,
+        transform: Callable[[], StreamTransform] | None = None,
     ) -> DownloadResult:
         body = {"recording": name}
         if self.allowedip is not None:
@@ -708,7 +717,9 @@ class PbxClient:
             del secret
             response = await self._send_download(url, context)
         try:
-            return await self._receive_recording(response, name, target, context, progress)
+            return await self._receive_recording(
+                response, name, target, context, progress, transform
+            )
         except TokenError as exc:
             raise _TokenRejected(generation, exc) from None
         finally:
@@ -742,6 +753,7 @@ class PbxClient:
         target: Path,
         context: str,
         progress: ProgressCallback | None,
+        transform: Callable[[], StreamTransform] | None = None,
     ) -> DownloadResult:
         """The checks of a download, whichever pump reads it; see download_recording."""
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
@@ -796,7 +808,11 @@ class PbxClient:
                 f"(starts with {head[:4]!r})"
             )
 
-        temp = TempFile(target.parent, buffering=response.write_buffering)
+        temp = TempFile(
+            target.parent,
+            buffering=response.write_buffering,
+            transform=transform() if transform is not None else None,
+        )
         report: Callable[[], None] | None = None
         if progress is not None:
 
@@ -848,6 +864,7 @@ class PbxClient:
             size=temp.size,
             sha256=temp.sha256,
             content_type=content_type,
+            stored_sha256=temp.written_sha256,
         )
 
     # -------------------------------------------------------------------- CDR

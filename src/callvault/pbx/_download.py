@@ -20,6 +20,7 @@ waits for the worker to stop touching the temporary file, and lets the caller re
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import http.client
@@ -38,6 +39,7 @@ import httpx
 from callvault.pbx._errors import PbxError
 from callvault.pbx._mapping import Phase, origin_of, transport_error
 from callvault.pbx._tls import TlsOptions
+from callvault.pbx._types import StreamTransform
 
 T = TypeVar("T")
 
@@ -66,8 +68,21 @@ class TempFile:
     one writer at a time.
     """
 
-    def __init__(self, directory: Path, *, buffering: int = WRITE_BUFFER) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        buffering: int = WRITE_BUFFER,
+        transform: StreamTransform | None = None,
+    ) -> None:
         self.directory = directory
+        # What the bytes pass through on their way to the file (`size` and `sha256` stay
+        # those of the bytes given): see `StreamTransform`. It runs with `hash` (one pipeline
+        # stage); its output waits in `_pending` for `write_hashed` (the next stage), which
+        # hashes what it writes (`written_sha256`).
+        self._transform = transform
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._written = hashlib.sha256() if transform is not None else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         for _ in range(100):
             path = directory / f".callvault-{secrets.token_hex(6)}.part"
@@ -92,18 +107,28 @@ class TempFile:
     def hash(self, data: bytes | memoryview) -> None:
         """Hash `data`, which `write_hashed` must then write (in the same order)."""
         self._hash.update(data)
+        if self._transform is not None:
+            self._pending.append(self._transform.update(data))
 
     def write_hashed(self, data: bytes | memoryview) -> None:
         """Write `data` already given to `hash`: the two may run in different threads."""
+        if self._written is not None:
+            out = self._pending.popleft()
+            self._written.update(out)
+            self._write(out)
+        else:
+            self._write(data)
+        self.size += len(data)
+        if self.size >= self._writeback_due:
+            self._start_writeback()
+
+    def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             written = self._file.write(view)
             if written is None:  # pragma: no cover - only non-blocking files answer None
                 continue
             view = view[written:]
-        self.size += len(data)
-        if self.size >= self._writeback_due:
-            self._start_writeback()
 
     def _start_writeback(self) -> None:
         """Start writing out what is written so far (and drop the pages already on disk).
@@ -130,8 +155,18 @@ class TempFile:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    @property
+    def written_sha256(self) -> str | None:
+        """The SHA-256 of the file as written, when a transform made it differ (after
+        `commit`); None without one."""
+        return self._written.hexdigest() if self._written is not None else None
+
     def commit(self, target: Path) -> None:
         """fsync, rename to `target`, fsync the directory (blocking: run it in a thread)."""
+        if self._transform is not None and self._written is not None:
+            tail = self._transform.finish()
+            self._written.update(tail)
+            self._write(tail)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 class ApiVersion(enum.StrEnum):
@@ -128,6 +128,17 @@ class BootUpEvent(Event):
     """The PBX restarted: every token is gone, log in again."""
 
 
+class StreamTransform(Protocol):
+    """What a download may pass its body through before it is written (e.g. encryption at
+    rest): `update` gets the body's bytes in order and returns what to write; `finish`
+    returns the last bytes to write. The checks, size and SHA-256 of the download stay
+    those of the body as the PBX sent it."""
+
+    def update(self, data: bytes | memoryview) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class DownloadResult:
     """A recording saved to disk, complete and verified."""
@@ -137,6 +148,9 @@ class DownloadResult:
     size: int
     sha256: str
     content_type: str
+    # The SHA-256 of the file written, when the download's `transform` made it differ from
+    # the body (e.g. encrypted); None otherwise (it is `sha256`).
+    stored_sha256: str | None = None
 
 
 STATUS_SPELLINGS: dict[str, str] = {

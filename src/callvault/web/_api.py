@@ -25,16 +25,20 @@ from callvault.ops import (
     JsonResult,
     PublicKeyView,
     RecordingPage,
+    RecordingUnreadable,
     RecordingView,
     RequeueResult,
     VerifyResult,
     archive_status,
     last_verification,
+    open_recording,
     pbx_id_of,
     pbx_names,
     public_keys,
+    read_recording_range,
     readable_filename,
     record_verification,
+    recording_size,
     requeue,
     signer,
     stream_export,
@@ -412,12 +416,12 @@ def audio_response(
     if row.state != ARCHIVED or row.storage_key is None:
         raise HTTPException(404, "this recording is not archived")
     try:
-        stored = ctx.storage.stat(row.storage_key)
-    except ValueError:  # a storage key that fails validation: treat as unreadable
-        stored = None
-    if stored is None:
-        raise HTTPException(404, "the archived file is missing from storage")
-    size = stored.size
+        # The plaintext's size: an encrypted recording is played as the PBX sent it.
+        size = recording_size(ctx.storage, row)
+    except RecordingUnreadable as exc:
+        raise unreadable(exc) from None
+    except (OSError, ValueError):  # absent, or a storage key that fails validation
+        raise HTTPException(404, "the archived file is missing from storage") from None
     headers = {
         "Accept-Ranges": "bytes",
         "Cache-Control": "private, no-cache",
@@ -434,7 +438,9 @@ def audio_response(
     if download:
         byte_range = None if byte_range is None or byte_range.length == size else byte_range
     try:
-        content_type = _media.content_type_of(row, ctx.storage)
+        content_type = _media.content_type_of(row, ctx.storage, ctx.keyring)
+    except RecordingUnreadable as exc:
+        raise unreadable(exc) from None
     except (OSError, ValueError):
         raise HTTPException(404, "the archived file is missing from storage") from None
     if download:
@@ -443,26 +449,40 @@ def audio_response(
         # Whatever the range: `bytes=1-` is the whole recording but its first byte. The
         # player's later range requests (seeks) fall in the de-duplication window.
         record_audit(request, principal.name, audit.PLAY, row.name, f"id={row.id}")
+    # An encrypted recording's data key and first segment are checked before the headers
+    # go out: a wrong key or a damaged file is an error, never audio. (A segment further
+    # on that fails ends the response short of its Content-Length.)
     try:
         if byte_range is None:
-            stream = ctx.storage.open(row.storage_key)
+            chunks = open_recording(ctx.storage, row, ctx.keyring)
         else:
-            stream = ctx.storage.open_range(row.storage_key, byte_range.start, byte_range.length)
+            chunks = read_recording_range(
+                ctx.storage, row, ctx.keyring, byte_range.start, byte_range.length
+            )
+        chunks = _media.checked_first(chunks)
+    except RecordingUnreadable as exc:
+        raise unreadable(exc) from None
     except (OSError, ValueError):
         raise HTTPException(404, "the archived file is missing from storage") from None
     if byte_range is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(
-            _media.iter_file(stream, size), media_type=content_type, headers=headers
-        )
+        return StreamingResponse(chunks, media_type=content_type, headers=headers)
     headers["Content-Length"] = str(byte_range.length)
     headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{size}"
     return StreamingResponse(
-        _media.iter_file(stream, byte_range.length),
+        chunks,
         status_code=206,
         media_type=content_type,
         headers=headers,
     )
+
+
+def unreadable(exc: RecordingUnreadable) -> HTTPException:
+    """The answer for an encrypted recording that cannot be read: 503 when the master
+    keys loaded cannot open it (configuration), 500 when its file is damaged; the detail
+    is the one line saying which."""
+    log.error("%s", exc)
+    return HTTPException(503 if exc.reason == "key" else 500, str(exc))
 
 
 _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -470,6 +490,8 @@ _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
     206: {"content": {"audio/wav": {}}, "description": "The requested byte range"},
     404: {"description": "No such recording, out of scope, or not archived"},
     416: {"description": "The Range names no byte of the file"},
+    500: {"description": "An encrypted recording whose file is damaged (the detail says so)"},
+    503: {"description": "An encrypted recording the master keys loaded cannot open"},
 }
 
 
@@ -530,6 +552,15 @@ def export_response(
         rows = ctx.index.recordings.search(replace(filters, state=ARCHIVED), limit=max_files)
     else:
         rows = []
+    return zip_response(request, principal, rows, describe_filters(params))
+
+
+def zip_response(
+    request: Request, principal: Principal, rows: Sequence[RecordingRow], what: str
+) -> Response:
+    """A signed export of `rows` (signed when the web app has the master key), streamed;
+    audited as an export of `what` (the filters, or the request it answers)."""
+    ctx = context(request)
     now = ctx.clock()
     key = None
     if ctx.keyring is not None:
@@ -543,11 +574,18 @@ def export_response(
         principal.name,
         audit.EXPORT,
         f"{len(rows)} recordings",
-        f"{describe_filters(params)}; {signed}",
+        f"{what}; {signed}",
     )
     stamp = now.strftime("%Y%m%d-%H%M%S")
     return StreamingResponse(
-        stream_export(rows, ctx.storage, pbx_names=pbx_names(ctx.index), key=key, now=now),
+        stream_export(
+            rows,
+            ctx.storage,
+            pbx_names=pbx_names(ctx.index),
+            key=key,
+            now=now,
+            keyring=ctx.keyring,
+        ),
         media_type="application/zip",
         headers={
             "Content-Disposition": _media.content_disposition(f"callvault-export-{stamp}.zip"),

@@ -17,7 +17,7 @@ from callvault.archive import ServiceProbe
 from callvault.index import Index, SettingKey
 from callvault.keys import Keyring
 from callvault.storage import Storage
-from callvault.web import _api, _health, _pages, _pbxs
+from callvault.web import _api, _compliance, _health, _pages, _pbxs
 from callvault.web._context import Clock, WebContext, authenticate
 from callvault.web._security import LoginLimiter, SessionSigner
 
@@ -96,7 +96,9 @@ def create_app(
     app.include_router(_health.router)
     app.include_router(_api.router)
     app.include_router(_pbxs.router)
+    app.include_router(_compliance.router)
     app.include_router(_pages.router)
+    app.include_router(_compliance.pages)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 
     @app.middleware("http")

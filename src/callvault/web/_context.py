@@ -46,7 +46,7 @@ class WebContext:
 
     def __post_init__(self) -> None:
         # The operations shared with the command line (callvault.ops) run on this.
-        self.archive = Archive(self.index, self.storage)
+        self.archive = Archive(self.index, self.storage, keyring=self.keyring)
         # Sessions live in this index: issued for its users, logged out in it; failed
         # logins are counted in its audit log.
         self.signer.attach(self.index)

@@ -6,14 +6,15 @@ ZIP export, signed, is `callvault.ops.stream_export`.)
 
 from __future__ import annotations
 
+import itertools
 import mimetypes
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from callvault.index import RecordingRow
-from callvault.ops import safe_filename
+from callvault.keys import Keyring
+from callvault.ops import read_head, safe_filename
 from callvault.storage import Storage
 
 CHUNK = 64 * 1024
@@ -78,31 +79,25 @@ def sniff_content_type(head: bytes, name: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def content_type_of(row: RecordingRow, storage: Storage) -> str:
+def content_type_of(row: RecordingRow, storage: Storage, keyring: Keyring | None) -> str:
+    """The recording's type as archived, else sniffed from its first (plaintext) bytes;
+    RecordingUnreadable for an encrypted one that cannot be read."""
     if row.content_type:
         return row.content_type
-    assert row.storage_key is not None
-    with storage.open(row.storage_key) as stream:
-        head = stream.read(16)
-    return sniff_content_type(head, row.name)
+    return sniff_content_type(read_head(storage, row, keyring, 16), row.name)
+
+
+def checked_first(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """`chunks` with its first chunk read now: an encrypted recording's key and first
+    segment are checked before a response is committed to (its errors raise here)."""
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return iter(())
+    return itertools.chain((first,), chunks)
 
 
 def content_disposition(filename: str, *, inline: bool = False) -> str:
     kind = "inline" if inline else "attachment"
     ascii_name = safe_filename(filename)
     return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{ascii_name}"
-
-
-def iter_file(stream: BinaryIO, length: int) -> Iterator[bytes]:
-    """`length` bytes of `stream` (opened where they start), in chunks; closes the stream
-    at the end."""
-    try:
-        remaining = length
-        while remaining > 0:
-            chunk = stream.read(min(CHUNK, remaining))
-            if not chunk:
-                return
-            remaining -= len(chunk)
-            yield chunk
-    finally:
-        stream.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -713,6 +713,7 @@ def _audit_page(request: Request, principal: Principal, **extra: Any) -> HTMLRes
     form = _FormValues.of(request, AUDIT_LABELS)
     page = _page_number(request.query_params.get("page", "1"))
     problems = _date_problems(form.values, AUDIT_LABELS)
+    show_own = request.query_params.get("own") == "1"
     entries: list[audit.AuditEntry] = []
     total = 0
     if not problems:
@@ -721,16 +722,21 @@ def _audit_page(request: Request, principal: Principal, **extra: Any) -> HTMLRes
         except HTTPException as exc:  # prevented by the check above; still never a 500
             problems["filters"] = str(exc.detail)
         else:
+            if not show_own and not where.actor and not where.action:
+                # One `archive` entry per recording would bury what people did.
+                where = replace(where, not_actor=audit.SYSTEM_ACTOR)
             index = context(request).index
             entries = index.audit.query(
                 where, limit=AUDIT_PAGE_SIZE, offset=(page - 1) * AUDIT_PAGE_SIZE
             )
             total = index.audit.count(where)
-    base_query = urlencode([(k, v) for k, v in form.values.items() if v])
+    given = [(k, v) for k, v in form.values.items() if v]
+    base_query = urlencode(given + ([("own", "1")] if show_own else []))
     return render(
         request,
         "audit.html",
         principal,
+        show_own=show_own,
         status_code=422 if problems else 200,
         form=form,
         labels=AUDIT_LABELS,
