@@ -60,15 +60,7 @@ def retention_show(
         print("no retention policy: every recording is kept (set one: callvault retention set)")
         return
     if json_output:
-        _print_json(
-            {
-                "version": policy.version,
-                "created_at": policy.created_at.isoformat(),
-                "created_by": policy.created_by,
-                "note": policy.note,
-                "rules": [rule.to_json() for rule in policy.rules],
-            }
-        )
+        _print_json(policy.to_json())
         return
     print(
         f"retention policy v{policy.version}, set {policy.created_at:%Y-%m-%d %H:%M} UTC by "
@@ -232,7 +224,7 @@ def hold_add(
         except RetentionError as exc:
             fail(str(exc), code=USAGE_ERROR)
     if json_output:
-        _print_json(_hold_json(hold))
+        _print_json(hold.to_json())
         return
     print(f"hold {hold.id} ({hold.case}) keeps {plural(hold.recordings, 'recording')}")
 
@@ -244,21 +236,6 @@ def _pbx_id(opened: Archive, name: str | None) -> int | None:
     if record is None:
         fail(f"--pbx: no PBX named {name!r} (`callvault pbx list`)", code=USAGE_ERROR)
     return record.id
-
-
-def _hold_json(hold: Any) -> dict[str, Any]:
-    return {
-        "id": hold.id,
-        "case": hold.case,
-        "reason": hold.reason,
-        "selection": hold.selection,
-        "recordings": hold.recordings,
-        "created_at": hold.created_at.isoformat(),
-        "created_by": hold.created_by,
-        "released_at": hold.released_at.isoformat() if hold.released_at else None,
-        "released_by": hold.released_by,
-        "release_reason": hold.release_reason,
-    }
 
 
 @hold_app.command("list")
@@ -273,7 +250,7 @@ def hold_list(
     with open_settings_archive(settings) as opened:
         holds = opened.index.retention.holds(active_only=not show_all)
     if json_output:
-        _print_json([_hold_json(hold) for hold in holds])
+        _print_json([hold.to_json() for hold in holds])
         return
     if not holds:
         print("no holds in force" if not show_all else "no holds")
@@ -300,7 +277,7 @@ def hold_show(
             fail(f"there is no hold {hold_id} (`callvault hold list --all`)")
         rows = opened.index.recordings.by_ids(opened.index.retention.held_recordings(hold_id))
     if json_output:
-        _print_json({**_hold_json(hold), "recording_ids": [row.id for row in rows]})
+        _print_json({**hold.to_json(), "recording_ids": [row.id for row in rows]})
         return
     print(f"hold {hold.id}: {hold.case} ({'in force' if hold.active else 'released'})")
     print(f"  reason     {hold.reason}")

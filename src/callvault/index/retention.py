@@ -209,6 +209,16 @@ class RetentionPolicy:
     def rules_json(self) -> str:
         return json.dumps([rule.to_json() for rule in self.rules], separators=(",", ":"))
 
+    def to_json(self) -> dict[str, Any]:
+        """The version as `retention show --json` and `GET /api/retention` give it."""
+        return {
+            "version": self.version,
+            "created_at": self.created_at.isoformat(),
+            "created_by": self.created_by,
+            "note": self.note,
+            "rules": [rule.to_json() for rule in self.rules],
+        }
+
     @property
     def has_catch_all(self) -> bool:
         """Whether some rule matches every call (else the unmatched are kept for ever)."""
@@ -235,6 +245,21 @@ class Hold:
     @property
     def active(self) -> bool:
         return self.released_at is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The hold as `hold list --json` and `GET /api/holds` give it."""
+        return {
+            "id": self.id,
+            "case": self.case,
+            "reason": self.reason,
+            "selection": self.selection,
+            "recordings": self.recordings,
+            "created_at": self.created_at.isoformat(),
+            "created_by": self.created_by,
+            "released_at": self.released_at.isoformat() if self.released_at else None,
+            "released_by": self.released_by,
+            "release_reason": self.release_reason,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,31 +180,6 @@ class EraseIn(SubjectIn):
     reason: str = Field(min_length=1, max_length=TEXT_MAX, description="The request")
 
 
-def policy_json(policy: RetentionPolicy) -> dict[str, Any]:
-    return {
-        "version": policy.version,
-        "created_at": policy.created_at.isoformat(),
-        "created_by": policy.created_by,
-        "note": policy.note,
-        "rules": [rule.to_json() for rule in policy.rules],
-    }
-
-
-def hold_json(hold: Hold) -> dict[str, Any]:
-    return {
-        "id": hold.id,
-        "case": hold.case,
-        "reason": hold.reason,
-        "selection": hold.selection,
-        "recordings": hold.recordings,
-        "created_at": hold.created_at.isoformat(),
-        "created_by": hold.created_by,
-        "released_at": hold.released_at.isoformat() if hold.released_at else None,
-        "released_by": hold.released_by,
-        "release_reason": hold.release_reason,
-    }
-
-
 # -- what the API and the pages share -----------------------------------------------------
 
 
@@ -375,13 +350,13 @@ def retention_policy(request: Request, _reader: Reader) -> Response:
     """The retention policy in force: its version, rules (first match wins), when, by whom
     and why it was set; null if none was ever set (every recording is kept)."""
     policy = context(request).index.retention.current()
-    return JSONResponse(None if policy is None else policy_json(policy))
+    return JSONResponse(None if policy is None else policy.to_json())
 
 
 @router.get("/retention/history", tags=["retention"], response_model=list[PolicyOut])
 def retention_history(request: Request, _reader: Reader) -> Response:
     """Every version of the policy, newest first."""
-    return JSONResponse([policy_json(p) for p in context(request).index.retention.history()])
+    return JSONResponse([p.to_json() for p in context(request).index.retention.history()])
 
 
 @router.put("/retention", tags=["retention"], response_model=PolicyOut, responses={422: {}})
@@ -389,7 +364,7 @@ def retention_set(request: Request, principal: Admin, body: PolicyIn) -> Respons
     """Make these rules the policy in force: a new version, audited with its rules (as
     `callvault retention set`). 422 with one line naming the first bad rule."""
     check_csrf(request, principal)
-    return JSONResponse(policy_json(save_policy(request, principal, list(body.rules), body.note)))
+    return JSONResponse(save_policy(request, principal, list(body.rules), body.note).to_json())
 
 
 @router.post("/retention/run", tags=["retention"], response_model=RetentionReport)
@@ -422,7 +397,7 @@ def holds(
 ) -> Response:
     """The holds in force (and released ones, with `all`), newest first."""
     found = context(request).index.retention.holds(active_only=not all)
-    return JSONResponse([hold_json(hold) for hold in found])
+    return JSONResponse([hold.to_json() for hold in found])
 
 
 @router.get("/holds/{hold_id}", tags=["holds"], response_model=HoldDetailOut, responses={404: {}})
@@ -434,7 +409,7 @@ def hold(request: Request, _reader: Reader, hold_id: HoldId) -> Response:
     items = held_items(request, hold_id)
     return JSONResponse(
         {
-            **hold_json(found),
+            **found.to_json(),
             "recording_ids": [item.id for item in items],
             "items": [item.model_dump(mode="json") for item in items],
         }
@@ -446,7 +421,7 @@ def new_hold(request: Request, principal: Admin, body: HoldIn) -> Response:
     """Hold recordings for a case: those of `recording_ids` and every one the search
     (`number`, `since`, `until`, `pbx`, as in the search's filters) matches now; audited."""
     check_csrf(request, principal)
-    return JSONResponse(hold_json(place(request, principal, body)), status_code=201)
+    return JSONResponse(place(request, principal, body).to_json(), status_code=201)
 
 
 @router.post(
@@ -458,7 +433,7 @@ def new_hold(request: Request, principal: Admin, body: HoldIn) -> Response:
 def release_a_hold(request: Request, principal: Admin, hold_id: HoldId, body: ReasonIn) -> Response:
     """Release a hold, with a reason: its recordings fall under the policy again."""
     check_csrf(request, principal)
-    return JSONResponse(hold_json(release(request, principal, hold_id, body.reason)))
+    return JSONResponse(release(request, principal, hold_id, body.reason).to_json())
 
 
 @router.post("/recordings/delete", tags=["retention"], response_model=DeleteReport)
