@@ -317,8 +317,13 @@ def test_two_pbxs_share_an_index_each_archived_by_its_own_serve(tmp_path: Path) 
         paris_config = replace(sim_config(paris_sim, archive), registry_name="paris", node="n1")
         lyon_config = replace(sim_config(lyon_sim, archive), registry_name="lyon", node="n2")
         with Archiver(paris_config) as paris, Archiver(lyon_config) as lyon:
-            # Same seed: the two PBXs give their calls the same ids and names.
-            ours = [paris_sim.place_call(talk_seconds=1), lyon_sim.place_call(talk_seconds=1)]
+            # Same seed: the two PBXs give their calls the same ids and names, if both
+            # calls start in the same second of their clocks (a call's id is its start
+            # second and a sequence): Lyon's clock is set to the second Paris's call began.
+            first = paris_sim.place_call(talk_seconds=1, ring_seconds=2)
+            began = int((first.callid or "0").split(".")[0])
+            lyon_sim.clock.advance(began + 0.5 - (lyon_sim.clock.now() - 3))  # ring + talk
+            ours = [first, lyon_sim.place_call(talk_seconds=1, ring_seconds=2)]
             assert ours[0].callid == ours[1].callid and ours[0].recording == ours[1].recording
             assert wait_until(lambda: states(index) == {"archived": 2}), states(index)
             assert paris.pbx is not None and lyon.pbx is not None
