@@ -341,8 +341,10 @@ def test_serve_signs_checkpoints_and_runs_the_retention_pass(
         # A policy under which the recording expired a while ago: the next turn deletes it.
         set_policy(index, [{"name": "all", "keep": "0d"}], actor="t", note="", now=NOW)
         assert wait_until(lambda: states(index) == {"deleted": 1}, timeout=30), states(index)
-        [row] = index.recordings.search(SearchFilters(), limit=5)
-        assert row.purged_at is not None
+        # The tombstone is committed first, then the object removed and `purged_at` set.
+        assert wait_until(
+            lambda: index.recordings.search(SearchFilters(), limit=5)[0].purged_at is not None
+        )
         # The deletion is in the chain, and signed in its turn.
         assert wait_until(lambda: index.audit.last_checkpoint_seq() == index.audit.head()[0])
         assert verify_audit(index, now=datetime.now(UTC)).ok
