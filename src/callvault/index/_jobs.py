@@ -164,34 +164,29 @@ class JobStore:
         recording is `archived` the key says where its file goes, not that it is there.
         None if there is no such recording.
         """
-        r = schema.recordings
-        with self._db.write() as conn:
-            conn.execute(
-                update(r)
-                .where(r.c.id == recording_id, r.c.storage_key.is_(None))
-                .values(storage_key=key)
-            )
-            value = conn.execute(
-                select(r.c.storage_key).where(r.c.id == recording_id)
-            ).scalar_one_or_none()
-        return None if value is None else str(value)
+        return self._set_once(recording_id, "storage_key", key)
 
     def reserve_data_key(self, recording_id: int, sealed: str) -> str | None:
         """Fix the sealed data key of a recording to be stored encrypted, before its file
         is stored; return the one it has (the first given wins, like `reserve_storage_key`),
         so a crash between storing the file and `mark_archived` does not lose the key the
         stored file was encrypted with. None if there is no such recording."""
+        return self._set_once(recording_id, "data_key", sealed)
+
+    def _set_once(self, recording_id: int, column: str, value: str) -> str | None:
+        """Set the recording's `column` to `value` unless it has one; the one it has now
+        (None if there is no such recording)."""
         r = schema.recordings
         with self._db.write() as conn:
             conn.execute(
                 update(r)
-                .where(r.c.id == recording_id, r.c.data_key.is_(None))
-                .values(data_key=sealed)
+                .where(r.c.id == recording_id, r.c[column].is_(None))
+                .values({column: value})
             )
-            value = conn.execute(
-                select(r.c.data_key).where(r.c.id == recording_id)
+            kept = conn.execute(
+                select(r.c[column]).where(r.c.id == recording_id)
             ).scalar_one_or_none()
-        return None if value is None else str(value)
+        return None if kept is None else str(kept)
 
     def reserved_data_key(self, recording_id: int) -> str | None:
         """The sealed data key reserved (or recorded) for a recording, if any."""
