@@ -86,6 +86,11 @@ def _simulators(count: int, *, faults: bool) -> dict[str, Simulator]:
         for sim in started.values():
             sim.faults.drop_rate = 0.1
             sim.faults.error_5xx_rate = 0.05
+        # The rates are drawn from each simulator's RNG, which the PBX's other draws share,
+        # so whether a rate fires in a short run depends on timing. One of each for certain:
+        first = next(iter(started.values()))
+        first.faults.drop_next_downloads = 1
+        first.faults.error_5xx_next = 1
     return started
 
 
