@@ -102,6 +102,7 @@ class Downloader(Protocol):
         *,
         filename: str | None = None,
         transform: Callable[[], StreamTransform] | None = None,
+        hash_stored: bool = True,
     ) -> DownloadResult: ...
 
 
@@ -466,8 +467,14 @@ class WorkerPool:
                     return cipher.Encryptor(open_key, associated)
 
                 # Encrypted as it arrives: the plaintext never reaches the disk.
+                # The ciphertext's own SHA-256 (a second hash over every byte) only for a
+                # storage that keeps it; the segments' tags protect the ciphertext anyway.
                 result = await self._client.download_recording(
-                    job.name, staging, filename=filename, transform=sealer
+                    job.name,
+                    staging,
+                    filename=filename,
+                    transform=sealer,
+                    hash_stored=self._storage.keeps_sha256,
                 )
                 content_type = result.content_type
                 step = "store"

@@ -650,11 +650,14 @@ class PbxClient:
         filename: str | None = None,
         progress: ProgressCallback | None = None,
         transform: Callable[[], StreamTransform] | None = None,
+        hash_stored: bool = True,
     ) -> DownloadResult:
         """Download one recording into ``dest_dir/(filename or name)``, verified and durable.
 
         With `transform`, each attempt's body is written through a new transform from it
-        (e.g. encrypted as it arrives); the result's size and SHA-256 are the body's.
+        (e.g. encrypted as it arrives); the result's size and SHA-256 are the body's, and
+        its `stored_sha256` that of the file written, unless `hash_stored` is False (a
+        second hash over every byte, for a storage that has no use for it).
 
         Every attempt asks for a fresh random and uses it at once; the body streams to a
         temporary file in ``dest_dir`` (constant memory), is checked (JSON error, RIFF/WAVE,
@@ -673,7 +676,9 @@ class PbxClient:
         context = f"recording {name}"
 
         async def once() -> DownloadResult:
-            return await self._download_once(name, target, context, progress, transform)
+            return await self._download_once(
+                name, target, context, progress, transform, hash_stored
+            )
 
         try:
             return await self._retrying(once, context)
@@ -695,6 +700,7 @@ class PbxClient:
         context: str,
         progress: ProgressCallback | None,
         transform: Callable[[], StreamTransform] | None = None,
+        hash_stored: bool = True,
     ) -> DownloadResult:
         body = {"recording": name}
         if self.allowedip is not None:
@@ -718,7 +724,7 @@ class PbxClient:
             response = await self._send_download(url, context)
         try:
             return await self._receive_recording(
-                response, name, target, context, progress, transform
+                response, name, target, context, progress, transform, hash_stored
             )
         except TokenError as exc:
             raise _TokenRejected(generation, exc) from None
@@ -754,6 +760,7 @@ class PbxClient:
         context: str,
         progress: ProgressCallback | None,
         transform: Callable[[], StreamTransform] | None = None,
+        hash_stored: bool = True,
     ) -> DownloadResult:
         """The checks of a download, whichever pump reads it; see download_recording."""
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
@@ -812,6 +819,7 @@ class PbxClient:
             target.parent,
             buffering=response.write_buffering,
             transform=transform() if transform is not None else None,
+            hash_written=hash_stored,
         )
         report: Callable[[], None] | None = None
         if progress is not None:

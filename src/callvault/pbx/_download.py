@@ -74,15 +74,16 @@ class TempFile:
         *,
         buffering: int = WRITE_BUFFER,
         transform: StreamTransform | None = None,
+        hash_written: bool = True,
     ) -> None:
         self.directory = directory
         # What the bytes pass through on their way to the file (`size` and `sha256` stay
         # those of the bytes given): see `StreamTransform`. It runs with `hash` (one pipeline
         # stage); its output waits in `_pending` for `write_hashed` (the next stage), which
-        # hashes what it writes (`written_sha256`).
+        # hashes what it writes (`written_sha256`) unless `hash_written` is False.
         self._transform = transform
-        self._pending: collections.deque[bytes] = collections.deque()
-        self._written = hashlib.sha256() if transform is not None else None
+        self._pending: collections.deque[bytes | bytearray] = collections.deque()
+        self._written = hashlib.sha256() if transform is not None and hash_written else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         for _ in range(100):
             path = directory / f".callvault-{secrets.token_hex(6)}.part"
@@ -112,9 +113,10 @@ class TempFile:
 
     def write_hashed(self, data: bytes | memoryview) -> None:
         """Write `data` already given to `hash`: the two may run in different threads."""
-        if self._written is not None:
+        if self._transform is not None:
             out = self._pending.popleft()
-            self._written.update(out)
+            if self._written is not None:
+                self._written.update(out)
             self._write(out)
         else:
             self._write(data)
@@ -122,7 +124,7 @@ class TempFile:
         if self.size >= self._writeback_due:
             self._start_writeback()
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
             written = self._file.write(view)
@@ -158,14 +160,15 @@ class TempFile:
     @property
     def written_sha256(self) -> str | None:
         """The SHA-256 of the file as written, when a transform made it differ (after
-        `commit`); None without one."""
+        `commit`); None without one, or when it was not asked for (`hash_written`)."""
         return self._written.hexdigest() if self._written is not None else None
 
     def commit(self, target: Path) -> None:
         """fsync, rename to `target`, fsync the directory (blocking: run it in a thread)."""
-        if self._transform is not None and self._written is not None:
+        if self._transform is not None:
             tail = self._transform.finish()
-            self._written.update(tail)
+            if self._written is not None:
+                self._written.update(tail)
             self._write(tail)
         self._file.flush()
         os.fsync(self._file.fileno())

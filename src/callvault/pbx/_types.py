@@ -134,9 +134,9 @@ class StreamTransform(Protocol):
     returns the last bytes to write. The checks, size and SHA-256 of the download stay
     those of the body as the PBX sent it."""
 
-    def update(self, data: bytes | memoryview) -> bytes: ...
+    def update(self, data: bytes | memoryview) -> bytes | bytearray: ...
 
-    def finish(self) -> bytes: ...
+    def finish(self) -> bytes | bytearray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,8 @@ class DownloadResult:
     sha256: str
     content_type: str
     # The SHA-256 of the file written, when the download's `transform` made it differ from
-    # the body (e.g. encrypted); None otherwise (it is `sha256`).
+    # the body (e.g. encrypted) and it was asked for (`hash_stored`); None otherwise (it is
+    # `sha256`, or nobody needed it).
     stored_sha256: str | None = None
 
 

@@ -84,7 +84,19 @@ class Storage(Protocol):
         retain_until: datetime | None = None,
     ) -> StoredObject:
         """Move the finished file `src` into place under `key` (consumes `src`); where the
-        storage `locks`, it refuses to delete the object before `retain_until`."""
+        storage `locks`, it refuses to delete the object before `retain_until`.
+
+        `sha256` is that of `src`'s bytes, when the caller hashed them as it wrote them. A
+        storage that `keeps_sha256` computes it when not given; one that does not needs it
+        only to compare with a file already under `key`, and returns it as given (None if
+        it was not)."""
+        ...
+
+    @property
+    def keeps_sha256(self) -> bool:
+        """Whether the storage keeps each object's SHA-256 with it (S3: the object's
+        metadata), so that `put_file` needs one; False for a directory, where an object is
+        hashed only when it is read back (`checksum`)."""
         ...
 
     @property

@@ -215,6 +215,8 @@ class LocalStorage:
 
     # A directory does not lock: retention and holds are callvault's to keep.
     locks = False
+    # Nor does it keep hashes: a file is hashed when it is read back (`checksum`).
+    keeps_sha256 = False
 
     def lock_state(self, key: str) -> ObjectLock | None:
         return None
@@ -236,15 +238,15 @@ class LocalStorage:
         """Move the complete file `src` into place under `key`, durably; `src` is consumed.
 
         `src` should be in `staging_dir()`; from another filesystem it is copied there
-        first. `sha256` is trusted when given (the caller hashed while writing), else
-        computed. If `key` exists with the same bytes this is a no-op (and `src` is removed);
-        with different bytes `ConflictError` is raised and both files are left alone.
+        first. `sha256` is trusted when given (the caller hashed while writing); without it
+        the bytes are hashed only if `key` exists already, to compare them, and the result's
+        `sha256` is None. If `key` exists with the same bytes this is a no-op (and `src` is
+        removed); with different bytes `ConflictError` is raised and both files are left
+        alone.
         """
         dest = self.local_path(key)
         with src.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            if sha256 is None:
-                sha256, size = sha256_of(handle)
             os.fsync(handle.fileno())
         os.chmod(src, _FILE_MODE)
         self._make_dirs(dest.parent)
@@ -253,6 +255,9 @@ class LocalStorage:
             os.link(src, dest)
         except FileExistsError:
             existing = self._existing(key, dest)
+            if sha256 is None and existing.size == size:
+                with src.open("rb") as handle:
+                    sha256, size = sha256_of(handle)
             if existing.size == size and existing.sha256 == sha256:
                 src.unlink()
                 return existing

@@ -159,6 +159,9 @@ class S3Storage:
     def locks(self) -> bool:
         return bool(self._bucket_lock_mode())
 
+    # The whole object's SHA-256 is its metadata (``x-amz-meta-sha256``).
+    keeps_sha256 = True
+
     def lock_state(self, key: str) -> ObjectLock | None:
         if not self.locks:
             return None
