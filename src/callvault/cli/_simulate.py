@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -17,7 +19,15 @@ import click
 from callvault.cli._app import app
 from callvault.cli._common import Terminated, command_name, fail, run_service
 from callvault.pbx import CallDetail
-from callvault.simulator import Simulator, SimulatorConfig, fault_names, parse_faults
+from callvault.simulator import (
+    PSeriesConfig,
+    PSeriesFaults,
+    PSeriesSimulator,
+    Simulator,
+    SimulatorConfig,
+    fault_names,
+    parse_faults,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -26,6 +36,9 @@ if TYPE_CHECKING:
 
 # Simulated PBXs in one process: each is an HTTPS server on its own thread.
 MAX_FLEET = 500
+S_SERIES_SERIAL = "369351034049"
+P_SERIES_SERIAL = "3631A2124001"
+SECRET_FILE = "client-secret"  # noqa: S105 (a file name)
 
 
 def _print(text: str = "") -> None:
@@ -250,7 +263,10 @@ async def _watch(sims: list[Simulator], stop: asyncio.Event) -> bool:
     help="The PBX's time zone.",
 )
 @click.option(
-    "--serial", default="369351034049", show_default=True, help="The PBX serial number (sn)."
+    "--serial",
+    default=None,
+    help=f"The PBX serial number (sn). Default: {S_SERIES_SERIAL} "
+    f"(--kind p-series: {P_SERIES_SERIAL}).",
 )
 @click.option(
     "--legacy-tls",
@@ -278,6 +294,29 @@ async def _watch(sims: list[Simulator], stop: asyncio.Event) -> bool:
     f"password, recordings, clock and faults. At most {MAX_FLEET}.",
 )
 @click.option(
+    "--kind",
+    type=click.Choice(["s-series", "cloud", "p-series"]),
+    default="s-series",
+    show_default=True,
+    help="Which PBX to simulate: the S-Series API; cloud, the S-Series-based Yeastar Cloud "
+    "PBX (its login also answers a refresh token, and a token ends 30 minutes after it was "
+    "issued unless renewed); or the P-Series OpenAPI (tokens, recording/CDR lists, "
+    "WebSocket events; --fault takes the P-Series fault names there).",
+)
+@click.option(
+    "--client-id",
+    default="callvault",
+    show_default=True,
+    help="--kind p-series: the API application's Client ID.",
+)
+@click.option(
+    "--client-secret",
+    envvar="CALLVAULT_SIM_CLIENT_SECRET",
+    default=None,
+    help="--kind p-series: the Client Secret (default: a random one, written to "
+    f"DATA_DIR/{SECRET_FILE}). Env CALLVAULT_SIM_CLIENT_SECRET.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -296,13 +335,41 @@ def simulate(
     seed: int | None,
     data_dir: Path | None,
     timezone: str,
-    serial: str,
+    serial: str | None,
     legacy_tls: bool,
     call_progress: bool,
     pbxs: int,
+    kind: str,
+    client_id: str,
+    client_secret: str | None,
     as_json: bool,
 ) -> None:
-    """Run a simulated Yeastar S-Series PBX until Ctrl-C: the API, recordings, events, faults."""
+    """Run a simulated Yeastar S-Series (or P-Series) PBX until Ctrl-C: the API,
+    recordings, events, faults."""
+    if kind == "p-series":
+        if pbxs > 1 or legacy_tls or calls_per_minute > 0:
+            fail("--pbxs, --legacy-tls and --calls-per-minute are for --kind s-series only")
+        if initial_calls < 0:
+            fail("--initial-calls must not be negative")
+        _simulate_pseries(
+            PSeriesConfig(
+                host=host,
+                port=port,
+                tls=not http,
+                client_id=client_id,
+                client_secret=client_secret,
+                serial=serial or P_SERIES_SERIAL,
+                timezone=timezone,
+                seed=seed,
+                faults=_pseries_faults(list(fault)),
+                call_status_events=call_progress,
+            ),
+            data_dir=data_dir,
+            initial_calls=initial_calls,
+            as_json=as_json,
+        )
+        return
+    serial = serial or S_SERIES_SERIAL
     try:
         faults = parse_faults(list(fault))
     except ValueError as exc:
@@ -325,6 +392,7 @@ def simulate(
         root = own_dir or data_dir
         configs = [
             SimulatorConfig(
+                kind=kind,
                 host=host,
                 port=port + number if port else 0,
                 tls=not http,
@@ -351,3 +419,129 @@ def simulate(
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
     print("simulator stopped", file=sys.stderr, flush=True)
+
+
+def _pseries_faults(items: list[str]) -> PSeriesFaults:
+    """``--fault KEY[=VALUE]`` for the P-Series simulator: KEY a PSeriesFaults field; a bare
+    KEY means 1 (counters), True (switches)."""
+    faults = PSeriesFaults()
+    kinds = {f.name: type(getattr(faults, f.name)) for f in dataclasses.fields(faults)}
+    for item in items:
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key not in kinds:
+            fail(f"unknown P-Series fault {key!r}; known: {', '.join(sorted(kinds))}")
+        kind = kinds[key]
+        try:
+            value: object
+            if kind is bool:
+                value = raw.strip().lower() not in ("0", "false", "no", "off")
+            elif kind is int:
+                value = int(raw) if raw.strip() else 1
+            else:
+                value = float(raw)
+        except ValueError:
+            fail(f"--fault {key}: not a number: {raw!r}")
+        setattr(faults, key, value)
+    return faults
+
+
+def _simulate_pseries(
+    config: PSeriesConfig, *, data_dir: Path | None, initial_calls: int, as_json: bool
+) -> None:
+    """Run one simulated P-Series PBX until SIGINT/SIGTERM; the generated Client Secret is
+    written to a file (mode 0600) in its data directory, and only that file is named."""
+    own_dir: Path | None = None
+    if data_dir is None:
+        try:
+            own_dir = Path(tempfile.mkdtemp(prefix="callvault-psim-"))
+        except OSError as exc:
+            fail(f"cannot create a temporary directory: {exc.strerror or exc}")
+    root = own_dir or data_dir
+    assert root is not None
+    secret_given = config.client_secret is not None
+    sim: PSeriesSimulator | None = None
+    try:
+        try:
+            sim = PSeriesSimulator(dataclasses.replace(config, data_dir=root))
+            secret_file = root / SECRET_FILE
+            if not secret_given:
+                fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(sim.client_secret + "\n")
+            sim.start()
+        except OSError as exc:
+            fail(
+                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}; "
+                "choose another --port"
+            )
+        except (RuntimeError, ValueError) as exc:
+            fail(f"cannot set up the simulator: {exc}")
+        for _ in range(initial_calls):
+            sim.place_call()
+        running = sim
+
+        def ready() -> None:
+            _introduce_pseries(
+                running, secret_file=None if secret_given else secret_file, as_json=as_json
+            )
+
+        async def watch(stop: asyncio.Event) -> bool:
+            while not stop.is_set():
+                if not running.running:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+            return True
+
+        if not run_service(watch, ready=ready):
+            fail("the simulator stopped unexpectedly")
+    except Terminated:
+        pass
+    finally:
+        if sim is not None:
+            sim.stop()
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+    print("simulator stopped", file=sys.stderr, flush=True)
+
+
+def _introduce_pseries(sim: PSeriesSimulator, *, secret_file: Path | None, as_json: bool) -> None:
+    """How to reach the P-Series simulator; never the secret itself, only where it is."""
+    if as_json:
+        details = {
+            "kind": "p-series",
+            "url": sim.url,
+            "client_id": sim.client_id,
+            "client_secret_file": str(secret_file) if secret_file else None,
+            "cert_sha256": sim.cert_sha256,
+            "ca_file": str(sim.ca_file) if sim.ca_file else None,
+            "recordings": sim.recording_names(),
+            "serial": sim.serial,
+            "timezone": sim.config.timezone,
+        }
+        _print(json.dumps(details))
+        return
+    _print(f"callvault simulator: Yeastar P-Series PBX (OpenAPI), serial {sim.serial}")
+    _print(f"  URL            {sim.url}   (API under /openapi/v1.0, events wss .../subscribe)")
+    _print(f"  client id      {sim.client_id}")
+    where = f"in {secret_file} (mode 0600)" if secret_file else "(as given)"
+    _print(f"  client secret  {where}")
+    if sim.cert_sha256 is not None:
+        _print(f"  certificate    SHA-256 {sim.cert_sha256}")
+        _print(f"  CA file        {sim.ca_file}")
+    else:
+        _print("  certificate    none (plain HTTP)")
+    _print(f"  recordings     {sim.recordings_dir}")
+    _print(f"  time zone      {sim.config.timezone}")
+    for name in sim.recording_names():
+        _print(f"  recording {name}")
+    trust = f" --pin-sha256 {sim.cert_sha256}" if sim.cert_sha256 else ""
+    secret = f'"$(cat {shlex.quote(str(secret_file))})"' if secret_file else "'…'"
+    _print("Register it in an archive from another terminal:")
+    _print(
+        f"  PBX_SECRET={secret} {command_name()} pbx add sim-p --url {sim.url} "
+        f"--kind p-series --client-id {shlex.quote(sim.client_id)} --secret-env PBX_SECRET"
+        f"{trust} --timezone {sim.config.timezone} --archive DIR"
+    )
+    _print("Serving until Ctrl-C.")

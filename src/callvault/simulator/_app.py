@@ -234,8 +234,20 @@ class PbxHttp:
             version=None if version == V1_0_1 else _param(data, "version", required=False),
         )
         payload = {"status": "Success", "token": session.token}
+        if session.refresh_token is not None:
+            payload["refreshtoken"] = session.refresh_token
         if v2:
             payload["transport"] = "HTTP"
+        return json_response(payload), "Success"
+
+    async def token_refresh(self, request: Request, version: str) -> Outcome:
+        """Cloud PBX: a new token and refresh token for the refresh token given (body
+        ``{"refreshtoken": ...}``, no token in the query)."""
+        self._require_post(request)
+        data = await _json_body(request)
+        session = self.state.refresh(_param(data, "refreshtoken") or "")
+        payload = {"status": "Success", "token": session.token}
+        payload["refreshtoken"] = session.refresh_token or ""
         return json_response(payload), "Success"
 
     async def heartbeat(self, request: Request, version: str) -> Outcome:
@@ -397,6 +409,8 @@ class PbxHttp:
         if version != V1_0_1:  # the CDR export came with v1.1.0 (spec section 1)
             endpoints["cdr/get_random"] = self.cdr_get_random
             endpoints["cdr/download"] = self.cdr_download
+            if self.state.refresh_tokens:  # the Cloud PBX (from its v1.1.0 API on)
+                endpoints["token/refresh"] = self.token_refresh
         return endpoints
 
     def _injected_failure(self, path: str) -> Outcome | None:

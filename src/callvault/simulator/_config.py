@@ -18,6 +18,10 @@ class SimulatorConfig:
     directory removed when the simulator stops.
     """
 
+    kind: str = "s-series"
+    """``s-series``, or ``cloud``: the Yeastar Cloud PBX, the same API whose login also
+    answers a refresh token; its tokens end 30 minutes after they were issued unless
+    renewed with ``token/refresh`` (both rotate)."""
     host: str = "127.0.0.1"
     port: int = 0
     tls: bool = True

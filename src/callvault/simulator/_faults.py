@@ -73,6 +73,10 @@ class Faults:
     file does not exist", a deleted one 20014. Off (later firmware, paths v1.1.0 and
     v2.0.0): 20014 for both, and 20012 only means an invalid download random."""
 
+    yswav_names: bool = False
+    """Recording names end in ``.yswav``, as the Yeastar Cloud PBX's did before firmware
+    81.9.0.14; the body is still a WAV file (a client probes the body, not the name)."""
+
     names_with_plus: bool = False
     """External numbers of generated calls (``place_random_call``) in international format,
     ``+4915112345678``, in the CDR and so in the recording name. Off: digits only

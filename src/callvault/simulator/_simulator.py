@@ -6,21 +6,17 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import logging
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo
-
-import uvicorn
 
 from callvault.pbx import CallDetail, EventFormat
 from callvault.simulator._app import build_app
@@ -34,6 +30,7 @@ from callvault.simulator._events import (
 )
 from callvault.simulator._faults import Faults
 from callvault.simulator._progress import parties_of, progress_reports
+from callvault.simulator._server import BackgroundServer, StartupError
 from callvault.simulator._state import PbxState, Recording
 from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
 from callvault.simulator._wav import write_wav
@@ -86,14 +83,11 @@ class Simulator:
             recordings_dir=self.recordings_dir,
             seed=self.config.seed,
             invalidate_previous_tokens_on_login=self.config.invalidate_previous_tokens_on_login,
+            refresh_tokens=self.config.kind == "cloud",
         )
         self._certificate: ServerCertificate | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: BackgroundServer | None = None
         self._pusher: EventPusher | None = None
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
         self._port = 0
         self._listeners: list[CallListener] = []
         self._ticks = 0
@@ -106,73 +100,41 @@ class Simulator:
 
     def start(self) -> Simulator:
         """Bind the port, generate the certificate, serve in the background; returns self."""
-        if self._thread is not None:
+        if self._server is not None:
             raise RuntimeError("the simulator is already running")
         cfg = self.config
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.create_server((cfg.host, cfg.port), family=family)
-        # create_server leaves proto 0, and asyncio sets TCP_NODELAY only on sockets whose
-        # proto is IPPROTO_TCP: without this, every small answer (login, get_random) waited
-        # ~40 ms for the client's delayed ACK (Nagle). Accepted sockets copy the proto.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=sock.detach())
-        self._port = sock.getsockname()[1]
-        ssl_factory = None
+        server = BackgroundServer(cfg.host, cfg.port)
+        self._port = server.port
+        context = None
         if cfg.tls:
             self._certificate = generate_certificate(self.data_dir / "tls", cfg.host, cfg.serial)
             context = server_ssl_context(self._certificate, legacy_tls=cfg.legacy_tls)
-
-            def ssl_factory(_config: uvicorn.Config, _default: Callable[[], Any]) -> Any:
-                return context
-
-        _quiet_intended_drops()
-        uv_config = uvicorn.Config(
-            # No log_config: leave the process's logging alone; no access log: URLs hold
-            # tokens and randoms.
-            build_app(self.state),
-            log_config=None,
-            log_level=cfg.log_level,
-            access_log=False,
-            server_header=False,
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            ssl_context_factory=ssl_factory,
-        )
-        self._server = uvicorn.Server(uv_config)
-        self._thread = threading.Thread(
-            target=self._run, args=(sock,), name="callvault-simulator", daemon=True
-        )
-        self._thread.start()
-        if not self._ready.wait(15) or self._startup_error is not None:
+        self._server = server
+        try:
+            server.start(
+                build_app(self.state),
+                log_level=cfg.log_level,
+                thread_name="callvault-simulator",
+                ssl_context=context,
+                serving=self._serving,
+            )
+        except StartupError:
             self.stop()
-            raise RuntimeError(f"the simulator did not start: {self._startup_error!r}")
+            raise
         return self
 
-    def _run(self, sock: socket.socket) -> None:
-        try:
-            asyncio.run(self._main(sock))
-        except BaseException as exc:  # reported to start(); the thread must not die silently
-            self._startup_error = exc
-            self._ready.set()
-
-    async def _main(self, sock: socket.socket) -> None:
-        assert self._server is not None
-        self._loop = asyncio.get_running_loop()
+    @contextlib.asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
+        """On the server's loop, around serving: the event pusher and the background duties."""
         self._pusher = EventPusher(
             self.state,
-            self._loop,
+            asyncio.get_running_loop(),
             retry_interval=self.config.event_retry_interval,
             max_retries=self.config.event_max_retries,
         )
-        serve = asyncio.create_task(self._server.serve(sockets=[sock]))
-        # uvicorn offers no startup event to wait on, only the `started` flag.
-        while not self._server.started and not serve.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        if serve.done():
-            await serve  # raises the startup error
-        self._ready.set()
         ticker = asyncio.create_task(self._tick())
         try:
-            await serve
+            yield
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -182,10 +144,7 @@ class Simulator:
     def stop(self) -> None:
         """Stop serving, cancel undelivered reports, remove the temporary data directory."""
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(15)
-        self._thread = None
+            self._server.stop()
         self._server = None
         if self._own_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -203,7 +162,7 @@ class Simulator:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._server is not None and self._server.running
 
     # -- what a client needs to know ------------------------------------------------------------
 
@@ -318,8 +277,10 @@ class Simulator:
         name: str | None = None
         if recorded and answered:
             stamp = self._local(start + ring).strftime("%Y%m%d%H%M%S")
-            name = f"{stamp}-{callid}-{callfrom}-{callto}-{type}.wav"
-            file_name = name if _SAFE_FILE_NAME.match(name) else f"{callid}.wav"
+            # .yswav: the Cloud PBX's names before firmware 81.9.0.14 (the body is a WAV).
+            extension = ".yswav" if self.state.faults.yswav_names else ".wav"
+            name = f"{stamp}-{callid}-{callfrom}-{callto}-{type}{extension}"
+            file_name = name if _SAFE_FILE_NAME.match(name) else f"{callid}{extension}"
             path = self.recordings_dir / file_name
             with self.state.lock:
                 frequency = 300.0 + 20 * self.state.rng.randrange(20)
@@ -532,19 +493,6 @@ class Simulator:
                 with self.state.lock:
                     next_call = now + self.state.rng.expovariate(rate / 60.0)
                 await asyncio.to_thread(self.place_random_call)
-
-
-class _DropFilter(logging.Filter):
-    """Hides uvicorn's complaint about the bodies we cut short on purpose (drop faults)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "without completing response" not in record.getMessage()
-
-
-def _quiet_intended_drops() -> None:
-    logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _DropFilter) for f in logger.filters):
-        logger.addFilter(_DropFilter())
 
 
 def replace_config(config: SimulatorConfig, **changes: Any) -> SimulatorConfig:

@@ -8,6 +8,7 @@ answers. All methods are thread-safe (one re-entrant lock); time comes from the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -83,6 +84,9 @@ class Session:
     format: EventFormat
     created: float
     last_activity: float
+    # The Yeastar Cloud PBX (S-Series based) answers a refresh token at login; its tokens
+    # then end 30 minutes after they were issued, unless refreshed (PbxState.refresh).
+    refresh_token: str | None = field(default=None, repr=False)
 
     def target(self) -> EventTarget | None:
         """The report destination, or None when the app server asked for no reports (port 0)."""
@@ -159,8 +163,12 @@ class PbxState:
         recordings_dir: Path,
         seed: int | None = None,
         invalidate_previous_tokens_on_login: bool = False,
+        refresh_tokens: bool = False,
     ) -> None:
         self.username = username
+        # A Cloud PBX: logins answer a refresh token, tokens live 30 minutes from issue.
+        self.refresh_tokens = refresh_tokens
+        self.refresh_count = 0
         self._password = password
         self.serial = serial
         self.clock = clock
@@ -291,10 +299,46 @@ class PbxState:
                 format=event_format_for(api_version, version),
                 created=now,
                 last_activity=now,
+                refresh_token=new_secret() if self.refresh_tokens else None,
             )
             self._sessions[session.token] = session
             self.login_count += 1
             return session
+
+    def refresh(self, refresh_token: str) -> Session:
+        """token/refresh (Cloud PBX): a new token and refresh token for the live session the
+        refresh token belongs to; the old token and the refresh token used are gone. 20004
+        for a refresh token that is unknown, spent, or whose token has expired (the
+        documents leave the refresh token's own lifetime open: here it dies with its
+        token)."""
+        with self.lock:
+            now = self.clock.now()
+            for token, session in list(self._sessions.items()):
+                known = session.refresh_token
+                if known is None or not hmac.compare_digest(known, refresh_token):
+                    continue
+                if self._dead(session, now):
+                    self._expire(session)
+                    break
+                del self._sessions[token]
+                renewed = dataclasses.replace(
+                    session,
+                    token=new_secret(),
+                    refresh_token=new_secret(),
+                    created=now,
+                    last_activity=now,
+                )
+                self._sessions[renewed.token] = renewed
+                self.refresh_count += 1
+                return renewed
+            raise ApiFailure("20004")
+
+    def _dead(self, session: Session, now: float) -> bool:
+        """Whether the token has expired: 30 minutes without interaction, or, on a Cloud
+        PBX, 30 minutes after it was issued."""
+        if now - session.last_activity > TOKEN_TTL_SECONDS:
+            return True
+        return session.refresh_token is not None and now - session.created > TOKEN_TTL_SECONDS
 
     def authenticate(self, token: str | None) -> Session:
         """The live session of `token`, refreshed; 20005 blank, 20004 unknown, 20006 expired."""
@@ -305,7 +349,7 @@ class PbxState:
             if session is None:
                 raise ApiFailure("20006" if token in self._expired else "20004")
             now = self.clock.now()
-            if now - session.last_activity > TOKEN_TTL_SECONDS:
+            if self._dead(session, now):
                 self._expire(session)
                 raise ApiFailure("20006")
             session.last_activity = now
@@ -323,7 +367,7 @@ class PbxState:
             session = self._sessions.get(token)
             if session is None:
                 return False
-            if self.clock.now() - session.last_activity > TOKEN_TTL_SECONDS:
+            if self._dead(session, self.clock.now()):
                 self._expire(session)
                 return False
             return True
