@@ -1,8 +1,13 @@
-"""callvault.pbx: a client for the Yeastar S-Series PBX HTTP API.
+"""callvault.pbx: clients for the Yeastar S-Series PBX HTTP API and the P-Series OpenAPI.
 
     async with PbxClient("https://127.0.0.1:8088", "api", password,
                          tls=TlsOptions(pin_sha256=fingerprint)) as pbx:
         result = await pbx.download_recording(name, Path("recordings"))
+
+`PSeriesClient` speaks the P-Series OpenAPI behind the same methods (login, heartbeat,
+logout, download_recording, export_cdr_range), plus `events` over its WebSocket; its tokens
+live in a `TokenStore`. `parse_pseries_event` and `verify_webhook_signature` serve a
+webhook receiver without the HTTP stack.
 
 Also: `SyncPbxClient` (blocking), `parse_event` for pushed reports, `parse_cdr_csv` for the
 CDR export, and the one exception tree rooted at `PbxError`, each error with its
@@ -28,9 +33,14 @@ from callvault.pbx._cdr import (
 )
 from callvault.pbx._errors import (
     ERRNO_TABLE,
+    PSERIES_ERRCODE_TABLE,
     AllowedIpError,
+    ApiConfigError,
+    ApiIpForbidden,
+    ApiPermissionDenied,
     AuthError,
     CdrError,
+    DownloadProcessing,
     ErrorKind,
     EventParseError,
     InvalidRecording,
@@ -48,16 +58,31 @@ from callvault.pbx._errors import (
     RecordingNotFound,
     RequestRejected,
     SessionWithdrawn,
+    TokenBudgetFull,
     TokenError,
     TokenExpired,
     TokenInvalid,
     TokenMissing,
     UnsafeRecordingName,
+    error_for_errcode,
     error_for_errno,
     error_kind,
     is_transient,
 )
 from callvault.pbx._events import parse_event
+from callvault.pbx._pseries_events import (
+    EventsResumed,
+    parse_pseries_event,
+    pseries_call_detail,
+    verify_webhook_signature,
+    webhook_signature,
+)
+from callvault.pbx._pseries_tokens import (
+    MemoryTokenStore,
+    TokenSet,
+    TokenStore,
+    shared_memory_store,
+)
 from callvault.pbx._tls import (
     TlsOptions,
     build_ssl_context,
@@ -84,6 +109,7 @@ if TYPE_CHECKING:
         check_recording_name,
         password_md5,
     )
+    from callvault.pbx._pseries import PSeriesClient
     from callvault.pbx._sync import SyncPbxClient
 
 # Exported names whose modules are imported on first use (they need httpx).
@@ -93,6 +119,7 @@ _LAZY = {
     "check_recording_name": "_client",
     "password_md5": "_client",
     "SyncPbxClient": "_sync",
+    "PSeriesClient": "_pseries",
 }
 
 __getattr__ = lazy_exports(__name__, _LAZY)
@@ -101,21 +128,29 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 __all__ = [
     "CSV_COLUMNS",
     "ERRNO_TABLE",
+    "PSERIES_ERRCODE_TABLE",
     "AllowedIpError",
+    "ApiConfigError",
+    "ApiIpForbidden",
+    "ApiPermissionDenied",
     "ApiVersion",
     "AuthError",
     "BootUpEvent",
     "CallDetail",
     "CdrError",
+    "DownloadProcessing",
     "DownloadResult",
     "ErrorKind",
     "Event",
     "EventFormat",
     "EventParseError",
+    "EventsResumed",
     "InvalidRecording",
     "LoginFailed",
     "LoginLockedOut",
+    "MemoryTokenStore",
     "NewCdrEvent",
+    "PSeriesClient",
     "PbxApiError",
     "PbxBusy",
     "PbxClient",
@@ -133,10 +168,13 @@ __all__ = [
     "StreamTransform",
     "SyncPbxClient",
     "TlsOptions",
+    "TokenBudgetFull",
     "TokenError",
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
+    "TokenSet",
+    "TokenStore",
     "UnsafeRecordingName",
     "build_ssl_context",
     "call_detail_from_fields",
@@ -144,6 +182,7 @@ __all__ = [
     "certificate_sha256",
     "check_pbx_url",
     "check_recording_name",
+    "error_for_errcode",
     "error_for_errno",
     "error_kind",
     "is_transient",
@@ -151,6 +190,11 @@ __all__ = [
     "normalise_status",
     "parse_cdr_csv",
     "parse_event",
+    "parse_pseries_event",
     "parse_seconds",
     "password_md5",
+    "pseries_call_detail",
+    "shared_memory_store",
+    "verify_webhook_signature",
+    "webhook_signature",
 ]

@@ -21,33 +21,29 @@ import hashlib
 import ipaddress
 import json
 import logging
-import random
 import re
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import httpx
 
+from callvault.pbx._base import ApiClient, http_client
 from callvault.pbx._cdr import parse_cdr_csv
 from callvault.pbx._download import (
-    BodyBroken,
     HttpxBody,
     ResponseBody,
     SocketBody,
-    TempFile,
-    run_blocking,
+    looks_like_html,
+    receive_recording,
 )
 from callvault.pbx._errors import (
     CdrError,
     ErrorKind,
-    InvalidRecording,
     LoginFailed,
     LoginLockedOut,
     PbxApiError,
@@ -62,11 +58,10 @@ from callvault.pbx._errors import (
     TokenError,
     UnsafeRecordingName,
     error_for_errno,
-    retried_at_once,
 )
 from callvault.pbx._gate import SessionGate
 from callvault.pbx._mapping import origin_of, transport_error
-from callvault.pbx._tls import TlsOptions, build_ssl_context, speaks_tls
+from callvault.pbx._tls import TlsOptions, speaks_tls
 from callvault.pbx._types import ApiVersion, CallDetail, DownloadResult, StreamTransform
 from callvault.pbx._urls import check_pbx_url, strip_query, url_for_humans
 from callvault.times import windows
@@ -76,6 +71,11 @@ log = logging.getLogger("callvault.pbx")
 T = TypeVar("T")
 
 LOCKOUT_SECONDS = 600.0
+REFRESH_AFTER_S = 15 * 60.0
+"""How old a token with a refresh token (the Yeastar Cloud PBX's login answers one) may
+get before it is refreshed: the Cloud PBX ends a token 30 minutes after it was issued
+unless it is refreshed (``token/refresh``), whatever the traffic. Checked before every
+request, and so at every heartbeat (every 10 minutes in `serve`)."""
 MAX_JSON_ERROR_BYTES = 64 * 1024
 MIN_WAV_BYTES = 44  # a RIFF/WAVE header alone
 CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -176,7 +176,7 @@ class _TokenRejected(Exception):
         self.error = error
 
 
-class PbxClient:
+class PbxClient(ApiClient):
     """An API session with one Yeastar S-Series PBX.
 
     Use as ``async with PbxClient(...) as client:``; it logs in on the first call that needs
@@ -252,28 +252,26 @@ class PbxClient:
         self._sleep = sleep if sleep is not None else asyncio.sleep
         self._clock = clock if clock is not None else time.monotonic
 
-        verify: Any = True
-        self._ssl_context: ssl.SSLContext | None = None
-        if self._base.scheme == "https":
-            verify = self._ssl_context = build_ssl_context(self.tls)
         # Without an injected transport, a recording's body is read on a blocking socket in
         # a worker thread (SocketBody): the asyncio TLS stack costs an await per 16 KiB record.
         self._transport = transport
         self._timeout = timeout
-        if transport is None and self.local_address is not None:
-            transport = httpx.AsyncHTTPTransport(verify=verify, local_address=self.local_address)
-        self._http = httpx.AsyncClient(
+        self._ssl_context, self._http = http_client(
+            self._base,
+            self.tls,
             transport=transport,
-            verify=verify,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_keepalive_connections=0),
-            headers={"Connection": "close", "User-Agent": "callvault"},
-            follow_redirects=False,
-            trust_env=False,
+            timeout=timeout,
+            local_address=self.local_address,
+            user_agent="callvault",
         )
         _install_log_redaction()
         self._gate = SessionGate()
         self._token: str | None = None
+        # The Cloud PBX's login also answers a refresh token (S-Series PBXs do not): the
+        # token is then renewed with it before it is REFRESH_AFTER_S old (`_token_at`).
+        self._refresh_token: str | None = None
+        self._token_at = 0.0
+        self.refresh_count = 0
         self._generation = 0
         self._auth_failure: tuple[float, PbxError] | None = None
         self.login_failure_pause = login_failure_pause
@@ -293,23 +291,8 @@ class PbxClient:
         )
 
     @property
-    def base_url(self) -> str:
-        return self._base_str
-
-    @property
     def logged_in(self) -> bool:
         return self._token is not None
-
-    async def __aenter__(self) -> PbxClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Log out (errors ignored) and close the connections."""
@@ -323,7 +306,7 @@ class PbxClient:
     async def close_connections(self) -> None:
         """Close the connections without logging out: for an owner that may no longer talk
         to the PBX (the token is forgotten, the PBX lets it expire)."""
-        self._token = None
+        self._token = self._refresh_token = None
         await self._http.aclose()
 
     def _url(self, endpoint: str, query: dict[str, str] | None = None) -> httpx.URL:
@@ -448,7 +431,7 @@ class PbxClient:
             body["port"] = NO_EVENTS_PORT
         if self.report_format is not None:
             body["version"] = self.report_format
-        self._token = None
+        self._token = self._refresh_token = None
         self.login_count += 1
         try:
             document = await self._post("login", body, None, "login")
@@ -478,9 +461,16 @@ class PbxClient:
         token = document.get("token")
         if not isinstance(token, str) or not token.strip():
             raise PbxProtocolError("login: the PBX answered Success without a token")
-        self._token = token.strip()
+        self._take_tokens(token, document.get("refreshtoken"))
         transport = document.get("transport")
         self.report_transport = transport.strip().upper() if isinstance(transport, str) else None
+        if self.report_transport == "TCP" and self.events_port is not None:
+            log.warning(
+                "%s reports over TCP (Report Method = TCP on its API page), which callvault "
+                "does not take: set the Report Method to HTTP; until then its calls are "
+                "found by reconciliation only",
+                self._base_str,
+            )
         self._generation += 1
         self._locked_until = None
         self._auth_failure = None
@@ -488,21 +478,65 @@ class PbxClient:
             "logged in to %s as %r (API %s)", self._base_str, self.username, self.api_version.value
         )
 
+    def _take_tokens(self, token: str, refresh: object) -> None:
+        """A new token (and the refresh token that came with it, if any) from now on."""
+        self._token = token.strip()
+        self._refresh_token = (
+            refresh.strip() if isinstance(refresh, str) and refresh.strip() else None
+        )
+        self._token_at = self._clock()
+
+    def _refresh_due(self) -> bool:
+        return self._refresh_token is not None and self._clock() - self._token_at >= REFRESH_AFTER_S
+
+    async def _refresh_exclusive(self) -> None:
+        """Renew the token with the refresh token (Cloud PBX); the caller holds the gate
+        exclusive. Both rotate: the one used is spent. A refusal (spent, expired, or a PBX
+        that does not know the request) logs in instead; a transport failure keeps the
+        refresh token for the next try and raises."""
+        refresh, self._refresh_token = self._refresh_token, None
+        assert refresh is not None
+        try:
+            document = await self._post(
+                "token/refresh", {"refreshtoken": refresh}, None, "token refresh"
+            )
+        except (PbxApiError, PbxProtocolError) as exc:
+            log.info("token refresh refused by %s (%s); logging in again", self._base_str, exc)
+            await self._login_exclusive()
+            return
+        except BaseException:
+            self._refresh_token = refresh
+            raise
+        token = document.get("token")
+        if not isinstance(token, str) or not token.strip():
+            log.warning(
+                "token refresh: %s answered without a token; logging in again", self._base_str
+            )
+            await self._login_exclusive()
+            return
+        self._take_tokens(token, document.get("refreshtoken"))
+        self._generation += 1
+        self.refresh_count += 1
+        log.info("token of %s refreshed", self._base_str)
+
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[tuple[str, int]]:
         """Hold the gate shared with a logged-in session; yields (token, generation).
 
-        Without a token, the gate is left, taken exclusive to log in (unless another call
-        did so meanwhile), and taken shared again: a shared holder never logs in itself.
+        Without a token (or with one due for its refresh), the gate is left, taken
+        exclusive to log in or refresh (unless another call did so meanwhile), and taken
+        shared again: a shared holder never logs in itself.
         """
         while True:
             async with self._gate.shared():
-                if self._token is not None:
+                if self._token is not None and not self._refresh_due():
                     yield self._token, self._generation
                     return
             async with self._gate.exclusive():
                 if self._token is None:
                     await self._login_exclusive()
+                elif self._refresh_due():
+                    await self._refresh_exclusive()
 
     async def _relogin(self, generation: int) -> None:
         """Log in again unless another call already replaced the rejected session."""
@@ -522,30 +556,6 @@ class PbxClient:
                     raise rejected.error from None
                 relogged = True
                 await self._relogin(rejected.generation)
-
-    async def _retrying(self, operation: Callable[[], Awaitable[T]], context: str) -> T:
-        """Run an authenticated operation, retrying transient failures with backoff."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self._authed(operation)
-            except PbxError as exc:
-                if not retried_at_once(exc) or attempt >= self.max_attempts:
-                    if attempt > 1 and retried_at_once(exc):
-                        exc.message = f"{exc.message} (gave up after {attempt} attempts)"
-                    raise
-                delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-                delay *= random.uniform(0.5, 1.0)
-                log.warning(
-                    "%s: attempt %d of %d failed (%s); retrying in %.1f s",
-                    context,
-                    attempt,
-                    self.max_attempts,
-                    exc,
-                    delay,
-                )
-                await self._sleep(delay)
 
     async def _authed_post(
         self, endpoint: str, body: dict[str, str] | None, context: str
@@ -590,6 +600,7 @@ class PbxClient:
         """End the session. The token is forgotten even if the PBX does not answer."""
         async with self._gate.exclusive():
             token, self._token = self._token, None
+            self._refresh_token = None
             self._generation += 1
         if token is not None:
             with contextlib.suppress(TokenError):  # already gone: logged out either way
@@ -762,118 +773,21 @@ class PbxClient:
         transform: Callable[[], StreamTransform] | None = None,
         hash_stored: bool = True,
     ) -> DownloadResult:
-        """The checks of a download, whichever pump reads it; see download_recording."""
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise PbxProtocolError(f"{context}: the PBX sent the recording {encoding}-encoded")
-        expected = _content_length(response.headers)
-        head = b""
-        ended = False
-        try:
-            while len(head) < 12:
-                chunk = await response.read()
-                if not chunk:
-                    ended = True
-                    break
-                head += chunk
-        except BodyBroken as exc:
-            if not head:
-                raise exc.error from None
-            ended = True
-        stripped = head.lstrip()
-        if stripped.startswith(b"{"):
-            rest = bytearray(head)
-            if not ended:
-                with contextlib.suppress(BodyBroken):
-                    while len(rest) <= MAX_JSON_ERROR_BYTES and (chunk := await response.read()):
-                        rest += chunk
-            self._api_answer(response.status_code, response.headers, bytes(rest), context)
-            raise PbxProtocolError(f"{context}: the PBX answered Success instead of the file")
-        if response.status_code >= 400 or _looks_like_html(response.headers, stripped):
-            kind = "an HTML page" if _looks_like_html(response.headers, stripped) else "an error"
-            raise PbxTransportError(
-                f"{context}: the PBX answered HTTP {response.status_code} with {kind} "
-                "instead of the recording"
-            )
-        if not head:
-            # Neither audio nor a JSON error: a transport failure (spec section 9, gotcha 5).
-            raise PbxTransportError(f"{context}: the PBX sent an empty body instead of the file")
-        is_riff = head.startswith(b"RIFF") and head[8:12] == b"WAVE"
-        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not is_riff and content_type.startswith("text/"):
-            # The body decides (headers are undocumented), but text that is not a WAV is an
-            # error page, for a .yswav or .mp3 name too.
-            raise PbxTransportError(
-                f"{context}: the PBX answered HTTP {response.status_code} with text "
-                f"({content_type}) instead of the recording"
-            )
-        if not is_riff and _wants_riff(target.name, head):
-            if len(head) < 12 and ended:
-                raise PbxTransportError(f"{context}: the download ended after {len(head)} bytes")
-            raise InvalidRecording(
-                f"{context}: the PBX sent something that is not a WAV file "
-                f"(starts with {head[:4]!r})"
-            )
-
-        temp = TempFile(
-            target.parent,
-            buffering=response.write_buffering,
-            transform=transform() if transform is not None else None,
-            hash_written=hash_stored,
+        """The checks of a download, whichever pump reads it (shared with the P-Series
+        client: `callvault.pbx._download.receive_recording`); see download_recording."""
+        result = await receive_recording(
+            response,
+            name,
+            target,
+            context,
+            progress,
+            transform,
+            hash_stored,
+            api_answer=self._api_answer,
         )
-        report: Callable[[], None] | None = None
-        if progress is not None:
-
-            def report() -> None:
-                progress(temp.size, expected)
-
-        try:
-            temp.write(head)
-            if report is not None:
-                report()
-            if not ended:
-                try:
-                    await response.pour(temp, report)
-                except BodyBroken as exc:
-                    raise PbxTransportError(
-                        f"{context}: the connection broke off after {temp.size} bytes"
-                        + (f" of {expected}" if expected is not None else "")
-                        + f" ({exc.cause})"
-                    ) from None
-            if expected is not None and temp.size != expected:
-                raise PbxTransportError(
-                    f"{context}: received {temp.size} bytes but the PBX announced {expected}"
-                )
-            if is_riff:
-                riff_size = int.from_bytes(head[4:8], "little")
-                if 0 < riff_size < 0xFFFFFFF0 and temp.size < riff_size + 8:
-                    raise PbxTransportError(
-                        f"{context}: the download ended after {temp.size} of {riff_size + 8} bytes"
-                    )
-            if temp.size < MIN_WAV_BYTES:
-                # Shorter than a WAV header: whatever the name says, not a recording.
-                kind = "a WAV file" if is_riff else "a recording"
-                raise InvalidRecording(f"{context}: {temp.size} bytes is not {kind}")
-            if not content_type or content_type == "application/octet-stream":
-                content_type = "audio/x-wav" if is_riff else "application/octet-stream"
-            # fsync can take a while for a large file: not on the event loop. A cancellation
-            # arriving meanwhile waits for it (the file is complete either way).
-            await run_blocking(
-                lambda: temp.commit(target), on_cancel=lambda: None, wait_on_cancel=True
-            )
-        except BaseException:
-            temp.discard()
-            raise
         self.last_success_at = time.time()
-        log.info("%s: saved %d bytes", context, temp.size)
-        return DownloadResult(
-            name=name,
-            path=target,
-            size=temp.size,
-            sha256=temp.sha256,
-            content_type=content_type,
-            stored_sha256=temp.written_sha256,
-        )
+        log.info("%s: saved %d bytes", context, result.size)
+        return result
 
     # -------------------------------------------------------------------- CDR
 
@@ -980,25 +894,7 @@ class PbxClient:
         return list(rows.values())
 
 
-def _content_length(headers: httpx.Headers) -> int | None:
-    value = headers.get("content-length")
-    if value is None:
-        return None
-    try:
-        length = int(value.strip())
-    except ValueError:
-        return None
-    return length if length >= 0 else None
-
-
-def _looks_like_html(headers: httpx.Headers, head: bytes) -> bool:
-    content_type = headers.get("content-type", "").lower()
-    return "html" in content_type or head[:1] == b"<"
-
-
-def _wants_riff(filename: str, head: bytes) -> bool:
-    """Whether a body must be RIFF/WAVE: for .wav names, and whenever it claims to be RIFF."""
-    return filename.lower().endswith(".wav") or head.startswith(b"RIFF")
+_looks_like_html = looks_like_html
 
 
 def _parse_base_url(base_url: str) -> httpx.URL:

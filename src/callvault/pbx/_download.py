@@ -1,7 +1,7 @@
 """The byte pumps of a recording download, and the temporary file they fill.
 
-`PbxClient.download_recording` checks a download in one place (``_receive_recording``);
-what it reads from is a `ResponseBody`, of one of two kinds:
+Both clients (`PbxClient` and `PSeriesClient`) check a download in one place
+(`receive_recording`); what it reads from is a `ResponseBody`, of one of two kinds:
 
 - `SocketBody`, used whenever no httpx transport was injected: the GET and the body run in
   worker threads on a plain blocking socket (`http.client` over the client's own SSL
@@ -32,16 +32,34 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
 
-from callvault.pbx._errors import PbxError
+from callvault.pbx._errors import (
+    InvalidRecording,
+    PbxError,
+    PbxProtocolError,
+    PbxTransportError,
+)
 from callvault.pbx._mapping import Phase, origin_of, transport_error
 from callvault.pbx._tls import TlsOptions
-from callvault.pbx._types import StreamTransform
+from callvault.pbx._types import DownloadResult, StreamTransform
 
 T = TypeVar("T")
+
+MAX_JSON_ERROR_BYTES = 64 * 1024
+MIN_WAV_BYTES = 44  # a RIFF/WAVE header alone
+
+AudioFormat = Literal["wav", "mp3"]
+"""What a download body must be: RIFF/WAVE, or MP3 (an ID3 tag or an MPEG frame sync)."""
+
+DownloadProgress = Callable[[int, int | None], None]
+"""Called with (bytes received so far, Content-Length or None) while a download streams."""
+
+ApiAnswer = Callable[[int, httpx.Headers, bytes, str], object]
+"""How a client reads a JSON body that came instead of the file: it raises the mapped
+error (or returns, when the body says success, which is then a protocol error)."""
 
 READ_CHUNK = 1024 * 1024
 """The size of the socket pump's reusable buffers: 64 TLS records per read, hash and write."""
@@ -618,3 +636,191 @@ class SocketBody:
 
     async def aclose(self) -> None:
         self._abort()  # no worker runs now: this closes the socket
+
+
+# ------------------------------------------------------------- the checks
+
+
+def content_length(headers: httpx.Headers) -> int | None:
+    """The announced body size, or None when absent or not a number."""
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        length = int(value.strip())
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def looks_like_html(headers: httpx.Headers, head: bytes) -> bool:
+    """Whether a body is an HTML page (by its Content-Type or its first byte)."""
+    content_type = headers.get("content-type", "").lower()
+    return "html" in content_type or head[:1] == b"<"
+
+
+def wants_riff(filename: str, head: bytes) -> bool:
+    """Whether a body must be RIFF/WAVE: for .wav names, and whenever it claims to be RIFF."""
+    return filename.lower().endswith(".wav") or head.startswith(b"RIFF")
+
+
+def is_mp3(head: bytes) -> bool:
+    """Whether a body starts like an MP3 file: an ID3v2 tag or an MPEG audio frame sync
+    (11 set bits, a layer that is not "reserved")."""
+    if head.startswith(b"ID3"):
+        return True
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[1] & 0x06 != 0
+
+
+def audio_format_of(name: str) -> AudioFormat | None:
+    """The format a file name promises (by its extension), or None for any other name."""
+    lowered = name.lower()
+    if lowered.endswith(".wav"):
+        return "wav"
+    if lowered.endswith(".mp3"):
+        return "mp3"
+    return None
+
+
+async def receive_recording(
+    response: ResponseBody,
+    name: str,
+    target: Path,
+    context: str,
+    progress: DownloadProgress | None,
+    transform: Callable[[], StreamTransform] | None = None,
+    hash_stored: bool = True,
+    *,
+    api_answer: ApiAnswer,
+    expect: AudioFormat | None = None,
+) -> DownloadResult:
+    """The checks of a download, whichever pump and whichever client reads it.
+
+    A JSON body is handed to `api_answer` (which raises the API error it says); an HTML
+    page, an HTTP error or an empty body is a `PbxTransportError`; a body that is not what
+    `expect` says (by default: RIFF/WAVE for a .wav target name, anything else otherwise)
+    is an `InvalidRecording`; fewer bytes than Content-Length (or than the RIFF header
+    announces) is a `PbxTransportError`. The body streams into a `TempFile` beside
+    `target` (through `transform`, if given), which is fsynced and renamed into place only
+    when every check passed; nothing is left behind otherwise.
+    """
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise PbxProtocolError(f"{context}: the PBX sent the recording {encoding}-encoded")
+    expected = content_length(response.headers)
+    head = b""
+    ended = False
+    try:
+        while len(head) < 12:
+            chunk = await response.read()
+            if not chunk:
+                ended = True
+                break
+            head += chunk
+    except BodyBroken as exc:
+        if not head:
+            raise exc.error from None
+        ended = True
+    stripped = head.lstrip()
+    if stripped.startswith(b"{"):
+        rest = bytearray(head)
+        if not ended:
+            with contextlib.suppress(BodyBroken):
+                while len(rest) <= MAX_JSON_ERROR_BYTES and (chunk := await response.read()):
+                    rest += chunk
+        api_answer(response.status_code, response.headers, bytes(rest), context)
+        raise PbxProtocolError(f"{context}: the PBX answered success instead of the file")
+    html = looks_like_html(response.headers, stripped)
+    if response.status_code >= 400 or html:
+        kind = "an HTML page" if html else "an error"
+        raise PbxTransportError(
+            f"{context}: the PBX answered HTTP {response.status_code} with {kind} "
+            "instead of the recording"
+        )
+    if not head:
+        # Neither audio nor a JSON error: a transport failure.
+        raise PbxTransportError(f"{context}: the PBX sent an empty body instead of the file")
+    is_riff = head.startswith(b"RIFF") and head[8:12] == b"WAVE"
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not is_riff and content_type.startswith("text/"):
+        # The body decides (headers are undocumented), but text that is not a WAV is an
+        # error page, for a .yswav or .mp3 name too.
+        raise PbxTransportError(
+            f"{context}: the PBX answered HTTP {response.status_code} with text "
+            f"({content_type}) instead of the recording"
+        )
+    if expect == "mp3":
+        if not is_mp3(head):
+            if len(head) < 4 and ended:
+                raise PbxTransportError(f"{context}: the download ended after {len(head)} bytes")
+            raise InvalidRecording(
+                f"{context}: the PBX sent something that is not an MP3 file "
+                f"(starts with {head[:4]!r})"
+            )
+    elif not is_riff and (expect == "wav" or wants_riff(target.name, head)):
+        if len(head) < 12 and ended:
+            raise PbxTransportError(f"{context}: the download ended after {len(head)} bytes")
+        raise InvalidRecording(
+            f"{context}: the PBX sent something that is not a WAV file (starts with {head[:4]!r})"
+        )
+
+    temp = TempFile(
+        target.parent,
+        buffering=response.write_buffering,
+        transform=transform() if transform is not None else None,
+        hash_written=hash_stored,
+    )
+    report: Callable[[], None] | None = None
+    if progress is not None:
+
+        def report() -> None:
+            progress(temp.size, expected)
+
+    try:
+        temp.write(head)
+        if report is not None:
+            report()
+        if not ended:
+            try:
+                await response.pour(temp, report)
+            except BodyBroken as exc:
+                raise PbxTransportError(
+                    f"{context}: the connection broke off after {temp.size} bytes"
+                    + (f" of {expected}" if expected is not None else "")
+                    + f" ({exc.cause})"
+                ) from None
+        if expected is not None and temp.size != expected:
+            raise PbxTransportError(
+                f"{context}: received {temp.size} bytes but the PBX announced {expected}"
+            )
+        if is_riff:
+            riff_size = int.from_bytes(head[4:8], "little")
+            if 0 < riff_size < 0xFFFFFFF0 and temp.size < riff_size + 8:
+                raise PbxTransportError(
+                    f"{context}: the download ended after {temp.size} of {riff_size + 8} bytes"
+                )
+        if temp.size < MIN_WAV_BYTES:
+            # Shorter than a WAV header: whatever the name says, not a recording.
+            kind = "a WAV file" if is_riff else "a recording"
+            raise InvalidRecording(f"{context}: {temp.size} bytes is not {kind}")
+        if not content_type or content_type == "application/octet-stream":
+            if is_riff:
+                content_type = "audio/x-wav"
+            elif expect == "mp3":
+                content_type = "audio/mpeg"
+            else:
+                content_type = "application/octet-stream"
+        # fsync can take a while for a large file: not on the event loop. A cancellation
+        # arriving meanwhile waits for it (the file is complete either way).
+        await run_blocking(lambda: temp.commit(target), on_cancel=lambda: None, wait_on_cancel=True)
+    except BaseException:
+        temp.discard()
+        raise
+    return DownloadResult(
+        name=name,
+        path=target,
+        size=temp.size,
+        sha256=temp.sha256,
+        content_type=content_type,
+        stored_sha256=temp.written_sha256,
+    )

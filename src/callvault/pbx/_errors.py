@@ -32,7 +32,13 @@
         ├── AllowedIpError        20015                                            transient
         ├── CdrError              20019 / 20021                                    permanent
         ├── PbxBusy               20010 / 30001 / 30003: the PBX's API service is  transient
-        │                         struggling
+        │   │                     struggling (P-Series: -2, 70082)
+        │   └── DownloadProcessing  P-Series errcode 2: the file is being prepared transient
+        ├── ApiConfigError        P-Series: the PBX's API settings refuse us       transient
+        │   ├── ApiPermissionDenied  10005: the API app lacks the permission       (not retried
+        │   └── ApiIpForbidden       70087: address not in the API IP allow-list   in the call)
+        ├── TokenBudgetFull       P-Series 60002 on get_token: every token slot    transient
+        │                         of the app is taken (not a login failure)
         └── RequestRejected       every other errno                                permanent
 
     PinMismatchError              raised inside the TLS handshake (an ssl error, not a
@@ -61,6 +67,12 @@ The meaning of 20012 changed between firmware generations (2017: "file does not 
 later: "random string invalid"). We map it to RandomInvalid; the client fetches a fresh
 random and tries again, and after a bounded number of identical answers raises
 RecordingNotFound. The errno is always kept as the PBX sent it: a string.
+
+The P-Series OpenAPI answers an integer ``errcode`` (its own numbering, which overlaps the
+S-Series errnos: 10004 is "token expired" there); `error_for_errcode` maps it onto the same
+tree, keeping it as a string in `.errno`: -1 on get_token -> LoginFailed, 70004 ->
+LoginLockedOut, 10004 -> TokenExpired, 60001 on a download -> RecordingNotFound, and the
+rows of `PSERIES_ERRCODE_TABLE`.
 
 Messages never contain the password, a token or a random.
 """
@@ -216,6 +228,38 @@ class PbxBusy(PbxApiError):
     kind = ErrorKind.TRANSIENT
 
 
+class DownloadProcessing(PbxBusy):
+    """P-Series errcode 2 PROCESSING: the PBX is still preparing the file (asynchronous
+    download mode); asking again later gets its URL."""
+
+
+class ApiConfigError(PbxApiError):
+    """P-Series: the PBX's API settings refuse this client (an operator can fix them).
+
+    Not retried within a call (the same request gets the same answer), but transient for a
+    job: once the setting is fixed, the same download succeeds.
+    """
+
+    kind = ErrorKind.TRANSIENT
+
+
+class ApiPermissionDenied(ApiConfigError):
+    """P-Series errcode 10005: the API app lacks the permission for this request."""
+
+
+class ApiIpForbidden(ApiConfigError):
+    """P-Series errcode 70087: this address is not in the PBX's API IP allow-list."""
+
+
+class TokenBudgetFull(PbxApiError):
+    """P-Series errcode 60002 on get_token: the API app already holds as many live access
+    tokens as the PBX allows (8). Not a login failure: the credentials are right; the
+    slots free up as tokens expire (30 minutes at most) or are revoked. The client backs
+    off and does not ask again for a while."""
+
+    kind = ErrorKind.TRANSIENT
+
+
 class RequestRejected(PbxApiError):
     """Any other API error."""
 
@@ -259,6 +303,78 @@ def error_for_errno(errno: str, context: str = "") -> PbxApiError:
     if context:
         message = f"{context}: {message}"
     return cls(message, errno=errno)
+
+
+# P-Series OpenAPI errcode -> (class, what it means in words). The one place errcodes are
+# interpreted; `error_for_errcode` adds what depends on the request (get_token, download).
+PSERIES_ERRCODE_TABLE: dict[int, tuple[type[PbxApiError], str]] = {
+    -2: (PbxBusy, "internal server error on the PBX"),
+    -1: (RequestRejected, "the request failed"),
+    1: (RequestRejected, "the request only partially succeeded"),
+    2: (DownloadProcessing, "the PBX is still processing the request"),
+    10001: (RequestRejected, "the PBX does not have this API endpoint"),
+    10002: (RequestRejected, "this API version is no longer maintained by the PBX"),
+    10003: (RequestRejected, "this API version is not supported by the PBX"),
+    10004: (TokenExpired, "the access token expired or is unknown"),
+    10005: (ApiPermissionDenied, "the API app lacks the permission for this request"),
+    40001: (RequestRejected, "parameter syntax error"),
+    40002: (RequestRejected, "invalid parameter"),
+    40003: (RequestRejected, "duplicated value"),
+    40004: (RequestRejected, "file size exceeded"),
+    60001: (RequestRejected, "data not found"),
+    60002: (RequestRejected, "a quantity limit of the PBX is reached"),
+    70004: (LoginLockedOut, "the PBX has blocked this IP after failed API authentications"),
+    70082: (PbxBusy, "the PBX is running another task of this kind; retry later"),
+    70084: (RequestRejected, "action forbidden"),
+    70087: (ApiIpForbidden, "this address is not in the PBX's API IP allow-list"),
+    70120: (RequestRejected, "the organization is disabled"),
+}
+
+_PRINTABLE = frozenset(map(chr, range(0x20, 0x7F)))
+
+
+def _clean(text: object, limit: int = 80) -> str:
+    """A PBX-sent string fit for a one-line message: printable ASCII, bounded."""
+    value = "".join(ch for ch in str(text) if ch in _PRINTABLE).strip()
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def error_for_errcode(
+    errcode: int,
+    errmsg: object = "",
+    context: str = "",
+    *,
+    call: str = "",
+    fields: tuple[str, ...] = (),
+) -> PbxApiError:
+    """Build the exception for a P-Series errcode.
+
+    `call` names the request where the meaning depends on it: "get_token" (-1 ->
+    LoginFailed, 60002 -> TokenBudgetFull) or "download" (60001 -> RecordingNotFound).
+    `errmsg` (as the PBX sent it) and `fields` (the names, never the values, of its
+    ``invalid_param_list``) are added to the message. The errcode is kept in `.errno`.
+    """
+    unknown = (RequestRejected, "the PBX rejected the request")
+    cls, words = PSERIES_ERRCODE_TABLE.get(errcode, unknown)
+    if call == "get_token" and errcode == -1:
+        cls, words = LoginFailed, "the PBX refused the API client ID or secret"
+    elif call == "get_token" and errcode == 60002:
+        cls = TokenBudgetFull
+        words = (
+            "the API app's token budget is full (at most 8 live access tokens; this is not a "
+            "login failure): wait until one expires (30 minutes at most) or revoke one"
+        )
+    elif call == "download" and errcode == 60001:
+        cls, words = RecordingNotFound, "recording not found on the PBX"
+    message = f"{words}, errcode {errcode}"
+    detail = _clean(errmsg)
+    if detail:
+        message += f" {detail}"
+    if fields:
+        message += " (invalid: " + ", ".join(_clean(name, 40) for name in fields[:5]) + ")"
+    if context:
+        message = f"{context}: {message}"
+    return cls(message, errno=str(errcode))
 
 
 class PinMismatchError(ssl.SSLCertVerificationError):

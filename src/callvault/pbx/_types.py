@@ -65,6 +65,9 @@ class EventFormat(enum.StrEnum):
     LEGACY = "legacy"  # no version: v1 JSON with repeated keys (v2 calls it 1.0.0)
     V1_0_2 = "1.0.2"
     V2_0_0 = "2.0.0"
+    # The P-Series OpenAPI's one envelope, {"type": <id>, "sn": ..., "msg": ...} (no login
+    # asks for it; never a value of the S-Series login's `version`).
+    OPENAPI = "openapi"
 
     @classmethod
     def from_login_version(cls, version: str | None) -> EventFormat:
