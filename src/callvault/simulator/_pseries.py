@@ -1,9 +1,10 @@
 """A faithful Yeastar P-Series (OpenAPI) PBX on 127.0.0.1, for the P-Series client's tests.
 
-It speaks the protocol of ``/work/shared/yeastar-p-series-api.md`` (cited below as "ref
-N.N") over HTTPS (or HTTP) and WSS (or WS) on one port. It shares only the S-Series
-simulator's building blocks (:class:`Clock`, the self-signed certificate, WAV writing) and
-nothing with the client.
+It speaks the P-Series OpenAPI as the vendor's developer guides describe it ("ref N.N"
+below are the sections of the project's protocol notes on it, which docs/pbx-kinds.md and
+docs/simulator.md summarise) over HTTPS (or HTTP) and WSS (or WS) on one port. It shares
+only the S-Series simulator's building blocks (:class:`Clock`, the self-signed
+certificate, WAV writing) and nothing with the client.
 
 What is modelled
 ----------------
