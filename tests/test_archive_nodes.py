@@ -44,12 +44,11 @@ from callvault.index.pbxs import PbxConfig
 from callvault.keys import create_key_file, load_keyring
 from callvault.ops import add_pbx
 from callvault.simulator import Simulator, SimulatorConfig
-from support.archive import ServeProcess, free_port, outer_env, wait_until
+from support.archive import ServeProcess, free_port, wait_until
 from support.balancer import Balancer
 from support.databases import PgDatabases
+from support.fleet import ADDRESSES, archived, logged_in, node_env, spread_over
 from support.s3 import S3Server
-
-ADDRESSES = {"n1": "127.0.0.1", "n2": "127.0.0.2", "n3": "127.0.0.3"}
 
 
 @dataclass(frozen=True)
@@ -128,58 +127,6 @@ def _register(db_url: str, sims: dict[str, Simulator], key_file: Path, **setting
             )
 
 
-def _node_env(db_url: str, key_file: Path, archive: Path, **settings: str) -> dict[str, str]:
-    env = outer_env()
-    env.update(
-        {
-            "CALLVAULT_ARCHIVE": str(archive),
-            "CALLVAULT_DB": db_url,
-            "CALLVAULT_MASTER_KEY_FILE": str(key_file),
-            "CALLVAULT_POLL_INTERVAL_S": "0.3",
-            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
-            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
-            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.2",
-            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "1",
-            "CALLVAULT_TRANSIENT_MAX_ATTEMPTS": "100",
-            "CALLVAULT_RECONCILE_HOURS": "1",
-            "CALLVAULT_RECONCILE_INTERVAL_S": "10",
-            **settings,
-        }
-    )
-    return env
-
-
-def _holders(db_url: str) -> dict[int, str | None]:
-    now = datetime.now(UTC)
-    with open_index(db_url) as index:
-        return {
-            lease.pbx_id: lease.node if lease.held(now) else None for lease in index.leases.all()
-        }
-
-
-def _spread(db_url: str, pbxs: int, nodes: set[str]) -> bool:
-    """Every PBX held, by exactly `nodes`, evenly."""
-    holders = _holders(db_url)
-    if len(holders) != pbxs or set(holders.values()) != nodes:
-        return False
-    counts = [list(holders.values()).count(node) for node in nodes]
-    return max(counts) - min(counts) <= 1
-
-
-def _logged_in(db_url: str) -> bool:
-    with open_index(db_url) as index:
-        return all(pbx.session.get("state") == "ok" for pbx in index.pbxs.list())
-
-
-def _archived(db_url: str, count: int) -> Callable[[], bool]:
-    def check() -> bool:
-        with open_index(db_url) as index:
-            states = index.recordings.counts_by_state()
-        return states.get("archived", 0) == count and sum(states.values()) == count
-
-    return check
-
-
 @pytest.mark.parametrize("scenario", SCENARIOS.values(), ids=SCENARIOS.keys())
 def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
     scenario: Scenario, pg_databases: PgDatabases, s3_server: S3Server, tmp_path: Path
@@ -190,7 +137,7 @@ def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
     key_file = tmp_path / "master.key"
     with _running(_simulators(scenario.pbxs, faults=True)) as sims:
         _register(db_url, sims, key_file)
-        env = _node_env(
+        env = node_env(
             db_url,
             key_file,
             archive,
@@ -234,7 +181,7 @@ def _kill_and_pause(
         def check() -> bool:
             for name in over:  # a node that died gives up the wait at once
                 assert nodes[name].running(), logs()
-            return _spread(db_url, len(sims), over)
+            return spread_over(db_url, len(sims), over)
 
         return check
 
@@ -259,7 +206,7 @@ def _kill_and_pause(
         )
         assert report["serve"] == "running"
         place_calls()
-        assert wait_until(_archived(db_url, len(placed)), 60), logs()
+        assert wait_until(archived(db_url, len(placed)), 60), logs()
 
         # SIGKILL n1 with calls in flight: n2 and n3 take its PBXs once its leases expire.
         place_calls()
@@ -268,7 +215,7 @@ def _kill_and_pause(
         assert wait_until(spread({"n2", "n3"}), 30), logs()
         failover_s = time.monotonic() - killed_at
         assert failover_s < 30
-        assert wait_until(_archived(db_url, len(placed)), 90), logs()
+        assert wait_until(archived(db_url, len(placed)), 90), logs()
         # Started again, it gets its share back.
         nodes["n1"].start()
         assert wait_until(spread(set(ADDRESSES)), 60), logs()
@@ -288,7 +235,7 @@ def _kill_and_pause(
         assert wait_until(spread(set(ADDRESSES)), 60), logs()
         assert "ran out before it was renewed" in paused.log_text(), logs()
         place_calls()
-        assert wait_until(_archived(db_url, len(placed)), 90), logs()
+        assert wait_until(archived(db_url, len(placed)), 90), logs()
         for process in nodes.values():
             assert process.terminate() == 0, logs()
         with open_index(db_url) as index:  # all released
@@ -357,7 +304,7 @@ def test_reports_through_a_load_balancer_reach_the_owner_through_the_database(
     ):
         # The balancer does not keep the PBX's address: the nodes see its own.
         _register(db_url, sims, key_file, report_url=balancer.address, events_allow=("127.0.0.3",))
-        env = _node_env(
+        env = node_env(
             db_url, key_file, tmp_path / "archive", CALLVAULT_RECONCILE_INTERVAL_S="3600"
         )
         for node in ports:
@@ -382,16 +329,16 @@ def test_reports_through_a_load_balancer_reach_the_owner_through_the_database(
         try:
             for process in nodes.values():
                 process.start()
-            assert wait_until(lambda: _spread(db_url, 2, set(ports)), 60), logs()
+            assert wait_until(lambda: spread_over(db_url, 2, set(ports)), 60), logs()
             # Logged in: the PBXs know where to post (a call ended before would be found
             # by reconciliation, not reported).
-            assert wait_until(lambda: _logged_in(db_url), 30), logs()
+            assert wait_until(lambda: logged_in(db_url), 30), logs()
             placed = [
                 (sim, sim.place_call(talk_seconds=1).recording)
                 for _ in range(4)
                 for sim in sims.values()
             ]
-            assert wait_until(_archived(db_url, len(placed)), 60), logs()
+            assert wait_until(archived(db_url, len(placed)), 60), logs()
             for process in nodes.values():
                 assert process.terminate() == 0, logs()
         finally:

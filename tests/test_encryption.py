@@ -35,13 +35,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from callvault import cipher
-from callvault.archive import Archiver, WorkerPool
+from callvault.archive import Archiver, IndexTokenStore, WorkerPool
 from callvault.cli import _register, app
 from callvault.index import Index, audit, open_index
-from callvault.index.pbxs import PbxConfig
+from callvault.index.pbxs import PbxConfig, webhook_secret_context
 from callvault.keys import Keyring, MasterKey
 from callvault.ops import Archive, add_pbx, open_password, signer, verify_archive
-from callvault.pbx import CallDetail, DownloadResult, StreamTransform
+from callvault.pbx import CallDetail, DownloadResult, StreamTransform, TokenSet
 from callvault.simulator import Simulator
 from callvault.storage import LocalStorage, Storage
 from callvault.web import create_app
@@ -482,6 +482,21 @@ def test_keys_rotate_reseals_everything_and_resumes(
         remote_addr="local",
         now=now,
     )
+    # A P-Series PBX: its Client Secret, its webhook secret and the tokens kept for the
+    # next run are sealed too.
+    lyon = add_pbx(
+        index,
+        keyring_of(old),
+        "lyon",
+        PbxConfig(url="https://192.0.2.11:8088", username="client-id", kind="p-series"),
+        "client-Secret-1",
+        webhook_secret="w" * 32,
+        actor="test",
+        remote_addr="local",
+        now=now,
+    )
+    tokens = TokenSet("a" * 32, "r" * 32, now.timestamp() + 1800, now.timestamp() + 86400)
+    IndexTokenStore(index, lyon.id, "lyon", keyring_of(old)).save(tokens)
     signer(index, keyring_of(old), now=now)
     index.close()
 
@@ -503,18 +518,24 @@ def test_keys_rotate_reseals_everything_and_resumes(
             _keys.rotate_master_keys(
                 index, keyring_of(new, old), now=now, actor="test", progress=interrupted, batch=2
             )
-        assert _keys.pending_rotation(index, keyring_of(new, old)) == 3 + 1 + 1
+        assert _keys.pending_rotation(index, keyring_of(new, old)) == 3 + 2 + 1 + 1 + 1
     finally:
         index.close()
 
     runner = CliRunner()
     first = runner.invoke(app, ["keys", "rotate", *common])
     assert first.exit_code == 0, first.output
-    assert "3 data keys of recordings, 1 PBX password, 1 signing key" in first.stdout
+    assert (
+        "3 data keys of recordings, 2 PBX passwords, 1 webhook secret, 1 P-Series token set, "
+        "1 signing key" in first.stdout
+    )
     assert "the old keys can be removed" in first.stdout
     again = runner.invoke(app, ["keys", "rotate", *common])
     assert again.exit_code == 0, again.output
-    assert "0 data keys of recordings, 0 PBX passwords, 0 signing keys" in again.stdout
+    assert (
+        "0 data keys of recordings, 0 PBX passwords, 0 webhook secrets, 0 P-Series token "
+        "sets, 0 signing keys" in again.stdout
+    )
 
     # Without the old key now: everything opens with the new one alone.
     only_new = keyring_of(new)
@@ -526,6 +547,12 @@ def test_keys_rotate_reseals_everything_and_resumes(
             assert row.data_key.startswith(f"v1.{new.id}.")
         record = index.pbxs.get("main")
         assert record is not None and open_password(record, only_new) == "pbx-Secret-1"
+        record = index.pbxs.require("lyon")
+        assert open_password(record, only_new) == "client-Secret-1"
+        assert record.webhook_secret_sealed is not None
+        opened = only_new.open(record.webhook_secret_sealed, webhook_secret_context("lyon"))
+        assert opened == b"w" * 32
+        assert IndexTokenStore(index, record.id, "lyon", only_new).load() == tokens
         signer(index, only_new, now=now)
         entries = index.audit.query(audit.AuditFilter(action=audit.KEYS_ROTATE), limit=10)
         assert len(entries) == 2 and all(entry.target == new.id for entry in entries)

@@ -27,7 +27,7 @@ from callvault.index.schema import metadata
 from callvault.pbx import CallDetail
 from support.databases import migrate
 
-HEAD = "0016"
+HEAD = "0017"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 

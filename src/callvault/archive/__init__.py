@@ -84,6 +84,7 @@ if TYPE_CHECKING:
         save_pbx_timezone,
     )
     from callvault.archive._session import PbxSession
+    from callvault.archive._tokens import IndexTokenStore
     from callvault.archive._where import StorageMismatch, same_place, storage_url_for
     from callvault.archive._workers import Archived, WorkerPool
 
@@ -132,6 +133,7 @@ _HOMES = {
     "open_storage": "_service",
     "save_pbx_timezone": "_service",
     "PbxSession": "_session",
+    "IndexTokenStore": "_tokens",
     "StorageMismatch": "_where",
     "same_place": "_where",
     "storage_url_for": "_where",
@@ -158,6 +160,7 @@ __all__ = [
     "DrainResult",
     "Fenced",
     "GroupCommitter",
+    "IndexTokenStore",
     "Notice",
     "PbxSession",
     "PbxTarget",

@@ -42,6 +42,7 @@ class PbxFigures:
     workers_configured: int
     workers_alive: int
     owned: bool = True  # whether this node works on it (holds its lease)
+    kind: str = "s-series"  # which API it speaks: s-series, cloud or p-series
 
 
 # Seconds: a download of a long recording over a slow link is minutes; the wait from
@@ -180,7 +181,13 @@ class _Live:
             "1 for each PBX this node works on (holds the lease of), 0 for the others'.",
             labels=["pbx"],
         )
+        info = GaugeMetricFamily(
+            "callvault_pbx_info",
+            "1 for each PBX of this archiver, labelled with which API it speaks (kind).",
+            labels=["pbx", "kind"],
+        )
         for figures in pbxs:
+            info.add_metric([figures.pbx, figures.kind], 1.0)
             owned.add_metric([figures.pbx], 1.0 if figures.owned else 0.0)
             if not figures.owned:
                 continue
@@ -189,6 +196,7 @@ class _Live:
                 session.add_metric([figures.pbx, name], value)
             workers.add_metric([figures.pbx, "configured"], figures.workers_configured)
             workers.add_metric([figures.pbx, "alive"], figures.workers_alive)
+        yield info
         yield owned
         yield session
         yield workers

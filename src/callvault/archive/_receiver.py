@@ -17,8 +17,21 @@ Routes, in the order a request meets them:
 * BootUp  -> the session is told to log in again, 200;
 * anything else -> logged, 200 (the PBX re-sends until it gets 200).
 
-The PBX does not sign its reports, hence the secret path (handed to the PBX in the
-login's `url`) and the source allow-list. The secret path is never logged.
+The S-Series PBX does not sign its reports, hence the secret path (handed to the PBX in
+the login's `url`) and the source allow-list. The secret path is never logged.
+
+A P-Series PBX's receiver (`webhook=True`) takes its **webhooks** instead (Integrations >
+API > Webhook Event Push), at the same secret path and from the same allow-list:
+
+* not POST or GET                       -> 405;
+* no webhook secret kept for the PBX    -> 401 (nothing read further);
+* `X-Signature` missing or not Base64(HMAC-SHA256(secret, raw body)) -> 401, checked in
+  constant time over the raw bytes BEFORE anything parses them; one log line;
+* a GET carries the event as its body, or (empty body) as the query parameter ``body``,
+  signed the same way;
+* not a P-Series event                  -> 400;
+* 30012 (NewCdr) -> checked and committed as a report above (the same answers), THEN 200;
+* any other event type -> 200, ignored.
 """
 
 from __future__ import annotations
@@ -32,12 +45,22 @@ import logging
 import re
 import secrets
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, tzinfo
 from typing import TYPE_CHECKING, Any
 
 from callvault.index import InvalidCallDetail, call_detail_problem
-from callvault.pbx import BootUpEvent, CallDetail, Event, NewCdrEvent, PbxError, parse_event
+from callvault.pbx import (
+    BootUpEvent,
+    CallDetail,
+    Event,
+    NewCdrEvent,
+    PbxError,
+    parse_event,
+    parse_pseries_event,
+    verify_webhook_signature,
+)
 from callvault.times import pbx_time_problem
 
 if TYPE_CHECKING:
@@ -181,10 +204,15 @@ def create_receiver_app(
     max_body: int = DEFAULT_MAX_BODY,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     tz: tzinfo = UTC,
+    webhook: bool = False,
+    webhook_secret: str | None = None,
 ) -> ASGIApp:
     """Build the receiver's ASGI app. `commit` returns once the record is durable; `tz` is
     the PBX's zone, in which its times are read and range-checked. `on_answer` is told the
     HTTP status of every answer (the archiver's metrics count them).
+
+    `webhook`: the receiver of a P-Series PBX, which takes its signed webhooks (see the
+    module docstring), each checked with `webhook_secret` (None: every one is refused).
 
     A bare ASGI callable rather than a Starlette app: it is the hot path (>= 1000 reports
     a second on two cores) and has a single route, so the router, request and response
@@ -262,6 +290,8 @@ def create_receiver_app(
         if not hmac.compare_digest(path.split(b"?", 1)[0].strip(b"/"), secret):
             log.warning("event refused from %s: wrong path", source)
             return 404, "not found"
+        if webhook:
+            return await handle_webhook(scope, receive, source)
         if scope["method"] != "POST":
             return 405, "events are POSTed"
         body = await read_body(scope["headers"], receive)
@@ -271,29 +301,7 @@ def create_receiver_app(
             log.warning("event refused from %s: %s", source, exc)
             return 400, f"not a valid report: {exc}"
         if isinstance(event, NewCdrEvent):
-            problem = validate_cdr(event.cdr, tz)
-            if problem is not None:
-                log.warning(
-                    "NewCdr for call %s refused from %s: %s",
-                    _one_line(event.cdr.callid, 80),
-                    source,
-                    _one_line(problem),
-                )
-                return 400, problem
-            try:
-                await commit(event.cdr)
-            except InvalidCallDetail as exc:
-                # The index refuses the record itself (a field it cannot store): sending it
-                # again would fail the same way, so this is the PBX's error, not ours.
-                reason = _one_line(exc)
-                log.warning("NewCdr from %s refused by the index: %s", source, reason)
-                return 400, f"the index refuses this report: {reason}"
-            except Exception as exc:
-                log.error(
-                    "NewCdr for call %s not stored: %s", _one_line(event.cdr.callid), _one_line(exc)
-                )
-                return 503, "the index could not store the report; send it again"
-            return 200, "stored"
+            return await store(event.cdr, source)
         if isinstance(event, BootUpEvent):
             log.info("the PBX reports it restarted (BootUp): logging in again")
             if on_bootup is not None:
@@ -303,6 +311,87 @@ def create_receiver_app(
         if on_other is not None:
             on_other(event)
         return 200, "ignored"
+
+    async def store(cdr: CallDetail, source: str) -> tuple[int, str]:
+        """Check a NewCdr and commit it: 200 once durable, else why not."""
+        problem = validate_cdr(cdr, tz)
+        if problem is not None:
+            log.warning(
+                "NewCdr for call %s refused from %s: %s",
+                _one_line(cdr.callid, 80),
+                source,
+                _one_line(problem),
+            )
+            return 400, problem
+        try:
+            await commit(cdr)
+        except InvalidCallDetail as exc:
+            # The index refuses the record itself (a field it cannot store): sending it
+            # again would fail the same way, so this is the PBX's error, not ours.
+            reason = _one_line(exc)
+            log.warning("NewCdr from %s refused by the index: %s", source, reason)
+            return 400, f"the index refuses this report: {reason}"
+        except Exception as exc:
+            log.error("NewCdr for call %s not stored: %s", _one_line(cdr.callid), _one_line(exc))
+            return 503, "the index could not store the report; send it again"
+        return 200, "stored"
+
+    async def handle_webhook(
+        scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], source: str
+    ) -> tuple[int, str]:
+        """A P-Series PBX's webhook: its signature checked over the raw bytes, then (only
+        then) parsed; a NewCdr stored, anything else ignored."""
+        method = scope["method"]
+        if method not in ("POST", "GET"):
+            return 405, "webhooks are POSTed (or sent by GET)"
+        if webhook_secret is None:
+            log.warning(
+                "webhook refused from %s: no webhook secret is kept for this PBX (callvault "
+                "pbx edit NAME --webhook-secret-env VAR)",
+                source,
+            )
+            return 401, "no webhook secret is set for this PBX"
+        body = await read_body(scope["headers"], receive)
+        if method == "GET" and not body:
+            body = query_body(scope.get("query_string") or b"")
+        signature = next(
+            (value for name, value in scope["headers"] if name == b"x-signature"), None
+        )
+        if signature is None:
+            log.warning("webhook refused from %s: it has no X-Signature", source)
+            return 401, "no X-Signature: not a signed webhook"
+        if not verify_webhook_signature(
+            webhook_secret, body, signature.decode("latin-1", "replace")
+        ):
+            log.warning("webhook refused from %s: its X-Signature is wrong", source)
+            return 401, "wrong X-Signature: not signed with this PBX's webhook secret"
+        try:
+            event = parse_pseries_event(body)
+        except (PbxError, ValueError) as exc:
+            log.warning("webhook refused from %s: %s", source, _one_line(exc))
+            return 400, f"not a valid event: {_one_line(exc)}"
+        if isinstance(event, NewCdrEvent):
+            return await store(event.cdr, source)
+        log.debug("webhook event %s ignored", event.name)
+        if on_other is not None:
+            on_other(event)
+        return 200, "ignored"
+
+    def query_body(query: bytes) -> bytes:
+        """The event a GET webhook carries as its query parameter ``body`` (b"" if none)."""
+        if len(query) > 3 * max_body:  # percent-encoding at most triples it
+            raise _Refused(413, too_large)
+        try:
+            pairs = urllib.parse.parse_qsl(
+                query.decode("ascii"), keep_blank_values=True, errors="strict"
+            )
+        except (UnicodeDecodeError, ValueError):
+            raise _Refused(400, "the query string is not URL-encoded UTF-8") from None
+        found = next((value for name, value in pairs if name == "body"), "")
+        body = found.encode()
+        if len(body) > max_body:
+            raise _Refused(413, too_large)
+        return body
 
     return app
 

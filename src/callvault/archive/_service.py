@@ -72,6 +72,7 @@ from callvault.archive._receiver import (
     new_secret_path,
 )
 from callvault.archive._session import PbxSession
+from callvault.archive._tokens import IndexTokenStore
 from callvault.archive._where import StorageMismatch, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
 from callvault.index import BackfillRequest, Index, Lease, RecordResult, SettingKey, open_index
@@ -82,9 +83,12 @@ from callvault.pbx import (
     AuthError,
     CallDetail,
     Event,
+    EventsResumed,
+    NewCdrEvent,
     PbxBusy,
     PbxClient,
     PbxTransportError,
+    PSeriesClient,
     SessionWithdrawn,
     TlsOptions,
 )
@@ -121,6 +125,8 @@ class PbxTarget:
     password: str = field(repr=False)
     registry_name: str | None = None
     api_version: ApiVersion = ApiVersion.V1_1_0
+    # Which API it speaks (`callvault.index.pbxs.KINDS`): s-series, cloud or p-series.
+    kind: str = "s-series"
     tls: TlsOptions | None = None
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     workers: int = 2  # its download workers: a PBX is a small embedded box
@@ -156,6 +162,8 @@ class ArchiverConfig:
     registry_name: str | None = None
     db_url: str | None = None  # default: sqlite file ARCHIVE/callvault.db
     api_version: ApiVersion = ApiVersion.V1_1_0
+    # Which API it speaks (`callvault.index.pbxs.KINDS`): s-series, cloud or p-series.
+    kind: str = "s-series"
     tls: TlsOptions | None = None
     events_host: str = "0.0.0.0"  # noqa: S104 - the PBX must reach it; guarded by path+source
     events_port: int = 8260
@@ -231,6 +239,7 @@ class ArchiverConfig:
             password=self.password,
             registry_name=self.registry_name,
             api_version=self.api_version,
+            kind=self.kind,
             tls=self.tls,
             timezone=self.timezone,
             workers=self.workers,
@@ -286,6 +295,7 @@ def given_pbx_entry(
     timezone: ZoneInfo,
     workers: int = 2,
     events_allow: Sequence[str] | None = None,
+    kind: str = "s-series",
 ) -> PbxRecord:
     """The registry entry of the PBX given by flags (`serve` and `backfill` without a
     registered PBX), under whose id its calls are recorded: the archive's own PBX, entry 0,
@@ -307,6 +317,7 @@ def given_pbx_entry(
         timezone=timezone.key,
         max_downloads=max(1, min(workers, MAX_DOWNLOADS_LIMIT)),
         events_allow=tuple(events_allow or ()),
+        kind=kind,
     )
     return index.pbxs.given_at_start(given, events_path=path, now=_utcnow())
 
@@ -566,6 +577,19 @@ class Archiver:
                     )
                 )
             for lane in lanes:
+                if lane.target.kind == "p-series":
+                    if lane.webhook_secret is None:
+                        log.info("taking the events of %s from its WebSocket", lane.describe())
+                        continue
+                    log.info(
+                        "taking the events of %s from its WebSocket and its webhook at "
+                        "http://%s:%d/(secret path; from %s)",
+                        lane.describe(),
+                        config.events_host,
+                        self.events_port,
+                        lane.allowed,
+                    )
+                    continue
                 log.info(
                     "receiving the events of %s on %s:%d (secret path; from %s)",
                     lane.describe(),
@@ -903,8 +927,11 @@ class _Lane:
         # after which it may not talk to the PBX unless the lease was renewed.
         self.lease: Lease | None = None
         self.lease_deadline = 0.0
-        self.client: PbxClient | None = None
+        self.client: PbxClient | PSeriesClient | None = None
         self.session: PbxSession | None = None
+        # Set to reconcile now rather than at the next interval (a P-Series event stream
+        # that was broken: the events of the gap are not sent again).
+        self._reconcile_soon = asyncio.Event()
         self.downloads: Downloads | None = None
         self.pool: WorkerPool | None = None
         self._index: Index | None = None
@@ -957,6 +984,7 @@ class _Lane:
                     timezone=target.timezone,
                     workers=target.workers,
                     events_allow=target.events_allow,
+                    kind=target.kind,
                 )
         except PbxRegistryError as exc:
             raise StartError(str(exc)) from None
@@ -1004,6 +1032,31 @@ class _Lane:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._request_relogin)
 
+        # A P-Series PBX's receiver takes its signed webhooks (beside its WebSocket): the
+        # same call committed twice is stored once (`index.calls.record` upserts).
+        webhook = target.kind == "p-series"
+        self.webhook_secret: str | None = None
+        if webhook and pbx.webhook_secret_sealed is not None:
+            from callvault.index.pbxs import webhook_secret_context
+            from callvault.keys import MasterKeyError
+
+            if config.keyring is None:
+                log.error(
+                    "%s: its webhooks are refused: its webhook secret is sealed and no master "
+                    "key is loaded (--master-key-file)",
+                    self.describe(),
+                )
+            else:
+                try:
+                    self.webhook_secret = config.keyring.open(
+                        pbx.webhook_secret_sealed, webhook_secret_context(pbx.name)
+                    ).decode()
+                except (MasterKeyError, UnicodeDecodeError) as exc:
+                    log.error(
+                        "%s: its webhooks are refused: its webhook secret cannot be opened: %s",
+                        self.describe(),
+                        exc,
+                    )
         self.receiver = create_receiver_app(
             secret_path=pbx.events_path,
             allowed=self.allowed,
@@ -1013,6 +1066,8 @@ class _Lane:
             max_body=config.max_event_body,
             body_timeout_s=config.event_body_timeout_s,
             tz=target.timezone,
+            webhook=webhook,
+            webhook_secret=self.webhook_secret,
         )
 
     def wake(self) -> None:
@@ -1041,29 +1096,7 @@ class _Lane:
         archiver, config, target, pbx = self._archiver, self._archiver.config, self.target, self.pbx
         index, loop = self._index, self._loop
         assert pbx is not None and index is not None and loop is not None
-        client = PbxClient(
-            target.pbx_url,
-            target.username,
-            target.password,
-            api_version=target.api_version,
-            tls=target.tls,
-            events_port=self._events_port,
-            # Reports go to the node that logged in, or wherever the registry says (an
-            # absolute address, e.g. a load balancer: any node takes any PBX's reports).
-            events_url=(
-                pbx.events_path
-                if pbx.config.report_url is None
-                else f"{pbx.config.report_url}/{pbx.events_path}"
-            ),
-            events_urltag=pbx.config.report_url is not None,
-            transport=archiver._transport,
-            timeout=config.client_timeout,
-            max_attempts=config.client_max_attempts,
-            backoff_base=config.client_backoff_base,
-            backoff_max=config.client_backoff_max,
-            local_address=config.bind,
-            guard=self._may_talk,
-        )
+        client = self._client(index)
         self.client = client
 
         def write_health(value: str) -> None:
@@ -1107,6 +1140,73 @@ class _Lane:
         self.downloads, self.pool = downloads, pool
         stop = self._work_stop = asyncio.Event()
         self._work_tasks = self._tasks(index, stop)
+
+    def _client(self, index: Index) -> PbxClient | PSeriesClient:
+        """The API client of the PBX's kind. A P-Series PBX's tokens are kept in its
+        registry entry (sealed) when the master key is at hand, so a restart or the next
+        node goes on with them; an S-Series or Cloud PBX is told where to post its
+        reports."""
+        archiver, config, target, pbx = self._archiver, self._archiver.config, self.target, self.pbx
+        assert pbx is not None
+        common: dict[str, Any] = {
+            "tls": target.tls,
+            "transport": archiver._transport,
+            "timeout": config.client_timeout,
+            "max_attempts": config.client_max_attempts,
+            "backoff_base": config.client_backoff_base,
+            "backoff_max": config.client_backoff_max,
+            "local_address": config.bind,
+            "guard": self._may_talk,
+        }
+        if target.kind == "p-series":
+            store = (
+                IndexTokenStore(index, pbx.id, pbx.name, config.keyring)
+                if config.keyring is not None
+                else None
+            )
+            return PSeriesClient(
+                target.pbx_url,
+                target.username,
+                target.password,
+                token_store=store,
+                # The session's heartbeat renews the token: it must come before it ends.
+                refresh_before=config.heartbeat_interval_s + 120.0,
+                **common,
+            )
+        return PbxClient(
+            target.pbx_url,
+            target.username,
+            target.password,
+            api_version=target.api_version,
+            events_port=self._events_port,
+            # Reports go to the node that logged in, or wherever the registry says (an
+            # absolute address, e.g. a load balancer: any node takes any PBX's reports).
+            events_url=(
+                pbx.events_path
+                if pbx.config.report_url is None
+                else f"{pbx.config.report_url}/{pbx.events_path}"
+            ),
+            events_urltag=pbx.config.report_url is not None,
+            **common,
+        )
+
+    async def _events_loop(self, client: PSeriesClient, index: Index, stop: asyncio.Event) -> None:
+        """A P-Series PBX's events, over the WebSocket the client keeps open: each call's
+        NewCdr (30012) is committed as a report of the S-Series would be; after a break,
+        the gap is reconciled from the PBX's call history (it does not send them again)."""
+        committer = self.committer
+        assert committer is not None
+        commit = self._serial_noting(committer, index)
+        metrics = self._archiver.metrics
+        async for event in client.events():
+            if stop.is_set():
+                return
+            if isinstance(event, NewCdrEvent):
+                await commit(event.cdr)
+                metrics.event(200)
+            elif isinstance(event, EventsResumed):
+                log.info("%s: events resumed; reconciling the gap", self.describe())
+                self._reconcile_soon.set()
 
     async def stop_work(self, *, reason: str, graceful: bool) -> None:
         """Stop working on the PBX: downloads in flight finish (`graceful`; else they are
@@ -1163,7 +1263,20 @@ class _Lane:
         session = self.session
         assert session is not None
         suffix = f" of PBX {self.name}" if self._several() else ""
+        client = self.client
+        events = []
+        if isinstance(client, PSeriesClient):
+            events.append(
+                asyncio.create_task(
+                    _supervised(
+                        f"the event stream{suffix}",
+                        lambda: self._events_loop(client, index, stop),
+                        stop,
+                    )
+                )
+            )
         return [
+            *events,
             asyncio.create_task(
                 _supervised(f"the PBX session{suffix}", lambda: session.run(stop), stop)
             ),
@@ -1184,7 +1297,9 @@ class _Lane:
 
     def figures(self) -> PbxFigures:
         configured, alive = self.workers()
-        return PbxFigures(self.name, self.session_state(), configured, alive, self.working)
+        return PbxFigures(
+            self.name, self.session_state(), configured, alive, self.working, self.target.kind
+        )
 
     def workers(self) -> tuple[int, int]:
         return (self.pool.configured, self.pool.alive) if self.pool is not None else (0, 0)
@@ -1239,7 +1354,7 @@ class _Lane:
         self,
         request: BackfillRequest,
         index: Index,
-        client: PbxClient,
+        client: PbxClient | PSeriesClient,
         wake: Callable[[], None],
     ) -> None:
         log.info(
@@ -1319,8 +1434,9 @@ class _Lane:
         client, session, pool, pbx = self.client, self.session, self.pool, self.pbx
         assert client is not None and session is not None and pool is not None
         assert pbx is not None
-        cdr_export = client.api_version.has_cdr_export
-        if not cdr_export:
+        # Every P-Series PBX has its call history (cdr/search); an S-Series from API v1.1.0.
+        cdr_export = not isinstance(client, PbxClient) or client.api_version.has_cdr_export
+        if isinstance(client, PbxClient) and not cdr_export:
             log.warning(
                 "API %s has no CDR export: calls of %s whose events are missed while serve is "
                 "down are not found again (use API v1.1.0 or later if the firmware has it)",
@@ -1350,5 +1466,13 @@ class _Lane:
                         exc,
                     )
             first = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=config.reconcile_interval_s)
+            soon = self._reconcile_soon
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(soon.wait())]
+            try:
+                await asyncio.wait(
+                    waits, timeout=config.reconcile_interval_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            soon.clear()

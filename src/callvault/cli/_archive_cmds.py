@@ -309,7 +309,7 @@ def print_status(status: ArchiveStatus) -> None:
         print("PBX sessions:")
         for pbx in status.pbxs:
             where = f" (on {pbx.node})" if several_nodes and pbx.node else ""
-            print(f"  {pbx.name:<16} {pbx.session.summary}{where}")
+            print(f"  {pbx.name:<16} {pbx.kind:<9} {pbx.session.summary}{where}")
     else:
         print(f"PBX session: {status.pbx_session.summary}")
     if several_nodes:

@@ -46,6 +46,7 @@ from callvault.pbx import (
     PbxTlsError,
     PbxTransportError,
     PbxUnreachable,
+    PSeriesClient,
     TokenError,
     UnsafeRecordingName,
     call_detail_row,
@@ -83,7 +84,7 @@ def _without_context(message: str, name: str) -> str:
 
 
 async def fetch_recordings(
-    client: PbxClient,
+    client: PbxClient | PSeriesClient,
     names: list[str],
     out: Path,
     *,
@@ -236,7 +237,7 @@ def fetch(
 # ------------------------------------------------------------------------ cdr
 
 
-def _client(settings: Settings) -> PbxClient:
+def _client(settings: Settings) -> PbxClient | PSeriesClient:
     """The PBX client the settings name, or exit 2 with one line saying what is missing."""
     try:
         return settings.pbx_client()
@@ -252,7 +253,11 @@ def _time_option(flag: str, value: str, tz: tzinfo, *, end: bool) -> datetime:
 
 
 async def export_range(
-    client: PbxClient, start: datetime, end: datetime, tz: tzinfo, extensions: str
+    client: PbxClient | PSeriesClient,
+    start: datetime,
+    end: datetime,
+    tz: tzinfo,
+    extensions: str,
 ) -> list[CallDetail]:
     """Every CDR row of calls that started in [start, end), each call once."""
     async with client:

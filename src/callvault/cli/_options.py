@@ -71,6 +71,13 @@ _pbx_option_list = _apply(
         metavar="URL",
         help="PBX URL, https://HOST:PORT (the web port, 8088 by default). Env CALLVAULT_PBX.",
     ),
+    option(
+        "--kind",
+        type=click.Choice(("s-series", "cloud", "p-series")),
+        help="Which API the PBX speaks: s-series (default), cloud (the S-Series-based Yeastar "
+        "Cloud PBX) or p-series (the P-Series OpenAPI: --username is its API application's "
+        "Client ID, the password its Client Secret). Env CALLVAULT_KIND.",
+    ),
     option("--username", metavar="NAME", help="API user name. Env CALLVAULT_USERNAME."),
     option(
         "--password-env",
@@ -107,6 +114,7 @@ _pbx_option_list = _apply(
 )
 PBX_OPTION_NAMES = (
     "pbx",
+    "kind",
     "username",
     "password_env",
     "api_version",

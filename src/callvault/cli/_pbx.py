@@ -2,7 +2,8 @@
 
 The work is done by `callvault.ops` (add, edit, remove, test) and `callvault.keys`; each
 change is written to the audit log as done by ``cli:<os user>``. A PBX's password is read
-from the environment variable ``--password-env`` names and is never printed.
+from the environment variable ``--password-env`` names, a P-Series PBX's webhook secret
+from the one ``--webhook-secret-env`` names; neither is ever printed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from callvault.cli._common import cli_actor, fail, run_terminable
 from callvault.cli._options import PATH, Decorator, archive_options, flag, option
 from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
 from callvault.index import Index
-from callvault.index.pbxs import DEFAULT_MAX_DOWNLOADS, PbxConfig, PbxRegistryError
+from callvault.index.pbxs import DEFAULT_MAX_DOWNLOADS, KINDS, PbxConfig, PbxRegistryError
 
 MASTER_KEY_FILE_HELP = (
     "File of master keys that seal the PBX passwords (default: CALLVAULT_MASTER_KEY, "
@@ -58,12 +59,35 @@ def _connection_options(*, adding: bool) -> Decorator[Any]:
             required=adding,
             help="The PBX's URL, https://HOST:PORT (its web port, 8088 by default).",
         ),
-        option("--username", metavar="NAME", required=adding, help="Its API user name."),
+        option(
+            "--kind",
+            type=click.Choice(KINDS),
+            help="Which API it speaks: s-series, cloud (the S-Series-based Yeastar Cloud "
+            "PBX) or p-series (the P-Series OpenAPI)" + (" (default s-series)." if adding else "."),
+        ),
+        option("--username", metavar="NAME", help="Its API user name (S-Series, Cloud)."),
         option(
             "--password-env",
             metavar="VAR",
-            required=adding,
-            help="Name of the environment variable holding its API password.",
+            help="Name of the environment variable holding its API password (S-Series, Cloud).",
+        ),
+        option(
+            "--client-id",
+            metavar="ID",
+            help="The Client ID of its API application (P-Series: Integrations > API).",
+        ),
+        option(
+            "--secret-env",
+            metavar="VAR",
+            help="Name of the environment variable holding that application's Client Secret "
+            "(P-Series).",
+        ),
+        option(
+            "--webhook-secret-env",
+            metavar="VAR",
+            help="Name of the environment variable holding the Secret of the PBX's webhook "
+            "(P-Series: Integrations > API > Webhook Event Push): its signed webhooks are "
+            "taken beside the WebSocket.",
         ),
         option(
             "--api-version",
@@ -127,6 +151,12 @@ def _connection_options(*, adding: bool) -> Decorator[Any]:
                 "--pin-sha256 and --insecure).",
             )
         )
+        decorators.append(
+            flag(
+                "--drop-webhook-secret",
+                help="Forget its webhook secret: its webhooks are refused from then on.",
+            )
+        )
     decorators += [master_key_file_option, archive_options]
 
     def apply(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -135,6 +165,51 @@ def _connection_options(*, adding: bool) -> Decorator[Any]:
         return function
 
     return apply
+
+
+def _secret_env(given: dict[str, Any]) -> str | None:
+    """The variable --password-env or --secret-env names (taken out of `given`)."""
+    password_env, secret_env = given.pop("password_env", None), given.pop("secret_env", None)
+    if password_env is not None and secret_env is not None:
+        fail("give --secret-env (P-Series) or --password-env, not both", code=USAGE_ERROR)
+    chosen = password_env if password_env is not None else secret_env
+    return None if chosen is None else str(chosen)
+
+
+def _webhook_secret(given: dict[str, Any], kind: str | None) -> str | None:
+    """The webhook secret in the variable --webhook-secret-env names (taken out of
+    `given`); refused in one line for a PBX known (`kind`) not to be P-Series."""
+    variable = given.pop("webhook_secret_env", None)
+    if variable is None:
+        return None
+    if kind is not None and kind != "p-series":
+        fail(
+            f"--webhook-secret-env: only a P-Series PBX signs webhooks; this one is {kind}",
+            code=USAGE_ERROR,
+        )
+    return _password(str(variable))
+
+
+def _webhook_url(settings: Settings, events_path: str) -> str:
+    """Where the PBX's webhook is to point: the events listener of a serve node, with the
+    PBX's secret path (NODE: that node's address as the PBX reaches it)."""
+    try:
+        host, port = settings.events_address()
+    except (SettingsError, ValueError):
+        host, port = "0.0.0.0", 8260  # noqa: S104 - only shown, never bound
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104
+        host = "NODE"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/{events_path}"
+
+
+def _tell_webhook(settings: Settings, name: str, events_path: str) -> None:
+    print(
+        f"PBX {name}'s webhook URL (Integrations > API > Webhook Event Push, method POST): "
+        f"{_webhook_url(settings, events_path)} (NODE: a serve node's address the PBX "
+        "reaches; keep the URL to yourself)"
+    )
 
 
 def _password(variable: str) -> str:
@@ -163,9 +238,13 @@ def _ca_file(path: Path) -> str:
 def _changes(given: dict[str, Any]) -> dict[str, Any]:
     """The `PbxConfig` fields the options given set (None: not given)."""
     changes: dict[str, Any] = {}
-    for name in ("url", "username", "api_version", "tls_min_version", "timezone"):
+    for name in ("kind", "url", "username", "api_version", "tls_min_version", "timezone"):
         if given.get(name) is not None:
             changes[name] = given[name]
+    if given.get("client_id") is not None:
+        if given.get("username") is not None:
+            fail("give --client-id (P-Series) or --username, not both", code=USAGE_ERROR)
+        changes["username"] = given["client_id"]
     if given.get("max_downloads") is not None:
         changes["max_downloads"] = given["max_downloads"]
     if given.get("events_allow") is not None:
@@ -253,9 +332,21 @@ def pbx_add(name: str, **given: Any) -> None:
     from callvault.ops import add_pbx
 
     settings = _settings_of(given)
-    keyring = _keyring(settings)
-    password = _password(given["password_env"])
     changes = _changes(given)
+    kind = changes.get("kind") or "s-series"
+    user_flag, secret_flag = (
+        ("--client-id", "--secret-env") if kind == "p-series" else ("--username", "--password-env")
+    )
+    if changes.get("url") is None:
+        fail("missing option --url", code=USAGE_ERROR)
+    if changes.get("username") is None:
+        fail(f"missing option {user_flag}", code=USAGE_ERROR)
+    secret_env = _secret_env(given)
+    if secret_env is None:
+        fail(f"missing option {secret_flag}", code=USAGE_ERROR)
+    webhook_secret = _webhook_secret(given, kind)
+    keyring = _keyring(settings)
+    password = _password(secret_env)
     config = PbxConfig(
         url=changes.pop("url"),
         username=changes.pop("username"),
@@ -269,6 +360,7 @@ def pbx_add(name: str, **given: Any) -> None:
             name,
             config,
             password,
+            webhook_secret=webhook_secret,
             actor=cli_actor(),
             remote_addr="local",
             now=_now(),
@@ -278,10 +370,13 @@ def pbx_add(name: str, **given: Any) -> None:
     finally:
         index.close()
     _warn_insecure(record.config)
+    api = "OpenAPI" if record.config.kind == "p-series" else f"API {record.config.api_version}"
     print(
-        f"added PBX {record.name} ({record.config.url}, API {record.config.api_version}); "
+        f"added PBX {record.name} ({record.config.kind}, {record.config.url}, {api}); "
         f"check it with `callvault pbx test {record.name}`"
     )
+    if record.has_webhook_secret:
+        _tell_webhook(settings, record.name, record.events_path)
 
 
 @pbx_app.command("edit")
@@ -292,11 +387,16 @@ def pbx_edit(name: str, **given: Any) -> None:
     from callvault.ops import edit_pbx
 
     settings = _settings_of(given)
-    password_env = given.pop("password_env")
-    keyring = _keyring(settings) if password_env is not None else None
+    password_env = _secret_env(given)
+    drop_webhook = bool(given.pop("drop_webhook_secret", False))
+    webhook_secret = _webhook_secret(given, given.get("kind"))
+    if webhook_secret is not None and drop_webhook:
+        fail("give --webhook-secret-env or --drop-webhook-secret, not both", code=USAGE_ERROR)
+    sealing = password_env is not None or webhook_secret is not None
+    keyring = _keyring(settings) if sealing else None
     password = _password(password_env) if password_env is not None else None
     changes = _changes(given)
-    if not changes and password is None:
+    if not changes and password is None and webhook_secret is None and not drop_webhook:
         fail("nothing to change: give the options to change, e.g. --url", code=USAGE_ERROR)
     index = _index(settings)
     try:
@@ -305,6 +405,8 @@ def pbx_edit(name: str, **given: Any) -> None:
             name,
             changes,
             password=password,
+            webhook_secret=webhook_secret,
+            drop_webhook_secret=drop_webhook,
             keyring=keyring,
             actor=cli_actor(),
             remote_addr="local",
@@ -317,6 +419,8 @@ def pbx_edit(name: str, **given: Any) -> None:
     _warn_insecure(edited.record.config)
     what = ", ".join(w.replace("_", "-") for w in edited.changed) or "nothing (as it was)"
     print(f"changed PBX {name}: {what}")
+    if webhook_secret is not None:
+        _tell_webhook(settings, name, edited.record.events_path)
 
 
 @pbx_app.command("list")
@@ -337,7 +441,7 @@ def pbx_list(as_json: bool, archive: Path | None, db: str | None, config: Path |
     if not views:
         print("no PBXs registered: add one with `callvault pbx add NAME --url ...`")
         return
-    print(f"{'NAME':<16} {'URL':<36} {'API':<7} {'TLS':<10} {'SERIAL':<16} LAST TEST")
+    print(f"{'NAME':<16} {'KIND':<9} {'URL':<36} {'API':<7} {'TLS':<10} {'SERIAL':<16} LAST TEST")
     for view in views:
         test = view.last_test
         last = (
@@ -346,7 +450,8 @@ def pbx_list(as_json: bool, archive: Path | None, db: str | None, config: Path |
             else ("ok " if test.get("ok") else "FAILED ") + str(test.get("tested_at", ""))[:16]
         )
         print(
-            f"{view.name:<16} {view.url:<36} {view.api_version:<7} {view.tls:<10} "
+            f"{view.name:<16} {view.kind:<9} {view.url:<36} "
+            f"{'openapi' if view.kind == 'p-series' else view.api_version:<7} {view.tls:<10} "
             f"{view.serial or '-':<16} {last}"
         )
 
@@ -358,12 +463,17 @@ def pbx_list(as_json: bool, archive: Path | None, db: str | None, config: Path |
 def pbx_show(
     name: str, as_json: bool, archive: Path | None, db: str | None, config: Path | None
 ) -> None:
-    """Show one registered PBX (never its password)."""
+    """Show one registered PBX (never its password nor its webhook secret).
+
+    For a P-Series PBX, also the URL to give its webhook (it holds the PBX's secret path:
+    keep it to yourself)."""
     from callvault.ops import pbx_view
 
-    index = _index(_settings(config, archive, db))
+    settings = _settings(config, archive, db)
+    index = _index(settings)
     try:
-        view = pbx_view(index.pbxs.require(name))
+        record = index.pbxs.require(name)
+        view = pbx_view(record)
     except PbxRegistryError as exc:
         fail(str(exc))
     finally:
@@ -380,7 +490,13 @@ def pbx_show(
             shown = "its own address"
         if key == "report_url" and not value:
             shown = "the node that logged in"
+        if key == "webhook_secret":
+            if view.kind != "p-series":
+                continue
+            shown = "set" if value else "none (its webhooks are refused)"
         print(f"{key.replace('_', ' '):<16} {'-' if shown in (None, '') else shown}")
+        if key == "webhook_secret":
+            print(f"{'webhook url':<16} {_webhook_url(settings, record.events_path)}")
     test = view.last_test
     if not test:
         print(f"{'last test':<16} never (run `callvault pbx test {name}`)")
@@ -574,6 +690,8 @@ def keys_rotate(
     print(
         f"re-sealed under master key {report.primary}: {plural(report.recordings, 'data key')} "
         f"of recordings, {plural(report.pbx_passwords, 'PBX password')}, "
+        f"{plural(report.webhook_secrets, 'webhook secret')}, "
+        f"{plural(report.pbx_tokens, 'P-Series token set')}, "
         f"{plural(report.signing_keys, 'signing key')}"
     )
     for message in report.failed:

@@ -81,7 +81,15 @@ from callvault.cli._settings import (
 from callvault.index import DEFAULT_STALE_AFTER, Index, IndexFailure, open_index
 from callvault.index.pbxs import PbxRecord
 from callvault.keys import Keyring
-from callvault.pbx import ApiVersion, AuthError, PbxBusy, PbxClient, PbxError, PbxTransportError
+from callvault.pbx import (
+    ApiVersion,
+    AuthError,
+    PbxBusy,
+    PbxClient,
+    PbxError,
+    PbxTransportError,
+    PSeriesClient,
+)
 from callvault.serving import ListenError
 from callvault.storage import Storage
 from callvault.times import FORMATS, TimeFormatError, parse_moment
@@ -256,6 +264,7 @@ def _target_of(record: PbxRecord, keyring: Keyring, settings: ArchiveSettings) -
         password=open_password(record, keyring),
         registry_name=record.name,
         api_version=ApiVersion(config.api_version),
+        kind=config.kind,
         tls=tls_options(config),
         timezone=ZoneInfo(config.timezone) if config.timezone else settings.tz,
         workers=settings.workers if "workers" in settings.given else config.max_downloads,
@@ -312,7 +321,7 @@ def archiver_config(
         pbx, username, password = first.pbx_url, first.username, first.password
         archive = settings.archive_dir()
         api, tls, zone, allowed = first.api_version, first.tls, first.timezone, first.events_allow
-        workers, registry_name = first.workers, first.registry_name
+        workers, registry_name, kind = first.workers, first.registry_name, first.kind
     else:
         if only:
             fail("give either --only NAME (a registered PBX) or --pbx URL, not both", code=2)
@@ -323,7 +332,7 @@ def archiver_config(
             tls = settings.tls_options()
         except SettingsError as exc:
             fail(str(exc), code=USAGE_ERROR)
-        api, zone, workers = settings.api, settings.tz, settings.workers
+        api, zone, workers, kind = settings.api, settings.tz, settings.workers, settings.kind
     return ArchiverConfig(
         pbx_url=pbx,
         username=username,
@@ -334,6 +343,7 @@ def archiver_config(
         more_pbxs=more,
         db_url=settings.db_url(),
         api_version=api,
+        kind=kind,
         tls=tls,
         events_host=events_host,
         events_port=events_port,
@@ -845,20 +855,27 @@ def _ask_the_node(
     return 0
 
 
-def _given_pbx_id(index: Index, settings: ArchiveSettings, client: PbxClient) -> int:
+def _given_pbx_id(
+    index: Index, settings: ArchiveSettings, client: PbxClient | PSeriesClient
+) -> int:
     """The registry id of the PBX the flags give (its entry made if it has none)."""
     from callvault.index.pbxs import PbxRegistryError
 
+    if isinstance(client, PbxClient):
+        username, api_version = client.username, client.api_version
+    else:
+        username, api_version = client.client_id, settings.api
     try:
         entry = given_pbx_entry(
             index,
             url=client.base_url,
-            username=client.username,
-            api_version=client.api_version,
+            username=username,
+            api_version=api_version,
             tls=client.tls,
             timezone=settings.tz,
             workers=settings.workers,
             events_allow=settings.events_allow,
+            kind=settings.kind,
         )
     except PbxRegistryError as exc:
         fail(str(exc), code=USAGE_ERROR)
@@ -879,7 +896,7 @@ def _pool_options(settings: ArchiveSettings, pbx_id: int) -> PoolOptions:
 
 
 async def _backfill(
-    client: PbxClient,
+    client: PbxClient | PSeriesClient,
     index: Index,
     storage: Storage,
     settings: ArchiveSettings,

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 if TYPE_CHECKING:
     from callvault.archive import AlertSettings
     from callvault.keys import Keyring
-    from callvault.pbx import ApiVersion, PbxClient, TlsOptions
+    from callvault.pbx import ApiVersion, PbxClient, PSeriesClient, TlsOptions
 
 DB_FILENAME = "callvault.db"
 ENV_PREFIX = "CALLVAULT_"
@@ -284,6 +284,15 @@ def _api_version(value: Any) -> ApiVersion:
         ) from None
 
 
+def _kind(value: Any) -> str:
+    from callvault.index.pbxs import KINDS
+
+    text = _text(value).lower()
+    if text not in KINDS:
+        raise ValueError(f"unknown PBX kind {text!r:.20}: use " + ", ".join(KINDS))
+    return text
+
+
 def _pin(value: Any) -> str | None:
     text = _text(value)
     from callvault.pbx import normalise_pin
@@ -312,6 +321,7 @@ def _node(value: Any) -> str | None:
 _READERS: dict[str, Callable[[Any], Any]] = {
     # The PBX
     "pbx": _pbx_url,
+    "kind": _kind,
     "username": _optional_text,
     "password_env": _variable_name,
     "api_version": _api_version,
@@ -368,6 +378,7 @@ class Settings:
 
     # The PBX
     pbx: str | None = None
+    kind: str = "s-series"  # s-series, cloud or p-series (`callvault.index.pbxs.KINDS`)
     username: str | None = None
     password_env: str = DEFAULT_PASSWORD_ENV
     # None: not given, v1.1.0 (see `api`); the reader makes any spelling an `ApiVersion`.
@@ -622,18 +633,23 @@ class Settings:
             )
         return tls
 
-    def pbx_client(self, **client_kwargs: Any) -> PbxClient:
-        """A client for the PBX these settings name; SettingsError for what is missing.
-        Warns on stderr when the PBX URL is plain http."""
-        from callvault.pbx import PbxClient
+    def pbx_client(self, **client_kwargs: Any) -> PbxClient | PSeriesClient:
+        """A client for the PBX these settings name (of its `kind`); SettingsError for
+        what is missing. Warns on stderr when the PBX URL is plain http."""
+        from callvault.pbx import PbxClient, PSeriesClient
 
         pbx, username = self.require_pbx()
         tls = self.tls_options()
         password = self.password()
+        client: PbxClient | PSeriesClient
         try:
-            client = PbxClient(
-                pbx, username, password, api_version=self.api, tls=tls, **client_kwargs
-            )
+            if self.kind == "p-series":
+                client_kwargs.pop("events_port", None)
+                client = PSeriesClient(pbx, username, password, tls=tls, **client_kwargs)
+            else:
+                client = PbxClient(
+                    pbx, username, password, api_version=self.api, tls=tls, **client_kwargs
+                )
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         if client.base_url.startswith("http://"):

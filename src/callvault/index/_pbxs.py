@@ -97,8 +97,9 @@ class PbxStore:
         now: datetime,
     ) -> PbxRecord:
         """Change the `PbxConfig` fields in `changes` (and the sealed password if given);
-        the result is checked as a whole (e.g. one way of trusting the certificate).
-        NoSuchPbx or PbxRegistryError."""
+        the result is checked as a whole (e.g. one way of trusting the certificate). A PBX
+        that is not (or no longer) P-Series keeps no webhook secret. NoSuchPbx or
+        PbxRegistryError."""
         unknown = set(changes) - set(CONFIG_FIELDS)
         if unknown:
             raise TypeError(f"not PBX settings: {sorted(unknown)}")
@@ -113,6 +114,8 @@ class PbxStore:
             values: dict[str, Any] = {**_config_columns(merged), "updated_at": to_utc(now)}
             if password_sealed is not None:
                 values["password_sealed"] = password_sealed
+            if merged.kind != "p-series":  # only a P-Series PBX signs webhooks
+                values["webhook_secret_sealed"] = None
             conn.execute(update(pbxs).where(pbxs.c.name == name).values(**values))
             row = conn.execute(select(pbxs).where(pbxs.c.name == name)).one()
         return _record(row)
@@ -183,6 +186,43 @@ class PbxStore:
         with self._db.write() as conn:
             conn.execute(update(pbxs).where(pbxs.c.id == pbx_id).values(session=health))
 
+    def save_tokens(self, pbx_id: int, sealed: str | None) -> None:
+        """Keep a P-Series PBX's live tokens, sealed by the caller (None: there are none).
+        Its `updated_at` is left alone: no person changed anything."""
+        with self._db.write() as conn:
+            conn.execute(update(pbxs).where(pbxs.c.id == pbx_id).values(tokens_sealed=sealed))
+
+    def load_tokens(self, pbx_id: int) -> str | None:
+        """The PBX's sealed tokens as last kept, or None."""
+        with self._db.read() as conn:
+            value = conn.execute(
+                select(pbxs.c.tokens_sealed).where(pbxs.c.id == pbx_id)
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def set_webhook_secret(self, name: str, sealed: str | None, *, now: datetime) -> PbxRecord:
+        """Keep a P-Series PBX's webhook secret, sealed by the caller (None: none, its
+        webhooks are refused); the record after. NoSuchPbx; PbxRegistryError for a PBX of
+        another kind (only the P-Series signs webhooks). Its revision changes with it, so a
+        running serve takes the new secret."""
+        with self._db.write() as conn:
+            row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
+            if row is None:
+                raise NoSuchPbx(f"no PBX named {name!r}")
+            kind = str(row._mapping["kind"])
+            if sealed is not None and kind != "p-series":
+                raise PbxRegistryError(
+                    f"--webhook-secret-env: PBX {name} is {kind}: only a P-Series PBX pushes "
+                    "webhooks"
+                )
+            conn.execute(
+                update(pbxs)
+                .where(pbxs.c.name == name)
+                .values(webhook_secret_sealed=sealed, updated_at=to_utc(now))
+            )
+            row = conn.execute(select(pbxs).where(pbxs.c.name == name)).one()
+        return _record(row)
+
     def learn_serial(self, name: str, serial: str, *, now: datetime) -> None:
         """Remember the serial the PBX's reports name it by (when it differs)."""
         serial = serial.strip()[:_SERIAL_MAX]
@@ -217,6 +257,7 @@ class PbxStore:
 
 def _config_columns(config: PbxConfig) -> dict[str, Any]:
     return {
+        "kind": config.kind,
         "url": config.url,
         "username": config.username,
         "api_version": config.api_version,
@@ -249,6 +290,7 @@ def _record(row: Row[Any]) -> PbxRecord:
             max_downloads=int(m["max_downloads"]),
             events_allow=tuple(e for e in str(m["events_allow"]).split(",") if e),
             report_url=m["report_url"],
+            kind=str(m["kind"]),
         ),
         password_sealed=str(m["password_sealed"]),
         events_path=str(m["events_path"]),
@@ -257,6 +299,9 @@ def _record(row: Row[Any]) -> PbxRecord:
         created_at=_when(m["created_at"]),
         updated_at=_when(m["updated_at"]),
         session=session,
+        webhook_secret_sealed=(
+            None if m["webhook_secret_sealed"] is None else str(m["webhook_secret_sealed"])
+        ),
     )
 
 

@@ -24,6 +24,11 @@ MAX_DOWNLOADS_LIMIT = 16
 FLAGS_PBX_ID = 0
 DEFAULT_MAX_DOWNLOADS = 2  # each PBX is a small embedded box
 
+KINDS = ("s-series", "cloud", "p-series")
+"""Which API a PBX speaks: the S-Series API (`username` and password: the API user), the
+S-Series-based Yeastar Cloud PBX (the same, with refresh tokens), or the P-Series OpenAPI
+(`username` and password: the API application's Client ID and Secret)."""
+
 
 class PbxRegistryError(ValueError):
     """A PBX that cannot be registered or changed as asked: one line for a person."""
@@ -64,6 +69,7 @@ class PbxConfig:
     # HOST:PORT it posts its reports to (login's urltag=1: an address that reaches any
     # node, e.g. a load balancer); None: the address of the node that logged in.
     report_url: str | None = None
+    kind: str = "s-series"  # one of KINDS
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(PbxConfig))
@@ -74,12 +80,21 @@ def check_config(config: PbxConfig) -> PbxConfig:
     hex, ...); PbxRegistryError naming the first field that is wrong and why."""
     from callvault.pbx import ApiVersion, TlsOptions, check_pbx_url, normalise_pin
 
+    kind = config.kind.strip().lower()
+    if kind not in KINDS:
+        raise PbxRegistryError(
+            f"--kind: unknown PBX kind {config.kind!r:.20}: use {', '.join(KINDS)}"
+        )
     try:
         url = check_pbx_url(config.url.strip())
     except ValueError as exc:
         raise PbxRegistryError(f"--url: {exc}") from None
     username = config.username.strip()
     if not username or len(username) > 64:
+        if kind == "p-series":
+            raise PbxRegistryError(
+                "--client-id: the Client ID of the PBX's API application, 1 to 64 characters"
+            )
         raise PbxRegistryError("--username: the PBX's API user name, 1 to 64 characters")
     try:
         api_version = ApiVersion(config.api_version.strip()).value
@@ -135,6 +150,11 @@ def check_config(config: PbxConfig) -> PbxConfig:
             ) from None
     report_url = None
     if config.report_url is not None and config.report_url.strip():
+        if kind == "p-series":
+            raise PbxRegistryError(
+                "--report-url: a P-Series PBX is not told where to post its events: callvault "
+                "subscribes to them over a WebSocket; leave --report-url out"
+            )
         report_url = check_report_url(config.report_url)
         if api_version == ApiVersion.V1_0_1.value:
             raise PbxRegistryError(
@@ -153,6 +173,7 @@ def check_config(config: PbxConfig) -> PbxConfig:
         max_downloads=config.max_downloads,
         events_allow=allow,
         report_url=report_url,
+        kind=kind,
     )
 
 
@@ -189,7 +210,9 @@ class PbxRecord:
     `password_sealed` is the password sealed with the master key (`callvault.keys`), to be
     opened with the context `password_context(name)`; "" for the PBX given by `serve`'s
     flags, whose password is given at each start (`given_by_flags`). `serial` is "" until
-    a report names it; `detail` is what `pbx test` found last.
+    a report names it; `detail` is what `pbx test` found last. `webhook_secret_sealed` is a
+    P-Series PBX's webhook Secret, sealed likewise (context `webhook_secret_context(name)`),
+    or None: its webhooks are refused.
     """
 
     id: int
@@ -202,13 +225,23 @@ class PbxRecord:
     created_at: datetime
     updated_at: datetime
     session: dict[str, Any] = field(default_factory=dict)  # as its serve last reported it
+    webhook_secret_sealed: str | None = field(default=None, repr=False)
 
     @property
     def revision(self) -> str:
-        """Changes when the settings or the password do, and only then (not when its
-        serial is noted or it is tested): what a running archiver compares."""
+        """Changes when the settings, the password or the webhook secret do, and only
+        then (not when its serial is noted or it is tested): what a running archiver
+        compares."""
         settings = json.dumps([getattr(self.config, name) for name in CONFIG_FIELDS], default=str)
-        return hashlib.sha256(f"{settings}\n{self.password_sealed}".encode()).hexdigest()
+        digested = f"{settings}\n{self.password_sealed}"
+        if self.webhook_secret_sealed is not None:
+            digested += f"\n{self.webhook_secret_sealed}"
+        return hashlib.sha256(digested.encode()).hexdigest()
+
+    @property
+    def has_webhook_secret(self) -> bool:
+        """Whether a webhook secret is kept for it (P-Series: its webhooks are taken)."""
+        return self.webhook_secret_sealed is not None
 
     @property
     def given_by_flags(self) -> bool:
@@ -219,3 +252,14 @@ class PbxRecord:
 def password_context(name: str) -> str:
     """What a PBX's sealed password is bound to: it opens for this PBX's row only."""
     return f"pbx:{name}:password"
+
+
+def webhook_secret_context(name: str) -> str:
+    """What a P-Series PBX's sealed webhook secret (`pbxs.webhook_secret_sealed`) is bound
+    to: it opens for this PBX's row only, and never as its password."""
+    return f"pbx:{name}:webhook"
+
+
+def tokens_context(name: str) -> str:
+    """What a P-Series PBX's sealed tokens (`pbxs.tokens_sealed`) are bound to."""
+    return f"pbx:{name}:tokens"

@@ -305,6 +305,8 @@ pbxs = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(32), nullable=False),  # a short slug: lowercase, digits, dashes
+    # Which API it speaks: s-series, cloud (S-Series based, refresh tokens) or p-series.
+    Column("kind", String(16), nullable=False, server_default="s-series"),
     Column("url", String(255), nullable=False),
     Column("username", String(64), nullable=False),
     Column("password_sealed", Text, nullable=False),
@@ -323,6 +325,12 @@ pbxs = Table(
     # HOST:PORT it is told to post its reports to (e.g. a load balancer before the nodes);
     # NULL: the node that logged in.
     Column("report_url", String(255), nullable=True),
+    # A P-Series PBX's live tokens, sealed (pbx:<name>:tokens): reused across restarts and
+    # nodes, so the application's eight tokens are not spent. NULL: none.
+    Column("tokens_sealed", Text, nullable=True),
+    # A P-Series PBX's webhook Secret (it signs each event it pushes), sealed
+    # (pbx:<name>:webhook): its webhooks are taken at `events_path`. NULL: none.
+    Column("webhook_secret_sealed", Text, nullable=True),
     Column("serial", String(64), nullable=False, default=""),
     Column("detail", Text, nullable=False, default="{}"),  # what `pbx test` found last, JSON
     # Its API session's health as the serve archiving it last reported it, JSON.

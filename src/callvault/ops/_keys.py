@@ -5,7 +5,8 @@ After a new master key is put first in the key file (the old one kept below it),
 
 * the data keys of encrypted recordings (`recordings.data_key`), a batch at a time: the
   audio itself is not touched (its data key does not change, only how it is wrapped);
-* the registered PBXs' passwords;
+* the registered PBXs' passwords, P-Series webhook secrets and the P-Series tokens kept
+  for the next run (a token set that no longer opens is dropped: the PBX gives another);
 * the private halves of the deployment's signing keys.
 
 Each value is replaced only if it is still the one read (a concurrent change wins), and
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from callvault.index import Index, audit
-from callvault.index.pbxs import password_context
+from callvault.index.pbxs import password_context, tokens_context, webhook_secret_context
 from callvault.keys import (
     SEALED_PREFIX,
     Keyring,
@@ -46,6 +47,8 @@ class RotationReport(JsonResult):
     recordings: int = 0
     pbx_passwords: int = 0
     signing_keys: int = 0
+    webhook_secrets: int = 0
+    pbx_tokens: int = 0
     failed: list[str] = field(default_factory=list)
     failures: int = 0
     remaining: int = 0
@@ -59,11 +62,13 @@ def pending_rotation(index: Index, keyring: Keyring) -> int:
     """How many sealed values are not under the primary master key."""
     primary = keyring.primary.id
     count = index.recordings.count_sealed_data_keys(not_under=primary)
-    count += sum(
-        1
-        for record in index.pbxs.list()
-        if record.password_sealed and not _under(record.password_sealed, primary)
-    )
+    for record in index.pbxs.list():
+        tokens = index.pbxs.load_tokens(record.id)
+        count += sum(
+            1
+            for sealed in (record.password_sealed, record.webhook_secret_sealed, tokens)
+            if sealed and not _under(sealed, primary)
+        )
     count += sum(1 for key in index.signing_keys.all() if not _under(key.private_sealed, primary))
     return count
 
@@ -124,6 +129,28 @@ def rotate_master_keys(
             continue
         index.pbxs.update(record.name, {}, password_sealed=resealed, now=now)
         passwords += 1
+    webhook_secrets = tokens = 0
+    for record in index.pbxs.list():
+        secret = record.webhook_secret_sealed
+        if secret and not _under(secret, primary):
+            context = webhook_secret_context(record.name)
+            try:
+                resealed = keyring.seal(keyring.open(secret, context), context)
+            except MasterKeyError as exc:
+                failure(str(exc))
+            else:
+                index.pbxs.set_webhook_secret(record.name, resealed, now=now)
+                webhook_secrets += 1
+        kept = index.pbxs.load_tokens(record.id)
+        if kept and not _under(kept, primary):
+            context = tokens_context(record.name)
+            try:
+                index.pbxs.save_tokens(
+                    record.id, keyring.seal(keyring.open(kept, context), context)
+                )
+                tokens += 1
+            except MasterKeyError:
+                index.pbxs.save_tokens(record.id, None)  # short-lived: the PBX gives another
     signing = 0
     for key in index.signing_keys.all():
         if _under(key.private_sealed, primary):
@@ -136,11 +163,23 @@ def rotate_master_keys(
             continue
         signing += index.signing_keys.reseal(key.id, key.private_sealed, resealed)
     remaining = pending_rotation(index, keyring)
-    report = RotationReport(primary, recordings, passwords, signing, failed, failures, remaining)
+    report = RotationReport(
+        primary,
+        recordings,
+        passwords,
+        signing,
+        webhook_secrets,
+        tokens,
+        failed,
+        failures,
+        remaining,
+    )
     detail = {
         "recordings": recordings,
         "pbx_passwords": passwords,
         "signing_keys": signing,
+        "webhook_secrets": webhook_secrets,
+        "pbx_tokens": tokens,
         "failed": failures,
         "remaining": remaining,
     }

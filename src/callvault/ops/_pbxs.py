@@ -1,8 +1,9 @@
 """The registry of PBXs as people use it: add, change, remove, show and test a PBX.
 
-The command line (`callvault pbx ...`) and the web app call these. The password is sealed
-here with the deployment's master key (`callvault.keys`) before the index sees it, opened
-here only to build a client, and never part of a view, a message or the audit log.
+The command line (`callvault pbx ...`) and the web app call these. The password, and a
+P-Series PBX's webhook secret, are sealed here with the deployment's master key
+(`callvault.keys`) before the index sees them, opened only to build a client or to check
+a webhook's signature, and never part of a view, a message or the audit log.
 """
 
 from __future__ import annotations
@@ -16,20 +17,35 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from callvault.index import Index, audit
-from callvault.index.pbxs import PbxConfig, PbxRecord, PbxRegistryError, password_context
+from callvault.index.pbxs import (
+    PbxConfig,
+    PbxRecord,
+    PbxRegistryError,
+    password_context,
+    webhook_secret_context,
+)
 from callvault.keys import Keyring
 from callvault.ops._json import JsonResult
-from callvault.pbx import ApiVersion, LoginFailed, LoginLockedOut, PbxClient, PbxError, TlsOptions
+from callvault.pbx import (
+    ApiVersion,
+    LoginFailed,
+    LoginLockedOut,
+    PbxClient,
+    PbxError,
+    PSeriesClient,
+    TlsOptions,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class PbxView(JsonResult):
-    """What `pbx show`, `pbx list --json` and the web API say of a PBX: never its password
-    nor the secret path of its reports."""
+    """What `pbx show`, `pbx list --json` and the web API say of a PBX: never its password,
+    its webhook secret nor the secret path of its reports."""
 
     name: str
+    kind: str  # s-series, cloud or p-series
     url: str
-    username: str
+    username: str  # the API user, or a P-Series PBX's Client ID
     api_version: str
     tls: str  # "verified", "pinned", "ca-file", "insecure" or "plain http"
     ca_file: str | None
@@ -39,6 +55,8 @@ class PbxView(JsonResult):
     max_downloads: int
     events_allow: list[str]
     report_url: str | None  # HOST:PORT its reports go to; None: the node that logged in
+    # Whether a webhook secret is kept (P-Series: its signed webhooks are taken), never it.
+    webhook_secret: bool
     serial: str
     # The archive's PBX given by `serve --pbx ...` (its login comes from the flags at each
     # start), rather than registered with its sealed password.
@@ -66,6 +84,7 @@ def pbx_view(record: PbxRecord) -> PbxView:
         tls = "verified"
     return PbxView(
         name=record.name,
+        kind=config.kind,
         url=config.url,
         username=config.username,
         api_version=config.api_version,
@@ -77,6 +96,7 @@ def pbx_view(record: PbxRecord) -> PbxView:
         max_downloads=config.max_downloads,
         events_allow=list(config.events_allow),
         report_url=config.report_url,
+        webhook_secret=record.has_webhook_secret,
         serial=record.serial,
         given_by_flags=record.given_by_flags,
         last_test={k: v for k, v in record.detail.items() if k not in _TEST_BOOKKEEPING},
@@ -102,6 +122,28 @@ def _described(config: PbxConfig) -> str:
     )
 
 
+def check_webhook_secret(secret: str, kind: str) -> str:
+    """`secret` if it can be a P-Series PBX's webhook Secret (the PBX makes a 32-character
+    one); PbxRegistryError (one line, never the secret) for a PBX of another kind, an
+    empty one, or one with spaces or control characters."""
+    if kind != "p-series":
+        raise PbxRegistryError(
+            f"--webhook-secret-env: only a P-Series PBX signs webhooks; this one is {kind}"
+        )
+    if not secret:
+        raise PbxRegistryError("--webhook-secret-env: the webhook secret is empty")
+    if len(secret) > 256 or not secret.isascii() or not secret.isprintable() or " " in secret:
+        raise PbxRegistryError(
+            "--webhook-secret-env: not a webhook secret (copy the Secret the PBX shows for "
+            "the webhook: 32 letters and digits)"
+        )
+    return secret
+
+
+def _seal_webhook_secret(keyring: Keyring, name: str, secret: str) -> str:
+    return keyring.seal(secret.encode(), webhook_secret_context(name))
+
+
 def add_pbx(
     index: Index,
     keyring: Keyring,
@@ -109,16 +151,22 @@ def add_pbx(
     config: PbxConfig,
     password: str,
     *,
+    webhook_secret: str | None = None,
     actor: str,
     remote_addr: str,
     now: datetime,
 ) -> PbxRecord:
-    """Register a PBX with its password sealed under the primary master key, and audit it.
-    PbxRegistryError (one line) for a bad name or setting."""
+    """Register a PBX with its password (and a P-Series PBX's `webhook_secret`, if given)
+    sealed under the primary master key, and audit it. PbxRegistryError (one line) for a
+    bad name or setting."""
     from callvault.archive import new_secret_path
+    from callvault.index.pbxs import check_config, validate_name
 
     if not password:
         raise PbxRegistryError("the PBX's API password is empty")
+    if webhook_secret is not None:
+        validate_name(name)
+        check_webhook_secret(webhook_secret, check_config(config).kind)
     record = index.pbxs.add(
         name,
         config,
@@ -126,7 +174,13 @@ def add_pbx(
         events_path=new_secret_path(),
         now=now,
     )
-    index.audit.record(actor, audit.PBX_ADD, name, _described(record.config), remote_addr)
+    described = _described(record.config)
+    if webhook_secret is not None:
+        record = index.pbxs.set_webhook_secret(
+            name, _seal_webhook_secret(keyring, name, webhook_secret), now=now
+        )
+        described += " webhook=signed"
+    index.audit.record(actor, audit.PBX_ADD, name, described, remote_addr)
     return record
 
 
@@ -144,29 +198,46 @@ def edit_pbx(
     changes: Mapping[str, Any],
     *,
     password: str | None = None,
+    webhook_secret: str | None = None,
+    drop_webhook_secret: bool = False,
     keyring: Keyring | None = None,
     actor: str,
     remote_addr: str,
     now: datetime,
 ) -> PbxEdit:
     """Change a PBX's settings (the fields of `PbxConfig` in `changes`) and, given
-    `password` and a `keyring`, its password; audited with what changed."""
+    `password` and a `keyring`, its password; given `webhook_secret` (P-Series only), its
+    webhook secret, or none with `drop_webhook_secret`; audited with what changed."""
     from callvault.index.pbxs import CONFIG_FIELDS
 
+    if webhook_secret is not None and drop_webhook_secret:
+        raise PbxRegistryError("give a new webhook secret or drop it, not both")
     sealed = None
+    if (password is not None or webhook_secret is not None) and keyring is None:
+        raise TypeError("a new password or webhook secret needs the keyring to seal it")
     if password is not None:
-        if keyring is None:
-            raise TypeError("a new password needs the keyring to seal it")
+        assert keyring is not None
         if not password:
             raise PbxRegistryError("the PBX's API password is empty")
         sealed = keyring.seal(password.encode(), password_context(name))
     before = index.pbxs.require(name)
+    if webhook_secret is not None:  # checked before anything changes
+        check_webhook_secret(webhook_secret, str(changes.get("kind") or before.config.kind))
     record = index.pbxs.update(name, changes, password_sealed=sealed, now=now)
+    if webhook_secret is not None:
+        assert keyring is not None
+        record = index.pbxs.set_webhook_secret(
+            name, _seal_webhook_secret(keyring, name, webhook_secret), now=now
+        )
+    elif drop_webhook_secret and record.has_webhook_secret:
+        record = index.pbxs.set_webhook_secret(name, None, now=now)
     changed = [
         field
         for field in CONFIG_FIELDS
         if getattr(before.config, field) != getattr(record.config, field)
     ] + (["password"] if password is not None else [])
+    if webhook_secret is not None or before.has_webhook_secret != record.has_webhook_secret:
+        changed.append("webhook_secret")
     index.audit.record(
         actor,
         audit.PBX_EDIT,
@@ -208,9 +279,20 @@ def tls_options(config: PbxConfig) -> TlsOptions:
     )
 
 
-def pbx_client(record: PbxRecord, keyring: Keyring, **client_kwargs: Any) -> PbxClient:
-    """A client for the registered PBX; `client_kwargs` go to `PbxClient`."""
+def pbx_client(
+    record: PbxRecord, keyring: Keyring, **client_kwargs: Any
+) -> PbxClient | PSeriesClient:
+    """A client for the registered PBX, of its kind; `client_kwargs` go to `PbxClient`
+    or `PSeriesClient` (the keywords the two share)."""
     config = record.config
+    if config.kind == "p-series":
+        return PSeriesClient(
+            config.url,
+            config.username,
+            open_password(record, keyring),
+            tls=tls_options(config),
+            **client_kwargs,
+        )
     return PbxClient(
         config.url,
         config.username,
@@ -286,7 +368,7 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
     try:
         async with pbx_client(record, keyring, max_attempts=1) as client:
             await client.login()
-            transport = client.report_transport
+            transport = client.report_transport if isinstance(client, PbxClient) else None
             found = await client.export_cdr_range(now - timedelta(days=1), now, tz)
             calls = len(found)
             await client.logout()

@@ -68,6 +68,7 @@ class PbxStatus:
     serial: str
     session: PbxSessionStatus
     node: str | None = None  # the node that holds it (works on it) now, if any
+    kind: str = "s-series"  # which API it speaks: s-series, cloud or p-series
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ def archive_status(
             record.serial,
             _session(record.session or None, now=now, serve_running=running, legacy=False),
             holders.get(record.id),
+            record.config.kind,
         )
         for record in records
     ]

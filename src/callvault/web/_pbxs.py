@@ -2,14 +2,15 @@
 
 The same operations as `callvault pbx ...` (`callvault.ops`). Setting a password needs the
 deployment's master key in this process (`--master-key-file` or CALLVAULT_MASTER_KEY of
-`serve` or `web`): without it the answer is 409 saying so. No answer ever carries a
-password, sealed or not, nor the secret path of the PBX's reports.
+`serve` or `web`): without it the answer is 409 saying so; so does setting a P-Series
+PBX's `webhook_secret`. No answer ever carries a password or a webhook secret, sealed or
+not, nor the secret path of the PBX's reports.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
 from pydantic import BaseModel, Field
@@ -37,9 +38,14 @@ class PbxIn(BaseModel):
     """A PBX to register: the fields of `callvault pbx add`."""
 
     name: str = Field(min_length=1, max_length=32, description="Short slug, e.g. paris")
+    kind: Literal["s-series", "cloud", "p-series"] = "s-series"
     url: str = Field(min_length=1, max_length=255, description="https://HOST:PORT")
-    username: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=1, max_length=256, repr=False)
+    username: str = Field(
+        min_length=1, max_length=64, description="The API user; P-Series: the Client ID"
+    )
+    password: str = Field(
+        min_length=1, max_length=256, repr=False, description="P-Series: the Client Secret"
+    )
     api_version: str = "v1.1.0"
     pin_sha256: str | None = None
     ca_file: str | None = Field(default=None, description="A CA file on the server")
@@ -51,13 +57,21 @@ class PbxIn(BaseModel):
     report_url: str | None = Field(
         default=None, max_length=255, description="HOST:PORT its reports go to"
     )
+    webhook_secret: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        repr=False,
+        description="P-Series: the Secret of its webhook (Webhook Event Push)",
+    )
 
 
 class PbxPatch(BaseModel):
     """What to change; fields left out stay. Setting one of pin_sha256, ca_file or
     insecure replaces how the certificate is trusted; null for all three: the system's
-    CAs."""
+    CAs. `webhook_secret` (P-Series) sets its webhook secret; null forgets it."""
 
+    kind: Literal["s-series", "cloud", "p-series"] | None = None
     url: str | None = Field(default=None, max_length=255)
     username: str | None = Field(default=None, max_length=64)
     password: str | None = Field(default=None, min_length=1, max_length=256, repr=False)
@@ -70,6 +84,7 @@ class PbxPatch(BaseModel):
     max_downloads: int | None = Field(default=None, ge=1, le=MAX_DOWNLOADS_LIMIT)
     events_allow: list[str] | None = None
     report_url: str | None = Field(default=None, max_length=255)
+    webhook_secret: str | None = Field(default=None, min_length=1, max_length=256, repr=False)
 
 
 _TRUST = ("pin_sha256", "ca_file", "insecure")
@@ -112,7 +127,7 @@ def create_pbx(request: Request, principal: Admin, body: PbxIn) -> PbxView:
     keyring = _keyring(request)
     if ctx.index.pbxs.get(body.name) is not None:
         raise HTTPException(409, f"a PBX named {body.name!r} is registered already")
-    fields = body.model_dump(exclude={"name", "password"})
+    fields = body.model_dump(exclude={"name", "password", "webhook_secret"})
     config = PbxConfig(**{**fields, "events_allow": tuple(body.events_allow)})
     try:
         record = add_pbx(
@@ -121,6 +136,7 @@ def create_pbx(request: Request, principal: Admin, body: PbxIn) -> PbxView:
             body.name,
             config,
             body.password,
+            webhook_secret=body.webhook_secret,
             actor=principal.name,
             remote_addr=remote_addr(request),
             now=ctx.clock(),
@@ -137,6 +153,8 @@ def change_pbx(request: Request, principal: Admin, name: PbxName, body: PbxPatch
     ctx = context(request)
     given = body.model_dump(exclude_unset=True)
     password = given.pop("password", None)
+    drop_webhook = "webhook_secret" in given and given["webhook_secret"] is None
+    webhook_secret = given.pop("webhook_secret", None)
     changes: dict[str, Any] = dict(given)
     if any(field in given for field in _TRUST):
         changes = {"pin_sha256": None, "ca_file": None, "insecure": False, **changes}
@@ -144,16 +162,19 @@ def change_pbx(request: Request, principal: Admin, name: PbxName, body: PbxPatch
             changes["insecure"] = False
     if "events_allow" in changes:
         changes["events_allow"] = tuple(changes["events_allow"] or ())
-    for field in ("url", "username", "api_version", "tls_min_version", "max_downloads"):
+    for field in ("kind", "url", "username", "api_version", "tls_min_version", "max_downloads"):
         if field in changes and changes[field] is None:
             raise HTTPException(422, f"{field} cannot be null")
-    keyring = _keyring(request) if password is not None else None
+    sealing = password is not None or webhook_secret is not None
+    keyring = _keyring(request) if sealing else None
     try:
         edited = edit_pbx(
             ctx.index,
             name,
             changes,
             password=password,
+            webhook_secret=webhook_secret,
+            drop_webhook_secret=drop_webhook,
             keyring=keyring,
             actor=principal.name,
             remote_addr=remote_addr(request),
