@@ -81,6 +81,7 @@ from callvault.keys import Keyring
 from callvault.pbx import (
     ApiVersion,
     AuthError,
+    BootUpEvent,
     CallDetail,
     Event,
     EventsResumed,
@@ -91,6 +92,7 @@ from callvault.pbx import (
     PSeriesClient,
     SessionWithdrawn,
     TlsOptions,
+    tcp_reports,
 )
 from callvault.serving import (
     DEFAULT_HEADER_TIMEOUT_S,
@@ -103,6 +105,10 @@ from callvault.storage import Storage, open_storage_url
 
 log = logging.getLogger("callvault.archive")
 
+
+# After the PBX refused the login of a TCP report connection: how long before the next
+# (five refusals in a row lock the host out of the PBX).
+_TCP_LOGIN_PAUSE_S = 900.0
 
 # What a busy port most likely means for `serve`.
 _ANOTHER_SERVE = "is another callvault serve running?"
@@ -127,6 +133,8 @@ class PbxTarget:
     api_version: ApiVersion = ApiVersion.V1_1_0
     # Which API it speaks (`callvault.index.pbxs.KINDS`): s-series, cloud or p-series.
     kind: str = "s-series"
+    # An S-Series v2 PBX whose Report Method is TCP: the port on it to take reports from.
+    tcp_report_port: int | None = None
     tls: TlsOptions | None = None
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     workers: int = 2  # its download workers: a PBX is a small embedded box
@@ -164,6 +172,7 @@ class ArchiverConfig:
     api_version: ApiVersion = ApiVersion.V1_1_0
     # Which API it speaks (`callvault.index.pbxs.KINDS`): s-series, cloud or p-series.
     kind: str = "s-series"
+    tcp_report_port: int | None = None  # see PbxTarget
     tls: TlsOptions | None = None
     events_host: str = "0.0.0.0"  # noqa: S104 - the PBX must reach it; guarded by path+source
     events_port: int = 8260
@@ -240,6 +249,7 @@ class ArchiverConfig:
             registry_name=self.registry_name,
             api_version=self.api_version,
             kind=self.kind,
+            tcp_report_port=self.tcp_report_port,
             tls=self.tls,
             timezone=self.timezone,
             workers=self.workers,
@@ -1208,6 +1218,60 @@ class _Lane:
                 log.info("%s: events resumed; reconciling the gap", self.describe())
                 self._reconcile_soon.set()
 
+    async def _tcp_reports_loop(self, client: PbxClient, index: Index, stop: asyncio.Event) -> None:
+        """An S-Series v2 PBX whose Report Method is TCP (its login says so) sends no
+        reports over HTTP: they are taken from a connection to its report port instead,
+        committed as posted reports are, and the gap after a broken connection reconciled
+        at once. A refused login there is not tried again for `_TCP_LOGIN_PAUSE_S`: five
+        refusals lock this host out of the PBX."""
+        session, committer, target = self.session, self.committer, self.target
+        assert session is not None and committer is not None
+        await session.ready.wait()
+        if client.report_transport != "TCP":
+            return  # its reports come over HTTP
+        port = target.tcp_report_port
+        if port is None:
+            log.error(
+                "%s reports over TCP (Report Method = TCP on its API page), but its TCP "
+                "report port is not set: `callvault pbx edit %s --tcp-report-port PORT`; "
+                "until then its calls are found by reconciliation only",
+                self.describe(),
+                self.name,
+            )
+            await stop.wait()
+            return
+        host = urlsplit(target.pbx_url).hostname or ""
+        commit = self._serial_noting(committer, index)
+        metrics = self._archiver.metrics
+        log.info("taking the reports of %s from its TCP port %d", self.describe(), port)
+        while not stop.is_set():
+            try:
+                async for event in tcp_reports(
+                    host,
+                    port,
+                    target.username,
+                    target.password,
+                    local_address=self._archiver.config.bind,
+                ):
+                    if isinstance(event, NewCdrEvent):
+                        await commit(event.cdr)
+                        metrics.event(200)
+                    elif isinstance(event, BootUpEvent):
+                        self._request_relogin()
+                    elif isinstance(event, EventsResumed):
+                        log.info("%s: reports resumed; reconciling the gap", self.describe())
+                        self._reconcile_soon.set()
+            except AuthError as exc:
+                log.error(
+                    "%s refused the login of its TCP report connection (%s); not trying "
+                    "again for %.0f s",
+                    self.describe(),
+                    exc,
+                    _TCP_LOGIN_PAUSE_S,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=_TCP_LOGIN_PAUSE_S)
+
     async def stop_work(self, *, reason: str, graceful: bool) -> None:
         """Stop working on the PBX: downloads in flight finish (`graceful`; else they are
         cancelled and handed back at once), the session logs out (`graceful` only: the PBX
@@ -1265,6 +1329,16 @@ class _Lane:
         suffix = f" of PBX {self.name}" if self._several() else ""
         client = self.client
         events = []
+        if isinstance(client, PbxClient) and client.api_version.is_v2:
+            events.append(
+                asyncio.create_task(
+                    _supervised(
+                        f"the TCP reports{suffix}",
+                        lambda: self._tcp_reports_loop(client, index, stop),
+                        stop,
+                    )
+                )
+            )
         if isinstance(client, PSeriesClient):
             events.append(
                 asyncio.create_task(

@@ -132,6 +132,13 @@ def _connection_options(*, adding: bool) -> Decorator[Any]:
             "(default: the PBX's own address).",
         ),
         option(
+            "--tcp-report-port",
+            type=int,
+            metavar="PORT",
+            help="S-Series API v2.0.0 with Report Method = TCP on its API page: the port "
+            "to connect to for its reports" + ("." if adding else "; 0 for HTTP reports again."),
+        ),
+        option(
             "--report-url",
             metavar="HOST:PORT",
             help="Where it posts its reports, e.g. a load balancer before several nodes "
@@ -251,6 +258,8 @@ def _changes(given: dict[str, Any]) -> dict[str, Any]:
         changes["events_allow"] = tuple(given["events_allow"].split(","))
     if given.get("report_url") is not None:
         changes["report_url"] = given["report_url"].strip() or None
+    if given.get("tcp_report_port") is not None:
+        changes["tcp_report_port"] = given["tcp_report_port"] or None
     trust = [
         ("ca_file", given.get("ca_file")),
         ("pin_sha256", given.get("pin_sha256")),

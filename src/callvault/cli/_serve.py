@@ -265,6 +265,7 @@ def _target_of(record: PbxRecord, keyring: Keyring, settings: ArchiveSettings) -
         registry_name=record.name,
         api_version=ApiVersion(config.api_version),
         kind=config.kind,
+        tcp_report_port=config.tcp_report_port,
         tls=tls_options(config),
         timezone=ZoneInfo(config.timezone) if config.timezone else settings.tz,
         workers=settings.workers if "workers" in settings.given else config.max_downloads,
@@ -322,6 +323,7 @@ def archiver_config(
         archive = settings.archive_dir()
         api, tls, zone, allowed = first.api_version, first.tls, first.timezone, first.events_allow
         workers, registry_name, kind = first.workers, first.registry_name, first.kind
+        tcp_report_port = first.tcp_report_port
     else:
         if only:
             fail("give either --only NAME (a registered PBX) or --pbx URL, not both", code=2)
@@ -333,6 +335,7 @@ def archiver_config(
         except SettingsError as exc:
             fail(str(exc), code=USAGE_ERROR)
         api, zone, workers, kind = settings.api, settings.tz, settings.workers, settings.kind
+        tcp_report_port = None  # the PBX of the flags reports over HTTP
     return ArchiverConfig(
         pbx_url=pbx,
         username=username,
@@ -344,6 +347,7 @@ def archiver_config(
         db_url=settings.db_url(),
         api_version=api,
         kind=kind,
+        tcp_report_port=tcp_report_port,
         tls=tls,
         events_host=events_host,
         events_port=events_port,

@@ -269,6 +269,7 @@ def _config_columns(config: PbxConfig) -> dict[str, Any]:
         "max_downloads": config.max_downloads,
         "events_allow": ",".join(config.events_allow),
         "report_url": config.report_url,
+        "tcp_report_port": config.tcp_report_port,
     }
 
 
@@ -290,6 +291,7 @@ def _record(row: Row[Any]) -> PbxRecord:
             max_downloads=int(m["max_downloads"]),
             events_allow=tuple(e for e in str(m["events_allow"]).split(",") if e),
             report_url=m["report_url"],
+            tcp_report_port=m["tcp_report_port"],
             kind=str(m["kind"]),
         ),
         password_sealed=str(m["password_sealed"]),

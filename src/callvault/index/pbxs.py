@@ -70,6 +70,9 @@ class PbxConfig:
     # node, e.g. a load balancer); None: the address of the node that logged in.
     report_url: str | None = None
     kind: str = "s-series"  # one of KINDS
+    # An S-Series v2 PBX whose Report Method is TCP: the port on it to connect to for its
+    # reports (its API page shows it). None: it posts its reports over HTTP.
+    tcp_report_port: int | None = None
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(PbxConfig))
@@ -161,6 +164,15 @@ def check_config(config: PbxConfig) -> PbxConfig:
                 "--report-url: API v1.0.1 only takes a path for its reports, not an address: "
                 "use v1.1.0 or later, or leave --report-url out"
             )
+    tcp_port = config.tcp_report_port
+    if tcp_port is not None:
+        if not 0 < tcp_port < 65536:
+            raise PbxRegistryError("--tcp-report-port: a TCP port, 1 to 65535")
+        if kind == "p-series" or api_version != ApiVersion.V2_0_0.value:
+            raise PbxRegistryError(
+                "--tcp-report-port: only an S-Series PBX on API v2.0.0 reports over TCP; "
+                "give --api-version v2.0.0, or leave --tcp-report-port out"
+            )
     return PbxConfig(
         url=url,
         username=username,
@@ -174,6 +186,7 @@ def check_config(config: PbxConfig) -> PbxConfig:
         events_allow=allow,
         report_url=report_url,
         kind=kind,
+        tcp_report_port=tcp_port,
     )
 
 

@@ -328,6 +328,9 @@ pbxs = Table(
     # A P-Series PBX's live tokens, sealed (pbx:<name>:tokens): reused across restarts and
     # nodes, so the application's eight tokens are not spent. NULL: none.
     Column("tokens_sealed", Text, nullable=True),
+    # An S-Series v2 PBX set to report over TCP: the port on it serve connects to for its
+    # reports. NULL: it posts them over HTTP.
+    Column("tcp_report_port", Integer, nullable=True),
     # A P-Series PBX's webhook Secret (it signs each event it pushes), sealed
     # (pbx:<name>:webhook): its webhooks are taken at `events_path`. NULL: none.
     Column("webhook_secret_sealed", Text, nullable=True),

@@ -55,6 +55,7 @@ class PbxView(JsonResult):
     max_downloads: int
     events_allow: list[str]
     report_url: str | None  # HOST:PORT its reports go to; None: the node that logged in
+    tcp_report_port: int | None  # S-Series v2 reporting over TCP: the port on the PBX
     # Whether a webhook secret is kept (P-Series: its signed webhooks are taken), never it.
     webhook_secret: bool
     serial: str
@@ -96,6 +97,7 @@ def pbx_view(record: PbxRecord) -> PbxView:
         max_downloads=config.max_downloads,
         events_allow=list(config.events_allow),
         report_url=config.report_url,
+        tcp_report_port=config.tcp_report_port,
         webhook_secret=record.has_webhook_secret,
         serial=record.serial,
         given_by_flags=record.given_by_flags,

@@ -9,7 +9,8 @@ logout, download_recording, export_cdr_range), plus `events` over its WebSocket;
 live in a `TokenStore`. `parse_pseries_event` and `verify_webhook_signature` serve a
 webhook receiver without the HTTP stack.
 
-Also: `SyncPbxClient` (blocking), `parse_event` for pushed reports, `parse_cdr_csv` for the
+Also: `tcp_reports` (the S-Series v2 reports over its TCP report port, "Report Method =
+TCP"), `SyncPbxClient` (blocking), `parse_event` for pushed reports, `parse_cdr_csv` for the
 CDR export, and the one exception tree rooted at `PbxError`, each error with its
 `ErrorKind` (transient, not found, login refused, permanent); `error_kind` and
 `is_transient` classify any exception.
@@ -83,6 +84,7 @@ from callvault.pbx._pseries_tokens import (
     TokenStore,
     shared_memory_store,
 )
+from callvault.pbx._tcp_reports import tcp_reports
 from callvault.pbx._tls import (
     TlsOptions,
     build_ssl_context,
@@ -195,6 +197,7 @@ __all__ = [
     "password_md5",
     "pseries_call_detail",
     "shared_memory_store",
+    "tcp_reports",
     "verify_webhook_signature",
     "webhook_signature",
 ]

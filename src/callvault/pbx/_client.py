@@ -464,13 +464,6 @@ class PbxClient(ApiClient):
         self._take_tokens(token, document.get("refreshtoken"))
         transport = document.get("transport")
         self.report_transport = transport.strip().upper() if isinstance(transport, str) else None
-        if self.report_transport == "TCP" and self.events_port is not None:
-            log.warning(
-                "%s reports over TCP (Report Method = TCP on its API page), which callvault "
-                "does not take: set the Report Method to HTTP; until then its calls are "
-                "found by reconciliation only",
-                self._base_str,
-            )
         self._generation += 1
         self._locked_until = None
         self._auth_failure = None

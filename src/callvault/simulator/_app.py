@@ -237,7 +237,7 @@ class PbxHttp:
         if session.refresh_token is not None:
             payload["refreshtoken"] = session.refresh_token
         if v2:
-            payload["transport"] = "HTTP"
+            payload["transport"] = "TCP" if self.state.report_transport == "tcp" else "HTTP"
         return json_response(payload), "Success"
 
     async def token_refresh(self, request: Request, version: str) -> Outcome:

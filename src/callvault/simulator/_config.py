@@ -45,3 +45,23 @@ class SimulatorConfig:
     PBX with status monitoring on does. False: NewCdr only (tests that count reports)."""
     log_level: str = "warning"
     """uvicorn's log level for the simulator's server."""
+    report_transport: str = "http"
+    """How reports reach the app servers that log in through API v2.0.0 (the PBX's "Report
+    Method"): ``http`` (POSTed to them, as always) or ``tcp`` (their login answers
+    ``"transport":"TCP"``; they connect to ``tcp_report_port`` and read the reports there,
+    nothing is POSTed to them). v1.x logins know no TCP method: their reports stay HTTP."""
+    tcp_report_port: int = 0
+    """The PBX's TCP report port (``report_transport="tcp"``); 0 picks a free one, read it
+    from ``Simulator.tcp_report_port``."""
+    tcp_report_tls: bool = False
+    """TLS on the TCP report port, with the simulator's certificate. Off by default: the
+    documents speak of a plain "TCP port" and a clear-text login block, nothing of TLS [?]."""
+    tcp_login_answer: str = "ami"
+    """How the TCP report port answers a login block [?]: ``ami`` (``Response: Success`` or
+    ``Response: Error`` and a ``Message:`` line, then an empty line), ``json``
+    (``{"status":"Success"}`` or ``{"status":"Failed","errno":"20003"}``, one line) or
+    ``silent`` (no answer: reports simply follow; a refusal just closes)."""
+    tcp_framing: str = "newline"
+    """How reports follow each other on the TCP connection [?]: ``newline`` (one JSON object
+    per line), ``blank-line`` (each followed by ``\\r\\n\\r\\n``) or ``concatenated``
+    (objects back to back, nothing between)."""

@@ -103,6 +103,18 @@ class Faults:
     (instead of ``ANSWERED`` / ``NO ANSWER`` / ``dsttrcunkname``). Default 0: the v2
     example report, the only sample of what the firmware sends, spells them the usual way."""
 
+    tcp_drop_next: int = 0
+    """The next N connections to the TCP report port (``report_transport="tcp"``) are closed
+    right after their login was answered with success, before any report."""
+
+    tcp_close_after_reports: int = 0
+    """Every connection to the TCP report port is closed once N reports were written to it.
+    0 disables."""
+
+    tcp_junk_next: int = 0
+    """The next N reports over TCP are each preceded by a junk frame, framed like a report:
+    in turn a line of text, a truncated JSON object, and a JSON object that is no report."""
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Faults)}
 

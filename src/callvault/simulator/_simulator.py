@@ -11,6 +11,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ from callvault.simulator._faults import Faults
 from callvault.simulator._progress import parties_of, progress_reports
 from callvault.simulator._server import BackgroundServer, StartupError
 from callvault.simulator._state import PbxState, Recording
+from callvault.simulator._tcp import TcpReportServer, check_tcp_settings
 from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
 from callvault.simulator._wav import write_wav
 
@@ -63,6 +65,9 @@ class Simulator:
         self, config: SimulatorConfig | None = None, *, clock: Clock | None = None
     ) -> None:
         self.config = config if config is not None else SimulatorConfig()
+        check_tcp_settings(
+            self.config.report_transport, self.config.tcp_login_answer, self.config.tcp_framing
+        )
         self.clock = clock if clock is not None else Clock()
         self.password = self.config.password or secrets.token_urlsafe(12)
         self._tz = ZoneInfo(self.config.timezone)
@@ -84,10 +89,12 @@ class Simulator:
             seed=self.config.seed,
             invalidate_previous_tokens_on_login=self.config.invalidate_previous_tokens_on_login,
             refresh_tokens=self.config.kind == "cloud",
+            report_transport=self.config.report_transport,
         )
         self._certificate: ServerCertificate | None = None
         self._server: BackgroundServer | None = None
         self._pusher: EventPusher | None = None
+        self._tcp: TcpReportServer | None = None  # the TCP report port (report_transport tcp)
         self._port = 0
         self._listeners: list[CallListener] = []
         self._ticks = 0
@@ -106,9 +113,22 @@ class Simulator:
         server = BackgroundServer(cfg.host, cfg.port)
         self._port = server.port
         context = None
-        if cfg.tls:
+        if cfg.tls or (cfg.report_transport == "tcp" and cfg.tcp_report_tls):
             self._certificate = generate_certificate(self.data_dir / "tls", cfg.host, cfg.serial)
+        if cfg.tls and self._certificate is not None:
             context = server_ssl_context(self._certificate, legacy_tls=cfg.legacy_tls)
+        if cfg.report_transport == "tcp":
+            tcp_context = None
+            if cfg.tcp_report_tls and self._certificate is not None:
+                tcp_context = server_ssl_context(self._certificate, legacy_tls=cfg.legacy_tls)
+            self._tcp = TcpReportServer(
+                self.state,
+                host=cfg.host,
+                port=cfg.tcp_report_port,
+                login_answer=cfg.tcp_login_answer,
+                framing=cfg.tcp_framing,
+                ssl_context=tcp_context,
+            )
         self._server = server
         try:
             server.start(
@@ -132,6 +152,8 @@ class Simulator:
             retry_interval=self.config.event_retry_interval,
             max_retries=self.config.event_max_retries,
         )
+        if self._tcp is not None:
+            await self._tcp.serve()
         ticker = asyncio.create_task(self._tick())
         try:
             yield
@@ -140,6 +162,8 @@ class Simulator:
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             await self._pusher.aclose()
+            if self._tcp is not None:
+                await self._tcp.aclose()
 
     def stop(self) -> None:
         """Stop serving, cancel undelivered reports, remove the temporary data directory."""
@@ -183,6 +207,47 @@ class Simulator:
     @property
     def serial(self) -> str:
         return self.config.serial
+
+    @property
+    def tcp_report_port(self) -> int:
+        """The TCP report port (``report_transport="tcp"``); 0 when there is none."""
+        return self._tcp.port if self._tcp is not None else 0
+
+    @property
+    def tcp_connections(self) -> int:
+        """How many app servers are logged in on the TCP report port now."""
+        return self._tcp.connection_count if self._tcp is not None else 0
+
+    @property
+    def tcp_login_count(self) -> int:
+        """Successful logins on the TCP report port (failures: ``failed_login_count``)."""
+        with self.state.lock:
+            return self.state.tcp_login_count
+
+    @property
+    def tcp_reports_sent(self) -> int:
+        """Reports written to TCP report connections (one per connection written to)."""
+        return self._tcp.reports_sent if self._tcp is not None else 0
+
+    @property
+    def tcp_reports_dropped(self) -> int:
+        """Reports not sent over TCP because no app server was connected (none are kept)."""
+        return self._tcp.reports_dropped if self._tcp is not None else 0
+
+    @property
+    def tcp_login_blocks(self) -> list[dict[str, str]]:
+        """Every login block received on the TCP report port (keys lowercased, the secret
+        masked), in order."""
+        return list(self._tcp.login_blocks) if self._tcp is not None else []
+
+    def wait_tcp_connections(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until at least `count` app servers are logged in on the TCP report port."""
+        deadline = time.monotonic() + timeout
+        while self.tcp_connections < count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     @property
     def cert_sha256(self) -> str | None:
@@ -314,11 +379,12 @@ class Simulator:
         self.state.add_cdr(cdr)
         if self._pusher is not None:
             targets = self.state.live_targets()
-            odd = any(
-                t.format is EventFormat.V2_0_0 for _token, t in targets
+            tcp = self._tcp is not None
+            odd = (
+                tcp or any(t.format is EventFormat.V2_0_0 for _token, t in targets)
             ) and self.state.chance(self.faults.v2_spellings_rate)
             parties = None
-            if self.config.call_progress_reports and targets:
+            if self.config.call_progress_reports and (targets or tcp):
                 parties = parties_of(
                     cdr, outbound_leg_id=leg_id, next_channel=self.state.next_channel
                 )
@@ -328,6 +394,12 @@ class Simulator:
                     reports = progress_reports(cdr, parties, target.format, self.serial)
                 reports.append(newcdr_body(cdr, target.format, odd_spellings=odd))
                 self._pusher.push_all(target, reports, token)
+            if self._tcp is not None:  # format 2.0.0, to the app servers connected now
+                reports = []
+                if parties is not None:
+                    reports = progress_reports(cdr, parties, EventFormat.V2_0_0, self.serial)
+                reports.append(newcdr_body(cdr, EventFormat.V2_0_0, odd_spellings=odd))
+                self._tcp.send(reports)
         if name is not None and self.state.chance(self.faults.delete_rate):
             self.state.delete_recording(name)
         for listener in list(self._listeners):
@@ -402,6 +474,10 @@ class Simulator:
         for token, target in self.state.live_targets():
             body = call_released_body(callid, extensions, self.serial, target.format)
             self._pusher.push(target, body, token)
+        if self._tcp is not None:
+            self._tcp.send(
+                [call_released_body(callid, extensions, self.serial, EventFormat.V2_0_0)]
+            )
 
     def _recording(self, name: str) -> Recording:
         recording = self.state.recording(name)
@@ -429,15 +505,23 @@ class Simulator:
         self.state.revoke_tokens()
 
     def reboot(self) -> None:
-        """All tokens and randoms lost; BootUp pushed to every app server that was logged in."""
+        """All tokens and randoms lost; BootUp pushed (over HTTP) to every app server that was
+        logged in; every TCP report connection is closed (no BootUp over TCP)."""
         targets = self.state.reboot()
+        if self._tcp is not None:  # the restart ends every report connection
+            self._tcp.drop_all()
         if self._pusher is not None:
             for target in targets:
                 self._pusher.push(target, bootup_body(self.serial, target.format), None)
 
     def wait_events_idle(self, timeout: float = 10.0) -> bool:
         """Wait until every queued report was delivered (or given up); False on timeout."""
-        return self._pusher.wait_idle(timeout) if self._pusher is not None else True
+        deadline = time.monotonic() + timeout
+        if self._pusher is not None and not self._pusher.wait_idle(timeout):
+            return False
+        if self._tcp is not None:
+            return self._tcp.wait_idle(max(deadline - time.monotonic(), 0.0))
+        return True
 
     @property
     def tick_count(self) -> int:

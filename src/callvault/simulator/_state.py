@@ -164,8 +164,11 @@ class PbxState:
         seed: int | None = None,
         invalidate_previous_tokens_on_login: bool = False,
         refresh_tokens: bool = False,
+        report_transport: str = "http",
     ) -> None:
         self.username = username
+        # The PBX's Report Method for v2.0.0 logins: "http" or "tcp" (no POSTs to them).
+        self.report_transport = report_transport
         # A Cloud PBX: logins answer a refresh token, tokens live 30 minutes from issue.
         self.refresh_tokens = refresh_tokens
         self.refresh_count = 0
@@ -186,6 +189,7 @@ class PbxState:
         self._cdrs: list[CallDetail] = []
         self._call_seq = 0
         self.login_count = 0
+        self.tcp_login_count = 0  # logins on the TCP report port that succeeded
         self.events_delivered = 0
         self.events_queued = 0
         self._channel_seq = 0
@@ -304,6 +308,25 @@ class PbxState:
             self._sessions[session.token] = session
             self.login_count += 1
             return session
+
+    def tcp_login(self, *, ip: str, username: str, secret: str) -> None:
+        """A login block on the TCP report port: `secret` is the clear-text password (spec
+        6.1). Failures count towards the same lockout of `ip` as HTTP logins (the documents
+        name one lockout per source IP). 20002 locked out, 20003 wrong credentials."""
+        with self.lock:
+            self._expire_lockout(ip)
+            if ip in self._locked_until:
+                raise ApiFailure("20002")
+            user_ok = hmac.compare_digest(username.encode(), self.username.encode())
+            secret_ok = hmac.compare_digest(secret.encode(), self._password.encode())
+            if not (user_ok and secret_ok):
+                failures = self._failures.get(ip, 0) + 1
+                self._failures[ip] = failures
+                if failures >= LOCKOUT_AFTER_FAILURES:
+                    self._locked_until[ip] = self.clock.now() + LOCKOUT_SECONDS
+                raise ApiFailure("20003")
+            self._failures.pop(ip, None)
+            self.tcp_login_count += 1
 
     def refresh(self, refresh_token: str) -> Session:
         """token/refresh (Cloud PBX): a new token and refresh token for the live session the
@@ -435,6 +458,8 @@ class PbxState:
             for token, session in list(self._sessions.items()):
                 if not self.session_alive(token):
                     continue
+                if self.report_transport == "tcp" and session.api_version == "v2.0.0":
+                    continue  # Report Method TCP: its reports go to the TCP report port
                 target = session.target()
                 if target is None or target in seen:
                     continue

@@ -57,6 +57,9 @@ class PbxIn(BaseModel):
     report_url: str | None = Field(
         default=None, max_length=255, description="HOST:PORT its reports go to"
     )
+    tcp_report_port: int | None = Field(
+        default=None, ge=1, le=65535, description="S-Series v2 reporting over TCP: its port"
+    )
     webhook_secret: str | None = Field(
         default=None,
         min_length=1,
@@ -84,6 +87,7 @@ class PbxPatch(BaseModel):
     max_downloads: int | None = Field(default=None, ge=1, le=MAX_DOWNLOADS_LIMIT)
     events_allow: list[str] | None = None
     report_url: str | None = Field(default=None, max_length=255)
+    tcp_report_port: int | None = Field(default=None, ge=1, le=65535)
     webhook_secret: str | None = Field(default=None, min_length=1, max_length=256, repr=False)
 
 

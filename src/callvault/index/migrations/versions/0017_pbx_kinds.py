@@ -15,6 +15,9 @@ Create Date: 2026-12-04
   Webhook Event Push; it signs each event the PBX pushes, ``X-Signature``), sealed with the
   master keyring (context ``pbx:<name>:webhook``); NULL when it has none.
 
+- ``pbxs.tcp_report_port``: the port an S-Series v2 PBX set to report over TCP (Report
+  Method = TCP) takes its app servers' connections on; NULL: it reports over HTTP.
+
 Written out in full (not imported from schema.py), like the migrations before it.
 """
 
@@ -36,10 +39,12 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("tokens_sealed", sa.Text(), nullable=True))
         batch.add_column(sa.Column("webhook_secret_sealed", sa.Text(), nullable=True))
+        batch.add_column(sa.Column("tcp_report_port", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("pbxs") as batch:
+        batch.drop_column("tcp_report_port")
         batch.drop_column("webhook_secret_sealed")
         batch.drop_column("tokens_sealed")
         batch.drop_column("kind")
