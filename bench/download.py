@@ -43,12 +43,24 @@ The last lines printed are ``throughput_ratio_vs_curl=<r> peak_rss_mb=<m>`` and
 ``encrypted_ratio_vs_curl=<e>``.
 Targets: r >= 0.90, m < 64 whatever the size; e >= 0.85.
 
-    python bench/download.py [--size-mb 200] [--runs 5]
+With ``--kind p-series`` the same is measured against the P-Series simulator (OpenAPI,
+HTTPS on 127.0.0.1): ``callvault fetch --kind p-series`` (the Client ID as ``--username``,
+the Client Secret in the password variable) and the encrypted worker with a
+``PSeriesClient``. callvault's timed span then holds ``recording/download?file=`` (its own
+connection and TLS handshake) instead of get_random, then the file GET on a second
+connection; the access token is had before (``get_token``), outside the time. For curl
+this script asks ``get_token`` and ``recording/download`` itself (``User-Agent:
+OpenAPI``), outside curl's time, hands curl the file URL with the token, and revokes the
+token (``del_token``) after the run: the simulator allows 8 live tokens per app. The
+summary then also says ``"kind": "p-series"``; the last lines are the same.
+
+    python bench/download.py [--size-mb 200] [--runs 5] [--kind s-series|p-series]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -58,12 +70,14 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from callvault.simulator import Simulator, SimulatorConfig
+from callvault.simulator import PSeriesConfig, PSeriesSimulator, Simulator, SimulatorConfig
 
 # Runs argv[2:] as its child (fork + exec), waits for it, writes a JSON report to argv[1].
 # It is started with -I -S so that the high-water mark the child starts from is this small
@@ -85,8 +99,10 @@ with open(sys.argv[1], "w") as report:
 """
 
 
-# The encrypted run: argv = recording name, PBX URL, user, certificate pin, work directory;
-# the password in BENCH_PBX_PASSWORD, the master key in CALLVAULT_MASTER_KEY. Prints JSON.
+# The encrypted run: argv = recording name, PBX URL, user, certificate pin, work directory
+# and, optionally, the kind (s-series, the default, or p-series: the user is the Client ID,
+# the password the Client Secret); the password in BENCH_PBX_PASSWORD, the master key in
+# CALLVAULT_MASTER_KEY. Prints JSON.
 ENCRYPTED_RUN = """
 import asyncio, hashlib, json, os, sys
 from datetime import UTC, datetime
@@ -95,10 +111,11 @@ from callvault import cipher
 from callvault.archive import WorkerPool
 from callvault.index import open_index
 from callvault.keys import load_keyring, recording_context
-from callvault.pbx import CallDetail, PbxClient, TlsOptions
+from callvault.pbx import CallDetail, PbxClient, PSeriesClient, TlsOptions
 from callvault.storage import LocalStorage
 
 name, url, user, pin, work = sys.argv[1:6]
+kind = sys.argv[6] if len(sys.argv) > 6 else "s-series"
 keyring = load_keyring(None)
 index = open_index(f"sqlite:///{work}/callvault.db", create=True)
 storage = LocalStorage(Path(work))
@@ -109,8 +126,8 @@ index.calls.record([cdr], source="event", tz=UTC, now=datetime.now(UTC))
 done = []
 
 async def main():
-    client = PbxClient(url, user, os.environ["BENCH_PBX_PASSWORD"],
-                       tls=TlsOptions(pin_sha256=pin))
+    make = PSeriesClient if kind == "p-series" else PbxClient
+    client = make(url, user, os.environ["BENCH_PBX_PASSWORD"], tls=TlsOptions(pin_sha256=pin))
     async with client:
         await client.login()
         stop = asyncio.Event()
@@ -180,6 +197,79 @@ def curl_url(sim: Simulator, name: str) -> str:
     return f"{api}/recording/download?{query}"
 
 
+PSERIES_API = "/openapi/v1.0"
+PSERIES_HEADERS = {"User-Agent": "OpenAPI"}  # the OpenAPI refuses a request without one
+
+
+def pseries_answer(response: httpx.Response) -> dict:
+    document = response.json()
+    if document.get("errcode") != 0:
+        raise SystemExit(f"the P-Series simulator answered errcode {document.get('errcode')}")
+    return document
+
+
+@contextmanager
+def pseries_curl_url(sim: PSeriesSimulator, name: str) -> Iterator[str]:
+    """Get a token and the recording's file URL with plain HTTP calls, as any script would;
+    revoke the token when done (8 live tokens per app on the simulator)."""
+    api = f"{sim.url}{PSERIES_API}"
+    with httpx.Client(verify=str(sim.ca_file), timeout=30, headers=PSERIES_HEADERS) as http:
+        secret = {"username": sim.client_id, "password": sim.client_secret}
+        token_value = pseries_answer(http.post(f"{api}/get_token", json=secret))["access_token"]
+        try:
+            answer = pseries_answer(
+                http.get(
+                    f"{api}/recording/download",
+                    params={"file": name, "access_token": token_value},
+                )
+            )
+            query = urllib.parse.urlencode({"access_token": token_value})
+            yield f"{sim.url}{answer['download_resource_url']}?{query}"
+        finally:
+            http.get(f"{api}/del_token", params={"access_token": token_value})
+
+
+@dataclass
+class Pbx:
+    """The simulated PBX of one kind, with what the runs need of it."""
+
+    kind: str
+    url: str
+    user: str
+    password: str
+    ca_file: Path
+    pin: str
+    name: str
+    expected: str
+    curl_url: Callable[[], contextlib.AbstractContextManager[str]]
+
+
+@contextmanager
+def simulated_pbx(kind: str, work: Path, size: int) -> Iterator[Pbx]:
+    """The simulator of `kind` in this process, holding one recording of `size` bytes."""
+    if kind == "p-series":
+        with PSeriesSimulator(PSeriesConfig(data_dir=work / "pbx")) as psim:
+            call = psim.place_call(talk_seconds=1, size_bytes=size)
+            assert call.file is not None and psim.ca_file is not None
+            pname = call.file
+            yield Pbx(
+                kind, psim.url, psim.client_id, psim.client_secret, psim.ca_file,
+                str(psim.cert_sha256), pname, psim.recording_sha256(pname),
+                lambda: pseries_curl_url(psim, pname),
+            )  # fmt: skip
+        return
+    config = SimulatorConfig(password="bench-secret", data_dir=work / "pbx")
+    with Simulator(config) as sim:
+        cdr = sim.place_call(talk_seconds=1, size_bytes=size)
+        name = cdr.recording
+        assert name is not None
+        yield Pbx(
+            kind, sim.url, sim.username, sim.password, sim.ca_file, str(sim.cert_sha256),
+            name, sim.recording_sha256(name),
+            lambda: contextlib.nullcontext(curl_url(sim, name)),
+        )  # fmt: skip
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -188,6 +278,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--kind", choices=("s-series", "p-series"), default="s-series")
     args = parser.parse_args()
     curl = shutil.which("curl")
     if curl is None:
@@ -207,17 +298,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="callvault-bench-") as tmp:
         work = Path(tmp)
         report = work / "launcher.json"
-        config = SimulatorConfig(password="bench-secret", data_dir=work / "pbx")
-        with Simulator(config) as sim:
-            cdr = sim.place_call(talk_seconds=1, size_bytes=size)
-            name = cdr.recording
-            assert name is not None
-            expected = sim.recording_sha256(name)
-            env = dict(os.environ, BENCH_PBX_PASSWORD=sim.password)
+        with simulated_pbx(args.kind, work, size) as pbx:
+            name = pbx.name
+            expected = pbx.expected
+            env = dict(os.environ, BENCH_PBX_PASSWORD=pbx.password)
             fetch = [
-                callvault, "fetch", "--json", "--pbx", sim.url, "--username", sim.username,
-                "--password-env", "BENCH_PBX_PASSWORD", "--pin-sha256", str(sim.cert_sha256),
+                callvault, "fetch", "--json", "--pbx", pbx.url, "--username", pbx.user,
+                "--password-env", "BENCH_PBX_PASSWORD", "--pin-sha256", pbx.pin,
             ]  # fmt: skip
+            if args.kind != "s-series":
+                fetch[2:2] = ["--kind", args.kind]
 
             def run_callvault(run: int) -> None:
                 out = work / f"callvault-{run}"
@@ -234,11 +324,12 @@ def main() -> None:
 
             def run_curl(run: int) -> None:
                 target = work / f"curl-{run}.wav"
-                argv = [
-                    curl, "-sS", "--fail", "--cacert", str(sim.ca_file), "-o", str(target),
-                    "-w", "%{time_total}", curl_url(sim, name),
-                ]  # fmt: skip
-                result = run_launched(argv, env, report)
+                with pbx.curl_url() as url:
+                    argv = [
+                        curl, "-sS", "--fail", "--cacert", str(pbx.ca_file), "-o", str(target),
+                        "-w", "%{time_total}", url,
+                    ]  # fmt: skip
+                    result = run_launched(argv, env, report)
                 if sha256_of(target) != expected:
                     raise SystemExit("curl saved different bytes")
                 curl_s.append(float(result.stdout.strip()))
@@ -255,9 +346,11 @@ def main() -> None:
                 out = work / f"encrypted-{run}"
                 out.mkdir()
                 argv = [
-                    sys.executable, "-c", ENCRYPTED_RUN, name, sim.url, sim.username,
-                    str(sim.cert_sha256), str(out),
+                    sys.executable, "-c", ENCRYPTED_RUN, name, pbx.url, pbx.user, pbx.pin,
+                    str(out),
                 ]  # fmt: skip
+                if args.kind != "s-series":
+                    argv.append(args.kind)
                 result = run_launched(argv, encrypted_env, report)
                 line = json.loads(result.stdout.strip().splitlines()[-1])
                 if (
@@ -277,6 +370,7 @@ def main() -> None:
 
     mib = size / 2**20
     summary = {
+        **({"kind": args.kind} if args.kind != "s-series" else {}),
         "size_mb": args.size_mb,
         "runs": args.runs,
         "callvault_median_s": round(median(callvault_s), 3),

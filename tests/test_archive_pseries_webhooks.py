@@ -289,10 +289,7 @@ def _deliveries(sim: PSeriesSimulator) -> list[int]:
 def _mute_websockets(sim: PSeriesSimulator) -> None:
     """The PBX stops sending events over the WebSockets open now (the socket stays up and
     answers heartbeats): from then on only its webhook reports calls."""
-    hub = sim._hub
-    assert hub is not None
-    for session in list(hub.sessions):
-        session.topics = frozenset()
+    sim.mute_websockets()
 
 
 def test_serve_takes_a_p_series_pbx_s_signed_webhooks(

@@ -136,3 +136,14 @@ def test_bad_config_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_archive_required_when_used() -> None:
     with pytest.raises(SettingsError, match="no archive directory"):
         load_settings().db_url()
+
+
+def test_the_kind_option_offers_every_kind_of_pbx() -> None:
+    from click.testing import CliRunner
+
+    from callvault.cli import _register, app
+    from callvault.pbx import PBX_KINDS
+
+    _register()
+    shown = CliRunner().invoke(app, ["cdr", "--help"], terminal_width=200)
+    assert f"[{'|'.join(PBX_KINDS)}]" in shown.output

@@ -73,6 +73,8 @@ _pbx_option_list = _apply(
     ),
     option(
         "--kind",
+        # callvault.pbx.PBX_KINDS, spelled out: importing it would load the protocol
+        # package for every command (tests/test_cli_archive_settings.py checks they agree).
         type=click.Choice(("s-series", "cloud", "p-series")),
         help="Which API the PBX speaks: s-series (default), cloud (the S-Series-based Yeastar "
         "Cloud PBX) or p-series (the P-Series OpenAPI: --username is its API application's "

@@ -285,11 +285,11 @@ def _api_version(value: Any) -> ApiVersion:
 
 
 def _kind(value: Any) -> str:
-    from callvault.index.pbxs import KINDS
+    from callvault.pbx import PBX_KINDS  # not the registry's: reading it loads the index
 
     text = _text(value).lower()
-    if text not in KINDS:
-        raise ValueError(f"unknown PBX kind {text!r:.20}: use " + ", ".join(KINDS))
+    if text not in PBX_KINDS:
+        raise ValueError(f"unknown PBX kind {text!r:.20}: use " + ", ".join(PBX_KINDS))
     return text
 
 

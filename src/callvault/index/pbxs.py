@@ -17,6 +17,8 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from callvault.pbx import PBX_KINDS
+
 NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?", re.ASCII)
 MAX_DOWNLOADS_LIMIT = 16
 # The registry id of the archive's PBX given by `serve`'s flags (the one-PBX shorthand):
@@ -24,7 +26,7 @@ MAX_DOWNLOADS_LIMIT = 16
 FLAGS_PBX_ID = 0
 DEFAULT_MAX_DOWNLOADS = 2  # each PBX is a small embedded box
 
-KINDS = ("s-series", "cloud", "p-series")
+KINDS = PBX_KINDS
 """Which API a PBX speaks: the S-Series API (`username` and password: the API user), the
 S-Series-based Yeastar Cloud PBX (the same, with refresh tokens), or the P-Series OpenAPI
 (`username` and password: the API application's Client ID and Secret)."""

@@ -84,7 +84,6 @@ from callvault.pbx._pseries_tokens import (
     TokenStore,
     shared_memory_store,
 )
-from callvault.pbx._tcp_reports import tcp_reports
 from callvault.pbx._tls import (
     TlsOptions,
     build_ssl_context,
@@ -92,6 +91,7 @@ from callvault.pbx._tls import (
     normalise_pin,
 )
 from callvault.pbx._types import (
+    PBX_KINDS,
     ApiVersion,
     BootUpEvent,
     CallDetail,
@@ -113,6 +113,7 @@ if TYPE_CHECKING:
     )
     from callvault.pbx._pseries import PSeriesClient
     from callvault.pbx._sync import SyncPbxClient
+    from callvault.pbx._tcp_reports import tcp_reports
 
 # Exported names whose modules are imported on first use (they need httpx).
 _LAZY = {
@@ -122,6 +123,7 @@ _LAZY = {
     "password_md5": "_client",
     "SyncPbxClient": "_sync",
     "PSeriesClient": "_pseries",
+    "tcp_reports": "_tcp_reports",
 }
 
 __getattr__ = lazy_exports(__name__, _LAZY)
@@ -130,6 +132,7 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 __all__ = [
     "CSV_COLUMNS",
     "ERRNO_TABLE",
+    "PBX_KINDS",
     "PSERIES_ERRCODE_TABLE",
     "AllowedIpError",
     "ApiConfigError",

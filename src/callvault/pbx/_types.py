@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+PBX_KINDS = ("s-series", "cloud", "p-series")
+"""The kinds of Yeastar PBX there is a client for: the S-Series API (`PbxClient`), the
+S-Series-based Yeastar Cloud PBX (the same client: refresh tokens), and the P-Series
+OpenAPI (`PSeriesClient`)."""
+
 
 class ApiVersion(enum.StrEnum):
     """The `{version}` path segment of every API URL."""

@@ -94,7 +94,6 @@ import string
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from callvault.simulator._clock import Clock
@@ -115,7 +114,7 @@ from callvault.simulator._pseries_types import (
     PSeriesConfig,
     PSeriesFaults,
 )
-from callvault.simulator._server import BackgroundServer, StartupError
+from callvault.simulator._server import BackgroundServer, ServedPbx, StartupError
 from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
 from callvault.simulator._wav import write_wav
 
@@ -144,7 +143,7 @@ def _validate(config: PSeriesConfig) -> None:
             raise ValueError(f"webhook method must be GET or POST, not {hook.method!r}")
 
 
-class PSeriesSimulator:
+class PSeriesSimulator(ServedPbx[PSeriesConfig]):
     """A Yeastar P-Series PBX (OpenAPI) on 127.0.0.1; see the module docstring.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. The server runs on its
@@ -230,54 +229,15 @@ class PSeriesSimulator:
         if self._own_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> PSeriesSimulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None and self._server.running
-
     # -- what a client needs to know ------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.config.tls else "http"
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"{scheme}://{host}:{self._port}"
 
     @property
     def client_id(self) -> str:
         return self.config.client_id
 
     @property
-    def serial(self) -> str:
-        return self.config.serial
-
-    @property
     def firmware(self) -> str:
         return self.state.firmware
-
-    @property
-    def cert_sha256(self) -> str | None:
-        """Hex SHA-256 of the server certificate (DER); None for plain HTTP."""
-        return self._certificate.sha256 if self._certificate is not None else None
-
-    @property
-    def ca_file(self) -> Path | None:
-        """PEM file of the self-signed certificate (its own CA); None for plain HTTP."""
-        return self._certificate.cert_file if self._certificate is not None else None
 
     @property
     def faults(self) -> PSeriesFaults:
@@ -292,6 +252,21 @@ class PSeriesSimulator:
     def ws_connections(self) -> int:
         hub = self._hub
         return len(hub.sessions) if hub is not None else 0
+
+    def ws_subscribers(self, topic: int) -> int:
+        """How many open WebSockets have subscribed to `topic` (e.g. 30012): a socket is
+        open a moment before its topic list arrives, and an event sent in between is not
+        sent to it."""
+        hub = self._hub
+        return sum(1 for s in list(hub.sessions) if topic in s.topics) if hub is not None else 0
+
+    def mute_websockets(self) -> None:
+        """The WebSockets open now get no more events (they stay open and answer the
+        heartbeat), as if their subscription had lapsed: events then go to the webhooks
+        only."""
+        hub = self._hub
+        for session in list(hub.sessions) if hub is not None else []:
+            session.topics = frozenset()
 
     @property
     def request_log(self) -> list[tuple[str, str]]:

@@ -10,10 +10,14 @@ import ssl
 import threading
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from callvault.simulator._tls import ServerCertificate
 
 # Per-simulator setup and teardown, entered on the server's loop before serving starts and
 # left once serving has ended (or failed to start).
@@ -142,3 +146,69 @@ def _quiet_intended_drops() -> None:
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _DropFilter) for f in logger.filters):
         logger.addFilter(_DropFilter())
+
+
+class _Config(Protocol):
+    host: str
+    tls: bool
+    serial: str
+
+
+C = TypeVar("C", bound=_Config)
+
+
+class ServedPbx(Generic[C]):
+    """What every simulated PBX offers about its server, whatever its API: the
+    context manager, whether it runs, and what a client needs to reach and trust it.
+    A subclass sets `config`, `_server`, `_port` and `_certificate`, and defines `start`
+    and `stop`."""
+
+    config: C
+    _server: BackgroundServer | None
+    _port: int
+    _certificate: ServerCertificate | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None and self._server.running
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls else "http"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{scheme}://{host}:{self._port}"
+
+    @property
+    def serial(self) -> str:
+        return self.config.serial
+
+    @property
+    def cert_sha256(self) -> str | None:
+        """Hex SHA-256 of the server certificate (DER); None for plain HTTP."""
+        return self._certificate.sha256 if self._certificate is not None else None
+
+    @property
+    def ca_file(self) -> Path | None:
+        """PEM file of the self-signed certificate (it is its own CA); None for plain HTTP."""
+        return self._certificate.cert_file if self._certificate is not None else None

@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -31,7 +30,7 @@ from callvault.simulator._events import (
 )
 from callvault.simulator._faults import Faults
 from callvault.simulator._progress import parties_of, progress_reports
-from callvault.simulator._server import BackgroundServer, StartupError
+from callvault.simulator._server import BackgroundServer, ServedPbx, StartupError
 from callvault.simulator._state import PbxState, Recording
 from callvault.simulator._tcp import TcpReportServer, check_tcp_settings
 from callvault.simulator._tls import ServerCertificate, generate_certificate, server_ssl_context
@@ -54,7 +53,7 @@ _NON_ASCII_CALLERS = ("Müller", "Groß", "Åström", "Çelik", "Łukasz")
 CallListener = Callable[[CallDetail], None]
 
 
-class Simulator:
+class Simulator(ServedPbx[SimulatorConfig]):
     """A Yeastar S-Series PBX on 127.0.0.1, for demos, tests and benchmarks.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. The server runs on its
@@ -173,40 +172,11 @@ class Simulator:
         if self._own_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> Simulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None and self._server.running
-
     # -- what a client needs to know ------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.config.tls else "http"
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"{scheme}://{host}:{self._port}"
 
     @property
     def username(self) -> str:
         return self.config.username
-
-    @property
-    def serial(self) -> str:
-        return self.config.serial
 
     @property
     def tcp_report_port(self) -> int:
@@ -248,16 +218,6 @@ class Simulator:
                 return False
             time.sleep(0.005)
         return True
-
-    @property
-    def cert_sha256(self) -> str | None:
-        """Hex SHA-256 of the server certificate (DER); None for plain HTTP."""
-        return self._certificate.sha256 if self._certificate is not None else None
-
-    @property
-    def ca_file(self) -> Path | None:
-        """PEM file of the self-signed certificate (it is its own CA); None for plain HTTP."""
-        return self._certificate.cert_file if self._certificate is not None else None
 
     @property
     def faults(self) -> Faults:
