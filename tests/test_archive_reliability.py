@@ -1,17 +1,20 @@
-"""Reliability: faults on, `callvault serve` SIGKILLed and restarted.
+"""Reliability: faults on, `callvault serve` SIGKILLed and restarted, for each kind of PBX
+(S-Series, Cloud, P-Series: support.kinds).
 
 The simulated PBX drops downloads mid-body, answers slowly, sends 5xx and HTML pages,
 says "not ready" for a while after each call, revokes its tokens every few seconds and
-reboots once. Meanwhile about 200 calls are placed, and the `callvault serve` process is
-killed with SIGKILL at random moments and started again (at least three times); calls
-whose events went nowhere while it was down come back through reconciliation. The job
-lease keeps its default (300 s): downloads a killed run held resume at once because the
-restart supersedes its process row, not because a lease ran out.
+reboots once (a P-Series PBX: the nearest of these it has, see
+`support.kinds.pseries_faults`). Meanwhile about 200 calls are placed, and the
+`callvault serve` process is killed with SIGKILL at random moments and started again (at
+least three times); calls whose events went nowhere while it was down come back through
+reconciliation. The job lease keeps its default (300 s): downloads a killed run held
+resume at once because the restart supersedes its process row, not because a lease ran
+out.
 
 At the end: every recording is archived exactly once, byte-identical (SHA-256) to the
 simulator's; no temporary file is visible in the archive tree; index and disk agree
 (also per `callvault verify`); the last run stops with exit code 0 on SIGTERM; no log
-line holds the password or the receiver's secret path.
+line holds the password (Client Secret) or the receiver's secret path.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from click.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.index import SettingKey, open_index
-from callvault.simulator import Faults, Simulator, SimulatorConfig
-from support.archive import ServeProcess, free_port, serve_env
+from callvault.simulator import Faults
+from support.archive import ServeProcess, free_port
+from support.kinds import kind_params, start_pbx
 
 CALLS = 200
 KILLS = 4
@@ -47,13 +51,16 @@ def _seed() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", kind_params())
+def test_sigkill_restarts_under_faults_lose_nothing(kind: str, tmp_path: Path) -> None:
     seed = _seed()
-    replay = f"replay with CALLVAULT_TEST_SEED={seed}"
+    replay = f"{kind}: replay with CALLVAULT_TEST_SEED={seed}"
     # One generator per thread: a shared one would hand out its numbers in an order that
     # depends on the scheduling, and the seed would not replay the run.
     rng = random.Random(f"{seed}-kills")
     calls_rng = random.Random(f"{seed}-calls")
+    # The S-Series and the Cloud PBX get all of these; a P-Series PBX the nearest it has,
+    # the others not switched on (see support.kinds.pseries_faults).
     faults = Faults(
         drop_rate=0.1,
         slow_seconds=0.01,
@@ -62,17 +69,21 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
         not_ready_seconds=1.0,
         revoke_every_seconds=7.0,
     )
-    config = SimulatorConfig(
-        seed=seed, faults=faults, event_retry_interval=0.3, event_max_retries=5
-    )
     archive = tmp_path / "archive"
     # SQLite only (a run takes half a minute); the takeover after SIGKILL is tested on
     # PostgreSQL too, in test_archive_process.py.
     db_url = f"sqlite:///{archive / 'callvault.db'}"
     logs = tmp_path / "logs"
     logs.mkdir()
-    with Simulator(config) as sim:
-        serve = ServeProcess(serve_env(sim, archive, free_port(), db_url), logs)
+    with start_pbx(
+        kind,
+        seed=seed,
+        faults=faults,
+        workdir=tmp_path,
+        event_retry_interval=0.3,
+        event_max_retries=5,
+    ) as pbx:
+        serve = ServeProcess(pbx.serve_env(archive, free_port(), db_url), logs)
         placed: list[str] = []
         give_up = threading.Event()
 
@@ -81,11 +92,11 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
                 if give_up.is_set():
                     return
                 answered = n % 10 != 9  # some calls have no recording
-                cdr = sim.place_random_call(answered=answered)
-                if cdr.recording:
-                    placed.append(cdr.recording)
+                recording = pbx.place_random_call(answered=answered)
+                if recording:
+                    placed.append(recording)
                 if n == CALLS // 2:
-                    sim.reboot()
+                    pbx.reboot()
                 give_up.wait(calls_rng.uniform(0.05, 0.25))
 
         caller = threading.Thread(target=place_calls)
@@ -124,7 +135,7 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
                 caller.join()
 
         # Every recording once, byte-identical to the PBX's, where the index says.
-        expected = set(sim.recording_names())
+        expected = set(pbx.recording_names())
         assert expected == set(placed) and len(placed) > 150, replay
         with open_index(db_url) as index:
             secret_path = index.settings.get(SettingKey.EVENTS_SECRET_PATH)
@@ -136,7 +147,7 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
                 keys.add(row.storage_key)
                 data = (archive / row.storage_key).read_bytes()
                 digest = hashlib.sha256(data).hexdigest()
-                assert digest == sim.recording_sha256(name) == row.sha256, (name, replay)
+                assert digest == pbx.recording_sha256(name) == row.sha256, (name, replay)
                 assert row.size == len(data), (name, replay)
 
     # The tree holds exactly the archived files (and the index); nothing temporary is
@@ -158,7 +169,9 @@ def test_sigkill_restarts_under_faults_lose_nothing(tmp_path: Path) -> None:
 
     text = serve.log_text()
     assert "Traceback" not in text, replay
-    assert sim.password not in text, replay
+    assert pbx.secret not in text, replay
+    # Every kind: a P-Series PBX's events come over its WebSocket, but serve's receiver
+    # also runs for it (its signed webhooks), under the same secret path.
     assert secret_path is not None and secret_path not in text, replay
     # Every recording archived is logged, but for those a SIGKILL caught between the commit
     # and the log line: at most the downloads a killed run had in flight.
