@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from anyio import AsyncFile
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -456,6 +456,9 @@ class PbxHttp:
         except ApiFailure as failure:
             self.state.log(endpoint, failure.errno, ip)
             return failed(failure.errno)
+        except ClientDisconnect:  # gone before its body arrived (e.g. killed): nobody to answer
+            self.state.log(endpoint, "disconnected", ip)
+            return Response(b"", status_code=400)
         self.state.log(endpoint, outcome, ip)
         return response
 
