@@ -3,6 +3,12 @@
 The simulator only pushes events to logged-in app servers, so calls placed while no
 archiver runs are exactly "events missed while serve was down". The index runs on both
 engines; `callvault backfill` runs in process (CliRunner) or, for signals, as a child.
+
+What every kind of PBX does alike (missed calls archived, idempotent runs, queue-only
+then serve, resuming without --until, serve reconciling at start) runs for each kind
+(S-Series, Cloud, P-Series: `support.kinds`, the fixture `pbx`; a P-Series PBX's history
+is read from cdr/search). The rest is about the S-Series CSV export (its one-day windows,
+v1.0.1 without it, rows it refuses) and runs against it alone.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -30,8 +37,9 @@ from callvault.cli import _register, app
 from callvault.index import SettingKey, Worker, open_index
 from callvault.index.schema import recordings
 from callvault.pbx import CSV_COLUMNS, CallDetail, PbxClient, TlsOptions, parse_cdr_csv
-from callvault.simulator import Simulator
+from callvault.simulator import Faults, Simulator
 from support.archive import archiver_config, cli_env, outer_env, states, wait_until
+from support.kinds import PbxUnderTest, kind_params, start_pbx
 
 CALLVAULT = str(Path(sys.executable).with_name("callvault"))
 # A caller this long makes a recording name over 255 characters: the index refuses the row
@@ -40,8 +48,19 @@ CALLVAULT = str(Path(sys.executable).with_name("callvault"))
 REFUSED_CALLER = "#" + "9" * 250
 
 
-def _days_ago(sim: Simulator, days: int) -> str:
-    return (datetime.now(ZoneInfo(sim.config.timezone)) - timedelta(days=days)).strftime("%Y-%m-%d")
+def _days_ago(sim: Simulator | PbxUnderTest, days: int) -> str:
+    zone = sim.config.timezone if isinstance(sim, Simulator) else sim.timezone
+    return (datetime.now(ZoneInfo(zone)) - timedelta(days=days)).strftime("%Y-%m-%d")
+
+
+@pytest.fixture(params=kind_params())
+def pbx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PbxUnderTest]:
+    """A running PBX of each kind; an S-Series or Cloud one re-sends an unanswered report
+    after 0.2 s, as `events_sim` does."""
+    with start_pbx(
+        request.param, seed=7, faults=Faults(), workdir=tmp_path, event_retry_interval=0.2
+    ) as running:
+        yield running
 
 
 def _place_calls_across_windows(sim: Simulator) -> tuple[CallDetail, CallDetail, CallDetail]:
@@ -58,37 +77,32 @@ def _place_calls_across_windows(sim: Simulator) -> tuple[CallDetail, CallDetail,
     return early, refused, late
 
 
-def _cdr_exports(sim: Simulator) -> int:
-    return sum(1 for endpoint, _ in sim.request_log if endpoint == "cdr/get_random")
-
-
 # -- the command -------------------------------------------------------------------------------
 
 
 def test_backfill_cli_archives_missed_calls_and_is_idempotent(
-    events_sim: Simulator, tmp_path: Path, db_url: str
+    pbx: PbxUnderTest, tmp_path: Path, db_url: str
 ) -> None:
-    sim = events_sim
     _register()
     missed = [
-        sim.place_call(callfrom=f"10{n:02d}", callto="1099", talk_seconds=1) for n in range(6)
+        pbx.place_call(call_from=f"10{n:02d}", call_to="1099", talk_seconds=1) for n in range(6)
     ]
-    sim.place_call(status="NO ANSWER")
+    assert pbx.place_call(status="NO ANSWER") is None
     archive = tmp_path / "archive"
-    env = cli_env(sim, archive, db_url)
-    since = _days_ago(sim, 2)
+    env = pbx.cli_env(archive, db_url)
+    since = _days_ago(pbx, 2)
     runner = CliRunner()
     result = runner.invoke(app, ["backfill", "--since", since], env=env)
     assert result.exit_code == 0, result.output
     assert "6 recordings queued" in result.output and "6 archived" in result.output
     with open_index(db_url) as index:
         assert states(index) == {"archived": 6}
-        for cdr in missed:
-            assert cdr.recording is not None
-            row = index.recordings.by_name(cdr.recording)
+        for name in missed:
+            assert name is not None
+            row = index.recordings.by_name(name)
             assert row is not None and row.source == "cdr" and row.storage_key is not None
             data = (archive / row.storage_key).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == sim.recording_sha256(cdr.recording)
+            assert hashlib.sha256(data).hexdigest() == pbx.recording_sha256(name)
         progress = json.loads(index.settings.get(SettingKey.BACKFILL_PROGRESS) or "{}")
         assert progress["done_until"] == progress["until"]
         # Its downloads ran as a registered process of this run alone, stopped at its end.
@@ -145,28 +159,27 @@ def test_backfill_ends_with_its_summary_without_waiting_on_jobs_that_cannot_prog
 
 
 def test_backfill_queue_only_then_serve_downloads(
-    events_sim: Simulator, tmp_path: Path, db_url: str
+    pbx: PbxUnderTest, tmp_path: Path, db_url: str
 ) -> None:
-    sim = events_sim
     _register()
-    cdrs = [sim.place_call(talk_seconds=1) for _ in range(3)]
+    names = [pbx.place_call(talk_seconds=1) for _ in range(3)]
     archive = tmp_path / "archive"
-    since = (datetime.now(ZoneInfo(sim.config.timezone)) - timedelta(hours=3)).strftime(
+    since = (datetime.now(ZoneInfo(pbx.timezone)) - timedelta(hours=3)).strftime(
         "%Y-%m-%d %H:%M:%S"
     )
     result = CliRunner().invoke(
-        app, ["backfill", "--since", since, "--queue-only"], env=cli_env(sim, archive, db_url)
+        app, ["backfill", "--since", since, "--queue-only"], env=pbx.cli_env(archive, db_url)
     )
     assert result.exit_code == 0, result.output
     assert "3 recordings queued" in result.output
     with open_index(db_url) as index:
         assert states(index) == {"pending": 3}
     assert not list(archive.rglob("*.wav"))
-    with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+    with Archiver(pbx.archiver_config(archive, db_url=db_url)) as archiver:
         index = archiver.index
         assert index is not None
         assert wait_until(lambda: states(index) == {"archived": 3}), states(index)
-    assert {p.name for p in archive.rglob("*.wav")} == {c.recording for c in cdrs}
+    assert {p.name for p in archive.rglob("*.wav")} == set(names)
 
 
 def test_backfill_refuses_bad_options(events_sim: Simulator, tmp_path: Path) -> None:
@@ -219,29 +232,28 @@ def test_backfill_skips_a_refused_row_and_archives_the_rest(
 
 
 def test_backfill_without_until_resumes_where_the_last_run_stopped(
-    events_sim: Simulator, tmp_path: Path, db_url: str
+    pbx: PbxUnderTest, tmp_path: Path, db_url: str
 ) -> None:
-    sim = events_sim
     _register()
-    sim.place_call(talk_seconds=1)
-    env = cli_env(sim, tmp_path / "archive", db_url)
-    args = ["backfill", "--since", _days_ago(sim, 3), "--queue-only"]
+    pbx.place_call(talk_seconds=1)
+    env = pbx.cli_env(tmp_path / "archive", db_url)
+    args = ["backfill", "--since", _days_ago(pbx, 3), "--queue-only"]
     first = CliRunner().invoke(app, args, env=env)
     assert first.exit_code == 0, first.output
     assert "1 recording queued" in first.output
-    exports = _cdr_exports(sim)
+    exports = pbx.cdr_reads()
     assert exports >= 4  # three whole days and today
     again = CliRunner().invoke(app, args, env=env)
     assert again.exit_code == 0, again.output
     # Only the stretch since the first run is asked for: one short window.
-    assert _cdr_exports(sim) == exports + 1
+    assert pbx.cdr_reads() == exports + 1
     match = re.search(r"(\d+) calls? in (\d+) windows? \((\d+) already done\)", again.output)
     assert match is not None, again.output
     assert (int(match.group(2)), int(match.group(3))) == (1, exports)
     # --restart ignores the progress: every window again.
     fresh = CliRunner().invoke(app, [*args, "--restart"], env=env)
     assert fresh.exit_code == 0, fresh.output
-    assert _cdr_exports(sim) == 2 * exports + 1
+    assert pbx.cdr_reads() == 2 * exports + 1
 
 
 def _downloading(db_url: str) -> int:
@@ -332,26 +344,26 @@ def test_backfill_progress_is_kept_per_pbx_and_since(events_sim: Simulator, db_u
 
 
 def test_serve_reconciles_missed_calls_at_start(
-    events_sim: Simulator, tmp_path: Path, db_url: str
+    pbx: PbxUnderTest, tmp_path: Path, db_url: str
 ) -> None:
-    sim = events_sim
     archive = tmp_path / "archive"
-    with Archiver(archiver_config(sim, archive, db_url=db_url)) as archiver:
+    with Archiver(pbx.archiver_config(archive, db_url=db_url)) as archiver:
         index = archiver.index
         assert index is not None
-        sim.place_call(talk_seconds=1)
+        assert pbx.wait_events_ready()
+        pbx.place_call(talk_seconds=1)
         assert wait_until(lambda: states(index) == {"archived": 1})
     # Down: these events reach nobody.
-    missed = [sim.place_call(talk_seconds=1) for _ in range(4)]
-    config = archiver_config(sim, archive, db_url=db_url, reconcile_at_start=True)
+    missed = [pbx.place_call(talk_seconds=1) for _ in range(4)]
+    config = pbx.archiver_config(archive, db_url=db_url, reconcile_at_start=True)
     with Archiver(config) as archiver:
         index = archiver.index
         assert index is not None
         assert wait_until(lambda: states(index) == {"archived": 5}), states(index)
-        for cdr in missed:
-            assert cdr.recording is not None
-            row = index.recordings.by_name(cdr.recording)
-            assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
+        for name in missed:
+            assert name is not None
+            row = index.recordings.by_name(name)
+            assert row is not None and row.sha256 == pbx.recording_sha256(name)
 
 
 def test_reconcile_skips_a_refused_row_and_goes_on_with_later_windows(

@@ -14,6 +14,14 @@ each kind switches on the nearest faults it has (see :func:`pseries_faults`).
         serve = ServeProcess(pbx.serve_env(archive, free_port(), db_url), logs)
         name = pbx.place_random_call(answered=True)  # its recording's name
         ...  # pbx.reboot(), pbx.recording_names(), pbx.recording_sha256(name), pbx.secret
+
+The in-process archiver's tests (test_archive_service, test_archive_backfill) use the rest:
+``pbx.archiver_config(archive, ...)`` (as `support.archive.archiver_config`),
+``pbx.cli_env(archive, db_url)`` (as `support.archive.cli_env`), ``pbx.place_call(...)``,
+``pbx.wait_events_ready()`` (a P-Series PBX sends events only to the WebSockets
+subscribed at the time), ``pbx.faults`` (the live fault switches: ``drop_next_downloads``,
+``error_5xx_next`` and ``html_error_next`` exist on both), ``pbx.repeat_new_cdr(...)``,
+``pbx.revoke_tokens()``, ``pbx.pbx_logins`` and ``pbx.cdr_reads()``.
 """
 
 from __future__ import annotations
@@ -22,11 +30,15 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from types import SimpleNamespace
+from typing import Protocol, cast
 
+import httpx
 import pytest
 
+from callvault.archive import Archiver, ArchiverConfig
 from callvault.keys import create_key_file
+from callvault.pbx import CallDetail, EventFormat
 from callvault.simulator import (
     Faults,
     PSeriesConfig,
@@ -35,7 +47,14 @@ from callvault.simulator import (
     Simulator,
     SimulatorConfig,
 )
-from support.archive import outer_env, serve_env
+from callvault.simulator._events import newcdr_body
+from support.archive import (
+    archiver_config,
+    cli_env,
+    outer_env,
+    serve_env,
+    wait_until,
+)
 
 KINDS = ("s-series", "cloud", "p-series")
 
@@ -79,6 +98,59 @@ class PbxUnderTest(Protocol):
         """The environment of a `callvault serve` child against this PBX, delays shrunk."""
         ...
 
+    @property
+    def serial(self) -> str: ...
+
+    @property
+    def timezone(self) -> str: ...
+
+    @property
+    def faults(self) -> Faults | PSeriesFaults:
+        """The live fault switches of the running PBX."""
+        ...
+
+    @property
+    def pbx_logins(self) -> int:
+        """Logins the PBX granted (S-Series ``login``, P-Series ``get_token``)."""
+        ...
+
+    def place_call(
+        self,
+        *,
+        call_from: str | None = None,
+        call_to: str | None = None,
+        call_type: str | None = None,
+        talk_seconds: int = 3,
+        status: str | None = None,
+    ) -> str | None:
+        """A call that has just ended; its recording's name (None: not recorded). What is
+        not given is the simulator's own default."""
+        ...
+
+    def archiver_config(self, archive: Path, **overrides: object) -> ArchiverConfig:
+        """An in-process archiver for this PBX (see `support.archive.archiver_config`)."""
+        ...
+
+    def wait_events_ready(self) -> bool:
+        """Wait until a running archiver will hear of the next call."""
+        ...
+
+    def repeat_new_cdr(self, name: str, archiver: Archiver, times: int) -> None:
+        """The NewCdr of the recording `name` reaches the archiver `times` times more."""
+        ...
+
+    def revoke_tokens(self) -> None:
+        """The PBX forgets its tokens, without telling anyone (no reboot)."""
+        ...
+
+    def cli_env(self, archive: Path, db_url: str | None = None) -> dict[str, str]:
+        """CALLVAULT_* settings of `backfill` against this PBX (`support.archive.cli_env`)."""
+        ...
+
+    def cdr_reads(self) -> int:
+        """How many reads of the call history the PBX answered (S-Series: CDR exports)."""
+        ...
+
 
 class SSeriesPbx:
     """The S-Series simulator, as an S-Series PBX or (``kind="cloud"``) the Cloud PBX."""
@@ -86,10 +158,69 @@ class SSeriesPbx:
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.kind = sim.config.kind
+        self.calls: dict[str, CallDetail] = {}  # placed by place_call, by recording name
 
     @property
     def secret(self) -> str:
         return self.sim.password
+
+    @property
+    def serial(self) -> str:
+        return self.sim.serial
+
+    @property
+    def timezone(self) -> str:
+        return self.sim.config.timezone
+
+    @property
+    def faults(self) -> Faults:
+        return self.sim.faults
+
+    @property
+    def pbx_logins(self) -> int:
+        return self.sim.login_count
+
+    def place_call(
+        self,
+        *,
+        call_from: str | None = None,
+        call_to: str | None = None,
+        call_type: str | None = None,
+        talk_seconds: int = 3,
+        status: str | None = None,
+    ) -> str | None:
+        given = {"callfrom": call_from, "callto": call_to, "type": call_type, "status": status}
+        fields = {k: v for k, v in given.items() if v is not None}
+        cdr = self.sim.place_call(talk_seconds=talk_seconds, **fields)  # type: ignore[arg-type]
+        if cdr.recording is not None:
+            self.calls[cdr.recording] = cdr
+        return cdr.recording
+
+    def archiver_config(self, archive: Path, **overrides: object) -> ArchiverConfig:
+        if self.kind != "s-series":  # s-series: the config's default, left as ever
+            overrides.setdefault("kind", self.kind)
+        return archiver_config(self.sim, archive, **overrides)
+
+    def wait_events_ready(self) -> bool:
+        return True  # the archiver's login at start told the PBX where to post its reports
+
+    def repeat_new_cdr(self, name: str, archiver: Archiver, times: int) -> None:
+        # Posted to the archiver's receiver, as the PBX re-sends a report.
+        body = newcdr_body(self.calls[name], EventFormat.V1_0_2)
+        for _ in range(times):
+            assert httpx.post(archiver.events_url, content=body).status_code == 200
+
+    def revoke_tokens(self) -> None:
+        self.sim.revoke_tokens()
+
+    def cli_env(self, archive: Path, db_url: str | None = None) -> dict[str, str]:
+        env = cli_env(self.sim, archive, db_url)
+        if self.kind != "s-series":
+            env["CALLVAULT_KIND"] = self.kind
+        return env
+
+    def cdr_reads(self) -> int:
+        return sum(1 for endpoint, _ in self.sim.request_log if endpoint == "cdr/get_random")
 
     def place_random_call(self, *, answered: bool) -> str | None:
         # The simulator's own seeded generator (as the test always did).
@@ -128,6 +259,107 @@ class PSeriesPbx:
     @property
     def secret(self) -> str:
         return self.sim.client_secret
+
+    @property
+    def serial(self) -> str:
+        return self.sim.serial
+
+    @property
+    def timezone(self) -> str:
+        return self.sim.config.timezone
+
+    @property
+    def faults(self) -> PSeriesFaults:
+        return self.sim.faults
+
+    @property
+    def pbx_logins(self) -> int:
+        return self.sim.get_token_count
+
+    def place_call(
+        self,
+        *,
+        call_from: str | None = None,
+        call_to: str | None = None,
+        call_type: str | None = None,
+        talk_seconds: int = 3,
+        status: str | None = None,
+    ) -> str | None:
+        given = {
+            "call_from": call_from,
+            "call_to": call_to,
+            "call_type": call_type,
+            "status": status,
+        }
+        fields = {k: v for k, v in given.items() if v is not None}
+        trunk = "SIP-Provider" if call_type == "Outbound" else ""  # an outbound call's
+        call = self.sim.place_call(
+            talk_seconds=talk_seconds,
+            dst_trunk=trunk,
+            **fields,  # type: ignore[arg-type]
+        )
+        return call.file
+
+    def archiver_config(self, archive: Path, **overrides: object) -> ArchiverConfig:
+        """As `support.archive.archiver_config`, every delay shrunk alike, for a P-Series
+        PBX: its Client ID and Secret as user name and password. Its events come over the
+        WebSocket the archiver opens; no master key, so its tokens are not kept."""
+        sim = self.sim
+        # archiver_config reads these of an S-Series simulator; the same of this PBX.
+        shape = SimpleNamespace(
+            url=sim.url,
+            username=sim.client_id,
+            password=sim.client_secret,
+            cert_sha256=sim.cert_sha256,
+            config=SimpleNamespace(timezone=sim.config.timezone),
+        )
+        overrides.setdefault("kind", "p-series")
+        return archiver_config(cast(Simulator, shape), archive, **overrides)
+
+    def wait_events_ready(self) -> bool:
+        # A P-Series PBX sends an event to the WebSockets subscribed at the time only: the
+        # archiver's may still be connecting when it has started.
+        return wait_until(lambda: self.sim.ws_subscribers(30012) >= 1, timeout=20)
+
+    def repeat_new_cdr(self, name: str, archiver: Archiver, times: int) -> None:
+        # The PBX sends the same 30012 again over the archiver's WebSocket (its receiver
+        # takes no unsigned posts: the WebSocket is where a P-Series PBX's events come from).
+        assert self.sim.ws_subscribers(30012) >= 1
+        self.sim.resend_new_cdr(name, times)
+
+    def revoke_tokens(self) -> None:
+        # Every token the PBX issued is deleted (as `del_token` does), without a restart:
+        # the WebSocket stays open, the next API call meets 10004.
+        state = self.sim.state
+        with state.lock:
+            for token in list(state.access):
+                state.del_token(token)
+
+    def cli_env(self, archive: Path, db_url: str | None = None) -> dict[str, str]:
+        sim = self.sim
+        env = {
+            "CALLVAULT_KIND": "p-series",
+            "CALLVAULT_PASSWORD": sim.client_secret,
+            "CALLVAULT_PBX": sim.url,
+            "CALLVAULT_USERNAME": sim.client_id,
+            "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
+            "CALLVAULT_ARCHIVE": str(archive),
+            "CALLVAULT_TIMEZONE": sim.config.timezone,
+            "CALLVAULT_RETRY_SCHEDULE_S": "[0.2, 0.5]",
+            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.1",
+            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "0.5",
+        }
+        if db_url is not None:
+            env["CALLVAULT_DB"] = db_url
+        return env
+
+    def cdr_reads(self) -> int:
+        """The ``cdr/search`` requests of the history's windows: the client's first
+        ``cdr/search`` of each run follows its ``cdr/list`` and learns the PBX's time
+        filters (a search for the newest call), it reads no window; not counted."""
+        log = self.sim.request_log
+        searches = sum(1 for path, _ in log if path.endswith("/cdr/search"))
+        return searches - sum(1 for path, _ in log if path.endswith("/cdr/list"))
 
     def place_random_call(self, *, answered: bool) -> str | None:
         """Internal, inbound from a mobile or outbound, as the S-Series simulator's

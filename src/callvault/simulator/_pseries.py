@@ -172,6 +172,7 @@ class PSeriesSimulator(ServedPbx[PSeriesConfig]):
             recordings_dir=self.recordings_dir,
         )
         self._hub: EventHub | None = None
+        self._new_cdrs: dict[str, dict[str, Any]] = {}  # the 30012 sent, by recording
         self._http = PSeriesHttp(self.state, lambda: self._hub)
         self._certificate: ServerCertificate | None = None
         self._server: BackgroundServer | None = None
@@ -252,6 +253,12 @@ class PSeriesSimulator(ServedPbx[PSeriesConfig]):
     def ws_connections(self) -> int:
         hub = self._hub
         return len(hub.sessions) if hub is not None else 0
+
+    def resend_new_cdr(self, file: str, times: int = 1) -> None:
+        """Send the 30012 of the call recorded as `file` again, `times` times, to the
+        WebSockets and webhooks, as a PBX that repeats itself would."""
+        for _ in range(times):
+            self._emit(30012, self._new_cdrs[file])
 
     def ws_subscribers(self, topic: int) -> int:
         """How many open WebSockets have subscribed to `topic` (e.g. 30012): a socket is
@@ -409,7 +416,10 @@ class PSeriesSimulator(ServedPbx[PSeriesConfig]):
         if self.config.call_status_events:
             for msg in self._status_events(call, answered, src_trunk or dst_trunk):
                 self._emit(30011, msg)
-        self._emit(30012, self._new_cdr_msg(call, src_trunk, dst_trunk, did_number))
+        new_cdr = self._new_cdr_msg(call, src_trunk, dst_trunk, did_number)
+        if call.file is not None:
+            self._new_cdrs[call.file] = new_cdr
+        self._emit(30012, new_cdr)
         return call
 
     def _emit(self, event_type: int, msg: dict[str, Any]) -> None:
