@@ -337,10 +337,12 @@ class PSeriesClient(ApiClient):
 
     async def _close_event_streams(self) -> None:
         self._closed = True
-        await self._stop_completion_listener()
+        # The sockets first: a stream waiting on one ends at once, whatever happens to the
+        # cancellation below.
         for connection in list(self._sockets):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=2)
+        await self._stop_completion_listener()
 
     def _api_url(self, endpoint: str, query: dict[str, str] | None, token: str | None) -> httpx.URL:
         params = dict(query or {})
@@ -1094,7 +1096,8 @@ class PSeriesClient(ApiClient):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            frame = await asyncio.wait_for(connection.recv(), timeout=left)
+            async with asyncio.timeout(left):
+                frame = await connection.recv()
             text = frame.decode("utf-8", "replace") if isinstance(frame, bytes) else frame
             if text.strip().lower() == "heartbeat response":
                 continue
@@ -1114,14 +1117,17 @@ class PSeriesClient(ApiClient):
     async def _ws_events(self, connection: ClientConnection) -> AsyncIterator[Event]:
         """Events from one connection until it closes; heartbeats sent in between."""
         last_sent = time.monotonic()
-        while True:
+        while not self._closed:
             left = last_sent + self.ws_heartbeat - time.monotonic()
             if left <= 0:
                 await connection.send("heartbeat")
                 last_sent = time.monotonic()
                 continue
             try:
-                frame = await asyncio.wait_for(connection.recv(), timeout=left)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the frame does, and the stream would go on.
+                async with asyncio.timeout(left):
+                    frame = await connection.recv()
             except TimeoutError:
                 continue  # time for a heartbeat
             text = frame.decode("utf-8", "replace") if isinstance(frame, bytes) else frame
