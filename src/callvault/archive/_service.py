@@ -36,7 +36,7 @@ import hmac
 import logging
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,12 +70,21 @@ from callvault.archive._receiver import (
     allow_list_for,
     create_receiver_app,
     new_secret_path,
+    validate_cdr,
 )
 from callvault.archive._session import PbxSession
 from callvault.archive._tokens import IndexTokenStore
 from callvault.archive._where import StorageMismatch, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
-from callvault.index import BackfillRequest, Index, Lease, RecordResult, SettingKey, open_index
+from callvault.index import (
+    BackfillRequest,
+    Index,
+    InvalidCallDetail,
+    Lease,
+    RecordResult,
+    SettingKey,
+    open_index,
+)
 from callvault.index.pbxs import MAX_DOWNLOADS_LIMIT, PbxRecord
 from callvault.keys import Keyring
 from callvault.pbx import (
@@ -1207,16 +1216,36 @@ class _Lane:
         committer = self.committer
         assert committer is not None
         commit = self._serial_noting(committer, index)
-        metrics = self._archiver.metrics
         async for event in client.events():
             if stop.is_set():
                 return
             if isinstance(event, NewCdrEvent):
-                await commit(event.cdr)
-                metrics.event(200)
+                await self._take_report(event.cdr, commit)
             elif isinstance(event, EventsResumed):
                 log.info("%s: events resumed; reconciling the gap", self.describe())
                 self._reconcile_soon.set()
+
+    async def _take_report(
+        self, cdr: CallDetail, commit: Callable[[CallDetail], Awaitable[RecordResult]]
+    ) -> None:
+        """A NewCdr read from the PBX's event stream (WebSocket or TCP), checked by the
+        receiver's rules for a posted one and committed. One that can never be stored is
+        logged and skipped: it neither stops the stream nor comes back."""
+        metrics = self._archiver.metrics
+        problem = validate_cdr(cdr, self.target.timezone)
+        if problem is not None:
+            log.warning(
+                "%s: NewCdr for call %.80r skipped: %s", self.describe(), cdr.callid, problem
+            )
+            metrics.event(400)
+            return
+        try:
+            await commit(cdr)
+        except InvalidCallDetail as exc:
+            log.warning("%s: NewCdr refused by the index: %s", self.describe(), exc)
+            metrics.event(400)
+            return
+        metrics.event(200)
 
     async def _tcp_reports_loop(self, client: PbxClient, index: Index, stop: asyncio.Event) -> None:
         """An S-Series v2 PBX whose Report Method is TCP (its login says so) sends no
@@ -1242,7 +1271,6 @@ class _Lane:
             return
         host = urlsplit(target.pbx_url).hostname or ""
         commit = self._serial_noting(committer, index)
-        metrics = self._archiver.metrics
         log.info("taking the reports of %s from its TCP port %d", self.describe(), port)
         while not stop.is_set():
             try:
@@ -1254,8 +1282,7 @@ class _Lane:
                     local_address=self._archiver.config.bind,
                 ):
                     if isinstance(event, NewCdrEvent):
-                        await commit(event.cdr)
-                        metrics.event(200)
+                        await self._take_report(event.cdr, commit)
                     elif isinstance(event, BootUpEvent):
                         self._request_relogin()
                     elif isinstance(event, EventsResumed):
