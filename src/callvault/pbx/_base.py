@@ -65,6 +65,10 @@ class ApiClient:
     backoff_base: float
     backoff_max: float
     _sleep: Callable[[float], Awaitable[None]]
+    # The last refused authentication (when, and what was raised), and how long no other
+    # is sent after one: five refusals in a row lock this host out of the PBX.
+    _auth_failure: tuple[float, PbxError] | None
+    login_failure_pause: float
 
     @property
     def base_url(self) -> str:
@@ -86,6 +90,20 @@ class ApiClient:
 
     async def _authed(self, operation: Callable[[], Awaitable[T]]) -> T:
         raise NotImplementedError
+
+    def _refuse_while_paused(self, now: float, wait: str, why: str) -> None:
+        """Raise the last refusal again, at once, while `login_failure_pause` has not run
+        out since it: "(`wait` N s: `why`)" added to its message."""
+        if self._auth_failure is None:
+            return
+        failed_at, failure = self._auth_failure
+        if now - failed_at < self.login_failure_pause:
+            remaining = int(self.login_failure_pause - (now - failed_at)) + 1
+            again = type(failure)(
+                f"{failure.message} ({wait} {remaining} s: {why})", errno=failure.errno
+            )
+            again.kind = failure.kind
+            raise again
 
     def _backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt` + 1: doubling, capped, jittered."""

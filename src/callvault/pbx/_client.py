@@ -400,17 +400,9 @@ class PbxClient(ApiClient):
     async def _login_exclusive(self) -> None:
         """Log in; the caller holds the gate exclusive."""
         now = self._clock()
-        if self._auth_failure is not None:
-            failed_at, failure = self._auth_failure
-            if now - failed_at < self.login_failure_pause:
-                remaining = int(self.login_failure_pause - (now - failed_at)) + 1
-                again = type(failure)(
-                    f"{failure.message} (not trying again for {remaining} s: five failed "
-                    "logins would lock this IP out)",
-                    errno=failure.errno,
-                )
-                again.kind = failure.kind
-                raise again
+        self._refuse_while_paused(
+            now, "not trying again for", "five failed logins would lock this IP out"
+        )
         if self._locked_until is not None and now < self._locked_until:
             remaining = int(self._locked_until - now) + 1
             raise LoginLockedOut(

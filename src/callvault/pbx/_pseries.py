@@ -476,17 +476,9 @@ class PSeriesClient(ApiClient):
     async def _get_token_exclusive(self) -> None:
         """``get_token``; the caller holds the gate exclusive."""
         now = self._clock()
-        if self._auth_failure is not None:
-            failed_at, failure = self._auth_failure
-            if now - failed_at < self.login_failure_pause:
-                remaining = int(self.login_failure_pause - (now - failed_at)) + 1
-                again = type(failure)(
-                    f"{failure.message} (not asking again for {remaining} s: five failed "
-                    "authentications would block this IP)",
-                    errno=failure.errno,
-                )
-                again.kind = failure.kind
-                raise again
+        self._refuse_while_paused(
+            now, "not asking again for", "five failed authentications would block this IP"
+        )
         if self._budget_full_until is not None and now < self._budget_full_until:
             remaining = int(self._budget_full_until - now) + 1
             raise TokenBudgetFull(
