@@ -181,6 +181,30 @@ def test_how_the_plaintext_is_fed_does_not_change_the_file(
     assert decrypt(KEY, whole, segment_size=segment_size) == plaintext
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    plaintext=st.binary(max_size=400),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+    spare_size=st.integers(0, 300),
+)
+def test_a_reused_buffer_gives_the_same_file(
+    plaintext: bytes, cuts: list[int], spare_size: int
+) -> None:
+    """`update(reuse=)` overwrites and resizes the buffer it is handed (a download hands
+    back each piece once written): the file is the same as with new buffers."""
+    fixed = {"segment_size": 57, "salt": bytes(32), "nonce_prefix": bytes(7)}
+    whole = encrypt(KEY, plaintext, **fixed)
+    encryptor, out, previous = Encryptor(KEY, **fixed), bytearray(), 0
+    spare = bytearray(b"\xff" * spare_size)
+    for cut in [*sorted(cuts), len(plaintext)]:
+        piece = encryptor.update(plaintext[previous:cut], reuse=spare)
+        assert piece is spare
+        out += piece  # written out; the buffer is handed back next time
+        previous = max(previous, cut)
+    out += encryptor.finish()
+    assert bytes(out) == whole
+
+
 def test_encrypt_file() -> None:
     key, plaintext = new_data_key(), pattern(3 * S + 5)
     dst = io.BytesIO()

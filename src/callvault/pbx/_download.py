@@ -96,11 +96,14 @@ class TempFile:
     ) -> None:
         self.directory = directory
         # What the bytes pass through on their way to the file (`size` and `sha256` stay
-        # those of the bytes given): see `StreamTransform`. It runs with `hash` (one pipeline
-        # stage); its output waits in `_pending` for `write_hashed` (the next stage), which
-        # hashes what it writes (`written_sha256`) unless `hash_written` is False.
+        # those of the bytes given): see `StreamTransform`. It runs in `seal` (the reading
+        # stage of a pipeline); its output waits in `_pending` for `write_hashed` (the
+        # writing stage), which hashes what it writes (`written_sha256`) unless
+        # `hash_written` is False.
         self._transform = transform
         self._pending: collections.deque[bytes | bytearray] = collections.deque()
+        # Buffers the transform returned that are written now, handed back to it to reuse.
+        self._spare: collections.deque[bytearray] = collections.deque()
         self._written = hashlib.sha256() if transform is not None and hash_written else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         for _ in range(100):
@@ -120,14 +123,29 @@ class TempFile:
         self._writeback_due = WRITEBACK_STEP
 
     def write(self, data: bytes | memoryview) -> None:
+        self.seal(data)
         self.hash(data)
         self.write_hashed(data)
 
-    def hash(self, data: bytes | memoryview) -> None:
-        """Hash `data`, which `write_hashed` must then write (in the same order)."""
-        self._hash.update(data)
+    def seal(self, data: bytes | memoryview) -> None:
+        """Pass `data` through the transform, if there is one; `hash` and `write_hashed`
+        must then be given the same bytes (each stage in order; the three may run in
+        different threads).
+
+        Why a stage of its own, run by the thread that reads the socket: the AES of
+        `cryptography` holds the GIL. Run beside the hashing, it kept the reading thread
+        waiting for the GIL through each whole piece; the reader, which gives the GIL up
+        for every TLS record it decrypts, is the one stage that waits for nobody else's
+        Python code after it, so the encrypted download costs about 5 % more than the plain
+        one instead of 25 % (bench/download.py, docs/benchmarks.md).
+        """
         if self._transform is not None:
-            self._pending.append(self._transform.update(data))
+            spare = self._spare.popleft() if self._spare else None
+            self._pending.append(self._transform.update(data, reuse=spare))
+
+    def hash(self, data: bytes | memoryview) -> None:
+        """Hash `data` (the bytes as given, before any transform)."""
+        self._hash.update(data)
 
     def write_hashed(self, data: bytes | memoryview) -> None:
         """Write `data` already given to `hash`: the two may run in different threads."""
@@ -136,6 +154,8 @@ class TempFile:
             if self._written is not None:
                 self._written.update(out)
             self._write(out)
+            if isinstance(out, bytearray) and len(self._spare) < PIPELINE_DEPTH:
+                self._spare.append(out)
         else:
             self._write(data)
         self.size += len(data)
@@ -513,7 +533,8 @@ class SocketBody:
         time, and hashlib, file writes and socket reads all release the GIL, so the three
         stages overlap. They pass PIPELINE_DEPTH reusable buffers along (read, then hashed,
         then written, then free again): constant memory, and every buffer is hashed and
-        written in the order it was read.
+        written in the order it was read. A transform (encryption at rest) runs in this
+        thread, after each read (`TempFile.seal` says why).
         """
         assert self._response is not None
         response = self._response
@@ -573,6 +594,7 @@ class SocketBody:
                     raise _Aborted
                 if not count:
                     break
+                temp.seal(buffer[:count])
                 filled.put((buffer, count))
         except BaseException:
             stopping.set()  # the file will be discarded: do not hash or write the rest

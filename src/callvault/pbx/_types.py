@@ -140,9 +140,15 @@ class StreamTransform(Protocol):
     """What a download may pass its body through before it is written (e.g. encryption at
     rest): `update` gets the body's bytes in order and returns what to write; `finish`
     returns the last bytes to write. The checks, size and SHA-256 of the download stay
-    those of the body as the PBX sent it."""
+    those of the body as the PBX sent it.
 
-    def update(self, data: bytes | memoryview) -> bytes | bytearray: ...
+    `reuse` is a buffer an earlier `update` returned that the caller is done with: the
+    transform may overwrite it and return it again instead of a new one (a download hands
+    back its written buffers, so that a long body does not cost an allocation per piece)."""
+
+    def update(
+        self, data: bytes | memoryview, *, reuse: bytearray | None = None
+    ) -> bytes | bytearray: ...
 
     def finish(self) -> bytes | bytearray: ...
 
