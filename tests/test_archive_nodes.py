@@ -143,14 +143,6 @@ def test_nodes_share_the_pbxs_and_survive_a_kill_and_a_pause(
             archive,
             **s3_server.env(),
             CALLVAULT_STORAGE=f"s3://{bucket}/recordings",
-            # A heartbeat every 10 s per PBX, not every second: a node checks its lease
-            # before each request, but a SIGSTOP landing between that check and the
-            # request reaching the PBX (a new TLS connection: milliseconds) lets the
-            # paused node send one request after waking (seen once in CI, a heartbeat
-            # answered 20004). 20 PBXs heart-beating every second made that window likely;
-            # deployed, a heartbeat comes every 10 minutes. The window itself is a known
-            # limit (docs/architecture.md, failure model).
-            CALLVAULT_HEARTBEAT_INTERVAL_S="10",
         )
         if scenario.lease_ttl_s is not None and scenario.lease_renew_s is not None:
             env["CALLVAULT_LEASE_TTL_S"] = str(scenario.lease_ttl_s)

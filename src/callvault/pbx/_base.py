@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
-from callvault.pbx._errors import PbxError, retried_at_once
+from callvault.pbx._errors import PbxError, SessionWithdrawn, retried_at_once
 from callvault.pbx._tls import TlsOptions, build_ssl_context
 
 T = TypeVar("T")
@@ -69,6 +69,8 @@ class ApiClient:
     # is sent after one: five refusals in a row lock this host out of the PBX.
     _auth_failure: tuple[float, PbxError] | None
     login_failure_pause: float
+    # Why the client may not talk to the PBX now (None: it may); see `_check_guard`.
+    guard: Callable[[], str | None] | None
 
     @property
     def base_url(self) -> str:
@@ -104,6 +106,32 @@ class ApiClient:
             )
             again.kind = failure.kind
             raise again
+
+    def _check_guard(self, context: str) -> None:
+        """Raise `SessionWithdrawn` if the guard withholds the PBX now."""
+        if self.guard is not None:
+            withheld = self.guard()
+            if withheld is not None:
+                raise SessionWithdrawn(f"{context}: not sent: {withheld}")
+
+    def _guarded(self, context: str) -> dict[str, Any]:
+        """httpx request extensions that ask the guard again at the last moment: when the
+        request's first byte is about to be written, after any connect and TLS handshake.
+
+        The guard is also asked before the request (so that nothing is connected for a
+        request that may not go); this second check closes the window between the two,
+        where a node paused (SIGSTOP, a VM frozen) after the first check would send its
+        request on waking, after its lease ran out. What is left is the microseconds
+        between this check and the write.
+        """
+        if self.guard is None:
+            return {}
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith(".send_request_headers.started"):
+                self._check_guard(context)
+
+        return {"trace": trace}
 
     def _backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt` + 1: doubling, capped, jittered."""

@@ -54,7 +54,6 @@ from callvault.pbx._errors import (
     RandomInvalid,
     RecordingNotFound,
     RequestRejected,
-    SessionWithdrawn,
     TokenError,
     UnsafeRecordingName,
     error_for_errno,
@@ -324,10 +323,9 @@ class PbxClient(ApiClient):
         self, endpoint: str, body: dict[str, str] | None, token: str | None, context: str
     ) -> dict[str, Any]:
         """POST one API request; return the JSON of a Success answer or raise its error."""
-        if self.guard is not None and endpoint != "logout":
-            withheld = self.guard()
-            if withheld is not None:
-                raise SessionWithdrawn(f"{context}: not sent: {withheld}")
+        guarded = endpoint != "logout"
+        if guarded:
+            self._check_guard(context)
         url = self._url(endpoint, {"token": token} if token is not None else None)
         content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
@@ -335,6 +333,7 @@ class PbxClient(ApiClient):
                 url,
                 content=content,
                 headers={"Content-Type": "application/json; charset=utf-8"},
+                extensions=self._guarded(context) if guarded else None,
             )
         except httpx.HTTPError as exc:
             if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
@@ -740,6 +739,7 @@ class PbxClient(ApiClient):
                 headers=dict(headers.items()),
                 context=context,
                 local_address=self.local_address,
+                guard=self.guard,
             )
         request = self._http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
         try:

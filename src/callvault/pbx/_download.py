@@ -41,6 +41,7 @@ from callvault.pbx._errors import (
     PbxError,
     PbxProtocolError,
     PbxTransportError,
+    SessionWithdrawn,
 )
 from callvault.pbx._mapping import Phase, origin_of, transport_error
 from callvault.pbx._tls import TlsOptions
@@ -427,14 +428,17 @@ class SocketBody:
         headers: dict[str, str],
         context: str,
         local_address: str | None = None,
+        guard: Callable[[], str | None] | None = None,
     ) -> SocketBody:
         """Connect (from `local_address`, if given), send the GET and return once the
-        response headers have arrived."""
+        response headers have arrived. `guard` (the client's) is asked once more when the
+        connection is up, just before the request is written: `SessionWithdrawn` if it
+        withholds the PBX by then."""
         body = cls(url, ssl_context, tls, socket_timeout, context, local_address)
 
         def connect_and_send() -> None:
             try:
-                body._connect_and_send(headers)
+                body._connect_and_send(headers, guard)
             except BaseException:
                 body._close()
                 raise
@@ -477,7 +481,9 @@ class SocketBody:
             exc, context=self._context, origin=origin_of(self._url), tls=self._tls, phase=phase
         )
 
-    def _connect_and_send(self, headers: dict[str, str]) -> None:
+    def _connect_and_send(
+        self, headers: dict[str, str], guard: Callable[[], str | None] | None
+    ) -> None:
         url = self._url
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -510,6 +516,9 @@ class SocketBody:
             connection.putrequest("GET", url.raw_path.decode("ascii"), skip_accept_encoding=True)
             for name, value in headers.items():
                 connection.putheader(name, value)
+            withheld = guard() if guard is not None else None
+            if withheld is not None:
+                raise SessionWithdrawn(f"{self._context}: not sent: {withheld}")
             connection.endheaders()
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as exc:

@@ -370,19 +370,22 @@ class PSeriesClient(ApiClient):
         call: str = "",
     ) -> dict[str, Any]:
         """One API request; the JSON of an errcode-0 answer, or the mapped error."""
-        if self.guard is not None and endpoint != "del_token":
-            withheld = self.guard()
-            if withheld is not None:
-                raise SessionWithdrawn(f"{context}: not sent: {withheld}")
+        guarded = endpoint != "del_token"
+        if guarded:
+            self._check_guard(context)
         url = self._api_url(endpoint, query, token)
+        extensions = self._guarded(context) if guarded else None
         try:
             if method == "POST":
                 content = json.dumps(body or {}, separators=(",", ":")).encode()
                 response = await self._http.post(
-                    url, content=content, headers={"Content-Type": "application/json"}
+                    url,
+                    content=content,
+                    headers={"Content-Type": "application/json"},
+                    extensions=extensions,
                 )
             else:
-                response = await self._http.get(url)
+                response = await self._http.get(url, extensions=extensions)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, context) from None
         return self._answer(response.status_code, response.headers, response.content, context, call)
@@ -832,6 +835,7 @@ class PSeriesClient(ApiClient):
                 headers=dict(headers.items()),
                 context=context,
                 local_address=self.local_address,
+                guard=self.guard,
             )
         request = self._http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
         try:
@@ -1030,10 +1034,7 @@ class PSeriesClient(ApiClient):
 
     async def _ws_open(self, token: str) -> ClientConnection:
         context = "event subscription"
-        if self.guard is not None:
-            withheld = self.guard()
-            if withheld is not None:
-                raise SessionWithdrawn(f"{context}: not sent: {withheld}")
+        self._check_guard(context)
         extra: dict[str, Any] = {}
         if self.local_address is not None:
             extra["local_addr"] = (self.local_address, 0)
