@@ -308,7 +308,10 @@ async def _await_answer(
             log.info("TCP reports from %s: no answer to the login; taken as accepted", where)
             return [], False
         try:
-            data = await asyncio.wait_for(reader.read(READ_SIZE), remaining)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a
+            # cancellation that arrives with the data, and the stream would not stop.
+            async with asyncio.timeout(remaining):
+                data = await reader.read(READ_SIZE)
         except TimeoutError:
             continue
         if not data:
