@@ -37,6 +37,7 @@ from callvault.pbx import (
     NewCdrEvent,
     PbxTransportError,
     PSeriesClient,
+    RecordingIdMismatch,
     RecordingNotFound,
     TlsOptions,
     TokenBudgetFull,
@@ -291,6 +292,94 @@ async def test_download_by_name_is_byte_exact(sim: PSeriesSimulator, tmp_path: P
     assert result.sha256 == sim.recording_sha256(name) == sha256_of(result.path)
     assert result.path.read_bytes()[:4] == b"RIFF"
     assert files_in(tmp_path) == ["copy.wav"]
+
+
+async def test_download_by_recording_id_is_byte_exact(
+    sim: PSeriesSimulator, tmp_path: Path
+) -> None:
+    first = sim.place_call(talk_seconds=2, size_bytes=120_000)
+    call = sim.place_call(talk_seconds=2, size_bytes=250_000)
+    assert call.file is not None and call.id > 0 and call.id != first.id
+    async with client_for(sim) as client:
+        result = await client.download_recording(call.file, tmp_path, recording_id=call.id)
+        copy = await client.download_recording(
+            call.file, tmp_path / "copy", filename="copy.wav", recording_id=call.id
+        )
+    assert result.path == tmp_path / call.file  # named by the name given, as ever
+    assert result.size == 250_000
+    assert result.sha256 == sim.recording_sha256(call.file) == sha256_of(result.path)
+    assert copy.path == tmp_path / "copy" / "copy.wav" and copy.sha256 == result.sha256
+    assert result.path.read_bytes()[:4] == b"RIFF"
+    assert outcomes(sim, "recording/download") == ["0", "0"]
+    assert files_in(tmp_path) == sorted([call.file, "copy"])
+
+
+async def test_an_unknown_recording_id_is_not_found(sim: PSeriesSimulator, tmp_path: Path) -> None:
+    call = sim.place_call(talk_seconds=1)
+    assert call.file is not None
+    async with client_for(sim) as client:
+        with pytest.raises(RecordingNotFound) as caught:
+            await client.download_recording(call.file, tmp_path, recording_id=call.id + 1000)
+        # The same as an unknown name: 60001, not found, asked once, nothing fetched.
+        with pytest.raises(RecordingNotFound) as by_name:
+            await client.download_recording("20200101000000-1.1-1-2-Internal.wav", tmp_path)
+    assert caught.value.errno == by_name.value.errno == "60001"
+    assert caught.value.kind is by_name.value.kind is ErrorKind.NOT_FOUND
+    assert f"id {call.id + 1000}" in str(caught.value)
+    assert outcomes(sim, "recording/download") == ["60001", "60001"]
+    assert file_gets(sim) == []
+    assert files_in(tmp_path) == []
+
+
+async def test_an_id_of_another_recording_writes_no_file(
+    sim: PSeriesSimulator, tmp_path: Path
+) -> None:
+    """The id wins at the PBX: asked for id B under the name of A, it offers B's file.
+    Written as A, it would put B's bytes under A's name: refused, nothing fetched."""
+    wanted = sim.place_call(call_from="1001", talk_seconds=1)
+    other = sim.place_call(call_from="1002", talk_seconds=2)
+    assert wanted.file is not None and other.file is not None
+    async with client_for(sim) as client:
+        for filename in (None, "copy.wav"):
+            with pytest.raises(RecordingIdMismatch) as caught:
+                await client.download_recording(
+                    wanted.file, tmp_path, filename=filename, recording_id=other.id
+                )
+            assert caught.value.kind is ErrorKind.PERMANENT
+            assert isinstance(caught.value, ValueError)
+            assert other.file in str(caught.value) and wanted.file in str(caught.value)
+    assert outcomes(sim, "recording/download") == ["0", "0"]  # once each: not retried
+    assert file_gets(sim) == []
+    assert files_in(tmp_path) == []
+
+
+async def test_a_bad_recording_id_is_refused_before_any_request(
+    sim: PSeriesSimulator, tmp_path: Path
+) -> None:
+    call = sim.place_call(talk_seconds=1)
+    assert call.file is not None
+    async with client_for(sim) as client:
+        for bad in (-1, True, "7", 7.0):
+            with pytest.raises(ValueError, match="not a recording id"):
+                await client.download_recording(call.file, tmp_path, recording_id=bad)  # type: ignore[arg-type]
+        with pytest.raises(UnsafeRecordingName):
+            await client.download_recording("../x.wav", tmp_path, recording_id=call.id)
+        with pytest.raises(UnsafeRecordingName):
+            await client.download_recording(
+                call.file, tmp_path, filename="../x.wav", recording_id=call.id
+            )
+    assert sim.request_log == []
+
+
+async def test_an_asynchronous_download_by_id_waits_for_its_30033(tmp_path: Path) -> None:
+    with PSeriesSimulator(PSeriesConfig(seed=17, async_downloads=True)) as sim:
+        call = sim.place_call(talk_seconds=1)
+        assert call.file is not None
+        async with client_for(sim) as client:
+            result = await client.download_recording(call.file, tmp_path, recording_id=call.id)
+        assert result.sha256 == sim.recording_sha256(call.file)
+        gets = [path for path, _ in sim.request_log if path.startswith("/api/download")]
+        assert gets and all(p.startswith("/api/downloadattachment/") for p in gets)
 
 
 async def test_dropped_download_is_retried_with_a_fresh_url(

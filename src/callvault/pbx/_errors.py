@@ -134,6 +134,14 @@ class PbxTlsError(PbxTransportError):
     """The TLS handshake failed or the PBX's certificate is not the trusted one."""
 
 
+class RecordingIdMismatch(PbxError, ValueError):
+    """A download by recording id whose id the PBX says is another file than the name
+    given: the id and the name do not belong together, and nothing is written (the same
+    request can never succeed; a ValueError too: the caller's arguments disagree)."""
+
+    kind = ErrorKind.PERMANENT
+
+
 class SessionWithdrawn(PbxError):
     """The client may not talk to the PBX now: its owner withdrew it (in the archiver, the
     node lost the PBX to another node). Nothing was sent; whoever holds the PBX now goes on."""

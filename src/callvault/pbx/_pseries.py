@@ -79,6 +79,7 @@ from callvault.pbx._errors import (
     PbxError,
     PbxProtocolError,
     PbxTransportError,
+    RecordingIdMismatch,
     RecordingNotFound,
     SessionWithdrawn,
     TokenBudgetFull,
@@ -149,6 +150,22 @@ class _TokenRejected(Exception):
         self.generation = generation
         self.token = token
         self.error = error
+
+
+def _check_file_of_id(answer: dict[str, Any], name: str, recording_id: int, context: str) -> None:
+    """The ``recording/download?id=`` answer's ``file`` must be `name`: the file written
+    is named after `name`, never after a recording it is not."""
+    file = answer.get("file")
+    if not isinstance(file, str) or not file.strip():
+        raise PbxProtocolError(
+            f"{context}: the PBX answered without the file name of recording id "
+            f"{recording_id}; not downloading it as {name!r}"
+        )
+    if file.strip() != name:
+        raise RecordingIdMismatch(
+            f"{context}: the PBX says recording id {recording_id} is {file.strip()[:255]!r}, "
+            f"not {name!r}; nothing downloaded"
+        )
 
 
 # -- the PBX's Date and Time Display Format ------------------------------------------------
@@ -668,6 +685,7 @@ class PSeriesClient(ApiClient):
         dest_dir: Path,
         *,
         filename: str | None = None,
+        recording_id: int | None = None,
         progress: DownloadProgress | None = None,
         transform: Callable[[], StreamTransform] | None = None,
         hash_stored: bool = True,
@@ -679,17 +697,29 @@ class PSeriesClient(ApiClient):
         the live token. The body must be RIFF/WAVE (a .wav URL or name) or MP3 (a .mp3
         one), as long as announced; it is hashed, fsynced and renamed into place.
         60001 raises RecordingNotFound.
+
+        With `recording_id` (the ``id`` of ``recording/list``), the PBX is asked for that
+        recording (``recording/download?id=``) instead of the file `name`; `name` (and
+        `filename`) still name the file written, checked as ever, and `name` must be the
+        file the PBX says the id is: otherwise `RecordingIdMismatch`, and nothing is
+        written. An id the PBX does not know is RecordingNotFound, as a name is.
         """
         check_recording_name(name)
         target_name = check_recording_name(filename, what="file name") if filename else name
+        if recording_id is not None and (
+            isinstance(recording_id, bool) or not isinstance(recording_id, int) or recording_id < 0
+        ):
+            raise ValueError(f"recording id {recording_id!r} is not a recording id")
         dest_dir = Path(dest_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
         target = dest_dir / target_name
-        context = f"recording {name}"
+        context = (
+            f"recording {name}" if recording_id is None else f"recording {name} (id {recording_id})"
+        )
 
         async def once() -> DownloadResult:
             return await self._download_once(
-                name, target, context, progress, transform, hash_stored
+                name, target, context, progress, transform, hash_stored, recording_id
             )
 
         return await self._retrying(once, context)
@@ -702,13 +732,14 @@ class PSeriesClient(ApiClient):
         progress: DownloadProgress | None,
         transform: Callable[[], StreamTransform] | None,
         hash_stored: bool,
+        recording_id: int | None = None,
     ) -> DownloadResult:
         serial = self._serial_downloads or audio_format_of(name) == "mp3"
         turn: contextlib.AbstractAsyncContextManager[Any] = (
             self._download_turn if serial else contextlib.nullcontext()
         )
         async with turn:
-            path = await self._resource_path(name, context)
+            path = await self._resource_path(name, context, recording_id)
             expect: AudioFormat | None = audio_format_of(path) or audio_format_of(name)
             if expect == "mp3":
                 self._serial_downloads = True
@@ -744,10 +775,10 @@ class PSeriesClient(ApiClient):
     ) -> object:
         return self._answer(status_code, headers, content, context, "download")
 
-    async def _resource_path(self, name: str, context: str) -> str:
+    async def _resource_path(self, name: str, context: str, recording_id: int | None = None) -> str:
         """Ask ``recording/download`` for the file's URL path (waiting for its 30033 in the
-        asynchronous mode)."""
-        answer = await self._ask_download(name, context)
+        asynchronous mode); by `recording_id`, the answer must name the file `name`."""
+        answer = await self._ask_download(name, context, recording_id)
         if answer is None:
             # errcode 2: asynchronous mode. Make sure a 30033 can reach us, ask again (the
             # first answer's 30033 may have come before anyone listened) and wait for it.
@@ -755,7 +786,7 @@ class PSeriesClient(ApiClient):
             future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
             self._completions.setdefault(name, []).append(future)
             try:
-                answer = await self._ask_download(name, context)
+                answer = await self._ask_download(name, context, recording_id)
                 if answer is None:
                     try:
                         path = await asyncio.wait_for(
@@ -767,6 +798,8 @@ class PSeriesClient(ApiClient):
                             f"{self.processing_wait:.0f} s (no event 30033 came)",
                             errno="2",
                         ) from None
+                    # The 30033 came for `name` (the event names the file): by an id,
+                    # the id's file is `name`; a mismatching one never completes.
                     return self._checked_path(path, context)
             finally:
                 waiting = self._completions.get(name, [])
@@ -778,16 +811,22 @@ class PSeriesClient(ApiClient):
                     future.cancel()
                 elif not future.cancelled():
                     future.exception()  # retrieved: raised above, or not needed any more
+        if recording_id is not None:
+            _check_file_of_id(answer, name, recording_id, context)
         return self._checked_path(answer.get("download_resource_url"), context)
 
-    async def _ask_download(self, name: str, context: str) -> dict[str, Any] | None:
-        """One ``recording/download``; None for errcode 2 (asynchronous mode)."""
+    async def _ask_download(
+        self, name: str, context: str, recording_id: int | None = None
+    ) -> dict[str, Any] | None:
+        """One ``recording/download`` (by ``id=`` when `recording_id` is given, else by
+        ``file=``); None for errcode 2 (asynchronous mode)."""
+        query = {"file": name} if recording_id is None else {"id": str(recording_id)}
         async with self._session() as (token, generation):
             try:
                 return await self._request(
                     "GET",
                     "recording/download",
-                    query={"file": name},
+                    query=query,
                     token=token,
                     context=context,
                     call="download",
