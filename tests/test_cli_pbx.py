@@ -24,7 +24,7 @@ from callvault.archive import Archiver
 from callvault.cli._serve import archiver_config
 from callvault.cli._settings import load_settings
 from callvault.index import open_index
-from callvault.simulator import Simulator
+from callvault.simulator import PSeriesConfig, PSeriesSimulator, Simulator
 from support.archive import states, wait_until
 from support.index_data import NOW, register_pbx
 from support.pbx_sim import SIM_PASSWORD, outcomes
@@ -111,6 +111,41 @@ def test_keys_create_and_show(tmp_path: Path) -> None:
     again = cli("keys", "create", "--file", str(key))
     assert again.returncode == 1 and "never replaced" in again.stderr
     assert key.read_text().splitlines()[-1] == secret
+
+
+def test_a_pseries_pbx_is_added_and_tested_as_what_it_is(
+    registry: dict[str, str], tmp_path: Path
+) -> None:
+    """`pbx add --kind p-series` with a Client ID and Secret; `pbx test` logs in with
+    them (get_token), reads the day's calls with cdr/search and says what it found in the
+    P-Series' terms: the OpenAPI, events over its WebSocket."""
+    with PSeriesSimulator(PSeriesConfig(seed=3)) as psim:
+        for _ in range(2):
+            psim.place_call(talk_seconds=3)
+        assert psim.cert_sha256 is not None
+        env = {**registry, "PBX_SECRET": psim.client_secret}
+        added = cli(
+            "pbx", "add", "berlin", "--kind", "p-series", "--url", psim.url,
+            "--client-id", psim.client_id, "--secret-env", "PBX_SECRET",
+            "--pin-sha256", psim.cert_sha256, env=env,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        assert "p-series" in added.stdout and "OpenAPI" in added.stdout
+        tested = cli("pbx", "test", "berlin", env=registry)
+        assert tested.returncode == 0, tested.stderr
+        assert "kind              p-series" in tested.stdout
+        assert "API version       openapi" in tested.stdout
+        assert "reports           WebSocket" in tested.stdout
+        assert "calls, last 24 h  2" in tested.stdout
+        paths = [path for path, _ in psim.request_log]
+        assert any(path.endswith("get_token") for path in paths)
+        assert any(path.endswith("cdr/search") for path in paths)
+        assert psim.client_secret not in tested.stdout + tested.stderr
+        [view] = json.loads(cli("pbx", "list", "--json", env=registry).stdout)
+        assert view["kind"] == "p-series" and view["api_version"] == "openapi"
+        assert view["last_test"]["report_transport"] == "WebSocket"
+        shown = cli("pbx", "show", "berlin", env=registry).stdout
+        assert "api version      openapi" in shown
 
 
 def test_a_registered_pbx_is_tested_and_its_password_never_shows(

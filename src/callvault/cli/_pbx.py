@@ -460,7 +460,7 @@ def pbx_list(as_json: bool, archive: Path | None, db: str | None, config: Path |
         )
         print(
             f"{view.name:<16} {view.kind:<9} {view.url:<36} "
-            f"{'openapi' if view.kind == 'p-series' else view.api_version:<7} {view.tls:<10} "
+            f"{view.api_version:<7} {view.tls:<10} "
             f"{view.serial or '-':<16} {last}"
         )
 
@@ -573,6 +573,7 @@ def pbx_test(
     if not result.ok:
         fail(f"PBX {name}: {result.error}")
     print(f"PBX {name}: logged in to {record.config.url} in {result.seconds:.1f} s")
+    print(f"  kind              {result.kind}")
     print(f"  API version       {result.api_version}")
     transport = result.report_transport or "HTTP (the PBX did not say; v1 has HTTP only)"
     print(f"  reports           {transport}")

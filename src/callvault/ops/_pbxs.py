@@ -46,7 +46,7 @@ class PbxView(JsonResult):
     kind: str  # s-series, cloud or p-series
     url: str
     username: str  # the API user, or a P-Series PBX's Client ID
-    api_version: str
+    api_version: str  # the S-Series API version; "openapi" for a P-Series PBX
     tls: str  # "verified", "pinned", "ca-file", "insecure" or "plain http"
     ca_file: str | None
     pin_sha256: str | None
@@ -71,6 +71,12 @@ class PbxView(JsonResult):
 _TEST_BOOKKEEPING = ("password_tag", "password_refused")
 
 
+def api_label(config: PbxConfig) -> str:
+    """The API a PBX speaks, as shown: its S-Series API version, or "openapi" (P-Series:
+    the version field of the registry means nothing there)."""
+    return "openapi" if config.kind == "p-series" else config.api_version
+
+
 def pbx_view(record: PbxRecord) -> PbxView:
     config = record.config
     if config.url.startswith("http://"):
@@ -88,7 +94,7 @@ def pbx_view(record: PbxRecord) -> PbxView:
         kind=config.kind,
         url=config.url,
         username=config.username,
-        api_version=config.api_version,
+        api_version=api_label(config),
         tls=tls,
         ca_file=config.ca_file,
         pin_sha256=config.pin_sha256,
@@ -313,8 +319,11 @@ class PbxTest(JsonResult):
     ok: bool
     tested_at: datetime
     seconds: float
-    api_version: str
-    report_transport: str | None  # v2: "HTTP" or "TCP", as the PBX is set up
+    kind: str  # s-series, cloud or p-series
+    api_version: str  # as `api_label` says
+    # How new calls come: v2 "HTTP" or "TCP", as the PBX is set up; "WebSocket" for a
+    # P-Series PBX; None when the PBX did not say (v1: HTTP only).
+    report_transport: str | None
     calls_last_day: int | None  # calls in the PBX's call history over the last 24 hours
     serial: str  # from its reports; "" until one arrived
     error: str | None
@@ -370,7 +379,7 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
     try:
         async with pbx_client(record, keyring, max_attempts=1) as client:
             await client.login()
-            transport = client.report_transport if isinstance(client, PbxClient) else None
+            transport = client.report_transport if isinstance(client, PbxClient) else "WebSocket"
             found = await client.export_cdr_range(now - timedelta(days=1), now, tz)
             calls = len(found)
             await client.logout()
@@ -382,7 +391,8 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
         ok=error is None,
         tested_at=now.astimezone(UTC),
         seconds=round(time.monotonic() - started, 3),
-        api_version=record.config.api_version,
+        kind=record.config.kind,
+        api_version=api_label(record.config),
         report_transport=transport,
         calls_last_day=calls,
         serial=record.serial,
