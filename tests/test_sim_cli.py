@@ -14,13 +14,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from click.testing import CliRunner
 
 from callvault.cli import _register, app
-from callvault.simulator import Faults, apply_fault, parse_faults
+from callvault.cli._simulate import _faults
+from callvault.simulator import Faults, PSeriesFaults, apply_fault, parse_faults
 from support.sim_helpers import Receiver, md5
 
 
@@ -260,6 +262,7 @@ def test_a_fleet_of_simulated_pbxs_each_with_its_own_port_serial_password_and_fi
         assert process.stdout is not None
         fleet = json.loads(process.stdout.readline())
         assert [pbx["name"] for pbx in fleet] == ["sim-1", "sim-2", "sim-3"]
+        assert [pbx["kind"] for pbx in fleet] == ["s-series"] * 3
         assert len({pbx["url"] for pbx in fleet}) == 3
         assert [pbx["serial"] for pbx in fleet] == ["369351034049", "369351034050", "369351034051"]
         assert len({pbx["password"] for pbx in fleet}) == 3
@@ -287,3 +290,158 @@ def test_a_fleet_whose_ports_would_run_out_is_one_clear_line() -> None:
     result = runner.invoke(app, ["simulate", "--pbxs", "3", "--port", "65534"])
     assert result.exit_code == 1
     assert "--port 65534 leaves no room for 3 PBXs" in result.output
+
+
+OPENAPI = "/openapi/v1.0"
+
+
+def _client(pbx: dict[str, Any]) -> httpx.Client:
+    """An HTTPS client for one PBX of the printed details, trusting its certificate (and
+    with the User-Agent the P-Series API requires)."""
+    context = ssl.create_default_context(cafile=pbx["ca_file"])
+    return httpx.Client(base_url=pbx["url"], verify=context, headers={"User-Agent": "OpenAPI"})
+
+
+def _get_token(pbx: dict[str, Any], secret: str) -> Any:
+    with _client(pbx) as client:
+        body = {"username": pbx["client_id"], "password": secret}
+        return client.post(f"{OPENAPI}/get_token", json=body).json()
+
+
+def _secret(pbx: dict[str, Any]) -> str:
+    """The generated Client Secret, from the file the details name (mode 0600)."""
+    secret_file = Path(pbx["client_secret_file"])
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    return secret_file.read_text().strip()
+
+
+def test_a_p_series_fleet_each_with_its_own_port_serial_secret_and_calls(tmp_path: Path) -> None:
+    args = ["--kind", "p-series", "--pbxs", "2", "--initial-calls", "1", "--json"]
+    with _simulate(*args, "--calls-per-minute", "600", data_dir=tmp_path / "fleet") as process:
+        assert process.stdout is not None
+        fleet = json.loads(process.stdout.readline())
+        assert [pbx["name"] for pbx in fleet] == ["sim-1", "sim-2"]
+        assert [pbx["kind"] for pbx in fleet] == ["p-series", "p-series"]
+        assert [pbx["serial"] for pbx in fleet] == ["3631A2124001", "3631A2124002"]
+        assert all(pbx["url"].startswith("https://127.0.0.1:") for pbx in fleet)
+        assert len({pbx["url"] for pbx in fleet}) == 2
+        assert len({pbx["cert_sha256"] for pbx in fleet}) == 2
+        assert [pbx["client_secret_file"] for pbx in fleet] == [
+            str(tmp_path / "fleet" / name / "client-secret") for name in ("sim-1", "sim-2")
+        ]
+        secrets = [_secret(pbx) for pbx in fleet]
+        assert len(set(secrets)) == 2
+        for pbx, own, other in zip(fleet, secrets, reversed(secrets), strict=True):
+            assert _get_token(pbx, own)["errcode"] == 0
+            assert _get_token(pbx, other)["errcode"] != 0  # another PBX's secret is wrong here
+            assert len(pbx["recordings"]) == 1
+        # Calls placed in the background (the CLI's timer: the P-Series simulator has none)
+        # are announced with their PBX, and that PBX then lists their recordings.
+        announced: dict[str, str] = {}
+        while len(announced) < 2:
+            line = json.loads(process.stdout.readline())
+            assert line["pbx"] in {"sim-1", "sim-2"} and line["call"]
+            if line["recording"] is not None:
+                announced.setdefault(line["pbx"], line["recording"])
+        for pbx, secret in zip(fleet, secrets, strict=True):
+            with _client(pbx) as client:
+                token = client.post(
+                    f"{OPENAPI}/get_token", json={"username": "callvault", "password": secret}
+                ).json()["access_token"]
+                listed = client.get(
+                    f"{OPENAPI}/recording/list",
+                    params={"access_token": token, "page_size": 10000},
+                ).json()
+            assert listed["errcode"] == 0
+            assert announced[pbx["name"]] in {row["file"] for row in listed["data"]}
+        out, err = _stop(process)
+    assert not any(secret in out + err for secret in secrets)
+    assert err.count("simulator stopped") == 1
+
+
+def test_a_mixed_fleet_runs_each_pbx_as_its_kind(tmp_path: Path) -> None:
+    with _simulate(
+        "--pbxs", "3", "--kind", "s-series,cloud,p-series", "--password", "pw-1",
+        "--initial-calls", "1", "--json", data_dir=tmp_path / "fleet",
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        fleet = json.loads(process.stdout.readline())
+        assert [(pbx["name"], pbx["kind"]) for pbx in fleet] == [
+            ("sim-1", "s-series"),
+            ("sim-2", "cloud"),
+            ("sim-3", "p-series"),
+        ]
+        assert [pbx["serial"] for pbx in fleet] == ["369351034049", "369351034050", "3631A2124003"]
+        assert all(len(pbx["recordings"]) == 1 for pbx in fleet)
+        s_series, cloud, p_series = fleet
+        login = {"username": "api", "password": md5("pw-1"), "port": "0"}
+        for pbx in (s_series, cloud):
+            with _client(pbx) as client:
+                answer = client.post("/api/v1.1.0/login", json=login).json()
+                assert answer["status"] == "Success"
+                assert ("refreshtoken" in answer) == (pbx is cloud)  # the Cloud PBX's own
+                assert client.post(f"{OPENAPI}/get_token", json={}).status_code == 404
+        assert _get_token(p_series, _secret(p_series))["errcode"] == 0
+        with _client(p_series) as client:
+            assert client.post("/api/v1.1.0/login", json=login).status_code == 404
+        _out, err = _stop(process)
+    assert err.count("simulator stopped") == 1
+
+
+def test_a_mixed_fleet_table_names_each_kind_and_how_to_register_it(tmp_path: Path) -> None:
+    with _simulate(
+        "--pbxs", "2", "--kind", "cloud,p-series", "--initial-calls", "0",
+        data_dir=tmp_path / "fleet",
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        lines: list[str] = []
+        while not lines or lines[-1] != "Serving until Ctrl-C.":
+            line = process.stdout.readline()
+            assert line, "the simulator ended early"
+            lines.append(line.rstrip("\n"))
+        out, _err = _stop(process)
+    assert lines[0] == "callvault simulator: 2 Yeastar PBXs (1 cloud, 1 p-series)"
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("  sim-")}
+    assert rows["sim-1"][1] == "cloud" and rows["sim-1"][3] == "369351034049"
+    assert rows["sim-2"][1] == "p-series" and rows["sim-2"][3] == "3631A2124002"
+    secret_file = tmp_path / "fleet" / "sim-2" / "client-secret"
+    cloud = next(line for line in lines if "pbx add sim-1 " in line)
+    assert f"--url {rows['sim-1'][2]} --kind cloud --username api" in cloud
+    pseries = next(line for line in lines if "pbx add sim-2 " in line)
+    assert pseries.strip().startswith(f'PBX_SECRET="$(cat {secret_file})" ')
+    assert f"--url {rows['sim-2'][2]} --kind p-series --client-id callvault" in pseries
+    assert secret_file.read_text().strip() not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pbxs", "3", "--kind", "s-series,p-series"], "--kind lists 2 kinds for 3 PBXs"),
+        (["--kind", "s-series,cloud"], "--kind lists 2 kinds for 1 PBX: "),
+        (["--pbxs", "2", "--kind", "s-series,fax"], "--kind: unknown kind 'fax'"),
+        (["--kind", "p-series", "--legacy-tls"], "--legacy-tls is for --kind s-series and"),
+        (["--pbxs", "2", "--kind", "p-series", "--serial", "A1B"], "--serial must end in digits"),
+        (["--kind", "p-series", "--calls-per-minute", "-1"], "--calls-per-minute must not be"),
+        (["--pbxs", "2", "--kind", "cloud,p-series", "--fault", "boom"], "unknown fault 'boom'"),
+        (["--kind", "p-series", "--fault", "boom"], "unknown P-Series fault 'boom'"),
+        (["--pbxs", "2", "--kind", "p-series", "--port", "65535"], "leaves no room for 2 PBXs"),
+    ],
+)
+def test_bad_kind_and_fleet_input_is_one_clear_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    _register()
+    result = CliRunner().invoke(
+        app, ["simulate", "--port", "0", "--data-dir", str(tmp_path / "pbx"), *args]
+    )
+    assert result.exit_code == 1
+    [line] = result.output.splitlines()
+    assert line.startswith("callvault: error: ") and message in line, line
+    assert not (tmp_path / "pbx").exists()  # refused before anything was set up
+
+
+def test_a_fault_of_a_mixed_fleet_goes_to_the_kinds_that_know_it() -> None:
+    items = ["drop_rate=0.5", "ws-drop-next=2", "yswav_names"]
+    faults, pseries_faults = _faults(items, ["s-series", "p-series"])
+    assert faults == Faults(drop_rate=0.5, yswav_names=True)
+    assert pseries_faults == PSeriesFaults(drop_rate=0.5, ws_drop_next=2)

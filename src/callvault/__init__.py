@@ -1,3 +1,4 @@
-"""callvault: keep every call recording of a Yeastar S-Series PBX, safe and findable."""
+"""callvault: keep every call recording of Yeastar PBXs (S-Series, Cloud PBX, P-Series),
+safe and findable."""
 
 __version__ = "0.1.0"

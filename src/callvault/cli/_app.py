@@ -60,7 +60,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     help="Print the version and exit.",
 )
 def app() -> None:
-    """Keep every call recording of a Yeastar S-Series PBX: fetch, archive, search, play."""
+    """Keep every call recording of your Yeastar PBXs: fetch, archive, search, play."""
 
 
 def _first_command(argv: list[str]) -> str | None:
