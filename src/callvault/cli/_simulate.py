@@ -49,15 +49,6 @@ KIND_NAMES = {
 S_SERIES_SERIAL = "369351034049"
 P_SERIES_SERIAL = "3631A2124001"
 SECRET_FILE = "client-secret"  # noqa: S105 (a file name)
-# Statuses of the random P-Series calls and their weights: four in five calls are answered
-# (as the S-Series simulator's place_random_call).
-_PSERIES_STATUSES = (
-    ("ANSWERED", 16),
-    ("NO ANSWER", 1),
-    ("BUSY", 1),
-    ("FAILED", 1),
-    ("VOICEMAIL", 1),
-)
 
 _print_lock = threading.Lock()
 
@@ -164,10 +155,7 @@ def _run(
                 fail(str(exc))
         for pbx in pbxs:
             for _ in range(initial_calls):
-                if isinstance(pbx.sim, PSeriesSimulator):
-                    _place_random_pseries_call(pbx.sim, answered=True)
-                else:
-                    pbx.sim.place_random_call(answered=True)
+                pbx.sim.place_random_call(answered=True)
 
         def announce(pbx: _Pbx, call_id: str, recording: str | None, text: str) -> None:
             if as_json:
@@ -343,45 +331,6 @@ def _register_command(pbx: _Pbx) -> str:
     )
 
 
-def _place_random_pseries_call(
-    sim: PSeriesSimulator, *, answered: bool | None = None
-) -> PSeriesCall:
-    """A plausible call on a P-Series simulator, drawn from its seeded random generator:
-    internal, inbound from a mobile, or outbound; some unanswered (no recording). As the
-    S-Series simulator's place_random_call: `answered` True forces an answered (recorded)
-    call, False an unanswered one."""
-    with sim.state.lock:
-        rng = sim.state.rng
-        call_type = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
-        ext = str(rng.randint(1000, 1020))
-        other = str(rng.choice([n for n in range(1000, 1021) if str(n) != ext]))
-        mobile = f"0151{rng.randint(10_000_000, 99_999_999)}"
-        status = rng.choices(
-            [s for s, _w in _PSERIES_STATUSES], weights=[w for _s, w in _PSERIES_STATUSES]
-        )[0]
-        talk = rng.randint(2, 40)
-        ring = rng.randint(1, 15)
-    if answered is not None:
-        status = "ANSWERED" if answered else "NO ANSWER"
-    call_from, call_to = {
-        "Internal": (ext, other),
-        "Inbound": (mobile, ext),
-        "Outbound": (ext, mobile),
-    }[call_type]
-    inbound = call_type == "Inbound"
-    return sim.place_call(
-        call_from=call_from,
-        call_to=call_to,
-        call_type=call_type,
-        status=status,
-        talk_seconds=talk,
-        ring_seconds=ring,
-        did_number="0301234567" if inbound else "",
-        src_trunk="SIP-Provider" if inbound else "",
-        dst_trunk="SIP-Provider" if call_type == "Outbound" else "",
-    )
-
-
 def _pause(sim: PSeriesSimulator, calls_per_minute: float) -> float:
     """Seconds until the next random call: exponential, `calls_per_minute` on average."""
     with sim.state.lock:
@@ -414,7 +363,7 @@ async def _watch(
         for pbx, sim in timed:
             if loop.time() >= pbx.next_call:
                 pbx.next_call = loop.time() + _pause(sim, calls_per_minute)
-                on_call(pbx, await asyncio.to_thread(_place_random_pseries_call, sim))
+                on_call(pbx, await asyncio.to_thread(sim.place_random_call))
         wait = min([0.5, *(pbx.next_call - loop.time() for pbx, _sim in timed)])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=max(wait, 0.001))

@@ -96,6 +96,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from callvault.simulator._calls import draw_call
 from callvault.simulator._clock import Clock
 from callvault.simulator._pseries_app import PSeriesHttp, build_app
 from callvault.simulator._pseries_events import EventHub, event_body
@@ -309,6 +310,26 @@ class PSeriesSimulator(ServedPbx[PSeriesConfig]):
         return self._hub.wait_idle(timeout) if self._hub is not None else True
 
     # -- calls and recordings -------------------------------------------------------------------
+
+    def place_random_call(self, *, answered: bool | None = None) -> PSeriesCall:
+        """A plausible call: internal, inbound from a mobile, or outbound; some unanswered
+        (no recording). `answered` True forces an answered (recorded) call, False an
+        unanswered one. The same draw as the S-Series simulator's."""
+        with self.state.lock:
+            drawn = draw_call(self.state.rng, answered=answered)
+        call_from, call_to = drawn.parties()
+        inbound = drawn.call_type == "Inbound"
+        return self.place_call(
+            call_from=call_from,
+            call_to=call_to,
+            call_type=drawn.call_type,
+            status=drawn.status,
+            talk_seconds=drawn.talk_seconds,
+            ring_seconds=drawn.ring_seconds,
+            did_number="0301234567" if inbound else "",
+            src_trunk="SIP-Provider" if inbound else "",
+            dst_trunk="SIP-Provider" if drawn.call_type == "Outbound" else "",
+        )
 
     def place_call(
         self,

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 from callvault.pbx import CallDetail, EventFormat
 from callvault.simulator._app import build_app
+from callvault.simulator._calls import draw_call
 from callvault.simulator._clock import Clock
 from callvault.simulator._config import SimulatorConfig
 from callvault.simulator._events import (
@@ -41,13 +42,6 @@ _TICK_SECONDS = 0.05
 # "ANSWERD" is how the v2 documents spell it in places: still an answered (recorded) call.
 _ANSWERED_SPELLINGS = frozenset({"ANSWERED", "ANSWERD"})
 # Statuses of place_random_call and their weights: four in five calls are answered.
-_RANDOM_STATUSES = (
-    ("ANSWERED", 16),
-    ("NO ANSWER", 1),
-    ("BUSY", 1),
-    ("FAILED", 1),
-    ("VOICEMAIL", 1),
-)
 # Caller-ID names for the names_non_ascii fault: Latin-1 letters and one beyond it.
 _NON_ASCII_CALLERS = ("Müller", "Groß", "Åström", "Çelik", "Łukasz")
 CallListener = Callable[[CallDetail], None]
@@ -372,18 +366,10 @@ class Simulator(ServedPbx[SimulatorConfig]):
         `answered` True forces an answered (recorded) call, False an unanswered one.
         """
         with self.state.lock:
-            rng = self.state.rng
-            kind = rng.choices(["Internal", "Inbound", "Outbound"], weights=[3, 4, 3])[0]
-            ext = str(rng.randint(1000, 1020))
-            mobile = f"0151{rng.randint(10_000_000, 99_999_999)}"
-            status = rng.choices(
-                [s for s, _w in _RANDOM_STATUSES], weights=[w for _s, w in _RANDOM_STATUSES]
-            )[0]
-            talk = rng.randint(2, 40)
-            ring = rng.randint(1, 15)
-            other = str(rng.randint(1000, 1020))
-        if answered is not None:
-            status = "ANSWERED" if answered else "NO ANSWER"
+            drawn = draw_call(self.state.rng, answered=answered)
+        kind, ext, other = drawn.call_type, drawn.extension, drawn.other
+        talk, ring, status = drawn.talk_seconds, drawn.ring_seconds, drawn.status
+        mobile = drawn.mobile
         mobile = self._as_dialled(mobile)
         if kind == "Internal":
             return self.place_call(
