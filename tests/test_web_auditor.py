@@ -144,6 +144,7 @@ def test_an_auditor_starts_on_the_audit_log_and_sees_only_what_they_may_use(
         "Search",
         "Status",
         "Users & tokens",
+        "PBXs",
         "Audit log",
         "Retention",
         "Holds",

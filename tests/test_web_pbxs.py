@@ -139,18 +139,23 @@ def test_searches_show_and_filter_by_pbx(web: LiveWeb) -> None:
     index.calls.record([call], source="event", tz=ZoneInfo("UTC"), now=now, pbx_id=lyon.id)
     admin, _ = web.bearer(ADMIN[0])
     everything = admin.get("/api/recordings").json()
-    assert {item["pbx"] for item in everything["items"]} == {"", "lyon"}
+    assert {(item["pbx"], item["pbx_kind"]) for item in everything["items"]} == {
+        ("", ""),
+        ("lyon", "s-series"),
+    }
     only = admin.get("/api/recordings", params={"pbx": "lyon"}).json()
     assert [item["name"] for item in only["items"]] == [call.recording]
-    assert only["items"][0]["pbx"] == "lyon"
+    assert (only["items"][0]["pbx"], only["items"][0]["pbx_kind"]) == ("lyon", "s-series")
     one = admin.get(f"/api/recordings/{only['items'][0]['id']}").json()
-    assert one["pbx"] == "lyon"
+    assert (one["pbx"], one["pbx_kind"]) == ("lyon", "s-series")
     unknown = admin.get("/api/recordings", params={"pbx": "nice"})
     assert unknown.status_code == 422 and "no PBX named 'nice'" in unknown.json()["detail"]
     browser = web.login(*ADMIN)
     page = browser.get("/search", params={"pbx": "lyon"}).text
     assert '<select id="pbx" name="pbx"' in page and "<option selected>lyon</option>" in page
-    assert '<th scope="col">PBX</th>' in page and '<td data-label="PBX">lyon</td>' in page
+    assert '<th scope="col">PBX</th>' in page
+    kind = '<small class="pbx-kind">s-series</small>'
+    assert f'<td class="pbx" data-label="PBX">lyon<br>{kind}</td>' in page
     assert "pbx=lyon" in page  # the export keeps the filter
 
 

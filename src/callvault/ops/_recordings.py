@@ -25,6 +25,7 @@ class RecordingView(JsonResult):
     call_id: int
     callid: str
     pbx: str  # the PBX's name in the registry ("" if it has none)
+    pbx_kind: str  # its kind in the registry: s-series, cloud or p-series ("" if none)
     pbx_serial: str
     start_at: datetime | None
     timestart_local: str
@@ -50,9 +51,14 @@ class RecordingView(JsonResult):
     download_url: str | None
 
     @classmethod
-    def of(cls, row: RecordingRow, pbx_names: Mapping[int, str] | None = None) -> RecordingView:
-        """The view of `row`; `pbx_names` (registry id to name, `pbx_names(index)`) names
-        its PBX."""
+    def of(
+        cls,
+        row: RecordingRow,
+        pbx_names: Mapping[int, str] | None = None,
+        pbx_kinds: Mapping[int, str] | None = None,
+    ) -> RecordingView:
+        """The view of `row`; `pbx_names` and `pbx_kinds` (registry id to name, and to kind,
+        read from the registry once: see `search_recordings`) name its PBX and its kind."""
         archived = row.state == ARCHIVED and row.storage_key is not None
         return cls(
             id=row.id,
@@ -61,6 +67,7 @@ class RecordingView(JsonResult):
             call_id=row.call_id,
             callid=row.callid,
             pbx=(pbx_names or {}).get(row.pbx_id, ""),
+            pbx_kind=(pbx_kinds or {}).get(row.pbx_id, ""),
             pbx_serial=row.pbx_serial,
             start_at=row.start_at,
             timestart_local=row.timestart_local,
@@ -126,7 +133,10 @@ def search_recordings(
     """One page of the recordings matching `filters`, after the position `after` (or
     `offset` rows in: keep that to the first pages), with how many match in all. `limit` 0
     means every match (`callvault list --limit 0`), counted exactly."""
-    names = pbx_names(index)
+    # The registry is a handful of rows, read once a page: never a query per row.
+    registry = index.pbxs.list()
+    names = {record.id: record.name for record in registry}
+    kinds = {record.id: record.config.kind for record in registry}
     if limit == 0:
         every = index.recordings.search(filters, limit=2**62, offset=offset, after=after)
         whole = after is None and offset == 0
@@ -136,7 +146,7 @@ def search_recordings(
             limit=0,
             offset=offset,
             next=None,
-            items=[RecordingView.of(row, names) for row in every],
+            items=[RecordingView.of(row, names, kinds) for row in every],
         )
     rows, total = index.recordings.page(
         filters, limit=limit + 1, offset=offset, after=after, cap=None if exact_total else TOTAL_CAP
@@ -149,5 +159,5 @@ def search_recordings(
         limit=limit,
         offset=offset,
         next=rows[-1].position.token() if more and rows else None,
-        items=[RecordingView.of(row, names) for row in rows],
+        items=[RecordingView.of(row, names, kinds) for row in rows],
     )

@@ -386,7 +386,10 @@ def search(
 def recording(request: Request, principal: Listener, recording_id: RecordingId) -> Response:
     """One recording's call fields, archive state and checksum."""
     row = visible_recording(request, principal, recording_id)
-    return _answer(RecordingView.of(row, pbx_names(context(request).index)))
+    registry = context(request).index.pbxs.list()
+    names = {record.id: record.name for record in registry}
+    kinds = {record.id: record.config.kind for record in registry}
+    return _answer(RecordingView.of(row, names, kinds))
 
 
 # What browsers send as Sec-Fetch-Site for a request made from this site's own pages, or

@@ -99,6 +99,7 @@ def create_app(
     app.include_router(_compliance.router)
     app.include_router(_pages.router)
     app.include_router(_compliance.pages)
+    app.include_router(_pbxs.pages)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 
     @app.middleware("http")

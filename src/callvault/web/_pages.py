@@ -454,11 +454,13 @@ def _call_page(
     request: Request, principal: Principal, recording_id: int, **extra: Any
 ) -> HTMLResponse:
     row = visible_recording(request, principal, recording_id)
+    registry = context(request).index.pbxs.list()  # a handful of rows
     return render(
         request,
         "call.html",
         principal,
         row=row,
+        pbx=next((record for record in registry if record.id == row.pbx_id), None),
         archived=row.state == ARCHIVED and row.storage_key is not None,
         filename=readable_filename(row),
         **extra,

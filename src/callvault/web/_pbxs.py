@@ -1,4 +1,5 @@
-"""The registry of PBXs in the JSON API, for admins: list, add, change, remove and test.
+"""The registry of PBXs in the JSON API and on the page /admin/pbxs, for admins: list,
+add, change, remove and test.
 
 The same operations as `callvault pbx ...` (`callvault.ops`). Setting a password needs the
 deployment's master key in this process (`--master-key-file` or CALLVAULT_MASTER_KEY of
@@ -10,10 +11,12 @@ not, nor the secret path of the PBX's reports.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
-from pydantic import BaseModel, Field
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, Field, ValidationError
 
 from callvault.index.pbxs import (
     DEFAULT_MAX_DOWNLOADS,
@@ -25,8 +28,10 @@ from callvault.index.pbxs import (
 )
 from callvault.keys import Keyring, MasterKeyError
 from callvault.ops import PbxTest, PbxView, add_pbx, edit_pbx, pbx_view, remove_pbx, test_pbx
+from callvault.web import _pages
 from callvault.web._api import Admin
-from callvault.web._context import check_csrf, context, remote_addr
+from callvault.web._context import Principal, check_csrf, context, remote_addr
+from callvault.web._security import CSRF_FIELD
 
 router = APIRouter(prefix="/api", tags=["pbxs"])
 
@@ -127,6 +132,11 @@ def get_pbx(request: Request, _admin: Admin, name: PbxName) -> PbxView:
 def create_pbx(request: Request, principal: Admin, body: PbxIn) -> PbxView:
     """Register a PBX; its password is sealed with the master key and never returned."""
     check_csrf(request, principal)
+    return register(request, principal, body)
+
+
+def register(request: Request, principal: Principal, body: PbxIn) -> PbxView:
+    """Register a PBX (the API's POST and the page's form; the caller checked CSRF)."""
     ctx = context(request)
     keyring = _keyring(request)
     if ctx.index.pbxs.get(body.name) is not None:
@@ -154,6 +164,12 @@ def create_pbx(request: Request, principal: Admin, body: PbxIn) -> PbxView:
 def change_pbx(request: Request, principal: Admin, name: PbxName, body: PbxPatch) -> PbxView:
     """Change a PBX's settings or password; the result is checked as a whole."""
     check_csrf(request, principal)
+    return change(request, principal, name, body)
+
+
+def change(request: Request, principal: Principal, name: str, body: PbxPatch) -> PbxView:
+    """Change what `body` sets of a PBX (the API's PATCH and the page's form; the caller
+    checked CSRF)."""
     ctx = context(request)
     given = body.model_dump(exclude_unset=True)
     password = given.pop("password", None)
@@ -196,6 +212,13 @@ def delete_pbx(request: Request, principal: Admin, name: PbxName) -> Response:
     """Take a PBX off the registry; 409 while calls of it are archived (they are known by
     it)."""
     check_csrf(request, principal)
+    unregister(request, principal, name)
+    return Response(status_code=204)
+
+
+def unregister(request: Request, principal: Principal, name: str) -> None:
+    """Take a PBX off the registry (the API's DELETE and the page's form; the caller
+    checked CSRF): 404 if there is none, 409 while calls of it are archived."""
     try:
         remove_pbx(
             context(request).index, name, actor=principal.name, remote_addr=remote_addr(request)
@@ -204,7 +227,6 @@ def delete_pbx(request: Request, principal: Admin, name: PbxName) -> Response:
         raise HTTPException(404, str(exc)) from None
     except PbxInUse as exc:
         raise HTTPException(409, str(exc)) from None
-    return Response(status_code=204)
 
 
 @router.post("/pbxs/{name}/test", responses={404: {}, 409: {}})
@@ -213,6 +235,12 @@ def test_registered_pbx(request: Request, principal: Admin, name: PbxName) -> Pb
     the login failed). 409 when the same password was refused less than ten minutes ago:
     testing again could lock this host out of the PBX."""
     check_csrf(request, principal)
+    return run_test(request, name)
+
+
+def run_test(request: Request, name: str) -> PbxTest:
+    """Log in to the registered PBX `name` once (the API and the page; the caller checked
+    CSRF); not on the event loop's thread: it runs its own loop."""
     ctx = context(request)
     keyring = _keyring(request)
     try:
@@ -222,3 +250,157 @@ def test_registered_pbx(request: Request, principal: Admin, name: PbxName) -> Pb
         raise HTTPException(404, str(exc)) from None
     except (PbxRegistryError, MasterKeyError) as exc:
         raise HTTPException(409, str(exc)) from None
+
+
+# -- the page: /admin/pbxs ------------------------------------------------------------------
+
+pages = APIRouter(include_in_schema=False)
+
+KINDS: tuple[str, ...] = get_args(PbxIn.model_fields["kind"].annotation)
+# The page's fields as labelled: a refused value is named this way.
+PBX_LABELS = {
+    "name": "Name",
+    "kind": "Kind",
+    "url": "URL",
+    "username": "User (P-Series: Client ID)",
+    "password": "Password (P-Series: Client Secret)",
+    "webhook_secret": "Webhook secret (P-Series)",
+    "api_version": "API version (S-Series, Cloud)",
+    "pin_sha256": "Certificate pin (SHA-256)",
+    "timezone": "Time zone",
+    "max_downloads": "Downloads at once",
+}
+# Typed in the page, kept in it when refused (never the password nor the webhook secret).
+_KEPT = ("name", "kind", "url", "username", "api_version", "pin_sha256", "timezone")
+# The fields a change on the page may set, besides the password and the webhook secret.
+_CHANGEABLE = ("kind", "url", "username", "api_version", "timezone", "max_downloads")
+
+
+def _refusal(exc: ValidationError) -> str:
+    """Why the form was refused, naming each field as the page labels it."""
+    reasons = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        reasons.append(f"{PBX_LABELS.get(field, field)}: {error['msg']}")
+    return "; ".join(reasons)
+
+
+def _pbxs_page(
+    request: Request, principal: Principal, status_code: int = 200, **extra: Any
+) -> HTMLResponse:
+    ctx = context(request)
+    extra.setdefault("values", {})
+    extra.setdefault("tested", None)
+    return _pages.render(
+        request,
+        "pbxs.html",
+        principal,
+        status_code=status_code,
+        pbxs=[pbx_view(record) for record in ctx.index.pbxs.list()],
+        kinds=KINDS,
+        labels=PBX_LABELS,
+        sealing=ctx.keyring is not None,
+        **extra,
+    )
+
+
+@pages.get("/admin/pbxs")
+def pbxs_page(request: Request, principal: _pages.PageAdmin) -> HTMLResponse:
+    """The registry of PBXs: each one's kind, address, user or Client ID and TLS; forms to
+    register one, change it, test its login and take it off the registry."""
+    query = request.query_params
+    index = context(request).index
+    message = None
+    for key, done in (("added", "registered"), ("saved", "saved")):
+        name = query.get(key, "")
+        record = index.pbxs.get(name) if name else None
+        if record is not None:
+            message = f"PBX {record.name} ({record.config.kind}) {done}."
+    if query.get("done") == "removed":
+        message = "PBX taken off the registry."
+    return _pbxs_page(request, principal, message=message)
+
+
+@pages.post("/admin/pbxs")
+async def pbxs_add(request: Request, principal: _pages.PageAdmin) -> Response:
+    """Register a PBX from the page's form, as POST /api/pbxs does."""
+    form = await _pages._form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    values = {name: form.get(name, "").strip() for name in _KEPT}
+    try:
+        body = PbxIn(
+            name=values["name"],
+            kind=values["kind"] or "s-series",
+            url=values["url"],
+            username=values["username"],
+            password=form.get("password", ""),
+            api_version=values["api_version"] or "v1.1.0",
+            pin_sha256=values["pin_sha256"] or None,
+            timezone=values["timezone"] or None,
+            max_downloads=form.get("max_downloads", "").strip() or DEFAULT_MAX_DOWNLOADS,
+            webhook_secret=form.get("webhook_secret", "").strip() or None,
+        )
+        view = register(request, principal, body)
+    except ValidationError as exc:
+        return _pbxs_page(request, principal, 422, error=_refusal(exc), values=values)
+    except HTTPException as exc:
+        return _pbxs_page(request, principal, exc.status_code, error=str(exc.detail), values=values)
+    return RedirectResponse(f"/admin/pbxs?added={quote(view.name)}", status_code=303)
+
+
+@pages.post("/admin/pbxs/{name}/edit")
+async def pbxs_edit(request: Request, principal: _pages.PageAdmin, name: PbxName) -> Response:
+    """Change a PBX from its form, as PATCH /api/pbxs/{name} does: only what differs from
+    what is registered; an empty password or webhook secret leaves it as it is."""
+    form = await _pages._form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    record = context(request).index.pbxs.get(name)
+    if record is None:
+        return _pbxs_page(request, principal, 404, error=f"no PBX named {name!r}")
+    current = pbx_view(record).to_json()
+    given: dict[str, Any] = {}
+    for field in _CHANGEABLE:
+        value = form.get(field, "").strip()
+        if field == "timezone" and value == (current["timezone"] or ""):
+            continue
+        if value != str(current[field]):
+            given[field] = value or None
+    if form.get("password"):
+        given["password"] = form["password"]
+    if form.get("webhook_secret", "").strip():
+        given["webhook_secret"] = form["webhook_secret"].strip()
+    elif form.get("drop_webhook_secret") and record.has_webhook_secret:
+        given["webhook_secret"] = None
+    if not given:
+        return _pbxs_page(request, principal, message=f"Nothing to change in PBX {name}.")
+    try:
+        view = change(request, principal, name, PbxPatch(**given))
+    except ValidationError as exc:
+        return _pbxs_page(request, principal, 422, error=_refusal(exc))
+    except HTTPException as exc:
+        return _pbxs_page(request, principal, exc.status_code, error=str(exc.detail))
+    return RedirectResponse(f"/admin/pbxs?saved={quote(view.name)}", status_code=303)
+
+
+@pages.post("/admin/pbxs/{name}/test")
+async def pbxs_test(request: Request, principal: _pages.PageAdmin, name: PbxName) -> Response:
+    """Log in to the PBX once, as POST /api/pbxs/{name}/test does, and say what it found."""
+    form = await _pages._form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    try:
+        result = await asyncio.to_thread(run_test, request, name)
+    except HTTPException as exc:
+        return _pbxs_page(request, principal, exc.status_code, error=str(exc.detail))
+    return _pbxs_page(request, principal, tested=(name, result))
+
+
+@pages.post("/admin/pbxs/{name}/remove")
+async def pbxs_remove(request: Request, principal: _pages.PageAdmin, name: PbxName) -> Response:
+    """Take a PBX off the registry, as DELETE /api/pbxs/{name} does."""
+    form = await _pages._form(request)
+    check_csrf(request, principal, form.get(CSRF_FIELD, ""))
+    try:
+        unregister(request, principal, name)
+    except HTTPException as exc:
+        return _pbxs_page(request, principal, exc.status_code, error=str(exc.detail))
+    return RedirectResponse("/admin/pbxs?done=removed", status_code=303)
