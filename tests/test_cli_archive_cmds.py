@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from callvault.cli import _register, app
 from callvault.index import SettingKey, Worker, open_index
+from callvault.index.pbxs import PbxConfig
 from callvault.pbx._types import CallDetail
 from callvault.storage import LocalStorage, recording_key
 
@@ -425,3 +426,35 @@ def test_requeue_brings_back_given_up_recordings(archive: tuple[Path, dict[str, 
     assert bad.output.strip() == (
         "callvault: error: --state 'archived': only failed and missing can be queued again"
     )
+
+
+def test_list_names_each_pbx_with_its_kind(tmp_path: Path) -> None:
+    """With calls of several PBXs, `list` names each call's PBX and its kind."""
+    root = tmp_path / "archive"
+    root.mkdir()
+    index = open_index(f"sqlite:///{root / 'callvault.db'}", create=True)
+    pbxs = {
+        "paris": PbxConfig(url="https://paris.example:8088", username="api"),
+        "lyon": PbxConfig(url="https://lyon.example", username="client", kind="p-series"),
+    }
+    for number, (name, config) in enumerate(pbxs.items()):
+        record = index.pbxs.add(
+            name, config, password_sealed="v1.x.y", events_path=f"path-{name}", now=NOW
+        )
+        cdr = CallDetail(
+            callid=f"1714564900.{number}",
+            timestart="2024-04-01 10:00:00",
+            callfrom="1001",
+            callto="1002",
+            recording=f"20240401100000-1714564900.{number}-1001-1002-Internal.wav",
+        )
+        index.calls.record([cdr], source="event", tz=PARIS, now=NOW, pbx_id=record.id)
+    index.close()
+    text = runner.invoke(app, ["list", "--archive", str(root)])
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[0].split()[0] == "PBX"
+    assert sorted(" ".join(line.split()[:2]) for line in lines[1:]) == [
+        "lyon (p-series)",
+        "paris (s-series)",
+    ]

@@ -89,6 +89,8 @@ def test_an_export_is_signed_and_verifies_offline(
         sums = bundle.read("SHA256SUMS").decode()
     assert {"manifest.csv.sig", "SHA256SUMS.sig", "signing-key.pem", "README.txt"} <= set(names)
     assert manifest and all(row["pbx"] for row in manifest)
+    kinds = {record.name: record.config.kind for record in web.archive.index.pbxs.list()}
+    assert all(row["pbx_kind"] == kinds.get(row["pbx"], "") for row in manifest)
     assert sums.count("\n") == len(manifest) + 1  # every recording and the manifest
     report = verify_export(export)
     assert report.ok and report.signed and not report.key_trusted

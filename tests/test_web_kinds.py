@@ -195,7 +195,7 @@ def test_a_p_series_pbx_is_searched_played_and_exported_like_any_other(
         manifest = list(csv.DictReader(io.StringIO(bundle.read("manifest.csv").decode())))
         files = {row["recording_name"]: bundle.read(row["file"]) for row in manifest}
     assert files == original
-    assert {row["pbx"] for row in manifest} == {"lyon"}
+    assert {(row["pbx"], row["pbx_kind"]) for row in manifest} == {("lyon", "p-series")}
     assert all(row["file"].endswith(f".{download_format}") for row in manifest)
     report = verify_export(path)
     assert report.ok and report.signed and report.recordings == 2, report.problems

@@ -188,7 +188,9 @@ def list_command(
             )
     with open_settings_archive(settings) as opened:
         tz = display_timezone(settings, opened)
-        names = {record.id: record.name for record in opened.index.pbxs.list()}
+        registered = opened.index.pbxs.list()
+        names = {record.id: record.name for record in registered}
+        kinds = {record.id: record.config.kind for record in registered}
         pbx_id = None
         if pbx is not None:
             pbx_id = next((key for key, name in names.items() if name == pbx), None)
@@ -219,7 +221,7 @@ def list_command(
         return
     several = len(names) > 1
     table = [
-        [names.get(row.pbx_id, "")] * several
+        [f"{names.get(row.pbx_id, '')} ({kinds.get(row.pbx_id, '?')})"] * several
         + [
             row.start_at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
             if row.start_at

@@ -3,7 +3,7 @@
 An export is a ZIP (stored, not compressed: audio does not shrink) holding:
 
 * ``recordings/<readable name>``: the audio, as archived;
-* ``manifest.csv``: one line per recording: its file, id, name, PBX, the call's times,
+* ``manifest.csv``: one line per recording: its file, id, name, PBX and its kind, the call's times,
   numbers, direction and status, its size and the SHA-256 of the bytes in the ZIP, the
   SHA-256 the index holds and whether they match;
 * ``SHA256SUMS``: ``sha256sum`` lines (``<hex>  <path>``) for every file above, the
@@ -59,6 +59,7 @@ MANIFEST_HEADER = (
     "recording_id",
     "recording_name",
     "pbx",
+    "pbx_kind",
     "start_utc",
     "start_local",
     "from",
@@ -160,6 +161,7 @@ def stream_export(
     storage: Storage,
     *,
     pbx_names: dict[int, str] | None = None,
+    pbx_kinds: dict[int, str] | None = None,
     key: SigningKey | None = None,
     now: datetime | None = None,
     on_done: Callable[[int, int], None] | None = None,
@@ -225,6 +227,7 @@ def stream_export(
                     row.id,
                     row.name,
                     (pbx_names or {}).get(row.pbx_id, str(row.pbx_id)),
+                    (pbx_kinds or {}).get(row.pbx_id, ""),
                     row.start_at.astimezone(UTC).isoformat() if row.start_at else "",
                     row.timestart_local,
                     row.call_from,
