@@ -4,6 +4,14 @@ the 300 s lease runs out), a process whose registration was taken over stops dow
 at once (fencing), and `serve` shuts down cleanly after jobs that once killed its workers.
 
 Real `callvault serve` child processes, the real simulator, the index on both engines.
+
+What `serve` does with a PBX runs for each kind (S-Series, Cloud, P-Series:
+`support.kinds`): a SIGKILLed serve's download resumed at its restart and archived once,
+a clean exit 0 after jobs that once killed its workers, and the one-line exit of a serve
+whose registration was taken over (S-Series and P-Series only: the Cloud PBX is the
+S-Series API, and what is tested is serve's registration, not the API). The
+registration's own tests and the fencing of the download pool (a downloader the test
+holds, which no PBX's kind reaches) run once.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,17 +42,17 @@ from callvault.archive import (
 from callvault.index import Index, RecordingRow, open_index
 from callvault.index.schema import ARCHIVED, DOWNLOADING, PENDING, calls
 from callvault.pbx import CallDetail
-from callvault.simulator import Simulator
+from callvault.simulator import Faults
 from callvault.storage import LocalStorage
 from support.archive import (
     FAST_POLICY,
     Downloader,
     ServeProcess,
     free_port,
-    serve_env,
     until,
     wait_until,
 )
+from support.kinds import PbxUnderTest, kind_params, start_pbx
 
 TZ = ZoneInfo("UTC")
 NAME = "20240501120000-1714564800.1-1001-1002-Internal.wav"
@@ -161,8 +170,20 @@ async def test_a_superseded_process_stops_downloading_at_once(
 # -- serve killed and started again -------------------------------------------------------------
 
 
-def _serve_ready(sim: Simulator, logins_before: int) -> bool:
-    return sim.login_count > logins_before
+@pytest.fixture
+def pbx(kind: str, tmp_path: Path) -> Iterator[PbxUnderTest]:
+    """A running PBX of the test's `kind`; an S-Series or Cloud one re-sends an unanswered
+    report after 0.2 s (as `events_sim` does)."""
+    with start_pbx(
+        kind, seed=7, faults=Faults(), workdir=tmp_path, event_retry_interval=0.2
+    ) as running:
+        yield running
+
+
+def _serve_ready(pbx: PbxUnderTest, logins_before: int) -> bool:
+    """Serve logged in to the PBX (so an S-Series PBX posts it its reports), and a
+    P-Series PBX sends it its events (over the WebSocket serve opened since)."""
+    return wait_until(lambda: pbx.pbx_logins > logins_before, 60) and pbx.wait_events_ready()
 
 
 def _latest_serve(db_url: str) -> int:
@@ -170,27 +191,27 @@ def _latest_serve(db_url: str) -> int:
         return max(p.id for p in index.processes.all() if p.kind == "serve")
 
 
+@pytest.mark.parametrize("kind", kind_params())
 @pytest.mark.parametrize("restart_as", ["same-node", "other-node"])
 def test_a_killed_serves_download_resumes_within_seconds_of_the_restart(
-    events_sim: Simulator, tmp_path: Path, db_url: str, restart_as: str
+    pbx: PbxUnderTest, tmp_path: Path, db_url: str, restart_as: str
 ) -> None:
     """SIGKILL `serve` while it downloads, start it again: the new process claims the
     recording at once (the lease of 300 s is left as it is), and it is archived once. The
     same node supersedes its earlier incarnation as it registers; another node name on the
     same host finds the old pid gone."""
-    sim = events_sim
     archive = tmp_path / "archive"
     logs = tmp_path / "logs"
     logs.mkdir()
-    serve = ServeProcess(serve_env(sim, archive, free_port(), db_url), logs)
+    serve = ServeProcess(pbx.serve_env(archive, free_port(), db_url), logs)
     try:
-        logins = sim.login_count
+        logins = pbx.pbx_logins
         serve.start("--node", "site-1")
-        assert wait_until(lambda: _serve_ready(sim, logins), 60), serve.log_text()
-        sim.faults.slow_seconds = 1.0  # every answer of the PBX takes a second
-        cdr = sim.place_call(talk_seconds=1)
-        assert cdr.recording is not None
-        name = cdr.recording
+        assert _serve_ready(pbx, logins), serve.log_text()
+        pbx.faults.slow_seconds = 1.0  # every answer of the PBX takes a second
+        recording = pbx.place_call(talk_seconds=1)
+        assert recording is not None
+        name = recording
 
         def claimed_by() -> int | None:
             with open_index(db_url) as index:
@@ -208,7 +229,7 @@ def test_a_killed_serves_download_resumes_within_seconds_of_the_restart(
         serve.start("--node", "site-1" if restart_as == "same-node" else "site-2")
         assert wait_until(lambda: claimed_by() not in (None, first), 60), serve.log_text()
         assert claimed_by() == _latest_serve(db_url)
-        sim.faults.slow_seconds = 0.0
+        pbx.faults.slow_seconds = 0.0
 
         def archived() -> bool:
             with open_index(db_url) as index:
@@ -221,7 +242,7 @@ def test_a_killed_serves_download_resumes_within_seconds_of_the_restart(
         serve.stop()
     with open_index(db_url) as index:
         row = index.recordings.by_name(name)
-        assert row is not None and row.attempts == 2 and row.sha256 == sim.recording_sha256(name)
+        assert row is not None and row.attempts == 2 and row.sha256 == pbx.recording_sha256(name)
         rows = index.processes.all()
         [lease] = index.leases.all()
     # Two serves' download workers and two node rows, all stopped; the PBX released.
@@ -232,15 +253,15 @@ def test_a_killed_serves_download_resumes_within_seconds_of_the_restart(
     assert "Traceback" not in serve.log_text()
 
 
+@pytest.mark.parametrize("kind", kind_params())
 def test_serve_after_jobs_that_killed_its_workers_stops_with_exit_0(
-    events_sim: Simulator, tmp_path: Path, db_url: str
+    pbx: PbxUnderTest, tmp_path: Path, db_url: str
 ) -> None:
     """Two jobs of calls in year 9999 whose recordings the PBX does not have (stored by an
     earlier version, before the door checked times) once ended both workers: `status`
     said "downloading", nothing was logged, SIGTERM exited 1 with "Task exception was
     never retrieved". Now their retries are decided, later calls are archived, and SIGTERM
     exits 0."""
-    sim = events_sim
     with open_index(db_url) as index:
         odd = [
             _record(index, f"253402300799.{n}", f"99991231235959-253402300799.{n}-1-2-Internal.wav")
@@ -255,13 +276,13 @@ def test_serve_after_jobs_that_killed_its_workers_stops_with_exit_0(
     archive = tmp_path / "archive"
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = serve_env(sim, archive, free_port(), db_url)
+    env = pbx.serve_env(archive, free_port(), db_url)
     env["CALLVAULT_TIMEZONE"] = "UTC"
     serve = ServeProcess(env, logs)
     try:
-        logins = sim.login_count
+        logins = pbx.pbx_logins
         serve.start()
-        assert wait_until(lambda: _serve_ready(sim, logins), 60), serve.log_text()
+        assert _serve_ready(pbx, logins), serve.log_text()
 
         def attempted() -> bool:
             with open_index(db_url) as index:
@@ -269,11 +290,12 @@ def test_serve_after_jobs_that_killed_its_workers_stops_with_exit_0(
             return all(r is not None and r.attempts >= 2 and r.state != DOWNLOADING for r in rows)
 
         assert wait_until(attempted, 60), serve.log_text()
-        cdr = sim.place_call(talk_seconds=1)
+        recording = pbx.place_call(talk_seconds=1)
+        assert recording is not None
 
         def archived() -> bool:
             with open_index(db_url) as index:
-                row = index.recordings.by_name(cdr.recording or "")
+                row = index.recordings.by_name(recording)
             return row is not None and row.state == ARCHIVED
 
         assert wait_until(archived, 60), serve.log_text()
@@ -294,20 +316,20 @@ def test_serve_after_jobs_that_killed_its_workers_stops_with_exit_0(
     assert "died" not in text
 
 
+@pytest.mark.parametrize("kind", ["s-series", "p-series"])
 def test_a_serve_whose_registration_is_taken_over_stops_with_one_line(
-    events_sim: Simulator, tmp_path: Path, db_url: str
+    pbx: PbxUnderTest, tmp_path: Path, db_url: str
 ) -> None:
     """A second start of the same node (here: its node row registered by hand, as a start
     does first) ends the first one's registration: at its next heartbeat it stops
     downloading, shuts down and exits 1 with one line saying why and what to do."""
-    sim = events_sim
     logs = tmp_path / "logs"
     logs.mkdir()
-    serve = ServeProcess(serve_env(sim, tmp_path / "archive", free_port(), db_url), logs)
+    serve = ServeProcess(pbx.serve_env(tmp_path / "archive", free_port(), db_url), logs)
     try:
-        logins = sim.login_count
+        logins = pbx.pbx_logins
         serve.start("--node", "site-1")
-        assert wait_until(lambda: _serve_ready(sim, logins), 60), serve.log_text()
+        assert _serve_ready(pbx, logins), serve.log_text()
         with open_index(db_url) as index:
             index.processes.register(
                 node="site-1",

@@ -1,9 +1,20 @@
 """The worker pool: claims and leases, the storage key, outcomes by error kind, a worker
 that never dies from one job, its supervisor, storage errors.
 
-Real indexes on both engines (the `index` fixture), real storage directories, an
-injectable clock for the index's times and a downloader the test holds (tests/support), so
-no outcome depends on how fast the machine is.
+Real indexes on both engines (the `index` fixture), real storage directories and an
+injectable clock for the index's times, so no outcome depends on how fast the machine is.
+
+What the pool does with a PBX runs for each kind (S-Series, Cloud, P-Series:
+`support.kinds`, the fixture `pbx`): downloads held past the lease or whose claim was lost,
+one copy after a crash between storing and indexing, "not found" by the call's age, an
+unsafe name, 5xx answers backed off, a refused login. There the pool downloads with the
+kind's own API client (`PbxUnderTest.client`) from the running simulator, each download
+held or counted by the test (`Gate`), and the archived bytes are the PBX's.
+
+The rest hold a downloader of their own (`support.archive.Downloader`) that the PBX's kind
+never reaches: the client is not called (a claim handed back at shutdown), or an error is
+injected to test the pool's decision (with an S-Series errno: 10003, 20003, 20014), or
+the test is about storage, the staging areas or the supervisor. They run once.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,14 +43,15 @@ from callvault.index import Index, Worker, open_index
 from callvault.index.schema import ARCHIVED, DOWNLOADING, FAILED, MISSING, PENDING, calls
 from callvault.pbx import (
     CallDetail,
+    DownloadResult,
     LoginFailed,
-    PbxBusy,
     RecordingNotFound,
     RequestRejected,
-    UnsafeRecordingName,
 )
+from callvault.simulator import Faults
 from callvault.storage import LocalStorage, StoredObject, recording_key
-from support.archive import FAST_POLICY, WAV, WAV_SHA256, Clock, Downloader, until
+from support.archive import FAST_POLICY, Clock, Downloader, file_sha256, until
+from support.kinds import PbxUnderTest, kind_params, start_pbx
 
 TZ = ZoneInfo("Europe/Berlin")
 NOW = datetime(2024, 5, 1, 21, 59, 0, tzinfo=UTC)  # 23:59 in Berlin: the date is about to flip
@@ -50,6 +62,44 @@ CALLID = "1714600740.7"
 @pytest.fixture
 def storage(tmp_path: Path) -> LocalStorage:
     return LocalStorage(tmp_path / "archive")
+
+
+@pytest.fixture
+def pbx(kind: str, tmp_path: Path) -> Iterator[PbxUnderTest]:
+    """A running PBX of the test's `kind` (``@pytest.mark.parametrize("kind", ...)``)."""
+    with start_pbx(kind, seed=11, faults=Faults(), workdir=tmp_path) as running:
+        yield running
+
+
+class Gate:
+    """The kind's real API client as the pool's downloader: downloads counted, and with
+    `hold` each waits for `release` before it asks the PBX."""
+
+    def __init__(self, client: Any, *, hold: bool = False) -> None:
+        self.client = client
+        self.calls = 0
+        self.finished = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+
+    async def download_recording(self, name: str, dest_dir: Path, **options: Any) -> Any:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        result: DownloadResult = await self.client.download_recording(name, dest_dir, **options)
+        self.finished += 1
+        return result
+
+
+def archived_as_on_the_pbx(pbx: PbxUnderTest, storage: LocalStorage, row: Any, name: str) -> None:
+    """The row is archived, its stored file byte-identical to the PBX's recording."""
+    assert row.state == ARCHIVED and row.claimed_by is None
+    assert row.storage_key is not None
+    path = storage.root / row.storage_key
+    assert row.sha256 == file_sha256(path) == pbx.recording_sha256(name)
+    assert row.size == path.stat().st_size
 
 
 def record(index: Index, now: datetime, **fields: Any) -> int:
@@ -107,15 +157,21 @@ class Running:
 # -- claims and leases --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", kind_params())
 async def test_a_download_longer_than_the_lease_keeps_its_claim(
-    index: Index, storage: LocalStorage
+    pbx: PbxUnderTest, index: Index, storage: LocalStorage
 ) -> None:
-    recording_id = record(index, NOW, sn="SN1", timestart="2024-05-01 23:59:00")
+    name = pbx.place_call(talk_seconds=2)
+    assert name is not None
+    recording_id = record(
+        index, NOW, recording=name, sn=pbx.serial, timestart="2024-05-01 23:59:00"
+    )
     clock = Clock(NOW)
-    client = Downloader(hold=True)
+    api = pbx.client()
+    client = Gate(api, hold=True)
     pool = pool_for(index, storage, client, clock, lease_s=0.6)
     try:
-        async with Running(pool):
+        async with api, Running(pool):
             await asyncio.wait_for(client.started.wait(), timeout=30)
             assert row_of(index, recording_id).claimed_until == NOW + timedelta(seconds=0.6)
             # The download goes on far past the lease it was claimed with.
@@ -131,19 +187,26 @@ async def test_a_download_longer_than_the_lease_keeps_its_claim(
     finally:
         client.release.set()
     row = row_of(index, recording_id)
-    assert (row.attempts, row.sha256, client.calls) == (1, WAV_SHA256, 1)
+    archived_as_on_the_pbx(pbx, storage, row, name)
+    assert (row.attempts, client.calls) == (1, 1)
     assert pool.archived == 1
 
 
+@pytest.mark.parametrize("kind", kind_params())
 async def test_a_stored_recording_whose_claim_was_lost_is_still_archived(
-    index: Index, storage: LocalStorage
+    pbx: PbxUnderTest, index: Index, storage: LocalStorage
 ) -> None:
-    recording_id = record(index, NOW, sn="SN1", timestart="2024-05-01 23:59:00")
+    name = pbx.place_call(talk_seconds=2)
+    assert name is not None
+    recording_id = record(
+        index, NOW, recording=name, sn=pbx.serial, timestart="2024-05-01 23:59:00"
+    )
     clock = Clock(NOW)
-    client = Downloader(hold=True)
+    api = pbx.client()
+    client = Gate(api, hold=True)
     pool = pool_for(index, storage, client, clock, lease_s=300.0)  # renews every 100 s
     try:
-        async with Running(pool):
+        async with api, Running(pool):
             await asyncio.wait_for(client.started.wait(), timeout=30)
             # The lease ran out (the index was unreachable, say) and another worker claimed it.
             clock.advance(301)
@@ -156,10 +219,8 @@ async def test_a_stored_recording_whose_claim_was_lost_is_still_archived(
     finally:
         client.release.set()
     row = row_of(index, recording_id)
-    assert (row.state, row.claimed_by, row.sha256) == (ARCHIVED, None, WAV_SHA256)
-    assert row.size == len(WAV)
-    assert row.storage_key is not None
-    assert (storage.root / row.storage_key).read_bytes() == WAV
+    archived_as_on_the_pbx(pbx, storage, row, name)
+    assert (row.attempts, client.calls) == (2, 1)  # claimed twice (ours, the other's), one GET
     assert pool.archived == 1
     # The other worker's claim no longer finishes anything.
     assert not index.jobs.mark_archived(
@@ -171,7 +232,7 @@ async def test_a_stored_recording_whose_claim_was_lost_is_still_archived(
         content_type="audio/x-wav",
         now=clock.now,
     )
-    assert row_of(index, recording_id).sha256 == WAV_SHA256
+    assert row_of(index, recording_id).sha256 == pbx.recording_sha256(name)
 
 
 async def test_a_claim_in_flight_at_shutdown_is_handed_back(
@@ -221,38 +282,43 @@ def crashes_before_indexing(index: Index, monkeypatch: pytest.MonkeyPatch) -> In
     return crashing
 
 
+@pytest.mark.parametrize("kind", kind_params())
 async def test_a_retry_after_a_crash_between_storing_and_indexing_keeps_one_copy(
-    index: Index, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+    pbx: PbxUnderTest, index: Index, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A legacy NewCdr: no serial and no usable start, so the first key uses "unknown" and
     # today's date by the clock.
-    recording_id = record(index, NOW)
+    name = pbx.place_call(talk_seconds=2)
+    assert name is not None
+    recording_id = record(index, NOW, recording=name)
     clock = Clock(NOW)
-    first = Downloader()
+    api = pbx.client()
+    first = Gate(api)
     crashing = crashes_before_indexing(index, monkeypatch)
     try:
-        async with Running(pool_for(crashing, storage, first, clock)):
+        async with api, Running(pool_for(crashing, storage, first, clock)):
             await until(
                 lambda: first.finished == 1 and row_of(index, recording_id).state == PENDING
             )
     finally:
         crashing.close()
     [stored_key] = list(storage.list())
-    assert stored_key == recording_key("", NOW.astimezone(TZ), NAME)
+    assert stored_key == recording_key("", NOW.astimezone(TZ), name)
     # The CDR export fills in the serial and a start on another day; the retry runs a day on.
     index.calls.record(
-        [CallDetail(callid=CALLID, recording=NAME, sn="SN1", timestart="2024-04-30 10:00:00")],
+        [CallDetail(callid=CALLID, recording=name, sn=pbx.serial, timestart="2024-04-30 10:00:00")],
         source="cdr",
         tz=TZ,
         now=NOW,
     )
     clock.advance(86_400)
-    second = Downloader()
-    async with Running(pool_for(index, storage, second, clock)):
+    api = pbx.client()
+    second = Gate(api)
+    async with api, Running(pool_for(index, storage, second, clock)):
         await until(lambda: row_of(index, recording_id).state == ARCHIVED)
     row = row_of(index, recording_id)
-    assert list(storage.list()) == [stored_key]
-    assert (row.storage_key, row.sha256, row.size) == (stored_key, WAV_SHA256, len(WAV))
+    assert list(storage.list()) == [stored_key] and row.storage_key == stored_key
+    archived_as_on_the_pbx(pbx, storage, row, name)
     assert row.content_type == "audio/x-wav"
     assert second.calls == 0  # the stored copy was hashed, not downloaded again
 
@@ -260,12 +326,14 @@ async def test_a_retry_after_a_crash_between_storing_and_indexing_keeps_one_copy
 # -- outcomes by error kind -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", kind_params())
 @pytest.mark.parametrize(("source", "final"), [("cdr", MISSING), ("event", PENDING)])
 async def test_only_an_event_makes_an_old_looking_call_new(
-    index: Index, storage: LocalStorage, source: str, final: str
+    pbx: PbxUnderTest, index: Index, storage: LocalStorage, source: str, final: str
 ) -> None:
-    # A month-old call queued by backfill or reconciliation whose file is gone is missing
-    # after a few answers; the same call reported by an event just now gets the whole window.
+    # A month-old call queued by backfill or reconciliation whose file is gone (the PBX
+    # answers "not found": S-Series and Cloud errno 20014, P-Series 60001) is missing after
+    # a few answers; the same call reported by an event just now gets the whole window.
     [result] = index.calls.record(
         [CallDetail(callid=CALLID, recording=NAME, timestart="2024-04-01 10:00:00")],
         source=source,
@@ -275,8 +343,9 @@ async def test_only_an_event_makes_an_old_looking_call_new(
     recording_id = result.recording_id
     assert recording_id is not None
     clock = Clock(NOW)
-    gone = Downloader(error=RecordingNotFound("not found, errno 20014", errno="20014"))
-    async with Running(pool_for(index, storage, gone, clock)):
+    api = pbx.client()
+    gone = Gate(api)
+    async with api, Running(pool_for(index, storage, gone, clock)):
 
         def attempted(count: int) -> Callable[[], bool]:
             def done() -> bool:
@@ -291,16 +360,35 @@ async def test_only_an_event_makes_an_old_looking_call_new(
             await until(attempted(attempt))
     row = row_of(index, recording_id)
     assert (row.state, row.attempts) == (final, FAST_POLICY.old_call_min_attempts)
+    assert "not found" in (row.last_error or "")
+    assert gone.calls == FAST_POLICY.old_call_min_attempts and gone.finished == 0
+
+
+@pytest.mark.parametrize("kind", kind_params())
+async def test_an_unsafe_name_fails_the_job_at_once_without_asking_the_pbx(
+    pbx: PbxUnderTest, index: Index, storage: LocalStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    unsafe = "a/b.wav"
+    recording_id = record(index, NOW, recording=unsafe)
+    api = pbx.client()
+    caplog.set_level(logging.INFO, logger="callvault.archive")
+    async with api, Running(pool_for(index, storage, Gate(api), Clock(NOW))):
+        await until(lambda: row_of(index, recording_id).state == FAILED)
+        assert not api.logged_in and pbx.pbx_logins == 0  # refused before any request
+    row = row_of(index, recording_id)
+    assert row.attempts == 1 and "contains a '/'" in (row.last_error or "")
+    failed = [r for r in caplog.records if r.levelno == logging.ERROR and unsafe in r.getMessage()]
+    assert len(failed) == 1 and "contains a '/'" in failed[0].getMessage()
+    assert list(storage.list()) == []
 
 
 @pytest.mark.parametrize(
     "error",
     [
-        UnsafeRecordingName("recording name 'a/b.wav' contains a '/'"),
         RequestRejected("the PBX rejected the request, errno 10003", errno="10003"),
         ValueError("bad input"),
     ],
-    ids=["unsafe-name", "rejected", "value-error"],
+    ids=["rejected", "value-error"],
 )
 async def test_a_permanent_error_fails_the_job_at_once_with_the_reason(
     index: Index, storage: LocalStorage, caplog: pytest.LogCaptureFixture, error: Exception
@@ -317,60 +405,76 @@ async def test_a_permanent_error_fails_the_job_at_once_with_the_reason(
     assert len(failed) == 1 and str(error) in failed[0].getMessage()
 
 
-async def test_transient_errors_back_off_and_only_pbx_trouble_reaches_the_session(
-    index: Index, storage: LocalStorage
+class Session:
+    """The pool's `PbxSession`, as far as the pool tells it anything."""
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        self.ready.set()
+        self.errors: list[str] = []
+        self.successes = 0
+
+    def report_error(self, text: str) -> None:
+        self.errors.append(text)
+
+    def report_success(self) -> None:
+        self.successes += 1
+
+    def report_auth_failure(self, exc: Exception) -> None:
+        raise AssertionError("not a login failure")
+
+
+@pytest.mark.parametrize("kind", kind_params())
+async def test_5xx_answers_back_off_and_only_pbx_trouble_reaches_the_session(
+    pbx: PbxUnderTest, index: Index, storage: LocalStorage
 ) -> None:
-    class Session:
-        def __init__(self) -> None:
-            self.ready = asyncio.Event()
-            self.errors: list[str] = []
-
-        def report_error(self, text: str) -> None:
-            self.errors.append(text)
-
-        def report_success(self) -> None:
-            pass
-
-        def report_auth_failure(self, exc: Exception) -> None:
-            raise AssertionError("not a login failure")
-
+    """Every request of the PBX's API answers HTTP 5xx with an HTML page: the job backs
+    off (the client tries once), the session hears of it, an unsafe name's failure it does
+    not; once the PBX answers again the retry archives the PBX's bytes."""
     session = Session()
-    session.ready.set()
-    busy = record(index, NOW)
-    unsafe = record(index, NOW, callid="1714600740.8", recording="x.wav")
+    name = pbx.place_call(talk_seconds=2)
+    assert name is not None
+    busy = record(index, NOW, recording=name)
+    unsafe = record(index, NOW, callid="1714600740.8", recording="a/b.wav")
     clock = Clock(NOW)
-
-    class TwoFaults(Downloader):
-        async def download_recording(
-            self, name: str, dest_dir: Path, *, filename: str | None = None
-        ) -> Any:
-            self.calls += 1
-            if name == NAME:
-                raise PbxBusy("the PBX's API service is not running, errno 30003", errno="30003")
-            raise UnsafeRecordingName(f"recording name {name!r} is not a file name")
-
-    pool = pool_for(index, storage, TwoFaults(), clock, session=session)
-    async with Running(pool):
+    api = pbx.client(max_attempts=1)
+    pbx.faults.error_5xx_next = 1000
+    pool = pool_for(index, storage, Gate(api), clock, session=session)
+    async with api, Running(pool):
         await until(lambda: row_of(index, unsafe).state == FAILED)
         await until(lambda: row_of(index, busy).state == PENDING and row_of(index, busy).attempts)
+        row = row_of(index, busy)
+        assert row.next_attempt_at > clock.now and "HTML" in (row.last_error or "")
+        assert session.errors and all("HTML" in text for text in session.errors)
+        assert session.successes == 0
+        # The PBX answers again; the retry falls due.
+        pbx.faults.error_5xx_next = 0
+        clock.advance(FAST_POLICY.transient_max_s * 2)
+        pool.wake()
+        await until(lambda: row_of(index, busy).state == ARCHIVED)
     row = row_of(index, busy)
-    assert row.next_attempt_at > clock.now and "30003" in (row.last_error or "")
-    assert session.errors and all("30003" in text for text in session.errors)
+    archived_as_on_the_pbx(pbx, storage, row, name)
+    assert row.attempts == 2 and session.successes == 1
+    assert all("a/b.wav" not in text for text in session.errors)
 
 
+@pytest.mark.parametrize("kind", kind_params())
 async def test_a_refused_login_pauses_and_hands_the_job_back(
-    index: Index, storage: LocalStorage
+    pbx: PbxUnderTest, index: Index, storage: LocalStorage
 ) -> None:
-    recording_id = record(index, NOW)
+    name = pbx.place_call(talk_seconds=2)
+    assert name is not None
+    recording_id = record(index, NOW, recording=name)
     refused: list[Exception] = []
-    client = Downloader(error=LoginFailed("wrong API username or password", errno="20003"))
-    pool = pool_for(index, storage, client, Clock(NOW), on_auth_failure=refused.append)
-    async with Running(pool):
+    api = pbx.client(secret="not-the-secret", max_attempts=1)
+    pool = pool_for(index, storage, Gate(api), Clock(NOW), on_auth_failure=refused.append)
+    async with api, Running(pool):
         await until(lambda: bool(refused))
         await until(lambda: row_of(index, recording_id).claimed_by is None)
     row = row_of(index, recording_id)
     assert row.state == PENDING and "paused" in (row.last_error or "")
-    assert isinstance(refused[0], LoginFailed)
+    assert isinstance(refused[0], LoginFailed) and pbx.pbx_logins == 0
+    assert list(storage.list()) == []
 
 
 # -- a worker never dies from one job --------------------------------------------------------

@@ -20,8 +20,14 @@ The in-process archiver's tests (test_archive_service, test_archive_backfill) us
 ``pbx.cli_env(archive, db_url)`` (as `support.archive.cli_env`), ``pbx.place_call(...)``,
 ``pbx.wait_events_ready()`` (a P-Series PBX sends events only to the WebSockets
 subscribed at the time), ``pbx.faults`` (the live fault switches: ``drop_next_downloads``,
-``error_5xx_next`` and ``html_error_next`` exist on both), ``pbx.repeat_new_cdr(...)``,
-``pbx.revoke_tokens()``, ``pbx.pbx_logins`` and ``pbx.cdr_reads()``.
+``error_5xx_next``, ``html_error_next`` and ``slow_seconds`` exist on both),
+``pbx.repeat_new_cdr(...)``, ``pbx.revoke_tokens()``, ``pbx.pbx_logins`` and
+``pbx.cdr_reads()``.
+
+The worker pool's tests (test_archive_workers) download with the kind's own API client
+class: ``pbx.client(max_attempts=1)`` (a `PbxClient` or `PSeriesClient`, the certificate
+pinned, not yet opened: ``async with``), ``pbx.client(secret="wrong")`` one the PBX
+refuses.
 """
 
 from __future__ import annotations
@@ -31,14 +37,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httpx
 import pytest
 
 from callvault.archive import Archiver, ArchiverConfig
 from callvault.keys import create_key_file
-from callvault.pbx import CallDetail, EventFormat
+from callvault.pbx import (
+    CallDetail,
+    EventFormat,
+    MemoryTokenStore,
+    PbxClient,
+    PSeriesClient,
+    TlsOptions,
+)
 from callvault.simulator import (
     Faults,
     PSeriesConfig,
@@ -151,6 +164,12 @@ class PbxUnderTest(Protocol):
         """How many reads of the call history the PBX answered (S-Series: CDR exports)."""
         ...
 
+    def client(self, *, secret: str | None = None, **options: Any) -> PbxClient | PSeriesClient:
+        """The kind's API client against this PBX (its certificate pinned), not yet opened;
+        `secret` instead of the right password (Client Secret); `options` are keywords the
+        two clients share (``max_attempts``, ``backoff_base``, ``timeout``...)."""
+        ...
+
 
 class SSeriesPbx:
     """The S-Series simulator, as an S-Series PBX or (``kind="cloud"``) the Cloud PBX."""
@@ -221,6 +240,13 @@ class SSeriesPbx:
 
     def cdr_reads(self) -> int:
         return sum(1 for endpoint, _ in self.sim.request_log if endpoint == "cdr/get_random")
+
+    def client(self, *, secret: str | None = None, **options: Any) -> PbxClient:
+        # The Cloud PBX speaks the S-Series API (its login also answers a refresh token).
+        sim = self.sim
+        tls = TlsOptions(pin_sha256=sim.cert_sha256)
+        password = sim.password if secret is None else secret
+        return PbxClient(sim.url, sim.username, password, tls=tls, **options)
 
     def place_random_call(self, *, answered: bool) -> str | None:
         # The simulator's own seeded generator (as the test always did).
@@ -360,6 +386,15 @@ class PSeriesPbx:
         log = self.sim.request_log
         searches = sum(1 for path, _ in log if path.endswith("/cdr/search"))
         return searches - sum(1 for path, _ in log if path.endswith("/cdr/list"))
+
+    def client(self, *, secret: str | None = None, **options: Any) -> PSeriesClient:
+        """Its tokens in a store of its own (not the process's shared one for this PBX):
+        a client with a wrong secret is refused, not handed another client's token."""
+        sim = self.sim
+        tls = TlsOptions(pin_sha256=sim.cert_sha256)
+        password = sim.client_secret if secret is None else secret
+        options.setdefault("token_store", MemoryTokenStore())
+        return PSeriesClient(sim.url, sim.client_id, password, tls=tls, **options)
 
     def place_random_call(self, *, answered: bool) -> str | None:
         """Internal, inbound from a mobile or outbound, as the S-Series simulator's
