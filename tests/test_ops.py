@@ -189,3 +189,20 @@ def test_open_archive_says_what_to_do_in_one_line(tmp_path: Path) -> None:
 )
 def test_human_size(size: int | None, words: str) -> None:
     assert human_size(size) == words
+
+
+def test_status_of_one_pbx_while_a_node_holds_several(archive: Archive) -> None:
+    """`status --pbx NAME` with a node holding other PBXs too: the PBX's own lines, and
+    the node still listed with every PBX it holds."""
+    index = archive.index
+    node = index.processes.register(
+        node="site-1", kind="node", hostname="h", pid=12, workers=0, now=NOW
+    )
+    index.processes.heartbeat(node.id, now=NOW, workers_alive=0)
+    records = [register_pbx(index, name) for name in ("lyon", "paris")]
+    for record in records:
+        lease = index.leases.acquire(record.id, node="site-1", now=NOW, ttl=timedelta(minutes=1))
+        assert lease is not None
+    status = archive_status(archive, now=NOW + timedelta(seconds=5), pbx_id=records[1].id)
+    assert [(p.name, p.node) for p in status.pbxs] == [("paris", "site-1")]
+    assert [(n.name, n.pbxs) for n in status.nodes] == [("site-1", ["lyon", "paris"])]

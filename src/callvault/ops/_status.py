@@ -180,8 +180,10 @@ def archive_status(
     serve_known = any(p.kind in (SERVE, NODE_KIND) for p in processes)
     serve = "running" if live_serves or live_nodes else ("stopped" if serve_known else "never")
     running = bool(live_serves or live_nodes) if serve_known else None
-    records = [r for r in index.pbxs.list() if pbx_id is None or r.id == pbx_id]
-    names = {record.id: record.name for record in records}
+    registered = index.pbxs.list()
+    records = [r for r in registered if pbx_id is None or r.id == pbx_id]
+    # Every PBX's name: the nodes' lines list all the PBXs each holds, even with `pbx_id`.
+    names = {record.id: record.name for record in registered}
     holders = {
         lease.pbx_id: lease.node
         for lease in index.leases.all()
@@ -202,7 +204,11 @@ def archive_status(
             info.node,
             info.hostname,
             info.heartbeat_at,
-            sorted(names[pbx_id] for pbx_id, node in holders.items() if node == info.node),
+            sorted(
+                names.get(held, f"pbx-{held}")
+                for held, node in holders.items()
+                if node == info.node
+            ),
         )
         for info in sorted(live_nodes, key=lambda info: info.node)
     ]
