@@ -148,6 +148,46 @@ def test_a_pseries_pbx_is_added_and_tested_as_what_it_is(
         assert "api version      openapi" in shown
 
 
+def test_a_refused_pseries_secret_says_how_to_fix_it_in_pseries_terms(
+    registry: dict[str, str],
+) -> None:
+    with PSeriesSimulator(PSeriesConfig(seed=4)) as psim:
+        assert psim.cert_sha256 is not None
+        env = {**registry, "PBX_SECRET": "not-the-secret"}
+        added = cli(
+            "pbx", "add", "berlin", "--kind", "p-series", "--url", psim.url,
+            "--client-id", psim.client_id, "--secret-env", "PBX_SECRET",
+            "--pin-sha256", psim.cert_sha256, env=env,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        fix = "`callvault pbx edit berlin --client-id ID --secret-env VAR`"
+        first = cli("pbx", "test", "berlin", env=registry)
+        assert first.returncode == 1 and len(first.stderr.strip().splitlines()) == 1
+        assert "client ID or secret" in first.stderr and fix in first.stderr
+        again = cli("pbx", "test", "berlin", env=registry)  # not sent again for 10 minutes
+        assert again.returncode == 1 and "not trying it again" in again.stderr
+        assert fix in again.stderr and "--password-env" not in again.stderr
+        assert len([p for p, _ in psim.request_log if p.endswith("get_token")]) == 1
+
+
+def test_pseries_flags_are_refused_for_other_kinds(registry: dict[str, str]) -> None:
+    env = {**registry, "PBX_SECRET": "s3cret"}
+    for flags in (
+        ["--client-id", "app", "--password-env", "PBX_SECRET"],
+        ["--username", "api", "--secret-env", "PBX_SECRET"],
+    ):
+        refused = cli(
+            "pbx", "add", "y", "--kind", "cloud", "--url", "https://pbx.example", *flags,
+            env=env,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr
+        assert "is for --kind p-series" in refused.stderr
+        assert "--username and --password-env" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    listed = cli("pbx", "list", "--json", env=registry)
+    assert json.loads(listed.stdout) == []
+
+
 def test_a_registered_pbx_is_tested_and_its_password_never_shows(
     sim: Simulator, registry: dict[str, str], tmp_path: Path
 ) -> None:

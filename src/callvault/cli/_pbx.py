@@ -341,8 +341,16 @@ def pbx_add(name: str, **given: Any) -> None:
     from callvault.ops import add_pbx
 
     settings = _settings_of(given)
+    kind = given.get("kind") or "s-series"
+    if kind != "p-series":
+        for flag, key in (("--client-id", "client_id"), ("--secret-env", "secret_env")):
+            if given.get(key) is not None:
+                fail(
+                    f"{flag} is for --kind p-series (a P-Series PBX's API application); "
+                    f"a {kind} PBX takes --username and --password-env",
+                    code=USAGE_ERROR,
+                )
     changes = _changes(given)
-    kind = changes.get("kind") or "s-series"
     user_flag, secret_flag = (
         ("--client-id", "--secret-env") if kind == "p-series" else ("--username", "--password-env")
     )

@@ -348,6 +348,19 @@ def _password_tag(record: PbxRecord) -> str:
     return hashlib.sha256(login.encode()).hexdigest()[:16]
 
 
+def _login_fix(record: PbxRecord) -> str:
+    """What to run to give a PBX the right login, in its kind's terms."""
+    if record.config.kind == "p-series":
+        return (
+            "Client ID or Client Secret with "
+            f"`callvault pbx edit {record.name} --client-id ID --secret-env VAR`"
+        )
+    return (
+        "user or password with "
+        f"`callvault pbx edit {record.name} --username NAME --password-env VAR`"
+    )
+
+
 async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: datetime) -> PbxTest:
     """Log in to the PBX once (no retry: a wrong password must not count towards the
     PBX's lockout twice), read a day of its call history, log out; keep and return what
@@ -366,8 +379,8 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
             raise RefusedRecently(
                 f"PBX {record.name} refused this password at {refused_at:%H:%M:%S} UTC "
                 f"({last.get('error')}); not trying it again before {again:%H:%M:%S} UTC, "
-                "as five refusals lock this host out: set the right user or password with "
-                f"`callvault pbx edit {record.name} --username NAME --password-env VAR`"
+                "as five refusals lock this host out: set the right "
+                f"{_login_fix(record)}"
             )
     started = time.monotonic()
     transport: str | None = None
@@ -386,6 +399,8 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
     except PbxError as exc:
         error, kind = str(exc), exc.kind.value
         refused = isinstance(exc, LoginFailed | LoginLockedOut)
+        if isinstance(exc, LoginFailed):
+            error += f"; set the right {_login_fix(record)}"
     result = PbxTest(
         name=record.name,
         ok=error is None,
