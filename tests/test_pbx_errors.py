@@ -216,6 +216,7 @@ BROKE_OFF = "recording a.wav: the connection to the PBX broke off"
 HANDSHAKE_CUT = "recording a.wav: the connection to the PBX broke off during the TLS handshake"
 NO_ANSWER = "recording a.wav: the PBX did not answer in time"
 TIMED_OUT = "cannot reach the PBX at 127.0.0.1:8088: connection timed out"
+CHECK = " (check the URL's host and port, and that this host may connect to it)"
 
 MAPPED: list[tuple[BaseException, Phase, type[PbxError], str]] = [
     # httpx says its phase itself.
@@ -223,13 +224,13 @@ MAPPED: list[tuple[BaseException, Phase, type[PbxError], str]] = [
         httpx.ConnectError("[Errno 111] Connection refused"),
         "exchange",
         PbxUnreachable,
-        "cannot reach the PBX at 127.0.0.1:8088: [Errno 111] Connection refused",
+        "cannot reach the PBX at 127.0.0.1:8088: [Errno 111] Connection refused" + CHECK,
     ),
     (
         httpx.ConnectError("failed for /api/x?token=tok123&random=rnd456"),
         "exchange",
         PbxUnreachable,
-        "cannot reach the PBX at 127.0.0.1:8088: failed for /api/x",
+        "cannot reach the PBX at 127.0.0.1:8088: failed for /api/x" + CHECK,
     ),
     (httpx.ConnectTimeout("timed out"), "exchange", PbxUnreachable, TIMED_OUT),
     (httpx.ReadTimeout("timed out"), "exchange", PbxTransportError, NO_ANSWER),
@@ -247,7 +248,7 @@ MAPPED: list[tuple[BaseException, Phase, type[PbxError], str]] = [
         ConnectionRefusedError(111, "Connection refused"),
         "connect",
         PbxUnreachable,
-        "cannot reach the PBX at 127.0.0.1:8088: [Errno 111] Connection refused",
+        "cannot reach the PBX at 127.0.0.1:8088: [Errno 111] Connection refused" + CHECK,
     ),
     (TimeoutError(), "connect", PbxUnreachable, TIMED_OUT),
     (TimeoutError(), "handshake", PbxUnreachable, TIMED_OUT),

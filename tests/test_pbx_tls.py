@@ -34,7 +34,7 @@ from callvault.pbx import (
     normalise_pin,
 )
 from callvault.pbx._tls import describe_tls_failure, is_broken_connection
-from callvault.simulator import Simulator
+from callvault.simulator import Simulator, SimulatorConfig
 from support.pbx_fakes import PASSWORD, Sleeps
 from support.pbx_sim import SIM_PASSWORD, outcomes, sim_client
 
@@ -118,6 +118,22 @@ async def test_http_to_a_tls_port_says_to_use_https(sim: Simulator) -> None:
     origin = url.removeprefix("http://")
     assert str(info.value) == f"login: the PBX answered with TLS: use https://{origin}"
     assert info.value.kind is ErrorKind.LOGIN_REFUSED
+
+
+async def test_https_to_a_plain_http_port_says_the_port_may_not_speak_tls(
+    tmp_path: Path,
+) -> None:
+    """OpenSSL calls a plain HTTP answer to its ClientHello WRONG_VERSION_NUMBER: the
+    error says what that most often means."""
+    config = SimulatorConfig(password=SIM_PASSWORD, tls=False, data_dir=tmp_path)
+    with Simulator(config) as plain:
+        url = plain.url.replace("http://", "https://")
+        async with PbxClient(url, plain.username, SIM_PASSWORD, max_attempts=1) as client:
+            with pytest.raises(PbxTlsError) as info:
+                await client.login()
+    assert "WRONG_VERSION_NUMBER" in str(info.value)
+    assert "the port may not speak TLS" in str(info.value)
+    assert plain.request_log == []
 
 
 async def test_a_plain_server_that_hangs_up_is_not_taken_for_tls() -> None:

@@ -523,7 +523,10 @@ class Settings:
         if not self.pbx:
             raise SettingsError("no PBX given: pass --pbx https://HOST:8088 or set CALLVAULT_PBX")
         if not self.username:
-            raise SettingsError("no API user name given: pass --username or set CALLVAULT_USERNAME")
+            raise SettingsError(
+                "no API user name given: pass --username (a P-Series PBX's Client ID) or "
+                "set CALLVAULT_USERNAME"
+            )
         return self.pbx, self.username
 
     def keyring(self) -> Keyring:

@@ -14,6 +14,8 @@
     │   └── EventParseError       a pushed report that is not a PBX event          permanent
     ├── UnsafeRecordingName       a name that cannot be a file name (refused       permanent
     │                             before any request)
+    ├── RecordingIdMismatch       P-Series download by id: the id is another       permanent
+    │                             file than the name given (nothing written)
     ├── SessionWithdrawn          the client's owner withdrew it (its node lost    transient
     │                             the PBX's lease); nothing was sent
     └── PbxApiError               the API said "Failed" with an errno (HTTP 200)   permanent

@@ -70,7 +70,10 @@ def transport_error(
         return PbxUnreachable(f"cannot reach the PBX at {origin}: connection timed out")
     if isinstance(exc, httpx.ConnectError) or (phase == "connect" and isinstance(exc, OSError)):
         reason = strip_query(str(exc)) or type(exc).__name__
-        return PbxUnreachable(f"cannot reach the PBX at {origin}: {reason}")
+        return PbxUnreachable(
+            f"cannot reach the PBX at {origin}: {reason} (check the URL's host and port, "
+            "and that this host may connect to it)"
+        )
     if timed_out:
         return PbxTransportError(f"{context}: the PBX did not answer in time")
     if isinstance(

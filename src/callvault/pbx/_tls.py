@@ -179,7 +179,14 @@ def describe_tls_failure(error: ssl.SSLError, options: TlsOptions) -> str:
         )
     reason = getattr(error, "reason", None) or type(error).__name__
     version_hint = ""
-    if options.minimum_version == "1.2" and "VERSION" in str(reason).upper():
+    if str(reason).upper() == "WRONG_VERSION_NUMBER":
+        # What OpenSSL says when the answer is not TLS at all: most often plain HTTP.
+        version_hint = (
+            "; the port may not speak TLS: if the PBX's web page there is http://, use "
+            "an http:// URL (or its HTTPS port); an old PBX firmware may also need a "
+            "lower minimum TLS version"
+        )
+    elif options.minimum_version == "1.2" and "VERSION" in str(reason).upper():
         version_hint = "; an old PBX firmware may need a lower minimum TLS version"
     return f"TLS handshake with the PBX failed ({reason}){version_hint}"
 
