@@ -320,6 +320,20 @@ def test_cli_cdr_json_and_csv(sim: Simulator) -> None:
     assert call.recording in table.stdout
 
 
+def test_cdr_lists_calls_oldest_first(sim: Simulator) -> None:
+    """The PBX's export lists calls as they ended; `cdr` prints them as they started."""
+    short = sim.place_call(talk_seconds=5)
+    long = sim.place_call(talk_seconds=900)  # ended after `short`, started long before it
+    assert sim.ca_file is not None
+    day = short.timestart[:10]
+    listed = run_cli(
+        "cdr", "--ca-file", str(sim.ca_file), "--since", day, "--until", day, "--json",
+        env=sim_env(sim),
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert [row["callid"] for row in json.loads(listed.stdout)] == [long.callid, short.callid]
+
+
 def test_cdr_until_defaults_to_now(sim: Simulator) -> None:
     call = sim.place_call()
     assert sim.ca_file is not None

@@ -52,7 +52,7 @@ from callvault.pbx import (
     call_detail_row,
     check_recording_name,
 )
-from callvault.times import FORMATS, TimeFormatError, parse_moment
+from callvault.times import FORMATS, TimeFormatError, parse_moment, parse_pbx_time
 
 # Failures after which trying the remaining names is pointless (and, for logins, harmful).
 _FATAL = (PbxTlsError, PbxUnreachable)
@@ -259,9 +259,16 @@ async def export_range(
     tz: tzinfo,
     extensions: str,
 ) -> list[CallDetail]:
-    """Every CDR row of calls that started in [start, end), each call once."""
+    """Every CDR row of calls that started in [start, end), each call once, oldest first
+    (the S-Series export gives them in the order the PBX wrote them: by when they ended)."""
     async with client:
-        return await client.export_cdr_range(start, end, tz, extensions=extensions)
+        rows = await client.export_cdr_range(start, end, tz, extensions=extensions)
+
+    def started(row: CallDetail) -> tuple[int, datetime, str]:
+        moment = parse_pbx_time(row.timestart, tz)
+        return (0, moment, "") if moment is not None else (1, start, row.timestart)
+
+    return sorted(rows, key=started)
 
 
 def _print_table(rows: list[CallDetail]) -> None:
