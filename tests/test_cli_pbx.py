@@ -146,6 +146,11 @@ def test_a_pseries_pbx_is_added_and_tested_as_what_it_is(
         assert view["last_test"]["report_transport"] == "WebSocket"
         shown = cli("pbx", "show", "berlin", env=registry).stdout
         assert "api version      openapi" in shown
+        assert f"client id        {psim.client_id}" in shown and "username" not in shown
+        assert "report url" not in shown and "tcp report port" not in shown
+        env["PBX_SECRET"] = psim.client_secret + "-new"
+        edited = cli("pbx", "edit", "berlin", "--secret-env", "PBX_SECRET", env=env)
+        assert edited.stdout.strip() == "changed PBX berlin: client-secret", edited.stderr
 
 
 def test_a_refused_pseries_secret_says_how_to_fix_it_in_pseries_terms(

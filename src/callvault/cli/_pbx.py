@@ -434,7 +434,11 @@ def pbx_edit(name: str, **given: Any) -> None:
     finally:
         index.close()
     _warn_insecure(edited.record.config)
-    what = ", ".join(w.replace("_", "-") for w in edited.changed) or "nothing (as it was)"
+    words = _PSERIES_WORDS if edited.record.config.kind == "p-series" else {}
+    what = (
+        ", ".join(words.get(w, w).replace("_", "-") for w in edited.changed)
+        or "nothing (as it was)"
+    )
     print(f"changed PBX {name}: {what}")
     if webhook_secret is not None:
         _tell_webhook(settings, name, edited.record.events_path)
@@ -473,6 +477,13 @@ def pbx_list(as_json: bool, archive: Path | None, db: str | None, config: Path |
         )
 
 
+# How a P-Series PBX's registry fields are called in its own terms, and the fields that
+# mean nothing for it (its events come over its WebSocket, or as signed webhooks from the
+# addresses `events_allow` lets in).
+_PSERIES_WORDS = {"username": "client_id", "password": "client_secret"}
+_SSERIES_ONLY = ("report_url", "tcp_report_port")
+
+
 @pbx_app.command("show")
 @click.argument("name")
 @json_flag
@@ -499,8 +510,9 @@ def pbx_show(
         print(json.dumps(view.to_json()))
         return
     data = view.to_json()
+    pseries = view.kind == "p-series"
     for key, value in data.items():
-        if key == "last_test":
+        if key == "last_test" or (pseries and key in _SSERIES_ONLY):
             continue
         shown = ", ".join(value) if isinstance(value, list) else value
         if key == "events_allow" and not value:
@@ -511,7 +523,8 @@ def pbx_show(
             if view.kind != "p-series":
                 continue
             shown = "set" if value else "none (its webhooks are refused)"
-        print(f"{key.replace('_', ' '):<16} {'-' if shown in (None, '') else shown}")
+        label = (_PSERIES_WORDS.get(key, key) if pseries else key).replace("_", " ")
+        print(f"{label:<16} {'-' if shown in (None, '') else shown}")
         if key == "webhook_secret":
             print(f"{'webhook url':<16} {_webhook_url(settings, record.events_path)}")
     test = view.last_test
