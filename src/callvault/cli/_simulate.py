@@ -92,7 +92,7 @@ def _describe_pseries_call(call: PSeriesCall) -> str:
 
 
 def _banner(sim: Simulator, password_given: bool) -> None:
-    _print(f"callvault simulator: Yeastar S-Series PBX, serial {sim.serial}")
+    _print(f"callvault simulator: {KIND_NAMES[sim.config.kind]} PBX, serial {sim.serial}")
     versions = "/api/v1.0.1, /api/v1.1.0 (or /api/v1.10), /api/v2.0.0"
     _print(f"  URL          {sim.url}   (API under {versions})")
     _print(f"  username     {sim.username}")
@@ -110,7 +110,8 @@ def _banner(sim: Simulator, password_given: bool) -> None:
         secret = "'…'" if password_given else shlex.quote(sim.password)
         _print("Fetch a recording from another terminal:")
         _print(
-            f"  CALLVAULT_PASSWORD={secret} {command_name()} fetch --pbx {sim.url} "
+            f"  CALLVAULT_PASSWORD={secret} {command_name()} fetch"
+            f"{' --kind cloud' if sim.config.kind == 'cloud' else ''} --pbx {sim.url} "
             f"--username {shlex.quote(sim.username)} --password-env CALLVAULT_PASSWORD"
             f"{trust} --out ./recordings {shlex.quote(names[-1])}"
         )
@@ -300,14 +301,20 @@ def _introduce_fleet(pbxs: list[_Pbx], *, as_json: bool) -> None:
             f"{sim.cert_sha256 or '(plain HTTP)':<64} {credentials}"
         )
     _print(
-        "Register one in an archive from another terminal:"
-        if len(kinds) == 1
-        else "Register them in an archive from another terminal, e.g. one of each kind:"
+        ("Register one" if len(kinds) == 1 else "Register them, e.g. one of each kind,")
+        + f" in an archive from another terminal ({_MASTER_KEY_HINT}):"
     )
     for kind in kinds:
         first = next(pbx for pbx in pbxs if pbx.kind == kind)
         _print(f"  {_register_command(first)}")
     _print("Serving until Ctrl-C.")
+
+
+# `pbx add` seals the password with the archive's master key: say how to have one.
+_MASTER_KEY_HINT = (
+    "first make a master key: callvault keys create --file KEY, "
+    "and export CALLVAULT_MASTER_KEY_FILE=KEY"
+)
 
 
 def _register_command(pbx: _Pbx) -> str:
@@ -696,6 +703,6 @@ def _introduce_pseries(sim: PSeriesSimulator, *, secret_file: Path | None, as_js
     _print(f"  time zone      {sim.config.timezone}")
     for name in sim.recording_names():
         _print(f"  recording {name}")
-    _print("Register it in an archive from another terminal:")
+    _print(f"Register it in an archive from another terminal ({_MASTER_KEY_HINT}):")
     _print(f"  {_register_command(_Pbx('sim-p', sim, secret_file))}")
     _print("Serving until Ctrl-C.")
