@@ -28,12 +28,13 @@ from callvault.pbx import (
     PbxUnreachable,
     RequestRejected,
     SyncPbxClient,
+    TlsOptions,
     TokenExpired,
     TokenInvalid,
     error_for_errno,
     password_md5,
 )
-from callvault.simulator import Simulator
+from callvault.simulator import PSeriesConfig, PSeriesSimulator, Simulator
 from support.pbx_fakes import (
     BASE,
     PASSWORD,
@@ -431,3 +432,21 @@ def test_sync_client_logs_in_downloads_exports_and_logs_out(sim: Simulator, tmp_
     assert hashlib.sha256(result.path.read_bytes()).hexdigest() == result.sha256
     assert [row.recording for row in rows] == [call.recording]
     assert outcomes(sim, "logout") == ["Success"]
+
+
+async def test_a_pseries_pbx_taken_for_an_s_series_one_says_which_kind_to_give() -> None:
+    """The P-Series answers 404 to the S-Series API: the error names the likely cause."""
+    with PSeriesSimulator(PSeriesConfig(seed=2)) as psim:
+        assert psim.cert_sha256 is not None
+        client = PbxClient(
+            psim.url,
+            psim.client_id,
+            psim.client_secret,
+            tls=TlsOptions(pin_sha256=psim.cert_sha256),
+            max_attempts=1,
+        )
+        async with client:
+            with pytest.raises(PbxTransportError) as info:
+                await client.login()
+    assert "HTTP 404" in str(info.value) and "--kind p-series" in str(info.value)
+    assert psim.client_secret not in str(info.value)

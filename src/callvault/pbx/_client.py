@@ -384,10 +384,17 @@ class PbxClient(ApiClient):
                 f"{context}: the PBX redirects to {target}; use that address as the PBX URL"
             )
         if status_code >= 500 or _looks_like_html(headers, stripped):
+            hint = ""
+            if status_code == 404:
+                hint = (
+                    f" (no S-Series API at /api/{self.api_version.value}: check that the "
+                    "API is enabled on the PBX, and its kind: a P-Series PBX speaks the "
+                    "OpenAPI, --kind p-series)"
+                )
             raise PbxTransportError(
                 f"{context}: the PBX answered HTTP {status_code} "
                 f"{'with an HTML page ' if _looks_like_html(headers, stripped) else ''}"
-                "instead of an API response"
+                f"instead of an API response{hint}"
             )
         raise PbxProtocolError(
             f"{context}: the PBX answered HTTP {status_code} with something that is not an "
