@@ -26,6 +26,7 @@ from callvault.pbx import (
     PbxProtocolError,
     PbxTransportError,
     PbxUnreachable,
+    PSeriesClient,
     RequestRejected,
     SyncPbxClient,
     TlsOptions,
@@ -450,3 +451,17 @@ async def test_a_pseries_pbx_taken_for_an_s_series_one_says_which_kind_to_give()
                 await client.login()
     assert "HTTP 404" in str(info.value) and "--kind p-series" in str(info.value)
     assert psim.client_secret not in str(info.value)
+
+
+async def test_an_s_series_pbx_taken_for_a_pseries_one_says_which_kind_to_give(
+    sim: Simulator,
+) -> None:
+    """The S-Series PBX answers 404 to the OpenAPI: the error names the likely cause."""
+    client = PSeriesClient(
+        sim.url, "callvault", SIM_PASSWORD, tls=pinned(sim), max_attempts=1, sleep=Sleeps()
+    )
+    async with client:
+        with pytest.raises(PbxTransportError) as info:
+            await client.login()
+    assert "HTTP 404" in str(info.value) and "--kind s-series or cloud" in str(info.value)
+    assert SIM_PASSWORD not in str(info.value)

@@ -447,9 +447,16 @@ class PSeriesClient(ApiClient):
             )
         html = looks_like_html(headers, stripped)
         if status_code >= 500 or html:
+            hint = ""
+            if status_code == 404:
+                hint = (
+                    f" (no P-Series OpenAPI at {API_PATH}: check that the API is enabled on "
+                    "the PBX, and its kind: an S-Series or Cloud PBX speaks the S-Series "
+                    "API, --kind s-series or cloud)"
+                )
             raise PbxTransportError(
                 f"{context}: the PBX answered HTTP {status_code} "
-                f"{'with an HTML page ' if html else ''}instead of an API response"
+                f"{'with an HTML page ' if html else ''}instead of an API response{hint}"
             )
         raise PbxProtocolError(
             f"{context}: the PBX answered HTTP {status_code} with something that is not an "
