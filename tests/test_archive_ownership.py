@@ -6,6 +6,7 @@ stops talking to its PBXs before anything else, then finds it has lost them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 
 from callvault.archive._ownership import MAX_STARTING, Ownership
+from callvault.archive._service import _supervised
 from callvault.index import Index, Lease
+from callvault.ops import remove_pbx
 from support.index_data import register_pbx
 
 TTL_S, RENEW_S = 15.0, 5.0
@@ -329,4 +332,84 @@ async def test_taking_many_pbxs_never_holds_up_a_round(index: Index) -> None:
     lost = a._lanes[0]
     await a._lose(lost, "test")
     assert lost.lease is None and lost.events[-1] == "stop-at-once"
+    await a.close()
+
+
+async def test_a_pbx_taken_off_the_registry_leaves_the_others_leases_alone(
+    index: Index, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`callvault pbx remove` while the loop runs (supervised as serve does, on real clocks
+    and a short lease): the removed PBX's lease row goes with its entry. Its lane stops with
+    one INFO line (not "another node holds it"), it is never taken again (no lease can be
+    made for a PBX that is gone), and the other PBXs' leases are renewed every round:
+    never expired, never lost and taken back."""
+    ttl_s, renew_s = 1.0, 0.1
+    names = ["sim-1", "sim-2", "sim-3", "dummy"]
+    ids = [register_pbx(index, name).id for name in names]
+    lanes = [FakeLane(pbx_id, name) for pbx_id, name in zip(ids, names, strict=True)]
+    a = Ownership(index, lanes, node="vm", ttl_s=ttl_s, renew_s=renew_s)
+    await a.register()
+    await a.tick()
+    await a.settle()
+    assert held(a) == set(ids)
+    kept, dummy = lanes[:3], lanes[3]
+    tokens = {lane.pbx_id: lane.lease.token for lane in kept if lane.lease is not None}
+    stop = asyncio.Event()
+    loop = asyncio.create_task(_supervised("the PBX leases", lambda: a.run(stop), stop))
+    try:
+        with caplog.at_level(logging.INFO, logger="callvault.archive"):
+            await asyncio.sleep(3 * renew_s)
+            await asyncio.to_thread(remove_pbx, index, "dummy", actor="test", remote_addr="")
+            removed_at = time.monotonic()
+            expiries: dict[int, list[datetime]] = {lane.pbx_id: [] for lane in kept}
+            # Two leases long: a round missed, or a restart of the loop, would show.
+            while time.monotonic() - removed_at < 2 * ttl_s:
+                now = datetime.now(UTC)
+                for lane in kept:
+                    assert a.may_talk(lane) is None, lane.name
+                    lease = await asyncio.to_thread(index.leases.get, lane.pbx_id)
+                    assert lease is not None and lease.node == "vm" and lease.held(now)
+                    assert lease.token == tokens[lane.pbx_id]  # never lost and taken back
+                    assert lease.expires_at is not None
+                    expiries[lane.pbx_id].append(lease.expires_at)
+                await asyncio.sleep(renew_s)
+    finally:
+        stop.set()
+        await loop
+        await a.close()
+    for lane in kept:
+        assert lane.events == ["start", "stop"], lane.name  # the close's hand-over only
+        assert expiries[lane.pbx_id][-1] > expiries[lane.pbx_id][0]  # renewed
+    assert dummy.events == ["start", "stop-at-once"] and dummy.lease is None
+    assert not a.knows(dummy) and index.leases.get(dummy.pbx_id) is None
+    records = [r for r in caplog.records if r.name == "callvault.archive"]
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    said = [r.getMessage() for r in records if "dummy" in r.getMessage()]
+    assert said == ["PBX dummy was taken off the registry: node vm stops working on it"]
+
+
+async def test_a_round_that_cannot_take_a_pbx_still_renews_the_others(
+    index: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking a free PBX fails (the index refuses the statement): the leases held were
+    renewed first, and the round ends without failing the loop."""
+    ids = [register_pbx(index, f"p{i}").id for i in range(3)]
+    clock = Clock()
+    a = node(index, "a", ids[:2], clock)
+    await a.register()
+    await a.tick()
+    assert held(a) == set(ids[:2])
+
+    def refused(*args: Any, **kwargs: Any) -> list[Lease]:
+        raise RuntimeError("the index refused the statement")
+
+    monkeypatch.setattr(index.leases, "acquire_many", refused)
+    a.add_lane(FakeLane(ids[2], "p2"))
+    for _ in range(4):  # longer than a lease
+        clock.advance(RENEW_S)
+        await a.tick()
+        assert held(a) == set(ids[:2])
+        for pbx_id in ids[:2]:
+            lease = index.leases.get(pbx_id)
+            assert lease is not None and lease.expires_at == clock.now + timedelta(seconds=TTL_S)
     await a.close()

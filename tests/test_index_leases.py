@@ -141,3 +141,16 @@ def test_several_are_taken_in_one_statement_but_never_a_live_holders(index: Inde
     held_by_b = index.leases.get(live)
     assert held_by_b is not None and held_by_b.node == "b" and held_by_b.token == 1
     assert index.leases.acquire_many([], node="a", now=later, ttl=TTL) == []
+
+
+def test_a_pbx_taken_off_the_registry_is_not_taken_and_fails_none_of_the_others(
+    index: Index,
+) -> None:
+    kept, gone = register_pbx(index, "paris"), register_pbx(index, "lyon")
+    assert index.leases.acquire(gone.id, node="a", now=NOW, ttl=TTL) is not None
+    index.pbxs.remove("lyon")  # its lease row goes with it
+    won = index.leases.acquire_many([gone.id, kept.id], node="a", now=NOW, ttl=TTL)
+    assert [(lease.pbx_id, lease.node) for lease in won] == [(kept.id, "a")]
+    assert [lease.pbx_id for lease in index.leases.all()] == [kept.id]
+    assert index.leases.removed([kept.id, gone.id]) == {gone.id}
+    assert index.leases.removed([]) == set()

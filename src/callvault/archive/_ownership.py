@@ -16,14 +16,16 @@ Every `renew_s` seconds (`tick`):
    nodes are what the PBXs are spread over). A heartbeat refused means a newer start of
    this node took over: everything stops (`fenced`);
 3. every lease held is renewed; one that cannot be (another node holds it now: fencing
-   by token) stops its lane at once;
+   by token) stops its lane at once. A PBX taken off the registry took its lease row
+   with it: its lane stops too, and the node forgets it (never taken again);
 4. the share is ceil(PBXs / live nodes): a node over it gives the surplus up (a clean
    stop, then a release, for another node to take at once); a node under it takes free or
    expired leases, trying PBXs in an order of its own (a hash of node and PBX) so that
    nodes starting together mostly try different ones. The leases of a round (up to
    `MAX_TAKEN_PER_ROUND`) are won in one statement; work on the PBXs won starts in the
    background (it takes time, and the next renewal must not wait for it), `MAX_STARTING`
-   at once.
+   at once. A round that fails here (the index refused a statement) has renewed the
+   leases already, and the next round tries again.
 
 A node that dies holds its PBXs until their leases expire (`ttl_s`, 15 s): the others take
 them within `ttl_s + renew_s` seconds; at once if the registry already knows it is gone
@@ -140,7 +142,7 @@ class Ownership:
         finish, its lease is renewed meanwhile, then released), then forgotten."""
         self._retiring.add(lane.pbx_id)
         try:
-            await self._give_up(lane, reason)
+            await self._give_up(lane, reason, said=True)  # the caller's log line said why
             handing = self._handing_over.get(lane.pbx_id)
             if handing is not None:
                 await asyncio.gather(handing, return_exceptions=True)
@@ -213,7 +215,10 @@ class Ownership:
                 await self._lose(lane, "this node was superseded")
             return
         await self._renew_all()
-        await self._rebalance()
+        try:
+            await self._rebalance()
+        except Exception as exc:  # the leases held were renewed: the next round tries again
+            log.warning("node %s could not take or give up PBXs this round: %s", self.node, exc)
 
     async def _renew_all(self) -> None:
         """Renew every lease held, in one statement."""
@@ -236,7 +241,13 @@ class Ownership:
         for lane in leased:
             if lane.pbx_id in renewed:
                 lane.lease_deadline = started + self._ttl_s
-            else:
+        not_renewed = [lane for lane in leased if lane.pbx_id not in renewed]
+        try:
+            removed = await self._drop_removed(not_renewed)
+        except Exception:  # cannot tell: stopped as lost (a removed one goes next round)
+            removed = set()
+        for lane in not_renewed:
+            if lane.pbx_id not in removed:
                 await self._lose(lane, f"another node holds PBX {lane.name} now")
 
     async def _rebalance(self) -> None:
@@ -279,6 +290,7 @@ class Ownership:
             candidates.append(lane)
         for lane in await self._acquire(candidates, dead):
             self._starting[lane.pbx_id] = asyncio.create_task(self._start(lane))
+        await self._drop_removed([lane for lane in candidates if lane.lease is None])
 
     def _preference(self, pbx_id: int) -> bytes:
         return hashlib.sha256(f"{self.node}/{pbx_id}".encode()).digest()
@@ -338,9 +350,39 @@ class Ownership:
         if starting is not None:
             await asyncio.gather(starting, return_exceptions=True)
 
+    async def _drop_removed(self, lanes: Sequence[OwnedLane]) -> set[int]:
+        """Of `lanes` (leases not renewed, or not won), stop and forget those whose PBX was
+        taken off the registry: it is nobody's now (its lease row went with its entry),
+        and is never counted or taken again. The registry's refresh closes their lanes;
+        one it is closing already was said in the log. The PBX ids dropped."""
+        if not lanes:
+            return set()
+        removed = await self._blocking(self._index.leases.removed, [lane.pbx_id for lane in lanes])
+        for lane in lanes:
+            if lane.pbx_id not in removed:
+                continue
+            if lane in self._lanes:
+                self._lanes.remove(lane)
+                if lane.pbx_id not in self._retiring:
+                    log.info(
+                        "PBX %s was taken off the registry: node %s stops working on it",
+                        lane.name,
+                        self.node,
+                    )
+            await self._stop_at_once(lane, "it was taken off the registry")
+        return removed
+
+    def knows(self, lane: OwnedLane) -> bool:
+        """Whether `lane` is still one of this node's (False once found taken off the
+        registry: its lane stopped, and the log said so)."""
+        return lane in self._lanes
+
     async def _lose(self, lane: OwnedLane, reason: str) -> None:
         """Stop work on a PBX at once: it is (or may be) another node's now."""
         log.warning("node %s stops working on PBX %s: %s", self.node, lane.name, reason)
+        await self._stop_at_once(lane, reason)
+
+    async def _stop_at_once(self, lane: OwnedLane, reason: str) -> None:
         lane.lease = None
         starting = self._starting.pop(lane.pbx_id, None)
         if starting is not None:
@@ -354,13 +396,14 @@ class Ownership:
                 await handing
         await lane.stop_work(reason=reason, graceful=False)
 
-    async def _give_up(self, lane: OwnedLane, reason: str) -> None:
+    async def _give_up(self, lane: OwnedLane, reason: str, *, said: bool = False) -> None:
         """Hand a PBX over: its work stops cleanly in the background (downloads in flight
         finish), the lease still renewed meanwhile; then it is released for another node
-        to take at once."""
+        to take at once. Logged, unless the caller `said` so already."""
         if lane.lease is None or lane.pbx_id in self._handing_over:
             return
-        log.info("node %s hands PBX %s over: %s", self.node, lane.name, reason)
+        if not said:
+            log.info("node %s hands PBX %s over: %s", self.node, lane.name, reason)
         self._handing_over[lane.pbx_id] = asyncio.create_task(self._hand_over(lane, reason))
 
     async def _hand_over(self, lane: OwnedLane, reason: str) -> None:

@@ -787,7 +787,8 @@ class Archiver:
     async def _retire(self, lane: _Lane, ownership: Ownership, reason: str) -> None:
         """Stop archiving a PBX: hand it over if this node works on it (its downloads
         finish, its lease is released), then stop taking its reports."""
-        log.info("%s: %s; its lane here closes", lane.describe(), reason)
+        if ownership.knows(lane):  # else its lease round found it removed, and said so
+            log.info("%s: %s; its lane here closes", lane.describe(), reason)
         await ownership.remove_lane(lane, reason)
         self.lanes.remove(lane)
         await lane.close()

@@ -20,11 +20,11 @@ from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, tuple_, update
+from sqlalchemy import and_, literal_column, or_, select, tuple_, update
 
 from callvault.index._db import Database
 from callvault.index._models import Lease
-from callvault.index.schema import column_length, pbx_leases
+from callvault.index.schema import column_length, pbx_leases, pbxs
 from callvault.times import as_utc as from_db
 from callvault.times import to_utc
 
@@ -64,16 +64,22 @@ class LeaseStore:
     ) -> list[Lease]:
         """`acquire` for several PBXs in one statement: the leases won (of those free,
         expired, `node`'s own or a `dead` node's), by PBX id. A node taking over a dead
-        node's PBXs on a loaded machine does it in one round trip, not one per PBX."""
+        node's PBXs on a loaded machine does it in one round trip, not one per PBX. A PBX
+        no longer in the registry (`removed`) is not won, and fails none of the others."""
         if not pbx_ids:
             return []
         now, node = to_utc(now), node[:_NODE_MAX]
         holders = [node, *(name[:_NODE_MAX] for name in dead)]
         t = pbx_leases
         with self._db.write() as conn:
+            # A row for each PBX still registered (one taken off the registry has none,
+            # and may not get one: its registry row is gone).
             conn.execute(
                 self._db.insert(t)
-                .values([{"pbx_id": pbx_id, "token": 0} for pbx_id in pbx_ids])
+                .from_select(
+                    ["pbx_id", "token"],
+                    select(pbxs.c.id, literal_column("0")).where(pbxs.c.id.in_(list(pbx_ids))),
+                )
                 .on_conflict_do_nothing()
             )
             rows = conn.execute(
@@ -116,6 +122,16 @@ class LeaseStore:
                 .returning(t.c.pbx_id)
             )
             return {int(row.pbx_id) for row in rows}
+
+    def removed(self, pbx_ids: Collection[int]) -> set[int]:
+        """Of `pbx_ids`, the PBXs no longer in the registry (`pbx remove`): their lease
+        rows went with them. A lease that cannot be renewed for that reason was not taken
+        by another node."""
+        if not pbx_ids:
+            return set()
+        with self._db.read() as conn:
+            rows = conn.execute(select(pbxs.c.id).where(pbxs.c.id.in_(list(pbx_ids))))
+            return set(pbx_ids) - {int(row.id) for row in rows}
 
     def release(self, pbx_id: int, *, node: str, token: int) -> bool:
         """Give the PBX up (a clean stop, or a rebalance), for any node to take at once;
