@@ -72,7 +72,7 @@ from callvault.archive._receiver import (
     new_secret_path,
     validate_cdr,
 )
-from callvault.archive._session import PbxSession
+from callvault.archive._session import PbxSession, refused_login
 from callvault.archive._tokens import IndexTokenStore
 from callvault.archive._where import StorageMismatch, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
@@ -97,6 +97,7 @@ from callvault.pbx import (
     NewCdrEvent,
     PbxBusy,
     PbxClient,
+    PbxError,
     PbxTransportError,
     PSeriesClient,
     SessionWithdrawn,
@@ -838,8 +839,10 @@ _RESTART_DELAYS_S = (1.0, 5.0, 30.0)
 async def _supervised(
     what: str, start: Callable[[], Coroutine[Any, Any, None]], stop: asyncio.Event
 ) -> None:
-    """Run `start()` until `stop` is set; if it fails, log at ERROR (the traceback the first
-    time) and start it again after a short delay. Its failures never go unnoticed."""
+    """Run `start()` until `stop` is set; if it fails, log at ERROR and start it again
+    after a short delay. Its failures never go unnoticed. A `PbxError` (the PBX or the way
+    to it failed: its message says all) is one line; anything else is a bug, logged with
+    its traceback the first time."""
     failures = 0
     while not stop.is_set():
         try:
@@ -848,13 +851,14 @@ async def _supervised(
         except Exception as exc:
             delay = _RESTART_DELAYS_S[min(failures, len(_RESTART_DELAYS_S) - 1)]
             failures += 1
+            pbx_error = isinstance(exc, PbxError)
             log.error(
-                "%s failed: %s: %s; starting it again in %.0f s",
+                "%s failed: %s%s; starting it again in %.0f s",
                 what,
-                type(exc).__name__,
+                "" if pbx_error else f"{type(exc).__name__}: ",
                 exc,
                 delay,
-                exc_info=exc if failures == 1 else None,
+                exc_info=exc if failures == 1 and not pbx_error else None,
             )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
@@ -1128,6 +1132,8 @@ class _Lane:
             heartbeat_interval_s=config.heartbeat_interval_s,
             transport_retry_s=config.login_retry_s,
             label=self._label(),
+            kind=target.kind,
+            fix=self._login_fix(),
         )
         self.session = session
         options = replace(
@@ -1160,6 +1166,25 @@ class _Lane:
         self.downloads, self.pool = downloads, pool
         stop = self._work_stop = asyncio.Event()
         self._work_tasks = self._tasks(index, stop)
+
+    def _login_fix(self) -> str:
+        """What an operator does about a refused login of this PBX, in words."""
+        p_series = self.target.kind == "p-series"
+        if self.target.registry_name is None:  # the PBX of serve's flags
+            what = "Client Secret" if p_series else "API password"
+            return (
+                f"restart serve with the right {what} in CALLVAULT_PASSWORD (or the variable "
+                "--password-env names)"
+            )
+        if p_series:
+            return (
+                f"`callvault pbx edit {self.name} --secret-env VAR`, VAR holding the Client "
+                "Secret of the PBX's API app"
+            )
+        return (
+            f"`callvault pbx edit {self.name} --password-env VAR`, VAR holding the PBX's API "
+            "password"
+        )
 
     def _client(self, index: Index) -> PbxClient | PSeriesClient:
         """The API client of the PBX's kind. A P-Series PBX's tokens are kept in its
@@ -1213,18 +1238,34 @@ class _Lane:
     async def _events_loop(self, client: PSeriesClient, index: Index, stop: asyncio.Event) -> None:
         """A P-Series PBX's events, over the WebSocket the client keeps open: each call's
         NewCdr (30012) is committed as a report of the S-Series would be; after a break,
-        the gap is reconciled from the PBX's call history (it does not send them again)."""
-        committer = self.committer
-        assert committer is not None
+        the gap is reconciled from the PBX's call history (it does not send them again).
+
+        The stream opens once the session has logged in, and a refused login it meets
+        (`ErrorKind.LOGIN_REFUSED`: a wrong Client Secret, a blocked IP) is the session's
+        to handle: it pauses (one line logged, the health says why and what to do) and
+        the stream waits for its next login, not for the supervisor's short restarts."""
+        committer, session = self.committer, self.session
+        assert committer is not None and session is not None
         commit = self._serial_noting(committer, index)
-        async for event in client.events():
-            if stop.is_set():
-                return
-            if isinstance(event, NewCdrEvent):
-                await self._take_report(event.cdr, commit)
-            elif isinstance(event, EventsResumed):
-                log.info("%s: events resumed; reconciling the gap", self.describe())
-                self._reconcile_soon.set()
+        while not stop.is_set():
+            await session.ready.wait()
+            try:
+                async for event in client.events():
+                    if stop.is_set():
+                        return
+                    if isinstance(event, NewCdrEvent):
+                        session.report_success()
+                        await self._take_report(event.cdr, commit)
+                    elif isinstance(event, EventsResumed):
+                        log.info("%s: events resumed; reconciling the gap", self.describe())
+                        self._reconcile_soon.set()
+            except PbxError as exc:
+                if not refused_login(exc):
+                    raise
+                log.info("the event stream of %s waits for the next login", self.describe())
+                session.report_auth_failure(exc)  # the session pauses: `ready` is cleared
+                continue
+            return  # the client was closed: the stream ended
 
     async def _take_report(
         self, cdr: CallDetail, commit: Callable[[CallDetail], Awaitable[RecordResult]]

@@ -6,11 +6,14 @@ One `PbxSession` supervises one `PbxClient`:
 * heartbeats well inside the 30-minute sliding token;
 * logs in again when the PBX restarted (BootUp) or a token error survives the client's
   own single re-login;
-* on a wrong password or a lockout it PAUSES: `ready` is cleared so workers stop, the
-  health says why, and the next login is tried only after a long pause. Logins never
-  loop (five failures lock this host out of the PBX for ten minutes);
-* writes its health (`ok`/`error`, the error in words, last success time) to the index
-  setting `pbx_health` as JSON, for `callvault status` and the web status page.
+* on a refused login (a wrong password or P-Series Client Secret, a lockout: any error
+  of kind `ErrorKind.LOGIN_REFUSED`, whoever met it) it PAUSES: `ready` is cleared so
+  workers and the event stream stop, ONE line is logged at ERROR, the health says why,
+  when the next login is and how to fix it, and the next login is tried only after a long
+  pause. Logins never loop (five failures lock this host out of the PBX);
+* writes its health (`ok`/`error`, the error in words, last success time; for a refused
+  login also `reason` "login-refused", `retry_at` and `fix`) to the index as JSON, for
+  `callvault status` and the web status page.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from callvault.pbx import (
+    ErrorKind,
     LoginFailed,
     LoginLockedOut,
     PbxError,
@@ -51,6 +55,30 @@ def _iso(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
+def refused_login(exc: BaseException) -> bool:
+    """Whether `exc` is a refused login (a wrong password or secret, a lockout, a login
+    refused for another reason): what pauses the session rather than being tried again."""
+    return isinstance(exc, LoginFailed | LoginLockedOut) or (
+        isinstance(exc, PbxError) and exc.kind is ErrorKind.LOGIN_REFUSED
+    )
+
+
+def _first_refusal(exc: Exception) -> Exception:
+    """The refusal the PBX answered: a client that remembers a refusal raises it again,
+    without asking, with its own pause in the message (`ApiClient._refuse_while_paused`:
+    the original is its cause); the session says its own pause instead."""
+    cause = exc.__cause__
+    if isinstance(cause, PbxError) and type(cause) is type(exc):
+        return cause
+    return exc
+
+
+# What the PBX refused, by the API kind (`callvault.index.pbxs.KINDS`), and how its answer
+# is numbered.
+_CREDENTIALS = {"p-series": ("API Client ID or Client Secret", "errcode")}
+_DEFAULT_CREDENTIALS = ("API username or password", "errno")
+
+
 class PbxSession:
     """Keeps the client logged in and says whether the PBX can be used right now."""
 
@@ -65,9 +93,13 @@ class PbxSession:
         login_failed_pause_max_s: float = 6 * 3600.0,
         transport_retry_s: tuple[float, ...] = (2.0, 5.0, 15.0, 30.0, 60.0),
         label: str = "the PBX",
+        kind: str = "s-series",
+        fix: str | None = None,
     ) -> None:
         self._client = client
         self._label = label  # which PBX, in log lines ("PBX paris" when there are several)
+        self._credentials = _CREDENTIALS.get(kind, _DEFAULT_CREDENTIALS)
+        self._fix = fix  # what an operator does about a refused login, in words
         self._write_health = write_health
         self._heartbeat_interval_s = heartbeat_interval_s
         self._lockout_pause_s = lockout_pause_s
@@ -78,6 +110,7 @@ class PbxSession:
         self._poke = asyncio.Event()  # something happened: re-login, auth failure
         self._need_login = True
         self._paused_until = 0.0  # time.monotonic()
+        self._paused_until_wall: datetime | None = None
         self._login_failures = 0
         self._transport_failures = 0
         self.logins = 0
@@ -92,16 +125,36 @@ class PbxSession:
         self._poke.set()
 
     def report_auth_failure(self, exc: Exception) -> None:
-        """A worker's call ended in a refused login (`ErrorKind.LOGIN_REFUSED`: a wrong
-        password, a lockout): pause everything."""
+        """A call (a worker's, the event stream's) ended in a refused login
+        (`ErrorKind.LOGIN_REFUSED`: a wrong password or secret, a lockout): pause
+        everything. While a pause runs, another report of it (the refusal the client
+        remembers, raised again to each caller) changes nothing: it is logged once, and the
+        pause is not lengthened."""
         self.ready.clear()
         self._need_login = True
+        if time.monotonic() < self._paused_until:
+            log.debug("%s: refused login seen again while paused: %s", self._label, exc)
+            return
         self._pause_for(exc)
         self._poke.set()
 
+    @property
+    def paused(self) -> bool:
+        """Whether logins are paused now (after a refused login)."""
+        return time.monotonic() < self._paused_until
+
     def report_success(self) -> None:
-        """A worker talked to the PBX successfully."""
-        if self.health.get("state") != "ok" or time.monotonic() - self._last_health_write > 30:
+        """A worker (or the event stream) talked to the PBX successfully. The health is
+        written at once when it did not say ok or had no contact yet (a login that reused a
+        stored token talks to nobody), else at most every 30 s."""
+        if (
+            self.health.get("state") != "ok"
+            or time.monotonic() - self._last_health_write > 30
+            or (
+                self.health.get("last_success_at") is None
+                and self._client.last_success_at is not None
+            )
+        ):
             self._set_health("ok", None)
 
     def report_error(self, text: str) -> None:
@@ -122,9 +175,15 @@ class PbxSession:
                 await self._wait(stop, self._paused_until - now)
                 continue
             if self._need_login:
+                contact = self._client.last_success_at
                 delay = await self._try_login()
                 if delay:
                     await self._wait(stop, delay)
+                elif self._client.last_success_at == contact:
+                    # Logged in without a word to the PBX (a P-Series client reusing a
+                    # stored token): a heartbeat at once tells whether the PBX takes it,
+                    # and the health gets its last contact.
+                    next_heartbeat = time.monotonic()
                 else:
                     next_heartbeat = time.monotonic() + self._heartbeat_interval_s
                 continue
@@ -147,10 +206,10 @@ class PbxSession:
         self.ready.clear()
         try:
             await self._client.login()
-        except (LoginFailed, LoginLockedOut) as exc:
-            self._pause_for(exc)
-            return max(0.0, self._paused_until - time.monotonic())
         except PbxError as exc:
+            if refused_login(exc):
+                self._pause_for(exc)
+                return max(0.0, self._paused_until - time.monotonic())
             delay = self._transport_retry_s[
                 min(self._transport_failures, len(self._transport_retry_s) - 1)
             ]
@@ -162,6 +221,7 @@ class PbxSession:
         self._need_login = False
         self._login_failures = 0
         self._transport_failures = 0
+        self._paused_until_wall = None
         self._poke.clear()
         log.info("logged in to %s", self._label)
         self._set_health("ok", None)
@@ -175,10 +235,10 @@ class PbxSession:
         except TokenError:
             self.request_relogin()
             return 0.0
-        except (LoginFailed, LoginLockedOut) as exc:
-            self.report_auth_failure(exc)
-            return 0.0
         except PbxError as exc:
+            if refused_login(exc):
+                self.report_auth_failure(exc)
+                return 0.0
             log.warning("heartbeat to %s failed: %s", self._label, exc)
             self._set_health("error", f"heartbeat failed: {exc}")
             return min(30.0, self._heartbeat_interval_s)
@@ -186,20 +246,44 @@ class PbxSession:
         return self._heartbeat_interval_s
 
     def _pause_for(self, exc: Exception) -> None:
-        if isinstance(exc, LoginLockedOut):
+        """Pause logins after a refusal: one line at ERROR, and the health says why, when
+        the next login is and what to do (the one retry time is the session's: the
+        client's own, shorter, memory of the refusal is not shown)."""
+        first = _first_refusal(exc)
+        credentials, numbered = self._credentials
+        code = getattr(first, "errno", None)
+        if isinstance(first, LoginLockedOut):
             pause = self._lockout_pause_s
             what = "the PBX has locked this host out after failed logins"
+            what += f" ({numbered} {code})" if code else ""
         else:
             pause = min(
                 self._login_failed_pause_max_s,
                 self._login_failed_pause_s * (2 ** min(self._login_failures, 10)),
             )
             self._login_failures += 1
-            what = "the PBX refused the API username or password"
-        self._paused_until = max(self._paused_until, time.monotonic() + pause)
-        text = f"{what} ({exc}); downloads paused, next login attempt in {pause / 60:.0f} min"
-        log.error("%s: %s", self._label, text)
-        self._set_health("error", text)
+            if isinstance(first, LoginFailed):
+                what = f"the PBX refused the {credentials}"
+                what += f" ({numbered} {code})" if code else ""
+            else:
+                what = f"the PBX refused the login: {first}"
+        until = time.monotonic() + pause
+        if until > self._paused_until:
+            self._paused_until = until
+            self._paused_until_wall = datetime.now(UTC) + timedelta(seconds=pause)
+            wait = pause
+        else:
+            wait = self._paused_until - time.monotonic()
+        text = f"{what}; downloads paused"
+        fix = (
+            f"; to fix it: {self._fix}"
+            if self._fix and not isinstance(first, LoginLockedOut)
+            else ""
+        )
+        # "the PBX refused ...", not "the PBX: the PBX refused ..." when there is one.
+        who = "" if self._label == "the PBX" else f"{self._label}: "
+        log.error("%s%s, next login attempt in %s%s", who, text, _minutes(wait), fix)
+        self._set_health("error", text, refused=True)
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
         stop_wait = asyncio.ensure_future(stop.wait())
@@ -217,7 +301,7 @@ class PbxSession:
                     await task
         self._poke.clear()
 
-    def _set_health(self, state: str, error: str | None) -> None:
+    def _set_health(self, state: str, error: str | None, *, refused: bool = False) -> None:
         self.health = {
             "state": state,
             "ok": state == "ok",
@@ -225,9 +309,22 @@ class PbxSession:
             "last_success_at": _iso(self._client.last_success_at),
             "updated_at": datetime.now(UTC).isoformat(),
         }
+        if refused:
+            self.health["reason"] = ErrorKind.LOGIN_REFUSED.value
+            if self._paused_until_wall is not None:
+                self.health["retry_at"] = self._paused_until_wall.isoformat()
+            if self._fix:
+                self.health["fix"] = self._fix
         self._last_health_write = time.monotonic()
         if self._write_health is not None:
             try:
                 self._write_health(json.dumps(self.health))
             except Exception as exc:
                 log.warning("could not record the PBX health: %s", exc)
+
+
+def _minutes(seconds: float) -> str:
+    """A pause in words: "15 min", "45 s"."""
+    if seconds < 90:
+        return f"{max(0, round(seconds))} s"
+    return f"{round(seconds / 60)} min"

@@ -370,11 +370,29 @@ def _session(
     if serve_running is False and state != "stopped":
         summary = f"serve is not running (its last report, {ago(reported, now)}: {state})"
         return PbxSessionStatus("stopped", error, contact, reported, summary)
+    said = error
+    if state == "error" and health.get("reason") == "login-refused":
+        # A refused login (serve's session, `callvault.archive._session`): when serve tries
+        # again, and what to do about it.
+        retry_at = _moment(health.get("retry_at"))
+        fix = health.get("fix") if isinstance(health.get("fix"), str) else None
+        if retry_at is not None:
+            said = f"{said}; next login attempt {_due(retry_at, now)}"
+        if fix:
+            said = f"{said}; to fix it: {fix}"
     words = {
         "ok": f"logged in, {last}",
         "connecting": "logging in",
         "degraded": f"logged in, but the last request failed: {error}; {last}",
-        "error": f"not working: {error}; {last}",
+        "error": f"not working: {said}; {last}",
         "stopped": f"serve stopped {ago(reported, now)}; {last}",
     }
     return PbxSessionStatus(state, error, contact, reported, words.get(state, f"{state}; {last}"))
+
+
+def _due(moment: datetime, now: datetime) -> str:
+    """When something serve will do is due: "in 14 min", "in under a minute", "due now"."""
+    seconds = (moment - now).total_seconds()
+    if seconds <= 0:
+        return "due now"
+    return ago(moment, now) if seconds >= 45 else "in under a minute"

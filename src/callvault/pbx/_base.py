@@ -95,7 +95,9 @@ class ApiClient:
 
     def _refuse_while_paused(self, now: float, wait: str, why: str) -> None:
         """Raise the last refusal again, at once, while `login_failure_pause` has not run
-        out since it: "(`wait` N s: `why`)" added to its message."""
+        out since it: "(`wait` N s: `why`)" added to its message, the refusal itself as its
+        `__cause__` (a caller with a pause of its own, the archiver's session, says that
+        one instead)."""
         if self._auth_failure is None:
             return
         failed_at, failure = self._auth_failure
@@ -105,7 +107,7 @@ class ApiClient:
                 f"{failure.message} ({wait} {remaining} s: {why})", errno=failure.errno
             )
             again.kind = failure.kind
-            raise again
+            raise again from failure
 
     def _check_guard(self, context: str) -> None:
         """Raise `SessionWithdrawn` if the guard withholds the PBX now."""
