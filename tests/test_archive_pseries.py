@@ -9,8 +9,6 @@ child process, SQLite.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 
 from callvault.index import open_index
 from callvault.simulator import PSeriesConfig, PSeriesSimulator
-from support.archive import ServeProcess, free_port, outer_env, wait_until
+from support.archive import ServeProcess, all_archived, free_port, outer_env, run_cli, wait_until
 
 
 @pytest.fixture
@@ -49,30 +47,14 @@ def _env(tmp_path: Path, sim: PSeriesSimulator) -> dict[str, str]:
     return env
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "callvault", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _archived(db: Path, names: list[str]) -> bool:
-    with open_index(f"sqlite:///{db}") as index:
-        rows = [index.recordings.by_name(name) for name in names]
-    return all(row is not None and row.state == "archived" for row in rows)
-
-
 def test_serve_archives_a_p_series_pbx_from_its_websocket(
     pbx: PSeriesSimulator, tmp_path: Path
 ) -> None:
     env = _env(tmp_path, pbx)
     (tmp_path / "archive").mkdir()
-    created = _cli(env, "keys", "create", "--file", str(tmp_path / "master.key"))
+    created = run_cli(env, "keys", "create", "--file", str(tmp_path / "master.key"))
     assert created.returncode == 0, created.stderr
-    added = _cli(
+    added = run_cli(
         env,
         "pbx",
         "add",
@@ -92,10 +74,10 @@ def test_serve_archives_a_p_series_pbx_from_its_websocket(
     )
     assert added.returncode == 0, added.stderr
     assert "p-series" in added.stdout and pbx.client_secret not in added.stdout
-    listed = _cli(env, "pbx", "list")
+    listed = run_cli(env, "pbx", "list")
     assert "lyon" in listed.stdout and "p-series" in listed.stdout
     pbx.place_call(call_from="1001")  # a call of the last day, before serve runs
-    tested = _cli(env, "pbx", "test", "lyon", "--json")
+    tested = run_cli(env, "pbx", "test", "lyon", "--json")
     assert tested.returncode == 0, tested.stderr
     assert '"ok": true' in tested.stdout and '"calls_last_day": 1' in tested.stdout
     assert pbx.live_tokens() == 0  # the test's token was revoked
@@ -109,7 +91,7 @@ def test_serve_archives_a_p_series_pbx_from_its_websocket(
         first = [pbx.place_call(talk_seconds=2), pbx.place_call(call_from="1002")]
         names = [call.file for call in first if call.file is not None]
         assert len(names) == 2
-        assert wait_until(lambda: _archived(db, names), 60), serve.log_text()
+        assert wait_until(lambda: all_archived(db, names), 60), serve.log_text()
         with open_index(f"sqlite:///{db}") as index:
             for name in names:
                 row = index.recordings.by_name(name)
@@ -128,7 +110,7 @@ def test_serve_archives_a_p_series_pbx_from_its_websocket(
         assert wait_until(lambda: pbx.ws_connections == 1, 30), serve.log_text(2)
         later = pbx.place_call(call_from="1005")
         assert later.file is not None
-        assert wait_until(lambda: _archived(db, [later.file or ""]), 60), serve.log_text(2)
+        assert wait_until(lambda: all_archived(db, [later.file or ""]), 60), serve.log_text(2)
         assert pbx.get_token_count == tokens_before_serve + 1
 
         # The PBX restarts: its tokens and the WebSocket are gone, and the call placed
@@ -137,7 +119,7 @@ def test_serve_archives_a_p_series_pbx_from_its_websocket(
         pbx.restart()
         missed = pbx.place_call(call_from="1007")
         assert missed.file is not None
-        assert wait_until(lambda: _archived(db, [missed.file or ""]), 60), serve.log_text(2)
+        assert wait_until(lambda: all_archived(db, [missed.file or ""]), 60), serve.log_text(2)
         assert "events resumed" in serve.log_text(2)
         assert pbx.client_secret not in serve.log_text()
         assert serve.terminate() == 0
@@ -159,17 +141,17 @@ def test_fetch_and_cdr_speak_to_a_p_series_pbx(pbx: PSeriesSimulator, tmp_path: 
     )
     call = pbx.place_call(call_from="1004", call_to="1009", talk_seconds=3)
     assert call.file is not None
-    fetched = _cli(env, "fetch", "--json", "--out", str(tmp_path / "out"), call.file)
+    fetched = run_cli(env, "fetch", "--json", "--out", str(tmp_path / "out"), call.file)
     assert fetched.returncode == 0, fetched.stderr
     assert pbx.recording_sha256(call.file) in fetched.stdout
     saved = tmp_path / "out" / call.file
     assert saved.read_bytes()[:4] == b"RIFF"
     # An hour back (not "today": the call may have started before midnight).
     since = (datetime.now(ZoneInfo("Europe/Paris")) - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M")
-    listed = _cli(env, "cdr", "--since", since, "--json")
+    listed = run_cli(env, "cdr", "--since", since, "--json")
     assert listed.returncode == 0, listed.stderr
     assert call.file in listed.stdout and "1009" in listed.stdout
     assert pbx.client_secret not in fetched.stdout + fetched.stderr + listed.stderr
-    wrong = _cli({**env, "CALLVAULT_PASSWORD": "not-the-secret"}, "cdr", "--since", since)
+    wrong = run_cli({**env, "CALLVAULT_PASSWORD": "not-the-secret"}, "cdr", "--since", since)
     assert wrong.returncode != 0
     assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr  # one line, no traceback

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,10 +22,17 @@ import pytest
 
 from callvault.archive import _service
 from callvault.archive._session import PbxSession
-from callvault.index import open_index
 from callvault.pbx import LoginFailed, PbxTransportError
 from callvault.simulator import PSeriesConfig, PSeriesSimulator
-from support.archive import ServeProcess, free_port, outer_env, until, wait_until
+from support.archive import (
+    ServeProcess,
+    all_archived,
+    free_port,
+    outer_env,
+    run_cli,
+    until,
+    wait_until,
+)
 
 WRONG = "not-the-client-secret"
 
@@ -36,22 +41,6 @@ WRONG = "not-the-client-secret"
 def pbx() -> Iterator[PSeriesSimulator]:
     with PSeriesSimulator(PSeriesConfig(seed=11, timezone="Europe/Paris")) as sim:
         yield sim
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "callvault", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _archived(db: Path, names: list[str]) -> bool:
-    with open_index(f"sqlite:///{db}") as index:
-        rows = [index.recordings.by_name(name) for name in names]
-    return all(row is not None and row.state == "archived" for row in rows)
 
 
 def _get_tokens(pbx: PSeriesSimulator) -> list[str]:
@@ -81,9 +70,9 @@ def test_a_wrong_client_secret_is_one_quiet_refusal_then_fixed_with_pbx_edit(
         }
     )
     (tmp_path / "archive").mkdir()
-    created = _cli(env, "keys", "create", "--file", str(tmp_path / "master.key"))
+    created = run_cli(env, "keys", "create", "--file", str(tmp_path / "master.key"))
     assert created.returncode == 0, created.stderr
-    added = _cli(
+    added = run_cli(
         env,
         "pbx",
         "add",
@@ -111,7 +100,7 @@ def test_a_wrong_client_secret_is_one_quiet_refusal_then_fixed_with_pbx_edit(
         refused_at = time.monotonic()
 
         def told() -> str:
-            return _cli(env, "status").stdout
+            return run_cli(env, "status").stdout
 
         assert wait_until(lambda: "--secret-env" in told(), 20), told() + serve.log_text()
         status = told()
@@ -135,12 +124,12 @@ def test_a_wrong_client_secret_is_one_quiet_refusal_then_fixed_with_pbx_edit(
         assert WRONG not in serve_log and pbx.client_secret not in serve_log
 
         # The operator fixes the secret: serve picks the registry change up and archives.
-        edited = _cli(env, "pbx", "edit", "badsec", "--secret-env", "PBX_SECRET")
+        edited = run_cli(env, "pbx", "edit", "badsec", "--secret-env", "PBX_SECRET")
         assert edited.returncode == 0, edited.stderr
         assert wait_until(lambda: pbx.ws_connections == 1, 30), serve.log_text()
         call = pbx.place_call(call_from="1003")
         assert call.file is not None
-        assert wait_until(lambda: _archived(db, [call.file or ""]), 30), serve.log_text()
+        assert wait_until(lambda: all_archived(db, [call.file or ""]), 30), serve.log_text()
         assert _get_tokens(pbx) == ["-1", "0"], pbx.request_log
         assert wait_until(lambda: "logged in, last contact" in told(), 20), told()
         assert "Traceback" not in serve.log_text()

@@ -17,8 +17,6 @@ import json
 import logging
 import re
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from callvault.archive import GroupCommitter, SourceAllowList, create_receiver_app
-from callvault.index import Index, RecordResult, open_index
+from callvault.index import Index, RecordResult
 from callvault.index.pbxs import (
     PbxConfig,
     PbxRegistryError,
@@ -40,7 +38,7 @@ from callvault.index.pbxs import (
 from callvault.keys import Keyring, MasterKey
 from callvault.pbx import CallDetail, webhook_signature
 from callvault.simulator import PSeriesConfig, PSeriesSimulator, Webhook
-from support.archive import ServeProcess, free_port, outer_env, wait_until
+from support.archive import ServeProcess, all_archived, free_port, outer_env, run_cli, wait_until
 from support.web import ADMIN, audit_entries, live_web
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -256,22 +254,6 @@ def _env(tmp_path: Path, sim: PSeriesSimulator) -> dict[str, str]:
     return env
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "callvault", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _archived(db: Path, names: list[str]) -> bool:
-    with open_index(f"sqlite:///{db}") as index:
-        rows = [index.recordings.by_name(name) for name in names]
-    return all(row is not None and row.state == "archived" for row in rows)
-
-
 def _calls(db: Path) -> dict[str, list[str]]:
     """Each callid of the index, with the source of every row of it."""
     found: dict[str, list[str]] = {}
@@ -297,8 +279,8 @@ def test_serve_takes_a_p_series_pbx_s_signed_webhooks(
 ) -> None:
     env = _env(tmp_path, pbx)
     (tmp_path / "archive").mkdir()
-    assert _cli(env, "keys", "create", "--file", str(tmp_path / "master.key")).returncode == 0
-    added = _cli(
+    assert run_cli(env, "keys", "create", "--file", str(tmp_path / "master.key")).returncode == 0
+    added = run_cli(
         env,
         "pbx",
         "add",
@@ -320,7 +302,7 @@ def test_serve_takes_a_p_series_pbx_s_signed_webhooks(
     )
     assert added.returncode == 0, added.stderr
     assert "webhook URL" in added.stdout
-    shown = _cli(env, "pbx", "show", "lyon")
+    shown = run_cli(env, "pbx", "show", "lyon")
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"^webhook secret\s+set$", shown.stdout, re.M), shown.stdout
     url = re.search(r"^webhook url\s+(\S+)$", shown.stdout, re.M)
@@ -329,7 +311,7 @@ def test_serve_takes_a_p_series_pbx_s_signed_webhooks(
     listen = env["CALLVAULT_EVENTS_LISTEN"]
     assert webhook_url.startswith(f"http://{listen}/callvault-events-")
     secret_path = webhook_url.rsplit("/", 1)[1]
-    as_json = _cli(env, "pbx", "show", "lyon", "--json")
+    as_json = run_cli(env, "pbx", "show", "lyon", "--json")
     assert json.loads(as_json.stdout)["webhook_secret"] is True
     for output in (added, shown, as_json):
         assert SECRET not in output.stdout + output.stderr
@@ -359,7 +341,7 @@ def test_serve_takes_a_p_series_pbx_s_signed_webhooks(
         # (and archived) once.
         both = pbx.place_call(talk_seconds=2)
         assert both.file is not None
-        assert wait_until(lambda: _archived(db, [both.file or ""]), 60), serve.log_text()
+        assert wait_until(lambda: all_archived(db, [both.file or ""]), 60), serve.log_text()
         assert pbx.wait_events_idle(10)
         assert _deliveries(pbx) == [200]
         assert _calls(db)[both.call_id] == ["event"]
@@ -373,7 +355,7 @@ def test_serve_takes_a_p_series_pbx_s_signed_webhooks(
         _mute_websockets(pbx)
         quiet = [pbx.place_call(call_from="1002"), pbx.place_call(call_from="1004")]
         names = [call.file or "" for call in quiet]
-        assert wait_until(lambda: _archived(db, names), 60), serve.log_text()
+        assert wait_until(lambda: all_archived(db, names), 60), serve.log_text()
         assert pbx.wait_events_idle(10)
         assert _deliveries(pbx) == [200, 200, 200]
         assert all(_calls(db)[call.call_id] == ["event"] for call in quiet)
@@ -387,7 +369,7 @@ def test_serve_takes_a_p_series_pbx_s_signed_webhooks(
         # it again, rightly signed, and the call is archived.
         pbx.faults.bad_signature_next = 1
         resent = pbx.place_call(call_from="1005")
-        assert wait_until(lambda: _archived(db, [resent.file or ""]), 60), serve.log_text()
+        assert wait_until(lambda: all_archived(db, [resent.file or ""]), 60), serve.log_text()
         assert pbx.wait_events_idle(10)
         assert _deliveries(pbx)[3:] == [401, 200]
         assert "webhook refused from 127.0.0.1: its X-Signature is wrong" in serve.log_text()
@@ -401,12 +383,12 @@ def test_serve_takes_a_p_series_pbx_s_signed_webhooks(
         assert refused.call_id not in _calls(db)
         assert serve.terminate() == 0
         serve.start()
-        assert wait_until(lambda: _archived(db, [refused.file or ""]), 60), serve.log_text(2)
+        assert wait_until(lambda: all_archived(db, [refused.file or ""]), 60), serve.log_text(2)
         assert _calls(db)[refused.call_id] == ["cdr"]
 
         # A new secret, set while serve runs, is taken at once (the PBX's revision
         # changed): webhooks signed with the old one are refused from then on.
-        renewed = _cli(
+        renewed = run_cli(
             {**env, "WEBHOOK_SECRET": NEW_SECRET},
             "pbx",
             "edit",
@@ -447,21 +429,23 @@ def test_a_webhook_secret_is_refused_for_a_pbx_that_is_not_p_series(tmp_path: Pa
         }
     )
     (tmp_path / "archive").mkdir()
-    assert _cli(env, "keys", "create", "--file", str(tmp_path / "master.key")).returncode == 0
+    assert run_cli(env, "keys", "create", "--file", str(tmp_path / "master.key")).returncode == 0
     common = ["--url", "https://pbx.paris.example:8088", "--username", "api"]
     common += ["--password-env", "PBX_PASSWORD"]
-    refused = _cli(env, "pbx", "add", "paris", *common, "--webhook-secret-env", "WEBHOOK_SECRET")
+    refused = run_cli(env, "pbx", "add", "paris", *common, "--webhook-secret-env", "WEBHOOK_SECRET")
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0, refused.stderr  # one line
     assert "only a P-Series PBX" in refused.stderr and SECRET not in refused.stderr
-    assert _cli(env, "pbx", "add", "paris", *common).returncode == 0
-    edited = _cli(env, "pbx", "edit", "paris", "--webhook-secret-env", "WEBHOOK_SECRET")
+    assert run_cli(env, "pbx", "add", "paris", *common).returncode == 0
+    edited = run_cli(env, "pbx", "edit", "paris", "--webhook-secret-env", "WEBHOOK_SECRET")
     assert edited.returncode == 2
     assert edited.stderr.strip().count("\n") == 0, edited.stderr
     assert "only a P-Series PBX" in edited.stderr and SECRET not in edited.stderr
-    shown = _cli(env, "pbx", "show", "paris")
+    shown = run_cli(env, "pbx", "show", "paris")
     assert "webhook" not in shown.stdout  # nothing of webhooks for an S-Series PBX
-    assert json.loads(_cli(env, "pbx", "show", "paris", "--json").stdout)["webhook_secret"] is False
+    assert (
+        json.loads(run_cli(env, "pbx", "show", "paris", "--json").stdout)["webhook_secret"] is False
+    )
 
 
 # -- the registry and the web API ------------------------------------------------------------

@@ -11,16 +11,20 @@ The S-Series simulator with `report_transport="tcp"` over real sockets on 127.0.
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from callvault.index import open_index
 from callvault.simulator import Simulator, SimulatorConfig
-from support.archive import ServeProcess, free_port, outer_env, wait_until
+from support.archive import (
+    ServeProcess,
+    all_archived,
+    free_port,
+    outer_env,
+    run_cli,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -48,21 +52,11 @@ def _env(tmp_path: Path, sim: Simulator, **more: str) -> dict[str, str]:
     return env
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "callvault", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def _register(env: dict[str, str], sim: Simulator, tmp_path: Path, *more: str) -> None:
     (tmp_path / "archive").mkdir()
-    created = _cli(env, "keys", "create", "--file", str(tmp_path / "master.key"))
+    created = run_cli(env, "keys", "create", "--file", str(tmp_path / "master.key"))
     assert created.returncode == 0, created.stderr
-    added = _cli(
+    added = run_cli(
         env,
         "pbx",
         "add",
@@ -84,10 +78,8 @@ def _register(env: dict[str, str], sim: Simulator, tmp_path: Path, *more: str) -
     assert added.returncode == 0, added.stderr
 
 
-def _archived(tmp_path: Path, names: list[str]) -> bool:
-    with open_index(f"sqlite:///{tmp_path / 'archive' / 'callvault.db'}") as index:
-        rows = [index.recordings.by_name(name) for name in names]
-    return all(row is not None and row.state == "archived" for row in rows)
+def _db(tmp_path: Path) -> Path:
+    return tmp_path / "archive" / "callvault.db"
 
 
 def _sources(tmp_path: Path, callids: list[str]) -> set[str]:
@@ -112,7 +104,9 @@ def test_serve_takes_the_reports_of_a_pbx_from_its_tcp_port(
         assert wait_until(lambda: "whose events were missed queued" in serve.log_text(), 30)
         calls = [tcp_pbx.place_call(talk_seconds=1) for _ in range(3)]
         names = [call.recording or "" for call in calls]
-        assert wait_until(lambda: _archived(tmp_path, names), 60), serve.log_text()
+        assert wait_until(lambda: all_archived(tmp_path / "archive" / "callvault.db", names), 60), (
+            serve.log_text()
+        )
         assert _sources(tmp_path, [call.callid for call in calls]) == {"event"}
         assert tcp_pbx.tcp_reports_sent >= 3
 
@@ -122,7 +116,9 @@ def test_serve_takes_the_reports_of_a_pbx_from_its_tcp_port(
         first = tcp_pbx.place_call(talk_seconds=1).recording
         missed = tcp_pbx.place_call(talk_seconds=1).recording
         assert first is not None and missed is not None
-        assert wait_until(lambda: _archived(tmp_path, [first, missed]), 60), serve.log_text()
+        assert wait_until(
+            lambda: all_archived(tmp_path / "archive" / "callvault.db", [first, missed]), 60
+        ), serve.log_text()
         assert "reports resumed" in serve.log_text()
         assert tcp_pbx.password not in serve.log_text()
         assert serve.terminate() == 0
@@ -141,7 +137,9 @@ def test_without_the_port_serve_says_what_to_set_and_reconciles(
     try:
         serve.start()
         assert wait_until(lambda: "--tcp-report-port PORT" in serve.log_text(), 30)
-        assert wait_until(lambda: _archived(tmp_path, [name]), 60), serve.log_text()
+        assert wait_until(
+            lambda: all_archived(tmp_path / "archive" / "callvault.db", [name]), 60
+        ), serve.log_text()
         assert tcp_pbx.tcp_connections == 0
         assert serve.terminate() == 0
     finally:
@@ -151,8 +149,8 @@ def test_without_the_port_serve_says_what_to_set_and_reconciles(
 def test_the_tcp_port_is_for_s_series_v2_only(tcp_pbx: Simulator, tmp_path: Path) -> None:
     env = _env(tmp_path, tcp_pbx)
     (tmp_path / "archive").mkdir()
-    assert _cli(env, "keys", "create", "--file", str(tmp_path / "master.key")).returncode == 0
-    refused = _cli(
+    assert run_cli(env, "keys", "create", "--file", str(tmp_path / "master.key")).returncode == 0
+    refused = run_cli(
         env,
         "pbx",
         "add",

@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from callvault.archive import ArchiverConfig, RetryPolicy
-from callvault.index import Index
+from callvault.index import Index, open_index
 from callvault.pbx import DownloadResult, TlsOptions
 from callvault.simulator import Simulator, SimulatorConfig
 
@@ -99,6 +99,24 @@ def states(index: Index) -> dict[str, int]:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`callvault ARGS` as a child process with exactly `env`: its output and exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "callvault", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def all_archived(db: Path, names: list[str]) -> bool:
+    """Whether every recording of `names` is archived in the SQLite index file `db`."""
+    with open_index(f"sqlite:///{db}") as index:
+        rows = [index.recordings.by_name(name) for name in names]
+    return all(row is not None and row.state == "archived" for row in rows)
 
 
 def free_port() -> int:
