@@ -409,7 +409,7 @@ def subject_export(
     """Write NUMBER's archived recordings and their calls to a ZIP, signed like the web
     app's exports (check it with `callvault verify-export`)."""
     from callvault.keys import MasterKeyError
-    from callvault.ops import pbx_kinds, pbx_names, signer, stream_export
+    from callvault.ops import signer, stream_export
 
     settings = settings_or_fail(config, archive=archive, db=db, master_key_file=master_key_file)
     keyring = settings.optional_keyring()
@@ -429,8 +429,7 @@ def subject_export(
             for chunk in stream_export(
                 rows,
                 opened.storage,
-                pbx_names=pbx_names(opened.index),
-                pbx_kinds=pbx_kinds(opened.index),
+                registry=opened.index.pbxs.list(),
                 key=key,
                 now=now,
                 keyring=opened.keyring,

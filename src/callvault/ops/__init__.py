@@ -87,7 +87,6 @@ if TYPE_CHECKING:
         RecordingPage,
         RecordingView,
         pbx_id_of,
-        pbx_kinds,
         pbx_names,
         search_recordings,
     )
@@ -157,7 +156,6 @@ _HOMES = {
     "RecordingView": "_recordings",
     "search_recordings": "_recordings",
     "pbx_id_of": "_recordings",
-    "pbx_kinds": "_recordings",
     "pbx_names": "_recordings",
     "RotationReport": "_keys",
     "pending_rotation": "_keys",
@@ -275,7 +273,6 @@ __all__ = [
     "parse_public_key",
     "pbx_client",
     "pbx_id_of",
-    "pbx_kinds",
     "pbx_names",
     "pbx_view",
     "pending_rotation",

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from callvault.index import RecordingRow
 from callvault.index.audit import csv_safe_row
+from callvault.index.pbxs import PbxRecord
 from callvault.keys import Keyring, PublicKey, SigningKey
 from callvault.ops._audio import RecordingUnreadable, open_recording
 from callvault.ops._json import JsonResult
@@ -160,22 +161,24 @@ def stream_export(
     rows: Sequence[RecordingRow],
     storage: Storage,
     *,
-    pbx_names: dict[int, str] | None = None,
-    pbx_kinds: dict[int, str] | None = None,
+    registry: Sequence[PbxRecord] = (),
     key: SigningKey | None = None,
     now: datetime | None = None,
     on_done: Callable[[int, int], None] | None = None,
     keyring: Keyring | None = None,
 ) -> Iterator[bytes]:
     """The export of `rows` (see the module docstring), yielded chunk by chunk, signed with
-    `key` if given. Each file is hashed as it is streamed; encrypted recordings are
-    decrypted with `keyring` (the ZIP holds the audio as the PBX sent it). A recording
-    whose file cannot be read (missing, or encrypted and its key or first segment does not
-    open) is listed in the manifest with an empty file and hash and ``matches_index`` no;
-    one whose later segment fails to authenticate ends where it failed, and the manifest
-    gives the size and hash of what the ZIP holds, ``matches_index`` no. `on_done(files,
-    bytes)` runs at the end."""
+    `key` if given; each row's PBX is named, with its kind, from `registry` (the PBXs of
+    the index, read once by the caller). Each file is hashed as it is streamed; encrypted
+    recordings are decrypted with `keyring` (the ZIP holds the audio as the PBX sent it).
+    A recording whose file cannot be read (missing, or encrypted and its key or first
+    segment does not open) is listed in the manifest with an empty file and hash and
+    ``matches_index`` no; one whose later segment fails to authenticate ends where it
+    failed, and the manifest gives the size and hash of what the ZIP holds,
+    ``matches_index`` no. `on_done(files, bytes)` runs at the end."""
     made = now or datetime.now(UTC)
+    pbx_names = {record.id: record.name for record in registry}
+    pbx_kinds = {record.id: record.config.kind for record in registry}
     sink = _Sink()
     archive = zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED)
     manifest = io.StringIO(newline="")
@@ -226,8 +229,8 @@ def stream_export(
                     path if stream is not None else "",
                     row.id,
                     row.name,
-                    (pbx_names or {}).get(row.pbx_id, str(row.pbx_id)),
-                    (pbx_kinds or {}).get(row.pbx_id, ""),
+                    pbx_names.get(row.pbx_id, str(row.pbx_id)),
+                    pbx_kinds.get(row.pbx_id, ""),
                     row.start_at.astimezone(UTC).isoformat() if row.start_at else "",
                     row.timestart_local,
                     row.call_from,

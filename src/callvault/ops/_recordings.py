@@ -99,11 +99,6 @@ def pbx_names(index: Index) -> dict[int, str]:
     return {record.id: record.name for record in index.pbxs.list()}
 
 
-def pbx_kinds(index: Index) -> dict[int, str]:
-    """The kind (s-series, cloud, p-series) of every PBX of the registry, by id."""
-    return {record.id: record.config.kind for record in index.pbxs.list()}
-
-
 def pbx_id_of(index: Index, name: str) -> int:
     """The registry id of the PBX named `name`; NoSuchPbx (one line) if there is none."""
     return index.pbxs.require(name).id

@@ -33,8 +33,6 @@ from callvault.ops import (
     last_verification,
     open_recording,
     pbx_id_of,
-    pbx_kinds,
-    pbx_names,
     public_keys,
     read_recording_range,
     readable_filename,
@@ -585,8 +583,7 @@ def zip_response(
         stream_export(
             rows,
             ctx.storage,
-            pbx_names=pbx_names(ctx.index),
-            pbx_kinds=pbx_kinds(ctx.index),
+            registry=ctx.index.pbxs.list(),
             key=key,
             now=now,
             keyring=ctx.keyring,
