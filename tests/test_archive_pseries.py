@@ -18,7 +18,14 @@ import pytest
 
 from callvault.index import open_index
 from callvault.simulator import PSeriesConfig, PSeriesSimulator
-from support.archive import ServeProcess, all_archived, free_port, outer_env, run_cli, wait_until
+from support.archive import (
+    ServeProcess,
+    all_archived,
+    outer_env,
+    registry_env,
+    run_cli,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -28,23 +35,13 @@ def pbx() -> Iterator[PSeriesSimulator]:
 
 
 def _env(tmp_path: Path, sim: PSeriesSimulator) -> dict[str, str]:
-    env = outer_env()
-    env.update(
-        {
-            "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
-            "CALLVAULT_MASTER_KEY_FILE": str(tmp_path / "master.key"),
-            "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
-            "CALLVAULT_POLL_INTERVAL_S": "0.3",
-            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
-            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
-            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.2",
-            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "1",
-            "CALLVAULT_RECONCILE_HOURS": "1",
-            "CALLVAULT_RECONCILE_INTERVAL_S": "600",  # only a broken stream reconciles early
-            "PBX_SECRET": sim.client_secret,
-        }
+    return registry_env(
+        tmp_path,
+        CALLVAULT_TRANSIENT_BACKOFF_S="0.2",
+        CALLVAULT_TRANSIENT_BACKOFF_MAX_S="1",
+        CALLVAULT_RECONCILE_INTERVAL_S="600",  # only a broken stream reconciles early
+        PBX_SECRET=sim.client_secret,
     )
-    return env
 
 
 def test_serve_archives_a_p_series_pbx_from_its_websocket(

@@ -27,8 +27,7 @@ from callvault.simulator import PSeriesConfig, PSeriesSimulator
 from support.archive import (
     ServeProcess,
     all_archived,
-    free_port,
-    outer_env,
+    registry_env,
     run_cli,
     until,
     wait_until,
@@ -51,23 +50,14 @@ def _get_tokens(pbx: PSeriesSimulator) -> list[str]:
 def test_a_wrong_client_secret_is_one_quiet_refusal_then_fixed_with_pbx_edit(
     pbx: PSeriesSimulator, tmp_path: Path
 ) -> None:
-    env = outer_env()
-    env.update(
-        {
-            "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
-            "CALLVAULT_MASTER_KEY_FILE": str(tmp_path / "master.key"),
-            "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
-            "CALLVAULT_POLL_INTERVAL_S": "0.3",
-            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
-            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
-            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.2",
-            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "1",
-            "CALLVAULT_RECONCILE_HOURS": "1",
-            "CALLVAULT_RECONCILE_INTERVAL_S": "600",
-            "CALLVAULT_REGISTRY_POLL_S": "0.5",
-            "WRONG_SECRET": WRONG,
-            "PBX_SECRET": pbx.client_secret,
-        }
+    env = registry_env(
+        tmp_path,
+        CALLVAULT_TRANSIENT_BACKOFF_S="0.2",
+        CALLVAULT_TRANSIENT_BACKOFF_MAX_S="1",
+        CALLVAULT_RECONCILE_INTERVAL_S="600",
+        CALLVAULT_REGISTRY_POLL_S="0.5",
+        WRONG_SECRET=WRONG,
+        PBX_SECRET=pbx.client_secret,
     )
     (tmp_path / "archive").mkdir()
     created = run_cli(env, "keys", "create", "--file", str(tmp_path / "master.key"))

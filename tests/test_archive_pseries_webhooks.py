@@ -38,7 +38,14 @@ from callvault.index.pbxs import (
 from callvault.keys import Keyring, MasterKey
 from callvault.pbx import CallDetail, webhook_signature
 from callvault.simulator import PSeriesConfig, PSeriesSimulator, Webhook
-from support.archive import ServeProcess, all_archived, free_port, outer_env, run_cli, wait_until
+from support.archive import (
+    ServeProcess,
+    all_archived,
+    outer_env,
+    registry_env,
+    run_cli,
+    wait_until,
+)
 from support.web import ADMIN, audit_entries, live_web
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -233,25 +240,15 @@ def pbx() -> Iterator[PSeriesSimulator]:
 
 
 def _env(tmp_path: Path, sim: PSeriesSimulator) -> dict[str, str]:
-    env = outer_env()
-    env.update(
-        {
-            "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
-            "CALLVAULT_MASTER_KEY_FILE": str(tmp_path / "master.key"),
-            "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
-            "CALLVAULT_POLL_INTERVAL_S": "0.3",
-            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
-            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
-            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.2",
-            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "1",
-            "CALLVAULT_RECONCILE_HOURS": "1",
-            "CALLVAULT_RECONCILE_INTERVAL_S": "600",  # none but the one at start
-            "CALLVAULT_REGISTRY_POLL_S": "0.3",
-            "PBX_SECRET": sim.client_secret,
-            "WEBHOOK_SECRET": SECRET,
-        }
+    return registry_env(
+        tmp_path,
+        CALLVAULT_TRANSIENT_BACKOFF_S="0.2",
+        CALLVAULT_TRANSIENT_BACKOFF_MAX_S="1",
+        CALLVAULT_RECONCILE_INTERVAL_S="600",  # none but the one at start
+        CALLVAULT_REGISTRY_POLL_S="0.3",
+        PBX_SECRET=sim.client_secret,
+        WEBHOOK_SECRET=SECRET,
     )
-    return env
 
 
 def _calls(db: Path) -> dict[str, list[str]]:

@@ -20,8 +20,7 @@ from callvault.simulator import Simulator, SimulatorConfig
 from support.archive import (
     ServeProcess,
     all_archived,
-    free_port,
-    outer_env,
+    registry_env,
     run_cli,
     wait_until,
 )
@@ -35,21 +34,7 @@ def tcp_pbx() -> Iterator[Simulator]:
 
 
 def _env(tmp_path: Path, sim: Simulator, **more: str) -> dict[str, str]:
-    env = outer_env()
-    env.update(
-        {
-            "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
-            "CALLVAULT_MASTER_KEY_FILE": str(tmp_path / "master.key"),
-            "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
-            "CALLVAULT_POLL_INTERVAL_S": "0.3",
-            "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
-            "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
-            "CALLVAULT_RECONCILE_HOURS": "1",
-            "PBX_PASSWORD": sim.password,
-            **more,
-        }
-    )
-    return env
+    return registry_env(tmp_path, PBX_PASSWORD=sim.password, **more)
 
 
 def _register(env: dict[str, str], sim: Simulator, tmp_path: Path, *more: str) -> None:

@@ -127,13 +127,36 @@ def free_port() -> int:
 
 def cli_env(sim: Simulator, archive: Path, db_url: str | None = None) -> dict[str, str]:
     """CALLVAULT_* settings for `backfill`/`serve` against `sim`, delays shrunk."""
+    return login_env(
+        url=sim.url,
+        username=sim.username,
+        password=sim.password,
+        pin=sim.cert_sha256,
+        timezone=sim.config.timezone,
+        archive=archive,
+        db_url=db_url,
+    )
+
+
+def login_env(
+    *,
+    url: str,
+    username: str,
+    password: str,
+    pin: str | None,
+    timezone: str,
+    archive: Path,
+    db_url: str | None,
+) -> dict[str, str]:
+    """CALLVAULT_* settings for a command against the PBX at `url` (any kind: the caller
+    adds CALLVAULT_KIND), its retries and backoffs shrunk."""
     env = {
-        "CALLVAULT_PASSWORD": sim.password,
-        "CALLVAULT_PBX": sim.url,
-        "CALLVAULT_USERNAME": sim.username,
-        "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
+        "CALLVAULT_PASSWORD": password,
+        "CALLVAULT_PBX": url,
+        "CALLVAULT_USERNAME": username,
+        "CALLVAULT_PIN_SHA256": pin or "",
         "CALLVAULT_ARCHIVE": str(archive),
-        "CALLVAULT_TIMEZONE": sim.config.timezone,
+        "CALLVAULT_TIMEZONE": timezone,
         "CALLVAULT_RETRY_SCHEDULE_S": "[0.2, 0.5]",
         "CALLVAULT_TRANSIENT_BACKOFF_S": "0.1",
         "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "0.5",
@@ -141,6 +164,24 @@ def cli_env(sim: Simulator, archive: Path, db_url: str | None = None) -> dict[st
     if db_url is not None:
         env["CALLVAULT_DB"] = db_url
     return env
+
+
+def registry_env(tmp_path: Path, **more: str) -> dict[str, str]:
+    """The environment of `callvault` children on an archive in `tmp_path / "archive"`
+    whose PBXs are registered (master key `tmp_path / "master.key"`): this process's own
+    without CALLVAULT_*, an events port of its own, polls, heartbeats and retries shrunk;
+    `more` added."""
+    return {
+        **outer_env(),
+        "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
+        "CALLVAULT_MASTER_KEY_FILE": str(tmp_path / "master.key"),
+        "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
+        "CALLVAULT_POLL_INTERVAL_S": "0.3",
+        "CALLVAULT_HEARTBEAT_INTERVAL_S": "1",
+        "CALLVAULT_RETRY_SCHEDULE_S": "[0.3, 0.5, 1.0]",
+        "CALLVAULT_RECONCILE_HOURS": "1",
+        **more,
+    }
 
 
 def outer_env() -> dict[str, str]:

@@ -64,6 +64,7 @@ from callvault.simulator._events import newcdr_body
 from support.archive import (
     archiver_config,
     cli_env,
+    login_env,
     outer_env,
     serve_env,
     wait_until,
@@ -363,21 +364,16 @@ class PSeriesPbx:
 
     def cli_env(self, archive: Path, db_url: str | None = None) -> dict[str, str]:
         sim = self.sim
-        env = {
-            "CALLVAULT_KIND": "p-series",
-            "CALLVAULT_PASSWORD": sim.client_secret,
-            "CALLVAULT_PBX": sim.url,
-            "CALLVAULT_USERNAME": sim.client_id,
-            "CALLVAULT_PIN_SHA256": sim.cert_sha256 or "",
-            "CALLVAULT_ARCHIVE": str(archive),
-            "CALLVAULT_TIMEZONE": sim.config.timezone,
-            "CALLVAULT_RETRY_SCHEDULE_S": "[0.2, 0.5]",
-            "CALLVAULT_TRANSIENT_BACKOFF_S": "0.1",
-            "CALLVAULT_TRANSIENT_BACKOFF_MAX_S": "0.5",
-        }
-        if db_url is not None:
-            env["CALLVAULT_DB"] = db_url
-        return env
+        login = login_env(
+            url=sim.url,
+            username=sim.client_id,
+            password=sim.client_secret,
+            pin=sim.cert_sha256,
+            timezone=sim.config.timezone,
+            archive=archive,
+            db_url=db_url,
+        )
+        return {"CALLVAULT_KIND": "p-series", **login}
 
     def cdr_reads(self) -> int:
         """The ``cdr/search`` requests of the history's windows: the client's first
