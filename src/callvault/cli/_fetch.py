@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -32,6 +33,7 @@ from callvault.cli._options import (
     config_option,
     option,
     pbx_options,
+    registry_options,
     timezone_option,
 )
 from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
@@ -53,6 +55,9 @@ from callvault.pbx import (
     check_recording_name,
 )
 from callvault.times import FORMATS, TimeFormatError, parse_moment, parse_pbx_time
+
+if TYPE_CHECKING:
+    from callvault.index.pbxs import PbxRecord
 
 # Failures after which trying the remaining names is pointless (and, for logins, harmful).
 _FATAL = (PbxTlsError, PbxUnreachable)
@@ -184,6 +189,7 @@ def _print_saved(result: DownloadResult, seconds: float, *, as_json: bool) -> No
 @app.command("fetch")
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 @pbx_options
+@registry_options
 @config_option
 @option(
     "--out",
@@ -204,18 +210,22 @@ def _print_saved(result: DownloadResult, seconds: float, *, as_json: bool) -> No
 def fetch(
     names: tuple[str, ...],
     pbx_flags: PbxFlags,
+    archive: Path | None,
+    db: str | None,
+    master_key_file: Path | None,
     config: Path | None,
     out: Path,
     as_json: bool,
 ) -> None:
     """Download recordings from the PBX and save each as OUT/NAME, verified.
 
-    Prints one line per recording saved (with --json, one JSON object per line); failures
-    go to stderr, one line each. Exit status 0 only if every recording was saved.
+    The PBX is the one --pbx URL (with --username, --password-env...) gives, or a registered
+    one: --pbx NAME. Prints one line per recording saved (with --json, one JSON object per
+    line); failures go to stderr, one line each. Exit status 0 only if every recording was
+    saved.
     """
     settings = settings_or_fail(
-        config,
-        **pbx_flags,
+        config, **pbx_flags, archive=archive, db=db, master_key_file=master_key_file
     )
     client = _client(settings)
     _quiet_library_logs()
@@ -237,10 +247,11 @@ def fetch(
 # ------------------------------------------------------------------------ cdr
 
 
-def _client(settings: Settings) -> PbxClient | PSeriesClient:
-    """The PBX client the settings name, or exit 2 with one line saying what is missing."""
+def _client(settings: Settings, record: PbxRecord | None = None) -> PbxClient | PSeriesClient:
+    """The PBX client the settings name (`record`, if read already), or exit 2 with one
+    line saying what is missing."""
     try:
-        return settings.pbx_client()
+        return settings.pbx_client(record)
     except SettingsError as exc:
         fail(str(exc), USAGE_ERROR)
 
@@ -303,6 +314,7 @@ def _print_table(rows: list[CallDetail]) -> None:
     help=f"...and before this time (a date: through that day): {FORMATS}. Default: now.",
 )
 @pbx_options
+@registry_options
 @timezone_option
 @config_option
 @option(
@@ -317,21 +329,36 @@ def cdr(
     since: str,
     until: str | None,
     pbx_flags: PbxFlags,
+    archive: Path | None,
+    db: str | None,
+    master_key_file: Path | None,
     timezone: str | None,
     config: Path | None,
     extensions: str,
     as_json: bool,
     as_csv: bool,
 ) -> None:
-    """Print the PBX's call detail records of a time range, with their recording names."""
+    """Print the PBX's call detail records of a time range, with their recording names.
+
+    The PBX is the one --pbx URL gives, or a registered one (--pbx NAME), whose times are
+    read in its own registered zone."""
     if as_json and as_csv:
         fail("choose one of --json and --csv", USAGE_ERROR)
     settings = settings_or_fail(
         config,
         **pbx_flags,
+        archive=archive,
+        db=db,
+        master_key_file=master_key_file,
         timezone=timezone,
     )
-    tz = settings.tz
+    record = None
+    if settings.pbx_name is not None:
+        try:
+            record = settings.registered_pbx()
+        except SettingsError as exc:
+            fail(str(exc), USAGE_ERROR)
+    tz = settings.pbx_zone(record)
     start = _time_option("--since", since, tz, end=False)
     if until is None:
         end = datetime.now(tz).replace(microsecond=0) + timedelta(seconds=1)
@@ -342,7 +369,7 @@ def cdr(
             "--since is in the future" if until is None else "--until must be after --since",
             USAGE_ERROR,
         )
-    client = _client(settings)
+    client = _client(settings, record)
     _quiet_library_logs()
     try:
         rows = asyncio.run(export_range(client, start, end, tz, extensions))

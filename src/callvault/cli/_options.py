@@ -68,8 +68,10 @@ json_option = click.option(
 _pbx_option_list = _apply(
     option(
         "--pbx",
-        metavar="URL",
-        help="PBX URL, https://HOST:PORT (the web port, 8088 by default). Env CALLVAULT_PBX.",
+        metavar="URL|NAME",
+        help="PBX URL, https://HOST:PORT (the web port, 8088 by default), or the NAME of a "
+        "PBX registered with `callvault pbx add`, whose settings then come from the registry. "
+        "Env CALLVAULT_PBX.",
     ),
     option(
         "--kind",
@@ -156,6 +158,24 @@ db_option = option(
     "(default ARCHIVE/callvault.db).",
 )
 archive_options = _apply(archive_option, db_option, config_option)
+# Where a command that talks to one PBX finds a registered one given by --pbx NAME.
+registry_options = _apply(
+    option(
+        "--archive",
+        type=PATH,
+        metavar="DIR",
+        help="Archive directory whose index holds the PBX registry, for --pbx NAME. Env "
+        "CALLVAULT_ARCHIVE.",
+    ),
+    db_option,
+    option(
+        "--master-key-file",
+        type=PATH,
+        metavar="FILE",
+        help="File of master keys that open a registered PBX's secret, for --pbx NAME "
+        "(default: CALLVAULT_MASTER_KEY or CALLVAULT_MASTER_KEY_FILE).",
+    ),
+)
 storage_option = option(
     "--storage",
     metavar="URL",

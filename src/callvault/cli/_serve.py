@@ -168,6 +168,16 @@ def _refuse_flags_entry(record: Any) -> None:
         )
 
 
+def _named(settings: ArchiveSettings, only: Sequence[str]) -> tuple[str, ...]:
+    """The registered PBXs to work on: `only` (--only), or the one --pbx names."""
+    name = settings.pbx_name
+    if name is None:
+        return tuple(only)
+    if only and tuple(only) != (name,):
+        fail(f"--pbx {name} names a registered PBX: give it or --only, not both", code=2)
+    return (name,)
+
+
 def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
     """The registered PBX `serve` archives, and the keys that open its password: `only`,
     else the one there is; exits with one line when that cannot be told."""
@@ -267,7 +277,7 @@ def _target_of(record: PbxRecord, keyring: Keyring, settings: ArchiveSettings) -
         kind=config.kind,
         tcp_report_port=config.tcp_report_port,
         tls=tls_options(config),
-        timezone=ZoneInfo(config.timezone) if config.timezone else settings.tz,
+        timezone=settings.pbx_zone(record),
         workers=settings.workers if "workers" in settings.given else config.max_downloads,
         events_allow=list(config.events_allow) or None,
         revision=record.revision,
@@ -315,10 +325,10 @@ def archiver_config(
     more: tuple[PbxTarget, ...] = ()
     registry: Callable[[Index], RegistryView] | None = None
     revision: str | None = None
-    if settings.pbx is None:
-        first, *rest = _registered_all(settings, only)
+    if settings.pbx_url is None:
+        first, *rest = _registered_all(settings, _named(settings, only))
         more = tuple(rest)
-        registry, revision = _registry_view(settings, only), first.revision
+        registry, revision = _registry_view(settings, _named(settings, only)), first.revision
         pbx, username, password = first.pbx_url, first.username, first.password
         archive = settings.archive_dir()
         api, tls, zone, allowed = first.api_version, first.tls, first.timezone, first.events_allow
@@ -676,12 +686,13 @@ def backfill_command(
         encrypt=encrypt,
     )
     _encryption_keys(settings)  # --encrypt without a master key: one line, before anything
-    record = keyring = None
-    if settings.pbx is None:
-        record, keyring = _registered(settings, only)
+    record = None
+    if settings.pbx_url is None:
+        named = _named(settings, () if only is None else (only,))
+        record, _keyring = _registered(settings, named[0] if named else None)
         archive_dir = settings.archive_dir()
         api = ApiVersion(record.config.api_version)
-        tz = ZoneInfo(record.config.timezone) if record.config.timezone else settings.tz
+        tz = settings.pbx_zone(record)
         pbx_url = record.config.url
     else:
         if only is not None:
@@ -695,16 +706,9 @@ def backfill_command(
             "v1.1.0): give --api-version v1.1.0 or later if the PBX's firmware has it",
             code=USAGE_ERROR,
         )
-    from callvault.keys import MasterKeyError
-
     try:
-        if record is not None and keyring is not None:
-            from callvault.ops import pbx_client
-
-            client = pbx_client(record, keyring)
-        else:
-            client = settings.pbx_client()
-    except (SettingsError, MasterKeyError) as exc:
+        client = settings.pbx_client(record)
+    except SettingsError as exc:
         fail(str(exc), code=USAGE_ERROR)
     start = _time_option("--since", since, tz, end=False)
     end = datetime.now(tz) if until is None else _time_option("--until", until, tz, end=True)

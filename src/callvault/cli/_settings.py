@@ -10,6 +10,11 @@ written for `serve` works for every other command.
 The PBX password is never a setting: ``password_env`` names the environment variable that
 holds it (default ``CALLVAULT_PASSWORD``).
 
+``pbx`` is a URL, or the name of a PBX registered with ``callvault pbx add``: the commands
+that talk to one PBX (`fetch`, `cdr`, `backfill`, `serve`) then take its URL, user, secret
+(opened with the master key), kind, certificate trust and time zone from the registry
+(`registered_pbx`), and refuse the connection flags, which would say otherwise.
+
 Why not pydantic-settings: it costs about 150 ms to import, twelve times a bare
 interpreter's start-up, on every command (`callvault list` must start in a fraction of a
 second, bench/cli_startup.py); the rules below are plain checks of ~30 options.
@@ -30,6 +35,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if TYPE_CHECKING:
     from callvault.archive import AlertSettings
+    from callvault.index.pbxs import PbxRecord
     from callvault.keys import Keyring
     from callvault.pbx import ApiVersion, PbxClient, PSeriesClient, TlsOptions
 
@@ -165,10 +171,30 @@ def _items(value: Any) -> list[Any]:
     return list(value)
 
 
+# callvault.index.pbxs.NAME_PATTERN, spelled out: importing it would load SQLAlchemy for
+# every command (tests/test_cli_registered_pbx.py checks they agree).
+PBX_NAME_PATTERN = r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?"
+
+
+def is_pbx_name(value: str) -> bool:
+    """Whether a ``--pbx`` value names a registered PBX rather than giving a URL."""
+    import re
+
+    return re.fullmatch(PBX_NAME_PATTERN, value, re.ASCII) is not None
+
+
 def _pbx_url(value: Any) -> str:
     from callvault.pbx import check_pbx_url
 
-    return check_pbx_url(_text(value))
+    text = _text(value)
+    if is_pbx_name(text):
+        return text
+    try:
+        return check_pbx_url(text)
+    except ValueError as exc:
+        if "://" in text:
+            raise
+        raise ValueError(f"{exc}, or the name of a registered PBX (`callvault pbx list`)") from None
 
 
 def _host_port(value: Any) -> str:
@@ -471,9 +497,19 @@ class Settings:
             return f"sqlite:///{Path(self.db).expanduser().absolute()}"
         return f"sqlite:///{self.archive_dir() / DB_FILENAME}"
 
+    @property
+    def pbx_name(self) -> str | None:
+        """The registered PBX `pbx` names, when it is a name and not a URL."""
+        return self.pbx if self.pbx is not None and is_pbx_name(self.pbx) else None
+
+    @property
+    def pbx_url(self) -> str | None:
+        """The PBX URL `pbx` gives, when it is a URL and not a registered PBX's name."""
+        return self.pbx if self.pbx is not None and not is_pbx_name(self.pbx) else None
+
     def pbx_host(self) -> str | None:
         """The host name or address in the PBX URL."""
-        return urlsplit(self.pbx).hostname if self.pbx else None
+        return urlsplit(self.pbx_url).hostname if self.pbx_url else None
 
     def allowed_event_sources(self) -> list[str]:
         """Addresses (or networks) allowed to post events: `events_allow`, else the PBX's
@@ -520,14 +556,45 @@ class Settings:
 
     def require_pbx(self) -> tuple[str, str]:
         """The PBX URL and the user name, which every PBX command needs."""
-        if not self.pbx:
-            raise SettingsError("no PBX given: pass --pbx https://HOST:8088 or set CALLVAULT_PBX")
+        if not self.pbx_url:
+            raise SettingsError(
+                "no PBX given: pass --pbx https://HOST:8088 (or the name of a registered PBX) "
+                "or set CALLVAULT_PBX"
+            )
         if not self.username:
             raise SettingsError(
                 "no API user name given: pass --username (a P-Series PBX's Client ID) or "
                 "set CALLVAULT_USERNAME"
             )
-        return self.pbx, self.username
+        return self.pbx_url, self.username
+
+    def registered_pbx(self, name: str | None = None) -> PbxRecord:
+        """The registered PBX `name` (by default the one `pbx` names), read from the index
+        (`db_url`); SettingsError (one line) when the index cannot be opened or has no such
+        PBX."""
+        from callvault.index import IndexFailure, open_index
+        from callvault.index.pbxs import PbxRegistryError
+
+        wanted = name or self.pbx_name
+        if wanted is None:
+            raise SettingsError("no registered PBX named: give --pbx NAME")
+        try:
+            url = self.db_url()
+        except SettingsError as exc:
+            raise SettingsError(
+                f"PBX {wanted} is a registered name, read from the archive's index: {exc}"
+            ) from None
+        try:
+            with open_index(url) as index:
+                return index.pbxs.require(wanted)
+        except (IndexFailure, PbxRegistryError) as exc:
+            raise SettingsError(str(exc)) from None
+
+    def pbx_zone(self, record: PbxRecord | None) -> ZoneInfo:
+        """The time zone of a PBX: the registered PBX's own when it has one, else `tz`."""
+        if record is not None and record.config.timezone:
+            return ZoneInfo(record.config.timezone)
+        return self.tz
 
     def keyring(self) -> Keyring:
         """The master keys (CALLVAULT_MASTER_KEY, else `master_key_file`); SettingsError
@@ -636,11 +703,27 @@ class Settings:
             )
         return tls
 
-    def pbx_client(self, **client_kwargs: Any) -> PbxClient | PSeriesClient:
-        """A client for the PBX these settings name (of its `kind`); SettingsError for
-        what is missing. Warns on stderr when the PBX URL is plain http."""
+    def pbx_client(
+        self, record: PbxRecord | None = None, **client_kwargs: Any
+    ) -> PbxClient | PSeriesClient:
+        """A client for the PBX these settings name (of its `kind`): `record`, a registered
+        PBX (its secret opened with the master keys), else the one `pbx` names, else the one
+        of the flags; SettingsError for what is missing. Warns on stderr when the PBX URL
+        is plain http."""
         from callvault.pbx import PbxClient, PSeriesClient
 
+        if record is None and self.pbx_name is not None:
+            record = self.registered_pbx()
+        if record is not None:
+            from callvault.keys import MasterKeyError
+            from callvault.ops import pbx_client
+
+            try:
+                return self._warn_plain(pbx_client(record, self.keyring(), **client_kwargs))
+            except MasterKeyError as exc:
+                raise SettingsError(str(exc)) from None
+            except SettingsError as exc:
+                raise SettingsError(f"PBX {record.name}: its secret is sealed: {exc}") from None
         pbx, username = self.require_pbx()
         tls = self.tls_options()
         password = self.password()
@@ -655,6 +738,10 @@ class Settings:
                 )
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        return self._warn_plain(client)
+
+    @staticmethod
+    def _warn_plain(client: PbxClient | PSeriesClient) -> PbxClient | PSeriesClient:
         if client.base_url.startswith("http://"):
             print(
                 "callvault: warning: the PBX URL is plain http: the password hash, the token "
@@ -749,7 +836,37 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         raise SettingsError(
             f"choose only one of --ca-file, --pin-sha256 and --insecure, not {' and '.join(chosen)}"
         )
+    if settings.pbx_name is not None:
+        _refuse_connection_flags(settings.pbx_name, flags)
     return settings
+
+
+# How to reach a PBX: a registered PBX has its own (`callvault pbx edit` changes them).
+CONNECTION_OPTIONS = (
+    "kind",
+    "username",
+    "password_env",
+    "api_version",
+    "ca_file",
+    "pin_sha256",
+    "insecure",
+    "tls_min_version",
+)
+
+
+def _refuse_connection_flags(name: str, flags: Mapping[str, Any]) -> None:
+    """A registered PBX's connection settings come from the registry: a flag giving one too
+    would be ignored, so it is refused (the environment's and a config file's are left
+    unused: they serve the commands given a URL)."""
+    given = [
+        f"--{o.replace('_', '-')}" for o in CONNECTION_OPTIONS if flags.get(o) not in (None, False)
+    ]
+    if given:
+        raise SettingsError(
+            f"--pbx {name} is a registered PBX, whose settings come from the registry: leave "
+            f"out {' and '.join(given)} (change its settings with `callvault pbx edit {name}`), "
+            "or give --pbx a URL"
+        )
 
 
 def settings_or_fail(config_file: Path | None = None, **flags: Any) -> Settings:
