@@ -791,3 +791,26 @@ def test_backfill_while_serve_runs_is_done_by_the_node_with_its_session(
                 assert row is not None and row.sha256 == sim.recording_sha256(cdr.recording)
         logins = [s for s in sim.request_sources if s[1] == "login"]
         assert len(logins) == 1, logins  # the node's only
+
+
+def test_status_gives_each_registered_pbx_its_own_time_zone(
+    tmp_path: Path, registry: dict[str, str]
+) -> None:
+    env = {**registry, "PBX_PASSWORD": "not-a-real-one"}
+    for name, zone in (("lyon", ["--timezone", "Europe/Paris"]), ("nyc", [])):
+        added = cli(
+            "pbx", "add", name, "--url", f"https://{name}.example:8088", "--username", "api",
+            "--password-env", "PBX_PASSWORD", *zone, env=env,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+    text = cli("status", env=registry).stdout
+    assert (
+        "PBX time zones: lyon Europe/Paris, nyc not saved yet (serve or backfill saves it)" in text
+    ), text
+    shown = {
+        p["name"]: p["timezone"]
+        for p in json.loads(cli("status", "--json", env=registry).stdout)["pbxs"]
+    }
+    assert shown == {"lyon": "Europe/Paris", "nyc": None}
+    one = cli("status", "--pbx", "lyon", env=registry).stdout
+    assert "PBX time zone: Europe/Paris" in one, one

@@ -325,7 +325,12 @@ def print_status(status: ArchiveStatus) -> None:
         print(f"download workers: {workers.alive} of {workers.configured} running")
     last_event = status.last_event_at
     print(f"last event: {ago(last_event, now) if last_event else 'none received yet'}")
-    print(f"PBX time zone: {status.pbx_timezone or 'not saved yet (serve or backfill saves it)'}")
+    saved = status.pbx_timezone or "not saved yet (serve or backfill saves it)"
+    if len(status.pbxs) > 1:
+        zones = ", ".join(f"{pbx.name} {pbx.timezone or saved}" for pbx in status.pbxs)
+        print(f"PBX time zones: {zones}")
+    else:
+        print(f"PBX time zone: {saved}")
     print(f"stored: {human_size(status.bytes_stored)}" + _disk(status))
     if status.index_problems:
         print(f"INDEX DAMAGED: {'; '.join(status.index_problems)[:300]}")

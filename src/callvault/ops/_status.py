@@ -69,6 +69,8 @@ class PbxStatus:
     session: PbxSessionStatus
     node: str | None = None  # the node that holds it (works on it) now, if any
     kind: str = "s-series"  # which API it speaks: s-series, cloud or p-series
+    # The zone of its local times as registered; None: the deployment's (`pbx_timezone`).
+    timezone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +198,14 @@ def archive_status(
             _session(record.session or None, now=now, serve_running=running, legacy=False),
             holders.get(record.id),
             record.config.kind,
+            record.config.timezone or None,
         )
         for record in records
     ]
+    if pbx_id is not None and pbxs and pbxs[0].timezone is not None:
+        zone: str | None = pbxs[0].timezone  # that PBX's own
+    else:
+        zone = timezone.key if timezone is not None else None
     nodes = [
         NodeStatus(
             info.node,
@@ -233,7 +240,7 @@ def archive_status(
         ),
         pbxs=pbxs,
         nodes=nodes,
-        pbx_timezone=timezone.key if timezone is not None else None,
+        pbx_timezone=zone,
         workers=WorkerCount(
             configured=sum(p.workers_configured for p in live_serves),
             alive=sum(p.workers_alive for p in live_serves),
