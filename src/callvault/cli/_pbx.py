@@ -567,7 +567,9 @@ def pbx_test(
     db: str | None,
     config: Path | None,
 ) -> None:
-    """Log in to a registered PBX once and say what it found; exit 1 if the login failed.
+    """Log in to a registered PBX once and say what it found; exit 1 if the login failed,
+    or if the PBX answers like another kind than registered (a Yeastar Cloud PBX as
+    s-series, or the reverse: the line gives the `pbx edit` that fixes it).
 
     Asks the PBX for no reports, so a running `serve` keeps receiving them. A wrong
     password is tried once only: five would lock this host out of the PBX for ten minutes.

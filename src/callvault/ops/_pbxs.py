@@ -326,8 +326,10 @@ class PbxTest(JsonResult):
     report_transport: str | None
     calls_last_day: int | None  # calls in the PBX's call history over the last 24 hours
     serial: str  # from its reports; "" until one arrived
+    # Why it is not ok: the PBX's error, or (`WRONG_KIND`) that it logged in but answers
+    # like another kind than registered (a Yeastar Cloud PBX as s-series, or the reverse).
     error: str | None
-    error_kind: str | None
+    error_kind: str | None  # the error's `ErrorKind` value, or WRONG_KIND
 
 
 # After a refused login, how long `test_pbx` will not try the same password again: five
@@ -361,10 +363,37 @@ def _login_fix(record: PbxRecord) -> str:
     )
 
 
+# `PbxTest.error_kind` of a PBX that logged in but speaks like another kind than registered.
+WRONG_KIND = "wrong-kind"
+
+_KIND_WORDS = {"s-series": "an S-Series PBX", "cloud": "a Yeastar Cloud PBX"}
+
+
+def _answers_like(client: PbxClient) -> str:
+    """The kind a PBX of the S-Series API answers like, once logged in: "cloud" when its
+    login gave a refresh token (the Yeastar Cloud PBX's does), else "s-series"."""
+    return "cloud" if client.has_refresh_token else "s-series"
+
+
+def _kind_fix(record: PbxRecord, answers_like: str) -> str:
+    """One line for a PBX registered as one kind that answers like the other, with the
+    command that registers it right."""
+    why = "gave a refresh token" if answers_like == "cloud" else "gave no refresh token"
+    return (
+        f"logged in, but the PBX answers like {_KIND_WORDS[answers_like]} (its login {why}), "
+        f"not like {_KIND_WORDS.get(record.config.kind, record.config.kind)} as registered: "
+        f"register it as {answers_like} with "
+        f"`callvault pbx edit {record.name} --kind {answers_like}`"
+    )
+
+
 async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: datetime) -> PbxTest:
     """Log in to the PBX once (no retry: a wrong password must not count towards the
     PBX's lockout twice), read a day of its call history, log out; keep and return what
-    was found. Asks for no reports, so a running `serve` keeps receiving them.
+    was found. Asks for no reports, so a running `serve` keeps receiving them. A PBX of
+    the S-Series API that logs in but answers like the other kind than registered (a
+    Yeastar Cloud PBX's login gives a refresh token, an S-Series PBX's does not) is not ok:
+    the error says so, with the `pbx edit` that registers it right.
 
     RefusedRecently if the PBX refused this same login (URL, user and password) less than
     ten minutes ago: testing again and again would lock this host out of the PBX."""
@@ -384,6 +413,7 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
             )
     started = time.monotonic()
     transport: str | None = None
+    answers_like: str | None = None
     calls: int | None = None
     error: str | None = None
     kind: str | None = None
@@ -392,7 +422,11 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
     try:
         async with pbx_client(record, keyring, max_attempts=1) as client:
             await client.login()
-            transport = client.report_transport if isinstance(client, PbxClient) else "WebSocket"
+            if isinstance(client, PbxClient):
+                transport = client.report_transport
+                answers_like = _answers_like(client)
+            else:
+                transport = "WebSocket"
             found = await client.export_cdr_range(now - timedelta(days=1), now, tz)
             calls = len(found)
             await client.logout()
@@ -401,6 +435,8 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
         refused = isinstance(exc, LoginFailed | LoginLockedOut)
         if isinstance(exc, LoginFailed):
             error += f"; set the right {_login_fix(record)}"
+    if error is None and answers_like is not None and answers_like != record.config.kind:
+        error, kind = _kind_fix(record, answers_like), WRONG_KIND
     result = PbxTest(
         name=record.name,
         ok=error is None,

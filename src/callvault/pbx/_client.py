@@ -293,6 +293,12 @@ class PbxClient(ApiClient):
     def logged_in(self) -> bool:
         return self._token is not None
 
+    @property
+    def has_refresh_token(self) -> bool:
+        """Whether the last login (or refresh) answered a refresh token, as the Yeastar Cloud
+        PBX's does and an S-Series PBX's does not."""
+        return self._refresh_token is not None
+
     async def aclose(self) -> None:
         """Log out (errors ignored) and close the connections."""
         if self._token is not None:

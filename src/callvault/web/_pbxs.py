@@ -24,6 +24,7 @@ from callvault.index.pbxs import (
     NoSuchPbx,
     PbxConfig,
     PbxInUse,
+    PbxRecord,
     PbxRegistryError,
 )
 from callvault.keys import Keyring, MasterKeyError
@@ -77,7 +78,12 @@ class PbxIn(BaseModel):
 class PbxPatch(BaseModel):
     """What to change; fields left out stay. Setting one of pin_sha256, ca_file or
     insecure replaces how the certificate is trusted; null for all three: the system's
-    CAs. `webhook_secret` (P-Series) sets its webhook secret; null forgets it."""
+    CAs. `webhook_secret` (P-Series) sets its webhook secret; null forgets it.
+
+    The object GET answered, with a field changed, may be sent back whole: a field as GET
+    shows it is left as it is (`api_version` "openapi" of a P-Series PBX, `webhook_secret`
+    true or false, `pin_sha256` and `ca_file` of an insecure PBX), and the fields only GET
+    has (`tls`, `serial`, `last_test`, ...) are ignored."""
 
     kind: Literal["s-series", "cloud", "p-series"] | None = None
     url: str | None = Field(default=None, max_length=255)
@@ -93,7 +99,11 @@ class PbxPatch(BaseModel):
     events_allow: list[str] | None = None
     report_url: str | None = Field(default=None, max_length=255)
     tcp_report_port: int | None = Field(default=None, ge=1, le=65535)
-    webhook_secret: str | None = Field(default=None, min_length=1, max_length=256, repr=False)
+    # A string sets it, null forgets it; true or false as GET shows it (whether one is
+    # kept) leaves it as it is.
+    webhook_secret: Annotated[str, Field(min_length=1, max_length=256)] | bool | None = Field(
+        default=None, repr=False
+    )
 
 
 _TRUST = ("pin_sha256", "ca_file", "insecure")
@@ -160,6 +170,64 @@ def register(request: Request, principal: Principal, body: PbxIn) -> PbxView:
     return pbx_view(record)
 
 
+def _as_shown(given: dict[str, Any], current: PbxRecord) -> None:
+    """Drop from `given` what a PATCH of the object GET answered carries unchanged, in
+    GET's terms: `webhook_secret` true or false (whether one is kept; 422 if it says the
+    other), and `pin_sha256` and `ca_file` as they are, without `insecure` (GET shows an
+    insecure PBX's as null: they do not make it trust the system's CAs)."""
+    shown = given.get("webhook_secret")
+    if isinstance(shown, bool):
+        if shown != current.has_webhook_secret:
+            raise HTTPException(
+                422,
+                "webhook_secret: true or false only as GET shows it (whether one is kept): "
+                "give the webhook's Secret to set it, or null to forget it",
+            )
+        del given["webhook_secret"]
+    trust = [field for field in _TRUST if field in given]
+    if (
+        trust
+        and "insecure" not in trust
+        and all(given[field] == getattr(current.config, field) for field in trust)
+    ):
+        for field in trust:
+            del given[field]
+
+
+# What GET shows as a P-Series PBX's api_version (`ops.api_label`): it has no other.
+OPENAPI = "openapi"
+
+
+def _check_api_version(changes: dict[str, Any], current: PbxConfig) -> None:
+    """Take `changes["api_version"]` as GET shows it, for the PBX's kind after the change:
+    "openapi" of a P-Series PBX (or the version kept in its entry, which GET does not
+    show) is left as it is (dropped from `changes`); 422 in one line for "openapi" of a
+    PBX of the S-Series API, or another S-Series version of a P-Series PBX (the version
+    field means nothing there)."""
+    kind = str(changes.get("kind") or current.kind)
+    version = str(changes["api_version"]).strip()
+    if kind == "p-series":
+        if version.lower() == OPENAPI or version == current.api_version:
+            del changes["api_version"]
+            return
+        raise HTTPException(
+            422,
+            f"api_version: a P-Series PBX speaks the OpenAPI, not an S-Series API version "
+            f"such as {version[:20]!r}: give {OPENAPI!r} (as GET shows it) or leave "
+            "api_version out",
+        )
+    if version.lower() == OPENAPI:
+        from callvault.pbx import ApiVersion
+
+        versions = ", ".join(v.value for v in ApiVersion)
+        raise HTTPException(
+            422,
+            f"api_version: {OPENAPI!r} is the P-Series API; this PBX ({kind}) speaks the "
+            f"S-Series API: give its version ({versions}), or leave api_version out to "
+            "keep it",
+        )
+
+
 @router.patch("/pbxs/{name}", responses={404: {}, 409: {}, 422: {}})
 def change_pbx(request: Request, principal: Admin, name: PbxName, body: PbxPatch) -> PbxView:
     """Change a PBX's settings or password; the result is checked as a whole."""
@@ -172,6 +240,9 @@ def change(request: Request, principal: Principal, name: str, body: PbxPatch) ->
     checked CSRF)."""
     ctx = context(request)
     given = body.model_dump(exclude_unset=True)
+    before = ctx.index.pbxs.get(name)
+    if before is not None:  # else edit_pbx answers 404
+        _as_shown(given, before)
     password = given.pop("password", None)
     drop_webhook = "webhook_secret" in given and given["webhook_secret"] is None
     webhook_secret = given.pop("webhook_secret", None)
@@ -185,6 +256,8 @@ def change(request: Request, principal: Principal, name: str, body: PbxPatch) ->
     for field in ("kind", "url", "username", "api_version", "tls_min_version", "max_downloads"):
         if field in changes and changes[field] is None:
             raise HTTPException(422, f"{field} cannot be null")
+    if "api_version" in changes and before is not None:
+        _check_api_version(changes, before.config)
     sealing = password is not None or webhook_secret is not None
     keyring = _keyring(request) if sealing else None
     try:
