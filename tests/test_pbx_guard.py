@@ -10,6 +10,7 @@ received: nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,3 +125,19 @@ async def test_a_pseries_file_get_is_not_sent_when_the_lease_ends(
         result = await client.download_recording(call.file, tmp_path)
     assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
     assert result.sha256 == psim.recording_sha256(call.file)
+
+
+async def test_a_pseries_event_subscription_is_not_sent_when_the_lease_ends(
+    psim: PSeriesSimulator,
+) -> None:
+    lease = Lease(allow=10**6)
+    async with pseries_client(psim, lease) as client:
+        await client.login()
+        # The upgrade passes its check; on the open WebSocket, the topic list does not.
+        lease.allow = lease.asked + 1
+        with pytest.raises(SessionWithdrawn, match="event subscription: not sent"):
+            async with asyncio.timeout(10):
+                async for _event in client.events():
+                    pytest.fail("an event came without a subscription")
+    assert lease.asked == lease.allow + 1
+    assert psim.ws_subscribers(30012) == 0

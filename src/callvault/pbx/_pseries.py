@@ -1129,6 +1129,9 @@ class PSeriesClient(ApiClient):
         self, connection: ClientConnection, topics: Sequence[int], token: str, generation: int
     ) -> None:
         context = "event subscription"
+        # Asked again on the open connection, as for every request (`_guarded`): a node
+        # paused during the upgrade whose lease ran out meanwhile subscribes to nothing.
+        self._check_guard(context)
         await connection.send(json.dumps({"topic_list": list(topics)}, separators=(",", ":")))
         deadline = time.monotonic() + self.timeout
         while True:
