@@ -307,3 +307,20 @@ def test_the_pbx_page_gives_the_kind_fix_without_calling_it_a_failed_login(web: 
         )
         assert said.endswith("`callvault pbx edit hq --kind cloud`"), said
         assert PASSWORD not in tested.text
+
+
+def test_a_pseries_pbx_as_get_shows_it_registers_another(web: LiveWeb, admin: httpx.Client) -> None:
+    view = admin.get("/api/pbxs/lyon").json()
+    assert view["api_version"] == "openapi"
+    body = {key: view[key] for key in ("kind", "url", "username", "api_version", "timezone")}
+    made = admin.post("/api/pbxs", json={**body, "name": "lyon2", "password": "client-Secret-2"})
+    assert made.status_code == 201, made.text
+    assert made.json()["api_version"] == "openapi"
+    assert web.archive.index.pbxs.require("lyon2").config.kind == "p-series"
+    refused = admin.post(
+        "/api/pbxs",
+        json={**body, "name": "nice", "kind": "s-series", "password": PASSWORD},
+    )
+    assert refused.status_code == 422
+    assert "'openapi' is the P-Series API; this PBX (s-series)" in refused.json()["detail"]
+    assert web.archive.index.pbxs.get("nice") is None

@@ -133,16 +133,17 @@ def _described(config: PbxConfig) -> str:
 def check_webhook_secret(secret: str, kind: str) -> str:
     """`secret` if it can be a P-Series PBX's webhook Secret (the PBX makes a 32-character
     one); PbxRegistryError (one line, never the secret) for a PBX of another kind, an
-    empty one, or one with spaces or control characters."""
+    empty one, or one with spaces or control characters. The messages name the secret, not
+    the flag that gave it: they reach the web API too."""
     if kind != "p-series":
         raise PbxRegistryError(
-            f"--webhook-secret-env: only a P-Series PBX signs webhooks; this one is {kind}"
+            f"webhook secret: only a P-Series PBX signs webhooks; this one is {kind}"
         )
     if not secret:
-        raise PbxRegistryError("--webhook-secret-env: the webhook secret is empty")
+        raise PbxRegistryError("webhook secret: it is empty")
     if len(secret) > 256 or not secret.isascii() or not secret.isprintable() or " " in secret:
         raise PbxRegistryError(
-            "--webhook-secret-env: not a webhook secret (copy the Secret the PBX shows for "
+            "webhook secret: not one (copy the Secret the PBX shows for "
             "the webhook: 32 letters and digits)"
         )
     return secret

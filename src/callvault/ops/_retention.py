@@ -274,7 +274,8 @@ def delete_now(
     archived yet, `states`, so that none is downloaded afterwards), with a written
     `reason`, each audited. Held recordings are refused, with their holds named."""
     if not reason.strip():
-        raise RetentionError("deleting outside the retention policy needs a written --reason")
+        # In words, not the CLI's flag (--reason): the web app's form says it too.
+        raise RetentionError("deleting outside the retention policy needs a written reason")
     index = archive.index
     holds = index.retention.holds_on(list(ids))
     rows = {row.id: row for row in index.recordings.by_ids(list(ids))}

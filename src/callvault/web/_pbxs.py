@@ -152,6 +152,10 @@ def register(request: Request, principal: Principal, body: PbxIn) -> PbxView:
     if ctx.index.pbxs.get(body.name) is not None:
         raise HTTPException(409, f"a PBX named {body.name!r} is registered already")
     fields = body.model_dump(exclude={"name", "password", "webhook_secret"})
+    # A P-Series PBX's version, as GET shows it ("openapi"), is the default it is kept as.
+    fields["api_version"] = _api_version_as_shown(
+        body.kind, body.api_version, PbxIn.model_fields["api_version"].default
+    )
     config = PbxConfig(**{**fields, "events_allow": tuple(body.events_allow)})
     try:
         record = add_pbx(
@@ -199,17 +203,25 @@ OPENAPI = "openapi"
 
 
 def _check_api_version(changes: dict[str, Any], current: PbxConfig) -> None:
-    """Take `changes["api_version"]` as GET shows it, for the PBX's kind after the change:
-    "openapi" of a P-Series PBX (or the version kept in its entry, which GET does not
-    show) is left as it is (dropped from `changes`); 422 in one line for "openapi" of a
-    PBX of the S-Series API, or another S-Series version of a P-Series PBX (the version
-    field means nothing there)."""
+    """Take `changes["api_version"]` as GET shows it, for the PBX's kind after the change
+    (see `_api_version_as_shown`); dropped from `changes` when it changes nothing."""
     kind = str(changes.get("kind") or current.kind)
-    version = str(changes["api_version"]).strip()
+    version = _api_version_as_shown(kind, str(changes["api_version"]), current.api_version)
     if kind == "p-series":
-        if version.lower() == OPENAPI or version == current.api_version:
-            del changes["api_version"]
-            return
+        del changes["api_version"]  # the one kept
+    else:
+        changes["api_version"] = version
+
+
+def _api_version_as_shown(kind: str, version: str, kept: str) -> str:
+    """The API version to keep for a PBX of `kind` given `version` as GET shows it: for a
+    P-Series PBX "openapi" (or the version `kept` in its entry, which GET does not show)
+    means `kept`; 422 in one line for "openapi" of a PBX of the S-Series API, or another
+    S-Series version of a P-Series PBX (the version field means nothing there)."""
+    version = version.strip()
+    if kind == "p-series":
+        if version.lower() == OPENAPI or version == kept:
+            return kept
         raise HTTPException(
             422,
             f"api_version: a P-Series PBX speaks the OpenAPI, not an S-Series API version "
@@ -226,6 +238,7 @@ def _check_api_version(changes: dict[str, Any], current: PbxConfig) -> None:
             f"S-Series API: give its version ({versions}), or leave api_version out to "
             "keep it",
         )
+    return version
 
 
 @router.patch("/pbxs/{name}", responses={404: {}, 409: {}, 422: {}})
