@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from callvault.cli._settings import DEFAULT_PASSWORD_ENV
+from callvault.cli._settings import CONNECTION_OPTIONS, DEFAULT_PASSWORD_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
 Decorator = Callable[[F], F]
@@ -116,17 +116,7 @@ _pbx_option_list = _apply(
         help="Lowest TLS version to accept (default 1.2; old firmware: 1.0).",
     ),
 )
-PBX_OPTION_NAMES = (
-    "pbx",
-    "kind",
-    "username",
-    "password_env",
-    "api_version",
-    "ca_file",
-    "pin_sha256",
-    "insecure",
-    "tls_min_version",
-)
+PBX_OPTION_NAMES = ("pbx", *CONNECTION_OPTIONS)
 PbxFlags = dict[str, Any]
 
 

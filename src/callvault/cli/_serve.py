@@ -326,9 +326,10 @@ def archiver_config(
     registry: Callable[[Index], RegistryView] | None = None
     revision: str | None = None
     if settings.pbx_url is None:
-        first, *rest = _registered_all(settings, _named(settings, only))
+        named = _named(settings, only)
+        first, *rest = _registered_all(settings, named)
         more = tuple(rest)
-        registry, revision = _registry_view(settings, _named(settings, only)), first.revision
+        registry, revision = _registry_view(settings, named), first.revision
         pbx, username, password = first.pbx_url, first.username, first.password
         archive = settings.archive_dir()
         api, tls, zone, allowed = first.api_version, first.tls, first.timezone, first.events_allow

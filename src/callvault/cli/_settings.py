@@ -841,7 +841,8 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     return settings
 
 
-# How to reach a PBX: a registered PBX has its own (`callvault pbx edit` changes them).
+# How to reach a PBX (the options beside --pbx, `cli._options.pbx_options`): a registered
+# PBX has its own (`callvault pbx edit` changes them).
 CONNECTION_OPTIONS = (
     "kind",
     "username",
