@@ -175,7 +175,7 @@ def test_delete_now_needs_a_reason_and_never_deletes_a_held_recording(built: Web
     place_hold(
         archive, "audit 2024", "regulator", [rows["2001"].id], selection="", actor=ACTOR, now=T0
     )
-    with pytest.raises(RetentionError, match="needs a written reason$"):
+    with pytest.raises(RetentionError, match=r"needs a written reason$"):
         delete_now(archive, [rows["1001"].id], reason=" ", actor=ACTOR, now=T0)
     report = delete_now(
         archive, [rows["1001"].id, rows["2001"].id, 999], reason="wrong number", actor=ACTOR, now=T0
