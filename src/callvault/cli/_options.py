@@ -29,8 +29,13 @@ PATH = click.Path(path_type=Path)
 
 
 def option(*declarations: str, **settings: Any) -> Decorator[Any]:
-    """A click option that is None unless given (the settings loader fills the rest)."""
-    settings.setdefault("default", None)
+    """A click option that is None unless given (the settings loader fills the rest).
+
+    A required one gets no default at all: click (8.2 and later) takes an explicit
+    ``default=None`` as a value given, and would hand the command None instead of saying
+    which option is missing."""
+    if not settings.get("required"):
+        settings.setdefault("default", None)
     settings.setdefault("show_default", False)
     return click.option(*declarations, **settings)
 
