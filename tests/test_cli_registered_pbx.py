@@ -15,14 +15,15 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from callvault.cli._settings import PBX_NAME_PATTERN, load_settings
-from callvault.index.pbxs import NAME_PATTERN
+from callvault.index import open_index
+from callvault.index.pbxs import NAME_PATTERN, PbxConfig
 from callvault.simulator import Faults
 from support.archive import ServeProcess, all_archived, registry_env, run_cli, wait_until
 from support.kinds import PbxUnderTest, kind_params, start_pbx
@@ -131,10 +132,26 @@ def test_connection_flags_beside_a_registered_name_are_refused(tmp_path: Path) -
         "registry: leave out --username "
     )
     assert "callvault pbx edit lyon" in message
-    # --kind too: a registered PBX has its own.
+    # --kind too: a registered PBX has its own; and its time zone.
     refused = run_cli(env, "cdr", "--pbx", "lyon", "--kind", "p-series", "--since", "2026-01-01")
     assert refused.returncode == 2
     assert "--kind" in refused.stderr
+    refused = run_cli(env, "cdr", "--pbx", "lyon", "--timezone", "UTC", "--since", "2026-01-01")
+    assert refused.returncode == 2
+    assert "leave out --timezone " in refused.stderr
+
+
+def test_the_pbx_of_serves_flags_is_said_to_keep_no_password(tmp_path: Path) -> None:
+    env = registry_env(tmp_path)
+    (tmp_path / "archive").mkdir()
+    with open_index(f"sqlite:///{tmp_path / 'archive' / 'callvault.db'}", create=True) as index:
+        config = PbxConfig(url="https://127.0.0.1:9", username="api")
+        index.pbxs.given_at_start(config, events_path="flags-path", now=datetime.now(UTC))
+    # No master key at all: what is wrong is that the registry keeps no password for it.
+    said = run_cli(env, "fetch", "--pbx", "main", "x.wav")
+    assert said.returncode == 2
+    assert "PBX main's password is not kept" in said.stderr
+    assert "master key" not in said.stderr
 
 
 def test_an_unregistered_name_or_no_archive_is_one_line(tmp_path: Path) -> None:

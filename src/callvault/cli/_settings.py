@@ -716,9 +716,10 @@ class Settings:
             record = self.registered_pbx()
         if record is not None:
             from callvault.keys import MasterKeyError
-            from callvault.ops import pbx_client
+            from callvault.ops import pbx_client, require_kept_password
 
             try:
+                require_kept_password(record)  # before asking for keys it needs none of
                 return self._warn_plain(pbx_client(record, self.keyring(), **client_kwargs))
             except MasterKeyError as exc:
                 raise SettingsError(str(exc)) from None
@@ -856,11 +857,14 @@ CONNECTION_OPTIONS = (
 
 
 def _refuse_connection_flags(name: str, flags: Mapping[str, Any]) -> None:
-    """A registered PBX's connection settings come from the registry: a flag giving one too
-    would be ignored, so it is refused (the environment's and a config file's are left
-    unused: they serve the commands given a URL)."""
+    """A registered PBX's connection settings and time zone come from the registry: a flag
+    giving one too would be ignored, so it is refused (the environment's and a config
+    file's are left unused: they serve the commands given a URL; a registered PBX without
+    a zone of its own is in the deployment's, which they may give)."""
     given = [
-        f"--{o.replace('_', '-')}" for o in CONNECTION_OPTIONS if flags.get(o) not in (None, False)
+        f"--{o.replace('_', '-')}"
+        for o in (*CONNECTION_OPTIONS, "timezone")
+        if flags.get(o) not in (None, False)
     ]
     if given:
         raise SettingsError(

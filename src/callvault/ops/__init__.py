@@ -79,6 +79,7 @@ if TYPE_CHECKING:
         pbx_client,
         pbx_view,
         remove_pbx,
+        require_kept_password,
         test_pbx,
         tls_options,
     )
@@ -168,6 +169,7 @@ _HOMES = {
     "pbx_client": "_pbxs",
     "pbx_view": "_pbxs",
     "remove_pbx": "_pbxs",
+    "require_kept_password": "_pbxs",
     "test_pbx": "_pbxs",
     "tls_options": "_pbxs",
     "DeleteReport": "_retention",
@@ -287,6 +289,7 @@ __all__ = [
     "release_hold",
     "remove_pbx",
     "requeue",
+    "require_kept_password",
     "rotate_master_keys",
     "rotate_signing_key",
     "run_retention",

@@ -264,9 +264,9 @@ def remove_pbx(index: Index, name: str, *, actor: str, remote_addr: str) -> PbxR
     return record
 
 
-def open_password(record: PbxRecord, keyring: Keyring) -> str:
-    """The PBX's API password; MasterKeyError (one line) if the keys loaded cannot open it,
-    or if the registry has none (the PBX given by `serve`'s flags)."""
+def require_kept_password(record: PbxRecord) -> None:
+    """MasterKeyError (one line) if the registry keeps no password for the PBX: the one
+    given by `serve`'s flags, whose password comes with them at each start."""
     from callvault.keys import MasterKeyError
 
     if record.given_by_flags:
@@ -275,6 +275,12 @@ def open_password(record: PbxRecord, keyring: Keyring) -> str:
             "serve's flags (--pbx, --username, --password-env); to keep it sealed instead, "
             f"set it with `callvault pbx edit {record.name} --url URL --password-env VAR`"
         )
+
+
+def open_password(record: PbxRecord, keyring: Keyring) -> str:
+    """The PBX's API password; MasterKeyError (one line) if the keys loaded cannot open it,
+    or if the registry has none (`require_kept_password`)."""
+    require_kept_password(record)
     return keyring.open(record.password_sealed, password_context(record.name)).decode()
 
 
