@@ -172,6 +172,14 @@ def test_a_refused_pseries_secret_says_how_to_fix_it_in_pseries_terms(
         again = cli("pbx", "test", "berlin", env=registry)  # not sent again for 10 minutes
         assert again.returncode == 1 and "not trying it again" in again.stderr
         assert fix in again.stderr and "--password-env" not in again.stderr
+        assert again.stderr.count(fix) == 1, again.stderr  # the fix said once
+        assert "refused this Client Secret" in again.stderr
+        # With --json, the same as JSON on stdout: not ok, and why.
+        as_json = cli("pbx", "test", "berlin", "--json", env=registry)
+        assert as_json.returncode == 1 and as_json.stderr == ""
+        answer = json.loads(as_json.stdout)
+        assert (answer["ok"], answer["error_kind"]) == (False, "refused-recently")
+        assert "not trying it again" in answer["error"]
         assert len([p for p, _ in psim.request_log if p.endswith("get_token")]) == 1
 
 

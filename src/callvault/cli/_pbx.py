@@ -583,9 +583,15 @@ def pbx_test(
     # The client logs a refused login at ERROR for serve's log; here the result says it,
     # in one line of its own.
     logging.getLogger("callvault.pbx").setLevel(logging.CRITICAL)
+    from callvault.ops import RefusedRecently
+
     try:
         record = index.pbxs.require(name)
         result = run_terminable(test_pbx(index, record, keyring, now=_now()))
+    except RefusedRecently as exc:
+        if not as_json:
+            fail(str(exc))
+        result = exc.test
     except (PbxRegistryError, MasterKeyError) as exc:
         fail(str(exc))
     finally:

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from callvault.ops._pbxs import (
         PbxTest,
         PbxView,
+        RefusedRecently,
         add_pbx,
         edit_pbx,
         open_password,
@@ -163,6 +164,7 @@ _HOMES = {
     "rotate_master_keys": "_keys",
     "PbxTest": "_pbxs",
     "PbxView": "_pbxs",
+    "RefusedRecently": "_pbxs",
     "add_pbx": "_pbxs",
     "edit_pbx": "_pbxs",
     "open_password": "_pbxs",
@@ -246,6 +248,7 @@ __all__ = [
     "RecordingPage",
     "RecordingUnreadable",
     "RecordingView",
+    "RefusedRecently",
     "RequeueResult",
     "RetentionReport",
     "RotationReport",

@@ -345,7 +345,16 @@ REFUSED_LOGIN_PAUSE = timedelta(minutes=10)
 
 
 class RefusedRecently(PbxRegistryError):
-    """`test_pbx` will not log in: the same password was refused moments ago."""
+    """`test_pbx` will not log in: the same password was refused moments ago. `test` is
+    the result to show for it (not ok, `error_kind` `REFUSED_RECENTLY`; not kept)."""
+
+    def __init__(self, message: str, test: PbxTest) -> None:
+        super().__init__(message)
+        self.test = test
+
+
+# `PbxTest.error_kind` of a test not made: the same login was refused moments ago.
+REFUSED_RECENTLY = "refused-recently"
 
 
 def _password_tag(record: PbxRecord) -> str:
@@ -412,11 +421,30 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
             refused_at = None
         if refused_at is not None and now - refused_at < REFUSED_LOGIN_PAUSE:
             again = refused_at + REFUSED_LOGIN_PAUSE
-            raise RefusedRecently(
-                f"PBX {record.name} refused this password at {refused_at:%H:%M:%S} UTC "
-                f"({last.get('error')}); not trying it again before {again:%H:%M:%S} UTC, "
+            # The error kept ends with the fix, said once here.
+            why = str(last.get("error")).split("; set the right ")[0]
+            what = "Client Secret" if record.config.kind == "p-series" else "password"
+            message = (
+                f"PBX {record.name} refused this {what} at {refused_at:%H:%M:%S} UTC "
+                f"({why}); not trying it again before {again:%H:%M:%S} UTC, "
                 "as five refusals lock this host out: set the right "
                 f"{_login_fix(record)}"
+            )
+            raise RefusedRecently(
+                message,
+                PbxTest(
+                    name=record.name,
+                    ok=False,
+                    tested_at=now.astimezone(UTC),
+                    seconds=0.0,
+                    kind=record.config.kind,
+                    api_version=api_label(record.config),
+                    report_transport=None,
+                    calls_last_day=None,
+                    serial=record.serial,
+                    error=message,
+                    error_kind=REFUSED_RECENTLY,
+                ),
             )
     started = time.monotonic()
     transport: str | None = None
