@@ -212,3 +212,25 @@ def test_a_user_limited_to_a_pbx_sees_only_its_calls(web: LiveWeb) -> None:
         u for u in web.bearer(ADMIN[0])[0].get("/api/users").json() if u["name"] == "louise"
     ]
     assert listed["pbxs"] == ["lyon"]
+
+
+def test_a_user_limited_to_a_pbx_learns_nothing_of_the_others_from_a_pbx_filter(
+    web: LiveWeb,
+) -> None:
+    index = web.archive.index
+    for name in ("lyon", "paris"):
+        register_pbx(index, name, web.clock())
+    index.users.add("louise", "listener", "louise-password-1", "", pbxs="lyon")
+    louise, _ = web.bearer("louise")
+    assert louise.get("/api/recordings", params={"pbx": "lyon"}).status_code == 200
+    # Another PBX that exists and one that does not: the same answer, naming neither.
+    answers = [louise.get("/api/recordings", params={"pbx": name}) for name in ("paris", "nosuch")]
+    assert [a.status_code for a in answers] == [422, 422]
+    details = [a.json()["detail"] for a in answers]
+    assert details == [
+        "pbx: none of yours is named 'paris'",
+        "pbx: none of yours is named 'nosuch'",
+    ]
+    # An admin (every PBX) is told which names there are.
+    admin = web.bearer(ADMIN[0])[0].get("/api/recordings", params={"pbx": "nosuch"})
+    assert admin.status_code == 422 and "lyon" in admin.json()["detail"]

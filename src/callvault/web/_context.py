@@ -187,13 +187,19 @@ class SearchParams:
         if self.state and self.state not in RECORDING_STATES:
             raise HTTPException(422, f"state: use one of {', '.join(RECORDING_STATES)}")
         pbx_id = None
-        if (self.pbx or "").strip():
+        name = (self.pbx or "").strip()
+        if name:
             from callvault.index.pbxs import NoSuchPbx
 
+            if user.pbxs and name not in user.pbxs:
+                # As for a name not registered, and without the names: a user kept to some
+                # PBXs learns nothing of the others, not even whether one exists.
+                raise HTTPException(422, f"pbx: none of yours is named {name[:40]!r}")
             try:
-                pbx_id = pbx_id_of(index, (self.pbx or "").strip())
+                pbx_id = pbx_id_of(index, name)
             except NoSuchPbx as exc:
-                raise HTTPException(422, f"pbx: {exc}") from None
+                detail = str(exc) if not user.pbxs else f"none of yours is named {name[:40]!r}"
+                raise HTTPException(422, f"pbx: {detail}") from None
         return SearchFilters(
             since=parse_when(self.since, end=False, field_name="since"),
             until=parse_when(self.until, end=True, field_name="until"),
