@@ -324,3 +324,55 @@ def test_a_pseries_pbx_as_get_shows_it_registers_another(web: LiveWeb, admin: ht
     assert refused.status_code == 422
     assert "'openapi' is the P-Series API; this PBX (s-series)" in refused.json()["detail"]
     assert web.archive.index.pbxs.get("nice") is None
+
+
+def test_api_errors_name_fields_and_unknown_fields_are_refused(
+    web: LiveWeb, admin: httpx.Client
+) -> None:
+    before = web.archive.index.pbxs.require("paris")
+    cases = [
+        ({"url": "127.0.0.1:1"}, "url: PBX URL '127.0.0.1:1' has no scheme"),
+        ({"timezone": "Mars/Olympus"}, "timezone: unknown time zone"),
+        ({"pin_sha256": "zz"}, "pin_sha256: "),
+        ({"bogus": 1}, "unknown field bogus: the fields are "),
+        ({"name": "other"}, "name: a PBX keeps its name (paris); it cannot be renamed"),
+    ]
+    for body, start in cases:
+        answer = admin.patch("/api/pbxs/paris", json=body)
+        assert answer.status_code == 422, (body, answer.text)
+        detail = answer.json()["detail"]
+        assert detail.startswith(start), (body, detail)
+        assert "--" not in detail, detail
+    both = admin.post(
+        "/api/pbxs",
+        json={
+            "name": "nice",
+            "url": "https://nice.example:8088",
+            "username": "api",
+            "password": PASSWORD,
+            "pin_sha256": "ab" * 32,
+            "insecure": True,
+        },
+    )
+    assert both.status_code == 422
+    assert both.json()["detail"].startswith("choose only one of ca_file, pin_sha256 and insecure")
+    typo = admin.post(
+        "/api/pbxs",
+        json={"name": "nice", "url": "https://nice.example:8088", "username": "api",
+              "password": PASSWORD, "max_download": 3},
+    )  # fmt: skip
+    assert typo.status_code == 422 and "unknown field max_download" in typo.json()["detail"]
+    # Nothing changed or made, and a command quoted in a message keeps its flags.
+    assert web.archive.index.pbxs.require("paris") == before
+    assert web.archive.index.pbxs.get("nice") is None
+
+
+def test_api_words_keep_quoted_commands() -> None:
+    from callvault.web._pbxs import api_words
+
+    assert api_words("--tcp-report-port: give --api-version v2.0.0") == (
+        "tcp_report_port: give api_version v2.0.0"
+    )
+    assert api_words("--secret-env: run `callvault pbx edit x --kind cloud`") == (
+        "password: run `callvault pbx edit x --kind cloud`"
+    )

@@ -298,7 +298,7 @@ def test_the_pbx_page_registers_tests_changes_and_removes_pbxs_of_every_kind(
             username="cid",
             password="Secret-not-to-echo",
         )
-        assert refused.status_code == 422 and "--url:" in refused.text
+        assert refused.status_code == 422 and "url: PBX URL scheme" in refused.text
         assert 'value="nice"' in refused.text and "Secret-not-to-echo" not in refused.text
         webhook_for_s = _page_post(
             browser,

@@ -11,12 +11,14 @@ not, nor the secret path of the PBX's reports.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from callvault.index.pbxs import (
     DEFAULT_MAX_DOWNLOADS,
@@ -42,6 +44,8 @@ PbxName = Annotated[str, Path(min_length=1, max_length=32)]
 
 class PbxIn(BaseModel):
     """A PBX to register: the fields of `callvault pbx add`."""
+
+    model_config = ConfigDict(extra="allow")  # checked by `_refuse_unknown`
 
     name: str = Field(min_length=1, max_length=32, description="Short slug, e.g. paris")
     kind: Literal["s-series", "cloud", "p-series"] = "s-series"
@@ -85,6 +89,8 @@ class PbxPatch(BaseModel):
     true or false, `pin_sha256` and `ca_file` of an insecure PBX), and the fields only GET
     has (`tls`, `serial`, `last_test`, ...) are ignored."""
 
+    model_config = ConfigDict(extra="allow")  # checked by `_refuse_unknown`
+
     kind: Literal["s-series", "cloud", "p-series"] | None = None
     url: str | None = Field(default=None, max_length=255)
     username: str | None = Field(default=None, max_length=64)
@@ -120,8 +126,46 @@ def _keyring(request: Request) -> Keyring:
     return keyring
 
 
+# The registry's messages name `callvault pbx add`'s flags; the API's fields are these.
+_FIELD_OF_FLAG = {
+    "client-id": "username",
+    "password-env": "password",
+    "secret-env": "password",
+    "webhook-secret-env": "webhook_secret",
+}
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
+
+def api_words(message: str) -> str:
+    """`message` with the CLI's flags (``--pin-sha256``) named as the API's fields
+    (``pin_sha256``), except inside a quoted command (`callvault pbx edit ...`)."""
+    parts = message.split("`")
+    for at in range(0, len(parts), 2):  # outside backquotes
+        parts[at] = _FLAG.sub(lambda m: _FIELD_OF_FLAG.get(m[1], m[1].replace("-", "_")), parts[at])
+    return "`".join(parts)
+
+
 def _unprocessable(exc: PbxRegistryError) -> HTTPException:
-    return HTTPException(422, str(exc))
+    return HTTPException(422, api_words(str(exc)))
+
+
+# What a body may hold beside a model's own fields: what GET shows of a PBX (a body copied
+# from it), ignored.
+_SHOWN = frozenset(field.name for field in dataclasses.fields(PbxView))
+
+
+def _refuse_unknown(body: BaseModel, name: str | None = None) -> None:
+    """422 in one line for a field the API does not know (a typo would otherwise change
+    nothing, silently), or for a `name` other than the PBX's own (PATCH)."""
+    extra = body.model_extra or {}
+    unknown = sorted(set(extra) - _SHOWN)
+    if unknown:
+        known = sorted(set(type(body).model_fields))
+        raise HTTPException(
+            422, f"unknown field {', '.join(unknown)[:80]}: the fields are {', '.join(known)}"
+        )
+    if name is not None and "name" in extra and extra["name"] != name:
+        raise HTTPException(422, f"name: a PBX keeps its name ({name}); it cannot be renamed")
 
 
 @router.get("/pbxs")
@@ -148,10 +192,13 @@ def create_pbx(request: Request, principal: Admin, body: PbxIn) -> PbxView:
 def register(request: Request, principal: Principal, body: PbxIn) -> PbxView:
     """Register a PBX (the API's POST and the page's form; the caller checked CSRF)."""
     ctx = context(request)
+    _refuse_unknown(body)
     keyring = _keyring(request)
     if ctx.index.pbxs.get(body.name) is not None:
         raise HTTPException(409, f"a PBX named {body.name!r} is registered already")
-    fields = body.model_dump(exclude={"name", "password", "webhook_secret"})
+    fields = body.model_dump(
+        exclude={"name", "password", "webhook_secret", *(body.model_extra or ())}
+    )
     # A P-Series PBX's version, as GET shows it ("openapi"), is the default it is kept as.
     fields["api_version"] = _api_version_as_shown(
         body.kind, body.api_version, PbxIn.model_fields["api_version"].default
@@ -252,7 +299,8 @@ def change(request: Request, principal: Principal, name: str, body: PbxPatch) ->
     """Change what `body` sets of a PBX (the API's PATCH and the page's form; the caller
     checked CSRF)."""
     ctx = context(request)
-    given = body.model_dump(exclude_unset=True)
+    _refuse_unknown(body, name)
+    given = body.model_dump(exclude_unset=True, exclude=set(body.model_extra or ()))
     before = ctx.index.pbxs.get(name)
     if before is not None:  # else edit_pbx answers 404
         _as_shown(given, before)
