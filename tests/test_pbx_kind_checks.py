@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from callvault.index import Index, open_index
+from callvault.index.audit import AuditFilter
 from callvault.index.pbxs import PbxConfig
 from callvault.keys import Keyring, MasterKey
 from callvault.ops import add_pbx, edit_pbx, pbx_view
@@ -274,8 +275,24 @@ def test_a_field_that_means_nothing_for_the_pbx_is_refused_in_one_line(
 
 def test_openapi_is_taken_of_a_pbx_becoming_p_series(web: LiveWeb, admin: httpx.Client) -> None:
     view = admin.get("/api/pbxs/paris").json()
-    answer = admin.patch(
+    # Without the P-Series credentials: the S-Series user and password cannot be right.
+    refused = admin.patch(
         "/api/pbxs/paris", json={**view, "kind": "p-series", "api_version": "openapi"}
+    )
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "kind p-series: a p-series PBX logs in with its API application's Client ID and "
+        "Secret, not the s-series PBX's: give username and password with it"
+    )
+    answer = admin.patch(
+        "/api/pbxs/paris",
+        json={
+            **view,
+            "kind": "p-series",
+            "api_version": "openapi",
+            "username": "0fK3xRHcNewApp",
+            "password": "client-Secret-2",
+        },
     )
     assert answer.status_code == 200, answer.text
     assert (answer.json()["kind"], answer.json()["api_version"]) == ("p-series", "openapi")
@@ -376,3 +393,59 @@ def test_api_words_keep_quoted_commands() -> None:
     assert api_words("--secret-env: run `callvault pbx edit x --kind cloud`") == (
         "password: run `callvault pbx edit x --kind cloud`"
     )
+
+
+def test_the_cli_keeps_each_kind_to_its_own_settings(tmp_path: Path) -> None:
+    key = tmp_path / "master.key"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")},
+        "CALLVAULT_ARCHIVE": str(tmp_path / "archive"),
+        "CALLVAULT_MASTER_KEY_FILE": str(key),
+        "PBX_PASSWORD": PASSWORD,
+    }
+    (tmp_path / "archive").mkdir()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "callvault", *args], env=env, capture_output=True, text=True
+        )
+
+    assert cli("keys", "create", "--file", str(key)).returncode == 0
+    url = ["--url", "https://pbx.example:8088"]
+    refusals = [
+        (
+            ["pbx", "add", "p1", "--kind", "p-series", *url, "--client-id", "cid",
+             "--secret-env", "PBX_PASSWORD", "--api-version", "v2.0.0"],
+            "--api-version: a P-Series PBX speaks the OpenAPI",
+        ),
+        (
+            ["pbx", "add", "p2", "--kind", "p-series", *url, "--username", "api",
+             "--secret-env", "PBX_PASSWORD"],
+            "--username is for an API user of the S-Series API",
+        ),
+        (
+            ["pbx", "add", "c1", "--kind", "cloud", *url, "--username", "api",
+             "--password-env", "PBX_PASSWORD", "--api-version", "v2.0.0",
+             "--tcp-report-port", "5000"],
+            "--tcp-report-port: only an S-Series PBX reports over TCP; a cloud PBX does not",
+        ),
+    ]  # fmt: skip
+    for args, said in refusals:
+        done = cli(*args)
+        assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1
+    added = cli("pbx", "add", "s1", *url, "--username", "api", "--password-env", "PBX_PASSWORD")
+    assert added.returncode == 0, added.stderr
+    to_pseries = cli("pbx", "edit", "s1", "--kind", "p-series")
+    assert to_pseries.returncode == 2
+    assert "give --client-id and --secret-env with it" in to_pseries.stderr
+    moved = cli(
+        "pbx", "edit", "s1", "--kind", "p-series", "--client-id", "cid",
+        "--secret-env", "PBX_PASSWORD",
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    version = cli("pbx", "edit", "s1", "--api-version", "v2.0.0")
+    assert version.returncode == 2 and "has no S-Series API version" in version.stderr
+    with open_index(f"sqlite:///{tmp_path / 'archive' / 'callvault.db'}") as index:
+        entries = [e.detail for e in index.audit.query(AuditFilter(action="pbx_edit"))]
+    assert any("kind=p-series" in entry and "api=openapi" in entry for entry in entries), entries

@@ -347,7 +347,15 @@ def pbx_add(name: str, **given: Any) -> None:
             if given.get(key) is not None:
                 fail(
                     f"{flag} is for --kind p-series (a P-Series PBX's API application); "
-                    f"a {kind} PBX takes --username and --password-env",
+                    f"this {kind} PBX takes --username and --password-env",
+                    code=USAGE_ERROR,
+                )
+    else:
+        for flag, key in (("--username", "username"), ("--password-env", "password_env")):
+            if given.get(key) is not None:
+                fail(
+                    f"{flag} is for an API user of the S-Series API; a p-series PBX takes "
+                    "its API application's --client-id and --secret-env",
                     code=USAGE_ERROR,
                 )
     changes = _changes(given)

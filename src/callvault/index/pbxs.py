@@ -170,7 +170,12 @@ def check_config(config: PbxConfig) -> PbxConfig:
     if tcp_port is not None:
         if not 0 < tcp_port < 65536:
             raise PbxRegistryError("--tcp-report-port: a TCP port, 1 to 65535")
-        if kind == "p-series" or api_version != ApiVersion.V2_0_0.value:
+        if kind != "s-series":
+            raise PbxRegistryError(
+                f"--tcp-report-port: only an S-Series PBX reports over TCP; a {kind} PBX "
+                "does not: leave --tcp-report-port out"
+            )
+        if api_version != ApiVersion.V2_0_0.value:
             raise PbxRegistryError(
                 "--tcp-report-port: only an S-Series PBX on API v2.0.0 reports over TCP; "
                 "give --api-version v2.0.0, or leave --tcp-report-port out"

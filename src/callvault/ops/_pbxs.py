@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -125,9 +125,43 @@ def _described(config: PbxConfig) -> str:
         else "verified"
     )
     return (
-        f"url={config.url} user={config.username} api={config.api_version} tls={trust} "
-        f"tz={config.timezone or '(default)'} max_downloads={config.max_downloads}"
+        f"kind={config.kind} url={config.url} user={config.username} api={api_label(config)} "
+        f"tls={trust} tz={config.timezone or '(default)'} max_downloads={config.max_downloads}"
     )
+
+
+# What a P-Series PBX's entry keeps as its (meaningless) API version: the field's default.
+_DEFAULT_API_VERSION = next(f.default for f in fields(PbxConfig) if f.name == "api_version")
+
+NO_API_VERSION = (
+    "--api-version: a P-Series PBX speaks the OpenAPI, which has no S-Series API version: "
+    "leave --api-version out"
+)
+
+
+def _check_kind_change(before: PbxConfig, changes: Mapping[str, Any], password: str | None) -> None:
+    """PbxRegistryError (one line) for a change a PBX of its kind after it cannot take:
+    an S-Series API version for a P-Series PBX, or a move between the P-Series and the
+    S-Series API (s-series, cloud) without new credentials: a P-Series PBX logs in with
+    its API application's Client ID and Secret, the others with an API user and password,
+    so the old ones cannot be right."""
+    kind = str(changes.get("kind") or before.kind)
+    if kind == "p-series" and changes.get("api_version") not in (None, before.api_version):
+        raise PbxRegistryError(NO_API_VERSION)
+    if (kind == "p-series") == (before.kind == "p-series"):
+        return
+    if password is None or "username" not in changes:
+        if kind == "p-series":
+            needs, flags = (
+                "its API application's Client ID and Secret",
+                "--client-id and --secret-env",
+            )
+        else:
+            needs, flags = "an API user and password", "--username and --password-env"
+        raise PbxRegistryError(
+            f"--kind {kind}: a {kind} PBX logs in with {needs}, not the {before.kind} PBX's: "
+            f"give {flags} with it"
+        )
 
 
 def check_webhook_secret(secret: str, kind: str) -> str:
@@ -173,6 +207,8 @@ def add_pbx(
 
     if not password:
         raise PbxRegistryError("the PBX's API password is empty")
+    if config.kind == "p-series" and config.api_version != _DEFAULT_API_VERSION:
+        raise PbxRegistryError(NO_API_VERSION)
     if webhook_secret is not None:
         validate_name(name)
         check_webhook_secret(webhook_secret, check_config(config).kind)
@@ -230,6 +266,7 @@ def edit_pbx(
             raise PbxRegistryError("the PBX's API password is empty")
         sealed = keyring.seal(password.encode(), password_context(name))
     before = index.pbxs.require(name)
+    _check_kind_change(before.config, changes, password)
     if webhook_secret is not None:  # checked before anything changes
         check_webhook_secret(webhook_secret, str(changes.get("kind") or before.config.kind))
     record = index.pbxs.update(name, changes, password_sealed=sealed, now=now)
