@@ -278,3 +278,21 @@ def test_the_webhook_url_is_kept_out_of_reprs() -> None:
     url = "https://hooks.example/services/T000/B000/secret-part"
     assert "secret-part" not in repr(Settings(alert_webhook=url))
     assert "secret-part" not in repr(AlertSettings(webhook_url=url))
+
+
+def test_a_pbx_left_out_for_its_key_is_told_as_such(
+    index: Index, tmp_path: Path, hook: Hook
+) -> None:
+    from callvault.archive._session import note_left_out
+
+    register_pbx(index, "paris")
+    clock = Clock()
+    a = alerter(index, tmp_path, hook, clock)
+    problem = "pbx:paris:password: sealed with master key 0123abcd, which is not among ..."
+    note_left_out(index, "paris", problem, "n1")
+    assert a.round() == []  # seen now; told once it has lasted ten minutes
+    clock.now += timedelta(minutes=10, seconds=1)
+    [_fired] = a.round()
+    [alert] = hook.bodies[0]["alerts"]
+    assert alert["summary"] == "PBX paris is not archived: a node cannot open its password"
+    assert "0123abcd" in alert["detail"]

@@ -134,6 +134,19 @@ class Keyring:
         sealed = AESGCM(self.primary.secret).encrypt(nonce, plaintext, context.encode())
         return f"{SEALED_PREFIX}{self.primary.id}.{_b64encode(nonce + sealed)}"
 
+    def _how_to_add(self) -> str:
+        """How to load one more key, where these came from (in words: never the key)."""
+        if self.source == MASTER_KEY_ENV:
+            return (
+                f"add that key to {MASTER_KEY_ENV} after the first one, separated by a comma "
+                "(the first key seals, the others only open)"
+            )
+        return (
+            f"add that key to {self.source} on a line of its own below the first key (copy "
+            "its line from the key file that holds it; the first key seals, the others only "
+            "open)"
+        )
+
     def open(self, sealed: str, context: str) -> bytes:
         """The plaintext `seal` was given; MasterKeyError if the key it names is not loaded,
         or the value was altered, sealed for another context or with another key."""
@@ -148,7 +161,7 @@ class Keyring:
         if key is None:
             raise MasterKeyError(
                 f"{context}: sealed with master key {key_id}, which is not among the keys "
-                f"loaded from {self.source} ({', '.join(self.ids())}); add that key"
+                f"loaded from {self.source} ({', '.join(self.ids())}); {self._how_to_add()}"
             )
         try:
             data = _b64decode(body)

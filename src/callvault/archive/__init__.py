@@ -83,7 +83,7 @@ if TYPE_CHECKING:
         open_storage,
         save_pbx_timezone,
     )
-    from callvault.archive._session import PbxSession
+    from callvault.archive._session import PASSWORD_UNOPENED, PbxSession
     from callvault.archive._tokens import IndexTokenStore
     from callvault.archive._where import StorageMismatch, same_place, storage_url_for
     from callvault.archive._workers import Archived, WorkerPool
@@ -132,6 +132,7 @@ _HOMES = {
     "given_pbx_entry": "_service",
     "open_storage": "_service",
     "save_pbx_timezone": "_service",
+    "PASSWORD_UNOPENED": "_session",
     "PbxSession": "_session",
     "IndexTokenStore": "_tokens",
     "StorageMismatch": "_where",
@@ -147,6 +148,7 @@ __getattr__ = lazy_exports(__name__, _HOMES)
 __all__ = [
     "DEFAULT_PATIENCE_S",
     "NODE_KIND",
+    "PASSWORD_UNOPENED",
     "AlertSettings",
     "Alerter",
     "ArchiveDirError",

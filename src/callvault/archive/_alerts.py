@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from callvault.archive._process import NODE_KIND
+from callvault.archive._session import PASSWORD_UNOPENED
 from callvault.index import Alert, Index
 from callvault.storage import Storage
 
@@ -139,8 +140,11 @@ class Alerter:
             health = record.session or {}
             if health.get("state") == "error":
                 error = str(health.get("error") or "no error given")
+                left_out = health.get("reason") == PASSWORD_UNOPENED
                 found[f"pbx:{record.name}:down"] = (
-                    f"PBX {record.name} cannot be reached or refuses the login",
+                    f"PBX {record.name} is not archived: a node cannot open its password"
+                    if left_out
+                    else f"PBX {record.name} cannot be reached or refuses the login",
                     f"{error}; last contact: {health.get('last_success_at') or 'never'}",
                     s.pbx_down_after_s,
                 )

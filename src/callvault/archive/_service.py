@@ -72,7 +72,7 @@ from callvault.archive._receiver import (
     new_secret_path,
     validate_cdr,
 )
-from callvault.archive._session import PbxSession, refused_login
+from callvault.archive._session import PbxSession, note_left_out, refused_login
 from callvault.archive._tokens import IndexTokenStore
 from callvault.archive._where import StorageMismatch, storage_url_for
 from callvault.archive._workers import Archived, WorkerPool
@@ -234,6 +234,10 @@ class ArchiverConfig:
     # None: the PBXs given at start are archived until it stops.
     registry: Callable[[Index], RegistryView] | None = field(default=None, repr=False)
     registry_poll_s: float = 15.0
+    # Registered PBXs this node cannot archive, with why (a password the master keys
+    # loaded cannot open): said once at start, kept as their health for `status`, and not
+    # said again while the registry gives the same reason.
+    left_out: Mapping[str, str] = field(default_factory=dict)
     pbx_revision: str | None = None  # the first PBX's (see PbxTarget.revision)
     # Signs the audit chain's head (called on a worker thread with the archiver's index
     # and the time) every checkpoint_interval_s; None: no checkpoints from this node
@@ -522,6 +526,9 @@ class Archiver:
         self.pbx = first.pbx
         self.secret_path = first.secret_path
         await asyncio.to_thread(save_pbx_timezone, index, config.timezone)
+        for name, problem in config.left_out.items():
+            log.error("PBX %s cannot be archived: %s", name, problem)
+            await asyncio.to_thread(note_left_out, index, name, problem, node)
 
         events_sock = listen("events", config.events_host, config.events_port, hint=_ANOTHER_SERVE)
         sockets.append(events_sock)
@@ -743,7 +750,8 @@ class Archiver:
         PBX added gets a lane (its reports are taken at once; the next ownership round
         spreads it), one removed is handed over and its lane closed, one changed is
         closed and opened again with its new settings."""
-        told: dict[str, str] = {}  # the problem last logged for a PBX that cannot be used
+        # The problem last logged for a PBX that cannot be used.
+        told: dict[str, str] = dict(self.config.left_out)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.config.registry_poll_s)
@@ -767,6 +775,7 @@ class Archiver:
                 if told.get(name) != entry:
                     log.error("PBX %s cannot be archived: %s", name, entry)
                     told[name] = entry
+                await asyncio.to_thread(note_left_out, index, name, entry, ownership.node)
                 continue
             if name in running:
                 continue

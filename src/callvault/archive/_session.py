@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from callvault.pbx import (
     ErrorKind,
@@ -34,6 +34,9 @@ from callvault.pbx import (
     PbxError,
     TokenError,
 )
+
+if TYPE_CHECKING:
+    from callvault.index import Index
 
 log = logging.getLogger("callvault.archive")
 
@@ -321,6 +324,41 @@ class PbxSession:
                 self._write_health(json.dumps(self.health))
             except Exception as exc:
                 log.warning("could not record the PBX health: %s", exc)
+
+
+# The `reason` of the health of a PBX a node leaves out: the master keys it loaded cannot
+# open the PBX's password (`callvault.ops.archive_status` words it for `status`).
+PASSWORD_UNOPENED = "password-unopened"  # noqa: S105 - a health reason, not a password
+
+
+def note_left_out(index: Index, name: str, problem: str, node: str) -> None:
+    """Keep, as the health of the registered PBX `name`, that node `node` leaves it out and
+    why (`problem`), for `status`, the status page and the alerts; unless a node holds its
+    lease (that node's session says how it goes) or its health says so already. A failure
+    to write is logged, never raised: the other PBXs are archived all the same."""
+    try:
+        record = index.pbxs.get(name)
+        if record is None:
+            return
+        health = record.session or {}
+        if health.get("reason") == PASSWORD_UNOPENED and health.get("error") == problem:
+            return
+        now = datetime.now(UTC)
+        lease = index.leases.get(record.id)
+        if lease is not None and lease.held(now):
+            return
+        said = {
+            "state": "error",
+            "ok": False,
+            "error": problem,
+            "reason": PASSWORD_UNOPENED,
+            "node": node,
+            "last_success_at": health.get("last_success_at"),
+            "updated_at": now.isoformat(),
+        }
+        index.pbxs.report_session(record.id, json.dumps(said))
+    except Exception as exc:
+        log.warning("could not record why PBX %s is left out: %s", name, exc)
 
 
 def _minutes(seconds: float) -> str:

@@ -218,9 +218,14 @@ def _registered(settings: ArchiveSettings, only: str | None) -> tuple[Any, Any]:
     return record, keyring
 
 
-def _registered_all(settings: ArchiveSettings, only: Sequence[str]) -> list[PbxTarget]:
+def _registered_all(
+    settings: ArchiveSettings, only: Sequence[str]
+) -> tuple[list[PbxTarget], dict[str, str]]:
     """The registered PBXs `serve` archives (`only`, else every one with its password
-    sealed), ready to log in; exits with one line when there is none or one cannot be."""
+    sealed), ready to log in, and those left out with why: a PBX whose password the master
+    keys loaded cannot open is left out (the archiver says so once, as for one added
+    later: `ArchiverConfig.left_out`), unless it was named (`only`) or none can be opened;
+    then, as for no PBX at all, serve exits with one line."""
     from callvault.index.pbxs import PbxRegistryError
     from callvault.keys import MasterKeyError
 
@@ -254,12 +259,17 @@ def _registered_all(settings: ArchiveSettings, only: Sequence[str]) -> list[PbxT
     except SettingsError as exc:
         fail(f"the registered PBXs' passwords are sealed: {exc}", code=USAGE_ERROR)
     targets = []
+    left_out: dict[str, str] = {}
     for record in records:
         try:
             targets.append(_target_of(record, keyring, settings))
         except MasterKeyError as exc:
-            fail(str(exc), code=USAGE_ERROR)
-    return targets
+            if only:  # named: archiving it is what was asked
+                fail(str(exc), code=USAGE_ERROR)
+            left_out[record.name] = str(exc)
+    if not targets:  # none can be opened: there is nothing to serve
+        fail(next(iter(left_out.values())), code=USAGE_ERROR)
+    return targets, left_out
 
 
 def _target_of(record: PbxRecord, keyring: Keyring, settings: ArchiveSettings) -> PbxTarget:
@@ -325,9 +335,10 @@ def archiver_config(
     more: tuple[PbxTarget, ...] = ()
     registry: Callable[[Index], RegistryView] | None = None
     revision: str | None = None
+    left_out: dict[str, str] = {}
     if settings.pbx_url is None:
         named = _named(settings, only)
-        first, *rest = _registered_all(settings, named)
+        (first, *rest), left_out = _registered_all(settings, named)
         more = tuple(rest)
         registry, revision = _registry_view(settings, named), first.revision
         pbx, username, password = first.pbx_url, first.username, first.password
@@ -371,6 +382,7 @@ def archiver_config(
         retention=_retention_pass,
         registry=registry,
         registry_poll_s=settings.registry_poll_s,
+        left_out=left_out,
         pbx_revision=revision,
         lease_ttl_s=settings.lease_ttl_s,
         lease_renew_s=settings.lease_renew_s,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from callvault.archive import NODE_KIND
+from callvault.archive import NODE_KIND, PASSWORD_UNOPENED
 from callvault.index import DEFAULT_STALE_AFTER, ProcessInfo, RecordingRow, SettingKey
 from callvault.index.schema import RECORDING_STATES
 from callvault.ops._archive import Archive
@@ -18,6 +18,9 @@ from callvault.times import ago
 SERVE = "serve"
 # Below this share of free disk, the status says the disk is almost full.
 LOW_DISK_SHARE = 0.10
+# How the session's summary starts for a registered PBX that `serve` leaves out because
+# the master keys it was given cannot open its password (`PASSWORD_UNOPENED`).
+_NOT_ARCHIVED = "not archived: "
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,8 +280,12 @@ def _attention(status: ArchiveStatus) -> list[str]:
                     f"No serve reports on PBX {pbx.name}: start one for it "
                     f"(`callvault serve --only {pbx.name}`)."
                 )
+            elif _left_out(pbx.session):
+                notes.append(f"PBX {pbx.name} is {pbx.session.summary}.")
             elif pbx.session.state not in ("ok", "connecting"):
                 notes.append(f"The session with PBX {pbx.name} is {pbx.session.summary}.")
+    elif len(status.pbxs) == 1 and _left_out(status.pbx_session):
+        notes.append(f"PBX {status.pbxs[0].name} is {status.pbx_session.summary}.")
     elif status.pbx_session.state not in ("ok", "connecting"):
         notes.append(f"The PBX session is {status.pbx_session.summary}.")
     workers = status.workers
@@ -298,6 +305,11 @@ def _attention(status: ArchiveStatus) -> list[str]:
     if free is not None and free < LOW_DISK_SHARE and status.storage is not None:
         notes.append(f"The disk is almost full: {human_size(status.storage.free)} free.")
     return notes
+
+
+def _left_out(session: PbxSessionStatus) -> bool:
+    """Whether a serve leaves the PBX out: it cannot open its password (see `_session`)."""
+    return session.state == "error" and session.summary.startswith(_NOT_ARCHIVED)
 
 
 def _process(info: ProcessInfo, *, now: datetime, stale_after: timedelta) -> ProcessStatus:
@@ -377,6 +389,13 @@ def _session(
     if serve_running is False and state != "stopped":
         summary = f"serve is not running (its last report, {ago(reported, now)}: {state})"
         return PbxSessionStatus("stopped", error, contact, reported, summary)
+    if state == "error" and health.get("reason") == PASSWORD_UNOPENED:
+        # A serve node's master keys do not open its password: it leaves it out and says
+        # why (`callvault.archive`); the error says which key, and how to add it.
+        node = health.get("node")
+        who = f"node {node}" if isinstance(node, str) and node else "serve"
+        summary = f"{_NOT_ARCHIVED}{who} cannot open its password: {error}"
+        return PbxSessionStatus(state, error, contact, reported, summary)
     said = error
     if state == "error" and health.get("reason") == "login-refused":
         # A refused login (serve's session, `callvault.archive._session`): when serve tries
