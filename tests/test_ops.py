@@ -119,6 +119,25 @@ def test_status_names_the_pbx_whose_session_is_worst(archive: Archive) -> None:
     ]
 
 
+def test_status_says_a_pbx_whose_serve_stopped_is_not_archived(archive: Archive) -> None:
+    index = archive.index
+    serve = index.processes.register(
+        node="n2", kind="serve", hostname="h", pid=12, workers=2, now=NOW
+    )
+    index.processes.heartbeat(serve.id, now=NOW, workers_alive=2)
+    for name in ("lyon", "paris"):
+        register_pbx(index, name)
+    stopped = {"state": "stopped", "error": None, "updated_at": NOW.isoformat()}
+    index.pbxs.report_session(index.pbxs.require("paris").id, json.dumps(stopped))
+    ok = {"state": "ok", "error": None, "last_success_at": NOW.isoformat()}
+    index.pbxs.report_session(index.pbxs.require("lyon").id, json.dumps(ok))
+    status = archive_status(archive, now=NOW + timedelta(seconds=5))
+    assert status.attention == [
+        "PBX paris is not archived: the serve that archived it stopped just now; "
+        "no contact yet."
+    ]
+
+
 def test_status_json_is_one_shape_with_utc_times(archive: Archive) -> None:
     queue(archive.index, 1)
     archive.index.settings.set(SettingKey.LAST_EVENT_AT, NOW.isoformat(), NOW)

@@ -18,8 +18,9 @@ from callvault.times import ago
 SERVE = "serve"
 # Below this share of free disk, the status says the disk is almost full.
 LOW_DISK_SHARE = 0.10
-# How the session's summary starts for a registered PBX that `serve` leaves out because
-# the master keys it was given cannot open its password (`PASSWORD_UNOPENED`).
+# How the session's summary starts for a registered PBX no serve archives, with why: one
+# leaves it out (its master keys cannot open its password, `PASSWORD_UNOPENED`), or the
+# one that archived it stopped.
 _NOT_ARCHIVED = "not archived: "
 
 
@@ -280,11 +281,11 @@ def _attention(status: ArchiveStatus) -> list[str]:
                     f"No serve reports on PBX {pbx.name}: start one for it "
                     f"(`callvault serve --only {pbx.name}`)."
                 )
-            elif _left_out(pbx.session):
+            elif _not_archived(pbx.session):
                 notes.append(f"PBX {pbx.name} is {pbx.session.summary}.")
             elif pbx.session.state not in ("ok", "connecting"):
                 notes.append(f"The session with PBX {pbx.name} is {pbx.session.summary}.")
-    elif len(status.pbxs) == 1 and _left_out(status.pbx_session):
+    elif len(status.pbxs) == 1 and _not_archived(status.pbx_session):
         notes.append(f"PBX {status.pbxs[0].name} is {status.pbx_session.summary}.")
     elif status.pbx_session.state not in ("ok", "connecting"):
         notes.append(f"The PBX session is {status.pbx_session.summary}.")
@@ -307,9 +308,10 @@ def _attention(status: ArchiveStatus) -> list[str]:
     return notes
 
 
-def _left_out(session: PbxSessionStatus) -> bool:
-    """Whether a serve leaves the PBX out: it cannot open its password (see `_session`)."""
-    return session.state == "error" and session.summary.startswith(_NOT_ARCHIVED)
+def _not_archived(session: PbxSessionStatus) -> bool:
+    """Whether no serve archives the PBX, with a reason: one leaves it out (it cannot open
+    its password), or the one that archived it stopped (see `_session`)."""
+    return session.summary.startswith(_NOT_ARCHIVED)
 
 
 def _process(info: ProcessInfo, *, now: datetime, stale_after: timedelta) -> ProcessStatus:
@@ -411,7 +413,9 @@ def _session(
         "connecting": "logging in",
         "degraded": f"logged in, but the last request failed: {error}; {last}",
         "error": f"not working: {said}; {last}",
-        "stopped": f"serve stopped {ago(reported, now)}; {last}",
+        # While another serve runs: the one that archived this PBX stopped.
+        "stopped": f"{_NOT_ARCHIVED}the serve that archived it stopped {ago(reported, now)}; "
+        f"{last}",
     }
     return PbxSessionStatus(state, error, contact, reported, words.get(state, f"{state}; {last}"))
 
