@@ -133,8 +133,7 @@ def test_status_says_a_pbx_whose_serve_stopped_is_not_archived(archive: Archive)
     index.pbxs.report_session(index.pbxs.require("lyon").id, json.dumps(ok))
     status = archive_status(archive, now=NOW + timedelta(seconds=5))
     assert status.attention == [
-        "PBX paris is not archived: the serve that archived it stopped just now; "
-        "no contact yet."
+        "PBX paris is not archived: the serve that archived it stopped just now; no contact yet."
     ]
 
 
