@@ -449,3 +449,15 @@ def test_the_cli_keeps_each_kind_to_its_own_settings(tmp_path: Path) -> None:
     with open_index(f"sqlite:///{tmp_path / 'archive' / 'callvault.db'}") as index:
         entries = [e.detail for e in index.audit.query(AuditFilter(action="pbx_edit"))]
     assert any("kind=p-series" in entry and "api=openapi" in entry for entry in entries), entries
+
+
+def test_a_web_app_without_the_master_key_says_a_test_needs_it_to_open(tmp_path: Path) -> None:
+    with live_web(tmp_path / "archive") as web, simulator("s-series") as sim:
+        register(web.archive.index, "hq", sim, "s-series")
+        admin, _ = web.bearer(ADMIN[0])
+        answer = admin.post("/api/pbxs/hq/test")
+        assert answer.status_code == 409
+        detail = answer.json()["detail"]
+        assert detail.startswith("this web app has no master key to open the PBX's password with")
+        assert "CALLVAULT_MASTER_KEY_FILE" in detail
+        assert outcomes(sim, "login") == []

@@ -115,13 +115,16 @@ class PbxPatch(BaseModel):
 _TRUST = ("pin_sha256", "ca_file", "insecure")
 
 
-def _keyring(request: Request) -> Keyring:
+def _keyring(request: Request, need: str = "seal PBX passwords with") -> Keyring:
+    """The web app's master keys; 409 in one line saying what they are needed for
+    (`need`) and how to give them, when it was started without."""
     keyring = context(request).keyring
     if keyring is None:
         raise HTTPException(
             409,
-            "this web app has no master key to seal PBX passwords with: start it with "
-            "--master-key-file (or CALLVAULT_MASTER_KEY), or use `callvault pbx`",
+            f"this web app has no master key to {need}: start it with --master-key-file "
+            "(or CALLVAULT_MASTER_KEY_FILE, or the key itself in CALLVAULT_MASTER_KEY), or "
+            "use `callvault pbx`",
         )
     return keyring
 
@@ -376,7 +379,7 @@ def run_test(request: Request, name: str) -> PbxTest:
     """Log in to the registered PBX `name` once (the API and the page; the caller checked
     CSRF); not on the event loop's thread: it runs its own loop."""
     ctx = context(request)
-    keyring = _keyring(request)
+    keyring = _keyring(request, "open the PBX's password with")
     try:
         record = ctx.index.pbxs.require(name)
         return asyncio.run(test_pbx(ctx.index, record, keyring, now=ctx.clock()))
