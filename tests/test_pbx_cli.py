@@ -394,9 +394,10 @@ def test_help_at_80_columns_has_no_types_after_flags_and_no_early_line_breaks(
     start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
     end = next(i for i, line in enumerate(lines) if line in ("Arguments:", "Options:"))
     text = [line.strip() for line in lines[start:end]]
+    # Click writes the description 2 columns in, within 80 - 2 columns: 76 for the text.
     for line, following in itertools.pairwise(text):
         if line and following:
-            assert len(line) + 1 + len(following.split()[0]) > 80 - 2, (line, following)
+            assert len(line) + 1 + len(following.split()[0]) > 80 - 2 - 2, (line, following)
 
 
 def help_words(command: str) -> str:

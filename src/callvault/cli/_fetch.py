@@ -219,10 +219,10 @@ def fetch(
 ) -> None:
     """Download recordings from the PBX and save each as OUT/NAME, verified.
 
-    The PBX is the one --pbx URL (with --username, --password-env...) gives, or a registered
-    one: --pbx NAME. Prints one line per recording saved (with --json, one JSON object per
-    line); failures go to stderr, one line each. Exit status 0 only if every recording was
-    saved.
+    The PBX is a registered one (--pbx NAME), or the one --pbx URL gives with --username,
+    --password-env and the others. Prints one line per recording saved (with --json, one
+    JSON object per line); each failure goes to stderr as one line. Exit status 0 only if
+    every recording was saved.
     """
     settings = settings_or_fail(
         config, **pbx_flags, archive=archive, db=db, master_key_file=master_key_file
