@@ -221,6 +221,7 @@ def test_a_registered_pbx_is_tested_and_its_password_never_shows(
     assert view["last_test"]["ok"] is True and view["last_test"]["calls_last_day"] == calls
     shown = cli("pbx", "show", "paris", env=registry)
     assert "last test        ok at" in shown.stdout
+    assert "given by flags   no\n" in shown.stdout  # in words, not a Python bool
     everything = listed.stdout + shown.stdout + tested.stdout + tested.stderr
     database = (tmp_path / "archive" / "callvault.db").read_bytes()
     for output in (everything, database.decode("latin-1")):
@@ -587,6 +588,10 @@ def test_demo_runs_a_fleet_in_the_registry(tmp_path: Path) -> None:
         "sim-2",
     ]
     assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+    # The banner names the key and how to use it with the registry's commands.
+    assert f"master key      {tmp_path / 'master.key'}" in demo.stdout
+    hint = f"pbx test sim-1 --archive {tmp_path / 'archive'} --master-key-file"
+    assert hint in demo.stdout
 
 
 def test_requeue_and_verify_take_one_pbx(registry: dict[str, str]) -> None:

@@ -176,7 +176,7 @@ async def reconcile(
     requeued = await asyncio.to_thread(index.jobs.requeue, ["failed"], now=now, pbx_id=pbx_id)
     what = f"reconcile of {label}" if label else "reconcile"
     if requeued:
-        log.info("%s: %d failed recordings queued again", what, requeued)
+        log.info("%s: %s queued again", what, _recordings(requeued, "failed "))
     stats = BackfillStats(queued=requeued)
     if not cdr_export:
         if requeued and on_queued is not None:
@@ -194,9 +194,11 @@ async def reconcile(
     if stats.queued and on_queued is not None:
         on_queued()
     if stats.queued - requeued:
-        log.info("%s: %d recordings whose events were missed queued", what, stats.queued - requeued)
+        missed = stats.queued - requeued
+        log.info("%s: %s whose events were missed queued", what, _recordings(missed))
     if stats.skipped:
-        log.warning("%s: %d CDR rows the index refused were skipped", what, stats.skipped)
+        rows = "1 CDR row" if stats.skipped == 1 else f"{stats.skipped} CDR rows"
+        log.warning("%s: %s the index refused skipped", what, rows)
     return stats
 
 
@@ -234,3 +236,8 @@ def _save_progress(
         }
     )
     index.settings.set(SettingKey.BACKFILL_PROGRESS, value, now)
+
+
+def _recordings(count: int, what: str = "") -> str:
+    """ "1 recording", "3 failed recordings": a count in words for the log."""
+    return f"{count} {what}recording" + ("" if count == 1 else "s")

@@ -798,7 +798,7 @@ class Archiver:
         """Stop archiving a PBX: hand it over if this node works on it (its downloads
         finish, its lease is released), then stop taking its reports."""
         if ownership.knows(lane):  # else its lease round found it removed, and said so
-            log.info("%s: %s; its lane here closes", lane.describe(), reason)
+            log.info("%s: %s; this node stops archiving it", lane.describe(), reason)
         await ownership.remove_lane(lane, reason)
         self.lanes.remove(lane)
         await lane.close()

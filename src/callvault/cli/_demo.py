@@ -168,7 +168,9 @@ def demo(
 
             def ready() -> None:
                 urls = ", ".join(sim.url for sim in simulators)
-                _print_banner(archive, urls, serving_port, password, pbxs=pbxs)
+                _print_banner(
+                    archive, urls, serving_port, password, pbxs=pbxs, key=directory / "master.key"
+                )
                 for sim in simulators:
                     for _ in range(3 if pbxs == 1 else 1):
                         sim.place_random_call(answered=True)
@@ -235,7 +237,13 @@ def _fleet_config(config: Any, simulators: list[Any], directory: Path) -> Any:
 
 
 def _print_banner(
-    archive: Path, pbx_url: str, web_port: int | None, password: str, *, pbxs: int = 1
+    archive: Path,
+    pbx_url: str,
+    web_port: int | None,
+    password: str,
+    *,
+    pbxs: int = 1,
+    key: Path | None = None,
 ) -> None:
     if pbxs == 1:
         print("callvault demo: a simulated PBX, the archiver and the web app are running.")
@@ -244,6 +252,8 @@ def _print_banner(
         print(f"callvault demo: {pbxs} simulated PBXs, the archiver and the web app are running.")
         print(f"  simulated PBXs  sim-1 ... sim-{pbxs}: {pbx_url} (certificates pinned)")
     print(f"  archive         {archive}")
+    if pbxs > 1 and key is not None:
+        print(f"  master key      {key} (seals the PBXs' passwords in the registry)")
     print(f"  web app         http://127.0.0.1:{web_port}/")
     print(f"  log in as       {DEMO_USER} / {password}   (shown once; a new one every run)")
     command = command_name()
@@ -251,6 +261,8 @@ def _print_banner(
     print(f"  {command} list --archive {archive}")
     print(f"  {command} status --archive {archive}")
     print(f"  {command} verify --archive {archive}")
+    if pbxs > 1 and key is not None:
+        print(f"  {command} pbx test sim-1 --archive {archive} --master-key-file {key}")
     print("Calls arrive every few seconds; each recording is reported as it is archived.")
     print("Press Ctrl-C to stop.\n", flush=True)
 

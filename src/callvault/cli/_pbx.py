@@ -531,6 +531,8 @@ def pbx_show(
             if view.kind != "p-series":
                 continue
             shown = "set" if value else "none (its webhooks are refused)"
+        if key == "given_by_flags":
+            shown = "yes (serve's --pbx; its password is not kept)" if value else "no"
         label = (_PSERIES_WORDS.get(key, key) if pseries else key).replace("_", " ")
         print(f"{label:<16} {'-' if shown in (None, '') else shown}")
         if key == "webhook_secret":
