@@ -255,6 +255,46 @@ def test_a_refused_password_is_tried_once_and_not_again_for_ten_minutes(
     assert outcomes(sim, "login") == ["20003", "Success"]
 
 
+def test_a_password_serve_saw_refused_is_not_tested_again_for_ten_minutes(
+    sim: Simulator, registry: dict[str, str], tmp_path: Path
+) -> None:
+    from support.archive import ServeProcess, free_port
+
+    add_sim(sim, registry, password=WRONG)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")},
+        **registry,
+        "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    serve = ServeProcess(env, tmp_path)
+    try:
+        serve.start()
+        assert wait_until(lambda: outcomes(sim, "login") == ["20003"], 30), serve.log_text()
+        db = f"sqlite:///{registry['CALLVAULT_ARCHIVE']}/callvault.db"
+
+        def refusal_kept() -> bool:
+            with open_index(db) as index:
+                health = index.pbxs.require("paris").session or {}
+            return health.get("reason") == "login-refused"
+
+        assert wait_until(refusal_kept, 30), serve.log_text()
+    finally:
+        serve.stop()
+    tested = cli("pbx", "test", "paris", env=registry)
+    assert tested.returncode == 1
+    assert "not trying it again before" in tested.stderr and "serve's login" in tested.stderr
+    assert len(tested.stderr.strip().splitlines()) == 1
+    assert outcomes(sim, "login") == ["20003"]  # the test sent nothing
+    # A new password is the admin's answer: tested at once.
+    fixed = cli(
+        "pbx", "edit", "paris", "--password-env", "PBX_PASSWORD",
+        env={**registry, "PBX_PASSWORD": SIM_PASSWORD},
+    )  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    assert cli("pbx", "test", "paris", env=registry).returncode == 0
+    assert outcomes(sim, "login") == ["20003", "Success"]
+
+
 def test_edits_and_removal_are_audited_without_secrets(
     sim: Simulator, registry: dict[str, str]
 ) -> None:

@@ -28,6 +28,7 @@ from callvault.keys import Keyring
 from callvault.ops._json import JsonResult
 from callvault.pbx import (
     ApiVersion,
+    ErrorKind,
     LoginFailed,
     LoginLockedOut,
     PbxClient,
@@ -440,6 +441,58 @@ def _kind_fix(record: PbxRecord, answers_like: str) -> str:
     )
 
 
+def _moment(value: object) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def _refuse_if_refused_recently(record: PbxRecord, now: datetime) -> None:
+    """RefusedRecently if this login (URL, user and password as registered now) was
+    refused less than `REFUSED_LOGIN_PAUSE` ago: by the last `pbx test`, or by `serve`
+    (its session's health, when the refusal came after the PBX's entry last changed)."""
+    last = record.detail
+    refused_at: datetime | None = None
+    who, why = "", ""
+    if last.get("password_refused") and last.get("password_tag") == _password_tag(record):
+        refused_at = _moment(last.get("tested_at"))
+        # The error kept ends with the fix, said once below.
+        who, why = "", str(last.get("error")).split("; set the right ")[0]
+    health = record.session or {}
+    if refused_at is None and health.get("reason") == ErrorKind.LOGIN_REFUSED.value:
+        served = _moment(health.get("updated_at"))
+        if served is not None and served > record.updated_at:
+            refused_at, who = served, "serve's login: "
+            why = str(health.get("error") or "refused")
+    if refused_at is None or now - refused_at >= REFUSED_LOGIN_PAUSE:
+        return
+    again = refused_at + REFUSED_LOGIN_PAUSE
+    what = "Client Secret" if record.config.kind == "p-series" else "password"
+    message = (
+        f"PBX {record.name} refused this {what} at {refused_at:%H:%M:%S} UTC "
+        f"({who}{why}); not trying it again before {again:%H:%M:%S} UTC, "
+        f"as five refusals lock this host out: set the right {_login_fix(record)}"
+    )
+    raise RefusedRecently(
+        message,
+        PbxTest(
+            name=record.name,
+            ok=False,
+            tested_at=now.astimezone(UTC),
+            seconds=0.0,
+            kind=record.config.kind,
+            api_version=api_label(record.config),
+            report_transport=None,
+            calls_last_day=None,
+            serial=record.serial,
+            error=message,
+            error_kind=REFUSED_RECENTLY,
+        ),
+    )
+
+
 async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: datetime) -> PbxTest:
     """Log in to the PBX once (no retry: a wrong password must not count towards the
     PBX's lockout twice), read a day of its call history, log out; keep and return what
@@ -449,40 +502,9 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
     the error says so, with the `pbx edit` that registers it right.
 
     RefusedRecently if the PBX refused this same login (URL, user and password) less than
-    ten minutes ago: testing again and again would lock this host out of the PBX."""
-    last = record.detail
-    if last.get("password_refused") and last.get("password_tag") == _password_tag(record):
-        try:
-            refused_at: datetime | None = datetime.fromisoformat(str(last.get("tested_at")))
-        except ValueError:
-            refused_at = None
-        if refused_at is not None and now - refused_at < REFUSED_LOGIN_PAUSE:
-            again = refused_at + REFUSED_LOGIN_PAUSE
-            # The error kept ends with the fix, said once here.
-            why = str(last.get("error")).split("; set the right ")[0]
-            what = "Client Secret" if record.config.kind == "p-series" else "password"
-            message = (
-                f"PBX {record.name} refused this {what} at {refused_at:%H:%M:%S} UTC "
-                f"({why}); not trying it again before {again:%H:%M:%S} UTC, "
-                "as five refusals lock this host out: set the right "
-                f"{_login_fix(record)}"
-            )
-            raise RefusedRecently(
-                message,
-                PbxTest(
-                    name=record.name,
-                    ok=False,
-                    tested_at=now.astimezone(UTC),
-                    seconds=0.0,
-                    kind=record.config.kind,
-                    api_version=api_label(record.config),
-                    report_transport=None,
-                    calls_last_day=None,
-                    serial=record.serial,
-                    error=message,
-                    error_kind=REFUSED_RECENTLY,
-                ),
-            )
+    ten minutes ago, to a test or to `serve`: testing again and again would lock this host
+    out of the PBX."""
+    _refuse_if_refused_recently(record, now)
     started = time.monotonic()
     transport: str | None = None
     answers_like: str | None = None
