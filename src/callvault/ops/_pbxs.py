@@ -475,21 +475,32 @@ def _refuse_if_refused_recently(record: PbxRecord, now: datetime) -> None:
         f"({who}{why}); not trying it again before {again:%H:%M:%S} UTC, "
         f"as five refusals lock this host out: set the right {_login_fix(record)}"
     )
-    raise RefusedRecently(
-        message,
-        PbxTest(
-            name=record.name,
-            ok=False,
-            tested_at=now.astimezone(UTC),
-            seconds=0.0,
-            kind=record.config.kind,
-            api_version=api_label(record.config),
-            report_transport=None,
-            calls_last_day=None,
-            serial=record.serial,
-            error=message,
-            error_kind=REFUSED_RECENTLY,
-        ),
+    raise RefusedRecently(message, _result(record, now, error=message, error_kind=REFUSED_RECENTLY))
+
+
+def _result(
+    record: PbxRecord,
+    now: datetime,
+    *,
+    seconds: float = 0.0,
+    transport: str | None = None,
+    calls: int | None = None,
+    error: str | None,
+    error_kind: str | None,
+) -> PbxTest:
+    """What a test of `record` at `now` found (ok when there is no `error`)."""
+    return PbxTest(
+        name=record.name,
+        ok=error is None,
+        tested_at=now.astimezone(UTC),
+        seconds=seconds,
+        kind=record.config.kind,
+        api_version=api_label(record.config),
+        report_transport=transport,
+        calls_last_day=calls,
+        serial=record.serial,
+        error=error,
+        error_kind=error_kind,
     )
 
 
@@ -531,16 +542,12 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
             error += f"; set the right {_login_fix(record)}"
     if error is None and answers_like is not None and answers_like != record.config.kind:
         error, kind = _kind_fix(record, answers_like), WRONG_KIND
-    result = PbxTest(
-        name=record.name,
-        ok=error is None,
-        tested_at=now.astimezone(UTC),
+    result = _result(
+        record,
+        now,
         seconds=round(time.monotonic() - started, 3),
-        kind=record.config.kind,
-        api_version=api_label(record.config),
-        report_transport=transport,
-        calls_last_day=calls,
-        serial=record.serial,
+        transport=transport,
+        calls=calls,
         error=error,
         error_kind=kind,
     )
