@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from callvault.ops._json import JsonResult, json_ready
     from callvault.ops._keys import RotationReport, pending_rotation, rotate_master_keys
     from callvault.ops._pbxs import (
+        OPENAPI,
         PbxTest,
         PbxView,
         RefusedRecently,
@@ -162,6 +163,7 @@ _HOMES = {
     "RotationReport": "_keys",
     "pending_rotation": "_keys",
     "rotate_master_keys": "_keys",
+    "OPENAPI": "_pbxs",
     "PbxTest": "_pbxs",
     "PbxView": "_pbxs",
     "RefusedRecently": "_pbxs",
@@ -221,6 +223,7 @@ __getattr__ = lazy_exports(__name__, _HOMES)
 
 __all__ = [
     "MAX_OFFSET",
+    "OPENAPI",
     "REQUEUE_STATES",
     "Archive",
     "ArchiveError",

@@ -72,10 +72,14 @@ class PbxView(JsonResult):
 _TEST_BOOKKEEPING = ("password_tag", "password_refused")
 
 
+# What a P-Series PBX's API version is shown as (`api_label`): it speaks the OpenAPI.
+OPENAPI = "openapi"
+
+
 def api_label(config: PbxConfig) -> str:
     """The API a PBX speaks, as shown: its S-Series API version, or "openapi" (P-Series:
     the version field of the registry means nothing there)."""
-    return "openapi" if config.kind == "p-series" else config.api_version
+    return OPENAPI if config.kind == "p-series" else config.api_version
 
 
 def pbx_view(record: PbxRecord) -> PbxView:

@@ -30,7 +30,16 @@ from callvault.index.pbxs import (
     PbxRegistryError,
 )
 from callvault.keys import Keyring, MasterKeyError
-from callvault.ops import PbxTest, PbxView, add_pbx, edit_pbx, pbx_view, remove_pbx, test_pbx
+from callvault.ops import (
+    OPENAPI,
+    PbxTest,
+    PbxView,
+    add_pbx,
+    edit_pbx,
+    pbx_view,
+    remove_pbx,
+    test_pbx,
+)
 from callvault.web import _pages
 from callvault.web._api import Admin
 from callvault.web._context import Principal, check_csrf, context, remote_addr
@@ -246,10 +255,6 @@ def _as_shown(given: dict[str, Any], current: PbxRecord) -> None:
     ):
         for field in trust:
             del given[field]
-
-
-# What GET shows as a P-Series PBX's api_version (`ops.api_label`): it has no other.
-OPENAPI = "openapi"
 
 
 def _check_api_version(changes: dict[str, Any], current: PbxConfig) -> None:
