@@ -147,6 +147,18 @@ def to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def iso_moment(value: object) -> datetime | None:
+    """An aware moment kept as ISO 8601 text (a JSON field of the index), or None when it
+    is missing, not such text, or has no offset."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
 def as_utc(value: datetime | None) -> datetime | None:
     """A datetime read from a database as aware UTC (SQLite gives them back naive)."""
     if value is None:

@@ -36,6 +36,7 @@ from callvault.pbx import (
     PSeriesClient,
     TlsOptions,
 )
+from callvault.times import iso_moment
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,14 +446,6 @@ def _kind_fix(record: PbxRecord, answers_like: str) -> str:
     )
 
 
-def _moment(value: object) -> datetime | None:
-    try:
-        moment = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
-
-
 def _refuse_if_refused_recently(record: PbxRecord, now: datetime) -> None:
     """RefusedRecently if this login (URL, user and password as registered now) was
     refused less than `REFUSED_LOGIN_PAUSE` ago: by the last `pbx test`, or by `serve`
@@ -461,12 +454,12 @@ def _refuse_if_refused_recently(record: PbxRecord, now: datetime) -> None:
     refused_at: datetime | None = None
     who, why = "", ""
     if last.get("password_refused") and last.get("password_tag") == _password_tag(record):
-        refused_at = _moment(last.get("tested_at"))
+        refused_at = iso_moment(last.get("tested_at"))
         # The error kept ends with the fix, said once below.
         who, why = "", str(last.get("error")).split("; set the right ")[0]
     health = record.session or {}
     if refused_at is None and health.get("reason") == ErrorKind.LOGIN_REFUSED.value:
-        served = _moment(health.get("updated_at"))
+        served = iso_moment(health.get("updated_at"))
         if served is not None and served > record.updated_at:
             refused_at, who = served, "serve's login: "
             why = str(health.get("error") or "refused")

@@ -12,7 +12,7 @@ from callvault.index.schema import RECORDING_STATES
 from callvault.ops._archive import Archive
 from callvault.ops._json import JsonResult
 from callvault.storage import StorageUsage
-from callvault.times import ago
+from callvault.times import ago, iso_moment
 
 # The process kind of `callvault serve` in the process registry.
 SERVE = "serve"
@@ -237,7 +237,7 @@ def archive_status(
             Failure.of(row) for row in index.recordings.recent_failures(failures, pbx_id=pbx_id)
         ],
         retrying=[Failure.of(row) for row in index.recordings.retrying(failures, pbx_id=pbx_id)],
-        last_event_at=_moment(index.settings.get(SettingKey.LAST_EVENT_AT)),
+        last_event_at=iso_moment(index.settings.get(SettingKey.LAST_EVENT_AT)),
         pbx_session=_overall(
             pbxs,
             _session(archive.saved_json(SettingKey.PBX_HEALTH), now=now, serve_running=running),
@@ -331,16 +331,6 @@ def _process(info: ProcessInfo, *, now: datetime, stale_after: timedelta) -> Pro
     )
 
 
-def _moment(text: Any) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return value if value.tzinfo is not None else None
-
-
 # From the worst to the best: the PBX whose session stands first is the one to look at.
 _SESSION_ORDER = ("error", "degraded", "stopped", "unknown", "connecting", "ok")
 
@@ -385,8 +375,8 @@ def _session(
         )
     state = str(health.get("state") or "unknown")
     error = health.get("error") if isinstance(health.get("error"), str) else None
-    contact = _moment(health.get("last_success_at"))
-    reported = _moment(health.get("updated_at"))
+    contact = iso_moment(health.get("last_success_at"))
+    reported = iso_moment(health.get("updated_at"))
     last = f"last contact {ago(contact, now)}" if contact else "no contact yet"
     if serve_running is False and state != "stopped":
         summary = f"serve is not running (its last report, {ago(reported, now)}: {state})"
@@ -402,7 +392,7 @@ def _session(
     if state == "error" and health.get("reason") == "login-refused":
         # A refused login (serve's session, `callvault.archive._session`): when serve tries
         # again, and what to do about it.
-        retry_at = _moment(health.get("retry_at"))
+        retry_at = iso_moment(health.get("retry_at"))
         fix = health.get("fix") if isinstance(health.get("fix"), str) else None
         if retry_at is not None:
             said = f"{said}; next login attempt {_due(retry_at, now)}"
