@@ -518,6 +518,60 @@ async def test_large_body_in_many_reads_with_progress(
     assert {ident for _, _, ident in seen} == {threading.get_ident()}  # on the event loop
 
 
+async def test_a_large_recording_is_made_durable_while_it_downloads(
+    tmp_path: Path, connect: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every WRITEBACK_STEP bytes the file is synced in a thread of its own, and the final
+    fsync comes after those syncs, so it has only the tail left (on a disk with a write
+    cache it would otherwise wait for the whole recording)."""
+    monkeypatch.setattr(_download, "WRITEBACK_STEP", 256 * 1024)
+    events: list[tuple[str, str]] = []  # (which sync, the thread that ran it)
+    real_datasync, real_fsync = _download._DATASYNC, os.fsync
+
+    def datasync(fd: int) -> None:
+        real_datasync(fd)
+        events.append(("datasync", threading.current_thread().name))
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", threading.current_thread().name))
+
+    monkeypatch.setattr(_download, "_DATASYNC", datasync)
+    monkeypatch.setattr(_download.os, "fsync", fsync)
+    data = make_wav(1_800_000)
+    pbx = FakePbx(recordings={"big.wav": data})
+    async with connect(pbx) as client:
+        result = await client.download_recording("big.wav", tmp_path)
+    assert result.path.read_bytes() == data
+    syncs = [sync for sync, _ in events]
+    assert syncs[0] == "datasync", "nothing was synced before the final fsync"
+    assert {thread for sync, thread in events if sync == "datasync"} == {"callvault-flush"}
+    # The file's fsync comes after every background sync (then the directory's).
+    assert syncs[syncs.index("fsync") :] == ["fsync", "fsync"]
+
+
+async def test_a_failed_background_sync_fails_the_download_and_leaves_nothing(
+    tmp_path: Path, connect: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel reports a write error to one sync only: the error the background sync
+    saw must fail the download, not be lost because the final fsync then succeeds."""
+    monkeypatch.setattr(_download, "WRITEBACK_STEP", 256 * 1024)
+
+    def datasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_download, "_DATASYNC", datasync)
+    pbx = FakePbx(recordings={"big.wav": make_wav(1_800_000)})
+    async with connect(pbx) as client:
+        await client.login()
+        open_before = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError, match="Input/output error"):
+            await client.download_recording("big.wav", tmp_path)
+        assert sorted(os.listdir("/proc/self/fd")) == open_before  # the flusher's copy too
+    assert files_in(tmp_path) == []
+    assert pbx.count("recording/get_random") == 1  # a disk error is not retried
+
+
 # ------------------------------------------------------------- cancellation
 
 
