@@ -13,6 +13,9 @@ Both clients (`PbxClient` and `PSeriesClient`) check a download in one place
 - `HttpxBody`, for an injected ``httpx`` transport (``httpx.MockTransport`` in callers'
   tests): the same checks over httpx's async stream.
 
+Either way, a file larger than 16 MiB is also synced to disk as it grows, by a thread of its
+own (`Flusher`), so that the fsync at the end has only the tail left to wait for.
+
 Cancelling the awaiting task shuts the socket down (the worker's read returns at once),
 waits for the worker to stop touching the temporary file, and lets the caller remove it.
 """
