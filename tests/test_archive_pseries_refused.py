@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -279,3 +279,31 @@ def test_the_first_success_after_a_login_without_contact_is_written_at_once() ->
     assert len(written) == 2 and written[-1]["last_success_at"] is not None
     session.report_success()  # nothing new to say
     assert len(written) == 2
+
+
+def test_a_refusal_met_elsewhere_pauses_for_what_is_left_of_the_pause() -> None:
+    """`refused_elsewhere` (serve starting after `pbx test` was refused the same login):
+    no login until serve's own pause, counted from that refusal, is over; a refusal older
+    than the pause changes nothing."""
+    written: list[dict[str, object]] = []
+    client = _Client(refuse=False)
+    session = PbxSession(client, write_health=lambda text: written.append(json.loads(text)))
+    session.refused_elsewhere(datetime.now(UTC) - timedelta(minutes=16), "long ago")
+    assert not session.paused and written == []
+
+    refused_at = datetime.now(UTC) - timedelta(minutes=5)
+    session.refused_elsewhere(refused_at, "`callvault pbx test` was refused this login")
+    assert session.paused
+    retry_at = datetime.fromisoformat(str(written[-1]["retry_at"]))
+    assert retry_at == refused_at + timedelta(minutes=15)  # serve's first pause, from then
+    assert written[-1]["reason"] == "login-refused"
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(session.run(stop))
+        await asyncio.sleep(0.2)
+        stop.set()
+        await running
+
+    asyncio.run(scenario())
+    assert client.logins == 0  # the password was not sent again

@@ -295,6 +295,43 @@ def test_a_password_serve_saw_refused_is_not_tested_again_for_ten_minutes(
     assert outcomes(sim, "login") == ["20003", "Success"]
 
 
+def test_serve_does_not_send_a_password_a_test_saw_refused(
+    sim: Simulator, registry: dict[str, str], tmp_path: Path
+) -> None:
+    """The reverse of the test above: serve, started after `pbx test` was refused the
+    registered password, pauses as if it had met the refusal itself instead of sending the
+    same password again (five refusals lock the host out)."""
+    from support.archive import ServeProcess, free_port
+
+    add_sim(sim, registry, password=WRONG)
+    assert cli("pbx", "test", "paris", env=registry).returncode == 1
+    assert outcomes(sim, "login") == ["20003"]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CALLVAULT_")},
+        **registry,
+        "CALLVAULT_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    db = f"sqlite:///{registry['CALLVAULT_ARCHIVE']}/callvault.db"
+
+    def health() -> dict[str, Any]:
+        with open_index(db) as index:
+            return index.pbxs.require("paris").session or {}
+
+    serve = ServeProcess(env, tmp_path)
+    try:
+        serve.start()
+        assert wait_until(lambda: health().get("reason") == "login-refused", 30), serve.log_text()
+        log = serve.log_text()
+    finally:
+        serve.stop()
+    assert outcomes(sim, "login") == ["20003"]  # serve sent nothing
+    assert "`callvault pbx test` was refused this login at" in health()["error"]
+    assert "retry_at" in health()
+    [line] = [line for line in log.splitlines() if "pbx test` was refused" in line]
+    assert "next login attempt in" in line and "callvault pbx edit paris" in line
+    assert SIM_PASSWORD not in log and WRONG not in log
+
+
 def test_edits_and_removal_are_audited_without_secrets(
     sim: Simulator, registry: dict[str, str]
 ) -> None:

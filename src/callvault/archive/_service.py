@@ -1144,6 +1144,16 @@ class _Lane:
             kind=target.kind,
             fix=self._login_fix(),
         )
+        if target.registry_name is not None:
+            record = await asyncio.to_thread(index.pbxs.get, target.registry_name)
+            refused = None if record is None else record.test_refusal
+            # Only if the test tried this lane's login (a change since restarts the lane).
+            if refused is not None and record is not None and record.revision == target.revision:
+                session.refused_elsewhere(
+                    refused.at,
+                    f"`callvault pbx test` was refused this login at {refused.at:%H:%M:%S} UTC "
+                    f"({refused.error})",
+                )
         self.session = session
         options = replace(
             config.pool_options(),

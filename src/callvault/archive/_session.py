@@ -277,15 +277,29 @@ class PbxSession:
             wait = pause
         else:
             wait = self._paused_until - time.monotonic()
+        self._announce_pause(what, wait, fix=not isinstance(first, LoginLockedOut))
+
+    def refused_elsewhere(self, at: datetime, what: str) -> None:
+        """This same login was refused at `at` to someone else (`callvault pbx test`):
+        pause as if this session had met the refusal then, rather than send the password
+        once more (five refusals lock this host out of the PBX). Call before `run`."""
+        pause = self._login_failed_pause_s
+        wait = pause - (datetime.now(UTC) - at).total_seconds()
+        if wait <= 0:
+            return
+        self._login_failures += 1
+        self._paused_until = time.monotonic() + wait
+        self._paused_until_wall = at + timedelta(seconds=pause)
+        self._announce_pause(what, wait, fix=True)
+
+    def _announce_pause(self, what: str, wait: float, *, fix: bool) -> None:
+        """One line at ERROR, and the health: what was refused, when the next login is,
+        and (`fix`) what to do about it."""
         text = f"{what}; downloads paused"
-        fix = (
-            f"; to fix it: {self._fix}"
-            if self._fix and not isinstance(first, LoginLockedOut)
-            else ""
-        )
+        how = f"; to fix it: {self._fix}" if self._fix and fix else ""
         # "the PBX refused ...", not "the PBX: the PBX refused ..." when there is one.
         who = "" if self._label == "the PBX" else f"{self._label}: "
-        log.error("%s%s, next login attempt in %s%s", who, text, _minutes(wait), fix)
+        log.error("%s%s, next login attempt in %s%s", who, text, _minutes(wait), how)
         self._set_health("error", text, refused=True)
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from callvault.pbx import PBX_KINDS
+from callvault.times import iso_moment
 
 NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?", re.ASCII)
 MAX_DOWNLOADS_LIMIT = 16
@@ -223,6 +224,20 @@ def check_report_url(value: str) -> str:
     return f"{host}:{port}"
 
 
+# What a `pbx test` keeps beside its result in `PbxRecord.detail` (not shown as part of
+# it): the login it tried (`PbxRecord.login_tag`) and whether the PBX refused it.
+TEST_LOGIN_TAG = "password_tag"
+TEST_REFUSED = "password_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedLogin:
+    """A refused login of the last `pbx test`: when, and the refusal in words."""
+
+    at: datetime
+    error: str
+
+
 @dataclass(frozen=True, slots=True)
 class PbxRecord:
     """One registered PBX, as the index keeps it.
@@ -257,6 +272,27 @@ class PbxRecord:
         if self.webhook_secret_sealed is not None:
             digested += f"\n{self.webhook_secret_sealed}"
         return hashlib.sha256(digested.encode()).hexdigest()
+
+    @property
+    def login_tag(self) -> str:
+        """Tells one login (URL, user, sealed password: each seal is different) from
+        another, revealing nothing: a test's result names the login it tried."""
+        login = f"{self.config.url}\0{self.config.username}\0{self.password_sealed}"
+        return hashlib.sha256(login.encode()).hexdigest()[:16]
+
+    @property
+    def test_refusal(self) -> RefusedLogin | None:
+        """When and how the PBX refused its login as registered now to the last `pbx test`
+        (a wrong password or secret, a lockout), or None. A refusal of a login since
+        changed does not count."""
+        last = self.detail
+        if not last.get(TEST_REFUSED) or last.get(TEST_LOGIN_TAG) != self.login_tag:
+            return None
+        at = iso_moment(last.get("tested_at"))
+        if at is None:
+            return None
+        # The error kept ends with its fix (`; set the right ...`): the refusal alone.
+        return RefusedLogin(at, str(last.get("error") or "refused").split("; set the right ")[0])
 
     @property
     def has_webhook_secret(self) -> bool:

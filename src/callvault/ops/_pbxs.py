@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo
 
 from callvault.index import Index, audit
 from callvault.index.pbxs import (
+    TEST_LOGIN_TAG,
+    TEST_REFUSED,
     PbxConfig,
     PbxRecord,
     PbxRegistryError,
@@ -70,7 +72,7 @@ class PbxView(JsonResult):
 
 
 # What `test_pbx` keeps beside its result to pause after a refused login: not for people.
-_TEST_BOOKKEEPING = ("password_tag", "password_refused")
+_TEST_BOOKKEEPING = (TEST_LOGIN_TAG, TEST_REFUSED)
 
 
 # What a P-Series PBX's API version is shown as (`api_label`): it speaks the OpenAPI.
@@ -400,15 +402,6 @@ class RefusedRecently(PbxRegistryError):
 REFUSED_RECENTLY = "refused-recently"
 
 
-def _password_tag(record: PbxRecord) -> str:
-    """Tells one login (URL, user, sealed password: each seal is different) from another,
-    revealing nothing."""
-    import hashlib
-
-    login = f"{record.config.url}\0{record.config.username}\0{record.password_sealed}"
-    return hashlib.sha256(login.encode()).hexdigest()[:16]
-
-
 def _login_fix(record: PbxRecord) -> str:
     """What to run to give a PBX the right login, in its kind's terms."""
     if record.config.kind == "p-series":
@@ -450,13 +443,11 @@ def _refuse_if_refused_recently(record: PbxRecord, now: datetime) -> None:
     """RefusedRecently if this login (URL, user and password as registered now) was
     refused less than `REFUSED_LOGIN_PAUSE` ago: by the last `pbx test`, or by `serve`
     (its session's health, when the refusal came after the PBX's entry last changed)."""
-    last = record.detail
     refused_at: datetime | None = None
     who, why = "", ""
-    if last.get("password_refused") and last.get("password_tag") == _password_tag(record):
-        refused_at = iso_moment(last.get("tested_at"))
-        # The error kept ends with the fix, said once below.
-        who, why = "", str(last.get("error")).split("; set the right ")[0]
+    tested = record.test_refusal
+    if tested is not None:
+        refused_at, why = tested.at, tested.error  # the fix is said once, below
     health = record.session or {}
     if refused_at is None and health.get("reason") == ErrorKind.LOGIN_REFUSED.value:
         served = iso_moment(health.get("updated_at"))
@@ -550,7 +541,7 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
     )
     index.pbxs.record_test(
         record.name,
-        {**result.to_json(), "password_tag": _password_tag(record), "password_refused": refused},
+        {**result.to_json(), TEST_LOGIN_TAG: record.login_tag, TEST_REFUSED: refused},
         now=now,
     )
     return result
