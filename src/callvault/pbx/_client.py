@@ -674,7 +674,7 @@ class PbxClient(ApiClient):
 
         Unless a transport was injected, the GET and the body run on a blocking socket in
         worker threads (see `callvault.pbx._download`): a download runs at network speed
-        and takes three threads while it lasts (four past 16 MiB).
+        and takes three threads while it lasts (four past 4 MiB).
         """
         check_recording_name(name)
         target_name = check_recording_name(filename, what="file name") if filename else name

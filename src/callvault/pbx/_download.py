@@ -13,7 +13,7 @@ Both clients (`PbxClient` and `PSeriesClient`) check a download in one place
 - `HttpxBody`, for an injected ``httpx`` transport (``httpx.MockTransport`` in callers'
   tests): the same checks over httpx's async stream.
 
-Either way, a file larger than 16 MiB is also synced to disk as it grows, by a thread of its
+Either way, a file larger than 4 MiB is also synced to disk as it grows, by a thread of its
 own (`Flusher`), so that the fsync at the end has only the tail left to wait for.
 
 Cancelling the awaiting task shuts the socket down (the worker's read returns at once),
@@ -74,7 +74,7 @@ PIPELINE_DEPTH = 4
 WRITE_BUFFER = 1024 * 1024
 """The write buffer of the httpx pump, which hands over one TLS record (<= 16 KiB) at a time."""
 
-WRITEBACK_STEP = 16 * 1024 * 1024
+WRITEBACK_STEP = 4 * 1024 * 1024
 """Every this many bytes, what is written so far is made durable in the background (see
 `Flusher`), so that the final fsync has only the tail left to wait for."""
 
