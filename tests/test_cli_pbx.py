@@ -355,8 +355,12 @@ def test_edits_and_removal_are_audited_without_secrets(
     assert json.loads(shown)["report_url"] is None
     nothing = cli("pbx", "edit", "paris", env=registry)
     assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
-    missing = cli("pbx", "show", "lyon", env=registry)
-    assert missing.returncode == 1 and "no PBX named 'lyon' (paris)" in missing.stderr
+    # A name not registered is a usage error (2) whichever command is given it, and the
+    # line says which names there are; `pbx test` says it before asking for a master key.
+    for command in ("show", "remove", "test"):
+        missing = cli("pbx", command, "lyon", env={**registry, "CALLVAULT_MASTER_KEY_FILE": ""})
+        assert missing.returncode == 2, (command, missing.stderr)
+        assert missing.stderr == "callvault: error: no PBX named 'lyon' (paris)\n"
     removed = cli("pbx", "remove", "paris", env=registry)
     assert removed.returncode == 0 and "stay in the archive" in removed.stdout
     assert cli("pbx", "list", env=registry).stdout.startswith("no PBXs registered")

@@ -24,7 +24,13 @@ from callvault.cli._common import cli_actor, fail, run_terminable
 from callvault.cli._options import PATH, Decorator, archive_options, flag, option
 from callvault.cli._settings import USAGE_ERROR, Settings, SettingsError, settings_or_fail
 from callvault.index import Index
-from callvault.index.pbxs import DEFAULT_MAX_DOWNLOADS, KINDS, PbxConfig, PbxRegistryError
+from callvault.index.pbxs import (
+    DEFAULT_MAX_DOWNLOADS,
+    KINDS,
+    NoSuchPbx,
+    PbxConfig,
+    PbxRegistryError,
+)
 
 MASTER_KEY_FILE_HELP = (
     "File of master keys that seal the PBX passwords (default: CALLVAULT_MASTER_KEY, "
@@ -510,6 +516,8 @@ def pbx_show(
     try:
         record = index.pbxs.require(name)
         view = pbx_view(record)
+    except NoSuchPbx as exc:
+        fail(str(exc), code=USAGE_ERROR)
     except PbxRegistryError as exc:
         fail(str(exc))
     finally:
@@ -557,7 +565,9 @@ def pbx_remove(name: str, archive: Path | None, db: str | None, config: Path | N
     index = _index(_settings(config, archive, db))
     try:
         remove_pbx(index, name, actor=cli_actor(), remote_addr="local")
-    except PbxRegistryError as exc:
+    except NoSuchPbx as exc:
+        fail(str(exc), code=USAGE_ERROR)
+    except PbxRegistryError as exc:  # calls of it are archived
         fail(str(exc))
     finally:
         index.close()
@@ -588,7 +598,6 @@ def pbx_test(
     from callvault.ops import test_pbx
 
     settings = _settings(config, archive, db, master_key_file=master_key_file)
-    keyring = _keyring(settings)
     index = _index(settings)
     # The client logs a refused login at ERROR for serve's log; here the result says it,
     # in one line of its own.
@@ -596,8 +605,11 @@ def pbx_test(
     from callvault.ops import RefusedRecently
 
     try:
-        record = index.pbxs.require(name)
+        record = index.pbxs.require(name)  # an unknown name first, before a missing key
+        keyring = _keyring(settings)
         result = run_terminable(test_pbx(index, record, keyring, now=_now()))
+    except NoSuchPbx as exc:
+        fail(str(exc), code=USAGE_ERROR)
     except RefusedRecently as exc:
         if not as_json:
             fail(str(exc))

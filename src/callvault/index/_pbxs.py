@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Connection, Row, delete, insert, select, update
 
 from callvault.index._db import Database
 from callvault.index.pbxs import (
@@ -77,9 +77,8 @@ class PbxStore:
         """The PBX named `name`, or NoSuchPbx saying which ones there are."""
         found = self.get(name)
         if found is None:
-            names = [record.name for record in self.list()]
-            known = ", ".join(names) if names else "none is registered yet"
-            raise NoSuchPbx(f"no PBX named {name!r} ({known})")
+            with self._db.read() as conn:
+                raise _no_such(conn, name)
         return found
 
     def list(self) -> builtins.list[PbxRecord]:
@@ -106,7 +105,7 @@ class PbxStore:
         with self._db.write() as conn:
             row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
             if row is None:
-                raise NoSuchPbx(f"no PBX named {name!r}")
+                raise _no_such(conn, name)
             current = _record(row).config
             merged = check_config(
                 PbxConfig(**{f: changes.get(f, getattr(current, f)) for f in CONFIG_FIELDS})
@@ -208,7 +207,7 @@ class PbxStore:
         with self._db.write() as conn:
             row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
             if row is None:
-                raise NoSuchPbx(f"no PBX named {name!r}")
+                raise _no_such(conn, name)
             kind = str(row._mapping["kind"])
             if sealed is not None and kind != "p-series":
                 raise PbxRegistryError(
@@ -243,7 +242,7 @@ class PbxStore:
         with self._db.write() as conn:
             row = conn.execute(select(pbxs).where(pbxs.c.name == name)).first()
             if row is None:
-                raise NoSuchPbx(f"no PBX named {name!r}")
+                raise _no_such(conn, name)
             pbx_id = row._mapping["id"]
             if conn.execute(select(calls.c.id).where(calls.c.pbx_id == pbx_id).limit(1)).first():
                 raise PbxInUse(
@@ -319,3 +318,10 @@ def _when(value: datetime) -> datetime:
     moment = as_utc(value)
     assert moment is not None  # the columns are NOT NULL
     return moment
+
+
+def _no_such(conn: Connection, name: str) -> NoSuchPbx:
+    """NoSuchPbx for `name`, saying which PBXs there are."""
+    names = conn.execute(select(pbxs.c.name).order_by(pbxs.c.name)).scalars().all()
+    known = ", ".join(names) if names else "none is registered yet"
+    return NoSuchPbx(f"no PBX named {name!r} ({known})")
