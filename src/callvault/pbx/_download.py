@@ -215,11 +215,13 @@ class TempFile:
         different threads).
 
         Why a stage of its own, run by the thread that reads the socket: the AES of
-        `cryptography` holds the GIL. Run beside the hashing, it kept the reading thread
-        waiting for the GIL through each whole piece; the reader, which gives the GIL up
-        for every TLS record it decrypts, is the one stage that waits for nobody else's
-        Python code after it, so the encrypted download costs about 5 % more than the plain
-        one instead of 25 % (bench/download.py, docs/benchmarks.md).
+        `cryptography` held the GIL when this was measured. Run beside the hashing, it kept
+        the reading thread waiting for the GIL through each whole piece; the reader, which
+        gives the GIL up for every TLS record it decrypts, is the one stage that waits for
+        nobody else's Python code after it, so the encrypted download cost about 5 % more
+        than the plain one instead of 25 % (bench/download.py, docs/benchmarks.md).
+        cryptography 50 gives the GIL up while it seals; sealing in the hashing thread then
+        measured the same as here (the tenth session), so it stayed here.
         """
         if self._transform is not None:
             spare = self._spare.popleft() if self._spare else None
