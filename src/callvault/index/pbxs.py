@@ -228,6 +228,9 @@ def check_report_url(value: str) -> str:
 # it): the login it tried (`PbxRecord.login_tag`) and whether the PBX refused it.
 TEST_LOGIN_TAG = "password_tag"
 TEST_REFUSED = "password_refused"
+# What begins the fix a refused test's error ends with ("; set the right password with
+# `callvault pbx edit ...`").
+TEST_FIX = "; set the right "
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,8 +294,8 @@ class PbxRecord:
         at = iso_moment(last.get("tested_at"))
         if at is None:
             return None
-        # The error kept ends with its fix (`; set the right ...`): the refusal alone.
-        return RefusedLogin(at, str(last.get("error") or "refused").split("; set the right ")[0])
+        # The error kept ends with its fix (TEST_FIX ...): the refusal alone.
+        return RefusedLogin(at, str(last.get("error") or "refused").split(TEST_FIX)[0])
 
     @property
     def has_webhook_secret(self) -> bool:

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from callvault.index import Index, audit
 from callvault.index.pbxs import (
+    TEST_FIX,
     TEST_LOGIN_TAG,
     TEST_REFUSED,
     PbxConfig,
@@ -527,7 +528,7 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
         error, kind = str(exc), exc.kind.value
         refused = isinstance(exc, LoginFailed | LoginLockedOut)
         if isinstance(exc, LoginFailed):
-            error += f"; set the right {_login_fix(record)}"
+            error += f"{TEST_FIX}{_login_fix(record)}"
     if error is None and answers_like is not None and answers_like != record.config.kind:
         error, kind = _kind_fix(record, answers_like), WRONG_KIND
     result = _result(
