@@ -749,10 +749,12 @@ HTTPX_PUMP_CASES = [
 
 @pytest.mark.parametrize(("faults", "error"), HTTPX_PUMP_CASES)
 async def test_the_httpx_pump_of_an_injected_transport_meets_the_same_checks(
-    tmp_path: Path, faults: list[str], error: str | None
+    tmp_path: Path, faults: list[str], error: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A caller's tests may inject an httpx transport (MockTransport); its downloads go
-    through HttpxBody, which must refuse and save the same bodies as the socket pump."""
+    through HttpxBody, which must refuse and save the same bodies as the socket pump (and
+    sync them in the background as they grow, through its buffered writer)."""
+    monkeypatch.setattr(_download, "WRITEBACK_STEP", 64 * 1024)
     pbx = FakePbx(recordings={"a.wav": make_wav(200_000)}, download_faults=list(faults))
     async with client_for(pbx, max_attempts=2) as client:
         if error is None:
