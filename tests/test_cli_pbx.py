@@ -741,7 +741,9 @@ def test_user_add_takes_the_pbxs_a_user_may_see(registry: dict[str, str]) -> Non
     assert bad.returncode == 2 and "bad PBX 'Paris!'" in bad.stderr
     # A name the registry has not (a typo) would make a user who sees nothing.
     typo = cli("user", "add", "dan", "--role", "listener", "--pbxs", "pariss", env=env)
-    assert typo.returncode == 1 and "no PBX named 'pariss' (lyon, paris)" in typo.stderr
+    assert typo.returncode == 2 and "no PBX named 'pariss' (lyon, paris)" in typo.stderr
+    edited = cli("user", "edit", "carol", "--pbxs", "paris,nice", env=registry)
+    assert edited.returncode == 2 and "no PBX named 'nice' (lyon, paris)" in edited.stderr
 
 
 def test_only_a_refused_login_pauses_testing_and_changing_it_ends_the_pause(

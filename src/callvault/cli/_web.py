@@ -202,6 +202,8 @@ def user_add(
             f"role={user.role} scope={user.scope or '(all)'} pbxs={','.join(user.pbxs) or '(all)'}",
             "local",
         )
+    except users.UnknownPbx as exc:
+        fail(str(exc), code=2)
     except users.UserError as exc:
         fail(str(exc))
     finally:
@@ -253,6 +255,8 @@ def user_edit(
         change = users.describe_change(before, after)
         if change:
             index.audit.record(cli_actor(), audit.USER_EDIT, name, change, "local")
+    except users.UnknownPbx as exc:
+        fail(str(exc), code=2)
     except users.UserError as exc:
         fail(str(exc))
     finally:

@@ -20,6 +20,7 @@ from callvault.index.pbxs import (
     PbxRecord,
     PbxRegistryError,
     check_config,
+    unknown_pbx,
     validate_name,
 )
 from callvault.index.schema import calls, column_length, pbxs
@@ -322,6 +323,4 @@ def _when(value: datetime) -> datetime:
 
 def _no_such(conn: Connection, name: str) -> NoSuchPbx:
     """NoSuchPbx for `name`, saying which PBXs there are."""
-    names = conn.execute(select(pbxs.c.name).order_by(pbxs.c.name)).scalars().all()
-    known = ", ".join(names) if names else "none is registered yet"
-    return NoSuchPbx(f"no PBX named {name!r} ({known})")
+    return NoSuchPbx(unknown_pbx(name, conn.execute(select(pbxs.c.name)).scalars()))

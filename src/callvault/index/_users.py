@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
 from callvault.index._db import Database
+from callvault.index.pbxs import unknown_pbx
 from callvault.index.schema import api_tokens, column_length, users, web_sessions
 from callvault.index.schema import pbxs as pbxs_table
 from callvault.times import as_utc as from_db
@@ -31,6 +32,7 @@ from callvault.index.users import (
     LastAdminError,
     NoSuchUser,
     SelfRemovalError,
+    UnknownPbx,
     User,
     UserError,
     format_scope,
@@ -518,10 +520,9 @@ class SessionStore:
 
 
 def _check_registered(conn: Connection, names: list[str]) -> None:
-    """UserError naming the first of `names` the registry of PBXs has not (a typo would
+    """UnknownPbx naming the first of `names` the registry of PBXs has not (a typo would
     make a user who sees nothing)."""
     known = {str(name) for name in conn.execute(select(pbxs_table.c.name)).scalars()}
     for name in names:
         if name not in known:
-            listed = ", ".join(sorted(known)) or "none is registered yet"
-            raise UserError(f"no PBX named {name!r} ({listed})")
+            raise UnknownPbx(unknown_pbx(name, known))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -39,6 +40,12 @@ class PbxRegistryError(ValueError):
 
 class NoSuchPbx(PbxRegistryError):
     """No PBX of that name is registered."""
+
+
+def unknown_pbx(name: str, registered: Iterable[str]) -> str:
+    """The words for a PBX name the registry has not, with the names it has."""
+    known = ", ".join(sorted(registered)) or "none is registered yet"
+    return f"no PBX named {name!r} ({known})"
 
 
 class PbxInUse(PbxRegistryError):

@@ -54,6 +54,11 @@ class NoSuchUser(UserError):
     """There is no user of that name (or id)."""
 
 
+class UnknownPbx(UserError):
+    """A user was to be kept to a PBX the registry has not (a typo would make a user who
+    sees nothing)."""
+
+
 class LastAdminError(UserError):
     """The change would leave the archive without an enabled admin."""
 
