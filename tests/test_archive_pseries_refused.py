@@ -292,7 +292,7 @@ def test_a_refusal_met_elsewhere_pauses_for_what_is_left_of_the_pause() -> None:
     assert not session.paused and written == []
 
     refused_at = datetime.now(UTC) - timedelta(minutes=5)
-    session.refused_elsewhere(refused_at, "`callvault pbx test` was refused this login")
+    session.refused_elsewhere(refused_at, "the PBX refused this login to `callvault pbx test`")
     assert session.paused
     retry_at = datetime.fromisoformat(str(written[-1]["retry_at"]))
     assert retry_at == refused_at + timedelta(minutes=15)  # serve's first pause, from then

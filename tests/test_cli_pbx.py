@@ -295,6 +295,23 @@ def test_a_password_serve_saw_refused_is_not_tested_again_for_ten_minutes(
     assert outcomes(sim, "login") == ["20003", "Success"]
 
 
+def test_a_certificate_not_trusted_is_fixed_with_pbx_edit(
+    sim: Simulator, registry: dict[str, str]
+) -> None:
+    """`pbx test` of a PBX whose certificate nothing trusts says the `pbx edit` that pins
+    it (`pbx test` itself has no --pin-sha256)."""
+    added = cli(
+        "pbx", "add", "paris", "--url", sim.url, "--username", sim.username,
+        "--password-env", "PBX_PASSWORD", env={**registry, "PBX_PASSWORD": SIM_PASSWORD},
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    tested = cli("pbx", "test", "paris", env=registry)
+    assert tested.returncode == 1 and len(tested.stderr.splitlines()) == 1
+    assert "certificate not trusted" in tested.stderr
+    assert "`callvault pbx edit paris --pin-sha256 HEX` (or --ca-file FILE)" in tested.stderr
+    assert outcomes(sim, "login") == []  # nothing was sent
+
+
 def test_serve_does_not_send_a_password_a_test_saw_refused(
     sim: Simulator, registry: dict[str, str], tmp_path: Path
 ) -> None:
@@ -325,9 +342,9 @@ def test_serve_does_not_send_a_password_a_test_saw_refused(
     finally:
         serve.stop()
     assert outcomes(sim, "login") == ["20003"]  # serve sent nothing
-    assert "`callvault pbx test` was refused this login at" in health()["error"]
+    assert "the PBX refused this login to `callvault pbx test` at" in health()["error"]
     assert "retry_at" in health()
-    [line] = [line for line in log.splitlines() if "pbx test` was refused" in line]
+    [line] = [line for line in log.splitlines() if "login to `callvault pbx test`" in line]
     assert "next login attempt in" in line and "callvault pbx edit paris" in line
     assert SIM_PASSWORD not in log and WRONG not in log
 

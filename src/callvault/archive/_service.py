@@ -1151,8 +1151,8 @@ class _Lane:
             if refused is not None and record is not None and record.revision == target.revision:
                 session.refused_elsewhere(
                     refused.at,
-                    f"`callvault pbx test` was refused this login at {refused.at:%H:%M:%S} UTC "
-                    f"({refused.error})",
+                    f"the PBX refused this login to `callvault pbx test` at "
+                    f"{refused.at:%H:%M:%S} UTC ({refused.error})",
                 )
         self.session = session
         options = replace(

@@ -36,6 +36,7 @@ from callvault.pbx import (
     LoginLockedOut,
     PbxClient,
     PbxError,
+    PbxTlsError,
     PSeriesClient,
     TlsOptions,
 )
@@ -529,6 +530,11 @@ async def test_pbx(index: Index, record: PbxRecord, keyring: Keyring, *, now: da
         refused = isinstance(exc, LoginFailed | LoginLockedOut)
         if isinstance(exc, LoginFailed):
             error += f"{TEST_FIX}{_login_fix(record)}"
+        elif isinstance(exc, PbxTlsError):  # its words name the options, not the command
+            error += (
+                f"; trust its certificate with `callvault pbx edit {record.name} "
+                "--pin-sha256 HEX` (or --ca-file FILE)"
+            )
     if error is None and answers_like is not None and answers_like != record.config.kind:
         error, kind = _kind_fix(record, answers_like), WRONG_KIND
     result = _result(

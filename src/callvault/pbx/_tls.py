@@ -175,7 +175,8 @@ def describe_tls_failure(error: ssl.SSLError, options: TlsOptions) -> str:
             )
         return (
             f"TLS: certificate not trusted ({reason}): pass --ca-file or --pin-sha256 "
-            "(fingerprint shown by `callvault simulate`)"
+            "(the SHA-256 fingerprint of the PBX's certificate; `callvault simulate` prints "
+            "its own)"
         )
     reason = getattr(error, "reason", None) or type(error).__name__
     version_hint = ""
