@@ -1146,9 +1146,11 @@ class _Lane:
         )
         if target.registry_name is not None:
             record = await asyncio.to_thread(index.pbxs.get, target.registry_name)
-            refused = None if record is None else record.test_refusal
             # Only if the test tried this lane's login (a change since restarts the lane).
-            if refused is not None and record is not None and record.revision == target.revision:
+            refused = None
+            if record is not None and record.revision == target.revision:
+                refused = record.test_refusal
+            if refused is not None:
                 session.refused_elsewhere(
                     refused.at,
                     f"the PBX refused this login to `callvault pbx test` at "
