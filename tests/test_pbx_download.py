@@ -17,9 +17,11 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,9 +36,11 @@ from callvault.pbx import (
     PbxProtocolError,
     PbxTransportError,
     RecordingNotFound,
+    TlsOptions,
     _download,
 )
 from callvault.simulator import Simulator
+from callvault.simulator._tls import ServerCertificate, generate_certificate
 from support.pbx_fakes import (
     PASSWORD,
     WAV,
@@ -608,11 +612,27 @@ class StallingServer:
     """Answers every GET with headers and part of a WAV body, then sends nothing more
     (with ``headers=False``: answers the GET with nothing at all). Sets `get_arrived` when
     a GET has come in, and `closed_by_client` if the client then closes its end within
-    10 s (otherwise the server closes the connection itself)."""
+    10 s (otherwise the server closes the connection itself). With `tls` it speaks HTTPS
+    with that certificate; with ``hang_up=True`` it closes the connection as soon as the
+    part is sent (over TLS without TLS's close: a "ragged EOF")."""
 
-    def __init__(self, sent_bytes: int = 300_000, *, headers: bool = True) -> None:
+    def __init__(
+        self,
+        sent_bytes: int = 300_000,
+        *,
+        headers: bool = True,
+        tls: ServerCertificate | None = None,
+        hang_up: bool = False,
+    ) -> None:
         self.sent_bytes = sent_bytes
         self.headers = headers
+        self.hang_up = hang_up
+        self.wav = make_wav(5_000_000)
+        self.context: ssl.SSLContext | None = None
+        if tls is not None:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(tls.cert_file, tls.key_file)
+        self.scheme = "https" if tls is not None else "http"
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.get_arrived = threading.Event()
@@ -626,6 +646,12 @@ class StallingServer:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            if self.context is not None:
+                try:
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                except OSError:  # a client that gave up during the handshake
+                    conn.close()
+                    continue
             with conn:
                 request = b""
                 while b"\r\n\r\n" not in request:
@@ -639,14 +665,15 @@ class StallingServer:
                     )
                     continue
                 self.get_arrived.set()
-                wav = make_wav(5_000_000)
                 conn.sendall(
                     b""
                     if not self.headers
                     else b"HTTP/1.1 200 OK\r\nContent-Type: audio/x-wav\r\n"
-                    + f"Content-Length: {len(wav)}\r\nConnection: close\r\n\r\n".encode()
-                    + wav[: self.sent_bytes]
+                    + f"Content-Length: {len(self.wav)}\r\nConnection: close\r\n\r\n".encode()
+                    + self.wav[: self.sent_bytes]
                 )
+                if self.hang_up:
+                    continue
                 conn.settimeout(10)
                 with contextlib.suppress(OSError):
                     if conn.recv(1) == b"":  # the client closed its end
@@ -656,17 +683,35 @@ class StallingServer:
         self.listener.close()
 
 
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> ServerCertificate:
+    return generate_certificate(tmp_path_factory.mktemp("tls"), "127.0.0.1", "STALL")
+
+
+@pytest.fixture(params=["http", "https"])
+def stalling_tls(request: pytest.FixtureRequest) -> bool:
+    return request.param == "https"
+
+
+def stalling_client(
+    server: StallingServer, certificate: ServerCertificate, **options: Any
+) -> PbxClient:
+    """A client of `server`, trusting its certificate by pin when it speaks HTTPS."""
+    if server.context is not None:
+        options["tls"] = TlsOptions(pin_sha256=certificate.sha256)
+    base = f"{server.scheme}://127.0.0.1:{server.port}"
+    return PbxClient(base, "api", PASSWORD, sleep=Sleeps(), **options)
+
+
 async def test_cancelled_while_blocked_reading_removes_temp_file_and_closes_socket(
-    tmp_path: Path,
+    tmp_path: Path, certificate: ServerCertificate, stalling_tls: bool
 ) -> None:
     """Cancelled while the worker thread is blocked reading the body: the cancellation
     shuts the socket down (a socket timeout of an hour cannot be what ends the read) and
-    the temporary file goes."""
-    server = StallingServer()
+    the temporary file goes. Over TLS too, where the read waits under the TLS layer."""
+    server = StallingServer(tls=certificate if stalling_tls else None)
     try:
-        client = PbxClient(
-            f"http://127.0.0.1:{server.port}", "api", PASSWORD, sleep=Sleeps(), timeout=3600
-        )
+        client = stalling_client(server, certificate, timeout=3600)
         async with client:
             task = asyncio.create_task(client.download_recording("a.wav", tmp_path))
             await asyncio.wait_for(part_file_written(tmp_path, task), 10)  # hang guards only
@@ -676,6 +721,40 @@ async def test_cancelled_while_blocked_reading_removes_temp_file_and_closes_sock
             assert files_in(tmp_path) == []
             # The server saw the client close its end (not its own 10 s wait run out).
             assert await asyncio.to_thread(server.closed_by_client.wait, 10)
+    finally:
+        server.close()
+
+
+async def test_a_body_cut_off_mid_way_says_how_much_arrived(
+    tmp_path: Path, certificate: ServerCertificate, stalling_tls: bool
+) -> None:
+    """The server hangs up after part of the body; over TLS without TLS's close (a
+    "ragged EOF"), which reads as the end of the stream: the Content-Length check says
+    what happened, and nothing is left behind."""
+    server = StallingServer(tls=certificate if stalling_tls else None, hang_up=True)
+    try:
+        async with stalling_client(server, certificate, max_attempts=1) as client:
+            with pytest.raises(PbxTransportError) as info:
+                await client.download_recording("a.wav", tmp_path)
+        assert f"received 300000 bytes but the PBX announced {len(server.wav)}" in str(info.value)
+        assert files_in(tmp_path) == []
+    finally:
+        server.close()
+
+
+async def test_a_body_that_stops_coming_times_out(
+    tmp_path: Path, certificate: ServerCertificate, stalling_tls: bool
+) -> None:
+    """The server sends part of the body, then nothing, and keeps the connection open: the
+    socket's timeout ends the read (over TLS too) and nothing is left behind."""
+    server = StallingServer(tls=certificate if stalling_tls else None)
+    try:
+        async with stalling_client(server, certificate, max_attempts=1, timeout=0.5) as client:
+            with pytest.raises(PbxTransportError) as info:
+                await client.download_recording("a.wav", tmp_path)
+        assert "the connection broke off after" in str(info.value)
+        assert "(TimeoutError)" in str(info.value)
+        assert files_in(tmp_path) == []
     finally:
         server.close()
 

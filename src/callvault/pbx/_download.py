@@ -4,12 +4,13 @@ Both clients (`PbxClient` and `PSeriesClient`) check a download in one place
 (`receive_recording`); what it reads from is a `ResponseBody`, of one of two kinds:
 
 - `SocketBody`, used whenever no httpx transport was injected: the GET and the body run in
-  worker threads on a plain blocking socket (`http.client` over the client's own SSL
-  context, so a pin is checked inside the handshake as everywhere else, with the same
-  timeout). The body is read with ``readinto`` into reusable 1 MiB buffers while a second
-  thread hashes the previous one and a third writes the one before, with no event-loop
-  round trip per 16 KiB TLS record (the asyncio TLS stack costs about 110 us per record,
-  75 MB/s at best).
+  worker threads on a plain blocking socket (`http.client` over a `BioTlsSocket` of the
+  client's own SSL context, so a pin is checked inside the handshake as everywhere else,
+  with the same timeout; TLS records are decrypted from memory, not read from the socket
+  one by one). The body is read with ``readinto`` into reusable 1 MiB buffers while a
+  second thread hashes the previous one and a third writes the one before, with no
+  event-loop round trip per 16 KiB TLS record (the asyncio TLS stack costs about 110 us
+  per record, 75 MB/s at best).
 - `HttpxBody`, for an injected ``httpx`` transport (``httpx.MockTransport`` in callers'
   tests): the same checks over httpx's async stream.
 
@@ -47,7 +48,7 @@ from callvault.pbx._errors import (
     SessionWithdrawn,
 )
 from callvault.pbx._mapping import Phase, origin_of, transport_error
-from callvault.pbx._tls import TlsOptions
+from callvault.pbx._tls import BioTlsSocket, TlsOptions
 from callvault.pbx._types import DownloadResult, StreamTransform
 
 T = TypeVar("T")
@@ -573,14 +574,11 @@ class SocketBody:
         except OSError as exc:
             raise self._error(exc, "connect") from None
         self._adopt(raw)
-        sock: socket.socket = raw
+        sock: socket.socket | BioTlsSocket = raw
         connection: http.client.HTTPConnection
         if self._ssl_context is not None:
             try:
-                sock = self._ssl_context.wrap_socket(
-                    raw, server_hostname=host, do_handshake_on_connect=False
-                )
-                self._adopt(sock)
+                sock = BioTlsSocket(raw, self._ssl_context, server_hostname=host)
                 sock.do_handshake()
             except OSError as exc:  # ssl.SSLError included
                 raise self._error(exc, "handshake") from None
@@ -589,7 +587,8 @@ class SocketBody:
             )
         else:
             connection = http.client.HTTPConnection(host, port, timeout=self._timeout)
-        connection.sock = sock  # connected and verified above: http.client only speaks HTTP
+        # Connected and verified above: http.client only speaks HTTP over it.
+        connection.sock = sock
         try:
             connection.putrequest("GET", url.raw_path.decode("ascii"), skip_accept_encoding=True)
             for name, value in headers.items():
@@ -711,10 +710,9 @@ class SocketBody:
         if not busy:
             self._close()
         elif sock is not None:
-            # socket.socket's own shutdown, not SSLSocket's (which would also drop the TLS
-            # object under the worker's feet): the worker's blocked read returns at once.
+            # The TCP socket under any TLS: the worker's blocked read returns at once.
             with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def read(self) -> bytes:
         return await run_blocking(
