@@ -24,7 +24,6 @@ waits for the worker to stop touching the temporary file, and lets the caller re
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import http.client
@@ -180,14 +179,11 @@ class TempFile:
     ) -> None:
         self.directory = directory
         # What the bytes pass through on their way to the file (`size` and `sha256` stay
-        # those of the bytes given): see `StreamTransform`. It runs in `seal` (the reading
-        # stage of a pipeline); its output waits in `_pending` for `write_hashed` (the
-        # writing stage), which hashes what it writes (`written_sha256`) unless
-        # `hash_written` is False.
+        # those of the bytes given): see `StreamTransform`. It runs in `write_hashed` (the
+        # writing stage of a pipeline), which hashes its output (`written_sha256`) unless
+        # `hash_written` is False, and hands the buffer back to it once written.
         self._transform = transform
-        self._pending: collections.deque[bytes | bytearray] = collections.deque()
-        # Buffers the transform returned that are written now, handed back to it to reuse.
-        self._spare: collections.deque[bytearray] = collections.deque()
+        self._reuse: bytearray | None = None
         self._written = hashlib.sha256() if transform is not None and hash_written else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         for _ in range(100):
@@ -207,41 +203,30 @@ class TempFile:
         self._writeback_due = WRITEBACK_STEP
 
     def write(self, data: bytes | memoryview) -> None:
-        self.seal(data)
         self.hash(data)
         self.write_hashed(data)
-
-    def seal(self, data: bytes | memoryview) -> None:
-        """Pass `data` through the transform, if there is one; `hash` and `write_hashed`
-        must then be given the same bytes (each stage in order; the three may run in
-        different threads).
-
-        Why a stage of its own, run by the thread that reads the socket: the AES of
-        `cryptography` held the GIL when this was measured. Run beside the hashing, it kept
-        the reading thread waiting for the GIL through each whole piece; the reader, which
-        gives the GIL up for every TLS record it decrypts, is the one stage that waits for
-        nobody else's Python code after it, so the encrypted download cost about 5 % more
-        than the plain one instead of 25 % (bench/download.py, docs/benchmarks.md).
-        cryptography 50 gives the GIL up while it seals; sealing in the hashing thread then
-        measured the same as here (the tenth session), so it stayed here.
-        """
-        if self._transform is not None:
-            spare = self._spare.popleft() if self._spare else None
-            self._pending.append(self._transform.update(data, reuse=spare))
 
     def hash(self, data: bytes | memoryview) -> None:
         """Hash `data` (the bytes as given, before any transform)."""
         self._hash.update(data)
 
     def write_hashed(self, data: bytes | memoryview) -> None:
-        """Write `data` already given to `hash`: the two may run in different threads."""
+        """Write `data` already given to `hash` (the two may run in different threads),
+        through the transform if there is one.
+
+        Why the transform (encryption at rest) runs here, in the writing stage of a
+        pipeline: the reading thread is the one the download waits for (TLS, and the
+        kernel's copies), the writing thread the one with time to spare (its writes wait
+        on the disk, not the CPU), and `cryptography` 50 gives the GIL up while it seals.
+        Moved here from the reading thread, the encrypting worker took 0.357 s instead of
+        0.374 s per 200 MB (15 runs each, interleaved; docs/benchmarks.md).
+        """
         if self._transform is not None:
-            out = self._pending.popleft()
+            out = self._transform.update(data, reuse=self._reuse)
             if self._written is not None:
                 self._written.update(out)
             self._write(out)
-            if isinstance(out, bytearray) and len(self._spare) < PIPELINE_DEPTH:
-                self._spare.append(out)
+            self._reuse = out if isinstance(out, bytearray) else None
         else:
             self._write(data)
         self.size += len(data)
@@ -619,8 +604,8 @@ class SocketBody:
         time, and hashlib, file writes and socket reads all release the GIL, so the three
         stages overlap. They pass PIPELINE_DEPTH reusable buffers along (read, then hashed,
         then written, then free again): constant memory, and every buffer is hashed and
-        written in the order it was read. A transform (encryption at rest) runs in this
-        thread, after each read (`TempFile.seal` says why).
+        written in the order it was read. A transform (encryption at rest) runs in the
+        writing thread, before each write (`TempFile.write_hashed` says why).
         """
         assert self._response is not None
         response = self._response
@@ -680,7 +665,6 @@ class SocketBody:
                     raise _Aborted
                 if not count:
                     break
-                temp.seal(buffer[:count])
                 filled.put((buffer, count))
         except BaseException:
             stopping.set()  # the file will be discarded: do not hash or write the rest
