@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import gc
 import hashlib
 import logging
@@ -27,6 +29,7 @@ import httpx
 import pytest
 from starlette.requests import Request
 
+from callvault import cipher
 from callvault.pbx import (
     AllowedIpError,
     ApiVersion,
@@ -578,6 +581,101 @@ async def test_a_failed_background_sync_fails_the_download_and_leaves_nothing(
             held.append(os.readlink(f"/proc/self/fd/{fd}"))
     assert not [path for path in held if str(tmp_path) in path], held
     assert pbx.count("recording/get_random") == 1  # a disk error is not retried
+
+
+# ------------------------------------------------- bypassing the page cache
+
+DIRECT_SIZES = [1, 4095, 4096 + 1, 1024 * 1024, 1024 * 1024 + 1, 3 * 1024 * 1024 + 12_345]
+
+
+def writes_in_pieces(temp: _download.TempFile, data: bytes, piece: int) -> None:
+    for start in range(0, len(data), piece):
+        temp.write(data[start : start + piece])
+
+
+@pytest.mark.parametrize("size", DIRECT_SIZES)
+def test_a_file_is_written_around_the_page_cache_whole_stages_at_a_time(
+    tmp_path: Path, size: int
+) -> None:
+    """Where the file system allows O_DIRECT (this machine's ext4 does), whole stages go
+    straight to the disk and the tail, whatever its size, through the cache: the file
+    holds exactly the bytes given, written in pieces of any size."""
+    data = os.urandom(size)
+    temp = _download.TempFile(tmp_path, buffering=0)
+    flags = fcntl.fcntl(temp._file.fileno(), fcntl.F_GETFL)
+    assert flags & os.O_DIRECT, "the temporary file was not opened with O_DIRECT"
+    writes_in_pieces(temp, data, 7_777)
+    temp.commit(tmp_path / "a.wav")
+    assert (tmp_path / "a.wav").read_bytes() == data
+    assert temp.size == size and temp.sha256 == hashlib.sha256(data).hexdigest()
+    assert files_in(tmp_path) == ["a.wav"]
+
+
+def test_a_file_system_that_refuses_o_direct_at_open_gets_cached_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without O_DIRECT (tmpfs before Linux 6.6, some FUSE ones) refuses it
+    with EINVAL, and Linux does so after it has created the file. Nothing here refuses
+    it, so `os.open` stands in for one: it creates the file, then raises as Linux would.
+    The file is written all the same, and no empty file is left behind."""
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            os.close(real_open(path, flags & ~os.O_DIRECT, mode))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(_download.os, "open", refusing_open)
+    data = os.urandom(2 * 1024 * 1024 + 99)
+    temp = _download.TempFile(tmp_path, buffering=0)
+    assert not fcntl.fcntl(temp._file.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+    writes_in_pieces(temp, data, 65_536)
+    temp.commit(tmp_path / "a.wav")
+    assert (tmp_path / "a.wav").read_bytes() == data
+    assert files_in(tmp_path) == ["a.wav"]
+
+
+def test_a_direct_write_the_disk_refuses_goes_on_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system may accept O_DIRECT at open and refuse a write with EINVAL (memory
+    or blocks not aligned as it needs). The kernel's own refusal, provoked with a stage
+    one byte off a page boundary: the file leaves O_DIRECT and is written whole."""
+
+    class Misaligned:
+        @staticmethod
+        def mmap(fileno: int, length: int) -> memoryview:
+            return memoryview(bytearray(length + 1))[1:]
+
+    monkeypatch.setattr(_download, "mmap", Misaligned)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    temp = _download.TempFile(tmp_path, buffering=0)
+    writes_in_pieces(temp, data, 300_000)
+    assert not fcntl.fcntl(temp._file.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+    temp.commit(tmp_path / "a.wav")
+    assert (tmp_path / "a.wav").read_bytes() == data
+
+
+async def test_a_download_through_an_encryptor_is_written_around_the_cache_too(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    """The ciphertext's pieces (segments and tags: no multiple of a disk block) are staged
+    like any other bytes; what is stored decrypts to the recording."""
+    call = sim.place_call(talk_seconds=1, size_bytes=3 * 1024 * 1024 + 777)
+    assert call.recording is not None
+    key = cipher.new_data_key()
+    associated = cipher.recording_associated_data(1)
+    async with sim_client(sim) as pbx:
+        result = await pbx.download_recording(
+            call.recording, tmp_path, transform=lambda: cipher.Encryptor(key, associated)
+        )
+    assert result.sha256 == sim.recording_sha256(call.recording)
+    stored = result.path.read_bytes()
+    assert result.stored_sha256 == hashlib.sha256(stored).hexdigest()
+    with result.path.open("rb") as handle:
+        plain = b"".join(cipher.decrypt_file(key, handle, len(stored), associated))
+    assert hashlib.sha256(plain).hexdigest() == result.sha256
 
 
 # ------------------------------------------------------------- cancellation

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import http.client
+import mmap
 import os
 import queue
 import secrets
@@ -78,6 +81,11 @@ WRITEBACK_STEP = 4 * 1024 * 1024
 """Every this many bytes, what is written so far is made durable in the background (see
 `Flusher`), so that the final fsync has only the tail left to wait for."""
 
+DIRECT_STAGE = 1024 * 1024
+"""With O_DIRECT, what is written goes to the disk in pieces of this size, from one
+page-aligned buffer (see `TempFile`)."""
+
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _FADVISE = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 0)
 _DATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
@@ -167,6 +175,15 @@ class TempFile:
     Created with mode 0o666 less the umask, like any file the user saves, so the renamed
     recording has normal permissions. Hashes what is written (SHA-256). Not thread-safe:
     one writer at a time.
+
+    Where the file system allows it (Linux's O_DIRECT), the bytes bypass the page cache:
+    they are gathered in one page-aligned buffer of `DIRECT_STAGE` bytes and each full
+    buffer goes straight to the disk. A recording is written once and not read back soon,
+    so copying it into the page cache, then having the kernel write it out and drop it
+    again, is work for nothing (docs/benchmarks.md, "Reading TLS from memory"). The last
+    piece, not a whole number of disk blocks, is written through the cache before the
+    fsync. A file system that refuses O_DIRECT (at open, or at the first write) gets the
+    ordinary buffered writes.
     """
 
     def __init__(
@@ -186,16 +203,38 @@ class TempFile:
         self._reuse: bytearray | None = None
         self._written = hashlib.sha256() if transform is not None and hash_written else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        direct = _O_DIRECT
         for _ in range(100):
             path = directory / f".callvault-{secrets.token_hex(6)}.part"
             try:
-                fd = os.open(path, flags, 0o666)
+                fd = os.open(path, flags | direct, 0o666)
             except FileExistsError:
+                continue
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                # The file system cannot bypass its cache; Linux refuses only after it
+                # has created the file.
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                direct = 0
                 continue
             break
         else:  # pragma: no cover - 100 collisions of 48 random bits
             raise FileExistsError(f"no free temporary file name in {directory}")
         self.path = path
+        # With O_DIRECT: the page-aligned buffer whole pieces are written from, and how
+        # much of it is filled (None once the file is written through the cache).
+        self._stage: memoryview | None = None
+        self._staged = 0
+        if direct:
+            try:
+                self._stage = memoryview(mmap.mmap(-1, DIRECT_STAGE))
+            except BaseException:
+                os.close(fd)
+                path.unlink()
+                raise
+            buffering = 0
         self._file = os.fdopen(fd, "wb", buffering=buffering)
         self.size = 0
         self._hash = hashlib.sha256()
@@ -234,12 +273,57 @@ class TempFile:
             self._start_writeback()
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        if self._stage is not None:
+            self._write_staged(data)
+            return
+        self._write_all(memoryview(data))
+
+    def _write_all(self, view: memoryview) -> None:
         while view:
             written = self._file.write(view)
             if written is None:  # pragma: no cover - only non-blocking files answer None
                 continue
             view = view[written:]
+
+    def _write_staged(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._stage is not None
+        view = memoryview(data).cast("B")
+        while view:
+            take = min(len(view), DIRECT_STAGE - self._staged)
+            self._stage[self._staged : self._staged + take] = view[:take]
+            self._staged += take
+            view = view[take:]
+            if self._staged == DIRECT_STAGE:
+                self._write_stage()
+                if self._stage is None:  # now through the cache
+                    self._write_all(view)
+                    return
+
+    def _write_stage(self) -> None:
+        """Write the staged bytes straight to the disk; if the file system refuses that after
+        all, through the cache from now on."""
+        assert self._stage is not None
+        rest = self._stage[: self._staged]
+        try:
+            while rest:
+                written = self._file.write(rest)
+                if written is None:  # pragma: no cover - only non-blocking files answer None
+                    continue
+                rest = rest[written:]
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._through_the_cache(rest)
+            return
+        self._staged = 0
+
+    def _through_the_cache(self, rest: memoryview) -> None:
+        """Leave O_DIRECT: `rest` (what is staged and not yet written), and everything
+        after, is written through the page cache."""
+        fd = self._file.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        self._stage, self._staged = None, 0
+        self._write_all(rest)
 
     def _start_writeback(self) -> None:
         """Have what is written so far made durable in the background (see `Flusher`)."""
@@ -269,6 +353,9 @@ class TempFile:
             if self._written is not None:
                 self._written.update(tail)
             self._write(tail)
+        if self._stage is not None:
+            # The last piece, not a whole number of blocks.
+            self._through_the_cache(self._stage[: self._staged])
         self._file.flush()
         if self._flusher is not None:
             self._flusher.finish()
