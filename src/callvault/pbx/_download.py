@@ -106,7 +106,8 @@ class Flusher:
 
     Once a range is on disk its pages are dropped from the page cache
     (POSIX_FADV_DONTNEED): a recording is written once and not read back soon, so it
-    should not push other data out of the cache.
+    should not push other data out of the cache. (A file written with O_DIRECT, see
+    `TempFile`, has no pages there but its tail; the syncs still flush the disk's cache.)
 
     The thread syncs its own duplicate of the file descriptor, which it closes when it
     ends, so the writer may close its own at any time. A failed sync is kept and raised by
