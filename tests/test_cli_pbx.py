@@ -378,6 +378,10 @@ def test_edits_and_removal_are_audited_without_secrets(
         missing = cli("pbx", command, "lyon", env={**registry, "CALLVAULT_MASTER_KEY_FILE": ""})
         assert missing.returncode == 2, (command, missing.stderr)
         assert missing.stderr == "callvault: error: no PBX named 'lyon' (paris)\n"
+    # `edit` of such a name with nothing to change says first that the name is wrong.
+    missing = cli("pbx", "edit", "lyon", env=registry)
+    assert missing.returncode == 2
+    assert missing.stderr == "callvault: error: no PBX named 'lyon' (paris)\n"
     removed = cli("pbx", "remove", "paris", env=registry)
     assert removed.returncode == 0 and "stay in the archive" in removed.stdout
     assert cli("pbx", "list", env=registry).stdout.startswith("no PBXs registered")

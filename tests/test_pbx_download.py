@@ -20,10 +20,11 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -37,6 +38,7 @@ from callvault.pbx import (
     InvalidRecording,
     PbxClient,
     PbxProtocolError,
+    PbxTlsError,
     PbxTransportError,
     RecordingNotFound,
     TlsOptions,
@@ -636,12 +638,14 @@ def test_a_file_system_that_refuses_o_direct_at_open_gets_cached_writes(
     assert files_in(tmp_path) == ["a.wav"]
 
 
+@pytest.mark.parametrize("buffering", [0, _download.WRITE_BUFFER])
 def test_a_direct_write_the_disk_refuses_goes_on_through_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffering: int
 ) -> None:
     """A file system may accept O_DIRECT at open and refuse a write with EINVAL (memory
     or blocks not aligned as it needs). The kernel's own refusal, provoked with a stage
-    one byte off a page boundary: the file leaves O_DIRECT and is written whole."""
+    one byte off a page boundary: the file leaves O_DIRECT and is written whole (through
+    the write buffer the caller asked for, if any)."""
 
     class Misaligned:
         @staticmethod
@@ -650,7 +654,7 @@ def test_a_direct_write_the_disk_refuses_goes_on_through_the_cache(
 
     monkeypatch.setattr(_download, "mmap", Misaligned)
     data = os.urandom(3 * 1024 * 1024 + 5)
-    temp = _download.TempFile(tmp_path, buffering=0)
+    temp = _download.TempFile(tmp_path, buffering=buffering)
     writes_in_pieces(temp, data, 300_000)
     assert not fcntl.fcntl(temp._file.fileno(), fcntl.F_GETFL) & os.O_DIRECT
     temp.commit(tmp_path / "a.wav")
@@ -721,10 +725,12 @@ class StallingServer:
         headers: bool = True,
         tls: ServerCertificate | None = None,
         hang_up: bool = False,
+        handshake_fault: Literal["silent", "reset"] | None = None,
     ) -> None:
         self.sent_bytes = sent_bytes
         self.headers = headers
         self.hang_up = hang_up
+        self.handshake_fault = handshake_fault
         self.wav = make_wav(5_000_000)
         self.context: ssl.SSLContext | None = None
         if tls is not None:
@@ -735,6 +741,7 @@ class StallingServer:
         self.port = self.listener.getsockname()[1]
         self.get_arrived = threading.Event()
         self.closed_by_client = threading.Event()
+        self.connections = 0  # the login's, get_random's, then the GET's
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -744,6 +751,10 @@ class StallingServer:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            self.connections += 1
+            if self.handshake_fault is not None and self.connections == 3:  # the GET's
+                self._break_handshake(conn)
+                continue
             if self.context is not None:
                 try:
                     conn = self.context.wrap_socket(conn, server_side=True)
@@ -776,6 +787,19 @@ class StallingServer:
                 with contextlib.suppress(OSError):
                     if conn.recv(1) == b"":  # the client closed its end
                         self.closed_by_client.set()
+
+    def _break_handshake(self, conn: socket.socket) -> None:
+        """Take the ClientHello, then answer nothing (until the client gives up) or reset
+        the connection."""
+        with conn:
+            conn.recv(65536)
+            if self.handshake_fault == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            conn.settimeout(10)
+            with contextlib.suppress(OSError):
+                if conn.recv(1) == b"":
+                    self.closed_by_client.set()
 
     def close(self) -> None:
         self.listener.close()
@@ -852,6 +876,42 @@ async def test_a_body_that_stops_coming_times_out(
                 await client.download_recording("a.wav", tmp_path)
         assert "the connection broke off after" in str(info.value)
         assert "(TimeoutError)" in str(info.value)
+        assert files_in(tmp_path) == []
+    finally:
+        server.close()
+
+
+async def test_a_tls_handshake_that_times_out_is_a_timeout_not_a_tls_refusal(
+    tmp_path: Path, certificate: ServerCertificate
+) -> None:
+    """The GET's connection is accepted and its ClientHello never answered: the socket's
+    timeout, said as such and retried like any, not a TLS error (which is never retried
+    and stops `fetch`)."""
+    server = StallingServer(tls=certificate, handshake_fault="silent")
+    try:
+        async with stalling_client(server, certificate, max_attempts=1, timeout=0.5) as client:
+            with pytest.raises(PbxTransportError) as info:
+                await client.download_recording("a.wav", tmp_path)
+        assert not isinstance(info.value, PbxTlsError), info.value
+        assert "timed out" in str(info.value)
+        assert not server.get_arrived.is_set()  # the GET was never sent
+        assert files_in(tmp_path) == []
+    finally:
+        server.close()
+
+
+async def test_a_tls_handshake_cut_by_a_reset_is_a_broken_connection_retried(
+    tmp_path: Path, certificate: ServerCertificate
+) -> None:
+    """A PBX restarting resets the GET's connection during its handshake: a broken
+    connection, retried with a fresh random, not a TLS refusal."""
+    server = StallingServer(tls=certificate, handshake_fault="reset")
+    try:
+        async with stalling_client(server, certificate, max_attempts=1) as client:
+            with pytest.raises(PbxTransportError) as info:
+                await client.download_recording("a.wav", tmp_path)
+        assert not isinstance(info.value, PbxTlsError), info.value
+        assert "during the TLS handshake" in str(info.value)
         assert files_in(tmp_path) == []
     finally:
         server.close()

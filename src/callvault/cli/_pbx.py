@@ -427,10 +427,11 @@ def pbx_edit(name: str, **given: Any) -> None:
     keyring = _keyring(settings) if sealing else None
     password = _password(password_env) if password_env is not None else None
     changes = _changes(given)
-    if not changes and password is None and webhook_secret is None and not drop_webhook:
-        fail("nothing to change: give the options to change, e.g. --url", code=USAGE_ERROR)
     index = _index(settings)
     try:
+        if not changes and password is None and webhook_secret is None and not drop_webhook:
+            index.pbxs.require(name)  # a name the registry has not is the first thing wrong
+            fail("nothing to change: give the options to change, e.g. --url", code=USAGE_ERROR)
         edited = edit_pbx(
             index,
             name,

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import io
 import mmap
 import os
 import queue
@@ -228,6 +229,7 @@ class TempFile:
         # much of it is filled (None once the file is written through the cache).
         self._stage: memoryview | None = None
         self._staged = 0
+        self._buffering = buffering  # for the writes through the cache, after the stage
         if direct:
             try:
                 self._stage = memoryview(mmap.mmap(-1, DIRECT_STAGE))
@@ -324,6 +326,8 @@ class TempFile:
         fd = self._file.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
         self._stage, self._staged = None, 0
+        if self._buffering > 0 and isinstance(self._file, io.FileIO):
+            self._file = io.BufferedWriter(self._file, self._buffering)
         self._write_all(rest)
 
     def _start_writeback(self) -> None:
@@ -371,6 +375,7 @@ class TempFile:
                 os.close(dir_fd)
 
     def discard(self) -> None:
+        self._stage = None
         if self._flusher is not None:
             self._flusher.stop()  # it closes its own descriptor when its sync returns
         with contextlib.suppress(OSError):

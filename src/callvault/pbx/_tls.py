@@ -18,11 +18,14 @@ import socket
 import ssl
 import string
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from callvault.pbx._errors import PinMismatchError
+
+T = TypeVar("T")
 
 _TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "1.0": ssl.TLSVersion.TLSv1,
@@ -228,8 +231,9 @@ def speaks_tls(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-RECEIVE_SIZE = 1024 * 1024
-"""How much `BioTlsSocket` takes from the kernel at most per read."""
+RECEIVE_SIZE = 256 * 1024
+"""How much `BioTlsSocket` takes from the kernel at most per read (this measured the same
+as 1 MiB, for a quarter of the memory per download)."""
 
 
 class BioTlsSocket:
@@ -238,7 +242,7 @@ class BioTlsSocket:
     Why not `ssl.SSLSocket`: when OpenSSL reads the socket itself, it asks the kernel for
     every TLS record in two reads (its 5-byte header, then the rest): about 25,600 system
     calls, each with its wake-up, for a 200 MB recording. Here one ``recv_into`` takes
-    whatever has arrived (often hundreds of KiB) and OpenSSL decrypts the records from
+    whatever has arrived (up to `RECEIVE_SIZE`) and OpenSSL decrypts the records from
     memory. The thread reading a 200 MB body used about a quarter less CPU
     (docs/benchmarks.md, "Reading TLS from memory").
 
@@ -269,14 +273,9 @@ class BioTlsSocket:
     def do_handshake(self) -> None:
         """Complete the TLS handshake (blocking; pin and certificate checked)."""
         try:
-            while True:
-                try:
-                    self._tls.do_handshake()
-                except ssl.SSLWantReadError:
-                    self._send_pending()
-                    self._receive()
-                else:
-                    break
+            while not _handshake_done(self._tls):
+                self._send_pending()
+                self._receive()
         except PinMismatchError:
             raise  # not one more byte to a server that is not the PBX
         except ssl.SSLError:
@@ -285,15 +284,11 @@ class BioTlsSocket:
             raise
         self._send_pending()
 
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._tls.getpeercert(binary_form)
-
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         while view:
-            try:
-                written = self._tls.write(view)
-            except ssl.SSLWantReadError:  # a renegotiation wants the server's answer
+            written = _done(self._tls.write, view)
+            if written is None:  # a renegotiation wants the server's answer
                 self._send_pending()
                 self._receive()
                 continue
@@ -308,17 +303,15 @@ class BioTlsSocket:
         while filled < len(view):
             try:
                 # With a buffer, read answers the count (typeshed says bytes).
-                count = cast(int, self._tls.read(len(view) - filled, view[filled:]))
-            except ssl.SSLWantReadError:
-                if filled:
-                    break
-                if self._incoming.eof:  # pragma: no cover - OpenSSL reports the EOF itself
+                count = cast(int | None, _done(self._tls.read, len(view) - filled, view[filled:]))
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # closed, cleanly or not
+                break
+            if count is None:
+                if filled or self._incoming.eof:
                     break
                 self._send_pending()  # what reading made OpenSSL say (a key update)
                 self._receive()
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # closed, cleanly or not
-                break
             if not count:
                 break
             filled += count
@@ -353,6 +346,28 @@ class BioTlsSocket:
     def _send_pending(self) -> None:
         if self._outgoing.pending:
             self.raw.sendall(self._outgoing.read())
+
+
+def _handshake_done(tls: ssl.SSLObject) -> bool:
+    """One step of the handshake: False while it needs more bytes from the server (for
+    why this is a function of its own, see `_done`)."""
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return False
+    return True
+
+
+def _done(step: Callable[..., T], *args: Any) -> T | None:
+    """What `step(*args)` (a method of the SSL object) answers, or None when it needs more
+    bytes from the server. Why not call it in a try block and receive in its except clause: an
+    error of the socket raised there (a timeout, a reset) would carry the SSLWantReadError
+    as its context, and the error mapping (`find_ssl_error`) would take it for a TLS
+    refusal."""
+    try:
+        return step(*args)
+    except ssl.SSLWantReadError:
+        return None
 
 
 class _BioTlsReader(io.RawIOBase):
