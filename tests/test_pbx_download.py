@@ -613,6 +613,25 @@ def test_a_file_is_written_around_the_page_cache_whole_stages_at_a_time(
     assert files_in(tmp_path) == ["a.wav"]
 
 
+def test_a_file_on_a_file_system_that_is_no_local_disk_is_written_through_the_cache() -> None:
+    """/dev/shm is a tmpfs here (memory, or on another machine a network file system: a
+    direct write would wait for the server's disk): not written around the cache."""
+    shm = Path("/dev/shm")
+    assert _download.file_system_type(os.stat(shm).st_dev) == "tmpfs"
+    assert _download.file_system_type(os.stat(Path.cwd()).st_dev) in {"ext4", "xfs", "btrfs"}
+    data = os.urandom(1024 * 1024 + 3)
+    temp = _download.TempFile(shm, buffering=0)
+    try:
+        assert not fcntl.fcntl(temp._file.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+        writes_in_pieces(temp, data, 65_536)
+        temp.commit(temp.path.with_name(temp.path.name + ".done"))
+        done = temp.path.with_name(temp.path.name + ".done")
+        assert done.read_bytes() == data
+        done.unlink()
+    finally:
+        temp.discard()
+
+
 def test_a_file_system_that_refuses_o_direct_at_open_gets_cached_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

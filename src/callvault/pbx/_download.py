@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import http.client
 import io
@@ -86,10 +87,43 @@ DIRECT_STAGE = 1024 * 1024
 """With O_DIRECT, what is written goes to the disk in pieces of this size, from one
 page-aligned buffer (see `TempFile`)."""
 
+DIRECT_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs"})
+"""The file systems a download is written to with O_DIRECT: those of local disks. On a
+network file system (NFS, SMB: a directory shared between nodes) each direct write would
+wait for the server's disk; on tmpfs or FUSE it gains nothing or is refused."""
+
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _FADVISE = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 0)
 _DATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+@functools.lru_cache(maxsize=64)
+def file_system_type(device: int) -> str | None:
+    """The type of the file system mounted from `device` (a `st_dev`), as
+    /proc/self/mountinfo says it; None where that is not known."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split(" ", 3)
+                if len(fields) > 2 and fields[2] == wanted and " - " in line:
+                    found = line.split(" - ", 1)[1].split(" ", 1)[0]  # the last mount wins
+    except OSError:
+        return None
+    return found
+
+
+def _direct_flag(directory: Path) -> int:
+    """O_DIRECT for a file in `directory` if its file system is a local disk's, else 0."""
+    if not _O_DIRECT:
+        return 0
+    try:
+        device = os.stat(directory).st_dev
+    except OSError:
+        return 0
+    return _O_DIRECT if file_system_type(device) in DIRECT_FILE_SYSTEMS else 0
 
 
 class Flusher:
@@ -178,14 +212,14 @@ class TempFile:
     recording has normal permissions. Hashes what is written (SHA-256). Not thread-safe:
     one writer at a time.
 
-    Where the file system allows it (Linux's O_DIRECT), the bytes bypass the page cache:
-    they are gathered in one page-aligned buffer of `DIRECT_STAGE` bytes and each full
-    buffer goes straight to the disk. A recording is written once and not read back soon,
-    so copying it into the page cache, then having the kernel write it out and drop it
-    again, is work for nothing (docs/benchmarks.md, "Reading TLS from memory"). The last
-    piece, not a whole number of disk blocks, is written through the cache before the
-    fsync. A file system that refuses O_DIRECT (at open, or at the first write) gets the
-    ordinary buffered writes.
+    On a local disk's file system (`DIRECT_FILE_SYSTEMS`), the bytes bypass the page cache
+    (Linux's O_DIRECT): they are gathered in one page-aligned buffer of `DIRECT_STAGE`
+    bytes and each full buffer goes straight to the disk. A recording is written once and
+    not read back soon, so copying it into the page cache, then having the kernel write it
+    out and drop it again, is work for nothing (docs/benchmarks.md, "Reading TLS from
+    memory"). The last piece, not a whole number of disk blocks, is written through the
+    cache before the fsync. Elsewhere, or where the file system refuses O_DIRECT after all
+    (at open, or at the first write), the writes go through the cache.
     """
 
     def __init__(
@@ -205,7 +239,7 @@ class TempFile:
         self._reuse: bytearray | None = None
         self._written = hashlib.sha256() if transform is not None and hash_written else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        direct = _O_DIRECT
+        direct = _direct_flag(directory)
         for _ in range(100):
             path = directory / f".callvault-{secrets.token_hex(6)}.part"
             try:
