@@ -231,9 +231,9 @@ def speaks_tls(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-RECEIVE_SIZE = 256 * 1024
-"""How much `BioTlsSocket` takes from the kernel at most per read (this measured the same
-as 1 MiB, for a quarter of the memory per download)."""
+RECEIVE_SIZE = 1024 * 1024
+"""How much `BioTlsSocket` takes from the kernel at most per read (256 KiB made the
+encrypting worker about 10 % slower: 0.376 against 0.340 s, 11 runs each)."""
 
 
 class BioTlsSocket:
