@@ -243,8 +243,8 @@ class BioTlsSocket:
     every TLS record in two reads (its 5-byte header, then the rest): about 25,600 system
     calls, each with its wake-up, for a 200 MB recording. Here one ``recv_into`` takes
     whatever has arrived (up to `RECEIVE_SIZE`) and OpenSSL decrypts the records from
-    memory. The thread reading a 200 MB body used about a quarter less CPU
-    (docs/benchmarks.md, "Reading TLS from memory").
+    memory. The thread reading a 200 MB body used a fifth less CPU (0.110 against 0.139
+    s; docs/benchmarks.md, "Reading TLS from memory").
 
     It offers what `http.client` uses of a socket (``sendall``, ``makefile("rb")``,
     ``close``). The handshake is the context's own (`do_handshake`), a pin included:
