@@ -80,8 +80,8 @@ async def test_fetch_recordings_reports_each_failure_and_saves_the_rest(
     assert code == 1
     assert files_in(tmp_path) == ["a.wav", "c+1.wav"]
     err = capsys.readouterr().err.splitlines()
-    assert "callvault: missing.wav: recording not found on the PBX, errno 20014" in err
-    assert any(line.startswith("callvault: ../b.wav: ") for line in err)
+    assert "callvault: error: missing.wav: recording not found on the PBX, errno 20014" in err
+    assert any(line.startswith("callvault: error: ../b.wav: ") for line in err)
 
 
 async def test_fetch_stops_at_a_wrong_password(
@@ -221,7 +221,7 @@ def test_cli_fetch_end_to_end_with_pin(sim: Simulator, tmp_path: Path) -> None:
     assert (out / ok.recording).read_bytes() == sim.recording_path(ok.recording).read_bytes()
     assert sorted(os.listdir(out)) == [ok.recording]
     assert result.stderr.strip().splitlines() == [
-        f"callvault: {gone.recording}: recording not found on the PBX, errno 20014"
+        f"callvault: error: {gone.recording}: recording not found on the PBX, errno 20014"
     ]
     assert ok.recording in result.stdout
     assert SIM_PASSWORD not in result.stdout + result.stderr

@@ -119,7 +119,7 @@ async def fetch_recordings(
                 try:
                     check_recording_name(name)
                 except UnsafeRecordingName as exc:
-                    print(f"callvault: {name}: {exc}", file=sys.stderr)
+                    print(f"callvault: error: {name}: {exc}", file=sys.stderr)
                     failures += 1
                     continue
                 if not client.logged_in:
@@ -147,12 +147,15 @@ async def fetch_recordings(
                     if _is_fatal(exc):
                         _print_fatal(exc, len(names) - position)
                         return 1
-                    print(f"callvault: {name}: {_without_context(str(exc), name)}", file=sys.stderr)
+                    print(
+                        f"callvault: error: {name}: {_without_context(str(exc), name)}",
+                        file=sys.stderr,
+                    )
                     failures += 1
                     continue
                 except OSError as exc:
                     print(
-                        f"callvault: {name}: cannot write to {out}: {exc.strerror or exc}",
+                        f"callvault: error: {name}: cannot write to {out}: {exc.strerror or exc}",
                         file=sys.stderr,
                     )
                     failures += 1
