@@ -840,7 +840,9 @@ def test_a_running_serve_follows_the_registry(
             before = lane("lyon")
             assert cli("pbx", "edit", "lyon", "--max-downloads", "2", env=env).returncode == 0
             assert wait_until(lambda: lane("lyon") not in (None, before) and lane("lyon").working)
-            assert lane("lyon").workers() == (2, 2) and not before.working
+            # Its pool is there before its workers have started: wait for them.
+            assert wait_until(lambda: (now := lane("lyon")) is not None and now.workers() == (2, 2))
+            assert not before.working
 
             # Removed: handed over and let go, its lease released.
             add("nice")
